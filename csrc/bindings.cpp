@@ -1,0 +1,99 @@
+// pybind11 module vqkernels._C. Everything crosses as integers: data pointers, sizes, element
+// strides, and (for CUDA) the stream. No torch header is included, so the module builds without
+// torch and keeps working across torch upgrades.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <array>
+#include <stdexcept>
+
+#include "vqk/vqk.h"
+
+namespace py = pybind11;
+using View = std::array<int64_t, 7>;  // (ptr, B, S, D, sb, ss, sd)
+
+namespace {
+
+vqk::DType to_dtype(int code) {
+  if (code < 0 || code > 3) throw std::invalid_argument("vqkernels._C: unknown dtype code");
+  return static_cast<vqk::DType>(code);
+}
+vqk::Rows rows(const View& v) {
+  return {reinterpret_cast<const void*>(v[0]), v[1], v[2], v[3], v[4], v[5], v[6]};
+}
+vqk::RowsOut rows_out(const View& v) {
+  return {reinterpret_cast<void*>(v[0]), v[1], v[2], v[3], v[4], v[5], v[6]};
+}
+template <class T> T* ptr(int64_t p) { return reinterpret_cast<T*>(p); }
+
+vqk::ForwardArgs forward_args(int dtype, const View& x, int64_t codebook, int64_t K,
+                              const View& zq, int64_t indices, int64_t sqerr, int64_t counts) {
+  if (K <= 0) throw std::invalid_argument("vqkernels._C: K must be positive");
+  return {to_dtype(dtype), rows(x), ptr<const void>(codebook), K, rows_out(zq),
+          ptr<int64_t>(indices), ptr<void>(sqerr), ptr<int64_t>(counts)};
+}
+
+vqk::BackwardArgs backward_args(int dtype, const View& x, int64_t codebook, int64_t K,
+                                int64_t indices, const View& grad_zq, int64_t g_codebook,
+                                int64_t g_commit, const View& grad_x, int64_t grad_cb) {
+  if (K <= 0) throw std::invalid_argument("vqkernels._C: K must be positive");
+  return {to_dtype(dtype), rows(x), ptr<const void>(codebook), K, ptr<const int64_t>(indices),
+          rows(grad_zq), ptr<const void>(g_codebook), ptr<const void>(g_commit),
+          rows_out(grad_x), ptr<void>(grad_cb)};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "vqkernels native kernels (CPU, and CUDA when built with nvcc)";
+
+  m.def("cpu_forward",
+        [](int dtype, View x, int64_t codebook, int64_t K, View zq, int64_t indices,
+           int64_t sqerr, int64_t counts, int num_threads) {
+          auto a = forward_args(dtype, x, codebook, K, zq, indices, sqerr, counts);
+          py::gil_scoped_release nogil;
+          vqk::cpu_forward(a, num_threads);
+        },
+        py::arg("dtype"), py::arg("x"), py::arg("codebook"), py::arg("K"), py::arg("zq"),
+        py::arg("indices"), py::arg("sqerr"), py::arg("counts"), py::arg("num_threads"));
+
+  m.def("cpu_backward",
+        [](int dtype, View x, int64_t codebook, int64_t K, int64_t indices, View grad_zq,
+           int64_t g_codebook, int64_t g_commit, View grad_x, int64_t grad_cb, int num_threads) {
+          auto a = backward_args(dtype, x, codebook, K, indices, grad_zq, g_codebook, g_commit,
+                                 grad_x, grad_cb);
+          py::gil_scoped_release nogil;
+          vqk::cpu_backward(a, num_threads);
+        },
+        py::arg("dtype"), py::arg("x"), py::arg("codebook"), py::arg("K"), py::arg("indices"),
+        py::arg("grad_zq"), py::arg("g_codebook"), py::arg("g_commit"), py::arg("grad_x"),
+        py::arg("grad_cb"), py::arg("num_threads"));
+
+#ifdef VQK_WITH_CUDA
+  m.attr("has_cuda") = true;
+  m.attr("cuda_archs") = VQK_CUDA_ARCHS_STR;
+  m.def("cuda_forward",
+        [](int dtype, View x, int64_t codebook, int64_t K, View zq, int64_t indices,
+           int64_t sqerr, int64_t counts, uint64_t stream) {
+          auto a = forward_args(dtype, x, codebook, K, zq, indices, sqerr, counts);
+          py::gil_scoped_release nogil;
+          vqk::cuda_forward(a, stream);
+        },
+        py::arg("dtype"), py::arg("x"), py::arg("codebook"), py::arg("K"), py::arg("zq"),
+        py::arg("indices"), py::arg("sqerr"), py::arg("counts"), py::arg("stream"));
+  m.def("cuda_backward",
+        [](int dtype, View x, int64_t codebook, int64_t K, int64_t indices, View grad_zq,
+           int64_t g_codebook, int64_t g_commit, View grad_x, int64_t grad_cb, uint64_t stream) {
+          auto a = backward_args(dtype, x, codebook, K, indices, grad_zq, g_codebook, g_commit,
+                                 grad_x, grad_cb);
+          py::gil_scoped_release nogil;
+          vqk::cuda_backward(a, stream);
+        },
+        py::arg("dtype"), py::arg("x"), py::arg("codebook"), py::arg("K"), py::arg("indices"),
+        py::arg("grad_zq"), py::arg("g_codebook"), py::arg("g_commit"), py::arg("grad_x"),
+        py::arg("grad_cb"), py::arg("stream"));
+#else
+  m.attr("has_cuda") = false;
+  m.attr("cuda_archs") = "";
+#endif
+}

@@ -1,0 +1,82 @@
+// Declarations shared by the native kernels. Plain C++ types only: no torch headers, so the module
+// builds without torch (pip's isolated build) and never breaks on a torch upgrade.
+#pragma once
+#include <cstdint>
+
+namespace vqk {
+
+// Element type of z / codebook / z_q. Accumulation is fp32 for f32/f16/bf16 and fp64 for f64.
+enum class DType : int { f32 = 0, f64 = 1, f16 = 2, bf16 = 3 };
+
+// Rows of a tensor seen as (B, S, D) with element strides. Row n = b * S + s. This covers a
+// row-major (N, D) matrix (B = 1) and a channel-first (B, D, H, W) map (S = H*W, sd = H*W) without
+// a copy. All sizes and strides are 64-bit: N = B*S may exceed 2^31.
+struct Rows {
+  const void* ptr;
+  int64_t B, S, D;
+  int64_t sb, ss, sd;
+  int64_t n() const { return B * S; }
+  int64_t offset(int64_t row, int64_t d) const {
+    const int64_t b = S ? row / S : 0, s = S ? row - b * S : 0;
+    return b * sb + s * ss + d * sd;
+  }
+};
+
+struct RowsOut {
+  void* ptr;
+  int64_t B, S, D;
+  int64_t sb, ss, sd;
+  int64_t offset(int64_t row, int64_t d) const {
+    const int64_t b = S ? row / S : 0, s = S ? row - b * S : 0;
+    return b * sb + s * ss + d * sd;
+  }
+};
+
+// Forward: for every row x of `x`, the nearest code e_k of `codebook` (K x D, row-major,
+// contiguous) in squared L2, ties to the lowest index. Writes:
+//   indices[n]  int64, the chosen code (a row whose distances are all NaN gets 0);
+//   sqerr[n]    exact sum_d (x_d - e_d)^2 of the chosen code (float, or double for f64);
+//   zq          (optional, ptr may be null) the chosen code; NaN where sqerr is not finite;
+//   counts[k]   (optional, may be null) how many rows chose code k (int64, zeroed by the callee).
+struct ForwardArgs {
+  DType dtype;
+  Rows x;
+  const void* codebook;
+  int64_t K;
+  RowsOut zq;
+  int64_t* indices;
+  void* sqerr;
+  int64_t* counts;
+};
+
+// Backward (z_q is a straight-through copy of x; the two error terms are routed separately):
+//   grad_x[n]   = grad_zq[n] + 2 * g_commit[n] * (x[n] - e[idx[n]])
+//   grad_cb[k] += 2 * g_codebook[n] * (e[k] - x[n])     for every n with idx[n] = k
+// grad_zq may be null (treated as zero); g_commit / g_codebook are per-row weights in the
+// accumulation type (float, or double for f64) and may be null (zero). grad_cb is K x D in the
+// accumulation type, contiguous, and is overwritten (zeroed by the callee).
+struct BackwardArgs {
+  DType dtype;
+  Rows x;
+  const void* codebook;
+  int64_t K;
+  const int64_t* indices;
+  Rows grad_zq;          // ptr may be null
+  const void* g_codebook;  // may be null
+  const void* g_commit;    // may be null
+  RowsOut grad_x;        // ptr may be null (grad of x not needed)
+  void* grad_cb;         // may be null (grad of the codebook not needed)
+};
+
+// CPU entry points. num_threads <= 0 means one thread.
+void cpu_forward(const ForwardArgs& a, int num_threads);
+void cpu_backward(const BackwardArgs& a, int num_threads);
+
+#ifdef VQK_WITH_CUDA
+// CUDA entry points: all pointers are device pointers, work is queued on `stream`
+// (a cudaStream_t passed as an integer). Errors throw std::runtime_error with CUDA's message.
+void cuda_forward(const ForwardArgs& a, std::uintptr_t stream);
+void cuda_backward(const BackwardArgs& a, std::uintptr_t stream);
+#endif
+
+}  // namespace vqk

@@ -1,0 +1,6 @@
+"""vqkernels: fused vector-quantization kernels for PyTorch."""
+from .backends import available_backends
+from .quantize import VectorQuantizer, VQOutput, nearest_code, vq_quantize
+
+__all__ = ["vq_quantize", "nearest_code", "VQOutput", "VectorQuantizer", "available_backends"]
+__version__ = "0.1.0"

@@ -1,0 +1,185 @@
+"""One registry of backends: name -> implementation, whether it runs here, and the "auto" choice.
+
+Every backend implements the same two calls on a tensor `z` quantized along `dim`:
+
+  forward(z, dim, codebook, plan) -> (z_q, indices, sqerr, counts)
+  backward(z, dim, codebook, indices, grad_zq, g_codebook, g_commit, plan) -> (grad_z, grad_codebook)
+
+with the semantics of `vqkernels.reference` (the oracle they are all tested against).
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, NamedTuple, Optional
+
+import torch
+
+from . import native, reference
+from ._layout import NULL_VIEW, RowPlan
+
+BACKEND_NAMES = ("triton", "cuda", "cpu", "reference")
+ALL_NAMES = BACKEND_NAMES + ("auto",)
+
+
+class BackendStatus(NamedTuple):
+    available: bool
+    detail: str  # which devices it serves when available, else why it does not run here
+
+
+class Backend(NamedTuple):
+    name: str
+    devices: tuple[str, ...]
+    status: Callable[[], Optional[str]]  # None when usable, else the reason
+    forward: Callable
+    backward: Callable
+
+
+# --------------------------------------------------------------------------------------------
+# reference: plain torch, any device
+def _ref_forward(z, dim, codebook, plan):
+    return reference.forward(z, codebook, dim)
+
+
+def _ref_backward(z, dim, codebook, indices, grad_zq, g_codebook, g_commit, plan):
+    return reference.backward(z, codebook, indices, dim, grad_zq, g_codebook, g_commit)
+
+
+# --------------------------------------------------------------------------------------------
+# native CPU and CUDA: vqkernels._C, fed with pointers, sizes, strides (and the stream)
+def _native_forward(run):
+    def forward(z, dim, codebook, plan: RowPlan):
+        K = codebook.shape[0]
+        cb = codebook.contiguous()
+        xv = plan.view(z)
+        z_q, zqv = plan.empty_like(z)
+        indices = torch.empty(plan.lead, dtype=torch.long, device=z.device)
+        sqerr = torch.empty(plan.lead, dtype=reference.acc_dtype(z.dtype), device=z.device)
+        counts = torch.empty(K, dtype=torch.long, device=z.device)
+        run(native.dtype_code(z.dtype), xv.as_args(), cb.data_ptr(), K, zqv.as_args(),
+            indices.data_ptr(), sqerr.data_ptr(), counts.data_ptr(), z.device)
+        return z_q, indices, sqerr, counts
+    return forward
+
+
+def _native_backward(run):
+    def backward(z, dim, codebook, indices, grad_zq, g_codebook, g_commit, plan: RowPlan):
+        acc = reference.acc_dtype(z.dtype)
+        cb = codebook.contiguous()
+        xv = plan.view(z)
+        # Views and copies stay bound to locals until the kernel returns: they own the memory.
+        gzqv = plan.view(grad_zq) if grad_zq is not None else None
+        idx = indices.contiguous()
+        g_cb = g_codebook.to(acc).contiguous() if g_codebook is not None else None
+        g_cm = g_commit.to(acc).contiguous() if g_commit is not None else None
+        grad_z, gzv = plan.empty_like(z)
+        grad_cb = torch.empty(cb.shape, dtype=acc, device=z.device)
+        run(native.dtype_code(z.dtype), xv.as_args(), cb.data_ptr(), cb.shape[0],
+            idx.data_ptr(), gzqv.as_args() if gzqv is not None else NULL_VIEW,
+            g_cb.data_ptr() if g_cb is not None else 0,
+            g_cm.data_ptr() if g_cm is not None else 0,
+            gzv.as_args(), grad_cb.data_ptr(), z.device)
+        return grad_z, grad_cb.to(codebook.dtype)
+    return backward
+
+
+def _cpu_threads() -> int:
+    # torch's own setting, so the native kernels never oversubscribe against torch's pool.
+    return max(1, torch.get_num_threads())
+
+
+def _cuda_stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _cpu_fwd(*a):
+    native.module().cpu_forward(*a[:-1], _cpu_threads())
+
+
+def _cpu_bwd(*a):
+    native.module().cpu_backward(*a[:-1], _cpu_threads())
+
+
+def _cuda_fwd(*a):
+    with torch.cuda.device(a[-1]):
+        native.module().cuda_forward(*a[:-1], _cuda_stream(a[-1]))
+
+
+def _cuda_bwd(*a):
+    with torch.cuda.device(a[-1]):
+        native.module().cuda_backward(*a[:-1], _cuda_stream(a[-1]))
+
+
+# --------------------------------------------------------------------------------------------
+# triton: vqkernels.triton, imported only when asked for
+def _triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _triton_status() -> Optional[str]:
+    try:
+        from .triton import launch  # noqa: F401
+    except ImportError as exc:
+        return f"triton could not be imported ({exc}); `pip install triton` (Linux, CUDA GPUs)"
+    if not torch.cuda.is_available() and not _triton_interpret():
+        return ("no CUDA device here; set TRITON_INTERPRET=1 to run the Triton kernels on CPU "
+                "tensors through Triton's interpreter (slow: small shapes only)")
+    return None
+
+
+def _triton_forward(z, dim, codebook, plan):
+    from .triton import launch
+    return launch.forward(z, dim, codebook, plan)
+
+
+def _triton_backward(z, dim, codebook, indices, grad_zq, g_codebook, g_commit, plan):
+    from .triton import launch
+    return launch.backward(z, dim, codebook, indices, grad_zq, g_codebook, g_commit, plan)
+
+
+def _triton_devices() -> tuple[str, ...]:
+    return ("cuda", "cpu") if _triton_interpret() else ("cuda",)
+
+
+REGISTRY: dict[str, Backend] = {
+    "triton": Backend("triton", ("cuda",), _triton_status, _triton_forward, _triton_backward),
+    "cuda": Backend("cuda", ("cuda",), native.cuda_status,
+                    _native_forward(_cuda_fwd), _native_backward(_cuda_bwd)),
+    "cpu": Backend("cpu", ("cpu",), native.cpu_status,
+                   _native_forward(_cpu_fwd), _native_backward(_cpu_bwd)),
+    "reference": Backend("reference", ("cpu", "cuda"), lambda: None, _ref_forward, _ref_backward),
+}
+
+
+def _devices(b: Backend) -> tuple[str, ...]:
+    return _triton_devices() if b.name == "triton" else b.devices
+
+
+def available_backends() -> dict[str, BackendStatus]:
+    """Which backends run here (and on which devices), and why the others don't."""
+    out = {}
+    for name, b in REGISTRY.items():
+        why = b.status()
+        out[name] = (BackendStatus(False, why) if why else
+                     BackendStatus(True, "runs on " + " and ".join(_devices(b)) + " tensors"))
+    return out
+
+
+def resolve(name: str, device: torch.device) -> Backend:
+    """The backend that runs `name` for tensors on `device`; raises saying why it can't."""
+    if name == "auto":
+        order = ("triton", "cuda", "reference") if device.type == "cuda" else ("cpu", "reference")
+        for candidate in order:
+            b = REGISTRY[candidate]
+            if device.type in _devices(b) and b.status() is None:
+                return b
+        return REGISTRY["reference"]
+    if name not in REGISTRY:
+        raise ValueError(f"backend must be one of {ALL_NAMES}, got {name!r}")
+    b = REGISTRY[name]
+    why = b.status()
+    if why:
+        raise RuntimeError(f"backend={name!r} is not available: {why}")
+    if device.type not in _devices(b):
+        raise ValueError(f"backend={name!r} runs on {' and '.join(_devices(b))} tensors, "
+                         f"but the input is on {device}")
+    return b

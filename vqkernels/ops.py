@@ -1,0 +1,83 @@
+"""torch.library custom ops: one schema per op, fake (meta) implementations, autograd registered once.
+
+  vqkernels::nearest_code(x, codebook, dim, backend) -> (indices, sqdist)
+  vqkernels::vq_quantize(z, codebook, dim, backend) -> (z_q, indices, err_codebook, err_commit, counts)
+  vqkernels::vq_quantize_backward(...) -> (grad_z, grad_codebook)
+
+vq_quantize returns the exact per-row squared error twice: `err_codebook` and `err_commit` hold the
+same values, but the gradient of the first reaches only the codebook and that of the second only z.
+That is how the two VQ losses stay separate without a second pass or any N x K tensor.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import backends, reference
+from ._layout import RowPlan
+
+
+def _lead_shape(z: Tensor, dim: int) -> list[int]:
+    return [s for i, s in enumerate(z.shape) if i != dim % z.dim()]
+
+
+@torch.library.custom_op("vqkernels::nearest_code", mutates_args=())
+def nearest_code(x: Tensor, codebook: Tensor, dim: int, backend: str) -> tuple[Tensor, Tensor]:
+    b = backends.resolve(backend, x.device)
+    _, indices, sqdist, _ = b.forward(x, dim, codebook, RowPlan(x, dim))
+    return indices, sqdist
+
+
+@nearest_code.register_fake
+def _(x, codebook, dim, backend):
+    lead = _lead_shape(x, dim)
+    return (x.new_empty(lead, dtype=torch.long),
+            x.new_empty(lead, dtype=reference.acc_dtype(x.dtype)))
+
+
+@torch.library.custom_op("vqkernels::vq_quantize", mutates_args=())
+def vq_quantize(z: Tensor, codebook: Tensor, dim: int, backend: str
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    b = backends.resolve(backend, z.device)
+    z_q, indices, sqerr, counts = b.forward(z, dim, codebook, RowPlan(z, dim))
+    return z_q, indices, sqerr, sqerr.clone(), counts
+
+
+@vq_quantize.register_fake
+def _(z, codebook, dim, backend):
+    lead = _lead_shape(z, dim)
+    acc = reference.acc_dtype(z.dtype)
+    return (torch.empty_like(z), z.new_empty(lead, dtype=torch.long), z.new_empty(lead, dtype=acc),
+            z.new_empty(lead, dtype=acc), z.new_empty(codebook.shape[0], dtype=torch.long))
+
+
+@torch.library.custom_op("vqkernels::vq_quantize_backward", mutates_args=())
+def vq_quantize_backward(grad_zq: Optional[Tensor], g_codebook: Optional[Tensor],
+                         g_commit: Optional[Tensor], z: Tensor, codebook: Tensor, indices: Tensor,
+                         dim: int, backend: str) -> tuple[Tensor, Tensor]:
+    b = backends.resolve(backend, z.device)
+    return b.backward(z, dim, codebook, indices, grad_zq, g_codebook, g_commit, RowPlan(z, dim))
+
+
+@vq_quantize_backward.register_fake
+def _(grad_zq, g_codebook, g_commit, z, codebook, indices, dim, backend):
+    return torch.empty_like(z), torch.empty_like(codebook)
+
+
+def _setup_context(ctx, inputs, output):
+    z, codebook, dim, backend = inputs
+    ctx.save_for_backward(z, codebook, output[1])
+    ctx.dim, ctx.backend = dim, backend
+
+
+def _backward(ctx, grad_zq, _grad_indices, g_codebook, g_commit, _grad_counts):
+    z, codebook, indices = ctx.saved_tensors
+    grad_z, grad_cb = torch.ops.vqkernels.vq_quantize_backward(
+        grad_zq, g_codebook, g_commit, z, codebook, indices, ctx.dim, ctx.backend)
+    return (grad_z if ctx.needs_input_grad[0] else None,
+            grad_cb if ctx.needs_input_grad[1] else None, None, None)
+
+
+torch.library.register_autograd("vqkernels::vq_quantize", _backward, setup_context=_setup_context)

@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
+import os
+import subprocess
+import sys
 import re
 from typing import NamedTuple
 
@@ -18,7 +22,6 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from triton.runtime.jit import JITFunction
 
 from . import configs as cfg
 from . import kernels as K_
@@ -43,14 +46,8 @@ class Report(NamedTuple):
     mma: str  # "wgmma", "mma" or "none": whether the tensor cores were used, and how
 
 
-def _jit(fn):
-    # Under TRITON_INTERPRET=1 the kernels are InterpretedFunctions; compile their Python source.
-    return fn if isinstance(fn, JITFunction) else JITFunction(fn.fn)
-
-
 def _compile(fn, signature: dict, constexprs: dict, div16: set, arch: int, num_warps: int,
              num_stages: int):
-    fn = _jit(fn)
     names = fn.arg_names
     signature = {**signature, **{k: "constexpr" for k in constexprs}}
     missing = [n for n in names if n not in signature]
@@ -117,7 +114,7 @@ def compile_backward_rows(dtype: str, D: int, arch: int, atomic: bool) -> Report
     acc = "*fp64" if dtype == "float64" else "*fp32"
     p = _PTR[dtype]
     from .launch import backward_blocks
-    bd, bn = backward_blocks(D)
+    bd, bn, warps = backward_blocks(D)
     sig = {"x_ptr": p, "N": "i32", "S": "i32", "D": "i32", "x_sb": "i32", "x_ss": "i32",
            "cb_ptr": p, "idx_ptr": "*i64", "idx_stride": "i32", **_row_sig("gzq", p),
            "gcm_ptr": acc, "gcm_stride": "i32", "gcb_ptr": acc, "gcb_stride": "i32",
@@ -125,9 +122,9 @@ def compile_backward_rows(dtype: str, D: int, arch: int, atomic: bool) -> Report
     const = dict(x_sd=1, gzq_sd=1, gz_sd=1, ACC=tl.float64 if dtype == "float64" else tl.float32,
                  HAS_GZQ=True, HAS_GCM=True, WRITE_GZ=True, ATOMIC_CB=atomic, BLOCK_N=bn, BLOCK_D=bd, ROW_MODE=0)
     div16 = {k for k, v in sig.items() if v.startswith("*")}
-    r = _compile(K_.vq_backward_rows_kernel, sig, const, div16, arch, 4, 2)
+    r = _compile(K_.vq_backward_rows_kernel, sig, const, div16, arch, warps, 2)
     return Report("vq_backward_rows", arch, dtype, D,
-                  f"BLOCK_N={bn} BLOCK_D={bd} warps=4" + (" atomic" if atomic else ""), *r)
+                  f"BLOCK_N={bn} BLOCK_D={bd} warps={warps}" + (" atomic" if atomic else ""), *r)
 
 
 def compile_backward_codebook(dtype: str, D: int, arch: int) -> Report:
@@ -159,25 +156,33 @@ def compile_merge(dtype: str, D: int, arch: int) -> Report:
     return Report("vq_merge", arch, dtype, D, f"BLOCK_N=64 BLOCK_D={bd} warps=4", *r)
 
 
-# (dtype, D) pairs whose search configs are compiled: a small D, the widest resident D, and a
-# chunked D (plus D=129, the unaligned case) for the 16-bit types; fp32/fp64 at fewer points.
+# (dtype, D) pairs whose search configs are compiled: for 16-bit a small D, the widest resident D,
+# an unaligned D (padded codebook) and a chunked D; fp32 resident and chunked; fp64. (fp16
+# compiles to the same code as bf16 but for the MMA type.)
 SEARCH_CASES = [
     ("bfloat16", 64), ("bfloat16", 256), ("bfloat16", 129), ("bfloat16", 512),
-    ("float16", 256), ("float32", 64), ("float32", 256), ("float64", 64),
+    ("float32", 64), ("float32", 256), ("float64", 64),
 ]
+
+
+def search_reports(arch: int, dtype: str, D: int):
+    return [compile_search(dtype, D, c, arch) for c in cfg.configs(dtype, D, SMEM_LIMIT[arch])]
+
+
+def other_reports(arch: int, dtype: str, D: int = 256):
+    """The split-K search (first config), its merge, and the two backward kernels."""
+    c = cfg.configs(dtype, D, SMEM_LIMIT[arch])[0]
+    return [compile_search(dtype, D, c, arch, fused=False), compile_merge(dtype, D, arch),
+            compile_backward_rows(dtype, D, arch, atomic=True),
+            compile_backward_codebook(dtype, D, arch)]
 
 
 def all_reports(archs=(80, 90)):
     for arch in archs:
         for dtype, D in SEARCH_CASES:
-            for c in cfg.configs(dtype, D, SMEM_LIMIT[arch]):
-                yield compile_search(dtype, D, c, arch)
+            yield from search_reports(arch, dtype, D)
         for dtype in ("bfloat16", "float32", "float64"):
-            c = cfg.configs(dtype, 256, SMEM_LIMIT[arch])[0]
-            yield compile_search(dtype, 256, c, arch, fused=False)
-            yield compile_merge(dtype, 256, arch)
-            yield compile_backward_rows(dtype, 256, arch, atomic=True)
-            yield compile_backward_codebook(dtype, 256, arch)
+            yield from other_reports(arch, dtype)
 
 
 def format_report(r: Report) -> str:
@@ -185,6 +190,29 @@ def format_report(r: Report) -> str:
             f"spill={r.spill_store}/{r.spill_load} smem={r.shared // 1024}KiB {r.mma}")
 
 
-if __name__ == "__main__":
+def reports_in_subprocess(kind: str, arch: int, dtype: str, D: int) -> list[Report]:
+    """search_reports / other_reports run in a fresh interpreter without TRITON_INTERPRET: under
+    the interpreter every @triton.jit function (triton.language's own included) is an
+    interpreted one, which cannot be compiled."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "vqkernels.triton.aot", "--json", kind, str(arch),
+                          dtype, str(D)], env=env, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"AOT compile failed:\n{out.stderr[-4000:]}")
+    return [Report(*r) for r in json.loads(out.stdout.strip().splitlines()[-1])]
+
+
+def _main(argv):
+    if argv[:1] == ["--json"]:
+        kind, arch, dtype, D = argv[1], int(argv[2]), argv[3], int(argv[4])
+        fn = search_reports if kind == "search" else other_reports
+        with contextlib.redirect_stdout(sys.stderr):
+            reps = fn(arch, dtype, D)
+        print(json.dumps([list(r) for r in reps]))
+        return
     for rep in all_reports():
         print(format_report(rep), flush=True)
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])

@@ -19,14 +19,14 @@ _SHAPES_16 = [
     (128, 64, 8, 3),   # the large-N workhorse: wgmma on sm_90, 32 distances per thread
     (64, 128, 8, 3),
     (64, 64, 4, 3),
-    (32, 64, 4, 3),    # few rows per program: more programs when N is small
+    (32, 64, 4, 2),    # few rows per program: more programs when N is small
     (16, 128, 4, 3),   # a handful of rows (one image) against a large codebook, split along K
 ]
 # fp32 runs 3xTF32 (three MMAs per product on hi/lo splits of both operands).
 _SHAPES_32 = [
     (64, 32, 4, 3),
     (128, 32, 8, 3),
-    (64, 64, 8, 3),
+    (32, 64, 4, 3),
     (16, 64, 4, 3),
 ]
 # fp64 goes through DMMA (sm_80+) at a small fraction of the 16-bit rate: modest tiles.

@@ -173,12 +173,13 @@ def forward(z: torch.Tensor, dim: int, codebook: torch.Tensor, plan: RowPlan,
     return z_q, indices, sqerr, counts
 
 
-def backward_blocks(D: int) -> tuple[int, int]:
-    """(BLOCK_D, BLOCK_N) of the backward row kernel: a 2048-element tile, 16 per thread on 4
-    warps, since each element holds x, e, their difference, the incoming gradient and, with
-    atomics, an address (larger tiles spill: see vqkernels.triton.aot)."""
+def backward_blocks(D: int) -> tuple[int, int, int]:
+    """(BLOCK_D, BLOCK_N, num_warps) of the backward row kernel: 2048-element tiles on 8 warps,
+    8 elements per thread. Each element carries x, e, their difference, the incoming gradient and
+    four 64-bit addresses (the atomics' included): ptxas needs about 170 registers for 8 of them,
+    and spills at 16 (see vqkernels.triton.aot)."""
     bd = min(128, max(16, triton.next_power_of_2(D)))
-    return bd, max(16, 2048 // bd)
+    return bd, max(16, 2048 // bd), 8
 
 
 def _per_row(g: Optional[torch.Tensor], like: torch.Tensor):
@@ -214,14 +215,14 @@ def backward(z: torch.Tensor, dim: int, codebook: torch.Tensor, indices: torch.T
     gcb, gcb_stride = _per_row(g_codebook, idx)
     gzqv = plan.view(grad_zq) if grad_zq is not None else gzv
     ACC = _ACC.get(z.dtype, tl.float32)
-    bd, bn = backward_blocks(D)
+    bd, bn, warps = backward_blocks(D)
     atomic = g_codebook is not None and not deterministic
     with _device_ctx(z):
         K_.vq_backward_rows_kernel[(triton.cdiv(N, bn),)](
             xv.tensor, N, xv.S, D, xv.sb, xv.ss, xv.sd, cb, idx, idx_stride,
             *_rows_args(gzqv), gcm, gcm_stride, gcb, gcb_stride, *_rows_args(gzv), grad_cb,
             ACC=ACC, HAS_GZQ=grad_zq is not None, HAS_GCM=g_commit is not None, WRITE_GZ=True,
-            ATOMIC_CB=atomic, BLOCK_N=bn, BLOCK_D=bd, ROW_MODE=row_mode(xv), num_warps=4)
+            ATOMIC_CB=atomic, BLOCK_N=bn, BLOCK_D=bd, ROW_MODE=row_mode(xv), num_warps=warps)
         if g_codebook is not None and deterministic:
             # A stable sort groups the rows of each code in ascending row order; start[k] is where
             # code k's rows begin. O(N + K) memory, no N x K anything.

@@ -29,7 +29,7 @@ def backend_params(device="cpu", names=backends.BACKEND_NAMES):
     out = []
     for name in names:
         st = _STATUS[name]
-        devs = backends._devices(backends.REGISTRY[name])
+        devs = st.devices
         marks = []
         if not st.available:
             marks.append(pytest.mark.skip(reason=f"{name}: {st.detail}"))

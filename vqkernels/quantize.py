@@ -120,17 +120,19 @@ class VectorQuantizer(nn.Module):
         step's per-code counts c_k (the kernel's bincount) and sums s_k (a scatter-add of the rows
         over their indices): N_k <- decay N_k + (1-decay) c_k, S_k <- decay S_k + (1-decay) s_k,
         e_k = S_k / Ñ_k with Ñ_k = (N_k + eps) / (n + K eps) n the Laplace-smoothed size
-        (n = sum N_k). The state starts as a pseudo-count N_k = 1 with S_k = e_k, so an unused code
-        stays where it is instead of shrinking to zero (Sonnet v1 starts N at 0 and lets unused
-        codes blow up by 1/eps; Sonnet v2 debiases and collapses them to 0). In this mode the
+        (n = sum N_k). The state starts as a pseudo-count N_k = 1 with S_k = e_k, so a code
+        unused since the start stays put while decay^t >> eps (e_k = S_k / Ñ_k with both decaying
+        alike) and only then is pulled towards the origin by the smoothing -- where Sonnet v1
+        (N starting at 0) would blow it up by ~1/eps and a zero-debiased start would move it to 0
+        at once. Restarts are the cure for such codes. In this mode the
         codebook gets no gradient: ``codebook_loss`` still reports the quantization error (its
-        value equals ``commitment_loss``) but carries no gradient and is left out of
+        value equals ``commitment_loss``) but is detached and left out of
         ``loss = beta * commitment_loss``.
     restart_after: a code unused (globally, across ranks) for this many consecutive training steps
         is replaced by an encoder output drawn from a pool of rows sampled from recent batches
         (``restart_pool`` rows, about the last 4 steps), without reuse of a pool row. If the pool
-        holds fewer rows than there are dead codes, the lowest-indexed dead codes go first and the
-        rest wait a step. A restarted code gets EMA state N_k = 1, S_k = the row. Restarts are
+        holds fewer rows than there are dead codes, the longest-unused codes go first (ties to
+        the lowest index) and the rest wait. A restarted code gets EMA state N_k = 1, S_k = the row. Restarts are
         counted (``restart_count`` buffer, ``stats()``). In gradient mode the optimizer's state
         for a restarted row (e.g. Adam moments, decayed over the unused steps) is left as is.
     kmeans_init: at the first training forward the codebook is set by k-means++ on that batch's
@@ -247,17 +249,23 @@ class VectorQuantizer(nn.Module):
         if training and self.kmeans_init and not self._init_done:
             self._kmeans_initialise(z_e, dim)
 
+        cb = self.codebook
+        if training and (self.ema or self.restart_after is not None):
+            # The step below rewrites the codebook in place, and the search's backward (or
+            # normalize's) must see this step's codes: search a snapshot. clone is differentiable,
+            # so in gradient mode the gradient still reaches the parameter.
+            cb = cb.clone()
         z = F.normalize(z_e, dim=dim) if self.cosine else z_e
-        cb = F.normalize(self.codebook, dim=1) if self.cosine else self.codebook
+        if self.cosine:
+            cb = F.normalize(cb, dim=1)
         if cb.dtype != z.dtype:
             cb = cb.to(z.dtype)
-        elif training and cb is self.codebook and (self.ema or self.restart_after is not None):
-            # The step below rewrites the codebook in place; autograd must keep this step's codes
-            # (clone is differentiable, so in gradient mode the gradient still reaches the param).
-            cb = cb.clone()
         out, counts = _vq_quantize(z, cb, beta=self.beta, dim=dim, backend=self.backend)
         if self.ema:
-            out = out._replace(loss=self.beta * out.commitment_loss)
+            # The op's error output is tied to z_e in the graph (with a zero gradient); detach it
+            # so nothing can mistake it for a trainable term.
+            out = out._replace(codebook_loss=out.codebook_loss.detach(),
+                               loss=self.beta * out.commitment_loss)
         if training:
             with torch.no_grad():
                 self._update(z.detach(), dim, out.indices, counts)
@@ -335,7 +343,11 @@ class VectorQuantizer(nn.Module):
         keys = torch.rand(P, generator=g, dtype=torch.float64).to(pool.device)
         order = torch.argsort(torch.where(valid, keys, 2.0))  # valid rows first, in random order
         dead = self.steps_unused >= self.restart_after
-        rank_among_dead = torch.cumsum(dead, 0) - 1
+        # Longest-unused first (ties to the lowest index), so a code that dies again right after
+        # its restart cannot starve the others when the pool is short.
+        prio = torch.argsort(torch.where(dead, -self.steps_unused, 1), stable=True)
+        rank_among_dead = torch.empty_like(prio)
+        rank_among_dead[prio] = torch.arange(prio.numel(), device=prio.device)
         take = dead & (rank_among_dead < valid.sum())
         slot = order[rank_among_dead.clamp(0, P - 1)]
         src = pool.index_select(0, slot)

@@ -388,18 +388,20 @@ def _run(cfg, rank, world, ddp):
                    else {"broadcast_buffers": False})
         net = DDP(model, **no_sync)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    stats = []
+    stats, calls = [], []
     for step in range(_STEPS):
         ranks = [rank] if ddp else range(world)
         x = torch.cat([_batch(step, r, cfg["n"][r], centres) for r in ranks])
+        before = dict(_CALLS)
         out = net(x)
+        calls.append({k: _CALLS[k] - before[k] for k in _CALLS})
         opt.zero_grad()
         out.loss.backward()
         opt.step()
         stats.append(model[1].stats())
     vq = model[1]
     return {"codebook": vq.codebook.detach().clone(), "enc": model[0].weight.detach().clone(),
-            "stats": stats, "steps_unused": vq.steps_unused.clone()}
+            "stats": stats, "steps_unused": vq.steps_unused.clone(), "calls": calls}
 
 
 _CFGS = {
@@ -415,9 +417,22 @@ _CFGS = {
 }
 
 
+_CALLS = {"all_reduce": 0, "broadcast": 0}
+
+
+def _counting(name, fn):
+    def wrapped(*a, **k):
+        _CALLS[name] += 1
+        return fn(*a, **k)
+    return wrapped
+
+
 def _ddp_worker(rank, world, init_file, out_dir):
     import torch.distributed as dist
     torch.set_num_threads(1)
+    # DDP reduces gradients in C++ (its reducer), so these count the quantizer's own collectives.
+    dist.all_reduce = _counting("all_reduce", dist.all_reduce)
+    dist.broadcast = _counting("broadcast", dist.broadcast)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         for name, cfg in _CFGS.items():
@@ -438,6 +453,12 @@ def test_two_gloo_ranks_stay_identical_and_match_one_process(tmp_path):
         assert torch.equal(r0["enc"], r1["enc"]), name
         assert torch.equal(r0["steps_unused"], r1["steps_unused"]), name
         assert r0["stats"] == r1["stats"], name
+    for name, (r0, _) in res.items():
+        # One all_reduce per training step; the k-means init step adds one all_reduce (the row
+        # count) and one gather (an all_reduce), then one broadcast, once.
+        init = _CFGS[name]["vq"].get("kmeans_init", False)
+        assert r0["calls"][0] == {"all_reduce": 3 if init else 1, "broadcast": int(init)}, name
+        assert all(c == {"all_reduce": 1, "broadcast": 0} for c in r0["calls"][1:]), name
     for name in ("ema_kmeans", "grad"):
         single = _run(_CFGS[name], 0, world, ddp=False)
         got = res[name][0]

@@ -36,7 +36,7 @@ def kmeans_plusplus(x: Tensor, k: int, *, generator: Optional[torch.Generator] =
 
     Seeding (Arthur & Vassilvitskii 2007) draws each new centre with probability proportional to a
     row's squared distance to its nearest centre so far. That distance is kept per row and lowered
-    against each new centre as it is drawn, O(N*D) per centre. The draw is an inverse-CDF lookup on
+    against each new centre as it is drawn, O(N*D) per centre (one matrix-vector product). The draw is an inverse-CDF lookup on
     the running cumsum with uniforms drawn up front from `generator` (on the CPU), so the result
     depends only on `x` and the generator, not on the device, and needs no host sync per centre.
     When every row already coincides with a centre (fewer distinct rows than `k`) the remaining
@@ -57,10 +57,22 @@ def kmeans_plusplus(x: Tensor, k: int, *, generator: Optional[torch.Generator] =
         raise ValueError(f"iters must be >= 0, got {iters}")
     u = torch.rand(k, generator=generator, dtype=torch.float64).to(x.device)
     uniform_pick = (u * N).long().clamp_(max=N - 1)
-    centres = x.new_empty(k, D)
-    centres[0] = x[uniform_pick[0]]
-    # float64 distances: the cumsum over N rows must not lose the small ones to rounding.
-    d2 = ((x - centres[0]).double() ** 2).sum(1)
+    # Distances by the expansion |x|^2 - 2 x.c + |c|^2, one GEMV per centre (several times
+    # cheaper than forming x - c), in float64: products of float32 values are exact there, so
+    # the cancellation left for a row equal to a centre is ~1e-16 of the norms, and is set to 0
+    # below with everything else under 1e-12 of them. The cumsum over N rows is float64 too, so
+    # small distances are not lost to rounding.
+    x64 = x.double()
+    x_sq = (x64 * x64).sum(1)
+
+    def sqdist_to(row):
+        c = x64[row[0]]
+        c_sq = (c * c).sum()
+        d = x_sq - 2.0 * (x64 @ c) + c_sq
+        return torch.where(d <= 1e-12 * (x_sq + c_sq), 0.0, d)
+
+    picks = [uniform_pick[:1]]
+    d2 = sqdist_to(picks[0])
     for j in range(1, k):
         cdf = torch.cumsum(d2, 0)
         total = cdf[-1:]
@@ -68,9 +80,9 @@ def kmeans_plusplus(x: Tensor, k: int, *, generator: Optional[torch.Generator] =
         # centres) have a flat cdf step and can never be picked.
         pick = torch.searchsorted(cdf, u[j:j + 1] * total, right=True).clamp_(max=N - 1)
         pick = torch.where(total > 0, pick, uniform_pick[j:j + 1])
-        c = x.index_select(0, pick)
-        centres[j] = c[0]
-        torch.minimum(d2, ((x - c).double() ** 2).sum(1), out=d2)
+        picks.append(pick)
+        torch.minimum(d2, sqdist_to(pick), out=d2)
+    centres = x.index_select(0, torch.cat(picks))
     return lloyd(x, centres, iters, backend=backend, cosine=cosine)
 
 

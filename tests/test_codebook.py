@@ -1,5 +1,5 @@
-"""Codebook upkeep: EMA updates, Laplace smoothing, dead-code restarts, k-means++ init, cosine codes,
-usage statistics, gradient routing, and synchronisation across 2 gloo processes."""
+"""Codebook upkeep: EMA updates, Laplace smoothing, dead-code restarts, k-means++ init, cosine
+codes, usage statistics, gradient routing, and synchronisation across 2 gloo processes."""
 import math
 import os
 
@@ -240,7 +240,8 @@ def test_kmeans_pp_beats_random_init_on_clustered_data():
 
 def test_kmeans_pp_draws_proportional_to_squared_distance():
     # 1-D rows 0, 1, 3. Whatever the first centre, the second is drawn with probability
-    # d^2 / sum d^2 among the others: first=0 -> (1, 9)/10; first=1 -> (1, 4)/5; first=3 -> (9, 4)/13.
+    # d^2 / sum d^2 among the others:
+    # first=0 -> (1, 9)/10; first=1 -> (1, 4)/5; first=3 -> (9, 4)/13.
     x = torch.tensor([[0.0], [1.0], [3.0]])
     trials = 3000
     pair_counts = {}
@@ -295,7 +296,8 @@ def test_module_kmeans_init_on_first_training_batch():
 def test_cosine_mode_searches_by_angle():
     D = 5
     # Codes of very different norms: the L2-nearest code is often not the closest in angle.
-    cb = torch.randn(12, D, dtype=torch.float64) * torch.logspace(-1, 1, 12, dtype=torch.float64)[:, None]
+    norms = torch.logspace(-1, 1, 12, dtype=torch.float64)[:, None]
+    cb = torch.randn(12, D, dtype=torch.float64) * norms
     vq = VectorQuantizer(12, D, cosine=True).double().eval()
     with torch.no_grad():
         vq.codebook.copy_(cb)
@@ -331,7 +333,8 @@ def test_stats_match_hand_counts():
     K, D = 6, 2
     vq = VectorQuantizer(K, D, dead_after=2)
     with torch.no_grad():
-        vq.codebook.copy_(torch.tensor([[0., 0.], [10., 0.], [0., 10.], [10., 10.], [50., 50.], [-50., -50.]]))
+        vq.codebook.copy_(torch.tensor([[0., 0.], [10., 0.], [0., 10.], [10., 10.], [50., 50.],
+                                        [-50., -50.]]))
     # Step 1 uses codes 0, 1, 2 (3, 1, 2 rows); step 2 uses 0 and 3 (2, 2 rows).
     vq(torch.tensor([[0., 0.]] * 3 + [[10., 0.]] + [[0., 10.]] * 2))
     s = vq.stats()
@@ -351,7 +354,8 @@ def test_stats_match_hand_counts():
 
 def test_bad_options_name_the_argument():
     for kw, match in [(dict(decay=1.0), "decay"), (dict(decay=-0.1), "decay"), (dict(eps=0), "eps"),
-                      (dict(restart_after=0), "restart_after"), (dict(restart_pool=0), "restart_pool"),
+                      (dict(restart_after=0), "restart_after"),
+                      (dict(restart_pool=0), "restart_pool"),
                       (dict(kmeans_iters=-1), "kmeans_iters"), (dict(dead_after=1.5), "dead_after"),
                       (dict(beta=-1), "beta")]:
         with pytest.raises(ValueError, match=match):

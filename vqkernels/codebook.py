@@ -36,9 +36,10 @@ def kmeans_plusplus(x: Tensor, k: int, *, generator: Optional[torch.Generator] =
 
     Seeding (Arthur & Vassilvitskii 2007) draws each new centre with probability proportional to a
     row's squared distance to its nearest centre so far. That distance is kept per row and lowered
-    against each new centre as it is drawn, O(N*D) per centre (one matrix-vector product). The draw is an inverse-CDF lookup on
-    the running cumsum with uniforms drawn up front from `generator` (on the CPU), so the result
-    depends only on `x` and the generator, not on the device, and needs no host sync per centre.
+    against each new centre as it is drawn: O(N*D) per centre, one matrix-vector product. The draw
+    is an inverse-CDF lookup on the running cumsum with uniforms drawn up front from `generator`
+    (on the CPU), so the result depends only on `x` and the generator, not on the device, and needs
+    no host sync per centre.
     When every row already coincides with a centre (fewer distinct rows than `k`) the remaining
     centres are drawn uniformly, duplicates included; restarts can later move them.
 

@@ -84,7 +84,8 @@ def vq_quantize(z_e: Tensor, codebook: Tensor, *, beta: float = 0.25, dim: int =
 
 
 def _check_beta(beta):
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta < 0:
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) \
+            or beta < 0:
         raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
 
 
@@ -121,20 +122,20 @@ class VectorQuantizer(nn.Module):
         over their indices): N_k <- decay N_k + (1-decay) c_k, S_k <- decay S_k + (1-decay) s_k,
         e_k = S_k / Ñ_k with Ñ_k = (N_k + eps) / (n + K eps) n the Laplace-smoothed size
         (n = sum N_k). The state starts as a pseudo-count N_k = 1 with S_k = e_k, so a code
-        unused since the start stays put while decay^t >> eps (e_k = S_k / Ñ_k with both decaying
-        alike) and only then is pulled towards the origin by the smoothing -- where Sonnet v1
-        (N starting at 0) would blow it up by ~1/eps and a zero-debiased start would move it to 0
-        at once. Restarts are the cure for such codes. In this mode the
-        codebook gets no gradient: ``codebook_loss`` still reports the quantization error (its
-        value equals ``commitment_loss``) but is detached and left out of
-        ``loss = beta * commitment_loss``.
+        unused since the start stays put while decay^t >> eps (S_k and N_k decay alike) and only
+        then is pulled towards the origin by the smoothing, where Sonnet v1 (N starting at 0)
+        would blow it up by ~1/eps and a zero-debiased start would move it to 0 at once. Restarts
+        are the cure for such codes. In this mode the codebook gets no gradient:
+        ``codebook_loss`` still reports the quantization error (its value equals
+        ``commitment_loss``) but is detached and left out of ``loss = beta * commitment_loss``.
     restart_after: a code unused (globally, across ranks) for this many consecutive training steps
         is replaced by an encoder output drawn from a pool of rows sampled from recent batches
         (``restart_pool`` rows, about the last 4 steps), without reuse of a pool row. If the pool
         holds fewer rows than there are dead codes, the longest-unused codes go first (ties to
-        the lowest index) and the rest wait. A restarted code gets EMA state N_k = 1, S_k = the row. Restarts are
-        counted (``restart_count`` buffer, ``stats()``). In gradient mode the optimizer's state
-        for a restarted row (e.g. Adam moments, decayed over the unused steps) is left as is.
+        the lowest index) and the rest wait. A restarted code gets EMA state N_k = 1, S_k = the
+        row. Restarts are counted (``restart_count`` buffer, ``stats()``). In gradient mode the
+        optimizer's state for a restarted row (e.g. Adam moments, decayed over the unused steps)
+        is left as is.
     kmeans_init: at the first training forward the codebook is set by k-means++ on that batch's
         rows (at most ``kmeans_samples``, default 32 K, spread over the ranks), followed by
         ``kmeans_iters`` Lloyd iterations with the fused search. Seeding is sequential in K: meant
@@ -153,8 +154,10 @@ class VectorQuantizer(nn.Module):
     generator seeded by (seed, step), the same on every rank. The k-means init step adds two
     all_reduces and a broadcast, once. No collective depends on the data, only on the step: every
     rank must run the same number of training forwards (as DistributedDataParallel already needs).
-    In EMA mode the codebook is a buffer that the module keeps identical itself, so DDP may be
-    built with ``broadcast_buffers=False``.
+    The module keeps its buffers identical itself, so DDP may be built without per-forward buffer
+    broadcasts (``forward_sync_buffers=False``, or ``broadcast_buffers=False`` on a torch that
+    lacks it). ``seed`` seeds the restart and k-means++ draws: keep it equal on every rank;
+    ``sync=False`` keeps each rank's upkeep local.
 
     ``stats()`` gives the last training step's global usage: perplexity, codes_used,
     used_fraction, dead_fraction (codes unused for ``dead_after`` steps, default restart_after or
@@ -194,7 +197,8 @@ class VectorQuantizer(nn.Module):
         self.dead_after = dead_after if dead_after is not None else (restart_after or 100)
         self.kmeans_init, self.kmeans_iters = bool(kmeans_init), kmeans_iters
         self.kmeans_samples = kmeans_samples if kmeans_samples is not None else 32 * num_codes
-        self.cosine, self.sync, self.process_group, self.seed = bool(cosine), bool(sync), process_group, seed
+        self.cosine, self.sync, self.seed = bool(cosine), bool(sync), seed
+        self.process_group = process_group
 
         if self.ema:
             self.register_buffer("codebook", torch.empty(num_codes, dim))

@@ -258,9 +258,10 @@ def test_kmeans_pp_draws_proportional_to_squared_distance():
 
 
 def test_kmeans_pp_with_fewer_rows_than_codes_covers_every_row():
-    x = torch.randn(5, 3)
+    x = torch.randn(5, 3, requires_grad=True)  # an encoder output: detached, not an error
     c = kmeans_plusplus(x, 9, generator=torch.Generator().manual_seed(1), iters=2)
-    assert c.shape == (9, 3) and torch.isfinite(c).all()
+    assert c.shape == (9, 3) and torch.isfinite(c).all() and not c.requires_grad
+    x = x.detach()
     assert float(exact_sqdist(x, c).min(1).values.max()) == 0.0  # every row is some centre
     with pytest.raises(ValueError, match="at least one row"):
         kmeans_plusplus(x[:0], 3)

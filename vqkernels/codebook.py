@@ -45,13 +45,14 @@ def kmeans_plusplus(x: Tensor, k: int, *, generator: Optional[torch.Generator] =
 
     Lloyd iterations assign with `vqkernels.nearest_code` and recompute means by scatter-add; an
     empty cluster keeps its centre. With `cosine`, rows are expected l2-normalised and means are
-    re-normalised (spherical k-means).
+    re-normalised (spherical k-means). No autograd: x is detached.
     """
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D (N, D), got shape {tuple(x.shape)}")
     N, D = x.shape
     if N == 0:
         raise ValueError("x must have at least one row to seed k-means++ from")
+    x = x.detach()  # an initialisation, not a differentiable function of x
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if iters < 0:

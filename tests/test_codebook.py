@@ -39,9 +39,7 @@ def test_ema_update_matches_float64_hand_computation():
     K, D, decay, eps = 7, 3, 0.9, 1e-2  # a large eps so the smoothing visibly matters
     vq = VectorQuantizer(K, D, ema=True, decay=decay, eps=eps, channel_dim=1)
     centres = 2 * torch.randn(4, D)  # data near 4 clusters: some codes stay unused
-    with torch.no_grad():
-        vq.codebook.copy_(torch.cat([centres, 5 + torch.randn(K - 4, D)]))
-        vq.ema_sum.copy_(vq.codebook)
+    vq.set_codebook(torch.cat([centres, 5 + torch.randn(K - 4, D)]))
     N = torch.ones(K, dtype=torch.float64)
     S = vq.codebook.double().clone()
     used_any = torch.zeros(K, dtype=torch.bool)
@@ -94,6 +92,21 @@ def test_laplace_smoothing():
     assert torch.isfinite(vq.codebook).all()
     shrink = float(vq.codebook[2, 0]) / 50
     assert 0.5 < shrink < 0.9  # decay^8 = 0.0039 vs eps = 0.001: visibly pulled in, not gone
+
+
+def test_set_codebook_keeps_the_ema_state_consistent():
+    codes = 3 * torch.randn(5, 2)
+    vq = VectorQuantizer(5, 2, ema=True, decay=0.9, kmeans_init=True)
+    vq.set_codebook(codes)
+    assert torch.equal(vq.codebook, codes) and bool(vq.initialised)
+    z = codes[:1] + 0.01 * torch.randn(16, 2)  # only code 0 is used
+    out = vq(z)
+    assert torch.bincount(out.indices, minlength=5).tolist() == [16, 0, 0, 0, 0]
+    # No k-means overwrite, and the unused codes stay (up to the 1e-5 smoothing), rather than
+    # being recomputed from a stale EMA sum.
+    torch.testing.assert_close(vq.codebook[1:], codes[1:], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="codes must be a tensor of shape"):
+        vq.set_codebook(torch.zeros(4, 2))
 
 
 def test_ema_codebook_gets_no_gradient_and_moves_only_in_training():

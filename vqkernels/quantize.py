@@ -239,6 +239,25 @@ class VectorQuantizer(nn.Module):
         self._after_load(self, None)
         self._last_counts = self._last_restarts = None
 
+    @torch.no_grad()
+    def set_codebook(self, codes: Tensor) -> None:
+        """Replace every code (e.g. by encoder outputs of training data) and mark the codebook as
+        initialised (k-means init will not run). In EMA mode this also restarts the EMA state at
+        N_k = 1, S_k = code: writing ``codebook`` alone would be undone by the next update, which
+        recomputes the codes from S_k / N_k. Under DDP pass the same codes on every rank (or call
+        it before wrapping the model: DDP copies rank 0's parameters and buffers at construction).
+        """
+        if not isinstance(codes, Tensor) or codes.shape != (self.num_codes, self.dim):
+            raise ValueError(f"codes must be a tensor of shape ({self.num_codes}, {self.dim}), got "
+                             f"{tuple(codes.shape) if isinstance(codes, Tensor) else type(codes)}")
+        self.codebook.copy_(codes)
+        if self.ema:
+            self.ema_sum.copy_(codes)
+            self.ema_count.fill_(1.0)
+        self.steps_unused.zero_()
+        self.initialised.fill_(True)
+        self._init_done = True
+
     # -------------------------------------------------------------------------------- forward
     def forward(self, z_e: Tensor, *, dim: int | None = None) -> VQOutput:
         if not isinstance(z_e, Tensor):

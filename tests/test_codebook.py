@@ -203,6 +203,8 @@ def test_restart_with_a_short_pool_goes_longest_unused_first():
         assert vq.stats()["restarts"] == 1
     assert restarted == [[2], [3], [4]]
     assert int(vq.restart_count) == 3
+    # a pool row restarts at most one code: three distinct encoder outputs
+    assert len({tuple(r) for r in vq.codebook[2:5].tolist()}) == 3
 
 
 def test_restart_in_gradient_mode_keeps_backward_valid():

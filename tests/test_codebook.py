@@ -1,5 +1,6 @@
 """Codebook upkeep: EMA updates, Laplace smoothing, dead-code restarts, k-means++ init, cosine
 codes, usage statistics, gradient routing, and synchronisation across 2 gloo processes."""
+import datetime
 import math
 import os
 
@@ -453,7 +454,10 @@ def _ddp_worker(rank, world, init_file, out_dir):
     # DDP reduces gradients in C++ (its reducer), so these count the quantizer's own collectives.
     dist.all_reduce = _counting("all_reduce", dist.all_reduce)
     dist.broadcast = _counting("broadcast", dist.broadcast)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    # A short timeout: a mismatched collective (the hang this design rules out) fails the test
+    # in a minute instead of blocking for gloo's default half hour.
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
     try:
         for name, cfg in _CFGS.items():
             torch.save(_run(cfg, rank, world, ddp=True), os.path.join(out_dir, f"{name}_{rank}.pt"))

@@ -4,6 +4,11 @@ import os
 import pytest
 import torch
 
+# Without a GPU, the Triton kernels run on CPU tensors through Triton's interpreter, so the same
+# tests exercise them here. This must be set before vqkernels.triton (and its @triton.jit) loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import vqkernels
 from vqkernels import backends
 
@@ -18,13 +23,13 @@ def _seed(request):
     yield
 
 
-def backend_params(device="cpu"):
+def backend_params(device="cpu", names=backends.BACKEND_NAMES):
     """pytest params for every backend, skipped with the registry's reason where it can't run on
     `device` tensors here."""
     out = []
-    for name in backends.BACKEND_NAMES:
+    for name in names:
         st = _STATUS[name]
-        devs = backends._devices(backends.REGISTRY[name])
+        devs = st.devices
         marks = []
         if not st.available:
             marks.append(pytest.mark.skip(reason=f"{name}: {st.detail}"))
@@ -43,3 +48,12 @@ def pytest_report_header(config):
     for name, st in _STATUS.items():
         lines.append(f"  backend {name}: {'yes' if st.available else 'no'} ({st.detail})")
     return lines
+
+
+def backend_device_params(names=backends.BACKEND_NAMES):
+    """(backend, device) pairs for every device here; pairs that can't run are skipped with why."""
+    out = []
+    for dev in DEVICES:
+        for p in backend_params(dev, names):
+            out.append(pytest.param(p.values[0], dev, marks=p.marks, id=f"{p.id}-{dev}"))
+    return out

@@ -45,46 +45,52 @@ def _collapse(sizes, strides) -> Optional[int]:
     return 0 if group_stride is None else group_stride
 
 
+def _split(moved: torch.Tensor):
+    """(B, S, sb, ss, sd) for the first split of the leading dims into two strided runs, or None."""
+    lead, strides = moved.shape[:-1], moved.stride()[:-1]
+    for split in range(len(lead) + 1):
+        sb = _collapse(lead[:split], strides[:split])
+        ss = _collapse(lead[split:], strides[split:])
+        if sb is not None and ss is not None:
+            return math.prod(lead[:split]), math.prod(lead[split:]), sb, ss, moved.stride(-1)
+    return None
+
+
+def output_like(z: torch.Tensor, dim: int, dtype=None) -> torch.Tensor:
+    """An uninitialised tensor shaped like `z` that a kernel can write as rows: z's own layout
+    where that has a (B, S) view (any dense z does, contiguous or channels-last), else row-major
+    along z.movedim(dim, -1). Shared by the real and the fake (meta) implementations, so both
+    agree on strides."""
+    out = torch.empty_like(z, dtype=dtype)
+    if _split(out.movedim(dim, -1)) is None:
+        moved_shape = z.movedim(dim, -1).shape
+        out = torch.empty(moved_shape, dtype=out.dtype, device=z.device).movedim(-1, dim)
+    return out
+
+
 class RowPlan:
-    """The (B, S) split chosen for one tensor, applied to every tensor of the same shape."""
+    """Rows of tensors shaped like `z`, quantized along `dim`. Each tensor gets its own (B, S)
+    split (a kernel computes every view's offsets from its own S), so z, grad_z_q and the outputs
+    may all have different layouts."""
 
     def __init__(self, z: torch.Tensor, dim: int):
         self.dim = dim
-        moved = z.movedim(dim, -1)
-        self.lead = tuple(moved.shape[:-1])
-        self.D = moved.shape[-1]
+        moved_shape = z.movedim(dim, -1).shape
+        self.lead = tuple(moved_shape[:-1])
+        self.D = moved_shape[-1]
         self.N = math.prod(self.lead)
-        self.split = 0
-        for split in range(len(self.lead) + 1):
-            if self._strides(moved, split) is not None:
-                self.split = split
-                break
-
-    def _strides(self, moved: torch.Tensor, split: int):
-        sizes, strides = moved.shape[:-1], moved.stride()[:-1]
-        sb = _collapse(sizes[:split], strides[:split])
-        ss = _collapse(sizes[split:], strides[split:])
-        if sb is None or ss is None:
-            return None
-        return sb, ss, moved.stride(-1)
 
     def view(self, t: torch.Tensor) -> RowView:
-        """Rows of `t` (same shape as the planned tensor) for a kernel to read; copies only if the
-        layout fits no split (the copy is row-major, which fits every split)."""
+        """Rows of `t` (shaped like the planned tensor) for a kernel to read; copied (row-major)
+        only if no (B, S) split describes t's layout."""
         moved = t.movedim(self.dim, -1)
-        st = self._strides(moved, self.split)
-        if st is None:
+        sp = _split(moved)
+        if sp is None:
             moved = moved.contiguous()
-            st = self._strides(moved, self.split)
-        B = math.prod(self.lead[: self.split])
-        S = math.prod(self.lead[self.split:])
-        return RowView(moved, B, S, self.D, *st)
+            sp = _split(moved)
+        return RowView(moved, sp[0], sp[1], self.D, *sp[2:])
 
     def empty_like(self, z: torch.Tensor, dtype=None) -> tuple[torch.Tensor, RowView]:
-        """A new tensor shaped like `z` (its layout where possible) that a kernel writes in place."""
-        out = torch.empty_like(z, dtype=dtype)
-        moved = out.movedim(self.dim, -1)
-        if self._strides(moved, self.split) is None:  # z was not dense: fall back to row-major
-            moved = torch.empty(moved.shape, dtype=out.dtype, device=out.device)
-            out = moved.movedim(-1, self.dim)
+        """A new tensor shaped like `z` (see `output_like`) and its rows, for a kernel to write."""
+        out = output_like(z, self.dim, dtype)
         return out, self.view(out)

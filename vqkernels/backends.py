@@ -23,7 +23,8 @@ ALL_NAMES = BACKEND_NAMES + ("auto",)
 
 class BackendStatus(NamedTuple):
     available: bool
-    detail: str  # which devices it serves when available, else why it does not run here
+    devices: tuple[str, ...]  # the tensor devices it serves when available
+    detail: str  # where it runs when available, else why it does not run here
 
 
 class Backend(NamedTuple):
@@ -117,9 +118,13 @@ def _triton_interpret() -> bool:
 
 def _triton_status() -> Optional[str]:
     try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return f"triton is not installed ({exc}); `pip install triton` (Linux)"
+    try:
         from .triton import launch  # noqa: F401
     except ImportError as exc:
-        return f"triton could not be imported ({exc}); `pip install triton` (Linux, CUDA GPUs)"
+        return f"vqkernels' Triton kernels could not be loaded ({exc})"
     if not torch.cuda.is_available() and not _triton_interpret():
         return ("no CUDA device here; set TRITON_INTERPRET=1 to run the Triton kernels on CPU "
                 "tensors through Triton's interpreter (slow: small shapes only)")
@@ -159,8 +164,9 @@ def available_backends() -> dict[str, BackendStatus]:
     out = {}
     for name, b in REGISTRY.items():
         why = b.status()
-        out[name] = (BackendStatus(False, why) if why else
-                     BackendStatus(True, "runs on " + " and ".join(_devices(b)) + " tensors"))
+        devs = _devices(b)
+        out[name] = (BackendStatus(False, (), why) if why else
+                     BackendStatus(True, devs, "runs on " + " and ".join(devs) + " tensors"))
     return out
 
 

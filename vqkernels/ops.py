@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import backends, reference
-from ._layout import RowPlan
+from ._layout import RowPlan, output_like
 
 
 def _lead_shape(z: Tensor, dim: int) -> list[int]:
@@ -49,7 +49,7 @@ def vq_quantize(z: Tensor, codebook: Tensor, dim: int, backend: str
 def _(z, codebook, dim, backend):
     lead = _lead_shape(z, dim)
     acc = reference.acc_dtype(z.dtype)
-    return (torch.empty_like(z), z.new_empty(lead, dtype=torch.long), z.new_empty(lead, dtype=acc),
+    return (output_like(z, dim), z.new_empty(lead, dtype=torch.long), z.new_empty(lead, dtype=acc),
             z.new_empty(lead, dtype=acc), z.new_empty(codebook.shape[0], dtype=torch.long))
 
 
@@ -63,7 +63,7 @@ def vq_quantize_backward(grad_zq: Optional[Tensor], g_codebook: Optional[Tensor]
 
 @vq_quantize_backward.register_fake
 def _(grad_zq, g_codebook, g_commit, z, codebook, indices, dim, backend):
-    return torch.empty_like(z), torch.empty_like(codebook)
+    return output_like(z, dim), torch.empty_like(codebook)
 
 
 def _setup_context(ctx, inputs, output):

@@ -10,6 +10,8 @@ from typing import Optional
 
 import torch
 
+from ._layout import output_like
+
 
 __all__ = ["forward", "backward", "acc_dtype"]
 
@@ -41,13 +43,24 @@ def forward(z: torch.Tensor, codebook: torch.Tensor, dim: int = -1):
     for lo in range(0, x.shape[0], chunk):
         xc = x[lo:lo + chunk]
         # ||x||^2 is the same for every code of a row; keeping it makes these true distances.
-        d = (xc * xc).sum(1, keepdim=True) - 2.0 * (xc @ e.T) + e_sq
-        idx[lo:lo + chunk] = d.argmin(1)  # first minimum: ties go to the lowest index
+        xc_sq = (xc * xc).sum(1, keepdim=True)
+        d = xc_sq - 2.0 * (xc @ e.T) + e_sq
+        # The expansion is only a filter: a BLAS matmul may round two equal columns differently,
+        # so every code within float64 rounding of the minimum is re-measured by direct
+        # differences, and the first minimum of those exact distances wins (ties to lowest index).
+        slack = 1e-9 * (xc_sq + e_sq.max())
+        near = (d <= d.min(1, keepdim=True).values + slack).nonzero()
+        exact = torch.full_like(d, torch.inf)
+        exact[near[:, 0], near[:, 1]] = ((xc[near[:, 0]] - e[near[:, 1]]) ** 2).sum(1)
+        best = exact.argmin(1)
+        # A row with NaN has no finite distance: it keeps the expansion's argmin (a NaN at 0).
+        idx[lo:lo + chunk] = torch.where(torch.isfinite(exact.min(1).values), best, d.argmin(1))
     chosen = e[idx]
     sqerr = ((x - chosen) ** 2).sum(1)
     zq_rows = torch.where(torch.isfinite(sqerr)[:, None], chosen, torch.nan)
     lead = z.movedim(dim, -1).shape[:-1]
-    z_q = zq_rows.to(z.dtype).reshape(*lead, -1).movedim(-1, dim)
+    z_q = output_like(z, dim)
+    z_q.copy_(zq_rows.reshape(*lead, codebook.shape[1]).movedim(-1, dim))
     counts = torch.bincount(idx, minlength=K)
     return z_q, idx.reshape(lead), sqerr.to(acc_dtype(z.dtype)).reshape(lead), counts
 
@@ -71,7 +84,8 @@ def backward(z: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, dim
     if g_codebook is not None:
         grad_cb.index_add_(0, idx, -2.0 * g_codebook.reshape(-1, 1).double() * diff)
     lead = z.movedim(dim, -1).shape[:-1]
-    grad_z = gx.to(z.dtype).reshape(*lead, -1).movedim(-1, dim)
+    grad_z = output_like(z, dim)
+    grad_z.copy_(gx.reshape(*lead, codebook.shape[1]).movedim(-1, dim))
     return grad_z, grad_cb.to(codebook.dtype)
 
 

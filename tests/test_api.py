@@ -1,0 +1,250 @@
+"""The public API: gradients, torch integration, errors, the module, and the reference itself."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import vqkernels
+from vqkernels import VectorQuantizer, nearest_code, reference, vq_quantize
+from conftest import backend_device_params, backend_params
+from helpers import assert_search_ok, exact_sqdist, make_inputs
+
+CPU_BACKENDS = backend_params("cpu")
+
+
+# ---------------------------------------------------------------------------- the reference
+@pytest.mark.parametrize("chunk", [1, 7, 1 << 22])
+def test_reference_is_exact_brute_force(monkeypatch, chunk):
+    monkeypatch.setattr(reference, "_CHUNK_ELEMENTS", chunk)
+    z, cb = make_inputs(203, 37, 11, torch.float64)
+    z_q, idx, sqerr, counts = reference.forward(z, cb)
+    d = exact_sqdist(z, cb)
+    torch.testing.assert_close(d.gather(1, idx[:, None])[:, 0], d.min(1).values, rtol=0, atol=0)
+    torch.testing.assert_close(sqerr, d.min(1).values, rtol=1e-14, atol=0)
+    assert torch.equal(z_q, cb[idx])
+    assert torch.equal(counts, torch.bincount(idx, minlength=37))
+
+
+# ---------------------------------------------------------------------------- gradient flow
+class _TinyAE(torch.nn.Module):
+    def __init__(self, backend):
+        super().__init__()
+        self.enc = torch.nn.Conv2d(3, 4, 1)
+        self.vq = VectorQuantizer(8, 4, beta=0.25, channel_dim=1, backend=backend)
+        self.dec = torch.nn.Conv2d(4, 3, 1)
+
+    def forward(self, x):
+        out = self.vq(self.enc(x))
+        return self.dec(out.z_q), out
+
+
+def _grads(model):
+    return {n: (p.grad is not None and bool(p.grad.abs().sum() > 0))
+            for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+def test_each_loss_reaches_only_its_side(backend, device):
+    x = torch.randn(2, 3, 4, 4, device=device)
+    model = _TinyAE(backend).to(device)
+    with torch.no_grad():  # codes near the encoder outputs so every loss is non-trivial
+        model.vq.codebook.copy_(torch.randn(8, 4))
+
+    def reached(term):
+        model.zero_grad(set_to_none=True)
+        recon, out = model(x)
+        {"recon": lambda: ((recon - x) ** 2).mean(), "codebook": lambda: out.codebook_loss,
+         "commit": lambda: out.commitment_loss}[term]().backward()
+        g = _grads(model)
+        return {"enc": g["enc.weight"], "cb": g["vq.codebook"], "dec": g["dec.weight"]}
+
+    # Seed figures 2-4: reconstruction -> decoder and (straight through) encoder, never codebook;
+    # codebook loss -> codebook only; commitment loss -> encoder only.
+    assert reached("recon") == {"enc": True, "cb": False, "dec": True}
+    assert reached("codebook") == {"enc": False, "cb": True, "dec": False}
+    assert reached("commit") == {"enc": True, "cb": False, "dec": False}
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_straight_through_is_identity(backend):
+    z = torch.randn(9, 5, requires_grad=True)
+    cb = torch.randn(6, 5)
+    out = vq_quantize(z, cb, backend=backend)
+    g = torch.randn(9, 5)
+    (out.z_q * g).sum().backward()
+    assert torch.equal(z.grad, g)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_gradcheck_float64(backend):
+    # Each loss is a true function of the side its gradient reaches, so gradcheck applies to it
+    # with the other side held constant (the stop-gradient). Away from ties the choice of codes is
+    # fixed under gradcheck's small perturbations.
+    z, cb = make_inputs(6, 4, 3, torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda c: vq_quantize(z, c, backend=backend).codebook_loss,
+        (cb.clone().requires_grad_(True),), eps=1e-6, atol=1e-8)
+    assert torch.autograd.gradcheck(
+        lambda x: vq_quantize(x, cb, backend=backend).commitment_loss,
+        (z.clone().requires_grad_(True),), eps=1e-6, atol=1e-8)
+    zc = torch.randn(2, 3, 2, 2, dtype=torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda x: vq_quantize(x, cb, dim=1, backend=backend).commitment_loss,
+        (zc.requires_grad_(True),), eps=1e-6, atol=1e-8)
+
+
+# ---------------------------------------------------------------------------- torch integration
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_opcheck(backend):
+    z, cb = make_inputs(10, 6, 4)
+    zr, cbr = z.clone().requires_grad_(True), cb.clone().requires_grad_(True)
+    torch.library.opcheck(torch.ops.vqkernels.nearest_code.default, (z, cb, -1, backend))
+    torch.library.opcheck(torch.ops.vqkernels.vq_quantize.default, (zr, cbr, 1, backend))
+    zc = torch.randn(2, 4, 3, 3, requires_grad=True)
+    torch.library.opcheck(torch.ops.vqkernels.vq_quantize.default, (zc, cbr, 1, backend))
+    zs = torch.randn(5, 4, 6)[::2, 1:, ::2].permute(1, 0, 2).requires_grad_(True)  # no (B, S) view
+    torch.library.opcheck(torch.ops.vqkernels.vq_quantize.default, (zs, cbr[:, :3].contiguous(), 2, backend))
+    idx = torch.randint(0, 6, (10,))
+    g = torch.randn(10)
+    torch.library.opcheck(torch.ops.vqkernels.vq_quantize_backward.default,
+                          (torch.randn(10, 4), g, g, z, cb, idx, 1, backend))
+
+
+@pytest.mark.parametrize("backend,compiler", [("cpu", "inductor"), ("reference", "aot_eager")])
+def test_torch_compile_fullgraph(backend, compiler):
+    if not vqkernels.available_backends()[backend].available:
+        pytest.skip(vqkernels.available_backends()[backend].detail)
+    torch._dynamo.reset()
+    model = _TinyAE(backend)
+    x = torch.randn(2, 3, 4, 4)
+
+    def step(x):
+        recon, out = model(x)
+        loss = ((recon - x) ** 2).mean() + out.loss
+        return loss, out.indices, out.perplexity
+
+    compiled = torch.compile(step, fullgraph=True, backend=compiler)
+    loss_c, idx_c, ppl_c = compiled(x)
+    loss_c.backward()
+    grads_c = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    loss_e, idx_e, ppl_e = step(x)
+    loss_e.backward()
+    assert torch.equal(idx_c, idx_e)
+    torch.testing.assert_close(loss_c, loss_e)
+    torch.testing.assert_close(ppl_c, ppl_e)
+    for gc, p in zip(grads_c, model.parameters()):
+        torch.testing.assert_close(gc, p.grad)
+
+
+# ---------------------------------------------------------------------------- errors
+@pytest.mark.parametrize("call,kind,match", [
+    (lambda z, cb: vq_quantize(z.numpy(), cb), TypeError, "z_e must be a torch.Tensor"),
+    (lambda z, cb: vq_quantize(z, cb[0]), ValueError, "codebook must be 2-D"),
+    (lambda z, cb: vq_quantize(z, cb[:0]), ValueError, "K = 0"),
+    (lambda z, cb: vq_quantize(z, cb[:, :3]), ValueError, "D=3"),
+    (lambda z, cb: vq_quantize(z, cb.double()), TypeError, "codebook dtype"),
+    (lambda z, cb: vq_quantize(z.long(), cb.long()), TypeError, "z_e must be float"),
+    (lambda z, cb: vq_quantize(z, cb, dim=2), ValueError, "dim=2 is out of range"),
+    (lambda z, cb: vq_quantize(z, cb, dim=0), ValueError, "along dim=0"),
+    (lambda z, cb: vq_quantize(z, cb, backend="fast"), ValueError, "backend must be one of"),
+    (lambda z, cb: vq_quantize(z, cb, beta=-1.0), ValueError, "beta"),
+    (lambda z, cb: vq_quantize(z, cb, beta=float("nan")), ValueError, "beta"),
+    (lambda z, cb: nearest_code(z, cb.t()), ValueError, "codes have D="),
+    (lambda z, cb: nearest_code(torch.tensor(1.0), cb), ValueError, "at least one dimension"),
+    (lambda z, cb: vq_quantize(z, cb.to("meta")), ValueError, "codebook is on meta"),
+])
+def test_bad_input_names_the_argument(call, kind, match):
+    z, cb = torch.randn(5, 4), torch.randn(3, 4)
+    with pytest.raises(kind, match=match):
+        call(z, cb)
+
+
+def test_unavailable_backend_says_why():
+    st = vqkernels.available_backends()
+    assert set(st) == {"triton", "cuda", "cpu", "reference"}
+    assert st["reference"].available
+    for name, s in st.items():
+        assert s.detail  # either where it runs or why it can't
+    z, cb = torch.randn(5, 4), torch.randn(3, 4)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="backend='cuda' is not available: .*"):
+            vq_quantize(z, cb, backend="cuda")
+
+
+def test_missing_native_module_is_explained_and_avoided(monkeypatch):
+    from vqkernels import native
+    monkeypatch.setattr(native, "_load", lambda: (None, "vqkernels._C could not be imported (test)"))
+    st = vqkernels.available_backends()
+    assert not st["cpu"].available and "could not be imported" in st["cpu"].detail
+    assert not st["cuda"].available
+    z, cb = torch.randn(7, 3), torch.randn(4, 3)
+    with pytest.raises(RuntimeError, match="backend='cpu' is not available: vqkernels._C"):
+        vq_quantize(z, cb, backend="cpu")
+    out = vq_quantize(z, cb)  # auto falls back to the reference
+    assert_search_ok(z, cb, out.indices)
+
+
+def test_missing_triton_is_explained(monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` raise ImportError
+    st = vqkernels.available_backends()["triton"]
+    assert not st.available and "pip install triton" in st.detail
+
+
+def test_check_finite_codebook():
+    z, cb = torch.randn(5, 4), torch.randn(3, 4)
+    cb[1, 2] = float("inf")
+    with pytest.raises(ValueError, match="codebook contains NaN"):
+        vq_quantize(z, cb, check_finite=True)
+    with pytest.raises(ValueError, match="x contains NaN"):
+        nearest_code(torch.full((2, 4), float("nan")), cb, check_finite=True)
+
+
+# ---------------------------------------------------------------------------- module and outputs
+def test_vector_quantizer_module():
+    vq = VectorQuantizer(16, 8, beta=0.5)
+    assert vq.codebook.shape == (16, 8)
+    cb = vq.codebook.detach()
+    assert float(cb.abs().max()) <= 1 / 16
+    assert float(cb.std()) > 0  # initialised, not left empty or zero
+    z = torch.randn(2, 3, 8)
+    out = vq(z)
+    assert isinstance(out, vqkernels.VQOutput)
+    torch.testing.assert_close(out.loss, out.codebook_loss + 0.5 * out.commitment_loss)
+    # Mixed precision: bf16 input searches a bf16 copy; the gradient lands on the fp32 codebook.
+    zb = torch.randn(4, 8, dtype=torch.bfloat16, requires_grad=True)
+    ob = vq(zb)
+    assert ob.z_q.dtype == torch.bfloat16
+    ob.loss.backward()
+    assert vq.codebook.grad is not None and vq.codebook.grad.dtype == torch.float32
+    with pytest.raises(ValueError, match="num_codes"):
+        VectorQuantizer(0, 4)
+
+
+def test_empty_input_gives_zero_losses():
+    z = torch.randn(0, 3, 4, requires_grad=True)
+    out = vq_quantize(z, torch.randn(5, 4))
+    assert out.z_q.shape == (0, 3, 4) and out.indices.shape == (0, 3)
+    assert float(out.loss) == 0.0 and float(out.perplexity) == 1.0
+    out.loss.backward()
+    assert z.grad.shape == z.shape
+
+
+def test_perplexity_of_uniform_usage():
+    cb = torch.eye(4)
+    z = cb.repeat(3, 1)  # every code used equally
+    assert abs(float(vq_quantize(z, cb).perplexity) - 4.0) < 1e-5
+    assert abs(float(vq_quantize(cb[:1].repeat(5, 1), cb).perplexity) - 1.0) < 1e-6
+
+
+# ---------------------------------------------------------------------------- property test
+@settings(max_examples=40, deadline=None)
+@given(N=st.integers(0, 40), K=st.integers(1, 20), D=st.integers(1, 12),
+       scale=st.sampled_from([1e-2, 1.0, 1e2]), seed=st.integers(0, 2**31 - 1),
+       backend=st.sampled_from([p.values[0] for p in CPU_BACKENDS if not p.marks]))
+def test_property_against_float64(N, K, D, scale, seed, backend):
+    g = torch.Generator().manual_seed(seed)
+    z, cb = make_inputs(N, K, D, torch.float32, scale=scale, gen=g)
+    idx, sq = nearest_code(z, cb, backend=backend)
+    assert_search_ok(z, cb, idx, sq)

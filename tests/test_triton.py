@@ -105,17 +105,18 @@ def test_split_k_and_d_chunks(dtype, split, block_d):
 @pytest.mark.parametrize("row_mode", [1, 2])
 def test_row_modes(row_mode, monkeypatch):
     """The 32- and 64-bit (b, s) splits of a row number give the same rows (64-bit is what
-    N >= 2^31 rows would use; forced here on a small channel-first map)."""
+    N >= 2^31 rows would use; forced here on a small channel-first map, whose z_q and gradients
+    are channel-first too while the upstream gradient is row-major: each view its own split)."""
     launch = _launch()
     monkeypatch.setattr(launch, "row_mode", lambda v: 0 if v.B == 1 else row_mode)
     z, cb = make_inputs(3 * 5 * 7, 20, 6, torch.float32, device=DEVICE)
-    z = z.reshape(3, 5 * 7, 6).permute(0, 2, 1).reshape(3, 6, 5, 7)  # channel-first, no copy
+    z = z.reshape(3, 5, 7, 6).permute(0, 3, 1, 2).contiguous()  # channel-first memory: B = 3
     z_q, idx, err, counts = launch.forward(z, 1, cb, RowPlan(z, 1))
     _check_forward(z, cb, z_q, idx, err, counts, dim=1)
-    grad_z, grad_cb = launch.backward(z, 1, cb, idx, torch.ones_like(z), torch.ones_like(err),
-                                      torch.ones_like(err), RowPlan(z, 1))
-    ref = reference.backward(z, cb, idx, 1, torch.ones_like(z), torch.ones_like(err),
-                             torch.ones_like(err))
+    g = torch.randn(3, 5, 7, 6, device=DEVICE).permute(0, 3, 1, 2)  # channel-last: B = 1
+    w = torch.rand(3, 5, 7, device=DEVICE)
+    grad_z, grad_cb = launch.backward(z, 1, cb, idx, g, w, 2 * w, RowPlan(z, 1))
+    ref = reference.backward(z, cb, idx, 1, g, w, 2 * w)
     torch.testing.assert_close(grad_z, ref[0])
     torch.testing.assert_close(grad_cb, ref[1])
 

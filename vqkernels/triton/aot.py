@@ -81,7 +81,7 @@ def _compile(fn, signature: dict, constexprs: dict, div16: set, arch: int, num_w
 
 def _row_sig(prefix: str, ptr: str) -> dict:
     # Contiguous rows: the element stride is 1, which Triton's JIT specializes to a constant.
-    return {f"{prefix}_ptr": ptr, f"{prefix}_sb": "i32", f"{prefix}_ss": "i32"}
+    return {f"{prefix}_ptr": ptr, f"{prefix}_S": "i32", f"{prefix}_sb": "i32", f"{prefix}_ss": "i32"}
 
 
 def compile_search(dtype: str, D: int, config: triton.Config, arch: int, fused: bool = True
@@ -90,7 +90,7 @@ def compile_search(dtype: str, D: int, config: triton.Config, arch: int, fused: 
     acc = "*fp64" if dtype == "float64" else "*fp32"
     p = _PTR[dtype]
     bd = cfg.block_d(D, dtype)
-    sig = {"x_ptr": p, "N": "i32", "S": "i32", "D": "i32", "x_sb": "i32", "x_ss": "i32",
+    sig = {"x_ptr": p, "N": "i32", "x_S": "i32", "D": "i32", "x_sb": "i32", "x_ss": "i32",
            "cb_ptr": p, "K": "i32", "cbp_ptr": p, "cbp_stride": "i32", "hn_ptr": acc,
            **_row_sig("zq", p),
            "idx_ptr": "*i64", "err_ptr": acc, "cnt_ptr": "*i64",
@@ -98,7 +98,7 @@ def compile_search(dtype: str, D: int, config: triton.Config, arch: int, fused: 
     const = dict(x_sd=1, zq_sd=1, ACC=tl.float64 if dtype == "float64" else tl.float32,
                  PRECISION="tf32x3" if dtype == "float32" else "ieee", UPCAST=False, FUSED=fused,
                  WRITE_ZQ=True, BLOCK_D=bd, D_CHUNKS=triton.cdiv(D, bd), EVEN_D=D % bd == 0,
-                 EPI_D=cfg.epilogue_d(bd), **config.kwargs, ROW_MODE=0)
+                 EPI_D=cfg.epilogue_d(bd), **config.kwargs, X_MODE=0, ZQ_MODE=0)
     # The padded codebook's row stride is a multiple of BLOCK_D >= 16 by construction.
     div16 = {k for k, v in sig.items() if v.startswith("*")} | {"K", "x_sb", "zq_sb", "TUNE_N",
                                                                "cbp_stride"}
@@ -115,12 +115,13 @@ def compile_backward_rows(dtype: str, D: int, arch: int, atomic: bool) -> Report
     p = _PTR[dtype]
     from .launch import backward_blocks
     bd, bn, warps = backward_blocks(D)
-    sig = {"x_ptr": p, "N": "i32", "S": "i32", "D": "i32", "x_sb": "i32", "x_ss": "i32",
+    sig = {"x_ptr": p, "N": "i32", "x_S": "i32", "D": "i32", "x_sb": "i32", "x_ss": "i32",
            "cb_ptr": p, "idx_ptr": "*i64", "idx_stride": "i32", **_row_sig("gzq", p),
            "gcm_ptr": acc, "gcm_stride": "i32", "gcb_ptr": acc, "gcb_stride": "i32",
            **_row_sig("gz", p), "gcbout_ptr": acc}
     const = dict(x_sd=1, gzq_sd=1, gz_sd=1, ACC=tl.float64 if dtype == "float64" else tl.float32,
-                 HAS_GZQ=True, HAS_GCM=True, WRITE_GZ=True, ATOMIC_CB=atomic, BLOCK_N=bn, BLOCK_D=bd, ROW_MODE=0)
+                 HAS_GZQ=True, HAS_GCM=True, WRITE_GZ=True, ATOMIC_CB=atomic, BLOCK_N=bn, BLOCK_D=bd, X_MODE=0,
+                 GZQ_MODE=0, GZ_MODE=0)
     div16 = {k for k, v in sig.items() if v.startswith("*")}
     r = _compile(K_.vq_backward_rows_kernel, sig, const, div16, arch, warps, 2)
     return Report("vq_backward_rows", arch, dtype, D,
@@ -131,11 +132,11 @@ def compile_backward_codebook(dtype: str, D: int, arch: int) -> Report:
     acc = "*fp64" if dtype == "float64" else "*fp32"
     p = _PTR[dtype]
     bd = min(64, max(16, triton.next_power_of_2(D)))
-    sig = {"x_ptr": p, "S": "i32", "D": "i32", "x_sb": "i32", "x_ss": "i32", "cb_ptr": p,
+    sig = {"x_ptr": p, "x_S": "i32", "D": "i32", "x_sb": "i32", "x_ss": "i32", "cb_ptr": p,
            "order_ptr": "*i64", "start_ptr": "*i64", "gcb_ptr": acc, "gcb_stride": "i32",
            "out_ptr": acc}
     const = dict(x_sd=1, ACC=tl.float64 if dtype == "float64" else tl.float32, BLOCK_R=32,
-                 BLOCK_D=bd, ROW_MODE=0)
+                 BLOCK_D=bd, X_MODE=0)
     div16 = {k for k, v in sig.items() if v.startswith("*")}
     r = _compile(K_.vq_backward_codebook_kernel, sig, const, div16, arch, 4, 2)
     return Report("vq_backward_codebook", arch, dtype, D, f"BLOCK_R=32 BLOCK_D={bd} warps=4", *r)
@@ -145,12 +146,12 @@ def compile_merge(dtype: str, D: int, arch: int) -> Report:
     acc = "*fp64" if dtype == "float64" else "*fp32"
     p = _PTR[dtype]
     bd = cfg.epilogue_d(cfg.block_d(D, dtype))
-    sig = {"x_ptr": p, "N": "i32", "S": "i32", "D": "i32", "x_sb": "i32", "x_ss": "i32",
+    sig = {"x_ptr": p, "N": "i32", "x_S": "i32", "D": "i32", "x_sb": "i32", "x_ss": "i32",
            "cb_ptr": p, "K": "i32", **_row_sig("zq", p), "idx_ptr": "*i64", "err_ptr": acc,
            "cnt_ptr": "*i64", "pv1_ptr": acc, "pi1_ptr": "*i32", "pv2_ptr": acc, "pi2_ptr": "*i32",
            "n_split": "i32"}
     const = dict(x_sd=1, zq_sd=1, ACC=tl.float64 if dtype == "float64" else tl.float32,
-                 WRITE_ZQ=True, BLOCK_N=64, BLOCK_D=bd, ROW_MODE=0)
+                 WRITE_ZQ=True, BLOCK_N=64, BLOCK_D=bd, X_MODE=0, ZQ_MODE=0)
     div16 = {k for k, v in sig.items() if v.startswith("*")}
     r = _compile(K_.vq_merge_kernel, sig, const, div16, arch, 4, 2)
     return Report("vq_merge", arch, dtype, D, f"BLOCK_N=64 BLOCK_D={bd} warps=4", *r)

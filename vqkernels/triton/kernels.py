@@ -18,15 +18,15 @@ _NO_CODE = tl.constexpr(2147483647)
 
 
 @triton.jit
-def _row_offsets(rows, S, sb, ss, ROW_MODE: tl.constexpr):
+def _row_offsets(rows, S, sb, ss, MODE: tl.constexpr):
     """Element offsets (int64) of the rows `rows` (int64) of a (B, S, D) strided view.
 
-    ROW_MODE 0: B == 1, no division. 1: N < 2^31, so the split of a row number into (b, s) uses
+    MODE 0: B == 1, no division. 1: N < 2^31, so the split of a row number into (b, s) uses
     32-bit division (64-bit division is a long software sequence on GPUs). 2: 64-bit throughout.
     """
-    if ROW_MODE == 0:
+    if MODE == 0:
         off = rows * ss
-    elif ROW_MODE == 1:
+    elif MODE == 1:
         r = rows.to(tl.int32)
         b = r // S
         off = b.to(tl.int64) * sb + (r - b * S).to(tl.int64) * ss
@@ -55,12 +55,12 @@ def half_sqnorm_kernel(
 @triton.jit
 def _finish_rows(
     rows, rmask, i1, i2,              # rows (int64), valid-row mask, the two candidates (int32)
-    x_ptr, S, D, x_sb, x_ss, x_sd,
+    x_ptr, x_S, D, x_sb, x_ss, x_sd,
     cb_ptr, K,
-    zq_ptr, zq_sb, zq_ss, zq_sd,
+    zq_ptr, zq_S, zq_sb, zq_ss, zq_sd,
     idx_ptr, err_ptr, cnt_ptr,
     ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WRITE_ZQ: tl.constexpr,
-    ROW_MODE: tl.constexpr,
+    X_MODE: tl.constexpr, ZQ_MODE: tl.constexpr,
 ):
     """Epilogue shared by the fused search and the split-K merge.
 
@@ -71,7 +71,7 @@ def _finish_rows(
     """
     has2 = i2 < K
     i2 = tl.where(has2, i2, 0)
-    xoff = _row_offsets(rows, S, x_sb, x_ss, ROW_MODE)
+    xoff = _row_offsets(rows, x_S, x_sb, x_ss, X_MODE)
     e1_off = i1.to(tl.int64) * D
     e2_off = i2.to(tl.int64) * D
     s1 = tl.zeros((BLOCK_N,), ACC)
@@ -94,7 +94,7 @@ def _finish_rows(
     if WRITE_ZQ:
         # err >= 0 always, so `err < inf` is false exactly for NaN and +inf: those rows get NaN.
         finite = err < float("inf")
-        zoff = _row_offsets(rows, S, zq_sb, zq_ss, ROW_MODE)
+        zoff = _row_offsets(rows, zq_S, zq_sb, zq_ss, ZQ_MODE)
         b_off = best * D
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + tl.arange(0, BLOCK_D)
@@ -105,14 +105,15 @@ def _finish_rows(
     tl.atomic_add(cnt_ptr + best, tl.full((BLOCK_N,), 1, tl.int64), mask=rmask, sem="relaxed")
 
 
-@triton.jit
+# TUNE_N only keys the autotuner: no recompiles for its value.
+@triton.jit(do_not_specialize=["TUNE_N"])
 def vq_search_kernel(
-    x_ptr, N, S, D, x_sb, x_ss, x_sd,     # z's rows (see module docstring)
+    x_ptr, N, x_S, D, x_sb, x_ss, x_sd,   # z's rows (see module docstring)
     cb_ptr, K,                            # codebook (K, D), row-major, contiguous
     cbp_ptr, cbp_stride,                  # the same codes, rows padded with zeros to a multiple of
                                           # BLOCK_D (cbp_stride elements apart; often cb itself)
     hn_ptr,                               # |e_k|^2 / 2, (K,), acc dtype
-    zq_ptr, zq_sb, zq_ss, zq_sd,          # z_q's rows (same B, S, D as z)
+    zq_ptr, zq_S, zq_sb, zq_ss, zq_sd,    # z_q's rows (its own (B, S) split of the same N)
     idx_ptr, err_ptr, cnt_ptr,            # (N,) int64, (N,) acc dtype, (K,) int64 zeroed
     pv1_ptr, pi1_ptr, pv2_ptr, pi2_ptr,   # split-K partials, (splits, N): used when not FUSED
     TUNE_N,                               # bucket of N: autotune key only
@@ -125,7 +126,7 @@ def vq_search_kernel(
     D_CHUNKS: tl.constexpr,               # cdiv(D, BLOCK_D); 1 keeps the row tile resident
     EVEN_D: tl.constexpr,                 # D % BLOCK_D == 0: no mask along D in the hot loop
     EPI_D: tl.constexpr,                  # D chunk of the epilogue (it holds three fp32 tiles)
-    ROW_MODE: tl.constexpr,               # see _row_offsets
+    X_MODE: tl.constexpr, ZQ_MODE: tl.constexpr,  # see _row_offsets
 ):
     """Nearest code of BLOCK_N rows, streaming codebook tiles (BLOCK_K codes) through tl.dot.
 
@@ -140,7 +141,7 @@ def vq_search_kernel(
     rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     # Rows past N read row N-1 (never stored): the hot loop needs no row mask.
-    xoff = _row_offsets(rows, S, x_sb, x_ss, ROW_MODE)
+    xoff = _row_offsets(rows, x_S, x_sb, x_ss, X_MODE)
 
     # This program's share of the codebook, in whole tiles.
     n_tiles = tl.cdiv(K, BLOCK_K)
@@ -211,9 +212,9 @@ def vq_search_kernel(
     i2 = tl.min(tl.where(not1 & (best_v == v2[:, None]), best_k, _NO_CODE), 1)
 
     if FUSED:
-        _finish_rows(rows, rmask, i1, i2, x_ptr, S, D, x_sb, x_ss, x_sd, cb_ptr, K,
-                     zq_ptr, zq_sb, zq_ss, zq_sd, idx_ptr, err_ptr, cnt_ptr,
-                     ACC, BLOCK_N, EPI_D, WRITE_ZQ, ROW_MODE)
+        _finish_rows(rows, rmask, i1, i2, x_ptr, x_S, D, x_sb, x_ss, x_sd, cb_ptr, K,
+                     zq_ptr, zq_S, zq_sb, zq_ss, zq_sd, idx_ptr, err_ptr, cnt_ptr,
+                     ACC, BLOCK_N, EPI_D, WRITE_ZQ, X_MODE, ZQ_MODE)
     else:
         p = pid_s.to(tl.int64) * N + rows
         tl.store(pv1_ptr + p, v1, mask=rmask)
@@ -224,13 +225,13 @@ def vq_search_kernel(
 
 @triton.jit
 def vq_merge_kernel(
-    x_ptr, N, S, D, x_sb, x_ss, x_sd,
+    x_ptr, N, x_S, D, x_sb, x_ss, x_sd,
     cb_ptr, K,
-    zq_ptr, zq_sb, zq_ss, zq_sd,
+    zq_ptr, zq_S, zq_sb, zq_ss, zq_sd,
     idx_ptr, err_ptr, cnt_ptr,
     pv1_ptr, pi1_ptr, pv2_ptr, pi2_ptr, n_split,
     ACC: tl.constexpr, WRITE_ZQ: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    ROW_MODE: tl.constexpr,
+    X_MODE: tl.constexpr, ZQ_MODE: tl.constexpr,
 ):
     """Split-K: merge each row's per-split top two into the overall top two, then the epilogue."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -261,23 +262,24 @@ def vq_merge_kernel(
         j1 = tl.where(a_first, k1, j1)
         b2 = tl.where(c_wins, c_v, r_v)
         j2 = tl.where(c_wins, c_k, r_k)
-    _finish_rows(rows, rmask, j1, j2, x_ptr, S, D, x_sb, x_ss, x_sd, cb_ptr, K,
-                 zq_ptr, zq_sb, zq_ss, zq_sd, idx_ptr, err_ptr, cnt_ptr,
-                 ACC, BLOCK_N, BLOCK_D, WRITE_ZQ, ROW_MODE)
+    _finish_rows(rows, rmask, j1, j2, x_ptr, x_S, D, x_sb, x_ss, x_sd, cb_ptr, K,
+                 zq_ptr, zq_S, zq_sb, zq_ss, zq_sd, idx_ptr, err_ptr, cnt_ptr,
+                 ACC, BLOCK_N, BLOCK_D, WRITE_ZQ, X_MODE, ZQ_MODE)
 
 
 @triton.jit
 def vq_backward_rows_kernel(
-    x_ptr, N, S, D, x_sb, x_ss, x_sd,
+    x_ptr, N, x_S, D, x_sb, x_ss, x_sd,
     cb_ptr,
     idx_ptr, idx_stride,                  # chosen codes, int64, one per row
-    gzq_ptr, gzq_sb, gzq_ss, gzq_sd,      # grad of z_q (rows like z); unused unless HAS_GZQ
+    gzq_ptr, gzq_S, gzq_sb, gzq_ss, gzq_sd,  # grad of z_q (rows); unused unless HAS_GZQ
     gcm_ptr, gcm_stride,                  # per-row commitment weights; unused unless HAS_GCM
     gcb_ptr, gcb_stride,                  # per-row codebook weights; unused unless ATOMIC_CB
-    gz_ptr, gz_sb, gz_ss, gz_sd,          # grad of z (rows like z); unused unless WRITE_GZ
+    gz_ptr, gz_S, gz_sb, gz_ss, gz_sd,    # grad of z (rows); unused unless WRITE_GZ
     gcbout_ptr,                           # (K, D) acc dtype, zeroed: atomics land here
     ACC: tl.constexpr, HAS_GZQ: tl.constexpr, HAS_GCM: tl.constexpr, WRITE_GZ: tl.constexpr,
-    ATOMIC_CB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ROW_MODE: tl.constexpr,
+    ATOMIC_CB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    X_MODE: tl.constexpr, GZQ_MODE: tl.constexpr, GZ_MODE: tl.constexpr,
 ):
     """One pass over the rows: grad_z = grad_zq + 2 g_commit (z - e), and (unless deterministic)
     grad_codebook[idx] += 2 g_codebook (e - z) by atomics, sharing the loads of z and e."""
@@ -285,15 +287,15 @@ def vq_backward_rows_kernel(
     rmask = rows < N
     idx = tl.load(idx_ptr + rows * idx_stride, mask=rmask, other=0)
     e_off = idx * D
-    xoff = _row_offsets(rows, S, x_sb, x_ss, ROW_MODE)
+    xoff = _row_offsets(rows, x_S, x_sb, x_ss, X_MODE)
     if HAS_GCM:
         w_cm = 2 * tl.load(gcm_ptr + rows * gcm_stride, mask=rmask, other=0).to(ACC)
     if ATOMIC_CB:
         w_cb = -2 * tl.load(gcb_ptr + rows * gcb_stride, mask=rmask, other=0).to(ACC)
     if WRITE_GZ:
-        gz_off = _row_offsets(rows, S, gz_sb, gz_ss, ROW_MODE)
+        gz_off = _row_offsets(rows, gz_S, gz_sb, gz_ss, GZ_MODE)
         if HAS_GZQ:
-            gzq_off = _row_offsets(rows, S, gzq_sb, gzq_ss, ROW_MODE)
+            gzq_off = _row_offsets(rows, gzq_S, gzq_sb, gzq_ss, GZQ_MODE)
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
         m = rmask[:, None] & (dd < D)[None, :]
@@ -315,13 +317,13 @@ def vq_backward_rows_kernel(
 
 @triton.jit
 def vq_backward_codebook_kernel(
-    x_ptr, S, D, x_sb, x_ss, x_sd,
+    x_ptr, x_S, D, x_sb, x_ss, x_sd,
     cb_ptr,
     order_ptr,                            # row numbers sorted by code (stable), int64
     start_ptr,                            # (K + 1,) int64: rows of code k are order[start[k]:start[k+1]]
     gcb_ptr, gcb_stride,                  # per-row codebook weights
     out_ptr,                              # (K, D) acc dtype
-    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ROW_MODE: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, X_MODE: tl.constexpr,
 ):
     """Deterministic grad_codebook: code k sums 2 g (e_k - x) over its own rows in a fixed order
     (sorted rows, fixed blocks, fixed reduction tree), so the result is bitwise repeatable."""
@@ -336,7 +338,7 @@ def vq_backward_codebook_kernel(
         r = r0 + tl.arange(0, BLOCK_R)
         rm = r < hi
         n = tl.load(order_ptr + r, mask=rm, other=0)
-        xoff = _row_offsets(n, S, x_sb, x_ss, ROW_MODE)
+        xoff = _row_offsets(n, x_S, x_sb, x_ss, X_MODE)
         m = rm[:, None] & dmask[None, :]
         x = tl.load(x_ptr + xoff[:, None] + dd[None, :].to(tl.int64) * x_sd, mask=m, other=0).to(ACC)
         g = tl.load(gcb_ptr + n * gcb_stride, mask=rm, other=0).to(ACC)

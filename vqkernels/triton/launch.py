@@ -74,7 +74,8 @@ class _NullCtx:
 
 
 def _rows_args(v: RowView) -> tuple:
-    return (v.tensor, v.sb, v.ss, v.sd)
+    # Each view has its own (B, S) split: z, z_q and the gradients may differ in layout.
+    return (v.tensor, v.S, v.sb, v.ss, v.sd)
 
 
 def row_mode(v: RowView) -> int:
@@ -154,7 +155,7 @@ def forward(z: torch.Tensor, dim: int, codebook: torch.Tensor, plan: RowPlan,
             # (bf16 x bf16 is exact in fp32), so only the summation order differs from the GPU.
             UPCAST=interpreting() and z.dtype == torch.bfloat16,
             FUSED=fused, WRITE_ZQ=True, BLOCK_D=bd, D_CHUNKS=d_chunks, EVEN_D=D % bd == 0,
-            EPI_D=cfg.epilogue_d(bd), ROW_MODE=row_mode(xv),
+            EPI_D=cfg.epilogue_d(bd), X_MODE=row_mode(xv), ZQ_MODE=row_mode(zqv),
         )
         if config is not None:
             grid = (triton.cdiv(N, config.block_n), split)
@@ -169,7 +170,7 @@ def forward(z: torch.Tensor, dim: int, codebook: torch.Tensor, plan: RowPlan,
                 xv.tensor, N, xv.S, D, xv.sb, xv.ss, xv.sd, cb, Kc, *_rows_args(zqv),
                 indices, sqerr, counts, *part, split,
                 ACC=meta["ACC"], WRITE_ZQ=True, BLOCK_N=bn, BLOCK_D=cfg.epilogue_d(bd),
-                ROW_MODE=meta["ROW_MODE"], num_warps=4)
+                X_MODE=meta["X_MODE"], ZQ_MODE=meta["ZQ_MODE"], num_warps=4)
     return z_q, indices, sqerr, counts
 
 
@@ -222,7 +223,8 @@ def backward(z: torch.Tensor, dim: int, codebook: torch.Tensor, indices: torch.T
             xv.tensor, N, xv.S, D, xv.sb, xv.ss, xv.sd, cb, idx, idx_stride,
             *_rows_args(gzqv), gcm, gcm_stride, gcb, gcb_stride, *_rows_args(gzv), grad_cb,
             ACC=ACC, HAS_GZQ=grad_zq is not None, HAS_GCM=g_commit is not None, WRITE_GZ=True,
-            ATOMIC_CB=atomic, BLOCK_N=bn, BLOCK_D=bd, ROW_MODE=row_mode(xv), num_warps=warps)
+            ATOMIC_CB=atomic, BLOCK_N=bn, BLOCK_D=bd, X_MODE=row_mode(xv),
+            GZQ_MODE=row_mode(gzqv), GZ_MODE=row_mode(gzv), num_warps=warps)
         if g_codebook is not None and deterministic:
             # A stable sort groups the rows of each code in ascending row order; start[k] is where
             # code k's rows begin. O(N + K) memory, no N x K anything.
@@ -231,5 +233,5 @@ def backward(z: torch.Tensor, dim: int, codebook: torch.Tensor, indices: torch.T
             bdc = min(64, max(16, triton.next_power_of_2(D)))
             K_.vq_backward_codebook_kernel[(Kc, triton.cdiv(D, bdc))](
                 xv.tensor, xv.S, D, xv.sb, xv.ss, xv.sd, cb, order, start, gcb, gcb_stride,
-                grad_cb, ACC=ACC, BLOCK_R=32, BLOCK_D=bdc, ROW_MODE=row_mode(xv), num_warps=4)
+                grad_cb, ACC=ACC, BLOCK_R=32, BLOCK_D=bdc, X_MODE=row_mode(xv), num_warps=4)
     return grad_z, grad_cb.to(codebook.dtype)

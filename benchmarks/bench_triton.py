@@ -190,8 +190,9 @@ def report(rows, sweep) -> str:
         frac = None if (t is None or r.get("matmul_ms") is None) else r["matmul_ms"] / t * 100
         lines.append(
             f"| {r['N']} | {r['K']} | {r['D']} | {r['dtype']} | {_fmt(t)} | "
-            f"{_fmt(r.get('triton_tflops'), '.1f')} | {_fmt(frac, '.0f')} | {_fmt(ratio('eager'))} | "
-            f"{_fmt(ratio('compile'))} | {_fmt(ratio('vqp'))} | {_fmt(r.get('triton_fwdbwd_ms'))} "
+            f"{_fmt(r.get('triton_tflops'), '.1f')} | {_fmt(frac, '.0f')} | "
+            f"{_fmt(ratio('eager'))} | {_fmt(ratio('compile'))} | {_fmt(ratio('vqp'))} | "
+            f"{_fmt(r.get('triton_fwdbwd_ms'))} "
             f"({_fmt(r.get('eager_fwdbwd_ms'))}) | {_fmt(r.get('triton_mem_mb'), '.0f')} "
             f"({_fmt(r.get('eager_mem_mb'), '.0f')}) |")
     lines += ["", "Extra memory vs K (N=16384, D=256, bf16):", "",

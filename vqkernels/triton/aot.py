@@ -30,7 +30,6 @@ from . import kernels as K_
 SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
 _PTR = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32", "float64": "*fp64"}
-_TL = {"float16": tl.float16, "bfloat16": tl.bfloat16, "float32": tl.float32, "float64": tl.float64}
 
 
 class Report(NamedTuple):
@@ -81,7 +80,8 @@ def _compile(fn, signature: dict, constexprs: dict, div16: set, arch: int, num_w
 
 def _row_sig(prefix: str, ptr: str) -> dict:
     # Contiguous rows: the element stride is 1, which Triton's JIT specializes to a constant.
-    return {f"{prefix}_ptr": ptr, f"{prefix}_S": "i32", f"{prefix}_sb": "i32", f"{prefix}_ss": "i32"}
+    return {f"{prefix}_ptr": ptr, f"{prefix}_S": "i32", f"{prefix}_sb": "i32",
+            f"{prefix}_ss": "i32"}
 
 
 def compile_search(dtype: str, D: int, config: triton.Config, arch: int, fused: bool = True
@@ -120,8 +120,8 @@ def compile_backward_rows(dtype: str, D: int, arch: int, atomic: bool) -> Report
            "gcm_ptr": acc, "gcm_stride": "i32", "gcb_ptr": acc, "gcb_stride": "i32",
            **_row_sig("gz", p), "gcbout_ptr": acc}
     const = dict(x_sd=1, gzq_sd=1, gz_sd=1, ACC=tl.float64 if dtype == "float64" else tl.float32,
-                 HAS_GZQ=True, HAS_GCM=True, WRITE_GZ=True, ATOMIC_CB=atomic, BLOCK_N=bn, BLOCK_D=bd, X_MODE=0,
-                 GZQ_MODE=0, GZ_MODE=0)
+                 HAS_GZQ=True, HAS_GCM=True, WRITE_GZ=True, ATOMIC_CB=atomic, BLOCK_N=bn,
+                 BLOCK_D=bd, X_MODE=0, GZQ_MODE=0, GZ_MODE=0)
     div16 = {k for k, v in sig.items() if v.startswith("*")}
     r = _compile(K_.vq_backward_rows_kernel, sig, const, div16, arch, warps, 2)
     return Report("vq_backward_rows", arch, dtype, D,
@@ -187,8 +187,9 @@ def all_reports(archs=(80, 90)):
 
 
 def format_report(r: Report) -> str:
-    return (f"sm_{r.arch} {r.kernel:<21} {r.dtype:<8} D={r.D:<4} {r.config:<52} regs={r.registers:<3} "
-            f"spill={r.spill_store}/{r.spill_load} smem={r.shared // 1024}KiB {r.mma}")
+    return (f"sm_{r.arch} {r.kernel:<21} {r.dtype:<8} D={r.D:<4} {r.config:<52} "
+            f"regs={r.registers:<3} spill={r.spill_store}/{r.spill_load} "
+            f"smem={r.shared // 1024}KiB {r.mma}")
 
 
 def reports_in_subprocess(kind: str, arch: int, dtype: str, D: int) -> list[Report]:

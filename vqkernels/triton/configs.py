@@ -70,7 +70,8 @@ def shapes(dtype_name: str):
 def smem_estimate(bn: int, bk: int, stages: int, bd: int, d_chunks: int, dtype_name: str) -> int:
     """Shared memory of a config (bytes), as Triton lays it out: each pipeline stage holds a
     codebook tile (and, with D chunked, a row tile); a resident row tile is held once. 3xTF32
-    keeps fp32 tiles twice over. Checked against the compiled kernels by tests/test_triton_aot.py."""
+    keeps fp32 tiles twice over. Checked against the compiled kernels by
+    tests/test_triton_aot.py."""
     esz = elem_bytes(dtype_name) * (2 if dtype_name == "float32" else 1)
     stage = bk * bd * esz + (bn * bd * esz if d_chunks > 1 else 0)
     resident = bn * bd * esz if d_chunks == 1 else 0

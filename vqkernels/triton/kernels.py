@@ -79,9 +79,11 @@ def _finish_rows(
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
         m = rmask[:, None] & (dd < D)[None, :]
-        x = tl.load(x_ptr + xoff[:, None] + dd[None, :].to(tl.int64) * x_sd, mask=m, other=0).to(ACC)
+        x = tl.load(x_ptr + xoff[:, None] + dd[None, :].to(tl.int64) * x_sd, mask=m,
+                    other=0).to(ACC)
         e1 = tl.load(cb_ptr + e1_off[:, None] + dd[None, :], mask=m, other=0).to(ACC)
-        e2 = tl.load(cb_ptr + e2_off[:, None] + dd[None, :], mask=m & has2[:, None], other=0).to(ACC)
+        e2 = tl.load(cb_ptr + e2_off[:, None] + dd[None, :], mask=m & has2[:, None],
+                     other=0).to(ACC)
         t1 = x - e1
         t2 = x - e2
         s1 += tl.sum(t1 * t1, 1)
@@ -198,7 +200,7 @@ def vq_search_kernel(
         # Codes past the end get +inf, which never beats the running best (strict <).
         hn = tl.load(hn_ptr + ks, mask=kmask, other=float("inf"))
         dist = hn[None, :] - acc
-        # Strict <: on equal distances the earlier tile, i.e. the lower index, stays. NaN never wins.
+        # Strict <: on equal distances the earlier tile (the lower index) stays. NaN never wins.
         better = dist < best_v
         best_v = tl.where(better, dist, best_v)
         best_k = tl.where(better, ks[None, :], best_k)
@@ -320,7 +322,7 @@ def vq_backward_codebook_kernel(
     x_ptr, x_S, D, x_sb, x_ss, x_sd,
     cb_ptr,
     order_ptr,                            # row numbers sorted by code (stable), int64
-    start_ptr,                            # (K + 1,) int64: rows of code k are order[start[k]:start[k+1]]
+    start_ptr,                            # (K + 1,) int64: code k owns order[start[k]:start[k+1]]
     gcb_ptr, gcb_stride,                  # per-row codebook weights
     out_ptr,                              # (K, D) acc dtype
     ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, X_MODE: tl.constexpr,
@@ -340,7 +342,8 @@ def vq_backward_codebook_kernel(
         n = tl.load(order_ptr + r, mask=rm, other=0)
         xoff = _row_offsets(n, x_S, x_sb, x_ss, X_MODE)
         m = rm[:, None] & dmask[None, :]
-        x = tl.load(x_ptr + xoff[:, None] + dd[None, :].to(tl.int64) * x_sd, mask=m, other=0).to(ACC)
+        x = tl.load(x_ptr + xoff[:, None] + dd[None, :].to(tl.int64) * x_sd, mask=m,
+                    other=0).to(ACC)
         g = tl.load(gcb_ptr + n * gcb_stride, mask=rm, other=0).to(ACC)
         acc += tl.where(m, g[:, None] * (e[None, :] - x), 0)
     tl.store(out_ptr + k * D + dd, 2 * tl.sum(acc, 0), mask=dmask)

@@ -47,13 +47,20 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned_search(dtype_name: str, D: int):
-    """The autotuned search kernel for one (dtype, D): the config set depends on both."""
+def _tuned_search(dtype_name: str, D: int, smem_limit: int):
+    """The autotuned search kernel for one (dtype, D, device smem limit): its configs depend on
+    all three (an H100 fits deeper pipelines than an A100)."""
     return triton.autotune(
-        configs=cfg.configs(dtype_name, D),
+        configs=cfg.configs(dtype_name, D, smem_limit),
         key=["K", "D", "TUNE_N", "FUSED"],  # the autotuner adds the tensors' dtypes to the key
         reset_to_zero=["cnt_ptr"],          # counts are atomics: each timed run must start at 0
     )(K_.vq_search_kernel)
+
+
+@functools.lru_cache(maxsize=None)
+def _smem_limit(index: int) -> int:
+    props = torch.cuda.get_device_properties(index)
+    return getattr(props, "shared_memory_per_block_optin", cfg.DEFAULT_SMEM)
 
 
 @functools.lru_cache(maxsize=None)
@@ -113,7 +120,8 @@ def forward(z: torch.Tensor, dim: int, codebook: torch.Tensor, plan: RowPlan,
     """(z_q, indices, sqerr, counts) of z against codebook: see vqkernels.reference.forward."""
     Kc, D = codebook.shape
     if Kc >= _NO_CODE:
-        raise ValueError(f"codebook has {Kc} codes; the Triton kernels index codes in int32 (< 2^31)")
+        raise ValueError(f"codebook has {Kc} codes; the Triton kernels index codes in int32 "
+                         "(K < 2^31)")
     acc = reference.acc_dtype(z.dtype)
     dname = _dtype_name(z.dtype)
     cb = codebook.contiguous()
@@ -163,7 +171,7 @@ def forward(z: torch.Tensor, dim: int, codebook: torch.Tensor, plan: RowPlan,
                                       num_warps=config.num_warps, num_stages=config.num_stages)
         else:
             grid = lambda m: (triton.cdiv(N, m["BLOCK_N"]), split)  # noqa: E731
-            _tuned_search(dname, D)[grid](*args, **meta)
+            _tuned_search(dname, D, _smem_limit(z.device.index or 0))[grid](*args, **meta)
         if not fused:
             bn = 64
             K_.vq_merge_kernel[(triton.cdiv(N, bn),)](

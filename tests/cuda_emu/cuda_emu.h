@@ -14,6 +14,8 @@
 //    layouts say (products of 16-bit inputs are exact; the fp32 sum is in k order).
 //  - Shared memory starts every block as 0xff bytes (NaN in every float format) and is fenced by
 //    a canary; cp.async/ldmatrix addresses are checked to lie in it and be 16-byte aligned.
+//  - VQK_EMU_SEED=n (n > 0) replaces round-robin with a seeded adversarial schedule: warps run
+//    in a random priority order, each as far ahead of the rest as the barriers allow.
 //  - A barrier that some thread never reaches (divergence) aborts with a message.
 //  - The device's shared-memory limit per block is VQK_EMU_SMEM_OPTIN bytes (default 232448,
 //    an H100), so the tests can force the kernels' paths for smaller devices.
@@ -259,6 +261,15 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 blk, size_t smem, cudaStream_t
   for (size_t t = 0; t < nthreads; ++t)  // a guard page under every stack: overflow faults
     mprotect(static_cast<char*>(stacks) + t * kStack, 4096, PROT_NONE);
 
+  // VQK_EMU_SEED=n (n > 0): adversarial schedules instead of round-robin (see below).
+  const uint64_t seed = (uint64_t)env_int("VQK_EMU_SEED", 0);
+  uint64_t rng = seed;
+  auto next = [&]() {
+    rng = rng * 6364136223846793005ull + 1442695040888963407ull;
+    return (size_t)(rng >> 33);
+  };
+  std::vector<Fiber*> ready;
+  std::vector<unsigned> prio(nthreads / 32);
   std::function<void()> fn = [&]() { kernel(args...); };
   body() = &fn;
   block() = &b;
@@ -271,6 +282,8 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 blk, size_t smem, cudaStream_t
       std::memset(base + smem, 0xa5, kCanary);
       b.block_arrived = 0;
       std::fill(b.warp_arrived.begin(), b.warp_arrived.end(), 0);
+      std::iota(prio.begin(), prio.end(), 0u);
+      for (size_t i = prio.size(); i > 1; --i) std::swap(prio[i - 1], prio[next() % i]);
       for (size_t t = 0; t < nthreads; ++t) {
         Fiber& f = b.fibers[t];
         f.state = READY;
@@ -283,16 +296,35 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 blk, size_t smem, cudaStream_t
         f.ctx.uc_link = &sched();
         makecontext(&f.ctx, fiber_entry, 0);
       }
+      auto resume = [&](Fiber& f) {
+        fiber() = &f;
+        ctx().tid = uint3{f.tid, 0, 0};
+        swapcontext(&sched(), &f.ctx);
+      };
       for (;;) {
         bool alive = false, ran = false;
-        for (auto& f : b.fibers) {
-          if (f.state == DONE) continue;
-          alive = true;
-          if (f.state != READY) continue;
-          fiber() = &f;
-          ctx().tid = uint3{f.tid, 0, 0};
-          swapcontext(&sched(), &f.ctx);
-          ran = true;
+        if (seed) {
+          // Warps in a random priority order, fixed for the block: the first warp that can run
+          // does, so one warp gets as far ahead of the others as the barriers allow (a write
+          // that must wait for other warps' reads shows up); lanes in a random order.
+          for (auto& f : b.fibers) alive |= f.state != DONE;
+          for (unsigned w : prio) {
+            ready.clear();
+            for (unsigned t = w * 32; t < w * 32 + 32; ++t)
+              if (b.fibers[t].state == READY) ready.push_back(&b.fibers[t]);
+            if (ready.empty()) continue;
+            resume(*ready[next() % ready.size()]);
+            ran = true;
+            break;
+          }
+        } else {
+          for (auto& f : b.fibers) {
+            if (f.state == DONE) continue;
+            alive = true;
+            if (f.state != READY) continue;
+            resume(f);
+            ran = true;
+          }
         }
         if (!alive) break;
         if (!ran) fail("deadlock: some thread waits at a barrier the others never reach");

@@ -73,15 +73,32 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(const BwdParams<S> p, in
   }
 }
 
-// Sort keys: the code (K for an out-of-range index, which is then skipped), and the row.
+// Sort keys: the code (K for an out-of-range index, which is then skipped), and the row; and
+// where each row of x starts, so the segmented sum needs no 64-bit division (a division is a
+// call on the GPU, and calls in its inner loop made ptxas spill).
 __global__ void __launch_bounds__(kThreads) keys_kernel(const int64_t* idx, int64_t N, int64_t K,
-                                                         uint32_t* keys, uint32_t* rows) {
+                                                         int64_t xS, int64_t xsb, int64_t xss,
+                                                         uint32_t* keys, uint32_t* rows,
+                                                         int64_t* xoff) {
   for (int64_t n = (int64_t)blockIdx.x * kThreads + threadIdx.x; n < N;
        n += (int64_t)gridDim.x * kThreads) {
     const int64_t k = idx[n];
     keys[n] = (k >= 0 && k < K) ? (uint32_t)k : (uint32_t)K;
     rows[n] = (uint32_t)n;
+    xoff[n] = row_offset(n, xS, xsb, xss);
   }
+}
+
+// Where pass A puts the sum of one run (see below); lanes past D and bad-index runs write nothing.
+template <class A>
+__device__ __forceinline__ void flush_run(A acc, uint32_t key, bool is_first, bool is_last,
+                                          bool cont_in, bool cont_out, uint32_t K, int64_t c,
+                                          int64_t d, int64_t D, A* first_part, A* last_part,
+                                          A* grad_cb) {
+  if (d >= D || key >= K) return;
+  if (is_first && cont_in) first_part[c * D + d] = acc;
+  else if (is_last && cont_out) last_part[c * D + d] = acc;
+  else grad_cb[(int64_t)key * D + d] = acc;
 }
 
 // Pass A, one warp per chunk of kChunk sorted positions, lanes over D. A run of one code is
@@ -90,7 +107,7 @@ __global__ void __launch_bounds__(kThreads) keys_kernel(const int64_t* idx, int6
 //   - the chunk's last run, continuing into the next chunk (and starting here): last_part[c].
 template <class S>
 __global__ void __launch_bounds__(kThreads) segsum_kernel(const BwdParams<S> p, const uint32_t* sk,
-                                                           const uint32_t* sr,
+                                                           const uint32_t* sr, const int64_t* xoff,
                                                            typename Acc<S>::type* first_part,
                                                            typename Acc<S>::type* last_part) {
   using A = typename Acc<S>::type;
@@ -107,21 +124,16 @@ __global__ void __launch_bounds__(kThreads) segsum_kernel(const BwdParams<S> p, 
     for (int64_t d0 = 0; d0 < p.D; d0 += 32) {
       const int64_t d = d0 + lane;
       const bool active = d < p.D;
-      auto flush = [&](uint32_t key, A acc, bool is_first, bool is_last) {
-        if (!active || key >= K) return;
-        A* dst;
-        if (is_first && cont_in) dst = first_part + c * p.D + d;
-        else if (is_last && cont_out) dst = last_part + c * p.D + d;
-        else dst = p.gcbout + (int64_t)key * p.D + d;
-        *dst = acc;
-      };
       A acc = 0;
       uint32_t cur = kfirst;
       bool first = true;
+      // Not unrolled: the run breaks make unrolled copies branchy, and ptxas spilled them on sm_80.
+#pragma unroll 1
       for (int64_t i = s; i < e; ++i) {
         const uint32_t key = sk[i];
         if (key != cur) {
-          flush(cur, acc, first, false);
+          flush_run(acc, cur, first, false, cont_in, cont_out, K, c, d, p.D, first_part, last_part,
+                    p.gcbout);
           acc = 0;
           cur = key;
           first = false;
@@ -129,12 +141,13 @@ __global__ void __launch_bounds__(kThreads) segsum_kernel(const BwdParams<S> p, 
         if (active && key < K) {
           const int64_t n = sr[i];
           const A wb = A(2) * p.gcb[n];
-          const A diff = to_acc(p.x[row_offset(n, p.xS, p.xsb, p.xss) + d * p.xsd]) -
+          const A diff = to_acc(p.x[xoff[n] + d * p.xsd]) -
                          to_acc(p.cb[(int64_t)key * p.D + d]);
           acc += -wb * diff;
         }
       }
-      flush(cur, acc, first, true);
+      flush_run(acc, cur, first, true, cont_in, cont_out, K, c, d, p.D, first_part, last_part,
+                p.gcbout);
     }
   }
 }
@@ -182,7 +195,7 @@ int end_bit_for(int64_t K) {  // keys run over [0, K]: K itself marks a bad inde
 size_t align_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
 
 struct DetLayout {
-  size_t keys, rows, skeys, srows, first, last, temp, temp_bytes, total;
+  size_t keys, rows, skeys, srows, xoff, first, last, temp, temp_bytes, total;
 };
 
 template <class A>
@@ -203,6 +216,7 @@ DetLayout det_layout(int64_t N, int64_t K, int64_t D) {
   l.rows = off; off = align_up(off + u, 256);
   l.skeys = off; off = align_up(off + u, 256);
   l.srows = off; off = align_up(off + u, 256);
+  l.xoff = off; off = align_up(off + (size_t)N * sizeof(int64_t), 256);
   l.first = off; off = align_up(off + part, 256);
   l.last = off; off = align_up(off + part, 256);
   l.temp = off; off = align_up(off + temp, 256);
@@ -269,9 +283,11 @@ void backward_t(const BackwardArgs& a, cudaStream_t st) {
   auto* rows = reinterpret_cast<uint32_t*>(ws + l.rows);
   auto* skeys = reinterpret_cast<uint32_t*>(ws + l.skeys);
   auto* srows = reinterpret_cast<uint32_t*>(ws + l.srows);
+  auto* xoff = reinterpret_cast<int64_t*>(ws + l.xoff);
   auto* first = reinterpret_cast<A*>(ws + l.first);
   auto* last = reinterpret_cast<A*>(ws + l.last);
-  VQK_LAUNCH(keys_kernel, grid_for(N, kThreads), kThreads, 0, st, a.indices, N, K, keys, rows);
+  VQK_LAUNCH(keys_kernel, grid_for(N, kThreads), kThreads, 0, st, a.indices, N, K, a.x.S, a.x.sb,
+             a.x.ss, keys, rows, xoff);
   check_launch("backward keys kernel launch");
   size_t temp_bytes = l.temp_bytes;
   check(cub::DeviceRadixSort::SortPairs(ws + l.temp, temp_bytes, keys, skeys, rows, srows, (int)N, 0,
@@ -279,7 +295,7 @@ void backward_t(const BackwardArgs& a, cudaStream_t st) {
         "cub::DeviceRadixSort::SortPairs");
   const int64_t nchunks = (N + kChunk - 1) / kChunk;
   auto segsum_k = segsum_kernel<S>;
-  VQK_LAUNCH(segsum_k, grid_for(nchunks, kThreads / 32), kThreads, 0, st, p, skeys, srows, first, last);
+  VQK_LAUNCH(segsum_k, grid_for(nchunks, kThreads / 32), kThreads, 0, st, p, skeys, srows, xoff, first, last);
   check_launch("backward segment-sum kernel launch");
   auto segjoin_k = segjoin_kernel<S>;
   VQK_LAUNCH(segjoin_k, grid_for(nchunks, kThreads / 32), kThreads, 0, st, p, skeys, first, last);

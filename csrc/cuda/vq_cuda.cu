@@ -22,8 +22,9 @@ namespace {
 // Splitting the codebook across blocks gives small-N, large-K searches enough blocks to fill the
 // GPU: aim for about this many blocks (a few waves even on the largest parts) ...
 constexpr int64_t kTargetBlocks = 1024;
-// ... while every split keeps enough tiles that the pipeline has something to overlap.
-constexpr int64_t kMinTilesPerSplit = 4;
+// ... while every split keeps enough pipeline steps (tiles x depth chunks) to overlap its
+// copies with math, and at least one tile.
+constexpr int64_t kMinStepsPerSplit = 16;
 constexpr int64_t kMaxSplits = 64;
 // Code indices are int32 inside the kernels, with room for a tile past the end.
 constexpr int64_t kMaxK = int64_t(1) << 30;
@@ -45,17 +46,18 @@ FwdPlan plan_forward(int64_t N, int64_t K, int64_t D, std::uintptr_t cb) {
   FwdPlan q;
   q.rowblocks = (N + BM - 1) / BM;
   q.ntiles = (K + BN - 1) / BN;
+  q.Dp = (D + BK - 1) / BK * BK;
   int64_t splits = 1;
   if (q.rowblocks > 0 && q.rowblocks < kTargetBlocks) {
     const int64_t want = (kTargetBlocks + q.rowblocks - 1) / q.rowblocks;
-    const int64_t most = std::max<int64_t>(1, q.ntiles / kMinTilesPerSplit);
+    const int64_t steps = q.ntiles * (q.Dp / BK);
+    const int64_t most = std::max<int64_t>(1, std::min(q.ntiles, steps / kMinStepsPerSplit));
     splits = std::min({want, most, kMaxSplits});
   }
   q.tiles_per_split = (int)((q.ntiles + splits - 1) / splits);
   q.splits = (int)((q.ntiles + q.tiles_per_split - 1) / q.tiles_per_split);  // none left empty
   q.padcopy = (D % vec) != 0 || (cb % 16) != 0;
   q.Dv = q.padcopy ? (D + vec - 1) / vec * vec : D;
-  q.Dp = (D + BK - 1) / BK * BK;
   size_t off = 0;
   q.off_norms = off;
   off = align_up(off + (size_t)K * sizeof(A), 256);
@@ -69,6 +71,9 @@ FwdPlan plan_forward(int64_t N, int64_t K, int64_t D, std::uintptr_t cb) {
 
 void validate_sizes(int64_t N, int64_t K, int64_t D, const char* who) {
   if (D < 1) throw std::invalid_argument(std::string(who) + ": D must be positive");
+  if (D > (int64_t(1) << 30))
+    throw std::invalid_argument(std::string(who) + ": D = " + std::to_string(D) +
+                                " is more than the CUDA kernels support (2^30)");
   if (K < 1) throw std::invalid_argument(std::string(who) + ": K must be positive");
   if (K > kMaxK)
     throw std::invalid_argument(std::string(who) + ": K = " + std::to_string(K) +

@@ -265,3 +265,22 @@ def test_embedded_default_data_tiny_run(tmp_path):
     assert vq_tokenize.main([str(out), "--out", str(npz), "--num-crops", "10"]) == 0
     z = np.load(npz)
     assert z["tokens"].shape == (10 + 1024, 8, 8) and "labels" not in z
+
+
+def test_imports_need_no_train_extras():
+    """`import vqkernels` and the model/data/CLI modules import without scikit-image, matplotlib,
+    tqdm or pillow: those are imported only when used (the optional `train` extra)."""
+    code = (
+        "import sys\n"
+        "for name in ('skimage', 'matplotlib', 'tqdm', 'PIL'):\n"
+        "    sys.modules[name] = None  # any import of it now raises ImportError\n"
+        "import vqkernels, vqkernels.model, vqkernels.data, vqkernels.train, vqkernels.eval\n"
+        "import vqkernels.tokenize\n"
+        "vqkernels.train.build_parser(); vqkernels.eval.build_parser()\n"
+        "m = vqkernels.model.VQVAE(vqkernels.model.VQVAEConfig(num_codes=4, code_dim=2, hidden=4,"
+        " residual_hidden=2))\n"
+        "import torch; print(tuple(m.encode(torch.zeros(1, 3, 32, 32)).shape))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "(1, 8, 8)"

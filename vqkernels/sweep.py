@@ -108,6 +108,8 @@ def _run_one(a, run: Run, threads: int) -> Run:
         for target, keep_early in ((early, True), (run.steps, False)):
             if keep_early and (d / "early_reconstructions.png").exists():
                 continue
+            if not keep_early and target == early:
+                break  # the early phase was the whole run
             resume = (d / "checkpoint.pt").exists()
             t0 = time.time()
             proc = subprocess.run(_train_cmd(a, run, target, resume), env=env, stdout=log,
@@ -218,8 +220,10 @@ def make_figures(a, grid: list[Run], extra: list[Run]) -> None:
         im = ax.imshow(m, cmap=cmap)
         for i, j in itertools.product(range(len(Ks)), range(len(Ds))):
             if m[i, j] == m[i, j]:
+                r_, g_, b_, _ = im.cmap(im.norm(m[i, j]))
+                ink = "k" if 0.299 * r_ + 0.587 * g_ + 0.114 * b_ > 0.5 else "w"  # readable on the cell
                 ax.text(j, i, f"{m[i, j]:.3f}" if key == "nmse" else f"{m[i, j]:.0f}",
-                        ha="center", va="center", color="w", fontsize=9)
+                        ha="center", va="center", color=ink, fontsize=9)
         ax.set_xticks(range(len(Ds)), [str(d) for d in Ds])
         ax.set_yticks(range(len(Ks)), [str(k) for k in Ks])
         ax.set_xlabel("code size D")

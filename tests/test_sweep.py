@@ -1,0 +1,59 @@
+"""The K x D sweep end to end on a tiny budget, with the real training CLI."""
+import csv
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("matplotlib")
+pytest.importorskip("skimage")
+
+FIGS = ["fig5_curves_by_K.png", "fig5_curves_by_D.png", "fig6_heatmap.png", "fig6_usage.png",
+        "fig7_best_early.png", "fig8_best_late.png"]
+RUN_FILES = ["checkpoint.pt", "metrics.csv", "eval.json", "reconstructions.png",
+             "early_reconstructions.png", "loss_curves.png"]
+
+
+def _sweep(out, *extra):
+    cmd = [sys.executable, "-m", "vqkernels.sweep", "--codes", "8", "16", "--dims", "4", "8",
+           "--steps", "4", "--early-step", "2", "--jobs", "2", "--out", str(out), *extra,
+           "--", "--eval-every", "0", "--save-every", "2", "--batch-size", "8", "--log-every", "1",
+           "--eval-images", "32"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+
+
+def _summary(out):
+    with open(out / "summary.csv") as f:
+        return {(int(r["K"]), int(r["D"])): r for r in csv.DictReader(f)}
+
+
+def test_grid_resume_and_failure(tmp_path):
+    out = tmp_path / "sweep"
+    p = _sweep(out)
+    assert p.returncode == 0, p.stdout + p.stderr
+    for f in FIGS + ["summary.csv", "summary.md"]:
+        assert (out / f).stat().st_size > 0, f
+    rows = _summary(out)
+    assert set(rows) == {(8, 4), (8, 8), (16, 4), (16, 8)}
+    for (K, D), r in rows.items():
+        assert r["status"] == "done"
+        assert 0 < float(r["nmse"]) < 10 and 0 < float(r["codes_used_pct"]) <= 100
+        assert 1 <= float(r["perplexity"]) <= K
+        for f in RUN_FILES:
+            assert (out / f"K{K}-D{D}-H128" / f).exists(), (K, D, f)
+    md = (out / "summary.md").read_text()
+    assert md.count("| done |") == 4
+
+    # Resume: finished runs are skipped. A run whose checkpoint is corrupt and whose result is gone
+    # fails alone, is reported, and does not stop the others.
+    bad = out / "K16-D8-H128"
+    (bad / "eval.json").unlink()
+    (bad / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    p = _sweep(out)
+    assert p.returncode == 1
+    rows = _summary(out)
+    assert rows[(16, 8)]["status"] == "failed" and rows[(16, 8)]["error"]
+    for key in [(8, 4), (8, 8), (16, 4)]:
+        assert rows[key]["status"] == "done (skipped)"
+    assert "K16-D8-H128: failed" in p.stdout
+    assert "failed: exit" in (out / "summary.md").read_text()

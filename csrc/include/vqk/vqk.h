@@ -71,6 +71,9 @@ struct BackwardArgs {
 // CPU entry points. num_threads <= 0 means one thread.
 void cpu_forward(const ForwardArgs& a, int num_threads);
 void cpu_backward(const BackwardArgs& a, int num_threads);
+// The CPU search kernels the next call will use: "avx512", "avx2" or "scalar" (the best this CPU
+// runs, or the one the VQK_CPU_ISA environment variable forces). Throws if the forced one can't run.
+const char* cpu_isa();
 
 #ifdef VQK_WITH_CUDA
 // CUDA entry points: all pointers are device pointers, work is queued on `stream`

@@ -1,0 +1,340 @@
+// The fused nearest-code search, written once over a SIMD traits type `V` and instantiated by each
+// ISA translation unit (search_avx512.cpp, search_avx2.cpp, search_scalar.cpp) with its own traits
+// and compiler flags.
+//
+// Include this only inside an anonymous namespace's reach: everything here has internal linkage, and
+// nothing from the standard library is instantiated, so no function compiled for AVX-512 can be
+// merged by the linker into a caller built for a lesser CPU. The including unit defines, before the
+// include: `struct V` (traits, see search_avx512.cpp) and the constants MRV and NR.
+//
+// Shape of the computation (per row tile of MR = MRV * V::W rows):
+//   1. pack the tile's rows d-major into `xt` [D][MR] floats (converted from f16/bf16 here, so the
+//      micro-kernel only ever sees fp32, and channel-first input is read as it lies);
+//   2. for every code panel (NR codes, packed [D][NR] once per call): MRV x NR vector accumulators
+//      of z.e (lanes = rows, codes broadcast), then dist = ||e||^2 - 2 z.e and a lane-wise running
+//      minimum. Because lanes are rows, the argmin is vertical: a compare and two masked moves per
+//      accumulator, no horizontal reduction. Codes are visited in increasing index and the compare
+//      is a strict, ordered less-than, so ties keep the lowest index and a NaN distance never wins;
+//   3. epilogue while the tile is hot: gather the chosen codes from the packed panels, the exact
+//      error sum_d (x_d - e_d)^2, indices, z_q (a bit copy of the code, NaN where the error is not
+//      finite).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "cpu_internal.h"
+
+namespace vqk {
+namespace {
+
+#define VQK_ALWAYS_INLINE inline __attribute__((always_inline))
+
+constexpr int W = V::W;
+constexpr int MR = MRV * W;
+static_assert((NR & (NR - 1)) == 0, "NR must be a power of two (gather offsets use shifts)");
+
+VQK_ALWAYS_INLINE int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// Row n of a (B, S, D) view: element offset of (n, 0). Not vqk::Rows::offset: that is an inline
+// function of a shared header, and must not be compiled here (see the note at the top).
+VQK_ALWAYS_INLINE int64_t row_offset(int64_t n, int64_t S, int64_t sb, int64_t ss) {
+  const int64_t b = S ? n / S : 0;
+  return b * sb + (n - b * S) * ss;
+}
+
+// Element types: storage, scalar load to fp32, and the NaN a z_q row gets.
+// vload/vstore move W elements as one fp32 vector.
+struct EF32 {
+  using T = float;
+  static constexpr uint32_t nan_bits = 0x7fc00000u;
+  static VQK_ALWAYS_INLINE float load(const T* p) { return *p; }
+  static VQK_ALWAYS_INLINE typename V::F vload(const T* p) { return V::loadu_f32(p); }
+  static VQK_ALWAYS_INLINE void vstore(T* p, typename V::F v) { V::storeu_f32(p, v); }
+};
+struct EF16 {
+  using T = uint16_t;
+  static constexpr uint32_t nan_bits = 0x7e00u;
+  static VQK_ALWAYS_INLINE float load(const T* p) { return V::half_to_float(*p); }
+  static VQK_ALWAYS_INLINE typename V::F vload(const T* p) { return V::load_f16(p); }
+  static VQK_ALWAYS_INLINE void vstore(T* p, typename V::F v) { V::store_f16(p, v); }
+};
+struct EBF16 {
+  using T = uint16_t;
+  static constexpr uint32_t nan_bits = 0x7fc0u;
+  static VQK_ALWAYS_INLINE float load(const T* p) {
+    const uint32_t bits = (uint32_t)*p << 16;
+    float f;
+    __builtin_memcpy(&f, &bits, 4);
+    return f;
+  }
+  static VQK_ALWAYS_INLINE typename V::F vload(const T* p) { return V::load_bf16(p); }
+  // Only ever given bf16 values widened to fp32 (or NaN), so keeping the high half is exact.
+  static VQK_ALWAYS_INLINE void vstore(T* p, typename V::F v) { V::store_bf16(p, v); }
+};
+
+// W consecutive elements as fp32; the last `cnt` < W lanes zero-filled past the end.
+template <class E>
+VQK_ALWAYS_INLINE typename V::F load_elems(const typename E::T* p, int64_t cnt) {
+  if (cnt >= W) return E::vload(p);
+  typename E::T tmp[W];
+  __builtin_memset(tmp, 0, sizeof(tmp));
+  __builtin_memcpy(tmp, p, cnt * sizeof(typename E::T));
+  return E::vload(tmp);
+}
+
+template <class E>
+VQK_ALWAYS_INLINE void store_elems(typename E::T* p, typename V::F v, int64_t cnt) {
+  if (cnt >= W) return E::vstore(p, v);
+  typename E::T tmp[W];
+  E::vstore(tmp, v);
+  __builtin_memcpy(p, tmp, cnt * sizeof(typename E::T));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Codebook packing: panels [D][NR] and norms, once per call.
+template <class E>
+void pack_codes(const cpu::FwdJob& job, int64_t p_lo, int64_t p_hi) {
+  using T = typename E::T;
+  const T* cb = static_cast<const T*>(job.codebook);
+  const int64_t D = job.D, K = job.K;
+  for (int64_t p = p_lo; p < p_hi; ++p) {
+    float* panel = job.packed + p * D * NR;
+    for (int j = 0; j < NR; ++j) {
+      const int64_t k = p * NR + j;
+      if (k >= K) {
+        for (int64_t d = 0; d < D; ++d) panel[d * NR + j] = 0.0f;
+        job.norms[k] = __builtin_inff();  // padding: its distance is +inf, never below the best
+        continue;
+      }
+      const T* e = cb + k * D;
+      float s = 0.0f;
+      for (int64_t d = 0; d < D; ++d) {
+        const float v = E::load(e + d);
+        panel[d * NR + j] = v;
+        s += v * v;
+      }
+      job.norms[k] = s;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Row tile packing: xt[d * MR + r] = x[row0 + r][d], zero for r >= rows.
+template <class E>
+void pack_rows(const cpu::FwdJob& job, int64_t row0, int64_t rows, float* __restrict xt) {
+  using T = typename E::T;
+  const T* x = static_cast<const T*>(job.x.ptr);
+  const int64_t D = job.D, S = job.x.S, sb = job.x.sb, ss = job.x.ss, sd = job.x.sd;
+  for (int blk = 0; blk < MRV; ++blk) {
+    const int64_t r0 = blk * W;
+    const int64_t cnt = rows - r0 < 0 ? 0 : imin(rows - r0, W);
+    float* dst = xt + r0;
+    if (cnt == 0) {
+      for (int64_t d = 0; d < D; ++d) V::store(dst + d * MR, V::zero());
+      continue;
+    }
+    const int64_t n0 = row0 + r0;
+    if (sd == 1 && W > 1) {
+      // Rows contiguous along D (row-major input): load W x W blocks and transpose in registers.
+      const T* rp[W];
+      for (int r = 0; r < W; ++r) rp[r] = r < cnt ? x + row_offset(n0 + r, S, sb, ss) : nullptr;
+      for (int64_t d0 = 0; d0 < D; d0 += W) {
+        const int64_t dc = imin(W, D - d0);
+        typename V::F v[W];
+        for (int r = 0; r < W; ++r) v[r] = rp[r] ? load_elems<E>(rp[r] + d0, dc) : V::zero();
+        V::transpose(v);
+        for (int64_t i = 0; i < dc; ++i) V::store(dst + (d0 + i) * MR, v[i]);
+      }
+    } else if (ss == 1 && (S == 0 || n0 / S == (n0 + cnt - 1) / S)) {
+      // Channel-first input: for a fixed d the block's rows are consecutive in memory.
+      const T* base = x + row_offset(n0, S, sb, ss);
+      for (int64_t d = 0; d < D; ++d) V::store(dst + d * MR, load_elems<E>(base + d * sd, cnt));
+    } else {
+      for (int r = 0; r < W; ++r) {
+        if (r >= cnt) {
+          for (int64_t d = 0; d < D; ++d) dst[d * MR + r] = 0.0f;
+          continue;
+        }
+        const T* base = x + row_offset(n0 + r, S, sb, ss);
+        for (int64_t d = 0; d < D; ++d) dst[d * MR + r] = E::load(base + d * sd);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The micro-kernel: MRV x NR accumulators in registers over the whole of D, then the vertical
+// argmin. D is not blocked: blocking would need partial sums for every code of the tile (memory
+// that grows with K). The tile (4 * MR * D bytes) streams from L1/L2 with sequential access, and
+// each panel element feeds MR FMAs, so even the larger shapes stay compute-bound.
+VQK_ALWAYS_INLINE void search_tile(const float* __restrict xt, const float* __restrict packed,
+                                   const float* __restrict norms, int64_t panels, int64_t D,
+                                   int32_t* __restrict out_idx) {
+  using F = typename V::F;
+  using I = typename V::I;
+  using M = typename V::M;
+  F best[MRV];
+  I bidx[MRV];
+  for (int i = 0; i < MRV; ++i) {
+    best[i] = V::set1(__builtin_inff());
+    bidx[i] = V::set1i(0);
+  }
+  const F two = V::set1(2.0f);
+  for (int64_t p = 0; p < panels; ++p) {
+    const float* b = packed + p * D * NR;
+    F acc[MRV][NR];
+#pragma GCC unroll 64
+    for (int i = 0; i < MRV; ++i)
+#pragma GCC unroll 64
+      for (int j = 0; j < NR; ++j) acc[i][j] = V::zero();
+    const float* xp = xt;
+    for (int64_t d = 0; d < D; ++d, xp += MR, b += NR) {
+      F xv[MRV];
+#pragma GCC unroll 64
+      for (int i = 0; i < MRV; ++i) xv[i] = V::load(xp + i * W);
+#pragma GCC unroll 64
+      for (int j = 0; j < NR; ++j) {
+        const F bj = V::set1(b[j]);
+#pragma GCC unroll 64
+        for (int i = 0; i < MRV; ++i) acc[i][j] = V::fmadd(xv[i], bj, acc[i][j]);
+      }
+    }
+    const float* nrm = norms + p * NR;
+#pragma GCC unroll 64
+    for (int j = 0; j < NR; ++j) {
+      const F nj = V::set1(nrm[j]);
+      const I kj = V::set1i((int32_t)(p * NR + j));
+#pragma GCC unroll 64
+      for (int i = 0; i < MRV; ++i) {
+        // ||e||^2 - 2 z.e in one rounding; ||z||^2 is the same for every code, so it is left out.
+        const F dist = V::fnmadd(acc[i][j], two, nj);
+        const M m = V::lt(dist, best[i]);
+        best[i] = V::sel(m, dist, best[i]);
+        bidx[i] = V::seli(m, kj, bidx[i]);
+      }
+    }
+  }
+  for (int i = 0; i < MRV; ++i) V::storei(out_idx + i * W, bidx[i]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Epilogue: exact errors from the chosen codes, then indices, errors and z_q for the valid rows.
+template <class E>
+void finish_tile(const cpu::FwdJob& job, int64_t row0, int64_t rows, const float* __restrict xt,
+                 const int32_t* __restrict idx) {
+  using T = typename E::T;
+  using F = typename V::F;
+  const int64_t D = job.D;
+  alignas(64) float err[MR];
+  // The chosen code's d-th element sits at packed[off + d * NR] with off = panel * D * NR + lane.
+  alignas(64) int32_t off[MR];
+  const bool small = job.panels * D * NR < ((int64_t)1 << 31);
+  if (small) {
+    for (int r = 0; r < MR; ++r) off[r] = (idx[r] / NR) * (int32_t)(D * NR) + (idx[r] % NR);
+    for (int i = 0; i < MRV; ++i) {
+      const typename V::I o = V::loadi(off + i * W);
+      F acc = V::zero();
+      const float* pk = job.packed;
+      for (int64_t d = 0; d < D; ++d, pk += NR) {
+        const F diff = V::sub(V::load(xt + d * MR + i * W), V::gather(pk, o));
+        acc = V::fmadd(diff, diff, acc);
+      }
+      V::store(err + i * W, acc);
+    }
+  } else {
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* e = job.packed + (int64_t)(idx[r] / NR) * D * NR + idx[r] % NR;
+      float s = 0.0f;
+      for (int64_t d = 0; d < D; ++d) {
+        const float diff = xt[d * MR + r] - e[d * NR];
+        s += diff * diff;
+      }
+      err[r] = s;
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    job.indices[row0 + r] = idx[r];
+    job.sqerr[row0 + r] = err[r];
+  }
+  if (!job.zq.ptr) return;
+
+  const T* cb = static_cast<const T*>(job.codebook);
+  T* zq = static_cast<T*>(job.zq.ptr);
+  const int64_t S = job.zq.S, sb = job.zq.sb, ss = job.zq.ss, sd = job.zq.sd;
+  T nan;
+  {
+    const uint32_t bits = E::nan_bits;
+    __builtin_memcpy(&nan, &bits, sizeof(T));  // little-endian: the low bytes hold the pattern
+  }
+  if (sd == 1) {
+    // Row-major output: each row is a straight copy of its code's bits.
+    for (int64_t r = 0; r < rows; ++r) {
+      T* dst = zq + row_offset(row0 + r, S, sb, ss);
+      if (__builtin_isfinite(err[r])) {
+        __builtin_memcpy(dst, cb + (int64_t)idx[r] * D, D * sizeof(T));
+      } else {
+        for (int64_t d = 0; d < D; ++d) dst[d] = nan;
+      }
+    }
+    return;
+  }
+  for (int i = 0; i < MRV; ++i) {
+    const int64_t r0 = i * W, n0 = row0 + r0;
+    const int64_t cnt = rows - r0 < 0 ? 0 : imin(rows - r0, W);
+    if (cnt == 0) break;
+    if (small && ss == 1 && W > 1 && (S == 0 || n0 / S == (n0 + cnt - 1) / S)) {
+      // Channel-first output: a block's rows are consecutive for a fixed d. The gathered fp32
+      // values came from `dtype` elements, so converting them back is exact.
+      const typename V::I o = V::loadi(off + r0);
+      const typename V::M finite = V::lt(V::load(err + r0), V::set1(__builtin_inff()));
+      const F qnan = V::set1(__builtin_nanf(""));
+      T* dst = zq + row_offset(n0, S, sb, ss);
+      const float* pk = job.packed;
+      for (int64_t d = 0; d < D; ++d, pk += NR)
+        store_elems<E>(dst + d * sd, V::sel(finite, V::gather(pk, o), qnan), cnt);
+    } else {
+      for (int64_t r = r0; r < r0 + cnt; ++r) {
+        T* dst = zq + row_offset(row0 + r, S, sb, ss);
+        const T* e = cb + (int64_t)idx[r] * D;
+        const bool finite = __builtin_isfinite(err[r]);
+        for (int64_t d = 0; d < D; ++d) dst[d * sd] = finite ? e[d] : nan;
+      }
+    }
+  }
+}
+
+template <class E>
+void search_tiles(const cpu::FwdJob& job, int64_t t_lo, int64_t t_hi, float* scratch) {
+  const int64_t N = job.x.B * job.x.S;
+  alignas(64) int32_t idx[MR];
+  for (int64_t t = t_lo; t < t_hi; ++t) {
+    const int64_t row0 = t * MR, rows = imin(MR, N - row0);
+    pack_rows<E>(job, row0, rows, scratch);
+    search_tile(scratch, job.packed, job.norms, job.panels, job.D, idx);
+    finish_tile<E>(job, row0, rows, scratch, idx);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dispatch on dtype (f64 never reaches these kernels).
+void pack_any(const cpu::FwdJob& job, int64_t p_lo, int64_t p_hi) {
+  switch (job.dtype) {
+    case DType::f16: return pack_codes<EF16>(job, p_lo, p_hi);
+    case DType::bf16: return pack_codes<EBF16>(job, p_lo, p_hi);
+    default: return pack_codes<EF32>(job, p_lo, p_hi);
+  }
+}
+
+void search_any(const cpu::FwdJob& job, int64_t t_lo, int64_t t_hi, float* scratch) {
+  switch (job.dtype) {
+    case DType::f16: return search_tiles<EF16>(job, t_lo, t_hi, scratch);
+    case DType::bf16: return search_tiles<EBF16>(job, t_lo, t_hi, scratch);
+    default: return search_tiles<EF32>(job, t_lo, t_hi, scratch);
+  }
+}
+
+int64_t scratch_floats(int64_t D) { return (D > 0 ? D : 1) * MR; }
+
+}  // namespace
+}  // namespace vqk

@@ -35,25 +35,54 @@ struct V {
   static inline float half_to_float(uint16_t h) {
     return _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h)));
   }
-  static inline F loadu_f32(const float* p) { return _mm256_loadu_ps(p); }
-  static inline void storeu_f32(float* p, F v) { _mm256_storeu_ps(p, v); }
-  static inline F load_f16(const uint16_t* p) {
-    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  // n (<= 8) consecutive elements as fp32, zero past n; and back (only n written). Partial
+  // vectors go through a small buffer: AVX2 has no masked 16-bit loads.
+  template <class T, class Full>
+  static inline F load_n(const T* p, int64_t n, Full full) {
+    if (n == 8) return full(p);
+    alignas(32) T tmp[8] = {};
+    for (int64_t i = 0; i < n; ++i) tmp[i] = p[i];
+    return full(tmp);
   }
-  static inline void store_f16(uint16_t* p, F v) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
-                     _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  template <class T, class Full>
+  static inline void store_n(T* p, F v, int64_t n, Full full) {
+    if (n == 8) return full(p, v);
+    alignas(32) T tmp[8];
+    full(tmp, v);
+    for (int64_t i = 0; i < n; ++i) p[i] = tmp[i];
   }
-  static inline F load_bf16(const uint16_t* p) {
-    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+  static inline F load_f32(const float* p, int64_t n) {
+    return load_n(p, n, [](const float* q) { return _mm256_loadu_ps(q); });
   }
-  static inline void store_bf16(uint16_t* p, F v) {
-    const __m256i hi = _mm256_srli_epi32(_mm256_castps_si256(v), 16);
-    // packus works within 128-bit lanes: pack, then gather the two useful quarters.
-    const __m256i packed = _mm256_packus_epi32(hi, hi);
-    const __m256i ordered = _mm256_permute4x64_epi64(packed, 0x08);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(ordered));
+  static inline void store_f32(float* p, F v, int64_t n) {
+    store_n(p, v, n, [](float* q, F x) { _mm256_storeu_ps(q, x); });
+  }
+  static inline F load_f16(const uint16_t* p, int64_t n) {
+    return load_n(p, n, [](const uint16_t* q) {
+      return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+    });
+  }
+  static inline F load_bf16(const uint16_t* p, int64_t n) {
+    return load_n(p, n, [](const uint16_t* q) {
+      const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+      return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+    });
+  }
+  static inline void store_f16(uint16_t* p, F v, int64_t n) {
+    store_n(p, v, n, [](uint16_t* q, F x) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q),
+                       _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    });
+  }
+  // Only ever given bf16 values widened to fp32 (or NaN), so keeping the high half is exact.
+  static inline void store_bf16(uint16_t* p, F v, int64_t n) {
+    store_n(p, v, n, [](uint16_t* q, F x) {
+      const __m256i hi = _mm256_srli_epi32(_mm256_castps_si256(x), 16);
+      // packus works within 128-bit lanes: pack, then bring the two useful quarters together.
+      const __m256i packed = _mm256_packus_epi32(hi, hi);
+      const __m256i ordered = _mm256_permute4x64_epi64(packed, 0x08);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm256_castsi256_si128(ordered));
+    });
   }
 
   // In-register 8 x 8 transpose: v[r] holds row r on entry, column r on exit.

@@ -35,22 +35,26 @@ struct V {
     return _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h)));
   }
 
-  static inline F loadu_f32(const float* p) { return _mm512_loadu_ps(p); }
-  static inline void storeu_f32(float* p, F v) { _mm512_storeu_ps(p, v); }
-  static inline F load_f16(const uint16_t* p) {
-    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  // n (<= 16) consecutive elements as fp32, zero past n; and back (only n written).
+  static inline __mmask16 first(int64_t n) { return (__mmask16)((1u << n) - 1u); }
+  static inline F load_f32(const float* p, int64_t n) {
+    return n == 16 ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(first(n), p);
   }
-  static inline void store_f16(uint16_t* p, F v) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
-                        _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  static inline void store_f32(float* p, F v, int64_t n) { _mm512_mask_storeu_ps(p, first(n), v); }
+  static inline __m256i load_u16(const uint16_t* p, int64_t n) {
+    return _mm256_maskz_loadu_epi16(first(n), p);
   }
-  static inline F load_bf16(const uint16_t* p) {
-    const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+  static inline F load_f16(const uint16_t* p, int64_t n) { return _mm512_cvtph_ps(load_u16(p, n)); }
+  static inline F load_bf16(const uint16_t* p, int64_t n) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(load_u16(p, n)), 16));
   }
-  static inline void store_bf16(uint16_t* p, F v) {
+  static inline void store_f16(uint16_t* p, F v, int64_t n) {
+    _mm256_mask_storeu_epi16(p, first(n), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  // Only ever given bf16 values widened to fp32 (or NaN), so keeping the high half is exact.
+  static inline void store_bf16(uint16_t* p, F v, int64_t n) {
     const __m512i hi = _mm512_srli_epi32(_mm512_castps_si512(v), 16);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(hi));
+    _mm256_mask_storeu_epi16(p, first(n), _mm512_cvtepi32_epi16(hi));
   }
 
   // In-register 16 x 16 transpose: v[r] holds row r on entry, column r on exit.

@@ -15,9 +15,9 @@
 //      minimum. Because lanes are rows, the argmin is vertical: a compare and two masked moves per
 //      accumulator, no horizontal reduction. Codes are visited in increasing index and the compare
 //      is a strict, ordered less-than, so ties keep the lowest index and a NaN distance never wins;
-//   3. epilogue while the tile is hot: gather the chosen codes from the packed panels, the exact
-//      error sum_d (x_d - e_d)^2, indices, z_q (a bit copy of the code, NaN where the error is not
-//      finite).
+//   3. epilogue while the tile is hot: pack the chosen codes the same way, the exact error
+//      sum_d (x_d - e_d)^2 from the two tiles, indices, z_q (a bit copy of the code, NaN where the
+//      error is not finite).
 #pragma once
 
 #include <cstdint>
@@ -36,11 +36,24 @@ static_assert((NR & (NR - 1)) == 0, "NR must be a power of two (gather offsets u
 
 VQK_ALWAYS_INLINE int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 
-// Row n of a (B, S, D) view: element offset of (n, 0). Not vqk::Rows::offset: that is an inline
-// function of a shared header, and must not be compiled here (see the note at the top).
-VQK_ALWAYS_INLINE int64_t row_offset(int64_t n, int64_t S, int64_t sb, int64_t ss) {
-  const int64_t b = S ? n / S : 0;
-  return b * sb + (n - b * S) * ss;
+// Element offsets of rows row0 .. row0 + cnt - 1 of a (B, S, D) view: one division for the tile,
+// then increments (a 64-bit division per row costs more than a small tile's whole search). Not
+// vqk::Rows::offset: that is an inline function of a shared header and must not be compiled here
+// (see the note at the top).
+VQK_ALWAYS_INLINE void row_offsets(int64_t row0, int64_t cnt, int64_t S, int64_t sb, int64_t ss,
+                                   int64_t* off) {
+  int64_t b = S ? row0 / S : 0, s = row0 - b * S;
+  for (int64_t r = 0; r < cnt; ++r) {
+    off[r] = b * sb + s * ss;
+    if (++s == S) { s = 0; ++b; }
+  }
+}
+
+// Whether rows off[0 .. cnt) are consecutive elements (a vector load/store covers them).
+VQK_ALWAYS_INLINE bool consecutive(const int64_t* off, int64_t cnt) {
+  for (int64_t r = 1; r < cnt; ++r)
+    if (off[r] != off[0] + r) return false;
+  return true;
 }
 
 // Element types: storage, scalar load to fp32, and the NaN a z_q row gets.
@@ -49,15 +62,15 @@ struct EF32 {
   using T = float;
   static constexpr uint32_t nan_bits = 0x7fc00000u;
   static VQK_ALWAYS_INLINE float load(const T* p) { return *p; }
-  static VQK_ALWAYS_INLINE typename V::F vload(const T* p) { return V::loadu_f32(p); }
-  static VQK_ALWAYS_INLINE void vstore(T* p, typename V::F v) { V::storeu_f32(p, v); }
+  static VQK_ALWAYS_INLINE typename V::F vload(const T* p, int64_t n) { return V::load_f32(p, n); }
+  static VQK_ALWAYS_INLINE void vstore(T* p, typename V::F v, int64_t n) { V::store_f32(p, v, n); }
 };
 struct EF16 {
   using T = uint16_t;
   static constexpr uint32_t nan_bits = 0x7e00u;
   static VQK_ALWAYS_INLINE float load(const T* p) { return V::half_to_float(*p); }
-  static VQK_ALWAYS_INLINE typename V::F vload(const T* p) { return V::load_f16(p); }
-  static VQK_ALWAYS_INLINE void vstore(T* p, typename V::F v) { V::store_f16(p, v); }
+  static VQK_ALWAYS_INLINE typename V::F vload(const T* p, int64_t n) { return V::load_f16(p, n); }
+  static VQK_ALWAYS_INLINE void vstore(T* p, typename V::F v, int64_t n) { V::store_f16(p, v, n); }
 };
 struct EBF16 {
   using T = uint16_t;
@@ -68,27 +81,20 @@ struct EBF16 {
     __builtin_memcpy(&f, &bits, 4);
     return f;
   }
-  static VQK_ALWAYS_INLINE typename V::F vload(const T* p) { return V::load_bf16(p); }
+  static VQK_ALWAYS_INLINE typename V::F vload(const T* p, int64_t n) { return V::load_bf16(p, n); }
   // Only ever given bf16 values widened to fp32 (or NaN), so keeping the high half is exact.
-  static VQK_ALWAYS_INLINE void vstore(T* p, typename V::F v) { V::store_bf16(p, v); }
+  static VQK_ALWAYS_INLINE void vstore(T* p, typename V::F v, int64_t n) { V::store_bf16(p, v, n); }
 };
 
-// W consecutive elements as fp32; the last `cnt` < W lanes zero-filled past the end.
+// min(cnt, W) consecutive elements as fp32 (lanes past cnt are zero), and back.
 template <class E>
 VQK_ALWAYS_INLINE typename V::F load_elems(const typename E::T* p, int64_t cnt) {
-  if (cnt >= W) return E::vload(p);
-  typename E::T tmp[W];
-  __builtin_memset(tmp, 0, sizeof(tmp));
-  __builtin_memcpy(tmp, p, cnt * sizeof(typename E::T));
-  return E::vload(tmp);
+  return E::vload(p, cnt < W ? cnt : W);
 }
 
 template <class E>
 VQK_ALWAYS_INLINE void store_elems(typename E::T* p, typename V::F v, int64_t cnt) {
-  if (cnt >= W) return E::vstore(p, v);
-  typename E::T tmp[W];
-  E::vstore(tmp, v);
-  __builtin_memcpy(p, tmp, cnt * sizeof(typename E::T));
+  E::vstore(p, v, cnt < W ? cnt : W);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -120,7 +126,32 @@ void pack_codes(const cpu::FwdJob& job, int64_t p_lo, int64_t p_hi) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Row tile packing: xt[d * MR + r] = x[row0 + r][d], zero for r >= rows.
+// Tile packing: dst[d * MR + r] = row r's element d as fp32, for one block of W rows given by their
+// base pointers (null: a padding row, zero-filled) and the element stride along D.
+template <class E>
+void pack_block(const typename E::T* const* rp, int64_t stride, int64_t D, float* __restrict dst) {
+  if (stride == 1 && W > 1) {
+    // Rows contiguous along D: load W x W blocks and transpose them in registers.
+    for (int64_t d0 = 0; d0 < D; d0 += W) {
+      const int64_t dc = imin(W, D - d0);
+      typename V::F v[W];
+      for (int r = 0; r < W; ++r) v[r] = rp[r] ? load_elems<E>(rp[r] + d0, dc) : V::zero();
+      V::transpose(v);
+      for (int64_t i = 0; i < dc; ++i) V::store(dst + (d0 + i) * MR, v[i]);
+    }
+    return;
+  }
+  for (int r = 0; r < W; ++r) {
+    const typename E::T* p = rp[r];
+    if (!p) {
+      for (int64_t d = 0; d < D; ++d) dst[d * MR + r] = 0.0f;
+      continue;
+    }
+    for (int64_t d = 0; d < D; ++d) dst[d * MR + r] = E::load(p + d * stride);
+  }
+}
+
+// The tile's rows of x: xt[d * MR + r] = x[row0 + r][d], zero for r >= rows.
 template <class E>
 void pack_rows(const cpu::FwdJob& job, int64_t row0, int64_t rows, float* __restrict xt) {
   using T = typename E::T;
@@ -130,36 +161,17 @@ void pack_rows(const cpu::FwdJob& job, int64_t row0, int64_t rows, float* __rest
     const int64_t r0 = blk * W;
     const int64_t cnt = rows - r0 < 0 ? 0 : imin(rows - r0, W);
     float* dst = xt + r0;
-    if (cnt == 0) {
-      for (int64_t d = 0; d < D; ++d) V::store(dst + d * MR, V::zero());
+    int64_t off[W];
+    row_offsets(row0 + r0, cnt, S, sb, ss, off);
+    if (cnt > 0 && sd != 1 && W > 1 && consecutive(off, cnt)) {
+      // Channel-first input: for a fixed d the block's rows are consecutive in memory.
+      const T* base = x + off[0];
+      for (int64_t d = 0; d < D; ++d) V::store(dst + d * MR, load_elems<E>(base + d * sd, cnt));
       continue;
     }
-    const int64_t n0 = row0 + r0;
-    if (sd == 1 && W > 1) {
-      // Rows contiguous along D (row-major input): load W x W blocks and transpose in registers.
-      const T* rp[W];
-      for (int r = 0; r < W; ++r) rp[r] = r < cnt ? x + row_offset(n0 + r, S, sb, ss) : nullptr;
-      for (int64_t d0 = 0; d0 < D; d0 += W) {
-        const int64_t dc = imin(W, D - d0);
-        typename V::F v[W];
-        for (int r = 0; r < W; ++r) v[r] = rp[r] ? load_elems<E>(rp[r] + d0, dc) : V::zero();
-        V::transpose(v);
-        for (int64_t i = 0; i < dc; ++i) V::store(dst + (d0 + i) * MR, v[i]);
-      }
-    } else if (ss == 1 && (S == 0 || n0 / S == (n0 + cnt - 1) / S)) {
-      // Channel-first input: for a fixed d the block's rows are consecutive in memory.
-      const T* base = x + row_offset(n0, S, sb, ss);
-      for (int64_t d = 0; d < D; ++d) V::store(dst + d * MR, load_elems<E>(base + d * sd, cnt));
-    } else {
-      for (int r = 0; r < W; ++r) {
-        if (r >= cnt) {
-          for (int64_t d = 0; d < D; ++d) dst[d * MR + r] = 0.0f;
-          continue;
-        }
-        const T* base = x + row_offset(n0 + r, S, sb, ss);
-        for (int64_t d = 0; d < D; ++d) dst[d * MR + r] = E::load(base + d * sd);
-      }
-    }
+    const T* rp[W];
+    for (int r = 0; r < W; ++r) rp[r] = r < cnt ? x + off[r] : nullptr;
+    pack_block<E>(rp, sd, D, dst);
   }
 }
 
@@ -219,39 +231,27 @@ VQK_ALWAYS_INLINE void search_tile(const float* __restrict xt, const float* __re
 }
 
 // ---------------------------------------------------------------------------------------------
-// Epilogue: exact errors from the chosen codes, then indices, errors and z_q for the valid rows.
+// Epilogue: the chosen codes packed like the rows (et[d * MR + r]) from the original codebook, so
+// the exact error is plain vertical arithmetic against xt (gathers would be simpler, but they run at
+// a fraction of the load rate on current cores and cost more than the whole search at small K).
 template <class E>
 void finish_tile(const cpu::FwdJob& job, int64_t row0, int64_t rows, const float* __restrict xt,
-                 const int32_t* __restrict idx) {
+                 float* __restrict et, const int32_t* __restrict idx) {
   using T = typename E::T;
   using F = typename V::F;
   const int64_t D = job.D;
+  const T* cb = static_cast<const T*>(job.codebook);
   alignas(64) float err[MR];
-  // The chosen code's d-th element sits at packed[off + d * NR] with off = panel * D * NR + lane.
-  alignas(64) int32_t off[MR];
-  const bool small = job.panels * D * NR < ((int64_t)1 << 31);
-  if (small) {
-    for (int r = 0; r < MR; ++r) off[r] = (idx[r] / NR) * (int32_t)(D * NR) + (idx[r] % NR);
-    for (int i = 0; i < MRV; ++i) {
-      const typename V::I o = V::loadi(off + i * W);
-      F acc = V::zero();
-      const float* pk = job.packed;
-      for (int64_t d = 0; d < D; ++d, pk += NR) {
-        const F diff = V::sub(V::load(xt + d * MR + i * W), V::gather(pk, o));
-        acc = V::fmadd(diff, diff, acc);
-      }
-      V::store(err + i * W, acc);
+  for (int i = 0; i < MRV; ++i) {
+    const T* rp[W];
+    for (int r = 0; r < W; ++r) rp[r] = cb + (int64_t)idx[i * W + r] * D;
+    pack_block<E>(rp, 1, D, et + i * W);
+    F acc = V::zero();
+    for (int64_t d = 0; d < D; ++d) {
+      const F diff = V::sub(V::load(xt + d * MR + i * W), V::load(et + d * MR + i * W));
+      acc = V::fmadd(diff, diff, acc);
     }
-  } else {
-    for (int64_t r = 0; r < rows; ++r) {
-      const float* e = job.packed + (int64_t)(idx[r] / NR) * D * NR + idx[r] % NR;
-      float s = 0.0f;
-      for (int64_t d = 0; d < D; ++d) {
-        const float diff = xt[d * MR + r] - e[d * NR];
-        s += diff * diff;
-      }
-      err[r] = s;
-    }
+    V::store(err + i * W, acc);
   }
   for (int64_t r = 0; r < rows; ++r) {
     job.indices[row0 + r] = idx[r];
@@ -259,7 +259,6 @@ void finish_tile(const cpu::FwdJob& job, int64_t row0, int64_t rows, const float
   }
   if (!job.zq.ptr) return;
 
-  const T* cb = static_cast<const T*>(job.codebook);
   T* zq = static_cast<T*>(job.zq.ptr);
   const int64_t S = job.zq.S, sb = job.zq.sb, ss = job.zq.ss, sd = job.zq.sd;
   T nan;
@@ -267,12 +266,15 @@ void finish_tile(const cpu::FwdJob& job, int64_t row0, int64_t rows, const float
     const uint32_t bits = E::nan_bits;
     __builtin_memcpy(&nan, &bits, sizeof(T));  // little-endian: the low bytes hold the pattern
   }
+  int64_t off[MR];
+  row_offsets(row0, rows, S, sb, ss, off);
   if (sd == 1) {
     // Row-major output: each row is a straight copy of its code's bits.
     for (int64_t r = 0; r < rows; ++r) {
-      T* dst = zq + row_offset(row0 + r, S, sb, ss);
+      T* __restrict dst = zq + off[r];
+      const T* __restrict e = cb + (int64_t)idx[r] * D;
       if (__builtin_isfinite(err[r])) {
-        __builtin_memcpy(dst, cb + (int64_t)idx[r] * D, D * sizeof(T));
+        for (int64_t d = 0; d < D; ++d) dst[d] = e[d];
       } else {
         for (int64_t d = 0; d < D; ++d) dst[d] = nan;
       }
@@ -280,22 +282,20 @@ void finish_tile(const cpu::FwdJob& job, int64_t row0, int64_t rows, const float
     return;
   }
   for (int i = 0; i < MRV; ++i) {
-    const int64_t r0 = i * W, n0 = row0 + r0;
+    const int64_t r0 = i * W;
     const int64_t cnt = rows - r0 < 0 ? 0 : imin(rows - r0, W);
     if (cnt == 0) break;
-    if (small && ss == 1 && W > 1 && (S == 0 || n0 / S == (n0 + cnt - 1) / S)) {
-      // Channel-first output: a block's rows are consecutive for a fixed d. The gathered fp32
-      // values came from `dtype` elements, so converting them back is exact.
-      const typename V::I o = V::loadi(off + r0);
+    if (W > 1 && consecutive(off + r0, cnt)) {
+      // Channel-first output: a block's rows are consecutive for a fixed d. The fp32 values in et
+      // were widened from `dtype` elements, so narrowing them back is exact.
       const typename V::M finite = V::lt(V::load(err + r0), V::set1(__builtin_inff()));
       const F qnan = V::set1(__builtin_nanf(""));
-      T* dst = zq + row_offset(n0, S, sb, ss);
-      const float* pk = job.packed;
-      for (int64_t d = 0; d < D; ++d, pk += NR)
-        store_elems<E>(dst + d * sd, V::sel(finite, V::gather(pk, o), qnan), cnt);
+      T* dst = zq + off[r0];
+      for (int64_t d = 0; d < D; ++d)
+        store_elems<E>(dst + d * sd, V::sel(finite, V::load(et + d * MR + r0), qnan), cnt);
     } else {
       for (int64_t r = r0; r < r0 + cnt; ++r) {
-        T* dst = zq + row_offset(row0 + r, S, sb, ss);
+        T* dst = zq + off[r];
         const T* e = cb + (int64_t)idx[r] * D;
         const bool finite = __builtin_isfinite(err[r]);
         for (int64_t d = 0; d < D; ++d) dst[d * sd] = finite ? e[d] : nan;
@@ -303,6 +303,9 @@ void finish_tile(const cpu::FwdJob& job, int64_t row0, int64_t rows, const float
     }
   }
 }
+
+// One packed tile (rows or chosen codes), rounded up to whole cache lines.
+int64_t tile_floats(int64_t D) { return ((D > 0 ? D : 1) * MR + 15) / 16 * 16; }
 
 template <class E>
 void search_tiles(const cpu::FwdJob& job, int64_t t_lo, int64_t t_hi, float* scratch) {
@@ -312,7 +315,7 @@ void search_tiles(const cpu::FwdJob& job, int64_t t_lo, int64_t t_hi, float* scr
     const int64_t row0 = t * MR, rows = imin(MR, N - row0);
     pack_rows<E>(job, row0, rows, scratch);
     search_tile(scratch, job.packed, job.norms, job.panels, job.D, idx);
-    finish_tile<E>(job, row0, rows, scratch, idx);
+    finish_tile<E>(job, row0, rows, scratch, scratch + tile_floats(job.D), idx);
   }
 }
 
@@ -334,7 +337,7 @@ void search_any(const cpu::FwdJob& job, int64_t t_lo, int64_t t_hi, float* scrat
   }
 }
 
-int64_t scratch_floats(int64_t D) { return (D > 0 ? D : 1) * MR; }
+int64_t scratch_floats(int64_t D) { return 2 * tile_floats(D); }
 
 }  // namespace
 }  // namespace vqk

@@ -29,12 +29,13 @@ struct V {
   static inline I seli(M m, I t, I f) { return m ? t : f; }
   static inline F gather(const float* base, I off) { return base[off]; }
   static inline float half_to_float(uint16_t h) { return vqk::half_to_float(h); }
-  static inline F loadu_f32(const float* p) { return *p; }
-  static inline void storeu_f32(float* p, F v) { *p = v; }
-  static inline F load_f16(const uint16_t* p) { return vqk::half_to_float(*p); }
-  static inline void store_f16(uint16_t* p, F v) { *p = vqk::float_to_half(v); }
-  static inline F load_bf16(const uint16_t* p) { return vqk::bf16_to_float(*p); }
-  static inline void store_bf16(uint16_t* p, F v) { *p = vqk::float_to_bf16(v); }
+  // One lane: n is always 1 here.
+  static inline F load_f32(const float* p, int64_t) { return *p; }
+  static inline void store_f32(float* p, F v, int64_t) { *p = v; }
+  static inline F load_f16(const uint16_t* p, int64_t) { return vqk::half_to_float(*p); }
+  static inline void store_f16(uint16_t* p, F v, int64_t) { *p = vqk::float_to_half(v); }
+  static inline F load_bf16(const uint16_t* p, int64_t) { return vqk::bf16_to_float(*p); }
+  static inline void store_bf16(uint16_t* p, F v, int64_t) { *p = vqk::float_to_bf16(v); }
   static inline void transpose(F*) {}
 };
 

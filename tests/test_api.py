@@ -110,8 +110,8 @@ def test_opcheck(backend):
                           (torch.randn(10, 4), g, g, z, cb, idx, 1, backend))
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
-def test_torch_compile_fullgraph(backend):
+@pytest.mark.parametrize("backend,compiler", [("cpu", "inductor"), ("reference", "aot_eager")])
+def test_torch_compile_fullgraph(backend, compiler):
     if not vqkernels.available_backends()[backend].available:
         pytest.skip(vqkernels.available_backends()[backend].detail)
     torch._dynamo.reset()
@@ -123,7 +123,7 @@ def test_torch_compile_fullgraph(backend):
         loss = ((recon - x) ** 2).mean() + out.loss
         return loss, out.indices, out.perplexity
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(step, fullgraph=True, backend=compiler)
     loss_c, idx_c, ppl_c = compiled(x)
     loss_c.backward()
     grads_c = [p.grad.clone() for p in model.parameters()]
@@ -170,6 +170,26 @@ def test_unavailable_backend_says_why():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="backend='cuda' is not available: .*"):
             vq_quantize(z, cb, backend="cuda")
+
+
+def test_missing_native_module_is_explained_and_avoided(monkeypatch):
+    from vqkernels import native
+    monkeypatch.setattr(native, "_load", lambda: (None, "vqkernels._C could not be imported (test)"))
+    st = vqkernels.available_backends()
+    assert not st["cpu"].available and "could not be imported" in st["cpu"].detail
+    assert not st["cuda"].available
+    z, cb = torch.randn(7, 3), torch.randn(4, 3)
+    with pytest.raises(RuntimeError, match="backend='cpu' is not available: vqkernels._C"):
+        vq_quantize(z, cb, backend="cpu")
+    out = vq_quantize(z, cb)  # auto falls back to the reference
+    assert_search_ok(z, cb, out.indices)
+
+
+def test_missing_triton_is_explained(monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` raise ImportError
+    st = vqkernels.available_backends()["triton"]
+    assert not st.available and "pip install triton" in st.detail
 
 
 def test_check_finite_codebook():

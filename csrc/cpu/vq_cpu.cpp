@@ -35,15 +35,22 @@ namespace {
 // ~4 MFLOP is some tens of microseconds of search on one core.
 constexpr double kMinFlopsPerThread = 4.0e6;
 
-// f(lo, hi) over [0, n) in chunks of `grain`, handed out dynamically to up to `nthreads` threads.
+// The number of threads parallel_chunks(n, grain, nthreads, ...) will use.
+int chunk_threads(int64_t n, int64_t grain, int nthreads) {
+  const int64_t chunks = (n + std::max<int64_t>(1, grain) - 1) / std::max<int64_t>(1, grain);
+  return (int)std::max<int64_t>(1, std::min<int64_t>(nthreads, chunks));
+}
+
+// f(lo, hi, tid) over [0, n) in chunks of `grain`, handed out dynamically to up to `nthreads`
+// threads (tid < chunk_threads(n, grain, nthreads)). f must not throw: it runs on pool threads, so
+// anything that allocates is allocated before.
 template <class F>
 void parallel_chunks(int64_t n, int64_t grain, int nthreads, F&& f) {
   if (n <= 0) return;
   grain = std::max<int64_t>(1, grain);
-  const int64_t chunks = (n + grain - 1) / grain;
-  const int threads = (int)std::max<int64_t>(1, std::min<int64_t>(nthreads, chunks));
+  const int threads = chunk_threads(n, grain, nthreads);
   if (threads <= 1) {
-    f(int64_t(0), n);
+    f(int64_t(0), n, 0);
     return;
   }
   struct Ctx {
@@ -51,12 +58,12 @@ void parallel_chunks(int64_t n, int64_t grain, int nthreads, F&& f) {
     int64_t n, grain;
     std::atomic<int64_t> next{0};
   } ctx{&f, n, grain};
-  cpu::run_parallel(threads, [](void* p, int) {
+  cpu::run_parallel(threads, [](void* p, int tid) {
     Ctx& c = *static_cast<Ctx*>(p);
     for (;;) {
       const int64_t lo = c.next.fetch_add(c.grain, std::memory_order_relaxed);
       if (lo >= c.n) return;
-      (*c.f)(lo, std::min(c.n, lo + c.grain));
+      (*c.f)(lo, std::min(c.n, lo + c.grain), tid);
     }
   }, &ctx);
 }
@@ -144,7 +151,7 @@ void forward_packed(const ForwardArgs& a, int num_threads) {
     // Packing is K*D work against the search's N*K*D; share it only when it is worth a wake-up.
     const int64_t pack_grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(D * ks.nr, 1));
     parallel_chunks(panels, pack_grain, panels * D * ks.nr >= (1 << 16) ? threads : 1,
-                    [&](int64_t lo, int64_t hi) { ks.pack(job, lo, hi); });
+                    [&](int64_t lo, int64_t hi, int) { ks.pack(job, lo, hi); });
 
     const int64_t stride = (ks.scratch_floats(D) + 15) / 16 * 16;  // keep each 64-byte aligned
     auto scratch = aligned_array<float>(stride * threads);
@@ -190,8 +197,9 @@ void forward_f64(const ForwardArgs& a, int num_threads) {
   }
   const double flops = 2.0 * (double)N * (double)K * (double)std::max<int64_t>(D, 1);
   const int threads = (int)std::min<int64_t>(num_threads, 1 + (int64_t)(flops / kMinFlopsPerThread));
-  parallel_chunks(N, 16, threads, [&](int64_t lo, int64_t hi) {
-    std::vector<double> row(D);
+  std::vector<double> rows(chunk_threads(N, 16, threads) * std::max<int64_t>(D, 1));
+  parallel_chunks(N, 16, threads, [&](int64_t lo, int64_t hi, int tid) {
+    double* row = rows.data() + tid * std::max<int64_t>(D, 1);
     for (int64_t n = lo; n < hi; ++n) {
       const int64_t xo = a.x.offset(n, 0);
       for (int64_t d = 0; d < D; ++d) row[d] = xp[xo + d * a.x.sd];
@@ -278,7 +286,7 @@ struct BackwardRun {
     A* gcbo = static_cast<A*>(a.grad_cb);
     if (!gcbo || !gcb) {
       if (gcbo) std::fill(gcbo, gcbo + K * D, A(0));
-      if (gx) parallel_chunks(N, 64, threads, [&](int64_t lo, int64_t hi) {
+      if (gx) parallel_chunks(N, 64, threads, [&](int64_t lo, int64_t hi, int) {
         for (int64_t n = lo; n < hi; ++n) row(n, nullptr);
       });
       return;
@@ -295,20 +303,22 @@ struct BackwardRun {
     // head[c]: partial sum of the code at the chunk's first row when that code started earlier or
     // goes on later; tail[c]: the same for the chunk's last code when it differs from the first.
     std::vector<A> head(nchunks * D), tail(nchunks * D);
-    parallel_chunks(nchunks, 1, threads, [&](int64_t c0, int64_t c1) {
-      std::vector<A> acc(D);
+    const int64_t Dp = std::max<int64_t>(D, 1);
+    std::vector<A> accs(chunk_threads(nchunks, 1, threads) * Dp);
+    parallel_chunks(nchunks, 1, threads, [&](int64_t c0, int64_t c1, int tid) {
+      A* acc = accs.data() + tid * Dp;
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t lo = c * kBwdChunk, hi = std::min(N, lo + kBwdChunk);
         for (int64_t i = lo; i < hi;) {
           const int64_t k = a.indices[order[i]];
           const int64_t end = std::min(hi, start[k + 1]);
-          std::fill(acc.begin(), acc.end(), A(0));
-          for (int64_t j = i; j < end; ++j) row(order[j], acc.data());
+          std::fill(acc, acc + D, A(0));
+          for (int64_t j = i; j < end; ++j) row(order[j], acc);
           A* dst;
           if (start[k] >= lo && start[k + 1] <= hi) dst = gcbo + k * D;  // whole code here
           else if (i == lo) dst = head.data() + c * D;
           else dst = tail.data() + c * D;
-          std::copy(acc.begin(), acc.end(), dst);
+          std::copy(acc, acc + D, dst);
           i = end;
         }
       }

@@ -71,7 +71,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("grad_cb"), py::arg("num_threads"));
 
   m.def("cpu_isa", [] { return std::string(vqk::cpu_isa()); },
-        "The CPU search kernels in use: 'avx512', 'avx2' or 'scalar' (VQK_CPU_ISA forces one).");
+        "The CPU search kernels a large search uses: 'avx512bf16', 'avx512', 'avx2' or 'scalar' "
+        "(VQK_CPU_ISA=auto|avx512bf16|avx512|avx2|scalar forces one).");
 
 #ifdef VQK_WITH_CUDA
   m.attr("has_cuda") = true;

@@ -20,7 +20,7 @@ from helpers import FLOAT_DTYPES, WEIRD_SHAPES, assert_search_ok, make_inputs
 pytestmark = pytest.mark.skipif(native.cpu_status() is not None,
                                 reason=f"native CPU kernel: {native.cpu_status()}")
 
-ISAS = ["avx512", "avx2", "scalar"]
+ISAS = ["avx512bf16", "avx512", "avx2", "scalar"]
 # Rows per tile are 48 (avx512), 24 (avx2), 4 (scalar); codes per panel 8, 4, 4. These shapes put
 # N and K on both sides of those, and make enough work (> a few MFLOP) for a second thread to start.
 TILE_SHAPES = [(47, 7, 5), (48, 8, 16), (49, 9, 17), (97, 33, 31), (1000, 100, 70),
@@ -239,6 +239,52 @@ def test_bad_isa_name_is_an_error(monkeypatch):
     z, cb = make_inputs(4, 3, 2)
     with pytest.raises(ValueError, match="VQK_CPU_ISA"):
         forward_raw(z, cb)
+
+
+# ---------------------------------------------------------------------------------------------
+# the bf16 search: an accelerator that must give the fp32 search's bits
+
+def _bf16_regimes():
+    K, D = 300, 40
+    cb = torch.randn(K, D)
+    pick = torch.randint(0, K, (3000,))
+    yield "clustered", cb[pick] + 0.3 * torch.randn(3000, D), cb  # rows clearly nearest one code
+    yield "random", torch.randn(3000, D), cb  # many near ties: set aside, then fp32 tiles
+    # Codes in triples a hair apart (closer than bf16 can tell): the best two are not enough.
+    base = torch.randn(100, D)
+    trip = torch.cat([base, base * (1 + 2**-12), base * (1 - 2**-11)])
+    yield "near-duplicates", base[torch.randint(0, 100, (700,))] * (1 + 2**-11 * torch.randn(700, 1)), trip
+    yield "exact duplicates", cb[pick[:500]], torch.cat([cb, cb])
+    big = cb.clone()
+    big[7] *= 1e18  # a huge norm: the error bound is too wide to prove anything
+    yield "huge code", cb[pick[:400]] + 0.1 * torch.randn(400, D), big
+    nan = cb.clone()
+    nan[3, 5] = float("nan")
+    z = cb[pick[:400]] + 0.1 * torch.randn(400, D)
+    z[17] = float("nan")
+    z[18] *= 1e-20  # tiny row: bf16 flushes denormals
+    yield "non-finite", z, nan
+    yield "bf16 input", (cb[pick[:900]] + 0.3 * torch.randn(900, D)).bfloat16(), cb.bfloat16()
+    yield "f16 input", (cb[pick[:900]] + 0.3 * torch.randn(900, D)).half(), cb.half()
+    zc = torch.randn(4, D, 9, 17)
+    yield "channel-first", zc, torch.randn(200, D)
+
+
+@pytest.mark.skipif(not (native.cpu_status() is None and _isa_runs("avx512bf16")),
+                    reason="this CPU cannot run the avx512bf16 kernels")
+@pytest.mark.parametrize("nthreads", [1, 2])
+def test_bf16_search_gives_the_fp32_bits(monkeypatch, nthreads):
+    for name, z, cb in _bf16_regimes():
+        dim = 1 if z.dim() == 4 else -1
+        monkeypatch.setenv("VQK_CPU_ISA", "avx512")
+        want = forward_raw(z, cb, dim=dim, threads=nthreads)
+        monkeypatch.setenv("VQK_CPU_ISA", "avx512bf16")
+        got = forward_raw(z, cb, dim=dim, threads=nthreads)
+        for w, g in zip(want, got):
+            assert torch.equal(w, g) or (w.dtype.is_floating_point and torch.equal(w.isnan(), g.isnan())
+                                         and torch.equal(w.nan_to_num(), g.nan_to_num())), name
+        if name not in ("non-finite", "huge code"):
+            check_forward(z, cb, dim, got)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,6 +29,11 @@ struct FwdJob {
   float* packed;           // panels * D * nr floats, 64-byte aligned
   float* norms;            // panels * nr floats
   int64_t panels;
+  // Only for kernels with `bf16` set: the panels again as bf16 pairs (panels * ceil(D/2) * nr
+  // 32-bit words, element d of code k in the low half of word (d/2), d+1 in the high half), and
+  // max_k ||e_k|| (+inf if any norm is not finite), for the re-check's error bound.
+  uint32_t* packed_bf16;
+  float max_code_norm;
 };
 
 // What one instruction set provides. `search` handles row tiles [tile_lo, tile_hi) of `mr` rows
@@ -39,13 +44,18 @@ struct SearchKernels {
   int nr;  // codes per panel
   void (*pack)(const FwdJob& job, int64_t panel_lo, int64_t panel_hi);
   void (*search)(const FwdJob& job, int64_t tile_lo, int64_t tile_hi, float* scratch);
+  // Called once by every thread after its last tile: finishes rows a kernel set aside (the bf16
+  // search defers rows it cannot decide to an exact fp32 pass). scratch starts zeroed.
+  void (*flush)(const FwdJob& job, float* scratch);
   int64_t (*scratch_floats)(int64_t D);
+  bool bf16;  // wants packed_bf16 and max_code_norm
 };
 
 const SearchKernels& kernels_scalar();
 #if defined(__x86_64__) || defined(_M_X64)
 const SearchKernels& kernels_avx2();
 const SearchKernels& kernels_avx512();
+const SearchKernels& kernels_avx512bf16();
 #endif
 
 // Persistent worker pool. Runs fn(ctx, tid) for tid in [0, nthreads) (the caller is tid 0) and

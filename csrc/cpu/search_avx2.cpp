@@ -117,7 +117,8 @@ constexpr int NR = 4;
 namespace vqk {
 namespace cpu {
 const SearchKernels& kernels_avx2() {
-  static const SearchKernels k{"avx2", MR, NR, pack_any, search_any, scratch_floats};
+  static const SearchKernels k{"avx2", MR, NR, pack_any, search_any, flush_nothing,
+                                  scratch_floats, false};
   return k;
 }
 }  // namespace cpu

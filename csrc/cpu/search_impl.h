@@ -234,8 +234,10 @@ VQK_ALWAYS_INLINE void search_tile(const float* __restrict xt, const float* __re
 // Epilogue: the chosen codes packed like the rows (et[d * MR + r]) from the original codebook, so
 // the exact error is plain vertical arithmetic against xt (gathers would be simpler, but they run at
 // a fraction of the load rate on current cores and cost more than the whole search at small K).
+// Lane r holds row rowno[r]; rowno[r] < 0 marks a lane to leave alone (padding, or a row the bf16
+// search hands to the fp32 re-search).
 template <class E>
-void finish_tile(const cpu::FwdJob& job, int64_t row0, int64_t rows, const float* __restrict xt,
+void finish_tile(const cpu::FwdJob& job, const int64_t* __restrict rowno, const float* __restrict xt,
                  float* __restrict et, const int32_t* __restrict idx) {
   using T = typename E::T;
   using F = typename V::F;
@@ -253,9 +255,10 @@ void finish_tile(const cpu::FwdJob& job, int64_t row0, int64_t rows, const float
     }
     V::store(err + i * W, acc);
   }
-  for (int64_t r = 0; r < rows; ++r) {
-    job.indices[row0 + r] = idx[r];
-    job.sqerr[row0 + r] = err[r];
+  for (int r = 0; r < MR; ++r) {
+    if (rowno[r] < 0) continue;
+    job.indices[rowno[r]] = idx[r];
+    job.sqerr[rowno[r]] = err[r];
   }
   if (!job.zq.ptr) return;
 
@@ -266,11 +269,19 @@ void finish_tile(const cpu::FwdJob& job, int64_t row0, int64_t rows, const float
     const uint32_t bits = E::nan_bits;
     __builtin_memcpy(&nan, &bits, sizeof(T));  // little-endian: the low bytes hold the pattern
   }
+  // Output offsets: a run of consecutive rows costs one division.
   int64_t off[MR];
-  row_offsets(row0, rows, S, sb, ss, off);
+  for (int r = 0; r < MR;) {
+    if (rowno[r] < 0) { off[r++] = -1; continue; }
+    int64_t n = 1;
+    while (r + n < MR && rowno[r + n] == rowno[r] + n) ++n;
+    row_offsets(rowno[r], n, S, sb, ss, off + r);
+    r += (int)n;
+  }
   if (sd == 1) {
     // Row-major output: each row is a straight copy of its code's bits.
-    for (int64_t r = 0; r < rows; ++r) {
+    for (int r = 0; r < MR; ++r) {
+      if (rowno[r] < 0) continue;
       T* __restrict dst = zq + off[r];
       const T* __restrict e = cb + (int64_t)idx[r] * D;
       if (__builtin_isfinite(err[r])) {
@@ -282,10 +293,12 @@ void finish_tile(const cpu::FwdJob& job, int64_t row0, int64_t rows, const float
     return;
   }
   for (int i = 0; i < MRV; ++i) {
-    const int64_t r0 = i * W;
-    const int64_t cnt = rows - r0 < 0 ? 0 : imin(rows - r0, W);
-    if (cnt == 0) break;
-    if (W > 1 && consecutive(off + r0, cnt)) {
+    const int r0 = i * W;
+    int cnt = 0;  // leading lanes to write; the vector path needs every later lane skipped
+    while (cnt < W && rowno[r0 + cnt] >= 0) ++cnt;
+    bool rest_skipped = true;
+    for (int r = cnt; r < W; ++r) rest_skipped &= rowno[r0 + r] < 0;
+    if (W > 1 && cnt > 0 && rest_skipped && consecutive(off + r0, cnt)) {
       // Channel-first output: a block's rows are consecutive for a fixed d. The fp32 values in et
       // were widened from `dtype` elements, so narrowing them back is exact.
       const typename V::M finite = V::lt(V::load(err + r0), V::set1(__builtin_inff()));
@@ -293,13 +306,14 @@ void finish_tile(const cpu::FwdJob& job, int64_t row0, int64_t rows, const float
       T* dst = zq + off[r0];
       for (int64_t d = 0; d < D; ++d)
         store_elems<E>(dst + d * sd, V::sel(finite, V::load(et + d * MR + r0), qnan), cnt);
-    } else {
-      for (int64_t r = r0; r < r0 + cnt; ++r) {
-        T* dst = zq + off[r];
-        const T* e = cb + (int64_t)idx[r] * D;
-        const bool finite = __builtin_isfinite(err[r]);
-        for (int64_t d = 0; d < D; ++d) dst[d * sd] = finite ? e[d] : nan;
-      }
+      continue;
+    }
+    for (int r = r0; r < r0 + W; ++r) {
+      if (rowno[r] < 0) continue;
+      T* dst = zq + off[r];
+      const T* e = cb + (int64_t)idx[r] * D;
+      const bool finite = __builtin_isfinite(err[r]);
+      for (int64_t d = 0; d < D; ++d) dst[d * sd] = finite ? e[d] : nan;
     }
   }
 }
@@ -311,17 +325,19 @@ template <class E>
 void search_tiles(const cpu::FwdJob& job, int64_t t_lo, int64_t t_hi, float* scratch) {
   const int64_t N = job.x.B * job.x.S;
   alignas(64) int32_t idx[MR];
+  int64_t rowno[MR];
   for (int64_t t = t_lo; t < t_hi; ++t) {
     const int64_t row0 = t * MR, rows = imin(MR, N - row0);
+    for (int r = 0; r < MR; ++r) rowno[r] = r < rows ? row0 + r : -1;
     pack_rows<E>(job, row0, rows, scratch);
     search_tile(scratch, job.packed, job.norms, job.panels, job.D, idx);
-    finish_tile<E>(job, row0, rows, scratch, scratch + tile_floats(job.D), idx);
+    finish_tile<E>(job, rowno, scratch, scratch + tile_floats(job.D), idx);
   }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Dispatch on dtype (f64 never reaches these kernels).
-void pack_any(const cpu::FwdJob& job, int64_t p_lo, int64_t p_hi) {
+[[maybe_unused]] void pack_any(const cpu::FwdJob& job, int64_t p_lo, int64_t p_hi) {
   switch (job.dtype) {
     case DType::f16: return pack_codes<EF16>(job, p_lo, p_hi);
     case DType::bf16: return pack_codes<EBF16>(job, p_lo, p_hi);
@@ -329,7 +345,7 @@ void pack_any(const cpu::FwdJob& job, int64_t p_lo, int64_t p_hi) {
   }
 }
 
-void search_any(const cpu::FwdJob& job, int64_t t_lo, int64_t t_hi, float* scratch) {
+[[maybe_unused]] void search_any(const cpu::FwdJob& job, int64_t t_lo, int64_t t_hi, float* scratch) {
   switch (job.dtype) {
     case DType::f16: return search_tiles<EF16>(job, t_lo, t_hi, scratch);
     case DType::bf16: return search_tiles<EBF16>(job, t_lo, t_hi, scratch);
@@ -337,7 +353,9 @@ void search_any(const cpu::FwdJob& job, int64_t t_lo, int64_t t_hi, float* scrat
   }
 }
 
-int64_t scratch_floats(int64_t D) { return 2 * tile_floats(D); }
+[[maybe_unused]] int64_t scratch_floats(int64_t D) { return 2 * tile_floats(D); }
+
+[[maybe_unused]] void flush_nothing(const cpu::FwdJob&, float*) {}
 
 }  // namespace
 }  // namespace vqk

@@ -50,7 +50,8 @@ constexpr int NR = 4;
 namespace vqk {
 namespace cpu {
 const SearchKernels& kernels_scalar() {
-  static const SearchKernels k{"scalar", MR, NR, pack_any, search_any, scratch_floats};
+  static const SearchKernels k{"scalar", MR, NR, pack_any, search_any, flush_nothing,
+                                  scratch_floats, false};
   return k;
 }
 }  // namespace cpu

@@ -223,12 +223,16 @@ void search_tiles_bf16(const cpu::FwdJob& job, int64_t t_lo, int64_t t_hi, float
                               (_mm512_cmp_ps_mask(d2, d1, _CMP_EQ_OQ) & _mm512_cmplt_epi32_mask(i2, i1));
       const __m512 best = _mm512_mask_mov_ps(d1, take2, d2);
       _mm512_store_si512(idx + blk * W, _mm512_mask_mov_epi32(i1, take2, i2));
-      const __m512 delta = _mm512_fmadd_ps(_mm512_mul_ps(c_rel, _mm512_sqrt_ps(xx)), vE, c_abs);
-      // Proven when v2 - delta > best (ordered: NaN anywhere means not proven). A row of tiny
-      // values (||x||^2 < 2^-100) is not proven either: bf16 flushes its denormals to zero.
+      // Proven when v2 - delta > best (ordered: NaN anywhere means not proven). Not proven either:
+      // a row of tiny values (||x||^2 < 2^-100: bf16 flushes denormals to zero), or one whose
+      // products could overflow after rounding to bf16 (||x|| max||e|| >= 2^120) -- a code whose
+      // bf16 distance overflows to NaN would never be a candidate.
+      const __m512 xe = _mm512_mul_ps(_mm512_sqrt_ps(xx), vE);  // ||x|| max||e||
+      const __m512 delta = _mm512_fmadd_ps(c_rel, xe, c_abs);
       const __mmask16 ok = _mm512_cmp_ps_mask(best, _mm512_sub_ps(_mm512_load_ps(v2 + blk * W), delta),
                                               _CMP_LT_OQ) &
-                           _mm512_cmp_ps_mask(xx, _mm512_set1_ps(7.88860905e-31f), _CMP_GE_OQ);
+                           _mm512_cmp_ps_mask(xx, _mm512_set1_ps(7.88860905e-31f), _CMP_GE_OQ) &
+                           _mm512_cmp_ps_mask(xe, _mm512_set1_ps(1.329228e36f), _CMP_LT_OQ);
       for (int r = 0; r < W; ++r) {
         const int lane = blk * W + r;
         if (rowno[lane] < 0 || ((ok >> r) & 1)) continue;

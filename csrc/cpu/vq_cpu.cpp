@@ -292,24 +292,40 @@ struct BackwardRun {
         gcm(static_cast<const A*>(args.g_commit)), gx(static_cast<S*>(args.grad_x.ptr)) {}
 
   // One row: writes grad_x[n] (if wanted) and, if `acc` is given, adds 2 g_cb (e - x) into it.
-  void row(int64_t n, A* acc) const {
-    const int64_t k = a.indices[n];
-    const S* e = cb + k * D;
-    const int64_t xo = a.x.offset(n, 0), xs = a.x.sd;
-    const A wc = gcm ? 2 * gcm[n] : A(0);
+  // C: every view is contiguous along D, so the loops have unit strides and vectorise.
+  template <bool C>
+  void row_t(int64_t n, A* __restrict acc) const {
+    const S* __restrict e = cb + a.indices[n] * D;
+    const S* __restrict xr = xp + a.x.offset(n, 0);
+    const int64_t xs = C ? 1 : a.x.sd;
     if (gx) {
-      const int64_t go = a.grad_x.offset(n, 0), gs = a.grad_x.sd;
-      const int64_t qo = gzq ? a.grad_zq.offset(n, 0) : 0, qs = a.grad_zq.sd;
-      for (int64_t d = 0; d < D; ++d) {
-        A g = gzq ? T::load(gzq + qo + d * qs) : A(0);
-        if (wc != 0) g += wc * (T::load(xp + xo + d * xs) - T::load(e + d));
-        T::put(gx + go + d * gs, g);
+      S* __restrict gr = gx + a.grad_x.offset(n, 0);
+      const int64_t gs = C ? 1 : a.grad_x.sd, qs = C ? 1 : a.grad_zq.sd;
+      const A wc = gcm ? 2 * gcm[n] : A(0);
+      if (gzq) {
+        const S* __restrict q = gzq + a.grad_zq.offset(n, 0);
+        if (wc != 0) {
+          for (int64_t d = 0; d < D; ++d)
+            T::put(gr + d * gs, T::load(q + d * qs) + wc * (T::load(xr + d * xs) - T::load(e + d)));
+        } else {
+          for (int64_t d = 0; d < D; ++d) T::put(gr + d * gs, T::load(q + d * qs));
+        }
+      } else if (wc != 0) {
+        for (int64_t d = 0; d < D; ++d) T::put(gr + d * gs, wc * (T::load(xr + d * xs) - T::load(e + d)));
+      } else {
+        for (int64_t d = 0; d < D; ++d) T::put(gr + d * gs, A(0));
       }
     }
     if (acc) {
       const A wb = 2 * gcb[n];
-      for (int64_t d = 0; d < D; ++d) acc[d] += wb * (T::load(e + d) - T::load(xp + xo + d * xs));
+      for (int64_t d = 0; d < D; ++d) acc[d] += wb * (T::load(e + d) - T::load(xr + d * xs));
     }
+  }
+
+  void row(int64_t n, A* acc) const {
+    const bool contig = a.x.sd == 1 && (!gx || a.grad_x.sd == 1) && (!gzq || a.grad_zq.sd == 1);
+    if (contig) row_t<true>(n, acc);
+    else row_t<false>(n, acc);
   }
 
   void run(int num_threads) {

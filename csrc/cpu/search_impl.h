@@ -49,6 +49,19 @@ VQK_ALWAYS_INLINE void row_offsets(int64_t row0, int64_t cnt, int64_t S, int64_t
   }
 }
 
+// Offsets of the rows rowno[0 .. MR) (-1 where rowno < 0): a run of consecutive rows costs one
+// division.
+VQK_ALWAYS_INLINE void run_offsets(const int64_t* rowno, int64_t S, int64_t sb, int64_t ss,
+                                   int64_t* off) {
+  for (int r = 0; r < MR;) {
+    if (rowno[r] < 0) { off[r++] = -1; continue; }
+    int64_t n = 1;
+    while (r + n < MR && rowno[r + n] == rowno[r] + n) ++n;
+    row_offsets(rowno[r], n, S, sb, ss, off + r);
+    r += (int)n;
+  }
+}
+
 // Whether rows off[0 .. cnt) are consecutive elements (a vector load/store covers them).
 VQK_ALWAYS_INLINE bool consecutive(const int64_t* off, int64_t cnt) {
   for (int64_t r = 1; r < cnt; ++r)
@@ -244,16 +257,41 @@ void finish_tile(const cpu::FwdJob& job, const int64_t* __restrict rowno, const 
   const int64_t D = job.D;
   const T* cb = static_cast<const T*>(job.codebook);
   alignas(64) float err[MR];
-  for (int i = 0; i < MRV; ++i) {
-    const T* rp[W];
-    for (int r = 0; r < W; ++r) rp[r] = cb + (int64_t)idx[i * W + r] * D;
-    pack_block<E>(rp, 1, D, et + i * W);
-    F acc = V::zero();
-    for (int64_t d = 0; d < D; ++d) {
-      const F diff = V::sub(V::load(xt + d * MR + i * W), V::load(et + d * MR + i * W));
-      acc = V::fmadd(diff, diff, acc);
+  // Row-major input: the exact error straight from x's and the code's rows (vectors along D), no
+  // transposition. Otherwise (channel-first, strided) from the two packed tiles, vertically.
+  const bool rowwise = W > 1 && job.x.sd == 1;
+  if (!rowwise || (job.zq.ptr && job.zq.sd != 1)) {
+    for (int i = 0; i < MRV; ++i) {
+      const T* rp[W];
+      for (int r = 0; r < W; ++r) rp[r] = cb + (int64_t)idx[i * W + r] * D;
+      pack_block<E>(rp, 1, D, et + i * W);
     }
-    V::store(err + i * W, acc);
+  }
+  if (rowwise) {
+    const T* x = static_cast<const T*>(job.x.ptr);
+    int64_t xoff[MR];
+    run_offsets(rowno, job.x.S, job.x.sb, job.x.ss, xoff);
+    for (int r = 0; r < MR; ++r) {
+      if (rowno[r] < 0) continue;
+      const T* xr = x + xoff[r];
+      const T* er = cb + (int64_t)idx[r] * D;
+      F acc = V::zero();
+      for (int64_t d0 = 0; d0 < D; d0 += W) {
+        const int64_t dc = imin(W, D - d0);
+        const F diff = V::sub(load_elems<E>(xr + d0, dc), load_elems<E>(er + d0, dc));
+        acc = V::fmadd(diff, diff, acc);
+      }
+      err[r] = V::hsum(acc);
+    }
+  } else {
+    for (int i = 0; i < MRV; ++i) {
+      F acc = V::zero();
+      for (int64_t d = 0; d < D; ++d) {
+        const F diff = V::sub(V::load(xt + d * MR + i * W), V::load(et + d * MR + i * W));
+        acc = V::fmadd(diff, diff, acc);
+      }
+      V::store(err + i * W, acc);
+    }
   }
   for (int r = 0; r < MR; ++r) {
     if (rowno[r] < 0) continue;
@@ -269,15 +307,8 @@ void finish_tile(const cpu::FwdJob& job, const int64_t* __restrict rowno, const 
     const uint32_t bits = E::nan_bits;
     __builtin_memcpy(&nan, &bits, sizeof(T));  // little-endian: the low bytes hold the pattern
   }
-  // Output offsets: a run of consecutive rows costs one division.
   int64_t off[MR];
-  for (int r = 0; r < MR;) {
-    if (rowno[r] < 0) { off[r++] = -1; continue; }
-    int64_t n = 1;
-    while (r + n < MR && rowno[r + n] == rowno[r] + n) ++n;
-    row_offsets(rowno[r], n, S, sb, ss, off + r);
-    r += (int)n;
-  }
+  run_offsets(rowno, S, sb, ss, off);
   if (sd == 1) {
     // Row-major output: each row is a straight copy of its code's bits.
     for (int r = 0; r < MR; ++r) {

@@ -24,6 +24,7 @@ struct V {
   static inline F fmadd(F a, F b, F c) { return a * b + c; }
   static inline F fnmadd(F a, F b, F c) { return c - a * b; }
   static inline F sub(F a, F b) { return a - b; }
+  static inline float hsum(F a) { return a; }
   static inline M lt(F a, F b) { return a < b; }  // false when either is NaN
   static inline F sel(M m, F t, F f) { return m ? t : f; }
   static inline I seli(M m, I t, I f) { return m ? t : f; }

@@ -1,11 +1,11 @@
 // The fused nearest-code search, written once over a SIMD traits type `V` and instantiated by each
-// ISA translation unit (search_avx512.cpp, search_avx2.cpp, search_scalar.cpp) with its own traits
-// and compiler flags.
+// ISA translation unit (search_avx512.cpp, search_avx512bf16.cpp, search_avx2.cpp,
+// search_scalar.cpp) with its own traits and compiler flags.
 //
 // Include this only inside an anonymous namespace's reach: everything here has internal linkage, and
 // nothing from the standard library is instantiated, so no function compiled for AVX-512 can be
 // merged by the linker into a caller built for a lesser CPU. The including unit defines, before the
-// include: `struct V` (traits, see search_avx512.cpp) and the constants MRV and NR.
+// include: `struct V` (traits, see simd_avx512.h) and the constants MRV and NR.
 //
 // Shape of the computation (per row tile of MR = MRV * V::W rows):
 //   1. pack the tile's rows d-major into `xt` [D][MR] floats (converted from f16/bf16 here, so the
@@ -15,9 +15,9 @@
 //      minimum. Because lanes are rows, the argmin is vertical: a compare and two masked moves per
 //      accumulator, no horizontal reduction. Codes are visited in increasing index and the compare
 //      is a strict, ordered less-than, so ties keep the lowest index and a NaN distance never wins;
-//   3. epilogue while the tile is hot: pack the chosen codes the same way, the exact error
-//      sum_d (x_d - e_d)^2 from the two tiles, indices, z_q (a bit copy of the code, NaN where the
-//      error is not finite).
+//   3. epilogue while the tile is hot: the exact error sum_d (x_d - e_d)^2 of the chosen code
+//      (from the rows as they lie when x is row-major, else from the chosen codes packed like the
+//      rows), indices, errors, z_q (a bit copy of the code, NaN where the error is not finite).
 #pragma once
 
 #include <cstdint>
@@ -32,7 +32,6 @@ namespace {
 
 constexpr int W = V::W;
 constexpr int MR = MRV * W;
-static_assert((NR & (NR - 1)) == 0, "NR must be a power of two (gather offsets use shifts)");
 
 VQK_ALWAYS_INLINE int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 

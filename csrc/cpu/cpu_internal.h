@@ -51,12 +51,11 @@ struct SearchKernels {
   bool bf16;  // wants packed_bf16 and max_code_norm
 };
 
+// Each exists when CMake built it (VQK_HAVE_*: the compiler had the flags, x86-64 only).
 const SearchKernels& kernels_scalar();
-#if defined(__x86_64__) || defined(_M_X64)
 const SearchKernels& kernels_avx2();
 const SearchKernels& kernels_avx512();
 const SearchKernels& kernels_avx512bf16();
-#endif
 
 // Persistent worker pool. Runs fn(ctx, tid) for tid in [0, nthreads) (the caller is tid 0) and
 // returns when all are done. One call at a time; a concurrent caller waits for the pool.

@@ -82,8 +82,9 @@ std::unique_ptr<T[], FreeDeleter> aligned_array(int64_t n) {
 // ---------------------------------------------------------------------------------------------
 // Instruction set
 
+// Whether this CPU runs each build (and the build exists).
 bool cpu_has_avx512() {
-#if defined(__x86_64__) || defined(_M_X64)
+#if defined(VQK_HAVE_AVX512)
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
 #else
@@ -92,15 +93,17 @@ bool cpu_has_avx512() {
 }
 
 bool cpu_has_avx512bf16() {
-#if defined(__x86_64__) || defined(_M_X64)
-  return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
+#if defined(VQK_HAVE_AVX512BF16)
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512bf16");
 #else
   return false;
 #endif
 }
 
 bool cpu_has_avx2() {
-#if defined(__x86_64__) || defined(_M_X64)
+#if defined(VQK_HAVE_AVX2)
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
          __builtin_cpu_supports("f16c");
 #else
@@ -114,34 +117,43 @@ constexpr int64_t kBf16MinK = 128, kBf16MinD = 16;
 
 // The kernels to use for a K x D codebook: the best this CPU runs, or the one VQK_CPU_ISA names
 // (read on every call so tests can force each path on one machine).
-const cpu::SearchKernels& select_kernels(int64_t K, int64_t D) {
+const cpu::SearchKernels& select_kernels([[maybe_unused]] int64_t K, [[maybe_unused]] int64_t D) {
   const char* env = std::getenv("VQK_CPU_ISA");
   const std::string want = env ? env : "";
   if (want.empty() || want == "auto") {
-#if defined(__x86_64__) || defined(_M_X64)
+#if defined(VQK_HAVE_AVX512BF16)
     if (cpu_has_avx512bf16() && K >= kBf16MinK && D >= kBf16MinD) return cpu::kernels_avx512bf16();
+#endif
+#if defined(VQK_HAVE_AVX512)
     if (cpu_has_avx512()) return cpu::kernels_avx512();
+#endif
+#if defined(VQK_HAVE_AVX2)
     if (cpu_has_avx2()) return cpu::kernels_avx2();
 #endif
     return cpu::kernels_scalar();
   }
   if (want == "scalar") return cpu::kernels_scalar();
-#if defined(__x86_64__) || defined(_M_X64)
-  if (want == "avx512") {
-    if (!cpu_has_avx512())
-      throw std::runtime_error("VQK_CPU_ISA=avx512, but this CPU lacks AVX-512 F/BW/VL/DQ");
-    return cpu::kernels_avx512();
-  }
   if (want == "avx512bf16") {
     if (!cpu_has_avx512bf16())
-      throw std::runtime_error("VQK_CPU_ISA=avx512bf16, but this CPU lacks AVX-512 BF16");
+      throw std::runtime_error("VQK_CPU_ISA=avx512bf16, but this CPU (or this build) lacks AVX-512 BF16");
+#if defined(VQK_HAVE_AVX512BF16)
     return cpu::kernels_avx512bf16();
+#endif
+  }
+  if (want == "avx512") {
+    if (!cpu_has_avx512())
+      throw std::runtime_error("VQK_CPU_ISA=avx512, but this CPU (or this build) lacks AVX-512 F/BW/VL/DQ");
+#if defined(VQK_HAVE_AVX512)
+    return cpu::kernels_avx512();
+#endif
   }
   if (want == "avx2") {
-    if (!cpu_has_avx2()) throw std::runtime_error("VQK_CPU_ISA=avx2, but this CPU lacks AVX2/FMA/F16C");
+    if (!cpu_has_avx2())
+      throw std::runtime_error("VQK_CPU_ISA=avx2, but this CPU (or this build) lacks AVX2/FMA/F16C");
+#if defined(VQK_HAVE_AVX2)
     return cpu::kernels_avx2();
-  }
 #endif
+  }
   throw std::invalid_argument("VQK_CPU_ISA must be one of auto, avx512bf16, avx512, avx2, scalar; got '" +
                               want + "'");
 }

@@ -2,6 +2,12 @@
 
     pytest benchmarks/test_bench_cpu.py --benchmark-only --benchmark-json=cpu.json
     python benchmarks/cpu_table.py cpu.json > benchmarks/results/cpu.md
+    VQK_BENCH_THREADS=1 pytest benchmarks/test_bench_cpu.py --benchmark-only ...   # one thread each
+
+Every implementation runs with torch's thread count (VQK_BENCH_THREADS sets it for the run): FAISS
+gets as many OpenMP threads, vqk-cpu uses torch.get_num_threads(). On a busy machine, compare the
+one-thread run: spin-waiting thread teams (OpenMP in FAISS and torch) collapse when another process
+holds a core, which says more about the neighbour than about the kernels.
 
 At each N x K x D of the issue, beside each other:
   faiss          faiss.IndexFlatL2(D).search(z, 1) with as many OpenMP threads as torch has
@@ -19,12 +25,17 @@ Each records GFLOP/s (2 N K D / median time) and peak memory: torch's allocation
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 import vqkernels
 from vqkernels import native
 from peers import Unavailable, make_eager, make_faiss
+
+if os.environ.get("VQK_BENCH_THREADS"):
+    torch.set_num_threads(int(os.environ["VQK_BENCH_THREADS"]))
 
 CPU_SHAPES = [(8192, 512, 256), (8192, 256, 256), (8192, 64, 64), (32768, 512, 512),
               (65536, 4096, 64)]

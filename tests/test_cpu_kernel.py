@@ -7,8 +7,9 @@ file covers what is particular to the CPU kernel: its tiles and panels (shapes a
 its layouts (channel-first, strided, batch boundaries inside a tile), its threads (bitwise the same
 for any count) and its exact tie and NaN rules.
 """
-import math
 import os
+import signal
+import time
 
 import pytest
 import torch
@@ -237,6 +238,40 @@ def test_single_code_and_huge_k(isa):
     check_forward(z, cb, -1, forward_raw(z, cb))
     z, cb = make_inputs(9, 20000, 3)
     check_forward(z, cb, -1, forward_raw(z, cb))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_thread_pool_survives_fork():
+    # The pool's workers do not exist in a forked child (a DataLoader worker, say): the child must
+    # start its own instead of waiting on the parent's. The child calls only the native module and
+    # numpy (torch's own OpenMP pool is not usable after fork).
+    N, K, D = 3000, 200, 40
+    z, cb = make_inputs(N, K, D)
+    want = forward_raw(z, cb, threads=2)[1]  # the parent's pool is up
+    idx = torch.full((N,), -1, dtype=torch.long)
+    err = torch.empty(N)
+    counts = torch.empty(K, dtype=torch.long)
+    xv = RowPlan(z, -1).view(z)
+    pid = os.fork()
+    if pid == 0:
+        ok = False
+        try:
+            native.module().cpu_forward(0, xv.as_args(), cb.data_ptr(), K, NULL_VIEW,
+                                        idx.data_ptr(), err.data_ptr(), counts.data_ptr(), 2)
+            ok = bool((idx.numpy() == want.numpy()).all())
+        finally:
+            os._exit(0 if ok else 1)
+    deadline = time.monotonic() + 60
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung in the CPU kernel (waiting on the parent's pool?)")
+        time.sleep(0.01)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
 
 
 def test_bad_isa_name_is_an_error(monkeypatch):

@@ -31,7 +31,7 @@ vqk::ForwardArgs forward_args(int dtype, const View& x, int64_t codebook, int64_
                               const View& zq, int64_t indices, int64_t sqerr, int64_t counts) {
   if (K <= 0) throw std::invalid_argument("vqkernels._C: K must be positive");
   return {to_dtype(dtype), rows(x), ptr<const void>(codebook), K, rows_out(zq),
-          ptr<int64_t>(indices), ptr<void>(sqerr), ptr<int64_t>(counts)};
+          ptr<int64_t>(indices), ptr<void>(sqerr), ptr<int64_t>(counts), nullptr, 0, 0};
 }
 
 vqk::BackwardArgs backward_args(int dtype, const View& x, int64_t codebook, int64_t K,
@@ -40,7 +40,7 @@ vqk::BackwardArgs backward_args(int dtype, const View& x, int64_t codebook, int6
   if (K <= 0) throw std::invalid_argument("vqkernels._C: K must be positive");
   return {to_dtype(dtype), rows(x), ptr<const void>(codebook), K, ptr<const int64_t>(indices),
           rows(grad_zq), ptr<const void>(g_codebook), ptr<const void>(g_commit),
-          rows_out(grad_x), ptr<void>(grad_cb)};
+          rows_out(grad_x), ptr<void>(grad_cb), nullptr, 0, 0};
 }
 
 }  // namespace
@@ -77,26 +77,47 @@ PYBIND11_MODULE(_C, m) {
 #ifdef VQK_WITH_CUDA
   m.attr("has_cuda") = true;
   m.attr("cuda_archs") = VQK_CUDA_ARCHS_STR;
+  // Temporary device memory is the caller's: ask *_workspace_bytes, allocate, pass it in.
+  m.def("cuda_forward_workspace_bytes",
+        [](int dtype, int64_t N, int64_t K, int64_t D, int64_t codebook) {
+          return vqk::cuda_forward_workspace_bytes(to_dtype(dtype), N, K, D,
+                                                   static_cast<std::uintptr_t>(codebook));
+        },
+        py::arg("dtype"), py::arg("N"), py::arg("K"), py::arg("D"), py::arg("codebook"));
+  m.def("cuda_backward_workspace_bytes",
+        [](int dtype, int64_t N, int64_t K, int64_t D, bool deterministic) {
+          return vqk::cuda_backward_workspace_bytes(to_dtype(dtype), N, K, D, deterministic);
+        },
+        py::arg("dtype"), py::arg("N"), py::arg("K"), py::arg("D"), py::arg("deterministic"));
   m.def("cuda_forward",
         [](int dtype, View x, int64_t codebook, int64_t K, View zq, int64_t indices,
-           int64_t sqerr, int64_t counts, uint64_t stream) {
+           int64_t sqerr, int64_t counts, int64_t workspace, int64_t workspace_bytes,
+           uint64_t stream) {
           auto a = forward_args(dtype, x, codebook, K, zq, indices, sqerr, counts);
+          a.workspace = ptr<void>(workspace);
+          a.workspace_bytes = workspace_bytes;
           py::gil_scoped_release nogil;
           vqk::cuda_forward(a, stream);
         },
         py::arg("dtype"), py::arg("x"), py::arg("codebook"), py::arg("K"), py::arg("zq"),
-        py::arg("indices"), py::arg("sqerr"), py::arg("counts"), py::arg("stream"));
+        py::arg("indices"), py::arg("sqerr"), py::arg("counts"), py::arg("workspace"),
+        py::arg("workspace_bytes"), py::arg("stream"));
   m.def("cuda_backward",
         [](int dtype, View x, int64_t codebook, int64_t K, int64_t indices, View grad_zq,
-           int64_t g_codebook, int64_t g_commit, View grad_x, int64_t grad_cb, uint64_t stream) {
+           int64_t g_codebook, int64_t g_commit, View grad_x, int64_t grad_cb, int64_t workspace,
+           int64_t workspace_bytes, bool deterministic, uint64_t stream) {
           auto a = backward_args(dtype, x, codebook, K, indices, grad_zq, g_codebook, g_commit,
                                  grad_x, grad_cb);
+          a.workspace = ptr<void>(workspace);
+          a.workspace_bytes = workspace_bytes;
+          a.deterministic = deterministic ? 1 : 0;
           py::gil_scoped_release nogil;
           vqk::cuda_backward(a, stream);
         },
         py::arg("dtype"), py::arg("x"), py::arg("codebook"), py::arg("K"), py::arg("indices"),
         py::arg("grad_zq"), py::arg("g_codebook"), py::arg("g_commit"), py::arg("grad_x"),
-        py::arg("grad_cb"), py::arg("stream"));
+        py::arg("grad_cb"), py::arg("workspace"), py::arg("workspace_bytes"),
+        py::arg("deterministic"), py::arg("stream"));
 #else
   m.attr("has_cuda") = false;
   m.attr("cuda_archs") = "";

@@ -92,6 +92,26 @@ def _cuda_stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
+def _cuda_device(device: torch.device):
+    """The context that makes `device` current for the native CUDA calls (a seam tests replace)."""
+    return torch.cuda.device(device)
+
+
+def deterministic() -> bool:
+    """Whether backward passes must be bitwise repeatable: VQK_DETERMINISTIC=1 in the environment,
+    or torch.use_deterministic_algorithms(True). The CUDA kernels then sum the codebook gradient
+    in a fixed order instead of by atomics."""
+    return (os.environ.get("VQK_DETERMINISTIC", "0") not in ("", "0")
+            or torch.are_deterministic_algorithms_enabled())
+
+
+def _workspace(nbytes: int, device) -> torch.Tensor:
+    # Temporary device memory for one native call, from torch's caching allocator on the current
+    # stream: freeing it right after the (asynchronous) launch is safe, since the next user of the
+    # block is ordered after the kernel on the same stream.
+    return torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+
 def _cpu_fwd(*a):
     native.module().cpu_forward(*a[:-1], _cpu_threads())
 
@@ -100,14 +120,27 @@ def _cpu_bwd(*a):
     native.module().cpu_backward(*a[:-1], _cpu_threads())
 
 
-def _cuda_fwd(*a):
-    with torch.cuda.device(a[-1]):
-        native.module().cuda_forward(*a[:-1], _cuda_stream(a[-1]))
+def _cuda_fwd(dtype, xv, cb_ptr, K, *rest):
+    device = rest[-1]
+    N, D = xv[1] * xv[2], xv[3]
+    with _cuda_device(device):
+        mod = native.module()
+        nbytes = mod.cuda_forward_workspace_bytes(dtype, N, K, D, cb_ptr)
+        ws = _workspace(nbytes, device)
+        mod.cuda_forward(dtype, xv, cb_ptr, K, *rest[:-1], ws.data_ptr() if nbytes else 0, nbytes,
+                         _cuda_stream(device))
 
 
-def _cuda_bwd(*a):
-    with torch.cuda.device(a[-1]):
-        native.module().cuda_backward(*a[:-1], _cuda_stream(a[-1]))
+def _cuda_bwd(dtype, xv, cb_ptr, K, idx_ptr, gzqv, g_cb_ptr, *rest):
+    device = rest[-1]
+    N, D = xv[1] * xv[2], xv[3]
+    det = bool(g_cb_ptr) and deterministic()  # no codebook term: nothing to sum
+    with _cuda_device(device):
+        mod = native.module()
+        nbytes = mod.cuda_backward_workspace_bytes(dtype, N, K, D, det)
+        ws = _workspace(nbytes, device)
+        mod.cuda_backward(dtype, xv, cb_ptr, K, idx_ptr, gzqv, g_cb_ptr, *rest[:-1],
+                          ws.data_ptr() if nbytes else 0, nbytes, det, _cuda_stream(device))
 
 
 # --------------------------------------------------------------------------------------------

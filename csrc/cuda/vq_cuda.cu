@@ -1,148 +1,219 @@
-// CUDA nearest-code search and VQ backward: a plain, correct implementation (one thread per row).
-// It proves the CUDA side of the build and gives the cuda backend real semantics; the tiled
-// tensor-core kernels replace it in their own change.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
+// CUDA forward: planning, workspace, and the launches around the search kernels.
+//
+// One forward is (on the caller's stream):
+//   1. counts <- 0;
+//   2. norms_kernel: ||e_k||^2 once per call into the workspace (and, when the codebook rows are
+//      not whole 16-byte vectors, a zero-padded copy the search can stream with cp.async);
+//   3. search_kernel (search.cuh): blocks of rows x a range of codebook tiles, candidates per row;
+//      with one split it finishes the rows itself (gather, exact error, z_q, counts);
+//   4. finalize_kernel, only when the codebook was split across blocks: merges the splits'
+//      candidates and finishes the rows.
+// Workspace (temporary device memory) is allocated by the caller (torch) and passed in; its size
+// comes from cuda_forward_workspace_bytes with the same arguments.
+#include <algorithm>
+#include <climits>
 
-#include <cmath>
-#include <stdexcept>
-#include <string>
-
-#include "vqk/vqk.h"
+#include "common.cuh"
 
 namespace vqk {
+namespace cu {
 namespace {
 
-void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess)
-    throw std::runtime_error(std::string("vqkernels CUDA error in ") + what + ": " +
-                             cudaGetErrorString(e));
-}
+// Splitting the codebook across blocks gives small-N, large-K searches enough blocks to fill the
+// GPU: aim for about this many blocks (a few waves even on the largest parts) ...
+constexpr int64_t kTargetBlocks = 1024;
+// ... while every split keeps enough pipeline steps (tiles x depth chunks) to overlap its
+// copies with math, and at least one tile.
+constexpr int64_t kMinStepsPerSplit = 16;
+constexpr int64_t kMaxSplits = 64;
+// Code indices are int32 inside the kernels, with room for a tile past the end.
+constexpr int64_t kMaxK = int64_t(1) << 30;
 
-template <class S> struct Elt;
-template <> struct Elt<float> { using acc = float;
-  __device__ static float load(const float* p) { return *p; }
-  __device__ static void put(float* p, float v) { *p = v; } };
-template <> struct Elt<double> { using acc = double;
-  __device__ static double load(const double* p) { return *p; }
-  __device__ static void put(double* p, double v) { *p = v; } };
-template <> struct Elt<__half> { using acc = float;
-  __device__ static float load(const __half* p) { return __half2float(*p); }
-  __device__ static void put(__half* p, float v) { *p = __float2half_rn(v); } };
-template <> struct Elt<__nv_bfloat16> { using acc = float;
-  __device__ static float load(const __nv_bfloat16* p) { return __bfloat162float(*p); }
-  __device__ static void put(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); } };
+size_t align_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
 
-__device__ __forceinline__ int64_t row_offset(int64_t n, int64_t S, int64_t sb, int64_t ss) {
-  const int64_t b = n / S;
-  return b * sb + (n - b * S) * ss;
-}
+struct FwdPlan {
+  int64_t rowblocks = 0, ntiles = 0, Dv = 0, Dp = 0;
+  int splits = 1, tiles_per_split = 0;
+  bool padcopy = false;
+  size_t off_norms = 0, off_cbpad = 0, off_part = 0, total = 0;
+};
 
 template <class S>
-__global__ void forward_kernel(ForwardArgs a) {
-  using E = Elt<S>;
-  using A = typename E::acc;
-  const int64_t n = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-  const int64_t N = a.x.B * a.x.S, D = a.x.D;
-  if (n >= N) return;
-  const S* x = static_cast<const S*>(a.x.ptr) + row_offset(n, a.x.S, a.x.sb, a.x.ss);
-  const S* cb = static_cast<const S*>(a.codebook);
-  A best = INFINITY;
-  int64_t arg = 0;
-  for (int64_t k = 0; k < a.K; ++k) {
-    A dot = 0, nrm = 0;
-    for (int64_t d = 0; d < D; ++d) {
-      const A e = E::load(cb + k * D + d);
-      dot += E::load(x + d * a.x.sd) * e;
-      nrm += e * e;
+FwdPlan plan_forward(int64_t N, int64_t K, int64_t D, std::uintptr_t cb) {
+  using A = typename Acc<S>::type;
+  constexpr int BM = Cfg<S>::BM, BN = Cfg<S>::BN, BK = Cfg<S>::BK;
+  constexpr int64_t vec = 16 / sizeof(S);
+  FwdPlan q;
+  q.rowblocks = (N + BM - 1) / BM;
+  q.ntiles = (K + BN - 1) / BN;
+  q.Dp = (D + BK - 1) / BK * BK;
+  int64_t splits = 1;
+  if (q.rowblocks > 0 && q.rowblocks < kTargetBlocks) {
+    const int64_t want = (kTargetBlocks + q.rowblocks - 1) / q.rowblocks;
+    const int64_t steps = q.ntiles * (q.Dp / BK);
+    const int64_t most = std::max<int64_t>(1, std::min(q.ntiles, steps / kMinStepsPerSplit));
+    splits = std::min({want, most, kMaxSplits});
+  }
+  q.tiles_per_split = (int)((q.ntiles + splits - 1) / splits);
+  q.splits = (int)((q.ntiles + q.tiles_per_split - 1) / q.tiles_per_split);  // none left empty
+  q.padcopy = (D % vec) != 0 || (cb % 16) != 0;
+  q.Dv = q.padcopy ? (D + vec - 1) / vec * vec : D;
+  size_t off = 0;
+  q.off_norms = off;
+  off = align_up(off + (size_t)K * sizeof(A), 256);
+  q.off_cbpad = off;
+  if (q.padcopy) off = align_up(off + (size_t)K * q.Dv * sizeof(S), 256);
+  q.off_part = off;
+  if (q.splits > 1) off = align_up(off + (size_t)q.splits * N * sizeof(Cand<A>), 256);
+  q.total = N > 0 ? off : 0;
+  return q;
+}
+
+void validate_sizes(int64_t N, int64_t K, int64_t D, const char* who) {
+  if (D < 1) throw std::invalid_argument(std::string(who) + ": D must be positive");
+  if (D > (int64_t(1) << 30))
+    throw std::invalid_argument(std::string(who) + ": D = " + std::to_string(D) +
+                                " is more than the CUDA kernels support (2^30)");
+  if (K < 1) throw std::invalid_argument(std::string(who) + ": K must be positive");
+  if (K > kMaxK)
+    throw std::invalid_argument(std::string(who) + ": K = " + std::to_string(K) +
+                                " codes is more than the CUDA kernels support (2^30)");
+  if (N < 0) throw std::invalid_argument(std::string(who) + ": N must be non-negative");
+}
+
+// One warp per code: ||e||^2 in the accumulation type (fixed order, so equal codes get equal
+// norms), and the zero-padded copy when asked for.
+template <class S>
+__global__ void __launch_bounds__(kThreads) norms_kernel(const S* cb, int64_t K, int64_t D,
+                                                          typename Acc<S>::type* norms, S* cbpad,
+                                                          int64_t Dv) {
+  using A = typename Acc<S>::type;
+  const int lane = threadIdx.x & 31;
+  const int64_t wpb = kThreads / 32;
+  for (int64_t k = (int64_t)blockIdx.x * wpb + threadIdx.x / 32; k < K; k += (int64_t)gridDim.x * wpb) {
+    const S* e = cb + k * D;
+    A s = 0;
+    for (int64_t d = lane; d < D; d += 32) {
+      const A v = to_acc(e[d]);
+      s = fma(v, v, s);
     }
-    const A dist = nrm - 2 * dot;
-    if (dist < best) { best = dist; arg = k; }  // strict: ties keep the lowest index
-  }
-  A err = 0;
-  for (int64_t d = 0; d < D; ++d) {
-    const A t = E::load(x + d * a.x.sd) - E::load(cb + arg * D + d);
-    err += t * t;
-  }
-  a.indices[n] = arg;
-  static_cast<A*>(a.sqerr)[n] = err;
-  if (a.counts) atomicAdd(reinterpret_cast<unsigned long long*>(a.counts + arg), 1ull);
-  if (a.zq.ptr) {
-    S* zq = static_cast<S*>(a.zq.ptr) + row_offset(n, a.zq.S, a.zq.sb, a.zq.ss);
-    const bool finite = isfinite(err);
-    for (int64_t d = 0; d < D; ++d)
-      E::put(zq + d * a.zq.sd, finite ? E::load(cb + arg * D + d) : A(NAN));
+    s = warp_sum(s);
+    if (lane == 0) norms[k] = s;
+    if (cbpad)
+      for (int64_t d = lane; d < Dv; d += 32) cbpad[k * Dv + d] = d < D ? e[d] : zero_of<S>();
   }
 }
 
+// One warp per row: merge the splits' candidates (lists are ordered, so the merge order does not
+// matter), then finish the row.
 template <class S>
-__global__ void backward_kernel(BackwardArgs a) {
-  using E = Elt<S>;
-  using A = typename E::acc;
-  const int64_t n = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-  const int64_t N = a.x.B * a.x.S, D = a.x.D;
-  if (n >= N) return;
-  const S* x = static_cast<const S*>(a.x.ptr) + row_offset(n, a.x.S, a.x.sb, a.x.ss);
-  const int64_t k = a.indices[n];
-  const S* e = static_cast<const S*>(a.codebook) + k * D;
-  const A wc = a.g_commit ? 2 * static_cast<const A*>(a.g_commit)[n] : A(0);
-  const A wb = a.g_codebook ? 2 * static_cast<const A*>(a.g_codebook)[n] : A(0);
-  const S* gzq = a.grad_zq.ptr
-      ? static_cast<const S*>(a.grad_zq.ptr) + row_offset(n, a.grad_zq.S, a.grad_zq.sb, a.grad_zq.ss)
-      : nullptr;
-  S* gx = a.grad_x.ptr
-      ? static_cast<S*>(a.grad_x.ptr) + row_offset(n, a.grad_x.S, a.grad_x.sb, a.grad_x.ss)
-      : nullptr;
-  A* gcb = static_cast<A*>(a.grad_cb);
-  for (int64_t d = 0; d < D; ++d) {
-    const A diff = E::load(x + d * a.x.sd) - E::load(e + d);
-    if (gx) E::put(gx + d * a.grad_x.sd, (gzq ? E::load(gzq + d * a.grad_zq.sd) : A(0)) + wc * diff);
-    if (gcb && wb != 0) atomicAdd(gcb + k * D + d, -wb * diff);
+__global__ void __launch_bounds__(kThreads) finalize_kernel(const FwdParams<S> p) {
+  using A = typename Acc<S>::type;
+  const int lane = threadIdx.x & 31;
+  const int64_t wpb = kThreads / 32;
+  for (int64_t n = (int64_t)blockIdx.x * wpb + threadIdx.x / 32; n < p.N;
+       n += (int64_t)gridDim.x * wpb) {
+    Cand<A> c = p.part[n];
+    for (int s = 1; s < p.splits; ++s) merge2(c, p.part[(int64_t)s * p.N + n]);
+    finish_row(p, n, row_offset(n, p.xS, p.xsb, p.xss), c, lane);
   }
 }
 
+unsigned grid_for(int64_t items, int64_t per_block, int64_t cap = 1 << 16) {
+  return (unsigned)std::max<int64_t>(1, std::min<int64_t>(cap, (items + per_block - 1) / per_block));
+}
+
 template <class S>
-void launch_forward(const ForwardArgs& a, cudaStream_t st) {
-  const int64_t N = a.x.n();
-  if (a.counts) check(cudaMemsetAsync(a.counts, 0, a.K * sizeof(int64_t), st), "memset(counts)");
+void forward_t(const ForwardArgs& a, cudaStream_t st) {
+  using A = typename Acc<S>::type;
+  const int64_t N = a.x.n(), K = a.K, D = a.x.D;
+  validate_sizes(N, K, D, "vqkernels cuda_forward");
+  if (a.x.B < 0 || a.x.S < 0) throw std::invalid_argument("vqkernels cuda_forward: bad x view");
+  if (a.counts) check(cudaMemsetAsync(a.counts, 0, (size_t)K * sizeof(int64_t), st), "cudaMemsetAsync(counts)");
   if (N == 0) return;
-  const int threads = 128;
-  forward_kernel<S><<<(unsigned)((N + threads - 1) / threads), threads, 0, st>>>(a);
-  check(cudaGetLastError(), "forward launch");
+  if (!a.x.ptr || !a.codebook || !a.indices || !a.sqerr)
+    throw std::invalid_argument("vqkernels cuda_forward: x, codebook, indices and sqerr are required");
+  if (a.zq.ptr && (a.zq.B * a.zq.S != N || a.zq.D != D))
+    throw std::invalid_argument("vqkernels cuda_forward: z_q view does not match x");
+
+  const FwdPlan q = plan_forward<S>(N, K, D, reinterpret_cast<std::uintptr_t>(a.codebook));
+  if (q.rowblocks > INT_MAX) throw std::invalid_argument("vqkernels cuda_forward: too many rows");
+  if (!a.workspace || a.workspace_bytes < (int64_t)q.total)
+    throw std::invalid_argument("vqkernels cuda_forward: workspace of " +
+                                std::to_string(a.workspace_bytes) + " bytes, needs " +
+                                std::to_string(q.total) + " (cuda_forward_workspace_bytes)");
+  char* ws = static_cast<char*>(a.workspace);
+  A* norms = reinterpret_cast<A*>(ws + q.off_norms);
+  S* cbpad = q.padcopy ? reinterpret_cast<S*>(ws + q.off_cbpad) : nullptr;
+  const S* cb = static_cast<const S*>(a.codebook);
+
+  auto norms_k = norms_kernel<S>;
+  VQK_LAUNCH(norms_k, grid_for(K, kThreads / 32), kThreads, 0, st, cb, K, D, norms, cbpad, q.Dv);
+  check_launch("norms kernel launch");
+
+  FwdParams<S> p{};
+  p.x = static_cast<const S*>(a.x.ptr);
+  p.N = N; p.D = D; p.xS = a.x.S; p.xsb = a.x.sb; p.xss = a.x.ss; p.xsd = a.x.sd;
+  p.cb = cb;
+  p.cbv = q.padcopy ? cbpad : cb;
+  p.Dv = q.Dv;
+  p.K = (int)K;
+  p.Dp = (int)q.Dp;
+  p.norms = norms;
+  p.zq = static_cast<S*>(a.zq.ptr);
+  p.zS = a.zq.S; p.zsb = a.zq.sb; p.zss = a.zq.ss; p.zsd = a.zq.sd;
+  p.indices = a.indices;
+  p.sqerr = static_cast<A*>(a.sqerr);
+  p.counts = reinterpret_cast<unsigned long long*>(a.counts);
+  p.part = q.splits > 1 ? reinterpret_cast<Cand<A>*>(ws + q.off_part) : nullptr;
+  p.splits = q.splits;
+  p.tiles_per_split = q.tiles_per_split;
+  p.ntiles = (int)q.ntiles;
+  p.recheck = sizeof(S) == 2;  // the tensor-core path keeps two candidates
+
+  int dev = 0;
+  check(cudaGetDevice(&dev), "cudaGetDevice");
+  DeviceInfo info{};
+  check(cudaDeviceGetAttribute(&info.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
+        "cudaDeviceGetAttribute(max shared memory per block)");
+  launch_search<S>(p, (int)q.rowblocks, info, st);
+
+  if (q.splits > 1) {
+    auto finalize_k = finalize_kernel<S>;
+    VQK_LAUNCH(finalize_k, grid_for(N, kThreads / 32), kThreads, 0, st, p);
+    check_launch("finalize kernel launch");
+  }
 }
 
 template <class S>
-void launch_backward(const BackwardArgs& a, cudaStream_t st) {
-  const int64_t N = a.x.n();
-  const size_t acc = sizeof(typename Elt<S>::acc);
-  if (a.grad_cb) check(cudaMemsetAsync(a.grad_cb, 0, a.K * a.x.D * acc, st), "memset(grad_cb)");
-  if (N == 0) return;
-  const int threads = 128;
-  backward_kernel<S><<<(unsigned)((N + threads - 1) / threads), threads, 0, st>>>(a);
-  check(cudaGetLastError(), "backward launch");
+int64_t forward_ws(int64_t N, int64_t K, int64_t D, std::uintptr_t cb) {
+  validate_sizes(N, K, D, "vqkernels cuda_forward_workspace_bytes");
+  return (int64_t)plan_forward<S>(N, K, D, cb).total;
 }
 
 }  // namespace
+}  // namespace cu
 
 void cuda_forward(const ForwardArgs& a, std::uintptr_t stream) {
   auto st = reinterpret_cast<cudaStream_t>(stream);
   switch (a.dtype) {
-    case DType::f32: return launch_forward<float>(a, st);
-    case DType::f64: return launch_forward<double>(a, st);
-    case DType::f16: return launch_forward<__half>(a, st);
-    case DType::bf16: return launch_forward<__nv_bfloat16>(a, st);
+    case DType::f32: return cu::forward_t<float>(a, st);
+    case DType::f64: return cu::forward_t<double>(a, st);
+    case DType::f16: return cu::forward_t<__half>(a, st);
+    case DType::bf16: return cu::forward_t<__nv_bfloat16>(a, st);
   }
+  throw std::invalid_argument("vqkernels cuda_forward: unknown dtype");
 }
 
-void cuda_backward(const BackwardArgs& a, std::uintptr_t stream) {
-  auto st = reinterpret_cast<cudaStream_t>(stream);
-  switch (a.dtype) {
-    case DType::f32: return launch_backward<float>(a, st);
-    case DType::f64: return launch_backward<double>(a, st);
-    case DType::f16: return launch_backward<__half>(a, st);
-    case DType::bf16: return launch_backward<__nv_bfloat16>(a, st);
+int64_t cuda_forward_workspace_bytes(DType dtype, int64_t N, int64_t K, int64_t D,
+                                     std::uintptr_t codebook) {
+  switch (dtype) {
+    case DType::f32: return cu::forward_ws<float>(N, K, D, codebook);
+    case DType::f64: return cu::forward_ws<double>(N, K, D, codebook);
+    case DType::f16: return cu::forward_ws<__half>(N, K, D, codebook);
+    case DType::bf16: return cu::forward_ws<__nv_bfloat16>(N, K, D, codebook);
   }
+  throw std::invalid_argument("vqkernels cuda_forward_workspace_bytes: unknown dtype");
 }
 
 }  // namespace vqk

@@ -47,6 +47,11 @@ struct ForwardArgs {
   int64_t* indices;
   void* sqerr;
   int64_t* counts;
+  // Temporary device memory owned by the caller (CUDA: sized by cuda_forward_workspace_bytes);
+  // kernels that need none ignore these. The forward is deterministic in every mode.
+  void* workspace;
+  int64_t workspace_bytes;
+  int deterministic;
 };
 
 // Backward (z_q is a straight-through copy of x; the two error terms are routed separately):
@@ -66,6 +71,12 @@ struct BackwardArgs {
   const void* g_commit;    // may be null
   RowsOut grad_x;        // ptr may be null (grad of x not needed)
   void* grad_cb;         // may be null (grad of the codebook not needed)
+  // Temporary device memory owned by the caller (CUDA: sized by cuda_backward_workspace_bytes),
+  // and whether grad_cb must be bitwise repeatable (CUDA: sorted segment sums instead of atomics).
+  // Kernels that are deterministic anyway and need no workspace ignore these.
+  void* workspace;
+  int64_t workspace_bytes;
+  int deterministic;
 };
 
 // CPU entry points. num_threads <= 0 means one thread.
@@ -82,6 +93,13 @@ const char* cpu_isa();
 // (a cudaStream_t passed as an integer). Errors throw std::runtime_error with CUDA's message.
 void cuda_forward(const ForwardArgs& a, std::uintptr_t stream);
 void cuda_backward(const BackwardArgs& a, std::uintptr_t stream);
+// Workspace bytes the CUDA calls need for these sizes (the caller allocates them). The forward's
+// depends only on the sizes and on the codebook pointer's alignment, and touches no device; the
+// deterministic backward's includes CUB's sort storage, which is asked of the current device.
+int64_t cuda_forward_workspace_bytes(DType dtype, int64_t N, int64_t K, int64_t D,
+                                     std::uintptr_t codebook);
+int64_t cuda_backward_workspace_bytes(DType dtype, int64_t N, int64_t K, int64_t D,
+                                      bool deterministic);
 #endif
 
 }  // namespace vqk

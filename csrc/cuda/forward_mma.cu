@@ -1,0 +1,156 @@
+// float16 / bfloat16 search on tensor cores: mma.sync m16n8k16 with fp32 accumulation.
+//
+// A product of two 16-bit floats is exact in fp32, so x.e carries only fp32 summation error; the
+// best TWO candidates per row are kept and both are re-measured exactly, sum (x - e)^2 in fp32, in
+// the epilogue (finish_row), so a near tie that the expansion ||e||^2 - 2 x.e rounds the wrong way
+// is still resolved to the true nearest up to fp32 rounding.
+//
+// Block tile 128 rows x 128 codes, depth chunks of 32. 8 warps as 2 (rows) x 4 (codes); each warp
+// owns 64 x 32 = 4 x 4 mma tiles (64 fp32 accumulators per thread). Fragments come from shared
+// memory by ldmatrix; rows are padded by 16 bytes so each 8x8 matrix read is conflict-free.
+#include "search.cuh"
+
+namespace vqk {
+namespace cu {
+namespace {
+
+template <class S>
+struct MmaMicro {
+  static constexpr int BM = Cfg<S>::BM, BN = Cfg<S>::BN, BK = Cfg<S>::BK, STAGES = 3;
+  static constexpr int WM = 64, WN = 32, MT = WM / 16, NT = WN / 8;
+  static constexpr int kRows = MT * 2;  // rows per thread: g and g + 8 of each m16 tile
+  static constexpr int kScratch = BM + (BN / WN) * BM;
+  static constexpr int kMinBlocks = 1;
+  static_assert((BM / WM) * (BN / WN) * 32 == kThreads, "8 warps tile the block");
+  static_assert(BK % 16 == 0, "whole k16 steps per chunk");
+  static_assert(NT % 2 == 0, "B fragments are loaded two n8 tiles at a time");
+
+  float acc[MT][NT][4];
+  float v1[kRows], v2[kRows];
+  int i1[kRows], i2[kRows];
+  float nrm[NT * 2];
+  int lane, wm, wn;
+
+  __device__ __forceinline__ void init(int tid) {
+    lane = tid & 31;
+    const int warp = tid >> 5;
+    wm = warp / (BN / WN);
+    wn = warp % (BN / WN);
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) { v1[r] = v2[r] = INFINITY; i1[r] = i2[r] = -1; }
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.f;
+  }
+
+  // Code of accumulator column (nt, e) of this thread, relative to the tile.
+  __device__ __forceinline__ int col(int nt, int e) const {
+    return wn * WN + nt * 8 + 2 * (lane & 3) + e;
+  }
+
+  __device__ __forceinline__ void load_norms(const float* norms, int base, int K) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int k = base + col(nt, e);
+        nrm[nt * 2 + e] = k < K ? norms[k] : INFINITY;  // past K: +inf or NaN, never wins
+      }
+  }
+
+  __device__ __forceinline__ void compute(const S* xb, int xs, const S* cb, int cs) {
+#pragma unroll
+    for (int kk = 0; kk < BK; kk += 16) {
+      uint32_t a[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)  // matrices: rows 0-7 / 8-15 x k 0-7 / 8-15
+        ldmatrix_x4(a[mt], xb + (wm * WM + mt * 16 + (lane & 15)) * xs + kk + (lane >> 4) * 8);
+      uint32_t b[NT][2];
+#pragma unroll
+      for (int np = 0; np < NT / 2; ++np) {  // matrices: (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, ..)
+        uint32_t r[4];
+        ldmatrix_x4(r, cb + (wn * WN + np * 16 + ((lane >> 4) << 3) + (lane & 7)) * cs + kk +
+                           ((lane >> 3) & 1) * 8);
+        b[2 * np][0] = r[0];
+        b[2 * np][1] = r[1];
+        b[2 * np + 1][0] = r[2];
+        b[2 * np + 1][1] = r[3];
+      }
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) mma16816<S>(acc[mt][nt], a[mt], b[nt][0], b[nt][1]);
+    }
+  }
+
+  __device__ __forceinline__ void insert(int r, float d, int k) {
+    if (d < v2[r]) {  // rare once the scan is under way: most distances skip straight past
+      if (d < v1[r]) {
+        v2[r] = v1[r]; i2[r] = i1[r];
+        v1[r] = d; i1[r] = k;
+      } else {
+        v2[r] = d; i2[r] = k;
+      }
+    }
+  }
+
+  __device__ __forceinline__ void tile_done(int base) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)  // codes in increasing order per row: ties keep the first
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float d = fmaf(-2.f, acc[mt][nt][2 * h + e], nrm[nt * 2 + e]);
+            insert(mt * 2 + h, d, base + col(nt, e));
+            acc[mt][nt][2 * h + e] = 0.f;
+          }
+  }
+
+  __device__ __forceinline__ void reduce(Cand<float>* scratch, int tid) {
+    // A row's candidates sit in the 4 lanes of a quad (same lane >> 2) of each of the 4 code warps.
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+      for (int off = 1; off <= 2; off <<= 1) {
+        const float w1 = __shfl_xor_sync(kFull, v1[r], off), w2 = __shfl_xor_sync(kFull, v2[r], off);
+        const int j1 = __shfl_xor_sync(kFull, i1[r], off), j2 = __shfl_xor_sync(kFull, i2[r], off);
+        merge2(v1[r], i1[r], v2[r], i2[r], w1, j1, w2, j2);
+      }
+      if ((lane & 3) == 0) {
+        const int row = wm * WM + (r >> 1) * 16 + (lane >> 2) + (r & 1) * 8;
+        scratch[BM + wn * BM + row] = Cand<float>{v1[r], v2[r], i1[r], i2[r]};
+      }
+    }
+    __syncthreads();
+    for (int row = tid; row < BM; row += kThreads) {
+      Cand<float> c = scratch[BM + row];
+#pragma unroll
+      for (int w = 1; w < BN / WN; ++w) merge2(c, scratch[BM + w * BM + row]);
+      scratch[row] = c;
+    }
+    __syncthreads();
+  }
+};
+
+}  // namespace
+
+template <>
+void launch_search<__half>(const FwdParams<__half>& p, int rowblocks, const DeviceInfo& dev,
+                           cudaStream_t st) {
+  launch_search_impl<__half, MmaMicro<__half>>(p, rowblocks, dev, st);
+}
+
+template <>
+void launch_search<__nv_bfloat16>(const FwdParams<__nv_bfloat16>& p, int rowblocks,
+                                  const DeviceInfo& dev, cudaStream_t st) {
+  launch_search_impl<__nv_bfloat16, MmaMicro<__nv_bfloat16>>(p, rowblocks, dev, st);
+}
+
+}  // namespace cu
+}  // namespace vqk

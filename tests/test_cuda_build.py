@@ -1,0 +1,125 @@
+"""The CUDA sources compiled for every target architecture, without a GPU: no kernel may spill
+registers or use local memory (a spill turns register traffic into slow memory traffic, and
+local memory in these kernels means an array the compiler could not keep in registers).
+
+Each csrc/cuda/*.cu is compiled to a cubin per arch (no linking) with ptxas' resource report,
+in parallel; `pytest -s` prints registers and static shared memory per kernel. The dynamic
+shared memory of the search kernels depends on D and is chosen at launch (search.cuh).
+Skipped where nvcc is not installed.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
+# The arches the CMake build makes real code for (CMakeLists.txt, VQK_CUDA_ARCHS).
+ARCHS = [a for a in os.environ.get("VQK_CUDA_ARCHS", "80;86;89;90").split(";") if a]
+NVCC = shutil.which("nvcc")
+
+pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found: the CUDA resource check "
+                                                     "needs the CUDA toolkit (no GPU needed)")
+
+_FUNC = re.compile(r"Function properties for (\S+)")
+_ENTRY = re.compile(r"Compiling entry function '(\S+)'")
+_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_USED = re.compile(r"Used (\d+) registers(.*)")
+_SMEM = re.compile(r"(\d+) bytes smem")
+_LMEM = re.compile(r"(\d+) bytes lmem")
+
+
+def _compile(src: Path, arch: str, out: Path) -> str:
+    cmd = [NVCC, "-std=c++17", "-O3", "--expt-relaxed-constexpr", "-DVQK_WITH_CUDA",
+           f"-I{ROOT / 'csrc' / 'include'}", f"-arch=sm_{arch}", "-cubin", "-Xptxas", "-v",
+           "-o", str(out / f"{src.stem}.sm_{arch}.cubin"), str(src)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, f"nvcc failed on {src.name} for sm_{arch}:\n{r.stderr[-5000:]}"
+    return r.stderr + r.stdout
+
+
+def parse_ptxas(text: str) -> dict[str, dict]:
+    """{mangled function: {regs, smem, stack, spill_st, spill_ld, lmem, entry}} from ptxas -v."""
+    funcs: dict[str, dict] = {}
+    cur = None
+    for line in text.splitlines():
+        if m := _ENTRY.search(line):
+            cur = funcs.setdefault(m.group(1), {})
+            cur["entry"] = True
+        elif m := _FUNC.search(line):
+            cur = funcs.setdefault(m.group(1), {})
+        elif (m := _FRAME.search(line)) and cur is not None:
+            cur["stack"], cur["spill_st"], cur["spill_ld"] = map(int, m.groups())
+        elif (m := _USED.search(line)) and cur is not None:
+            cur["regs"] = int(m.group(1))
+            cur["smem"] = int(s.group(1)) if (s := _SMEM.search(m.group(2))) else 0
+            cur["lmem"] = int(s.group(1)) if (s := _LMEM.search(m.group(2))) else 0
+    return funcs
+
+
+def _demangle(names):
+    cxxfilt = shutil.which("c++filt")
+    if not cxxfilt or not names:
+        return {n: n for n in names}
+    r = subprocess.run([cxxfilt], input="\n".join(names), capture_output=True, text=True)
+    out = r.stdout.splitlines()
+    return dict(zip(names, out)) if len(out) == len(names) else {n: n for n in names}
+
+
+@pytest.fixture(scope="module")
+def usage(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cubins")
+    jobs = [(src, arch) for arch in ARCHS for src in SOURCES]
+    with concurrent.futures.ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool:
+        texts = list(pool.map(lambda j: _compile(j[0], j[1], out), jobs))
+    return {job: parse_ptxas(text) for job, text in zip(jobs, texts)}
+
+
+def test_parser_reads_ptxas_report():
+    text = """ptxas info    : Compiling entry function '_Z1kPf' for 'sm_90'
+ptxas info    : Function properties for _Z1kPf
+    24 bytes stack frame, 8 bytes spill stores, 12 bytes spill loads
+ptxas info    : Used 40 registers, used 1 barriers, 1024 bytes smem, 400 bytes cmem[0]"""
+    f = parse_ptxas(text)["_Z1kPf"]
+    assert (f["regs"], f["smem"], f["stack"], f["spill_st"], f["spill_ld"]) == (40, 1024, 24, 8, 12)
+
+
+def test_no_spills_or_local_memory(usage):
+    rows, bad = [], []
+    names = sorted({n for funcs in usage.values() for n in funcs})
+    pretty = _demangle(names)
+    for (src, arch), funcs in sorted(usage.items(), key=lambda kv: (kv[0][1], kv[0][0].name)):
+        for name, f in sorted(funcs.items()):
+            if not f.get("entry"):
+                continue
+            label = pretty[name]
+            label = label if len(label) < 110 else label[:107] + "..."
+            rows.append(f"sm_{arch} {src.name:16s} regs {f.get('regs', '?'):>3} smem {f.get('smem', 0):>6} "
+                        f"stack {f.get('stack', 0):>4} spill {f.get('spill_st', 0)}/{f.get('spill_ld', 0)}  {label}")
+            if f.get("stack", 0) or f.get("spill_st", 0) or f.get("spill_ld", 0) or f.get("lmem", 0):
+                bad.append(rows[-1])
+    print("\n" + "\n".join(rows))
+    assert rows, "ptxas reported no kernels"
+    assert not bad, "kernels with spills or local memory:\n" + "\n".join(bad)
+
+
+def test_every_dtype_has_its_kernels_on_every_arch(usage):
+    # The search (x resident and x staged), norms, finalize and backward kernels exist for each
+    # element type: a dtype dropped from a dispatch would show here before it shows on a GPU.
+    types = {"f": "float", "d": "double", "6__half": "half", "13__nv_bfloat16": "bf16"}
+    for arch in ARCHS:
+        names = [n for (src, a), funcs in usage.items() if a == arch for n, f in funcs.items()
+                 if f.get("entry")]
+        for mangled, label in types.items():
+            for kernel in ("13search_kernelI", "12norms_kernelI", "15finalize_kernelI",
+                           "11rows_kernelI", "13segsum_kernelI", "14segjoin_kernelI"):
+                want = kernel + mangled
+                got = [n for n in names if want in n]
+                expect = 2 if kernel in ("13search_kernelI", "11rows_kernelI") else 1
+                assert len(got) == expect, f"sm_{arch}: {kernel[2:-1]}<{label}> x{len(got)}"

@@ -1,0 +1,286 @@
+"""The train / eval / tokenize command lines on tiny budgets: every artifact written, resume equal to
+an uninterrupted run (in process, and after SIGKILL in a subprocess), and clear errors."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("PIL")
+pytest.importorskip("matplotlib")
+pytest.importorskip("tqdm")
+
+from PIL import Image  # noqa: E402
+
+from vqkernels import _io, eval as vq_eval, tokenize as vq_tokenize, train  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--hidden", "16", "--residual-hidden", "8", "--num-codes", "16", "--code-dim", "8",
+        "--batch-size", "8", "--eval-images", "64", "--restart-every", "4"]
+ARTIFACTS = ("checkpoint.pt", "config.json", "metrics.csv", "eval.csv", "loss_curves.png",
+             "reconstructions.png", "eval.json")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # One torch thread: deterministic, and on a shared machine much faster than two OpenMP
+    # threads that spin while waiting for each other.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    """40 small generated images in 2 class folders (fast to load, no scikit-image needed)."""
+    root = tmp_path_factory.mktemp("imgs")
+    g = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (root / c).mkdir()
+        for i in range(20):
+            base = g.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+            img = Image.fromarray(base).resize((32, 32), Image.Resampling.BILINEAR)
+            img.save(root / c / f"{i:02d}.{'png' if i % 2 else 'jpg'}")
+    return root
+
+
+def run_main(argv):
+    return train.main([str(a) for a in argv])
+
+
+def rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def state(ckpt_path):
+    return _io.load_checkpoint(ckpt_path)["model"]
+
+
+def assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_cli_smoke_writes_every_artifact(tmp_path, image_dir, capsys):
+    out = tmp_path / "run"
+    assert run_main(["--data", "folder", "--data-dir", image_dir, "--steps", 12, "--save-every", 6,
+                     "--eval-every", 6, "--log-every", 3, "--out", out, *TINY]) == 0
+    for name in ARTIFACTS:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert not list(out.glob(".*.tmp"))
+    text = capsys.readouterr().out
+    assert "final held-out evaluation" in text and "normalized MSE" in text
+    ck = _io.load_checkpoint(out / "checkpoint.pt")
+    assert ck["step"] == 12 and ck["complete"] and ck["config"]["num_codes"] == 16
+    assert ck["data"]["kind"] == "folder" and ck["data"]["images"] == 40
+    assert 0 < ck["data_variance"] < 0.25
+    m = rows(out / "metrics.csv")
+    assert [int(r["step"]) for r in m] == [3, 6, 9, 12]
+    for r in m:
+        assert float(r["loss"]) > 0 and float(r["steps_per_s"]) > 0
+        assert 1 <= float(r["perplexity"]) <= 16 and 1 <= int(r["codes_used"]) <= 16
+    assert [int(r["step"]) for r in rows(out / "eval.csv")] == [6, 12]
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["step"] == 12 and ev["images"] == 4  # every 10th of 40 files held out
+    assert ev["psnr"] == pytest.approx(10 * np.log10(1 / ev["mse"]))
+    assert ev["nmse"] == pytest.approx(ev["mse"] / ck["data_variance"])
+    with Image.open(out / "reconstructions.png") as im:
+        assert im.size[0] > 0
+    with Image.open(out / "loss_curves.png") as im:
+        assert im.size[0] > 0
+
+    # eval CLI on the same checkpoint reproduces the final evaluation
+    js = tmp_path / "e.json"
+    assert vq_eval.main([str(out), "--json", str(js)]) == 0
+    again = json.loads(js.read_text())
+    for k in ("mse", "nmse", "psnr", "perplexity", "codes_used", "images"):
+        assert again[k] == pytest.approx(ev[k], rel=1e-6), k
+    assert "PSNR (dB)" in capsys.readouterr().out
+
+    # tokenize CLI: token grids equal to model.encode on the same images, labels and paths kept
+    npz = tmp_path / "tok.npz"
+    assert vq_tokenize.main([str(out / "checkpoint.pt"), "--out", str(npz)]) == 0
+    z = np.load(npz)
+    assert z["tokens"].shape == (40, 8, 8) and z["tokens"].dtype == np.uint8
+    assert int(z["num_codes"]) == 16 and (z["split"] == 1).sum() == 4
+    assert list(z["class_names"]) == ["a", "b"] and z["labels"].shape == (40,)
+    from vqkernels import data
+    ds = data.load("folder", str(image_dir))
+    model = _io.model_from_checkpoint(ck)
+    want = model.encode(data.to_tensor(np.concatenate([ds.train, ds.heldout]))).numpy()
+    assert np.array_equal(z["tokens"].astype(np.int64), want)
+    assert list(z["paths"]) == ds.train_paths + ds.heldout_paths
+    # decoding the tokens gives the model's reconstructions
+    rec = model.decode(torch.from_numpy(z["tokens"][:3].astype(np.int64)))
+    torch.testing.assert_close(rec, model(data.to_tensor(ds.train[:3])).recon, rtol=0, atol=1e-5)
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path, image_dir):
+    common = ["--data", "folder", "--data-dir", image_dir, "--eval-every", 0, "--log-every", 2,
+              *TINY]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run_main([*common, "--steps", 10, "--save-every", 0, "--out", a]) == 0
+    assert run_main([*common, "--steps", 6, "--save-every", 0, "--out", b]) == 0
+    # continue the finished 6-step run to 10 steps: the restart window (4) and the sampler's
+    # epoch (36 images / 8) both straddle the checkpoint
+    assert run_main(["--out", b, "--resume", "--steps", 10]) == 0
+    assert_same_state(state(a / "checkpoint.pt"), state(b / "checkpoint.pt"))
+    ra, rb = rows(a / "metrics.csv"), rows(b / "metrics.csv")
+    assert [r["step"] for r in ra] == [r["step"] for r in rb] == ["2", "4", "6", "8", "10"]
+    for x, y in zip(ra, rb):
+        assert float(x["loss"]) == pytest.approx(float(y["loss"]), rel=1e-6)
+    oa = _io.load_checkpoint(a / "checkpoint.pt")["optimizer"]
+    ob = _io.load_checkpoint(b / "checkpoint.pt")["optimizer"]
+    for k in oa["state"]:
+        assert torch.equal(oa["state"][k]["exp_avg_sq"], ob["state"][k]["exp_avg_sq"])
+    # a finished run's final evaluation is dropped when the run is resumed: only step 10 remains
+    assert [r["step"] for r in rows(b / "eval.csv")] == ["10"]
+
+
+def _cli(*args, env=None):
+    e = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return [sys.executable, "-m", "vqkernels.train", *map(str, args)], e
+
+
+def test_sigkill_then_resume(tmp_path, image_dir):
+    """Kill -9 a run mid-way, resume it: same final step, no torn file, and (CPU, fixed thread
+    count) the very weights of an uninterrupted run."""
+    steps = 400
+    common = ["--data", "folder", "--data-dir", image_dir, "--steps", steps, "--save-every", 20,
+              "--eval-every", 0, "--log-every", 5, *TINY]
+    killed = tmp_path / "killed"
+    cmd, env = _cli(*common, "--out", killed)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        step = 0
+        while time.time() < deadline and proc.poll() is None:
+            if (killed / "checkpoint.pt").exists():
+                step = _io.load_checkpoint(killed / "checkpoint.pt")["step"]
+                if step >= 60:
+                    break
+            time.sleep(0.05)
+        assert proc.poll() is None, (f"the run ended before it could be killed (rc "
+                                     f"{proc.returncode}): {proc.stderr.read().decode()[-2000:]}")
+        assert step >= 60, "no checkpoint appeared in time"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    ck = _io.load_checkpoint(killed / "checkpoint.pt")  # intact despite the kill
+    assert 60 <= ck["step"] < steps and not ck["complete"]
+
+    # resuming without --resume refuses to overwrite
+    cmd, env = _cli(*common, "--out", killed)
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert r.returncode == 2 and "--resume" in r.stderr
+
+    cmd, env = _cli("--out", killed, "--resume")
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    final = _io.load_checkpoint(killed / "checkpoint.pt")
+    assert final["step"] == steps and final["complete"]
+    assert not list(killed.glob(".*.tmp"))
+    m = [int(x["step"]) for x in rows(killed / "metrics.csv")]
+    assert m == list(range(5, steps + 1, 5))  # no gap, no duplicate, no torn line
+    json.loads((killed / "eval.json").read_text())
+    with Image.open(killed / "loss_curves.png") as im:
+        im.load()
+
+    clean = tmp_path / "clean"
+    cmd, env = _cli(*common, "--save-every", 0, "--out", clean)
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_state(final["model"], state(clean / "checkpoint.pt"))
+
+
+# ---------------------------------------------------------------------------------------------
+def _error(capsys, argv, main=run_main):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_bad_input_gives_clear_errors(tmp_path, image_dir, capsys):
+    out = ["--out", tmp_path / "o"]
+    assert "--data-dir" in _error(capsys, ["--data", "folder", "--data-dir", tmp_path / "missing",
+                                           *out])
+    (tmp_path / "empty").mkdir()
+    err = _error(capsys, ["--data", "folder", "--data-dir", tmp_path / "empty", *out])
+    assert "--data-dir" in err and "no image files" in err
+    assert "needs --data-dir" in _error(capsys, ["--data", "cifar10", *out])
+    err = _error(capsys, ["--data", "cifar10", "--data-dir", tmp_path / "empty", *out])
+    assert "cifar-10-batches-py" in err and "--download" in err
+    assert "--steps must be >= 1" in _error(capsys, ["--steps", "0", *out])
+    assert "--lr must be a positive" in _error(capsys, ["--lr", "-1", *out])
+    assert "--backend must be one of" in _error(capsys, ["--backend", "gpu", *out])
+    if not torch.cuda.is_available():
+        err = _error(capsys, ["--amp", "--data", "folder", "--data-dir", image_dir, *out])
+        assert "--amp needs a CUDA device" in err or "--device" in err
+        assert "no CUDA device" in _error(capsys, ["--device", "cuda", "--data", "folder",
+                                                   "--data-dir", image_dir, *out])
+    assert "holds no checkpoint.pt" in _error(capsys, ["--resume", *out])
+    bad_ckpt = tmp_path / "bad.pt"
+    bad_ckpt.write_bytes(b"not a checkpoint")
+    assert "not a readable checkpoint" in _error(capsys, ["--resume", bad_ckpt])
+
+    # a finished run: --resume must not change the model or the data
+    run = tmp_path / "r"
+    assert run_main(["--data", "folder", "--data-dir", image_dir, "--steps", 2, "--out", run,
+                     "--eval-every", 0, *TINY]) == 0
+    capsys.readouterr()
+    assert "--num-codes 32 differs" in _error(capsys, ["--out", run, "--resume", "--num-codes", "32"])
+    assert "already holds checkpoint.pt" in _error(capsys, ["--out", run, "--data", "folder",
+                                                            "--data-dir", image_dir, *TINY])
+    # eval / tokenize name their arguments too
+    assert "CHECKPOINT" in _error(capsys, [str(tmp_path / "nope.pt")], vq_eval.main)
+    assert "--out must name a .npz" in _error(
+        capsys, [str(run), "--out", str(tmp_path / "t.txt")], vq_tokenize.main)
+    assert "--data-dir" in _error(capsys, [str(run), "--data-dir", str(tmp_path / "missing")],
+                                  vq_eval.main)
+
+
+def test_embedded_default_data_tiny_run(tmp_path):
+    pytest.importorskip("skimage")
+    out = tmp_path / "emb"
+    assert run_main(["--steps", 3, "--out", out, "--log-every", 1, "--eval-every", 0, *TINY]) == 0
+    ck = _io.load_checkpoint(out / "checkpoint.pt")
+    assert ck["data"]["kind"] == "embedded" and ck["data"]["heldout_photos"]
+    assert json.loads((out / "eval.json").read_text())["images"] == 1024  # all held-out crops
+    npz = tmp_path / "t.npz"
+    assert vq_tokenize.main([str(out), "--out", str(npz), "--num-crops", "10"]) == 0
+    z = np.load(npz)
+    assert z["tokens"].shape == (10 + 1024, 8, 8) and "labels" not in z
+
+
+def test_imports_need_no_train_extras():
+    """`import vqkernels` and the model/data/CLI modules import without scikit-image, matplotlib,
+    tqdm or pillow: those are imported only when used (the optional `train` extra)."""
+    code = (
+        "import sys\n"
+        "for name in ('skimage', 'matplotlib', 'tqdm', 'PIL'):\n"
+        "    sys.modules[name] = None  # any import of it now raises ImportError\n"
+        "import vqkernels, vqkernels.model, vqkernels.data, vqkernels.train, vqkernels.eval\n"
+        "import vqkernels.tokenize\n"
+        "vqkernels.train.build_parser(); vqkernels.eval.build_parser()\n"
+        "m = vqkernels.model.VQVAE(vqkernels.model.VQVAEConfig(num_codes=4, code_dim=2, hidden=4,"
+        " residual_hidden=2))\n"
+        "import torch; print(tuple(m.encode(torch.zeros(1, 3, 32, 32)).shape))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "(1, 8, 8)"

@@ -1,0 +1,368 @@
+"""The Triton backend against the float64 reference.
+
+On a machine without a GPU these run with TRITON_INTERPRET=1 on CPU tensors, through Triton's
+interpreter (small shapes); with a CUDA device they run the compiled kernels on cuda tensors.
+Every search is judged by float64 distance regret (tests/helpers.py), never by index alone.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import vqkernels
+from vqkernels import backends, reference
+from vqkernels._layout import RowPlan
+from helpers import EPS32, FLOAT_DTYPES, WEIRD_SHAPES, assert_search_ok, exact_sqdist, make_inputs
+
+_STATUS = backends.available_backends()["triton"]
+pytestmark = pytest.mark.skipif(not _STATUS.available, reason=f"triton: {_STATUS.detail}")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _launch():
+    from vqkernels.triton import launch
+    return launch
+
+
+def _op(z, cb, dim=-1):
+    """The custom op itself: (z_q, indices, err_codebook, err_commit, counts)."""
+    return torch.ops.vqkernels.vq_quantize(z, cb, dim, "triton")
+
+
+def _check_forward(z, cb, z_q, idx, err, counts, dim=-1):
+    """Everything the forward promises, judged in float64."""
+    D = cb.shape[1]
+    x = z.movedim(dim, -1).reshape(-1, D)
+    assert_search_ok(x, cb, idx, err)
+    assert idx.shape == z.movedim(dim, -1).shape[:-1]
+    assert err.dtype == reference.acc_dtype(z.dtype)
+    # z_q is the chosen code itself, bit for bit, in z's dtype, shape and dim.
+    assert z_q.dtype == z.dtype and z_q.shape == z.shape
+    torch.testing.assert_close(z_q.movedim(dim, -1).reshape(-1, D), cb[idx.reshape(-1)],
+                               rtol=0, atol=0)
+    assert torch.equal(counts.cpu(), torch.bincount(idx.reshape(-1).cpu(), minlength=cb.shape[0]))
+
+
+# ------------------------------------------------------------------------------------------------
+# forward
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("N,K,D", WEIRD_SHAPES)
+def test_forward_weird_shapes(N, K, D, dtype):
+    z, cb = make_inputs(N, K, D, dtype, device=DEVICE)
+    z_q, idx, err, err2, counts = _op(z, cb)
+    _check_forward(z, cb, z_q, idx, err, counts)
+    assert torch.equal(err, err2)
+    idx_nc, sq = vqkernels.nearest_code(z, cb, backend="triton")
+    assert torch.equal(idx_nc, idx) and torch.equal(sq, err)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 30.0])
+def test_forward_norm_scales(dtype, scale):
+    z, cb = make_inputs(200, 70, 24, dtype, scale=scale, device=DEVICE)
+    z_q, idx, err, _, counts = _op(z, cb)
+    _check_forward(z, cb, z_q, idx, err, counts)
+
+
+def _configs():
+    from vqkernels.triton import configs as cfg
+    out = []
+    for dt in ("bfloat16", "float32", "float64"):
+        for bn, bk, _, _ in cfg.shapes(dt):
+            out.append(pytest.param(dt, bn, bk, id=f"{dt}-{bn}x{bk}"))
+    return out
+
+
+@pytest.mark.parametrize("dtype_name,block_n,block_k", _configs())
+def test_every_autotune_shape(dtype_name, block_n, block_k):
+    """Each block shape the autotuner may pick gives a right answer (interpreter: all of them)."""
+    launch = _launch()
+    dtype = getattr(torch, dtype_name)
+    z, cb = make_inputs(block_n + 3, 2 * block_k + 5, 40, dtype, device=DEVICE)
+    conf = launch.SearchConfig(block_n=block_n, block_k=block_k, num_warps=4, num_stages=2)
+    z_q, idx, err, counts = launch.forward(z, -1, cb, RowPlan(z, -1), conf)
+    _check_forward(z, cb, z_q, idx, err, counts)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("split", [1, 2, 3, 7, 64])
+@pytest.mark.parametrize("block_d", [None, 16])  # 16 < D: the row tile is streamed in chunks
+def test_split_k_and_d_chunks(dtype, split, block_d):
+    """Split-K (more splits than tiles included: empty splits) and a D streamed in chunks."""
+    launch = _launch()
+    z, cb = make_inputs(45, 150, 37, dtype, device=DEVICE)
+    conf = launch.SearchConfig(block_n=16, block_k=16, block_d=block_d, split=split)
+    z_q, idx, err, counts = launch.forward(z, -1, cb, RowPlan(z, -1), conf)
+    _check_forward(z, cb, z_q, idx, err, counts)
+
+
+@pytest.mark.parametrize("row_mode", [1, 2])
+def test_row_modes(row_mode, monkeypatch):
+    """The 32- and 64-bit (b, s) splits of a row number give the same rows (64-bit is what
+    N >= 2^31 rows would use; forced here on a small channel-first map, whose z_q and gradients
+    are channel-first too while the upstream gradient is row-major: each view its own split)."""
+    launch = _launch()
+    monkeypatch.setattr(launch, "row_mode", lambda v: 0 if v.B == 1 else row_mode)
+    z, cb = make_inputs(3 * 5 * 7, 20, 6, torch.float32, device=DEVICE)
+    z = z.reshape(3, 5, 7, 6).permute(0, 3, 1, 2).contiguous()  # channel-first memory: B = 3
+    z_q, idx, err, counts = launch.forward(z, 1, cb, RowPlan(z, 1))
+    _check_forward(z, cb, z_q, idx, err, counts, dim=1)
+    g = torch.randn(3, 5, 7, 6, device=DEVICE).permute(0, 3, 1, 2)  # channel-last: B = 1
+    w = torch.rand(3, 5, 7, device=DEVICE)
+    grad_z, grad_cb = launch.backward(z, 1, cb, idx, g, w, 2 * w, RowPlan(z, 1))
+    ref = reference.backward(z, cb, idx, 1, g, w, 2 * w)
+    torch.testing.assert_close(grad_z, ref[0])
+    torch.testing.assert_close(grad_cb, ref[1])
+
+
+def test_large_codebook_int32_indices():
+    """K = 2^20 codes, split along K: indices past 2^16 and the merge of many splits."""
+    launch = _launch()
+    K, D = 1 << 20, 4
+    gen = torch.Generator().manual_seed(7)
+    cb = torch.randn(K, D, generator=gen)
+    pick = torch.tensor([K - 1, 3, K // 2 + 5])
+    z = (cb[pick] + 1e-3 * torch.randn(3, D, generator=gen)).to(DEVICE)
+    cb = cb.to(DEVICE)
+    conf = launch.SearchConfig(block_n=16, block_k=8192, split=8)
+    z_q, idx, err, counts = launch.forward(z, -1, cb, RowPlan(z, -1), conf)
+    _check_forward(z, cb, z_q, idx, err, counts)
+    assert idx.cpu().tolist() == pick.tolist()
+
+
+@pytest.mark.parametrize("split", [1, 2])
+def test_exact_recheck_beats_the_expansion(split):
+    """Far from the origin |x|^2 dwarfs the distances and |e|^2 - 2 x.e cancels: in fp32 it
+    cannot tell two close codes apart. The kernel re-ranks its best two candidates by the exact
+    sum (x - e)^2, so it still finds the nearest one. The test first shows the plain fp32
+    expansion failing on the same data, so it can tell the difference. (16-bit inputs run the
+    same re-check, but their coarse grid keeps the gaps far above fp32's cancellation: no 16-bit
+    data of moderate D makes the expansion fail, so none is tested here.)"""
+    launch = _launch()
+    dtype = torch.float32
+    gen = torch.Generator().manual_seed(11)
+    D, N = 16, 400
+    off, step = 1000.0, 0.05
+    # Two close codes at indices 0 and 17 (different tiles, and splits when split=2); the others
+    # are far away.
+    K = 18
+    cb64 = off + 40 * step * (1 + torch.rand(K, D, generator=gen, dtype=torch.float64))
+    cb64[0] = off
+    cb64[17] = off + step * torch.randint(-2, 3, (D,), generator=gen)
+    z64 = off + step * torch.randint(-3, 4, (N, D), generator=gen).double()
+    cb, z = cb64.to(dtype), z64.to(dtype)
+    d = exact_sqdist(z, cb)
+    best = d.argmin(1)
+    two = d.topk(2, dim=1, largest=False).values
+    clear = (two[:, 1] - two[:, 0]) > 1e-6 * two[:, 1] + 1e-9
+    assert clear.sum() > N // 4
+
+    zf, cf = z.float(), cb.float()
+    expansion = ((cf * cf).sum(1)[None, :] - 2 * zf @ cf.T).argmin(1)
+    assert (expansion[clear] != best[clear]).sum() > 10, "data too easy: the test would not fail"
+
+    conf = launch.SearchConfig(block_n=16, block_k=16, split=split)
+    z_q, idx, err, counts = launch.forward(z.to(DEVICE), -1, cb.to(DEVICE), RowPlan(z, -1), conf)
+    assert torch.equal(idx.cpu()[clear], best[clear])
+    torch.testing.assert_close(err.cpu().double(), d.gather(1, idx.cpu()[:, None])[:, 0],
+                               rtol=4 * math.sqrt(D) * EPS32, atol=0)
+
+
+def test_nan_row_and_ties():
+    """A NaN row gets code 0, a NaN z_q row and a NaN error, as in the reference; exact ties go
+    to the lowest index."""
+    cb = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]], device=DEVICE)
+    z = torch.tensor([[float("nan"), 0.0], [1.0, 0.1], [0.1, 1.0], [0.5, 0.5]], device=DEVICE)
+    z_q, idx, err, _, counts = _op(z, cb)
+    r = reference.forward(z.cpu(), cb.cpu(), -1)
+    assert idx.cpu().tolist() == [0, 0, 1, 0] == r[1].tolist()
+    assert torch.isnan(z_q[0]).all() and torch.isnan(err[0])
+    assert torch.equal(z_q[1:].cpu(), r[0][1:])
+    assert counts.cpu().tolist() == [3, 1, 0, 0]
+
+
+def test_channel_first_and_strided_inputs():
+    z, cb = make_inputs(2 * 9 * 11, 33, 5, torch.float32, device=DEVICE)
+    cf = z.reshape(2, 9, 11, 5).permute(0, 3, 1, 2)  # (B, D, H, W) view, no copy
+    out = _op(cf, cb, 1)
+    _check_forward(cf, cb, out[0], out[1], out[2], out[4], dim=1)
+    sliced = torch.cat([z, z], 1)[:, ::2]  # element stride 2 along D
+    out = _op(sliced, cb)
+    _check_forward(sliced, cb, out[0], out[1], out[2], out[4])
+    rows = z.reshape(2, 99, 5)[:, ::3]  # row stride 15
+    out = _op(rows, cb)
+    _check_forward(rows, cb, out[0], out[1], out[2], out[4])
+
+
+def test_every_output_element_is_written(monkeypatch):
+    """Outputs are allocated poisoned (NaN, or -7 for integers): the kernels must overwrite all."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-7)
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_empty_like(*a, **k)))
+    launch = _launch()
+    for conf in (None, launch.SearchConfig(block_n=16, block_k=16, split=3)):
+        z, cb = make_inputs(77, 40, 19, torch.bfloat16, device=DEVICE)
+        z_q, idx, err, counts = launch.forward(z, -1, cb, RowPlan(z, -1), conf)
+        assert not torch.isnan(z_q).any() and not torch.isnan(err).any() and int(idx.min()) >= 0
+        _check_forward(z, cb, z_q, idx, err, counts)
+        g = torch.randn(77, device=DEVICE)
+        grad_z, grad_cb = launch.backward(z, -1, cb, idx, None, g, g, RowPlan(z, -1))
+        assert not torch.isnan(grad_z).any() and not torch.isnan(grad_cb).any()
+
+
+# ------------------------------------------------------------------------------------------------
+# backward
+
+
+def _grads(z, cb, backend, w, beta=0.25, dim=-1):
+    z = z.detach().clone().requires_grad_(True)
+    cb = cb.detach().clone().requires_grad_(True)
+    out = vqkernels.vq_quantize(z, cb, beta=beta, dim=dim, backend=backend)
+    loss = out.loss + (out.z_q.float() * w).sum()
+    loss.backward()
+    return z.grad, cb.grad, out
+
+
+def _cb_tolerance(z, cb, idx, scale):
+    """Per-element bound for an fp32 scatter-add of n terms: (n + 4) eps sum |terms|."""
+    D = cb.shape[1]
+    x = z.detach().reshape(-1, D).double().cpu()
+    i = idx.reshape(-1).cpu()
+    terms = (scale * (cb.detach().double().cpu()[i] - x)).abs()
+    total = torch.zeros(cb.shape, dtype=torch.float64).index_add_(0, i, terms)
+    n = torch.bincount(i, minlength=cb.shape[0]).double()[:, None]
+    return (n + 4) * EPS32 * total
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "sorted"])
+@pytest.mark.parametrize("N,K,D", [(1, 1, 1), (50, 9, 3), (65, 31, 129), (300, 64, 32)])
+def test_backward_matches_reference(N, K, D, dtype, deterministic, monkeypatch):
+    z, cb = make_inputs(N, K, D, dtype, device=DEVICE)
+    w = torch.randn(N, D, device=DEVICE)
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: deterministic)
+    gz, gcb, out = _grads(z, cb, "triton", w=w)
+    # The reference backward on the indices the kernel chose (a near-tie may be resolved either
+    # way, and the gradient follows the choice). loss = codebook + 0.25 commitment + sum(z_q w).
+    acc = reference.acc_dtype(dtype)
+    g_cb = torch.full(out.indices.shape, 1.0 / z.numel(), dtype=acc)
+    g_cm = torch.full(out.indices.shape, 0.25 / z.numel(), dtype=acc)
+    idx = out.indices.cpu()
+    ref_gz, ref_gcb = reference.backward(z.cpu(), cb.cpu(), idx, -1, w.cpu().to(dtype), g_cb, g_cm)
+    if dtype == torch.float64:
+        torch.testing.assert_close(gz.cpu(), ref_gz, rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(gcb.cpu(), ref_gcb, rtol=1e-12, atol=1e-15)
+        return
+    # grad_z: computed in fp32 (a few roundings of its two terms), then cast to z's dtype (half
+    # an ulp of that dtype, which the reference's cast also takes: one ulp apart at most).
+    terms = w.cpu().double().abs() + 2 * g_cm[:, None].double() * (
+        z.cpu().double() - cb.cpu().double()[idx]).abs()
+    bound = torch.finfo(dtype).eps * ref_gz.double().abs() + 4 * EPS32 * terms
+    diff = (gz.cpu().double() - ref_gz.double()).abs()
+    assert (diff <= bound).all(), float((diff - bound).max())
+    # grad_codebook: an fp32 scatter-add, then the cast to the codebook's dtype.
+    bound = (_cb_tolerance(z, cb, idx, 2.0 / z.numel())
+             + torch.finfo(dtype).eps * ref_gcb.double().abs())
+    diff = (gcb.cpu().double() - ref_gcb.double()).abs()
+    assert (diff <= bound).all(), float((diff - bound).max())
+
+
+def test_deterministic_backward_is_bitwise_repeatable(monkeypatch):
+    """Many rows per code, fp32: the sorted reduction gives the same bits every time, and the
+    same values (to rounding) as the atomic one."""
+    launch = _launch()
+    z, cb = make_inputs(700, 5, 24, torch.float32, device=DEVICE)
+    z_q, idx, err, counts = launch.forward(z, -1, cb, RowPlan(z, -1))
+    g = torch.rand(700, device=DEVICE)
+    runs = [launch.backward(z, -1, cb, idx, None, g, g, RowPlan(z, -1), deterministic=True)
+            for _ in range(3)]
+    for gz, gcb in runs[1:]:
+        assert torch.equal(gz, runs[0][0]) and torch.equal(gcb, runs[0][1])
+    gz_a, gcb_a = launch.backward(z, -1, cb, idx, None, g, g, RowPlan(z, -1), deterministic=False)
+    tol = _cb_tolerance(z, cb, idx, 2 * g.max())
+    assert ((gcb_a - runs[0][1]).abs().cpu().double() <= 2 * tol).all()
+    ref = reference.backward(z.cpu(), cb.cpu(), idx.cpu(), -1, None, g.cpu(), g.cpu())
+    assert ((runs[0][1].cpu().double() - ref[1].double()).abs() <= tol).all()
+    # torch's switch selects it
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    gz_d, gcb_d = launch.backward(z, -1, cb, idx, None, g, g, RowPlan(z, -1))
+    assert torch.equal(gcb_d, runs[0][1])
+
+
+def test_gradient_routing():
+    """codebook_loss reaches only the codebook, commitment_loss only z, z_q is straight-through."""
+    z, cb = make_inputs(40, 7, 6, torch.float32, device=DEVICE)
+    cases = (("codebook_loss", False, True), ("commitment_loss", True, False), ("z_q", True, False))
+    for part, z_moves, cb_moves in cases:
+        zz = z.clone().requires_grad_(True)
+        cc = cb.clone().requires_grad_(True)
+        out = vqkernels.vq_quantize(zz, cc, backend="triton")
+        v = getattr(out, part)
+        (v.sum() if part == "z_q" else v).backward()
+        assert (zz.grad is not None and bool(zz.grad.abs().sum() > 0)) == z_moves, part
+        assert (cc.grad is not None and bool(cc.grad.abs().sum() > 0)) == cb_moves, part
+        if part == "z_q":
+            assert torch.equal(zz.grad, torch.ones_like(z))
+
+
+def test_gradcheck_float64():
+    """Each loss term is a true function of the argument its gradient reaches (with the choice of
+    codes fixed, which the well-separated inputs keep under gradcheck's perturbations), so
+    gradcheck applies to the pairs: commitment_loss of z, codebook_loss of the codebook. (z_q is
+    straight-through by design: its gradient is not its derivative.)"""
+    z, cb = make_inputs(6, 4, 3, torch.float64, device=DEVICE)
+
+    def commit(z):
+        return vqkernels.vq_quantize(z, cb, backend="triton").commitment_loss
+
+    def codebook(cb):
+        return vqkernels.vq_quantize(z, cb, backend="triton").codebook_loss
+
+    assert torch.autograd.gradcheck(commit, (z.clone().requires_grad_(),), eps=1e-6, atol=1e-8)
+    assert torch.autograd.gradcheck(codebook, (cb.clone().requires_grad_(),), eps=1e-6, atol=1e-8)
+
+
+# ------------------------------------------------------------------------------------------------
+# integration
+
+
+def test_torch_compile_fullgraph():
+    z, cb = make_inputs(64, 16, 8, torch.float32, device=DEVICE)
+    w = torch.randn(64, 8, device=DEVICE)
+
+    def f(z, cb):
+        out = vqkernels.vq_quantize(z, cb, backend="triton")
+        return out.loss + (out.z_q * w).sum(), out.indices
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    zz, cc = z.clone().requires_grad_(True), cb.clone().requires_grad_(True)
+    loss, idx = compiled(zz, cc)
+    loss.backward()
+    z2, c2 = z.clone().requires_grad_(True), cb.clone().requires_grad_(True)
+    loss2, idx2 = f(z2, c2)
+    loss2.backward()
+    assert torch.equal(idx, idx2)
+    torch.testing.assert_close(loss, loss2)
+    torch.testing.assert_close(zz.grad, z2.grad)
+    torch.testing.assert_close(cc.grad, c2.grad)
+
+
+def test_opcheck():
+    z, cb = make_inputs(20, 6, 5, torch.float32, device=DEVICE)
+    torch.library.opcheck(torch.ops.vqkernels.vq_quantize.default, (z, cb, -1, "triton"))
+    torch.library.opcheck(torch.ops.vqkernels.nearest_code.default, (z, cb, -1, "triton"))
+
+
+def test_auto_picks_triton_on_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device: backend='auto' picks triton only for CUDA tensors")
+    assert backends.resolve("auto", torch.device("cuda")).name == "triton"

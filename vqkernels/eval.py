@@ -1,0 +1,164 @@
+"""Held-out evaluation of a VQ-VAE checkpoint: `python -m vqkernels.eval CHECKPOINT`.
+
+Figures, all on images scaled to [-0.5, 0.5]:
+  mse           mean squared error per pixel and channel
+  psnr          10 log10(1 / mse): the peak-to-peak range of the data is 1
+  nmse          mse / variance of the training pixels (Sonnet's data_variance; the "normalized
+                MSE" that Sonnet's example and its common PyTorch port report)
+  perplexity    exp(entropy) of code usage over the whole held-out set
+  batch_perplexity   the same per batch of --perplexity-batch images, averaged: the figure the
+                training bar shows (it depends on the batch size)
+  codes_used    fraction of the K codes chosen at least once on the held-out set
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from . import _io
+from .data import DATA_KINDS, DataError, to_tensor
+
+
+@torch.no_grad()
+def evaluate(model, images: np.ndarray, data_variance: float, *, batch_size: int = 250,
+             perplexity_batch: int = 32, device=None, amp: bool = False) -> dict:
+    """Evaluate `model` on uint8 images (N, 32, 32, 3); returns the figures as a dict."""
+    if len(images) == 0:
+        raise ValueError("no held-out images to evaluate on")
+    device = device or next(model.parameters()).device
+    K = model.config.num_codes
+    was_training = model.training
+    model.eval()
+    counts = torch.zeros(K, dtype=torch.long, device=device)
+    se = 0.0
+    commit = 0.0
+    batch_ppl = []
+    # The perplexity batches are consecutive groups of images, so chunks must hold whole groups.
+    chunk = max(perplexity_batch, batch_size // perplexity_batch * perplexity_batch)
+    for lo in range(0, len(images), chunk):
+        x = to_tensor(images[lo:lo + chunk], device)
+        with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
+            out = model(x)
+        se += float(((out.recon.float() - x) ** 2).sum(dtype=torch.float64))
+        commit += float(out.vq.commitment_loss) * x.shape[0]
+        idx = out.vq.indices
+        counts += torch.bincount(idx.reshape(-1), minlength=K)
+        for g in range(0, idx.shape[0], perplexity_batch):
+            c = torch.bincount(idx[g:g + perplexity_batch].reshape(-1), minlength=K)
+            batch_ppl.append(_perplexity(c))
+    model.train(was_training)
+    n = len(images)
+    mse = se / images.size
+    return {
+        "images": n,
+        "mse": mse,
+        "psnr": 10.0 * math.log10(1.0 / mse) if mse > 0 else math.inf,
+        "nmse": mse / data_variance,
+        "data_variance": data_variance,
+        "heldout_variance": float((images.astype(np.float64) / 255.0).var()),
+        "commitment_loss": commit / n,
+        "perplexity": _perplexity(counts),
+        "batch_perplexity": float(np.mean(batch_ppl)),
+        "perplexity_batch": perplexity_batch,
+        "codes_used": float((counts > 0).sum()) / K,
+        "num_codes": K,
+    }
+
+
+def _perplexity(counts: torch.Tensor) -> float:
+    p = counts.double() / max(int(counts.sum()), 1)
+    return float(torch.exp(-torch.special.xlogy(p, p).sum()))
+
+
+ROWS = [("images", "held-out images", "{:d}"), ("mse", "MSE", "{:.6f}"), ("psnr", "PSNR (dB)", "{:.2f}"),
+        ("nmse", "normalized MSE", "{:.4f}"), ("perplexity", "perplexity (whole set)", "{:.1f}"),
+        ("batch_perplexity", "perplexity (per batch)", "{:.1f}"),
+        ("codes_used", "codes used", "{:.1%}")]
+
+
+def format_table(metrics: dict, title: str = "") -> str:
+    lines = [title] if title else []
+    w = max(len(label) for _, label, _ in ROWS)
+    for key, label, fmt in ROWS:
+        v = metrics[key]
+        s = fmt.format(v)
+        if key == "codes_used":
+            s += f" of {metrics['num_codes']}"
+        if key == "batch_perplexity":
+            s += f" (batches of {metrics['perplexity_batch']})"
+        lines.append(f"  {label:<{w}}  {s}")
+    return "\n".join(lines)
+
+
+def heldout_for(ckpt: dict, data: Optional[str], data_dir: Optional[str], download: bool):
+    """The held-out images: of the checkpoint's own data set unless --data says otherwise."""
+    from . import data as data_mod
+    desc = ckpt.get("data", {})
+    kind = data or desc.get("kind")
+    if kind is None:
+        raise DataError("the checkpoint does not say what it was trained on; pass --data")
+    if data_dir is None and kind == desc.get("kind"):
+        data_dir = desc.get("data_dir")
+    heldout_every = desc.get("heldout_every", 10) if kind == "folder" else 10
+    return data_mod.load(kind, data_dir, download=download, heldout_every=heldout_every)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m vqkernels.eval",
+        description="Held-out MSE, PSNR, normalized MSE, perplexity and code usage of a VQ-VAE "
+                    "checkpoint. Prints a table and writes JSON.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT",
+                   help="a checkpoint.pt written by vqkernels.train (or its --out directory)")
+    p.add_argument("--data", choices=DATA_KINDS, default=None,
+                   help="data set to evaluate on (default: the one the checkpoint was trained on)")
+    p.add_argument("--data-dir", default=None, help="directory of --data (default: the checkpoint's)")
+    p.add_argument("--download", action="store_true", help="download CIFAR-10 if missing")
+    p.add_argument("--batch-size", type=int, default=250, help="images per forward pass")
+    p.add_argument("--perplexity-batch", type=int, default=None,
+                   help="images per batch for the per-batch perplexity (default: the training "
+                        "batch size)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto (default)")
+    p.add_argument("--backend", default="auto",
+                   help="quantizer backend: auto, cpu, cuda, triton or reference")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="where to write the figures (default: eval.json beside the checkpoint)")
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
+    a = p.parse_args(argv)
+    for name in ("batch_size", "perplexity_batch"):
+        v = getattr(a, name)
+        if v is not None and v < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    try:
+        device = _io.resolve_device(a.device)
+        ckpt = _io.load_checkpoint(a.checkpoint)
+        model = _io.model_from_checkpoint(ckpt, device=device, backend=a.backend)
+        ds = heldout_for(ckpt, a.data, a.data_dir, a.download)
+    except (FileNotFoundError, ValueError) as exc:
+        p.error(str(exc))
+    same_data = ds.kind == ckpt["data"].get("kind")
+    var = ckpt["data_variance"] if same_data else ds.variance()
+    pb = a.perplexity_batch or ckpt.get("args", {}).get("batch_size", 32)
+    metrics = evaluate(model, ds.heldout, var, batch_size=a.batch_size, perplexity_batch=pb,
+                       device=device)
+    metrics.update(checkpoint=ckpt["path"], step=ckpt["step"], data=ds.description,
+                   backend=a.backend, device=str(device))
+    print(format_table(metrics, f"{ckpt['path']} (step {ckpt['step']}) on {ds.kind} held-out data"))
+    out = Path(a.json) if a.json else Path(ckpt["path"]).parent / "eval.json"
+    _io.atomic_write_json(out, metrics)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

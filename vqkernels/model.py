@@ -1,0 +1,231 @@
+"""The VQ-VAE of van den Oord et al. 2017 ("Neural Discrete Representation Learning", section 4.1)
+for 32x32 RGB images, laid out as in Sonnet's vqvae_example and its common PyTorch port.
+
+  encoder: conv 4x4/2 (3 -> hidden/2), ReLU, conv 4x4/2 (-> hidden), ReLU, conv 3x3,
+           residual stack (num_residual_blocks x [ReLU, conv 3x3 -> residual_hidden, ReLU,
+           conv 1x1 -> hidden]), ReLU, then a 1x1 conv to code_dim channels
+  quantizer: VectorQuantizer(num_codes, code_dim, beta) on the (B, code_dim, 8, 8) latent,
+           channel-first (the kernels read it in place, no permute copy)
+  decoder: conv 3x3 (code_dim -> hidden), residual stack, ReLU, transposed conv 4x4/2 (-> hidden/2),
+           ReLU, transposed conv 4x4/2 (-> 3)
+
+Images are float tensors (B, 3, H, W) in [-0.5, 0.5] (`vqkernels.data.to_tensor`), Sonnet's range.
+The decoder output is not squashed: the MSE reconstruction loss alone keeps it in range.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from .quantize import VectorQuantizer, VQOutput
+
+
+@dataclass(frozen=True)
+class VQVAEConfig:
+    """Every size of the model. K and D default to the paper's CIFAR-10 best (256 x 256)."""
+    num_codes: int = 256            # K
+    code_dim: int = 256             # D
+    hidden: int = 128               # channels of the 8x8 trunk (the first conv uses hidden // 2)
+    residual_hidden: int = 32       # bottleneck width inside each residual block (Sonnet: 32)
+    num_residual_blocks: int = 2
+    beta: float = 0.25              # commitment weight
+    in_channels: int = 3
+    image_size: int = 32            # must be divisible by 4: two stride-2 stages
+
+    def __post_init__(self):
+        for name in ("num_codes", "code_dim", "hidden", "residual_hidden", "in_channels",
+                     "image_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if self.hidden < 2:
+            raise ValueError(f"hidden must be >= 2 (the first conv has hidden // 2 channels), "
+                             f"got {self.hidden}")
+        if not isinstance(self.num_residual_blocks, int) or self.num_residual_blocks < 0:
+            raise ValueError(f"num_residual_blocks must be an int >= 0, got "
+                             f"{self.num_residual_blocks!r}")
+        if not (isinstance(self.beta, (int, float)) and self.beta >= 0):
+            raise ValueError(f"beta must be a number >= 0, got {self.beta!r}")
+        if self.image_size % 4:
+            raise ValueError(f"image_size must be divisible by 4, got {self.image_size}")
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // 4
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VQVAEConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown VQVAEConfig fields {sorted(unknown)}")
+        return cls(**d)
+
+
+class VQVAEOutput(NamedTuple):
+    recon: Tensor        # (B, C, H, W) reconstruction
+    z_e: Tensor          # (B, D, h, w) encoder output
+    vq: VQOutput         # quantizer output (z_q, indices (B, h, w), losses, perplexity)
+    recon_loss: Tensor   # mean squared error of recon against the input
+
+
+class ResidualStack(nn.Module):
+    def __init__(self, channels: int, residual_hidden: int, num_blocks: int):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.ReLU(), nn.Conv2d(channels, residual_hidden, 3, padding=1),
+                          nn.ReLU(), nn.Conv2d(residual_hidden, channels, 1))
+            for _ in range(num_blocks))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for block in self.blocks:
+            x = x + block(x)
+        # The stack ends in a ReLU (as in Sonnet): the blocks themselves start with one, so the
+        # skip path carries pre-activation values.
+        return F.relu(x)
+
+
+class Encoder(nn.Module):
+    def __init__(self, c: VQVAEConfig):
+        super().__init__()
+        h = c.hidden
+        self.net = nn.Sequential(
+            nn.Conv2d(c.in_channels, h // 2, 4, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(h // 2, h, 4, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(h, h, 3, padding=1),
+            ResidualStack(h, c.residual_hidden, c.num_residual_blocks))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class Decoder(nn.Module):
+    def __init__(self, c: VQVAEConfig):
+        super().__init__()
+        h = c.hidden
+        self.net = nn.Sequential(
+            nn.Conv2d(c.code_dim, h, 3, padding=1),
+            ResidualStack(h, c.residual_hidden, c.num_residual_blocks),
+            nn.ConvTranspose2d(h, h // 2, 4, stride=2, padding=1), nn.ReLU(),
+            nn.ConvTranspose2d(h // 2, c.in_channels, 4, stride=2, padding=1))
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.net(z)
+
+
+class VQVAE(nn.Module):
+    """VQ-VAE with a tokenizer interface: `encode(images) -> LongTensor[B, h, w]`,
+    `decode(indices) -> images`, and `forward(images) -> VQVAEOutput` for training.
+
+    `backend` picks the quantizer's kernel ("auto": the fastest one that runs here); it is a runtime
+    choice, not part of the config, so a checkpoint trained on a GPU loads on a CPU.
+    """
+
+    def __init__(self, config: VQVAEConfig | None = None, *, backend: str = "auto"):
+        super().__init__()
+        self.config = c = config or VQVAEConfig()
+        self.encoder = Encoder(c)
+        self.pre_vq = nn.Conv2d(c.hidden, c.code_dim, 1)
+        self.vq = VectorQuantizer(c.num_codes, c.code_dim, c.beta, channel_dim=1, backend=backend)
+        self.decoder = Decoder(c)
+
+    @property
+    def backend(self) -> str:
+        return self.vq.backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        from .backends import ALL_NAMES
+        if name not in ALL_NAMES:
+            raise ValueError(f"backend must be one of {ALL_NAMES}, got {name!r}")
+        self.vq.backend = name
+
+    def _check_images(self, images: Tensor) -> None:
+        c = self.config
+        if not isinstance(images, Tensor):
+            raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
+        if images.dim() != 4 or images.shape[1] != c.in_channels:
+            raise ValueError(f"images must have shape (B, {c.in_channels}, H, W), got "
+                             f"{tuple(images.shape)}")
+        if images.shape[2] % 4 or images.shape[3] % 4:
+            raise ValueError(f"images' height and width must be divisible by 4, got "
+                             f"{tuple(images.shape[2:])}")
+        if not images.is_floating_point():
+            raise TypeError(f"images must be floating point (scaled to [-0.5, 0.5]; see "
+                            f"vqkernels.data.to_tensor), got {images.dtype}")
+
+    def encode_latent(self, images: Tensor) -> Tensor:
+        """The continuous latent z_e, (B, D, H/4, W/4)."""
+        self._check_images(images)
+        return self.pre_vq(self.encoder(images))
+
+    def forward(self, images: Tensor) -> VQVAEOutput:
+        z_e = self.encode_latent(images)
+        vq = self.vq(z_e)
+        recon = self.decoder(vq.z_q)
+        recon_loss = F.mse_loss(recon.float(), images.float())
+        return VQVAEOutput(recon, z_e, vq, recon_loss)
+
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> Tensor:
+        """Token grid of each image: LongTensor (B, H/4, W/4) of code indices in [0, K)."""
+        return self.vq(self.encode_latent(images)).indices
+
+    def embed(self, indices: Tensor) -> Tensor:
+        """Codes of a token grid, channel-first: (B, h, w) -> (B, D, h, w). A gather: no one-hot."""
+        if not isinstance(indices, Tensor) or indices.dtype not in (torch.int64, torch.int32,
+                                                                    torch.int16, torch.uint8):
+            raise TypeError("indices must be an integer torch.Tensor (B, h, w)")
+        if indices.dim() != 3:
+            raise ValueError(f"indices must have shape (B, h, w), got {tuple(indices.shape)}")
+        K = self.config.num_codes
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= K):
+            raise ValueError(f"indices must lie in [0, {K}), got values in "
+                             f"[{int(indices.min())}, {int(indices.max())}]")
+        return F.embedding(indices.long(), self.vq.codebook).permute(0, 3, 1, 2)
+
+    @torch.no_grad()
+    def decode(self, indices: Tensor) -> Tensor:
+        """Images (B, C, 4h, 4w) in the data range from a token grid (B, h, w)."""
+        return self.decoder(self.embed(indices))
+
+    # -- codebook upkeep (used by vqkernels.train; both draw from torch's global RNG, whose state
+    # the training checkpoints keep, so a resumed run makes the same choices)
+    @staticmethod
+    def _rows(z_e: Tensor) -> Tensor:
+        return z_e.detach().movedim(1, -1).reshape(-1, z_e.shape[1])
+
+    @torch.no_grad()
+    def init_codebook(self, images: Tensor) -> None:
+        """Set the codes to encoder outputs of `images` drawn at random (with replacement when the
+        batch has fewer than K vectors). The uniform +-1/K start sits far from where the encoder's
+        outputs land, so at first one code wins every vector and the rest never get a gradient;
+        starting on the data avoids that collapse (as Jukebox and SoundStream do)."""
+        rows = self._rows(self.encode_latent(images)).float()
+        K = self.config.num_codes
+        pick = (torch.randperm(rows.shape[0], device=rows.device)[:K] if rows.shape[0] >= K else
+                torch.randint(rows.shape[0], (K,), device=rows.device))
+        self.vq.codebook.copy_(rows[pick].to(self.vq.codebook.dtype))
+
+    @torch.no_grad()
+    def restart_dead_codes(self, z_e: Tensor, usage: Tensor) -> int:
+        """Move every code with usage == 0 onto a random encoder output of `z_e` (B, D, h, w);
+        returns how many moved. Dead codes get no gradient, so without this they stay dead."""
+        dead = torch.nonzero(usage == 0).flatten()
+        n = int(dead.numel())
+        if n:
+            rows = self._rows(z_e)
+            pick = torch.randint(rows.shape[0], (n,), device=rows.device)
+            self.vq.codebook[dead] = rows[pick].to(self.vq.codebook.dtype)
+        return n
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,135 @@
+"""Token grids of a data set: `python -m vqkernels.tokenize CHECKPOINT --data ... --out tokens.npz`.
+
+The VQ-VAE as an image tokenizer (the way DALL-E uses its discrete VAE): each 32x32 image becomes
+an 8x8 grid of code indices. The .npz holds
+
+  tokens        (N, h, w) code indices: uint8 for K <= 256, uint16 for K <= 65536, else int32
+  split         (N,) 0 = training split, 1 = held-out split
+  labels        (N,) class index, where the data set has classes (-1 where an image has none)
+  class_names   the class names, where there are classes
+  paths         (N,) file paths relative to --data-dir (folder data only)
+  num_codes, code_dim, config (JSON), checkpoint, step, data (JSON)
+
+`model.decode(torch.from_numpy(tokens).long())` turns the grids back into images.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import _io
+from .data import DATA_KINDS, DataError, to_tensor
+
+
+@torch.no_grad()
+def tokenize(model, images: np.ndarray, *, batch_size: int = 500, device=None) -> np.ndarray:
+    """Token grids (N, h, w) int64 of uint8 images (N, 32, 32, 3)."""
+    device = device or next(model.parameters()).device
+    was = model.training
+    model.eval()
+    out = [model.encode(to_tensor(images[i:i + batch_size], device)).cpu()
+           for i in range(0, len(images), batch_size)]
+    model.train(was)
+    if not out:
+        s = model.config.latent_size
+        return np.zeros((0, s, s), dtype=np.int64)
+    return torch.cat(out).numpy()
+
+
+def token_dtype(num_codes: int):
+    return np.uint8 if num_codes <= 256 else np.uint16 if num_codes <= 65536 else np.int32
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m vqkernels.tokenize",
+        description="Encode a data set into VQ-VAE token grids, written to one .npz file.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT",
+                   help="a checkpoint.pt written by vqkernels.train (or its --out directory)")
+    p.add_argument("--data", choices=DATA_KINDS, default=None,
+                   help="data set to tokenize (default: the one the checkpoint was trained on)")
+    p.add_argument("--data-dir", default=None, help="directory of --data (default: the checkpoint's)")
+    p.add_argument("--download", action="store_true", help="download CIFAR-10 if missing")
+    p.add_argument("--split", choices=("all", "train", "heldout"), default="all",
+                   help="which split to tokenize")
+    p.add_argument("--num-crops", type=int, default=10000,
+                   help="--data embedded: how many (seeded) training crops to tokenize; the "
+                        "held-out split is its fixed crops")
+    p.add_argument("--seed", type=int, default=0, help="--data embedded: seed of the crops")
+    p.add_argument("--out", required=True, help="the .npz file to write")
+    p.add_argument("--batch-size", type=int, default=500, help="images per forward pass")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--backend", default="auto",
+                   help="quantizer backend: auto, cpu, cuda, triton or reference")
+    return p
+
+
+def main(argv=None) -> int:
+    from .eval import heldout_for
+
+    p = build_parser()
+    a = p.parse_args(argv)
+    if a.batch_size < 1:
+        p.error(f"--batch-size must be >= 1, got {a.batch_size}")
+    if a.num_crops < 0:
+        p.error(f"--num-crops must be >= 0, got {a.num_crops}")
+    out = Path(a.out)
+    if out.suffix != ".npz":
+        p.error(f"--out must name a .npz file, got {out}")
+    try:
+        device = _io.resolve_device(a.device)
+        ckpt = _io.load_checkpoint(a.checkpoint)
+        model = _io.model_from_checkpoint(ckpt, device=device, backend=a.backend)
+        ds = heldout_for(ckpt, a.data, a.data_dir, a.download)
+    except (FileNotFoundError, ValueError) as exc:
+        p.error(str(exc))
+
+    parts = []  # (images, split code, labels, paths)
+    if a.split in ("all", "train"):
+        if ds.train is not None:
+            parts.append((ds.train, 0, ds.train_labels, ds.train_paths))
+        elif a.num_crops:
+            parts.append((ds.train_sample(a.num_crops, seed=a.seed), 0, None, None))
+    if a.split in ("all", "heldout"):
+        parts.append((ds.heldout, 1, ds.heldout_labels, ds.heldout_paths))
+    tokens = [tokenize(model, imgs, batch_size=a.batch_size, device=device) for imgs, *_ in parts]
+    K = model.config.num_codes
+    arrays = {
+        "tokens": np.concatenate(tokens).astype(token_dtype(K)) if tokens else
+        np.zeros((0, model.config.latent_size, model.config.latent_size), token_dtype(K)),
+        "split": np.concatenate([np.full(len(imgs), code, np.uint8) for imgs, code, *_ in parts])
+        if parts else np.zeros(0, np.uint8),
+        "num_codes": np.int64(K),
+        "code_dim": np.int64(model.config.code_dim),
+        "config": np.array(json.dumps(model.config.to_dict())),
+        "checkpoint": np.array(ckpt["path"]),
+        "step": np.int64(ckpt["step"]),
+        "data": np.array(json.dumps(ds.description)),
+    }
+    if ds.class_names or any(lab is not None for _, _, lab, _ in parts):
+        arrays["labels"] = np.concatenate([
+            lab if lab is not None else np.full(len(imgs), -1, np.int64)
+            for imgs, _, lab, _ in parts])
+        if ds.class_names:
+            arrays["class_names"] = np.array(ds.class_names)
+    if any(pth is not None for *_, pth in parts):
+        arrays["paths"] = np.array(sum((list(pth) if pth is not None else [""] * len(imgs)
+                                        for imgs, _, _, pth in parts), []))
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    _io.atomic_write_bytes(out, buf.getvalue())
+    t = arrays["tokens"]
+    used = len(np.unique(t)) if t.size else 0
+    print(f"wrote {out}: {t.shape[0]} token grids of {t.shape[1]}x{t.shape[2]} ({t.dtype}), "
+          f"{used} of {K} codes used, from {ds.kind} data ({a.split})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

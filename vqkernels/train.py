@@ -1,0 +1,496 @@
+"""Train the VQ-VAE: `python -m vqkernels.train [--data embedded|cifar10|folder] [--out DIR] ...`
+
+The defaults train on crops of scikit-image's bundled photos (offline, no download) for a few
+minutes on a laptop-class CPU. --out receives:
+
+  checkpoint.pt      model, optimizer, step, every RNG state and the data sampler's position, the
+                     config and a description of the data (atomic: temp file + fsync + rename)
+  config.json        the run's settings, for people
+  metrics.csv        training loss, recon MSE, VQ loss, perplexity, codes used, steps/s
+  eval.csv           held-out figures every --eval-every steps
+  loss_curves.png    recon and VQ loss (training and held-out) and code usage
+  reconstructions.png   held-out originals (top rows) above their reconstructions
+  eval.json          the final held-out evaluation (as `python -m vqkernels.eval` writes it)
+
+A run killed at any moment (even SIGKILL) continues with `--resume` from its last checkpoint and
+draws exactly the batches it would have drawn: the final step count and, on a deterministic
+device, the final weights are those of an uninterrupted run.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import _io
+from .data import DATA_KINDS, DataError, to_tensor, to_uint8
+
+CHECKPOINT = "checkpoint.pt"
+METRICS_FIELDS = ("step", "loss", "recon_mse", "recon_nmse", "vq_loss", "commitment_loss",
+                  "perplexity", "codes_used", "codes_restarted", "steps_per_s", "elapsed_s")
+EVAL_FIELDS = ("step", "mse", "psnr", "nmse", "perplexity", "batch_perplexity", "codes_used")
+
+# Defaults. The model sizes follow the issue (K = D = 256, hidden 128), the optimizer Sonnet's
+# example (Adam 3e-4, batch 32); 1500 steps keep the default embedded run under 5 minutes on a
+# 2-core CPU (see README for measurements). The codebook starts on data and dead codes are
+# restarted every 25 steps: without both, the codebook collapses to a handful of codes within the
+# first hundred steps (measured: perplexity 2-3 at step 300 with the uniform start).
+DEFAULTS = dict(num_codes=256, code_dim=256, hidden=128, residual_hidden=32, residual_blocks=2,
+                beta=0.25, codebook_init="data", restart_every=25, steps=1500, batch_size=32,
+                lr=3e-4, data="embedded", data_dir=None, heldout_every=10, seed=0, device="auto",
+                backend="auto", out="runs/vqvae", eval_every=500, save_every=250, log_every=10,
+                eval_images=1024, amp=False, threads=0)
+# Settings a resumed run must share with the run it continues: changing any of them would make
+# the continuation a different experiment.
+IDENTITY = ("num_codes", "code_dim", "hidden", "residual_hidden", "residual_blocks", "beta",
+            "codebook_init", "restart_every", "batch_size", "lr", "data", "data_dir",
+            "heldout_every", "seed")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m vqkernels.train",
+        description="Train a VQ-VAE (van den Oord et al. 2017) on 32x32 RGB images with the "
+                    "vqkernels quantizer.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    D = DEFAULTS
+    m = p.add_argument_group("model")
+    m.add_argument("--num-codes", type=int, help=f"codebook size K [{D['num_codes']}]")
+    m.add_argument("--code-dim", type=int, help=f"code dimension D [{D['code_dim']}]")
+    m.add_argument("--hidden", type=int, help=f"encoder/decoder width [{D['hidden']}]")
+    m.add_argument("--residual-hidden", type=int,
+                   help=f"residual block bottleneck width [{D['residual_hidden']}]")
+    m.add_argument("--residual-blocks", type=int,
+                   help=f"residual blocks in encoder and decoder [{D['residual_blocks']}]")
+    m.add_argument("--beta", type=float, help=f"commitment weight [{D['beta']}]")
+    m.add_argument("--codebook-init", choices=("data", "uniform"),
+                   help="data: codes start on encoder outputs of training images; uniform: "
+                        f"+-1/K as in the paper's code [{D['codebook_init']}]")
+    m.add_argument("--restart-every", type=int,
+                   help="every N steps, move codes unused in those N steps onto random encoder "
+                        f"outputs of the batch; 0 = never [{D['restart_every']}]")
+    o = p.add_argument_group("optimization")
+    o.add_argument("--steps", type=int, help=f"total training steps [{D['steps']}]")
+    o.add_argument("--batch-size", type=int, help=f"images per step [{D['batch_size']}]")
+    o.add_argument("--lr", type=float, help=f"Adam learning rate [{D['lr']}]")
+    o.add_argument("--seed", type=int, help=f"seed of weights and batches [{D['seed']}]")
+    d = p.add_argument_group("data")
+    d.add_argument("--data", choices=DATA_KINDS,
+                   help="embedded: crops of scikit-image's bundled photos (offline); cifar10: "
+                        "cifar-10-batches-py in --data-dir; folder: any folder of images "
+                        f"[{D['data']}]")
+    d.add_argument("--data-dir", help="directory for --data cifar10 or folder")
+    d.add_argument("--download", action="store_true",
+                   help="download CIFAR-10 into --data-dir if it is not there (MD5 checked)")
+    d.add_argument("--heldout-every", type=int,
+                   help=f"--data folder: hold out every Nth file [{D['heldout_every']}]")
+    r = p.add_argument_group("run")
+    r.add_argument("--out", help=f"output directory [{D['out']}]")
+    r.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
+                   help="continue the run in --out from its last checkpoint (or from CHECKPOINT)")
+    r.add_argument("--device", help=f"cpu, cuda, cuda:N or auto [{D['device']}]")
+    r.add_argument("--backend", help="quantizer kernel: auto, cpu, cuda, triton, reference "
+                                     f"[{D['backend']}]")
+    r.add_argument("--amp", action="store_true", default=None,
+                   help="CUDA automatic mixed precision (bf16 where supported, else fp16 with "
+                        "loss scaling)")
+    r.add_argument("--threads", type=int,
+                   help="CPU threads for torch; 0 = torch's default (one per core). On a machine "
+                        "shared with other jobs, 1 can be many times faster: idle OpenMP threads "
+                        f"spin while their partners wait for a core [{D['threads']}]")
+    r.add_argument("--eval-every", type=int,
+                   help=f"held-out evaluation every N steps, 0 = only at the end [{D['eval_every']}]")
+    r.add_argument("--save-every", type=int,
+                   help=f"checkpoint and figures every N steps, 0 = only at the end "
+                        f"[{D['save_every']}]")
+    r.add_argument("--log-every", type=int, help=f"metrics.csv row every N steps [{D['log_every']}]")
+    r.add_argument("--eval-images", type=int,
+                   help=f"held-out images used by the periodic evaluation (the final one uses all) "
+                        f"[{D['eval_images']}]")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# settings
+def resolve_settings(p: argparse.ArgumentParser, a: argparse.Namespace):
+    given = {k: v for k, v in vars(a).items() if k not in ("resume", "download") and v is not None}
+    out = Path(given.get("out", DEFAULTS["out"]))
+    ckpt = None
+    if a.resume is not None:
+        path = out / CHECKPOINT if a.resume == "auto" else Path(a.resume)
+        if a.resume == "auto" and not path.exists():
+            p.error(f"--resume: --out {out} holds no {CHECKPOINT} to continue from")
+        try:
+            ckpt = _io.load_checkpoint(path, "--resume")
+        except (FileNotFoundError, ValueError) as exc:
+            p.error(str(exc))
+        saved = ckpt["args"]
+        for k in IDENTITY:
+            if k in given and _norm(k, given[k]) != _norm(k, saved.get(k)):
+                p.error(f"--{k.replace('_', '-')} {given[k]} differs from the run being resumed "
+                        f"({saved.get(k)}); start a new run with another --out instead")
+        s = {**DEFAULTS, **saved, **given}
+        # Artifacts go where the checkpoint is unless --out says otherwise.
+        s["out"] = str(out if a.resume == "auto" or "out" in given else Path(ckpt["path"]).parent)
+    else:
+        if (out / CHECKPOINT).exists():
+            p.error(f"--out {out} already holds {CHECKPOINT} from an earlier run: pass --resume "
+                    f"to continue it, or choose another --out")
+        s = {**DEFAULTS, **given}
+    s["download"] = a.download
+    for k in ("num_codes", "code_dim", "hidden", "residual_hidden", "steps", "batch_size",
+              "log_every", "eval_images", "heldout_every"):
+        if s[k] < 1:
+            p.error(f"--{k.replace('_', '-')} must be >= 1, got {s[k]}")
+    for k in ("residual_blocks", "eval_every", "save_every", "restart_every", "threads"):
+        if s[k] < 0:
+            p.error(f"--{k.replace('_', '-')} must be >= 0, got {s[k]}")
+    if not (s["lr"] > 0 and math.isfinite(s["lr"])):
+        p.error(f"--lr must be a positive number, got {s['lr']}")
+    if not (s["beta"] >= 0 and math.isfinite(s["beta"])):
+        p.error(f"--beta must be a number >= 0, got {s['beta']}")
+    from .backends import ALL_NAMES
+    if s["backend"] not in ALL_NAMES:
+        p.error(f"--backend must be one of {', '.join(ALL_NAMES)}, got {s['backend']!r}")
+    return s, ckpt
+
+
+def _norm(k, v):
+    if k == "data_dir" and v is not None:
+        return str(Path(v).expanduser().resolve())
+    return v
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG state that survives torch.load(weights_only=True): tensors and plain Python values only
+def rng_state() -> dict:
+    st = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    st["numpy"] = [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                   float(cached)]
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    random.setstate(_tuplify(st["python"]))
+    name, keys, pos, has_gauss, cached = st["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in st and torch.cuda.is_available() and len(st["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def _tuplify(x):
+    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+# ---------------------------------------------------------------------------------------------
+# CSV files that stay consistent with the checkpoint across kills and resumes
+def _read_rows(path: Path, fields) -> list[dict]:
+    """Rows of a metrics CSV; a torn last line (a run killed mid-write) is dropped."""
+    if not path.exists():
+        return []
+    rows = []
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            if None in row or any(row.get(k) in (None, "") for k in fields):
+                continue
+            try:
+                rows.append({k: float(row[k]) for k in fields})
+            except ValueError:
+                continue
+    return rows
+
+
+def _restart_csv(path: Path, fields, upto_step: int) -> None:
+    """Rewrite `path` keeping the rows up to `upto_step`: rows logged after the checkpoint the run
+    resumes from will be logged again."""
+    keep = [r for r in _read_rows(path, fields) if r["step"] <= upto_step]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    w.writeheader()
+    for r in keep:
+        w.writerow({k: _fmt(r[k]) for k in fields})
+    _io.atomic_write_bytes(path, buf.getvalue().encode())
+
+
+def _fmt(v):
+    if isinstance(v, float) and v.is_integer() and abs(v) < 2**53:
+        return str(int(v))
+    return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
+class CsvLog:
+    def __init__(self, path: Path, fields):
+        self.path, self.fields = path, fields
+        self.f = open(path, "a", newline="")
+
+    def write(self, row: dict) -> None:
+        self.f.write(",".join(_fmt(row[k]) for k in self.fields) + "\n")
+        self.f.flush()
+
+    def close(self):
+        self.f.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# figures
+def plot_losses(out: Path) -> None:
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+
+    rows = _read_rows(out / "metrics.csv", METRICS_FIELDS)
+    ev = _read_rows(out / "eval.csv", EVAL_FIELDS)
+    if not rows:
+        return
+    step = [r["step"] for r in rows]
+    fig = Figure(figsize=(12, 3.6), dpi=100)
+    ax = fig.subplots(1, 3)
+    ax[0].plot(step, [r["recon_nmse"] for r in rows], lw=0.8, label="train")
+    if ev:
+        ax[0].plot([r["step"] for r in ev], [r["nmse"] for r in ev], "o-", ms=3, label="held-out")
+    ax[0].set(title="reconstruction (MSE / data variance)", xlabel="step", yscale="log")
+    ax[0].legend()
+    ax[1].plot(step, [r["vq_loss"] for r in rows], lw=0.8, label="VQ loss (codebook + beta commit)")
+    ax[1].set(title="VQ loss", xlabel="step", yscale="log")
+    ax[2].plot(step, [r["perplexity"] for r in rows], lw=0.8, label="perplexity (batch)")
+    ax[2].plot(step, [r["codes_used"] for r in rows], lw=0.8, label="codes used (log interval)")
+    ax[2].set(title="code usage", xlabel="step")
+    ax[2].legend()
+    for a in ax:
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    _io.atomic_write_bytes(out / "loss_curves.png", buf.getvalue())
+
+
+def save_recon_grid(path: Path, originals: np.ndarray, recons: np.ndarray, cols: int = 8,
+                    scale: int = 3) -> None:
+    """Originals in the top rows, their reconstructions in the same places below a white band."""
+    from PIL import Image
+
+    cols = max(1, min(cols, len(originals)))
+    n = len(originals) // cols * cols
+    if n == 0:
+        return
+    rows = n // cols
+    s = originals.shape[1]
+
+    def tile(imgs):
+        return imgs[:n].reshape(rows, cols, s, s, 3).transpose(0, 2, 1, 3, 4).reshape(rows * s,
+                                                                                      cols * s, 3)
+
+    band = np.full((4, cols * s, 3), 255, np.uint8)
+    grid = np.concatenate([tile(originals), band, tile(recons)])
+    img = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale),
+                                       Image.Resampling.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    _io.atomic_write_bytes(path, buf.getvalue())
+
+
+@torch.no_grad()
+def reconstruct(model, images: np.ndarray, device) -> np.ndarray:
+    was = model.training
+    model.eval()
+    r = model(to_tensor(images, device)).recon
+    model.train(was)
+    return to_uint8(r)
+
+
+# ---------------------------------------------------------------------------------------------
+def train(s: dict, ckpt: dict | None = None, *, progress: bool = True) -> dict:
+    """Run (or continue) training with settings `s`; returns the final held-out metrics."""
+    from tqdm.auto import tqdm
+
+    from . import data as data_mod
+    from .eval import evaluate, format_table
+    from .model import VQVAE, VQVAEConfig
+
+    out = Path(s["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    _io.remove_stale_temps(out)
+    device = _io.resolve_device(s["device"])
+    if s["threads"]:
+        torch.set_num_threads(s["threads"])
+    if s["amp"] and device.type != "cuda":
+        raise _io.UsageError(f"--amp needs a CUDA device (--device is {device})")
+    amp_dtype = None
+    if s["amp"]:
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    ds = data_mod.load(s["data"], s["data_dir"], download=s["download"],
+                       heldout_every=s["heldout_every"])
+    var = ckpt["data_variance"] if ckpt else ds.variance()
+
+    random.seed(s["seed"])
+    np.random.seed(s["seed"])
+    torch.manual_seed(s["seed"])
+    config = VQVAEConfig(num_codes=s["num_codes"], code_dim=s["code_dim"], hidden=s["hidden"],
+                         residual_hidden=s["residual_hidden"],
+                         num_residual_blocks=s["residual_blocks"], beta=s["beta"])
+    model = VQVAE(config, backend=s["backend"]).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=s["lr"])
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    sampler = ds.sampler(s["seed"])
+    step, elapsed = 0, 0.0
+    K = config.num_codes
+    usage = torch.zeros(K, dtype=torch.long, device=device)  # code use since the last restart
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler") and scaler.is_enabled():
+            scaler.load_state_dict(ckpt["scaler"])
+        sampler.load_state_dict(ckpt["sampler"])
+        set_rng_state(ckpt["rng"])
+        step, elapsed = int(ckpt["step"]), float(ckpt["elapsed_s"])
+        usage.copy_(ckpt["usage"])
+        _restart_csv(out / "metrics.csv", METRICS_FIELDS, step)
+        # A complete run's final evaluation is made again when it is resumed.
+        _restart_csv(out / "eval.csv", EVAL_FIELDS, step - 1 if ckpt.get("complete") else step)
+    else:
+        for name, fields in (("metrics.csv", METRICS_FIELDS), ("eval.csv", EVAL_FIELDS)):
+            _restart_csv(out / name, fields, -1)
+        if s["codebook_init"] == "data":
+            # 256 images give 16384 latent vectors: enough distinct starting points for any K
+            # up to that, drawn from a fixed sample (not from the batch stream).
+            model.init_codebook(to_tensor(ds.train_sample(256, seed=s["seed"]), device))
+    args_saved = {k: v for k, v in s.items() if k != "download"}
+    _io.atomic_write_json(out / "config.json", {"config": config.to_dict(), "args": args_saved,
+                                                "data": ds.description, "data_variance": var})
+
+    def save(final=False):
+        _io.atomic_torch_save(out / CHECKPOINT, {
+            "format": _io.CHECKPOINT_FORMAT, "version": _io.CHECKPOINT_VERSION,
+            "config": config.to_dict(), "args": args_saved, "data": ds.description,
+            "data_variance": var, "step": step, "elapsed_s": elapsed, "complete": final,
+            "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+            "sampler": sampler.state_dict(), "rng": rng_state(), "usage": usage.cpu(),
+            "torch_version": str(torch.__version__)})
+        plot_losses(out)
+        grid = ds.heldout[:32]
+        save_recon_grid(out / "reconstructions.png", grid, reconstruct(model, grid, device))
+
+    eval_set = ds.heldout[:s["eval_images"]]
+    metrics_log = CsvLog(out / "metrics.csv", METRICS_FIELDS)
+    eval_log = CsvLog(out / "eval.csv", EVAL_FIELDS)
+    acc = torch.zeros(5, dtype=torch.float64, device=device)  # loss, recon, vq, commit, ppl
+    counts = torch.zeros(K, dtype=torch.long, device=device)
+    n_acc, restarted = 0, 0
+    t_last = time.perf_counter()
+    bar = tqdm(total=s["steps"], initial=step, disable=not progress, dynamic_ncols=True,
+               unit="step", mininterval=0.5 if sys.stderr.isatty() else 10.0, file=sys.stderr)
+    model.train()
+    try:
+        while step < s["steps"]:
+            x = to_tensor(sampler.next_batch(s["batch_size"]), device)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                o = model(x)
+                loss = o.recon_loss / var + o.vq.loss
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            step += 1
+            with torch.no_grad():
+                acc += torch.stack([loss.detach().double(), o.recon_loss.detach().double(),
+                                    o.vq.loss.detach().double(),
+                                    o.vq.commitment_loss.detach().double(),
+                                    o.vq.perplexity.detach().double()])
+                step_counts = torch.bincount(o.vq.indices.reshape(-1), minlength=K)
+                counts += step_counts
+                usage += step_counts
+            if s["restart_every"] and step % s["restart_every"] == 0:
+                restarted += model.restart_dead_codes(o.z_e, usage)
+                usage.zero_()
+            n_acc += 1
+            bar.update(1)
+
+            if step % s["log_every"] == 0 or step == s["steps"]:
+                now = time.perf_counter()
+                dt, t_last = now - t_last, now
+                elapsed += dt
+                a = (acc / n_acc).tolist()
+                if not math.isfinite(a[0]):
+                    raise FloatingPointError(
+                        f"training diverged at step {step} (loss {a[0]}); the last checkpoint in "
+                        f"{out} is from before; try a lower --lr")
+                row = dict(step=step, loss=a[0], recon_mse=a[1], recon_nmse=a[1] / var,
+                           vq_loss=a[2], commitment_loss=a[3], perplexity=a[4],
+                           codes_used=int((counts > 0).sum()), codes_restarted=restarted,
+                           steps_per_s=n_acc / dt,
+                           elapsed_s=elapsed)
+                metrics_log.write(row)
+                bar.set_postfix_str(
+                    f"loss {a[0]:.3f} recon {a[1] / var:.3f} vq {a[2]:.4f} ppl {a[4]:.0f} "
+                    f"codes {row['codes_used']}/{K} {row['steps_per_s']:.1f} steps/s",
+                    refresh=False)
+                acc.zero_()
+                counts.zero_()
+                n_acc, restarted = 0, 0
+
+            t_pause = time.perf_counter()
+            if s["eval_every"] and step % s["eval_every"] == 0 and step < s["steps"]:
+                m = evaluate(model, eval_set, var, perplexity_batch=s["batch_size"], device=device,
+                             amp=amp_dtype is not None)
+                eval_log.write({"step": step, **m})
+                bar.write(f"step {step}: held-out mse {m['mse']:.5f} nmse {m['nmse']:.4f} "
+                          f"psnr {m['psnr']:.2f} dB perplexity {m['perplexity']:.1f} codes used "
+                          f"{m['codes_used']:.1%}")
+            if s["save_every"] and step % s["save_every"] == 0 and step < s["steps"]:
+                save()
+            # Time spent evaluating and saving is not training time: steps/s and elapsed_s
+            # count the training steps only.
+            t_last += time.perf_counter() - t_pause
+    except KeyboardInterrupt:
+        bar.close()
+        metrics_log.close()
+        eval_log.close()
+        save()
+        print(f"\ninterrupted: saved step {step} to {out / CHECKPOINT}; continue with "
+              f"--out {out} --resume", file=sys.stderr)
+        raise
+    bar.close()
+    m = evaluate(model, ds.heldout, var, perplexity_batch=s["batch_size"], device=device,
+                 amp=amp_dtype is not None)
+    eval_log.write({"step": step, **m})
+    metrics_log.close()
+    eval_log.close()
+    save(final=True)
+    m.update(checkpoint=str(out / CHECKPOINT), step=step, data=ds.description,
+             backend=s["backend"], device=str(device), train_elapsed_s=elapsed)
+    _io.atomic_write_json(out / "eval.json", m)
+    print(format_table(m, f"final held-out evaluation (step {step}, {ds.kind} data):"))
+    print(f"wrote {out}/ (checkpoint.pt, metrics.csv, eval.csv, loss_curves.png, "
+          f"reconstructions.png, eval.json)")
+    return m
+
+
+def main(argv=None) -> int:
+    p = build_parser()
+    a = p.parse_args(argv)
+    s, ckpt = resolve_settings(p, a)
+    try:
+        train(s, ckpt)
+    except (DataError, _io.UsageError, FileNotFoundError) as exc:
+        p.error(str(exc))
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

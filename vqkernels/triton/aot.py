@@ -1,0 +1,220 @@
+"""Ahead-of-time compilation of the Triton kernels for given GPU archs, without a GPU.
+
+Compiles every autotune config of the search kernel (and the other kernels at their fixed blocks)
+to cubin for sm_80 / sm_90 and reads ptxas' own report: registers per thread, spill bytes, and
+Triton's shared-memory size. A spill in the hot loop costs more than any block-shape win, so the
+test suite asserts there are none.
+
+    python -m vqkernels.triton.aot            # prints the table for sm_80 and sm_90
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+import re
+from typing import NamedTuple
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import configs as cfg
+from . import kernels as K_
+
+# Opt-in shared memory per block (bytes): the most a program may ask for on each arch.
+SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+
+_PTR = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32", "float64": "*fp64"}
+
+
+class Report(NamedTuple):
+    kernel: str
+    arch: int
+    dtype: str
+    D: int
+    config: str
+    registers: int
+    spill_store: int
+    spill_load: int
+    shared: int
+    mma: str  # "wgmma", "mma" or "none": whether the tensor cores were used, and how
+
+
+def _compile(fn, signature: dict, constexprs: dict, div16: set, arch: int, num_warps: int,
+             num_stages: int):
+    names = fn.arg_names
+    signature = {**signature, **{k: "constexpr" for k in constexprs}}
+    missing = [n for n in names if n not in signature]
+    if missing:
+        raise ValueError(f"{fn.__name__}: no type given for {missing}")
+    signature = {n: signature[n] for n in names}  # in argument order, as the JIT builds it
+    attrs = {(names.index(k),): [["tt.divisibility", 16]] for k in div16}
+    src = ASTSource(fn, signature, constexprs, attrs)
+    target = GPUTarget("cuda", arch, 32)
+    from triton.compiler import make_backend
+    backend = make_backend(target)
+    opts = backend.parse_options({"num_warps": num_warps, "num_stages": num_stages})
+    log = io.StringIO()
+    kn = triton.knobs
+    saved = (kn.compilation.always_compile, kn.nvidia.dump_ptxas_log)
+    kn.compilation.always_compile, kn.nvidia.dump_ptxas_log = True, True  # fresh ptxas report
+    try:
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(src, target=target, options=opts.__dict__)
+    finally:
+        kn.compilation.always_compile, kn.nvidia.dump_ptxas_log = saved
+    text = log.getvalue()
+    regs = re.findall(r"Used (\d+) registers", text)
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    if not regs or not spills:
+        raise RuntimeError(f"could not read ptxas' report for {fn.__name__}:\n{text}")
+    ptx = compiled.asm["ptx"]
+    mma = "wgmma" if "wgmma" in ptx else ("mma" if re.search(r"\bmma\.sync", ptx) else "none")
+    return (int(regs[-1]), int(spills[-1][0]), int(spills[-1][1]), compiled.metadata.shared, mma)
+
+
+def _row_sig(prefix: str, ptr: str) -> dict:
+    # Contiguous rows: the element stride is 1, which Triton's JIT specializes to a constant.
+    return {f"{prefix}_ptr": ptr, f"{prefix}_S": "i32", f"{prefix}_sb": "i32",
+            f"{prefix}_ss": "i32"}
+
+
+def compile_search(dtype: str, D: int, config: triton.Config, arch: int, fused: bool = True
+                   ) -> Report:
+    """The search kernel as the JIT would build it for contiguous (N, D) rows of `dtype`."""
+    acc = "*fp64" if dtype == "float64" else "*fp32"
+    p = _PTR[dtype]
+    bd = cfg.block_d(D, dtype)
+    sig = {"x_ptr": p, "N": "i32", "x_S": "i32", "D": "i32", "x_sb": "i32", "x_ss": "i32",
+           "cb_ptr": p, "K": "i32", "cbp_ptr": p, "cbp_stride": "i32", "hn_ptr": acc,
+           **_row_sig("zq", p),
+           "idx_ptr": "*i64", "err_ptr": acc, "cnt_ptr": "*i64",
+           "pv1_ptr": acc, "pi1_ptr": "*i32", "pv2_ptr": acc, "pi2_ptr": "*i32", "TUNE_N": "i32"}
+    const = dict(x_sd=1, zq_sd=1, ACC=tl.float64 if dtype == "float64" else tl.float32,
+                 PRECISION="tf32x3" if dtype == "float32" else "ieee", UPCAST=False, FUSED=fused,
+                 WRITE_ZQ=True, BLOCK_D=bd, D_CHUNKS=triton.cdiv(D, bd), EVEN_D=D % bd == 0,
+                 EPI_D=cfg.epilogue_d(bd), **config.kwargs, X_MODE=0, ZQ_MODE=0)
+    # The padded codebook's row stride is a multiple of BLOCK_D >= 16 by construction.
+    div16 = {k for k, v in sig.items() if v.startswith("*")} | {"K", "x_sb", "zq_sb", "TUNE_N",
+                                                               "cbp_stride"}
+    if D % 16 == 0:
+        div16 |= {"D", "x_ss", "zq_ss"}
+    r = _compile(K_.vq_search_kernel, sig, const, div16, arch, config.num_warps, config.num_stages)
+    desc = (f"BLOCK_N={config.kwargs['BLOCK_N']} BLOCK_K={config.kwargs['BLOCK_K']} BLOCK_D={bd} "
+            f"warps={config.num_warps} stages={config.num_stages}" + ("" if fused else " split"))
+    return Report("vq_search", arch, dtype, D, desc, *r)
+
+
+def compile_backward_rows(dtype: str, D: int, arch: int, atomic: bool) -> Report:
+    acc = "*fp64" if dtype == "float64" else "*fp32"
+    p = _PTR[dtype]
+    from .launch import backward_blocks
+    bd, bn, warps = backward_blocks(D)
+    sig = {"x_ptr": p, "N": "i32", "x_S": "i32", "D": "i32", "x_sb": "i32", "x_ss": "i32",
+           "cb_ptr": p, "idx_ptr": "*i64", "idx_stride": "i32", **_row_sig("gzq", p),
+           "gcm_ptr": acc, "gcm_stride": "i32", "gcb_ptr": acc, "gcb_stride": "i32",
+           **_row_sig("gz", p), "gcbout_ptr": acc}
+    const = dict(x_sd=1, gzq_sd=1, gz_sd=1, ACC=tl.float64 if dtype == "float64" else tl.float32,
+                 HAS_GZQ=True, HAS_GCM=True, WRITE_GZ=True, ATOMIC_CB=atomic, BLOCK_N=bn,
+                 BLOCK_D=bd, X_MODE=0, GZQ_MODE=0, GZ_MODE=0)
+    div16 = {k for k, v in sig.items() if v.startswith("*")}
+    r = _compile(K_.vq_backward_rows_kernel, sig, const, div16, arch, warps, 2)
+    return Report("vq_backward_rows", arch, dtype, D,
+                  f"BLOCK_N={bn} BLOCK_D={bd} warps={warps}" + (" atomic" if atomic else ""), *r)
+
+
+def compile_backward_codebook(dtype: str, D: int, arch: int) -> Report:
+    acc = "*fp64" if dtype == "float64" else "*fp32"
+    p = _PTR[dtype]
+    bd = min(64, max(16, triton.next_power_of_2(D)))
+    sig = {"x_ptr": p, "x_S": "i32", "D": "i32", "x_sb": "i32", "x_ss": "i32", "cb_ptr": p,
+           "order_ptr": "*i64", "start_ptr": "*i64", "gcb_ptr": acc, "gcb_stride": "i32",
+           "out_ptr": acc}
+    const = dict(x_sd=1, ACC=tl.float64 if dtype == "float64" else tl.float32, BLOCK_R=32,
+                 BLOCK_D=bd, X_MODE=0)
+    div16 = {k for k, v in sig.items() if v.startswith("*")}
+    r = _compile(K_.vq_backward_codebook_kernel, sig, const, div16, arch, 4, 2)
+    return Report("vq_backward_codebook", arch, dtype, D, f"BLOCK_R=32 BLOCK_D={bd} warps=4", *r)
+
+
+def compile_merge(dtype: str, D: int, arch: int) -> Report:
+    acc = "*fp64" if dtype == "float64" else "*fp32"
+    p = _PTR[dtype]
+    bd = cfg.epilogue_d(cfg.block_d(D, dtype))
+    sig = {"x_ptr": p, "N": "i32", "x_S": "i32", "D": "i32", "x_sb": "i32", "x_ss": "i32",
+           "cb_ptr": p, "K": "i32", **_row_sig("zq", p), "idx_ptr": "*i64", "err_ptr": acc,
+           "cnt_ptr": "*i64", "pv1_ptr": acc, "pi1_ptr": "*i32", "pv2_ptr": acc, "pi2_ptr": "*i32",
+           "n_split": "i32"}
+    const = dict(x_sd=1, zq_sd=1, ACC=tl.float64 if dtype == "float64" else tl.float32,
+                 WRITE_ZQ=True, BLOCK_N=64, BLOCK_D=bd, X_MODE=0, ZQ_MODE=0)
+    div16 = {k for k, v in sig.items() if v.startswith("*")}
+    r = _compile(K_.vq_merge_kernel, sig, const, div16, arch, 4, 2)
+    return Report("vq_merge", arch, dtype, D, f"BLOCK_N=64 BLOCK_D={bd} warps=4", *r)
+
+
+# (dtype, D) pairs whose search configs are compiled: for 16-bit a small D, the widest resident D,
+# an unaligned D (padded codebook) and a chunked D; fp32 resident and chunked; fp64. (fp16
+# compiles to the same code as bf16 but for the MMA type.)
+SEARCH_CASES = [
+    ("bfloat16", 64), ("bfloat16", 256), ("bfloat16", 129), ("bfloat16", 512),
+    ("float32", 64), ("float32", 256), ("float64", 64),
+]
+
+
+def search_reports(arch: int, dtype: str, D: int):
+    return [compile_search(dtype, D, c, arch) for c in cfg.configs(dtype, D, SMEM_LIMIT[arch])]
+
+
+def other_reports(arch: int, dtype: str, D: int = 256):
+    """The split-K search (first config), its merge, and the two backward kernels."""
+    c = cfg.configs(dtype, D, SMEM_LIMIT[arch])[0]
+    return [compile_search(dtype, D, c, arch, fused=False), compile_merge(dtype, D, arch),
+            compile_backward_rows(dtype, D, arch, atomic=True),
+            compile_backward_codebook(dtype, D, arch)]
+
+
+def all_reports(archs=(80, 90)):
+    for arch in archs:
+        for dtype, D in SEARCH_CASES:
+            yield from search_reports(arch, dtype, D)
+        for dtype in ("bfloat16", "float32", "float64"):
+            yield from other_reports(arch, dtype)
+
+
+def format_report(r: Report) -> str:
+    return (f"sm_{r.arch} {r.kernel:<21} {r.dtype:<8} D={r.D:<4} {r.config:<52} "
+            f"regs={r.registers:<3} spill={r.spill_store}/{r.spill_load} "
+            f"smem={r.shared // 1024}KiB {r.mma}")
+
+
+def reports_in_subprocess(kind: str, arch: int, dtype: str, D: int) -> list[Report]:
+    """search_reports / other_reports run in a fresh interpreter without TRITON_INTERPRET: under
+    the interpreter every @triton.jit function (triton.language's own included) is an
+    interpreted one, which cannot be compiled."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "vqkernels.triton.aot", "--json", kind, str(arch),
+                          dtype, str(D)], env=env, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"AOT compile failed:\n{out.stderr[-4000:]}")
+    return [Report(*r) for r in json.loads(out.stdout.strip().splitlines()[-1])]
+
+
+def _main(argv):
+    if argv[:1] == ["--json"]:
+        kind, arch, dtype, D = argv[1], int(argv[2]), argv[3], int(argv[4])
+        fn = search_reports if kind == "search" else other_reports
+        with contextlib.redirect_stdout(sys.stderr):
+            reps = fn(arch, dtype, D)
+        print(json.dumps([list(r) for r in reps]))
+        return
+    for rep in all_reports():
+        print(format_report(rep), flush=True)
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])

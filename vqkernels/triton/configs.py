@@ -1,0 +1,118 @@
+"""Block shapes for the search kernel: a small autotune set per input dtype, and the rules that
+fix everything the autotuner does not choose.
+
+Why these shapes. The search is a GEMM (rows x codes x D) whose epilogue is a compare-and-select
+per distance. Its registers go to three (BLOCK_N, BLOCK_K) arrays (the distance tile, and each
+column's running best value and code) plus the operand and pointer tiles. Compiled with ptxas
+(python -m vqkernels.triton.aot), 32 elements of each array per thread is what 16-bit inputs
+can hold without spilling (128 x 64 on 8 warps: 173 registers on sm_90 at D=256); 3xTF32 for
+fp32 input keeps the split operands in registers too, and fp64 takes two registers a value, so
+those stay at 16. The codebook tile (BLOCK_K x BLOCK_D) is what the pipeline stages hold in
+shared memory, next to the resident row tile.
+"""
+from __future__ import annotations
+
+import triton
+
+# (BLOCK_N, BLOCK_K, num_warps, num_stages)
+_SHAPES_16 = [
+    (128, 64, 8, 3),   # the large-N workhorse: wgmma on sm_90, 32 distances per thread
+    (64, 128, 8, 3),
+    (64, 64, 4, 3),
+    (32, 64, 4, 2),    # few rows per program: more programs when N is small
+    (16, 128, 4, 3),   # a handful of rows (one image) against a large codebook, split along K
+]
+# fp32 runs 3xTF32 (three MMAs per product on hi/lo splits of both operands).
+_SHAPES_32 = [
+    (64, 32, 4, 3),
+    (128, 32, 8, 3),
+    (32, 64, 4, 3),
+    (16, 64, 4, 3),
+]
+# fp64 goes through DMMA (sm_80+) at a small fraction of the 16-bit rate: modest tiles.
+_SHAPES_64 = [
+    (32, 64, 4, 2),
+    (32, 32, 4, 2),
+    (16, 64, 4, 2),
+]
+
+# Distances per thread (BLOCK_N * BLOCK_K / threads) each dtype can afford (see above).
+_MAX_PER_THREAD = {2: 32, 4: 16, 8: 16}
+# Shared memory a config may ask for when the device's limit is unknown: sm_80's opt-in limit.
+DEFAULT_SMEM = 163 * 1024
+
+
+def elem_bytes(dtype_name: str) -> int:
+    return {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}[dtype_name]
+
+
+def block_d(D: int, dtype_name: str) -> int:
+    """Width of the D tile. Up to 512 bytes of a row stay resident in the program for the whole
+    codebook sweep (D <= 256 for 16-bit); wider rows are streamed in 128-byte chunks with the code
+    tile, which costs re-reading the row tile from L1/L2 once per codebook tile."""
+    esz = elem_bytes(dtype_name)
+    full = max(16, triton.next_power_of_2(D))
+    if full * esz <= 512:
+        return full
+    return max(16, 128 // esz)
+
+
+def epilogue_d(bd: int) -> int:
+    # The epilogue holds x, e1 and e2 chunks in fp32 for BLOCK_N rows: 32 wide keeps it small.
+    return min(bd, 32)
+
+
+def shapes(dtype_name: str):
+    return {"float16": _SHAPES_16, "bfloat16": _SHAPES_16, "float32": _SHAPES_32,
+            "float64": _SHAPES_64}[dtype_name]
+
+
+def smem_estimate(bn: int, bk: int, stages: int, bd: int, d_chunks: int, dtype_name: str) -> int:
+    """Shared memory of a config (bytes), as Triton lays it out: each pipeline stage holds a
+    codebook tile (and, with D chunked, a row tile); a resident row tile is held once. 3xTF32
+    keeps fp32 tiles twice over. Checked against the compiled kernels by
+    tests/test_triton_aot.py."""
+    esz = elem_bytes(dtype_name) * (2 if dtype_name == "float32" else 1)
+    stage = bk * bd * esz + (bn * bd * esz if d_chunks > 1 else 0)
+    resident = bn * bd * esz if d_chunks == 1 else 0
+    return stages * stage + resident
+
+
+def fits(bn: int, bk: int, warps: int, stages: int, bd: int, d_chunks: int, dtype_name: str,
+         smem_limit: int = DEFAULT_SMEM) -> bool:
+    per_thread = bn * bk / (32 * warps)
+    if per_thread > _MAX_PER_THREAD[elem_bytes(dtype_name)]:
+        return False
+    return smem_estimate(bn, bk, stages, bd, d_chunks, dtype_name) <= smem_limit
+
+
+def configs(dtype_name: str, D: int, smem_limit: int = DEFAULT_SMEM) -> list[triton.Config]:
+    """The autotune set for one dtype and D on a device with `smem_limit` bytes per program.
+    A shape that would not fit loses a pipeline stage before it is dropped."""
+    bd = block_d(D, dtype_name)
+    chunks = triton.cdiv(D, bd)
+    out = []
+    for bn, bk, w, s in shapes(dtype_name):
+        while s > 2 and not fits(bn, bk, w, s, bd, chunks, dtype_name, smem_limit):
+            s -= 1
+        if fits(bn, bk, w, s, bd, chunks, dtype_name, smem_limit):
+            out.append(triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s))
+    # Never empty: the smallest tile fits any device Triton supports.
+    return out or [triton.Config({"BLOCK_N": 16, "BLOCK_K": 32}, num_warps=4, num_stages=2)]
+
+
+def tune_bucket(N: int) -> int:
+    """Autotune key for N: powers of two up to 2^16 rows; past that the best shape stops moving."""
+    return min(triton.next_power_of_2(max(N, 1)), 1 << 16)
+
+
+def choose_split(N: int, K: int, num_sms: int | None) -> int:
+    """Programs along K. Splitting K only pays when the row blocks alone don't fill the GPU (few
+    rows, large codebook); each split then keeps at least 8 codebook tiles of 128 to amortize its
+    partial results, and the total aims at two waves."""
+    if not num_sms:
+        return 1
+    row_blocks = triton.cdiv(N, 128)
+    if row_blocks >= num_sms:
+        return 1
+    return max(1, min(triton.cdiv(2 * num_sms, row_blocks), K // (8 * 128)))

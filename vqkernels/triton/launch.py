@@ -1,0 +1,245 @@
+"""Launchers for the Triton kernels: pick blocks, allocate outputs, launch.
+
+forward(z, dim, codebook, plan) and backward(...) follow the backend contract of
+vqkernels.backends (semantics of vqkernels.reference). On a CUDA tensor the search kernel is
+autotuned over configs.configs(dtype, D), keyed on (K, D, bucket of N, dtype). Under
+TRITON_INTERPRET=1 the same kernels run on CPU tensors through Triton's interpreter with one fixed
+config (or the one a test asks for), since timing configs there means nothing.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import reference
+from .._layout import RowPlan, RowView
+from . import configs as cfg
+from . import kernels as K_
+
+_ACC = {torch.float64: tl.float64}
+_NO_CODE = 2**31 - 1
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+class SearchConfig(NamedTuple):
+    """A fixed search config (tests, interpreter); None fields take the launcher's default."""
+    block_n: int = 32
+    block_k: int = 32
+    block_d: Optional[int] = None
+    split: Optional[int] = None
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+_INTERPRET_DEFAULT = SearchConfig()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned_search(dtype_name: str, D: int, smem_limit: int):
+    """The autotuned search kernel for one (dtype, D, device smem limit): its configs depend on
+    all three (an H100 fits deeper pipelines than an A100)."""
+    return triton.autotune(
+        configs=cfg.configs(dtype_name, D, smem_limit),
+        key=["K", "D", "TUNE_N", "FUSED"],  # the autotuner adds the tensors' dtypes to the key
+        reset_to_zero=["cnt_ptr"],          # counts are atomics: each timed run must start at 0
+    )(K_.vq_search_kernel)
+
+
+@functools.lru_cache(maxsize=None)
+def _smem_limit(index: int) -> int:
+    props = torch.cuda.get_device_properties(index)
+    return getattr(props, "shared_memory_per_block_optin", cfg.DEFAULT_SMEM)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _device_ctx(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else _NullCtx()
+
+
+class _NullCtx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _rows_args(v: RowView) -> tuple:
+    # Each view has its own (B, S) split: z, z_q and the gradients may differ in layout.
+    return (v.tensor, v.S, v.sb, v.ss, v.sd)
+
+
+def row_mode(v: RowView) -> int:
+    """How a kernel turns row numbers into offsets (see kernels._row_offsets)."""
+    if v.B == 1:
+        return 0
+    return 1 if v.B * v.S < 2**31 else 2
+
+
+def padded_codebook(cb: torch.Tensor, bd: int) -> torch.Tensor:
+    """The codebook as the search loop reads it: rows padded with zeros to a multiple of the D
+    tile. A no-op (no copy) when D already is one, as for the usual D = 64, 128, 256."""
+    K, D = cb.shape
+    Dp = triton.cdiv(D, bd) * bd
+    if Dp == D:
+        return cb
+    out = torch.zeros((K, Dp), dtype=cb.dtype, device=cb.device)
+    out[:, :D] = cb
+    return out
+
+
+def half_sqnorms(cb: torch.Tensor) -> torch.Tensor:
+    """|e_k|^2 / 2 in the accumulation dtype, computed once per call (not per program)."""
+    K, D = cb.shape
+    acc = reference.acc_dtype(cb.dtype)
+    out = torch.empty(K, dtype=acc, device=cb.device)
+    bd = min(64, max(16, triton.next_power_of_2(D)))
+    K_.half_sqnorm_kernel[(triton.cdiv(K, 64),)](
+        cb, out, K, D, ACC=_ACC.get(cb.dtype, tl.float32), BLOCK_K=64, BLOCK_D=bd, num_warps=4)
+    return out
+
+
+def forward(z: torch.Tensor, dim: int, codebook: torch.Tensor, plan: RowPlan,
+            config: Optional[SearchConfig] = None):
+    """(z_q, indices, sqerr, counts) of z against codebook: see vqkernels.reference.forward."""
+    Kc, D = codebook.shape
+    if Kc >= _NO_CODE:
+        raise ValueError(f"codebook has {Kc} codes; the Triton kernels index codes in int32 "
+                         "(K < 2^31)")
+    acc = reference.acc_dtype(z.dtype)
+    dname = _dtype_name(z.dtype)
+    cb = codebook.contiguous()
+    xv = plan.view(z)
+    z_q, zqv = plan.empty_like(z)
+    N = plan.N
+    indices = torch.empty(plan.lead, dtype=torch.long, device=z.device)
+    sqerr = torch.empty(plan.lead, dtype=acc, device=z.device)
+    counts = torch.zeros(Kc, dtype=torch.long, device=z.device)
+    if N == 0:
+        return z_q, indices, sqerr, counts
+
+    if config is None and interpreting():
+        config = _INTERPRET_DEFAULT
+    bd = config.block_d if config is not None and config.block_d else cfg.block_d(D, dname)
+    d_chunks = triton.cdiv(D, bd)
+    if config is not None and config.split is not None:
+        split = config.split
+    else:
+        split = cfg.choose_split(N, Kc, _num_sms(z.device.index or 0) if z.is_cuda else None)
+    fused = split == 1
+
+    with _device_ctx(z):
+        hn = half_sqnorms(cb)
+        cbp = padded_codebook(cb, bd)
+        if fused:
+            part = (indices,) * 4  # never touched: the FUSED kernel doesn't write partials
+        else:
+            part = (torch.empty((split, N), dtype=acc, device=z.device),
+                    torch.empty((split, N), dtype=torch.int32, device=z.device),
+                    torch.empty((split, N), dtype=acc, device=z.device),
+                    torch.empty((split, N), dtype=torch.int32, device=z.device))
+        args = (xv.tensor, N, xv.S, D, xv.sb, xv.ss, xv.sd, cb, Kc, cbp, cbp.stride(0), hn,
+                *_rows_args(zqv), indices, sqerr, counts, *part, cfg.tune_bucket(N))
+        meta = dict(
+            ACC=_ACC.get(z.dtype, tl.float32),
+            PRECISION="tf32x3" if z.dtype == torch.float32 else "ieee",
+            # The interpreter multiplies bf16 as raw uint16; fp32 operands give the same products
+            # (bf16 x bf16 is exact in fp32), so only the summation order differs from the GPU.
+            UPCAST=interpreting() and z.dtype == torch.bfloat16,
+            FUSED=fused, WRITE_ZQ=True, BLOCK_D=bd, D_CHUNKS=d_chunks, EVEN_D=D % bd == 0,
+            EPI_D=cfg.epilogue_d(bd), X_MODE=row_mode(xv), ZQ_MODE=row_mode(zqv),
+        )
+        if config is not None:
+            grid = (triton.cdiv(N, config.block_n), split)
+            K_.vq_search_kernel[grid](*args, **meta, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                                      num_warps=config.num_warps, num_stages=config.num_stages)
+        else:
+            grid = lambda m: (triton.cdiv(N, m["BLOCK_N"]), split)  # noqa: E731
+            _tuned_search(dname, D, _smem_limit(z.device.index or 0))[grid](*args, **meta)
+        if not fused:
+            bn = 64
+            K_.vq_merge_kernel[(triton.cdiv(N, bn),)](
+                xv.tensor, N, xv.S, D, xv.sb, xv.ss, xv.sd, cb, Kc, *_rows_args(zqv),
+                indices, sqerr, counts, *part, split,
+                ACC=meta["ACC"], WRITE_ZQ=True, BLOCK_N=bn, BLOCK_D=cfg.epilogue_d(bd),
+                X_MODE=meta["X_MODE"], ZQ_MODE=meta["ZQ_MODE"], num_warps=4)
+    return z_q, indices, sqerr, counts
+
+
+def backward_blocks(D: int) -> tuple[int, int, int]:
+    """(BLOCK_D, BLOCK_N, num_warps) of the backward row kernel: 2048-element tiles on 8 warps,
+    8 elements per thread. Each element carries x, e, their difference, the incoming gradient and
+    four 64-bit addresses (the atomics' included): ptxas needs about 170 registers for 8 of them,
+    and spills at 16 (see vqkernels.triton.aot)."""
+    bd = min(128, max(16, triton.next_power_of_2(D)))
+    return bd, max(16, 2048 // bd), 8
+
+
+def _per_row(g: Optional[torch.Tensor], like: torch.Tensor):
+    """A per-row weight as (flat tensor, stride): an expanded scalar gradient stays stride 0."""
+    if g is None:
+        return like, 0
+    flat = g.reshape(-1)
+    return flat, flat.stride(0)
+
+
+def backward(z: torch.Tensor, dim: int, codebook: torch.Tensor, indices: torch.Tensor,
+             grad_zq: Optional[torch.Tensor], g_codebook: Optional[torch.Tensor],
+             g_commit: Optional[torch.Tensor], plan: RowPlan, deterministic: Optional[bool] = None):
+    """(grad_z, grad_codebook): see vqkernels.reference.backward.
+
+    grad_codebook is a scatter-add over the chosen codes: fp32 atomics by default, or, when
+    `deterministic` (default: torch.are_deterministic_algorithms_enabled()), a sorted segment
+    reduction whose result is bitwise repeatable.
+    """
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    acc = reference.acc_dtype(z.dtype)
+    Kc, D = codebook.shape
+    cb = codebook.contiguous()
+    xv = plan.view(z)
+    grad_z, gzv = plan.empty_like(z)
+    grad_cb = torch.zeros((Kc, D), dtype=acc, device=z.device)
+    N = plan.N
+    if N == 0:
+        return grad_z, grad_cb.to(codebook.dtype)
+    idx, idx_stride = _per_row(indices, None)
+    gcm, gcm_stride = _per_row(g_commit, idx)
+    gcb, gcb_stride = _per_row(g_codebook, idx)
+    gzqv = plan.view(grad_zq) if grad_zq is not None else gzv
+    ACC = _ACC.get(z.dtype, tl.float32)
+    bd, bn, warps = backward_blocks(D)
+    atomic = g_codebook is not None and not deterministic
+    with _device_ctx(z):
+        K_.vq_backward_rows_kernel[(triton.cdiv(N, bn),)](
+            xv.tensor, N, xv.S, D, xv.sb, xv.ss, xv.sd, cb, idx, idx_stride,
+            *_rows_args(gzqv), gcm, gcm_stride, gcb, gcb_stride, *_rows_args(gzv), grad_cb,
+            ACC=ACC, HAS_GZQ=grad_zq is not None, HAS_GCM=g_commit is not None, WRITE_GZ=True,
+            ATOMIC_CB=atomic, BLOCK_N=bn, BLOCK_D=bd, X_MODE=row_mode(xv),
+            GZQ_MODE=row_mode(gzqv), GZ_MODE=row_mode(gzv), num_warps=warps)
+        if g_codebook is not None and deterministic:
+            # A stable sort groups the rows of each code in ascending row order; start[k] is where
+            # code k's rows begin. O(N + K) memory, no N x K anything.
+            sorted_idx, order = torch.sort(idx, stable=True)
+            start = torch.searchsorted(sorted_idx, torch.arange(Kc + 1, device=z.device))
+            bdc = min(64, max(16, triton.next_power_of_2(D)))
+            K_.vq_backward_codebook_kernel[(Kc, triton.cdiv(D, bdc))](
+                xv.tensor, xv.S, D, xv.sb, xv.ss, xv.sd, cb, order, start, gcb, gcb_stride,
+                grad_cb, ACC=ACC, BLOCK_R=32, BLOCK_D=bdc, X_MODE=row_mode(xv), num_warps=4)
+    return grad_z, grad_cb.to(codebook.dtype)

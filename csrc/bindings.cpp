@@ -6,6 +6,7 @@
 
 #include <array>
 #include <stdexcept>
+#include <string>
 
 #include "vqk/vqk.h"
 
@@ -68,6 +69,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("dtype"), py::arg("x"), py::arg("codebook"), py::arg("K"), py::arg("indices"),
         py::arg("grad_zq"), py::arg("g_codebook"), py::arg("g_commit"), py::arg("grad_x"),
         py::arg("grad_cb"), py::arg("num_threads"));
+
+  m.def("cpu_isa", [] { return std::string(vqk::cpu_isa()); },
+        "The CPU search kernels a large search uses: 'avx512bf16', 'avx512', 'avx2' or 'scalar' "
+        "(VQK_CPU_ISA=auto|avx512bf16|avx512|avx2|scalar forces one).");
 
 #ifdef VQK_WITH_CUDA
   m.attr("has_cuda") = true;

@@ -1,106 +1,357 @@
-// CPU nearest-code search and VQ backward: a plain, correct implementation.
+// CPU entry points: instruction-set choice, threading, and the parts that are not the search.
 //
-// Distances use the FAISS form ||e||^2 - 2 x.e (||x||^2 is the same for every code of a row, so
-// it is left out of the argmin) accumulated in fp32 (fp64 for f64 input). The chosen code's error
-// is then recomputed exactly as sum (x - e)^2, because the expanded form cancels badly when x is
-// close to e, and the losses are built from that exact error.
+// Forward (f32 / f16 / bf16): the fused search of search_impl.h, in the AVX-512, AVX2 or portable
+// build picked at run time. The codebook is packed once per call (panels plus squared norms); row
+// tiles are then handed out dynamically to the threads, and each tile is searched, gathered and
+// written while it is in cache. Extra memory: the packed codebook and one row tile per thread.
+// Every row's result depends only on that row, so any thread count gives bitwise the same output.
+//
+// f64 uses a plain path (fp64 arithmetic, no packing): it is there for checking, not for speed.
+//
+// Backward: one pass over the rows grouped by code (a stable counting sort), writing grad_x and
+// summing grad_codebook in a fixed order, so the result is bitwise the same for any thread count.
+#include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
+#include <memory>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
+#include "cpu_internal.h"
 #include "vqk/common.h"
 #include "vqk/vqk.h"
 
 namespace vqk {
 namespace {
 
+// ---------------------------------------------------------------------------------------------
+// Threads
+
+// Work below which one more thread costs more (waking it, sharing the tile queue) than it saves.
+// ~4 MFLOP is some tens of microseconds of search on one core.
+constexpr double kMinFlopsPerThread = 4.0e6;
+
+// The number of threads parallel_chunks(n, grain, nthreads, ...) will use.
+int chunk_threads(int64_t n, int64_t grain, int nthreads) {
+  const int64_t chunks = (n + std::max<int64_t>(1, grain) - 1) / std::max<int64_t>(1, grain);
+  return (int)std::max<int64_t>(1, std::min<int64_t>(nthreads, chunks));
+}
+
+// f(lo, hi, tid) over [0, n) in chunks of `grain`, handed out dynamically to up to `nthreads`
+// threads (tid < chunk_threads(n, grain, nthreads)). f must not throw: it runs on pool threads, so
+// anything that allocates is allocated before.
+template <class F>
+void parallel_chunks(int64_t n, int64_t grain, int nthreads, F&& f) {
+  if (n <= 0) return;
+  grain = std::max<int64_t>(1, grain);
+  const int threads = chunk_threads(n, grain, nthreads);
+  if (threads <= 1) {
+    f(int64_t(0), n, 0);
+    return;
+  }
+  struct Ctx {
+    F* f;
+    int64_t n, grain;
+    std::atomic<int64_t> next{0};
+  } ctx{&f, n, grain};
+  cpu::run_parallel(threads, [](void* p, int tid) {
+    Ctx& c = *static_cast<Ctx*>(p);
+    for (;;) {
+      const int64_t lo = c.next.fetch_add(c.grain, std::memory_order_relaxed);
+      if (lo >= c.n) return;
+      (*c.f)(lo, std::min(c.n, lo + c.grain), tid);
+    }
+  }, &ctx);
+}
+
+struct FreeDeleter {
+  void operator()(void* p) const { std::free(p); }
+};
 template <class T>
-void forward_impl(const ForwardArgs& a, int num_threads) {
-  using S = typename T::store;
-  using A = typename T::acc;
+std::unique_ptr<T[], FreeDeleter> aligned_array(int64_t n) {
+  const size_t bytes = ((size_t)std::max<int64_t>(n, 1) * sizeof(T) + 63) / 64 * 64;
+  void* p = std::aligned_alloc(64, bytes);
+  if (!p) throw std::bad_alloc();
+  return std::unique_ptr<T[], FreeDeleter>(static_cast<T*>(p));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Instruction set
+
+// Whether this CPU runs each build (and the build exists).
+bool cpu_has_avx512() {
+#if defined(VQK_HAVE_AVX512)
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_avx512bf16() {
+#if defined(VQK_HAVE_AVX512BF16)
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_avx2() {
+#if defined(VQK_HAVE_AVX2)
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c");
+#else
+  return false;
+#endif
+}
+
+// Below these the bf16 search does not pay for its re-check (measured on Zen 5: at K = 64 it is
+// ~10% slower than fp32, from K = 128 on 1.2-1.6x faster on rows that sit near one code).
+constexpr int64_t kBf16MinK = 128, kBf16MinD = 16;
+
+// The kernels to use for a K x D codebook: the best this CPU runs, or the one VQK_CPU_ISA names
+// (read on every call so tests can force each path on one machine).
+const cpu::SearchKernels& select_kernels([[maybe_unused]] int64_t K, [[maybe_unused]] int64_t D) {
+  const char* env = std::getenv("VQK_CPU_ISA");
+  const std::string want = env ? env : "";
+  if (want.empty() || want == "auto") {
+#if defined(VQK_HAVE_AVX512BF16)
+    if (cpu_has_avx512bf16() && K >= kBf16MinK && D >= kBf16MinD) return cpu::kernels_avx512bf16();
+#endif
+#if defined(VQK_HAVE_AVX512)
+    if (cpu_has_avx512()) return cpu::kernels_avx512();
+#endif
+#if defined(VQK_HAVE_AVX2)
+    if (cpu_has_avx2()) return cpu::kernels_avx2();
+#endif
+    return cpu::kernels_scalar();
+  }
+  if (want == "scalar") return cpu::kernels_scalar();
+  if (want == "avx512bf16") {
+    if (!cpu_has_avx512bf16())
+      throw std::runtime_error("VQK_CPU_ISA=avx512bf16, but this CPU (or this build) lacks AVX-512 BF16");
+#if defined(VQK_HAVE_AVX512BF16)
+    return cpu::kernels_avx512bf16();
+#endif
+  }
+  if (want == "avx512") {
+    if (!cpu_has_avx512())
+      throw std::runtime_error("VQK_CPU_ISA=avx512, but this CPU (or this build) lacks AVX-512 F/BW/VL/DQ");
+#if defined(VQK_HAVE_AVX512)
+    return cpu::kernels_avx512();
+#endif
+  }
+  if (want == "avx2") {
+    if (!cpu_has_avx2())
+      throw std::runtime_error("VQK_CPU_ISA=avx2, but this CPU (or this build) lacks AVX2/FMA/F16C");
+#if defined(VQK_HAVE_AVX2)
+    return cpu::kernels_avx2();
+#endif
+  }
+  throw std::invalid_argument("VQK_CPU_ISA must be one of auto, avx512bf16, avx512, avx2, scalar; got '" +
+                              want + "'");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward, f32 / f16 / bf16: the fused search
+
+void forward_packed(const ForwardArgs& a, int num_threads) {
+  const cpu::SearchKernels& ks = select_kernels(a.K, a.x.D);
   const int64_t N = a.x.n(), D = a.x.D, K = a.K;
-  const S* xp = static_cast<const S*>(a.x.ptr);
-  const S* cb = static_cast<const S*>(a.codebook);
-  S* zq = static_cast<S*>(a.zq.ptr);
-  A* sqerr = static_cast<A*>(a.sqerr);
+  if (K + ks.nr >= ((int64_t)1 << 31))
+    throw std::invalid_argument("vqkernels: the CPU kernel supports K < 2^31 codes");
+  if (N > 0) {
+    const int64_t panels = (K + ks.nr - 1) / ks.nr;
+    auto packed = aligned_array<float>(panels * D * ks.nr);
+    auto norms = aligned_array<float>(panels * ks.nr);
+    auto packed_bf16 = aligned_array<uint32_t>(ks.bf16 ? panels * ((D + 1) / 2) * ks.nr : 0);
+    cpu::FwdJob job{a.dtype, a.x, a.codebook, K, D, a.zq, a.indices,
+                    static_cast<float*>(a.sqerr), packed.get(), norms.get(), panels,
+                    ks.bf16 ? packed_bf16.get() : nullptr, 0.0f};
 
-  // Codes converted once to the accumulation type, with their squared norms.
-  std::vector<A> code(K * D), cnorm(K);
-  parallel_for(K, 64, num_threads, [&](int64_t lo, int64_t hi) {
-    for (int64_t k = lo; k < hi; ++k) {
-      A s = 0;
-      for (int64_t d = 0; d < D; ++d) {
-        const A v = T::load(cb + k * D + d);
-        code[k * D + d] = v;
-        s += v * v;
-      }
-      cnorm[k] = s;
-    }
-  });
+    const int64_t tiles = (N + ks.mr - 1) / ks.mr;
+    const double flops = 2.0 * (double)N * (double)K * (double)std::max<int64_t>(D, 1);
+    const int threads = (int)std::max<int64_t>(1, std::min<int64_t>(
+        {(int64_t)std::max(num_threads, 1), tiles, 1 + (int64_t)(flops / kMinFlopsPerThread)}));
 
-  parallel_for(N, 16, num_threads, [&](int64_t lo, int64_t hi) {
-    std::vector<A> row(D);
-    for (int64_t n = lo; n < hi; ++n) {
-      for (int64_t d = 0; d < D; ++d) row[d] = T::load(xp + a.x.offset(n, d));
-      A best = std::numeric_limits<A>::infinity();
-      int64_t arg = 0;
+    // Packing is K*D work against the search's N*K*D; share it only when it is worth a wake-up.
+    const int64_t pack_grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(D * ks.nr, 1));
+    parallel_chunks(panels, pack_grain, panels * D * ks.nr >= (1 << 16) ? threads : 1,
+                    [&](int64_t lo, int64_t hi, int) { ks.pack(job, lo, hi); });
+    if (ks.bf16) {
+      float m = 0.0f;
       for (int64_t k = 0; k < K; ++k) {
-        const A* e = &code[k * D];
-        A dot = 0;
-        for (int64_t d = 0; d < D; ++d) dot += row[d] * e[d];
-        const A dist = cnorm[k] - 2 * dot;
-        if (dist < best) { best = dist; arg = k; }  // strict: ties keep the lowest index
+        const float v = norms[k];
+        if (!std::isfinite(v)) { m = std::numeric_limits<float>::infinity(); break; }
+        m = std::max(m, v);
       }
-      const A* e = &code[arg * D];
-      A err = 0;
-      for (int64_t d = 0; d < D; ++d) { const A t = row[d] - e[d]; err += t * t; }
-      a.indices[n] = arg;
-      sqerr[n] = err;
-      if (zq) {
-        const bool finite = std::isfinite(err);
-        for (int64_t d = 0; d < D; ++d)
-          T::put(zq + a.zq.offset(n, d), finite ? e[d] : std::numeric_limits<A>::quiet_NaN());
-      }
+      // A hair above sqrt of the largest norm: the re-check's bound must not be undercut.
+      job.max_code_norm = std::sqrt(m) * (1.0f + 1e-6f);
     }
-  });
 
+    const int64_t stride = (ks.scratch_floats(D) + 15) / 16 * 16;  // keep each 64-byte aligned
+    auto scratch = aligned_array<float>(stride * threads);
+    std::memset(scratch.get(), 0, sizeof(float) * stride * threads);
+    struct Ctx {
+      const cpu::FwdJob* job;
+      const cpu::SearchKernels* ks;
+      float* scratch;
+      int64_t stride, tiles;
+      std::atomic<int64_t> next{0};
+    } ctx{&job, &ks, scratch.get(), stride, tiles};
+    // One tile at a time: a tile is thousands of FMAs, and fine-grained hand-out keeps both cores
+    // busy to the end even when a neighbour process steals one for a while.
+    cpu::run_parallel(threads, [](void* p, int tid) {
+      Ctx& c = *static_cast<Ctx*>(p);
+      float* mine = c.scratch + tid * c.stride;
+      for (;;) {
+        const int64_t t = c.next.fetch_add(1, std::memory_order_relaxed);
+        if (t >= c.tiles) break;
+        c.ks->search(*c.job, t, t + 1, mine);
+      }
+      c.ks->flush(*c.job, mine);
+    }, &ctx);
+  }
   if (a.counts) {
     std::fill(a.counts, a.counts + K, int64_t(0));
     for (int64_t n = 0; n < N; ++n) ++a.counts[a.indices[n]];
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Forward, f64: plain fp64 arithmetic, parallel over rows
+
+void forward_f64(const ForwardArgs& a, int num_threads) {
+  const int64_t N = a.x.n(), D = a.x.D, K = a.K;
+  const double* xp = static_cast<const double*>(a.x.ptr);
+  const double* cb = static_cast<const double*>(a.codebook);
+  double* zq = static_cast<double*>(a.zq.ptr);
+  double* sqerr = static_cast<double*>(a.sqerr);
+  std::vector<double> cnorm(K);
+  for (int64_t k = 0; k < K; ++k) {
+    double s = 0;
+    for (int64_t d = 0; d < D; ++d) s += cb[k * D + d] * cb[k * D + d];
+    cnorm[k] = s;
+  }
+  const double flops = 2.0 * (double)N * (double)K * (double)std::max<int64_t>(D, 1);
+  const int threads = (int)std::min<int64_t>(num_threads, 1 + (int64_t)(flops / kMinFlopsPerThread));
+  std::vector<double> rows(chunk_threads(N, 16, threads) * std::max<int64_t>(D, 1));
+  parallel_chunks(N, 16, threads, [&](int64_t lo, int64_t hi, int tid) {
+    double* row = rows.data() + tid * std::max<int64_t>(D, 1);
+    for (int64_t n = lo; n < hi; ++n) {
+      const int64_t xo = a.x.offset(n, 0);
+      for (int64_t d = 0; d < D; ++d) row[d] = xp[xo + d * a.x.sd];
+      double best = std::numeric_limits<double>::infinity();
+      int64_t arg = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        const double* e = cb + k * D;
+        double dot = 0;
+        for (int64_t d = 0; d < D; ++d) dot += row[d] * e[d];
+        const double dist = cnorm[k] - 2 * dot;
+        if (dist < best) { best = dist; arg = k; }  // strict: ties keep the lowest index, NaN loses
+      }
+      const double* e = cb + arg * D;
+      double err = 0;
+      for (int64_t d = 0; d < D; ++d) { const double t = row[d] - e[d]; err += t * t; }
+      a.indices[n] = arg;
+      sqerr[n] = err;
+      if (zq) {
+        const bool finite = std::isfinite(err);
+        const int64_t zo = a.zq.offset(n, 0);
+        for (int64_t d = 0; d < D; ++d)
+          zq[zo + d * a.zq.sd] = finite ? e[d] : std::numeric_limits<double>::quiet_NaN();
+      }
+    }
+  });
+  if (a.counts) {
+    std::fill(a.counts, a.counts + K, int64_t(0));
+    for (int64_t n = 0; n < N; ++n) ++a.counts[a.indices[n]];
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+
+// Sorted rows are cut into fixed chunks of this many rows. The chunks (not the threads) fix the
+// order of every sum, which is what makes grad_codebook independent of the thread count; a code
+// whose rows span several chunks is finished from the chunks' partial sums, in chunk order. Fixed
+// chunks also keep all threads busy when most rows chose one code (a collapsed codebook).
+constexpr int64_t kBwdChunk = 256;
+
 template <class T>
-void backward_impl(const BackwardArgs& a, int num_threads) {
+struct BackwardRun {
   using S = typename T::store;
   using A = typename T::acc;
-  const int64_t N = a.x.n(), D = a.x.D, K = a.K;
-  const S* xp = static_cast<const S*>(a.x.ptr);
-  const S* cb = static_cast<const S*>(a.codebook);
-  const S* gzq = static_cast<const S*>(a.grad_zq.ptr);
-  const A* gcb = static_cast<const A*>(a.g_codebook);
-  const A* gcm = static_cast<const A*>(a.g_commit);
+  const BackwardArgs& a;
+  int64_t N, D, K;
+  const S* xp;
+  const S* cb;
+  const S* gzq;
+  const A* gcb;
+  const A* gcm;
+  S* gx;
 
-  if (a.grad_x.ptr) {
-    S* gx = static_cast<S*>(a.grad_x.ptr);
-    parallel_for(N, 64, num_threads, [&](int64_t lo, int64_t hi) {
-      for (int64_t n = lo; n < hi; ++n) {
-        const S* e = cb + a.indices[n] * D;
-        const A w = gcm ? 2 * gcm[n] : A(0);
-        for (int64_t d = 0; d < D; ++d) {
-          A g = gzq ? T::load(gzq + a.grad_zq.offset(n, d)) : A(0);
-          if (w != 0) g += w * (T::load(xp + a.x.offset(n, d)) - T::load(e + d));
-          T::put(gx + a.grad_x.offset(n, d), g);
+  explicit BackwardRun(const BackwardArgs& args)
+      : a(args), N(args.x.n()), D(args.x.D), K(args.K),
+        xp(static_cast<const S*>(args.x.ptr)), cb(static_cast<const S*>(args.codebook)),
+        gzq(static_cast<const S*>(args.grad_zq.ptr)), gcb(static_cast<const A*>(args.g_codebook)),
+        gcm(static_cast<const A*>(args.g_commit)), gx(static_cast<S*>(args.grad_x.ptr)) {}
+
+  // One row: writes grad_x[n] (if wanted) and, if `acc` is given, adds 2 g_cb (e - x) into it.
+  // C: every view is contiguous along D, so the loops have unit strides and vectorise.
+  template <bool C>
+  void row_t(int64_t n, A* __restrict acc) const {
+    const S* __restrict e = cb + a.indices[n] * D;
+    const S* __restrict xr = xp + a.x.offset(n, 0);
+    const int64_t xs = C ? 1 : a.x.sd;
+    if (gx) {
+      S* __restrict gr = gx + a.grad_x.offset(n, 0);
+      const int64_t gs = C ? 1 : a.grad_x.sd, qs = C ? 1 : a.grad_zq.sd;
+      const A wc = gcm ? 2 * gcm[n] : A(0);
+      if (gzq) {
+        const S* __restrict q = gzq + a.grad_zq.offset(n, 0);
+        if (wc != 0) {
+          for (int64_t d = 0; d < D; ++d)
+            T::put(gr + d * gs, T::load(q + d * qs) + wc * (T::load(xr + d * xs) - T::load(e + d)));
+        } else {
+          for (int64_t d = 0; d < D; ++d) T::put(gr + d * gs, T::load(q + d * qs));
         }
+      } else if (wc != 0) {
+        for (int64_t d = 0; d < D; ++d) T::put(gr + d * gs, wc * (T::load(xr + d * xs) - T::load(e + d)));
+      } else {
+        for (int64_t d = 0; d < D; ++d) T::put(gr + d * gs, A(0));
       }
-    });
+    }
+    if (acc) {
+      const A wb = 2 * gcb[n];
+      for (int64_t d = 0; d < D; ++d) acc[d] += wb * (T::load(e + d) - T::load(xr + d * xs));
+    }
   }
 
-  if (a.grad_cb) {
-    // Deterministic scatter-add: a counting sort groups rows by code (stable, so each code's rows
-    // stay in ascending order), then every code sums its own rows. The result is bitwise the same
-    // for any thread count, and no atomics are needed.
-    A* g = static_cast<A*>(a.grad_cb);
+  void row(int64_t n, A* acc) const {
+    const bool contig = a.x.sd == 1 && (!gx || a.grad_x.sd == 1) && (!gzq || a.grad_zq.sd == 1);
+    if (contig) row_t<true>(n, acc);
+    else row_t<false>(n, acc);
+  }
+
+  void run(int num_threads) {
+    const int threads = (int)std::min<int64_t>(
+        num_threads, 1 + (int64_t)((double)N * (double)std::max<int64_t>(D, 1) / 2.0e5));
+    A* gcbo = static_cast<A*>(a.grad_cb);
+    if (!gcbo || !gcb) {
+      if (gcbo) std::fill(gcbo, gcbo + K * D, A(0));
+      if (gx) parallel_chunks(N, 64, threads, [&](int64_t lo, int64_t hi, int) {
+        for (int64_t n = lo; n < hi; ++n) row(n, nullptr);
+      });
+      return;
+    }
+    // Stable counting sort: rows of code k are order[start[k] .. start[k+1]), ascending.
     std::vector<int64_t> start(K + 1, 0), order(N);
     for (int64_t n = 0; n < N; ++n) ++start[a.indices[n] + 1];
     for (int64_t k = 0; k < K; ++k) start[k + 1] += start[k];
@@ -108,39 +359,63 @@ void backward_impl(const BackwardArgs& a, int num_threads) {
       std::vector<int64_t> fill(start.begin(), start.end() - 1);
       for (int64_t n = 0; n < N; ++n) order[fill[a.indices[n]]++] = n;
     }
-    parallel_for(K, 16, num_threads, [&](int64_t lo, int64_t hi) {
-      for (int64_t k = lo; k < hi; ++k) {
-        A* gk = g + k * D;
-        std::fill(gk, gk + D, A(0));
-        if (!gcb) continue;
-        for (int64_t i = start[k]; i < start[k + 1]; ++i) {
-          const int64_t n = order[i];
-          const A w = 2 * gcb[n];
-          for (int64_t d = 0; d < D; ++d)
-            gk[d] += w * (T::load(cb + k * D + d) - T::load(xp + a.x.offset(n, d)));
+    const int64_t nchunks = (N + kBwdChunk - 1) / kBwdChunk;
+    // head[c]: partial sum of the code at the chunk's first row when that code started earlier or
+    // goes on later; tail[c]: the same for the chunk's last code when it differs from the first.
+    std::vector<A> head(nchunks * D), tail(nchunks * D);
+    const int64_t Dp = std::max<int64_t>(D, 1);
+    std::vector<A> accs(chunk_threads(nchunks, 1, threads) * Dp);
+    parallel_chunks(nchunks, 1, threads, [&](int64_t c0, int64_t c1, int tid) {
+      A* acc = accs.data() + tid * Dp;
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t lo = c * kBwdChunk, hi = std::min(N, lo + kBwdChunk);
+        for (int64_t i = lo; i < hi;) {
+          const int64_t k = a.indices[order[i]];
+          const int64_t end = std::min(hi, start[k + 1]);
+          std::fill(acc, acc + D, A(0));
+          for (int64_t j = i; j < end; ++j) row(order[j], acc);
+          A* dst;
+          if (start[k] >= lo && start[k + 1] <= hi) dst = gcbo + k * D;  // whole code here
+          else if (i == lo) dst = head.data() + c * D;
+          else dst = tail.data() + c * D;
+          std::copy(acc, acc + D, dst);
+          i = end;
         }
       }
     });
+    // Codes with no rows get zero; codes split across chunks are summed in chunk order.
+    for (int64_t k = 0; k < K; ++k) {
+      A* g = gcbo + k * D;
+      if (start[k] == start[k + 1]) {
+        std::fill(g, g + D, A(0));
+        continue;
+      }
+      const int64_t c0 = start[k] / kBwdChunk, c1 = (start[k + 1] - 1) / kBwdChunk;
+      if (c0 == c1) continue;
+      const A* first = (start[k] == c0 * kBwdChunk ? head.data() : tail.data()) + c0 * D;
+      std::copy(first, first + D, g);
+      for (int64_t c = c0 + 1; c <= c1; ++c)
+        for (int64_t d = 0; d < D; ++d) g[d] += head[c * D + d];
+    }
   }
-}
+};
 
 }  // namespace
 
+const char* cpu_isa() { return select_kernels(kBf16MinK, kBf16MinD).name; }
+
 void cpu_forward(const ForwardArgs& a, int num_threads) {
-  switch (a.dtype) {
-    case DType::f32: return forward_impl<F32>(a, num_threads);
-    case DType::f64: return forward_impl<F64>(a, num_threads);
-    case DType::f16: return forward_impl<F16>(a, num_threads);
-    case DType::bf16: return forward_impl<BF16>(a, num_threads);
-  }
+  if (a.dtype == DType::f64) return forward_f64(a, std::max(num_threads, 1));
+  forward_packed(a, std::max(num_threads, 1));
 }
 
 void cpu_backward(const BackwardArgs& a, int num_threads) {
+  num_threads = std::max(num_threads, 1);
   switch (a.dtype) {
-    case DType::f32: return backward_impl<F32>(a, num_threads);
-    case DType::f64: return backward_impl<F64>(a, num_threads);
-    case DType::f16: return backward_impl<F16>(a, num_threads);
-    case DType::bf16: return backward_impl<BF16>(a, num_threads);
+    case DType::f32: return BackwardRun<F32>(a).run(num_threads);
+    case DType::f64: return BackwardRun<F64>(a).run(num_threads);
+    case DType::f16: return BackwardRun<F16>(a).run(num_threads);
+    case DType::bf16: return BackwardRun<BF16>(a).run(num_threads);
   }
 }
 

@@ -11,4 +11,5 @@ void cpu_forward(const ForwardArgs&, int) {
 void cpu_backward(const BackwardArgs&, int) {
   throw std::runtime_error("cpu_backward is not part of the emulated CUDA module");
 }
+const char* cpu_isa() { return "none (emulated CUDA module)"; }
 }  // namespace vqk

@@ -1,10 +1,8 @@
-// Small helpers shared by the CPU kernels: element conversion and a fork-join parallel_for.
+// Small helpers shared by the CPU kernels: element conversion and storage tags. (Threads: see
+// csrc/cpu/thread_pool.cpp.)
 #pragma once
 #include <cstdint>
 #include <cstring>
-#include <algorithm>
-#include <thread>
-#include <vector>
 
 namespace vqk {
 
@@ -80,23 +78,5 @@ struct F16 { using store = uint16_t; using acc = float;
 struct BF16 { using store = uint16_t; using acc = float;
   static float load(const uint16_t* p) { return bf16_to_float(*p); }
   static void put(uint16_t* p, float v) { *p = float_to_bf16(v); } };
-
-// Fork-join over [0, n) in contiguous chunks of at least `grain`. Work is split evenly; the
-// calling thread takes the first chunk so a one-thread call starts no thread at all.
-template <class F>
-void parallel_for(int64_t n, int64_t grain, int num_threads, F&& f) {
-  if (n <= 0) return;
-  int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(num_threads, (n + grain - 1) / grain));
-  if (chunks <= 1) { f(int64_t(0), n); return; }
-  const int64_t step = (n + chunks - 1) / chunks;
-  std::vector<std::thread> pool;
-  pool.reserve(chunks - 1);
-  for (int64_t c = 1; c < chunks; ++c) {
-    const int64_t lo = c * step, hi = std::min(n, lo + step);
-    if (lo < hi) pool.emplace_back([&f, lo, hi] { f(lo, hi); });
-  }
-  f(int64_t(0), std::min(n, step));
-  for (auto& t : pool) t.join();
-}
 
 }  // namespace vqk

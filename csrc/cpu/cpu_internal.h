@@ -1,0 +1,65 @@
+// Internal interface between the CPU orchestration (vq_cpu.cpp, built with the baseline flags) and
+// the ISA-specific search kernels (search_avx512.cpp, search_avx2.cpp, search_scalar.cpp, each built
+// with its own -m flags).
+//
+// This header must stay free of inline functions and templates: it is included by translation units
+// compiled for different instruction sets, and an inline function instantiated in an AVX-512 unit
+// could be the copy the linker keeps for everybody (a SIGILL on a machine without AVX-512). Only
+// plain structs and function declarations cross the boundary.
+#pragma once
+#include <cstdint>
+
+#include "vqk/vqk.h"
+
+namespace vqk {
+namespace cpu {
+
+// One forward call, as the search kernels see it. The codebook is packed once per call into panels
+// of `nr` codes: panel p holds codes p*nr .. p*nr+nr-1 as [D][nr] floats (d-major, so the micro-kernel
+// reads one float per code per step), and `norms` holds ||e_k||^2 for every padded code (+inf for
+// the padding, so a padded code can never win).
+struct FwdJob {
+  DType dtype;             // f32, f16 or bf16 (f64 takes the plain path)
+  Rows x;
+  const void* codebook;    // K x D, row-major, in `dtype`
+  int64_t K, D;
+  RowsOut zq;              // ptr may be null
+  int64_t* indices;
+  float* sqerr;
+  float* packed;           // panels * D * nr floats, 64-byte aligned
+  float* norms;            // panels * nr floats
+  int64_t panels;
+  // Only for kernels with `bf16` set: the panels again as bf16 pairs (panels * ceil(D/2) * nr
+  // 32-bit words, element d of code k in the low half of word (d/2), d+1 in the high half), and
+  // max_k ||e_k|| (+inf if any norm is not finite), for the re-check's error bound.
+  uint32_t* packed_bf16;
+  float max_code_norm;
+};
+
+// What one instruction set provides. `search` handles row tiles [tile_lo, tile_hi) of `mr` rows
+// each, using `scratch` (scratch_floats(D) floats, 64-byte aligned, private to the calling thread).
+struct SearchKernels {
+  const char* name;
+  int mr;  // rows per tile
+  int nr;  // codes per panel
+  void (*pack)(const FwdJob& job, int64_t panel_lo, int64_t panel_hi);
+  void (*search)(const FwdJob& job, int64_t tile_lo, int64_t tile_hi, float* scratch);
+  // Called once by every thread after its last tile: finishes rows a kernel set aside (the bf16
+  // search defers rows it cannot decide to an exact fp32 pass). scratch starts zeroed.
+  void (*flush)(const FwdJob& job, float* scratch);
+  int64_t (*scratch_floats)(int64_t D);
+  bool bf16;  // wants packed_bf16 and max_code_norm
+};
+
+// Each exists when CMake built it (VQK_HAVE_*: the compiler had the flags, x86-64 only).
+const SearchKernels& kernels_scalar();
+const SearchKernels& kernels_avx2();
+const SearchKernels& kernels_avx512();
+const SearchKernels& kernels_avx512bf16();
+
+// Persistent worker pool. Runs fn(ctx, tid) for tid in [0, nthreads) (the caller is tid 0) and
+// returns when all are done. One call at a time; a concurrent caller waits for the pool.
+void run_parallel(int nthreads, void (*fn)(void* ctx, int tid), void* ctx);
+
+}  // namespace cpu
+}  // namespace vqk

@@ -1,0 +1,287 @@
+// AVX-512 BF16 search: the same answers as the fp32 search, from bf16 dot products.
+//
+// vdpbf16ps does 32 multiply-adds per instruction (pairs of bf16 products into 16 fp32 lanes), twice
+// the fp32 FMA rate. Rows and codes are rounded to bf16, the micro-kernel keeps each row's best two
+// approximate distances, and then:
+//   1. both candidates' distances are recomputed in fp32 exactly as the fp32 kernel computes them
+//      (the same FMA chain over d, the same norms), and the better one (ties: lower index) is taken;
+//   2. the choice is proven right when every other code is certainly worse: a code outside the best
+//      two has an approximate distance >= v2 (the second best), and the approximate and fp32
+//      distances of any code differ by at most
+//         delta = (2^-5 + D 2^-21) ||x|| max||e|| + 2^-21 max||e||^2 + tiny
+//      (bf16 rounding of both factors, 2u + u^2 with u = 2^-8, on sum |x_d e_d| <= ||x|| ||e||, doubled
+//      by the -2 and by a factor of 2 for safety; the fp32 accumulations, D 2^-24 each; the final
+//      roundings; flushed denormals). So if v2 - delta > fp32 best, no other code can be chosen by
+//      the fp32 search either, and the result is the fp32 search's, bit for bit;
+//   3. otherwise (near ties, NaN or infinite values, extreme norms) the row is set aside and searched
+//      again with the fp32 micro-kernel, in tiles of such rows, when enough have gathered or when
+//      the thread has no more tiles. A thread that has set aside more than a quarter of its first
+//      rows (data with many near ties, where the bf16 pass is wasted) does plain fp32 tiles for the
+//      rest of the call. Every path gives the same bits, so this changes speed only.
+// So the bf16 search is an accelerator, not an approximation: indices, errors and z_q are those of
+// the fp32 search. It pays off when rows sit clearly closer to one code than to the rest (trained
+// VQ codebooks); on rows with many near ties it falls back to fp32 work and costs more.
+#include "cpu_internal.h"
+
+#include "simd_avx512.h"
+
+namespace vqk {
+namespace {
+
+constexpr int MRV = 3;
+constexpr int NR = 8;
+
+}  // namespace
+}  // namespace vqk
+
+#include "search_impl.h"
+
+namespace vqk {
+namespace {
+
+// Per-thread scratch: [Pending][xt][et][xb (bf16 pairs)][xp (set-aside rows, packed like xt)].
+struct Pending {
+  int64_t count;
+  int64_t rowno[MR];
+  int64_t seen, deferred;  // rows this thread has searched in bf16, and set aside, this call
+  bool fp32_only;          // too many set aside: plain fp32 tiles for the rest of the call
+};
+constexpr int64_t kHeaderFloats = (sizeof(Pending) + 63) / 64 * 16;
+
+int64_t pair_floats(int64_t D) { return ((D + 1) / 2 * MR + 15) / 16 * 16; }
+int64_t bf16_scratch_floats(int64_t D) { return kHeaderFloats + 3 * tile_floats(D) + pair_floats(D); }
+
+struct Areas {
+  Pending* pend;
+  float *xt, *et, *xp;
+  uint32_t* xb;
+  explicit Areas(float* s, int64_t D)
+      : pend(reinterpret_cast<Pending*>(s)), xt(s + kHeaderFloats), et(xt + tile_floats(D)),
+        xp(et + tile_floats(D)), xb(reinterpret_cast<uint32_t*>(xp + tile_floats(D))) {}
+};
+
+// Two fp32 vectors (elements d and d+1 of 16 rows or codes) as 16 words of bf16 pairs.
+inline __m512i pairs16(__m512 lo, __m512 hi) {
+  const __m512i l = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(lo));
+  const __m512i h = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(hi));
+  return _mm512_or_si512(l, _mm512_slli_epi32(h, 16));
+}
+inline __m256i pairs8(__m256 lo, __m256 hi) {
+  const __m256i l = _mm256_cvtepu16_epi32((__m128i)_mm256_cvtneps_pbh(lo));
+  const __m256i h = _mm256_cvtepu16_epi32((__m128i)_mm256_cvtneps_pbh(hi));
+  return _mm256_or_si256(l, _mm256_slli_epi32(h, 16));
+}
+
+template <class E>
+void pack_codes_bf16(const cpu::FwdJob& job, int64_t p_lo, int64_t p_hi) {
+  static_assert(NR == 8, "pairs8 packs one panel row of 8 codes");
+  pack_codes<E>(job, p_lo, p_hi);
+  const int64_t D = job.D, D2 = (D + 1) / 2;
+  for (int64_t p = p_lo; p < p_hi; ++p) {
+    const float* src = job.packed + p * D * NR;
+    uint32_t* dst = job.packed_bf16 + p * D2 * NR;
+    for (int64_t i = 0; i < D2; ++i) {
+      const __m256 lo = _mm256_loadu_ps(src + 2 * i * NR);
+      const __m256 hi = 2 * i + 1 < D ? _mm256_loadu_ps(src + (2 * i + 1) * NR) : _mm256_setzero_ps();
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i * NR), pairs8(lo, hi));
+    }
+  }
+}
+
+void to_pairs(const float* __restrict xt, int64_t D, uint32_t* __restrict xb) {
+  for (int64_t i = 0; i < (D + 1) / 2; ++i)
+    for (int b = 0; b < MRV; ++b) {
+      const __m512 lo = _mm512_load_ps(xt + 2 * i * MR + b * W);
+      const __m512 hi = 2 * i + 1 < D ? _mm512_load_ps(xt + (2 * i + 1) * MR + b * W)
+                                      : _mm512_setzero_ps();
+      _mm512_store_si512(xb + i * MR + b * W, pairs16(lo, hi));
+    }
+}
+
+// The bf16 micro-kernel: like search_tile, but bf16 pairs and the best two per lane.
+VQK_ALWAYS_INLINE void search_tile_bf16(const uint32_t* __restrict xb, const uint32_t* __restrict pb,
+                                        const float* __restrict norms, int64_t panels, int64_t D2,
+                                        int32_t* __restrict k1o, int32_t* __restrict k2o,
+                                        float* __restrict v2o) {
+  __m512 b1[MRV], b2[MRV];
+  __m512i k1[MRV], k2[MRV];
+  for (int i = 0; i < MRV; ++i) {
+    b1[i] = b2[i] = _mm512_set1_ps(__builtin_inff());
+    k1[i] = k2[i] = _mm512_setzero_si512();
+  }
+  const __m512 two = _mm512_set1_ps(2.0f);
+  for (int64_t p = 0; p < panels; ++p) {
+    const uint32_t* b = pb + p * D2 * NR;
+    __m512 acc[MRV][NR];
+#pragma GCC unroll 64
+    for (int i = 0; i < MRV; ++i)
+#pragma GCC unroll 64
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
+    const uint32_t* xp = xb;
+    for (int64_t d = 0; d < D2; ++d, xp += MR, b += NR) {
+      __m512bh xv[MRV];
+#pragma GCC unroll 64
+      for (int i = 0; i < MRV; ++i) xv[i] = (__m512bh)_mm512_load_si512(xp + i * W);
+#pragma GCC unroll 64
+      for (int j = 0; j < NR; ++j) {
+        const __m512bh bj = (__m512bh)_mm512_set1_epi32((int)b[j]);
+#pragma GCC unroll 64
+        for (int i = 0; i < MRV; ++i) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv[i], bj);
+      }
+    }
+    const float* nrm = norms + p * NR;
+#pragma GCC unroll 64
+    for (int j = 0; j < NR; ++j) {
+      const __m512 nj = _mm512_set1_ps(nrm[j]);
+      const __m512i kj = _mm512_set1_epi32((int32_t)(p * NR + j));
+#pragma GCC unroll 64
+      for (int i = 0; i < MRV; ++i) {
+        const __m512 dist = _mm512_fnmadd_ps(acc[i][j], two, nj);
+        const __mmask16 m1 = _mm512_cmp_ps_mask(dist, b1[i], _CMP_LT_OQ);
+        const __mmask16 m2 = _mm512_cmp_ps_mask(dist, b2[i], _CMP_LT_OQ);  // m1 implies m2
+        b2[i] = _mm512_mask_mov_ps(_mm512_mask_mov_ps(b2[i], m2, dist), m1, b1[i]);
+        k2[i] = _mm512_mask_mov_epi32(_mm512_mask_mov_epi32(k2[i], m2, kj), m1, k1[i]);
+        b1[i] = _mm512_mask_mov_ps(b1[i], m1, dist);
+        k1[i] = _mm512_mask_mov_epi32(k1[i], m1, kj);
+      }
+    }
+  }
+  for (int i = 0; i < MRV; ++i) {
+    _mm512_store_si512(k1o + i * W, k1[i]);
+    _mm512_store_si512(k2o + i * W, k2[i]);
+    _mm512_store_ps(v2o + i * W, b2[i]);
+  }
+}
+
+// fp32 distance of each lane's row to code k[lane], computed as the fp32 micro-kernel does.
+template <class E>
+VQK_ALWAYS_INLINE __m512 fp32_dist(const cpu::FwdJob& job, const float* xt, float* et, int blk,
+                                   const int32_t* k) {
+  using T = typename E::T;
+  const T* cb = static_cast<const T*>(job.codebook);
+  const T* rp[W];
+  alignas(64) float nrm[W];
+  for (int r = 0; r < W; ++r) {
+    rp[r] = cb + (int64_t)k[r] * job.D;
+    nrm[r] = job.norms[k[r]];
+  }
+  pack_block<E>(rp, 1, job.D, et + blk * W);
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t d = 0; d < job.D; ++d)
+    acc = _mm512_fmadd_ps(_mm512_load_ps(xt + d * MR + blk * W), _mm512_load_ps(et + d * MR + blk * W), acc);
+  return _mm512_fnmadd_ps(acc, _mm512_set1_ps(2.0f), _mm512_load_ps(nrm));
+}
+
+// Rows whose choice the bf16 pass cannot prove: searched again in fp32, a tile at a time.
+template <class E>
+void run_pending(const cpu::FwdJob& job, const Areas& a) {
+  const int64_t c = a.pend->count;
+  if (c == 0) return;
+  for (int64_t r = c; r < MR; ++r) {
+    a.pend->rowno[r] = -1;
+    for (int64_t d = 0; d < job.D; ++d) a.xp[d * MR + r] = 0.0f;
+  }
+  alignas(64) int32_t idx[MR];
+  search_tile(a.xp, job.packed, job.norms, job.panels, job.D, idx);
+  finish_tile<E>(job, a.pend->rowno, a.xp, a.et, idx);
+  a.pend->count = 0;
+}
+
+template <class E>
+void search_tiles_bf16(const cpu::FwdJob& job, int64_t t_lo, int64_t t_hi, float* scratch) {
+  const int64_t N = job.x.B * job.x.S, D = job.D, D2 = (D + 1) / 2;
+  const Areas a(scratch, D);
+  alignas(64) int32_t k1[MR], k2[MR], idx[MR];
+  alignas(64) float v2[MR];
+  int64_t rowno[MR];
+  const float E_ = job.max_code_norm;
+  const __m512 c_rel = _mm512_set1_ps(0.03125f + (float)D * 4.76837158e-7f);  // 2^-5 + D 2^-21
+  const __m512 c_abs = _mm512_set1_ps(4.76837158e-7f * E_ * E_ + 1e-30f * (float)(D + 1) * (E_ + 1.0f));
+  const __m512 vE = _mm512_set1_ps(E_);
+  for (int64_t t = t_lo; t < t_hi; ++t) {
+    const int64_t row0 = t * MR, rows = imin(MR, N - row0);
+    for (int r = 0; r < MR; ++r) rowno[r] = r < rows ? row0 + r : -1;
+    pack_rows<E>(job, row0, rows, a.xt);
+    if (a.pend->fp32_only) {
+      search_tile(a.xt, job.packed, job.norms, job.panels, D, idx);
+      finish_tile<E>(job, rowno, a.xt, a.et, idx);
+      continue;
+    }
+    a.pend->seen += rows;
+    to_pairs(a.xt, D, a.xb);
+    search_tile_bf16(a.xb, job.packed_bf16, job.norms, job.panels, D2, k1, k2, v2);
+    for (int blk = 0; blk < MRV; ++blk) {
+      __m512 xx = _mm512_setzero_ps();
+      for (int64_t d = 0; d < D; ++d) {
+        const __m512 v = _mm512_load_ps(a.xt + d * MR + blk * W);
+        xx = _mm512_fmadd_ps(v, v, xx);
+      }
+      const __m512 d1 = fp32_dist<E>(job, a.xt, a.et, blk, k1 + blk * W);
+      const __m512 d2 = fp32_dist<E>(job, a.xt, a.et, blk, k2 + blk * W);
+      const __m512i i1 = _mm512_load_si512(k1 + blk * W), i2 = _mm512_load_si512(k2 + blk * W);
+      const __mmask16 take2 = _mm512_cmp_ps_mask(d2, d1, _CMP_LT_OQ) |
+                              (_mm512_cmp_ps_mask(d2, d1, _CMP_EQ_OQ) & _mm512_cmplt_epi32_mask(i2, i1));
+      const __m512 best = _mm512_mask_mov_ps(d1, take2, d2);
+      _mm512_store_si512(idx + blk * W, _mm512_mask_mov_epi32(i1, take2, i2));
+      // Proven when v2 - delta > best (ordered: NaN anywhere means not proven). Not proven either:
+      // a row of tiny values (||x||^2 < 2^-100: bf16 flushes denormals to zero), or one whose
+      // products could overflow after rounding to bf16 (||x|| max||e|| >= 2^120) -- a code whose
+      // bf16 distance overflows to NaN would never be a candidate.
+      const __m512 xe = _mm512_mul_ps(_mm512_sqrt_ps(xx), vE);  // ||x|| max||e||
+      const __m512 delta = _mm512_fmadd_ps(c_rel, xe, c_abs);
+      const __mmask16 ok = _mm512_cmp_ps_mask(best, _mm512_sub_ps(_mm512_load_ps(v2 + blk * W), delta),
+                                              _CMP_LT_OQ) &
+                           _mm512_cmp_ps_mask(xx, _mm512_set1_ps(7.88860905e-31f), _CMP_GE_OQ) &
+                           _mm512_cmp_ps_mask(xe, _mm512_set1_ps(1.329228e36f), _CMP_LT_OQ);
+      for (int r = 0; r < W; ++r) {
+        const int lane = blk * W + r;
+        if (rowno[lane] < 0 || ((ok >> r) & 1)) continue;
+        Pending& p = *a.pend;
+        for (int64_t d = 0; d < D; ++d) a.xp[d * MR + p.count] = a.xt[d * MR + lane];
+        p.rowno[p.count++] = rowno[lane];
+        ++p.deferred;
+        rowno[lane] = -1;
+        if (p.count == MR) run_pending<E>(job, a);
+      }
+    }
+    finish_tile<E>(job, rowno, a.xt, a.et, idx);
+    // Break-even is near 40% set aside (a bf16 tile costs ~0.6 of an fp32 one, plus the re-search).
+    if (a.pend->seen >= 4 * MR && 4 * a.pend->deferred > a.pend->seen) a.pend->fp32_only = true;
+  }
+}
+
+void pack_any_bf16(const cpu::FwdJob& job, int64_t p_lo, int64_t p_hi) {
+  switch (job.dtype) {
+    case DType::f16: return pack_codes_bf16<EF16>(job, p_lo, p_hi);
+    case DType::bf16: return pack_codes_bf16<EBF16>(job, p_lo, p_hi);
+    default: return pack_codes_bf16<EF32>(job, p_lo, p_hi);
+  }
+}
+
+void search_any_bf16(const cpu::FwdJob& job, int64_t t_lo, int64_t t_hi, float* scratch) {
+  switch (job.dtype) {
+    case DType::f16: return search_tiles_bf16<EF16>(job, t_lo, t_hi, scratch);
+    case DType::bf16: return search_tiles_bf16<EBF16>(job, t_lo, t_hi, scratch);
+    default: return search_tiles_bf16<EF32>(job, t_lo, t_hi, scratch);
+  }
+}
+
+void flush_bf16(const cpu::FwdJob& job, float* scratch) {
+  const Areas a(scratch, job.D);
+  switch (job.dtype) {
+    case DType::f16: return run_pending<EF16>(job, a);
+    case DType::bf16: return run_pending<EBF16>(job, a);
+    default: return run_pending<EF32>(job, a);
+  }
+}
+
+}  // namespace
+
+namespace cpu {
+const SearchKernels& kernels_avx512bf16() {
+  static const SearchKernels k{"avx512bf16", MR, NR, pack_any_bf16, search_any_bf16, flush_bf16,
+                               bf16_scratch_floats, true};
+  return k;
+}
+}  // namespace cpu
+}  // namespace vqk

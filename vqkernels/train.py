@@ -148,6 +148,8 @@ def resolve_settings(p: argparse.ArgumentParser, a: argparse.Namespace):
                     f"to continue it, or choose another --out")
         s = {**DEFAULTS, **given}
     s["download"] = a.download
+    # Stored absolute, so `--resume`, eval and tokenize find the data from any working directory.
+    s["data_dir"] = _norm("data_dir", s["data_dir"])
     for k in ("num_codes", "code_dim", "hidden", "residual_hidden", "steps", "batch_size",
               "log_every", "eval_images", "heldout_every"):
         if s[k] < 1:
@@ -310,6 +312,12 @@ def reconstruct(model, images: np.ndarray, device) -> np.ndarray:
     return to_uint8(r)
 
 
+def _spread(images: np.ndarray, n: int) -> np.ndarray:
+    if n >= len(images):
+        return images
+    return images[np.linspace(0, len(images) - 1, n).round().astype(np.int64)]
+
+
 # ---------------------------------------------------------------------------------------------
 def train(s: dict, ckpt: dict | None = None, *, progress: bool = True) -> dict:
     """Run (or continue) training with settings `s`; returns the final held-out metrics."""
@@ -381,10 +389,12 @@ def train(s: dict, ckpt: dict | None = None, *, progress: bool = True) -> dict:
             "sampler": sampler.state_dict(), "rng": rng_state(), "usage": usage.cpu(),
             "torch_version": str(torch.__version__)})
         plot_losses(out)
-        grid = ds.heldout[:32]
+        grid = _spread(ds.heldout, 32)
         save_recon_grid(out / "reconstructions.png", grid, reconstruct(model, grid, device))
 
-    eval_set = ds.heldout[:s["eval_images"]]
+    # Evenly spaced over the held-out split: folder data is in sorted path order, so its first
+    # images would all be of one class.
+    eval_set = _spread(ds.heldout, s["eval_images"])
     metrics_log = CsvLog(out / "metrics.csv", METRICS_FIELDS)
     eval_log = CsvLog(out / "eval.csv", EVAL_FIELDS)
     acc = torch.zeros(5, dtype=torch.float64, device=device)  # loss, recon, vq, commit, ppl

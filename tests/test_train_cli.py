@@ -155,7 +155,7 @@ def _cli(*args, env=None):
 def test_sigkill_then_resume(tmp_path, image_dir):
     """Kill -9 a run mid-way, resume it: same final step, no torn file, and (CPU, fixed thread
     count) the very weights of an uninterrupted run."""
-    steps = 400
+    steps = 200
     common = ["--data", "folder", "--data-dir", image_dir, "--steps", steps, "--save-every", 20,
               "--eval-every", 0, "--log-every", 5, *TINY]
     killed = tmp_path / "killed"
@@ -233,6 +233,9 @@ def test_bad_input_gives_clear_errors(tmp_path, image_dir, capsys):
         assert "--amp needs a CUDA device" in err or "--device" in err
         assert "no CUDA device" in _error(capsys, ["--device", "cuda", "--data", "folder",
                                                    "--data-dir", image_dir, *out])
+        err = _error(capsys, ["--backend", "cuda", "--data", "folder", "--data-dir", image_dir,
+                              *out])
+        assert "--backend cuda" in err and "cuda" in err
     assert "holds no checkpoint.pt" in _error(capsys, ["--resume", *out])
     bad_ckpt = tmp_path / "bad.pt"
     bad_ckpt.write_bytes(b"not a checkpoint")

@@ -105,9 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CUDA automatic mixed precision (bf16 where supported, else fp16 with "
                         "loss scaling)")
     r.add_argument("--threads", type=int,
-                   help="CPU threads for torch; 0 = torch's default (one per core). On a machine "
-                        "shared with other jobs, 1 can be many times faster: idle OpenMP threads "
-                        f"spin while their partners wait for a core [{D['threads']}]")
+                   help="CPU threads for torch; 0 = the cores idle at start (cores minus the "
+                        "1-minute load average, at least 1, at most torch's default). On a "
+                        "machine shared with other jobs, too many threads can be many times "
+                        "slower: OpenMP threads spin while their partners wait for a core "
+                        f"[{D['threads']}]")
     r.add_argument("--eval-every", type=int,
                    help=f"held-out evaluation every N steps, 0 = only at the end [{D['eval_every']}]")
     r.add_argument("--save-every", type=int,
@@ -312,6 +314,18 @@ def reconstruct(model, images: np.ndarray, device) -> np.ndarray:
     return to_uint8(r)
 
 
+def pick_threads(requested: int) -> int:
+    """`requested`, or for 0 the cores no other process is using right now."""
+    if requested:
+        return requested
+    n = torch.get_num_threads()
+    try:
+        idle = (os.cpu_count() or n) - os.getloadavg()[0]
+    except (OSError, AttributeError):  # no load average (Windows)
+        return n
+    return max(1, min(n, int(idle + 0.5)))
+
+
 def _spread(images: np.ndarray, n: int) -> np.ndarray:
     if n >= len(images):
         return images
@@ -331,8 +345,13 @@ def train(s: dict, ckpt: dict | None = None, *, progress: bool = True) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     _io.remove_stale_temps(out)
     device = _io.resolve_device(s["device"])
-    if s["threads"]:
-        torch.set_num_threads(s["threads"])
+    from .backends import resolve
+    try:
+        backend = resolve(s["backend"], device).name
+    except (RuntimeError, ValueError) as exc:
+        raise _io.UsageError(f"--backend {s['backend']}: {exc}") from exc
+    threads = pick_threads(s["threads"])
+    torch.set_num_threads(threads)
     if s["amp"] and device.type != "cuda":
         raise _io.UsageError(f"--amp needs a CUDA device (--device is {device})")
     amp_dtype = None
@@ -395,6 +414,10 @@ def train(s: dict, ckpt: dict | None = None, *, progress: bool = True) -> dict:
     # Evenly spaced over the held-out split: folder data is in sorted path order, so its first
     # images would all be of one class.
     eval_set = _spread(ds.heldout, s["eval_images"])
+    print(f"training a {model.num_parameters():,}-parameter VQ-VAE (K={K}, D={config.code_dim}) "
+          f"on {device} with {threads} torch thread(s), quantizer backend "
+          f"{backend!r}; data: {ds.kind}, step {step} of {s['steps']}, "
+          f"out: {out}", file=sys.stderr)
     metrics_log = CsvLog(out / "metrics.csv", METRICS_FIELDS)
     eval_log = CsvLog(out / "eval.csv", EVAL_FIELDS)
     acc = torch.zeros(5, dtype=torch.float64, device=device)  # loss, recon, vq, commit, ppl

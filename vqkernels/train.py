@@ -102,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--backend", help="quantizer kernel: auto, cpu, cuda, triton, reference "
                                      f"[{D['backend']}]")
     r.add_argument("--amp", action="store_true", default=None,
-                   help="CUDA automatic mixed precision (bf16 where supported, else fp16 with "
-                        "loss scaling)")
+                   help="automatic mixed precision: bf16 on CPUs and on GPUs that support it, "
+                        "else fp16 with loss scaling")
     r.add_argument("--threads", type=int,
                    help="CPU threads for torch; 0 = the cores idle at start (cores minus the "
                         "1-minute load average, at least 1, at most torch's default). On a "
@@ -352,11 +352,12 @@ def train(s: dict, ckpt: dict | None = None, *, progress: bool = True) -> dict:
         raise _io.UsageError(f"--backend {s['backend']}: {exc}") from exc
     threads = pick_threads(s["threads"])
     torch.set_num_threads(threads)
-    if s["amp"] and device.type != "cuda":
-        raise _io.UsageError(f"--amp needs a CUDA device (--device is {device})")
     amp_dtype = None
     if s["amp"]:
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # bf16 keeps fp32's exponent range, so it needs no loss scaling; GPUs before Ampere
+        # have no bf16 and get fp16 with a GradScaler.
+        amp_dtype = (torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported()
+                     else torch.float16)
 
     ds = data_mod.load(s["data"], s["data_dir"], download=s["download"],
                        heldout_every=s["heldout_every"])
@@ -370,7 +371,7 @@ def train(s: dict, ckpt: dict | None = None, *, progress: bool = True) -> dict:
                          num_residual_blocks=s["residual_blocks"], beta=s["beta"])
     model = VQVAE(config, backend=s["backend"]).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=s["lr"])
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     sampler = ds.sampler(s["seed"])
     step, elapsed = 0, 0.0
     K = config.num_codes
@@ -478,7 +479,7 @@ def train(s: dict, ckpt: dict | None = None, *, progress: bool = True) -> dict:
             t_pause = time.perf_counter()
             if s["eval_every"] and step % s["eval_every"] == 0 and step < s["steps"]:
                 m = evaluate(model, eval_set, var, perplexity_batch=s["batch_size"], device=device,
-                             amp=amp_dtype is not None)
+                             amp_dtype=amp_dtype)
                 eval_log.write({"step": step, **m})
                 bar.write(f"step {step}: held-out mse {m['mse']:.5f} nmse {m['nmse']:.4f} "
                           f"psnr {m['psnr']:.2f} dB perplexity {m['perplexity']:.1f} codes used "
@@ -498,7 +499,7 @@ def train(s: dict, ckpt: dict | None = None, *, progress: bool = True) -> dict:
         raise
     bar.close()
     m = evaluate(model, ds.heldout, var, perplexity_batch=s["batch_size"], device=device,
-                 amp=amp_dtype is not None)
+                 amp_dtype=amp_dtype)
     eval_log.write({"step": step, **m})
     metrics_log.close()
     eval_log.close()

@@ -113,9 +113,10 @@ class CropSampler:
     """Random 32x32 crops of a few large photos. Batch i is drawn from a generator seeded with
     (seed, i), so the state is just the batch counter."""
 
-    # Each photo is kept at several scales, shorter side from 64 px to its native size (at most
-    # 512 px): a 32 px crop then spans between half and a sixteenth of the photo's height, which
-    # is the scale jitter (a random level, plus a random resample factor within the level).
+    # Each photo is kept at 7 scales, shorter side from 64 px geometrically up to its native size
+    # (at most 512 px): a 32 px crop then spans between half and a sixteenth of the photo's
+    # height. Picking a random scale per crop is the scale jitter; resampling once up front keeps
+    # a batch of crops to array slicing.
     MIN_SIDE, MAX_SIDE, LEVELS = 64, 512, 7
 
     def __init__(self, photos: list[np.ndarray], seed: int):

@@ -27,11 +27,12 @@ from .data import DATA_KINDS, DataError, to_tensor
 
 @torch.no_grad()
 def evaluate(model, images: np.ndarray, data_variance: float, *, batch_size: int = 250,
-             perplexity_batch: int = 32, device=None, amp: bool = False) -> dict:
-    """Evaluate `model` on uint8 images (N, 32, 32, 3); returns the figures as a dict."""
+             perplexity_batch: int = 32, device=None, amp_dtype=None) -> dict:
+    """Evaluate `model` on uint8 images (N, 32, 32, 3); returns the figures as a dict.
+    `amp_dtype` (torch.bfloat16 / float16) runs the model under autocast, as it was trained."""
     if len(images) == 0:
         raise ValueError("no held-out images to evaluate on")
-    device = device or next(model.parameters()).device
+    device = torch.device(device) if device is not None else next(model.parameters()).device
     K = model.config.num_codes
     was_training = model.training
     model.eval()
@@ -43,7 +44,7 @@ def evaluate(model, images: np.ndarray, data_variance: float, *, batch_size: int
     chunk = max(perplexity_batch, batch_size // perplexity_batch * perplexity_batch)
     for lo in range(0, len(images), chunk):
         x = to_tensor(images[lo:lo + chunk], device)
-        with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             out = model(x)
         se += float(((out.recon.float() - x) ** 2).sum(dtype=torch.float64))
         commit += float(out.vq.commitment_loss) * x.shape[0]

@@ -102,12 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--backend", help="quantizer kernel: auto, cpu, cuda, triton, reference "
                                      f"[{D['backend']}]")
     r.add_argument("--amp", action="store_true", default=None,
-                   help="CUDA automatic mixed precision (bf16 where supported, else fp16 with "
-                        "loss scaling)")
+                   help="automatic mixed precision: bf16 on CPUs and on GPUs that support it, "
+                        "else fp16 with loss scaling")
     r.add_argument("--threads", type=int,
-                   help="CPU threads for torch; 0 = torch's default (one per core). On a machine "
-                        "shared with other jobs, 1 can be many times faster: idle OpenMP threads "
-                        f"spin while their partners wait for a core [{D['threads']}]")
+                   help="CPU threads for torch; 0 = the cores idle at start (cores minus the "
+                        "1-minute load average, at least 1, at most torch's default). On a "
+                        "machine shared with other jobs, too many threads can be many times "
+                        "slower: OpenMP threads spin while their partners wait for a core "
+                        f"[{D['threads']}]")
     r.add_argument("--eval-every", type=int,
                    help=f"held-out evaluation every N steps, 0 = only at the end [{D['eval_every']}]")
     r.add_argument("--save-every", type=int,
@@ -148,6 +150,8 @@ def resolve_settings(p: argparse.ArgumentParser, a: argparse.Namespace):
                     f"to continue it, or choose another --out")
         s = {**DEFAULTS, **given}
     s["download"] = a.download
+    # Stored absolute, so `--resume`, eval and tokenize find the data from any working directory.
+    s["data_dir"] = _norm("data_dir", s["data_dir"])
     for k in ("num_codes", "code_dim", "hidden", "residual_hidden", "steps", "batch_size",
               "log_every", "eval_images", "heldout_every"):
         if s[k] < 1:
@@ -310,6 +314,24 @@ def reconstruct(model, images: np.ndarray, device) -> np.ndarray:
     return to_uint8(r)
 
 
+def pick_threads(requested: int) -> int:
+    """`requested`, or for 0 the cores no other process is using right now."""
+    if requested:
+        return requested
+    n = torch.get_num_threads()
+    try:
+        idle = (os.cpu_count() or n) - os.getloadavg()[0]
+    except (OSError, AttributeError):  # no load average (Windows)
+        return n
+    return max(1, min(n, int(idle + 0.5)))
+
+
+def _spread(images: np.ndarray, n: int) -> np.ndarray:
+    if n >= len(images):
+        return images
+    return images[np.linspace(0, len(images) - 1, n).round().astype(np.int64)]
+
+
 # ---------------------------------------------------------------------------------------------
 def train(s: dict, ckpt: dict | None = None, *, progress: bool = True) -> dict:
     """Run (or continue) training with settings `s`; returns the final held-out metrics."""
@@ -323,13 +345,19 @@ def train(s: dict, ckpt: dict | None = None, *, progress: bool = True) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     _io.remove_stale_temps(out)
     device = _io.resolve_device(s["device"])
-    if s["threads"]:
-        torch.set_num_threads(s["threads"])
-    if s["amp"] and device.type != "cuda":
-        raise _io.UsageError(f"--amp needs a CUDA device (--device is {device})")
+    from .backends import resolve
+    try:
+        backend = resolve(s["backend"], device).name
+    except (RuntimeError, ValueError) as exc:
+        raise _io.UsageError(f"--backend {s['backend']}: {exc}") from exc
+    threads = pick_threads(s["threads"])
+    torch.set_num_threads(threads)
     amp_dtype = None
     if s["amp"]:
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # bf16 keeps fp32's exponent range, so it needs no loss scaling; GPUs before Ampere
+        # have no bf16 and get fp16 with a GradScaler.
+        amp_dtype = (torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported()
+                     else torch.float16)
 
     ds = data_mod.load(s["data"], s["data_dir"], download=s["download"],
                        heldout_every=s["heldout_every"])
@@ -343,7 +371,7 @@ def train(s: dict, ckpt: dict | None = None, *, progress: bool = True) -> dict:
                          num_residual_blocks=s["residual_blocks"], beta=s["beta"])
     model = VQVAE(config, backend=s["backend"]).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=s["lr"])
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     sampler = ds.sampler(s["seed"])
     step, elapsed = 0, 0.0
     K = config.num_codes
@@ -381,10 +409,16 @@ def train(s: dict, ckpt: dict | None = None, *, progress: bool = True) -> dict:
             "sampler": sampler.state_dict(), "rng": rng_state(), "usage": usage.cpu(),
             "torch_version": str(torch.__version__)})
         plot_losses(out)
-        grid = ds.heldout[:32]
+        grid = _spread(ds.heldout, 32)
         save_recon_grid(out / "reconstructions.png", grid, reconstruct(model, grid, device))
 
-    eval_set = ds.heldout[:s["eval_images"]]
+    # Evenly spaced over the held-out split: folder data is in sorted path order, so its first
+    # images would all be of one class.
+    eval_set = _spread(ds.heldout, s["eval_images"])
+    print(f"training a {model.num_parameters():,}-parameter VQ-VAE (K={K}, D={config.code_dim}) "
+          f"on {device} with {threads} torch thread(s), quantizer backend "
+          f"{backend!r}; data: {ds.kind}, step {step} of {s['steps']}, "
+          f"out: {out}", file=sys.stderr)
     metrics_log = CsvLog(out / "metrics.csv", METRICS_FIELDS)
     eval_log = CsvLog(out / "eval.csv", EVAL_FIELDS)
     acc = torch.zeros(5, dtype=torch.float64, device=device)  # loss, recon, vq, commit, ppl
@@ -445,7 +479,7 @@ def train(s: dict, ckpt: dict | None = None, *, progress: bool = True) -> dict:
             t_pause = time.perf_counter()
             if s["eval_every"] and step % s["eval_every"] == 0 and step < s["steps"]:
                 m = evaluate(model, eval_set, var, perplexity_batch=s["batch_size"], device=device,
-                             amp=amp_dtype is not None)
+                             amp_dtype=amp_dtype)
                 eval_log.write({"step": step, **m})
                 bar.write(f"step {step}: held-out mse {m['mse']:.5f} nmse {m['nmse']:.4f} "
                           f"psnr {m['psnr']:.2f} dB perplexity {m['perplexity']:.1f} codes used "
@@ -465,7 +499,7 @@ def train(s: dict, ckpt: dict | None = None, *, progress: bool = True) -> dict:
         raise
     bar.close()
     m = evaluate(model, ds.heldout, var, perplexity_batch=s["batch_size"], device=device,
-                 amp=amp_dtype is not None)
+                 amp_dtype=amp_dtype)
     eval_log.write({"step": step, **m})
     metrics_log.close()
     eval_log.close()

@@ -61,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m vqkernels.train",
         description="Train a VQ-VAE (van den Oord et al. 2017) on 32x32 RGB images with the "
-                    "vqkernels quantizer.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "vqkernels quantizer. Defaults in [brackets]; with --resume, unset flags "
+                    "keep the resumed run's values.")
     D = DEFAULTS
     m = p.add_argument_group("model")
     m.add_argument("--num-codes", type=int, help=f"codebook size K [{D['num_codes']}]")

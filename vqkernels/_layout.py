@@ -61,6 +61,8 @@ def output_like(z: torch.Tensor, dim: int, dtype=None) -> torch.Tensor:
     where that has a (B, S) view (any dense z does, contiguous or channels-last), else row-major
     along z.movedim(dim, -1). Shared by the real and the fake (meta) implementations, so both
     agree on strides."""
+    if z.is_contiguous():  # the common case: any row-major tensor has a view
+        return torch.empty(z.shape, dtype=dtype or z.dtype, device=z.device)
     out = torch.empty_like(z, dtype=dtype)
     if _split(out.movedim(dim, -1)) is None:
         moved_shape = z.movedim(dim, -1).shape
@@ -83,7 +85,9 @@ class RowPlan:
     def view(self, t: torch.Tensor) -> RowView:
         """Rows of `t` (shaped like the planned tensor) for a kernel to read; copied (row-major)
         only if no (B, S) split describes t's layout."""
-        moved = t.movedim(self.dim, -1)
+        moved = t if self.dim in (-1, t.dim() - 1) else t.movedim(self.dim, -1)
+        if moved.is_contiguous():  # row-major rows: no split to search for
+            return RowView(moved, 1, self.N, self.D, 0, self.D, 1)
         sp = _split(moved)
         if sp is None:
             moved = moved.contiguous()

@@ -100,10 +100,11 @@ def _vq_quantize(z_e, codebook, *, beta, dim, backend, check_finite=False):
     numel = max(z_e.numel(), 1)  # N = 0: the losses are 0 (an empty sum), not NaN
     codebook_loss = err_cb.sum() / numel
     commitment_loss = err_commit.sum() / numel
+    # Few, small ops: at small N this bookkeeping is a visible part of the call.
     probs = counts.to(err_cb.dtype) / max(indices.numel(), 1)
-    perplexity = torch.exp(-torch.special.xlogy(probs, probs).sum())
+    perplexity = torch.special.entr(probs).sum().exp()  # entr(p) = -p log p, 0 at p = 0
     return VQOutput(z_q, indices, codebook_loss, commitment_loss,
-                    codebook_loss + beta * commitment_loss, perplexity), counts
+                    torch.add(codebook_loss, commitment_loss, alpha=beta), perplexity), counts
 
 
 class VectorQuantizer(nn.Module):

@@ -125,11 +125,13 @@ def test_cli_smoke_writes_every_artifact(tmp_path, image_dir, capsys):
     torch.testing.assert_close(rec, model(data.to_tensor(ds.train[:3])).recon, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "amp"])
-def test_resume_equals_an_uninterrupted_run(tmp_path, image_dir, amp):
-    # --amp on a CPU trains under bf16 autocast: the mixed-precision path, checked here too
+@pytest.mark.parametrize("amp,codebook", [(False, []), (True, []), (False, ["--ema", "--cosine"])],
+                         ids=["fp32", "amp", "ema-cosine"])
+def test_resume_equals_an_uninterrupted_run(tmp_path, image_dir, amp, codebook):
+    # --amp on a CPU trains under bf16 autocast: the mixed-precision path, checked here too;
+    # --ema keeps its statistics in buffers, which the checkpoint must carry exactly
     common = ["--data", "folder", "--data-dir", image_dir, "--eval-every", 0, "--log-every", 2,
-              *TINY, *(["--amp"] if amp else [])]
+              *TINY, *(["--amp"] if amp else []), *codebook]
     a, b = tmp_path / "a", tmp_path / "b"
     assert run_main([*common, "--steps", 10, "--save-every", 0, "--out", a]) == 0
     assert run_main([*common, "--steps", 6, "--save-every", 0, "--out", b]) == 0
@@ -147,6 +149,16 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, image_dir, amp):
         assert torch.equal(oa["state"][k]["exp_avg_sq"], ob["state"][k]["exp_avg_sq"])
     # a finished run's final evaluation is dropped when the run is resumed: only step 10 remains
     assert [r["step"] for r in rows(b / "eval.csv")] == ["10"]
+    if codebook:
+        ck = _io.load_checkpoint(a / "checkpoint.pt")
+        assert ck["config"]["ema"] and ck["config"]["cosine"]
+        assert not any("codebook" in k for k in dict(_model_params(a)))  # EMA: not trained by Adam
+
+
+def _model_params(out):
+    from vqkernels.model import VQVAE, VQVAEConfig
+    ck = _io.load_checkpoint(out / "checkpoint.pt")
+    return VQVAE(VQVAEConfig.from_dict(ck["config"])).named_parameters()
 
 
 def _cli(*args, env=None):

@@ -36,6 +36,9 @@ class VQVAEConfig:
     beta: float = 0.25              # commitment weight
     in_channels: int = 3
     image_size: int = 32            # must be divisible by 4: two stride-2 stages
+    ema: bool = False               # EMA codebook updates instead of the codebook loss's gradient
+    decay: float = 0.99             # EMA decay
+    cosine: bool = False            # l2-normalised codes and latents
 
     def __post_init__(self):
         for name in ("num_codes", "code_dim", "hidden", "residual_hidden", "in_channels",
@@ -134,7 +137,8 @@ class VQVAE(nn.Module):
         self.config = c = config or VQVAEConfig()
         self.encoder = Encoder(c)
         self.pre_vq = nn.Conv2d(c.hidden, c.code_dim, 1)
-        self.vq = VectorQuantizer(c.num_codes, c.code_dim, c.beta, channel_dim=1, backend=backend)
+        self.vq = VectorQuantizer(c.num_codes, c.code_dim, c.beta, channel_dim=1, backend=backend,
+                                  ema=c.ema, decay=c.decay, cosine=c.cosine)
         self.decoder = Decoder(c)
 
     @property
@@ -213,7 +217,8 @@ class VQVAE(nn.Module):
         K = self.config.num_codes
         pick = (torch.randperm(rows.shape[0], device=rows.device)[:K] if rows.shape[0] >= K else
                 torch.randint(rows.shape[0], (K,), device=rows.device))
-        self.vq.codebook.copy_(rows[pick].to(self.vq.codebook.dtype))
+        # set_codebook also restarts the EMA statistics, which a plain write would leave behind.
+        self.vq.set_codebook(rows[pick].to(self.vq.codebook.dtype))
 
     @torch.no_grad()
     def restart_dead_codes(self, z_e: Tensor, usage: Tensor) -> int:
@@ -224,7 +229,9 @@ class VQVAE(nn.Module):
         if n:
             rows = self._rows(z_e)
             pick = torch.randint(rows.shape[0], (n,), device=rows.device)
-            self.vq.codebook[dead] = rows[pick].to(self.vq.codebook.dtype)
+            codes = self.vq.codebook.detach().clone()
+            codes[dead] = rows[pick].to(codes.dtype)
+            self.vq.set_codebook(codes)
         return n
 
     def num_parameters(self) -> int:

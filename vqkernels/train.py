@@ -49,12 +49,12 @@ DEFAULTS = dict(num_codes=256, code_dim=256, hidden=128, residual_hidden=32, res
                 beta=0.25, codebook_init="data", restart_every=25, steps=1500, batch_size=32,
                 lr=3e-4, data="embedded", data_dir=None, heldout_every=10, seed=0, device="auto",
                 backend="auto", out="runs/vqvae", eval_every=500, save_every=250, log_every=10,
-                eval_images=1024, amp=False, threads=0)
+                eval_images=1024, amp=False, threads=0, ema=False, decay=0.99, cosine=False)
 # Settings a resumed run must share with the run it continues: changing any of them would make
 # the continuation a different experiment.
 IDENTITY = ("num_codes", "code_dim", "hidden", "residual_hidden", "residual_blocks", "beta",
             "codebook_init", "restart_every", "batch_size", "lr", "data", "data_dir",
-            "heldout_every", "seed")
+            "heldout_every", "seed", "ema", "decay", "cosine")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--restart-every", type=int,
                    help="every N steps, move codes unused in those N steps onto random encoder "
                         f"outputs of the batch; 0 = never [{D['restart_every']}]")
+    m.add_argument("--ema", action="store_true", default=None,
+                   help="EMA codebook updates (Sonnet's VectorQuantizerEMA) instead of the codebook "
+                        "loss's gradient")
+    m.add_argument("--decay", type=float, help=f"EMA decay, with --ema [{D['decay']}]")
+    m.add_argument("--cosine", action="store_true", default=None,
+                   help="l2-normalised codes and latents (cosine similarity search)")
     o = p.add_argument_group("optimization")
     o.add_argument("--steps", type=int, help=f"total training steps [{D['steps']}]")
     o.add_argument("--batch-size", type=int, help=f"images per step [{D['batch_size']}]")
@@ -159,6 +165,8 @@ def resolve_settings(p: argparse.ArgumentParser, a: argparse.Namespace):
     for k in ("residual_blocks", "eval_every", "save_every", "restart_every", "threads"):
         if s[k] < 0:
             p.error(f"--{k.replace('_', '-')} must be >= 0, got {s[k]}")
+    if not 0 < s["decay"] < 1:
+        p.error(f"--decay must be in (0, 1), got {s['decay']}")
     if not (s["lr"] > 0 and math.isfinite(s["lr"])):
         p.error(f"--lr must be a positive number, got {s['lr']}")
     if not (s["beta"] >= 0 and math.isfinite(s["beta"])):
@@ -368,7 +376,8 @@ def train(s: dict, ckpt: dict | None = None, *, progress: bool = True) -> dict:
     torch.manual_seed(s["seed"])
     config = VQVAEConfig(num_codes=s["num_codes"], code_dim=s["code_dim"], hidden=s["hidden"],
                          residual_hidden=s["residual_hidden"],
-                         num_residual_blocks=s["residual_blocks"], beta=s["beta"])
+                         num_residual_blocks=s["residual_blocks"], beta=s["beta"],
+                         ema=bool(s["ema"]), decay=s["decay"], cosine=bool(s["cosine"]))
     model = VQVAE(config, backend=s["backend"]).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=s["lr"])
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)

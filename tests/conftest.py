@@ -57,3 +57,13 @@ def backend_device_params(names=backends.BACKEND_NAMES):
         for p in backend_params(dev, names):
             out.append(pytest.param(p.values[0], dev, marks=p.marks, id=f"{p.id}-{dev}"))
     return out
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: deterministic, and on a shared machine much faster than two OpenMP
+    threads that spin while waiting for each other (the model and training tests use it)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -18,14 +18,7 @@ PIL = pytest.importorskip("PIL")
 from PIL import Image  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # One torch thread: deterministic, and on a shared machine much faster than two OpenMP
-    # threads that spin while waiting for each other.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rng(seed=0):
@@ -79,7 +72,7 @@ def test_folder_with_class_subfolders(tmp_path):
     d5 = data.load("folder", str(root), heldout_every=5)
     assert len(d5.heldout) == 3
     # a shared top folder (an extracted archive's "train/") is not a class
-    root2 = make_class_folder(tmp_path / "wrapped" / "train", n_per_class=2)
+    make_class_folder(tmp_path / "wrapped" / "train", n_per_class=2)
     assert data.load("folder", str(tmp_path / "wrapped")).class_names == ["cat", "dog", "fish"]
 
 

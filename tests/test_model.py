@@ -8,14 +8,7 @@ from vqkernels.model import VQVAE, VQVAEConfig
 TINY = dict(num_codes=12, code_dim=5, hidden=16, residual_hidden=8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # One torch thread: deterministic, and on a shared machine much faster than two OpenMP
-    # threads that spin while waiting for each other.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def images(b=4, size=32):

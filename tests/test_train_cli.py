@@ -28,14 +28,7 @@ ARTIFACTS = ("checkpoint.pt", "config.json", "metrics.csv", "eval.csv", "loss_cu
              "reconstructions.png", "eval.json")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # One torch thread: deterministic, and on a shared machine much faster than two OpenMP
-    # threads that spin while waiting for each other.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -97,6 +97,19 @@ def format_table(metrics: dict, title: str = "") -> str:
     return "\n".join(lines)
 
 
+def load_for_cli(p: argparse.ArgumentParser, a: argparse.Namespace):
+    """(device, checkpoint, model, data set) from the flags eval and tokenize share
+    (--device, CHECKPOINT, --backend, --data, --data-dir, --download); errors name the flag."""
+    try:
+        device = _io.resolve_device(a.device)
+        ckpt = _io.load_checkpoint(a.checkpoint)
+        model = _io.model_from_checkpoint(ckpt, device=device, backend=a.backend)
+        ds = heldout_for(ckpt, a.data, a.data_dir, a.download)
+    except (FileNotFoundError, ValueError) as exc:
+        p.error(str(exc))
+    return device, ckpt, model, ds
+
+
 def heldout_for(ckpt: dict, data: Optional[str], data_dir: Optional[str], download: bool):
     """The held-out images: of the checkpoint's own data set unless --data says otherwise."""
     from . import data as data_mod
@@ -140,13 +153,7 @@ def main(argv=None) -> int:
         v = getattr(a, name)
         if v is not None and v < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-    try:
-        device = _io.resolve_device(a.device)
-        ckpt = _io.load_checkpoint(a.checkpoint)
-        model = _io.model_from_checkpoint(ckpt, device=device, backend=a.backend)
-        ds = heldout_for(ckpt, a.data, a.data_dir, a.download)
-    except (FileNotFoundError, ValueError) as exc:
-        p.error(str(exc))
+    device, ckpt, model, ds = load_for_cli(p, a)
     same_data = ds.kind == ckpt["data"].get("kind")
     var = ckpt["data_variance"] if same_data else ds.variance()
     pb = a.perplexity_batch or ckpt.get("args", {}).get("batch_size", 32)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from . import _io
-from .data import DATA_KINDS, DataError, to_tensor
+from .data import DATA_KINDS, to_tensor
 
 
 @torch.no_grad()
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from .eval import heldout_for
+    from .eval import load_for_cli
 
     p = build_parser()
     a = p.parse_args(argv)
@@ -82,13 +82,7 @@ def main(argv=None) -> int:
     out = Path(a.out)
     if out.suffix != ".npz":
         p.error(f"--out must name a .npz file, got {out}")
-    try:
-        device = _io.resolve_device(a.device)
-        ckpt = _io.load_checkpoint(a.checkpoint)
-        model = _io.model_from_checkpoint(ckpt, device=device, backend=a.backend)
-        ds = heldout_for(ckpt, a.data, a.data_dir, a.download)
-    except (FileNotFoundError, ValueError) as exc:
-        p.error(str(exc))
+    device, ckpt, model, ds = load_for_cli(p, a)
 
     parts = []  # (images, split code, labels, paths)
     if a.split in ("all", "train"):

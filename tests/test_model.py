@@ -178,18 +178,23 @@ def test_init_codebook_puts_codes_on_encoder_outputs():
     assert len(torch.unique(idx)) == TINY["num_codes"]
 
 
-def test_restart_dead_codes_moves_only_the_dead_ones():
+def test_kmeans_init_beats_data_init_and_is_reproducible():
     m = VQVAE(VQVAEConfig(**TINY))
-    x = images(2)
-    z_e = m.encode_latent(x).detach()
-    before = m.vq.codebook.detach().clone()
-    usage = torch.zeros(TINY["num_codes"], dtype=torch.long)
-    usage[[0, 3, 7]] = 5
-    n = m.restart_dead_codes(z_e, usage)
-    after = m.vq.codebook.detach()
-    assert n == TINY["num_codes"] - 3
-    assert torch.equal(after[[0, 3, 7]], before[[0, 3, 7]])
-    rows = z_e.movedim(1, -1).reshape(-1, TINY["code_dim"])
-    dead = torch.tensor([i for i in range(TINY["num_codes"]) if i not in (0, 3, 7)])
-    assert float(nearest_code(after[dead], rows, backend="reference")[1].max()) < 1e-10
-    assert m.restart_dead_codes(z_e, torch.ones(TINY["num_codes"])) == 0
+    x = images(4)
+    rows = m.encode_latent(x).detach().movedim(1, -1).reshape(-1, TINY["code_dim"]).double()
+
+    def distortion():
+        return float(nearest_code(rows, m.vq.codebook.detach().double(),
+                                  backend="reference")[1].mean())
+
+    m.init_codebook(x, "data", generator=torch.Generator().manual_seed(0))
+    data_d = distortion()
+    m.init_codebook(x, "kmeans", generator=torch.Generator().manual_seed(0))
+    km_d, km = distortion(), m.vq.codebook.detach().clone()
+    # k-means++ plus Lloyd lowers the distortion of the rows it was fitted on below K random rows
+    assert km_d < data_d, (km_d, data_d)
+    m.init_codebook(x, "kmeans", generator=torch.Generator().manual_seed(0))
+    assert torch.equal(m.vq.codebook.detach(), km)  # same images + generator: same codes
+    assert int(m.vq.step) == 0  # encoding for the init is not a training step
+    with pytest.raises(ValueError, match="method"):
+        m.init_codebook(x, "random")

@@ -23,7 +23,7 @@ from vqkernels import _io, eval as vq_eval, tokenize as vq_tokenize, train  # no
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--hidden", "16", "--residual-hidden", "8", "--num-codes", "16", "--code-dim", "8",
-        "--batch-size", "8", "--eval-images", "64", "--restart-every", "4"]
+        "--batch-size", "8", "--eval-images", "64", "--restart-after", "4"]
 ARTIFACTS = ("checkpoint.pt", "config.json", "metrics.csv", "eval.csv", "loss_curves.png",
              "reconstructions.png", "eval.json")
 

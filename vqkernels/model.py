@@ -39,6 +39,8 @@ class VQVAEConfig:
     ema: bool = False               # EMA codebook updates instead of the codebook loss's gradient
     decay: float = 0.99             # EMA decay
     cosine: bool = False            # l2-normalised codes and latents
+    restart_after: int = 0          # replace codes unused this many training steps; 0 = never
+    dead_after: int = 100           # a code unused this many steps counts as dead in vq.stats()
 
     def __post_init__(self):
         for name in ("num_codes", "code_dim", "hidden", "residual_hidden", "in_channels",
@@ -54,6 +56,12 @@ class VQVAEConfig:
                              f"{self.num_residual_blocks!r}")
         if not (isinstance(self.beta, (int, float)) and self.beta >= 0):
             raise ValueError(f"beta must be a number >= 0, got {self.beta!r}")
+        for name in ("restart_after", "dead_after"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "restart_after"
+                                                                      else 1):
+                raise ValueError(f"{name} must be an int >= "
+                                 f"{0 if name == 'restart_after' else 1}, got {v!r}")
         if self.image_size % 4:
             raise ValueError(f"image_size must be divisible by 4, got {self.image_size}")
 
@@ -138,7 +146,8 @@ class VQVAE(nn.Module):
         self.encoder = Encoder(c)
         self.pre_vq = nn.Conv2d(c.hidden, c.code_dim, 1)
         self.vq = VectorQuantizer(c.num_codes, c.code_dim, c.beta, channel_dim=1, backend=backend,
-                                  ema=c.ema, decay=c.decay, cosine=c.cosine)
+                                  ema=c.ema, decay=c.decay, cosine=c.cosine,
+                                  restart_after=c.restart_after or None, dead_after=c.dead_after)
         self.decoder = Decoder(c)
 
     @property
@@ -201,38 +210,49 @@ class VQVAE(nn.Module):
         """Images (B, C, 4h, 4w) in the data range from a token grid (B, h, w)."""
         return self.decoder(self.embed(indices))
 
-    # -- codebook upkeep (used by vqkernels.train; both draw from torch's global RNG, whose state
-    # the training checkpoints keep, so a resumed run makes the same choices)
+    # -- codebook initialisation (used by vqkernels.train). Dead-code restarts live in the
+    # quantizer (config.restart_after), which keeps the ranks of a DDP run in step.
     @staticmethod
     def _rows(z_e: Tensor) -> Tensor:
         return z_e.detach().movedim(1, -1).reshape(-1, z_e.shape[1])
 
     @torch.no_grad()
-    def init_codebook(self, images: Tensor) -> None:
-        """Set the codes to encoder outputs of `images` drawn at random (with replacement when the
-        batch has fewer than K vectors). The uniform +-1/K start sits far from where the encoder's
-        outputs land, so at first one code wins every vector and the rest never get a gradient;
-        starting on the data avoids that collapse (as Jukebox and SoundStream do)."""
-        rows = self._rows(self.encode_latent(images)).float()
-        K = self.config.num_codes
-        pick = (torch.randperm(rows.shape[0], device=rows.device)[:K] if rows.shape[0] >= K else
-                torch.randint(rows.shape[0], (K,), device=rows.device))
-        # set_codebook also restarts the EMA statistics, which a plain write would leave behind.
-        self.vq.set_codebook(rows[pick].to(self.vq.codebook.dtype))
+    def init_codebook(self, images: Tensor, method: str = "data", *,
+                      generator: torch.Generator | None = None, kmeans_iters: int = 10) -> None:
+        """Start the codes on encoder outputs of `images`. The uniform +-1/K start sits far from
+        where the encoder's outputs land, so at first one code wins every vector and the rest never
+        get a gradient; starting on the data avoids that collapse (as Jukebox and SoundStream do).
 
-    @torch.no_grad()
-    def restart_dead_codes(self, z_e: Tensor, usage: Tensor) -> int:
-        """Move every code with usage == 0 onto a random encoder output of `z_e` (B, D, h, w);
-        returns how many moved. Dead codes get no gradient, so without this they stay dead."""
-        dead = torch.nonzero(usage == 0).flatten()
-        n = int(dead.numel())
-        if n:
-            rows = self._rows(z_e)
-            pick = torch.randint(rows.shape[0], (n,), device=rows.device)
-            codes = self.vq.codebook.detach().clone()
-            codes[dead] = rows[pick].to(codes.dtype)
-            self.vq.set_codebook(codes)
-        return n
+        method "data": K encoder outputs drawn at random (with replacement when there are fewer
+        than K); "kmeans": k-means++ seeding plus `kmeans_iters` Lloyd iterations over all of them
+        (vqkernels.codebook.kmeans_plusplus, through the quantizer's own search backend).
+        Draws come from `generator` (torch's global RNG when None): the same images and generator
+        give the same codes on every rank of a distributed run.
+        """
+        if method not in ("data", "kmeans"):
+            raise ValueError(f"method must be 'data' or 'kmeans', got {method!r}")
+        was = self.training
+        self.eval()  # the quantizer's upkeep must not run (nor count a step) while encoding
+        try:
+            rows = self._rows(self.encode_latent(images)).float()
+        finally:
+            self.train(was)
+        K = self.config.num_codes
+        if method == "kmeans":
+            from .codebook import kmeans_plusplus
+            g = generator if generator is not None else torch.Generator().manual_seed(
+                int(torch.randint(2**62, (1,))))
+            x = F.normalize(rows, dim=1) if self.config.cosine else rows
+            codes = kmeans_plusplus(x, K, generator=g, iters=kmeans_iters, backend=self.vq.backend,
+                                    cosine=self.config.cosine)
+        else:
+            kw = {"generator": generator} if generator is not None else {}
+            dev = "cpu" if generator is not None else rows.device
+            pick = (torch.randperm(rows.shape[0], device=dev, **kw)[:K] if rows.shape[0] >= K else
+                    torch.randint(rows.shape[0], (K,), device=dev, **kw)).to(rows.device)
+            codes = rows[pick]
+        # set_codebook also restarts the EMA statistics, which a plain write would leave behind.
+        self.vq.set_codebook(codes.to(self.vq.codebook.dtype))
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

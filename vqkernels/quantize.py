@@ -214,8 +214,13 @@ class VectorQuantizer(nn.Module):
         # Host-side mirrors of `step` and `initialised`: reading the buffers every step would be a
         # device sync; they are refreshed whenever a state dict is loaded.
         self._steps_done, self._init_done = 0, False
-        self._pool = self._pool_valid = None
-        self._pool_ptr = 0
+        if restart_after is not None:
+            # Restart candidates from recent batches: state, so a resumed run restarts the codes
+            # an uninterrupted one would.
+            self.register_buffer("pool_rows", torch.zeros(self.restart_pool, dim))
+            self.register_buffer("pool_valid", torch.zeros(self.restart_pool, dtype=torch.bool))
+            self.register_buffer("pool_ptr", torch.zeros((), dtype=torch.long))
+        self._pool_ptr = 0  # host mirror of pool_ptr
         self._last_counts = self._last_restarts = None
         self.register_load_state_dict_post_hook(VectorQuantizer._after_load)
         self.reset_parameters()
@@ -224,8 +229,17 @@ class VectorQuantizer(nn.Module):
     def _after_load(module, _incompatible):
         module._steps_done = int(module.step)
         module._init_done = bool(module.initialised)
-        module._pool = module._pool_valid = None
-        module._pool_ptr = 0
+        module._pool_ptr = int(module.pool_ptr) if module.restart_after is not None else 0
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The pool grows past restart_pool when the ranks' samples outnumber it: take the saved
+        # shape rather than report a mismatch.
+        for name in ("pool_rows", "pool_valid"):
+            t = state_dict.get(prefix + name)
+            if self.restart_after is not None and isinstance(t, Tensor) and \
+                    t.shape != getattr(self, name).shape:
+                setattr(self, name, getattr(self, name).new_zeros(t.shape))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
@@ -237,6 +251,10 @@ class VectorQuantizer(nn.Module):
             self.step.zero_()
             self.restart_count.zero_()
             self.initialised.fill_(False)
+            if self.restart_after is not None:
+                self.pool_rows.zero_()
+                self.pool_valid.fill_(False)
+                self.pool_ptr.zero_()
         self._after_load(self, None)
         self._last_counts = self._last_restarts = None
 
@@ -348,20 +366,22 @@ class VectorQuantizer(nn.Module):
     def _push_pool(self, rows: Tensor, valid: Tensor) -> None:
         G = rows.shape[0]
         P = max(self.restart_pool, G)
-        if self._pool is None or self._pool.shape != (P, self.dim) or \
-                self._pool.device != rows.device or self._pool.dtype != rows.dtype:
-            self._pool = rows.new_zeros(P, self.dim)
-            self._pool_valid = torch.zeros(P, dtype=torch.bool, device=rows.device)
+        if self.pool_rows.shape[0] != P:
+            self.pool_rows = rows.new_zeros(P, self.dim)
+            self.pool_valid = torch.zeros(P, dtype=torch.bool, device=rows.device)
             self._pool_ptr = 0
+        if self.pool_rows.dtype != rows.dtype:
+            self.pool_rows = self.pool_rows.to(rows.dtype)
         pos = ((self._pool_ptr + torch.arange(G)) % P).to(rows.device)
-        self._pool.index_copy_(0, pos, rows)
-        self._pool_valid.index_copy_(0, pos, valid)
+        self.pool_rows.index_copy_(0, pos, rows)
+        self.pool_valid.index_copy_(0, pos, valid)
         self._pool_ptr = (self._pool_ptr + G) % P
+        self.pool_ptr.fill_(self._pool_ptr)
 
     def _restart(self) -> Tensor:
         """Replace codes unused for `restart_after` steps by unused pool rows; no host sync and no
         data-dependent branch: masks decide what changes."""
-        pool, valid = self._pool, self._pool_valid
+        pool, valid = self.pool_rows, self.pool_valid
         P = pool.shape[0]
         g = seeded_generator(self.seed, 2, self._steps_done)
         keys = torch.rand(P, generator=g, dtype=torch.float64).to(pool.device)

@@ -15,13 +15,20 @@ minutes on a laptop-class CPU. --out receives:
 A run killed at any moment (even SIGKILL) continues with `--resume` from its last checkpoint and
 draws exactly the batches it would have drawn: the final step count and, on a deterministic
 device, the final weights are those of an uninterrupted run.
+
+Distributed: `torchrun --nproc_per_node=N -m vqkernels.train ...` trains with
+DistributedDataParallel (gloo on CPU, nccl on GPU), --batch-size images per process. Every rank
+draws the same global batch of N x --batch-size images and takes its own slice, so a run on N
+processes sees the data a single process with N times the batch would. The quantizer keeps the
+ranks' codebooks identical (EMA statistics, usage and restart choices travel in one all_reduce per
+step); each checkpoint first checks that every rank holds the same model, bit for bit. Rank 0
+alone writes files and evaluates.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import io
-import json
 import math
 import os
 import random
@@ -37,24 +44,27 @@ from .data import DATA_KINDS, DataError, to_tensor, to_uint8
 
 CHECKPOINT = "checkpoint.pt"
 METRICS_FIELDS = ("step", "loss", "recon_mse", "recon_nmse", "vq_loss", "commitment_loss",
-                  "perplexity", "codes_used", "codes_restarted", "steps_per_s", "elapsed_s")
+                  "perplexity", "codes_used", "codes_restarted", "total_restarts", "dead_fraction",
+                  "steps_per_s", "elapsed_s")
 EVAL_FIELDS = ("step", "mse", "psnr", "nmse", "perplexity", "batch_perplexity", "codes_used")
 
 # Defaults. The model sizes follow the issue (K = D = 256, hidden 128), the optimizer Sonnet's
 # example (Adam 3e-4, batch 32); 1500 steps keep the default embedded run under 5 minutes on a
-# 2-core CPU (see README for measurements). The codebook starts on data and dead codes are
-# restarted every 25 steps: without both, the codebook collapses to a handful of codes within the
+# 2-core CPU (see README for measurements). The codebook starts on data and codes unused for 25
+# steps are restarted: without both, the codebook collapses to a handful of codes within the
 # first hundred steps (measured: perplexity 2-3 at step 300 with the uniform start).
 DEFAULTS = dict(num_codes=256, code_dim=256, hidden=128, residual_hidden=32, residual_blocks=2,
-                beta=0.25, codebook_init="data", restart_every=25, steps=1500, batch_size=32,
+                beta=0.25, codebook_init="data", restart_after=25, dead_after=100, steps=1500,
+                batch_size=32,
                 lr=3e-4, data="embedded", data_dir=None, heldout_every=10, seed=0, device="auto",
                 backend="auto", out="runs/vqvae", eval_every=500, save_every=250, log_every=10,
-                eval_images=1024, amp=False, threads=0, ema=False, decay=0.99, cosine=False)
+                eval_images=1024, amp=False, threads=0, ema=False, decay=0.99, cosine=False,
+                world_size=1)
 # Settings a resumed run must share with the run it continues: changing any of them would make
 # the continuation a different experiment.
 IDENTITY = ("num_codes", "code_dim", "hidden", "residual_hidden", "residual_blocks", "beta",
-            "codebook_init", "restart_every", "batch_size", "lr", "data", "data_dir",
-            "heldout_every", "seed", "ema", "decay", "cosine")
+            "codebook_init", "restart_after", "batch_size", "lr", "data", "data_dir",
+            "heldout_every", "seed", "ema", "decay", "cosine", "world_size")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,12 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--residual-blocks", type=int,
                    help=f"residual blocks in encoder and decoder [{D['residual_blocks']}]")
     m.add_argument("--beta", type=float, help=f"commitment weight [{D['beta']}]")
-    m.add_argument("--codebook-init", choices=("data", "uniform"),
-                   help="data: codes start on encoder outputs of training images; uniform: "
-                        f"+-1/K as in the paper's code [{D['codebook_init']}]")
-    m.add_argument("--restart-every", type=int,
-                   help="every N steps, move codes unused in those N steps onto random encoder "
-                        f"outputs of the batch; 0 = never [{D['restart_every']}]")
+    m.add_argument("--codebook-init", choices=("data", "kmeans", "uniform"),
+                   help="data: codes start on encoder outputs of 256 training images; kmeans: "
+                        "k-means++ and 10 Lloyd iterations over those outputs; uniform: +-1/K as "
+                        f"in the paper's code [{D['codebook_init']}]")
+    m.add_argument("--restart-after", "--restart-every", dest="restart_after", type=int,
+                   help="move codes unused for N consecutive steps onto encoder outputs sampled "
+                        f"from recent batches (of every rank); 0 = never [{D['restart_after']}]")
+    m.add_argument("--dead-after", type=int,
+                   help="a code unused for N consecutive steps counts as dead in the logged "
+                        f"dead_fraction [{D['dead_after']}]")
     m.add_argument("--ema", action="store_true", default=None,
                    help="EMA codebook updates (Sonnet's VectorQuantizerEMA) instead of the codebook "
                         "loss's gradient")
@@ -142,7 +156,9 @@ def resolve_settings(p: argparse.ArgumentParser, a: argparse.Namespace):
             ckpt = _io.load_checkpoint(path, "--resume")
         except (FileNotFoundError, ValueError) as exc:
             p.error(str(exc))
-        saved = ckpt["args"]
+        saved = dict(ckpt["args"])
+        if "restart_every" in saved:  # checkpoints written before the flag's rename
+            saved["restart_after"] = saved.pop("restart_every")
         for k in IDENTITY:
             if k in given and _norm(k, given[k]) != _norm(k, saved.get(k)):
                 p.error(f"--{k.replace('_', '-')} {given[k]} differs from the run being resumed "
@@ -156,13 +172,19 @@ def resolve_settings(p: argparse.ArgumentParser, a: argparse.Namespace):
                     f"to continue it, or choose another --out")
         s = {**DEFAULTS, **given}
     s["download"] = a.download
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if ckpt is not None and int(s.get("world_size", 1)) != world:
+        p.error(f"--resume: the run was trained on {s.get('world_size', 1)} process(es) and this "
+                f"is {world}; the global batch (processes x --batch-size) would change. Resume "
+                f"with the same number of processes")
+    s["world_size"] = world
     # Stored absolute, so `--resume`, eval and tokenize find the data from any working directory.
     s["data_dir"] = _norm("data_dir", s["data_dir"])
     for k in ("num_codes", "code_dim", "hidden", "residual_hidden", "steps", "batch_size",
-              "log_every", "eval_images", "heldout_every"):
+              "log_every", "eval_images", "heldout_every", "dead_after"):
         if s[k] < 1:
             p.error(f"--{k.replace('_', '-')} must be >= 1, got {s[k]}")
-    for k in ("residual_blocks", "eval_every", "save_every", "restart_every", "threads"):
+    for k in ("residual_blocks", "eval_every", "save_every", "restart_after", "threads"):
         if s[k] < 0:
             p.error(f"--{k.replace('_', '-')} must be >= 0, got {s[k]}")
     if not 0 < s["decay"] < 1:
@@ -341,8 +363,87 @@ def _spread(images: np.ndarray, n: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
+# torch.distributed (torchrun)
+class Dist:
+    """This process's place in a torchrun launch: world 1 (and no collectives) otherwise."""
+
+    def __init__(self, device: torch.device):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(self.world)))
+        self.owned = False
+        self.device = device
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+        if device.type == "cuda":
+            self.device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(self.device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            self.owned = True
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            import torch.distributed as dist
+            dist.all_reduce(t)
+        return t
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.owned:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+            self.owned = False
+
+
+def _fingerprints(module: torch.nn.Module) -> tuple[list[str], torch.Tensor]:
+    """Two float64 sums per parameter and buffer (plain and position-weighted): equal tensors give
+    equal sums; a tensor changed anywhere gives different ones (short of a freak cancellation)."""
+    names, fp = [], []
+    for name, t in module.state_dict().items():
+        x = t.detach().reshape(-1).double()
+        w = torch.arange(1, x.numel() + 1, device=x.device, dtype=torch.float64).remainder_(977)
+        names.append(name)
+        fp.append(torch.stack([x.sum(), (x * w).sum()]))
+    return names, torch.stack(fp)
+
+
+def check_ranks_agree(module: torch.nn.Module, d: Dist) -> None:
+    """Raise on every rank if the ranks' copies of `module` differ (one all_reduce; every rank
+    reaches the same verdict, so none is left waiting in a collective)."""
+    if d.world == 1:
+        return
+    names, fp = _fingerprints(module)
+    slots = torch.zeros(d.world, *fp.shape, dtype=torch.float64, device=fp.device)
+    slots[d.rank] = fp
+    d.all_reduce_(slots)
+    differ = [n for k, n in enumerate(names) if not bool((slots[:, k] == slots[0, k]).all())]
+    if differ:
+        raise RuntimeError(f"the {d.world} ranks hold different model states ({', '.join(differ)});"
+                           f" a rank's update went astray")
+
+
 def train(s: dict, ckpt: dict | None = None, *, progress: bool = True) -> dict:
-    """Run (or continue) training with settings `s`; returns the final held-out metrics."""
+    """Run (or continue) training with settings `s`; returns the final held-out metrics (on
+    rank 0 of a distributed run; the other ranks return {})."""
+    d = Dist(_io.resolve_device(s["device"]))
+    try:
+        return _train(s, ckpt, d, progress=progress)
+    finally:
+        d.close()
+
+
+def _train(s: dict, ckpt: dict | None, d: Dist, *, progress: bool) -> dict:
     from tqdm.auto import tqdm
 
     from . import data as data_mod
@@ -350,15 +451,16 @@ def train(s: dict, ckpt: dict | None = None, *, progress: bool = True) -> dict:
     from .model import VQVAE, VQVAEConfig
 
     out = Path(s["out"])
-    out.mkdir(parents=True, exist_ok=True)
-    _io.remove_stale_temps(out)
-    device = _io.resolve_device(s["device"])
+    device, main = d.device, d.main
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        _io.remove_stale_temps(out)
     from .backends import resolve
     try:
         backend = resolve(s["backend"], device).name
     except (RuntimeError, ValueError) as exc:
         raise _io.UsageError(f"--backend {s['backend']}: {exc}") from exc
-    threads = pick_threads(s["threads"])
+    threads = s["threads"] or max(1, pick_threads(0) // d.local_world)
     torch.set_num_threads(threads)
     amp_dtype = None
     if s["amp"]:
@@ -367,7 +469,7 @@ def train(s: dict, ckpt: dict | None = None, *, progress: bool = True) -> dict:
         amp_dtype = (torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported()
                      else torch.float16)
 
-    ds = data_mod.load(s["data"], s["data_dir"], download=s["download"],
+    ds = data_mod.load(s["data"], s["data_dir"], download=s["download"] and main,
                        heldout_every=s["heldout_every"])
     var = ckpt["data_variance"] if ckpt else ds.variance()
 
@@ -377,14 +479,15 @@ def train(s: dict, ckpt: dict | None = None, *, progress: bool = True) -> dict:
     config = VQVAEConfig(num_codes=s["num_codes"], code_dim=s["code_dim"], hidden=s["hidden"],
                          residual_hidden=s["residual_hidden"],
                          num_residual_blocks=s["residual_blocks"], beta=s["beta"],
-                         ema=bool(s["ema"]), decay=s["decay"], cosine=bool(s["cosine"]))
+                         ema=bool(s["ema"]), decay=s["decay"], cosine=bool(s["cosine"]),
+                         restart_after=s["restart_after"], dead_after=s["dead_after"])
     model = VQVAE(config, backend=s["backend"]).to(device)
+    model.vq.seed = int(s["seed"])  # the quantizer's restart draws
     opt = torch.optim.Adam(model.parameters(), lr=s["lr"])
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     sampler = ds.sampler(s["seed"])
     step, elapsed = 0, 0.0
-    K = config.num_codes
-    usage = torch.zeros(K, dtype=torch.long, device=device)  # code use since the last restart
+    K, B = config.num_codes, s["batch_size"]
     if ckpt:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
@@ -393,30 +496,47 @@ def train(s: dict, ckpt: dict | None = None, *, progress: bool = True) -> dict:
         sampler.load_state_dict(ckpt["sampler"])
         set_rng_state(ckpt["rng"])
         step, elapsed = int(ckpt["step"]), float(ckpt["elapsed_s"])
-        usage.copy_(ckpt["usage"])
-        _restart_csv(out / "metrics.csv", METRICS_FIELDS, step)
-        # A complete run's final evaluation is made again when it is resumed.
-        _restart_csv(out / "eval.csv", EVAL_FIELDS, step - 1 if ckpt.get("complete") else step)
+        if main:
+            _restart_csv(out / "metrics.csv", METRICS_FIELDS, step)
+            # A complete run's final evaluation is made again when it is resumed.
+            _restart_csv(out / "eval.csv", EVAL_FIELDS, step - 1 if ckpt.get("complete") else step)
     else:
-        for name, fields in (("metrics.csv", METRICS_FIELDS), ("eval.csv", EVAL_FIELDS)):
-            _restart_csv(out / name, fields, -1)
-        if s["codebook_init"] == "data":
+        if main:
+            for name, fields in (("metrics.csv", METRICS_FIELDS), ("eval.csv", EVAL_FIELDS)):
+                _restart_csv(out / name, fields, -1)
+        if s["codebook_init"] != "uniform":
             # 256 images give 16384 latent vectors: enough distinct starting points for any K
-            # up to that, drawn from a fixed sample (not from the batch stream).
-            model.init_codebook(to_tensor(ds.train_sample(256, seed=s["seed"]), device))
+            # up to that, drawn from a fixed sample (not from the batch stream) with a generator
+            # of their own: every rank computes the same codes.
+            model.init_codebook(to_tensor(ds.train_sample(256, seed=s["seed"]), device),
+                                s["codebook_init"],
+                                generator=torch.Generator().manual_seed(int(s["seed"])))
+    net = model
+    if d.world > 1:
+        # No buffer broadcast: the quantizer synchronises its own state (and the check at each
+        # checkpoint would otherwise be checking a copy of rank 0).
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False)
     args_saved = {k: v for k, v in s.items() if k != "download"}
-    _io.atomic_write_json(out / "config.json", {"config": config.to_dict(), "args": args_saved,
-                                                "data": ds.description, "data_variance": var})
+    if main:
+        _io.atomic_write_json(out / "config.json", {"config": config.to_dict(),
+                                                    "args": args_saved, "data": ds.description,
+                                                    "data_variance": var})
 
-    def save(final=False):
+    def save(final=False, check=True):
+        if check:
+            check_ranks_agree(model, d)
+        if not main:
+            return
         _io.atomic_torch_save(out / CHECKPOINT, {
             "format": _io.CHECKPOINT_FORMAT, "version": _io.CHECKPOINT_VERSION,
             "config": config.to_dict(), "args": args_saved, "data": ds.description,
             "data_variance": var, "step": step, "elapsed_s": elapsed, "complete": final,
             "model": model.state_dict(), "optimizer": opt.state_dict(),
             "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-            "sampler": sampler.state_dict(), "rng": rng_state(), "usage": usage.cpu(),
-            "torch_version": str(torch.__version__)})
+            "sampler": sampler.state_dict(), "rng": rng_state(),
+            "world_size": d.world, "torch_version": str(torch.__version__)})
         plot_losses(out)
         grid = _spread(ds.heldout, 32)
         save_recon_grid(out / "reconstructions.png", grid, reconstruct(model, grid, device))
@@ -424,24 +544,29 @@ def train(s: dict, ckpt: dict | None = None, *, progress: bool = True) -> dict:
     # Evenly spaced over the held-out split: folder data is in sorted path order, so its first
     # images would all be of one class.
     eval_set = _spread(ds.heldout, s["eval_images"])
-    print(f"training a {model.num_parameters():,}-parameter VQ-VAE (K={K}, D={config.code_dim}) "
-          f"on {device} with {threads} torch thread(s), quantizer backend "
-          f"{backend!r}; data: {ds.kind}, step {step} of {s['steps']}, "
-          f"out: {out}", file=sys.stderr)
-    metrics_log = CsvLog(out / "metrics.csv", METRICS_FIELDS)
-    eval_log = CsvLog(out / "eval.csv", EVAL_FIELDS)
-    acc = torch.zeros(5, dtype=torch.float64, device=device)  # loss, recon, vq, commit, ppl
-    counts = torch.zeros(K, dtype=torch.long, device=device)
-    n_acc, restarted = 0, 0
+    if main:
+        procs = f" x {d.world} processes" if d.world > 1 else ""
+        print(f"training a {model.num_parameters():,}-parameter VQ-VAE (K={K}, "
+              f"D={config.code_dim}) on {device}{procs} with {threads} torch thread(s), quantizer "
+              f"backend {backend!r}; data: {ds.kind}, step {step} of {s['steps']}, out: {out}",
+              file=sys.stderr)
+        metrics_log = CsvLog(out / "metrics.csv", METRICS_FIELDS)
+        eval_log = CsvLog(out / "eval.csv", EVAL_FIELDS)
+    # loss, recon, vq, commit, perplexity (means over this rank's steps), then code counts
+    acc = torch.zeros(5 + K, dtype=torch.float64, device=device)
+    n_acc = 0
+    restarts_logged = int(model.vq.restart_count)
     t_last = time.perf_counter()
-    bar = tqdm(total=s["steps"], initial=step, disable=not progress, dynamic_ncols=True,
-               unit="step", mininterval=0.5 if sys.stderr.isatty() else 10.0, file=sys.stderr)
+    bar = tqdm(total=s["steps"], initial=step, disable=not (progress and main),
+               dynamic_ncols=True, unit="step", mininterval=0.5 if sys.stderr.isatty() else 10.0,
+               file=sys.stderr)
     model.train()
     try:
         while step < s["steps"]:
-            x = to_tensor(sampler.next_batch(s["batch_size"]), device)
+            x = sampler.next_batch(B * d.world)[d.rank * B:(d.rank + 1) * B]
+            x = to_tensor(x, device)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                o = model(x)
+                o = net(x)
                 loss = o.recon_loss / var + o.vq.loss
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -449,45 +574,46 @@ def train(s: dict, ckpt: dict | None = None, *, progress: bool = True) -> dict:
             scaler.update()
             step += 1
             with torch.no_grad():
-                acc += torch.stack([loss.detach().double(), o.recon_loss.detach().double(),
-                                    o.vq.loss.detach().double(),
-                                    o.vq.commitment_loss.detach().double(),
-                                    o.vq.perplexity.detach().double()])
-                step_counts = torch.bincount(o.vq.indices.reshape(-1), minlength=K)
-                counts += step_counts
-                usage += step_counts
-            if s["restart_every"] and step % s["restart_every"] == 0:
-                restarted += model.restart_dead_codes(o.z_e, usage)
-                usage.zero_()
+                acc[:5] += torch.stack([loss.detach().double(), o.recon_loss.detach().double(),
+                                        o.vq.loss.detach().double(),
+                                        o.vq.commitment_loss.detach().double(),
+                                        o.vq.perplexity.detach().double()])
+                acc[5:] += torch.bincount(o.vq.indices.reshape(-1), minlength=K)
             n_acc += 1
             bar.update(1)
 
             if step % s["log_every"] == 0 or step == s["steps"]:
+                # Every rank logs at the same steps: the reduction is no data-dependent branch.
+                d.all_reduce_(acc)
                 now = time.perf_counter()
                 dt, t_last = now - t_last, now
                 elapsed += dt
-                a = (acc / n_acc).tolist()
+                a = (acc[:5] / (n_acc * d.world)).tolist()
                 if not math.isfinite(a[0]):
                     raise FloatingPointError(
                         f"training diverged at step {step} (loss {a[0]}); the last checkpoint in "
                         f"{out} is from before; try a lower --lr")
-                row = dict(step=step, loss=a[0], recon_mse=a[1], recon_nmse=a[1] / var,
-                           vq_loss=a[2], commitment_loss=a[3], perplexity=a[4],
-                           codes_used=int((counts > 0).sum()), codes_restarted=restarted,
-                           steps_per_s=n_acc / dt,
-                           elapsed_s=elapsed)
-                metrics_log.write(row)
-                bar.set_postfix_str(
-                    f"loss {a[0]:.3f} recon {a[1] / var:.3f} vq {a[2]:.4f} ppl {a[4]:.0f} "
-                    f"codes {row['codes_used']}/{K} {row['steps_per_s']:.1f} steps/s",
-                    refresh=False)
+                st = model.vq.stats()  # the quantizer's synchronised state: no collective
+                if main:
+                    row = dict(step=step, loss=a[0], recon_mse=a[1], recon_nmse=a[1] / var,
+                               vq_loss=a[2], commitment_loss=a[3], perplexity=a[4],
+                               codes_used=int((acc[5:] > 0).sum()),
+                               codes_restarted=st["total_restarts"] - restarts_logged,
+                               total_restarts=st["total_restarts"],
+                               dead_fraction=st["dead_fraction"],
+                               steps_per_s=n_acc / dt, elapsed_s=elapsed)
+                    metrics_log.write(row)
+                    bar.set_postfix_str(
+                        f"loss {a[0]:.3f} recon {a[1] / var:.3f} vq {a[2]:.4f} ppl {a[4]:.0f} "
+                        f"codes {row['codes_used']}/{K} dead {st['dead_fraction']:.1%} "
+                        f"{row['steps_per_s']:.1f} steps/s", refresh=False)
+                restarts_logged = st["total_restarts"]
                 acc.zero_()
-                counts.zero_()
-                n_acc, restarted = 0, 0
+                n_acc = 0
 
             t_pause = time.perf_counter()
-            if s["eval_every"] and step % s["eval_every"] == 0 and step < s["steps"]:
-                m = evaluate(model, eval_set, var, perplexity_batch=s["batch_size"], device=device,
+            if main and s["eval_every"] and step % s["eval_every"] == 0 and step < s["steps"]:
+                m = evaluate(model, eval_set, var, perplexity_batch=B, device=device,
                              amp_dtype=amp_dtype)
                 eval_log.write({"step": step, **m})
                 bar.write(f"step {step}: held-out mse {m['mse']:.5f} nmse {m['nmse']:.4f} "
@@ -500,22 +626,30 @@ def train(s: dict, ckpt: dict | None = None, *, progress: bool = True) -> dict:
             t_last += time.perf_counter() - t_pause
     except KeyboardInterrupt:
         bar.close()
-        metrics_log.close()
-        eval_log.close()
-        save()
-        print(f"\ninterrupted: saved step {step} to {out / CHECKPOINT}; continue with "
-              f"--out {out} --resume", file=sys.stderr)
+        if main:
+            metrics_log.close()
+            eval_log.close()
+        save(check=False)  # the other ranks may be anywhere: no collective
+        if main:
+            print(f"\ninterrupted: saved step {step} to {out / CHECKPOINT}; continue with "
+                  f"--out {out} --resume", file=sys.stderr)
         raise
     bar.close()
-    m = evaluate(model, ds.heldout, var, perplexity_batch=s["batch_size"], device=device,
-                 amp_dtype=amp_dtype)
+    save(final=True)
+    if not main:
+        d.barrier()  # wait for rank 0's evaluation, so the launch ends together
+        return {}
+    m = evaluate(model, ds.heldout, var, perplexity_batch=B, device=device, amp_dtype=amp_dtype)
     eval_log.write({"step": step, **m})
     metrics_log.close()
     eval_log.close()
-    save(final=True)
+    # The checkpoint was saved before the evaluation; figures again with the final eval row.
+    plot_losses(out)
     m.update(checkpoint=str(out / CHECKPOINT), step=step, data=ds.description,
-             backend=s["backend"], device=str(device), train_elapsed_s=elapsed)
+             backend=s["backend"], device=str(device), processes=d.world,
+             train_elapsed_s=elapsed)
     _io.atomic_write_json(out / "eval.json", m)
+    d.barrier()
     print(format_table(m, f"final held-out evaluation (step {step}, {ds.kind} data):"))
     print(f"wrote {out}/ (checkpoint.pt, metrics.csv, eval.csv, loss_curves.png, "
           f"reconstructions.png, eval.json)")

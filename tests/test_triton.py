@@ -366,3 +366,91 @@ def test_auto_picks_triton_on_cuda():
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device: backend='auto' picks triton only for CUDA tensors")
     assert backends.resolve("auto", torch.device("cuda")).name == "triton"
+
+
+# ------------------------------------------------------------------------------------------------
+# the triton_op path (vqkernels.triton.ops): what torch.compile traces into on CUDA
+
+
+def _grads_via(call, z, cb, w):
+    zz, cc = z.clone().requires_grad_(True), cb.clone().requires_grad_(True)
+    z_q, idx, err_cb, err_cm, counts = call(zz, cc)
+    (err_cb.sum() / z.numel() + 0.25 * err_cm.sum() / z.numel() + (z_q * w).sum()).backward()
+    return z_q.detach(), idx, err_cb.detach(), counts, zz.grad, cc.grad
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("N,K,D", [(1, 1, 1), (50, 9, 3), (65, 31, 129)])
+def test_triton_ops_equal_the_custom_ops(N, K, D, dtype, monkeypatch):
+    """The triton_ops launch the same kernels as the opaque custom op: bitwise the same outputs
+    and (deterministic mode) gradients; the forward is judged against float64 as well."""
+    pytest.importorskip("vqkernels.triton.ops")
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    z, cb = make_inputs(N, K, D, dtype, device=DEVICE)
+    w = torch.randn(N, D, device=DEVICE, dtype=dtype)
+    a = _grads_via(lambda z, c: torch.ops.vqkernels.triton_vq_quantize(z, c, -1), z, cb, w)
+    b = _grads_via(lambda z, c: _op(z, c), z, cb, w)
+    _check_forward(z, cb, a[0], a[1], a[2], a[3])
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    idx, sq = torch.ops.vqkernels.triton_nearest_code(z, cb, -1)
+    assert torch.equal(idx, a[1]) and torch.equal(sq, a[2])
+
+
+def test_public_calls_route_through_triton_ops(monkeypatch):
+    """With the routing on (as for CUDA tensors), vq_quantize / nearest_code / VectorQuantizer
+    call the triton_ops, whose launches go through wrap_triton."""
+    pytest.importorskip("vqkernels.triton.ops")
+    from torch.library import wrap_triton
+    from vqkernels import ops
+    launch = _launch()
+    wraps = []
+    real = launch.forward
+
+    def spy(*args, **kwargs):
+        wraps.append(kwargs.get("wrap"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(launch, "forward", spy)
+    monkeypatch.setattr(ops, "use_triton_ops", lambda backend, device: backend == "triton")
+    z, cb = make_inputs(40, 7, 6, torch.float32, device=DEVICE)
+    zz = z.clone().requires_grad_(True)
+    out = vqkernels.vq_quantize(zz, cb, backend="triton")
+    out.loss.backward()
+    vqkernels.nearest_code(z, cb, backend="triton")
+    assert wraps == [wrap_triton, wrap_triton]
+    ref = vqkernels.vq_quantize(z, cb, backend="reference")
+    assert_search_ok(z, cb, out.indices)
+    torch.testing.assert_close(out.loss.double(), ref.loss.double(), rtol=1e-5, atol=0)
+    assert zz.grad is not None and bool(zz.grad.abs().sum() > 0)
+    vqkernels.vq_quantize(z, cb, backend="reference")  # other backends keep the custom op
+    assert len(wraps) == 2
+
+
+def test_inductor_traces_into_the_triton_kernels():
+    """On a GPU, torch.compile(fullgraph=True) with Inductor puts the Triton launches themselves in
+    its generated code (no opaque op), and the compiled step equals the eager one."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device: the interpreter cannot run on the fake tensors of tracing")
+    from torch._inductor.utils import run_and_get_code
+    z, cb = make_inputs(512, 64, 32, torch.bfloat16, device="cuda")
+    w = torch.randn(512, 32, device="cuda", dtype=torch.bfloat16)
+
+    def f(z, cb):
+        out = vqkernels.vq_quantize(z * 1.0, cb, backend="auto")
+        return out.loss + (out.z_q.float() * w).sum(), out.indices
+
+    zz, cc = z.clone().requires_grad_(True), cb.clone().requires_grad_(True)
+    compiled = torch.compile(f, fullgraph=True)
+    (loss, idx), code = run_and_get_code(compiled, zz, cc)
+    assert any("vq_search_kernel" in c for c in code), "the search kernel is not in Inductor's code"
+    assert not any("vqkernels.vq_quantize" in c for c in code), "the opaque op is still called"
+    loss.backward()
+    z2, c2 = z.clone().requires_grad_(True), cb.clone().requires_grad_(True)
+    loss2, idx2 = f(z2, c2)
+    loss2.backward()
+    assert torch.equal(idx, idx2)
+    torch.testing.assert_close(loss, loss2)
+    torch.testing.assert_close(zz.grad, z2.grad)
+    torch.testing.assert_close(cc.grad, c2.grad)
+    torch.library.opcheck(torch.ops.vqkernels.triton_vq_quantize.default, (z, cb, -1))

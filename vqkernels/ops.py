@@ -7,6 +7,9 @@
 vq_quantize returns the exact per-row squared error twice: `err_codebook` and `err_commit` hold the
 same values, but the gradient of the first reaches only the codebook and that of the second only z.
 That is how the two VQ losses stay separate without a second pass or any N x K tensor.
+
+On CUDA tensors the Triton backend goes through the triton_ops of vqkernels.triton.ops instead,
+which torch.compile traces into (see use_triton_ops).
 """
 from __future__ import annotations
 
@@ -81,3 +84,19 @@ def _backward(ctx, grad_zq, _grad_indices, g_codebook, g_commit, _grad_counts):
 
 
 torch.library.register_autograd("vqkernels::vq_quantize", _backward, setup_context=_setup_context)
+
+
+@torch.compiler.assume_constant_result
+def use_triton_ops(backend: str, device: torch.device) -> bool:
+    """Whether a call with `backend` on `device` goes through vqkernels.triton.ops (CUDA tensors
+    whose backend is, or "auto" resolves to, triton; VQK_TRITON_OP=0 opts out). Decided once per
+    trace: torch.compile takes the answer as a constant."""
+    if device.type != "cuda" or backend not in ("triton", "auto"):
+        return False
+    try:
+        if backends.resolve(backend, device).name != "triton":
+            return False
+    except (RuntimeError, ValueError):
+        return False  # the custom op raises the backend's own error
+    from .triton import ops as triton_ops
+    return triton_ops.enabled(device)

@@ -69,6 +69,8 @@ def nearest_code(x: Tensor, codebook: Tensor, *, dim: int = -1, backend: str = "
     dim = _check(x, codebook, dim, backend, "x")
     if check_finite:
         _check_finite(x, codebook, "x")
+    if ops.use_triton_ops(backend, x.device):
+        return torch.ops.vqkernels.triton_nearest_code(x.detach(), codebook.detach(), dim)
     return torch.ops.vqkernels.nearest_code(x.detach(), codebook.detach(), dim, backend)
 
 
@@ -95,8 +97,12 @@ def _vq_quantize(z_e, codebook, *, beta, dim, backend, check_finite=False):
     _check_beta(beta)
     if check_finite:
         _check_finite(z_e, codebook, "z_e")
-    z_q, indices, err_cb, err_commit, counts = torch.ops.vqkernels.vq_quantize(
-        z_e, codebook, dim, backend)
+    if ops.use_triton_ops(backend, z_e.device):
+        z_q, indices, err_cb, err_commit, counts = torch.ops.vqkernels.triton_vq_quantize(
+            z_e, codebook, dim)
+    else:
+        z_q, indices, err_cb, err_commit, counts = torch.ops.vqkernels.vq_quantize(
+            z_e, codebook, dim, backend)
     numel = max(z_e.numel(), 1)  # N = 0: the losses are 0 (an empty sum), not NaN
     codebook_loss = err_cb.sum() / numel
     commitment_loss = err_commit.sum() / numel

@@ -104,20 +104,28 @@ def padded_codebook(cb: torch.Tensor, bd: int) -> torch.Tensor:
     return out
 
 
-def half_sqnorms(cb: torch.Tensor) -> torch.Tensor:
+def _raw(kernel):
+    return kernel
+
+
+def half_sqnorms(cb: torch.Tensor, wrap=_raw) -> torch.Tensor:
     """|e_k|^2 / 2 in the accumulation dtype, computed once per call (not per program)."""
     K, D = cb.shape
     acc = reference.acc_dtype(cb.dtype)
     out = torch.empty(K, dtype=acc, device=cb.device)
     bd = min(64, max(16, triton.next_power_of_2(D)))
-    K_.half_sqnorm_kernel[(triton.cdiv(K, 64),)](
+    wrap(K_.half_sqnorm_kernel)[(triton.cdiv(K, 64),)](
         cb, out, K, D, ACC=_ACC.get(cb.dtype, tl.float32), BLOCK_K=64, BLOCK_D=bd, num_warps=4)
     return out
 
 
 def forward(z: torch.Tensor, dim: int, codebook: torch.Tensor, plan: RowPlan,
-            config: Optional[SearchConfig] = None):
-    """(z_q, indices, sqerr, counts) of z against codebook: see vqkernels.reference.forward."""
+            config: Optional[SearchConfig] = None, wrap=_raw):
+    """(z_q, indices, sqerr, counts) of z against codebook: see vqkernels.reference.forward.
+
+    `wrap` is applied to every kernel before its launch: torch.library.wrap_triton when called
+    from the triton_op bodies of vqkernels.triton.ops, so that torch.compile traces the launches.
+    """
     Kc, D = codebook.shape
     if Kc >= _NO_CODE:
         raise ValueError(f"codebook has {Kc} codes; the Triton kernels index codes in int32 "
@@ -145,7 +153,7 @@ def forward(z: torch.Tensor, dim: int, codebook: torch.Tensor, plan: RowPlan,
     fused = split == 1
 
     with _device_ctx(z):
-        hn = half_sqnorms(cb)
+        hn = half_sqnorms(cb, wrap)
         cbp = padded_codebook(cb, bd)
         if fused:
             part = (indices,) * 4  # never touched: the FUSED kernel doesn't write partials
@@ -167,14 +175,15 @@ def forward(z: torch.Tensor, dim: int, codebook: torch.Tensor, plan: RowPlan,
         )
         if config is not None:
             grid = (triton.cdiv(N, config.block_n), split)
-            K_.vq_search_kernel[grid](*args, **meta, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-                                      num_warps=config.num_warps, num_stages=config.num_stages)
+            wrap(K_.vq_search_kernel)[grid](
+                *args, **meta, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                num_warps=config.num_warps, num_stages=config.num_stages)
         else:
             grid = lambda m: (triton.cdiv(N, m["BLOCK_N"]), split)  # noqa: E731
-            _tuned_search(dname, D, _smem_limit(z.device.index or 0))[grid](*args, **meta)
+            wrap(_tuned_search(dname, D, _smem_limit(z.device.index or 0)))[grid](*args, **meta)
         if not fused:
             bn = 64
-            K_.vq_merge_kernel[(triton.cdiv(N, bn),)](
+            wrap(K_.vq_merge_kernel)[(triton.cdiv(N, bn),)](
                 xv.tensor, N, xv.S, D, xv.sb, xv.ss, xv.sd, cb, Kc, *_rows_args(zqv),
                 indices, sqerr, counts, *part, split,
                 ACC=meta["ACC"], WRITE_ZQ=True, BLOCK_N=bn, BLOCK_D=cfg.epilogue_d(bd),
@@ -201,7 +210,8 @@ def _per_row(g: Optional[torch.Tensor], like: torch.Tensor):
 
 def backward(z: torch.Tensor, dim: int, codebook: torch.Tensor, indices: torch.Tensor,
              grad_zq: Optional[torch.Tensor], g_codebook: Optional[torch.Tensor],
-             g_commit: Optional[torch.Tensor], plan: RowPlan, deterministic: Optional[bool] = None):
+             g_commit: Optional[torch.Tensor], plan: RowPlan, deterministic: Optional[bool] = None,
+             wrap=_raw):
     """(grad_z, grad_codebook): see vqkernels.reference.backward.
 
     grad_codebook is a scatter-add over the chosen codes: fp32 atomics by default, or, when
@@ -227,7 +237,7 @@ def backward(z: torch.Tensor, dim: int, codebook: torch.Tensor, indices: torch.T
     bd, bn, warps = backward_blocks(D)
     atomic = g_codebook is not None and not deterministic
     with _device_ctx(z):
-        K_.vq_backward_rows_kernel[(triton.cdiv(N, bn),)](
+        wrap(K_.vq_backward_rows_kernel)[(triton.cdiv(N, bn),)](
             xv.tensor, N, xv.S, D, xv.sb, xv.ss, xv.sd, cb, idx, idx_stride,
             *_rows_args(gzqv), gcm, gcm_stride, gcb, gcb_stride, *_rows_args(gzv), grad_cb,
             ACC=ACC, HAS_GZQ=grad_zq is not None, HAS_GCM=g_commit is not None, WRITE_GZ=True,
@@ -239,7 +249,7 @@ def backward(z: torch.Tensor, dim: int, codebook: torch.Tensor, indices: torch.T
             sorted_idx, order = torch.sort(idx, stable=True)
             start = torch.searchsorted(sorted_idx, torch.arange(Kc + 1, device=z.device))
             bdc = min(64, max(16, triton.next_power_of_2(D)))
-            K_.vq_backward_codebook_kernel[(Kc, triton.cdiv(D, bdc))](
+            wrap(K_.vq_backward_codebook_kernel)[(Kc, triton.cdiv(D, bdc))](
                 xv.tensor, xv.S, D, xv.sb, xv.ss, xv.sd, cb, order, start, gcb, gcb_stride,
                 grad_cb, ACC=ACC, BLOCK_R=32, BLOCK_D=bdc, X_MODE=row_mode(xv), num_warps=4)
     return grad_z, grad_cb.to(codebook.dtype)

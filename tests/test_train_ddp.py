@@ -21,7 +21,8 @@ from PIL import Image  # noqa: E402
 from vqkernels import _io, train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--hidden", "16", "--residual-hidden", "8", "--num-codes", "16", "--code-dim", "8",
+# --device cpu: gloo on CPU tensors even where a GPU is present (one GPU can't host two ranks).
+TINY = ["--device", "cpu", "--hidden", "16", "--residual-hidden", "8", "--num-codes", "16", "--code-dim", "8",
         "--eval-images", "32", "--eval-every", "0", "--log-every", "2"]
 
 

@@ -378,6 +378,11 @@ class Dist:
             return
         import torch.distributed as dist
         if device.type == "cuda":
+            if self.local_rank >= torch.cuda.device_count():
+                raise _io.UsageError(
+                    f"--device {device.type}: {self.local_world} processes on this node need "
+                    f"{self.local_world} GPUs, and torch sees {torch.cuda.device_count()}; start "
+                    f"fewer processes or train on --device cpu")
             self.device = torch.device("cuda", self.local_rank)
             torch.cuda.set_device(self.device)
         if not dist.is_initialized():

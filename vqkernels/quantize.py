@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import backends, ops  # noqa: F401  (ops registers the torch.library ops)
+from . import backends, ops  # ops also registers the torch.library ops
 from .codebook import (DistContext, ceil_div, check_positive_int, check_unit_interval,
                        kmeans_plusplus, laplace_smoothed, pick_rows, seeded_generator, usage_stats)
 

@@ -335,6 +335,18 @@ def test_gradcheck_float64():
 # integration
 
 
+def _assert_matches_eager(f, z, cb, loss, idx, zz, cc):
+    """The compiled step's (loss, indices) and gradients on (zz, cc) equal eager f's on z, cb."""
+    loss.backward()
+    z2, c2 = z.clone().requires_grad_(True), cb.clone().requires_grad_(True)
+    loss2, idx2 = f(z2, c2)
+    loss2.backward()
+    assert torch.equal(idx, idx2)
+    torch.testing.assert_close(loss, loss2)
+    torch.testing.assert_close(zz.grad, z2.grad)
+    torch.testing.assert_close(cc.grad, c2.grad)
+
+
 def test_torch_compile_fullgraph():
     z, cb = make_inputs(64, 16, 8, torch.float32, device=DEVICE)
     w = torch.randn(64, 8, device=DEVICE)
@@ -346,14 +358,7 @@ def test_torch_compile_fullgraph():
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     zz, cc = z.clone().requires_grad_(True), cb.clone().requires_grad_(True)
     loss, idx = compiled(zz, cc)
-    loss.backward()
-    z2, c2 = z.clone().requires_grad_(True), cb.clone().requires_grad_(True)
-    loss2, idx2 = f(z2, c2)
-    loss2.backward()
-    assert torch.equal(idx, idx2)
-    torch.testing.assert_close(loss, loss2)
-    torch.testing.assert_close(zz.grad, z2.grad)
-    torch.testing.assert_close(cc.grad, c2.grad)
+    _assert_matches_eager(f, z, cb, loss, idx, zz, cc)
 
 
 def test_opcheck():
@@ -445,12 +450,5 @@ def test_inductor_traces_into_the_triton_kernels():
     (loss, idx), code = run_and_get_code(compiled, zz, cc)
     assert any("vq_search_kernel" in c for c in code), "the search kernel is not in Inductor's code"
     assert not any("vqkernels.vq_quantize" in c for c in code), "the opaque op is still called"
-    loss.backward()
-    z2, c2 = z.clone().requires_grad_(True), cb.clone().requires_grad_(True)
-    loss2, idx2 = f(z2, c2)
-    loss2.backward()
-    assert torch.equal(idx, idx2)
-    torch.testing.assert_close(loss, loss2)
-    torch.testing.assert_close(zz.grad, z2.grad)
-    torch.testing.assert_close(cc.grad, c2.grad)
+    _assert_matches_eager(f, z, cb, loss, idx, zz, cc)
     torch.library.opcheck(torch.ops.vqkernels.triton_vq_quantize.default, (z, cb, -1))

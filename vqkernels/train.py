@@ -72,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m vqkernels.train",
         description="Train a VQ-VAE (van den Oord et al. 2017) on 32x32 RGB images with the "
                     "vqkernels quantizer. Defaults in [brackets]; with --resume, unset flags "
-                    "keep the resumed run's values.")
+                    "keep the resumed run's values.",
+        epilog="Distributed: torchrun --nproc_per_node=N -m vqkernels.train ... trains with "
+               "DistributedDataParallel (gloo on CPU, nccl on GPU); --batch-size is per process.")
     D = DEFAULTS
     m = p.add_argument_group("model")
     m.add_argument("--num-codes", type=int, help=f"codebook size K [{D['num_codes']}]")

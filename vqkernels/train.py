@@ -476,6 +476,21 @@ def _train(s: dict, ckpt: dict | None, d: Dist, *, progress: bool) -> dict:
         amp_dtype = (torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported()
                      else torch.float16)
 
+    if s["download"] and d.world > 1:
+        # Rank 0 downloads, once; every rank learns the outcome from one all_reduce (a rank
+        # waiting in a barrier for a rank that failed would hang).
+        failed = None
+        if main:
+            try:
+                data_mod.load(s["data"], s["data_dir"], download=True,
+                              heldout_every=s["heldout_every"])
+            except (DataError, OSError) as exc:
+                failed = exc
+        flag = d.all_reduce_(torch.tensor([float(failed is not None)], device=device))
+        if failed is not None:
+            raise failed
+        if float(flag) > 0:
+            raise DataError("rank 0 could not download the data (see its error)")
     ds = data_mod.load(s["data"], s["data_dir"], download=s["download"] and main,
                        heldout_every=s["heldout_every"])
     var = ckpt["data_variance"] if ckpt else ds.variance()

@@ -159,3 +159,22 @@ def test_a_rank_that_drifts_by_one_ulp_is_caught_on_every_rank(tmp_path, monkeyp
 def _drift_worker_env(rank, world, init_file, out_dir):
     os.environ["RANK"] = str(rank)
     _drift_worker(rank, world, init_file, out_dir)
+
+
+def test_a_failed_download_stops_every_rank_promptly(tmp_path):
+    """Rank 0 downloads; when that fails, rank 1 must not wait for it (in a barrier, say) until a
+    timeout: both ranks stop, each with a clear error, within seconds."""
+    import socket
+    with socket.socket() as s:  # a port with nothing listening: the connection is refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(_env(), VQK_CIFAR10_URL=f"http://127.0.0.1:{port}/cifar-10-python.tar.gz")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "vqkernels.train", "--data", "cifar10", "--download", "--data-dir",
+           str(tmp_path / "c10"), "--out", str(tmp_path / "o"), *map(str, TINY)]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0
+    err = p.stderr
+    assert f"--download: could not fetch http://127.0.0.1:{port}/" in err, err[-3000:]  # rank 0
+    assert "rank 0 could not download the data" in err, err[-3000:]
+    assert not (tmp_path / "o" / "checkpoint.pt").exists()

@@ -280,7 +280,7 @@ def download_cifar10(root: str | os.PathLike, *, url: Optional[str] = None,
     so a killed download never looks complete. An archive already in `root` whose MD5 does not
     match (a half-finished copy, a corrupt file) is reported, removed and fetched again.
     """
-    url = url or CIFAR10_URL
+    url = url or os.environ.get("VQK_CIFAR10_URL") or CIFAR10_URL  # e.g. a local mirror
     md5 = md5 or CIFAR10_MD5
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)

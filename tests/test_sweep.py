@@ -57,3 +57,27 @@ def test_grid_resume_and_failure(tmp_path):
         assert rows[key]["status"] == "done (skipped)"
     assert "K16-D8-H128: failed" in p.stdout
     assert "failed: exit" in (out / "summary.md").read_text()
+
+
+def test_seeds_axis(tmp_path):
+    """--seeds trains each pair once per seed (the seed reaches the run), the summary lists every
+    seed, and the figures use their mean; a --seed among the training flags is refused."""
+    out = tmp_path / "seeds"
+    cmd = [sys.executable, "-m", "vqkernels.sweep", "--codes", "8", "--dims", "4", "--seeds", "0",
+           "3", "--steps", "3", "--early-step", "1", "--jobs", "2", "--out", str(out), "--",
+           "--eval-every", "0", "--batch-size", "8", "--log-every", "1", "--eval-images", "32"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout + p.stderr
+    with open(out / "summary.csv") as f:
+        rows = {int(r["seed"]): r for r in csv.DictReader(f)}
+    assert set(rows) == {0, 3} and all(r["status"] == "done" for r in rows.values())
+    import json
+    for seed, name in ((0, "K8-D4-H128"), (3, "K8-D4-H128-s3")):
+        cfg = json.loads((out / name / "config.json").read_text())
+        assert cfg["args"]["seed"] == seed
+    assert rows[0]["nmse"] != rows[3]["nmse"]  # different seeds, different runs
+    for f in FIGS:
+        assert (out / f).stat().st_size > 0, f
+    bad = subprocess.run(cmd[:cmd.index("--")] + ["--", "--seed", "2"], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and "--seeds" in bad.stderr

@@ -9,12 +9,15 @@ written) is skipped, a killed one continues from its checkpoint, and a failed on
 the summary without stopping the others.
 
 Writes into --out:
-  K{K}-D{D}-H{H}[-long]/     one training run each (see `python -m vqkernels.train --help`)
-  summary.csv, summary.md    K, D, hidden, held-out MSE, normalized MSE, VQ loss, perplexity,
+  K{K}-D{D}-H{H}[-long][-sS]/  one training run each (see `python -m vqkernels.train --help`);
+                             -sS for --seeds other than 0
+  summary.csv, summary.md    K, D, hidden, seed, held-out MSE, normalized MSE, VQ loss, perplexity,
                              codes used %, seconds per step -- and failed runs with their error
-  fig5_curves_by_K.png       recon and VQ loss curves, one line per K, a panel per D (Figure 5)
+  fig5_curves_by_K.png       recon and VQ loss curves, one line per K, a panel per D (Figure 5;
+                             the first seed's runs)
   fig5_curves_by_D.png       the same, one line per D, a panel per K
-  fig6_heatmap.png           held-out normalized MSE over (K, D), values in the cells (Figure 6)
+  fig6_heatmap.png           held-out normalized MSE over (K, D), values in the cells (Figure 6);
+                             with several --seeds the mean, each seed's value under it
   fig6_usage.png             codes used (%) over (K, D)
   fig7_best_early.png        the best pair's reconstructions at --early-step (Figure 7)
   fig8_best_late.png         the best pair's reconstructions at the end (Figure 8)
@@ -25,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import itertools
 import json
 import os
 import shutil
@@ -37,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 GRID = (64, 128, 256, 512)
-SUMMARY_FIELDS = ("K", "D", "hidden", "steps", "status", "mse", "nmse", "vq_loss", "perplexity",
+SUMMARY_FIELDS = ("K", "D", "hidden", "seed", "steps", "status", "mse", "nmse", "vq_loss", "perplexity",
                   "codes_used_pct", "s_per_step", "error")
 
 
@@ -48,11 +50,13 @@ class Run:
     hidden: int
     steps: int
     tag: str = ""
+    seed: int = 0
     result: dict = field(default_factory=dict)
 
     @property
     def name(self) -> str:
-        return f"K{self.K}-D{self.D}-H{self.hidden}" + (f"-{self.tag}" if self.tag else "")
+        return (f"K{self.K}-D{self.D}-H{self.hidden}" + (f"-{self.tag}" if self.tag else "")
+                + (f"-s{self.seed}" if self.seed else ""))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dims", type=int, nargs="+", default=list(GRID), help="values of D")
     p.add_argument("--hidden", type=int, nargs="+", default=[128],
                    help="encoder/decoder widths: several make a third sweep axis")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="training seeds: each run is made once per seed, and the tables and "
+                        "heatmaps report the mean (seed spread is the yardstick for differences "
+                        "between pairs) [0]")
     p.add_argument("--steps", type=int, default=2000, help="training steps per run")
     p.add_argument("--early-step", type=int, default=None,
                    help="step of the 'early' reconstructions (default: a tenth of --steps)")
@@ -81,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _train_cmd(a, run: Run, steps: int, resume: bool) -> list[str]:
     extra = [x for x in a.train_args if x != "--"]
     cmd = [a.python, "-m", "vqkernels.train", "--num-codes", str(run.K), "--code-dim", str(run.D),
-           "--hidden", str(run.hidden), "--steps", str(steps), "--out", str(a.out / run.name)]
+           "--hidden", str(run.hidden), "--steps", str(steps), "--seed", str(run.seed),
+           "--out", str(a.out / run.name)]
     return cmd + (["--resume"] if resume else []) + extra
 
 
@@ -144,7 +153,8 @@ def _collect(d: Path, run: Run, status: str) -> dict:
 def write_summary(out: Path, runs: list[Run]) -> None:
     rows = []
     for r in runs:
-        row = {"K": r.K, "D": r.D, "hidden": r.hidden, "steps": r.steps, **r.result}
+        row = {"K": r.K, "D": r.D, "hidden": r.hidden, "seed": r.seed, "steps": r.steps,
+               **r.result}
         rows.append({k: row.get(k, "") for k in SUMMARY_FIELDS})
     tmp = out / "summary.csv.tmp"
     with open(tmp, "w", newline="") as f:
@@ -156,11 +166,11 @@ def write_summary(out: Path, runs: list[Run]) -> None:
     def fmt(v, spec):
         return format(v, spec) if isinstance(v, (int, float)) and v == v else str(v or "–")
 
-    lines = ["| K | D | hidden | steps | held-out MSE | normalized MSE | VQ loss | perplexity | "
-             "codes used % | s/step | status |", "|" + "---:|" * 10 + "---|"]
-    for r in sorted(rows, key=lambda r: (r["hidden"], r["steps"], r["K"], r["D"])):
+    lines = ["| K | D | hidden | seed | steps | held-out MSE | normalized MSE | VQ loss | "
+             "perplexity | codes used % | s/step | status |", "|" + "---:|" * 11 + "---|"]
+    for r in sorted(rows, key=lambda r: (r["hidden"], r["steps"], r["K"], r["D"], r["seed"])):
         status = r["status"] if r["status"] != "failed" else f"failed: {r['error']}"
-        lines.append(f"| {r['K']} | {r['D']} | {r['hidden']} | {r['steps']} | "
+        lines.append(f"| {r['K']} | {r['D']} | {r['hidden']} | {r['seed']} | {r['steps']} | "
                      f"{fmt(r['mse'], '.5f')} | {fmt(r['nmse'], '.4f')} | {fmt(r['vq_loss'], '.4f')} | "
                      f"{fmt(r['perplexity'], '.1f')} | {fmt(r['codes_used_pct'], '.1f')} | "
                      f"{fmt(r['s_per_step'], '.3f')} | {status} |")
@@ -171,6 +181,14 @@ def _ok(runs):
     return [r for r in runs if r.result.get("status", "").startswith("done")]
 
 
+def _mean_by(runs, key, col="nmse"):
+    """{key(run): (mean of col over the runs sharing it, [each run's value])}"""
+    groups: dict = {}
+    for r in runs:
+        groups.setdefault(key(r), []).append(float(r.result[col]))
+    return {k: (sum(v) / len(v), v) for k, v in groups.items()}
+
+
 def make_figures(a, grid: list[Run], extra: list[Run]) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -179,9 +197,11 @@ def make_figures(a, grid: list[Run], extra: list[Run]) -> None:
 
     out = a.out
     main_h = a.hidden[0]
-    ok = [r for r in _ok(grid) if r.hidden == main_h]
-    if not ok:
+    every_seed = [r for r in _ok(grid) if r.hidden == main_h]
+    if not every_seed:
         return
+    first = min(r.seed for r in every_seed)
+    ok = [r for r in every_seed if r.seed == first]  # curves and pictures: one run per pair
 
     def curves(run, col):
         rows = _read_csv(out / run.name / "metrics.csv")
@@ -211,30 +231,41 @@ def make_figures(a, grid: list[Run], extra: list[Run]) -> None:
         plt.close(fig)
 
     Ks, Ds = sorted({r.K for r in ok}), sorted({r.D for r in ok})
+    seeds = sorted({r.seed for r in every_seed})
     for fname, key, title, cmap in (("fig6_heatmap.png", "nmse", "held-out normalized MSE", "viridis_r"),
                                     ("fig6_usage.png", "codes_used_pct", "codes used (%)", "viridis")):
+        means = _mean_by(every_seed, lambda r: (r.K, r.D), key)
         m = np.full((len(Ks), len(Ds)), np.nan)
-        for r in ok:
-            m[Ks.index(r.K), Ds.index(r.D)] = float(r.result[key])
-        fig, ax = plt.subplots(figsize=(1.3 * len(Ds) + 2, 1.1 * len(Ks) + 1.5))
+        for (K, D), (v, _) in means.items():
+            m[Ks.index(K), Ds.index(D)] = v
+        fig, ax = plt.subplots(figsize=(1.5 * len(Ds) + 2, 1.1 * len(Ks) + 1.5))
         im = ax.imshow(m, cmap=cmap)
-        for i, j in itertools.product(range(len(Ks)), range(len(Ds))):
-            if m[i, j] == m[i, j]:
-                r_, g_, b_, _ = im.cmap(im.norm(m[i, j]))
-                ink = "k" if 0.299 * r_ + 0.587 * g_ + 0.114 * b_ > 0.5 else "w"  # readable on the cell
-                ax.text(j, i, f"{m[i, j]:.3f}" if key == "nmse" else f"{m[i, j]:.0f}",
-                        ha="center", va="center", color=ink, fontsize=9)
+        spec = ".3f" if key == "nmse" else ".0f"
+        for (K, D), (v, each) in means.items():
+            i, j = Ks.index(K), Ds.index(D)
+            r_, g_, b_, _ = im.cmap(im.norm(v))
+            ink = "k" if 0.299 * r_ + 0.587 * g_ + 0.114 * b_ > 0.5 else "w"  # readable on the cell
+            several = len(seeds) > 1
+            ax.text(j, i - (0.12 if several else 0), format(v, spec), ha="center", va="center",
+                    color=ink, fontsize=9)
+            if several:
+                ax.text(j, i + 0.22, " / ".join(format(x, spec) for x in each), ha="center",
+                        va="center", color=ink, fontsize=6)
         ax.set_xticks(range(len(Ds)), [str(d) for d in Ds])
         ax.set_yticks(range(len(Ks)), [str(k) for k in Ks])
         ax.set_xlabel("code size D")
         ax.set_ylabel("codebook size K")
-        ax.set_title(f"{title}, {ok[0].steps} steps")
+        ax.set_title(f"{title}, {ok[0].steps} steps"
+                     + (f", mean of seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else ""))
         fig.colorbar(im, ax=ax)
         fig.tight_layout()
         fig.savefig(out / fname, dpi=100)
         plt.close(fig)
 
-    best = min(ok, key=lambda r: float(r.result["nmse"]))
+    pair_means = _mean_by(every_seed, lambda r: (r.K, r.D))
+    best_pair = min((k for k in pair_means if any((r.K, r.D) == k for r in ok)),
+                    key=lambda k: pair_means[k][0])
+    best = next(r for r in ok if (r.K, r.D) == best_pair)
     for src, dst in (("early_reconstructions.png", "fig7_best_early.png"),
                      ("reconstructions.png", "fig8_best_late.png")):
         if (out / best.name / src).exists():
@@ -243,9 +274,14 @@ def make_figures(a, grid: list[Run], extra: list[Run]) -> None:
     hid = [r for r in _ok(grid) if not r.tag]
     if len(a.hidden) > 1 and hid:
         fig, ax = plt.subplots(figsize=(6, 4))
+        by_h = _mean_by(hid, lambda r: (r.K, r.D, r.hidden))
         for (K, D) in sorted({(r.K, r.D) for r in hid}):
-            rs = sorted((r for r in hid if (r.K, r.D) == (K, D)), key=lambda r: r.hidden)
-            ax.plot([r.hidden for r in rs], [float(r.result["nmse"]) for r in rs], "o-", label=f"K{K} D{D}")
+            hs = sorted(h for (k, d, h) in by_h if (k, d) == (K, D))
+            line, = ax.plot(hs, [by_h[(K, D, h)][0] for h in hs], "o-", label=f"K{K} D{D}")
+            for h in hs:  # each seed's value, when there are several
+                if len(by_h[(K, D, h)][1]) > 1:
+                    ax.plot([h] * len(by_h[(K, D, h)][1]), by_h[(K, D, h)][1], ".",
+                            color=line.get_color(), alpha=0.5)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("encoder/decoder hidden width")
         ax.set_ylabel("held-out normalized MSE")
@@ -254,7 +290,7 @@ def make_figures(a, grid: list[Run], extra: list[Run]) -> None:
         fig.savefig(out / "hidden.png", dpi=100)
         plt.close(fig)
 
-    long_ok = _ok(extra)
+    long_ok = [r for r in _ok(extra) if r.seed == first]
     if long_ok:
         fig, ax = plt.subplots(figsize=(6, 4))
         for r in long_ok:
@@ -281,6 +317,10 @@ def main(argv=None) -> int:
             p.error(f"--{name.replace('_', '-')} values must be >= 1")
     if a.steps < 1:
         p.error("--steps must be >= 1")
+    if len(set(a.seeds)) != len(a.seeds) or any(v < 0 for v in a.seeds):
+        p.error("--seeds must be distinct values >= 0")
+    if "--seed" in a.train_args:
+        p.error("give seeds with --seeds, not as a training flag after --")
     if a.early_step is not None and not 1 <= a.early_step <= a.steps:
         p.error(f"--early-step must be in [1, --steps={a.steps}]")
     a.out = Path(a.out)
@@ -288,9 +328,10 @@ def main(argv=None) -> int:
     cores = os.cpu_count() or 1
     jobs = a.jobs or cores
     threads = max(1, cores // jobs)
-    grid = [Run(K, D, H, a.steps) for H in a.hidden for K in a.codes for D in a.dims]
-    extra = ([Run(K, D, a.hidden[0], a.long_steps, "long") for K in a.long_codes for D in a.dims]
-             if a.long_steps else [])
+    grid = [Run(K, D, H, a.steps, seed=s) for s in a.seeds for H in a.hidden for K in a.codes
+            for D in a.dims]
+    extra = ([Run(K, D, a.hidden[0], a.long_steps, "long", seed=s) for s in a.seeds
+              for K in a.long_codes for D in a.dims] if a.long_steps else [])
     print(f"[sweep] {len(grid) + len(extra)} runs, {jobs} at once with {threads} thread(s) each "
           f"-> {a.out}", flush=True)
     with ThreadPoolExecutor(max_workers=jobs) as pool:

@@ -78,6 +78,6 @@ def test_seeds_axis(tmp_path):
     assert rows[0]["nmse"] != rows[3]["nmse"]  # different seeds, different runs
     for f in FIGS:
         assert (out / f).stat().st_size > 0, f
-    bad = subprocess.run(cmd[:cmd.index("--")] + ["--", "--seed", "2"], capture_output=True, text=True,
-                         timeout=120)
+    bad = subprocess.run(cmd[:cmd.index("--")] + ["--", "--seed", "2"], capture_output=True,
+                         text=True, timeout=120)
     assert bad.returncode == 2 and "--seeds" in bad.stderr

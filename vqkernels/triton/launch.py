@@ -156,7 +156,10 @@ def forward(z: torch.Tensor, dim: int, codebook: torch.Tensor, plan: RowPlan,
         hn = half_sqnorms(cb, wrap)
         cbp = padded_codebook(cb, bd)
         if fused:
-            part = (indices,) * 4  # never touched: the FUSED kernel doesn't write partials
+            # Never touched (the FUSED kernel writes no partials), but typed as in the split case
+            # and distinct: torch.compile's analysis of a wrap_triton launch sees no aliasing.
+            part = tuple(torch.empty(1, dtype=t, device=z.device)
+                         for t in (acc, torch.int32, acc, torch.int32))
         else:
             part = (torch.empty((split, N), dtype=acc, device=z.device),
                     torch.empty((split, N), dtype=torch.int32, device=z.device),

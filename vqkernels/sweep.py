@@ -211,14 +211,25 @@ def make_figures(a, grid: list[Run], extra: list[Run]) -> None:
         ys = np.convolve(ys, np.ones(k) / k, mode="valid") if len(ys) >= k else ys
         return xs[len(xs) - len(ys):], ys
 
+    def clip_top(ax, series):
+        """Scale the y axis to the runs after their first 5% of steps: one run that blows up at
+        the start would otherwise flatten every other line."""
+        tails = [y for _, ys in series for y in ys[len(ys) // 20:]]
+        if tails:
+            ax.set_ylim(top=1.5 * max(tails))
+
     for by, other in (("K", "D"), ("D", "K")):
         panels = sorted({getattr(r, other) for r in ok})
         fig, axes = plt.subplots(2, len(panels), figsize=(3.2 * len(panels), 5.5), squeeze=False)
         for j, pv in enumerate(panels):
+            drawn = ([], [])
             for r in sorted((r for r in ok if getattr(r, other) == pv), key=lambda r: getattr(r, by)):
                 for i, col in enumerate(("recon_mse", "vq_loss")):
                     xs, ys = curves(r, col)
                     axes[i, j].plot(xs, ys, label=f"{by}={getattr(r, by)}", lw=1)
+                    drawn[i].append((xs, ys))
+            for i in range(2):
+                clip_top(axes[i, j], drawn[i])
             axes[0, j].set_title(f"{other}={pv}")
             axes[1, j].set_xlabel("step")
             for i, lab in enumerate(("recon MSE", "VQ loss")):
@@ -293,14 +304,17 @@ def make_figures(a, grid: list[Run], extra: list[Run]) -> None:
     long_ok = [r for r in _ok(extra) if r.seed == first]
     if long_ok:
         fig, ax = plt.subplots(figsize=(6, 4))
+        drawn = []
         for r in long_ok:
             base = next((g for g in ok if (g.K, g.D) == (r.K, r.D)), None)
             xs, ys = curves(r, "recon_mse")
             line, = ax.plot(xs, ys, lw=1, label=f"K{r.K} D{r.D}, {r.steps} steps")
+            drawn.append((xs, ys))
             if base:
                 bx, by_ = curves(base, "recon_mse")
                 ax.plot(bx, by_, lw=1, ls="--", color=line.get_color())
         ax.set_yscale("log")
+        clip_top(ax, drawn)
         ax.set_xlabel("step")
         ax.set_ylabel("recon MSE (dashed: the grid's budget)")
         ax.legend(fontsize=6)

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .codebook import check_positive_int
 from .quantize import VectorQuantizer, VQOutput
 
 
@@ -56,12 +57,8 @@ class VQVAEConfig:
                              f"{self.num_residual_blocks!r}")
         if not (isinstance(self.beta, (int, float)) and self.beta >= 0):
             raise ValueError(f"beta must be a number >= 0, got {self.beta!r}")
-        for name in ("restart_after", "dead_after"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "restart_after"
-                                                                      else 1):
-                raise ValueError(f"{name} must be an int >= "
-                                 f"{0 if name == 'restart_after' else 1}, got {v!r}")
+        check_positive_int("restart_after", self.restart_after, minimum=0)
+        check_positive_int("dead_after", self.dead_after)
         if self.image_size % 4:
             raise ValueError(f"image_size must be divisible by 4, got {self.image_size}")
 
@@ -231,12 +228,7 @@ class VQVAE(nn.Module):
         """
         if method not in ("data", "kmeans"):
             raise ValueError(f"method must be 'data' or 'kmeans', got {method!r}")
-        was = self.training
-        self.eval()  # the quantizer's upkeep must not run (nor count a step) while encoding
-        try:
-            rows = self._rows(self.encode_latent(images)).float()
-        finally:
-            self.train(was)
+        rows = self._rows(self.encode_latent(images)).float()  # no quantizer pass, no upkeep
         K = self.config.num_codes
         if method == "kmeans":
             from .codebook import kmeans_plusplus

@@ -13,6 +13,8 @@ which torch.compile traces into (see use_triton_ops).
 """
 from __future__ import annotations
 
+import functools
+import os
 from typing import Optional
 
 import torch
@@ -89,10 +91,16 @@ torch.library.register_autograd("vqkernels::vq_quantize", _backward, setup_conte
 @torch.compiler.assume_constant_result
 def use_triton_ops(backend: str, device: torch.device) -> bool:
     """Whether a call with `backend` on `device` goes through vqkernels.triton.ops (CUDA tensors
-    whose backend is, or "auto" resolves to, triton; VQK_TRITON_OP=0 opts out). Decided once per
-    trace: torch.compile takes the answer as a constant."""
+    whose backend is, or "auto" resolves to, triton; VQK_TRITON_OP=0 opts out). torch.compile
+    takes the answer as a constant; eager calls look it up (decided once per backend, device and
+    setting, not on every call)."""
     if device.type != "cuda" or backend not in ("triton", "auto"):
         return False
+    return _use_triton_ops(backend, device, os.environ.get("VQK_TRITON_OP", "1"))
+
+
+@functools.lru_cache(maxsize=None)
+def _use_triton_ops(backend: str, device: torch.device, _setting: str) -> bool:
     try:
         if backends.resolve(backend, device).name != "triton":
             return False

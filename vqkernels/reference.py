@@ -6,6 +6,7 @@ chunks of rows, so memory is O(chunk x K), never N x K.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -13,7 +14,7 @@ import torch
 from ._layout import output_like
 
 
-__all__ = ["forward", "backward", "acc_dtype"]
+__all__ = ["forward", "backward", "acc_dtype", "nearest"]
 
 # Rows per chunk are picked so that one chunk's distance block holds about this many float64s.
 _CHUNK_ELEMENTS = 1 << 22
@@ -28,41 +29,96 @@ def _rows(z: torch.Tensor, dim: int) -> torch.Tensor:
     return z.movedim(dim, -1).reshape(-1, z.shape[dim])
 
 
-def forward(z: torch.Tensor, codebook: torch.Tensor, dim: int = -1):
-    """(z_q, indices, sqerr, counts) for `z` quantized along `dim` against `codebook` (K, D).
+# Float64 squares overflow past 2^511 and lose bits below 2^-511; float64 input beyond those
+# magnitudes is searched on values scaled by one power of two (exact, so ties stay ties).
+_BIG, _SMALL = 2.0 ** 480, 2.0 ** -480
 
-    indices and sqerr have z's shape without `dim`; sqerr is the exact sum of (z - e)^2 of the chosen
-    code e in `acc_dtype`; a row whose error is not finite gets NaN in z_q; ties go to the lowest index.
+
+def _search_scale(x: torch.Tensor, e: torch.Tensor) -> float:
+    """The power of two a float64 search multiplies rows and codes by (1.0 for anything narrower
+    than float64, whose squares always fit float64)."""
+    if x.dtype != torch.float64 or x.numel() == 0 or e.numel() == 0:
+        return 1.0
+    m = max(float(torch.nan_to_num(x.abs(), posinf=0.0, nan=0.0).max()),
+            float(torch.nan_to_num(e.abs(), posinf=0.0, nan=0.0).max()))
+    if m > _BIG:
+        return 2.0 ** (480 - math.frexp(m)[1])
+    if 0.0 < m < _SMALL:
+        return 2.0 ** (-480 - math.frexp(m)[1])
+    return 1.0
+
+
+def _nan_inf(t: torch.Tensor) -> torch.Tensor:
+    return t.masked_fill(torch.isnan(t), torch.inf)
+
+
+def nearest(x: torch.Tensor, e: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Indices of the nearest codes of float64 rows `x` (n, D) in float64 codes `e` (K, D).
+
+    The answer every backend must give: the lowest k minimising the exact sum_d (x_d - e_d)^2 as
+    float64 computes it, a NaN distance counting as +inf. So a row with NaN or +-inf gets index 0,
+    and a code with NaN or +-inf is never chosen for a finite row unless every code is non-finite.
     """
-    K = codebook.shape[0]
-    x = _rows(z, dim).double()
-    e = codebook.double()
+    if scale != 1.0:
+        x, e = x * scale, e * scale
+    K = e.shape[0]
     e_sq = (e * e).sum(1)
-    idx = torch.empty(x.shape[0], dtype=torch.long, device=z.device)
-    chunk = max(1, _CHUNK_ELEMENTS // K)
+    code_ok = torch.isfinite(e_sq)
+    e_max = float(e_sq[code_ok].max()) if bool(code_ok.any()) else 0.0
+    idx = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    chunk = max(1, _CHUNK_ELEMENTS // max(K, 1))
     for lo in range(0, x.shape[0], chunk):
         xc = x[lo:lo + chunk]
         # ||x||^2 is the same for every code of a row; keeping it makes these true distances.
         xc_sq = (xc * xc).sum(1, keepdim=True)
-        d = xc_sq - 2.0 * (xc @ e.T) + e_sq
-        # The expansion is only a filter: a BLAS matmul may round two equal columns differently,
-        # so every code within float64 rounding of the minimum is re-measured by direct
-        # differences, and the first minimum of those exact distances wins (ties to lowest index).
-        slack = 1e-9 * (xc_sq + e_sq.max())
-        near = (d <= d.min(1, keepdim=True).values + slack).nonzero()
+        d = _nan_inf(xc_sq - 2.0 * (xc @ e.T) + e_sq)
+        d[:, ~code_ok] = torch.inf
+        # The expansion is only a filter: every code within far more than its float64 rounding
+        # ((2D + 4) 2^-53 (||x||^2 + max||e||^2), below 1e-9 of it for D < 10^6) of the minimum is
+        # re-measured by direct differences, and the first minimum of those exact distances wins.
+        # A row whose expansion is not finite (non-finite values) is measured against every code.
+        m = d.min(1, keepdim=True).values
+        slack = 1e-9 * (xc_sq + e_max) + 1e-300
+        near = ((d <= m + slack) | ~torch.isfinite(m)).nonzero()
         exact = torch.full_like(d, torch.inf)
-        exact[near[:, 0], near[:, 1]] = ((xc[near[:, 0]] - e[near[:, 1]]) ** 2).sum(1)
-        best = exact.argmin(1)
-        # A row with NaN has no finite distance: it keeps the expansion's argmin (a NaN at 0).
-        idx[lo:lo + chunk] = torch.where(torch.isfinite(exact.min(1).values), best, d.argmin(1))
-    chosen = e[idx]
-    sqerr = ((x - chosen) ** 2).sum(1)
-    zq_rows = torch.where(torch.isfinite(sqerr)[:, None], chosen, torch.nan)
+        diff = xc[near[:, 0]] - e[near[:, 1]]
+        exact[near[:, 0], near[:, 1]] = _nan_inf((diff * diff).sum(1))
+        best = exact.argmin(1)  # the first minimum: ties to the lowest index
+        idx[lo:lo + chunk] = torch.where(torch.isfinite(exact.min(1).values), best, 0)
+    return idx
+
+
+def forward(z: torch.Tensor, codebook: torch.Tensor, dim: int = -1):
+    """(z_q, indices, sqerr, counts) for `z` quantized along `dim` against `codebook` (K, D).
+
+    indices and sqerr have z's shape without `dim`; indices follow `nearest`; sqerr is the exact sum
+    of (z - e)^2 of the chosen code, computed in float64 and returned in `acc_dtype` (+inf where it
+    exceeds that range); a row whose error is not finite gets NaN in z_q. Memory: chunks of rows
+    in float64, never the whole input.
+    """
+    K, D = codebook.shape
+    rows = _rows(z, dim)
+    e = codebook.double()
+    scale = _search_scale(rows, e)
+    N = rows.shape[0]
+    idx = torch.empty(N, dtype=torch.long, device=z.device)
+    sqerr = torch.empty(N, dtype=acc_dtype(z.dtype), device=z.device)
+    zq_rows = torch.empty(N, D, dtype=z.dtype, device=z.device)
+    chunk = max(1, _CHUNK_ELEMENTS // max(K, D, 1))
+    for lo in range(0, N, chunk):
+        xc = rows[lo:lo + chunk].double()
+        ic = nearest(xc, e, scale)
+        chosen = e[ic]
+        diff = xc - chosen
+        err = (diff * diff).sum(1)
+        idx[lo:lo + chunk] = ic
+        sqerr[lo:lo + chunk] = err.to(sqerr.dtype)
+        zq_rows[lo:lo + chunk] = torch.where(torch.isfinite(err)[:, None], chosen, torch.nan)
     lead = z.movedim(dim, -1).shape[:-1]
     z_q = output_like(z, dim)
-    z_q.copy_(zq_rows.reshape(*lead, codebook.shape[1]).movedim(-1, dim))
+    z_q.copy_(zq_rows.reshape(*lead, D).movedim(-1, dim))
     counts = torch.bincount(idx, minlength=K)
-    return z_q, idx.reshape(lead), sqerr.to(acc_dtype(z.dtype)).reshape(lead), counts
+    return z_q, idx.reshape(lead), sqerr.reshape(lead), counts
 
 
 def backward(z: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, dim: int,
@@ -73,19 +129,27 @@ def backward(z: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, dim
     grad_z = grad_zq + 2 g_commit (z - e); grad_codebook[k] = sum over rows choosing k of
     2 g_codebook (e - z). g_* are per-row weights shaped like `indices`; None means zero.
     """
-    x = _rows(z, dim).double()
+    K, D = codebook.shape
+    rows = _rows(z, dim)
+    g_rows = None if grad_zq is None else _rows(grad_zq, dim)
     idx = indices.reshape(-1)
-    e = codebook.double()[idx]
-    diff = x - e
-    gx = torch.zeros_like(x) if grad_zq is None else _rows(grad_zq, dim).double()
-    if g_commit is not None:
-        gx = gx + 2.0 * g_commit.reshape(-1, 1).double() * diff
+    gc = None if g_codebook is None else g_codebook.reshape(-1)
+    gm = None if g_commit is None else g_commit.reshape(-1)
+    e_all = codebook.double()
     grad_cb = torch.zeros_like(codebook, dtype=torch.float64)
-    if g_codebook is not None:
-        grad_cb.index_add_(0, idx, -2.0 * g_codebook.reshape(-1, 1).double() * diff)
+    gx_rows = torch.empty(rows.shape, dtype=z.dtype, device=z.device)
+    chunk = max(1, _CHUNK_ELEMENTS // max(D, 1))
+    for lo in range(0, rows.shape[0], chunk):
+        hi = lo + chunk
+        ic = idx[lo:hi]
+        diff = rows[lo:hi].double() - e_all[ic]
+        gx = torch.zeros_like(diff) if g_rows is None else g_rows[lo:hi].double()
+        if gm is not None:
+            gx = gx + 2.0 * gm[lo:hi, None].double() * diff
+        if gc is not None:
+            grad_cb.index_add_(0, ic, -2.0 * gc[lo:hi, None].double() * diff)
+        gx_rows[lo:hi] = gx
     lead = z.movedim(dim, -1).shape[:-1]
     grad_z = output_like(z, dim)
-    grad_z.copy_(gx.reshape(*lead, codebook.shape[1]).movedim(-1, dim))
+    grad_z.copy_(gx_rows.reshape(*lead, D).movedim(-1, dim))
     return grad_z, grad_cb.to(codebook.dtype)
-
-

@@ -1,0 +1,158 @@
+"""Exact nearest code on every CPU-side backend (issue 13): the reference and the native CPU kernel
+on every instruction-set path this CPU runs, one and two threads, on inputs built to defeat the
+fp32 expansion (tests/adversarial.py). Judged by exact index equality with the float64 argmin on
+clearly separated rows and lowest index on exact ties -- never by regret. The Triton and CUDA
+searches run the same families in test_triton.py and test_cuda_emulated.py.
+"""
+import pytest
+import torch
+
+import adversarial as A
+from vqkernels import native, nearest_code, vq_quantize
+from test_cpu_kernel import ISA_PARAMS
+
+CPU_OK = native.cpu_status() is None
+
+
+def _backends():
+    out = [pytest.param(("reference", None), id="reference")]
+    for p in ISA_PARAMS:
+        marks = list(p.marks)
+        if not CPU_OK:
+            marks.append(pytest.mark.skip(reason=f"native CPU kernel: {native.cpu_status()}"))
+        out.append(pytest.param(("cpu", p.values[0]), id=f"cpu-{p.values[0]}", marks=marks))
+    return out
+
+
+@pytest.fixture(params=_backends())
+def backend(request, monkeypatch):
+    name, isa = request.param
+    if isa is not None:
+        monkeypatch.setenv("VQK_CPU_ISA", isa)
+    return name
+
+
+@pytest.fixture(params=[1, 2], ids=["1t", "2t"])
+def threads(request):
+    old = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(old)
+
+
+def _gen(request):
+    import hashlib
+    return torch.Generator().manual_seed(
+        int(hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:8], 16) ^ torch.seed() % 2**31)
+
+
+def _check(x, cb, backend, what):
+    idx, sq = nearest_code(x, cb, backend=backend)
+    n_clear = A.assert_exact(x, cb, idx, what=what)
+    out = vq_quantize(x, cb, backend=backend)
+    assert torch.equal(out.indices, idx), f"{what}: vq_quantize and nearest_code disagree"
+    # z_q is the chosen code, bit for bit, wherever row and code are finite.
+    fin = torch.isfinite(x).all(1) & torch.isfinite(cb[idx]).all(1)
+    assert torch.equal(out.z_q[fin], cb[idx][fin]), f"{what}: z_q is not the chosen code"
+    assert torch.isnan(out.z_q[~fin]).all()
+    # sqdist is the exact error of the chosen code (inf where it exceeds the float32 range).
+    want = ((x.double() - cb[idx].double()) ** 2).sum(1)
+    torch.testing.assert_close(sq.double()[fin], want.to(sq.dtype).double()[fin], rtol=1e-5,
+                               atol=0, equal_nan=True)
+    return n_clear
+
+
+@pytest.mark.parametrize("n_close", [2, 3, 5, 9])
+@pytest.mark.parametrize("spacing", A.TILE_WIDTHS + [None], ids=lambda s: f"mod{s}")
+def test_close_codes_far_from_origin(backend, threads, n_close, spacing, request):
+    g = _gen(request)
+    K = max(300, (n_close - 1) * (spacing or 1) + 40)
+    x, cb = A.close_codes(g, n_close=n_close, spacing=spacing, K=K, D=24 if spacing else 33)
+    n = _check(x, cb, backend, f"{n_close} close codes, spacing {spacing}")
+    assert n > 0.9 * x.shape[0]
+
+
+@pytest.mark.parametrize("offset", [2.0 ** 12, 2.0 ** 18])
+def test_close_codes_defeat_the_expansion(backend, offset, request):
+    """The family is hard: the fp32 expansion alone gets most clear rows wrong; the backend none."""
+    x, cb = A.close_codes(_gen(request), n_close=5, offset=offset)
+    ref, clear, _ = A.exact_answer(x, cb)
+    assert (A.fp32_expansion_argmin(x, cb)[clear] != ref[clear]).float().mean() > 0.5
+    _check(x, cb, backend, f"offset {offset}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n_close", [2, 5])
+def test_close_codes_16bit(backend, dtype, n_close, request):
+    # Values around 2^8 (bf16) / 2^10 (fp16): exact in the dtype; the fp32 sums cancel.
+    offset = 2.0 ** 8 if dtype == torch.bfloat16 else 2.0 ** 10
+    x, cb = A.close_codes(_gen(request), n_close=n_close, spacing=8, offset=offset, dtype=dtype)
+    _check(x, cb, backend, f"{dtype}")
+
+
+@pytest.mark.parametrize("copies", [3, 5])
+@pytest.mark.parametrize("interleave", [True, False], ids=["consecutive", "repeated"])
+def test_duplicated_codes_lowest_index(backend, threads, copies, interleave, request):
+    x, cb = A.duplicated(_gen(request), copies=copies, interleave=interleave)
+    _check(x, cb, backend, f"{copies} copies")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_reflection_ties_lowest_index(backend, dtype, request):
+    x, cb = A.reflections(_gen(request), dtype=dtype)
+    idx, _ = nearest_code(x, cb, backend=backend)
+    ref, _, d = A.exact_answer(x, cb)
+    # Every row has an exact tie by construction, and it must go to the lower of the two.
+    assert (d.topk(2, 1, largest=False).values.diff(dim=1) == 0).all()
+    assert torch.equal(idx, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_large_mean(backend, dtype, request):
+    x, cb = A.large_mean(_gen(request), dtype=dtype)
+    n = _check(x, cb, backend, "1000 + N(0, 1)")
+    # bf16 keeps 8 bits: at 1000 many rows sit at exactly equal distances (ties, judged above).
+    assert n > (0.2 if dtype == torch.bfloat16 else 0.9) * x.shape[0]
+
+
+@pytest.mark.parametrize("scale", [1e19, 1e25, 1e30, 1e-20, 1e-25, 1e-30, 1e-36])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_extreme_magnitudes(backend, scale, dtype, request):
+    x, cb = A.magnitudes(_gen(request), scale, dtype=dtype)
+    if dtype == torch.bfloat16 and scale < 1e-36:
+        pytest.skip("bf16 subnormals at this scale lose the pattern")
+    n = _check(x, cb, backend, f"scale {scale:g}")
+    assert n > 0.9 * x.shape[0]
+    _, sq = nearest_code(x, cb, backend=backend)
+    if scale >= 1e25:
+        assert torch.isinf(sq).all()  # the true error exceeds float32's range
+    assert torch.isfinite(vq_quantize(x, cb, backend=backend).z_q).all()
+
+
+@pytest.mark.parametrize("K,D", [(1, 1), (2, 3), (3, 129), (2, 1), (3, 3), (1, 129)])
+def test_tiny_codebooks_far_from_origin(backend, K, D, request):
+    g = _gen(request)
+    x, cb = A.close_codes(g, N=50, K=K, D=D, n_close=min(K, 2), spacing=1)
+    _check(x, cb, backend, f"K={K} D={D}")
+
+
+def test_nonfinite_rows_and_codes_policy(backend, request):
+    """A NaN or +-inf row gets index 0 and a NaN z_q; a code with NaN or inf is never chosen for a
+    finite row; if every code is non-finite, index 0."""
+    g = _gen(request)
+    x, cb = A.large_mean(g, N=40, K=20, D=8, mean=0.0)
+    x[3, 2], x[7, 0], x[9, 5] = float("nan"), float("inf"), float("-inf")
+    cb[0, 1], cb[4, 0], cb[5, 3] = float("nan"), float("inf"), float("-inf")
+    # Make the poisoned codes the would-be nearest of some rows.
+    x[11] = cb[4].nan_to_num(posinf=0.0)
+    x[12] = cb[0].nan_to_num(nan=0.0)
+    idx, sq = nearest_code(x, cb, backend=backend)
+    assert idx[[3, 7, 9]].tolist() == [0, 0, 0]
+    assert not torch.isin(idx[torch.isfinite(x).all(1)], torch.tensor([0, 4, 5])).any()
+    A.assert_exact(x, cb, idx, what="non-finite policy")
+    zq = vq_quantize(x, cb, backend=backend).z_q
+    assert torch.isnan(zq[[3, 7, 9]]).all()
+    assert torch.isfinite(zq[torch.isfinite(x).all(1)]).all()
+    allbad = torch.full((3, 8), float("nan"))
+    idx2, _ = nearest_code(x[:5].nan_to_num(), allbad, backend=backend)
+    assert (idx2 == 0).all()

@@ -73,6 +73,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_isa", [] { return std::string(vqk::cpu_isa()); },
         "The CPU search kernels a large search uses: 'avx512bf16', 'avx512', 'avx2' or 'scalar' "
         "(VQK_CPU_ISA=auto|avx512bf16|avx512|avx2|scalar forces one).");
+  m.def("cpu_exact_rows", &vqk::cpu_exact_rows,
+        "Rows the CPU forward has searched again exactly (the fast pass could not prove their "
+        "nearest code) since the module loaded, over all calls.");
 
 #ifdef VQK_WITH_CUDA
   m.attr("has_cuda") = true;

@@ -4,6 +4,8 @@ fp32 expansion (tests/adversarial.py). Judged by exact index equality with the f
 clearly separated rows and lowest index on exact ties -- never by regret. The Triton and CUDA
 searches run the same families in test_triton.py and test_cuda_emulated.py.
 """
+import math
+
 import pytest
 import torch
 
@@ -156,3 +158,49 @@ def test_nonfinite_rows_and_codes_policy(backend, request):
     allbad = torch.full((3, 8), float("nan"))
     idx2, _ = nearest_code(x[:5].nan_to_num(), allbad, backend=backend)
     assert (idx2 == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_cpu_research_is_exercised_and_needed(backend, dtype, monkeypatch, request):
+    """On the far-from-origin family the CPU kernel's fast pass proves nothing, the exact
+    re-search measures the rows (its counter moves), and without it (the debug switch
+    VQK_DEBUG_APPROX_ONLY=1) most clear rows get a wrong code."""
+    if backend != "cpu":
+        pytest.skip("the native CPU kernel's re-search")
+    offset = 2.0 ** 10 if dtype == torch.float16 else 2.0 ** (40 if dtype == torch.float64 else 14)
+    x, cb = A.close_codes(_gen(request), n_close=5, spacing=4, offset=offset, dtype=dtype)
+    if dtype == torch.float64:  # far enough that float64's own expansion cancels
+        x, cb = x * 2.0 ** 20, cb * 2.0 ** 20
+    ref, clear, _ = A.exact_answer(x, cb)
+    before = native.module().cpu_exact_rows()
+    idx, _ = nearest_code(x, cb, backend="cpu")
+    assert native.module().cpu_exact_rows() - before >= int(clear.sum()) // 2
+    assert torch.equal(idx[clear], ref[clear])
+    monkeypatch.setenv("VQK_DEBUG_APPROX_ONLY", "1")
+    approx, _ = nearest_code(x, cb, backend="cpu")
+    assert (approx[clear] != ref[clear]).float().mean() > 0.3
+
+
+def test_cpu_research_is_rare_on_random_data(backend):
+    """Random data far from ties: the fast pass proves almost every row (cost stays low)."""
+    if backend != "cpu":
+        pytest.skip("the native CPU kernel's re-search")
+    x, cb = torch.randn(4096, 64), torch.randn(512, 64)
+    before = native.module().cpu_exact_rows()
+    nearest_code(x, cb, backend="cpu")
+    assert native.module().cpu_exact_rows() - before < 0.01 * x.shape[0]
+
+
+@pytest.mark.parametrize("scale", [1e200, 1e-200, 1e300])
+def test_float64_whole_range(backend, scale, request):
+    """float64 far past the range where its squares overflow (or vanish): searched on values
+    scaled by a power of two, so the codes are right and z_q is finite."""
+    x, cb = A.magnitudes(_gen(request), 1.0, dtype=torch.float64)
+    x, cb = x * scale, cb * scale
+    idx, sq = nearest_code(x, cb, backend=backend)
+    # The truth on values scaled back into range (exact: a power of two).
+    s = 2.0 ** -round(math.log2(scale))
+    ref, clear, _ = A.exact_answer(x * s, cb * s)
+    assert clear.float().mean() > 0.9
+    assert torch.equal(idx[clear], ref[clear])
+    assert torch.isfinite(vq_quantize(x, cb, backend=backend).z_q).all()

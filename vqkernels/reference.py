@@ -93,7 +93,7 @@ def forward(z: torch.Tensor, codebook: torch.Tensor, dim: int = -1):
 
     indices and sqerr have z's shape without `dim`; indices follow `nearest`; sqerr is the exact sum
     of (z - e)^2 of the chosen code, computed in float64 and returned in `acc_dtype` (+inf where it
-    exceeds that range); a row whose error is not finite gets NaN in z_q. Memory: chunks of rows
+    exceeds that range); NaN in z_q where the row or its code is not finite. Memory: chunks of rows
     in float64, never the whole input.
     """
     K, D = codebook.shape
@@ -113,7 +113,10 @@ def forward(z: torch.Tensor, codebook: torch.Tensor, dim: int = -1):
         err = (diff * diff).sum(1)
         idx[lo:lo + chunk] = ic
         sqerr[lo:lo + chunk] = err.to(sqerr.dtype)
-        zq_rows[lo:lo + chunk] = torch.where(torch.isfinite(err)[:, None], chosen, torch.nan)
+        # NaN where the row or the code is not finite (not where a finite float64 error overflows).
+        ok = torch.isfinite(err) if scale == 1.0 else torch.isfinite(
+            ((xc * scale - chosen * scale) ** 2).sum(1))
+        zq_rows[lo:lo + chunk] = torch.where(ok[:, None], chosen, torch.nan)
     lead = z.movedim(dim, -1).shape[:-1]
     z_q = output_like(z, dim)
     z_q.copy_(zq_rows.reshape(*lead, D).movedim(-1, dim))

@@ -30,10 +30,13 @@ struct FwdJob {
   float* norms;            // panels * nr floats
   int64_t panels;
   // Only for kernels with `bf16` set: the panels again as bf16 pairs (panels * ceil(D/2) * nr
-  // 32-bit words, element d of code k in the low half of word (d/2), d+1 in the high half), and
-  // max_k ||e_k|| (+inf if any norm is not finite), for the re-check's error bound.
+  // 32-bit words, element d of code k in the low half of word (d/2), d+1 in the high half).
   uint32_t* packed_bf16;
-  float max_code_norm;
+  // An upper bound of max ||e_k|| over the finite codes (+inf if a finite code's fp32 norm
+  // overflows), for the proofs' error bounds; and the debug switch VQK_DEBUG_APPROX_ONLY=1, which
+  // skips the proof and the exact re-search (tests use it to show the re-search is needed).
+  double max_code_norm;
+  bool approx_only;
 };
 
 // What one instruction set provides. `search` handles row tiles [tile_lo, tile_hi) of `mr` rows
@@ -56,6 +59,10 @@ const SearchKernels& kernels_scalar();
 const SearchKernels& kernels_avx2();
 const SearchKernels& kernels_avx512();
 const SearchKernels& kernels_avx512bf16();
+
+// Rows the exact re-search has measured since the module loaded (all threads; tests and
+// benchmarks read it around a call).
+extern int64_t g_exact_rows;
 
 // Persistent worker pool. Runs fn(ctx, tid) for tid in [0, nthreads) (the caller is tid 0) and
 // returns when all are done. One call at a time; a concurrent caller waits for the pool.

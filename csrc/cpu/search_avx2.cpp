@@ -122,7 +122,7 @@ constexpr int NR = 4;
 namespace vqk {
 namespace cpu {
 const SearchKernels& kernels_avx2() {
-  static const SearchKernels k{"avx2", MR, NR, pack_any, search_any, flush_nothing,
+  static const SearchKernels k{"avx2", MR, NR, pack_any, search_any, flush_exact,
                                   scratch_floats, false};
   return k;
 }

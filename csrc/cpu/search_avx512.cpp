@@ -23,7 +23,7 @@ constexpr int NR = 8;
 namespace vqk {
 namespace cpu {
 const SearchKernels& kernels_avx512() {
-  static const SearchKernels k{"avx512", MR, NR, pack_any, search_any, flush_nothing,
+  static const SearchKernels k{"avx512", MR, NR, pack_any, search_any, flush_exact,
                                   scratch_floats, false};
   return k;
 }

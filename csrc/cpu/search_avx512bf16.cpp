@@ -1,26 +1,28 @@
-// AVX-512 BF16 search: the same answers as the fp32 search, from bf16 dot products.
+// AVX-512 BF16 search: the same answers as the exact fp32 search (search_impl.h), from bf16 dot
+// products.
 //
 // vdpbf16ps does 32 multiply-adds per instruction (pairs of bf16 products into 16 fp32 lanes), twice
 // the fp32 FMA rate. Rows and codes are rounded to bf16, the micro-kernel keeps each row's best two
 // approximate distances, and then:
 //   1. both candidates' distances are recomputed in fp32 exactly as the fp32 kernel computes them
 //      (the same FMA chain over d, the same norms), and the better one (ties: lower index) is taken;
-//   2. the choice is proven right when every other code is certainly worse: a code outside the best
-//      two has an approximate distance >= v2 (the second best), and the approximate and fp32
-//      distances of any code differ by at most
+//   2. the choice is proven to be the exact nearest code when (a) the two fp32 distances are apart
+//      by more than 2B, B the fp32 kernel's rounding bound (search_impl.h, `decide`), and (b) every
+//      other code is certainly farther: a code outside the best two has a bf16 distance >= v2 (the
+//      second best), and the bf16 and fp32 distances of any code differ by at most
 //         delta = (2^-5 + D 2^-21) ||x|| max||e|| + 2^-21 max||e||^2 + tiny
 //      (bf16 rounding of both factors, 2u + u^2 with u = 2^-8, on sum |x_d e_d| <= ||x|| ||e||, doubled
 //      by the -2 and by a factor of 2 for safety; the fp32 accumulations, D 2^-24 each; the final
-//      roundings; flushed denormals). So if v2 - delta > fp32 best, no other code can be chosen by
-//      the fp32 search either, and the result is the fp32 search's, bit for bit;
+//      roundings; flushed denormals), so its true distance is >= v2 - delta - B while the chosen
+//      one's is <= best + B: proven when v2 - delta - 2B > best;
 //   3. otherwise (near ties, NaN or infinite values, extreme norms) the row is set aside and searched
-//      again with the fp32 micro-kernel, in tiles of such rows, when enough have gathered or when
-//      the thread has no more tiles. A thread that has set aside more than a quarter of its first
-//      rows (data with many near ties, where the bf16 pass is wasted) does plain fp32 tiles for the
-//      rest of the call. Every path gives the same bits, so this changes speed only.
-// So the bf16 search is an accelerator, not an approximation: indices, errors and z_q are those of
-// the fp32 search. It pays off when rows sit clearly closer to one code than to the rest (trained
-// VQ codebooks); on rows with many near ties it falls back to fp32 work and costs more.
+//      again by the fp32 search of search_impl.h (which proves its own answers or measures the
+//      remaining candidates exactly), in tiles of such rows, when enough have gathered or when the
+//      thread has no more tiles. A thread that has set aside more than a quarter of its first rows
+//      (data with many near ties, where the bf16 pass is wasted) does plain fp32 tiles for the rest
+//      of the call. Every path gives the exact nearest code, so this changes speed only.
+// It pays off when rows sit clearly closer to one code than to the rest (trained VQ codebooks); on
+// rows with many near ties it falls back to fp32 work and costs more.
 #include "cpu_internal.h"
 
 #include "simd_avx512.h"
@@ -39,7 +41,8 @@ constexpr int NR = 8;
 namespace vqk {
 namespace {
 
-// Per-thread scratch: [Pending][xt][et][xb (bf16 pairs)][xp (set-aside rows, packed like xt)].
+// Per-thread scratch: the generic search's [Exact][xt][et][xe] (search_impl.h), then
+// [Pending][xp (rows the bf16 pass set aside, packed like xt)][xb (bf16 pairs)].
 struct Pending {
   int64_t count;
   int64_t rowno[MR];
@@ -49,15 +52,19 @@ struct Pending {
 constexpr int64_t kHeaderFloats = (sizeof(Pending) + 63) / 64 * 16;
 
 int64_t pair_floats(int64_t D) { return ((D + 1) / 2 * MR + 15) / 16 * 16; }
-int64_t bf16_scratch_floats(int64_t D) { return kHeaderFloats + 3 * tile_floats(D) + pair_floats(D); }
+int64_t bf16_scratch_floats(int64_t D) {
+  return scratch_floats(D) + kHeaderFloats + tile_floats(D) + pair_floats(D);
+}
 
 struct Areas {
+  Scratch base;
   Pending* pend;
   float *xt, *et, *xp;
   uint32_t* xb;
   explicit Areas(float* s, int64_t D)
-      : pend(reinterpret_cast<Pending*>(s)), xt(s + kHeaderFloats), et(xt + tile_floats(D)),
-        xp(et + tile_floats(D)), xb(reinterpret_cast<uint32_t*>(xp + tile_floats(D))) {}
+      : base(s, D), pend(reinterpret_cast<Pending*>(s + scratch_floats(D))), xt(base.xt),
+        et(base.et), xp(s + scratch_floats(D) + kHeaderFloats),
+        xb(reinterpret_cast<uint32_t*>(xp + tile_floats(D))) {}
 };
 
 // Two fp32 vectors (elements d and d+1 of 16 rows or codes) as 16 words of bf16 pairs.
@@ -181,9 +188,7 @@ void run_pending(const cpu::FwdJob& job, const Areas& a) {
     a.pend->rowno[r] = -1;
     for (int64_t d = 0; d < job.D; ++d) a.xp[d * MR + r] = 0.0f;
   }
-  alignas(64) int32_t idx[MR];
-  search_tile(a.xp, job.packed, job.norms, job.panels, job.D, idx);
-  finish_tile<E>(job, a.pend->rowno, a.xp, a.et, idx);
+  search_block<E>(job, a.pend->rowno, a.xp, a.base);
   a.pend->count = 0;
 }
 
@@ -194,17 +199,23 @@ void search_tiles_bf16(const cpu::FwdJob& job, int64_t t_lo, int64_t t_hi, float
   alignas(64) int32_t k1[MR], k2[MR], idx[MR];
   alignas(64) float v2[MR];
   int64_t rowno[MR];
-  const float E_ = job.max_code_norm;
+  const float E_ = (float)job.max_code_norm;  // +inf when >= 2^128: nothing is proven then
   const __m512 c_rel = _mm512_set1_ps(0.03125f + (float)D * 4.76837158e-7f);  // 2^-5 + D 2^-21
   const __m512 c_abs = _mm512_set1_ps(4.76837158e-7f * E_ * E_ + 1e-30f * (float)(D + 1) * (E_ + 1.0f));
   const __m512 vE = _mm512_set1_ps(E_);
+  // The fp32 bound B of search_impl.h's `decide`, in fp32 vectors (2% more for their rounding).
+  const __m512 b_rel = _mm512_set1_ps((float)((2.0 * D + 8.0) * 0x1p-24 * 1.03));
+  const __m512 b_sq = _mm512_set1_ps((float)((D + 2.0) * 0x1p-50 * 1.02));
+  const __m512 b_abs = _mm512_set1_ps((float)((4.0 * D + 8.0) * 0x1p-120 * 1.02));
+  const __m512 x_pad = _mm512_set1_ps((float)(D * 0x1p-126));
+  const __m512 x_up = _mm512_set1_ps((float)(1.0 + (D + 3.0) * 0x1p-24));
+  const bool e_in_range = (double)E_ < 0x1p50;
   for (int64_t t = t_lo; t < t_hi; ++t) {
     const int64_t row0 = t * MR, rows = imin(MR, N - row0);
     for (int r = 0; r < MR; ++r) rowno[r] = r < rows ? row0 + r : -1;
     pack_rows<E>(job, row0, rows, a.xt);
     if (a.pend->fp32_only) {
-      search_tile(a.xt, job.packed, job.norms, job.panels, D, idx);
-      finish_tile<E>(job, rowno, a.xt, a.et, idx);
+      search_block<E>(job, rowno, a.xt, a.base);
       continue;
     }
     a.pend->seen += rows;
@@ -223,16 +234,30 @@ void search_tiles_bf16(const cpu::FwdJob& job, int64_t t_lo, int64_t t_hi, float
                               (_mm512_cmp_ps_mask(d2, d1, _CMP_EQ_OQ) & _mm512_cmplt_epi32_mask(i2, i1));
       const __m512 best = _mm512_mask_mov_ps(d1, take2, d2);
       _mm512_store_si512(idx + blk * W, _mm512_mask_mov_epi32(i1, take2, i2));
-      // Proven when v2 - delta > best (ordered: NaN anywhere means not proven). Not proven either:
-      // a row of tiny values (||x||^2 < 2^-100: bf16 flushes denormals to zero), or one whose
-      // products could overflow after rounding to bf16 (||x|| max||e|| >= 2^120) -- a code whose
-      // bf16 distance overflows to NaN would never be a candidate.
+      // Proven (the exact nearest code, see search_impl.h) when
+      //   * the fp32 distances of the two candidates are apart by more than 2B (so the better one
+      //     is exactly the nearer of the two), and
+      //   * every other code is certainly farther: its bf16 value is >= v2 and its true distance
+      //     >= v2 - delta - B, while the chosen one's is <= best + B: v2 - delta - 2B > best;
+      // ordered compares, so NaN anywhere means not proven. Not proven either: a row of tiny
+      // values (||x||^2 < 2^-100: bf16 flushes denormals to zero), or one outside the fp32 bound's
+      // range (||x||^2 >= 2^100 or max||e|| >= 2^50) -- which also keeps the bf16 products finite.
       const __m512 xe = _mm512_mul_ps(_mm512_sqrt_ps(xx), vE);  // ||x|| max||e||
       const __m512 delta = _mm512_fmadd_ps(c_rel, xe, c_abs);
-      const __mmask16 ok = _mm512_cmp_ps_mask(best, _mm512_sub_ps(_mm512_load_ps(v2 + blk * W), delta),
-                                              _CMP_LT_OQ) &
-                           _mm512_cmp_ps_mask(xx, _mm512_set1_ps(7.88860905e-31f), _CMP_GE_OQ) &
-                           _mm512_cmp_ps_mask(xe, _mm512_set1_ps(1.329228e36f), _CMP_LT_OQ);
+      const __m512 xn = _mm512_mul_ps(_mm512_sqrt_ps(_mm512_add_ps(xx, x_pad)), x_up);
+      const __m512 ee = _mm512_mul_ps(vE, _mm512_fmadd_ps(_mm512_set1_ps(2.0f), xn, vE));
+      const __m512 B = _mm512_fmadd_ps(b_rel, ee, _mm512_fmadd_ps(b_sq, _mm512_mul_ps(xn, xn),
+          _mm512_mul_ps(b_abs, _mm512_add_ps(_mm512_add_ps(vE, xn), _mm512_set1_ps(1.0f)))));
+      const __m512 twoB = _mm512_add_ps(B, B);
+      const __m512 gap = _mm512_sub_ps(_mm512_max_ps(d1, d2), _mm512_min_ps(d1, d2));
+      const __mmask16 ok =
+          (e_in_range ? (__mmask16)0xffff : (__mmask16)0) &
+          _mm512_cmp_ps_mask(_mm512_add_ps(best, twoB),
+                             _mm512_sub_ps(_mm512_load_ps(v2 + blk * W), delta), _CMP_LT_OQ) &
+          _mm512_cmp_ps_mask(gap, twoB, _CMP_GT_OQ) &
+          _mm512_cmp_ps_mask(xx, _mm512_set1_ps(7.88860905e-31f), _CMP_GE_OQ) &
+          _mm512_cmp_ps_mask(xx, _mm512_set1_ps(1.2676506e30f), _CMP_LT_OQ) &
+          _mm512_cmp_ps_mask(d1, d1, _CMP_EQ_OQ) & _mm512_cmp_ps_mask(d2, d2, _CMP_EQ_OQ);
       for (int r = 0; r < W; ++r) {
         const int lane = blk * W + r;
         if (rowno[lane] < 0 || ((ok >> r) & 1)) continue;
@@ -269,9 +294,9 @@ void search_any_bf16(const cpu::FwdJob& job, int64_t t_lo, int64_t t_hi, float* 
 void flush_bf16(const cpu::FwdJob& job, float* scratch) {
   const Areas a(scratch, job.D);
   switch (job.dtype) {
-    case DType::f16: return run_pending<EF16>(job, a);
-    case DType::bf16: return run_pending<EBF16>(job, a);
-    default: return run_pending<EF32>(job, a);
+    case DType::f16: run_pending<EF16>(job, a); return run_exact<EF16>(job, a.base);
+    case DType::bf16: run_pending<EBF16>(job, a); return run_exact<EBF16>(job, a.base);
+    default: run_pending<EF32>(job, a); return run_exact<EF32>(job, a.base);
   }
 }
 

@@ -11,13 +11,24 @@
 //   1. pack the tile's rows d-major into `xt` [D][MR] floats (converted from f16/bf16 here, so the
 //      micro-kernel only ever sees fp32, and channel-first input is read as it lies);
 //   2. for every code panel (NR codes, packed [D][NR] once per call): MRV x NR vector accumulators
-//      of z.e (lanes = rows, codes broadcast), then dist = ||e||^2 - 2 z.e and a lane-wise running
-//      minimum. Because lanes are rows, the argmin is vertical: a compare and two masked moves per
-//      accumulator, no horizontal reduction. Codes are visited in increasing index and the compare
-//      is a strict, ordered less-than, so ties keep the lowest index and a NaN distance never wins;
-//   3. epilogue while the tile is hot: the exact error sum_d (x_d - e_d)^2 of the chosen code
+//      of z.e (lanes = rows, codes broadcast), then the approximate a_k = ||e||^2 - 2 z.e and a
+//      lane-wise running best two: the best value v1 with its index and the second value v2.
+//      Because lanes are rows, this is vertical: two compares and masked moves per accumulator,
+//      no horizontal reduction. Codes are visited in increasing index with strict, ordered
+//      compares, so ties keep the lowest index and a NaN never wins;
+//   3. the proof (see `decide`): a rigorous bound B on the rounding of every a_k; when
+//      v2 - v1 > 2B the best code is certainly the exact nearest one. Rows without that proof
+//      (near ties, far-from-origin data where the expansion cancels, extreme magnitudes, NaN) are
+//      set aside and searched again exactly (`run_exact`): float64 distances by direct
+//      differences to every code whose a_k could still be the minimum. Rare on real data;
+//   4. epilogue while the tile is hot: the exact error sum_d (x_d - e_d)^2 of the chosen code
 //      (from the rows as they lie when x is row-major, else from the chosen codes packed like the
 //      rows), indices, errors, z_q (a bit copy of the code, NaN where the error is not finite).
+//
+// The answer (issue 13, the same on every backend): the lowest k minimising the exact distance
+// sum_d (x_d - e_d)^2 as float64 computes it, a NaN distance counting as +inf. So a row with NaN or
+// inf gets index 0; a code with NaN or inf is never chosen for a finite row (pack_codes gives it a
+// NaN norm, which loses every compare) unless every code is non-finite (index 0).
 #pragma once
 
 #include <cstdint>
@@ -127,12 +138,17 @@ void pack_codes(const cpu::FwdJob& job, int64_t p_lo, int64_t p_hi) {
       }
       const T* e = cb + k * D;
       float s = 0.0f;
+      bool finite = true;
       for (int64_t d = 0; d < D; ++d) {
         const float v = E::load(e + d);
         panel[d * NR + j] = v;
         s += v * v;
+        finite &= (v - v) == 0.0f;  // false for NaN and +-inf
       }
-      job.norms[k] = s;
+      // A code with NaN or inf is never chosen (policy above): a NaN norm loses every compare and
+      // is no candidate of the exact search. A finite code whose norm overflows keeps +inf: it
+      // makes max||e|| infinite, so every row is searched exactly (see `decide`).
+      job.norms[k] = finite ? s : __builtin_nanf("");
     }
   }
 }
@@ -188,42 +204,56 @@ void pack_rows(const cpu::FwdJob& job, int64_t row0, int64_t rows, float* __rest
 }
 
 // ---------------------------------------------------------------------------------------------
-// The micro-kernel: MRV x NR accumulators in registers over the whole of D, then the vertical
-// argmin. D is not blocked: blocking would need partial sums for every code of the tile (memory
-// that grows with K). The tile (4 * MR * D bytes) streams from L1/L2 with sequential access, and
-// each panel element feeds MR FMAs, so even the larger shapes stay compute-bound.
+// The micro-kernel: MRV x NR accumulators in registers over the whole of D. D is not blocked:
+// blocking would need partial sums for every code of the tile (memory that grows with K). The tile
+// (4 * MR * D bytes) streams from L1/L2 with sequential access, and each panel element feeds MR
+// FMAs, so even the larger shapes stay compute-bound. The same code serves the search and the
+// candidate pass of the exact re-search, so both see bitwise the same a_k.
+VQK_ALWAYS_INLINE void panel_dots(const float* __restrict xt, const float* __restrict b, int64_t D,
+                                  typename V::F (&acc)[MRV][NR]) {
+  using F = typename V::F;
+#pragma GCC unroll 64
+  for (int i = 0; i < MRV; ++i)
+#pragma GCC unroll 64
+    for (int j = 0; j < NR; ++j) acc[i][j] = V::zero();
+  const float* xp = xt;
+  for (int64_t d = 0; d < D; ++d, xp += MR, b += NR) {
+    F xv[MRV];
+#pragma GCC unroll 64
+    for (int i = 0; i < MRV; ++i) xv[i] = V::load(xp + i * W);
+#pragma GCC unroll 64
+    for (int j = 0; j < NR; ++j) {
+      const F bj = V::set1(b[j]);
+#pragma GCC unroll 64
+      for (int i = 0; i < MRV; ++i) acc[i][j] = V::fmadd(xv[i], bj, acc[i][j]);
+    }
+  }
+}
+
+// Per lane: the index of the best approximate distance (lowest on ties), its value v1, and the
+// second value v2 over all other codes (v2 == v1 on a tie).
+struct Top2 {
+  alignas(64) int32_t k1[MR];
+  alignas(64) float v1[MR];
+  alignas(64) float v2[MR];
+};
+
 VQK_ALWAYS_INLINE void search_tile(const float* __restrict xt, const float* __restrict packed,
                                    const float* __restrict norms, int64_t panels, int64_t D,
-                                   int32_t* __restrict out_idx) {
+                                   Top2& out) {
   using F = typename V::F;
   using I = typename V::I;
   using M = typename V::M;
-  F best[MRV];
-  I bidx[MRV];
+  F b1[MRV], b2[MRV];
+  I k1[MRV];
   for (int i = 0; i < MRV; ++i) {
-    best[i] = V::set1(__builtin_inff());
-    bidx[i] = V::set1i(0);
+    b1[i] = b2[i] = V::set1(__builtin_inff());
+    k1[i] = V::set1i(0);
   }
   const F two = V::set1(2.0f);
   for (int64_t p = 0; p < panels; ++p) {
-    const float* b = packed + p * D * NR;
     F acc[MRV][NR];
-#pragma GCC unroll 64
-    for (int i = 0; i < MRV; ++i)
-#pragma GCC unroll 64
-      for (int j = 0; j < NR; ++j) acc[i][j] = V::zero();
-    const float* xp = xt;
-    for (int64_t d = 0; d < D; ++d, xp += MR, b += NR) {
-      F xv[MRV];
-#pragma GCC unroll 64
-      for (int i = 0; i < MRV; ++i) xv[i] = V::load(xp + i * W);
-#pragma GCC unroll 64
-      for (int j = 0; j < NR; ++j) {
-        const F bj = V::set1(b[j]);
-#pragma GCC unroll 64
-        for (int i = 0; i < MRV; ++i) acc[i][j] = V::fmadd(xv[i], bj, acc[i][j]);
-      }
-    }
+    panel_dots(xt, packed + p * D * NR, D, acc);
     const float* nrm = norms + p * NR;
 #pragma GCC unroll 64
     for (int j = 0; j < NR; ++j) {
@@ -233,13 +263,34 @@ VQK_ALWAYS_INLINE void search_tile(const float* __restrict xt, const float* __re
       for (int i = 0; i < MRV; ++i) {
         // ||e||^2 - 2 z.e in one rounding; ||z||^2 is the same for every code, so it is left out.
         const F dist = V::fnmadd(acc[i][j], two, nj);
-        const M m = V::lt(dist, best[i]);
-        best[i] = V::sel(m, dist, best[i]);
-        bidx[i] = V::seli(m, kj, bidx[i]);
+        const M m1 = V::lt(dist, b1[i]);
+        const M m2 = V::lt(dist, b2[i]);  // implied by m1
+        b2[i] = V::sel(m1, b1[i], V::sel(m2, dist, b2[i]));
+        b1[i] = V::sel(m1, dist, b1[i]);
+        k1[i] = V::seli(m1, kj, k1[i]);
       }
     }
   }
-  for (int i = 0; i < MRV; ++i) V::storei(out_idx + i * W, bidx[i]);
+  for (int i = 0; i < MRV; ++i) {
+    V::storei(out.k1 + i * W, k1[i]);
+    V::store(out.v1 + i * W, b1[i]);
+    V::store(out.v2 + i * W, b2[i]);
+  }
+}
+
+// ||x||^2 of every lane of a packed tile, in fp32 (only used inside the bound, which allows for
+// its rounding).
+VQK_ALWAYS_INLINE void lane_sqnorms(const float* __restrict xt, int64_t D, float* __restrict out) {
+  using F = typename V::F;
+  F s[MRV];
+  for (int i = 0; i < MRV; ++i) s[i] = V::zero();
+  for (int64_t d = 0; d < D; ++d)
+#pragma GCC unroll 64
+    for (int i = 0; i < MRV; ++i) {
+      const F v = V::load(xt + d * MR + i * W);
+      s[i] = V::fmadd(v, v, s[i]);
+    }
+  for (int i = 0; i < MRV; ++i) V::store(out + i * W, s[i]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -351,17 +402,187 @@ void finish_tile(const cpu::FwdJob& job, const int64_t* __restrict rowno, const 
 // One packed tile (rows or chosen codes), rounded up to whole cache lines.
 int64_t tile_floats(int64_t D) { return ((D > 0 ? D : 1) * MR + 15) / 16 * 16; }
 
+// ---------------------------------------------------------------------------------------------
+// The proof, and the exact re-search of the rows without one.
+//
+// Bound. For a row x and a code e (fp32 values: f16/bf16 inputs widen exactly), u = 2^-24:
+//   acc = fl(sum_d x_d e_d), an FMA chain (separate multiply and add in the scalar build):
+//       |acc - x.e| <= gamma_{D+1} sum_d |x_d e_d| <= gamma_{D+1} ||x|| ||e||,  gamma_n = nu/(1-nu);
+//   n = fl(sum_d e_d^2) (pack_codes):  |n - ||e||^2| <= gamma_{2D} ||e||^2;
+//   a = fl(n - 2 acc), one rounding:   |a - (n - 2 acc)| <= u |n - 2 acc|.
+// Together |a - (||e||^2 - 2 x.e)| <= (2D + 4) u (1 + O(Du)) (||e||^2 + 2 ||x|| ||e||), which B below
+// exceeds: (2D + 8) u * 1.01, E = max ||e|| over the finite codes and ||x|| both taken from their
+// fp32 squares enlarged by those squares' own rounding (and by D 2^-126 against underflow). Products
+// and sums in the subnormal range -- or flushed to zero, when a caller turned on FTZ/DAZ -- add at
+// most 2^-126 (|x_d| + |e_d| + 1) per operation: the 2^-120 term. The (D + 2) 2^-50 ||x||^2 term
+// covers float64's own rounding of the exact distances, so the fast answer is also the float64
+// evaluation's. None of this overflows while ||x||^2 < 2^100 and E < 2^50.
+// Proof. With d_k the exact squared distance and k1 the row's approximate best (value v1, runner-up
+// value v2 over every other code): d_k - d_k1 >= (a_k - a_k1) - 2B >= v2 - v1 - 2B for all k != k1.
+// So v2 - v1 > 2B proves k1 the unique nearest code. Otherwise the nearest code k* has
+// a_k* <= d_k* - ||x||^2 + B <= d_k1 - ||x||^2 + B <= v1 + 2B: the exact re-search measures only
+// codes with a_k <= v1 + 2B (`thr`; the same a_k, from the same micro-kernel). Rows outside that
+// range, or with NaN or inf anywhere (v1 not finite), are measured against every code.
+VQK_ALWAYS_INLINE bool decide(const cpu::FwdJob& job, float v1f, float v2f, float xxf, double* thr) {
+  const double v1 = v1f, v2 = v2f, xx = xxf, D = (double)job.D, E = job.max_code_norm;
+  const double u = 0x1p-24;
+  *thr = __builtin_inf();
+  if (job.approx_only) return true;  // VQK_DEBUG_APPROX_ONLY: tests show the re-search is needed
+  if (!(v1 - v1 == 0.0) || !(xx < 0x1p100) || !(E < 0x1p50)) return false;
+  const double xn = __builtin_sqrt(xx + D * 0x1p-126) * (1.0 + (D + 2.0) * u);
+  const double B = (2.0 * D + 8.0) * u * 1.01 * (E * E + 2.0 * xn * E) +
+                   (D + 2.0) * 0x1p-50 * xn * xn + (4.0 * D + 8.0) * 0x1p-120 * (1.0 + E + xn);
+  if (v2 - v1 > 2.0 * B) return true;
+  *thr = v1 + 2.0 * B * (1.0 + 0x1p-20);
+  return false;
+}
+
+// Rows set aside for the exact re-search, packed like a tile (xe[d * MR + slot]).
+struct Exact {
+  int64_t count;
+  int64_t rowno[MR];
+  double thr[MR];
+};
+constexpr int64_t kExactFloats = (int64_t)(sizeof(Exact) + 63) / 64 * 16;
+
+// Per-thread scratch (zeroed at the start of a call): [Exact][xt][et][xe].
+struct Scratch {
+  Exact* ex;
+  float *xt, *et, *xe;
+  Scratch(float* s, int64_t D)
+      : ex(reinterpret_cast<Exact*>(s)), xt(s + kExactFloats), et(xt + tile_floats(D)),
+        xe(et + tile_floats(D)) {}
+};
+
+[[maybe_unused]] int64_t scratch_floats(int64_t D) { return kExactFloats + 3 * tile_floats(D); }
+
+// The exact distance: float64 differences of the values as stored (the row from its packed fp32
+// copy, exact; the code from the codebook), summed in order.
+template <class E>
+VQK_ALWAYS_INLINE double exact_dist(const cpu::FwdJob& job, const float* xcol, int64_t k) {
+  const typename E::T* e = static_cast<const typename E::T*>(job.codebook) + k * job.D;
+  double s = 0.0;
+  for (int64_t d = 0; d < job.D; ++d) {
+    const double t = (double)xcol[d * MR] - (double)E::load(e + d);
+    s += t * t;
+  }
+  return s;
+}
+
+// One row's outputs from the exact search: index, error (float64, rounded once), z_q.
+template <class E>
+void write_row(const cpu::FwdJob& job, int64_t row, int64_t k, double err) {
+  using T = typename E::T;
+  job.indices[row] = k;
+  job.sqerr[row] = (float)err;
+  if (!job.zq.ptr) return;
+  T* zq = static_cast<T*>(job.zq.ptr);
+  int64_t off;
+  row_offsets(row, 1, job.zq.S, job.zq.sb, job.zq.ss, &off);
+  const T* e = static_cast<const T*>(job.codebook) + k * job.D;
+  T nan;
+  {
+    const uint32_t bits = E::nan_bits;
+    __builtin_memcpy(&nan, &bits, sizeof(T));
+  }
+  const bool finite = err - err == 0.0;
+  for (int64_t d = 0; d < job.D; ++d) zq[off + d * job.zq.sd] = finite ? e[d] : nan;
+}
+
+// The exact search of the set-aside rows: candidates by the micro-kernel's own a_k, then float64
+// distances, visited in increasing k with a strict compare (ties to the lowest index; NaN never
+// wins, so a row with no finite distance keeps index 0).
+template <class E>
+void run_exact(const cpu::FwdJob& job, const Scratch& s) {
+  using F = typename V::F;
+  Exact& ex = *s.ex;
+  const int64_t c = ex.count;
+  if (c == 0) return;
+  const int64_t D = job.D, K = job.K;
+  for (int64_t r = c; r < MR; ++r) {
+    ex.rowno[r] = -1;
+    ex.thr[r] = -__builtin_inf();
+    for (int64_t d = 0; d < D; ++d) s.xe[d * MR + r] = 0.0f;
+  }
+  __atomic_fetch_add(&cpu::g_exact_rows, c, __ATOMIC_RELAXED);
+  double best[MR];
+  int64_t bk[MR];
+  bool some_bounded = false, some_all = false;
+  for (int r = 0; r < MR; ++r) {
+    best[r] = __builtin_inf();
+    bk[r] = 0;
+    if (ex.rowno[r] < 0) continue;
+    if (ex.thr[r] - ex.thr[r] == 0.0) some_bounded = true;
+    else some_all = true;
+  }
+  if (some_bounded) {
+    alignas(64) float dist[NR][MR];
+    const F two = V::set1(2.0f);
+    for (int64_t p = 0; p < job.panels; ++p) {
+      F acc[MRV][NR];
+      panel_dots(s.xe, job.packed + p * D * NR, D, acc);
+      for (int j = 0; j < NR; ++j) {
+        const F nj = V::set1(job.norms[p * NR + j]);
+        for (int i = 0; i < MRV; ++i) V::store(dist[j] + i * W, V::fnmadd(acc[i][j], two, nj));
+      }
+      for (int j = 0; j < NR && p * NR + j < K; ++j)
+        for (int r = 0; r < MR; ++r) {
+          // Only lanes with a finite threshold: unbounded ones are measured against every code.
+          if (!((double)dist[j][r] <= ex.thr[r]) || !(ex.thr[r] < __builtin_inf())) continue;
+          const double dk = exact_dist<E>(job, s.xe + r, p * NR + j);
+          if (dk < best[r]) { best[r] = dk; bk[r] = p * NR + j; }
+        }
+    }
+  }
+  if (some_all)
+    for (int r = 0; r < MR; ++r) {
+      if (ex.rowno[r] < 0 || ex.thr[r] - ex.thr[r] == 0.0) continue;
+      for (int64_t k = 0; k < K; ++k) {
+        const double dk = exact_dist<E>(job, s.xe + r, k);
+        if (dk < best[r]) { best[r] = dk; bk[r] = k; }
+      }
+    }
+  for (int r = 0; r < MR; ++r) {
+    if (ex.rowno[r] < 0) continue;
+    const double err = best[r] < __builtin_inf() ? best[r] : exact_dist<E>(job, s.xe + r, bk[r]);
+    write_row<E>(job, ex.rowno[r], bk[r], err);
+  }
+  ex.count = 0;
+}
+
+// One packed tile of rows (lanes rowno[r] >= 0), searched, proven or set aside, and finished.
+// rowno is modified (set-aside lanes become -1).
+template <class E>
+void search_block(const cpu::FwdJob& job, int64_t* rowno, const float* xt, const Scratch& s) {
+  const int64_t D = job.D;
+  Top2 t;
+  search_tile(xt, job.packed, job.norms, job.panels, D, t);
+  alignas(64) float xx[MR];
+  lane_sqnorms(xt, D, xx);
+  for (int r = 0; r < MR; ++r) {
+    double thr;
+    if (rowno[r] < 0 || decide(job, t.v1[r], t.v2[r], xx[r], &thr)) continue;
+    Exact& ex = *s.ex;
+    for (int64_t d = 0; d < D; ++d) s.xe[d * MR + ex.count] = xt[d * MR + r];
+    ex.rowno[ex.count] = rowno[r];
+    ex.thr[ex.count] = thr;
+    ++ex.count;
+    rowno[r] = -1;
+    if (ex.count == MR) run_exact<E>(job, s);
+  }
+  finish_tile<E>(job, rowno, xt, s.et, t.k1);
+}
+
 template <class E>
 void search_tiles(const cpu::FwdJob& job, int64_t t_lo, int64_t t_hi, float* scratch) {
   const int64_t N = job.x.B * job.x.S;
-  alignas(64) int32_t idx[MR];
+  const Scratch s(scratch, job.D);
   int64_t rowno[MR];
   for (int64_t t = t_lo; t < t_hi; ++t) {
     const int64_t row0 = t * MR, rows = imin(MR, N - row0);
     for (int r = 0; r < MR; ++r) rowno[r] = r < rows ? row0 + r : -1;
-    pack_rows<E>(job, row0, rows, scratch);
-    search_tile(scratch, job.packed, job.norms, job.panels, job.D, idx);
-    finish_tile<E>(job, rowno, scratch, scratch + tile_floats(job.D), idx);
+    pack_rows<E>(job, row0, rows, s.xt);
+    search_block<E>(job, rowno, s.xt, s);
   }
 }
 
@@ -383,9 +604,15 @@ void search_tiles(const cpu::FwdJob& job, int64_t t_lo, int64_t t_hi, float* scr
   }
 }
 
-[[maybe_unused]] int64_t scratch_floats(int64_t D) { return 2 * tile_floats(D); }
-
-[[maybe_unused]] void flush_nothing(const cpu::FwdJob&, float*) {}
+// Called once by each thread after its last tile: the rows still set aside.
+[[maybe_unused]] void flush_exact(const cpu::FwdJob& job, float* scratch) {
+  const Scratch s(scratch, job.D);
+  switch (job.dtype) {
+    case DType::f16: return run_exact<EF16>(job, s);
+    case DType::bf16: return run_exact<EBF16>(job, s);
+    default: return run_exact<EF32>(job, s);
+  }
+}
 
 }  // namespace
 }  // namespace vqk

@@ -51,7 +51,7 @@ constexpr int NR = 4;
 namespace vqk {
 namespace cpu {
 const SearchKernels& kernels_scalar() {
-  static const SearchKernels k{"scalar", MR, NR, pack_any, search_any, flush_nothing,
+  static const SearchKernels k{"scalar", MR, NR, pack_any, search_any, flush_exact,
                                   scratch_floats, false};
   return k;
 }

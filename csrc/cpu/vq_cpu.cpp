@@ -26,6 +26,12 @@
 #include "vqk/vqk.h"
 
 namespace vqk {
+namespace cpu {
+int64_t g_exact_rows = 0;
+}  // namespace cpu
+
+int64_t cpu_exact_rows() { return __atomic_load_n(&cpu::g_exact_rows, __ATOMIC_RELAXED); }
+
 namespace {
 
 // ---------------------------------------------------------------------------------------------
@@ -111,6 +117,25 @@ bool cpu_has_avx2() {
 #endif
 }
 
+// An upper bound of max ||e_k|| over the finite codes from their fp32 squared norms (NaN marks a
+// code with NaN or inf, which is never chosen; +inf, a finite code whose norm overflowed, makes the
+// bound +inf): the norms' own rounding (gamma_{2D}) and underflow (D 2^-126) added, then sqrt.
+double code_norm_bound(const float* norms, int64_t K, int64_t D) {
+  double m = 0.0;
+  for (int64_t k = 0; k < K; ++k) {
+    const double v = norms[k];
+    if (std::isnan(v)) continue;
+    m = std::max(m, v);
+  }
+  const double u = 0x1p-24;
+  return std::sqrt(m * (1.0 + (2.0 * (double)D + 2.0) * u) + (double)D * 0x1p-126) * (1.0 + 4.0 * u);
+}
+
+bool debug_approx_only() {
+  const char* env = std::getenv("VQK_DEBUG_APPROX_ONLY");
+  return env && env[0] == '1';
+}
+
 // Below these the bf16 search does not pay for its re-check (measured on Zen 5: at K = 64 it is
 // ~10% slower than fp32, from K = 128 on 1.2-1.6x faster on rows that sit near one code).
 constexpr int64_t kBf16MinK = 128, kBf16MinD = 16;
@@ -173,7 +198,7 @@ void forward_packed(const ForwardArgs& a, int num_threads) {
     auto packed_bf16 = aligned_array<uint32_t>(ks.bf16 ? panels * ((D + 1) / 2) * ks.nr : 0);
     cpu::FwdJob job{a.dtype, a.x, a.codebook, K, D, a.zq, a.indices,
                     static_cast<float*>(a.sqerr), packed.get(), norms.get(), panels,
-                    ks.bf16 ? packed_bf16.get() : nullptr, 0.0f};
+                    ks.bf16 ? packed_bf16.get() : nullptr, 0.0, debug_approx_only()};
 
     const int64_t tiles = (N + ks.mr - 1) / ks.mr;
     const double flops = 2.0 * (double)N * (double)K * (double)std::max<int64_t>(D, 1);
@@ -184,16 +209,7 @@ void forward_packed(const ForwardArgs& a, int num_threads) {
     const int64_t pack_grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(D * ks.nr, 1));
     parallel_chunks(panels, pack_grain, panels * D * ks.nr >= (1 << 16) ? threads : 1,
                     [&](int64_t lo, int64_t hi, int) { ks.pack(job, lo, hi); });
-    if (ks.bf16) {
-      float m = 0.0f;
-      for (int64_t k = 0; k < K; ++k) {
-        const float v = norms[k];
-        if (!std::isfinite(v)) { m = std::numeric_limits<float>::infinity(); break; }
-        m = std::max(m, v);
-      }
-      // A hair above sqrt of the largest norm: the re-check's bound must not be undercut.
-      job.max_code_norm = std::sqrt(m) * (1.0f + 1e-6f);
-    }
+    job.max_code_norm = code_norm_bound(norms.get(), K, D);
 
     const int64_t stride = (ks.scratch_floats(D) + 15) / 16 * 16;  // keep each 64-byte aligned
     auto scratch = aligned_array<float>(stride * threads);
@@ -225,7 +241,37 @@ void forward_packed(const ForwardArgs& a, int num_threads) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Forward, f64: plain fp64 arithmetic, parallel over rows
+// Forward, f64: plain fp64 arithmetic, parallel over rows, with the same proof and exact
+// re-search as the fp32 kernels (search_impl.h, `decide`), in float64: u = 2^-53, the range limits
+// ||x||^2 < 2^900 and max||e|| < 2^450, and a (D + 2) 2^-51 (||x|| + E)^2 term for float64's own
+// rounding of the exact distances. Input beyond 2^480 (or all of it below 2^-480) is searched on
+// values scaled by one power of two, the reference's rule, so squares neither overflow nor vanish.
+
+// The power of two that brings the largest finite magnitude of rows and codes inside
+// [2^-480, 2^480] (1 when it already is): vqkernels.reference._search_scale.
+double f64_search_scale(const ForwardArgs& a) {
+  const int64_t N = a.x.n(), D = a.x.D, K = a.K;
+  const double* xp = static_cast<const double*>(a.x.ptr);
+  const double* cb = static_cast<const double*>(a.codebook);
+  if (N == 0 || K == 0 || D == 0) return 1.0;
+  double m = 0.0;
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t xo = a.x.offset(n, 0);
+    for (int64_t d = 0; d < D; ++d) {
+      const double v = std::fabs(xp[xo + d * a.x.sd]);
+      if (v < std::numeric_limits<double>::infinity()) m = std::max(m, v);
+    }
+  }
+  for (int64_t i = 0; i < K * D; ++i) {
+    const double v = std::fabs(cb[i]);
+    if (v < std::numeric_limits<double>::infinity()) m = std::max(m, v);
+  }
+  int e = 0;
+  std::frexp(m, &e);
+  if (m > 0x1p480) return std::ldexp(1.0, 480 - e);
+  if (m > 0.0 && m < 0x1p-480) return std::ldexp(1.0, -480 - e);
+  return 1.0;
+}
 
 void forward_f64(const ForwardArgs& a, int num_threads) {
   const int64_t N = a.x.n(), D = a.x.D, K = a.K;
@@ -233,28 +279,81 @@ void forward_f64(const ForwardArgs& a, int num_threads) {
   const double* cb = static_cast<const double*>(a.codebook);
   double* zq = static_cast<double*>(a.zq.ptr);
   double* sqerr = static_cast<double*>(a.sqerr);
+  const double inf = std::numeric_limits<double>::infinity();
+  const double scale = f64_search_scale(a);
+  const bool approx_only = debug_approx_only();
   std::vector<double> cnorm(K);
+  double emax = 0.0;
   for (int64_t k = 0; k < K; ++k) {
     double s = 0;
-    for (int64_t d = 0; d < D; ++d) s += cb[k * D + d] * cb[k * D + d];
-    cnorm[k] = s;
+    bool finite = true;
+    for (int64_t d = 0; d < D; ++d) {
+      const double v = cb[k * D + d];
+      s += v * v;
+      finite &= std::isfinite(v);
+    }
+    // A code with NaN or inf is never chosen (NaN loses every compare); see search_impl.h.
+    cnorm[k] = finite ? s : std::numeric_limits<double>::quiet_NaN();
+    if (finite) emax = std::max(emax, s);
   }
+  const double u = 0x1p-53, Dd = (double)D;
+  const double E = std::sqrt(emax * (1.0 + (2.0 * Dd + 2.0) * u) + Dd * 0x1p-1022) * (1.0 + 4.0 * u);
   const double flops = 2.0 * (double)N * (double)K * (double)std::max<int64_t>(D, 1);
   const int threads = (int)std::min<int64_t>(num_threads, 1 + (int64_t)(flops / kMinFlopsPerThread));
-  std::vector<double> rows(chunk_threads(N, 16, threads) * std::max<int64_t>(D, 1));
+  const int nt = chunk_threads(N, 16, threads);
+  const int64_t Dm = std::max<int64_t>(D, 1);
+  std::vector<double> rows(nt * Dm), dists(nt * std::max<int64_t>(K, 1));
+  std::vector<int64_t> exact_rows(nt, 0);
   parallel_chunks(N, 16, threads, [&](int64_t lo, int64_t hi, int tid) {
-    double* row = rows.data() + tid * std::max<int64_t>(D, 1);
+    double* row = rows.data() + tid * Dm;
+    double* dist = dists.data() + tid * std::max<int64_t>(K, 1);
+    auto exact = [&](int64_t k) {
+      const double* e = cb + k * D;
+      double s = 0;
+      for (int64_t d = 0; d < D; ++d) {
+        const double t = row[d] * scale - e[d] * scale;
+        s += t * t;
+      }
+      return s;
+    };
     for (int64_t n = lo; n < hi; ++n) {
       const int64_t xo = a.x.offset(n, 0);
-      for (int64_t d = 0; d < D; ++d) row[d] = xp[xo + d * a.x.sd];
-      double best = std::numeric_limits<double>::infinity();
+      double xx = 0;
+      for (int64_t d = 0; d < D; ++d) {
+        row[d] = xp[xo + d * a.x.sd];
+        xx += row[d] * row[d];
+      }
+      double v1 = inf, v2 = inf;
       int64_t arg = 0;
       for (int64_t k = 0; k < K; ++k) {
         const double* e = cb + k * D;
         double dot = 0;
         for (int64_t d = 0; d < D; ++d) dot += row[d] * e[d];
-        const double dist = cnorm[k] - 2 * dot;
-        if (dist < best) { best = dist; arg = k; }  // strict: ties keep the lowest index, NaN loses
+        const double dk = cnorm[k] - 2 * dot;
+        dist[k] = dk;
+        // Strict compares: ties keep the lowest index, NaN loses; v2 is the runner-up's value.
+        if (dk < v1) { v2 = v1; v1 = dk; arg = k; }
+        else if (dk < v2) v2 = dk;
+      }
+      bool proven = approx_only;
+      double thr = inf;
+      if (!proven && scale == 1.0 && std::isfinite(v1) && xx < 0x1p900 && E < 0x1p450) {
+        const double xn = std::sqrt(xx + Dd * 0x1p-1022) * (1.0 + (Dd + 2.0) * u);
+        const double B = (2.0 * Dd + 8.0) * u * 1.01 * (E * E + 2.0 * xn * E) +
+                         (Dd + 2.0) * 0x1p-51 * (xn + E) * (xn + E) +
+                         (4.0 * Dd + 8.0) * 0x1p-1020 * (1.0 + E + xn);
+        proven = v2 - v1 > 2.0 * B;
+        thr = v1 + 2.0 * B * (1.0 + 0x1p-40);
+      }
+      if (!proven) {
+        ++exact_rows[tid];
+        double best = inf;
+        arg = 0;
+        for (int64_t k = 0; k < K; ++k) {
+          if (!(dist[k] <= thr) && thr < inf) continue;
+          const double dk = exact(k);
+          if (dk < best) { best = dk; arg = k; }
+        }
       }
       const double* e = cb + arg * D;
       double err = 0;
@@ -262,13 +361,17 @@ void forward_f64(const ForwardArgs& a, int num_threads) {
       a.indices[n] = arg;
       sqerr[n] = err;
       if (zq) {
-        const bool finite = std::isfinite(err);
+        // NaN where the row or the code is not finite (not where a finite error overflows).
+        const bool finite = std::isfinite(exact(arg));
         const int64_t zo = a.zq.offset(n, 0);
         for (int64_t d = 0; d < D; ++d)
           zq[zo + d * a.zq.sd] = finite ? e[d] : std::numeric_limits<double>::quiet_NaN();
       }
     }
   });
+  int64_t total = 0;
+  for (int64_t c : exact_rows) total += c;
+  __atomic_fetch_add(&cpu::g_exact_rows, total, __ATOMIC_RELAXED);
   if (a.counts) {
     std::fill(a.counts, a.counts + K, int64_t(0));
     for (int64_t n = 0; n < N; ++n) ++a.counts[a.indices[n]];

@@ -87,6 +87,9 @@ void cpu_backward(const BackwardArgs& a, int num_threads);
 // (small codebooks use "avx512" where "avx512bf16" would be picked). Throws if the forced one
 // can't run here.
 const char* cpu_isa();
+// Rows the CPU forward has searched again exactly (no proof from the fast pass) since the module
+// loaded, over all calls and threads: for tests and benchmarks.
+int64_t cpu_exact_rows();
 
 #ifdef VQK_WITH_CUDA
 // CUDA entry points: all pointers are device pointers, work is queued on `stream`

@@ -1,0 +1,100 @@
+"""A/B of two builds of the native CPU kernel in one process, calls interleaved.
+
+    # build the baseline from an older commit into its own tree, then:
+    git worktree add /tmp/base <commit> && (cd /tmp/base && VQK_CUDA=OFF python setup.py build_ext --inplace)
+    python benchmarks/ab_native.py /tmp/base/vqkernels/_C*.so [--threads 2] [--reps 15]
+
+Both builds run the same Python wrapper (vqkernels.nearest_code / vq_quantize with backend="cpu");
+only the compiled module is swapped between calls, so the ratio is the kernels' alone. Each shape
+alternates baseline and candidate call by call and reports medians, their ratio, and the fraction
+of rows the candidate searched again exactly (its `cpu_exact_rows` counter; 0 for a baseline
+without one). Shapes: the CPU benchmark's (benchmarks/test_bench_cpu.py), on its data (rows near
+codes) and on plain randn rows and codes.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+import vqkernels
+from vqkernels import native
+
+SHAPES = [(8192, 512, 256), (8192, 256, 256), (8192, 64, 64), (32768, 512, 512), (65536, 4096, 64)]
+
+
+def load_so(path: str):
+    spec = importlib.util.spec_from_file_location("vqk_baseline._C", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def data(kind, N, K, D):
+    g = torch.Generator().manual_seed(N * 31 + K * 7 + D)
+    cb = torch.randn(K, D, generator=g)
+    if kind == "near":  # benchmarks/test_bench_cpu.py's inputs
+        z = cb[torch.randint(0, K, (N,), generator=g)] + 0.3 * torch.randn(N, D, generator=g)
+    else:
+        z = torch.randn(N, D, generator=g)
+    return z, cb
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = f.read().splitlines()
+        model = next(l.split(":", 1)[1].strip() for l in lines if l.startswith("model name"))
+        flags = next(l.split(":", 1)[1].split() for l in lines if l.startswith("flags"))
+        isa = [f for f in flags if f.startswith(("avx512", "avx2", "fma", "f16c", "avx_vnni"))]
+        return f"{model} ({', '.join(sorted(isa))})"
+    except (OSError, StopIteration):
+        return platform.processor()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("baseline", help="path of the baseline build's _C*.so")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--op", choices=["nearest_code", "vq_quantize"], default="nearest_code")
+    ap.add_argument("--kinds", nargs="+", default=["near", "randn"])
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    base, cand = load_so(args.baseline), native.module()
+    op = (lambda z, cb: vqkernels.nearest_code(z, cb, backend="cpu")) if args.op == "nearest_code" \
+        else (lambda z, cb: vqkernels.vq_quantize(z, cb, backend="cpu"))
+    print(f"# {args.op}, float32, {args.threads} thread(s), {args.reps} interleaved reps, "
+          f"CPU {cpu_name()}, candidate ISA {cand.cpu_isa()}, torch {torch.__version__}")
+    print("| data | N×K×D | baseline ms | candidate ms | candidate ÷ baseline | rows re-searched |")
+    print("|---|---|---:|---:|---:|---:|")
+    for kind in args.kinds:
+        for N, K, D in SHAPES:
+            z, cb = data(kind, N, K, D)
+            times = {"base": [], "cand": []}
+            researched = 0
+            for rep in range(args.reps + 1):
+                for name, mod in (("base", base), ("cand", cand)) if rep % 2 else \
+                        (("cand", cand), ("base", base)):
+                    native.module = lambda m=mod: m
+                    before = cand.cpu_exact_rows()
+                    t0 = time.perf_counter()
+                    op(z, cb)
+                    dt = time.perf_counter() - t0
+                    if name == "cand":
+                        researched = cand.cpu_exact_rows() - before
+                    if rep:  # the first round warms caches and the thread pool
+                        times[name].append(dt)
+            native.module = lambda m=cand: m
+            mb, mc = statistics.median(times["base"]), statistics.median(times["cand"])
+            print(f"| {kind} | {N}×{K}×{D} | {mb * 1e3:.1f} | {mc * 1e3:.1f} | {mc / mb:.3f} | "
+                  f"{researched / N:.4%} |", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

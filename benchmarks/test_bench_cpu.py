@@ -102,3 +102,7 @@ def test_cpu_forward(run_case, shape, impl):
     info["torch_threads"] = torch.get_num_threads()
     if impl.startswith("vqk"):
         info["cpu_isa"] = native.module().cpu_isa()
+        # The fraction of rows the fast pass could not prove and the exact re-search measured.
+        before = native.module().cpu_exact_rows()
+        fn()
+        info["exact_research_fraction"] = (native.module().cpu_exact_rows() - before) / N

@@ -1,6 +1,6 @@
 // Internal interface between the CPU orchestration (vq_cpu.cpp, built with the baseline flags) and
-// the ISA-specific search kernels (search_avx512.cpp, search_avx2.cpp, search_scalar.cpp, each built
-// with its own -m flags).
+// the ISA-specific search kernels (search_avx512.cpp, search_avx2.cpp, search_neon.cpp,
+// search_scalar.cpp, each built with its own -m flags).
 //
 // This header must stay free of inline functions and templates: it is included by translation units
 // compiled for different instruction sets, and an inline function instantiated in an AVX-512 unit
@@ -54,11 +54,13 @@ struct SearchKernels {
   bool bf16;  // wants packed_bf16 and max_code_norm
 };
 
-// Each exists when CMake built it (VQK_HAVE_*: the compiler had the flags, x86-64 only).
+// Each exists when CMake built it (VQK_HAVE_*: the AVX builds when the compiler had the flags,
+// x86-64 only; the NEON build on aarch64, where it needs no flags).
 const SearchKernels& kernels_scalar();
 const SearchKernels& kernels_avx2();
 const SearchKernels& kernels_avx512();
 const SearchKernels& kernels_avx512bf16();
+const SearchKernels& kernels_neon();
 
 // Rows the exact re-search has measured since the module loaded (all threads; tests and
 // benchmarks read it around a call).

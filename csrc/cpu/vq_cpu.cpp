@@ -1,7 +1,7 @@
 // CPU entry points: instruction-set choice, threading, and the parts that are not the search.
 //
-// Forward (f32 / f16 / bf16): the fused search of search_impl.h, in the AVX-512, AVX2 or portable
-// build picked at run time. The codebook is packed once per call (panels plus squared norms); row
+// Forward (f32 / f16 / bf16): the fused search of search_impl.h, in the AVX-512, AVX2, NEON
+// (aarch64) or portable build picked at run time. The codebook is packed once per call (panels plus squared norms); row
 // tiles are then handed out dynamically to the threads, and each tile is searched, gathered and
 // written while it is in cache. Extra memory: the packed codebook and one row tile per thread.
 // Every row's result depends only on that row, so any thread count gives bitwise the same output.
@@ -24,6 +24,11 @@
 #include "cpu_internal.h"
 #include "vqk/common.h"
 #include "vqk/vqk.h"
+
+#if defined(VQK_HAVE_NEON) && defined(__linux__)
+#include <asm/hwcap.h>
+#include <sys/auxv.h>
+#endif
 
 namespace vqk {
 namespace cpu {
@@ -117,6 +122,18 @@ bool cpu_has_avx2() {
 #endif
 }
 
+// AArch64's Advanced SIMD (with fp16 conversions) is part of the baseline, so the build is always
+// made there; Linux still reports it, and a kernel that hides it gets the portable build.
+bool cpu_has_neon() {
+#if defined(VQK_HAVE_NEON) && defined(__linux__)
+  return (getauxval(AT_HWCAP) & HWCAP_ASIMD) != 0;
+#elif defined(VQK_HAVE_NEON)
+  return true;
+#else
+  return false;
+#endif
+}
+
 // An upper bound of max ||e_k|| over the finite codes from their fp32 squared norms (NaN marks a
 // code with NaN or inf, which is never chosen; +inf, a finite code whose norm overflowed, makes the
 // bound +inf): the norms' own rounding (gamma_{2D}) and underflow (D 2^-126) added, then sqrt.
@@ -155,6 +172,9 @@ const cpu::SearchKernels& select_kernels([[maybe_unused]] int64_t K, [[maybe_unu
 #if defined(VQK_HAVE_AVX2)
     if (cpu_has_avx2()) return cpu::kernels_avx2();
 #endif
+#if defined(VQK_HAVE_NEON)
+    if (cpu_has_neon()) return cpu::kernels_neon();
+#endif
     return cpu::kernels_scalar();
   }
   if (want == "scalar") return cpu::kernels_scalar();
@@ -179,7 +199,15 @@ const cpu::SearchKernels& select_kernels([[maybe_unused]] int64_t K, [[maybe_unu
     return cpu::kernels_avx2();
 #endif
   }
-  throw std::invalid_argument("VQK_CPU_ISA must be one of auto, avx512bf16, avx512, avx2, scalar; got '" +
+  if (want == "neon") {
+    if (!cpu_has_neon())
+      throw std::runtime_error("VQK_CPU_ISA=neon, but this is not an aarch64 build with Advanced SIMD "
+                               "(NEON is the aarch64 path; x86-64 has avx512bf16, avx512, avx2)");
+#if defined(VQK_HAVE_NEON)
+    return cpu::kernels_neon();
+#endif
+  }
+  throw std::invalid_argument("VQK_CPU_ISA must be one of auto, avx512bf16, avx512, avx2, neon, scalar; got '" +
                               want + "'");
 }
 

@@ -82,8 +82,8 @@ struct BackwardArgs {
 // CPU entry points. num_threads <= 0 means one thread.
 void cpu_forward(const ForwardArgs& a, int num_threads);
 void cpu_backward(const BackwardArgs& a, int num_threads);
-// The CPU search kernels a large search (K >= 128) will use: "avx512bf16", "avx512", "avx2" or
-// "scalar" -- the best this CPU runs, or the one the VQK_CPU_ISA environment variable forces
+// The CPU search kernels a large search (K >= 128) will use: "avx512bf16", "avx512", "avx2",
+// "neon" (aarch64) or "scalar" -- the best this CPU runs, or the one the VQK_CPU_ISA environment variable forces
 // (small codebooks use "avx512" where "avx512bf16" would be picked). Throws if the forced one
 // can't run here.
 const char* cpu_isa();

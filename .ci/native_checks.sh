@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# The native CPU kernels checked through their C++ API (tests/native/kernel_check.cpp), without
+# Python or torch:
+#   host     built natively; runs every search build this CPU can execute (x86-64: avx512bf16,
+#            avx512, avx2, scalar; the driver names each one it cannot run, and why);
+#   aarch64  cross-compiled with Debian's g++-aarch64-linux-gnu and run under qemu-user: the NEON
+#            build (the default there) and the portable one, both required. qemu checks behaviour
+#            only: NEON speed is not measured by this script.
+# Installs the cross toolchain and qemu with apt-get when they are missing and it can (root, or
+# VQK_NO_APT=1 to forbid it). Usage: .ci/native_checks.sh [host|aarch64|all] (default all).
+# Objects go to build/native_checks/<arch>/ (ignored by git).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+what="${1:-all}"
+CXXFLAGS=(-std=c++17 -O3 -Wall -Wextra -pthread -Icsrc/include)
+COMMON=(csrc/cpu/vq_cpu.cpp csrc/cpu/thread_pool.cpp csrc/cpu/search_scalar.cpp)
+
+# build <compiler> <outdir> <defines for vq_cpu.cpp> -- <file>:<flags,comma-separated> ...
+build() {
+  local cxx="$1" out="$2" defs="$3"
+  shift 3
+  mkdir -p "$out"
+  local objs=()
+  local f
+  for f in "${COMMON[@]}"; do
+    local extra=()
+    [[ "$f" == */vq_cpu.cpp ]] && for d in $defs; do extra+=("-D$d"); done
+    "$cxx" "${CXXFLAGS[@]}" "${extra[@]}" -c "$f" -o "$out/$(basename "$f" .cpp).o"
+    objs+=("$out/$(basename "$f" .cpp).o")
+  done
+  local spec
+  for spec in "$@"; do
+    local file="${spec%%:*}" flags="${spec#*:}"
+    # shellcheck disable=SC2086
+    "$cxx" "${CXXFLAGS[@]}" ${flags//,/ } -c "$file" -o "$out/$(basename "$file" .cpp).o"
+    objs+=("$out/$(basename "$file" .cpp).o")
+  done
+  "$cxx" "${CXXFLAGS[@]}" -O2 tests/native/kernel_check.cpp "${objs[@]}" -o "$out/kernel_check"
+}
+
+apt_install() {
+  if [[ "${VQK_NO_APT:-0}" == 1 ]] || ! command -v apt-get >/dev/null || [[ "$(id -u)" != 0 ]]; then
+    echo "missing: $* (install them, e.g. apt-get install -y $*)" >&2
+    return 1
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+host() {
+  local arch
+  arch="$(uname -m)"
+  echo "== host ($arch): build"
+  local t0=$SECONDS
+  case "$arch" in
+    x86_64|amd64)
+      build "${CXX:-g++}" "build/native_checks/$arch" \
+        "VQK_HAVE_AVX2 VQK_HAVE_AVX512 VQK_HAVE_AVX512BF16" \
+        "csrc/cpu/search_avx2.cpp:-mavx2,-mfma,-mf16c" \
+        "csrc/cpu/search_avx512.cpp:-mavx512f,-mavx512bw,-mavx512vl,-mavx512dq,-mfma,-mf16c,-Wno-maybe-uninitialized" \
+        "csrc/cpu/search_avx512bf16.cpp:-mavx512f,-mavx512bw,-mavx512vl,-mavx512dq,-mavx512bf16,-mfma,-mf16c,-Wno-maybe-uninitialized"
+      echo "== host: run (built in $((SECONDS - t0)) s)"
+      "build/native_checks/$arch/kernel_check" --require=scalar ;;
+    aarch64|arm64)
+      build "${CXX:-g++}" "build/native_checks/$arch" "VQK_HAVE_NEON" "csrc/cpu/search_neon.cpp:"
+      echo "== host: run (built in $((SECONDS - t0)) s)"
+      "build/native_checks/$arch/kernel_check" --require=neon,scalar --expect-auto=neon ;;
+    *)
+      build "${CXX:-g++}" "build/native_checks/$arch" ""
+      "build/native_checks/$arch/kernel_check" --require=scalar --expect-auto=scalar ;;
+  esac
+}
+
+aarch64() {
+  local need=()
+  command -v aarch64-linux-gnu-g++ >/dev/null || need+=(g++-aarch64-linux-gnu)
+  command -v qemu-aarch64 >/dev/null || need+=(qemu-user)
+  if ((${#need[@]})); then apt_install "${need[@]}"; fi
+  echo "== aarch64 (cross-compiled, run under qemu-user): build"
+  local t0=$SECONDS
+  build aarch64-linux-gnu-g++ build/native_checks/aarch64-cross "VQK_HAVE_NEON" "csrc/cpu/search_neon.cpp:"
+  echo "== aarch64: run under $(qemu-aarch64 --version | head -1) (built in $((SECONDS - t0)) s)"
+  echo "   (behaviour only: NEON speed is not measured under qemu)"
+  qemu-aarch64 -L /usr/aarch64-linux-gnu build/native_checks/aarch64-cross/kernel_check \
+    --require=neon,scalar --expect-auto=neon "${VQK_NATIVE_CHECK_ARGS[@]}"
+}
+
+VQK_NATIVE_CHECK_ARGS=()
+[[ -n "${VQK_NATIVE_QUICK:-}" ]] && VQK_NATIVE_CHECK_ARGS+=(--quick)
+case "$what" in
+  host) host ;;
+  aarch64) aarch64 ;;
+  all) host; aarch64 ;;
+  *) echo "usage: $0 [host|aarch64|all]" >&2; exit 2 ;;
+esac

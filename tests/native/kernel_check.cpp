@@ -1,0 +1,680 @@
+// Standalone check of the native CPU kernels through their C++ API (csrc/include/vqk/vqk.h): no
+// Python, no torch, so it also runs cross-compiled under qemu-user (aarch64: the NEON build).
+//
+// For every search build named on the command line (default: all of them) that this CPU runs --
+// forced through VQK_CPU_ISA, as the Python tests do -- with 1 and 2 threads and f32/f16/bf16/f64,
+// cpu_forward runs on random and adversarial inputs (near ties far from the origin, duplicated
+// codes, exact ties by reflection, a large common mean, NaN/inf rows and codes, extreme magnitudes,
+// shapes around every build's tile sizes, channel-first and strided layouts), and is checked
+// against a float64 brute force here:
+//   indices  equal to the lowest index of the minimal float64 distance sum_d (x_d - e_d)^2 (summed
+//            in order, NaN as +inf; a row with no finite distance gets 0), on EVERY row: the kernel
+//            promises that answer exactly (search_impl.h), so near ties are judged too;
+//   sqerr    the chosen code's error: bit-exact for f64, within the fp32 summation bound otherwise;
+//   z_q      the chosen code bit for bit, NaN for a non-finite row, and nothing outside the rows
+//            written (strided outputs keep their poisoned gaps);
+//   counts   the histogram of the indices;
+//   threads  1 and 2 threads give bitwise the same outputs.
+// cpu_backward (which has no per-ISA code) is checked against float64 sums once per dtype and
+// thread count, on row-major and channel-first layouts.
+//
+// Builds a CPU cannot run are reported as SKIP with the reason (never silently); --require=a,b
+// turns a skip of those into a failure, and --expect-auto=name checks the default choice.
+// Exit status: 0 when every check passed, 1 otherwise.
+#include <algorithm>
+#include <cinttypes>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "vqk/common.h"
+#include "vqk/vqk.h"
+
+using vqk::DType;
+
+namespace {
+
+int g_failures = 0;
+int64_t g_checks = 0;
+
+#define CHECK(cond, ...)                                   \
+  do {                                                     \
+    ++g_checks;                                            \
+    if (!(cond)) {                                         \
+      if (++g_failures <= 40) {                            \
+        std::fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
+        std::fprintf(stderr, __VA_ARGS__);                 \
+        std::fputc('\n', stderr);                          \
+      }                                                    \
+    }                                                      \
+  } while (0)
+
+const char* dname(DType t) {
+  switch (t) {
+    case DType::f32: return "f32";
+    case DType::f64: return "f64";
+    case DType::f16: return "f16";
+    case DType::bf16: return "bf16";
+  }
+  return "?";
+}
+
+int64_t esize(DType t) { return t == DType::f64 ? 8 : t == DType::f32 ? 4 : 2; }
+
+// Storage: a double rounded to the dtype (round to nearest even; NaN stays NaN), and back.
+void put(DType t, void* base, int64_t i, double v) {
+  switch (t) {
+    case DType::f64: static_cast<double*>(base)[i] = v; return;
+    case DType::f32: static_cast<float*>(base)[i] = (float)v; return;
+    case DType::f16: static_cast<uint16_t*>(base)[i] = vqk::float_to_half((float)v); return;
+    case DType::bf16: static_cast<uint16_t*>(base)[i] = vqk::float_to_bf16((float)v); return;
+  }
+}
+double get(DType t, const void* base, int64_t i) {
+  switch (t) {
+    case DType::f64: return static_cast<const double*>(base)[i];
+    case DType::f32: return static_cast<const float*>(base)[i];
+    case DType::f16: return vqk::half_to_float(static_cast<const uint16_t*>(base)[i]);
+    case DType::bf16: return vqk::bf16_to_float(static_cast<const uint16_t*>(base)[i]);
+  }
+  return 0;
+}
+bool same_bits(DType t, const void* a, int64_t i, const void* b, int64_t j) {
+  const int64_t s = esize(t);
+  return std::memcmp(static_cast<const char*>(a) + i * s, static_cast<const char*>(b) + j * s, s) == 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Inputs: values in double, rounded to the dtype when stored (the truth is computed from the
+// stored values, so rounding never makes a case wrong, only different).
+
+struct Case {
+  std::string name;
+  int64_t N, K, D;
+  std::vector<double> x;   // N x D
+  std::vector<double> cb;  // K x D
+  bool f16_ok = true;      // values fit f16 (|v| < 65504 and not all flushed)
+};
+
+std::mt19937_64 g_rng(12345);
+double normal() { return std::normal_distribution<double>(0.0, 1.0)(g_rng); }
+double uniform() { return std::uniform_real_distribution<double>(0.0, 1.0)(g_rng); }
+int64_t randint(int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(g_rng); }
+double grid(int64_t lo, int64_t hi, double step) { return (double)randint(lo, hi) * step; }
+
+Case random_case(int64_t N, int64_t K, int64_t D) {
+  Case c{"random " + std::to_string(N) + "x" + std::to_string(K) + "x" + std::to_string(D), N, K, D,
+         std::vector<double>(N * D), std::vector<double>(K * D)};
+  for (auto& v : c.cb) v = normal();
+  // Half the rows near a code, half anywhere: both clear and contested rows.
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t k = randint(0, K - 1);
+    for (int64_t d = 0; d < D; ++d)
+      c.x[n * D + d] = (n % 2) ? normal() : c.cb[k * D + d] + 0.3 * normal();
+  }
+  return c;
+}
+
+// Codes and rows far from the origin on a fine grid: n_close codes near every row (indices
+// congruent modulo `spacing`), the rest farther. The fp32 expansion's rounding is far larger than
+// the gaps here, so only the exact re-search can answer.
+Case close_codes(int64_t N, int64_t K, int64_t D, int n_close, int spacing, double offset) {
+  Case c{"close codes x" + std::to_string(n_close) + " mod " + std::to_string(spacing) + " at " +
+             std::to_string((int)offset),
+         N, K, D, std::vector<double>(N * D), std::vector<double>(K * D)};
+  std::vector<double> center(D);
+  for (auto& v : center) v = (uniform() < 0.5 ? -offset : offset) + grid(-8, 8, 1.0);
+  const int64_t p0 = randint(0, K - 1 - (int64_t)(n_close - 1) * spacing);
+  for (int64_t k = 0; k < K; ++k) {
+    const bool close = k >= p0 && (k - p0) % spacing == 0 && (k - p0) / spacing < n_close;
+    for (int64_t d = 0; d < D; ++d)
+      c.cb[k * D + d] = center[d] + (close ? grid(-24, 24, 1.0 / 64) : grid(-96, 96, 1.0 / 64));
+  }
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t d = 0; d < D; ++d) c.x[n * D + d] = center[d] + grid(-24, 24, 1.0 / 64);
+  c.f16_ok = offset < 60000;
+  return c;
+}
+
+// Every code present `copies` times (consecutive, or the whole book repeated): the lowest wins.
+Case duplicated(int64_t N, int64_t K0, int64_t D, int copies, bool interleave) {
+  Case c{std::string("duplicated x") + std::to_string(copies) + (interleave ? " consecutive" : " repeated"),
+         N, K0 * copies, D, std::vector<double>(N * D), std::vector<double>(K0 * copies * D)};
+  std::vector<double> base(K0 * D);
+  for (int64_t d = 0; d < D; ++d) {
+    const double center = 1024.0 + grid(-8, 8, 1.0);
+    for (int64_t k = 0; k < K0; ++k) base[k * D + d] = center + grid(-32, 32, 1.0 / 16);
+  }
+  for (int64_t j = 0; j < copies; ++j)
+    for (int64_t k = 0; k < K0; ++k) {
+      const int64_t dst = interleave ? k * copies + j : j * K0 + k;
+      for (int64_t d = 0; d < D; ++d) c.cb[dst * D + d] = base[k * D + d];
+    }
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t k = randint(0, K0 - 1);
+    for (int64_t d = 0; d < D; ++d) c.x[n * D + d] = base[k * D + d] + grid(-4, 4, 1.0 / 16);
+  }
+  return c;
+}
+
+// Exact ties: for every row x a pair x + delta, x - delta in random order, among farther codes.
+Case reflections(int64_t N, int64_t D, int64_t extra) {
+  const int64_t K = 2 * N + extra;
+  Case c{"reflections", N, K, D, std::vector<double>(N * D), std::vector<double>(K * D)};
+  std::vector<int64_t> perm(K);
+  for (int64_t k = 0; k < K; ++k) perm[k] = k;
+  std::shuffle(perm.begin(), perm.end(), g_rng);
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t d = 0; d < D; ++d) {
+      const double x = 256.0 + grid(-64, 64, 1.0 / 8);
+      const double delta = d == 0 ? 1.0 / 8 : grid(-4, 4, 1.0 / 8);
+      c.x[n * D + d] = x;
+      c.cb[perm[2 * n] * D + d] = x + delta;
+      c.cb[perm[2 * n + 1] * D + d] = x - delta;
+    }
+  }
+  for (int64_t j = 0; j < extra; ++j)
+    for (int64_t d = 0; d < D; ++d) c.cb[perm[2 * N + j] * D + d] = 256.0 + grid(-64, 64, 1.0 / 8) + 40.0;
+  return c;
+}
+
+Case large_mean(int64_t N, int64_t K, int64_t D, double mean) {
+  Case c{"large mean", N, K, D, std::vector<double>(N * D), std::vector<double>(K * D)};
+  for (auto& v : c.x) v = mean + normal();
+  for (auto& v : c.cb) v = mean + normal();
+  return c;
+}
+
+Case magnitudes(int64_t N, int64_t K, int64_t D, double scale) {
+  Case c = random_case(N, K, D);
+  c.name = "magnitude " + std::to_string(std::log10(scale));
+  for (auto& v : c.x) v *= scale;
+  for (auto& v : c.cb) v *= scale;
+  c.f16_ok = false;
+  return c;
+}
+
+Case nonfinite(int64_t N, int64_t K, int64_t D) {
+  Case c = large_mean(N, K, D, 0.0);
+  c.name = "NaN/inf rows and codes";
+  const double nan = std::nan(""), inf = HUGE_VAL;
+  c.x[3 * D + 1 % D] = nan;
+  c.x[7 * D] = inf;
+  c.x[9 * D + 2 % D] = -inf;
+  c.cb[0 * D + 1 % D] = nan;
+  c.cb[4 * D] = inf;
+  c.cb[5 * D + 3 % D] = -inf;
+  // Rows sitting on the poisoned codes: their finite part would make them the nearest.
+  for (int64_t d = 0; d < D; ++d) {
+    c.x[11 * D + d] = std::isfinite(c.cb[4 * D + d]) ? c.cb[4 * D + d] : 0.0;
+    c.x[12 * D + d] = std::isfinite(c.cb[0 * D + d]) ? c.cb[0 * D + d] : 0.0;
+  }
+  return c;
+}
+
+Case all_nan_codes(int64_t N, int64_t K, int64_t D) {
+  Case c = random_case(N, K, D);
+  c.name = "every code NaN";
+  for (auto& v : c.cb) v = std::nan("");
+  return c;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Layouts of x and z_q as (B, S, D) views with strides, and buffers with poisoned gaps.
+
+struct Layout {
+  const char* name;
+  int64_t B, S, sb, ss, sd, elems;  // elems: buffer size in elements
+};
+
+Layout make_layout(int which, int64_t N, int64_t D) {
+  switch (which) {
+    case 1: {  // channel-first (B, D, S): a block of rows is consecutive for a fixed d
+      const int64_t B = N % 3 == 0 && N >= 3 ? 3 : 1, S = N / B;
+      return {"channel-first", B, S, D * S, 1, S, B * D * S};
+    }
+    case 2: {  // row-major rows with gaps between them and between batches
+      const int64_t B = N % 2 == 0 && N >= 2 ? 2 : 1, S = N / B, ss = D + 3, sb = S * ss + 5;
+      return {"strided", B, S, sb, ss, 1, B * sb};
+    }
+    default:
+      return {"row-major", 1, N, N * D, D, 1, N * D};
+  }
+}
+
+int64_t off(const Layout& l, int64_t n, int64_t d) {
+  const int64_t b = n / l.S, s = n - b * l.S;
+  return b * l.sb + s * l.ss + d * l.sd;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The truth
+
+struct Truth {
+  std::vector<int64_t> idx;
+  std::vector<double> err;   // the chosen code's float64 error (NaN as inf not applied)
+  std::vector<char> row_finite;
+  int64_t ties = 0, near = 0;  // rows with an exact tie for the best; rows within 1e-6 but not tied
+};
+
+// Distances from the stored values, summed in order of d, as the kernels' exact search does.
+double dist(const std::vector<double>& xs, int64_t n, const std::vector<double>& cs, int64_t k, int64_t D) {
+  double s = 0;
+  for (int64_t d = 0; d < D; ++d) {
+    const double t = xs[n * D + d] - cs[k * D + d];
+    s += t * t;
+  }
+  return s;
+}
+
+Truth truth(const std::vector<double>& xs, const std::vector<double>& cs, int64_t N, int64_t K, int64_t D) {
+  Truth t;
+  t.idx.resize(N);
+  t.err.resize(N);
+  t.row_finite.resize(N);
+  for (int64_t n = 0; n < N; ++n) {
+    bool fin = true;
+    for (int64_t d = 0; d < D; ++d) fin &= std::isfinite(xs[n * D + d]);
+    t.row_finite[n] = fin;
+    double best = HUGE_VAL, second = HUGE_VAL;
+    int64_t arg = 0;
+    for (int64_t k = 0; k < K; ++k) {
+      double dk = dist(xs, n, cs, k, D);
+      if (std::isnan(dk)) dk = HUGE_VAL;
+      if (dk < best) { second = best; best = dk; arg = k; }
+      else if (dk < second) second = dk;
+    }
+    t.idx[n] = arg;
+    t.err[n] = dist(xs, n, cs, arg, D);
+    if (std::isfinite(best) && second == best) ++t.ties;
+    else if (std::isfinite(best) && second - best <= 1e-6 * second) ++t.near;
+  }
+  return t;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+
+struct FwdOut {
+  std::vector<int64_t> idx, counts;
+  std::vector<char> sqerr, zq;  // raw bytes
+};
+
+FwdOut run_forward(DType t, const Case& c, const std::vector<char>& xbuf, const Layout& lx,
+                   const std::vector<char>& cbbuf, const Layout* lz, int threads) {
+  const int64_t N = c.N, D = c.D, K = c.K, es = esize(t);
+  const int64_t qs = t == DType::f64 ? 8 : 4;
+  FwdOut o;
+  o.idx.assign(N, -7);
+  o.counts.assign(K, -3);
+  o.sqerr.assign(N * qs, (char)0x7f);  // poison: an unlikely pattern
+  if (lz) o.zq.assign(lz->elems * es, (char)0x5a);
+  vqk::ForwardArgs a{};
+  a.dtype = t;
+  a.x = {xbuf.data(), lx.B, lx.S, D, lx.sb, lx.ss, lx.sd};
+  a.codebook = cbbuf.data();
+  a.K = K;
+  a.zq = lz ? vqk::RowsOut{o.zq.data(), lz->B, lz->S, D, lz->sb, lz->ss, lz->sd}
+            : vqk::RowsOut{nullptr, lx.B, lx.S, D, 0, 0, 0};
+  a.indices = o.idx.data();
+  a.sqerr = o.sqerr.data();
+  a.counts = o.counts.data();
+  vqk::cpu_forward(a, threads);
+  return o;
+}
+
+void check_forward(const std::string& where, DType t, const Case& c, const std::vector<double>& xs,
+                   const std::vector<double>& cs, const Truth& tr, const std::vector<char>& cbbuf,
+                   const Layout* lz, const FwdOut& o) {
+  const int64_t N = c.N, D = c.D, K = c.K;
+  int64_t wrong = 0, first = -1;
+  for (int64_t n = 0; n < N; ++n)
+    if (o.idx[n] != tr.idx[n]) { if (first < 0) first = n; ++wrong; }
+  CHECK(wrong == 0, "%s: %" PRId64 " of %" PRId64 " rows not the exact nearest code (row %" PRId64
+        ": got %" PRId64 ", want %" PRId64 "; ties in case %" PRId64 ", near ties %" PRId64 ")",
+        where.c_str(), wrong, N, first, first >= 0 ? o.idx[first] : 0, first >= 0 ? tr.idx[first] : 0,
+        tr.ties, tr.near);
+  std::vector<int64_t> hist(K, 0);
+  bool idx_ok = true;
+  for (int64_t n = 0; n < N; ++n) {
+    if (o.idx[n] < 0 || o.idx[n] >= K) { idx_ok = false; continue; }
+    ++hist[o.idx[n]];
+  }
+  CHECK(idx_ok, "%s: an index out of range", where.c_str());
+  CHECK(hist == o.counts, "%s: counts are not the histogram of the indices", where.c_str());
+  if (wrong) return;  // errors and z_q below are of the chosen code
+
+  const double u = t == DType::f64 ? 0x1p-53 : 0x1p-24;
+  int64_t bad_err = 0, bad_zq = 0, first_err = -1, first_zq = -1;
+  for (int64_t n = 0; n < N; ++n) {
+    const double want = tr.err[n];
+    const double got = t == DType::f64 ? reinterpret_cast<const double*>(o.sqerr.data())[n]
+                                       : (double)reinterpret_cast<const float*>(o.sqerr.data())[n];
+    bool ok;
+    if (t == DType::f64) {
+      ok = std::memcmp(&got, &want, 8) == 0 || (std::isnan(got) && std::isnan(want));
+    } else if (!std::isfinite(want) || !tr.row_finite[n]) {
+      ok = !std::isfinite(got);
+    } else if (want > 1e38) {
+      ok = got > 1e37;  // near or past float's range: rounding decides finite or inf
+    } else {
+      // Each of the D differences and squares rounds once in fp32, and the sum D times: all terms
+      // are non-negative, so the relative error stays below (2D + 4) u, plus underflow.
+      ok = std::fabs(got - want) <= (2.0 * (double)D + 4.0) * u * want + (double)D * 0x1p-125;
+    }
+    if (!ok) { if (first_err < 0) first_err = n; ++bad_err; }
+    if (!lz) continue;
+    // z_q: the code bit for bit where the row and the code are finite (even when the error
+    // overflows float), NaN where either is not (a non-finite row, or every code non-finite).
+    const bool nan_row = !std::isfinite(tr.err[n]);
+    bool zok = true;
+    for (int64_t d = 0; d < D; ++d) {
+      const int64_t i = off(*lz, n, d);
+      if (nan_row) zok &= std::isnan(get(t, o.zq.data(), i));
+      else zok &= same_bits(t, o.zq.data(), i, cbbuf.data(), o.idx[n] * D + d);
+    }
+    if (!zok) { if (first_zq < 0) first_zq = n; ++bad_zq; }
+  }
+  CHECK(bad_err == 0, "%s: %" PRId64 " rows with a wrong sqerr (row %" PRId64 ")", where.c_str(), bad_err, first_err);
+  CHECK(bad_zq == 0, "%s: %" PRId64 " rows with a wrong z_q (row %" PRId64 ")", where.c_str(), bad_zq, first_zq);
+  if (lz) {
+    // Nothing outside the rows: every byte not at a row's element keeps the poison.
+    std::vector<char> mine(lz->elems, 0);
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t d = 0; d < D; ++d) mine[off(*lz, n, d)] = 1;
+    int64_t touched = 0;
+    const int64_t es = esize(t);
+    for (int64_t i = 0; i < lz->elems; ++i)
+      if (!mine[i])
+        for (int64_t b = 0; b < es; ++b) touched += o.zq[i * es + b] != (char)0x5a;
+    CHECK(touched == 0, "%s: %" PRId64 " bytes written outside the rows of z_q", where.c_str(), touched);
+  }
+  (void)cs;
+  (void)xs;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward (no per-ISA code: once per dtype and thread count)
+
+void check_backward(DType t, const Case& c, int which_layout, int threads, bool with_gzq,
+                    bool with_gcb, bool with_gx) {
+  const int64_t N = c.N, D = c.D, K = c.K, es = esize(t);
+  const Layout l = make_layout(which_layout, N, D);
+  std::vector<char> xbuf(l.elems * es, 0), gzbuf(l.elems * es, 0), cbbuf(K * D * es);
+  std::vector<double> xs(N * D), gz(N * D), cs(K * D);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t d = 0; d < D; ++d) {
+      put(t, xbuf.data(), off(l, n, d), c.x[n * D + d]);
+      xs[n * D + d] = get(t, xbuf.data(), off(l, n, d));
+      put(t, gzbuf.data(), off(l, n, d), normal());
+      gz[n * D + d] = get(t, gzbuf.data(), off(l, n, d));
+    }
+  for (int64_t i = 0; i < K * D; ++i) {
+    put(t, cbbuf.data(), i, c.cb[i]);
+    cs[i] = get(t, cbbuf.data(), i);
+  }
+  std::vector<int64_t> idx(N);
+  for (auto& v : idx) v = randint(0, K - 1);
+  const bool f64 = t == DType::f64;
+  const int64_t as = f64 ? 8 : 4;
+  std::vector<char> gcb(N * as), gcm(N * as);
+  std::vector<double> wcb(N), wcm(N);
+  for (int64_t n = 0; n < N; ++n) {
+    wcb[n] = uniform();
+    wcm[n] = n % 5 == 0 ? 0.0 : uniform();
+    if (f64) {
+      reinterpret_cast<double*>(gcb.data())[n] = wcb[n];
+      reinterpret_cast<double*>(gcm.data())[n] = wcm[n];
+    } else {
+      reinterpret_cast<float*>(gcb.data())[n] = (float)wcb[n];
+      reinterpret_cast<float*>(gcm.data())[n] = (float)wcm[n];
+      wcb[n] = (float)wcb[n];
+      wcm[n] = (float)wcm[n];
+    }
+  }
+  std::vector<char> gx(l.elems * es, (char)0x5a), gc(K * D * as, (char)0x5a);
+  vqk::BackwardArgs a{};
+  a.dtype = t;
+  a.x = {xbuf.data(), l.B, l.S, D, l.sb, l.ss, l.sd};
+  a.codebook = cbbuf.data();
+  a.K = K;
+  a.indices = idx.data();
+  a.grad_zq = {with_gzq ? gzbuf.data() : nullptr, l.B, l.S, D, l.sb, l.ss, l.sd};
+  a.g_codebook = with_gcb ? gcb.data() : nullptr;
+  a.g_commit = gcm.data();
+  a.grad_x = {with_gx ? gx.data() : nullptr, l.B, l.S, D, l.sb, l.ss, l.sd};
+  a.grad_cb = gc.data();
+  vqk::cpu_backward(a, threads);
+
+  const double ua = f64 ? 0x1p-53 : 0x1p-24;
+  const double us = t == DType::f16 ? 0x1p-11 : t == DType::bf16 ? 0x1p-8 : ua;
+  const std::string where = std::string("backward ") + dname(t) + " " + l.name + " " +
+                            std::to_string(threads) + "t" + (with_gzq ? "" : " no-grad_zq") +
+                            (with_gcb ? "" : " no-g_codebook") + (with_gx ? "" : " no-grad_x");
+  int64_t bad = 0;
+  if (with_gx)
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t d = 0; d < D; ++d) {
+        const double q = with_gzq ? gz[n * D + d] : 0.0;
+        const double r = 2.0 * wcm[n] * (xs[n * D + d] - cs[idx[n] * D + d]);
+        const double want = q + r;
+        const double got = get(t, gx.data(), off(l, n, d));
+        if (!(std::fabs(got - want) <= 8 * ua * (std::fabs(q) + std::fabs(r)) + us * std::fabs(want) +
+                  (t == DType::f16 ? 0x1p-24 : 1e-30)))
+          ++bad;
+      }
+  CHECK(bad == 0, "%s: %" PRId64 " wrong grad_x elements", where.c_str(), bad);
+  bad = 0;
+  std::vector<double> want(K * D, 0.0), mag(K * D, 0.0);
+  std::vector<int64_t> cnt(K, 0);
+  if (with_gcb)
+    for (int64_t n = 0; n < N; ++n) {
+      ++cnt[idx[n]];
+      for (int64_t d = 0; d < D; ++d) {
+        const double v = 2.0 * wcb[n] * (cs[idx[n] * D + d] - xs[n * D + d]);
+        want[idx[n] * D + d] += v;
+        mag[idx[n] * D + d] += std::fabs(v);
+      }
+    }
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t d = 0; d < D; ++d) {
+      const double got = f64 ? reinterpret_cast<const double*>(gc.data())[k * D + d]
+                             : reinterpret_cast<const float*>(gc.data())[k * D + d];
+      const double w = want[k * D + d];
+      if (!(std::fabs(got - w) <= (double)(cnt[k] + 4) * 2 * ua * mag[k * D + d] + 1e-30)) ++bad;
+    }
+  CHECK(bad == 0, "%s: %" PRId64 " wrong grad_codebook elements", where.c_str(), bad);
+}
+
+// ---------------------------------------------------------------------------------------------
+
+std::vector<std::string> split(const std::string& s) {
+  std::vector<std::string> out;
+  size_t i = 0;
+  while (i <= s.size()) {
+    const size_t j = s.find(',', i);
+    const std::string part = s.substr(i, j == std::string::npos ? std::string::npos : j - i);
+    if (!part.empty()) out.push_back(part);
+    if (j == std::string::npos) break;
+    i = j + 1;
+  }
+  return out;
+}
+
+bool contains(const std::vector<std::string>& v, const std::string& s) {
+  for (const auto& x : v) if (x == s) return true;
+  return false;
+}
+
+std::vector<Case> make_cases(bool quick) {
+  std::vector<Case> cs;
+  // Shapes around every build's tile sizes: rows per tile 48 (avx512), 24 (avx2), 20 (neon),
+  // 4 (scalar); codes per panel 8, 4, 4, 4.
+  const int64_t shapes[][3] = {{1, 1, 1},   {3, 2, 3},    {4, 4, 4},    {5, 5, 5},    {19, 3, 7},
+                               {20, 4, 8},  {21, 5, 9},   {23, 9, 16},  {24, 8, 17},  {25, 7, 31},
+                               {41, 33, 3}, {47, 13, 33}, {48, 16, 64}, {49, 17, 65}, {97, 65, 12},
+                               {203, 129, 40}};
+  for (const auto& s : shapes) cs.push_back(random_case(s[0], s[1], s[2]));
+  // Enough work (N K D > 2e6) for the second thread to start.
+  cs.push_back(random_case(quick ? 603 : 1203, 130, 40));
+  cs.push_back(close_codes(160, 300, 24, 3, 4, 4096.0));
+  cs.push_back(close_codes(120, 200, 33, 5, 1, 4096.0));
+  cs.push_back(close_codes(100, 260, 24, 2, 20, 16384.0));
+  cs.push_back(close_codes(50, 3, 129, 2, 1, 1024.0));
+  cs.push_back(duplicated(120, 40, 16, 3, true));
+  cs.push_back(duplicated(120, 40, 16, 5, false));
+  cs.push_back(reflections(100, 8, 20));
+  cs.push_back(large_mean(300, 256, 64, 1000.0));
+  cs.push_back(nonfinite(40, 20, 8));
+  cs.push_back(all_nan_codes(9, 5, 3));
+  cs.push_back(magnitudes(200, 64, 16, 1e19));
+  cs.push_back(magnitudes(200, 64, 16, 1e-20));
+  return cs;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<std::string> isas = {"avx512bf16", "avx512", "avx2", "neon", "scalar"};
+  std::vector<std::string> require;
+  std::string expect_auto;
+  bool quick = false;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a.rfind("--isa=", 0) == 0) isas = split(a.substr(6));
+    else if (a.rfind("--require=", 0) == 0) require = split(a.substr(10));
+    else if (a.rfind("--expect-auto=", 0) == 0) expect_auto = a.substr(14);
+    else if (a == "--quick") quick = true;
+    else if (a.rfind("--seed=", 0) == 0) g_rng.seed(std::strtoull(a.c_str() + 7, nullptr, 10));
+    else {
+      std::fprintf(stderr, "usage: %s [--isa=a,b] [--require=a,b] [--expect-auto=name] [--quick] [--seed=N]\n", argv[0]);
+      return 2;
+    }
+  }
+
+  unsetenv("VQK_CPU_ISA");
+  unsetenv("VQK_DEBUG_APPROX_ONLY");
+  const std::string chosen = vqk::cpu_isa();
+  std::printf("auto: %s\n", chosen.c_str());
+  if (!expect_auto.empty()) CHECK(chosen == expect_auto, "auto picks %s, expected %s", chosen.c_str(), expect_auto.c_str());
+
+  // A name the kernels do not know is an error that names VQK_CPU_ISA.
+  setenv("VQK_CPU_ISA", "sse9", 1);
+  bool named = false;
+  try { vqk::cpu_isa(); } catch (const std::invalid_argument& e) { named = std::strstr(e.what(), "VQK_CPU_ISA") != nullptr; }
+  CHECK(named, "VQK_CPU_ISA=sse9 is not an invalid_argument naming VQK_CPU_ISA");
+
+  std::vector<std::string> ran, skipped;
+  for (const auto& isa : isas) {
+    setenv("VQK_CPU_ISA", isa.c_str(), 1);
+    try {
+      const std::string got = vqk::cpu_isa();
+      CHECK(got == isa, "VQK_CPU_ISA=%s gives %s", isa.c_str(), got.c_str());
+      ran.push_back(isa);
+    } catch (const std::runtime_error& e) {
+      std::printf("SKIP %s: %s\n", isa.c_str(), e.what());
+      skipped.push_back(isa);
+      CHECK(!contains(require, isa), "required build %s cannot run here: %s", isa.c_str(), e.what());
+    } catch (const std::invalid_argument& e) {
+      CHECK(false, "VQK_CPU_ISA=%s is not accepted: %s", isa.c_str(), e.what());
+    }
+  }
+
+  const std::vector<Case> cases = make_cases(quick);
+  const DType dtypes[] = {DType::f32, DType::f16, DType::bf16, DType::f64};
+  // The truth for each case and dtype (from the stored values), shared by every build.
+  for (const auto& isa : ran) {
+    setenv("VQK_CPU_ISA", isa.c_str(), 1);
+    int64_t rows = 0;
+    const int64_t before = vqk::cpu_exact_rows();
+    for (DType t : dtypes) {
+      if (t == DType::f64 && isa != ran.front()) continue;  // the f64 path is the same for every build
+      for (size_t ci = 0; ci < cases.size(); ++ci) {
+        const Case& c = cases[ci];
+        if (t == DType::f16 && !c.f16_ok) continue;
+        const int64_t N = c.N, D = c.D, K = c.K, es = esize(t);
+        const int lw = (int)(ci % 3);  // every layout on a third of the cases
+        const Layout lx = make_layout(lw, N, D);
+        const Layout lz = make_layout((lw + 1) % 3, N, D);  // outputs in another layout
+        std::vector<char> xbuf(lx.elems * es, 0), cbbuf(K * D * es);
+        std::vector<double> xs(N * D), cs(K * D);
+        for (int64_t n = 0; n < N; ++n)
+          for (int64_t d = 0; d < D; ++d) {
+            put(t, xbuf.data(), off(lx, n, d), c.x[n * D + d]);
+            xs[n * D + d] = get(t, xbuf.data(), off(lx, n, d));
+          }
+        for (int64_t i = 0; i < K * D; ++i) {
+          put(t, cbbuf.data(), i, c.cb[i]);
+          cs[i] = get(t, cbbuf.data(), i);
+        }
+        const Truth tr = truth(xs, cs, N, K, D);
+        FwdOut one;
+        for (int threads : {1, 2}) {
+          const std::string where = isa + " " + dname(t) + " " + std::to_string(threads) + "t [" +
+                                    c.name + ", x " + lx.name + ", z_q " + lz.name + "]";
+          const FwdOut o = run_forward(t, c, xbuf, lx, cbbuf, &lz, threads);
+          check_forward(where, t, c, xs, cs, tr, cbbuf, &lz, o);
+          if (threads == 1) {
+            one = o;
+            // No z_q asked for: the same indices and errors.
+            const FwdOut nz = run_forward(t, c, xbuf, lx, cbbuf, nullptr, 1);
+            CHECK(nz.idx == o.idx && nz.sqerr == o.sqerr, "%s: without z_q the answer changes", where.c_str());
+          } else {
+            CHECK(one.idx == o.idx && one.sqerr == o.sqerr && one.zq == o.zq,
+                  "%s: 2 threads are not bitwise the 1-thread answer", where.c_str());
+          }
+          rows += N;
+        }
+      }
+    }
+    std::printf("%-10s forward: %" PRId64 " rows checked, %" PRId64 " searched again exactly\n", isa.c_str(),
+                rows, vqk::cpu_exact_rows() - before);
+  }
+
+  // The exact re-search must be doing work on the adversarial cases, and the debug switch that
+  // turns it off must make answers wrong there (so the checks above can fail).
+  if (!ran.empty()) {
+    setenv("VQK_CPU_ISA", ran.front().c_str(), 1);
+    const Case c = close_codes(160, 300, 24, 5, 4, 16384.0);
+    const Layout l = make_layout(0, c.N, c.D);
+    std::vector<char> xbuf(c.N * c.D * 4), cbbuf(c.K * c.D * 4);
+    std::vector<double> xs(c.N * c.D), cs(c.K * c.D);
+    for (int64_t i = 0; i < c.N * c.D; ++i) { put(DType::f32, xbuf.data(), i, c.x[i]); xs[i] = get(DType::f32, xbuf.data(), i); }
+    for (int64_t i = 0; i < c.K * c.D; ++i) { put(DType::f32, cbbuf.data(), i, c.cb[i]); cs[i] = get(DType::f32, cbbuf.data(), i); }
+    const Truth tr = truth(xs, cs, c.N, c.K, c.D);
+    setenv("VQK_DEBUG_APPROX_ONLY", "1", 1);
+    const FwdOut o = run_forward(DType::f32, c, xbuf, l, cbbuf, nullptr, 1);
+    unsetenv("VQK_DEBUG_APPROX_ONLY");
+    int64_t wrong = 0;
+    for (int64_t n = 0; n < c.N; ++n) wrong += o.idx[n] != tr.idx[n];
+    CHECK(wrong > c.N / 4, "without the exact re-search only %" PRId64 " of %" PRId64
+          " far-from-origin rows are wrong: the adversarial case no longer tests it", wrong, c.N);
+    std::printf("approx-only control: %" PRId64 " of %" PRId64 " rows wrong without the re-search\n", wrong, c.N);
+  }
+
+  unsetenv("VQK_CPU_ISA");
+  for (DType t : dtypes)
+    for (int threads : {1, 2}) {
+      const Case c = random_case(quick ? 700 : 1500, 37, 24);
+      check_backward(t, c, 0, threads, true, true, true);
+      check_backward(t, c, 1, threads, true, true, true);
+      if (threads == 1) {
+        check_backward(t, c, 2, threads, false, true, true);
+        check_backward(t, c, 0, threads, true, false, true);
+        check_backward(t, c, 1, threads, true, true, false);
+      }
+    }
+
+  std::printf("builds run: ");
+  for (const auto& s : ran) std::printf("%s ", s.c_str());
+  std::printf("\nbuilds not run here: ");
+  for (const auto& s : skipped) std::printf("%s ", s.c_str());
+  std::printf("%s\n", skipped.empty() ? "(none)" : "");
+  std::printf("%s: %" PRId64 " checks, %d failed\n", g_failures ? "FAILED" : "OK", g_checks, g_failures);
+  return g_failures ? 1 : 0;
+}

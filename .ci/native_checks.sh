@@ -16,7 +16,16 @@ what="${1:-all}"
 CXXFLAGS=(-std=c++17 -O3 -Wall -Wextra -pthread -Icsrc/include)
 COMMON=(csrc/cpu/vq_cpu.cpp csrc/cpu/thread_pool.cpp csrc/cpu/search_scalar.cpp)
 
-# build <compiler> <outdir> <defines for vq_cpu.cpp> -- <file>:<flags,comma-separated> ...
+# Whether $1 (an object or program) is missing or older than $2, a header, or this script: a
+# rerun (the pytest wrapper after CI's own run) recompiles only what changed.
+stale() {
+  [[ ! -e "$1" || "$2" -nt "$1" || "$0" -nt "$1" ]] && return 0
+  local h
+  for h in csrc/cpu/*.h csrc/include/vqk/*.h; do [[ "$h" -nt "$1" ]] && return 0; done
+  return 1
+}
+
+# build <compiler> <outdir> <defines for vq_cpu.cpp> <file>:<flags,comma-separated> ...
 build() {
   local cxx="$1" out="$2" defs="$3"
   shift 3
@@ -26,15 +35,17 @@ build() {
   for f in "${COMMON[@]}"; do
     local extra=()
     [[ "$f" == */vq_cpu.cpp ]] && for d in $defs; do extra+=("-D$d"); done
-    "$cxx" "${CXXFLAGS[@]}" "${extra[@]}" -c "$f" -o "$out/$(basename "$f" .cpp).o"
-    objs+=("$out/$(basename "$f" .cpp).o")
+    local o="$out/$(basename "$f" .cpp).o"
+    stale "$o" "$f" && "$cxx" "${CXXFLAGS[@]}" "${extra[@]}" -c "$f" -o "$o"
+    objs+=("$o")
   done
   local spec
   for spec in "$@"; do
     local file="${spec%%:*}" flags="${spec#*:}"
+    local o="$out/$(basename "$file" .cpp).o"
     # shellcheck disable=SC2086
-    "$cxx" "${CXXFLAGS[@]}" ${flags//,/ } -c "$file" -o "$out/$(basename "$file" .cpp).o"
-    objs+=("$out/$(basename "$file" .cpp).o")
+    stale "$o" "$file" && "$cxx" "${CXXFLAGS[@]}" ${flags//,/ } -c "$file" -o "$o"
+    objs+=("$o")
   done
   "$cxx" "${CXXFLAGS[@]}" -O2 tests/native/kernel_check.cpp "${objs[@]}" -o "$out/kernel_check"
 }

@@ -21,8 +21,8 @@ from helpers import FLOAT_DTYPES, WEIRD_SHAPES, assert_search_ok, make_inputs
 pytestmark = pytest.mark.skipif(native.cpu_status() is not None,
                                 reason=f"native CPU kernel: {native.cpu_status()}")
 
-ISAS = ["avx512bf16", "avx512", "avx2", "scalar"]
-# Rows per tile are 48 (avx512), 24 (avx2), 4 (scalar); codes per panel 8, 4, 4. These shapes put
+ISAS = ["avx512bf16", "avx512", "avx2", "neon", "scalar"]
+# Rows per tile are 48 (avx512), 24 (avx2), 20 (neon), 4 (scalar); codes per panel 8, 4, 4, 4. These shapes put
 # N and K on both sides of those, and make enough work (> a few MFLOP) for a second thread to start.
 TILE_SHAPES = [(47, 7, 5), (48, 8, 16), (49, 9, 17), (97, 33, 31), (1000, 100, 70),
                (2000, 257, 33), (3001, 64, 129)]

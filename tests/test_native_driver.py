@@ -1,0 +1,86 @@
+"""The native CPU kernels through their C++ API, with no Python in the loop: .ci/native_checks.sh
+builds tests/native/kernel_check.cpp with the kernel sources and runs it (see that file for what it
+checks against its float64 brute force).
+
+  host     built with the host compiler: every search build this CPU runs (x86-64: avx2 and the
+           AVX-512 ones where the CPU has them; scalar everywhere);
+  aarch64  cross-compiled (g++-aarch64-linux-gnu) and run under qemu-user: the NEON build, the
+           default on aarch64, and the portable one. qemu shows behaviour, not speed.
+
+Each build the driver could not run is its own skipped test, with the driver's reason, so no path
+goes unreported. Nothing is installed from here (VQK_NO_APT=1); .ci/native_checks.sh installs the
+cross toolchain itself when run as root.
+"""
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / ".ci" / "native_checks.sh"
+ISAS = ["avx512bf16", "avx512", "avx2", "neon", "scalar"]
+
+
+def _missing(target):
+    """Why `target` cannot be built and run here, or None."""
+    if shutil.which("bash") is None:
+        return "bash is not installed"
+    if target == "host":
+        cxx = os.environ.get("CXX", "g++")
+        return None if shutil.which(cxx) else f"no host C++ compiler ({cxx}) on PATH"
+    need = [p for p, tool in (("g++-aarch64-linux-gnu", "aarch64-linux-gnu-g++"),
+                              ("qemu-user", "qemu-aarch64")) if shutil.which(tool) is None]
+    if not need and not Path("/usr/aarch64-linux-gnu/lib").is_dir():
+        need.append("libc6-dev-arm64-cross")
+    if need:
+        return f"the aarch64 cross check needs {', '.join(need)} (apt-get install -y {' '.join(need)})"
+    return None
+
+
+_RUNS = {}
+
+
+def _run(target):
+    """(returncode, output) of .ci/native_checks.sh <target>, run once per session."""
+    if target not in _RUNS:
+        env = dict(os.environ, VQK_NO_APT="1")
+        env.pop("VQK_CPU_ISA", None)
+        env.pop("VQK_DEBUG_APPROX_ONLY", None)
+        p = subprocess.run(["bash", str(SCRIPT), target], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=1200)
+        _RUNS[target] = (p.returncode, p.stdout + p.stderr)
+    return _RUNS[target]
+
+
+TARGETS = [pytest.param(t, id=t, marks=[pytest.mark.skip(reason=_missing(t))] if _missing(t) else [])
+           for t in ("host", "aarch64")]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_native_driver_passes(target):
+    rc, out = _run(target)
+    tail = "\n".join(out.splitlines()[-60:])
+    assert rc == 0, f".ci/native_checks.sh {target} failed (exit {rc}):\n{tail}"
+    assert re.search(r"^OK: \d+ checks, 0 failed$", out, re.M), tail
+    if target == "aarch64":
+        # The NEON build ran and is what aarch64 picks by default.
+        assert re.search(r"^auto: neon$", out, re.M), tail
+        assert re.search(r"^builds run: .*\bneon\b", out, re.M), tail
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("isa", ISAS)
+def test_native_driver_isa(target, isa):
+    """One test per (target, build): passed when the driver ran that build (its checks are in the
+    driver's verdict above), skipped with the driver's own reason when it could not."""
+    rc, out = _run(target)
+    skip = re.search(rf"^SKIP {isa}: (.*)$", out, re.M)
+    if skip:
+        pytest.skip(f"{target}: {skip.group(1)}")
+    ran = re.search(r"^builds run: (.*)$", out, re.M)
+    assert ran, f"the driver did not finish (exit {rc}):\n" + "\n".join(out.splitlines()[-30:])
+    assert isa in ran.group(1).split(), out
+    assert rc == 0, f"{target}: the driver failed; see test_native_driver_passes"

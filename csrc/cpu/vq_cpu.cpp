@@ -1,9 +1,9 @@
 // CPU entry points: instruction-set choice, threading, and the parts that are not the search.
 //
 // Forward (f32 / f16 / bf16): the fused search of search_impl.h, in the AVX-512, AVX2, NEON
-// (aarch64) or portable build picked at run time. The codebook is packed once per call (panels plus squared norms); row
-// tiles are then handed out dynamically to the threads, and each tile is searched, gathered and
-// written while it is in cache. Extra memory: the packed codebook and one row tile per thread.
+// (aarch64) or portable build picked at run time. The codebook is packed once per call (panels plus
+// squared norms); row tiles are then handed out dynamically to the threads, and each tile is
+// searched, gathered and written while it is in cache. Extra memory: the packed codebook and one row tile per thread.
 // Every row's result depends only on that row, so any thread count gives bitwise the same output.
 //
 // f64 uses a plain path (fp64 arithmetic, no packing): it is there for checking, not for speed.

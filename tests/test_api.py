@@ -30,7 +30,7 @@ class _TinyAE(torch.nn.Module):
     def __init__(self, backend):
         super().__init__()
         self.enc = torch.nn.Conv2d(3, 4, 1)
-        self.vq = VectorQuantizer(8, 4, beta=0.25, channel_dim=1, backend=backend)
+        self.vq = VectorQuantizer(8, 4, beta=0.25, channel_dim=1, backend=backend, ema=False, restart_after=None, kmeans_init=False)
         self.dec = torch.nn.Conv2d(4, 3, 1)
 
     def forward(self, x):
@@ -203,7 +203,7 @@ def test_check_finite_codebook():
 
 # ---------------------------------------------------------------------------- module and outputs
 def test_vector_quantizer_module():
-    vq = VectorQuantizer(16, 8, beta=0.5)
+    vq = VectorQuantizer(16, 8, beta=0.5, ema=False, restart_after=None, kmeans_init=False)
     assert vq.codebook.shape == (16, 8)
     cb = vq.codebook.detach()
     assert float(cb.abs().max()) <= 1 / 16
@@ -219,7 +219,7 @@ def test_vector_quantizer_module():
     ob.loss.backward()
     assert vq.codebook.grad is not None and vq.codebook.grad.dtype == torch.float32
     with pytest.raises(ValueError, match="num_codes"):
-        VectorQuantizer(0, 4)
+        VectorQuantizer(0, 4, ema=False, restart_after=None, kmeans_init=False)
 
 
 def test_empty_input_gives_zero_losses():

@@ -38,7 +38,7 @@ def _hand_ema_step(N, S, rows, idx, decay, eps):
 
 def test_ema_update_matches_float64_hand_computation():
     K, D, decay, eps = 7, 3, 0.9, 1e-2  # a large eps so the smoothing visibly matters
-    vq = VectorQuantizer(K, D, ema=True, decay=decay, eps=eps, channel_dim=1)
+    vq = VectorQuantizer(K, D, ema=True, decay=decay, eps=eps, channel_dim=1, restart_after=None, kmeans_init=False)
     centres = 2 * torch.randn(4, D)  # data near 4 clusters: some codes stay unused
     vq.set_codebook(torch.cat([centres, 5 + torch.randn(K - 4, D)]))
     N = torch.ones(K, dtype=torch.float64)
@@ -77,7 +77,7 @@ def test_laplace_smoothing():
     # start), so e_k = e0 decay^t / smoothed(decay^t): it stays put while decay^t >> eps, then
     # the smoothing pulls it towards the origin (as in Sonnet); it never blows up.
     eps = 1e-3
-    vq = VectorQuantizer(4, 2, ema=True, decay=0.5, eps=eps)
+    vq = VectorQuantizer(4, 2, ema=True, decay=0.5, eps=eps, restart_after=None, kmeans_init=False)
     with torch.no_grad():
         vq.codebook.copy_(torch.tensor([[0.0, 0.0], [1.0, 1.0], [50.0, 50.0], [-50.0, 50.0]]))
         vq.ema_sum.copy_(vq.codebook)
@@ -97,7 +97,7 @@ def test_laplace_smoothing():
 
 def test_set_codebook_keeps_the_ema_state_consistent():
     codes = 3 * torch.randn(5, 2)
-    vq = VectorQuantizer(5, 2, ema=True, decay=0.9, kmeans_init=True)
+    vq = VectorQuantizer(5, 2, ema=True, decay=0.9, kmeans_init=True, restart_after=None)
     vq.set_codebook(codes)
     assert torch.equal(vq.codebook, codes) and bool(vq.initialised)
     z = codes[:1] + 0.01 * torch.randn(16, 2)  # only code 0 is used
@@ -112,7 +112,7 @@ def test_set_codebook_keeps_the_ema_state_consistent():
 
 def test_ema_codebook_gets_no_gradient_and_moves_only_in_training():
     enc = torch.nn.Linear(5, 4)
-    vq = VectorQuantizer(6, 4, beta=0.5, ema=True)
+    vq = VectorQuantizer(6, 4, beta=0.5, ema=True, restart_after=None, kmeans_init=False)
     assert [n for n, _ in vq.named_parameters()] == []  # the codebook is a buffer
     assert "codebook" in dict(vq.named_buffers())
     x = torch.randn(20, 5)
@@ -135,7 +135,7 @@ def test_commitment_gradient_uses_the_pre_update_codebook():
     # The EMA update rewrites the codebook inside forward; backward must still see the codes the
     # forward chose (the module searches a snapshot).
     z = torch.randn(30, 4, dtype=torch.float64, requires_grad=True)
-    vq = VectorQuantizer(5, 4, ema=True, decay=0.5).double()
+    vq = VectorQuantizer(5, 4, ema=True, decay=0.5, restart_after=None, kmeans_init=False).double()
     before = vq.codebook.clone()
     out = vq(z)
     assert not torch.equal(vq.codebook, before)
@@ -157,7 +157,7 @@ def _far_codebook(vq, near, n_far):
 @pytest.mark.parametrize("ema", [False, True])
 def test_restart_replaces_exactly_the_dead_codes(ema):
     K, D = 8, 4
-    vq = VectorQuantizer(K, D, restart_after=2, restart_pool=32, ema=ema)
+    vq = VectorQuantizer(K, D, restart_after=2, restart_pool=32, ema=ema, kmeans_init=False)
     centres = 3 * torch.randn(4, D)
     _far_codebook(vq, centres, 4)
     seen = []
@@ -192,7 +192,7 @@ def test_restart_replaces_exactly_the_dead_codes(ema):
 
 def test_restart_with_a_short_pool_goes_longest_unused_first():
     K, D = 8, 3
-    vq = VectorQuantizer(K, D, restart_after=1, restart_pool=4)  # 1 candidate row per step
+    vq = VectorQuantizer(K, D, restart_after=1, restart_pool=4, ema=False, kmeans_init=False)  # 1 candidate row per step
     centres = 3 * torch.randn(2, D)
     _far_codebook(vq, centres, 6)
     restarted = []
@@ -212,7 +212,7 @@ def test_restart_in_gradient_mode_keeps_backward_valid():
     # The restart writes the codebook parameter in place during forward; backward must run and
     # give the gradient of the codes this step used.
     K, D = 6, 3
-    vq = VectorQuantizer(K, D, restart_after=1, restart_pool=16)
+    vq = VectorQuantizer(K, D, restart_after=1, restart_pool=16, ema=False, kmeans_init=False)
     centres = 3 * torch.randn(3, D)
     _far_codebook(vq, centres, 3)
     z = _clustered(40, centres, 0.2).requires_grad_(True)
@@ -288,8 +288,8 @@ def test_module_kmeans_init_on_first_training_batch():
     centres = 10 * torch.randn(C, D)
     first = _clustered(800, centres, 0.3)
     held = _clustered(800, centres, 0.3)
-    plain = VectorQuantizer(C, D)
-    vq = VectorQuantizer(C, D, kmeans_init=True, kmeans_iters=3)
+    plain = VectorQuantizer(C, D, ema=False, restart_after=None, kmeans_init=False)
+    vq = VectorQuantizer(C, D, kmeans_init=True, kmeans_iters=3, ema=False, restart_after=None)
     vq.eval()
     vq(first)
     assert not bool(vq.initialised)  # eval passes never initialise
@@ -303,7 +303,7 @@ def test_module_kmeans_init_on_first_training_batch():
     d_plain = float(nearest_code(held, plain.codebook.detach())[1].mean())
     assert d_init < 0.05 * d_plain
     sd = vq.state_dict()
-    vq2 = VectorQuantizer(C, D, kmeans_init=True)
+    vq2 = VectorQuantizer(C, D, kmeans_init=True, ema=False, restart_after=None)
     vq2.load_state_dict(sd)
     vq2(held)  # a loaded, initialised quantizer does not re-initialise
     assert torch.equal(vq2.codebook.detach(), cb)
@@ -315,7 +315,7 @@ def test_cosine_mode_searches_by_angle():
     # Codes of very different norms: the L2-nearest code is often not the closest in angle.
     norms = torch.logspace(-1, 1, 12, dtype=torch.float64)[:, None]
     cb = torch.randn(12, D, dtype=torch.float64) * norms
-    vq = VectorQuantizer(12, D, cosine=True).double().eval()
+    vq = VectorQuantizer(12, D, cosine=True, ema=False, restart_after=None, kmeans_init=False).double().eval()
     with torch.no_grad():
         vq.codebook.copy_(cb)
     z = 3 * torch.randn(200, D, dtype=torch.float64)
@@ -337,7 +337,7 @@ def test_cosine_mode_searches_by_angle():
 
 
 def test_cosine_ema_keeps_unit_codes_in_use():
-    vq = VectorQuantizer(8, 3, cosine=True, ema=True, channel_dim=1)
+    vq = VectorQuantizer(8, 3, cosine=True, ema=True, channel_dim=1, restart_after=None, kmeans_init=False)
     z = torch.randn(4, 3, 5, 5) * 7
     out = vq(z)
     torch.testing.assert_close(out.z_q.norm(dim=1), torch.ones(4, 5, 5))
@@ -348,7 +348,7 @@ def test_cosine_ema_keeps_unit_codes_in_use():
 # ---------------------------------------------------------------------------- stats
 def test_stats_match_hand_counts():
     K, D = 6, 2
-    vq = VectorQuantizer(K, D, dead_after=2)
+    vq = VectorQuantizer(K, D, dead_after=2, ema=False, restart_after=None, kmeans_init=False)
     with torch.no_grad():
         vq.codebook.copy_(torch.tensor([[0., 0.], [10., 0.], [0., 10.], [10., 10.], [50., 50.],
                                         [-50., -50.]]))
@@ -378,9 +378,9 @@ def test_bad_options_name_the_argument():
         with pytest.raises(ValueError, match=match):
             VectorQuantizer(4, 2, **kw)
     with pytest.raises(TypeError, match="z_e must be a torch.Tensor"):
-        VectorQuantizer(4, 2)([1.0, 2.0])
+        VectorQuantizer(4, 2, ema=False, restart_after=None, kmeans_init=False)([1.0, 2.0])
     with pytest.raises(ValueError, match="D=2"):
-        VectorQuantizer(4, 2)(torch.randn(3, 5))
+        VectorQuantizer(4, 2, ema=False, restart_after=None, kmeans_init=False)(torch.randn(3, 5))
 
 
 # ---------------------------------------------------------------------------- distributed
@@ -428,13 +428,16 @@ def _run(cfg, rank, world, ddp):
 _CFGS = {
     # Equal batches, no restarts: must equal one process on the concatenated batches.
     "ema_kmeans": dict(K=16, clusters=6, n=[96, 96],
-                       vq=dict(ema=True, decay=0.8, kmeans_init=True, kmeans_iters=2)),
-    "grad": dict(K=16, clusters=6, n=[96, 96], vq=dict()),
+                       vq=dict(ema=True, decay=0.8, kmeans_init=True, kmeans_iters=2,
+                               restart_after=None)),
+    "grad": dict(K=16, clusters=6, n=[96, 96],
+                 vq=dict(ema=False, restart_after=None, kmeans_init=False)),
     # Uneven batches, restarts: ranks must stay identical and actually restart.
     "ema_restart": dict(K=32, clusters=4, n=[96, 40],
                         vq=dict(ema=True, restart_after=1, restart_pool=64, kmeans_init=True)),
     "grad_restart": dict(K=32, clusters=4, n=[96, 40],
-                         vq=dict(restart_after=1, restart_pool=64, cosine=True)),
+                         vq=dict(restart_after=1, restart_pool=64, cosine=True, ema=False,
+                                 kmeans_init=False)),
 }
 
 
@@ -493,3 +496,48 @@ def test_two_gloo_ranks_stay_identical_and_match_one_process(tmp_path):
             assert a["perplexity"] == pytest.approx(b["perplexity"], rel=1e-9), name
     for name in ("ema_restart", "grad_restart"):
         assert res[name][0]["stats"][-1]["total_restarts"] > 0, name
+
+
+# ---------------------------------------------------------------------------- default recipe
+def _health(used, recon, K):
+    """Issue 15's target after the first 10 steps: never fewer than K/2 codes in use, and no
+    reconstruction loss above 3x its running median."""
+    late = range(10, len(used))
+    low = [(i + 1, used[i]) for i in late if used[i] < K / 2]
+    spikes = [(i + 1, recon[i]) for i in late
+              if recon[i] > 3 * float(torch.tensor(recon[:i + 1]).median())]
+    return low, spikes
+
+
+def _train_autoencoder(vq, steps=40, seed=0):
+    # A small autoencoder on a mixture of 64 clusters in 16-d: Adam moves the encoder's outputs
+    # by more than their spread in the first steps, as in the VQ-VAE (issue 15).
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    D = vq.dim
+    centres = torch.randn(64, 16, generator=g)
+    enc = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, D))
+    dec = torch.nn.Sequential(torch.nn.Linear(D, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16))
+    opt = torch.optim.Adam([*enc.parameters(), *dec.parameters(), *vq.parameters()], lr=3e-3)
+    used, recon = [], []
+    for _ in range(steps):
+        x = _clustered(512, centres, 0.2, g)
+        out = vq(enc(x))
+        rec = F.mse_loss(dec(out.z_q), x)
+        opt.zero_grad()
+        (rec + out.loss).backward()
+        opt.step()
+        used.append(int(vq.stats()["codes_used"]))
+        recon.append(float(rec.detach()))
+    return used, recon
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_default_quantizer_is_a_recipe_that_trains(seed):
+    K = 64
+    vq = VectorQuantizer(K, 8)
+    used, recon = _train_autoencoder(vq, seed=seed)
+    low, spikes = _health(used, recon, K)
+    assert not low, f"codes used fell below K/2 at (step, codes) {low}"
+    assert not spikes, f"reconstruction spiked at (step, loss) {spikes}"
+    assert sum(recon[-5:]) < 0.9 * sum(recon[:5])  # and it learns

@@ -81,3 +81,28 @@ def test_seeds_axis(tmp_path):
     bad = subprocess.run(cmd[:cmd.index("--")] + ["--", "--seed", "2"], capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and "--seeds" in bad.stderr
+
+
+@pytest.mark.parametrize("blowup", [False, True])
+def test_curve_axes_hold_data_spanning_decades(blowup):
+    # Curves from 1e3 down to 1e-3 (a VQ loss that starts large and settles): the log axis must
+    # show them, its limits positive and around the lines (issue 15: limits set while the axis was
+    # still linear left panels empty).
+    from matplotlib.figure import Figure
+
+    from vqkernels.sweep import log_limits
+    xs = list(range(200))
+    series = [(xs, [1e3 * 0.93 ** i + 1e-3 for i in xs]), (xs, [5.0 / (1 + i) for i in xs])]
+    if blowup:  # one run that spikes in its first steps must not flatten the others
+        series.append((xs, [1e9 if i < 3 else 0.5 for i in xs]))
+    ax = Figure().subplots()
+    for x, y in series:
+        ax.plot(x, y)
+    log_limits(ax, series)
+    lo, hi = ax.get_ylim()
+    assert ax.get_yscale() == "log"
+    assert 0 < lo < hi
+    tails = [y for _, ys in series for y in ys[10:]]
+    assert lo <= min(tails) and max(tails) <= hi
+    assert hi < 1e5  # the spike is clipped, the settled values are not squashed
+    assert hi / lo < 1e9

@@ -37,10 +37,12 @@ class VQVAEConfig:
     beta: float = 0.25              # commitment weight
     in_channels: int = 3
     image_size: int = 32            # must be divisible by 4: two stride-2 stages
-    ema: bool = False               # EMA codebook updates instead of the codebook loss's gradient
+    # The codebook's upkeep defaults to a recipe that does not collapse (see VectorQuantizer):
+    # EMA updates and restarts of codes unused for 2 steps.
+    ema: bool = True                # EMA codebook updates instead of the codebook loss's gradient
     decay: float = 0.99             # EMA decay
     cosine: bool = False            # l2-normalised codes and latents
-    restart_after: int = 0          # replace codes unused this many training steps; 0 = never
+    restart_after: int = 2          # replace codes unused this many training steps; 0 = never
     dead_after: int = 100           # a code unused this many steps counts as dead in vq.stats()
 
     def __post_init__(self):
@@ -144,7 +146,8 @@ class VQVAE(nn.Module):
         self.pre_vq = nn.Conv2d(c.hidden, c.code_dim, 1)
         self.vq = VectorQuantizer(c.num_codes, c.code_dim, c.beta, channel_dim=1, backend=backend,
                                   ema=c.ema, decay=c.decay, cosine=c.cosine,
-                                  restart_after=c.restart_after or None, dead_after=c.dead_after)
+                                  restart_after=c.restart_after or None, dead_after=c.dead_after,
+                                  kmeans_init=True)  # unless init_codebook runs first
         self.decoder = Decoder(c)
 
     @property

@@ -116,12 +116,21 @@ def _vq_quantize(z_e, codebook, *, beta, dim, backend, check_finite=False):
 class VectorQuantizer(nn.Module):
     """A codebook of `num_codes` vectors of size `dim`, quantizing with `vq_quantize`.
 
-    The codebook starts uniform in +-1/num_codes, as in the VQ-VAE paper's reference code. Under
-    mixed precision the codebook is cast to the input's dtype for the search, and its gradient flows
-    back to the full-precision parameter.
+    The defaults are a recipe that trains as it is: k-means++ init on the first training batch,
+    EMA codebook updates and restarts of codes unused for 2 steps. The paper's plain recipe
+    (``ema=False, restart_after=None, kmeans_init=False``: a codebook uniform in +-1/num_codes,
+    trained by the codebook loss's gradient) collapses to a few codes in the first dozen steps of
+    a VQ-VAE: early on the encoder's outputs move as a cloud by more than the cloud's own spread
+    per step (Adam moves every weight by ~lr), while gradient-trained codes move by at most ~lr
+    per coordinate, so all codes but those at the cloud's leading edge go unused and stay where
+    they were; restarts that then land on the moved cloud hand the decoder codes of a scale it
+    has never seen. EMA codes follow their rows at any speed and scale, and short-notice restarts
+    re-seed the codes the cloud leaves behind (measured in README, "Codebook health").
+    Under mixed precision the codebook is cast to the input's dtype for the search; in gradient
+    mode its gradient flows back to the full-precision parameter.
 
-    Codebook upkeep (all off by default; every update happens in training mode only, once per
-    forward, so call ``.eval()`` for evaluation passes):
+    Codebook upkeep (every update happens in training mode only, once per forward, so call
+    ``.eval()`` for evaluation passes):
 
     ema: the codebook is a buffer moved by exponential moving averages instead of by gradient
         (van den Oord et al. 2017, appendix; Sonnet's VectorQuantizerEMA). Per step, with this
@@ -167,14 +176,13 @@ class VectorQuantizer(nn.Module):
     ``sync=False`` keeps each rank's upkeep local.
 
     ``stats()`` gives the last training step's global usage: perplexity, codes_used,
-    used_fraction, dead_fraction (codes unused for ``dead_after`` steps, default restart_after or
-    100), restarts (this step), total_restarts, steps.
+    used_fraction, dead_fraction (codes unused for ``dead_after`` steps, default 100), restarts (this step), total_restarts, steps.
     """
 
     def __init__(self, num_codes: int, dim: int, beta: float = 0.25, *, channel_dim: int = -1,
-                 backend: str = "auto", ema: bool = False, decay: float = 0.99, eps: float = 1e-5,
-                 restart_after: int | None = None, restart_pool: int | None = None,
-                 dead_after: int | None = None, kmeans_init: bool = False, kmeans_iters: int = 10,
+                 backend: str = "auto", ema: bool = True, decay: float = 0.99, eps: float = 1e-5,
+                 restart_after: int | None = 2, restart_pool: int | None = None,
+                 dead_after: int | None = None, kmeans_init: bool = True, kmeans_iters: int = 10,
                  kmeans_samples: int | None = None, cosine: bool = False, sync: bool = True,
                  process_group=None, seed: int = 0):
         super().__init__()
@@ -201,7 +209,7 @@ class VectorQuantizer(nn.Module):
         self.ema, self.decay, self.eps = bool(ema), float(decay), float(eps)
         self.restart_after = restart_after
         self.restart_pool = restart_pool if restart_pool is not None else min(num_codes, 1024)
-        self.dead_after = dead_after if dead_after is not None else (restart_after or 100)
+        self.dead_after = dead_after if dead_after is not None else 100
         self.kmeans_init, self.kmeans_iters = bool(kmeans_init), kmeans_iters
         self.kmeans_samples = kmeans_samples if kmeans_samples is not None else 32 * num_codes
         self.cosine, self.sync, self.seed = bool(cosine), bool(sync), seed

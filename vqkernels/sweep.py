@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -189,6 +190,25 @@ def _mean_by(runs, key, col="nmse"):
     return {k: (sum(v) / len(v), v) for k, v in groups.items()}
 
 
+def log_limits(ax, series) -> None:
+    """Log y axis with limits from the data: the top from the runs after their first 5% of steps
+    (one run that blows up at the start would otherwise flatten every other line), the bottom
+    from every positive value drawn. The scale is set first: limits chosen on a linear axis
+    (where autoscaling pads below 0) leave a log axis empty."""
+    ax.set_yscale("log")
+    def positive(ys):
+        return [float(y) for y in ys if math.isfinite(y) and y > 0]
+
+    every = [y for _, ys in series for y in positive(ys)]
+    tails = [y for _, ys in series for y in positive(ys[len(ys) // 20:])]
+    if not every:
+        return
+    lo, hi = min(every), max(tails or every)
+    hi = max(hi, lo)
+    # A factor on each side on a log axis; equal values still get a visible band.
+    ax.set_ylim(lo / 1.25, hi * 1.5)
+
+
 def make_figures(a, grid: list[Run], extra: list[Run]) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -211,13 +231,6 @@ def make_figures(a, grid: list[Run], extra: list[Run]) -> None:
         ys = np.convolve(ys, np.ones(k) / k, mode="valid") if len(ys) >= k else ys
         return xs[len(xs) - len(ys):], ys
 
-    def clip_top(ax, series):
-        """Scale the y axis to the runs after their first 5% of steps: one run that blows up at
-        the start would otherwise flatten every other line."""
-        tails = [y for _, ys in series for y in ys[len(ys) // 20:]]
-        if tails:
-            ax.set_ylim(top=1.5 * max(tails))
-
     for by, other in (("K", "D"), ("D", "K")):
         panels = sorted({getattr(r, other) for r in ok})
         fig, axes = plt.subplots(2, len(panels), figsize=(3.2 * len(panels), 5.5), squeeze=False)
@@ -229,15 +242,14 @@ def make_figures(a, grid: list[Run], extra: list[Run]) -> None:
                     axes[i, j].plot(xs, ys, label=f"{by}={getattr(r, by)}", lw=1)
                     drawn[i].append((xs, ys))
             for i in range(2):
-                clip_top(axes[i, j], drawn[i])
+                log_limits(axes[i, j], drawn[i])
             axes[0, j].set_title(f"{other}={pv}")
             axes[1, j].set_xlabel("step")
             for i, lab in enumerate(("recon MSE", "VQ loss")):
-                axes[i, j].set_yscale("log")
                 axes[i, 0].set_ylabel(lab)
             axes[0, j].legend(fontsize=7)
         fig.suptitle(f"training curves, one line per {by} (hidden {main_h})")
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0, 1, 0.95))  # leave the suptitle its own band
         fig.savefig(out / f"fig5_curves_by_{by}.png", dpi=100)
         plt.close(fig)
 
@@ -313,8 +325,7 @@ def make_figures(a, grid: list[Run], extra: list[Run]) -> None:
             if base:
                 bx, by_ = curves(base, "recon_mse")
                 ax.plot(bx, by_, lw=1, ls="--", color=line.get_color())
-        ax.set_yscale("log")
-        clip_top(ax, drawn)
+        log_limits(ax, drawn)
         ax.set_xlabel("step")
         ax.set_ylabel("recon MSE (dashed: the grid's budget)")
         ax.legend(fontsize=6)

@@ -292,3 +292,22 @@ def test_imports_need_no_train_extras():
                        env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "(1, 8, 8)"
+
+
+def test_default_recipe_keeps_its_codes_and_has_no_spikes(tmp_path):
+    # Issue 15: with the former defaults (gradient-trained codebook, restarts after 25 steps) the
+    # codes in use fell from 56 to 6 of 64 here by step 17. Target: after the first 10 steps at
+    # least K/2 codes per logged step and no reconstruction loss above 3x its running median.
+    pytest.importorskip("skimage")
+    out, K = tmp_path / "recipe", 64
+    assert run_main(["--steps", 40, "--out", out, "--log-every", 1, "--eval-every", 0,
+                     "--save-every", 0, "--num-codes", K, "--code-dim", 32, "--hidden", 32,
+                     "--batch-size", 16, "--eval-images", 32]) == 0
+    m = rows(out / "metrics.csv")
+    used = [int(r["codes_used"]) for r in m]
+    nmse = [float(r["recon_nmse"]) for r in m]
+    assert len(used) == 40
+    low = [(i + 1, u) for i, u in enumerate(used) if i >= 10 and u < K / 2]
+    assert not low, f"codes used below K/2 at (step, codes) {low}"
+    spikes = [(i + 1, v) for i, v in enumerate(nmse) if i >= 10 and v > 3 * np.median(nmse[:i + 1])]
+    assert not spikes, f"reconstruction spikes at (step, NMSE) {spikes}"

@@ -106,3 +106,13 @@ def test_curve_axes_hold_data_spanning_decades(blowup):
     assert lo <= min(tails) and max(tails) <= hi
     assert hi < 1e5  # the spike is clipped, the settled values are not squashed
     assert hi / lo < 1e9
+
+
+def test_help_shows_defaults_and_module_names():
+    from vqkernels import sweep
+    h = sweep.build_parser().format_help()
+    assert "[2000]" in h and "[64 128 256 512]" in h and "[runs/sweep]" in h
+    r = subprocess.run([sys.executable, "-m", "vqkernels.demo", "--help"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("usage: python -m vqkernels.demo")
+    assert "[512]" in r.stdout  # --num-codes's default

@@ -99,6 +99,13 @@ def test_cli_smoke_writes_every_artifact(tmp_path, image_dir, capsys):
     for k in ("mse", "nmse", "psnr", "perplexity", "codes_used", "images"):
         assert again[k] == pytest.approx(ev[k], rel=1e-6), k
     assert "PSNR (dB)" in capsys.readouterr().out
+    # eval's default JSON is the run's eval.json: the training record stays beside the new figures
+    assert "train_elapsed_s" in ev and ev["processes"] == 1
+    assert vq_eval.main([str(out)]) == 0
+    merged = json.loads((out / "eval.json").read_text())
+    assert merged["train_elapsed_s"] == ev["train_elapsed_s"] and merged["processes"] == 1
+    assert merged["training_eval"]["nmse"] == ev["nmse"] and merged["nmse"] == again["nmse"]
+    capsys.readouterr()
 
     # tokenize CLI: token grids equal to model.encode on the same images, labels and paths kept
     npz = tmp_path / "tok.npz"
@@ -215,6 +222,10 @@ def test_sigkill_then_resume(tmp_path, image_dir):
 
 
 # ---------------------------------------------------------------------------------------------
+class _NotACheckpoint:
+    pass
+
+
 def _error(capsys, argv, main=run_main):
     with pytest.raises(SystemExit) as exc:
         main(argv)
@@ -244,7 +255,14 @@ def test_bad_input_gives_clear_errors(tmp_path, image_dir, capsys):
     assert "holds no checkpoint.pt" in _error(capsys, ["--resume", *out])
     bad_ckpt = tmp_path / "bad.pt"
     bad_ckpt.write_bytes(b"not a checkpoint")
-    assert "not a readable checkpoint" in _error(capsys, ["--resume", bad_ckpt])
+    assert "is not a checkpoint that vqkernels.train wrote" in _error(capsys, ["--resume", bad_ckpt])
+    # any other torch.save file: one line saying what was expected, not torch's weights_only page
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(2), "note": object.__new__(_NotACheckpoint)}, other)
+    err = _error(capsys, [str(other)], vq_eval.main)
+    assert "is not a checkpoint that vqkernels.train wrote" in err and "--out folder" in err
+    assert len(err.strip().splitlines()) == 2 and "usage:" not in err  # the error and a hint
+    assert "--help" in err
 
     # a finished run: --resume must not change the model or the data
     run = tmp_path / "r"
@@ -311,3 +329,15 @@ def test_default_recipe_keeps_its_codes_and_has_no_spikes(tmp_path):
     assert not low, f"codes used below K/2 at (step, codes) {low}"
     spikes = [(i + 1, v) for i, v in enumerate(nmse) if i >= 10 and v > 3 * np.median(nmse[:i + 1])]
     assert not spikes, f"reconstruction spikes at (step, NMSE) {spikes}"
+
+
+def test_import_and_help_do_not_load_the_compiler():
+    # torch._dynamo took 1.7 s of a 4-5 s `import vqkernels` (issue 15); it is loaded only by
+    # torch.compile itself now. The module list is asserted, not a time.
+    code = ("import sys, vqkernels, vqkernels.train, vqkernels.eval, vqkernels.sweep\n"
+            "vqkernels.train.build_parser().format_help()\n"
+            "print('torch._dynamo' in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False"

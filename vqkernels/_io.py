@@ -94,8 +94,12 @@ def load_checkpoint(path: str | os.PathLike, arg: str = "CHECKPOINT") -> dict:
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ValueError(f"{arg} {p} is not a readable checkpoint ({type(exc).__name__}: "
-                         f"{exc})") from exc
+        # torch's own message (for a file that is not a torch.save archive, a page about
+        # weights_only) would bury what matters: what the file is not, and what was expected.
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"{arg} {p} is not a checkpoint that vqkernels.train wrote (expected "
+                         f"its checkpoint.pt, or the run's --out folder); torch.load: "
+                         f"{type(exc).__name__}: {first}") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{arg} {p} is not a vqkernels VQ-VAE checkpoint")
     if ckpt.get("version", 0) > CHECKPOINT_VERSION:

@@ -9,9 +9,12 @@ import torch
 
 import vqkernels
 
+from . import _cli
+
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = _cli.ArgumentParser(prog="python -m vqkernels.demo", description=__doc__,
+                             formatter_class=_cli.DefaultsHelpFormatter)
     ap.add_argument("--rows", type=int, default=8192, help="vectors to quantize (N)")
     ap.add_argument("--num-codes", type=int, default=512, help="codebook size (K)")
     ap.add_argument("--code-dim", type=int, default=64, help="code size (D)")

@@ -21,7 +21,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import _io
+from . import _cli, _io
 from .data import DATA_KINDS, DataError, to_tensor
 
 
@@ -123,8 +123,25 @@ def heldout_for(ckpt: dict, data: Optional[str], data_dir: Optional[str], downlo
     return data_mod.load(kind, data_dir, download=download, heldout_every=heldout_every)
 
 
+def merge_with_training(path: Path, metrics: dict) -> dict:
+    """`metrics`, plus what the training run wrote into `path` that eval does not measure
+    (train_elapsed_s, processes, ...), and the training run's own final evaluation under
+    "training_eval": re-evaluating a run must not erase its record."""
+    import json
+    try:
+        old = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return metrics
+    if not isinstance(old, dict):
+        return metrics
+    merged = {**{k: v for k, v in old.items() if k not in metrics}, **metrics}
+    if "train_elapsed_s" in old:  # written by vqkernels.train, not by an earlier eval
+        merged["training_eval"] = {k: v for k, v in old.items() if k in metrics}
+    return merged
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _cli.ArgumentParser(
         prog="python -m vqkernels.eval",
         description="Held-out MSE, PSNR, normalized MSE, perplexity and code usage of a VQ-VAE "
                     "checkpoint. Prints a table and writes JSON.")
@@ -163,7 +180,7 @@ def main(argv=None) -> int:
                    backend=a.backend, device=str(device))
     print(format_table(metrics, f"{ckpt['path']} (step {ckpt['step']}) on {ds.kind} held-out data"))
     out = Path(a.json) if a.json else Path(ckpt["path"]).parent / "eval.json"
-    _io.atomic_write_json(out, metrics)
+    _io.atomic_write_json(out, merge_with_training(out, metrics))
     print(f"wrote {out}")
     return 0
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from typing import Optional
 
 import torch
@@ -88,7 +89,16 @@ def _backward(ctx, grad_zq, _grad_indices, g_codebook, g_commit, _grad_counts):
 torch.library.register_autograd("vqkernels::vq_quantize", _backward, setup_context=_setup_context)
 
 
-@torch.compiler.assume_constant_result
+def _assume_constant_result(fn):
+    # torch.compiler.assume_constant_result imports torch._dynamo (1.7 s, a third of
+    # `import vqkernels`) only to set this marker, which dynamo reads when it traces a call.
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(fn)
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result
 def use_triton_ops(backend: str, device: torch.device) -> bool:
     """Whether a call with `backend` on `device` goes through vqkernels.triton.ops (CUDA tensors
     whose backend is, or "auto" resolves to, triton; VQK_TRITON_OP=0 opts out). torch.compile

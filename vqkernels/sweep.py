@@ -39,6 +39,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import _cli
+
 GRID = (64, 128, 256, 512)
 SUMMARY_FIELDS = ("K", "D", "hidden", "seed", "steps", "status", "mse", "nmse", "vq_loss", "perplexity",
                   "codes_used_pct", "s_per_step", "error")
@@ -61,8 +63,8 @@ class Run:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m vqkernels.sweep", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _cli.ArgumentParser(prog="python -m vqkernels.sweep", description=__doc__,
+                                formatter_class=_cli.DefaultsHelpFormatter)
     p.add_argument("--codes", type=int, nargs="+", default=list(GRID), help="values of K")
     p.add_argument("--dims", type=int, nargs="+", default=list(GRID), help="values of D")
     p.add_argument("--hidden", type=int, nargs="+", default=[128],

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import _io
+from . import _cli, _io
 from .data import DATA_KINDS, to_tensor
 
 
@@ -47,7 +47,7 @@ def token_dtype(num_codes: int):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _cli.ArgumentParser(
         prog="python -m vqkernels.tokenize",
         description="Encode a data set into VQ-VAE token grids, written to one .npz file.")
     p.add_argument("checkpoint", metavar="CHECKPOINT",

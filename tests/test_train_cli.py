@@ -341,3 +341,15 @@ def test_import_and_help_do_not_load_the_compiler():
                        env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "False"
+
+
+def test_picture_and_eval_images_are_spread_over_the_held_out_set():
+    # Folder data is held out in sorted path order, i.e. class by class: the first 32 images of
+    # CIFAR-10's held-out JPEGs are all airplanes (issue 15). The grid takes evenly spaced ones.
+    labels = np.repeat(np.arange(10), 500)
+    images = labels[:, None, None, None] * np.ones((1, 32, 32, 3), np.uint8)
+    picked = train._spread(images, 32)
+    assert len(picked) == 32
+    assert set(picked[:, 0, 0, 0].tolist()) == set(range(10))
+    assert picked[0, 0, 0, 0] == 0 and picked[-1, 0, 0, 0] == 9
+    assert len(train._spread(images[:5], 32)) == 5  # fewer than asked: all of them

@@ -30,7 +30,8 @@ class _TinyAE(torch.nn.Module):
     def __init__(self, backend):
         super().__init__()
         self.enc = torch.nn.Conv2d(3, 4, 1)
-        self.vq = VectorQuantizer(8, 4, beta=0.25, channel_dim=1, backend=backend, ema=False, restart_after=None, kmeans_init=False)
+        self.vq = VectorQuantizer(8, 4, beta=0.25, channel_dim=1, backend=backend, ema=False,
+                                  restart_after=None, kmeans_init=False)
         self.dec = torch.nn.Conv2d(4, 3, 1)
 
     def forward(self, x):

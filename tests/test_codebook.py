@@ -38,7 +38,8 @@ def _hand_ema_step(N, S, rows, idx, decay, eps):
 
 def test_ema_update_matches_float64_hand_computation():
     K, D, decay, eps = 7, 3, 0.9, 1e-2  # a large eps so the smoothing visibly matters
-    vq = VectorQuantizer(K, D, ema=True, decay=decay, eps=eps, channel_dim=1, restart_after=None, kmeans_init=False)
+    vq = VectorQuantizer(K, D, ema=True, decay=decay, eps=eps, channel_dim=1, restart_after=None,
+                         kmeans_init=False)
     centres = 2 * torch.randn(4, D)  # data near 4 clusters: some codes stay unused
     vq.set_codebook(torch.cat([centres, 5 + torch.randn(K - 4, D)]))
     N = torch.ones(K, dtype=torch.float64)
@@ -192,7 +193,8 @@ def test_restart_replaces_exactly_the_dead_codes(ema):
 
 def test_restart_with_a_short_pool_goes_longest_unused_first():
     K, D = 8, 3
-    vq = VectorQuantizer(K, D, restart_after=1, restart_pool=4, ema=False, kmeans_init=False)  # 1 candidate row per step
+    vq = VectorQuantizer(K, D, restart_after=1, restart_pool=4, ema=False,
+                         kmeans_init=False)  # 1 candidate row per step
     centres = 3 * torch.randn(2, D)
     _far_codebook(vq, centres, 6)
     restarted = []
@@ -315,7 +317,8 @@ def test_cosine_mode_searches_by_angle():
     # Codes of very different norms: the L2-nearest code is often not the closest in angle.
     norms = torch.logspace(-1, 1, 12, dtype=torch.float64)[:, None]
     cb = torch.randn(12, D, dtype=torch.float64) * norms
-    vq = VectorQuantizer(12, D, cosine=True, ema=False, restart_after=None, kmeans_init=False).double().eval()
+    vq = VectorQuantizer(12, D, cosine=True, ema=False, restart_after=None,
+                         kmeans_init=False).double().eval()
     with torch.no_grad():
         vq.codebook.copy_(cb)
     z = 3 * torch.randn(200, D, dtype=torch.float64)
@@ -337,7 +340,8 @@ def test_cosine_mode_searches_by_angle():
 
 
 def test_cosine_ema_keeps_unit_codes_in_use():
-    vq = VectorQuantizer(8, 3, cosine=True, ema=True, channel_dim=1, restart_after=None, kmeans_init=False)
+    vq = VectorQuantizer(8, 3, cosine=True, ema=True, channel_dim=1, restart_after=None,
+                         kmeans_init=False)
     z = torch.randn(4, 3, 5, 5) * 7
     out = vq(z)
     torch.testing.assert_close(out.z_q.norm(dim=1), torch.ones(4, 5, 5))

@@ -255,7 +255,8 @@ def test_bad_input_gives_clear_errors(tmp_path, image_dir, capsys):
     assert "holds no checkpoint.pt" in _error(capsys, ["--resume", *out])
     bad_ckpt = tmp_path / "bad.pt"
     bad_ckpt.write_bytes(b"not a checkpoint")
-    assert "is not a checkpoint that vqkernels.train wrote" in _error(capsys, ["--resume", bad_ckpt])
+    err = _error(capsys, ["--resume", bad_ckpt])
+    assert "is not a checkpoint that vqkernels.train wrote" in err
     # any other torch.save file: one line saying what was expected, not torch's weights_only page
     other = tmp_path / "other.pt"
     torch.save({"weights": torch.zeros(2), "note": object.__new__(_NotACheckpoint)}, other)

@@ -124,32 +124,47 @@ template <> __device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4
 #endif  // VQK_CUDA_EMULATE
 
 // ------------------------------------------------------------------------------------------------
-// Candidates: the best two (distance, code) pairs seen, ordered by distance then index, so ties go
-// to the lowest index wherever lists are merged. An empty slot is (+inf, -1): a distance is only
-// ever inserted when it is strictly below a slot's, so +inf and NaN never enter and an empty slot
-// sorts after every real one.
+// The fast pass's state per row (issue 13): the best approximate value v1 = min_k a_k, its code
+// i1 (lowest index on ties), and the SECOND best value v2 over all other codes (a duplicate of the
+// best gives v2 == v1). a_k = ||e_k||^2 - 2 x.e_k as the kernel rounds it. Empty: (+inf, +inf,
+// -1); a value is only ever inserted when it is strictly below v2, so +inf and NaN never enter.
 template <class A> struct Cand {
   A v1, v2;
-  int i1, i2;
+  int i1;
 };
 
 template <class A> __device__ __forceinline__ bool before(A va, int ia, A vb, int ib) {
   return va < vb || (va == vb && ia < ib);
 }
 
-// a <- best two of a and b (each already ordered).
+// (v1, i1, v2) <- the best and second best values of both (w2 is the other's second value).
 template <class A>
-__device__ __forceinline__ void merge2(A& v1, int& i1, A& v2, int& i2, A w1, int j1, A w2, int j2) {
+__device__ __forceinline__ void merge2(A& v1, int& i1, A& v2, A w1, int j1, A w2) {
   if (before(w1, j1, v1, i1)) {
-    if (!before(v1, i1, w2, j2)) { v1 = w1; i1 = j1; v2 = w2; i2 = j2; return; }
-    v2 = v1; i2 = i1; v1 = w1; i1 = j1;
-  } else if (before(w1, j1, v2, i2)) {
-    v2 = w1; i2 = j1;
+    v2 = v1 < w2 ? v1 : w2;
+    v1 = w1;
+    i1 = j1;
+  } else if (w1 < v2) {
+    v2 = w1;
   }
 }
 
 template <class A> __device__ __forceinline__ void merge2(Cand<A>& a, const Cand<A>& b) {
-  merge2(a.v1, a.i1, a.v2, a.i2, b.v1, b.i1, b.v2, b.i2);
+  merge2(a.v1, a.i1, a.v2, b.v1, b.i1, b.v2);
+}
+
+// One more value of code k into a running (v1, i1, v2), codes arriving in increasing order (an
+// equal value never displaces the earlier code).
+template <class A> __device__ __forceinline__ void insert2(A& v1, int& i1, A& v2, A d, int k) {
+  if (d < v2) {  // rare once the scan is under way: most values skip straight past
+    if (d < v1) {
+      v2 = v1;
+      v1 = d;
+      i1 = k;
+    } else {
+      v2 = d;
+    }
+  }
 }
 
 template <class A> __device__ __forceinline__ A warp_sum(A s) {
@@ -187,48 +202,123 @@ template <class S> struct FwdParams {
   unsigned long long* counts;       // may be null
   Cand<A>* part;                    // split > 1: candidates per (split, row)
   int splits, tiles_per_split, ntiles;
-  int recheck;                      // re-measure the second candidate exactly (tensor-core path)
+  // Bits of a double >= max ||e_k||^2 over the codes with only finite entries (norms_kernel).
+  const unsigned long long* enorm2;
 };
 
-// Exact sum (x_d - e_d)^2 over one row, by one warp; every lane returns the same value.
-template <class S>
-__device__ __forceinline__ typename Acc<S>::type warp_sqdist(const S* x, int64_t xsd, const S* e,
-                                                             int64_t D, int lane) {
-  using A = typename Acc<S>::type;
-  A s = 0;
-  for (int64_t d = lane; d < D; d += 32) {
-    const A t = to_acc(x[d * xsd]) - to_acc(e[d]);
-    s = fma(t, t, s);
-  }
-  return warp_sum(s);
-}
+// ------------------------------------------------------------------------------------------------
+// The rounding bound of the fast pass (issue 13).
+//
+// The fast pass ranks codes by a_k = fl(||e_k||^2 - 2 x.e_k). Let t_k be that value in exact
+// arithmetic, so d_k = ||x||^2 + t_k, and let E >= max_k ||e_k|| (codes with finite entries),
+// X >= ||x||. If |a_k - t_k| <= B for every k, a row with v2 - v1 > 2B has a provable answer: for
+// any k != i1, t_k >= a_k - B >= v2 - B > v1 + B >= t_i1, so d_k > d_i1. Otherwise (the row is
+// "flagged") the nearest code k* has t_k* <= t_i1 <= v1 + B, so a_k* <= v1 + 2B: the exact
+// re-search only needs the codes whose approximate value is <= v1 + 2B, and since B bounds ANY
+// evaluation with the error model below, it may re-evaluate a_k in its own order.
+//
+// u = unit roundoff of the accumulation (2^-24 fp32, 2^-53 fp64), gamma_n = n u / (1 - n u).
+// * SIMT (FFMA / DFMA chains, fp32 / fp64): x.e is a chain of D fused multiply-adds (padding adds
+//   exact zeros), |fl(x.e) - x.e| <= gamma_D sum|x_d e_d| <= gamma_D X E. ||e||^2 (norms_kernel:
+//   per-lane chains plus a 5-level butterfly, depth <= D + 5) is within gamma_{D+5} E^2. The last
+//   fma(-2, acc, nrm) rounds once more: u (E^2 + 2 X E)(1 + ...). Total, generously:
+//     B_rel = (2D + 8) u (E^2 + 2 X E) * 1.01.
+// * Tensor cores (mma.sync m16n8k16, bf16/fp16 products, fp32 accumulation): products of 16-bit
+//   floats are exact in fp32, but the hardware adds the 16 products of a k-step and the running
+//   accumulator with alignment to the largest term and truncation, not round-to-nearest (measured
+//   behaviour on V100..H100; not specified by NVIDIA). Model each instruction as adding 17 terms
+//   with every term but the largest truncated by < 1 ulp of the largest (2^-23 relative) and the
+//   result rounded once more: error <= 17 * 2^-23 * (|c| + sum|p|) per k-step. Over the Dp / 16
+//   <= (D + 31) / 16 chained steps (|c| <= the sum of all earlier |p|) the dot's error is at most
+//   17 * 2^-23 * (D + 31) / 16 * X E ~= 2.1 (D + 31) u X E, i.e. ~4.3 (D + 31) u X E for 2 x.e.
+//   With the fp32 norm and the final fma that is ~5.3 D + 140 units; we take three times that,
+//     B_rel = 16 (D + 32) u (E^2 + 2 X E) * 1.01,
+//   which also covers the exact re-search's own fp32 FFMA chain (the SIMT bound above).
+// * Underflow: with gradual underflow every operation adds at most half the smallest subnormal;
+//   flush-to-zero (inputs or results below 2^-126 read or written as 0) costs at most 2^-126 per
+//   sum and 2^-126 max(|x_d|, |e_d|) per product (MMA units may flush subnormal operands). So
+//     B_abs = (4D + 8) tiny (1 + E + X),  tiny = 2^-120 (fp32 accumulation) or 2^-1000 (fp64),
+//   far above both. B = B_rel + B_abs.
+// * Range: the bound needs every quantity of the fast pass finite. With E^2 < L^2 and X E < L
+//   (L = 2^60 for fp32 accumulation, 2^500 for fp64) every ||e||^2, partial dot and a_k is far
+//   below the overflow threshold. Rows beyond that, and rows with a non-finite ||x||^2, v1 or
+//   fp32 error, are flagged with no threshold (the re-search measures every code).
+// E and X are computed in double from the inputs and rounded up (norms_kernel, finish_row), so
+// they are upper bounds: a double sum of D squares is within gamma_{D+5} (53-bit u), plus D
+// halves of the smallest subnormal if squares underflow (fp64 inputs only).
+template <class S> struct Bound {
+  static constexpr double u = 0x1p-24, tiny = 0x1p-120, lim = 0x1p60;
+  __device__ static double rel(int64_t D) { return 2.0 * (double)D + 8.0; }
+};
+template <> struct Bound<double> {
+  static constexpr double u = 0x1p-53, tiny = 0x1p-1000, lim = 0x1p500;
+  __device__ static double rel(int64_t D) { return 2.0 * (double)D + 8.0; }
+};
+template <> struct Bound<__half> {
+  static constexpr double u = 0x1p-24, tiny = 0x1p-120, lim = 0x1p60;
+  __device__ static double rel(int64_t D) { return 16.0 * ((double)D + 32.0); }
+};
+template <> struct Bound<__nv_bfloat16> : Bound<__half> {};
 
-// The epilogue of one row, by one warp: the exact error of the candidate(s), the choice (a second
-// candidate wins only on a strictly smaller exact error, or an equal one with a lower index), the
-// index, error, count, and z_q (the code, or NaN where the error is not finite).
+// An upper bound on sqrt(s) for a double sum s of D squares (see above), +inf stays +inf.
+__device__ __forceinline__ double sum_sq_up(double s, int64_t D) {
+  return s * (1.0 + ((double)D + 40.0) * 0x1p-52) + ((double)D + 40.0) * 0x1p-1074;
+}
+__device__ __forceinline__ double sqrt_up(double s) { return sqrt(s) * (1.0 + 0x1p-50); }
+
+// The epilogue of one row, by one warp. It measures the candidate i1 exactly (in the
+// accumulation type: the fp32 error of the fast paths) and ||x||^2 (in double, for the bound),
+// then either finishes the row -- index i1, its error, count, z_q -- or flags it for the exact
+// re-search (research_kernel): indices[n] = -1 and sqerr[n] = the threshold v1 + 2B (+inf: every
+// code), which the re-search reads and then overwrites.
 template <class S>
 __device__ void finish_row(const FwdParams<S>& p, int64_t n, int64_t xoff, Cand<typename Acc<S>::type> c,
                            int lane) {
   using A = typename Acc<S>::type;
-  int i1 = c.i1, i2 = p.recheck ? c.i2 : -1;
-  if (i1 < 0 || i1 >= p.K) { i1 = 0; i2 = -1; }  // no finite distance at all: code 0
-  if (i2 >= p.K) i2 = -1;
+  using Bd = Bound<S>;
+  const int i1 = (c.i1 < 0 || c.i1 >= p.K) ? 0 : c.i1;  // no finite value at all: flagged below
   const S* x = p.x + xoff;
-  int k = i1;
-  A err = warp_sqdist(x, p.xsd, p.cb + (int64_t)i1 * p.D, p.D, lane);
-  if (i2 >= 0) {
-    const A e2 = warp_sqdist(x, p.xsd, p.cb + (int64_t)i2 * p.D, p.D, lane);
-    if (e2 < err || (e2 == err && i2 < i1)) { k = i2; err = e2; }
+  const S* e = p.cb + (int64_t)i1 * p.D;
+  A err = 0;
+  double xx = 0;
+  for (int64_t d = lane; d < p.D; d += 32) {
+    const A xv = to_acc(x[d * p.xsd]);
+    const A t = xv - to_acc(e[d]);
+    err = fma(t, t, err);
+    xx = fma((double)xv, (double)xv, xx);
+  }
+  err = warp_sum(err);
+  xx = warp_sum(xx);
+
+  const double E2 = __longlong_as_double((long long)*p.enorm2);
+  const double E = sqrt_up(E2), X = sqrt_up(sum_sq_up(xx, p.D));
+  const double v1 = (double)c.v1, v2 = (double)c.v2;
+  const double B = Bd::rel(p.D) * Bd::u * (E2 + 2.0 * X * E) * 1.01 +
+                   (4.0 * (double)p.D + 8.0) * Bd::tiny * (1.0 + E + X);
+  // Ordered compares: a NaN anywhere flags the row.
+  const bool in_range = v1 < INFINITY && v1 > -INFINITY && E2 < Bd::lim * Bd::lim &&
+                        X * E < Bd::lim && xx < INFINITY;
+  bool flagged = !(in_range && v2 - v1 > 2.02 * B && isfinite(err));
+#ifdef VQK_CUDA_EMULATE
+  if (flagged && lane == 0) ++vqk_emu_flagged_rows;
+  if (emu::no_research()) flagged = false;
+#endif
+  if (flagged) {
+    // v1 + 2B, with room for this sum's own rounding and the cast (0.5 B covers both).
+    if (lane == 0) {
+      p.indices[n] = -1;
+      p.sqerr[n] = in_range ? (A)(v1 + 2.5 * B) : inf_of<A>();
+    }
+    return;
   }
   if (lane == 0) {
-    p.indices[n] = k;
+    p.indices[n] = i1;
     p.sqerr[n] = err;
-    if (p.counts) atomicAdd(p.counts + k, 1ull);
+    if (p.counts) atomicAdd(p.counts + i1, 1ull);
   }
   if (p.zq) {
     S* z = p.zq + row_offset(n, p.zS, p.zsb, p.zss);
-    const S* e = p.cb + (int64_t)k * p.D;
-    const bool finite = isfinite(err);
+    const bool finite = isfinite(err);  // always, but for the emulator's no-research mode
     const S bad = from_acc<S>(nan_of<A>());
     for (int64_t d = lane; d < p.D; d += 32) z[d * p.zsd] = finite ? e[d] : bad;
   }

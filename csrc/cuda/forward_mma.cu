@@ -1,9 +1,9 @@
 // float16 / bfloat16 search on tensor cores: mma.sync m16n8k16 with fp32 accumulation.
 //
-// A product of two 16-bit floats is exact in fp32, so x.e carries only fp32 summation error; the
-// best TWO candidates per row are kept and both are re-measured exactly, sum (x - e)^2 in fp32, in
-// the epilogue (finish_row), so a near tie that the expansion ||e||^2 - 2 x.e rounds the wrong way
-// is still resolved to the true nearest up to fp32 rounding.
+// Per row the best value, its code and the second best value are kept (the fast pass of issue
+// 13); the epilogue (finish_row) either proves the best is the nearest code from the rounding
+// bound of these tensor-core sums (derived in common.cuh, Bound<>), or flags the row for the
+// exact re-search.
 //
 // Block tile 128 rows x 128 codes, depth chunks of 32. 8 warps as 2 (rows) x 4 (codes); each warp
 // owns 64 x 32 = 4 x 4 mma tiles (64 fp32 accumulators per thread). Fragments come from shared
@@ -27,7 +27,7 @@ struct MmaMicro {
 
   float acc[MT][NT][4];
   float v1[kRows], v2[kRows];
-  int i1[kRows], i2[kRows];
+  int i1[kRows];
   float nrm[NT * 2];
   int lane, wm, wn;
 
@@ -37,7 +37,7 @@ struct MmaMicro {
     wm = warp / (BN / WN);
     wn = warp % (BN / WN);
 #pragma unroll
-    for (int r = 0; r < kRows; ++r) { v1[r] = v2[r] = INFINITY; i1[r] = i2[r] = -1; }
+    for (int r = 0; r < kRows; ++r) { v1[r] = v2[r] = INFINITY; i1[r] = -1; }
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -86,17 +86,6 @@ struct MmaMicro {
     }
   }
 
-  __device__ __forceinline__ void insert(int r, float d, int k) {
-    if (d < v2[r]) {  // rare once the scan is under way: most distances skip straight past
-      if (d < v1[r]) {
-        v2[r] = v1[r]; i2[r] = i1[r];
-        v1[r] = d; i1[r] = k;
-      } else {
-        v2[r] = d; i2[r] = k;
-      }
-    }
-  }
-
   __device__ __forceinline__ void tile_done(int base) {
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
@@ -107,7 +96,8 @@ struct MmaMicro {
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const float d = fmaf(-2.f, acc[mt][nt][2 * h + e], nrm[nt * 2 + e]);
-            insert(mt * 2 + h, d, base + col(nt, e));
+            const int r = mt * 2 + h;
+            insert2(v1[r], i1[r], v2[r], d, base + col(nt, e));
             acc[mt][nt][2 * h + e] = 0.f;
           }
   }
@@ -119,12 +109,12 @@ struct MmaMicro {
 #pragma unroll
       for (int off = 1; off <= 2; off <<= 1) {
         const float w1 = __shfl_xor_sync(kFull, v1[r], off), w2 = __shfl_xor_sync(kFull, v2[r], off);
-        const int j1 = __shfl_xor_sync(kFull, i1[r], off), j2 = __shfl_xor_sync(kFull, i2[r], off);
-        merge2(v1[r], i1[r], v2[r], i2[r], w1, j1, w2, j2);
+        const int j1 = __shfl_xor_sync(kFull, i1[r], off);
+        merge2(v1[r], i1[r], v2[r], w1, j1, w2);
       }
       if ((lane & 3) == 0) {
         const int row = wm * WM + (r >> 1) * 16 + (lane >> 2) + (r & 1) * 8;
-        scratch[BM + wn * BM + row] = Cand<float>{v1[r], v2[r], i1[r], i2[r]};
+        scratch[BM + wn * BM + row] = Cand<float>{v1[r], v2[r], i1[r]};
       }
     }
     __syncthreads();

@@ -1,5 +1,7 @@
-// float32 and float64 search on the FFMA (DFMA) pipes: exact fp32 (fp64) arithmetic, so the
-// chosen code is the nearest up to the rounding of ||e||^2 - 2 x.e in that precision.
+// float32 and float64 search on the FFMA (DFMA) pipes. Per row the best value of
+// ||e||^2 - 2 x.e, its code and the second best value are kept (the fast pass of issue 13); the
+// epilogue (finish_row) proves the best is the nearest code from the rounding bound of these FMA
+// chains (common.cuh, Bound<>), or flags the row for the exact re-search.
 //
 // Register tiles: 256 threads as 16 x 16; thread (ty, tx) owns rows ty + 16 i (i < TM) and codes
 // tx + 16 j (j < TN) of the block tile. Per 16-byte step along D it loads TM vectors of x (the 8
@@ -35,7 +37,7 @@ struct SimtMicro {
   static_assert(GX == 16, "the per-row reduction runs over 16 lanes of a half warp");
 
   A acc[TM][TN];
-  A best[TM];
+  A best[TM], best2[TM];  // per row: best and second best values
   int bidx[TM];
   A nrm[TN];
   int ty, tx;
@@ -45,7 +47,7 @@ struct SimtMicro {
     tx = tid % GX;
 #pragma unroll
     for (int i = 0; i < TM; ++i) {
-      best[i] = inf_of<A>();
+      best[i] = best2[i] = inf_of<A>();
       bidx[i] = -1;
 #pragma unroll
       for (int j = 0; j < TN; ++j) acc[i][j] = 0;
@@ -84,7 +86,7 @@ struct SimtMicro {
 #pragma unroll
       for (int i = 0; i < TM; ++i) {
         const A d = fma(A(-2), acc[i][j], nrm[j]);
-        if (d < best[i]) { best[i] = d; bidx[i] = base + tx + GX * j; }
+        insert2(best[i], bidx[i], best2[i], d, base + tx + GX * j);
         acc[i][j] = 0;
       }
     }
@@ -93,15 +95,15 @@ struct SimtMicro {
   __device__ __forceinline__ void reduce(Cand<A>* scratch, int tid) {
 #pragma unroll
     for (int i = 0; i < TM; ++i) {
-      A v = best[i];
+      A v = best[i], v2 = best2[i];
       int k = bidx[i];
 #pragma unroll
       for (int off = GX / 2; off > 0; off >>= 1) {  // lanes of a half warp share ty
-        const A ov = __shfl_xor_sync(kFull, v, off);
+        const A ov = __shfl_xor_sync(kFull, v, off), ov2 = __shfl_xor_sync(kFull, v2, off);
         const int ok = __shfl_xor_sync(kFull, k, off);
-        if (before(ov, ok, v, k)) { v = ov; k = ok; }
+        merge2(v, k, v2, ov, ok, ov2);
       }
-      if (tx == 0) scratch[ty + GY * i] = Cand<A>{v, inf_of<A>(), k, -1};
+      if (tx == 0) scratch[ty + GY * i] = Cand<A>{v, v2, k};
     }
     __syncthreads();
   }

@@ -1,13 +1,17 @@
 // CUDA forward: planning, workspace, and the launches around the search kernels.
 //
 // One forward is (on the caller's stream):
-//   1. counts <- 0;
+//   1. counts <- 0, E <- 0;
 //   2. norms_kernel: ||e_k||^2 once per call into the workspace (and, when the codebook rows are
-//      not whole 16-byte vectors, a zero-padded copy the search can stream with cp.async);
-//   3. search_kernel (search.cuh): blocks of rows x a range of codebook tiles, candidates per row;
-//      with one split it finishes the rows itself (gather, exact error, z_q, counts);
+//      not whole 16-byte vectors, a zero-padded copy the search can stream with cp.async), and
+//      the bound E^2 >= max ||e_k||^2 of the exactness check (common.cuh, Bound<>);
+//   3. search_kernel (search.cuh): blocks of rows x a range of codebook tiles, the fast pass's
+//      (v1, i1, v2) per row; with one split it finishes the rows itself (finish_row: the proven
+//      rows get index, exact error, z_q, counts; the others are flagged);
 //   4. finalize_kernel, only when the codebook was split across blocks: merges the splits'
-//      candidates and finishes the rows.
+//      (v1, i1, v2) and finishes the rows;
+//   5. research_kernel: the flagged rows (rare on real data) searched exactly, in float64; blocks
+//      whose rows are all proven leave at once. No host synchronisation anywhere (graph-safe).
 // Workspace (temporary device memory) is allocated by the caller (torch) and passed in; its size
 // comes from cuda_forward_workspace_bytes with the same arguments.
 #include <algorithm>
@@ -28,6 +32,9 @@ constexpr int64_t kMinStepsPerSplit = 16;
 constexpr int64_t kMaxSplits = 64;
 // Code indices are int32 inside the kernels, with room for a tile past the end.
 constexpr int64_t kMaxK = int64_t(1) << 30;
+// The norms kernel's grid: enough blocks to stream the codebook at full bandwidth, few enough
+// that their atomics on the codebook bound stay cheap.
+constexpr int64_t kNormBlocks = 1024;
 
 size_t align_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
 
@@ -35,7 +42,7 @@ struct FwdPlan {
   int64_t rowblocks = 0, ntiles = 0, Dv = 0, Dp = 0;
   int splits = 1, tiles_per_split = 0;
   bool padcopy = false;
-  size_t off_norms = 0, off_cbpad = 0, off_part = 0, total = 0;
+  size_t off_enorm = 0, off_norms = 0, off_cbpad = 0, off_part = 0, total = 0;
 };
 
 template <class S>
@@ -59,6 +66,8 @@ FwdPlan plan_forward(int64_t N, int64_t K, int64_t D, std::uintptr_t cb) {
   q.padcopy = (D % vec) != 0 || (cb % 16) != 0;
   q.Dv = q.padcopy ? (D + vec - 1) / vec * vec : D;
   size_t off = 0;
+  q.off_enorm = off;
+  off = align_up(off + sizeof(unsigned long long), 256);
   q.off_norms = off;
   off = align_up(off + (size_t)K * sizeof(A), 256);
   q.off_cbpad = off;
@@ -82,30 +91,52 @@ void validate_sizes(int64_t N, int64_t K, int64_t D, const char* who) {
 }
 
 // One warp per code: ||e||^2 in the accumulation type (fixed order, so equal codes get equal
-// norms), and the zero-padded copy when asked for.
+// norms), and the zero-padded copy when asked for. Also the bound of the exactness check: an upper
+// bound on max ||e_k||^2 over the codes whose entries are all finite (a code with a NaN or inf is
+// never the answer for a finite row, and its approximate value is NaN or +inf, never a candidate),
+// summed in double and rounded up (sum_sq_up), reduced per block and merged into *enorm2 by an
+// integer atomicMax on the bits (non-negative doubles order like their bits).
 template <class S>
 __global__ void __launch_bounds__(kThreads) norms_kernel(const S* cb, int64_t K, int64_t D,
                                                           typename Acc<S>::type* norms, S* cbpad,
-                                                          int64_t Dv) {
+                                                          int64_t Dv, unsigned long long* enorm2) {
   using A = typename Acc<S>::type;
-  const int lane = threadIdx.x & 31;
+  VQK_DYNAMIC_SMEM(smem_raw);
+  double* wmax = reinterpret_cast<double*>(smem_raw);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x / 32;
   const int64_t wpb = kThreads / 32;
-  for (int64_t k = (int64_t)blockIdx.x * wpb + threadIdx.x / 32; k < K; k += (int64_t)gridDim.x * wpb) {
+  double emax = 0;
+  for (int64_t k = (int64_t)blockIdx.x * wpb + warp; k < K; k += (int64_t)gridDim.x * wpb) {
     const S* e = cb + k * D;
     A s = 0;
+    double s64 = 0, nonfinite = 0;
     for (int64_t d = lane; d < D; d += 32) {
       const A v = to_acc(e[d]);
       s = fma(v, v, s);
+      s64 = fma((double)v, (double)v, s64);
+      nonfinite += (double)v * 0.0;  // NaN exactly when some entry is NaN or +-inf
     }
     s = warp_sum(s);
+    s64 = warp_sum(s64);
+    nonfinite = warp_sum(nonfinite);
+    if (nonfinite == 0.0) {
+      const double up = sum_sq_up(s64, D);
+      emax = up > emax ? up : emax;
+    }
     if (lane == 0) norms[k] = s;
     if (cbpad)
       for (int64_t d = lane; d < Dv; d += 32) cbpad[k * Dv + d] = d < D ? e[d] : zero_of<S>();
   }
+  if (lane == 0) wmax[warp] = emax;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < wpb; ++w) emax = wmax[w] > emax ? wmax[w] : emax;
+    if (emax > 0) atomicMax(enorm2, (unsigned long long)__double_as_longlong(emax));
+  }
 }
 
-// One warp per row: merge the splits' candidates (lists are ordered, so the merge order does not
-// matter), then finish the row.
+// One warp per row: merge the splits' (v1, i1, v2) (the merge is order-free: the best value with
+// the lowest index, and the second smallest of all values), then finish the row.
 template <class S>
 __global__ void __launch_bounds__(kThreads) finalize_kernel(const FwdParams<S> p) {
   using A = typename Acc<S>::type;
@@ -116,6 +147,94 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(const FwdParams<S> p
     Cand<A> c = p.part[n];
     for (int s = 1; s < p.splits; ++s) merge2(c, p.part[(int64_t)s * p.N + n]);
     finish_row(p, n, row_offset(n, p.xS, p.xsb, p.xss), c, lane);
+  }
+}
+
+// The exact re-search of the rows finish_row flagged (indices[n] < 0, threshold in sqerr[n]).
+// A block takes kThreads rows; each thread reads one row's flag into shared memory, and a block
+// with no flagged row is done after that. Each flagged row is then searched by the whole block,
+// thread t taking codes t, t + kThreads, ...:
+//   * unless the threshold is +inf or NaN, the code's approximate value a_k = ||e_k||^2 - 2 x.e_k
+//     is recomputed (an FMA chain in the accumulation type, within the same bound B) and the code
+//     is skipped when a_k > v1 + 2B (it cannot be the nearest, common.cuh);
+//   * otherwise its exact distance sum (x_d - e_d)^2 in double (a NaN counts as +inf).
+// The lowest code with the least distance wins (each thread's codes rise, and the block reduction
+// orders by (distance, code)); its float64 distance is the error (cast), z_q is the code unless
+// that distance is not finite.
+template <class S>
+__global__ void __launch_bounds__(kThreads) research_kernel(const FwdParams<S> p) {
+  using A = typename Acc<S>::type;
+  constexpr int kWarps = kThreads / 32;
+  VQK_DYNAMIC_SMEM(smem_raw);
+  int64_t* rows = reinterpret_cast<int64_t*>(smem_raw);
+  double* wd = reinterpret_cast<double*>(rows + kThreads);
+  int* wk = reinterpret_cast<int*>(wd + kWarps);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  for (int64_t base = (int64_t)blockIdx.x * kThreads; base < p.N;
+       base += (int64_t)gridDim.x * kThreads) {
+    {
+      const int64_t n = base + tid;
+      rows[tid] = n < p.N && p.indices[n] < 0 ? n : -1;
+    }
+    __syncthreads();
+#pragma unroll 1
+    for (int r = 0; r < kThreads; ++r) {
+      const int64_t n = rows[r];  // the same for the whole block
+      if (n < 0) continue;
+      const S* x = p.x + row_offset(n, p.xS, p.xsb, p.xss);
+      const A thr = p.sqerr[n];
+      const bool every = !(thr < inf_of<A>());  // +inf or NaN: no filter
+      double best = INFINITY, raw = INFINITY;
+      int bk = INT_MAX;
+      for (int k = tid; k < p.K; k += kThreads) {
+        const S* e = p.cb + (int64_t)k * p.D;
+        if (!every) {
+          A dot = 0;
+          for (int64_t d = 0; d < p.D; ++d) dot = fma(to_acc(x[d * p.xsd]), to_acc(e[d]), dot);
+          if (!(fma(A(-2), dot, p.norms[k]) <= thr)) continue;
+        }
+        double s = 0;
+        for (int64_t d = 0; d < p.D; ++d) {
+          const double t = (double)to_acc(x[d * p.xsd]) - (double)to_acc(e[d]);
+          s = fma(t, t, s);
+        }
+        const double key = s < INFINITY ? s : INFINITY;  // NaN -> +inf
+        if (before(key, k, best, bk)) { best = key; raw = s; bk = k; }
+      }
+      double v = best;
+      int k = bk;
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) {
+        const double ov = __shfl_xor_sync(kFull, v, off);
+        const int ok = __shfl_xor_sync(kFull, k, off);
+        if (before(ov, ok, v, k)) { v = ov; k = ok; }
+      }
+      if (lane == 0) { wd[warp] = v; wk[warp] = k; }
+      __syncthreads();
+      v = wd[0];
+      k = wk[0];
+      for (int w = 1; w < kWarps; ++w)
+        if (before(wd[w], wk[w], v, k)) { v = wd[w]; k = wk[w]; }
+      __syncthreads();  // wd / wk are free for the next row
+      if (k >= p.K) k = 0;  // unreachable: every code is measured when no threshold applies
+      if (k == bk) {        // the thread that measured the winner
+        p.indices[n] = k;
+        p.sqerr[n] = (A)raw;
+        if (p.counts) atomicAdd(p.counts + k, 1ull);
+      } else if (bk == INT_MAX && k == 0 && tid == 0) {
+        p.indices[n] = 0;
+        p.sqerr[n] = nan_of<A>();
+        if (p.counts) atomicAdd(p.counts, 1ull);
+      }
+      if (p.zq) {
+        S* z = p.zq + row_offset(n, p.zS, p.zsb, p.zss);
+        const S* e = p.cb + (int64_t)k * p.D;
+        const bool finite = v < INFINITY;
+        const S bad = from_acc<S>(nan_of<A>());
+        for (int64_t d = tid; d < p.D; d += kThreads) z[d * p.zsd] = finite ? e[d] : bad;
+      }
+    }
+    __syncthreads();  // rows[] is rewritten for the next group
   }
 }
 
@@ -147,8 +266,12 @@ void forward_t(const ForwardArgs& a, cudaStream_t st) {
   S* cbpad = q.padcopy ? reinterpret_cast<S*>(ws + q.off_cbpad) : nullptr;
   const S* cb = static_cast<const S*>(a.codebook);
 
+  auto* enorm2 = reinterpret_cast<unsigned long long*>(ws + q.off_enorm);
+  check(cudaMemsetAsync(enorm2, 0, sizeof(*enorm2), st), "cudaMemsetAsync(codebook bound)");
+  // At most kNormBlocks blocks: each merges its bound with one atomic.
   auto norms_k = norms_kernel<S>;
-  VQK_LAUNCH(norms_k, grid_for(K, kThreads / 32), kThreads, 0, st, cb, K, D, norms, cbpad, q.Dv);
+  VQK_LAUNCH(norms_k, grid_for(K, kThreads / 32, kNormBlocks), kThreads,
+             (kThreads / 32) * sizeof(double), st, cb, K, D, norms, cbpad, q.Dv, enorm2);
   check_launch("norms kernel launch");
 
   FwdParams<S> p{};
@@ -169,7 +292,7 @@ void forward_t(const ForwardArgs& a, cudaStream_t st) {
   p.splits = q.splits;
   p.tiles_per_split = q.tiles_per_split;
   p.ntiles = (int)q.ntiles;
-  p.recheck = sizeof(S) == 2;  // the tensor-core path keeps two candidates
+  p.enorm2 = enorm2;
 
   int dev = 0;
   check(cudaGetDevice(&dev), "cudaGetDevice");
@@ -183,6 +306,11 @@ void forward_t(const ForwardArgs& a, cudaStream_t st) {
     VQK_LAUNCH(finalize_k, grid_for(N, kThreads / 32), kThreads, 0, st, p);
     check_launch("finalize kernel launch");
   }
+
+  auto research_k = research_kernel<S>;
+  const size_t research_smem = kThreads * sizeof(int64_t) + (kThreads / 32) * (sizeof(double) + sizeof(int));
+  VQK_LAUNCH(research_k, grid_for(N, kThreads), kThreads, research_smem, st, p);
+  check_launch("research kernel launch");
 }
 
 template <class S>

@@ -13,3 +13,8 @@ void cpu_backward(const BackwardArgs&, int) {
 }
 const char* cpu_isa() { return "none (emulated CUDA module)"; }
 }  // namespace vqk
+
+// Rows the forward's fast pass flagged for the exact re-search (cuda_emu.h; the tests read it).
+extern "C" {
+__attribute__((visibility("default"))) unsigned long long vqk_emu_flagged_rows = 0;
+}

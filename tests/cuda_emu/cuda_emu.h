@@ -372,6 +372,20 @@ inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v)
 }
 inline float atomicAdd(float* p, float v) { const float old = *p; *p = old + v; return old; }
 inline double atomicAdd(double* p, double v) { const double old = *p; *p = old + v; return old; }
+inline unsigned long long atomicMax(unsigned long long* p, unsigned long long v) {
+  const unsigned long long old = *p; if (v > old) *p = v; return old;
+}
+inline long long __double_as_longlong(double v) { long long b; std::memcpy(&b, &v, 8); return b; }
+inline double __longlong_as_double(long long b) { double v; std::memcpy(&v, &b, 8); return v; }
+
+// Test hooks of the exact re-search (issue 13), read by the kernels only under VQK_CUDA_EMULATE:
+// the rows the fast pass flagged are counted here (defined in cpu_stubs.cpp, read by the tests
+// through ctypes), and VQK_EMU_NO_RESEARCH=1 finishes flagged rows with the fast pass's best, to
+// show what the approximate pass alone would return.
+extern "C" unsigned long long vqk_emu_flagged_rows;
+namespace emu {
+inline bool no_research() { return env_int("VQK_EMU_NO_RESEARCH", 0) != 0; }
+}  // namespace emu
 
 inline cudaError_t cudaGetLastError() {
   const cudaError_t e = emu::last_error();

@@ -220,8 +220,9 @@ template <class S> struct FwdParams {
 // u = unit roundoff of the accumulation (2^-24 fp32, 2^-53 fp64), gamma_n = n u / (1 - n u).
 // * SIMT (FFMA / DFMA chains, fp32 / fp64): x.e is a chain of D fused multiply-adds (padding adds
 //   exact zeros), |fl(x.e) - x.e| <= gamma_D sum|x_d e_d| <= gamma_D X E. ||e||^2 (norms_kernel:
-//   per-lane chains plus a 5-level butterfly, depth <= D + 5) is within gamma_{D+5} E^2. The last
-//   fma(-2, acc, nrm) rounds once more: u (E^2 + 2 X E)(1 + ...). Total, generously:
+//   a double sum, then rounded to the accumulation type) is within (u + gamma_{D+5}(2^-53)) E^2
+//   (u alone for fp64 is not enough: there it is gamma_{D+5} E^2, chains of depth <= D + 5). The
+//   last fma(-2, acc, nrm) rounds once more: u (E^2 + 2 X E)(1 + ...). Total, generously:
 //     B_rel = (2D + 8) u (E^2 + 2 X E) * 1.01.
 // * Tensor cores (mma.sync m16n8k16, bf16/fp16 products, fp32 accumulation): products of 16-bit
 //   floats are exact in fp32, but the hardware adds the 16 products of a k-step and the running
@@ -239,23 +240,27 @@ template <class S> struct FwdParams {
 //   sum and 2^-126 max(|x_d|, |e_d|) per product (MMA units may flush subnormal operands). So
 //     B_abs = (4D + 8) tiny (1 + E + X),  tiny = 2^-120 (fp32 accumulation) or 2^-1000 (fp64),
 //   far above both. B = B_rel + B_abs.
-// * Range: the bound needs every quantity of the fast pass finite. With E^2 < L^2 and X E < L
-//   (L = 2^60 for fp32 accumulation, 2^500 for fp64) every ||e||^2, partial dot and a_k is far
-//   below the overflow threshold. Rows beyond that, and rows with a non-finite ||x||^2, v1 or
-//   fp32 error, are flagged with no threshold (the re-search measures every code).
+// * Range: the bound needs every quantity of the fast pass finite. With E^2 < LE and X E < LX
+//   (2^120 and 2^100 for fp32 accumulation, 2^1000 both for fp64) every ||e||^2, partial dot and
+//   a_k is below the overflow threshold (|a_k| <= E^2 + 2 X E < 2^122, or < 2^1002). Rows beyond
+//   that, and rows with a non-finite ||x||^2 or v1, are flagged with no threshold (the re-search
+//   measures every code). (The contract's X E < 2^60 is stricter than needed; the wider limit
+//   only lets the fast pass decide more rows of large-magnitude data, each still proven.) Rows
+//   whose fp32 error of the candidate is not finite are flagged too, with the threshold: their
+//   answer and error come from the float64 re-search, and z_q is not NaN'ed by an fp32 overflow.
 // E and X are computed in double from the inputs and rounded up (norms_kernel, finish_row), so
 // they are upper bounds: a double sum of D squares is within gamma_{D+5} (53-bit u), plus D
 // halves of the smallest subnormal if squares underflow (fp64 inputs only).
 template <class S> struct Bound {
-  static constexpr double u = 0x1p-24, tiny = 0x1p-120, lim = 0x1p60;
+  static constexpr double u = 0x1p-24, tiny = 0x1p-120, lim_e2 = 0x1p120, lim_xe = 0x1p100;
   __device__ static double rel(int64_t D) { return 2.0 * (double)D + 8.0; }
 };
 template <> struct Bound<double> {
-  static constexpr double u = 0x1p-53, tiny = 0x1p-1000, lim = 0x1p500;
+  static constexpr double u = 0x1p-53, tiny = 0x1p-1000, lim_e2 = 0x1p1000, lim_xe = 0x1p1000;
   __device__ static double rel(int64_t D) { return 2.0 * (double)D + 8.0; }
 };
 template <> struct Bound<__half> {
-  static constexpr double u = 0x1p-24, tiny = 0x1p-120, lim = 0x1p60;
+  static constexpr double u = 0x1p-24, tiny = 0x1p-120, lim_e2 = 0x1p120, lim_xe = 0x1p100;
   __device__ static double rel(int64_t D) { return 16.0 * ((double)D + 32.0); }
 };
 template <> struct Bound<__nv_bfloat16> : Bound<__half> {};
@@ -296,8 +301,8 @@ __device__ void finish_row(const FwdParams<S>& p, int64_t n, int64_t xoff, Cand<
   const double B = Bd::rel(p.D) * Bd::u * (E2 + 2.0 * X * E) * 1.01 +
                    (4.0 * (double)p.D + 8.0) * Bd::tiny * (1.0 + E + X);
   // Ordered compares: a NaN anywhere flags the row.
-  const bool in_range = v1 < INFINITY && v1 > -INFINITY && E2 < Bd::lim * Bd::lim &&
-                        X * E < Bd::lim && xx < INFINITY;
+  const bool in_range = v1 < INFINITY && v1 > -INFINITY && E2 < Bd::lim_e2 &&
+                        X * E < Bd::lim_xe && xx < INFINITY;
   bool flagged = !(in_range && v2 - v1 > 2.02 * B && isfinite(err));
 #ifdef VQK_CUDA_EMULATE
   if (flagged && lane == 0) ++vqk_emu_flagged_rows;

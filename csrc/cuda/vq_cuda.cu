@@ -90,12 +90,14 @@ void validate_sizes(int64_t N, int64_t K, int64_t D, const char* who) {
   if (N < 0) throw std::invalid_argument(std::string(who) + ": N must be non-negative");
 }
 
-// One warp per code: ||e||^2 in the accumulation type (fixed order, so equal codes get equal
-// norms), and the zero-padded copy when asked for. Also the bound of the exactness check: an upper
-// bound on max ||e_k||^2 over the codes whose entries are all finite (a code with a NaN or inf is
-// never the answer for a finite row, and its approximate value is NaN or +inf, never a candidate),
-// summed in double and rounded up (sum_sq_up), reduced per block and merged into *enorm2 by an
-// integer atomicMax on the bits (non-negative doubles order like their bits).
+// One warp per code: ||e||^2 summed in double in a fixed order (equal codes get equal norms) and
+// rounded to the accumulation type for the search, and the zero-padded copy when asked for. Also
+// the bound of the exactness check: an upper bound on max ||e_k||^2 over the codes whose entries
+// are all finite (a code with a NaN or inf is never the answer for a finite row, and its
+// approximate value is NaN or +inf, never a candidate), rounded up (sum_sq_up), reduced per block
+// and merged into *enorm2 by an integer atomicMax on the bits (non-negative doubles order like
+// their bits). Adding e_d * 0 makes the sum NaN exactly when an entry is NaN or +-inf, while a
+// sum of finite fp64 entries that overflows stays +inf (so E = inf, and every row is re-searched).
 template <class S>
 __global__ void __launch_bounds__(kThreads) norms_kernel(const S* cb, int64_t K, int64_t D,
                                                           typename Acc<S>::type* norms, S* cbpad,
@@ -108,22 +110,17 @@ __global__ void __launch_bounds__(kThreads) norms_kernel(const S* cb, int64_t K,
   double emax = 0;
   for (int64_t k = (int64_t)blockIdx.x * wpb + warp; k < K; k += (int64_t)gridDim.x * wpb) {
     const S* e = cb + k * D;
-    A s = 0;
-    double s64 = 0, nonfinite = 0;
+    double s = 0;
     for (int64_t d = lane; d < D; d += 32) {
-      const A v = to_acc(e[d]);
-      s = fma(v, v, s);
-      s64 = fma((double)v, (double)v, s64);
-      nonfinite += (double)v * 0.0;  // NaN exactly when some entry is NaN or +-inf
+      const double v = (double)to_acc(e[d]);
+      s = fma(v, v, s + v * 0.0);
     }
     s = warp_sum(s);
-    s64 = warp_sum(s64);
-    nonfinite = warp_sum(nonfinite);
-    if (nonfinite == 0.0) {
-      const double up = sum_sq_up(s64, D);
+    if (s == s) {
+      const double up = sum_sq_up(s, D);
       emax = up > emax ? up : emax;
     }
-    if (lane == 0) norms[k] = s;
+    if (lane == 0) norms[k] = (A)s;
     if (cbpad)
       for (int64_t d = lane; d < Dv; d += 32) cbpad[k * Dv + d] = d < D ? e[d] : zero_of<S>();
   }
@@ -164,12 +161,11 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(const FwdParams<S> p
 template <class S>
 __global__ void __launch_bounds__(kThreads) research_kernel(const FwdParams<S> p) {
   using A = typename Acc<S>::type;
-  constexpr int kWarps = kThreads / 32;
   VQK_DYNAMIC_SMEM(smem_raw);
   int64_t* rows = reinterpret_cast<int64_t*>(smem_raw);
   double* wd = reinterpret_cast<double*>(rows + kThreads);
-  int* wk = reinterpret_cast<int*>(wd + kWarps);
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  int* wk = reinterpret_cast<int*>(wd + kThreads);
+  const int tid = threadIdx.x;
   for (int64_t base = (int64_t)blockIdx.x * kThreads; base < p.N;
        base += (int64_t)gridDim.x * kThreads) {
     {
@@ -201,20 +197,14 @@ __global__ void __launch_bounds__(kThreads) research_kernel(const FwdParams<S> p
         const double key = s < INFINITY ? s : INFINITY;  // NaN -> +inf
         if (before(key, k, best, bk)) { best = key; raw = s; bk = k; }
       }
-      double v = best;
-      int k = bk;
-#pragma unroll
-      for (int off = 16; off > 0; off >>= 1) {
-        const double ov = __shfl_xor_sync(kFull, v, off);
-        const int ok = __shfl_xor_sync(kFull, k, off);
-        if (before(ov, ok, v, k)) { v = ov; k = ok; }
-      }
-      if (lane == 0) { wd[warp] = v; wk[warp] = k; }
+      // The block's best (distance, code): every thread reads all candidates (one barrier).
+      wd[tid] = best;
+      wk[tid] = bk;
       __syncthreads();
-      v = wd[0];
-      k = wk[0];
-      for (int w = 1; w < kWarps; ++w)
-        if (before(wd[w], wk[w], v, k)) { v = wd[w]; k = wk[w]; }
+      double v = wd[0];
+      int k = wk[0];
+      for (int t = 1; t < kThreads; ++t)
+        if (before(wd[t], wk[t], v, k)) { v = wd[t]; k = wk[t]; }
       __syncthreads();  // wd / wk are free for the next row
       if (k >= p.K) k = 0;  // unreachable: every code is measured when no threshold applies
       if (k == bk) {        // the thread that measured the winner
@@ -308,7 +298,7 @@ void forward_t(const ForwardArgs& a, cudaStream_t st) {
   }
 
   auto research_k = research_kernel<S>;
-  const size_t research_smem = kThreads * sizeof(int64_t) + (kThreads / 32) * (sizeof(double) + sizeof(int));
+  const size_t research_smem = kThreads * (sizeof(int64_t) + sizeof(double) + sizeof(int));
   VQK_LAUNCH(research_k, grid_for(N, kThreads), kThreads, research_smem, st, p);
   check_launch("research kernel launch");
 }

@@ -7,6 +7,8 @@ demand the exact index on every clearly separated row and the lowest index on ev
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 # Significand bits of each dtype: the grids below stay exact in it.
@@ -127,13 +129,29 @@ def scaled(N, K, D, dtype, exponent, seed):
     return z.to(dtype), cb.to(dtype)
 
 
-def exact_d(z, cb):
-    """float64 (N, K) squared distances by direct differences, NaN counted as +inf."""
-    x64, e64 = z.double().cpu(), cb.double().cpu()
+def search_scale(z, cb):
+    """The power of two float64 data is measured at (as the reference does: squares overflow past
+    2^511 and lose bits below 2^-511), 1.0 for narrower dtypes and moderate magnitudes."""
+    if z.dtype != torch.float64 or z.numel() == 0 or cb.numel() == 0:
+        return 1.0
+    m = max(float(torch.nan_to_num(t.abs().cpu(), posinf=0.0, nan=0.0).max()) for t in (z, cb))
+    if m > 2.0 ** 480:
+        return 2.0 ** (480 - math.frexp(m)[1])
+    if 0.0 < m < 2.0 ** -480:
+        return 2.0 ** (-480 - math.frexp(m)[1])
+    return 1.0
+
+
+def exact_d(z, cb, scaled=True):
+    """float64 (N, K) squared distances by direct differences, NaN counted as +inf; float64 data
+    beyond 2^+-480 measured at a power-of-two scale (scaled=False: the plain float64 error)."""
+    s = search_scale(z, cb) if scaled else 1.0
+    x64, e64 = z.double().cpu() * s, cb.double().cpu() * s
     out = torch.empty(x64.shape[0], e64.shape[0], dtype=torch.float64)
-    for lo in range(0, x64.shape[0], 128):
-        out[lo:lo + 128] = ((x64[lo:lo + 128, None, :] - e64[None]) ** 2).sum(-1)
-    return torch.nan_to_num(out, nan=float("inf"))
+    step = max(1, (1 << 22) // max(1, e64.shape[0] * e64.shape[1]))
+    for lo in range(0, x64.shape[0], step):
+        out[lo:lo + step] = ((x64[lo:lo + step, None, :] - e64[None]) ** 2).sum(-1)
+    return out.masked_fill(torch.isnan(out), float("inf"))  # (nan_to_num would clip +inf too)
 
 
 def judge(z, cb, idx, exact=True, rel=1e-6, min_judged=0.5):

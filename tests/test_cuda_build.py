@@ -110,15 +110,17 @@ def test_no_spills_or_local_memory(usage):
 
 
 def test_every_dtype_has_its_kernels_on_every_arch(usage):
-    # The search (x resident and x staged), norms, finalize and backward kernels exist for each
-    # element type: a dtype dropped from a dispatch would show here before it shows on a GPU.
+    # The search (x resident and x staged), norms, finalize, exact re-search and backward kernels
+    # exist for each element type: a dtype dropped from a dispatch would show here before it
+    # shows on a GPU.
     types = {"f": "float", "d": "double", "6__half": "half", "13__nv_bfloat16": "bf16"}
     for arch in ARCHS:
         names = [n for (src, a), funcs in usage.items() if a == arch for n, f in funcs.items()
                  if f.get("entry")]
         for mangled, label in types.items():
             for kernel in ("13search_kernelI", "12norms_kernelI", "15finalize_kernelI",
-                           "11rows_kernelI", "13segsum_kernelI", "14segjoin_kernelI"):
+                           "15research_kernelI", "11rows_kernelI", "13segsum_kernelI",
+                           "14segjoin_kernelI"):
                 want = kernel + mangled
                 got = [n for n in names if want in n]
                 expect = 2 if kernel in ("13search_kernelI", "11rows_kernelI") else 1

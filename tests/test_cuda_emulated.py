@@ -26,6 +26,7 @@ import torch
 import vqkernels
 from vqkernels import backends, native, reference
 from vqkernels._layout import RowPlan
+import adversarial
 import cuda_exact_cases as cases
 from helpers import FLOAT_DTYPES, WEIRD_SHAPES, assert_search_ok, make_inputs
 
@@ -259,13 +260,15 @@ def _check_exact(z, cb, out, seed, exact=True, min_judged=0.5):
         judged = cases.judge(z, cb, idx, exact=exact, min_judged=min_judged)
     except AssertionError as e:
         raise AssertionError(f"seed {seed}: {e}") from None
-    d = cases.exact_d(z, cb).gather(1, idx.reshape(-1, 1))[:, 0]
+    pick = idx.reshape(-1, 1)
     # sqerr: the chosen code's error, from the fp32 fast path or the float64 re-search (cast).
+    err = cases.exact_d(z, cb, scaled=False).gather(1, pick)[:, 0]
     acc = reference.acc_dtype(z.dtype)
     rtol = 4 * math.sqrt(D) * torch.finfo(acc).eps
-    torch.testing.assert_close(sq.double(), d.to(acc).double(), rtol=rtol, atol=0)
-    # z_q: the code, NaN only where the float64 error is not finite.
-    fin = torch.isfinite(d)
+    torch.testing.assert_close(sq.double(), err.to(acc).double(), rtol=rtol, atol=0)
+    # z_q: the code, NaN only where the float64 error (scaled where float64 squares would
+    # overflow) is not finite.
+    fin = torch.isfinite(cases.exact_d(z, cb).gather(1, pick)[:, 0])
     assert torch.equal(z_q[fin], cb[idx[fin]]), f"seed {seed}: z_q is not the chosen code"
     assert torch.isnan(z_q[~fin]).all()
     assert torch.equal(counts, torch.bincount(idx.reshape(-1), minlength=K))
@@ -341,14 +344,15 @@ def test_large_mean_data_gets_the_float64_argmin(emulated, dtype):
 
 
 _SCALES = {torch.float32: [63, 80, 99, -83, -100, -120], torch.bfloat16: [63, 99, -83, -120],
-           torch.float16: [11, -20], torch.float64: [400, -500]}
+           torch.float16: [11, -20], torch.float64: [400, 665, 997, -500, -665]}
 
 
 @pytest.mark.parametrize("dtype,exponent", [(t, e) for t, es in _SCALES.items() for e in es],
                          ids=str)
 def test_huge_and_tiny_magnitudes(emulated, dtype, exponent):
-    # Finite inputs whose squares overflow or underflow fp32 (1e19..1e30, 1e-25..1e-36): the right
-    # codes, z_q the code (finite), sqerr the float64 error cast (inf or 0 where fp32 can't hold it).
+    # Finite inputs whose squares overflow or underflow fp32 (1e19..1e30, 1e-25..1e-36), or float64
+    # (1e200, 1e300, 1e-200: measured at a power-of-two scale): the right codes, z_q the code
+    # (finite), sqerr the float64 error cast (inf or 0 where the dtype can't hold it).
     seed = _seed()
     z, cb = cases.scaled(150, 40, 12, dtype, exponent, seed)
     z_q, idx, sq, _ = out = _forward(z, cb)
@@ -381,10 +385,50 @@ def test_non_finite_rows_and_codes(emulated, dtype):
     assert not idx.any() and torch.isnan(z_q).all() and not torch.isfinite(sq).any()
 
 
+
+# The families every backend's exactness tests share (tests/adversarial.py), judged by its
+# assert_exact: reflections (exact ties e_b = 2x - e_a), close codes on a 1/64 grid, duplicates
+# (consecutive copies), random patterns at extreme magnitudes, float64 far past its square range.
+_SHARED = [
+    ("reflections", torch.float32, lambda g, t: adversarial.reflections(g, dtype=t)),
+    ("reflections", torch.float64, lambda g, t: adversarial.reflections(g, dtype=t)),
+    ("close-5-mod16", torch.float32,
+     lambda g, t: adversarial.close_codes(g, n_close=5, spacing=16, offset=2.0 ** 18, dtype=t)),
+    ("close-9-random", torch.float32,
+     lambda g, t: adversarial.close_codes(g, n_close=9, spacing=None, dtype=t)),
+    ("close-5-mod8-bf16", torch.bfloat16,
+     lambda g, t: adversarial.close_codes(g, n_close=5, spacing=8, offset=2.0 ** 8, dtype=t)),
+    ("close-2-mod8-fp16", torch.float16,
+     lambda g, t: adversarial.close_codes(g, n_close=2, spacing=8, offset=2.0 ** 10, dtype=t)),
+    ("duplicated-5", torch.float32, lambda g, t: adversarial.duplicated(g, copies=5, dtype=t)),
+    ("magnitude-1e25", torch.float32, lambda g, t: adversarial.magnitudes(g, 1e25, dtype=t)),
+    ("magnitude-1e-30", torch.float32, lambda g, t: adversarial.magnitudes(g, 1e-30, dtype=t)),
+    ("magnitude-1e19", torch.bfloat16, lambda g, t: adversarial.magnitudes(g, 1e19, dtype=t)),
+    ("magnitude-1e300", torch.float64, lambda g, t: adversarial.magnitudes(g, 1e300, dtype=t)),
+    ("magnitude-1e-200", torch.float64, lambda g, t: adversarial.magnitudes(g, 1e-200, dtype=t)),
+]
+
+
+@pytest.mark.parametrize("name,dtype,make", _SHARED, ids=[f"{n}-{t}" for n, t, _ in _SHARED])
+def test_shared_adversarial_families(emulated, name, dtype, make):
+    seed = _seed()
+    z, cb = make(torch.Generator().manual_seed(seed), dtype)
+    z_q, idx, sq, counts = _forward(z, cb)
+    # float64 past its square range: the truth on the values scaled back (a power of two: exact).
+    s = cases.search_scale(z, cb)
+    n = adversarial.assert_exact(z * s, cb * s, idx, what=f"{name} (seed {seed})")
+    # (reflections and copies: every row is an exact tie, judged by the lowest-index rule)
+    assert n > 0.2 * z.shape[0] or name in ("reflections", "duplicated-5")
+    fin = torch.isfinite(z).all(1) & torch.isfinite(cb[idx]).all(1)
+    assert torch.equal(z_q[fin], cb[idx][fin]) and torch.isfinite(z_q).all()
+    want = ((z.double() - cb[idx].double()) ** 2).sum(1)
+    torch.testing.assert_close(sq.double(), want.to(sq.dtype).double(), rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 def test_research_runs_on_flagged_rows_and_is_needed(emulated, monkeypatch, dtype):
     # On far-from-origin data the fast pass flags rows (the emulator counts them), and without the
-    # exact re-search (VQK_EMU_NO_RESEARCH=1: flagged rows keep the fast pass's best) the same data
+    # exact re-search (VQK_DEBUG_APPROX_ONLY=1: flagged rows keep the fast pass's best) the same data
     # gets wrong codes; with it, none. On ordinary random data flags are rare.
     seed = _seed()
     # 16-bit grids are too coarse for fp32 sums to cancel when every coordinate is far out: a few
@@ -395,10 +439,10 @@ def test_research_runs_on_flagged_rows_and_is_needed(emulated, monkeypatch, dtyp
     flagged.value = 0
     _check_exact(z, cb, _forward(z, cb), seed)
     assert flagged.value > 0
-    monkeypatch.setenv("VQK_EMU_NO_RESEARCH", "1")
+    monkeypatch.setenv("VQK_DEBUG_APPROX_ONLY", "1")
     idx = _forward(z, cb)[1]
     assert cases.wrong_rows(z, cb, idx) > 0, f"seed {seed}: the fast pass alone was right"
-    monkeypatch.delenv("VQK_EMU_NO_RESEARCH")
+    monkeypatch.delenv("VQK_DEBUG_APPROX_ONLY")
     z, cb = make_inputs(1024, 300, 32, dtype)
     flagged.value = 0
     _check_forward(z, cb, _forward(z, cb))

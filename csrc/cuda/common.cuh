@@ -202,8 +202,9 @@ template <class S> struct FwdParams {
   unsigned long long* counts;       // may be null
   Cand<A>* part;                    // split > 1: candidates per (split, row)
   int splits, tiles_per_split, ntiles;
-  // Bits of a double >= max ||e_k||^2 over the codes with only finite entries (norms_kernel).
-  const unsigned long long* enorm2;
+  // Bits of two doubles (norms_kernel): [0] >= max ||e_k||^2 over the codes with only finite
+  // entries, [1] max |e_d| over the finite entries.
+  const unsigned long long* cbstat;
 };
 
 // ------------------------------------------------------------------------------------------------
@@ -295,7 +296,7 @@ __device__ void finish_row(const FwdParams<S>& p, int64_t n, int64_t xoff, Cand<
   err = warp_sum(err);
   xx = warp_sum(xx);
 
-  const double E2 = __longlong_as_double((long long)*p.enorm2);
+  const double E2 = __longlong_as_double((long long)p.cbstat[0]);
   const double E = sqrt_up(E2), X = sqrt_up(sum_sq_up(xx, p.D));
   const double v1 = (double)c.v1, v2 = (double)c.v2;
   const double B = Bd::rel(p.D) * Bd::u * (E2 + 2.0 * X * E) * 1.01 +

@@ -42,7 +42,7 @@ struct FwdPlan {
   int64_t rowblocks = 0, ntiles = 0, Dv = 0, Dp = 0;
   int splits = 1, tiles_per_split = 0;
   bool padcopy = false;
-  size_t off_enorm = 0, off_norms = 0, off_cbpad = 0, off_part = 0, total = 0;
+  size_t off_cbstat = 0, off_norms = 0, off_cbpad = 0, off_part = 0, total = 0;
 };
 
 template <class S>
@@ -66,8 +66,8 @@ FwdPlan plan_forward(int64_t N, int64_t K, int64_t D, std::uintptr_t cb) {
   q.padcopy = (D % vec) != 0 || (cb % 16) != 0;
   q.Dv = q.padcopy ? (D + vec - 1) / vec * vec : D;
   size_t off = 0;
-  q.off_enorm = off;
-  off = align_up(off + sizeof(unsigned long long), 256);
+  q.off_cbstat = off;
+  off = align_up(off + 2 * sizeof(unsigned long long), 256);
   q.off_norms = off;
   off = align_up(off + (size_t)K * sizeof(A), 256);
   q.off_cbpad = off;
@@ -92,28 +92,32 @@ void validate_sizes(int64_t N, int64_t K, int64_t D, const char* who) {
 
 // One warp per code: ||e||^2 summed in double in a fixed order (equal codes get equal norms) and
 // rounded to the accumulation type for the search, and the zero-padded copy when asked for. Also
-// the bound of the exactness check: an upper bound on max ||e_k||^2 over the codes whose entries
-// are all finite (a code with a NaN or inf is never the answer for a finite row, and its
-// approximate value is NaN or +inf, never a candidate), rounded up (sum_sq_up), reduced per block
-// and merged into *enorm2 by an integer atomicMax on the bits (non-negative doubles order like
-// their bits). Adding e_d * 0 makes the sum NaN exactly when an entry is NaN or +-inf, while a
-// sum of finite fp64 entries that overflows stays +inf (so E = inf, and every row is re-searched).
+// two codebook statistics for the exactness check, merged over blocks by integer atomicMax on the
+// bits (non-negative doubles order like their bits) into cbstat:
+//   [0] an upper bound on max ||e_k||^2 over the codes whose entries are all finite (a code with a
+//       NaN or inf is never the answer for a finite row, and its approximate value is NaN or +inf,
+//       never a candidate), rounded up (sum_sq_up). Adding e_d * 0 makes the sum NaN exactly when
+//       an entry is NaN or +-inf, while a sum of finite fp64 entries that overflows stays +inf (so
+//       E = inf, and every row is re-searched);
+//   [1] max |e_d| over the finite entries: the float64 re-search's scale (research_kernel).
 template <class S>
 __global__ void __launch_bounds__(kThreads) norms_kernel(const S* cb, int64_t K, int64_t D,
                                                           typename Acc<S>::type* norms, S* cbpad,
-                                                          int64_t Dv, unsigned long long* enorm2) {
+                                                          int64_t Dv, unsigned long long* cbstat) {
   using A = typename Acc<S>::type;
   VQK_DYNAMIC_SMEM(smem_raw);
-  double* wmax = reinterpret_cast<double*>(smem_raw);
+  double* red = reinterpret_cast<double*>(smem_raw);  // 2 x kThreads
   const int lane = threadIdx.x & 31, warp = threadIdx.x / 32;
   const int64_t wpb = kThreads / 32;
-  double emax = 0;
+  double emax = 0, amax = 0;
   for (int64_t k = (int64_t)blockIdx.x * wpb + warp; k < K; k += (int64_t)gridDim.x * wpb) {
     const S* e = cb + k * D;
     double s = 0;
     for (int64_t d = lane; d < D; d += 32) {
       const double v = (double)to_acc(e[d]);
       s = fma(v, v, s + v * 0.0);
+      const double a = fabs(v);
+      amax = a < INFINITY && a > amax ? a : amax;
     }
     s = warp_sum(s);
     if (s == s) {
@@ -124,11 +128,16 @@ __global__ void __launch_bounds__(kThreads) norms_kernel(const S* cb, int64_t K,
     if (cbpad)
       for (int64_t d = lane; d < Dv; d += 32) cbpad[k * Dv + d] = d < D ? e[d] : zero_of<S>();
   }
-  if (lane == 0) wmax[warp] = emax;
+  red[threadIdx.x] = emax;
+  red[kThreads + threadIdx.x] = amax;
   __syncthreads();
   if (threadIdx.x == 0) {
-    for (int w = 1; w < wpb; ++w) emax = wmax[w] > emax ? wmax[w] : emax;
-    if (emax > 0) atomicMax(enorm2, (unsigned long long)__double_as_longlong(emax));
+    for (int t = 1; t < kThreads; ++t) {
+      emax = red[t] > emax ? red[t] : emax;
+      amax = red[kThreads + t] > amax ? red[kThreads + t] : amax;
+    }
+    if (emax > 0) atomicMax(cbstat, (unsigned long long)__double_as_longlong(emax));
+    if (amax > 0) atomicMax(cbstat + 1, (unsigned long long)__double_as_longlong(amax));
   }
 }
 
@@ -158,6 +167,12 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(const FwdParams<S> p
 // The lowest code with the least distance wins (each thread's codes rise, and the block reduction
 // orders by (distance, code)); its float64 distance is the error (cast), z_q is the code unless
 // that distance is not finite.
+// float64 input: squares overflow past 2^511 and lose bits below 2^-511, so, as the reference does
+// (reference.py, _search_scale), rows and codes are measured multiplied by one power of two when
+// the largest finite magnitude m (of the row and the whole codebook) is beyond 2^+-480: m scaled
+// to [2^479, 2^480) (or [2^-481, 2^-480)). Exact, so the order of distances and ties are kept; z_q
+// is NaN where the scaled distance is not finite, and the error is the unscaled one (+inf where
+// it overflows).
 template <class S>
 __global__ void __launch_bounds__(kThreads) research_kernel(const FwdParams<S> p) {
   using A = typename Acc<S>::type;
@@ -180,6 +195,23 @@ __global__ void __launch_bounds__(kThreads) research_kernel(const FwdParams<S> p
       const S* x = p.x + row_offset(n, p.xS, p.xsb, p.xss);
       const A thr = p.sqerr[n];
       const bool every = !(thr < inf_of<A>());  // +inf or NaN: no filter
+      double sc = 1.0;
+      if (sizeof(S) == 8) {
+        double m = 0;
+        for (int64_t d = tid; d < p.D; d += kThreads) {
+          const double a = fabs((double)to_acc(x[d * p.xsd]));
+          m = a < INFINITY && a > m ? a : m;
+        }
+        wd[tid] = m;
+        __syncthreads();
+        m = __longlong_as_double((long long)p.cbstat[1]);
+        for (int t = 0; t < kThreads; ++t) m = wd[t] > m ? wd[t] : m;
+        __syncthreads();
+        int ex = 0;
+        frexp(m, &ex);
+        if (m > 0x1p480) sc = ldexp(1.0, 480 - ex);
+        else if (m > 0.0 && m < 0x1p-480) sc = ldexp(1.0, -480 - ex);
+      }
       double best = INFINITY, raw = INFINITY;
       int bk = INT_MAX;
       for (int k = tid; k < p.K; k += kThreads) {
@@ -191,7 +223,7 @@ __global__ void __launch_bounds__(kThreads) research_kernel(const FwdParams<S> p
         }
         double s = 0;
         for (int64_t d = 0; d < p.D; ++d) {
-          const double t = (double)to_acc(x[d * p.xsd]) - (double)to_acc(e[d]);
+          const double t = (double)to_acc(x[d * p.xsd]) * sc - (double)to_acc(e[d]) * sc;
           s = fma(t, t, s);
         }
         const double key = s < INFINITY ? s : INFINITY;  // NaN -> +inf
@@ -208,6 +240,14 @@ __global__ void __launch_bounds__(kThreads) research_kernel(const FwdParams<S> p
       __syncthreads();  // wd / wk are free for the next row
       if (k >= p.K) k = 0;  // unreachable: every code is measured when no threshold applies
       if (k == bk) {        // the thread that measured the winner
+        if (sc != 1.0) {    // its unscaled error
+          const S* e = p.cb + (int64_t)k * p.D;
+          raw = 0;
+          for (int64_t d = 0; d < p.D; ++d) {
+            const double t = (double)to_acc(x[d * p.xsd]) - (double)to_acc(e[d]);
+            raw = fma(t, t, raw);
+          }
+        }
         p.indices[n] = k;
         p.sqerr[n] = (A)raw;
         if (p.counts) atomicAdd(p.counts + k, 1ull);
@@ -256,12 +296,12 @@ void forward_t(const ForwardArgs& a, cudaStream_t st) {
   S* cbpad = q.padcopy ? reinterpret_cast<S*>(ws + q.off_cbpad) : nullptr;
   const S* cb = static_cast<const S*>(a.codebook);
 
-  auto* enorm2 = reinterpret_cast<unsigned long long*>(ws + q.off_enorm);
-  check(cudaMemsetAsync(enorm2, 0, sizeof(*enorm2), st), "cudaMemsetAsync(codebook bound)");
+  auto* cbstat = reinterpret_cast<unsigned long long*>(ws + q.off_cbstat);
+  check(cudaMemsetAsync(cbstat, 0, 2 * sizeof(*cbstat), st), "cudaMemsetAsync(codebook bounds)");
   // At most kNormBlocks blocks: each merges its bound with one atomic.
   auto norms_k = norms_kernel<S>;
   VQK_LAUNCH(norms_k, grid_for(K, kThreads / 32, kNormBlocks), kThreads,
-             (kThreads / 32) * sizeof(double), st, cb, K, D, norms, cbpad, q.Dv, enorm2);
+             2 * kThreads * sizeof(double), st, cb, K, D, norms, cbpad, q.Dv, cbstat);
   check_launch("norms kernel launch");
 
   FwdParams<S> p{};
@@ -282,7 +322,7 @@ void forward_t(const ForwardArgs& a, cudaStream_t st) {
   p.splits = q.splits;
   p.tiles_per_split = q.tiles_per_split;
   p.ntiles = (int)q.ntiles;
-  p.enorm2 = enorm2;
+  p.cbstat = cbstat;
 
   int dev = 0;
   check(cudaGetDevice(&dev), "cudaGetDevice");

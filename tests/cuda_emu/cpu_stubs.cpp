@@ -12,6 +12,7 @@ void cpu_backward(const BackwardArgs&, int) {
   throw std::runtime_error("cpu_backward is not part of the emulated CUDA module");
 }
 const char* cpu_isa() { return "none (emulated CUDA module)"; }
+int64_t cpu_exact_rows() { return 0; }
 }  // namespace vqk
 
 // Rows the forward's fast pass flagged for the exact re-search (cuda_emu.h; the tests read it).

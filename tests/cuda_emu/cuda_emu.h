@@ -380,11 +380,11 @@ inline double __longlong_as_double(long long b) { double v; std::memcpy(&v, &b, 
 
 // Test hooks of the exact re-search (issue 13), read by the kernels only under VQK_CUDA_EMULATE:
 // the rows the fast pass flagged are counted here (defined in cpu_stubs.cpp, read by the tests
-// through ctypes), and VQK_EMU_NO_RESEARCH=1 finishes flagged rows with the fast pass's best, to
-// show what the approximate pass alone would return.
+// through ctypes), and VQK_DEBUG_APPROX_ONLY=1 (the CPU kernel's switch too) finishes flagged
+// rows with the fast pass's best, to show what the approximate pass alone would return.
 extern "C" unsigned long long vqk_emu_flagged_rows;
 namespace emu {
-inline bool no_research() { return env_int("VQK_EMU_NO_RESEARCH", 0) != 0; }
+inline bool no_research() { return env_int("VQK_DEBUG_APPROX_ONLY", 0) != 0; }
 }  // namespace emu
 
 inline cudaError_t cudaGetLastError() {

@@ -64,8 +64,12 @@ __global__ void __launch_bounds__(kThreads, M::kMinBlocks) search_kernel(const F
   // Rows [0, BM) x depth [d0, d0 + W) of x into dst (row stride ld), zero outside x. Threads walk
   // the direction that is contiguous in memory: along D when it is (sd == 1), else along rows
   // (channel-first input, where consecutive rows are adjacent).
+  // fp64 staged: the register tiles plus the top-2 state fill the 128 registers of two blocks per
+  // SM, so this loop is not unrolled there (unrolled it spills on sm_80/86).
+  constexpr int kXUnroll = sizeof(S) == 8 ? 1 : 4;
   auto load_x = [&](S* dst, int ld, int64_t d0, int W) {
     const bool along_d = p.xsd == 1;
+#pragma unroll kXUnroll
     for (int e = tid; e < BM * W; e += kThreads) {
       const int r = along_d ? e / W : e % BM;
       const int j = along_d ? e % W : e / BM;

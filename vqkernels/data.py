@@ -458,11 +458,16 @@ def load_folder(data_dir: str | os.PathLike, *, heldout_every: int = 10) -> Imag
     if not held.any():
         held[-1] = True
     tr = ~held
+    relstr = [str(p.relative_to(root)) for p in paths]
+    # Names and pixels of every image, in order: a resumed run checks that its data is the same.
+    h = hashlib.sha256()
+    for name, img in zip(relstr, images):
+        h.update(name.encode() + b"\0")
+        h.update(img.tobytes())
     desc = {"kind": "folder", "data_dir": str(root.resolve()), "images": len(arr),
-            "skipped": len(bad), "heldout_every": heldout_every,
+            "skipped": len(bad), "heldout_every": heldout_every, "fingerprint": h.hexdigest(),
             "heldout": f"every {heldout_every}th file in sorted path order",
             "range": [-0.5, 0.5]}
-    relstr = [str(p.relative_to(root)) for p in paths]
     return ImageData("folder", desc, arr[held], train=arr[tr],
                      train_labels=None if labels is None else labels[tr],
                      heldout_labels=None if labels is None else labels[held],

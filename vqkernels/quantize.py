@@ -92,7 +92,8 @@ def _check_beta(beta):
 
 
 def _vq_quantize(z_e, codebook, *, beta, dim, backend, check_finite=False):
-    """vq_quantize plus the kernel's per-code counts (int64, K) of this call's rows."""
+    """vq_quantize, the kernel's per-code counts (int64, K) of this call's rows, and each row's
+    exact squared error (no autograd; NaN or inf for a row that is not finite)."""
     dim = _check(z_e, codebook, dim, backend)
     _check_beta(beta)
     if check_finite:
@@ -110,7 +111,8 @@ def _vq_quantize(z_e, codebook, *, beta, dim, backend, check_finite=False):
     probs = counts.to(err_cb.dtype) / max(indices.numel(), 1)
     perplexity = torch.special.entr(probs).sum().exp()  # entr(p) = -p log p, 0 at p = 0
     return VQOutput(z_q, indices, codebook_loss, commitment_loss,
-                    torch.add(codebook_loss, commitment_loss, alpha=beta), perplexity), counts
+                    torch.add(codebook_loss, commitment_loss, alpha=beta), perplexity), counts, \
+        err_commit.detach()
 
 
 class VectorQuantizer(nn.Module):
@@ -308,7 +310,7 @@ class VectorQuantizer(nn.Module):
             cb = F.normalize(cb, dim=1)
         if cb.dtype != z.dtype:
             cb = cb.to(z.dtype)
-        out, counts = _vq_quantize(z, cb, beta=self.beta, dim=dim, backend=self.backend)
+        out, counts, row_err = _vq_quantize(z, cb, beta=self.beta, dim=dim, backend=self.backend)
         if self.ema:
             # The op's error output is tied to z_e in the graph (with a zero gradient); detach it
             # so nothing can mistake it for a trainable term.
@@ -316,7 +318,7 @@ class VectorQuantizer(nn.Module):
                                loss=self.beta * out.commitment_loss)
         if training:
             with torch.no_grad():
-                self._update(z.detach(), dim, out.indices, counts)
+                self._update(z.detach(), dim, out.indices, counts, row_err)
         return out
 
     # -------------------------------------------------------------------------------- upkeep
@@ -327,20 +329,25 @@ class VectorQuantizer(nn.Module):
         # Each step gathers about a quarter of the pool, so the pool spans the last ~4 steps.
         return max(1, ceil_div(self.restart_pool, 4 * world))
 
-    def _update(self, z: Tensor, dim: int, indices: Tensor, counts: Tensor) -> None:
+    def _update(self, z: Tensor, dim: int, indices: Tensor, counts: Tensor,
+                row_err: Tensor) -> None:
         K, D = self.num_codes, self.dim
         ctx = DistContext(self.sync, self.process_group)
         sd = self._stat_dtype()
         rows = z.movedim(dim, -1).reshape(-1, D)
         idx = indices.reshape(-1)
         restart = self.restart_after is not None
+        # A row with NaN or inf (its exact error is not finite) must not reach the usage counts,
+        # the EMA sums or the restart pool: one such row would make a code NaN for good. Masks,
+        # not indexing: no host sync, and every rank sends buffers of the same size.
+        ok = torch.isfinite(row_err.reshape(-1))
 
         # One flat buffer, one all_reduce: [counts K | EMA sums K*D | restart candidates].
         # Counts travel as floats: exact up to 2^24 rows per code per step in float32.
-        parts = [counts.to(sd)]
+        parts = [torch.bincount(idx, weights=ok.to(sd), minlength=K).to(sd)]
         if self.ema:
             parts.append(torch.zeros(K, D, dtype=sd, device=z.device)
-                         .index_add_(0, idx, rows.to(sd)).view(-1))
+                         .index_add_(0, idx, torch.where(ok[:, None], rows.to(sd), 0)).view(-1))
         if restart:
             m = self._samples_per_rank(ctx.world)
             sel = pick_rows(rows.shape[0], m, seeded_generator(self.seed, 1, ctx.rank,
@@ -348,8 +355,10 @@ class VectorQuantizer(nn.Module):
             # An all_gather as a sum of disjoint slots, so it rides in the same all_reduce; the
             # last column marks the slots a rank with fewer than m rows left empty.
             slot = torch.zeros(ctx.world, m, D + 1, dtype=sd, device=z.device)
-            slot[ctx.rank, :sel.numel(), :D] = rows.index_select(0, sel).to(sd)
-            slot[ctx.rank, :sel.numel(), D] = 1
+            sel_ok = ok.index_select(0, sel)
+            slot[ctx.rank, :sel.numel(), :D] = torch.where(sel_ok[:, None],
+                                                           rows.index_select(0, sel).to(sd), 0)
+            slot[ctx.rank, :sel.numel(), D] = sel_ok.to(sd)
             parts.append(slot.view(-1))
         buf = ctx.all_reduce_(torch.cat(parts))
 
@@ -419,6 +428,7 @@ class VectorQuantizer(nn.Module):
                 z = F.normalize(z, dim=dim)
             sd = self._stat_dtype()
             rows = z.movedim(dim, -1).reshape(-1, self.dim).to(sd)
+            rows = rows[torch.isfinite(rows).all(1)]  # NaN or inf rows seed no code
             ctx = DistContext(self.sync, self.process_group)
             m = min(rows.shape[0], ceil_div(self.kmeans_samples, ctx.world))
             if ctx.active:

@@ -556,3 +556,18 @@ def test_a_second_signal_aborts_without_saving(tmp_path, image_dir, monkeypatch,
     assert not (out / "checkpoint.pt").exists()
     # and the handlers are the caller's again
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_eval_of_an_amp_checkpoint_runs_as_it_was_trained(tmp_path, image_dir):
+    out = tmp_path / "amp"
+    assert run_main(["--data", "folder", "--data-dir", image_dir, "--steps", 4, "--amp",
+                     "--eval-every", 0, "--out", out, *TINY]) == 0
+    trained = json.loads((out / "eval.json").read_text())
+    js = tmp_path / "e.json"
+    assert vq_eval.main([str(out), "--json", str(js)]) == 0
+    again = json.loads(js.read_text())
+    for k in ("mse", "perplexity", "batch_perplexity", "codes_used"):
+        assert again[k] == pytest.approx(trained[k], rel=1e-6), k
+    # --no-amp is the float32 forward: other figures (the test is not vacuous)
+    assert vq_eval.main([str(out), "--json", str(js), "--no-amp"]) == 0
+    assert json.loads(js.read_text())["mse"] != pytest.approx(trained["mse"], rel=1e-6)

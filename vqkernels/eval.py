@@ -110,6 +110,14 @@ def load_for_cli(p: argparse.ArgumentParser, a: argparse.Namespace):
     return device, ckpt, model, ds
 
 
+def amp_for_cli(a: argparse.Namespace, ckpt: dict, device) -> torch.dtype | None:
+    """--amp / --no-amp, else as the checkpoint was trained: an --amp model's figures are those
+    of its autocast forward."""
+    from .train import amp_dtype_for
+    amp = a.amp if a.amp is not None else bool(ckpt.get("args", {}).get("amp"))
+    return amp_dtype_for(torch.device(device), amp)
+
+
 def heldout_for(ckpt: dict, data: Optional[str], data_dir: Optional[str], download: bool):
     """The held-out images: of the checkpoint's own data set unless --data says otherwise."""
     from . import data as data_mod
@@ -141,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto (default)")
     p.add_argument("--backend", default="auto",
                    help="quantizer backend: auto, cpu, cuda, triton or reference")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="run under autocast as --amp training does (default: as the checkpoint "
+                        "was trained)")
     p.add_argument("--json", default=None, metavar="PATH",
                    help="where to write the figures (default: eval.json beside the checkpoint)")
     return p
@@ -158,7 +169,7 @@ def main(argv=None) -> int:
     var = ckpt["data_variance"] if same_data else ds.variance()
     pb = a.perplexity_batch or ckpt.get("args", {}).get("batch_size", 32)
     metrics = evaluate(model, ds.heldout, var, batch_size=a.batch_size, perplexity_batch=pb,
-                       device=device)
+                       device=device, amp_dtype=amp_for_cli(a, ckpt, device))
     metrics.update(checkpoint=ckpt["path"], step=ckpt["step"], data=ds.description,
                    backend=a.backend, device=str(device))
     print(format_table(metrics, f"{ckpt['path']} (step {ckpt['step']}) on {ds.kind} held-out data"))

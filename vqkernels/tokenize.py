@@ -28,13 +28,16 @@ from .data import DATA_KINDS, to_tensor
 
 
 @torch.no_grad()
-def tokenize(model, images: np.ndarray, *, batch_size: int = 500, device=None) -> np.ndarray:
-    """Token grids (N, h, w) int64 of uint8 images (N, 32, 32, 3)."""
-    device = device or next(model.parameters()).device
+def tokenize(model, images: np.ndarray, *, batch_size: int = 500, device=None,
+             amp_dtype=None) -> np.ndarray:
+    """Token grids (N, h, w) int64 of uint8 images (N, 32, 32, 3); `amp_dtype` runs the encoder
+    under autocast, as --amp training did."""
+    device = torch.device(device or next(model.parameters()).device)
     was = model.training
     model.eval()
-    out = [model.encode(to_tensor(images[i:i + batch_size], device)).cpu()
-           for i in range(0, len(images), batch_size)]
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        out = [model.encode(to_tensor(images[i:i + batch_size], device)).cpu()
+               for i in range(0, len(images), batch_size)]
     model.train(was)
     if not out:
         s = model.config.latent_size
@@ -65,13 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the .npz file to write")
     p.add_argument("--batch-size", type=int, default=500, help="images per forward pass")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="encode under autocast as --amp training does (default: as the "
+                        "checkpoint was trained)")
     p.add_argument("--backend", default="auto",
                    help="quantizer backend: auto, cpu, cuda, triton or reference")
     return p
 
 
 def main(argv=None) -> int:
-    from .eval import load_for_cli
+    from .eval import amp_for_cli, load_for_cli
 
     p = build_parser()
     a = p.parse_args(argv)
@@ -92,7 +98,9 @@ def main(argv=None) -> int:
             parts.append((ds.train_sample(a.num_crops, seed=a.seed), 0, None, None))
     if a.split in ("all", "heldout"):
         parts.append((ds.heldout, 1, ds.heldout_labels, ds.heldout_paths))
-    tokens = [tokenize(model, imgs, batch_size=a.batch_size, device=device) for imgs, *_ in parts]
+    amp = amp_for_cli(a, ckpt, device)
+    tokens = [tokenize(model, imgs, batch_size=a.batch_size, device=device, amp_dtype=amp)
+              for imgs, *_ in parts]
     K = model.config.num_codes
     arrays = {
         "tokens": np.concatenate(tokens).astype(token_dtype(K)) if tokens else

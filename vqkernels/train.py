@@ -407,6 +407,16 @@ def reconstruct(model, images: np.ndarray, device) -> np.ndarray:
     return to_uint8(r)
 
 
+def amp_dtype_for(device: torch.device, amp) -> torch.dtype | None:
+    """The autocast dtype of --amp on `device` (None without --amp). bf16 keeps fp32's exponent
+    range, so it needs no loss scaling; GPUs before Ampere have no bf16 and get fp16 with a
+    GradScaler. Eval and tokenize use it too: a model trained under autocast is evaluated so."""
+    if not amp:
+        return None
+    return (torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported()
+            else torch.float16)
+
+
 def pick_threads(requested: int) -> int:
     """`requested`, or for 0 the cores no other process is using right now."""
     if requested:
@@ -593,12 +603,7 @@ def _train(s: dict, ckpt: dict | None, d: Dist, *, progress: bool) -> dict:
         raise _io.UsageError(f"--backend {s['backend']}: {exc}") from exc
     threads = s["threads"] or max(1, pick_threads(0) // d.local_world)
     torch.set_num_threads(threads)
-    amp_dtype = None
-    if s["amp"]:
-        # bf16 keeps fp32's exponent range, so it needs no loss scaling; GPUs before Ampere
-        # have no bf16 and get fp16 with a GradScaler.
-        amp_dtype = (torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported()
-                     else torch.float16)
+    amp_dtype = amp_dtype_for(device, s["amp"])
 
     if s["download"] and d.world > 1:
         # Rank 0 downloads, once; every rank learns the outcome from one all_reduce (a rank

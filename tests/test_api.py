@@ -248,3 +248,48 @@ def test_property_against_float64(N, K, D, scale, seed, backend):
     z, cb = make_inputs(N, K, D, torch.float32, scale=scale, gen=g)
     idx, sq = nearest_code(z, cb, backend=backend)
     assert_search_ok(z, cb, idx, sq)
+
+
+# ---------------------------------------------------------------------------- memory
+_PEAK_SCRIPT = r"""
+import gc, resource, sys, torch
+torch.set_num_threads(1)
+from vqkernels import nearest_code, vq_quantize
+what, backend = sys.argv[1], sys.argv[2]
+D, K = 64, 16
+N = (256 << 20) // (4 * D)  # a 256 MB float32 input
+cb = torch.randn(K, D, requires_grad=True)
+z = torch.randn(N, D)
+small = torch.randn(1000, D, requires_grad=True)  # first calls' one-off allocations, not counted
+vq_quantize(small, cb, backend=backend).loss.backward()
+nearest_code(small.detach(), cb.detach(), backend=backend)
+gc.collect()
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if what == "search":
+    idx, sqdist = nearest_code(z, cb.detach(), backend=backend)
+else:
+    z.requires_grad_(True)
+    out = vq_quantize(z, cb, backend=backend)  # kept, as a training step keeps its outputs
+    out.loss.backward()  # z_q unused: it gets no gradient
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024 / z.numel() / 4)
+"""
+
+
+@pytest.mark.parametrize("what,limit", [("search", 0.25), ("train", 2.5)])
+@pytest.mark.parametrize("backend", [p for p in CPU_BACKENDS if p.values[0] == "cpu"])
+def test_peak_memory_beyond_input_and_outputs(what, limit, backend):
+    """Peak RSS above the input, in units of the input's size, for a 256 MB input: a search
+    makes indices and distances only (no z_q it would throw away: that was 1.05x), and forward +
+    backward makes z_q and grad_z (2x) and no zero-filled gradient for the unused z_q (that was
+    3.1x)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, what, backend], capture_output=True,
+                       text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    extra = float(r.stdout.strip().splitlines()[-1])
+    assert extra < limit, f"{what}: peak {extra:.2f}x the input beyond it"

@@ -31,7 +31,7 @@ def _lead_shape(z: Tensor, dim: int) -> list[int]:
 @torch.library.custom_op("vqkernels::nearest_code", mutates_args=())
 def nearest_code(x: Tensor, codebook: Tensor, dim: int, backend: str) -> tuple[Tensor, Tensor]:
     b = backends.resolve(backend, x.device)
-    _, indices, sqdist, _ = b.forward(x, dim, codebook, RowPlan(x, dim))
+    _, indices, sqdist, _ = b.forward(x, dim, codebook, RowPlan(x, dim), want_zq=False)
     return indices, sqdist
 
 
@@ -73,6 +73,9 @@ def _(grad_zq, g_codebook, g_commit, z, codebook, indices, dim, backend):
 
 def _setup_context(ctx, inputs, output):
     z, codebook, dim, backend = inputs
+    # An output nobody used (z_q when only the losses are trained, say) has no gradient: let it
+    # arrive as None rather than as a z-sized tensor of zeros; the kernels treat None as zero.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(z, codebook, output[1])
     ctx.dim, ctx.backend = dim, backend
 

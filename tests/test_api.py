@@ -153,11 +153,39 @@ def test_torch_compile_fullgraph(backend, compiler):
     (lambda z, cb: nearest_code(z, cb.t()), ValueError, "codes have D="),
     (lambda z, cb: nearest_code(torch.tensor(1.0), cb), ValueError, "at least one dimension"),
     (lambda z, cb: vq_quantize(z, cb.to("meta")), ValueError, "codebook is on meta"),
+    (lambda z, cb: vq_quantize(z[:, :0], cb[:, :0]), ValueError, "D = 0"),
+    (lambda z, cb: nearest_code(z[:, :0], cb[:, :0], backend="cpu"), ValueError, "D = 0"),
+    (lambda z, cb: vq_quantize(z, cb, beta=1e308), ValueError, "beta=1e\\+308 does not fit"),
+    (lambda z, cb: vq_quantize(z.to_sparse(), cb), TypeError, "z_e must be a dense"),
+    (lambda z, cb: nearest_code(z, cb.to_sparse()), TypeError, "codebook must be a dense"),
+    (lambda z, cb: vq_quantize(torch.nested.nested_tensor([z[:2], z[2:]], layout=torch.jagged),
+                               cb), TypeError,
+     "z_e must be a dense tensor, got a nested"),
+    (lambda z, cb: VectorQuantizer(3, 4, channel_dim=1.5), TypeError, "channel_dim must be an int"),
+    (lambda z, cb: torch.func.grad(lambda x: vq_quantize(x, cb).loss)(z), NotImplementedError,
+     "torch.func transform"),
 ])
 def test_bad_input_names_the_argument(call, kind, match):
     z, cb = torch.randn(5, 4), torch.randn(3, 4)
     with pytest.raises(kind, match=match):
         call(z, cb)
+
+
+def test_double_backward_says_it_is_not_supported():
+    z, cb = torch.randn(5, 4, requires_grad=True), torch.randn(3, 4, requires_grad=True)
+    out = vq_quantize(z, cb, backend="reference")
+    g, = torch.autograd.grad(out.loss, z, create_graph=True)  # recording the backward is fine
+    torch.testing.assert_close(g, torch.autograd.grad(vq_quantize(z, cb).loss, z)[0])
+    with pytest.raises(NotImplementedError, match="double backward"):
+        torch.autograd.grad(g.sum(), z)
+
+
+def test_meta_tensors_give_shapes():
+    # no data, no kernel: the op's fake implementation answers with the outputs' shapes
+    out = vq_quantize(torch.empty(2, 4, 3, 3, device="meta"), torch.empty(7, 4, device="meta"),
+                      dim=1)
+    assert out.z_q.shape == (2, 4, 3, 3) and out.indices.shape == (2, 3, 3)
+    assert out.z_q.device.type == "meta"
 
 
 def test_unavailable_backend_says_why():

@@ -91,6 +91,20 @@ def _backward(ctx, grad_zq, _grad_indices, g_codebook, g_commit, _grad_counts):
 torch.library.register_autograd("vqkernels::vq_quantize", _backward, setup_context=_setup_context)
 
 
+def _no_double_backward(ctx, grad_z, grad_codebook):
+    raise NotImplementedError(
+        "vq_quantize has no second derivative here: its backward was recorded with "
+        "create_graph=True and is now being differentiated again (double backward, e.g. a "
+        "gradient penalty). Use create_graph=False, or take the penalty's path around the "
+        "quantizer (through z_q = z_e + (e - z_e).detach() in plain torch)")
+
+
+# create_graph=True records the backward; differentiating it again says so instead of failing
+# with "no autograd formula was registered".
+torch.library.register_autograd("vqkernels::vq_quantize_backward", _no_double_backward,
+                                setup_context=lambda ctx, inputs, output: None)
+
+
 @torch.compiler.assume_constant_result
 def use_triton_ops(backend: str, device: torch.device) -> bool:
     """Whether a call with `backend` on `device` goes through vqkernels.triton.ops (CUDA tensors

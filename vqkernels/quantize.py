@@ -29,10 +29,25 @@ def _check(z_e, codebook, dim, backend, z_name="z_e"):
         raise TypeError(f"{z_name} must be a torch.Tensor, got {type(z_e).__name__}")
     if not isinstance(codebook, Tensor):
         raise TypeError(f"codebook must be a torch.Tensor, got {type(codebook).__name__}")
+    for name, t in ((z_name, z_e), ("codebook", codebook)):
+        # The kernels read strided memory: a sparse or nested tensor would fail deep inside.
+        if t.is_nested:
+            raise TypeError(f"{name} must be a dense tensor, got a nested tensor (quantize its "
+                            f"components, or a padded tensor, instead)")
+        if t.layout != torch.strided:
+            raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout} "
+                            f"(call .to_dense() first)")
+        if _functorch_wrapped(t):
+            raise NotImplementedError(
+                f"{name} is traced by a torch.func transform (grad, vmap, jacrev, ...), which "
+                f"vqkernels' ops do not support; use torch.autograd.grad or .backward() instead")
     if codebook.dim() != 2:
         raise ValueError(f"codebook must be 2-D (K, D), got shape {tuple(codebook.shape)}")
     if codebook.shape[0] == 0:
         raise ValueError("codebook must have at least one code (K = 0)")
+    if codebook.shape[1] == 0:
+        raise ValueError("codebook's codes have D = 0 elements: there is nothing to compare (a "
+                         "code needs D >= 1)")
     if z_e.dtype not in _FLOATS:
         raise TypeError(f"{z_name} must be float32, float64, float16 or bfloat16, got {z_e.dtype}")
     if codebook.dtype != z_e.dtype:
@@ -52,6 +67,15 @@ def _check(z_e, codebook, dim, backend, z_name="z_e"):
     if backend not in backends.ALL_NAMES:
         raise ValueError(f"backend must be one of {backends.ALL_NAMES}, got {backend!r}")
     return dim
+
+
+def _functorch_wrapped(t: Tensor) -> bool:
+    if torch.compiler.is_compiling():  # dynamo can't trace the query, and traces no transform
+        return False
+    try:
+        return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
+    except AttributeError:  # a torch without functorch
+        return False
 
 
 def _check_finite(z_e, codebook, z_name):
@@ -96,6 +120,10 @@ def _vq_quantize(z_e, codebook, *, beta, dim, backend, check_finite=False):
     exact squared error (no autograd; NaN or inf for a row that is not finite)."""
     dim = _check(z_e, codebook, dim, backend)
     _check_beta(beta)
+    acc = torch.float64 if z_e.dtype == torch.float64 else torch.float32  # the losses' dtype
+    if beta > torch.finfo(acc).max:
+        raise ValueError(f"beta={beta!r} does not fit in the losses' dtype ({acc}, at most "
+                         f"{torch.finfo(acc).max:.3g})")
     if check_finite:
         _check_finite(z_e, codebook, "z_e")
     if ops.use_triton_ops(backend, z_e.device):
@@ -198,6 +226,8 @@ class VectorQuantizer(nn.Module):
         check_positive_int("kmeans_samples", kmeans_samples, allow_none=True)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}")
+        if isinstance(channel_dim, bool) or not isinstance(channel_dim, int):
+            raise TypeError(f"channel_dim must be an int, got {channel_dim!r}")
         self.num_codes, self.dim, self.beta = num_codes, dim, float(beta)
         self.channel_dim, self.backend = channel_dim, backend
         self.ema, self.decay, self.eps = bool(ema), float(decay), float(eps)

@@ -571,3 +571,49 @@ def test_eval_of_an_amp_checkpoint_runs_as_it_was_trained(tmp_path, image_dir):
     # --no-amp is the float32 forward: other figures (the test is not vacuous)
     assert vq_eval.main([str(out), "--json", str(js), "--no-amp"]) == 0
     assert json.loads(js.read_text())["mse"] != pytest.approx(trained["mse"], rel=1e-6)
+
+
+def test_more_cli_errors_name_the_argument(tmp_path, image_dir, capsys, monkeypatch):
+    data = ["--data", "folder", "--data-dir", image_dir, "--eval-every", 0]
+    assert "--hidden must be >= 2" in _error(capsys, [*data, *TINY, "--hidden", 1,
+                                                      "--out", tmp_path / "h"])
+    with pytest.raises(FloatingPointError) as exc:  # diverges before any checkpoint
+        run_main([*data, *TINY, "--lr", 1e10, "--steps", 3, "--log-every", 1, "--save-every", 1000,
+                  "--out", tmp_path / "lr"])
+    assert "no checkpoint was saved" in str(exc.value) and "from before" not in str(exc.value)
+
+    run = tmp_path / "r"
+    assert run_main([*data, *TINY, "--steps", 2, "--out", run]) == 0
+    capsys.readouterr()
+    # eval and tokenize: --backend checked before any work
+    err = _error(capsys, [str(run), "--backend", "gpu"], vq_eval.main)
+    assert "--backend must be one of" in err
+    monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` raise ImportError
+    for main, extra in ((vq_eval.main, []), (vq_tokenize.main, ["--out", tmp_path / "t.npz"])):
+        err = _error(capsys, [str(run), "--backend", "triton", *map(str, extra)], main)
+        assert "--backend triton" in err and "not installed" in err
+    monkeypatch.undo()
+    # a folder where a file is meant
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    assert "--out" in _error(capsys, [str(run), "--out", str(folder)], vq_tokenize.main)
+    assert "--json" in _error(capsys, [str(run), "--json", str(folder)], vq_eval.main)
+    assert list(folder.iterdir()) == []
+
+    # a full disk: said so, and the file that was there is left as it was
+    if not Path("/dev/full").exists():
+        return
+    real_fdopen = os.fdopen
+
+    def full(fd, *args, **kw):
+        os.close(fd)
+        return open("/dev/full", "wb")
+    before = (run / "eval.json").read_bytes()
+    monkeypatch.setattr(_io.os, "fdopen", full)
+    err = _error(capsys, [str(run)], vq_eval.main)
+    assert "--json" in err and "disk is full" in err and "intact" in err
+    err = _error(capsys, [str(run), "--out", str(tmp_path / "t.npz")], vq_tokenize.main)
+    assert "--out" in err and "disk is full" in err
+    monkeypatch.setattr(_io.os, "fdopen", real_fdopen)
+    assert (run / "eval.json").read_bytes() == before
+    assert not (tmp_path / "t.npz").exists()

@@ -100,8 +100,15 @@ def format_table(metrics: dict, title: str = "") -> str:
 def load_for_cli(p: argparse.ArgumentParser, a: argparse.Namespace):
     """(device, checkpoint, model, data set) from the flags eval and tokenize share
     (--device, CHECKPOINT, --backend, --data, --data-dir, --download); errors name the flag."""
+    from .backends import ALL_NAMES, resolve
     try:
         device = _io.resolve_device(a.device)
+        if a.backend not in ALL_NAMES:
+            raise ValueError(f"--backend must be one of {', '.join(ALL_NAMES)}, got {a.backend!r}")
+        try:
+            resolve(a.backend, device)
+        except (RuntimeError, ValueError) as exc:
+            raise ValueError(f"--backend {a.backend}: {exc}") from exc
         ckpt = _io.load_checkpoint(a.checkpoint)
         model = _io.model_from_checkpoint(ckpt, device=device, backend=a.backend)
         ds = heldout_for(ckpt, a.data, a.data_dir, a.download)
@@ -160,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
+    if a.json is not None and Path(a.json).is_dir():
+        p.error(f"--json {a.json} is a folder; name the file to write (e.g. {Path(a.json) / 'eval.json'})")
     for name in ("batch_size", "perplexity_batch"):
         v = getattr(a, name)
         if v is not None and v < 1:
@@ -174,7 +183,12 @@ def main(argv=None) -> int:
                    backend=a.backend, device=str(device))
     print(format_table(metrics, f"{ckpt['path']} (step {ckpt['step']}) on {ds.kind} held-out data"))
     out = Path(a.json) if a.json else Path(ckpt["path"]).parent / "eval.json"
-    _io.atomic_write_json(out, metrics)
+    try:
+        _io.atomic_write_json(out, metrics)
+    except OSError as exc:
+        p.error(f"--json {out}: could not write it ({exc.strerror or exc})")
+    except _io.UsageError as exc:  # the disk is full
+        p.error(f"--json {out}: {exc}")
     print(f"wrote {out}")
     return 0
 

@@ -86,6 +86,8 @@ def main(argv=None) -> int:
     if a.num_crops < 0:
         p.error(f"--num-crops must be >= 0, got {a.num_crops}")
     out = Path(a.out)
+    if out.is_dir():
+        p.error(f"--out {out} is a folder; name the .npz file to write (e.g. {out / 'tokens.npz'})")
     if out.suffix != ".npz":
         p.error(f"--out must name a .npz file, got {out}")
     device, ckpt, model, ds = load_for_cli(p, a)
@@ -125,7 +127,12 @@ def main(argv=None) -> int:
                                         for imgs, _, _, pth in parts), []))
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
-    _io.atomic_write_bytes(out, buf.getvalue())
+    try:
+        _io.atomic_write_bytes(out, buf.getbuffer())
+    except OSError as exc:
+        p.error(f"--out {out}: could not write it ({exc.strerror or exc})")
+    except _io.UsageError as exc:  # the disk is full
+        p.error(f"--out {out}: {exc}")
     t = arrays["tokens"]
     used = len(np.unique(t)) if t.size else 0
     print(f"wrote {out}: {t.shape[0]} token grids of {t.shape[1]}x{t.shape[2]} ({t.dtype}), "

@@ -214,6 +214,9 @@ def resolve_settings(p: argparse.ArgumentParser, a: argparse.Namespace):
               "log_every", "eval_images", "heldout_every", "dead_after"):
         if s[k] < 1:
             p.error(f"--{k.replace('_', '-')} must be >= 1, got {s[k]}")
+    if s["hidden"] < 2:
+        p.error(f"--hidden must be >= 2 (the first convolution has hidden // 2 channels), got "
+                f"{s['hidden']}")
     for k in ("residual_blocks", "eval_every", "save_every", "restart_after", "threads"):
         if s[k] < 0:
             p.error(f"--{k.replace('_', '-')} must be >= 0, got {s[k]}")
@@ -770,9 +773,11 @@ def _train(s: dict, ckpt: dict | None, d: Dist, *, progress: bool) -> dict:
                 elapsed += dt
                 a = (acc[:5] / (n_acc * d.world)).tolist()
                 if not math.isfinite(a[0]):
+                    last = (f"the last checkpoint in {out} (step {saved_step[0]}) is from "
+                            f"before" if saved_step[0] is not None else "no checkpoint was saved")
                     raise FloatingPointError(
-                        f"training diverged at step {step} (loss {a[0]}); the last checkpoint in "
-                        f"{out} is from before; try a lower --lr")
+                        f"training diverged at step {step} (loss {a[0]}); {last}; try a lower "
+                        f"--lr")
                 st = model.vq.stats()  # the quantizer's synchronised state: no collective
                 if main:
                     row = dict(step=step, loss=a[0], recon_mse=a[1], recon_nmse=a[1] / var,

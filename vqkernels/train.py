@@ -486,9 +486,9 @@ class Dist:
     def main(self) -> bool:
         return self.rank == 0
 
-    def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
+    def all_reduce_(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
         from .codebook import DistContext
-        return DistContext(self.world > 1).all_reduce_(t)
+        return DistContext(self.world > 1).all_reduce_(t, op)
 
     def barrier(self) -> None:
         if self.world > 1:

@@ -14,7 +14,12 @@ minutes on a laptop-class CPU. --out receives:
 
 A run killed at any moment (even SIGKILL) continues with `--resume` from its last checkpoint and
 draws exactly the batches it would have drawn: the final step count and, on a deterministic
-device, the final weights are those of an uninterrupted run.
+device, the final weights are those of an uninterrupted run. SIGINT (Ctrl-C) and SIGTERM stop
+the run after the step under way and save it; a second signal stops at once without saving.
+
+--out must be a new or empty folder, or one holding only this run's own files (the same
+settings in its config.json) or a sweep's: files of another run, or anything else, are refused
+rather than overwritten. Only the run's own temporary files (".NAME.XXXX.tmp") are deleted.
 
 Distributed: `torchrun --nproc_per_node=N -m vqkernels.train ...` trains with
 DistributedDataParallel (gloo on CPU, nccl on GPU), --batch-size images per process. Every rank

@@ -154,11 +154,39 @@ def test_torch_compile_fullgraph(backend, compiler):
     (lambda z, cb: nearest_code(z, cb.t()), ValueError, "codes have D="),
     (lambda z, cb: nearest_code(torch.tensor(1.0), cb), ValueError, "at least one dimension"),
     (lambda z, cb: vq_quantize(z, cb.to("meta")), ValueError, "codebook is on meta"),
+    (lambda z, cb: vq_quantize(z[:, :0], cb[:, :0]), ValueError, "D = 0"),
+    (lambda z, cb: nearest_code(z[:, :0], cb[:, :0], backend="cpu"), ValueError, "D = 0"),
+    (lambda z, cb: vq_quantize(z, cb, beta=1e308), ValueError, "beta=1e\\+308 does not fit"),
+    (lambda z, cb: vq_quantize(z.to_sparse(), cb), TypeError, "z_e must be a dense"),
+    (lambda z, cb: nearest_code(z, cb.to_sparse()), TypeError, "codebook must be a dense"),
+    (lambda z, cb: vq_quantize(torch.nested.nested_tensor([z[:2], z[2:]], layout=torch.jagged),
+                               cb), TypeError,
+     "z_e must be a dense tensor, got a nested"),
+    (lambda z, cb: VectorQuantizer(3, 4, channel_dim=1.5), TypeError, "channel_dim must be an int"),
+    (lambda z, cb: torch.func.grad(lambda x: vq_quantize(x, cb).loss)(z), NotImplementedError,
+     "torch.func transform"),
 ])
 def test_bad_input_names_the_argument(call, kind, match):
     z, cb = torch.randn(5, 4), torch.randn(3, 4)
     with pytest.raises(kind, match=match):
         call(z, cb)
+
+
+def test_double_backward_says_it_is_not_supported():
+    z, cb = torch.randn(5, 4, requires_grad=True), torch.randn(3, 4, requires_grad=True)
+    out = vq_quantize(z, cb, backend="reference")
+    g, = torch.autograd.grad(out.loss, z, create_graph=True)  # recording the backward is fine
+    torch.testing.assert_close(g, torch.autograd.grad(vq_quantize(z, cb).loss, z)[0])
+    with pytest.raises(NotImplementedError, match="double backward"):
+        torch.autograd.grad(g.sum(), z)
+
+
+def test_meta_tensors_give_shapes():
+    # no data, no kernel: the op's fake implementation answers with the outputs' shapes
+    out = vq_quantize(torch.empty(2, 4, 3, 3, device="meta"), torch.empty(7, 4, device="meta"),
+                      dim=1)
+    assert out.z_q.shape == (2, 4, 3, 3) and out.indices.shape == (2, 3, 3)
+    assert out.z_q.device.type == "meta"
 
 
 def test_unavailable_backend_says_why():
@@ -249,3 +277,48 @@ def test_property_against_float64(N, K, D, scale, seed, backend):
     z, cb = make_inputs(N, K, D, torch.float32, scale=scale, gen=g)
     idx, sq = nearest_code(z, cb, backend=backend)
     assert_search_ok(z, cb, idx, sq)
+
+
+# ---------------------------------------------------------------------------- memory
+_PEAK_SCRIPT = r"""
+import gc, resource, sys, torch
+torch.set_num_threads(1)
+from vqkernels import nearest_code, vq_quantize
+what, backend = sys.argv[1], sys.argv[2]
+D, K = 64, 16
+N = (256 << 20) // (4 * D)  # a 256 MB float32 input
+cb = torch.randn(K, D, requires_grad=True)
+z = torch.randn(N, D)
+small = torch.randn(1000, D, requires_grad=True)  # first calls' one-off allocations, not counted
+vq_quantize(small, cb, backend=backend).loss.backward()
+nearest_code(small.detach(), cb.detach(), backend=backend)
+gc.collect()
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if what == "search":
+    idx, sqdist = nearest_code(z, cb.detach(), backend=backend)
+else:
+    z.requires_grad_(True)
+    out = vq_quantize(z, cb, backend=backend)  # kept, as a training step keeps its outputs
+    out.loss.backward()  # z_q unused: it gets no gradient
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024 / z.numel() / 4)
+"""
+
+
+@pytest.mark.parametrize("what,limit", [("search", 0.25), ("train", 2.5)])
+@pytest.mark.parametrize("backend", [p for p in CPU_BACKENDS if p.values[0] == "cpu"])
+def test_peak_memory_beyond_input_and_outputs(what, limit, backend):
+    """Peak RSS above the input, in units of the input's size, for a 256 MB input: a search
+    makes indices and distances only (no z_q it would throw away: that was 1.05x), and forward +
+    backward makes z_q and grad_z (2x) and no zero-filled gradient for the unused z_q (that was
+    3.1x)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, what, backend], capture_output=True,
+                       text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    extra = float(r.stdout.strip().splitlines()[-1])
+    assert extra < limit, f"{what}: peak {extra:.2f}x the input beyond it"

@@ -373,6 +373,44 @@ def test_stats_match_hand_counts():
     assert u == {"perplexity": pytest.approx(2.0, abs=1e-12), "codes_used": 2, "used_fraction": 0.5}
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf], ids=["nan", "inf"])
+def test_non_finite_rows_stay_out_of_every_codebook_statistic(bad):
+    """A batch with a NaN (or inf) row: k-means init, EMA, usage counts and the restart pool see
+    only the finite rows, so every code stays finite and the bad row counts as no code's use."""
+    K, D = 6, 3
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(K, D, generator=g) * 4
+    vq = VectorQuantizer(K, D, ema=True, restart_after=1, restart_pool=64, kmeans_init=True,
+                         kmeans_iters=3)
+    vq.train()
+    for step in range(6):
+        x = _clustered(40, centres, 0.1, g)
+        x[step % 40] = bad
+        x[(step * 7 + 3) % 40, 1] = bad
+        vq(x)
+        for name in ("codebook", "ema_sum", "ema_count", "pool_rows"):
+            assert torch.isfinite(getattr(vq, name)).all(), (step, name)
+        ok = torch.isfinite(x).all(1)
+        with torch.no_grad():
+            idx = vq.eval()(x).indices
+        vq.train()
+        # the codes used this step are those of the finite rows only (the codebook moved after
+        # the search, so judge the counts the module kept)
+        assert float(vq._last_counts.sum()) == float(ok.sum())
+        assert not vq.pool_valid[~torch.isfinite(vq.pool_rows).all(1)].any()
+        del idx
+
+
+def test_kmeans_pp_ignores_non_finite_rows():
+    x = torch.randn(50, 4)
+    x[3] = math.nan
+    x[7, 2] = -math.inf
+    c = kmeans_plusplus(x, 8, generator=torch.Generator().manual_seed(0), iters=2)
+    assert torch.isfinite(c).all()
+    with pytest.raises(ValueError, match="finite"):
+        kmeans_plusplus(torch.full((3, 4), math.nan), 2)
+
+
 def test_bad_options_name_the_argument():
     for kw, match in [(dict(decay=1.0), "decay"), (dict(decay=-0.1), "decay"), (dict(eps=0), "eps"),
                       (dict(restart_after=0), "restart_after"),

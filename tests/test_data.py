@@ -347,3 +347,22 @@ def test_array_sampler_epochs_and_state():
         t.load_state_dict({"kind": "crops", "seed": 0, "batches": 0})
     with pytest.raises(DataError, match="empty"):
         data.ArraySampler(imgs[:0], seed=0)
+
+
+def test_high_bit_depth_and_float_images_keep_their_range(tmp_path):
+    """A 16-bit grayscale PNG and a float TIFF in [0, 1] are scaled from their own range (PIL's
+    convert would clip them: nearly all white, all black); a float image of an unknown range is
+    skipped with a warning that says why."""
+    ramp = np.linspace(0, 1, 32 * 32).reshape(32, 32)
+    Image.fromarray((ramp * 65535).round().astype(np.uint16)).save(tmp_path / "a16.png")
+    Image.fromarray(ramp.astype(np.float32)).save(tmp_path / "b_float.tiff")
+    Image.fromarray((ramp * 255).round().astype(np.uint8)).save(tmp_path / "c8.png")
+    Image.fromarray((ramp * 1000).astype(np.float32)).save(tmp_path / "d_kelvin.tiff")
+    with pytest.warns(UserWarning, match=r"skipped 1 .*d_kelvin.tiff.*\[0, 1000\]"):
+        ds = data.load_folder(tmp_path, heldout_every=10)
+    imgs = np.concatenate([ds.train, ds.heldout])
+    assert imgs.shape == (3, 32, 32, 3)
+    want = np.round(ramp * 255)
+    for img in imgs:  # every one the same ramp, within one 8-bit step
+        assert np.abs(img[..., 0].astype(float) - want).max() <= 1
+        assert (img[..., 0] == img[..., 2]).all()

@@ -177,6 +177,30 @@ def test_init_codebook_puts_codes_on_encoder_outputs():
     assert len(torch.unique(idx)) == TINY["num_codes"]
 
 
+def test_encode_changes_nothing_in_training_mode():
+    """encode() on a model left in training mode: the same tokens every time, and not one buffer
+    or parameter changes (no step, no EMA update, no restart, no k-means init)."""
+    m = VQVAE(VQVAEConfig(**TINY, ema=True, restart_after=1))
+    m.vq.kmeans_init = True
+    m.train()
+    x = images(3)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    tokens = [m.encode(x) for _ in range(3)]
+    assert all(torch.equal(t, tokens[0]) for t in tokens)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert m.training and m.vq.training
+
+
+def test_init_codebook_skips_non_finite_outputs():
+    m = VQVAE(VQVAEConfig(**TINY))
+    x = images(2)
+    x[0, :, :8, :8] = float("nan")  # some latent rows of image 0 become NaN
+    for method in ("data", "kmeans"):
+        m.init_codebook(x, method, generator=torch.Generator().manual_seed(0))
+        assert torch.isfinite(m.vq.codebook).all(), method
+
+
 def test_kmeans_init_beats_data_init_and_is_reproducible():
     m = VQVAE(VQVAEConfig(**TINY))
     x = images(4)

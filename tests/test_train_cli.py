@@ -354,3 +354,328 @@ def test_picture_and_eval_images_are_spread_over_the_held_out_set():
     assert set(picked[:, 0, 0, 0].tolist()) == set(range(10))
     assert picked[0, 0, 0, 0] == 0 and picked[-1, 0, 0, 0] == 9
     assert len(train._spread(images[:5], 32)) == 5  # fewer than asked: all of them
+
+
+# ---------------------------------------------------------------------------------------------
+# nothing a user wrote is lost
+def _snapshot(d):
+    return {p.name: p.read_bytes() for p in sorted(Path(d).iterdir()) if p.is_file()}
+
+
+def test_out_holding_someone_elses_files_is_refused(tmp_path, image_dir, capsys):
+    common = ["--data", "folder", "--data-dir", image_dir, "--steps", 2, "--eval-every", 0, *TINY]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"my": "notes"}')
+    (mine / "metrics.csv").write_text("my,own\n1,2\n")
+    before = _snapshot(mine)
+    err = _error(capsys, [*common, "--out", mine])
+    assert "--out" in err and "another run" in err
+    assert _snapshot(mine) == before
+    # a temporary-looking file of someone else's is not the run's to delete
+    (mine / ".notes.tmp").write_text("draft")
+    err = _error(capsys, [*common, "--out", mine])
+    assert "not this run's" in err and ".notes.tmp" in err
+    assert (mine / ".notes.tmp").read_text() == "draft"
+
+    # --out naming a file
+    f = tmp_path / "a-file"
+    f.write_text("keep")
+    assert "is a file" in _error(capsys, [*common, "--out", f])
+    assert f.read_text() == "keep"
+
+
+def test_out_of_the_same_run_or_a_sweep_is_reused(tmp_path, image_dir, capsys):
+    common = ["--data", "folder", "--data-dir", image_dir, "--steps", 2, "--eval-every", 0, *TINY]
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "sweep.log").write_text("the sweep's log\n")
+    assert run_main([*common, "--out", out]) == 0
+    assert (out / "sweep.log").read_text() == "the sweep's log\n"
+    # the same run killed before its first checkpoint, launched again: its own files, its temps
+    (out / "checkpoint.pt").unlink()
+    (out / ".metrics.csv.x1y2z3.tmp").write_text("torn")
+    assert run_main([*common, "--out", out]) == 0
+    assert not (out / ".metrics.csv.x1y2z3.tmp").exists()
+    # ... but not with other settings: that is another run's folder
+    (out / "checkpoint.pt").unlink()
+    capsys.readouterr()
+    err = _error(capsys, [*common, "--out", out, "--num-codes", 32])
+    assert "another run" in err and "config.json" in err
+
+
+def test_resume_into_another_runs_folder_is_refused(tmp_path, image_dir, capsys):
+    common = ["--data", "folder", "--data-dir", image_dir, "--steps", 2, "--eval-every", 0,
+              "--log-every", 1, *TINY]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run_main([*common, "--out", a]) == 0
+    assert run_main([*common, "--seed", 1, "--out", b]) == 0
+    before = _snapshot(b)
+    capsys.readouterr()
+    err = _error(capsys, ["--resume", a / "checkpoint.pt", "--out", b, "--steps", 4])
+    assert "--out" in err and "another run's checkpoint.pt" in err
+    assert _snapshot(b) == before
+    # into a new folder (a fork) it goes on
+    c = tmp_path / "c"
+    assert run_main(["--resume", a / "checkpoint.pt", "--out", c, "--steps", 4]) == 0
+    assert _io.load_checkpoint(c / "checkpoint.pt")["step"] == 4
+    assert [r["step"] for r in rows(c / "metrics.csv")] == ["3", "4"]
+
+
+def test_out_that_cannot_be_written_is_named(tmp_path, image_dir, capsys):
+    if not Path("/sys").is_dir() or os.access("/sys", os.W_OK) and not _mkdir_fails("/sys/vqk"):
+        pytest.skip("no unwritable folder here")
+    err = _error(capsys, ["--data", "folder", "--data-dir", image_dir, "--steps", 1,
+                          "--out", "/sys/vqk-test-run", *TINY])
+    assert "--out /sys/vqk-test-run" in err and "cannot write" in err
+
+
+def _mkdir_fails(path):
+    try:
+        os.mkdir(path)
+    except OSError:
+        return True
+    os.rmdir(path)
+    return False
+
+
+def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, image_dir, capsys,
+                                                              monkeypatch):
+    out = tmp_path / "run"
+    common = ["--data", "folder", "--data-dir", image_dir, "--eval-every", 0, *TINY]
+    assert run_main([*common, "--steps", 2, "--out", out]) == 0
+    before = (out / "checkpoint.pt").read_bytes()
+    real_fdopen = os.fdopen
+
+    def full_for_checkpoints(fd, *args, **kw):
+        # the kernel's own "no space left" (ENOSPC): writes to /dev/full always get it
+        if ".checkpoint.pt." in os.readlink(f"/proc/self/fd/{fd}"):
+            os.close(fd)
+            return open("/dev/full", "wb")
+        return real_fdopen(fd, *args, **kw)
+
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full")
+    monkeypatch.setattr(_io.os, "fdopen", full_for_checkpoints)
+    capsys.readouterr()
+    err = _error(capsys, ["--out", out, "--resume", "--steps", 4])
+    assert "disk is full" in err and "previous checkpoint there (step 2) is intact" in err
+    assert (out / "checkpoint.pt").read_bytes() == before
+    assert not list(out.glob(".*.tmp"))
+
+
+# ---------------------------------------------------------------------------------------------
+# a resumed run is the run
+def test_damaged_checkpoint_is_refused_naming_the_record(tmp_path, image_dir, capsys):
+    import zipfile
+    out = tmp_path / "run"
+    assert run_main(["--data", "folder", "--data-dir", image_dir, "--steps", 2, "--eval-every", 0,
+                     "--out", out, *TINY]) == 0
+    ck = out / "checkpoint.pt"
+    with zipfile.ZipFile(ck) as z:
+        rec = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+        data_at = rec.header_offset + 30 + len(rec.filename.encode()) + len(rec.extra)
+    raw = bytearray(ck.read_bytes())
+    raw[data_at + 64:data_at + 96] = bytes(range(200, 232))  # 32 bytes inside a tensor
+    ck.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="damaged") as exc:
+        _io.load_checkpoint(ck)
+    assert rec.filename in str(exc.value)
+    capsys.readouterr()
+    err = _error(capsys, [str(out)], vq_eval.main)
+    assert "damaged" in err and rec.filename in err
+    assert "damaged" in _error(capsys, ["--out", out, "--resume", "--steps", 4])
+
+
+def test_resume_after_the_images_changed_is_refused(tmp_path, image_dir, capsys):
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(image_dir, data)
+    out = tmp_path / "run"
+    assert run_main(["--data", "folder", "--data-dir", data, "--steps", 2, "--eval-every", 0,
+                     "--out", out, *TINY]) == 0
+    for p in sorted(data.rglob("*.png"))[:10]:
+        p.unlink()
+    capsys.readouterr()
+    err = _error(capsys, ["--out", out, "--resume", "--steps", 4])
+    assert f"--data-dir {data}" in err and "images: 40 then, 30 now" in err
+    # the same number of files with other pixels
+    shutil.rmtree(data)
+    shutil.copytree(image_dir, data)
+    victim = sorted(data.rglob("*.png"))[0]
+    with Image.open(victim) as im:
+        Image.fromarray(255 - np.asarray(im)).save(victim)
+    err = _error(capsys, ["--out", out, "--resume", "--steps", 4])
+    assert "image files" in err and "differ" in err
+    # restored: it goes on
+    shutil.rmtree(data)
+    shutil.copytree(image_dir, data)
+    assert run_main(["--out", out, "--resume", "--steps", 4]) == 0
+
+
+def _last_logged_step(path):
+    try:
+        return max((int(r["step"]) for r in rows(path) if r.get("elapsed_s")), default=0)
+    except (OSError, ValueError, csv.Error):
+        return 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_loop_then_resume_is_the_run(tmp_path, image_dir, sig):
+    """Ctrl-C (SIGINT) or SIGTERM at random moments, three times, each followed by --resume: the
+    run stops between steps, so the final weights and optimizer state are bitwise those of an
+    uninterrupted run, and so are the logged losses. Only signals make checkpoints here."""
+    steps = 120
+    common = ["--data", "folder", "--data-dir", image_dir, "--steps", steps, "--save-every", 0,
+              "--eval-every", 0, "--log-every", 3, *TINY]
+    out = tmp_path / "interrupted"
+    rng = np.random.default_rng(sig)
+    saved = []
+    for attempt in range(3):
+        args = [*common, "--out", out] if attempt == 0 else ["--out", out, "--resume"]
+        cmd, env = _cli(*args)
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            start = _last_logged_step(out / "metrics.csv")
+            deadline = time.time() + 120
+            while (time.time() < deadline and proc.poll() is None
+                   and _last_logged_step(out / "metrics.csv") <= start):
+                time.sleep(0.02)
+            time.sleep(float(rng.uniform(0, 0.2)))  # anywhere inside a step
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            os.kill(proc.pid, sig)
+            err = proc.communicate(timeout=60)[1].decode()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 128 + sig, err[-2000:]
+        assert "saved step" in err
+        ck = _io.load_checkpoint(out / "checkpoint.pt")
+        assert not ck["complete"] and (not saved or ck["step"] > saved[-1])
+        saved.append(ck["step"])
+    assert saved[-1] < steps
+    cmd, env = _cli("--out", out, "--resume")
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    clean = tmp_path / "clean"
+    cmd, env = _cli(*common, "--out", clean)
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = _io.load_checkpoint(out / "checkpoint.pt"), _io.load_checkpoint(clean / "checkpoint.pt")
+    assert a["step"] == b["step"] == steps
+    assert_same_state(a["model"], b["model"])
+    for k in b["optimizer"]["state"]:
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(a["optimizer"]["state"][k][name], b["optimizer"]["state"][k][name])
+    ra, rb = rows(out / "metrics.csv"), rows(clean / "metrics.csv")
+    assert [x["step"] for x in ra] == [x["step"] for x in rb]
+    for x, y in zip(ra, rb):
+        for f in ("loss", "recon_mse", "vq_loss", "perplexity", "codes_used", "total_restarts"):
+            assert x[f] == y[f], (x["step"], f)
+
+
+def _signal_at_step(monkeypatch, at_step, times):
+    """Send this process SIGINT `times` times from inside the model's forward pass of step
+    `at_step` (1-based): the middle of a step, deterministically."""
+    from vqkernels.model import VQVAE
+    real = VQVAE.forward
+    calls = []
+
+    def forward(self, images):
+        if self.training:
+            calls.append(1)
+            if len(calls) == at_step:
+                for _ in range(times):
+                    os.kill(os.getpid(), signal.SIGINT)  # each handled before the next
+        return real(self, images)
+    monkeypatch.setattr(VQVAE, "forward", forward)
+
+
+def test_a_signal_mid_step_saves_that_step_finished(tmp_path, image_dir, monkeypatch, capsys):
+    common = ["--data", "folder", "--data-dir", image_dir, "--steps", 8, "--save-every", 0,
+              "--eval-every", 0, "--log-every", 2, *TINY]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run_main([*common, "--steps", 5, "--out", a]) == 0
+    _signal_at_step(monkeypatch, 5, 1)
+    assert run_main([*common, "--out", b]) == 128 + signal.SIGINT
+    assert "SIGINT: saved step 5" in capsys.readouterr().err
+    ca, cb = _io.load_checkpoint(a / "checkpoint.pt"), _io.load_checkpoint(b / "checkpoint.pt")
+    assert cb["step"] == 5 and not cb["complete"]
+    assert_same_state(ca["model"], cb["model"])
+    assert ca["sampler"] == cb["sampler"]
+    assert torch.equal(ca["rng"]["torch"], cb["rng"]["torch"])
+
+
+def test_a_second_signal_aborts_without_saving(tmp_path, image_dir, monkeypatch, capsys):
+    out = tmp_path / "run"
+    _signal_at_step(monkeypatch, 3, 2)
+    assert run_main(["--data", "folder", "--data-dir", image_dir, "--steps", 8, "--save-every",
+                     0, "--eval-every", 0, "--log-every", 1, *TINY, "--out", out]) == 130
+    err = capsys.readouterr().err
+    assert "aborted at step 2 without saving" in err and "no checkpoint was saved" in err
+    assert not (out / "checkpoint.pt").exists()
+    # and the handlers are the caller's again
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_eval_of_an_amp_checkpoint_runs_as_it_was_trained(tmp_path, image_dir):
+    out = tmp_path / "amp"
+    assert run_main(["--data", "folder", "--data-dir", image_dir, "--steps", 4, "--amp",
+                     "--eval-every", 0, "--out", out, *TINY]) == 0
+    trained = json.loads((out / "eval.json").read_text())
+    js = tmp_path / "e.json"
+    assert vq_eval.main([str(out), "--json", str(js)]) == 0
+    again = json.loads(js.read_text())
+    for k in ("mse", "perplexity", "batch_perplexity", "codes_used"):
+        assert again[k] == pytest.approx(trained[k], rel=1e-6), k
+    # --no-amp is the float32 forward: other figures (the test is not vacuous)
+    assert vq_eval.main([str(out), "--json", str(js), "--no-amp"]) == 0
+    assert json.loads(js.read_text())["mse"] != pytest.approx(trained["mse"], rel=1e-6)
+
+
+def test_more_cli_errors_name_the_argument(tmp_path, image_dir, capsys, monkeypatch):
+    data = ["--data", "folder", "--data-dir", image_dir, "--eval-every", 0]
+    assert "--hidden must be >= 2" in _error(capsys, [*data, *TINY, "--hidden", 1,
+                                                      "--out", tmp_path / "h"])
+    with pytest.raises(FloatingPointError) as exc:  # diverges before any checkpoint
+        run_main([*data, *TINY, "--lr", 1e10, "--steps", 3, "--log-every", 1, "--save-every", 1000,
+                  "--out", tmp_path / "lr"])
+    assert "no checkpoint was saved" in str(exc.value) and "from before" not in str(exc.value)
+
+    run = tmp_path / "r"
+    assert run_main([*data, *TINY, "--steps", 2, "--out", run]) == 0
+    capsys.readouterr()
+    # eval and tokenize: --backend checked before any work
+    err = _error(capsys, [str(run), "--backend", "gpu"], vq_eval.main)
+    assert "--backend must be one of" in err
+    monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` raise ImportError
+    for main, extra in ((vq_eval.main, []), (vq_tokenize.main, ["--out", tmp_path / "t.npz"])):
+        err = _error(capsys, [str(run), "--backend", "triton", *map(str, extra)], main)
+        assert "--backend triton" in err and "not installed" in err
+    monkeypatch.undo()
+    # a folder where a file is meant
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    assert "--out" in _error(capsys, [str(run), "--out", str(folder)], vq_tokenize.main)
+    assert "--json" in _error(capsys, [str(run), "--json", str(folder)], vq_eval.main)
+    assert list(folder.iterdir()) == []
+
+    # a full disk: said so, and the file that was there is left as it was
+    if not Path("/dev/full").exists():
+        return
+    real_fdopen = os.fdopen
+
+    def full(fd, *args, **kw):
+        os.close(fd)
+        return open("/dev/full", "wb")
+    before = (run / "eval.json").read_bytes()
+    monkeypatch.setattr(_io.os, "fdopen", full)
+    err = _error(capsys, [str(run)], vq_eval.main)
+    assert "--json" in err and "disk is full" in err and "intact" in err
+    err = _error(capsys, [str(run), "--out", str(tmp_path / "t.npz")], vq_tokenize.main)
+    assert "--out" in err and "disk is full" in err
+    monkeypatch.setattr(_io.os, "fdopen", real_fdopen)
+    assert (run / "eval.json").read_bytes() == before
+    assert not (tmp_path / "t.npz").exists()

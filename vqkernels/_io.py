@@ -4,10 +4,12 @@ any instant leaves either the old file or the new one, never a torn one."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -18,6 +20,20 @@ TMP_SUFFIX = ".tmp"
 
 class UsageError(ValueError):
     """A bad command-line setting; the message names the flag."""
+
+
+class DiskFullError(UsageError):
+    """A write ran out of space; the file it was replacing is as it was."""
+
+    def __init__(self, path: Path, existed: bool):
+        self.path, self.existed = path, existed
+        super().__init__(
+            f"the disk is full: no space left to write {path}; "
+            + (f"the previous {path.name} there is intact" if existed else
+               f"{path.name} was not written"))
+
+
+_NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 def _fsync_dir(d: Path) -> None:
@@ -34,6 +50,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], N
     """Call write(f) on a temporary file beside `path`, fsync it, and rename it to `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    existed = path.exists()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     try:
         # mkstemp makes the file 0600; give it the mode a plain open() would have.
@@ -45,9 +62,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], N
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
+            raise DiskFullError(path, existed) from exc
         raise
     _fsync_dir(path.parent)
     return path
@@ -62,18 +81,29 @@ def atomic_write_json(path, obj) -> Path:
 
 
 def atomic_torch_save(path, obj) -> Path:
-    return atomic_write(path, lambda f: torch.save(obj, f))
+    # Serialised in memory first: torch's zip writer reports a full disk as an opaque "unexpected
+    # pos" error, a plain write as ENOSPC (DiskFullError). Checkpoints are small next to RAM.
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return atomic_write_bytes(path, buf.getbuffer())
 
 
-def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
-    """Delete temporary files a killed run left behind in `directory`."""
+def is_temp_of(p: Path, names) -> bool:
+    """Whether `p` is a temporary file atomic_write made for one of `names` (".NAME.XXXX.tmp")."""
+    return p.name.endswith(TMP_SUFFIX) and any(p.name.startswith(f".{n}.") for n in names)
+
+
+def remove_stale_temps(directory: str | os.PathLike, names) -> list[Path]:
+    """Delete the temporary files a killed run left behind in `directory` for the files it writes,
+    `names`: only those (".NAME.XXXX.tmp"); any other file there is someone else's."""
     d = Path(directory)
     out = []
     if d.is_dir():
         for p in d.glob(f".*{TMP_SUFFIX}"):
-            with contextlib.suppress(OSError):
-                p.unlink()
-                out.append(p)
+            if is_temp_of(p, names):
+                with contextlib.suppress(OSError):
+                    p.unlink()
+                    out.append(p)
     return out
 
 
@@ -91,6 +121,7 @@ def load_checkpoint(path: str | os.PathLike, arg: str = "CHECKPOINT") -> dict:
         if not cand.is_file():
             raise FileNotFoundError(f"{arg} {p} is a directory without checkpoint.pt")
         p = cand
+    _verify_zip(p, arg)
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -107,6 +138,20 @@ def load_checkpoint(path: str | os.PathLike, arg: str = "CHECKPOINT") -> dict:
                          f"this vqkernels understands ({CHECKPOINT_VERSION})")
     ckpt["path"] = str(p)
     return ckpt
+
+
+def _verify_zip(p: Path, arg: str) -> None:
+    """torch.load reads tensor records without checking the CRC32 that torch.save wrote for each:
+    a damaged checkpoint would load as wrong weights. Check every record first (one read)."""
+    try:
+        with zipfile.ZipFile(p) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise ValueError(f"{arg} {p} is not a readable checkpoint ({type(exc).__name__}: "
+                         f"{exc})") from exc
+    if bad is not None:
+        raise ValueError(f"{arg} {p} is damaged: its record {bad!r} fails its CRC check (the file "
+                         f"was changed after it was written); use another checkpoint")
 
 
 def model_from_checkpoint(ckpt: dict, *, device="cpu", backend: str = "auto"):

@@ -2,7 +2,8 @@
 
 Every backend implements the same two calls on a tensor `z` quantized along `dim`:
 
-  forward(z, dim, codebook, plan) -> (z_q, indices, sqerr, counts)
+  forward(z, dim, codebook, plan, want_zq=True) -> (z_q, indices, sqerr, counts)
+      (z_q may be None when not want_zq: the native kernels then never write it)
   backward(z, dim, codebook, indices, grad_zq, g_codebook, g_commit, plan) -> (grad_z, grad_codebook)
 
 with the semantics of `vqkernels.reference` (the oracle they are all tested against).
@@ -37,7 +38,7 @@ class Backend(NamedTuple):
 
 # --------------------------------------------------------------------------------------------
 # reference: plain torch, any device
-def _ref_forward(z, dim, codebook, plan):
+def _ref_forward(z, dim, codebook, plan, want_zq=True):
     return reference.forward(z, codebook, dim)
 
 
@@ -48,15 +49,18 @@ def _ref_backward(z, dim, codebook, indices, grad_zq, g_codebook, g_commit, plan
 # --------------------------------------------------------------------------------------------
 # native CPU and CUDA: vqkernels._C, fed with pointers, sizes, strides (and the stream)
 def _native_forward(run):
-    def forward(z, dim, codebook, plan: RowPlan):
+    def forward(z, dim, codebook, plan: RowPlan, want_zq=True):
         K = codebook.shape[0]
         cb = codebook.contiguous()
         xv = plan.view(z)
-        z_q, zqv = plan.empty_like(z)
+        # The kernel contract makes z_q optional (a null pointer): a search alone allocates and
+        # writes none (nearest_code would otherwise need a z-sized buffer it throws away).
+        z_q, zqv = plan.empty_like(z) if want_zq else (None, None)
         indices = torch.empty(plan.lead, dtype=torch.long, device=z.device)
         sqerr = torch.empty(plan.lead, dtype=reference.acc_dtype(z.dtype), device=z.device)
         counts = torch.empty(K, dtype=torch.long, device=z.device)
-        run(native.dtype_code(z.dtype), xv.as_args(), cb.data_ptr(), K, zqv.as_args(),
+        run(native.dtype_code(z.dtype), xv.as_args(), cb.data_ptr(), K,
+            zqv.as_args() if zqv is not None else NULL_VIEW,
             indices.data_ptr(), sqerr.data_ptr(), counts.data_ptr(), z.device)
         return z_q, indices, sqerr, counts
     return forward
@@ -164,7 +168,7 @@ def _triton_status() -> Optional[str]:
     return None
 
 
-def _triton_forward(z, dim, codebook, plan):
+def _triton_forward(z, dim, codebook, plan, want_zq=True):
     from .triton import launch
     return launch.forward(z, dim, codebook, plan)
 

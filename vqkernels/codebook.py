@@ -49,10 +49,12 @@ def kmeans_plusplus(x: Tensor, k: int, *, generator: Optional[torch.Generator] =
     """
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D (N, D), got shape {tuple(x.shape)}")
+    x = x.detach()  # an initialisation, not a differentiable function of x
+    # Rows with NaN or inf would become (or poison) centres: they take no part.
+    x = x[torch.isfinite(x).all(1)]
     N, D = x.shape
     if N == 0:
-        raise ValueError("x must have at least one row to seed k-means++ from")
-    x = x.detach()  # an initialisation, not a differentiable function of x
+        raise ValueError("x must have at least one row (a finite one) to seed k-means++ from")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if iters < 0:

@@ -394,9 +394,29 @@ def load_cifar10(data_dir: str | os.PathLike, *, download: bool = False) -> Imag
 
 # ---------------------------------------------------------------------------------------------
 # any folder of images
+def _to_8bit(im):
+    """One-channel images of more than 8 bits (16-bit PNG or TIFF: modes I;16*, I) or of floats
+    (TIFF: mode F), scaled from their own range to 8 bits. PIL's convert("RGB") would clip them to
+    255 instead: a 16-bit image comes out nearly white, a float one in [0, 1] black."""
+    from PIL import Image
+    a = np.asarray(im)
+    if im.mode.startswith("I;16") or (im.mode == "I" and a.size and 0 <= a.min()
+                                      and a.max() <= 65535):
+        scaled = a.astype(np.float64) / 65535.0
+    elif im.mode == "F" and a.size and np.isfinite(a).all() and 0 <= a.min() and a.max() <= 1:
+        scaled = a.astype(np.float64)
+    else:
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        raise ValueError(f"{im.mode} pixels in [{lo:g}, {hi:g}]: not a range this loader knows "
+                         f"(16-bit integers, or floats in [0, 1])")
+    return Image.fromarray(np.round(scaled * 255.0).astype(np.uint8), "L")
+
+
 def _load_image(path: Path) -> np.ndarray:
     from PIL import Image
     with Image.open(path) as im:
+        if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+            im = _to_8bit(im)
         im = im.convert("RGB")
         w, h = im.size
         if (w, h) != (IMAGE_SIZE, IMAGE_SIZE):
@@ -434,7 +454,8 @@ def load_folder(data_dir: str | os.PathLike, *, heldout_every: int = 10) -> Imag
         except Exception as exc:  # PIL raises many types for truncated or mislabeled files
             bad.append((p, exc))
     if bad:
-        first = "; ".join(f"{p.relative_to(root)}: {type(e).__name__}" for p, e in bad[:3])
+        first = "; ".join(f"{p.relative_to(root)}: {type(e).__name__}"
+                          + (f" ({e})" if isinstance(e, ValueError) else "") for p, e in bad[:3])
         warnings.warn(f"--data-dir {root}: skipped {len(bad)} unreadable image file(s) of "
                       f"{len(files)} (first: {first})", stacklevel=2)
     if len(images) < 2:
@@ -458,11 +479,16 @@ def load_folder(data_dir: str | os.PathLike, *, heldout_every: int = 10) -> Imag
     if not held.any():
         held[-1] = True
     tr = ~held
+    relstr = [str(p.relative_to(root)) for p in paths]
+    # Names and pixels of every image, in order: a resumed run checks that its data is the same.
+    h = hashlib.sha256()
+    for name, img in zip(relstr, images):
+        h.update(name.encode() + b"\0")
+        h.update(img.tobytes())
     desc = {"kind": "folder", "data_dir": str(root.resolve()), "images": len(arr),
-            "skipped": len(bad), "heldout_every": heldout_every,
+            "skipped": len(bad), "heldout_every": heldout_every, "fingerprint": h.hexdigest(),
             "heldout": f"every {heldout_every}th file in sorted path order",
             "range": [-0.5, 0.5]}
-    relstr = [str(p.relative_to(root)) for p in paths]
     return ImageData("folder", desc, arr[held], train=arr[tr],
                      train_labels=None if labels is None else labels[tr],
                      heldout_labels=None if labels is None else labels[held],

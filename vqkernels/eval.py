@@ -100,14 +100,29 @@ def format_table(metrics: dict, title: str = "") -> str:
 def load_for_cli(p: argparse.ArgumentParser, a: argparse.Namespace):
     """(device, checkpoint, model, data set) from the flags eval and tokenize share
     (--device, CHECKPOINT, --backend, --data, --data-dir, --download); errors name the flag."""
+    from .backends import ALL_NAMES, resolve
     try:
         device = _io.resolve_device(a.device)
+        if a.backend not in ALL_NAMES:
+            raise ValueError(f"--backend must be one of {', '.join(ALL_NAMES)}, got {a.backend!r}")
+        try:
+            resolve(a.backend, device)
+        except (RuntimeError, ValueError) as exc:
+            raise ValueError(f"--backend {a.backend}: {exc}") from exc
         ckpt = _io.load_checkpoint(a.checkpoint)
         model = _io.model_from_checkpoint(ckpt, device=device, backend=a.backend)
         ds = heldout_for(ckpt, a.data, a.data_dir, a.download)
     except (FileNotFoundError, ValueError) as exc:
         p.error(str(exc))
     return device, ckpt, model, ds
+
+
+def amp_for_cli(a: argparse.Namespace, ckpt: dict, device) -> torch.dtype | None:
+    """--amp / --no-amp, else as the checkpoint was trained: an --amp model's figures are those
+    of its autocast forward."""
+    from .train import amp_dtype_for
+    amp = a.amp if a.amp is not None else bool(ckpt.get("args", {}).get("amp"))
+    return amp_dtype_for(torch.device(device), amp)
 
 
 def heldout_for(ckpt: dict, data: Optional[str], data_dir: Optional[str], download: bool):
@@ -158,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto (default)")
     p.add_argument("--backend", default="auto",
                    help="quantizer backend: auto, cpu, cuda, triton or reference")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="run under autocast as --amp training does (default: as the checkpoint "
+                        "was trained)")
     p.add_argument("--json", default=None, metavar="PATH",
                    help="where to write the figures (default: eval.json beside the checkpoint)")
     return p
@@ -166,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
+    if a.json is not None and Path(a.json).is_dir():
+        p.error(f"--json {a.json} is a folder; name the file to write (e.g. {Path(a.json) / 'eval.json'})")
     for name in ("batch_size", "perplexity_batch"):
         v = getattr(a, name)
         if v is not None and v < 1:
@@ -175,12 +195,17 @@ def main(argv=None) -> int:
     var = ckpt["data_variance"] if same_data else ds.variance()
     pb = a.perplexity_batch or ckpt.get("args", {}).get("batch_size", 32)
     metrics = evaluate(model, ds.heldout, var, batch_size=a.batch_size, perplexity_batch=pb,
-                       device=device)
+                       device=device, amp_dtype=amp_for_cli(a, ckpt, device))
     metrics.update(checkpoint=ckpt["path"], step=ckpt["step"], data=ds.description,
                    backend=a.backend, device=str(device))
     print(format_table(metrics, f"{ckpt['path']} (step {ckpt['step']}) on {ds.kind} held-out data"))
     out = Path(a.json) if a.json else Path(ckpt["path"]).parent / "eval.json"
-    _io.atomic_write_json(out, merge_with_training(out, metrics))
+    try:
+        _io.atomic_write_json(out, merge_with_training(out, metrics))
+    except OSError as exc:
+        p.error(f"--json {out}: could not write it ({exc.strerror or exc})")
+    except _io.UsageError as exc:  # the disk is full
+        p.error(f"--json {out}: {exc}")
     print(f"wrote {out}")
     return 0
 

@@ -189,8 +189,16 @@ class VQVAE(nn.Module):
 
     @torch.no_grad()
     def encode(self, images: Tensor) -> Tensor:
-        """Token grid of each image: LongTensor (B, H/4, W/4) of code indices in [0, K)."""
-        return self.vq(self.encode_latent(images)).indices
+        """Token grid of each image: LongTensor (B, H/4, W/4) of code indices in [0, K).
+        Encoding changes nothing, in training mode too: the quantizer's upkeep (step count,
+        EMA, restarts, k-means init) runs only in training forwards, not here."""
+        z_e = self.encode_latent(images)
+        was = self.vq.training
+        self.vq.eval()
+        try:
+            return self.vq(z_e).indices
+        finally:
+            self.vq.train(was)
 
     def embed(self, indices: Tensor) -> Tensor:
         """Codes of a token grid, channel-first: (B, h, w) -> (B, D, h, w). A gather: no one-hot."""
@@ -232,6 +240,9 @@ class VQVAE(nn.Module):
         if method not in ("data", "kmeans"):
             raise ValueError(f"method must be 'data' or 'kmeans', got {method!r}")
         rows = self._rows(self.encode_latent(images)).float()  # no quantizer pass, no upkeep
+        rows = rows[torch.isfinite(rows).all(1)]  # a NaN or inf row would make a NaN code
+        if rows.shape[0] == 0:
+            raise ValueError("init_codebook: the encoder gave no finite output for these images")
         K = self.config.num_codes
         if method == "kmeans":
             from .codebook import kmeans_plusplus

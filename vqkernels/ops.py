@@ -32,7 +32,7 @@ def _lead_shape(z: Tensor, dim: int) -> list[int]:
 @torch.library.custom_op("vqkernels::nearest_code", mutates_args=())
 def nearest_code(x: Tensor, codebook: Tensor, dim: int, backend: str) -> tuple[Tensor, Tensor]:
     b = backends.resolve(backend, x.device)
-    _, indices, sqdist, _ = b.forward(x, dim, codebook, RowPlan(x, dim))
+    _, indices, sqdist, _ = b.forward(x, dim, codebook, RowPlan(x, dim), want_zq=False)
     return indices, sqdist
 
 
@@ -74,6 +74,9 @@ def _(grad_zq, g_codebook, g_commit, z, codebook, indices, dim, backend):
 
 def _setup_context(ctx, inputs, output):
     z, codebook, dim, backend = inputs
+    # An output nobody used (z_q when only the losses are trained, say) has no gradient: let it
+    # arrive as None rather than as a z-sized tensor of zeros; the kernels treat None as zero.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(z, codebook, output[1])
     ctx.dim, ctx.backend = dim, backend
 
@@ -87,6 +90,22 @@ def _backward(ctx, grad_zq, _grad_indices, g_codebook, g_commit, _grad_counts):
 
 
 torch.library.register_autograd("vqkernels::vq_quantize", _backward, setup_context=_setup_context)
+
+
+def _no_double_backward(ctx, grad_z, grad_codebook):
+    raise NotImplementedError(
+        "vq_quantize has no second derivative here: its backward was recorded with "
+        "create_graph=True and is now being differentiated again (double backward, e.g. a "
+        "gradient penalty). Use create_graph=False, or take the penalty's path around the "
+        "quantizer (through z_q = z_e + (e - z_e).detach() in plain torch)")
+
+
+# create_graph=True records the backward; differentiating it again says so instead of failing
+# with "no autograd formula was registered".
+torch.library.register_autograd("vqkernels::vq_quantize_backward", _no_double_backward,
+                                setup_context=lambda ctx, inputs, output: None)
+
+
 
 
 def _assume_constant_result(fn):

@@ -29,10 +29,25 @@ def _check(z_e, codebook, dim, backend, z_name="z_e"):
         raise TypeError(f"{z_name} must be a torch.Tensor, got {type(z_e).__name__}")
     if not isinstance(codebook, Tensor):
         raise TypeError(f"codebook must be a torch.Tensor, got {type(codebook).__name__}")
+    for name, t in ((z_name, z_e), ("codebook", codebook)):
+        # The kernels read strided memory: a sparse or nested tensor would fail deep inside.
+        if t.is_nested:
+            raise TypeError(f"{name} must be a dense tensor, got a nested tensor (quantize its "
+                            f"components, or a padded tensor, instead)")
+        if t.layout != torch.strided:
+            raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout} "
+                            f"(call .to_dense() first)")
+        if _functorch_wrapped(t):
+            raise NotImplementedError(
+                f"{name} is traced by a torch.func transform (grad, vmap, jacrev, ...), which "
+                f"vqkernels' ops do not support; use torch.autograd.grad or .backward() instead")
     if codebook.dim() != 2:
         raise ValueError(f"codebook must be 2-D (K, D), got shape {tuple(codebook.shape)}")
     if codebook.shape[0] == 0:
         raise ValueError("codebook must have at least one code (K = 0)")
+    if codebook.shape[1] == 0:
+        raise ValueError("codebook's codes have D = 0 elements: there is nothing to compare (a "
+                         "code needs D >= 1)")
     if z_e.dtype not in _FLOATS:
         raise TypeError(f"{z_name} must be float32, float64, float16 or bfloat16, got {z_e.dtype}")
     if codebook.dtype != z_e.dtype:
@@ -52,6 +67,15 @@ def _check(z_e, codebook, dim, backend, z_name="z_e"):
     if backend not in backends.ALL_NAMES:
         raise ValueError(f"backend must be one of {backends.ALL_NAMES}, got {backend!r}")
     return dim
+
+
+def _functorch_wrapped(t: Tensor) -> bool:
+    if torch.compiler.is_compiling():  # dynamo can't trace the query, and traces no transform
+        return False
+    try:
+        return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
+    except AttributeError:  # a torch without functorch
+        return False
 
 
 def _check_finite(z_e, codebook, z_name):
@@ -92,9 +116,14 @@ def _check_beta(beta):
 
 
 def _vq_quantize(z_e, codebook, *, beta, dim, backend, check_finite=False):
-    """vq_quantize plus the kernel's per-code counts (int64, K) of this call's rows."""
+    """vq_quantize, the kernel's per-code counts (int64, K) of this call's rows, and each row's
+    exact squared error (no autograd; NaN or inf for a row that is not finite)."""
     dim = _check(z_e, codebook, dim, backend)
     _check_beta(beta)
+    acc = torch.float64 if z_e.dtype == torch.float64 else torch.float32  # the losses' dtype
+    if beta > torch.finfo(acc).max:
+        raise ValueError(f"beta={beta!r} does not fit in the losses' dtype ({acc}, at most "
+                         f"{torch.finfo(acc).max:.3g})")
     if check_finite:
         _check_finite(z_e, codebook, "z_e")
     if ops.use_triton_ops(backend, z_e.device):
@@ -110,7 +139,8 @@ def _vq_quantize(z_e, codebook, *, beta, dim, backend, check_finite=False):
     probs = counts.to(err_cb.dtype) / max(indices.numel(), 1)
     perplexity = torch.special.entr(probs).sum().exp()  # entr(p) = -p log p, 0 at p = 0
     return VQOutput(z_q, indices, codebook_loss, commitment_loss,
-                    torch.add(codebook_loss, commitment_loss, alpha=beta), perplexity), counts
+                    torch.add(codebook_loss, commitment_loss, alpha=beta), perplexity), counts, \
+        err_commit.detach()
 
 
 class VectorQuantizer(nn.Module):
@@ -204,6 +234,8 @@ class VectorQuantizer(nn.Module):
         check_positive_int("kmeans_samples", kmeans_samples, allow_none=True)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}")
+        if isinstance(channel_dim, bool) or not isinstance(channel_dim, int):
+            raise TypeError(f"channel_dim must be an int, got {channel_dim!r}")
         self.num_codes, self.dim, self.beta = num_codes, dim, float(beta)
         self.channel_dim, self.backend = channel_dim, backend
         self.ema, self.decay, self.eps = bool(ema), float(decay), float(eps)
@@ -316,7 +348,7 @@ class VectorQuantizer(nn.Module):
             cb = F.normalize(cb, dim=1)
         if cb.dtype != z.dtype:
             cb = cb.to(z.dtype)
-        out, counts = _vq_quantize(z, cb, beta=self.beta, dim=dim, backend=self.backend)
+        out, counts, row_err = _vq_quantize(z, cb, beta=self.beta, dim=dim, backend=self.backend)
         if self.ema:
             # The op's error output is tied to z_e in the graph (with a zero gradient); detach it
             # so nothing can mistake it for a trainable term.
@@ -324,7 +356,7 @@ class VectorQuantizer(nn.Module):
                                loss=self.beta * out.commitment_loss)
         if training:
             with torch.no_grad():
-                self._update(z.detach(), dim, out.indices, counts)
+                self._update(z.detach(), dim, out.indices, counts, row_err)
         return out
 
     # -------------------------------------------------------------------------------- upkeep
@@ -335,20 +367,25 @@ class VectorQuantizer(nn.Module):
         # Each step gathers about a quarter of the pool, so the pool spans the last ~4 steps.
         return max(1, ceil_div(self.restart_pool, 4 * world))
 
-    def _update(self, z: Tensor, dim: int, indices: Tensor, counts: Tensor) -> None:
+    def _update(self, z: Tensor, dim: int, indices: Tensor, counts: Tensor,
+                row_err: Tensor) -> None:
         K, D = self.num_codes, self.dim
         ctx = DistContext(self.sync, self.process_group)
         sd = self._stat_dtype()
         rows = z.movedim(dim, -1).reshape(-1, D)
         idx = indices.reshape(-1)
         restart = self.restart_after is not None
+        # A row with NaN or inf (its exact error is not finite) must not reach the usage counts,
+        # the EMA sums or the restart pool: one such row would make a code NaN for good. Masks,
+        # not indexing: no host sync, and every rank sends buffers of the same size.
+        ok = torch.isfinite(row_err.reshape(-1))
 
         # One flat buffer, one all_reduce: [counts K | EMA sums K*D | restart candidates].
         # Counts travel as floats: exact up to 2^24 rows per code per step in float32.
-        parts = [counts.to(sd)]
+        parts = [torch.bincount(idx, weights=ok.to(sd), minlength=K).to(sd)]
         if self.ema:
             parts.append(torch.zeros(K, D, dtype=sd, device=z.device)
-                         .index_add_(0, idx, rows.to(sd)).view(-1))
+                         .index_add_(0, idx, torch.where(ok[:, None], rows.to(sd), 0)).view(-1))
         if restart:
             m = self._samples_per_rank(ctx.world)
             sel = pick_rows(rows.shape[0], m, seeded_generator(self.seed, 1, ctx.rank,
@@ -356,8 +393,10 @@ class VectorQuantizer(nn.Module):
             # An all_gather as a sum of disjoint slots, so it rides in the same all_reduce; the
             # last column marks the slots a rank with fewer than m rows left empty.
             slot = torch.zeros(ctx.world, m, D + 1, dtype=sd, device=z.device)
-            slot[ctx.rank, :sel.numel(), :D] = rows.index_select(0, sel).to(sd)
-            slot[ctx.rank, :sel.numel(), D] = 1
+            sel_ok = ok.index_select(0, sel)
+            slot[ctx.rank, :sel.numel(), :D] = torch.where(sel_ok[:, None],
+                                                           rows.index_select(0, sel).to(sd), 0)
+            slot[ctx.rank, :sel.numel(), D] = sel_ok.to(sd)
             parts.append(slot.view(-1))
         buf = ctx.all_reduce_(torch.cat(parts))
 
@@ -427,6 +466,7 @@ class VectorQuantizer(nn.Module):
                 z = F.normalize(z, dim=dim)
             sd = self._stat_dtype()
             rows = z.movedim(dim, -1).reshape(-1, self.dim).to(sd)
+            rows = rows[torch.isfinite(rows).all(1)]  # NaN or inf rows seed no code
             ctx = DistContext(self.sync, self.process_group)
             m = min(rows.shape[0], ceil_div(self.kmeans_samples, ctx.world))
             if ctx.active:

@@ -28,13 +28,16 @@ from .data import DATA_KINDS, to_tensor
 
 
 @torch.no_grad()
-def tokenize(model, images: np.ndarray, *, batch_size: int = 500, device=None) -> np.ndarray:
-    """Token grids (N, h, w) int64 of uint8 images (N, 32, 32, 3)."""
-    device = device or next(model.parameters()).device
+def tokenize(model, images: np.ndarray, *, batch_size: int = 500, device=None,
+             amp_dtype=None) -> np.ndarray:
+    """Token grids (N, h, w) int64 of uint8 images (N, 32, 32, 3); `amp_dtype` runs the encoder
+    under autocast, as --amp training did."""
+    device = torch.device(device or next(model.parameters()).device)
     was = model.training
     model.eval()
-    out = [model.encode(to_tensor(images[i:i + batch_size], device)).cpu()
-           for i in range(0, len(images), batch_size)]
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        out = [model.encode(to_tensor(images[i:i + batch_size], device)).cpu()
+               for i in range(0, len(images), batch_size)]
     model.train(was)
     if not out:
         s = model.config.latent_size
@@ -65,13 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the .npz file to write")
     p.add_argument("--batch-size", type=int, default=500, help="images per forward pass")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="encode under autocast as --amp training does (default: as the "
+                        "checkpoint was trained)")
     p.add_argument("--backend", default="auto",
                    help="quantizer backend: auto, cpu, cuda, triton or reference")
     return p
 
 
 def main(argv=None) -> int:
-    from .eval import load_for_cli
+    from .eval import amp_for_cli, load_for_cli
 
     p = build_parser()
     a = p.parse_args(argv)
@@ -80,6 +86,8 @@ def main(argv=None) -> int:
     if a.num_crops < 0:
         p.error(f"--num-crops must be >= 0, got {a.num_crops}")
     out = Path(a.out)
+    if out.is_dir():
+        p.error(f"--out {out} is a folder; name the .npz file to write (e.g. {out / 'tokens.npz'})")
     if out.suffix != ".npz":
         p.error(f"--out must name a .npz file, got {out}")
     device, ckpt, model, ds = load_for_cli(p, a)
@@ -92,7 +100,9 @@ def main(argv=None) -> int:
             parts.append((ds.train_sample(a.num_crops, seed=a.seed), 0, None, None))
     if a.split in ("all", "heldout"):
         parts.append((ds.heldout, 1, ds.heldout_labels, ds.heldout_paths))
-    tokens = [tokenize(model, imgs, batch_size=a.batch_size, device=device) for imgs, *_ in parts]
+    amp = amp_for_cli(a, ckpt, device)
+    tokens = [tokenize(model, imgs, batch_size=a.batch_size, device=device, amp_dtype=amp)
+              for imgs, *_ in parts]
     K = model.config.num_codes
     arrays = {
         "tokens": np.concatenate(tokens).astype(token_dtype(K)) if tokens else
@@ -117,7 +127,12 @@ def main(argv=None) -> int:
                                         for imgs, _, _, pth in parts), []))
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
-    _io.atomic_write_bytes(out, buf.getvalue())
+    try:
+        _io.atomic_write_bytes(out, buf.getbuffer())
+    except OSError as exc:
+        p.error(f"--out {out}: could not write it ({exc.strerror or exc})")
+    except _io.UsageError as exc:  # the disk is full
+        p.error(f"--out {out}: {exc}")
     t = arrays["tokens"]
     used = len(np.unique(t)) if t.size else 0
     print(f"wrote {out}: {t.shape[0]} token grids of {t.shape[1]}x{t.shape[2]} ({t.dtype}), "

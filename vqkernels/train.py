@@ -14,7 +14,12 @@ minutes on a laptop-class CPU. --out receives:
 
 A run killed at any moment (even SIGKILL) continues with `--resume` from its last checkpoint and
 draws exactly the batches it would have drawn: the final step count and, on a deterministic
-device, the final weights are those of an uninterrupted run.
+device, the final weights are those of an uninterrupted run. SIGINT (Ctrl-C) and SIGTERM stop
+the run after the step under way and save it; a second signal stops at once without saving.
+
+--out must be a new or empty folder, or one holding only this run's own files (the same
+settings in its config.json) or a sweep's: files of another run, or anything else, are refused
+rather than overwritten. Only the run's own temporary files (".NAME.XXXX.tmp") are deleted.
 
 Distributed: `torchrun --nproc_per_node=N -m vqkernels.train ...` trains with
 DistributedDataParallel (gloo on CPU, nccl on GPU), --batch-size images per process. Every rank
@@ -30,9 +35,13 @@ import argparse
 import csv
 import io
 import math
+import json
 import os
 import random
+import signal
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -43,6 +52,12 @@ from . import _cli, _io
 from .data import DATA_KINDS, DataError, to_tensor, to_uint8
 
 CHECKPOINT = "checkpoint.pt"
+# Every file a run writes in --out: it deletes temporary files of these names only, and overwrites
+# these only when they are its own.
+RUN_FILES = (CHECKPOINT, "config.json", "metrics.csv", "eval.csv", "loss_curves.png",
+             "reconstructions.png", "eval.json")
+# Files vqkernels.sweep keeps in a run's folder beside the run's own.
+SWEEP_FILES = ("sweep.log", "early_reconstructions.png")
 METRICS_FIELDS = ("step", "loss", "recon_mse", "recon_nmse", "vq_loss", "commitment_loss",
                   "perplexity", "codes_used", "codes_restarted", "total_restarts", "dead_fraction",
                   "steps_per_s", "elapsed_s")
@@ -151,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_settings(p: argparse.ArgumentParser, a: argparse.Namespace):
     given = {k: v for k, v in vars(a).items() if k not in ("resume", "download") and v is not None}
     out = Path(given.get("out", DEFAULTS["out"]))
+    if out.exists() and not out.is_dir():
+        p.error(f"--out {out} is a file; --out names the folder the run writes its files into")
     ckpt = None
     if a.resume is not None:
         path = out / CHECKPOINT if a.resume == "auto" else Path(a.resume)
@@ -169,12 +186,28 @@ def resolve_settings(p: argparse.ArgumentParser, a: argparse.Namespace):
                         f"({saved.get(k)}); start a new run with another --out instead")
         s = {**DEFAULTS, **saved, **given}
         # Artifacts go where the checkpoint is unless --out says otherwise.
-        s["out"] = str(out if a.resume == "auto" or "out" in given else Path(ckpt["path"]).parent)
+        own = Path(ckpt["path"]).resolve().parent
+        s["out"] = str(out if a.resume == "auto" or "out" in given else own)
+        out = Path(s["out"])
+        if out.is_dir() and out.resolve() != own:
+            # Continuing a run into another folder (a fork): that folder must not hold another
+            # run, whose checkpoint and metrics would be replaced by this one's.
+            if (out / CHECKPOINT).exists():
+                p.error(f"--out {out} holds another run's {CHECKPOINT}; resuming {ckpt['path']} "
+                        f"there would replace it. Continue that run with --out {out} --resume, "
+                        f"or give this one an empty --out")
+            why = _foreign_files(out, saved)
+            if why:
+                p.error(why)
     else:
         if (out / CHECKPOINT).exists():
             p.error(f"--out {out} already holds {CHECKPOINT} from an earlier run: pass --resume "
                     f"to continue it, or choose another --out")
         s = {**DEFAULTS, **given}
+        why = _foreign_files(out, {**s, "data_dir": _norm("data_dir", s["data_dir"]),
+                                   "world_size": int(os.environ.get("WORLD_SIZE", "1"))})
+        if why:
+            p.error(why)
     s["download"] = a.download
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if ckpt is not None and int(s.get("world_size", 1)) != world:
@@ -188,6 +221,9 @@ def resolve_settings(p: argparse.ArgumentParser, a: argparse.Namespace):
               "log_every", "eval_images", "heldout_every", "dead_after"):
         if s[k] < 1:
             p.error(f"--{k.replace('_', '-')} must be >= 1, got {s[k]}")
+    if s["hidden"] < 2:
+        p.error(f"--hidden must be >= 2 (the first convolution has hidden // 2 channels), got "
+                f"{s['hidden']}")
     for k in ("residual_blocks", "eval_every", "save_every", "restart_after", "threads"):
         if s[k] < 0:
             p.error(f"--{k.replace('_', '-')} must be >= 0, got {s[k]}")
@@ -207,6 +243,39 @@ def _norm(k, v):
     if k == "data_dir" and v is not None:
         return str(Path(v).expanduser().resolve())
     return v
+
+
+def _foreign_files(out: Path, settings: dict) -> str | None:
+    """Why a run with `settings` must not write into the existing folder `out` (None if it may).
+
+    The run writes RUN_FILES there, replacing files of those names, and deletes its own stale
+    temporary files. It may do that in an empty folder, or in one that holds only files of this
+    same run (one killed before its first checkpoint, launched again: its config.json has the same
+    settings) or of the sweep that launched it. Anything else there is someone else's."""
+    if not out.is_dir():
+        return None
+    from ._io import is_temp_of
+    entries = sorted(out.iterdir())
+    foreign = [e.name for e in entries if e.name not in RUN_FILES + SWEEP_FILES
+               and not is_temp_of(e, RUN_FILES)]
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        return (f"--out {out} is not empty and holds files that are not this run's ({shown}); "
+                f"choose a new or empty --out, so that nothing there is overwritten or deleted")
+    present = [e.name for e in entries if e.name in RUN_FILES]
+    if not present:
+        return None
+    try:
+        saved = json.loads((out / "config.json").read_text())["args"]
+        if "restart_every" in saved:
+            saved["restart_after"] = saved.pop("restart_every")
+        same = all(_norm(k, saved.get(k)) == _norm(k, settings.get(k)) for k in IDENTITY)
+    except (OSError, ValueError, KeyError, TypeError):
+        same = False
+    if same:
+        return None
+    return (f"--out {out} holds the files of another run ({', '.join(present)}) without a "
+            f"{CHECKPOINT} to resume; a new run there would overwrite them. Choose another --out")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,6 +417,16 @@ def reconstruct(model, images: np.ndarray, device) -> np.ndarray:
     return to_uint8(r)
 
 
+def amp_dtype_for(device: torch.device, amp) -> torch.dtype | None:
+    """The autocast dtype of --amp on `device` (None without --amp). bf16 keeps fp32's exponent
+    range, so it needs no loss scaling; GPUs before Ampere have no bf16 and get fp16 with a
+    GradScaler. Eval and tokenize use it too: a model trained under autocast is evaluated so."""
+    if not amp:
+        return None
+    return (torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported()
+            else torch.float16)
+
+
 def pick_threads(requested: int) -> int:
     """`requested`, or for 0 the cores no other process is using right now."""
     if requested:
@@ -368,6 +447,23 @@ def cpu_has_bf16() -> bool:
     except OSError:
         return True  # unknown (not Linux): say nothing
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _check_same_data(then: dict, now: dict) -> None:
+    """Refuse to resume on data other than the run's: the batches, and for folder data the
+    held-out split (every Nth file), would silently change."""
+    changed = [k for k in then if k in now and k != "data_dir" and then[k] != now[k]]
+    if not changed:
+        return
+    where = f"--data-dir {now.get('data_dir')}" if now.get("data_dir") else f"--data {now.get('kind')}"
+
+    def show(k):
+        if k == "fingerprint":
+            return "the image files (names or pixels) differ"
+        return f"{k}: {then[k]} then, {now[k]} now"
+    raise DataError(f"{where} changed since the run started ({'; '.join(show(k) for k in changed)});"
+                    f" resuming would train on other data and shift the held-out split. Restore "
+                    f"the data, or start a new run with another --out")
 
 
 def _spread(images: np.ndarray, n: int) -> np.ndarray:
@@ -407,9 +503,9 @@ class Dist:
     def main(self) -> bool:
         return self.rank == 0
 
-    def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
+    def all_reduce_(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
         from .codebook import DistContext
-        return DistContext(self.world > 1).all_reduce_(t)
+        return DistContext(self.world > 1).all_reduce_(t, op)
 
     def barrier(self) -> None:
         if self.world > 1:
@@ -450,6 +546,45 @@ def check_ranks_agree(module: torch.nn.Module, d: Dist) -> None:
                            f" a rank's update went astray")
 
 
+class Stopped(KeyboardInterrupt):
+    """The run stopped between steps on a signal and saved its checkpoint."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class StopRequest:
+    """SIGINT (Ctrl-C) and SIGTERM ask the training loop to stop after the step under way; it then
+    saves and exits. Saving in the middle of a step would mix two steps' states (sampler, model,
+    optimizer, quantizer) and a resumed run would no longer be the run. A second signal aborts at
+    once without saving. Handlers can only be set from the main thread; elsewhere this is inert."""
+
+    SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM") if hasattr(signal, n))
+
+    def __init__(self):
+        self.signum = 0
+        self._old: dict = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+        self._old = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum:
+            self.restore()
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this step to save it (send it again "
+              f"to stop at once without saving)", file=sys.stderr)
+
+
 def train(s: dict, ckpt: dict | None = None, *, progress: bool = True) -> dict:
     """Run (or continue) training with settings `s`; returns the final held-out metrics (on
     rank 0 of a distributed run; the other ranks return {})."""
@@ -470,8 +605,17 @@ def _train(s: dict, ckpt: dict | None, d: Dist, *, progress: bool) -> dict:
     out = Path(s["out"])
     device, main = d.device, d.main
     if main:
-        out.mkdir(parents=True, exist_ok=True)
-        _io.remove_stale_temps(out)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            # Can this process write there at all? Better to know before the data is loaded. (A
+            # temporary name of the run's own: a kill right here leaves nothing foreign behind.)
+            fd, probe = tempfile.mkstemp(prefix=".config.json.", suffix=_io.TMP_SUFFIX, dir=out)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise _io.UsageError(f"--out {out}: cannot write there "
+                                 f"({exc.strerror or exc})") from exc
+        _io.remove_stale_temps(out, RUN_FILES)
     from .backends import resolve
     try:
         backend = resolve(s["backend"], device).name
@@ -479,17 +623,12 @@ def _train(s: dict, ckpt: dict | None, d: Dist, *, progress: bool) -> dict:
         raise _io.UsageError(f"--backend {s['backend']}: {exc}") from exc
     threads = s["threads"] or max(1, pick_threads(0) // d.local_world)
     torch.set_num_threads(threads)
-    amp_dtype = None
-    if s["amp"]:
-        # bf16 keeps fp32's exponent range, so it needs no loss scaling; GPUs before Ampere
-        # have no bf16 and get fp16 with a GradScaler.
-        amp_dtype = (torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported()
-                     else torch.float16)
-        if device.type == "cpu" and main and not cpu_has_bf16():
-            print("--amp: this CPU has no bf16 instructions (avx512_bf16 or amx_bf16), so bf16 "
-                  "autocast is emulated: measured 20x slower than fp32 on an AVX2 CPU. --amp "
-                  "helps on GPUs and on CPUs with those instructions; drop it here.",
-                  file=sys.stderr)
+    amp_dtype = amp_dtype_for(device, s["amp"])
+    if amp_dtype is not None and device.type == "cpu" and main and not cpu_has_bf16():
+        print("--amp: this CPU has no bf16 instructions (avx512_bf16 or amx_bf16), so bf16 "
+              "autocast is emulated: measured 20x slower than fp32 on an AVX2 CPU. --amp "
+              "helps on GPUs and on CPUs with those instructions; drop it here.",
+              file=sys.stderr)
 
     if s["download"] and d.world > 1:
         # Rank 0 downloads, once; every rank learns the outcome from one all_reduce (a rank
@@ -508,6 +647,8 @@ def _train(s: dict, ckpt: dict | None, d: Dist, *, progress: bool) -> dict:
             raise DataError("rank 0 could not download the data (see its error)")
     ds = data_mod.load(s["data"], s["data_dir"], download=s["download"] and main,
                        heldout_every=s["heldout_every"])
+    if ckpt:
+        _check_same_data(ckpt.get("data") or {}, ds.description)
     var = ckpt["data_variance"] if ckpt else ds.variance()
 
     random.seed(s["seed"])
@@ -525,6 +666,13 @@ def _train(s: dict, ckpt: dict | None, d: Dist, *, progress: bool) -> dict:
     sampler = ds.sampler(s["seed"])
     step, elapsed = 0, 0.0
     K, B = config.num_codes, s["batch_size"]
+    args_saved = {k: v for k, v in s.items() if k != "download"}
+    if main:
+        # First of the run's files: a folder holding any of them holds this, which says whose
+        # they are (see _foreign_files).
+        _io.atomic_write_json(out / "config.json", {"config": config.to_dict(),
+                                                    "args": args_saved, "data": ds.description,
+                                                    "data_variance": var})
     if ckpt:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
@@ -561,25 +709,38 @@ def _train(s: dict, ckpt: dict | None, d: Dist, *, progress: bool) -> dict:
                    if "forward_sync_buffers" in inspect.signature(DDP).parameters
                    else {"broadcast_buffers": False})
         net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)
-    args_saved = {k: v for k, v in s.items() if k != "download"}
-    if main:
-        _io.atomic_write_json(out / "config.json", {"config": config.to_dict(),
-                                                    "args": args_saved, "data": ds.description,
-                                                    "data_variance": var})
+    saved_step = [int(ckpt["step"]) if ckpt else None]
 
-    def save(final=False, check=True):
-        if check:
-            check_ranks_agree(model, d)
+    def save(final=False):
+        # Called between steps only (never from inside one), on every rank at the same step.
+        check_ranks_agree(model, d)
+        if d.world > 1:
+            # The partial log interval travels in rank 0's checkpoint: its sum over the ranks.
+            d.all_reduce_(acc)
+            if not main:
+                acc.zero_()
         if not main:
             return
-        _io.atomic_torch_save(out / CHECKPOINT, {
-            "format": _io.CHECKPOINT_FORMAT, "version": _io.CHECKPOINT_VERSION,
-            "config": config.to_dict(), "args": args_saved, "data": ds.description,
-            "data_variance": var, "step": step, "elapsed_s": elapsed, "complete": final,
-            "model": model.state_dict(), "optimizer": opt.state_dict(),
-            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-            "sampler": sampler.state_dict(), "rng": rng_state(),
-            "world_size": d.world, "torch_version": str(torch.__version__)})
+        try:
+            _io.atomic_torch_save(out / CHECKPOINT, {
+                "format": _io.CHECKPOINT_FORMAT, "version": _io.CHECKPOINT_VERSION,
+                "config": config.to_dict(), "args": args_saved, "data": ds.description,
+                "data_variance": var, "step": step, "elapsed_s": elapsed, "complete": final,
+                "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                "sampler": sampler.state_dict(), "rng": rng_state(),
+                # The metrics of the log interval under way, so that its row comes out as an
+                # uninterrupted run's would.
+                "log": {"acc": acc.detach().cpu().clone(), "steps": n_acc,
+                        "restarts_logged": restarts_logged},
+                "world_size": d.world, "torch_version": str(torch.__version__)})
+        except _io.DiskFullError as exc:
+            before = (f"the previous checkpoint there (step {saved_step[0]}) is intact"
+                      if exc.existed else "no checkpoint was written")
+            raise _io.UsageError(
+                f"the disk is full: no space left to save step {step} to {out / CHECKPOINT}; "
+                f"{before}. Free some space and continue with --out {out} --resume") from exc
+        saved_step[0] = step
         plot_losses(out)
         grid = _spread(ds.heldout, 32)
         save_recon_grid(out / "reconstructions.png", grid, reconstruct(model, grid, device))
@@ -602,12 +763,19 @@ def _train(s: dict, ckpt: dict | None, d: Dist, *, progress: bool) -> dict:
     acc = torch.zeros(5 + K, dtype=torch.float64, device=device)
     n_acc = 0
     restarts_logged = int(model.vq.restart_count)
+    if ckpt and ckpt.get("log") is not None:
+        n_acc = int(ckpt["log"]["steps"])
+        restarts_logged = int(ckpt["log"]["restarts_logged"])
+        if main:  # rank 0 carries the ranks' sum; the others add theirs from zero
+            acc.copy_(ckpt["log"]["acc"])
     t_last = time.perf_counter()
     bar = tqdm(total=s["steps"], initial=step, disable=not (progress and main),
                dynamic_ncols=True, unit="step", mininterval=0.5 if sys.stderr.isatty() else 10.0,
                file=sys.stderr)
     model.train()
+    stop = StopRequest()
     try:
+        stop.install()
         while step < s["steps"]:
             x = sampler.next_batch(B * d.world)[d.rank * B:(d.rank + 1) * B]
             x = to_tensor(x, device)
@@ -636,9 +804,11 @@ def _train(s: dict, ckpt: dict | None, d: Dist, *, progress: bool) -> dict:
                 elapsed += dt
                 a = (acc[:5] / (n_acc * d.world)).tolist()
                 if not math.isfinite(a[0]):
+                    last = (f"the last checkpoint in {out} (step {saved_step[0]}) is from "
+                            f"before" if saved_step[0] is not None else "no checkpoint was saved")
                     raise FloatingPointError(
-                        f"training diverged at step {step} (loss {a[0]}); the last checkpoint in "
-                        f"{out} is from before; try a lower --lr")
+                        f"training diverged at step {step} (loss {a[0]}); {last}; try a lower "
+                        f"--lr")
                 st = model.vq.stats()  # the quantizer's synchronised state: no collective
                 if main:
                     row = dict(step=step, loss=a[0], recon_mse=a[1], recon_nmse=a[1] / var,
@@ -670,17 +840,35 @@ def _train(s: dict, ckpt: dict | None, d: Dist, *, progress: bool) -> dict:
             # Time spent evaluating and saving is not training time: steps/s and elapsed_s
             # count the training steps only.
             t_last += time.perf_counter() - t_pause
+            # Stop here, between steps, when asked: every rank at the same step (the ranks
+            # agree by one small all_reduce), so the checkpoint holds one step's state.
+            signum = stop.signum
+            if d.world > 1:
+                signum = int(d.all_reduce_(torch.tensor([float(signum)], device=device),
+                                           "max").item())
+            if signum and step < s["steps"]:
+                elapsed += time.perf_counter() - t_last
+                bar.close()
+                save()
+                if main:
+                    print(f"\n{signal.Signals(signum).name}: saved step {step} to "
+                          f"{out / CHECKPOINT}; continue with --out {out} --resume",
+                          file=sys.stderr)
+                raise Stopped(signum)
     except KeyboardInterrupt:
+        # Stopped after a save, or a second signal (or a KeyboardInterrupt from elsewhere) in
+        # the middle of a step: nothing of that step is saved; the last checkpoint stands.
+        stop.restore()
         bar.close()
         if main:
             metrics_log.close()
             eval_log.close()
-        save(check=False)  # the other ranks may be anywhere: no collective
-        if main:
-            print(f"\ninterrupted: saved step {step} to {out / CHECKPOINT}; continue with "
-                  f"--out {out} --resume", file=sys.stderr)
+            if not isinstance(sys.exc_info()[1], Stopped):
+                last = (f"the last checkpoint, {out / CHECKPOINT}, is of step {saved_step[0]}"
+                        if saved_step[0] is not None else "no checkpoint was saved")
+                print(f"\naborted at step {step} without saving; {last}", file=sys.stderr)
         raise
-    bar.close()
+    stop.restore()
     save(final=True)
     if not main:
         d.barrier()  # wait for rank 0's evaluation, so the launch ends together
@@ -710,8 +898,8 @@ def main(argv=None) -> int:
         train(s, ckpt)
     except (DataError, _io.UsageError, FileNotFoundError) as exc:
         p.error(str(exc))
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as exc:
+        return 128 + int(getattr(exc, "signum", signal.SIGINT))
     return 0
 
 

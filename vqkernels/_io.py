@@ -147,8 +147,9 @@ def _verify_zip(p: Path, arg: str) -> None:
         with zipfile.ZipFile(p) as z:
             bad = z.testzip()
     except (zipfile.BadZipFile, OSError, EOFError) as exc:
-        raise ValueError(f"{arg} {p} is not a readable checkpoint ({type(exc).__name__}: "
-                         f"{exc})") from exc
+        raise ValueError(f"{arg} {p} is not a checkpoint that vqkernels.train wrote (expected "
+                         f"its checkpoint.pt, or the run's --out folder): {type(exc).__name__}: "
+                         f"{exc}") from exc
     if bad is not None:
         raise ValueError(f"{arg} {p} is damaged: its record {bad!r} fails its CRC check (the file "
                          f"was changed after it was written); use another checkpoint")

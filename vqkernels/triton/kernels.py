@@ -45,6 +45,16 @@ def _row_offsets(rows, S, sb, ss, MODE: tl.constexpr):
 
 
 @triton.jit
+def _widen(v, DT: tl.constexpr):
+    """v converted to the wider float type DT, exactly. bf16 goes through its fp32 bit pattern
+    (its top half): the same on a GPU, and right for subnormals under the interpreter, whose own
+    bf16 conversion mangles them."""
+    if v.dtype == tl.bfloat16:
+        v = (v.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    return v.to(DT)
+
+
+@triton.jit
 def half_sqnorm_kernel(
     cb_ptr, out_ptr, K, D,           # codebook (K, D) row-major; out (K,) = |e_k|^2 / 2, acc dtype
     fin_ptr,                         # (K,) acc dtype: |e_k|^2, or 0 for a code with NaN / inf
@@ -132,9 +142,9 @@ def _finish_rows(
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
         m = rmask[:, None] & (dd < D)[None, :]
-        x = tl.load(x_ptr + xoff[:, None] + dd[None, :].to(tl.int64) * x_sd, mask=m,
-                    other=0).to(ACC)
-        e1 = tl.load(cb_ptr + e1_off[:, None] + dd[None, :], mask=m, other=0).to(ACC)
+        x = _widen(tl.load(x_ptr + xoff[:, None] + dd[None, :].to(tl.int64) * x_sd, mask=m,
+                           other=0), ACC)
+        e1 = _widen(tl.load(cb_ptr + e1_off[:, None] + dd[None, :], mask=m, other=0), ACC)
         t1 = x - e1
         s1 += tl.sum(t1 * t1, 1)
         xn2 += tl.sum(x * x, 1)
@@ -389,10 +399,11 @@ def vq_exact_kernel(
                 d = tl.zeros((BLOCK_R, BLOCK_K), tl.float64)
                 for d0 in range(0, D, EX_D):
                     m = (d0 + ee) < D
-                    x = tl.load(x_ptr + xoff[:, None] + (d0 + ee)[None, :].to(tl.int64) * x_sd,
-                                mask=smask[:, None] & m[None, :], other=0).to(tl.float64)
-                    e = tl.load(cb_ptr + ks[:, None].to(tl.int64) * D + (d0 + ee)[None, :],
-                                mask=kmask[:, None] & m[None, :], other=0).to(tl.float64)
+                    x = _widen(tl.load(x_ptr + xoff[:, None] + (d0 + ee)[None, :].to(tl.int64)
+                                       * x_sd, mask=smask[:, None] & m[None, :], other=0),
+                               tl.float64)
+                    e = _widen(tl.load(cb_ptr + ks[:, None].to(tl.int64) * D + (d0 + ee)[None, :],
+                                       mask=kmask[:, None] & m[None, :], other=0), tl.float64)
                     t = x[:, None, :] - e[None, :, :]
                     d += tl.sum(t * t, 2)
                 d = tl.where(cand & (d == d), d, float("inf"))
@@ -406,10 +417,10 @@ def vq_exact_kernel(
         err = tl.zeros((BLOCK_R,), tl.float64)
         for d0 in range(0, D, EX_D):
             m = smask[:, None] & ((d0 + ee) < D)[None, :]
-            x = tl.load(x_ptr + xoff[:, None] + (d0 + ee)[None, :].to(tl.int64) * x_sd, mask=m,
-                        other=0).to(tl.float64)
-            e = tl.load(cb_ptr + best[:, None] * D + (d0 + ee)[None, :], mask=m,
-                        other=0).to(tl.float64)
+            x = _widen(tl.load(x_ptr + xoff[:, None] + (d0 + ee)[None, :].to(tl.int64) * x_sd,
+                               mask=m, other=0), tl.float64)
+            e = _widen(tl.load(cb_ptr + best[:, None] * D + (d0 + ee)[None, :], mask=m, other=0),
+                       tl.float64)
             t = x - e
             err += tl.sum(t * t, 1)
         tl.store(idx_ptr + rows, best, mask=smask)

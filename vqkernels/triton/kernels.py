@@ -93,9 +93,10 @@ def bound_units(dtype_name: str) -> tuple[float, float, float]:
           2021): each block step loses < (block+1) 2^-23 of the largest magnitude, so
           c_dot <= ~1.1 n 2^-23 <= n 2^-22.8. We take UNIT = 2^-20 (8x).
         - fp32 inputs: 3xTF32 (input_precision "tf32x3"): x = hi + lo with hi, lo tf32; the
-          dropped lo*lo term and the tf32 rounding (or truncation: 2^-10) of lo cost at most
-          3 * 2^-20 per product (relative to |x_d e_d|), and the 3n products are accumulated as
-          above (<= 3n 2^-22.8): c_dot <= 2^-18.4 + 0.6 n 2^-20. We take UNIT = 2^-18.
+          dropped lo*lo term and the tf32 rounding (even a truncation: 2^-10) of lo cost at most
+          3 * 2^-20 per product (relative to |x_d e_d|), and the 3n exact tf32 products are
+          accumulated as above (<= 3.3 n 2^-23): c_dot <= (3 + 0.41 n) 2^-20. We take
+          UNIT = 2^-19: (n + 8) 2^-19 is at least 4.9 times that for every n.
         - fp64 inputs: DMMA / FMA in IEEE float64, c_dot <= gamma_n(2^-53); UNIT = 2^-50 (8x).
       * the final subtraction: one rounding, u (E^2/2 + |x| E) (1 + small).
     Every term is at most (n + 8) UNIT (E^2/2 + |x| E) times 1.01 (for the approximations of E
@@ -110,7 +111,7 @@ def bound_units(dtype_name: str) -> tuple[float, float, float]:
     if dtype_name == "float64":
         return 2.0**-50, 2.0**-1000, 2.0**500
     if dtype_name == "float32":
-        return 2.0**-18, 2.0**-120, 2.0**60
+        return 2.0**-19, 2.0**-120, 2.0**60
     return 2.0**-20, 2.0**-120, 2.0**60
 
 

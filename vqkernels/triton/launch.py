@@ -117,8 +117,9 @@ def half_sqnorms(cb: torch.Tensor, wrap=_raw) -> tuple[torch.Tensor, torch.Tenso
     out = torch.empty(K, dtype=acc, device=cb.device)
     fin = torch.empty(K, dtype=acc, device=cb.device)
     bd = min(64, max(16, triton.next_power_of_2(D)))
-    wrap(K_.half_sqnorm_kernel)[(triton.cdiv(K, 64),)](
-        cb, out, K, D, fin, ACC=_ACC.get(cb.dtype, tl.float32), BLOCK_K=64, BLOCK_D=bd,
+    bk = 4096 if interpreting() else 64  # the interpreter pays per program and per operation
+    wrap(K_.half_sqnorm_kernel)[(triton.cdiv(K, bk),)](
+        cb, out, K, D, fin, ACC=_ACC.get(cb.dtype, tl.float32), BLOCK_K=bk, BLOCK_D=bd,
         num_warps=4)
     return out, fin.amax().reshape(1)
 
@@ -209,7 +210,7 @@ def forward(z: torch.Tensor, dim: int, codebook: torch.Tensor, plan: RowPlan,
                 num_warps=4)
         # The exact re-search of the flagged rows. The grid must not depend on their number
         # (no host sync, capturable, traceable): programs past it return at once.
-        br, bk, bdx, exd = EXACT_BLOCKS
+        br, bk, bdx, exd = EXACT_BLOCKS_INTERPRET if interpreting() else EXACT_BLOCKS
         wrap(K_.vq_exact_kernel)[(triton.cdiv(N, br),)](
             xv.tensor, xv.S, D, xv.sb, xv.ss, xv.sd, cb, Kc, hn, *_rows_args(zqv),
             indices, sqerr, counts, *flagged,
@@ -220,8 +221,10 @@ def forward(z: torch.Tensor, dim: int, codebook: torch.Tensor, plan: RowPlan,
 
 
 # (BLOCK_R, BLOCK_K, BLOCK_D, EX_D) of vq_exact_kernel: 16 flagged rows per program; the float64
-# distances of a (16, 32) tile are summed over EX_D-wide slices of D (16 x 32 x 4 per step).
-EXACT_BLOCKS = (16, 32, 64, 4)
+# distances of a (16, 64) tile are summed over EX_D-wide slices of D (16 x 64 x 4 per step, 32
+# values a thread). The interpreter pays per operation, not per element: wide code tiles there.
+EXACT_BLOCKS = (16, 64, 64, 4)
+EXACT_BLOCKS_INTERPRET = (16, 1024, 64, 8)
 
 
 def backward_blocks(D: int) -> tuple[int, int, int]:

@@ -283,9 +283,9 @@ def vq_search_kernel(
         dist = hn[None, :] - acc
         dist = tl.where(dist == dist, dist, float("inf"))
         # The tile's best, its lowest code, and its second best (any other column).
-        t1 = tl.min(dist, 1)
-        tk = tl.min(tl.where(dist == t1[:, None], ks[None, :], _NO_CODE), 1)
-        t2 = tl.min(tl.where(ks[None, :] == tk[:, None], float("inf"), dist), 1)
+        t1, tc = tl.min(dist, 1, return_indices=True, return_indices_tie_break_left=True)
+        t2 = tl.min(tl.where(kk[None, :] == tc[:, None], float("inf"), dist), 1)
+        tk = k0 + tc
         # Strict <: on equal values the earlier tile (the lower index) keeps first place.
         new = t1 < v1
         v2 = tl.where(new, tl.minimum(v1, t2), tl.minimum(v2, t1))

@@ -2,7 +2,8 @@
 
 On a machine without a GPU these run with TRITON_INTERPRET=1 on CPU tensors, through Triton's
 interpreter (small shapes); with a CUDA device they run the compiled kernels on cuda tensors.
-Every search is judged by float64 distance regret (tests/helpers.py), never by index alone.
+Ordinary searches are judged by float64 distance regret (tests/helpers.py); the exactness contract
+of issue 13 (last section) by index equality with the float64 argmin on clearly separated rows.
 """
 from __future__ import annotations
 
@@ -138,11 +139,10 @@ def test_large_codebook_int32_indices():
 @pytest.mark.parametrize("split", [1, 2])
 def test_exact_recheck_beats_the_expansion(split):
     """Far from the origin |x|^2 dwarfs the distances and |e|^2 - 2 x.e cancels: in fp32 it
-    cannot tell two close codes apart. The kernel re-ranks its best two candidates by the exact
-    sum (x - e)^2, so it still finds the nearest one. The test first shows the plain fp32
-    expansion failing on the same data, so it can tell the difference. (16-bit inputs run the
-    same re-check, but their coarse grid keeps the gaps far above fp32's cancellation: no 16-bit
-    data of moderate D makes the expansion fail, so none is tested here.)"""
+    cannot tell two close codes apart. The fast pass flags these rows (their gap is within its
+    rounding bound) and the exact re-search finds the nearest code. The test first shows the
+    plain fp32 expansion failing on the same data, so it can tell the difference. (16-bit data
+    that makes the expansion fail: test_close_codes_far_from_the_origin.)"""
     launch = _launch()
     dtype = torch.float32
     gen = torch.Generator().manual_seed(11)
@@ -452,3 +452,254 @@ def test_inductor_traces_into_the_triton_kernels():
     assert not any("vqkernels.vq_quantize" in c for c in code), "the opaque op is still called"
     _assert_matches_eager(f, z, cb, loss, idx, zz, cc)
     torch.library.opcheck(torch.ops.vqkernels.triton_vq_quantize.default, (z, cb, -1))
+
+
+# ------------------------------------------------------------------------------------------------
+# the exactness contract (issue 13): the index of every clearly separated row equals the float64
+# argmin of the exact distances sum (x - e)^2 (NaN counts as +inf, ties to the lowest index), for
+# any tile shape, autotune config and split; judged by index equality, never by regret.
+
+
+def _oracle(x, cb):
+    """(float64 distances with NaN -> +inf, their argmin: the lowest index among equal minima)."""
+    d = exact_sqdist(x.reshape(-1, cb.shape[1]).cpu(), cb.cpu())
+    d = torch.where(torch.isnan(d), torch.inf, d)
+    return d, (d.argmin(1) if cb.shape[0] else torch.zeros(0, dtype=torch.long))
+
+
+def _clear(d, groups=None):
+    """Rows whose best two distinct codes are more than 1e-6 (relative) apart. `groups` maps each
+    code to its group of bitwise duplicates: copies of one code are one candidate."""
+    if groups is not None:
+        g = torch.full((d.shape[0], int(groups.max()) + 1), torch.inf, dtype=torch.float64)
+        d = g.scatter_reduce(1, groups[None].expand(d.shape[0], -1), d, "amin")
+    if d.shape[1] < 2:
+        return torch.ones(d.shape[0], dtype=torch.bool)
+    two = d.topk(2, dim=1, largest=False).values
+    return ((two[:, 1] - two[:, 0]) > 1e-6 * two[:, 1]) | (torch.isinf(two[:, 1])
+                                                          & torch.isfinite(two[:, 0]))
+
+
+def _run(z, cb, conf=None):
+    """launch.forward with `conf`, plus the number of rows its approximate pass flagged."""
+    launch = _launch()
+    stats = {}
+    z_q, idx, err, counts = launch.forward(z.to(DEVICE), -1, cb.to(DEVICE), RowPlan(z, -1), conf,
+                                           stats=stats)
+    return z_q.cpu(), idx.cpu(), err.cpu(), counts.cpu(), int(stats["flagged"])
+
+
+def _check_exact(z, cb, out, groups=None, min_clear=1):
+    """Index equality with the float64 argmin on clear rows; sqerr is the chosen code's exact
+    error; z_q the chosen code, NaN exactly where that error is not finite; counts agree."""
+    z_q, idx, err, counts, _ = out
+    D = cb.shape[1]
+    d, best = _oracle(z, cb)
+    clear = _clear(d, groups)
+    assert int(clear.sum()) >= min_clear, "data too ambiguous: the test would not test much"
+    wrong = (idx[clear] != best[clear]).sum()
+    assert wrong == 0, f"{int(wrong)} / {int(clear.sum())} clearly separated rows got a wrong code"
+    x64 = z.reshape(-1, D).double().cpu()
+    chosen = ((x64 - cb.double().cpu()[idx]) ** 2).sum(1)
+    acc = reference.acc_dtype(z.dtype)
+    fin = torch.isfinite(chosen)
+    # sqerr: fp32 sums (decided rows) or the float64 exact error cast to the acc dtype (flagged
+    # rows: it may overflow to inf or underflow to 0 there, as the reference's cast does).
+    rtol = 4 * D * EPS32 if acc == torch.float32 else 1e-12
+    e, want = err.double(), chosen.to(acc).double()
+    assert torch.equal(torch.isfinite(e[fin]), torch.isfinite(want[fin]))
+    ok = torch.isfinite(want)
+    torch.testing.assert_close(e[ok], want[ok], rtol=rtol, atol=torch.finfo(acc).tiny)
+    rows = z_q.reshape(-1, D)
+    assert torch.equal(rows[fin], cb.cpu()[idx[fin]])
+    assert torch.isnan(rows[~fin]).all()
+    assert torch.equal(counts, torch.bincount(idx, minlength=cb.shape[0]))
+
+
+def _far_rows(dtype, N, K, D, close_at, gen, offset=None):
+    """Codes and rows whose fp32 expansion |e|^2 - 2 x.e cancels: the first D // 2 coordinates
+    are a large power of two (the same for every row and code, exact in the dtype), the others a
+    coarse grid exact in the dtype. The codes at `close_at` sit on the grid near the rows, the
+    rest farther out. The offset makes the fp32 expansion unable to rank the close codes."""
+    if offset is None:
+        # A random power of two: from where a few rows are near ties to where every one is.
+        lo, hi = {torch.float32: (10, 21), torch.bfloat16: (10, 21), torch.float16: (10, 15),
+                  torch.float64: (30, 50)}[dtype]
+        offset = 2.0 ** int(torch.randint(lo, hi, (1,), generator=gen))
+    big = D // 2
+    step = 0.125
+    cb = 40 * step * (1 + torch.rand(K, D, generator=gen, dtype=torch.float64))
+    cb[close_at] = step * torch.randint(-2, 3, (len(close_at), D), generator=gen).double()
+    z = step * torch.randint(-3, 4, (N, D), generator=gen).double()
+    cb[:, :big] = offset
+    z[:, :big] = offset
+    return z.to(dtype), cb.to(dtype)
+
+
+def _congruent(n, K, gen, period=128):
+    """n code indices congruent modulo every power-of-two tile width up to `period`."""
+    p0 = int(torch.randint(0, min(period, K - (n - 1) * period), (1,), generator=gen))
+    return [p0 + j * period for j in range(n)]
+
+
+def _gen():
+    return torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+
+
+@pytest.mark.parametrize("close", [16, 17])
+@pytest.mark.parametrize("split", [1, 2])
+def test_f1_close_code_in_the_same_column(close, split):
+    """The review's F1 repro: the data of test_exact_recheck_beats_the_expansion with the close
+    code at 16, which shares code 0's column of a 16-wide tile. The approximate pass must flag the
+    rows and the exact re-search find the nearest code."""
+    gen = torch.Generator().manual_seed(11)
+    D, N, K = 16, 400, 18
+    off, step = 1000.0, 0.05
+    cb64 = off + 40 * step * (1 + torch.rand(K, D, generator=gen, dtype=torch.float64))
+    cb64[0] = off
+    cb64[close] = off + step * torch.randint(-2, 3, (D,), generator=gen)
+    if close == 16:
+        cb64[17] = off + 40 * step * (1 + torch.rand(D, generator=gen, dtype=torch.float64))
+    z = (off + step * torch.randint(-3, 4, (N, D), generator=gen).double()).float()
+    cb = cb64.float()
+    d, best = _oracle(z, cb)
+    clear = _clear(d)
+    expansion = ((cb * cb).sum(1)[None, :] - 2 * z @ cb.T).argmin(1)
+    assert (expansion[clear] != best[clear]).sum() > 10, "data too easy: the test would not fail"
+    out = _run(z, cb, _launch().SearchConfig(block_n=16, block_k=16, split=split))
+    _check_exact(z, cb, out, min_clear=N // 4)
+    assert out[4] > 0, "no row was flagged: the re-search was not exercised"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("n_close", [2, 3, 5, 9])
+@pytest.mark.parametrize("where", ["congruent", "random"])
+def test_close_codes_far_from_the_origin(dtype, n_close, where):
+    gen = _gen()
+    D, N = 8, 48
+    K = 128 * n_close + int(torch.randint(1, 40, (1,), generator=gen))
+    if where == "congruent":
+        at = _congruent(n_close, K, gen)
+    else:
+        at = torch.randperm(K, generator=gen)[:n_close].tolist()
+    z, cb = _far_rows(dtype, N, K, D, at, gen)
+    # The fp32 expansion cannot rank these codes: without the exact re-search this would fail.
+    d, best = _oracle(z, cb)
+    zf, cf = z.float(), cb.float()
+    expansion = ((cf * cf).sum(1)[None, :] - 2 * zf @ cf.T).argmin(1)
+    clear = _clear(d)
+    assert (expansion[clear] != best[clear]).any()
+    out = _run(z, cb)
+    _check_exact(z, cb, out, min_clear=N // 8)
+    assert out[4] > 0
+
+
+def _every_config():
+    from vqkernels.triton import configs as cfg
+    out = []
+    for dt in ("bfloat16", "float32", "float64"):
+        for bn, bk, _, _ in cfg.shapes(dt):
+            for split in (1, 3):
+                out.append(pytest.param(dt, bn, bk, split, id=f"{dt}-{bn}x{bk}-split{split}"))
+    return out
+
+
+@pytest.mark.parametrize("dtype_name,block_n,block_k,split", _every_config())
+def test_every_config_is_exact(dtype_name, block_n, block_k, split):
+    """Each autotune config, forced, with and without split-K: 3 close codes congruent modulo
+    every tile width (same column of every tile shape) plus 2 at random indices."""
+    gen = _gen()
+    dtype = getattr(torch, dtype_name)
+    D, N = 8, block_n + 5
+    K = 3 * 128 + 37
+    at = _congruent(3, K, gen)
+    at += [i for i in torch.randperm(K, generator=gen).tolist() if i not in at][:2]
+    z, cb = _far_rows(dtype, N, K, D, at, gen)
+    conf = _launch().SearchConfig(block_n=block_n, block_k=block_k, split=split)
+    out = _run(z, cb, conf)
+    _check_exact(z, cb, out, min_clear=N // 8)
+    # The same answer whatever the config: compare with the default launch as well.
+    assert torch.equal(out[1], _run(z, cb)[1])
+
+
+@pytest.mark.parametrize("copies", [3, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_duplicated_codes_go_to_the_lowest_index(copies, dtype):
+    gen = _gen()
+    D, N, U = 8, 64, 24
+    z, u = _far_rows(dtype, N, U, D, list(range(0, U, 3)), gen)
+    groups = torch.arange(U).repeat(copies)[torch.randperm(U * copies, generator=gen)]
+    cb = u[groups]
+    for split in (1, 2):
+        out = _run(z, cb, _launch().SearchConfig(block_n=16, block_k=16, split=split))
+        _check_exact(z, cb, out, groups=groups, min_clear=N // 8)
+
+
+@pytest.mark.parametrize("K", [1, 2, 3])
+@pytest.mark.parametrize("D", [1, 3, 129])
+def test_tiny_codebooks_and_odd_widths(K, D):
+    gen = _gen()
+    N = 40
+    z, cb = _far_rows(torch.float32, N, K, D, list(range(min(K, 2))), gen)
+    # At D = 1 the two grid codes may coincide: copies are judged as one code (lowest index).
+    groups = torch.unique(cb, dim=0, return_inverse=True)[1]
+    for split in (1, 2):
+        out = _run(z, cb, _launch().SearchConfig(block_n=16, block_k=16, split=split))
+        _check_exact(z, cb, out, groups=groups, min_clear=1)
+
+
+def test_large_mean_data():
+    """1000 + N(0, 1), D = 64, K = 256: every index equals the float64 answer."""
+    z = 1000 + torch.randn(48, 64)
+    cb = 1000 + torch.randn(256, 64)
+    out = _run(z, cb)
+    _check_exact(z, cb, out, min_clear=40)
+    assert torch.equal(out[1], _oracle(z, cb)[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("scale", [1e19, 1e30, 1e-25, 1e-37])
+def test_extreme_magnitudes(dtype, scale):
+    """Finite inputs whose squares overflow or underflow fp32: right codes, finite z_q."""
+    z, cb = make_inputs(40, 37, 12, torch.float64)
+    z, cb = (z * scale).to(dtype), (cb * scale).to(dtype)
+    assert torch.isfinite(z).all() and torch.isfinite(cb).all()
+    for split in (1, 2):
+        out = _run(z, cb, _launch().SearchConfig(block_n=16, block_k=16, split=split))
+        _check_exact(z, cb, out, min_clear=30)
+        assert torch.isfinite(out[0]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_non_finite_rows_and_codes(dtype):
+    """NaN/inf rows get index 0 and a NaN z_q; a NaN or inf code is never chosen for a finite row;
+    a codebook of non-finite codes only gives index 0."""
+    z, cb = make_inputs(40, 30, 6, torch.float64)
+    z[3, 2] = torch.nan
+    z[5, 0] = torch.inf
+    z[7, 4] = -torch.inf
+    cb[0, 1] = torch.inf      # code 0 non-finite: rows 3/5/7 still get 0, finite rows never do
+    cb[11, 3] = torch.nan
+    cb[29, 5] = -torch.inf
+    z[8] = cb[11].nan_to_num(0)  # a row right next to the NaN code
+    z, cb = z.to(dtype), cb.to(dtype)
+    for split in (1, 2):
+        out = _run(z, cb, _launch().SearchConfig(block_n=16, block_k=16, split=split))
+        _check_exact(z, cb, out, min_clear=30)
+        idx = out[1]
+        assert idx[[3, 5, 7]].tolist() == [0, 0, 0]
+        assert torch.isnan(out[0][[3, 5, 7]]).all()
+        finite = torch.isfinite(z).all(1)
+        assert not torch.isin(idx[finite], torch.tensor([0, 11, 29])).any()
+    allbad = torch.full((4, 6), torch.nan, dtype=dtype)
+    allbad[1, 0] = torch.inf
+    out = _run(z, allbad)
+    assert (out[1] == 0).all() and torch.isnan(out[0]).all()
+
+
+def test_random_data_is_rarely_flagged():
+    """The approximate pass decides almost every row of ordinary data alone."""
+    z, cb = make_inputs(256, 128, 32, torch.float32)
+    out = _run(z, cb)
+    _check_exact(z, cb, out, min_clear=200)
+    assert out[4] <= 256 // 10

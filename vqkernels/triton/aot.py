@@ -78,6 +78,11 @@ def _compile(fn, signature: dict, constexprs: dict, div16: set, arch: int, num_w
     return (int(regs[-1]), int(spills[-1][0]), int(spills[-1][1]), compiled.metadata.shared, mma)
 
 
+def _bound_consts(dtype: str) -> dict:
+    unit, tiny, limit = K_.bound_units(dtype)
+    return dict(UNIT=unit, TINY=tiny, LIMIT=limit)
+
+
 def _row_sig(prefix: str, ptr: str) -> dict:
     # Contiguous rows: the element stride is 1, which Triton's JIT specializes to a constant.
     return {f"{prefix}_ptr": ptr, f"{prefix}_S": "i32", f"{prefix}_sb": "i32",
@@ -92,10 +97,12 @@ def compile_search(dtype: str, D: int, config: triton.Config, arch: int, fused: 
     bd = cfg.block_d(D, dtype)
     sig = {"x_ptr": p, "N": "i32", "x_S": "i32", "D": "i32", "x_sb": "i32", "x_ss": "i32",
            "cb_ptr": p, "K": "i32", "cbp_ptr": p, "cbp_stride": "i32", "hn_ptr": acc,
-           **_row_sig("zq", p),
+           "e2_ptr": acc, **_row_sig("zq", p),
            "idx_ptr": "*i64", "err_ptr": acc, "cnt_ptr": "*i64",
-           "pv1_ptr": acc, "pi1_ptr": "*i32", "pv2_ptr": acc, "pi2_ptr": "*i32", "TUNE_N": "i32"}
+           "nflag_ptr": "*i32", "frow_ptr": "*i64", "thr_ptr": acc,
+           "pv1_ptr": acc, "pi1_ptr": "*i32", "pv2_ptr": acc, "TUNE_N": "i32"}
     const = dict(x_sd=1, zq_sd=1, ACC=tl.float64 if dtype == "float64" else tl.float32,
+                 **_bound_consts(dtype),
                  PRECISION="tf32x3" if dtype == "float32" else "ieee", UPCAST=False, FUSED=fused,
                  WRITE_ZQ=True, BLOCK_D=bd, D_CHUNKS=triton.cdiv(D, bd), EVEN_D=D % bd == 0,
                  EPI_D=cfg.epilogue_d(bd), **config.kwargs, X_MODE=0, ZQ_MODE=0)
@@ -147,14 +154,37 @@ def compile_merge(dtype: str, D: int, arch: int) -> Report:
     p = _PTR[dtype]
     bd = cfg.epilogue_d(cfg.block_d(D, dtype))
     sig = {"x_ptr": p, "N": "i32", "x_S": "i32", "D": "i32", "x_sb": "i32", "x_ss": "i32",
-           "cb_ptr": p, "K": "i32", **_row_sig("zq", p), "idx_ptr": "*i64", "err_ptr": acc,
-           "cnt_ptr": "*i64", "pv1_ptr": acc, "pi1_ptr": "*i32", "pv2_ptr": acc, "pi2_ptr": "*i32",
-           "n_split": "i32"}
+           "cb_ptr": p, "K": "i32", "e2_ptr": acc, **_row_sig("zq", p), "idx_ptr": "*i64",
+           "err_ptr": acc, "cnt_ptr": "*i64", "nflag_ptr": "*i32", "frow_ptr": "*i64",
+           "thr_ptr": acc, "pv1_ptr": acc, "pi1_ptr": "*i32", "pv2_ptr": acc, "n_split": "i32"}
     const = dict(x_sd=1, zq_sd=1, ACC=tl.float64 if dtype == "float64" else tl.float32,
-                 WRITE_ZQ=True, BLOCK_N=64, BLOCK_D=bd, X_MODE=0, ZQ_MODE=0)
+                 **_bound_consts(dtype), WRITE_ZQ=True, BLOCK_N=64, BLOCK_D=bd, X_MODE=0,
+                 ZQ_MODE=0)
     div16 = {k for k, v in sig.items() if v.startswith("*")}
     r = _compile(K_.vq_merge_kernel, sig, const, div16, arch, 4, 2)
     return Report("vq_merge", arch, dtype, D, f"BLOCK_N=64 BLOCK_D={bd} warps=4", *r)
+
+
+def compile_exact(dtype: str, D: int, arch: int) -> Report:
+    """The exact re-search of the flagged rows, at the launcher's fixed blocks."""
+    acc = "*fp64" if dtype == "float64" else "*fp32"
+    p = _PTR[dtype]
+    from .launch import EXACT_BLOCKS
+    br, bk, bdx, exd = EXACT_BLOCKS
+    bd = min(bdx, max(16, triton.next_power_of_2(D)))
+    sig = {"x_ptr": p, "x_S": "i32", "D": "i32", "x_sb": "i32", "x_ss": "i32",
+           "cb_ptr": p, "K": "i32", "hn_ptr": acc, **_row_sig("zq", p), "idx_ptr": "*i64",
+           "err_ptr": acc, "cnt_ptr": "*i64", "nflag_ptr": "*i32", "frow_ptr": "*i64",
+           "thr_ptr": acc}
+    const = dict(x_sd=1, zq_sd=1, ACC=tl.float64 if dtype == "float64" else tl.float32,
+                 PRECISION="tf32x3" if dtype == "float32" else "ieee", UPCAST=False,
+                 WRITE_ZQ=True, BLOCK_R=br, BLOCK_K=bk, BLOCK_D=bd, EX_D=exd, X_MODE=0, ZQ_MODE=0)
+    div16 = {k for k, v in sig.items() if v.startswith("*")}
+    if D % 16 == 0:
+        div16 |= {"D", "x_ss", "zq_ss"}
+    r = _compile(K_.vq_exact_kernel, sig, const, div16, arch, 4, 2)
+    return Report("vq_exact", arch, dtype, D, f"BLOCK_R={br} BLOCK_K={bk} BLOCK_D={bd} "
+                  f"EX_D={exd} warps=4", *r)
 
 
 # (dtype, D) pairs whose search configs are compiled: for 16-bit a small D, the widest resident D,
@@ -171,9 +201,11 @@ def search_reports(arch: int, dtype: str, D: int):
 
 
 def other_reports(arch: int, dtype: str, D: int = 256):
-    """The split-K search (first config), its merge, and the two backward kernels."""
+    """The split-K search (first config), its merge, the exact re-search and the two backward
+    kernels."""
     c = cfg.configs(dtype, D, SMEM_LIMIT[arch])[0]
     return [compile_search(dtype, D, c, arch, fused=False), compile_merge(dtype, D, arch),
+            compile_exact(dtype, D, arch),
             compile_backward_rows(dtype, D, arch, atomic=True),
             compile_backward_codebook(dtype, D, arch)]
 

@@ -1,13 +1,13 @@
 """Block shapes for the search kernel: a small autotune set per input dtype, and the rules that
 fix everything the autotuner does not choose.
 
-Why these shapes. The search is a GEMM (rows x codes x D) whose epilogue is a compare-and-select
-per distance. Its registers go to three (BLOCK_N, BLOCK_K) arrays (the distance tile, and each
-column's running best value and code) plus the operand and pointer tiles. Compiled with ptxas
-(python -m vqkernels.triton.aot), 32 elements of each array per thread is what 16-bit inputs
-can hold without spilling (128 x 64 on 8 warps: 173 registers on sm_90 at D=256); 3xTF32 for
+Why these shapes. The search is a GEMM (rows x codes x D) whose epilogue reduces each distance
+tile across its columns to the rows' running best two (a few registers per row). Its registers go
+to the (BLOCK_N, BLOCK_K) distance tile plus the operand and pointer tiles. Compiled with ptxas
+(python -m vqkernels.triton.aot), 128 x 64 on 8 warps takes 116 registers on sm_90 at D=256 for
+16-bit input (it took 170 when every column kept its own running best and code); 3xTF32 for
 fp32 input keeps the split operands in registers too, and fp64 takes two registers a value, so
-those stay at 16. The codebook tile (BLOCK_K x BLOCK_D) is what the pipeline stages hold in
+those stay at 16 distances per thread. Wider tiles (128 x 128) now fit but are untested on a GPU. The codebook tile (BLOCK_K x BLOCK_D) is what the pipeline stages hold in
 shared memory, next to the resident row tile.
 """
 from __future__ import annotations

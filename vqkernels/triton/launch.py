@@ -53,7 +53,8 @@ def _tuned_search(dtype_name: str, D: int, smem_limit: int):
     return triton.autotune(
         configs=cfg.configs(dtype_name, D, smem_limit),
         key=["K", "D", "TUNE_N", "FUSED"],  # the autotuner adds the tensors' dtypes to the key
-        reset_to_zero=["cnt_ptr"],          # counts are atomics: each timed run must start at 0
+        # counts and the flagged-row count are atomics: each timed run must start at 0
+        reset_to_zero=["cnt_ptr", "nflag_ptr"],
     )(K_.vq_search_kernel)
 
 
@@ -108,20 +109,29 @@ def _raw(kernel):
     return kernel
 
 
-def half_sqnorms(cb: torch.Tensor, wrap=_raw) -> torch.Tensor:
-    """|e_k|^2 / 2 in the accumulation dtype, computed once per call (not per program)."""
+def half_sqnorms(cb: torch.Tensor, wrap=_raw) -> tuple[torch.Tensor, torch.Tensor]:
+    """(|e_k|^2 / 2 in the accumulation dtype, E^2 = the largest |e_k|^2 of a finite code as a
+    (1,) tensor), computed once per call (not per program); E^2 feeds the rounding bound."""
     K, D = cb.shape
     acc = reference.acc_dtype(cb.dtype)
     out = torch.empty(K, dtype=acc, device=cb.device)
+    fin = torch.empty(K, dtype=acc, device=cb.device)
     bd = min(64, max(16, triton.next_power_of_2(D)))
-    wrap(K_.half_sqnorm_kernel)[(triton.cdiv(K, 64),)](
-        cb, out, K, D, ACC=_ACC.get(cb.dtype, tl.float32), BLOCK_K=64, BLOCK_D=bd, num_warps=4)
-    return out
+    bk = 4096 if interpreting() else 64  # the interpreter pays per program and per operation
+    wrap(K_.half_sqnorm_kernel)[(triton.cdiv(K, bk),)](
+        cb, out, K, D, fin, ACC=_ACC.get(cb.dtype, tl.float32), BLOCK_K=bk, BLOCK_D=bd,
+        num_warps=4)
+    return out, fin.amax().reshape(1)
 
 
 def forward(z: torch.Tensor, dim: int, codebook: torch.Tensor, plan: RowPlan,
-            config: Optional[SearchConfig] = None, wrap=_raw):
+            config: Optional[SearchConfig] = None, wrap=_raw, stats: Optional[dict] = None):
     """(z_q, indices, sqerr, counts) of z against codebook: see vqkernels.reference.forward.
+
+    The index is the exact nearest code (float64 distances, NaN as +inf, ties to the lowest
+    index) whatever the config: a fast pass decides the rows it can prove, vq_exact_kernel
+    searches the others (see vqkernels.triton.kernels). `stats`, when a dict, receives
+    "flagged": a (1,) int32 tensor, the number of rows the fast pass could not decide.
 
     `wrap` is applied to every kernel before its launch: torch.library.wrap_triton when called
     from the triton_op bodies of vqkernels.triton.ops, so that torch.compile traces the launches.
@@ -152,23 +162,29 @@ def forward(z: torch.Tensor, dim: int, codebook: torch.Tensor, plan: RowPlan,
         split = cfg.choose_split(N, Kc, _num_sms(z.device.index or 0) if z.is_cuda else None)
     fused = split == 1
 
+    unit, tiny, limit = K_.bound_units(dname)
     with _device_ctx(z):
-        hn = half_sqnorms(cb, wrap)
+        hn, e2 = half_sqnorms(cb, wrap)
         cbp = padded_codebook(cb, bd)
         if fused:
             # Never touched (the FUSED kernel writes no partials), but typed as in the split case
             # and distinct: torch.compile's analysis of a wrap_triton launch sees no aliasing.
             part = tuple(torch.empty(1, dtype=t, device=z.device)
-                         for t in (acc, torch.int32, acc, torch.int32))
+                         for t in (acc, torch.int32, acc))
         else:
             part = (torch.empty((split, N), dtype=acc, device=z.device),
                     torch.empty((split, N), dtype=torch.int32, device=z.device),
-                    torch.empty((split, N), dtype=acc, device=z.device),
-                    torch.empty((split, N), dtype=torch.int32, device=z.device))
-        args = (xv.tensor, N, xv.S, D, xv.sb, xv.ss, xv.sd, cb, Kc, cbp, cbp.stride(0), hn,
-                *_rows_args(zqv), indices, sqerr, counts, *part, cfg.tune_bucket(N))
+                    torch.empty((split, N), dtype=acc, device=z.device))
+        # The rows the fast pass leaves to the exact search: count, row numbers, thresholds.
+        flagged = (torch.zeros(1, dtype=torch.int32, device=z.device),
+                   torch.empty(N, dtype=torch.long, device=z.device),
+                   torch.empty(N, dtype=acc, device=z.device))
+        if stats is not None:
+            stats["flagged"] = flagged[0]
+        args = (xv.tensor, N, xv.S, D, xv.sb, xv.ss, xv.sd, cb, Kc, cbp, cbp.stride(0), hn, e2,
+                *_rows_args(zqv), indices, sqerr, counts, *flagged, *part, cfg.tune_bucket(N))
         meta = dict(
-            ACC=_ACC.get(z.dtype, tl.float32),
+            ACC=_ACC.get(z.dtype, tl.float32), UNIT=unit, TINY=tiny, LIMIT=limit,
             PRECISION="tf32x3" if z.dtype == torch.float32 else "ieee",
             # The interpreter multiplies bf16 as raw uint16; fp32 operands give the same products
             # (bf16 x bf16 is exact in fp32), so only the summation order differs from the GPU.
@@ -187,11 +203,28 @@ def forward(z: torch.Tensor, dim: int, codebook: torch.Tensor, plan: RowPlan,
         if not fused:
             bn = 64
             wrap(K_.vq_merge_kernel)[(triton.cdiv(N, bn),)](
-                xv.tensor, N, xv.S, D, xv.sb, xv.ss, xv.sd, cb, Kc, *_rows_args(zqv),
-                indices, sqerr, counts, *part, split,
-                ACC=meta["ACC"], WRITE_ZQ=True, BLOCK_N=bn, BLOCK_D=cfg.epilogue_d(bd),
-                X_MODE=meta["X_MODE"], ZQ_MODE=meta["ZQ_MODE"], num_warps=4)
+                xv.tensor, N, xv.S, D, xv.sb, xv.ss, xv.sd, cb, Kc, e2, *_rows_args(zqv),
+                indices, sqerr, counts, *flagged, *part, split,
+                ACC=meta["ACC"], UNIT=unit, TINY=tiny, LIMIT=limit, WRITE_ZQ=True, BLOCK_N=bn,
+                BLOCK_D=cfg.epilogue_d(bd), X_MODE=meta["X_MODE"], ZQ_MODE=meta["ZQ_MODE"],
+                num_warps=4)
+        # The exact re-search of the flagged rows. The grid must not depend on their number
+        # (no host sync, capturable, traceable): programs past it return at once.
+        br, bk, bdx, exd = EXACT_BLOCKS_INTERPRET if interpreting() else EXACT_BLOCKS
+        wrap(K_.vq_exact_kernel)[(triton.cdiv(N, br),)](
+            xv.tensor, xv.S, D, xv.sb, xv.ss, xv.sd, cb, Kc, hn, *_rows_args(zqv),
+            indices, sqerr, counts, *flagged,
+            ACC=meta["ACC"], PRECISION=meta["PRECISION"], UPCAST=meta["UPCAST"], WRITE_ZQ=True,
+            BLOCK_R=br, BLOCK_K=bk, BLOCK_D=min(bdx, max(16, triton.next_power_of_2(D))),
+            EX_D=exd, X_MODE=meta["X_MODE"], ZQ_MODE=meta["ZQ_MODE"], num_warps=4)
     return z_q, indices, sqerr, counts
+
+
+# (BLOCK_R, BLOCK_K, BLOCK_D, EX_D) of vq_exact_kernel: 16 flagged rows per program; the float64
+# distances of a (16, 64) tile are summed over EX_D-wide slices of D (16 x 64 x 4 per step, 32
+# values a thread). The interpreter pays per operation, not per element: wide code tiles there.
+EXACT_BLOCKS = (16, 64, 64, 4)
+EXACT_BLOCKS_INTERPRET = (16, 1024, 64, 8)
 
 
 def backward_blocks(D: int) -> tuple[int, int, int]:

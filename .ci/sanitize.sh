@@ -5,7 +5,7 @@
 # ASan runtime preloaded (python itself is not instrumented). Any report fails the run. The
 # regular build in vqkernels/ is not touched.
 #
-#   bash .ci/sanitize.sh [pytest args...]     (default: the CPU kernel tests and the fuzz test;
+#   bash .ci/sanitize.sh [pytest args...]     (default: the CPU kernel, exactness and fuzz tests;
 #                                              paths relative to the package copy: use $PWD/...)
 #
 # Needs a C++ compiler with the sanitizer runtimes (gcc or clang), cmake, ninja or make, and the
@@ -77,6 +77,7 @@ print("sanitize: testing", C.__file__)
 PY
 
 if [ $# -eq 0 ]; then
-  set -- "$ROOT/tests/test_cpu_kernel.py" "$ROOT/tests/test_fuzz.py" -q -x -p no:cacheprovider
+  set -- "$ROOT/tests/test_cpu_kernel.py" "$ROOT/tests/test_exact.py" "$ROOT/tests/test_fuzz.py" -q -x \
+    -p no:cacheprovider
 fi
 "$PY" -m pytest "$@"

@@ -3,10 +3,9 @@ odd D), every dtype, layouts the kernels read in place (channel-first, transpose
 0) and magnitudes from 1e-3 to 1e3, near the origin and far from it. Each call is judged by
 itself, in float64, not against another backend:
 
-  - indices: the chosen code is a nearest one up to the rounding of an fp32 search (distance
-    regret, helpers.regret_tolerance). Indices are NOT required to equal the float64 argmin where
-    the best two codes are clearly apart, because far from the origin the search kernels are not
-    exact yet (that is being fixed separately); tighten to exact_when_clear=True when it is.
+  - indices: exactly the float64 argmin wherever the best two codes are clearly apart, the lowest
+    index on exact ties (adversarial.assert_exact: the contract of "What nearest means" in the
+    README), and sqdist the chosen code's error.
   - z_q is a bit copy of the chosen code; the losses are the exact mean squared error of the
     chosen codes; the gradients are those of the straight-through estimator and the two losses,
     computed here from the returned indices.
@@ -21,6 +20,7 @@ from hypothesis import strategies as st
 from vqkernels import nearest_code, vq_quantize
 from conftest import backend_params
 from helpers import assert_search_ok, exact_sqdist
+from adversarial import assert_exact
 
 BACKENDS = [p.values[0] for p in backend_params("cpu", ("cpu", "reference")) if not p.marks]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -75,7 +75,8 @@ def test_fuzz_against_float64(N, K, D, dtype, layout, scale, far, beta, seed, ba
     # the search alone
     idx, sq = nearest_code(z, cb, dim=dim, backend=backend)
     assert idx.shape == tuple(s for i, s in enumerate(z.shape) if i != dim % z.dim())
-    assert_search_ok(rows, cb, idx, sq, exact_when_clear=False)
+    assert_search_ok(rows, cb, idx, sq, exact_when_clear=False)  # sqdist; indices next
+    assert_exact(rows, cb, idx, what=f"{backend} {dtype} {layout}")
 
     # the full op, forward and backward
     zr = z.detach().clone().requires_grad_(True) if layout != "broadcast" else \

@@ -103,7 +103,11 @@ def forward(z: torch.Tensor, codebook: torch.Tensor, dim: int = -1):
     N = rows.shape[0]
     idx = torch.empty(N, dtype=torch.long, device=z.device)
     sqerr = torch.empty(N, dtype=acc_dtype(z.dtype), device=z.device)
-    zq_rows = torch.empty(N, D, dtype=z.dtype, device=z.device)
+    z_q = output_like(z, dim)
+    zq_moved = z_q.movedim(dim, -1)
+    # Written in place where z_q's rows are a view (any row-major z), else through a buffer.
+    direct = zq_moved.is_contiguous()
+    zq_rows = zq_moved.view(-1, D) if direct else torch.empty(N, D, dtype=z.dtype, device=z.device)
     chunk = max(1, _CHUNK_ELEMENTS // max(K, D, 1))
     for lo in range(0, N, chunk):
         xc = rows[lo:lo + chunk].double()
@@ -118,8 +122,8 @@ def forward(z: torch.Tensor, codebook: torch.Tensor, dim: int = -1):
             ((xc * scale - chosen * scale) ** 2).sum(1))
         zq_rows[lo:lo + chunk] = torch.where(ok[:, None], chosen, torch.nan)
     lead = z.movedim(dim, -1).shape[:-1]
-    z_q = output_like(z, dim)
-    z_q.copy_(zq_rows.reshape(*lead, D).movedim(-1, dim))
+    if not direct:
+        z_q.copy_(zq_rows.reshape(*lead, D).movedim(-1, dim))
     counts = torch.bincount(idx, minlength=K)
     return z_q, idx.reshape(lead), sqerr.reshape(lead), counts
 
@@ -140,7 +144,11 @@ def backward(z: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, dim
     gm = None if g_commit is None else g_commit.reshape(-1)
     e_all = codebook.double()
     grad_cb = torch.zeros_like(codebook, dtype=torch.float64)
-    gx_rows = torch.empty(rows.shape, dtype=z.dtype, device=z.device)
+    grad_z = output_like(z, dim)
+    gz_moved = grad_z.movedim(dim, -1)
+    direct = gz_moved.is_contiguous()  # written in place where grad_z's rows are a view
+    gx_rows = gz_moved.view(-1, D) if direct else torch.empty(rows.shape, dtype=z.dtype,
+                                                              device=z.device)
     chunk = max(1, _CHUNK_ELEMENTS // max(D, 1))
     for lo in range(0, rows.shape[0], chunk):
         hi = lo + chunk
@@ -152,7 +160,6 @@ def backward(z: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, dim
         if gc is not None:
             grad_cb.index_add_(0, ic, -2.0 * gc[lo:hi, None].double() * diff)
         gx_rows[lo:hi] = gx
-    lead = z.movedim(dim, -1).shape[:-1]
-    grad_z = output_like(z, dim)
-    grad_z.copy_(gx_rows.reshape(*lead, D).movedim(-1, dim))
+    if not direct:
+        grad_z.copy_(gx_rows.reshape(*z.movedim(dim, -1).shape[:-1], D).movedim(-1, dim))
     return grad_z, grad_cb.to(codebook.dtype)

@@ -37,6 +37,10 @@ struct FwdJob {
   // skips the proof and the exact re-search (tests use it to show the re-search is needed).
   double max_code_norm;
   bool approx_only;
+  // The proof's quick form, per call (search_impl.h, `search_block`): a row is proven when
+  // fl(v2 - v1) > quick_a + quick_b * fl(||x||^2), a bound linear in ||x||^2 that never undercuts
+  // `decide`'s; +inf when E is out of range (then only `decide` runs).
+  float quick_a, quick_b;
 };
 
 // What one instruction set provides. `search` handles row tiles [tile_lo, tile_hi) of `mr` rows

@@ -559,9 +559,16 @@ void search_block(const cpu::FwdJob& job, int64_t* rowno, const float* xt, const
   search_tile(xt, job.packed, job.norms, job.panels, D, t);
   alignas(64) float xx[MR];
   lane_sqnorms(xt, D, xx);
+  const float qa = job.quick_a, qb = job.quick_b;
   for (int r = 0; r < MR; ++r) {
+    if (rowno[r] < 0) continue;
+    // The quick form of the proof (vq_cpu.cpp, quick_bound): no square root, no double; false
+    // for NaN, an infinite v1 or v2 - v1, and rows outside decide's range.
+    const float v1 = t.v1[r], gap = t.v2[r] - v1;
+    if (v1 - v1 == 0.0f && xx[r] < 0x1p100f && gap < __builtin_inff() && gap > qa + qb * xx[r])
+      continue;
     double thr;
-    if (rowno[r] < 0 || decide(job, t.v1[r], t.v2[r], xx[r], &thr)) continue;
+    if (decide(job, v1, t.v2[r], xx[r], &thr)) continue;
     Exact& ex = *s.ex;
     for (int64_t d = 0; d < D; ++d) s.xe[d * MR + ex.count] = xt[d * MR + r];
     ex.rowno[ex.count] = rowno[r];

@@ -148,6 +148,28 @@ double code_norm_bound(const float* norms, int64_t K, int64_t D) {
   return std::sqrt(m * (1.0 + (2.0 * (double)D + 2.0) * u) + (double)D * 0x1p-126) * (1.0 + 4.0 * u);
 }
 
+// search_impl.h's bound B(X) = c1 (E^2 + 2 X E) + c2 X^2 + c3 (1 + E + X), X the row's norm bound
+// sqrt(xx + D 2^-126) (1 + (D + 2) u), without the square root: 2XE <= X^2 + E^2 and
+// X <= (X^2 + 1) / 2 give B <= A0 + B0 xx, and the test 2B < v2 - v1 becomes
+// fl(v2 - v1) > a + b fl(xx) with a = 2 A0, b = 2 B0, both enlarged by 2^-10 for the float
+// roundings of the test itself (a few units of 2^-24). Never below `decide`'s 2B, so a row the
+// quick test proves, `decide` would prove too; the rest go to `decide`.
+void quick_bound(cpu::FwdJob& job) {
+  const double E = job.max_code_norm, D = (double)job.D, u = 0x1p-24;
+  if (!(E < 0x1p50) || job.approx_only) {
+    job.quick_a = job.quick_b = std::numeric_limits<float>::infinity();
+    return;
+  }
+  const double c1 = (2.0 * D + 8.0) * u * 1.01, c2 = (D + 2.0) * 0x1p-50,
+               c3 = (4.0 * D + 8.0) * 0x1p-120;
+  const double f = (1.0 + (D + 2.0) * u) * (1.0 + (D + 2.0) * u);
+  const double B0 = (c1 + c2 + 0.5 * c3) * f;
+  const double A0 = 2.0 * c1 * E * E + c3 * (1.5 + E) + B0 * D * 0x1p-126;
+  const double up = 1.0 + 0x1p-10;
+  job.quick_a = (float)(2.0 * A0 * up * up);  // the extra factor covers rounding to float
+  job.quick_b = (float)(2.0 * B0 * up * up);
+}
+
 bool debug_approx_only() {
   const char* env = std::getenv("VQK_DEBUG_APPROX_ONLY");
   return env && env[0] == '1';
@@ -226,7 +248,7 @@ void forward_packed(const ForwardArgs& a, int num_threads) {
     auto packed_bf16 = aligned_array<uint32_t>(ks.bf16 ? panels * ((D + 1) / 2) * ks.nr : 0);
     cpu::FwdJob job{a.dtype, a.x, a.codebook, K, D, a.zq, a.indices,
                     static_cast<float*>(a.sqerr), packed.get(), norms.get(), panels,
-                    ks.bf16 ? packed_bf16.get() : nullptr, 0.0, debug_approx_only()};
+                    ks.bf16 ? packed_bf16.get() : nullptr, 0.0, debug_approx_only(), 0.0f, 0.0f};
 
     const int64_t tiles = (N + ks.mr - 1) / ks.mr;
     const double flops = 2.0 * (double)N * (double)K * (double)std::max<int64_t>(D, 1);
@@ -238,6 +260,7 @@ void forward_packed(const ForwardArgs& a, int num_threads) {
     parallel_chunks(panels, pack_grain, panels * D * ks.nr >= (1 << 16) ? threads : 1,
                     [&](int64_t lo, int64_t hi, int) { ks.pack(job, lo, hi); });
     job.max_code_norm = code_norm_bound(norms.get(), K, D);
+    quick_bound(job);
 
     const int64_t stride = (ks.scratch_floats(D) + 15) / 16 * 16;  // keep each 64-byte aligned
     auto scratch = aligned_array<float>(stride * threads);

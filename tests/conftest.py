@@ -47,7 +47,8 @@ def pytest_report_header(config):
              f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')}"]
     for name, st in _STATUS.items():
         lines.append(f"  backend {name}: {'yes' if st.available else 'no'} ({st.detail})")
-    return lines
+    import cpu_isas  # after vqkernels: it forces each CPU path once to learn which run here
+    return lines + cpu_isas.report_lines()
 
 
 def backend_device_params(names=backends.BACKEND_NAMES):
@@ -57,6 +58,15 @@ def backend_device_params(names=backends.BACKEND_NAMES):
         for p in backend_params(dev, names):
             out.append(pytest.param(p.values[0], dev, marks=p.marks, id=f"{p.id}-{dev}"))
     return out
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request):
+    """One and two torch threads: the native kernels must give bitwise the same answer for both."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(old)
 
 
 @pytest.fixture

@@ -17,34 +17,15 @@ import torch
 from vqkernels import backends, native, reference
 from vqkernels._layout import NULL_VIEW, RowPlan
 from helpers import FLOAT_DTYPES, WEIRD_SHAPES, assert_search_ok, make_inputs
+from cpu_isas import ISA_PARAMS, SKIP_REASONS
 
 pytestmark = pytest.mark.skipif(native.cpu_status() is not None,
                                 reason=f"native CPU kernel: {native.cpu_status()}")
 
-ISAS = ["avx512bf16", "avx512", "avx2", "neon", "scalar"]
 # Rows per tile are 48 (avx512), 24 (avx2), 20 (neon), 4 (scalar); codes per panel 8, 4, 4, 4. These shapes put
 # N and K on both sides of those, and make enough work (> a few MFLOP) for a second thread to start.
 TILE_SHAPES = [(47, 7, 5), (48, 8, 16), (49, 9, 17), (97, 33, 31), (1000, 100, 70),
                (2000, 257, 33), (3001, 64, 129)]
-
-
-def _isa_runs(isa):
-    old = os.environ.get("VQK_CPU_ISA")
-    os.environ["VQK_CPU_ISA"] = isa
-    try:
-        return native.module().cpu_isa() == isa
-    except RuntimeError:
-        return False
-    finally:
-        if old is None:
-            del os.environ["VQK_CPU_ISA"]
-        else:
-            os.environ["VQK_CPU_ISA"] = old
-
-
-ISA_PARAMS = [pytest.param(i, id=i, marks=[] if native.cpu_status() is None and _isa_runs(i) else
-                           [pytest.mark.skip(reason=f"this CPU cannot run the {i} kernels")])
-              for i in ISAS]
 
 
 @pytest.fixture(params=ISA_PARAMS)
@@ -52,14 +33,6 @@ def isa(request, monkeypatch):
     monkeypatch.setenv("VQK_CPU_ISA", request.param)
     assert native.module().cpu_isa() == request.param
     return request.param
-
-
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def threads(request):
-    old = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(old)
 
 
 def _poisoned(t):
@@ -312,8 +285,8 @@ def _bf16_regimes():
     yield "channel-first", zc, torch.randn(200, D)
 
 
-@pytest.mark.skipif(not (native.cpu_status() is None and _isa_runs("avx512bf16")),
-                    reason="this CPU cannot run the avx512bf16 kernels")
+@pytest.mark.skipif(SKIP_REASONS["avx512bf16"] is not None,
+                    reason=f"cannot run the avx512bf16 kernels here: {SKIP_REASONS['avx512bf16']}")
 @pytest.mark.parametrize("nthreads", [1, 2])
 def test_bf16_search_gives_the_fp32_bits(monkeypatch, nthreads):
     for name, z, cb in _bf16_regimes():

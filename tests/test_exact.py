@@ -11,7 +11,7 @@ import torch
 
 import adversarial as A
 from vqkernels import native, nearest_code, vq_quantize
-from test_cpu_kernel import ISA_PARAMS
+from cpu_isas import ISA_PARAMS
 
 CPU_OK = native.cpu_status() is None
 
@@ -32,14 +32,6 @@ def backend(request, monkeypatch):
     if isa is not None:
         monkeypatch.setenv("VQK_CPU_ISA", isa)
     return name
-
-
-@pytest.fixture(params=[1, 2], ids=["1t", "2t"])
-def threads(request):
-    old = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(old)
 
 
 def _gen(request):

@@ -73,12 +73,18 @@ def _demangle(names):
 
 
 @pytest.fixture(scope="module")
-def usage(tmp_path_factory):
+def cubins(tmp_path_factory):
+    """{(source, arch): (ptxas report, cubin path)}: one compile serves every check here."""
     out = tmp_path_factory.mktemp("cubins")
     jobs = [(src, arch) for arch in ARCHS for src in SOURCES]
     with concurrent.futures.ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool:
         texts = list(pool.map(lambda j: _compile(j[0], j[1], out), jobs))
-    return {job: parse_ptxas(text) for job, text in zip(jobs, texts)}
+    return {job: (text, out / f"{job[0].stem}.sm_{job[1]}.cubin") for job, text in zip(jobs, texts)}
+
+
+@pytest.fixture(scope="module")
+def usage(cubins):
+    return {job: parse_ptxas(text) for job, (text, _) in cubins.items()}
 
 
 def test_parser_reads_ptxas_report():
@@ -125,3 +131,48 @@ def test_every_dtype_has_its_kernels_on_every_arch(usage):
                 got = [n for n in names if want in n]
                 expect = 2 if kernel in ("13search_kernelI", "11rows_kernelI") else 1
                 assert len(got) == expect, f"sm_{arch}: {kernel[2:-1]}<{label}> x{len(got)}"
+
+
+# ------------------------------------------------------------------------------------------------
+# SASS of the search kernels (vqkernels.triton.sass, cuobjdump -res-usage + nvdisasm): what the
+# step loop does. `python -m vqkernels.triton.aot --cuda` prints the same table.
+
+def _sass_reports(cubins, arch):
+    aot = pytest.importorskip("vqkernels.triton.aot")
+    if aot.sass.tool("nvdisasm") is None or aot.sass.tool("cuobjdump") is None:
+        pytest.skip("nvdisasm / cuobjdump not found (Triton's NVIDIA backend or the CUDA toolkit)")
+    reps = aot.cuda_reports(str(cubins[(ROOT / "csrc" / "cuda" / "forward_mma.cu", arch)][1]),
+                            int(arch))
+    print("\n" + "\n".join(aot.format_report(r) for r in reps))
+    return reps
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_mma_search_step_loop(cubins, arch):
+    reps = _sass_reports(cubins, arch)
+    assert {(r.dtype, r.config) for r in reps} == {
+        (d, v) for d in ("bfloat16", "float16") for v in ("x resident", "x staged")}
+    for r in reps:
+        # 8 warps x (64 x 32) warp tiles x 32-deep steps: 4 x 4 m16n8k16 MMAs twice per warp.
+        assert r.tensor_ops == 32 and r.tensor_kinds.startswith("HMMA.16816.F32"), r
+        assert r.ctas_per_sm >= 1 and r.spill_store == r.spill_load == 0, r
+    resident = [r for r in reps if r.config == "x resident"]
+    # With x resident nothing in the step loop waits for global memory: the codebook arrives by
+    # cp.async, the norms of the next tile are loaded a tile ahead.
+    assert all(not r.dependent_loads for r in resident), resident
+
+
+@pytest.mark.xfail(strict=True, reason="review F2 (open): the staged-x path loads x element by "
+                                       "element, synchronously, in every step")
+@pytest.mark.parametrize("arch", ARCHS)
+def test_mma_search_staged_x_is_asynchronous(cubins, arch):
+    staged = [r for r in _sass_reports(cubins, arch) if r.config == "x staged"]
+    assert staged and all(not r.dependent_loads for r in staged), staged
+
+
+@pytest.mark.xfail(strict=True, reason="review F8 (open): 64-bit step / nchunks divisions call "
+                                       "a subroutine in every step")
+@pytest.mark.parametrize("arch", ARCHS)
+def test_mma_search_step_loop_has_no_calls(cubins, arch):
+    reps = _sass_reports(cubins, arch)
+    assert reps and all(r.calls == 0 for r in reps), reps

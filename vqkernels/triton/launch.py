@@ -247,12 +247,13 @@ def _per_row(g: Optional[torch.Tensor], like: torch.Tensor):
 def backward(z: torch.Tensor, dim: int, codebook: torch.Tensor, indices: torch.Tensor,
              grad_zq: Optional[torch.Tensor], g_codebook: Optional[torch.Tensor],
              g_commit: Optional[torch.Tensor], plan: RowPlan, deterministic: Optional[bool] = None,
-             wrap=_raw):
+             wrap=_raw, piece_rows: Optional[int] = None):
     """(grad_z, grad_codebook): see vqkernels.reference.backward.
 
     grad_codebook is a scatter-add over the chosen codes: fp32 atomics by default, or, when
     `deterministic` (default: torch.are_deterministic_algorithms_enabled()), a sorted segment
-    reduction whose result is bitwise repeatable.
+    reduction whose result is bitwise repeatable (`piece_rows`: the sorted rows one program sums,
+    see _deterministic_codebook_grad; tests make it small).
     """
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
@@ -280,12 +281,47 @@ def backward(z: torch.Tensor, dim: int, codebook: torch.Tensor, indices: torch.T
             ATOMIC_CB=atomic, BLOCK_N=bn, BLOCK_D=bd, X_MODE=row_mode(xv),
             GZQ_MODE=row_mode(gzqv), GZ_MODE=row_mode(gzv), num_warps=warps)
         if g_codebook is not None and deterministic:
-            # A stable sort groups the rows of each code in ascending row order; start[k] is where
-            # code k's rows begin. O(N + K) memory, no N x K anything.
-            sorted_idx, order = torch.sort(idx, stable=True)
-            start = torch.searchsorted(sorted_idx, torch.arange(Kc + 1, device=z.device))
-            bdc = min(64, max(16, triton.next_power_of_2(D)))
-            wrap(K_.vq_backward_codebook_kernel)[(Kc, triton.cdiv(D, bdc))](
-                xv.tensor, xv.S, D, xv.sb, xv.ss, xv.sd, cb, order, start, gcb, gcb_stride,
-                grad_cb, ACC=ACC, BLOCK_R=32, BLOCK_D=bdc, X_MODE=row_mode(xv), num_warps=4)
+            _deterministic_codebook_grad(xv, cb, idx, gcb, gcb_stride, grad_cb, ACC, wrap,
+                                         piece_rows)
     return grad_z, grad_cb.to(codebook.dtype)
+
+
+# Sorted rows one program of the deterministic codebook gradient sums (32 blocks of 32 rows), and
+# the piece sums its join kernel loads at a time.
+PIECE_ROWS = 1024
+JOIN_BLOCK_P = 32
+
+
+def _deterministic_codebook_grad(xv: RowView, cb, idx, gcb, gcb_stride, grad_cb, ACC, wrap,
+                                 piece_rows: Optional[int] = None):
+    """grad_cb[k] = sum over code k's rows, bitwise repeatable. A stable sort groups the rows of
+    each code in ascending row order (start[k] is where code k's rows begin); each code's run is
+    cut into pieces of P sorted rows, each summed by one program, and the pieces of a longer run
+    are added in piece order by a second kernel: a two-level tree whose shape depends only on the
+    codes' row counts. O(N + K) memory, no N x K anything, no host sync: the grid is a bound on
+    the number of pieces, cdiv(N, P) + min(K, N), and the spare slots exit at once."""
+    K, D = cb.shape
+    N = idx.numel()
+    P = piece_rows or PIECE_ROWS
+    br = 32
+    if P <= 0 or P % br:
+        raise ValueError(f"piece_rows must be a positive multiple of {br}, got {P}")
+    dev = idx.device
+    sorted_idx, order = torch.sort(idx, stable=True)
+    start = torch.searchsorted(sorted_idx, torch.arange(K + 1, device=dev))
+    n_pieces = (start[1:] - start[:-1] + (P - 1)) // P                  # 0 for an unused code
+    piece_base = torch.cat([n_pieces.new_zeros(1), torch.cumsum(n_pieces, 0)])
+    slots = triton.cdiv(N, P) + min(K, N)
+    piece_code = torch.searchsorted(piece_base[1:], torch.arange(slots, device=dev), right=True)
+    # Only the codes of two pieces or more keep partial sums: 2 N / P rows of them at most.
+    multi = torch.where(n_pieces > 1, n_pieces, 0)
+    part_base = torch.cumsum(multi, 0) - multi
+    part = torch.empty((2 * triton.cdiv(N, P) + 1, D), dtype=grad_cb.dtype, device=dev)
+    bdc = min(64, max(16, triton.next_power_of_2(D)))
+    wrap(K_.vq_backward_codebook_kernel)[(slots, triton.cdiv(D, bdc))](
+        xv.tensor, xv.S, D, xv.sb, xv.ss, xv.sd, cb, K, order, start, piece_code, piece_base,
+        part_base, part, gcb, gcb_stride, grad_cb, PIECE=P, ACC=ACC, BLOCK_R=br, BLOCK_D=bdc,
+        X_MODE=row_mode(xv), num_warps=4)
+    wrap(K_.vq_backward_codebook_join_kernel)[(K, triton.cdiv(D, bdc))](
+        D, piece_base, part_base, part, grad_cb, ACC=ACC, BLOCK_P=JOIN_BLOCK_P, BLOCK_D=bdc,
+        num_warps=4)

@@ -537,6 +537,25 @@ def test_deterministic_codebook_gradient_is_bitwise_repeatable(emulated, monkeyp
         torch.use_deterministic_algorithms(False)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_deterministic_codebook_gradient_under_collapse(emulated, monkeypatch, dtype):
+    """Review F3: almost every row on one code, a run of sorted rows across several superchunks
+    (32 chunks of 128): joined a superchunk at a time (summed in parallel beforehand) in a fixed
+    order. Bitwise the same under other warp schedules, and the reference's values."""
+    monkeypatch.setenv("VQK_DETERMINISTIC", "1")
+    N, K, D = 3 * 4096 + 700, 5, 3
+    z, cb = make_inputs(N, K, D, dtype)
+    idx = torch.where(torch.rand(N) < 0.97, 1, torch.randint(0, K, (N,)))
+    idx[: N // 3] = torch.where(torch.rand(N // 3) < 0.5, 0, 1)  # a second run, not collapsed
+    gcb = torch.rand(N, dtype=reference.acc_dtype(dtype))
+    runs = []
+    for seed in ("0", "9"):
+        monkeypatch.setenv("VQK_EMU_SEED", seed)
+        runs.append(_backward(z, cb, idx, None, gcb, None)[1])
+    assert torch.equal(runs[0], runs[1])
+    _check_backward(z, cb, idx, None, gcb, None, (torch.zeros_like(z), runs[0]))
+
+
 @pytest.mark.parametrize("det", [False, True], ids=["atomics", "deterministic"])
 def test_backward_optional_terms_and_bad_indices(emulated, monkeypatch, det):
     if det:

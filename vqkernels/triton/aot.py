@@ -301,7 +301,10 @@ def _cuda_name(mangled: str) -> tuple[str, str, str]:
         dtype = {"f": "float32", "d": "float64"}.get(m.group(1), "") if m else ""
     variant = ""
     if name == "search_kernel":
-        variant = "x resident" if mangled.endswith("Lb1EEEvNS0_9FwdParamsIT_EE") else "x staged"
+        m = re.search(r"Lb([01])ELb([01])EEEvNS0_9FwdParams", mangled)
+        xres, xv = (m.group(1), m.group(2)) if m else ("?", "?")
+        variant = ("x resident" if xres == "1" else
+                   "x staged cp.async" if xv == "1" else "x staged scalar (strided x)")
     elif m := re.search(r"ILb([01])E", mangled):
         variant = "atomic" if m.group(1) == "1" else "plain"
     return name, dtype, variant

@@ -319,6 +319,29 @@ def test_close_codes_split_codebook_long_rows_every_variant(emulated, monkeypatc
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("N,D", [(100, 136), (1, 129)], ids=["aligned-rows", "one-row"])
+def test_staged_x_by_cp_async(emulated, monkeypatch, dtype, N, D):
+    # Review F2: rows too long to stay resident, contiguous and 16-byte aligned (D a whole number
+    # of vectors, or a single row), are staged by 16-byte cp.async with the codebook chunk; the
+    # last chunk runs past D (zero-filled), and with one row of D = 129 the last vector straddles
+    # D. Exact, and bitwise the outputs of the resident path; a channel-first view of the same
+    # rows (element path) agrees too.
+    K = 1200
+    seed = _seed()
+    z, cb = cases.far_groups(N, K, D, dtype, 64, seed)
+    outs = []
+    for mode in (_STAGED[dtype], "h100"):
+        _mode(monkeypatch, mode)
+        outs.append(_forward(z, cb))
+        _check_exact(z, cb, outs[-1], seed, min_judged=0.0 if N == 1 else 0.5)
+    assert all(torch.equal(a, b) for a, b in zip(*outs)), f"seed {seed}"
+    _mode(monkeypatch, _STAGED[dtype])
+    zt = z.t().contiguous().t()  # the same rows, element stride N
+    strided = _forward(zt, cb)
+    assert all(torch.equal(a, b) for a, b in zip(outs[0], strided)), f"seed {seed}"
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("copies", [3, 5])
 def test_duplicated_codes_far_from_origin_go_to_the_lowest_index(emulated, monkeypatch, dtype,
                                                                  copies):

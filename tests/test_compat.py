@@ -232,3 +232,15 @@ def test_kmeans_init_and_breakdown():
     assert isinstance(br, LossBreakdown) and bool(vq._codebook.initted)
     assert torch.isfinite(vq.codebook).all() and vq.codebook.abs().sum() > 0
     assert torch.equal(loss, br.commitment)
+
+
+def test_commitment_gradient_uses_the_codes_of_this_step():
+    """The EMA step rewrites the codebook in place after the search: the loss's backward must
+    still see the codes the rows were quantized to."""
+    vq = VectorQuantize(dim=8, codebook_size=16, decay=0.5)
+    x = torch.randn(2, 30, 8, requires_grad=True)
+    cb = vq.codebook.clone()
+    _, idx, loss = vq(x)
+    assert not torch.equal(cb, vq.codebook)  # the step moved the codes
+    (g,) = torch.autograd.grad(loss, x)
+    torch.testing.assert_close(g, 2 * (x.detach() - cb[idx]) / x.numel())

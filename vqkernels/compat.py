@@ -480,6 +480,11 @@ class VectorQuantize(nn.Module):
             cb.init_embed_([(g if gmask is None else g[gmask]).reshape(-1, d) for g in groups])
         learn = self.learnable_codebook and not freeze_codebook
         embed = (cb.embed if learn else cb.embed.detach()).to(work)
+        if training and not freeze_codebook and embed.data_ptr() == cb.embed.data_ptr():
+            # The upkeep below rewrites the codebook in place, and the search's backward must
+            # see this step's codes: search a copy (clone is differentiable, so a learnable
+            # codebook still gets its gradient).
+            embed = embed.clone()
 
         q_parts, idx_parts, rows_used, idx_used = [], [], [], []
         err_sum = z.new_zeros(())

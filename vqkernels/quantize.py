@@ -85,17 +85,40 @@ def _check_finite(z_e, codebook, z_name):
         raise ValueError("codebook contains NaN or infinite values (check_finite=True)")
 
 
-def nearest_code(x: Tensor, codebook: Tensor, *, dim: int = -1, backend: str = "auto",
-                 check_finite: bool = False) -> tuple[Tensor, Tensor]:
-    """Nearest code of every vector of `x` (..., D) in `codebook` (K, D), squared L2, ties to the
-    lowest index. Returns (indices int64 of x's shape without `dim`, sqdist: the squared distance to
-    the chosen code, float32 -- float64 for float64 input). No autograd."""
+def nearest_code(x: Tensor, codebook: Tensor, *, k: int = 1, metric: str = "l2", dim: int = -1,
+                 backend: str = "auto", check_finite: bool = False) -> tuple[Tensor, Tensor]:
+    """Nearest code of every vector of `x` (..., D) in `codebook` (K, D). No autograd.
+
+    Returns (indices int64, distances): with k = 1 both have x's shape without `dim`; with k > 1 a
+    last axis of k, nearest first. Distances are float32 (float64 for float64 input).
+    metric: "l2" (the default): squared Euclidean distance, the fused kernels' exact search for
+    k = 1; "cosine": 1 - cos(x, e); "ip": maximum inner product, distance -x.e. Ties go to the
+    lowest index, judged on float64 values (see vqkernels/search.py): k > 1 and the cosine and
+    ip metrics run a chunked float64 search (O(rows-per-chunk x K) memory, never N x K), not the
+    fused kernels.
+    """
     dim = _check(x, codebook, dim, backend, "x")
+    if metric not in _METRICS:
+        raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= codebook.shape[0]:
+        raise ValueError(f"k must be an int in [1, K={codebook.shape[0]}], got {k!r}")
     if check_finite:
         _check_finite(x, codebook, "x")
-    if ops.use_triton_ops(backend, x.device):
-        return torch.ops.vqkernels.triton_nearest_code(x.detach(), codebook.detach(), dim)
-    return torch.ops.vqkernels.nearest_code(x.detach(), codebook.detach(), dim, backend)
+    if k == 1 and metric == "l2":
+        if ops.use_triton_ops(backend, x.device):
+            return torch.ops.vqkernels.triton_nearest_code(x.detach(), codebook.detach(), dim)
+        return torch.ops.vqkernels.nearest_code(x.detach(), codebook.detach(), dim, backend)
+    from .search import topk_rows
+    moved = x.movedim(dim, -1)
+    idx, val = topk_rows(moved.reshape(-1, codebook.shape[1]), codebook, k, metric)
+    lead = moved.shape[:-1]
+    out_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if k == 1:
+        return idx.reshape(lead), val.to(out_dtype).reshape(lead)
+    return idx.reshape(*lead, k), val.to(out_dtype).reshape(*lead, k)
+
+
+_METRICS = ("l2", "cosine", "ip")
 
 
 def vq_quantize(z_e: Tensor, codebook: Tensor, *, beta: float = 0.25, dim: int = -1,

@@ -70,12 +70,14 @@ def test_unknown_and_forward_only_arguments_raise():
         VectorQuantize(dim=8, codebook_size=4, no_such_thing=1)
     vq = VectorQuantize(dim=8, codebook_size=4)
     x = torch.randn(2, 5, 8)
-    for kw, name in ((dict(topk=2), "topk"), (dict(indices=torch.zeros(2, 5).long()), "indices"),
+    for kw, name in ((dict(indices=torch.zeros(2, 5).long()), "indices"),
                      (dict(codebook_transform_fn=lambda e: e), "codebook_transform_fn")):
         with pytest.raises(TypeError, match=name):
             vq(x, **kw)
     with pytest.raises(ValueError, match="dim=8"):
         vq(torch.randn(2, 5, 7))
+    with pytest.raises(ValueError, match="topk"):
+        VectorQuantize(dim=8, codebook_size=4, heads=2)(x, topk=2)
     with pytest.raises(ValueError, match="learnable_codebook"):
         VectorQuantize(dim=8, codebook_size=4, learnable_codebook=True)  # EMA on by default
 
@@ -244,3 +246,30 @@ def test_commitment_gradient_uses_the_codes_of_this_step():
     assert not torch.equal(cb, vq.codebook)  # the step moved the codes
     (g,) = torch.autograd.grad(loss, x)
     torch.testing.assert_close(g, 2 * (x.detach() - cb[idx]) / x.numel())
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("training", [True, False])
+def test_topk_and_update_indices(training, k):
+    """forward(topk=k): the k nearest codes (nearest first), per-token losses, no codebook
+    update; update_indices then applies the update a plain forward would have."""
+    vq = VectorQuantize(dim=6, codebook_size=12, decay=0.6).train(training)
+    ref = VectorQuantize(dim=6, codebook_size=12, decay=0.6).train(training)
+    ref.load_state_dict(vq.state_dict())
+    x = torch.randn(2, 15, 6)
+    mask = torch.rand(2, 15) > 0.3
+    cb = vq.codebook.clone()
+    q, idx, loss = vq(x, topk=k, mask=mask)
+    assert q.shape == (2, 15, k, 6) and idx.shape == (2, 15, k) and loss.shape == (2, 15, k)
+    assert torch.equal(vq.codebook, cb)  # no update with topk
+    d = ((x[mask][:, None].double() - cb.double()[None]) ** 2).sum(-1)
+    assert torch.equal(idx[mask], d.argsort(dim=1, stable=True)[:, :k])
+    assert (idx[~mask] == -1).all() and (q[~mask] == 0).all() and (loss[~mask] == 0).all()
+    torch.testing.assert_close(q[mask], cb[idx[mask]])
+    torch.testing.assert_close(loss[mask], ((cb[idx[mask]] - x[mask][:, None]) ** 2).mean(-1))
+    q1, i1, l1 = ref(x, mask=mask)
+    assert torch.equal(i1, idx[..., 0])
+    if training:
+        torch.testing.assert_close(l1, loss[..., 0].sum() / mask.sum())
+        vq.update_indices(x, idx[..., 0], mask=mask)
+        torch.testing.assert_close(vq.codebook, ref.codebook)

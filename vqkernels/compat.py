@@ -402,6 +402,62 @@ class VectorQuantize(nn.Module):
         return self.project_out(codes)
 
     # ----------------------------------------------------------------------------- forward
+    def _layout_in(self, x: Tensor, mask, lens):
+        """x in any accepted layout -> (x as (B, N, dim), the input in that layout, mask, how to
+        lay the outputs back out)."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if mask is not None and lens is not None:
+            raise ValueError("pass mask= or lens=, not both")
+        orig_input = x
+        only_one = x.dim() == 2
+        if only_one:
+            if mask is not None or lens is not None:
+                raise ValueError("mask/lens cannot be used with a single token per batch (2-D x)")
+            x = x[:, None]
+        fmap = self.accept_image_fmap or self.accept_3d_fmap
+        spatial = None
+        if fmap:
+            want = 4 if self.accept_image_fmap else 5
+            if x.dim() != want:
+                raise ValueError(f"x must be {want}-D (batch, channels, "
+                                 f"{'height, width' if want == 4 else 'depth, height, width'}), "
+                                 f"got shape {tuple(x.shape)}")
+            if mask is not None or lens is not None:
+                raise ValueError("mask/lens cannot be used with accept_image_fmap/accept_3d_fmap")
+            spatial = x.shape[2:]
+            x = x.flatten(2).transpose(1, 2)
+        need_transpose = not self.channel_last and not fmap and not only_one
+        if need_transpose:
+            x = x.transpose(1, 2)
+            orig_input = orig_input.transpose(1, 2)
+        if x.dim() != 3:
+            raise ValueError(f"x must be (batch, seq, dim) here, got shape {tuple(x.shape)}")
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"x has {x.shape[-1]} features but VectorQuantize was built with "
+                             f"dim={self.dim}")
+        if lens is not None:
+            mask = torch.arange(x.shape[1], device=lens.device) < lens[:, None]
+        if mask is not None and (mask.shape != x.shape[:2] or mask.dtype != torch.bool):
+            raise ValueError(f"mask must be a bool tensor of shape {tuple(x.shape[:2])}, got "
+                             f"{mask.dtype} {tuple(mask.shape)}")
+        return x, orig_input, mask, (only_one, need_transpose, spatial)
+
+    def _project(self, x: Tensor) -> Tensor:
+        """(B, N, dim) -> (B, N, heads, codebook_dim) in the search dtype, normalised for cosine."""
+        B, N = x.shape[:2]
+        # The peer searches in float32 whatever the input; a float64 module or input stays float64.
+        work = torch.float64 if torch.float64 in (x.dtype, self._codebook.embed.dtype) \
+            else torch.float32
+        z = self.project_in(x).to(work).view(B, N, self.heads, self.codebook_dim)
+        return _l2norm(z) if self.use_cosine_sim else z
+
+    def _groups(self, z: Tensor, mask):
+        """Per codebook: its rows' view and the mask over them (None: every row)."""
+        if self.separate_codebook_per_head:
+            return [(z[:, :, h], mask) for h in range(self.heads)]
+        return [(z, None if mask is None else mask[:, :, None].expand(z.shape[:3]))]
+
     def forward(self, x: Tensor, indices=None, mask: Tensor | None = None,
                 lens: Tensor | None = None, topk=None, sample_codebook_temp=None,
                 freeze_codebook=None, return_loss_breakdown=False, codebook_transform_fn=None,
@@ -410,87 +466,47 @@ class VectorQuantize(nn.Module):
             raise TypeError("VectorQuantize.forward: indices= (cross-entropy loss against given "
                             "codes) needs the N x K distance matrix, which vqkernels never forms; "
                             "compute that loss yourself or use vector_quantize_pytorch for it")
-        if topk is not None:
-            raise TypeError("VectorQuantize.forward: topk= is not supported by vqkernels.compat; "
-                            "vqkernels.nearest_code(x, codebook, k=...) returns the k nearest "
-                            "codes and their distances")
         if codebook_transform_fn is not None:
             raise TypeError("VectorQuantize.forward: codebook_transform_fn= (implicit neural "
                             "codebooks) is not supported by vqkernels.compat")
+        if topk is not None:
+            if isinstance(topk, bool) or int(topk) < 1 or self.heads != 1:
+                raise ValueError(f"topk must be a positive int, with heads=1 (as in "
+                                 f"vector-quantize-pytorch), got topk={topk!r}, heads={self.heads}")
+            topk = min(int(topk), self.codebook_size)
         # sample_codebook_temp only matters with stochastic sampling, which is refused at init.
-        if not isinstance(x, Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if mask is not None and lens is not None:
-            raise ValueError("pass mask= or lens=, not both")
         freeze_codebook = self.freeze_codebook if freeze_codebook is None else freeze_codebook
-        orig_input, input_requires_grad = x, x.requires_grad
-        only_one = x.dim() == 2
-        if only_one:
-            if mask is not None or lens is not None:
-                raise ValueError("mask/lens cannot be used with a single token per batch (2-D x)")
-            x = x[:, None]
+        input_requires_grad = x.requires_grad if isinstance(x, Tensor) else False
+        x, orig_input, mask, layout = self._layout_in(x, mask, lens)
         dtype = x.dtype
-        fmap = self.accept_image_fmap or self.accept_3d_fmap
-        if fmap:
-            want = 4 if self.accept_image_fmap else 5
-            if x.dim() != want:
-                raise ValueError(f"x must be {want}-D (batch, channels, "
-                                 f"{'height, width' if want == 4 else 'depth, height, width'}), "
-                                 f"got shape {tuple(x.shape)}")
-            if mask is not None:
-                raise ValueError("mask/lens cannot be used with accept_image_fmap/accept_3d_fmap")
-            spatial = x.shape[2:]
-            x = x.flatten(2).transpose(1, 2)
-        need_transpose = not self.channel_last and not fmap and not only_one
-        if need_transpose:
-            x = x.transpose(1, 2)
-        if need_transpose:
-            orig_input = orig_input.transpose(1, 2)
-        if lens is not None:
-            mask = torch.arange(x.shape[1], device=lens.device) < lens[:, None]
-        if x.dim() != 3:
-            raise ValueError(f"x must be (batch, seq, dim) here, got shape {tuple(x.shape)}")
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"x has {x.shape[-1]} features but VectorQuantize was built with "
-                             f"dim={self.dim}")
-        if mask is not None:
-            if mask.shape != x.shape[:2] or mask.dtype != torch.bool:
-                raise ValueError(f"mask must be a bool tensor of shape {tuple(x.shape[:2])}, got "
-                                 f"{mask.dtype} {tuple(mask.shape)}")
-
         B, N = x.shape[:2]
         H, d = self.heads, self.codebook_dim
-        # The peer searches in float32 whatever the input; a float64 module or input stays float64.
-        work = torch.float64 if torch.float64 in (x.dtype, self._codebook.embed.dtype) \
-            else torch.float32
-        z = self.project_in(x).to(work).view(B, N, H, d)
-        if self.use_cosine_sim:
-            z = _l2norm(z)
-        # Rows per codebook: (B, N, H, d) -> one list entry per codebook.
-        if self.separate_codebook_per_head:
-            groups = [z[:, :, h] for h in range(H)]             # each (B, N, d)
-            gmask = mask
-        else:
-            groups = [z]                                        # (B, N, H, d), one codebook
-            gmask = None if mask is None else mask[:, :, None].expand(B, N, H)
+        z = self._project(x)
+        groups = self._groups(z, mask)
 
         cb = self._codebook
         training = self.training
         if training and not bool(cb.initted):
-            cb.init_embed_([(g if gmask is None else g[gmask]).reshape(-1, d) for g in groups])
+            cb.init_embed_([(g if m is None else g[m]).reshape(-1, d) for g, m in groups])
         learn = self.learnable_codebook and not freeze_codebook
-        embed = (cb.embed if learn else cb.embed.detach()).to(work)
-        if training and not freeze_codebook and embed.data_ptr() == cb.embed.data_ptr():
+        embed = (cb.embed if learn else cb.embed.detach()).to(z.dtype)
+        updates = training and not freeze_codebook and topk is None
+        if updates and embed.data_ptr() == cb.embed.data_ptr():
             # The upkeep below rewrites the codebook in place, and the search's backward must
             # see this step's codes: search a copy (clone is differentiable, so a learnable
             # codebook still gets its gradient).
             embed = embed.clone()
+        ste = training and input_requires_grad and self.route_gradients_to_input
+
+        if topk is not None:
+            return self._forward_topk(groups[0][0], embed[0], topk, learn, ste, dtype, orig_input,
+                                      mask, layout)
 
         q_parts, idx_parts, rows_used, idx_used = [], [], [], []
         err_sum = z.new_zeros(())
         cb_sum = z.new_zeros(())
         n_used = 0
-        for g, group in enumerate(groups):
+        for g, (group, gmask) in enumerate(groups):
             rows = group.reshape(-1, d) if gmask is None else group[gmask]
             out = vq_quantize(rows, embed[g], beta=1.0)
             n = rows.numel()
@@ -498,22 +514,16 @@ class VectorQuantize(nn.Module):
             cb_sum = cb_sum + out.codebook_loss * n
             n_used += n
             quant = out.z_q
-            if not training or not input_requires_grad or not self.route_gradients_to_input:
+            if not ste:
                 quant = quant.detach()
             elif self.rotation_trick:
                 quant = _rotate_to(rows, quant.detach())
-            if gmask is None:
-                q_parts.append(quant.view(group.shape))
-                idx_parts.append(out.indices.view(group.shape[:-1]))
-            else:
-                q_parts.append(torch.zeros(group.shape, dtype=quant.dtype, device=quant.device)
-                               .index_put((gmask,), quant))
-                idx_parts.append(torch.full(group.shape[:-1], -1, dtype=torch.long,
-                                            device=z.device).index_put((gmask,), out.indices))
+            q_parts.append(self._scatter(quant, group.shape, gmask, 0))
+            idx_parts.append(self._scatter(out.indices, group.shape[:-1], gmask, -1))
             rows_used.append(rows.detach())
             idx_used.append(out.indices)
 
-        if training and not freeze_codebook:
+        if updates:
             cb.update(rows_used, idx_used, weight=ema_update_weight, accum=accum_ema_update,
                       ema_update=ema_update)
 
@@ -539,21 +549,102 @@ class VectorQuantize(nn.Module):
                     commit = commit + (cbl - cbl.detach())
                 commit_loss = commit
                 loss = loss + commit * self.commitment_weight
-
-        quantize = self.project_out(quantize)
-        if mask is not None:
-            fill = torch.zeros_like(orig_input) if self.return_zeros_for_masked_padding \
-                else orig_input
-            quantize = torch.where(mask[..., None], quantize, fill.to(quantize.dtype))
-        if need_transpose:
-            quantize = quantize.transpose(1, 2)
-        if fmap:
-            embed_ind = embed_ind.reshape(B, *spatial, *embed_ind.shape[2:])
-            quantize = quantize.transpose(1, 2).reshape(B, -1, *spatial)
-        if only_one:
-            embed_ind = embed_ind[:, 0]
-            quantize = quantize[:, 0]
+        quantize, embed_ind, _ = self._layout_out(quantize, embed_ind, None, orig_input, mask,
+                                                  layout)
         if not return_loss_breakdown:
             return quantize, embed_ind, loss
         return quantize, embed_ind, loss, LossBreakdown(commit_loss, self.zero, self.zero,
                                                          self.zero)
+
+    @staticmethod
+    def _scatter(values: Tensor, shape, mask, fill) -> Tensor:
+        """Rows of the masked positions back into `shape`, `fill` elsewhere (differentiable)."""
+        if mask is None:
+            return values.view(shape)
+        full = torch.full(shape, fill, dtype=values.dtype, device=values.device)
+        return full.index_put((mask,), values)
+
+    def _layout_out(self, quantize, embed_ind, per_token_loss, orig_input, mask, layout):
+        """(B, N, [k,] dim) outputs -> the input's layout; masked positions get -1 / 0 (or the
+        input, with return_zeros_for_masked_padding=False)."""
+        only_one, need_transpose, spatial = layout
+        B = quantize.shape[0]
+        quantize = self.project_out(quantize)
+        if mask is not None:
+            fill = torch.zeros_like(orig_input) if self.return_zeros_for_masked_padding \
+                else orig_input
+            mq = mask.view(*mask.shape, *([1] * (quantize.dim() - 2)))
+            if quantize.dim() == 4:  # top-k: (B, N, k, dim)
+                fill = fill[:, :, None]
+            quantize = torch.where(mq, quantize, fill.to(quantize.dtype))
+            embed_ind = embed_ind.masked_fill(~mask.view(*mask.shape,
+                                                         *([1] * (embed_ind.dim() - 2))), -1)
+        if need_transpose:
+            quantize = quantize.movedim(-1, 1)
+        if spatial is not None:
+            quantize = quantize.movedim(-1, 1)
+            quantize = quantize.reshape(B, quantize.shape[1], *spatial, *quantize.shape[3:])
+            embed_ind = embed_ind.reshape(B, *spatial, *embed_ind.shape[2:])
+            if per_token_loss is not None:
+                per_token_loss = per_token_loss.reshape(B, *spatial, *per_token_loss.shape[2:])
+        if only_one:
+            embed_ind = embed_ind[:, 0]
+            quantize = quantize[:, 0]
+            if per_token_loss is not None:
+                per_token_loss = per_token_loss[:, 0]
+        return quantize, embed_ind, per_token_loss
+
+    def _forward_topk(self, group, embed, k, learn, ste, dtype, orig_input, mask, layout):
+        """forward(topk=k): the k nearest codes of every vector (vqkernels.nearest_code, nearest
+        first, ties to the lower index), their straight-through (or rotated) copies and a
+        per-token, per-candidate commitment loss; no codebook update, as in the peer."""
+        gmask = None if mask is None else mask[:, :, None].expand(group.shape[:3])
+        rows = group.reshape(-1, group.shape[-1]) if gmask is None else group[gmask]
+        idx, _ = nearest_code(rows.detach(), embed.detach(), k=k)
+        idx = idx.view(rows.shape[0], k)                                  # (M, k), also k = 1
+        codes = embed[idx]                                                # (M, k, d)
+        xr = rows[:, None, :].expand_as(codes)
+        quant = codes
+        if ste:
+            quant = _rotate_to(xr, codes.detach()) if self.rotation_trick else \
+                xr + (codes - xr).detach()
+        commit_q = codes if (learn and self.training) else codes.detach()
+        per_token = ((commit_q - xr) ** 2).mean(-1)                       # (M, k)
+        B, N = group.shape[:2]
+        quant = self._scatter(quant, (B, N, 1, k, group.shape[-1]), gmask, 0)[:, :, 0]
+        embed_ind = self._scatter(idx, (B, N, 1, k), gmask, -1)[:, :, 0]
+        per_token = self._scatter(per_token, (B, N, 1, k), gmask, 0)[:, :, 0]
+        if self.has_commitment_loss:
+            loss = per_token * self.commitment_weight
+        else:
+            loss = per_token if not self.training else self.zero.clone().requires_grad_()
+        quant, embed_ind, loss_out = self._layout_out(quant.to(dtype), embed_ind,
+                                                      loss if loss.dim() else None, orig_input,
+                                                      mask, layout)
+        return quant, embed_ind, (loss_out if loss.dim() else loss)
+
+    def update_indices(self, x: Tensor, indices: Tensor, mask: Tensor | None = None) -> None:
+        """The codebook upkeep of a training step, from indices chosen elsewhere (e.g. the first
+        of forward(topk=...)'s candidates): EMA statistics, EMA codebook, dead-code expiry.
+        Masked-out positions take no part; an index of -1 counts as code 0 (as in the peer)."""
+        x, _, mask, layout = self._layout_in(x, mask, None)
+        if layout[2] is not None and indices.dim() >= 3:
+            indices = indices.flatten(1, len(layout[2]))
+        if layout[0]:
+            indices = indices[:, None]
+        z = self._project(x).detach()
+        if self.heads == 1:
+            indices = indices[..., None]
+        indices = indices.masked_fill(indices == -1, 0)
+        rows, idx = [], []
+        for g, (group, gmask) in enumerate(self._groups(z, mask)):
+            ig = indices[:, :, g] if self.separate_codebook_per_head else indices
+            if gmask is None:
+                rows.append(group.reshape(-1, self.codebook_dim))
+                idx.append(ig.reshape(-1))
+            else:
+                rows.append(group[gmask])
+                idx.append(ig[gmask])
+        self._codebook.update(rows, idx)
+
+    update_ema_indices = update_indices  # the peer's older name

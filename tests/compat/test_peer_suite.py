@@ -7,9 +7,7 @@ import run_peer_suite
 
 # Tests of names vqkernels.compat provides that are known to fail, with why. Empty means every
 # test of VectorQuantize in the peer's suite passes; a new failure fails this test.
-KNOWN_FAILURES: dict[str, str] = {
-    "test_beam::test_topk_and_manual_ema_update": "forward(topk=) is refused (TypeError)",
-}
+KNOWN_FAILURES: dict[str, str] = {}
 
 
 def test_peer_suite_against_compat():

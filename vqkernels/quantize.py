@@ -85,8 +85,9 @@ def _check_finite(z_e, codebook, z_name):
         raise ValueError("codebook contains NaN or infinite values (check_finite=True)")
 
 
-def nearest_code(x: Tensor, codebook: Tensor, *, k: int = 1, metric: str = "l2", dim: int = -1,
-                 backend: str = "auto", check_finite: bool = False) -> tuple[Tensor, Tensor]:
+def nearest_code(x: Tensor, codebook: Tensor, *, k: int = 1, metric: str = "l2",
+                 channel_dim: int | None = None, dim: int | None = None, backend: str = "auto",
+                 check_finite: bool = False) -> tuple[Tensor, Tensor]:
     """Nearest code of every vector of `x` (..., D) in `codebook` (K, D). No autograd.
 
     Returns (indices int64, distances): with k = 1 both have x's shape without `dim`; with k > 1 a
@@ -95,9 +96,10 @@ def nearest_code(x: Tensor, codebook: Tensor, *, k: int = 1, metric: str = "l2",
     k = 1; "cosine": 1 - cos(x, e); "ip": maximum inner product, distance -x.e. Ties go to the
     lowest index, judged on float64 values (see vqkernels/search.py): k > 1 and the cosine and
     ip metrics run a chunked float64 search (O(rows-per-chunk x K) memory, never N x K), not the
-    fused kernels.
+    fused kernels. channel_dim: the axis of x holding each vector's D values (default -1); `dim`
+    is its deprecated former name, as in vq_quantize.
     """
-    dim = _check(x, codebook, dim, backend, "x")
+    dim = _check(x, codebook, _channel_axis(channel_dim, dim), backend, "x")
     if metric not in _METRICS:
         raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}")
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= codebook.shape[0]:
@@ -121,15 +123,32 @@ def nearest_code(x: Tensor, codebook: Tensor, *, k: int = 1, metric: str = "l2",
 _METRICS = ("l2", "cosine", "ip")
 
 
-def vq_quantize(z_e: Tensor, codebook: Tensor, *, beta: float = 0.25, dim: int = -1,
-                backend: str = "auto", check_finite: bool = False) -> VQOutput:
-    """Straight-through vector quantization of `z_e` along `dim` against `codebook` (K, D).
+def vq_quantize(z_e: Tensor, codebook: Tensor, *, beta: float = 0.25, channel_dim: int | None = None,
+                dim: int | None = None, backend: str = "auto",
+                check_finite: bool = False) -> VQOutput:
+    """Straight-through vector quantization of `z_e` along `channel_dim` against `codebook` (K, D).
 
     One fused pass finds the nearest code, gathers it and computes each row's exact squared error;
     the two VQ losses come from that error. No N x K tensor is ever made.
+
+    channel_dim: the axis of z_e that holds the D values of each vector (default -1), the name
+    `VectorQuantizer` uses for it. `dim` is its former name, still accepted (deprecated: in
+    `VectorQuantizer(num_codes, dim)` `dim` means the code size D, not an axis).
     """
-    return _vq_quantize(z_e, codebook, beta=beta, dim=dim, backend=backend,
-                        check_finite=check_finite)[0]
+    return _vq_quantize(z_e, codebook, beta=beta, dim=_channel_axis(channel_dim, dim),
+                        backend=backend, check_finite=check_finite)[0]
+
+
+def _channel_axis(channel_dim, dim) -> int:
+    """The channel axis from `channel_dim` or its deprecated alias `dim` (not both)."""
+    if channel_dim is not None and dim is not None:
+        raise TypeError(f"pass the channel axis as channel_dim= (or its former name dim=), not "
+                        f"both (got channel_dim={channel_dim!r}, dim={dim!r})")
+    if channel_dim is None:
+        return -1 if dim is None else dim
+    if isinstance(channel_dim, bool) or not isinstance(channel_dim, int):
+        raise TypeError(f"channel_dim must be an int, got {type(channel_dim).__name__}")
+    return channel_dim
 
 
 def _check_beta(beta):

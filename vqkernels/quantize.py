@@ -124,8 +124,8 @@ _METRICS = ("l2", "cosine", "ip")
 
 
 def vq_quantize(z_e: Tensor, codebook: Tensor, *, beta: float = 0.25, channel_dim: int | None = None,
-                dim: int | None = None, backend: str = "auto",
-                check_finite: bool = False) -> VQOutput:
+                dim: int | None = None, backend: str = "auto", check_finite: bool = False,
+                rotation_trick: bool = False) -> VQOutput:
     """Straight-through vector quantization of `z_e` along `channel_dim` against `codebook` (K, D).
 
     One fused pass finds the nearest code, gathers it and computes each row's exact squared error;
@@ -134,9 +134,20 @@ def vq_quantize(z_e: Tensor, codebook: Tensor, *, beta: float = 0.25, channel_di
     channel_dim: the axis of z_e that holds the D values of each vector (default -1), the name
     `VectorQuantizer` uses for it. `dim` is its former name, still accepted (deprecated: in
     `VectorQuantizer(num_codes, dim)` `dim` means the code size D, not an axis).
+
+    rotation_trick: z_q's gradient reaches z_e through the rotation and rescaling that maps z_e
+    onto its code (Fifty et al. 2024; vqkernels/rotation.py: O(N D), no D x D matrix) instead of
+    the straight-through identity. The losses and their gradients are unchanged.
     """
-    return _vq_quantize(z_e, codebook, beta=beta, dim=_channel_axis(channel_dim, dim),
-                        backend=backend, check_finite=check_finite)[0]
+    if not isinstance(rotation_trick, bool):
+        raise TypeError(f"rotation_trick must be a bool, got {rotation_trick!r}")
+    axis = _channel_axis(channel_dim, dim)
+    out = _vq_quantize(z_e, codebook, beta=beta, dim=axis, backend=backend,
+                       check_finite=check_finite)[0]
+    if rotation_trick and z_e.requires_grad:
+        from .rotation import rotate_to
+        out = out._replace(z_q=rotate_to(z_e, out.z_q.detach(), axis))
+    return out
 
 
 def _channel_axis(channel_dim, dim) -> int:

@@ -273,3 +273,61 @@ def test_topk_and_update_indices(training, k):
         torch.testing.assert_close(l1, loss[..., 0].sum() / mask.sum())
         vq.update_indices(x, idx[..., 0], mask=mask)
         torch.testing.assert_close(vq.codebook, ref.codebook)
+
+
+# ---------------------------------------------------------------------------- distributed
+_DDP_CFGS = {
+    # no random draws: two ranks must equal one process on the concatenated batches
+    "ema": dict(dim=6, codebook_size=16, decay=0.7),
+    # k-means init and dead-code expiry draw rows per rank: the ranks must still stay identical
+    "kmeans_expire": dict(dim=6, codebook_size=32, decay=0.7, kmeans_init=True, kmeans_iters=2,
+                          threshold_ema_dead_code=2),
+}
+
+
+def _ddp_batches(step, rank, n):
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    return torch.randn(1, n, 6, generator=g) * (1 + rank)
+
+
+def _compat_ddp_run(cfg, rank, world, ddp):
+    torch.manual_seed(5)  # the same initial codebook on every rank
+    vq = VectorQuantize(**cfg)
+    assert vq._codebook.sync == ddp  # sync_codebook=None: on when torch.distributed is running
+    torch.manual_seed(100 + rank)  # different random draws per rank
+    for step in range(4):
+        ranks = [rank] if ddp else range(world)
+        x = torch.cat([_ddp_batches(step, r, 50 + 30 * r) for r in ranks], dim=1)
+        vq(x)
+    return {k: v.clone() for k, v in vq.state_dict().items()}
+
+
+def _compat_ddp_worker(rank, world, init_file, out_dir):
+    import datetime
+    import os
+
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        for name, cfg in _DDP_CFGS.items():
+            torch.save(_compat_ddp_run(cfg, rank, world, True),
+                       os.path.join(out_dir, f"{name}_{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sync_codebook_keeps_two_gloo_ranks_identical(tmp_path):
+    import torch.multiprocessing as mp
+    world = 2
+    mp.spawn(_compat_ddp_worker, args=(world, str(tmp_path / "pg"), str(tmp_path)),
+             nprocs=world, join=True)
+    for name in _DDP_CFGS:
+        r0, r1 = (torch.load(tmp_path / f"{name}_{r}.pt") for r in range(world))
+        for k in r0:
+            assert torch.equal(r0[k], r1[k]), (name, k)
+    single = _compat_ddp_run(_DDP_CFGS["ema"], 0, world, False)
+    r0 = torch.load(tmp_path / "ema_0.pt")
+    for k in single:
+        torch.testing.assert_close(r0[k], single[k], rtol=1e-5, atol=1e-6)

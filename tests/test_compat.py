@@ -170,6 +170,13 @@ def test_learnable_codebook_gets_the_commitment_gradient():
     # frozen: no gradient to the codebook
     _, _, loss = vq(x, freeze_codebook=True)
     assert torch.autograd.grad(loss, e, allow_unused=True)[0] is None
+    # without a straight-through copy (eval, or an input without gradient) the output is the
+    # code itself, and the codebook gets its gradient through it (the peer's one-hot product)
+    vq.eval()
+    q, idx, _ = vq(x.detach())
+    (ge,) = torch.autograd.grad(q.sum(), e)
+    assert torch.equal(ge[0], torch.bincount(idx.view(-1), minlength=8)[:, None].float()
+                       .expand(8, 6))
 
 
 def test_rotation_trick_gradient_is_the_papers():
@@ -267,6 +274,8 @@ def test_topk_and_update_indices(training, k):
     assert (idx[~mask] == -1).all() and (q[~mask] == 0).all() and (loss[~mask] == 0).all()
     torch.testing.assert_close(q[mask], cb[idx[mask]])
     torch.testing.assert_close(loss[mask], ((cb[idx[mask]] - x[mask][:, None]) ** 2).mean(-1))
+    *_, br = vq(x, topk=k, mask=mask, return_loss_breakdown=True)
+    assert isinstance(br, LossBreakdown) and torch.equal(br.commitment, loss)
     q1, i1, l1 = ref(x, mask=mask)
     assert torch.equal(i1, idx[..., 0])
     if training:

@@ -499,8 +499,11 @@ class VectorQuantize(nn.Module):
         ste = training and input_requires_grad and self.route_gradients_to_input
 
         if topk is not None:
-            return self._forward_topk(groups[0][0], embed[0], topk, learn, ste, dtype, orig_input,
-                                      mask, layout)
+            q, i, loss = self._forward_topk(groups[0][0], embed[0], topk, learn, ste, dtype,
+                                            orig_input, mask, layout)
+            if not return_loss_breakdown:
+                return q, i, loss
+            return q, i, loss, LossBreakdown(loss, self.zero, self.zero, self.zero)
 
         q_parts, idx_parts, rows_used, idx_used = [], [], [], []
         err_sum = z.new_zeros(())
@@ -515,7 +518,9 @@ class VectorQuantize(nn.Module):
             n_used += n
             quant = out.z_q
             if not ste:
-                quant = quant.detach()
+                # The plain code; a learnable codebook gets the gradient through it, as the
+                # peer's one-hot product gives it.
+                quant = embed[g][out.indices] if learn else quant.detach()
             elif self.rotation_trick:
                 quant = _rotate_to(rows, quant.detach())
             q_parts.append(self._scatter(quant, group.shape, gmask, 0))

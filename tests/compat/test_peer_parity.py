@@ -8,7 +8,14 @@ import torch
 vqp = pytest.importorskip("vector_quantize_pytorch", reason="vector-quantize-pytorch is not "
                           "installed (pip install -e '.[compat]')")
 
+from importlib.metadata import version  # noqa: E402
+
 from vqkernels.compat import VectorQuantize  # noqa: E402
+
+if not version("vector-quantize-pytorch").startswith("1.32."):
+    pytest.skip(f"vqkernels.compat follows vector-quantize-pytorch 1.32; "
+                f"{version('vector-quantize-pytorch')} is installed (pip install -e '.[compat]')",
+                allow_module_level=True)
 
 CONFIGS = {
     "default": {},

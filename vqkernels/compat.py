@@ -21,7 +21,6 @@ quantizers).
 from __future__ import annotations
 
 from collections import namedtuple
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +30,8 @@ from . import nearest_code, vq_quantize
 
 __all__ = ["VectorQuantize", "LossBreakdown"]
 
-LossBreakdown = namedtuple("LossBreakdown",
-                           ["commitment", "codebook_diversity", "orthogonal_reg", "inplace_optimize"])
+LossBreakdown = namedtuple("LossBreakdown", ["commitment", "codebook_diversity", "orthogonal_reg",
+                                             "inplace_optimize"])
 
 # Constructor arguments the peer accepts that vqkernels cannot honour: name -> (peer default, what
 # to do). Passing the default is accepted (code written for the peer often spells defaults out).
@@ -185,7 +184,8 @@ class _Codebook(nn.Module):
         H, K = self.num_codebooks, self.codebook_size
         counts = torch.stack([torch.bincount(i, minlength=K) for i in indices]) \
             .to(self.cluster_size.dtype)
-        sums = torch.stack([torch.zeros_like(self.embed_avg[0]).index_add_(0, i, r.to(self.embed_avg.dtype))
+        zero = torch.zeros_like(self.embed_avg[0])
+        sums = torch.stack([zero.clone().index_add_(0, i, r.to(zero.dtype))
                             for r, i in zip(rows, indices)])
         sync = _DistSync(self.sync)
         if sync.active:  # one collective for both statistics
@@ -256,7 +256,8 @@ def _rotate_to(src: Tensor, tgt: Tensor) -> Tensor:
     u = (src / ns.clamp(min=eps)).detach()
     q = (tgt / nt.clamp(min=eps)).detach()
     w = _l2norm(u + q).detach()
-    rotated = src - 2 * (src * w).sum(-1, keepdim=True) * w + 2 * (src * u).sum(-1, keepdim=True) * q
+    rotated = src - 2 * (src * w).sum(-1, keepdim=True) * w \
+        + 2 * (src * u).sum(-1, keepdim=True) * q
     return rotated * (nt / ns.clamp(min=eps)).detach()
 
 

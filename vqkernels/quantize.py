@@ -99,9 +99,10 @@ def nearest_code(x: Tensor, codebook: Tensor, *, k: int = 1, metric: str = "l2",
     fused kernels. channel_dim: the axis of x holding each vector's D values (default -1); `dim`
     is its deprecated former name, as in vq_quantize.
     """
+    from . import search  # on use: plain k = 1 L2 searches never need it
     dim = _check(x, codebook, _channel_axis(channel_dim, dim), backend, "x")
-    if metric not in _METRICS:
-        raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}")
+    if metric not in search.METRICS:
+        raise ValueError(f"metric must be one of {search.METRICS}, got {metric!r}")
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= codebook.shape[0]:
         raise ValueError(f"k must be an int in [1, K={codebook.shape[0]}], got {k!r}")
     if check_finite:
@@ -110,9 +111,8 @@ def nearest_code(x: Tensor, codebook: Tensor, *, k: int = 1, metric: str = "l2",
         if ops.use_triton_ops(backend, x.device):
             return torch.ops.vqkernels.triton_nearest_code(x.detach(), codebook.detach(), dim)
         return torch.ops.vqkernels.nearest_code(x.detach(), codebook.detach(), dim, backend)
-    from .search import topk_rows
     moved = x.movedim(dim, -1)
-    idx, val = topk_rows(moved.reshape(-1, codebook.shape[1]), codebook, k, metric)
+    idx, val = search.topk_rows(moved.reshape(-1, codebook.shape[1]), codebook, k, metric)
     lead = moved.shape[:-1]
     out_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     if k == 1:
@@ -120,11 +120,8 @@ def nearest_code(x: Tensor, codebook: Tensor, *, k: int = 1, metric: str = "l2",
     return idx.reshape(*lead, k), val.to(out_dtype).reshape(*lead, k)
 
 
-_METRICS = ("l2", "cosine", "ip")
-
-
-def vq_quantize(z_e: Tensor, codebook: Tensor, *, beta: float = 0.25, channel_dim: int | None = None,
-                dim: int | None = None, backend: str = "auto", check_finite: bool = False,
+def vq_quantize(z_e: Tensor, codebook: Tensor, *, beta: float = 0.25,
+                channel_dim: int | None = None, dim: int | None = None, backend: str = "auto", check_finite: bool = False,
                 rotation_trick: bool = False) -> VQOutput:
     """Straight-through vector quantization of `z_e` along `channel_dim` against `codebook` (K, D).
 

@@ -27,7 +27,8 @@ from .reference import _search_scale
 
 METRICS = ("l2", "cosine", "ip")
 _CHUNK_ELEMENTS = 1 << 22
-# Relative slack of the candidate filter (derived at its use); tests set it to 0 to show it is needed.
+# Relative slack of the candidate filter (derived at its use); a test sets it to 0 to show it is
+# needed.
 _SLACK_REL = 1e-9
 
 
@@ -42,7 +43,7 @@ def _exact(xr: Tensor, e: Tensor, metric: str) -> Tensor:
 
 
 def _sorted_topk(values: Tensor, cols: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The k smallest of `values` (m, c) at code indices `cols` (m, c), ordered by (value, index)."""
+    """The k smallest of `values` (m, c) at code indices `cols` (m, c), by (value, index)."""
     order = torch.argsort(cols, dim=1)  # by index first, then a stable sort by value
     v = values.gather(1, order)
     c = cols.gather(1, order)
@@ -80,8 +81,8 @@ def topk_rows(x: Tensor, codebook: Tensor, k: int, metric: str) -> tuple[Tensor,
             a = e_sq - 2.0 * (xc @ e.T)
         a = a.masked_fill(torch.isnan(a) | ~code_ok, torch.inf)
         kth = a.topk(k, dim=1, largest=False).values[:, -1:]
-        # The GEMM's error is below (2D + 4) 2^-53 (||x||^2 + ||x|| ||e|| + ||e||^2) per value, under
-        # 1e-9 of that sum for D < 10^6: a slack of 1e-9 keeps every code that could be in the
+        # The GEMM's error is below (2D + 4) 2^-53 (||x||^2 + ||x|| ||e|| + ||e||^2) per value,
+        # under 1e-9 of that sum for D < 10^6: a slack of 1e-9 keeps every code that could be in the
         # exact top k (the k-th exact value is at most kth + err, so a member's a_j is at most
         # kth + 2 err).
         slack = _SLACK_REL * (xc_sq + e_max + xc_sq.sqrt() * e_max ** 0.5) + 1e-300

@@ -41,7 +41,8 @@ def run(peer_tests: Path, extra: list[str] = (), timeout: float = 1200) -> list[
         env["PYTHONPATH"] = os.pathsep.join([str(HERE), str(ROOT)] +
                                             ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         cmd = [sys.executable, "-m", "pytest", "-p", "vqp_shim", "-p", "no:cacheprovider",
-               "-q", "-o", "addopts=", "--rootdir", tmp, "--confcutdir", str(peer_tests if peer_tests.is_dir() else peer_tests.parent),
+               "-q", "-o", "addopts=", "--rootdir", tmp, "--confcutdir",
+               str(peer_tests if peer_tests.is_dir() else peer_tests.parent),
                f"--junitxml={xml}", str(peer_tests), *extra]
         subprocess.run(cmd, env=env, cwd=tmp, timeout=timeout, check=False)
         if not xml.exists():

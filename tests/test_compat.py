@@ -78,6 +78,10 @@ def test_unknown_and_forward_only_arguments_raise():
         vq(torch.randn(2, 5, 7))
     with pytest.raises(ValueError, match="topk"):
         VectorQuantize(dim=8, codebook_size=4, heads=2)(x, topk=2)
+    for name, bad in (("threshold_ema_dead_code", -1), ("decay", 1.5), ("codebook_dim", 0),
+                      ("heads", 0)):
+        with pytest.raises(ValueError, match=name):
+            VectorQuantize(dim=8, codebook_size=4, **{name: bad})
     with pytest.raises(ValueError, match="learnable_codebook"):
         VectorQuantize(dim=8, codebook_size=4, learnable_codebook=True)  # EMA on by default
 

@@ -309,6 +309,10 @@ class VectorQuantize(nn.Module):
             raise ValueError(f"decay must be in [0, 1], got {decay!r}")
         if not float(eps) > 0:
             raise ValueError(f"eps must be > 0, got {eps!r}")
+        if isinstance(threshold_ema_dead_code, bool) or \
+                not isinstance(threshold_ema_dead_code, (int, float)) or threshold_ema_dead_code < 0:
+            raise ValueError(f"threshold_ema_dead_code must be a number >= 0 (0: no expiry), got "
+                             f"{threshold_ema_dead_code!r}")
         if accept_image_fmap and accept_3d_fmap:
             raise ValueError("accept_image_fmap and accept_3d_fmap cannot both be True")
 

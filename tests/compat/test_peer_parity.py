@@ -117,3 +117,23 @@ def test_state_dicts_load_both_ways():
     ours.eval()
     peer.eval()
     assert torch.equal(ours(x)[1], peer(x)[1])
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_topk_matches_the_peer(training):
+    torch.manual_seed(2)
+    kw = dict(dim=16, codebook_size=40)
+    peer, ours = vqp.VectorQuantize(**kw), VectorQuantize(**kw)
+    ours.load_state_dict(peer.state_dict())
+    peer.train(training)
+    ours.train(training)
+    x = torch.randn(2, 30, 16)
+    mask = torch.rand(2, 30) > 0.2
+    qo, io, lo = ours(x, topk=4, mask=mask)
+    qp, ip, lp = peer(x, topk=4, mask=mask)
+    assert qo.shape == qp.shape and io.shape == ip.shape and lo.shape == lp.shape
+    assert torch.equal(io, ip)  # random data: no near ties among the 5 nearest
+    torch.testing.assert_close(qo, qp, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lo, lp, rtol=1e-5, atol=1e-7)
+    for k, v in ours.state_dict().items():  # topk updates no codebook, in either
+        assert torch.equal(v, peer.state_dict()[k])

@@ -107,6 +107,9 @@ def test_cosine_and_ip():
     _judge(idx, dist, -(x64 @ e64.T), 3)
     i1, _ = nearest_code(x, cb, metric="ip")
     assert torch.equal(i1, (x64 @ e64.T).argmax(1))
+    # a zero vector has cosine 0 with every code: exact ties, in index order, distance 1
+    idx, dist = nearest_code(torch.zeros(2, 6), cb, k=3, metric="cosine")
+    assert torch.equal(idx, torch.arange(3).expand(2, 3)) and (dist == 1).all()
 
 
 def test_dim_and_errors():

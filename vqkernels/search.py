@@ -8,8 +8,8 @@ implementation). The answer follows the exactness contract of the k = 1 search, 
 - squared L2: d_j = sum_d (x_d - e_d)^2 as float64 computes it from the input values, a NaN
   distance counting as +inf; the k codes with the smallest d_j, sorted by (d_j, j), so exact ties
   go to the lower index.
-- cosine: the same on x / ||x|| and e / ||e|| normalised in float64 (a zero vector stays zero);
-  the distance returned is 1 - cos = ||x^ - e^||^2 / 2.
+- cosine: the inner product below on x / ||x|| and e / ||e|| normalised in float64 (a zero
+  vector stays zero, so its cosine with anything is 0); the distance returned is 1 - cos.
 - ip (maximum inner product): s_j = sum_d x_d e_d as float64 computes it elementwise; the k largest,
   sorted by (-s_j, j); the distance returned is -s_j (smaller is nearer, as for the others).
 
@@ -62,6 +62,10 @@ def topk_rows(x: Tensor, codebook: Tensor, k: int, metric: str) -> tuple[Tensor,
         e = e * scale
     if metric == "cosine":
         e = torch.nn.functional.normalize(e, dim=1)
+        metric = "ip"  # on the unit vectors; 1 - cos is added back at the end
+        cosine = True
+    else:
+        cosine = False
     e_sq = (e * e).sum(1)
     code_ok = torch.isfinite(e_sq)
     e_max = float(e_sq[code_ok].max()) if bool(code_ok.any()) else 0.0
@@ -72,7 +76,7 @@ def topk_rows(x: Tensor, codebook: Tensor, k: int, metric: str) -> tuple[Tensor,
         xc = x[lo:lo + chunk].double()
         if scale != 1.0:
             xc = xc * scale
-        if metric == "cosine":
+        if cosine:
             xc = torch.nn.functional.normalize(xc, dim=1)
         xc_sq = (xc * xc).sum(1, keepdim=True)
         if metric == "ip":
@@ -110,6 +114,6 @@ def topk_rows(x: Tensor, codebook: Tensor, k: int, metric: str) -> tuple[Tensor,
                 vk[r], ck[r] = v1[0], c1[0]
         idx[lo:lo + chunk] = ck
         val[lo:lo + chunk] = vk / (scale * scale) if scale != 1.0 else vk
-    if metric == "cosine":
-        val = val * 0.5
+    if cosine:
+        val = val + 1.0
     return idx, val

@@ -4,3 +4,9 @@ from .quantize import VectorQuantizer, VQOutput, nearest_code, vq_quantize
 
 __all__ = ["vq_quantize", "nearest_code", "VQOutput", "VectorQuantizer", "available_backends"]
 __version__ = "0.1.0"
+
+# The VQ-VAE, so that `vqkernels.VQVAE.from_checkpoint(path)` is one import away (after the
+# quantizer names it is built on).
+from .model import VQVAE, VQVAEConfig  # noqa: E402
+
+__all__ += ["VQVAE", "VQVAEConfig"]

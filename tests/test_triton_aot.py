@@ -7,12 +7,17 @@ registers, shared memory, CTAs/SM and the loop facts per config (see them with `
 `python -m vqkernels.triton.aot`)."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 
 triton = pytest.importorskip("triton")
 aot = pytest.importorskip("vqkernels.triton.aot")
 
 ARCHS = (80, 90)
+# One compile per (kind, arch, dtype, D) for the whole module: the sm_90 tile test reads the same
+# reports as the spill test (each compile is a subprocess of tens of seconds on this machine).
+_reports = functools.cache(aot.reports_in_subprocess)
 sass = aot.sass
 HAVE_NVDISASM = sass.tool("nvdisasm") is not None
 
@@ -38,7 +43,7 @@ def _check(reports):
 @pytest.mark.parametrize("dtype,D", aot.SEARCH_CASES, ids=lambda v: str(v))
 def test_search_configs_compile_without_spills(arch, dtype, D):
     from vqkernels.triton import configs as cfg
-    reports = aot.reports_in_subprocess("search", arch, dtype, D)
+    reports = _reports("search", arch, dtype, D)
     _check(reports)
     # configs.smem_estimate, which prunes the configs per device, never underestimates.
     bd = cfg.block_d(D, dtype)
@@ -51,7 +56,7 @@ def test_search_configs_compile_without_spills(arch, dtype, D):
 @pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm_{a}")
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float64"])
 def test_other_kernels_compile_without_spills(arch, dtype):
-    _check(aot.reports_in_subprocess("other", arch, dtype, 256))
+    _check(_reports("other", arch, dtype, 256))
 
 
 @pytest.mark.skipif(not HAVE_NVDISASM, reason="nvdisasm not found (Triton's NVIDIA backend or the "
@@ -60,7 +65,7 @@ def test_other_kernels_compile_without_spills(arch, dtype):
 def test_sm90_has_a_wide_wgmma_tile(D):
     # F7: with per-column state the tiles stopped at n = 64 wgmma, half the operand reuse of
     # n = 128. The 16-bit set must keep a config that compiles to n >= 128 on sm_90.
-    reports = aot.reports_in_subprocess("search", 90, "bfloat16", D)
+    reports = _reports("search", 90, "bfloat16", D)
     _check(reports)
     assert max(r.wgmma_n or 0 for r in reports) >= 128, [aot.format_report(r) for r in reports]
 

@@ -540,7 +540,7 @@ std::vector<Case> make_cases(bool quick) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::vector<std::string> isas = {"avx512bf16", "avx512", "avx2", "neon", "scalar"};
+  std::vector<std::string> isas = {"avx512bf16", "avx512", "avx2", "avx2_i16", "neon", "scalar"};
   std::vector<std::string> require;
   std::string expect_auto;
   bool quick = false;

@@ -4,9 +4,11 @@
 // vpmaddwd (_mm256_madd_epi16) multiplies 16 int16 pairs and adds neighbours into 8 int32 lanes: 16
 // multiply-adds per instruction against an fp32 FMA's 8. Whether that is faster depends on the
 // core: on Zen 2/3 vpmaddwd issues on one pipe and FMA on two, so both peak at 16 multiply-adds per
-// cycle (benchmarks/fma_probe.cpp measures it); cores that issue vpmaddwd on two pipes (Intel since
-// Skylake) get twice the fp32 rate. vq_cpu.cpp therefore never picks this build by itself: it is
-// forced with VQK_CPU_ISA=avx2_i16 (measurements: benchmarks/results/cpu-avx2-i16.md).
+// cycle (benchmarks/fma_probe.cpp measures it). It is still 1.5-1.8x faster than the fp32 build
+// there from K, D = 256 on -- measured, not explained by the probe; presumably the fp32
+// micro-kernel is held back by its loads (a broadcast and a row vector per FMA pair), which the
+// int16 layout halves. vq_cpu.cpp picks it on AVX2 CPUs
+// without AVX-512 for K >= 64, D >= 16 (measurements: benchmarks/results/cpu-avx2-i16.md).
 //
 // Quantization (power-of-two scales, so rescaling is exact):
 //   code k: sigma_k = the smallest power of two >= 2^-100 with max_d |e_kd| <= Q sigma_k,

@@ -329,12 +329,13 @@ def test_int16_pass_sets_rows_aside_and_must(monkeypatch):
     cb = torch.cat([base, base + 0.04 * w / w.norm(dim=1, keepdim=True)])
     x = cb[torch.randint(0, 200, (2000,))] + 1e-3 * torch.randn(2000, D) / D ** 0.5
     ref, clear, _ = A.exact_answer(x, cb)
-    wrong = {}
+    wrong, set_aside = {}, {}
     for isa in ("avx2", "avx2_i16"):
         monkeypatch.setenv("VQK_CPU_ISA", isa)
-        before = native.module().cpu_exact_rows()
+        before, aside = native.module().cpu_exact_rows(), native.module().cpu_set_aside_rows()
         idx, _ = vqkernels.nearest_code(x, cb, backend="cpu")
         assert native.module().cpu_exact_rows() == before, isa  # fp32 proves these rows
+        set_aside[isa] = native.module().cpu_set_aside_rows() - aside
         assert torch.equal(idx[clear], ref[clear]), isa
         monkeypatch.setenv("VQK_DEBUG_APPROX_ONLY", "1")
         approx, _ = vqkernels.nearest_code(x, cb, backend="cpu")
@@ -342,6 +343,24 @@ def test_int16_pass_sets_rows_aside_and_must(monkeypatch):
         wrong[isa] = (approx[clear] != ref[clear]).float().mean().item()
     assert wrong["avx2"] == 0.0
     assert wrong["avx2_i16"] > 0.03, wrong
+    assert set_aside["avx2"] == 0
+    assert set_aside["avx2_i16"] >= 0.03 * x.shape[0], set_aside
+
+
+@pytest.mark.skipif(not (native.cpu_status() is None and _isa_runs("avx2_i16")),
+                    reason="this CPU cannot run the avx2_i16 kernels")
+@pytest.mark.parametrize("D", [16, 64, 300])
+def test_int16_pass_proves_clustered_rows(monkeypatch, D):
+    """Rows clearly nearest one code (a trained codebook's case): the int16 pass proves nearly all
+    of them itself -- its bound is not so loose that every row falls back to fp32."""
+    monkeypatch.setenv("VQK_CPU_ISA", "avx2_i16")
+    cb = torch.randn(128, D)
+    x = cb[torch.randint(0, 128, (3000,))] + 0.3 * torch.randn(3000, D)
+    before = native.module().cpu_set_aside_rows()
+    idx, _ = vqkernels.nearest_code(x, cb, backend="cpu")
+    assert native.module().cpu_set_aside_rows() - before < 0.02 * x.shape[0]
+    ref, clear, _ = A.exact_answer(x, cb)
+    assert torch.equal(idx[clear], ref[clear])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -77,6 +77,8 @@ const SearchKernels& kernels_neon();
 // Rows the exact re-search has measured since the module loaded (all threads; tests and
 // benchmarks read it around a call).
 extern int64_t g_exact_rows;
+// Rows a reduced-precision first pass set aside for the fp32 search (same use).
+extern int64_t g_set_aside_rows;
 
 // Persistent worker pool. Runs fn(ctx, tid) for tid in [0, nthreads) (the caller is tid 0) and
 // returns when all are done. One call at a time; a concurrent caller waits for the pool.

@@ -237,6 +237,7 @@ template <class E>
 void run_pending(const cpu::FwdJob& job, const Areas& a) {
   const int64_t c = a.pend->count;
   if (c == 0) return;
+  __atomic_fetch_add(&cpu::g_set_aside_rows, c, __ATOMIC_RELAXED);
   for (int64_t r = c; r < MR; ++r) {
     a.pend->rowno[r] = -1;
     for (int64_t d = 0; d < job.D; ++d) a.xp[d * MR + r] = 0.0f;
@@ -255,6 +256,19 @@ void search_tiles_i16(const cpu::FwdJob& job, int64_t t_lo, int64_t t_hi, float*
   // Nothing is proven when the codes are out of the fp32 bound's range (then every row would be
   // set aside: plain fp32 tiles instead) or the int16 values would be too coarse.
   const bool usable = Q >= kMinQ && En < 0x1p50;
+  const int qbits = 31 - __builtin_clz((unsigned)Q);
+  // The proof's quick form, linear in the lane's fp32 xx, L1 sum and tau: 6B <= 3 (quick_a +
+  // quick_b xx) (vq_cpu.cpp's quick_bound, never below `decide`'s 2B), 4 dd as below with l1x
+  // expanded; every constant enlarged by 2^-8 more for its rounding to float and the float
+  // evaluation of the sum (a few units of 2^-24 on positive terms) and of fl(v2 - v1). Never below
+  // the double test's right side, so it proves only what that test proves; +inf when quick_a is
+  // (E out of range, or the debug switch), then the double test decides.
+  const double kq = (1.0 + 0x1p-10) * (1.0 + 0x1p-8), lx = 1.0 + (Dd + 2.0) * u;
+  const float q_a = (float)((3.0 * (double)job.quick_a + 2.0 * S * Dd * 0x1p-126 * lx) * kq);
+  const float q_xx = (float)(3.0 * (double)job.quick_b * kq);
+  const float q_l1 = (float)(2.0 * S * lx * kq);
+  const float q_tau = (float)(2.0 * (L + 0.5 * Dd * S) * kq);
+  const __m256 Qf = _mm256_set1_ps((float)Q);
   alignas(64) float xx[MR], mx[MR], l1[MR], tau[MR], inv[MR];
   int64_t rowno[MR];
   for (int64_t t = t_lo; t < t_hi; ++t) {
@@ -284,19 +298,39 @@ void search_tiles_i16(const cpu::FwdJob& job, int64_t t_lo, int64_t t_hi, float*
         _mm256_store_ps(l1 + i * W, s[i]);
       }
     }
+    // tau per lane, pow2_scale's value in vectors: with 2^qbits <= Q < 2^(qbits+1) and
+    // 2^e <= m < 2^(e+1), t0 = 2^(e+1-qbits) has m < Q t0 and m >= Q t0 / 4, so tau is t0 or t0 / 2
+    // (2m <= Q t0, an exact compare: powers of two times values of <= 16 bits); 2^-100 below
+    // m = Q 2^-100. Lanes with m >= 2^60 (or NaN) are not provable and get inv = 0 below.
+    for (int i = 0; i < MRV; ++i) {
+      const __m256 m = _mm256_min_ps(_mm256_load_ps(mx + i * W), _mm256_set1_ps(0x1p60f));
+      const __m256i e = _mm256_srli_epi32(_mm256_castps_si256(m), 23);
+      const __m256 t0 = _mm256_castsi256_ps(
+          _mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(1 - qbits)), 23));
+      const __m256 half = _mm256_mul_ps(t0, _mm256_set1_ps(0.5f));
+      __m256 t = _mm256_blendv_ps(t0, half, _mm256_cmp_ps(_mm256_add_ps(m, m),
+                                                       _mm256_mul_ps(Qf, t0), _CMP_LE_OQ));
+      t = _mm256_blendv_ps(t, _mm256_set1_ps(0x1p-100f),
+                           _mm256_cmp_ps(m, _mm256_set1_ps(0x1p-100f * (float)Q), _CMP_LT_OQ));
+      _mm256_store_ps(tau + i * W, t);
+      _mm256_store_ps(inv + i * W, _mm256_div_ps(_mm256_set1_ps(1.0f), t));  // exact
+    }
     bool provable[MR];
     for (int r = 0; r < MR; ++r) {
       // Ordered compares: NaN or inf anywhere in the row makes xx NaN or inf, never provable.
       provable[r] = rowno[r] >= 0 && xx[r] < 0x1p100f && mx[r] < 0x1p60f;
-      const double s = provable[r] ? pow2_scale(mx[r], Q) : 1.0;
-      tau[r] = (float)s;
-      inv[r] = provable[r] ? (float)(1.0 / s) : 0.0f;
+      if (!provable[r]) tau[r] = 1.0f, inv[r] = 0.0f;
     }
     to_pairs_i16(a.xt, inv, D, a.xb);
     Top2 top;
     search_tile_i16(a.xb, job.packed_bf16, job.norms, job.code_aux, tau, job.panels, D2, top);
     for (int r = 0; r < MR; ++r) {
       if (rowno[r] < 0) continue;
+      // The quick form first (see q_a above): no square root, no double.
+      const float gap = top.v2[r] - top.v1[r];
+      if (provable[r] && top.v1[r] - top.v1[r] == 0.0f && gap < __builtin_inff() &&
+          gap > q_a + q_xx * xx[r] + q_l1 * l1[r] + q_tau * tau[r])
+        continue;
       bool ok = job.approx_only;  // VQK_DEBUG_APPROX_ONLY: the int16 pass's answer, unproven
       const double v1 = top.v1[r], v2 = top.v2[r];
       if (!ok && provable[r] && v1 - v1 == 0.0) {

@@ -33,9 +33,11 @@
 namespace vqk {
 namespace cpu {
 int64_t g_exact_rows = 0;
+int64_t g_set_aside_rows = 0;
 }  // namespace cpu
 
 int64_t cpu_exact_rows() { return __atomic_load_n(&cpu::g_exact_rows, __ATOMIC_RELAXED); }
+int64_t cpu_set_aside_rows() { return __atomic_load_n(&cpu::g_set_aside_rows, __ATOMIC_RELAXED); }
 
 namespace {
 

@@ -4,11 +4,12 @@
 // vpmaddwd (_mm256_madd_epi16) multiplies 16 int16 pairs and adds neighbours into 8 int32 lanes: 16
 // multiply-adds per instruction against an fp32 FMA's 8. Whether that is faster depends on the
 // core: on Zen 2/3 vpmaddwd issues on one pipe and FMA on two, so both peak at 16 multiply-adds per
-// cycle (benchmarks/fma_probe.cpp measures it). It is still 1.5-1.8x faster than the fp32 build
-// there from K, D = 256 on -- measured, not explained by the probe; presumably the fp32
-// micro-kernel is held back by its loads (a broadcast and a row vector per FMA pair), which the
-// int16 layout halves. vq_cpu.cpp picks it on AVX2 CPUs
-// without AVX-512 for K >= 64, D >= 16 (measurements: benchmarks/results/cpu-avx2-i16.md).
+// cycle (benchmarks/fma_probe.cpp measures 50.6 and 55.0 GMAC/s per core on a Zen 3 EPYC), and
+// with its per-row scaling and proof this build measured 0.88-0.96x the fp32 build's speed there
+// (one thread; about even with two).
+// vq_cpu.cpp therefore never picks it by itself: VQK_CPU_ISA=avx2_i16 forces it (for cores that
+// issue vpmaddwd on two pipes, e.g. Intel since Skylake, where it should pay -- unmeasured), and
+// benchmarks/results/cpu-avx2-i16.md has the measurements.
 //
 // Quantization (power-of-two scales, so rescaling is exact):
 //   code k: sigma_k = the smallest power of two >= 2^-100 with max_d |e_kd| <= Q sigma_k,
@@ -42,7 +43,7 @@
 // max ||e|| >= 2^50) is set aside and searched by the fp32 search of search_impl.h, which treats it
 // exactly as the avx2 build would (its proof, or the exact float64 re-search). Every row's answer
 // depends on that row alone, so which rows went which way changes the speed only.
-// A thread that sets aside more than an eighth of its first rows does plain fp32 tiles for the rest
+// A thread that sets aside more than a third of its first rows does plain fp32 tiles for the rest
 // of the call (the int16 pass then costs more than it saves).
 #include "cpu_internal.h"
 #include "simd_avx2.h"
@@ -350,7 +351,9 @@ void search_tiles_i16(const cpu::FwdJob& job, int64_t t_lo, int64_t t_hi, float*
       if (p.count == MR) run_pending<E>(job, a);
     }
     finish_tile<E>(job, rowno, a.xt, a.et, top.k1);
-    if (a.pend->seen >= 4 * MR && 8 * a.pend->deferred > a.pend->seen) a.pend->fp32_only = true;
+    // Break-even is near 45% set aside (an int16 tile costs ~0.55 of an fp32 one, plus the fp32
+    // search of what it set aside): a third leaves room for the pending tiles' overhead.
+    if (a.pend->seen >= 4 * MR && 3 * a.pend->deferred > a.pend->seen) a.pend->fp32_only = true;
   }
 }
 

@@ -181,11 +181,9 @@ bool debug_approx_only() {
 // ~10% slower than fp32, from K = 128 on 1.2-1.6x faster on rows that sit near one code).
 constexpr int64_t kBf16MinK = 128, kBf16MinD = 16;
 
-// The AVX2 int16 first pass (search_avx2_i16.cpp) measured on a Zen 3 EPYC (AVX2, no AVX-512), 2
-// threads, rows near codes: 1.5-1.8x the fp32 build's speed from K = 256, D = 256 and at
-// 65536 x 4096 x 64, about even at 8192 x 64 x 64 (benchmarks/results/cpu-avx2-i16.md). Smaller
-// problems are unmeasured and keep fp32. CPUs with AVX-512 keep their own builds.
-constexpr int64_t kI16MinK = 64, kI16MinD = 16;
+// The AVX2 int16 first pass (search_avx2_i16.cpp, VQK_CPU_ISA=avx2_i16) is never picked by itself:
+// on the Zen 3 EPYC it was measured on it runs at 0.88-0.96x the fp32 build's speed per thread (vpmaddwd
+// issues on one pipe there, so its peak equals fp32 FMA's; benchmarks/results/cpu-avx2-i16.md).
 
 // The kernels to use for a K x D codebook: the best this CPU runs, or the one VQK_CPU_ISA names
 // (read on every call so tests can force each path on one machine).
@@ -200,7 +198,7 @@ const cpu::SearchKernels& select_kernels([[maybe_unused]] int64_t K, [[maybe_unu
     if (cpu_has_avx512()) return cpu::kernels_avx512();
 #endif
 #if defined(VQK_HAVE_AVX2)
-    if (cpu_has_avx2()) return K >= kI16MinK && D >= kI16MinD ? cpu::kernels_avx2_i16() : cpu::kernels_avx2();
+    if (cpu_has_avx2()) return cpu::kernels_avx2();
 #endif
 #if defined(VQK_HAVE_NEON)
     if (cpu_has_neon()) return cpu::kernels_neon();

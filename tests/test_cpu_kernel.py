@@ -347,8 +347,8 @@ def test_int16_pass_sets_rows_aside_and_must(monkeypatch):
     assert set_aside["avx2_i16"] >= 0.03 * x.shape[0], set_aside
 
 
-@pytest.mark.skipif(not (native.cpu_status() is None and _isa_runs("avx2_i16")),
-                    reason="this CPU cannot run the avx2_i16 kernels")
+@pytest.mark.skipif(SKIP_REASONS["avx2_i16"] is not None,
+                    reason=f"cannot run the avx2_i16 kernels here: {SKIP_REASONS['avx2_i16']}")
 @pytest.mark.parametrize("D", [16, 64, 300])
 def test_int16_pass_proves_clustered_rows(monkeypatch, D):
     """Rows clearly nearest one code (a trained codebook's case): the int16 pass proves nearly all

@@ -96,6 +96,7 @@ __global__ void __launch_bounds__(kThreads, M::kMinBlocks) search_kernel(const F
   // part and zero-fills the rest, as do rows past N and vectors past D.
   auto copy_x = [&](S* dst, int ld, int64_t d0, int W) {
     const int vecs = W / VK;
+#pragma unroll kXUnroll
     for (int v = tid; v < BM * vecs; v += kThreads) {
       const int r = v / vecs, seg = v - r * vecs;
       const int64_t d = d0 + (int64_t)seg * VK;

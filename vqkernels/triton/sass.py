@@ -97,7 +97,7 @@ class LoopReport(NamedTuple):
     tensor_kinds: str            # e.g. "HGMMA.64x64x16.F32.BF16" (distinct, joined by "+")
     wgmma_n: int                 # widest wgmma N (0 without wgmma)
     dependent_loads: tuple       # ("LDG.E.U16 -> STS.U16", ...) see module docstring
-    calls: int                   # CALL instructions in the loop
+    calls: int                   # subroutine calls in the loop
 
 
 def parse(sass: str) -> dict:
@@ -181,7 +181,16 @@ def analyse(instrs, labels) -> LoopReport:
           for m in [re.match(r"HGMMA\.\d+x(\d+)x", i.op)] if m]
     return LoopReport(len(body), sum(is_tensor(i) for i in body), "+".join(kinds),
                       max(ns, default=0), tuple(dependent_loads(instrs, lp)),
-                      sum(i.base == "CALL" for i in body))
+                      sum(_is_call(i, labels) for i in body))
+
+
+def _is_call(ins: Instr, labels) -> bool:
+    """A call of a subroutine (the 64-bit division, say). ptxas also emits CALL to a label of the
+    same function as a way to reconverge a branch; that is control flow, not a call."""
+    if ins.base != "CALL" or not ins.operands:
+        return False
+    t = _TARGET.search(ins.operands[-1])
+    return not (t and t.group(1) in labels)
 
 
 def count_ops(instrs, prefix: str) -> int:

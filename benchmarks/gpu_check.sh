@@ -7,8 +7,12 @@
 # logs, a results table (results.md, results.png) and an environment summary into OUTDIR.
 # Wheels placed in .whl/ beside the checkout (e.g. vector-quantize-pytorch and its pure-Python
 # dependencies) are installed first into a private target directory. Budget: about 10 minutes.
-# VQK_GPU_STEPS="build tests" (any of: build backends tests sanitizer bench report) runs a subset,
-# so a machine that limits each command's time can take the check in pieces into one OUTDIR.
+# VQK_GPU_STEPS="build tests" (any of: build backends tests sanitizer bench report static) runs a
+# subset, so a machine that limits each command's time can take the check in pieces into one
+# OUTDIR. "static" (not in the default set: CPU only, minutes) writes the static report of the
+# kernels (registers, CTAs/SM, hot-loop SASS facts; docs/gpu-performance-model.md) beside the
+# measurements. Tuned autotune configs are kept in OUTDIR/autotune (vqkernels/triton/tuning.py):
+# the tests and benchmarks warm them up, and the file records what this GPU picked.
 set -uo pipefail
 steps=" ${VQK_GPU_STEPS:-build backends tests sanitizer bench report} "
 want() { [[ "$steps" == *" $1 "* ]]; }
@@ -43,6 +47,7 @@ fi
 cat "$out/env.txt"
 
 export VQK_CUDA=ON VQK_CUDA_ARCHS="${VQK_CUDA_ARCHS:-80;90}"
+export VQK_AUTOTUNE_CACHE="${VQK_AUTOTUNE_CACHE:-$out/autotune}"
 want build && step build 300 python3 setup.py build_ext --inplace
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 want backends && step backends 60 python3 -c "import vqkernels, pprint; pprint.pprint(vqkernels.available_backends())"
@@ -61,6 +66,8 @@ else
 fi
 want bench && step bench 600 python3 -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider \
   --benchmark-json="$out/bench.json"
+want static && step static-triton 900 python3 -m vqkernels.triton.aot
+want static && step static-cuda 600 python3 -m vqkernels.triton.aot --cuda
 want report && step report 60 python3 benchmarks/report.py "$out/bench.json" --out "$out/results" \
   --cmd "bash benchmarks/gpu_check.sh OUTDIR"
 echo "overall status: $status" | tee -a "$out/steps.txt"

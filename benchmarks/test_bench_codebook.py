@@ -36,11 +36,16 @@ def _batch(N, D, g):
     return torch.randn(N, D, generator=g).to(DEVICE)
 
 
-def _vq_pytorch(K, D, kind):
-    try:
-        from vector_quantize_pytorch import VectorQuantize
-    except ImportError as exc:
-        pytest.skip(f"vector-quantize-pytorch not installed ({exc})")
+def _vq_pytorch(K, D, kind, compat=False):
+    """The peer's VectorQuantize, or (compat) vqkernels.compat's with the same arguments: the
+    switch-by-import a user of the peer would make."""
+    if compat:
+        from vqkernels.compat import VectorQuantize
+    else:
+        try:
+            from vector_quantize_pytorch import VectorQuantize
+        except ImportError as exc:
+            pytest.skip(f"vector-quantize-pytorch not installed ({exc})")
     kw = dict(dim=D, codebook_size=K, commitment_weight=0.25, decay=0.99)
     if kind == "restart":
         kw["threshold_ema_dead_code"] = 2
@@ -50,7 +55,8 @@ def _vq_pytorch(K, D, kind):
 
 
 @pytest.mark.parametrize("impl", list(VQK) + ["vq-pytorch-ema", "vq-pytorch-ema-restart",
-                                              "vq-pytorch-ema-cosine"])
+                                              "vq-pytorch-ema-cosine", "vqk-compat-ema",
+                                              "vqk-compat-ema-restart", "vqk-compat-ema-cosine"])
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"{n}x{k}x{d}" for n, k, d in SHAPES])
 def test_train_step(run_case, shape, impl):
     N, K, D = shape
@@ -60,7 +66,7 @@ def test_train_step(run_case, shape, impl):
         vq = VectorQuantizer(K, D, **VQK[impl]).to(DEVICE).train()
         loss_of = lambda out: out.loss  # noqa: E731
     else:
-        vq = _vq_pytorch(K, D, impl.rsplit("-", 1)[-1])
+        vq = _vq_pytorch(K, D, impl.rsplit("-", 1)[-1], compat=impl.startswith("vqk-compat"))
         loss_of = lambda out: out[2]  # noqa: E731  (quantize, indices, loss)
     it = iter(range(1 << 30))
 

@@ -14,6 +14,8 @@ import time
 import pytest
 import torch
 
+import adversarial as A
+import vqkernels
 from vqkernels import backends, native, reference
 from vqkernels._layout import NULL_VIEW, RowPlan
 from helpers import FLOAT_DTYPES, WEIRD_SHAPES, assert_search_ok, make_inputs
@@ -22,7 +24,7 @@ from cpu_isas import ISA_PARAMS, SKIP_REASONS
 pytestmark = pytest.mark.skipif(native.cpu_status() is not None,
                                 reason=f"native CPU kernel: {native.cpu_status()}")
 
-# Rows per tile are 48 (avx512), 24 (avx2), 20 (neon), 4 (scalar); codes per panel 8, 4, 4, 4. These shapes put
+# Rows per tile are 48 (avx512), 24 (avx2, avx2_i16), 20 (neon), 4 (scalar); codes per panel 8, 4, 4, 4. These shapes put
 # N and K on both sides of those, and make enough work (> a few MFLOP) for a second thread to start.
 TILE_SHAPES = [(47, 7, 5), (48, 8, 16), (49, 9, 17), (97, 33, 31), (1000, 100, 70),
                (2000, 257, 33), (3001, 64, 129)]
@@ -257,7 +259,8 @@ def test_bad_isa_name_is_an_error(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# the bf16 search: an accelerator that must give the fp32 search's bits
+# the reduced-precision searches (avx512bf16, avx2_i16): accelerators that must give the fp32
+# search's bits
 
 def _bf16_regimes():
     K, D = 300, 40
@@ -283,23 +286,81 @@ def _bf16_regimes():
     yield "f16 input", (cb[pick[:900]] + 0.3 * torch.randn(900, D)).half(), cb.half()
     zc = torch.randn(4, D, 9, 17)
     yield "channel-first", zc, torch.randn(200, D)
+    # Far from the origin (the fp32 expansion cancels: set-aside rows reach the exact re-search),
+    # codes of very different magnitudes (per-code scales), and a D that makes int16 coarse.
+    yield "large mean", 1000 + torch.randn(600, D), 1000 + torch.randn(K, D)
+    yield "mixed scales", cb[pick[:900]] + 0.1 * torch.randn(900, D), cb * 10 ** (6 * torch.rand(K, 1) - 3)
+    wide = torch.randn(64, 700)
+    yield "D=700", wide[torch.randint(0, 64, (200,))] + 0.2 * torch.randn(200, 700), wide
 
 
-@pytest.mark.skipif(SKIP_REASONS["avx512bf16"] is not None,
-                    reason=f"cannot run the avx512bf16 kernels here: {SKIP_REASONS['avx512bf16']}")
+# Each reduced-precision first pass against the fp32 build of the same instruction set.
+REDUCED = [pytest.param(fast, fp32, id=fast, marks=[] if SKIP_REASONS[fast] is None else
+                        [pytest.mark.skip(reason=f"cannot run the {fast} kernels here: {SKIP_REASONS[fast]}")])
+           for fast, fp32 in [("avx512bf16", "avx512"), ("avx2_i16", "avx2")]]
+
+
+@pytest.mark.parametrize("fast,fp32", REDUCED)
 @pytest.mark.parametrize("nthreads", [1, 2])
-def test_bf16_search_gives_the_fp32_bits(monkeypatch, nthreads):
+def test_reduced_precision_search_gives_the_fp32_bits(monkeypatch, nthreads, fast, fp32):
     for name, z, cb in _bf16_regimes():
         dim = 1 if z.dim() == 4 else -1
-        monkeypatch.setenv("VQK_CPU_ISA", "avx512")
+        monkeypatch.setenv("VQK_CPU_ISA", fp32)
         want = forward_raw(z, cb, dim=dim, threads=nthreads)
-        monkeypatch.setenv("VQK_CPU_ISA", "avx512bf16")
+        monkeypatch.setenv("VQK_CPU_ISA", fast)
         got = forward_raw(z, cb, dim=dim, threads=nthreads)
         for w, g in zip(want, got):
             assert torch.equal(w, g) or (w.dtype.is_floating_point and torch.equal(w.isnan(), g.isnan())
                                          and torch.equal(w.nan_to_num(), g.nan_to_num())), name
         if name not in ("non-finite", "huge code"):
             check_forward(z, cb, dim, got)
+
+
+@pytest.mark.skipif(SKIP_REASONS["avx2_i16"] is not None,
+                    reason=f"cannot run the avx2_i16 kernels here: {SKIP_REASONS['avx2_i16']}")
+def test_int16_pass_sets_rows_aside_and_must(monkeypatch):
+    """Codes in pairs 0.04 apart: the fp32 search proves every row on its own (no exact re-search,
+    and its unproven answer is already right), but int16 resolution cannot tell the twins apart.
+    The int16 build must set those rows aside (its answer is still exact), and without its proof
+    (VQK_DEBUG_APPROX_ONLY=1, which keeps the int16 pass's best) many are wrong."""
+    D = 32
+    base = torch.randn(100, D)
+    w = torch.randn(100, D)
+    cb = torch.cat([base, base + 0.04 * w / w.norm(dim=1, keepdim=True)])
+    x = cb[torch.randint(0, 200, (2000,))] + 1e-3 * torch.randn(2000, D) / D ** 0.5
+    ref, clear, _ = A.exact_answer(x, cb)
+    wrong, set_aside = {}, {}
+    for isa in ("avx2", "avx2_i16"):
+        monkeypatch.setenv("VQK_CPU_ISA", isa)
+        before, aside = native.module().cpu_exact_rows(), native.module().cpu_set_aside_rows()
+        idx, _ = vqkernels.nearest_code(x, cb, backend="cpu")
+        assert native.module().cpu_exact_rows() == before, isa  # fp32 proves these rows
+        set_aside[isa] = native.module().cpu_set_aside_rows() - aside
+        assert torch.equal(idx[clear], ref[clear]), isa
+        monkeypatch.setenv("VQK_DEBUG_APPROX_ONLY", "1")
+        approx, _ = vqkernels.nearest_code(x, cb, backend="cpu")
+        monkeypatch.delenv("VQK_DEBUG_APPROX_ONLY")
+        wrong[isa] = (approx[clear] != ref[clear]).float().mean().item()
+    assert wrong["avx2"] == 0.0
+    assert wrong["avx2_i16"] > 0.03, wrong
+    assert set_aside["avx2"] == 0
+    assert set_aside["avx2_i16"] >= 0.03 * x.shape[0], set_aside
+
+
+@pytest.mark.skipif(SKIP_REASONS["avx2_i16"] is not None,
+                    reason=f"cannot run the avx2_i16 kernels here: {SKIP_REASONS['avx2_i16']}")
+@pytest.mark.parametrize("D", [16, 64, 300])
+def test_int16_pass_proves_clustered_rows(monkeypatch, D):
+    """Rows clearly nearest one code (a trained codebook's case): the int16 pass proves nearly all
+    of them itself -- its bound is not so loose that every row falls back to fp32."""
+    monkeypatch.setenv("VQK_CPU_ISA", "avx2_i16")
+    cb = torch.randn(128, D)
+    x = cb[torch.randint(0, 128, (3000,))] + 0.3 * torch.randn(3000, D)
+    before = native.module().cpu_set_aside_rows()
+    idx, _ = vqkernels.nearest_code(x, cb, backend="cpu")
+    assert native.module().cpu_set_aside_rows() - before < 0.02 * x.shape[0]
+    ref, clear, _ = A.exact_answer(x, cb)
+    assert torch.equal(idx[clear], ref[clear])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -73,12 +73,18 @@ def _demangle(names):
 
 
 @pytest.fixture(scope="module")
-def usage(tmp_path_factory):
+def cubins(tmp_path_factory):
+    """{(source, arch): (ptxas report, cubin path)}: one compile serves every check here."""
     out = tmp_path_factory.mktemp("cubins")
     jobs = [(src, arch) for arch in ARCHS for src in SOURCES]
     with concurrent.futures.ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool:
         texts = list(pool.map(lambda j: _compile(j[0], j[1], out), jobs))
-    return {job: parse_ptxas(text) for job, text in zip(jobs, texts)}
+    return {job: (text, out / f"{job[0].stem}.sm_{job[1]}.cubin") for job, text in zip(jobs, texts)}
+
+
+@pytest.fixture(scope="module")
+def usage(cubins):
+    return {job: parse_ptxas(text) for job, (text, _) in cubins.items()}
 
 
 def test_parser_reads_ptxas_report():
@@ -123,5 +129,41 @@ def test_every_dtype_has_its_kernels_on_every_arch(usage):
                            "14segjoin_kernelI"):
                 want = kernel + mangled
                 got = [n for n in names if want in n]
-                expect = 2 if kernel in ("13search_kernelI", "11rows_kernelI") else 1
+                expect = {"13search_kernelI": 3, "11rows_kernelI": 2}.get(kernel, 1)
                 assert len(got) == expect, f"sm_{arch}: {kernel[2:-1]}<{label}> x{len(got)}"
+
+
+# ------------------------------------------------------------------------------------------------
+# SASS of the search kernels (vqkernels.triton.sass, cuobjdump -res-usage + nvdisasm): what the
+# step loop does. `python -m vqkernels.triton.aot --cuda` prints the same table.
+
+def _sass_reports(cubins, arch):
+    aot = pytest.importorskip("vqkernels.triton.aot")
+    if aot.sass.tool("nvdisasm") is None or aot.sass.tool("cuobjdump") is None:
+        pytest.skip("nvdisasm / cuobjdump not found (Triton's NVIDIA backend or the CUDA toolkit)")
+    reps = aot.cuda_reports(str(cubins[(ROOT / "csrc" / "cuda" / "forward_mma.cu", arch)][1]),
+                            int(arch))
+    print("\n" + "\n".join(aot.format_report(r) for r in reps))
+    return reps
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_mma_search_step_loop(cubins, arch):
+    reps = _sass_reports(cubins, arch)
+    variants = ("x resident", "x staged cp.async", "x staged scalar (strided x)")
+    assert sorted((r.dtype, r.config) for r in reps) == sorted(
+        (d, v) for d in ("bfloat16", "float16") for v in variants)
+    for r in reps:
+        # 8 warps x (64 x 32) warp tiles x 32-deep steps: 4 x 4 m16n8k16 MMAs twice per warp.
+        assert r.tensor_ops == 32 and r.tensor_kinds.startswith("HMMA.16816.F32"), r
+        assert r.ctas_per_sm >= 1 and r.spill_store == r.spill_load == 0, r
+        # F8: no subroutine call (64-bit division) in the step loop: 32-bit carried counters.
+        assert r.calls == 0, r
+    # With x resident, or staged by cp.async (contiguous rows), nothing in the step loop waits
+    # for global memory: the codebook and x arrive by cp.async, the norms of the next tile are
+    # loaded a tile ahead (F2). Only strided x (channel-first input) is still loaded element by
+    # element, and its loads are dependent; the report shows it.
+    fast = [r for r in reps if r.config != "x staged scalar (strided x)"]
+    assert all(not r.dependent_loads for r in fast), fast
+    slow = [r for r in reps if r.config == "x staged scalar (strided x)"]
+    assert all(r.dependent_loads for r in slow), slow  # the analysis still sees them

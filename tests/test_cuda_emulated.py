@@ -319,6 +319,29 @@ def test_close_codes_split_codebook_long_rows_every_variant(emulated, monkeypatc
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("N,D", [(100, 136), (1, 129)], ids=["aligned-rows", "one-row"])
+def test_staged_x_by_cp_async(emulated, monkeypatch, dtype, N, D):
+    # Review F2: rows too long to stay resident, contiguous and 16-byte aligned (D a whole number
+    # of vectors, or a single row), are staged by 16-byte cp.async with the codebook chunk; the
+    # last chunk runs past D (zero-filled), and with one row of D = 129 the last vector straddles
+    # D. Exact, and bitwise the outputs of the resident path; a channel-first view of the same
+    # rows (element path) agrees too.
+    K = 1200
+    seed = _seed()
+    z, cb = cases.far_groups(N, K, D, dtype, 64, seed)
+    outs = []
+    for mode in (_STAGED[dtype], "h100"):
+        _mode(monkeypatch, mode)
+        outs.append(_forward(z, cb))
+        _check_exact(z, cb, outs[-1], seed, min_judged=0.0 if N == 1 else 0.5)
+    assert all(torch.equal(a, b) for a, b in zip(*outs)), f"seed {seed}"
+    _mode(monkeypatch, _STAGED[dtype])
+    zt = z.t().contiguous().t()  # the same rows, element stride N
+    strided = _forward(zt, cb)
+    assert all(torch.equal(a, b) for a, b in zip(outs[0], strided)), f"seed {seed}"
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("copies", [3, 5])
 def test_duplicated_codes_far_from_origin_go_to_the_lowest_index(emulated, monkeypatch, dtype,
                                                                  copies):
@@ -535,6 +558,25 @@ def test_deterministic_codebook_gradient_is_bitwise_repeatable(emulated, monkeyp
         assert emulated.calls[-1][1][-2] is True
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_deterministic_codebook_gradient_under_collapse(emulated, monkeypatch, dtype):
+    """Review F3: almost every row on one code, a run of sorted rows across several superchunks
+    (32 chunks of 128): joined a superchunk at a time (summed in parallel beforehand) in a fixed
+    order. Bitwise the same under other warp schedules, and the reference's values."""
+    monkeypatch.setenv("VQK_DETERMINISTIC", "1")
+    N, K, D = 3 * 4096 + 700, 5, 3
+    z, cb = make_inputs(N, K, D, dtype)
+    idx = torch.where(torch.rand(N) < 0.97, 1, torch.randint(0, K, (N,)))
+    idx[: N // 3] = torch.where(torch.rand(N // 3) < 0.5, 0, 1)  # a second run, not collapsed
+    gcb = torch.rand(N, dtype=reference.acc_dtype(dtype))
+    runs = []
+    for seed in ("0", "9"):
+        monkeypatch.setenv("VQK_EMU_SEED", seed)
+        runs.append(_backward(z, cb, idx, None, gcb, None)[1])
+    assert torch.equal(runs[0], runs[1])
+    _check_backward(z, cb, idx, None, gcb, None, (torch.zeros_like(z), runs[0]))
 
 
 @pytest.mark.parametrize("det", [False, True], ids=["atomics", "deterministic"])

@@ -21,7 +21,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / ".ci" / "native_checks.sh"
-ISAS = ["avx512bf16", "avx512", "avx2", "neon", "scalar"]
+ISAS = ["avx512bf16", "avx512", "avx2", "avx2_i16", "neon", "scalar"]
 
 
 def _missing(target):

@@ -8,6 +8,7 @@ of issue 13 (last section) by index equality with the float64 argmin on clearly 
 from __future__ import annotations
 
 import math
+import secrets
 
 import pytest
 import torch
@@ -296,6 +297,33 @@ def test_deterministic_backward_is_bitwise_repeatable(monkeypatch):
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
     gz_d, gcb_d = launch.backward(z, -1, cb, idx, None, g, g, RowPlan(z, -1))
     assert torch.equal(gcb_d, runs[0][1])
+
+
+@pytest.mark.parametrize("piece_rows", [32, 96, None], ids=["piece32", "piece96", "default"])
+def test_deterministic_backward_under_codebook_collapse(piece_rows):
+    """Review F3: nearly every row on one code (a collapsed codebook). The deterministic sum is
+    cut into pieces of sorted rows summed by separate programs and joined in piece order: the
+    same bits every run, the reference's values to rounding, and the codes of one piece untouched
+    by the join."""
+    launch = _launch()
+    gen = torch.Generator().manual_seed(secrets.randbits(32))
+    N, K, D = 1000, 6, 20
+    z = torch.randn(N, D, generator=gen).to(DEVICE)
+    cb = torch.randn(K, D, generator=gen).to(DEVICE)
+    idx = torch.full((N,), 3, dtype=torch.long)
+    idx[torch.randperm(N, generator=gen)[:7]] = torch.tensor([0, 0, 1, 5, 5, 5, 2])
+    idx = idx.to(DEVICE)
+    g = torch.rand(N, generator=gen).to(DEVICE)
+    runs = [launch.backward(z, -1, cb, idx, None, g, None, RowPlan(z, -1), deterministic=True,
+                            piece_rows=piece_rows)[1] for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+    ref = reference.backward(z.cpu(), cb.cpu(), idx.cpu(), -1, None, g.cpu(), None)[1]
+    tol = _cb_tolerance(z, cb, idx.cpu(), 2 * g.max())
+    assert ((runs[0].cpu().double() - ref.double()).abs() <= tol).all()
+    assert (runs[0][4] == 0).all()  # a code with no rows
+    with pytest.raises(ValueError, match="piece_rows"):
+        launch.backward(z, -1, cb, idx, None, g, None, RowPlan(z, -1), deterministic=True,
+                        piece_rows=40)
 
 
 def test_gradient_routing():

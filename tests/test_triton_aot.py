@@ -1,8 +1,13 @@
 """Ahead-of-time compile of the Triton kernels for sm_80 and sm_90 (no GPU needed): every
 autotune config of the search kernel, plus the split-K merge and backward kernels. Asserts that
-ptxas reports no spills and that shared memory fits the arch; prints registers and shared memory
-per config (see them with `pytest -s` or `python -m vqkernels.triton.aot`)."""
+ptxas reports no spills and that shared memory fits the arch, and, from the SASS
+(vqkernels.triton.sass), that the search's hot loop runs on the tensor cores with no global load
+whose latency it waits for (review F6), and that sm_90 gets an n >= 128 wgmma tile (F7). Prints
+registers, shared memory, CTAs/SM and the loop facts per config (see them with `pytest -s` or
+`python -m vqkernels.triton.aot`)."""
 from __future__ import annotations
+
+import functools
 
 import pytest
 
@@ -10,6 +15,11 @@ triton = pytest.importorskip("triton")
 aot = pytest.importorskip("vqkernels.triton.aot")
 
 ARCHS = (80, 90)
+# One compile per (kind, arch, dtype, D) for the whole module: the sm_90 tile test reads the same
+# reports as the spill test (each compile is a subprocess of tens of seconds on this machine).
+_reports = functools.cache(aot.reports_in_subprocess)
+sass = aot.sass
+HAVE_NVDISASM = sass.tool("nvdisasm") is not None
 
 
 def _check(reports):
@@ -21,13 +31,19 @@ def _check(reports):
         if r.kernel == "vq_search":
             # The search must run on the tensor cores (wgmma or mma.sync), fp64 included (DMMA).
             assert r.mma != "none", aot.format_report(r)
+            assert r.ctas_per_sm >= 1, aot.format_report(r)
+            if r.tensor_ops is not None:
+                # ... in its hot loop, and no load there may stall the loop (F6: the code norms
+                # loaded after the MMA wait made every tile wait an L2 round trip).
+                assert r.tensor_ops > 0, aot.format_report(r)
+                assert not r.dependent_loads, aot.format_report(r)
 
 
 @pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm_{a}")
 @pytest.mark.parametrize("dtype,D", aot.SEARCH_CASES, ids=lambda v: str(v))
 def test_search_configs_compile_without_spills(arch, dtype, D):
     from vqkernels.triton import configs as cfg
-    reports = aot.reports_in_subprocess("search", arch, dtype, D)
+    reports = _reports("search", arch, dtype, D)
     _check(reports)
     # configs.smem_estimate, which prunes the configs per device, never underestimates.
     bd = cfg.block_d(D, dtype)
@@ -40,4 +56,58 @@ def test_search_configs_compile_without_spills(arch, dtype, D):
 @pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm_{a}")
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float64"])
 def test_other_kernels_compile_without_spills(arch, dtype):
-    _check(aot.reports_in_subprocess("other", arch, dtype, 256))
+    _check(_reports("other", arch, dtype, 256))
+
+
+@pytest.mark.skipif(not HAVE_NVDISASM, reason="nvdisasm not found (Triton's NVIDIA backend or the "
+                                               "CUDA toolkit): no SASS to read")
+@pytest.mark.parametrize("D", [64, 256])
+def test_sm90_has_a_wide_wgmma_tile(D):
+    # F7: with per-column state the tiles stopped at n = 64 wgmma, half the operand reuse of
+    # n = 128. The 16-bit set must keep a config that compiles to n >= 128 on sm_90.
+    reports = _reports("search", 90, "bfloat16", D)
+    _check(reports)
+    assert max(r.wgmma_n or 0 for r in reports) >= 128, [aot.format_report(r) for r in reports]
+
+
+# A hand-written loop in nvdisasm's format: the analysis itself, without any tool.
+_SASS = """
+	.text.k:
+k:
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/              @!P0 LDG.E.64 R2, desc[UR4][R10.64] ;
+        /*0020*/                   LDG.E R8, desc[UR4][R12.64] ;
+        /*0030*/                   LDGSTS.E.BYPASS.128 [R9], desc[UR4][R6.64], P1 ;
+        /*0040*/                   HMMA.16816.F32.BF16 R20, R4, R6, R20 ;
+        /*0050*/                   FADD R24, -R20, R2 ;
+        /*0060*/                   LDG.E.U16 R5, desc[UR4][R14.64] ;
+        /*0070*/                   STS.U16 [R7+0x100], R5 ;
+        /*0080*/                   FADD R25, R8, R25 ;
+        /*0090*/               @P2 BRA `(.L_x_0) ;
+        /*00a0*/                   EXIT ;
+"""
+
+
+def test_sass_analysis_finds_dependent_loads():
+    (ins, labels), = sass.parse(_SASS).values()
+    r = sass.analyse(ins, labels)
+    assert r.instructions == 9 and r.tensor_ops == 1 and r.tensor_kinds == "HMMA.16816.F32.BF16"
+    # R2 is covered by the HMMA, cp.async never counts; R5 goes straight to shared memory and
+    # R8, loaded before the HMMA, is read after it: only the U16 load is dependent.
+    assert r.dependent_loads == ("LDG.E.U16 -> STS.U16",)
+    # With the MMA moved after the uses, nothing covers the first two loads either.
+    hmma = "HMMA.16816.F32.BF16 R20, R4, R6, R20"
+    moved = _SASS.replace(hmma, "NOP").replace("@P2 BRA", hmma + " ;\n /*0088*/ @P2 BRA")
+    (ins2, labels2), = sass.parse(moved).values()
+    r2 = sass.analyse(ins2, labels2)
+    assert r2.tensor_ops == 1 and len(r2.dependent_loads) == 3, r2
+
+
+def test_ctas_per_sm():
+    # 256 threads at 170 registers: 8 warps x 6 x 256-register units = 47 KiB of the 64 KiB file.
+    assert sass.ctas_per_sm(90, 170, 99 * 1024, 8) == 1
+    assert sass.ctas_per_sm(90, 128, 40 * 1024, 8) == 2        # registers: 2 x 32 KiB
+    assert sass.ctas_per_sm(90, 64, 100 * 1024, 8) == 2        # shared memory: 228 / 101
+    assert sass.ctas_per_sm(80, 64, 100 * 1024, 8) == 1        # sm_80 has 164 KiB
+    assert sass.ctas_per_sm(90, 32, 0, 4) == 16                # warps: 64 / 4

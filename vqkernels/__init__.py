@@ -9,3 +9,9 @@ __all__ = ["vq_quantize", "nearest_code", "VQOutput", "VectorQuantizer", "availa
            "residual_vq", "grouped_vq", "codes_from_indices", "grouped_codes_from_indices",
            "RVQOutput", "GVQOutput", "ResidualVectorQuantizer", "GroupedVectorQuantizer"]
 __version__ = "0.1.0"
+
+# The VQ-VAE, so that `vqkernels.VQVAE.from_checkpoint(path)` is one import away (after the
+# quantizer names it is built on).
+from .model import VQVAE, VQVAEConfig  # noqa: E402
+
+__all__ += ["VQVAE", "VQVAEConfig"]

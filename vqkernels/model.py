@@ -151,6 +151,23 @@ class VQVAE(nn.Module):
                                   kmeans_init=True)  # unless init_codebook runs first
         self.decoder = Decoder(c)
 
+    @classmethod
+    def from_checkpoint(cls, path, *, device="cpu", backend: str = "auto") -> "VQVAE":
+        """The trained model of a `python -m vqkernels.train` run, in eval mode: `path` is its
+        checkpoint.pt or its --out folder. The documented way to load a model (and the tokenizer:
+        `model.encode(images)` gives the token grids, `model.decode(tokens)` the images).
+
+        Loads with weights_only (a checkpoint cannot run code) after checking the CRC of every
+        record; a missing, damaged or foreign file raises FileNotFoundError / ValueError saying
+        which. `backend` picks the quantizer's kernel, as in the constructor; `device` where the
+        weights go."""
+        from . import _io
+        model = _io.model_from_checkpoint(_io.load_checkpoint(path, arg="path"), device=device,
+                                          backend=backend)
+        if not isinstance(model, cls):
+            raise TypeError(f"{path} holds a {type(model).__name__}, not a {cls.__name__}")
+        return model
+
     @property
     def backend(self) -> str:
         return self.vq.backend

@@ -87,28 +87,78 @@ def _check_finite(z_e, codebook, z_name):
         raise ValueError("codebook contains NaN or infinite values (check_finite=True)")
 
 
-def nearest_code(x: Tensor, codebook: Tensor, *, dim: int = -1, backend: str = "auto",
+def nearest_code(x: Tensor, codebook: Tensor, *, k: int = 1, metric: str = "l2",
+                 channel_dim: int | None = None, dim: int | None = None, backend: str = "auto",
                  check_finite: bool = False) -> tuple[Tensor, Tensor]:
-    """Nearest code of every vector of `x` (..., D) in `codebook` (K, D), squared L2, ties to the
-    lowest index. Returns (indices int64 of x's shape without `dim`, sqdist: the squared distance to
-    the chosen code, float32 -- float64 for float64 input). No autograd."""
-    dim = _check(x, codebook, dim, backend, "x")
+    """Nearest code of every vector of `x` (..., D) in `codebook` (K, D). No autograd.
+
+    Returns (indices int64, distances): with k = 1 both have x's shape without `dim`; with k > 1 a
+    last axis of k, nearest first. Distances are float32 (float64 for float64 input).
+    metric: "l2" (the default): squared Euclidean distance, the fused kernels' exact search for
+    k = 1; "cosine": 1 - cos(x, e); "ip": maximum inner product, distance -x.e. Ties go to the
+    lowest index, judged on float64 values (see vqkernels/search.py): k > 1 and the cosine and
+    ip metrics run a chunked float64 search (O(rows-per-chunk x K) memory, never N x K), not the
+    fused kernels. channel_dim: the axis of x holding each vector's D values (default -1); `dim`
+    is its deprecated former name, as in vq_quantize.
+    """
+    from . import search  # on use: plain k = 1 L2 searches never need it
+    dim = _check(x, codebook, _channel_axis(channel_dim, dim), backend, "x")
+    if metric not in search.METRICS:
+        raise ValueError(f"metric must be one of {search.METRICS}, got {metric!r}")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= codebook.shape[0]:
+        raise ValueError(f"k must be an int in [1, K={codebook.shape[0]}], got {k!r}")
     if check_finite:
         _check_finite(x, codebook, "x")
-    if ops.use_triton_ops(backend, x.device):
-        return torch.ops.vqkernels.triton_nearest_code(x.detach(), codebook.detach(), dim)
-    return torch.ops.vqkernels.nearest_code(x.detach(), codebook.detach(), dim, backend)
+    if k == 1 and metric == "l2":
+        if ops.use_triton_ops(backend, x.device):
+            return torch.ops.vqkernels.triton_nearest_code(x.detach(), codebook.detach(), dim)
+        return torch.ops.vqkernels.nearest_code(x.detach(), codebook.detach(), dim, backend)
+    moved = x.movedim(dim, -1)
+    idx, val = search.topk_rows(moved.reshape(-1, codebook.shape[1]), codebook, k, metric)
+    lead = moved.shape[:-1]
+    out_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if k == 1:
+        return idx.reshape(lead), val.to(out_dtype).reshape(lead)
+    return idx.reshape(*lead, k), val.to(out_dtype).reshape(*lead, k)
 
 
-def vq_quantize(z_e: Tensor, codebook: Tensor, *, beta: float = 0.25, dim: int = -1,
-                backend: str = "auto", check_finite: bool = False) -> VQOutput:
-    """Straight-through vector quantization of `z_e` along `dim` against `codebook` (K, D).
+def vq_quantize(z_e: Tensor, codebook: Tensor, *, beta: float = 0.25,
+                channel_dim: int | None = None, dim: int | None = None, backend: str = "auto", check_finite: bool = False,
+                rotation_trick: bool = False) -> VQOutput:
+    """Straight-through vector quantization of `z_e` along `channel_dim` against `codebook` (K, D).
 
     One fused pass finds the nearest code, gathers it and computes each row's exact squared error;
     the two VQ losses come from that error. No N x K tensor is ever made.
+
+    channel_dim: the axis of z_e that holds the D values of each vector (default -1), the name
+    `VectorQuantizer` uses for it. `dim` is its former name, still accepted (deprecated: in
+    `VectorQuantizer(num_codes, dim)` `dim` means the code size D, not an axis).
+
+    rotation_trick: z_q's gradient reaches z_e through the rotation and rescaling that maps z_e
+    onto its code (Fifty et al. 2024; vqkernels/rotation.py: O(N D), no D x D matrix) instead of
+    the straight-through identity. The losses and their gradients are unchanged.
     """
-    return _vq_quantize(z_e, codebook, beta=beta, dim=dim, backend=backend,
-                        check_finite=check_finite)[0]
+    if not isinstance(rotation_trick, bool):
+        raise TypeError(f"rotation_trick must be a bool, got {rotation_trick!r}")
+    axis = _channel_axis(channel_dim, dim)
+    out = _vq_quantize(z_e, codebook, beta=beta, dim=axis, backend=backend,
+                       check_finite=check_finite)[0]
+    if rotation_trick and z_e.requires_grad:
+        from .rotation import rotate_to
+        out = out._replace(z_q=rotate_to(z_e, out.z_q.detach(), axis))
+    return out
+
+
+def _channel_axis(channel_dim, dim) -> int:
+    """The channel axis from `channel_dim` or its deprecated alias `dim` (not both)."""
+    if channel_dim is not None and dim is not None:
+        raise TypeError(f"pass the channel axis as channel_dim= (or its former name dim=), not "
+                        f"both (got channel_dim={channel_dim!r}, dim={dim!r})")
+    if channel_dim is None:
+        return -1 if dim is None else dim
+    if isinstance(channel_dim, bool) or not isinstance(channel_dim, int):
+        raise TypeError(f"channel_dim must be an int, got {type(channel_dim).__name__}")
+    return channel_dim
 
 
 def _check_beta(beta):

@@ -41,6 +41,12 @@ struct FwdJob {
   // fl(v2 - v1) > quick_a + quick_b * fl(||x||^2), a bound linear in ||x||^2 that never undercuts
   // `decide`'s; +inf when E is out of range (then only `decide` runs).
   float quick_a, quick_b;
+  // Only for kernels with `i16` set (search_avx2_i16.cpp): packed_bf16 then holds int16 pairs
+  // (the same layout), and code_aux 2 * panels * nr floats: each code's power-of-two scale, then an
+  // upper bound of its L1 norm (both 0 for padding). vq_cpu.cpp fills the two maxima over the
+  // finite codes after packing.
+  float* code_aux = nullptr;
+  double max_code_scale = 0.0, max_code_l1 = 0.0;
 };
 
 // What one instruction set provides. `search` handles row tiles [tile_lo, tile_hi) of `mr` rows
@@ -56,6 +62,7 @@ struct SearchKernels {
   void (*flush)(const FwdJob& job, float* scratch);
   int64_t (*scratch_floats)(int64_t D);
   bool bf16;  // wants packed_bf16 and max_code_norm
+  bool i16 = false;  // wants packed_bf16 (as int16 pairs), code_aux and its maxima
   // Residual VQ (issue 17), fp32 only: row tiles [tile_lo, tile_hi) through every stage, with
   // residual_scratch_floats(D) floats of 64-byte aligned scratch private to the thread. Null in
   // a build that has none (avx512bf16: the caller takes the plain avx512 build's).
@@ -81,6 +88,7 @@ struct ResidualJob {
 // x86-64 only; the NEON build on aarch64, where it needs no flags).
 const SearchKernels& kernels_scalar();
 const SearchKernels& kernels_avx2();
+const SearchKernels& kernels_avx2_i16();
 const SearchKernels& kernels_avx512();
 const SearchKernels& kernels_avx512bf16();
 const SearchKernels& kernels_neon();
@@ -88,6 +96,8 @@ const SearchKernels& kernels_neon();
 // Rows the exact re-search has measured since the module loaded (all threads; tests and
 // benchmarks read it around a call).
 extern int64_t g_exact_rows;
+// Rows a reduced-precision first pass set aside for the fp32 search (same use).
+extern int64_t g_set_aside_rows;
 
 // Persistent worker pool. Runs fn(ctx, tid) for tid in [0, nthreads) (the caller is tid 0) and
 // returns when all are done. One call at a time; a concurrent caller waits for the pool.

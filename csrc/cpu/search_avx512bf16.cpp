@@ -184,6 +184,7 @@ template <class E>
 void run_pending(const cpu::FwdJob& job, const Areas& a) {
   const int64_t c = a.pend->count;
   if (c == 0) return;
+  __atomic_fetch_add(&cpu::g_set_aside_rows, c, __ATOMIC_RELAXED);
   for (int64_t r = c; r < MR; ++r) {
     a.pend->rowno[r] = -1;
     for (int64_t d = 0; d < job.D; ++d) a.xp[d * MR + r] = 0.0f;
@@ -305,7 +306,7 @@ void flush_bf16(const cpu::FwdJob& job, float* scratch) {
 namespace cpu {
 const SearchKernels& kernels_avx512bf16() {
   static const SearchKernels k{"avx512bf16", MR, NR, pack_any_bf16, search_any_bf16, flush_bf16,
-                               bf16_scratch_floats, true, nullptr, nullptr};
+                               bf16_scratch_floats, true, false, nullptr, nullptr};
   return k;
 }
 }  // namespace cpu

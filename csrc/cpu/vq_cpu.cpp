@@ -33,9 +33,11 @@
 namespace vqk {
 namespace cpu {
 int64_t g_exact_rows = 0;
+int64_t g_set_aside_rows = 0;
 }  // namespace cpu
 
 int64_t cpu_exact_rows() { return __atomic_load_n(&cpu::g_exact_rows, __ATOMIC_RELAXED); }
+int64_t cpu_set_aside_rows() { return __atomic_load_n(&cpu::g_set_aside_rows, __ATOMIC_RELAXED); }
 
 namespace {
 
@@ -179,6 +181,10 @@ bool debug_approx_only() {
 // ~10% slower than fp32, from K = 128 on 1.2-1.6x faster on rows that sit near one code).
 constexpr int64_t kBf16MinK = 128, kBf16MinD = 16;
 
+// The AVX2 int16 first pass (search_avx2_i16.cpp, VQK_CPU_ISA=avx2_i16) is never picked by itself:
+// on the Zen 3 EPYC it was measured on it runs at 0.88-0.96x the fp32 build's speed per thread (vpmaddwd
+// issues on one pipe there, so its peak equals fp32 FMA's; benchmarks/results/cpu-avx2-i16.md).
+
 // The kernels to use for a K x D codebook: the best this CPU runs, or the one VQK_CPU_ISA names
 // (read on every call so tests can force each path on one machine).
 const cpu::SearchKernels& select_kernels([[maybe_unused]] int64_t K, [[maybe_unused]] int64_t D) {
@@ -214,6 +220,13 @@ const cpu::SearchKernels& select_kernels([[maybe_unused]] int64_t K, [[maybe_unu
     return cpu::kernels_avx512();
 #endif
   }
+  if (want == "avx2_i16") {
+    if (!cpu_has_avx2())
+      throw std::runtime_error("VQK_CPU_ISA=avx2_i16, but this CPU (or this build) lacks AVX2/FMA/F16C");
+#if defined(VQK_HAVE_AVX2)
+    return cpu::kernels_avx2_i16();
+#endif
+  }
   if (want == "avx2") {
     if (!cpu_has_avx2())
       throw std::runtime_error("VQK_CPU_ISA=avx2, but this CPU (or this build) lacks AVX2/FMA/F16C");
@@ -224,12 +237,12 @@ const cpu::SearchKernels& select_kernels([[maybe_unused]] int64_t K, [[maybe_unu
   if (want == "neon") {
     if (!cpu_has_neon())
       throw std::runtime_error("VQK_CPU_ISA=neon, but this is not an aarch64 build with Advanced SIMD "
-                               "(NEON is the aarch64 path; x86-64 has avx512bf16, avx512, avx2)");
+                               "(NEON is the aarch64 path; x86-64 has avx512bf16, avx512, avx2, avx2_i16)");
 #if defined(VQK_HAVE_NEON)
     return cpu::kernels_neon();
 #endif
   }
-  throw std::invalid_argument("VQK_CPU_ISA must be one of auto, avx512bf16, avx512, avx2, neon, scalar; got '" +
+  throw std::invalid_argument("VQK_CPU_ISA must be one of auto, avx512bf16, avx512, avx2, avx2_i16, neon, scalar; got '" +
                               want + "'");
 }
 
@@ -245,10 +258,13 @@ void forward_packed(const ForwardArgs& a, int num_threads) {
     const int64_t panels = (K + ks.nr - 1) / ks.nr;
     auto packed = aligned_array<float>(panels * D * ks.nr);
     auto norms = aligned_array<float>(panels * ks.nr);
-    auto packed_bf16 = aligned_array<uint32_t>(ks.bf16 ? panels * ((D + 1) / 2) * ks.nr : 0);
+    const bool pairs = ks.bf16 || ks.i16;
+    auto packed_bf16 = aligned_array<uint32_t>(pairs ? panels * ((D + 1) / 2) * ks.nr : 0);
+    auto code_aux = aligned_array<float>(ks.i16 ? 2 * panels * ks.nr : 0);
     cpu::FwdJob job{a.dtype, a.x, a.codebook, K, D, a.zq, a.indices,
                     static_cast<float*>(a.sqerr), packed.get(), norms.get(), panels,
-                    ks.bf16 ? packed_bf16.get() : nullptr, 0.0, debug_approx_only(), 0.0f, 0.0f};
+                    pairs ? packed_bf16.get() : nullptr, 0.0, debug_approx_only(), 0.0f, 0.0f};
+    if (ks.i16) job.code_aux = code_aux.get();
 
     const int64_t tiles = (N + ks.mr - 1) / ks.mr;
     const double flops = 2.0 * (double)N * (double)K * (double)std::max<int64_t>(D, 1);
@@ -261,6 +277,15 @@ void forward_packed(const ForwardArgs& a, int num_threads) {
                     [&](int64_t lo, int64_t hi, int) { ks.pack(job, lo, hi); });
     job.max_code_norm = code_norm_bound(norms.get(), K, D);
     quick_bound(job);
+    if (ks.i16) {
+      // The int16 pass's bound needs the largest code scale and L1 norm (search_avx2_i16.cpp);
+      // non-finite codes carry zeros there.
+      const float* aux = code_aux.get();
+      for (int64_t k = 0; k < K; ++k) {
+        job.max_code_scale = std::max(job.max_code_scale, (double)aux[k]);
+        job.max_code_l1 = std::max(job.max_code_l1, (double)aux[panels * ks.nr + k]);
+      }
+    }
 
     const int64_t stride = (ks.scratch_floats(D) + 15) / 16 * 16;  // keep each 64-byte aligned
     auto scratch = aligned_array<float>(stride * threads);
@@ -571,7 +596,11 @@ void residual_forward(const ResidualArgs& a, int num_threads) {
   }
   const cpu::SearchKernels* ks = &select_kernels(maxK, D);
   // The bf16 build has no residual path (its proof is per call, not per stage): the plain
-  // AVX-512 build runs on any CPU the bf16 one does.
+  // AVX-512 build runs on any CPU the bf16 one does; the int16 AVX2 pass likewise falls back
+  // to the fp32 AVX2 build (never to AVX-512, which an AVX2-only CPU cannot run).
+#if defined(VQK_HAVE_AVX2)
+  if (!ks->residual && ks->i16) ks = &cpu::kernels_avx2();
+#endif
 #if defined(VQK_HAVE_AVX512)
   if (!ks->residual) ks = &cpu::kernels_avx512();
 #endif

@@ -9,8 +9,11 @@
 //   deterministic: a stable radix sort (CUB) groups rows by code, keeping each code's rows in
 //     ascending order, and a segmented sum adds them in that order. The sorted array is cut into
 //     fixed chunks; a run of one code inside a chunk is summed by that chunk's warp, a run that
-//     crosses chunks is summed per chunk and the chunk sums are added in chunk order. Every sum
-//     has a fixed order, so the result is bitwise the same on every run.
+//     crosses chunks is summed per chunk and the chunk sums are added in chunk order, by whole
+//     superchunks (kSuper chunks summed beforehand, in parallel) wherever a superchunk lies
+//     entirely inside the run. Every sum has a fixed order that depends only on the sorted keys,
+//     so the result is bitwise the same on every run; and a collapsed codebook (most rows on one
+//     code) costs one warp N / (kChunk kSuper) serial steps instead of N / kChunk (review F3).
 // Workspace for the deterministic mode comes from the caller (cuda_backward_workspace_bytes).
 #ifndef VQK_CUDA_EMULATE
 #include <cub/device/device_radix_sort.cuh>
@@ -26,6 +29,8 @@ namespace cu {
 namespace {
 
 constexpr int64_t kChunk = 128;  // sorted positions per warp in the segmented sum
+constexpr int64_t kSuper = 32;   // chunks per superchunk: the second level of the sum's tree
+constexpr uint32_t kNoKey = 0xffffffffu;
 
 template <class S> struct BwdParams {
   using A = typename Acc<S>::type;
@@ -152,12 +157,45 @@ __global__ void __launch_bounds__(kThreads) segsum_kernel(const BwdParams<S> p, 
   }
 }
 
+// Pass A2, one warp per superchunk (kSuper consecutive chunks) lying entirely inside one run:
+// the first_part of its chunks (each the chunk's whole sum then) added in chunk order, and the
+// run's key; kNoKey for any other superchunk. Keys are sorted, so "entirely inside" is: the
+// position before it, its first and its last position all hold the same valid key.
+template <class S>
+__global__ void __launch_bounds__(kThreads) supersum_kernel(const BwdParams<S> p, const uint32_t* sk,
+                                                             const typename Acc<S>::type* first_part,
+                                                             typename Acc<S>::type* super_part,
+                                                             uint32_t* super_key) {
+  using A = typename Acc<S>::type;
+  const int lane = threadIdx.x & 31;
+  const int64_t wpb = kThreads / 32;
+  const int64_t nchunks = (p.N + kChunk - 1) / kChunk;
+  const int64_t nsuper = nchunks / kSuper;  // a partial superchunk at the end is never summed
+  for (int64_t g = (int64_t)blockIdx.x * wpb + threadIdx.x / 32; g < nsuper;
+       g += (int64_t)gridDim.x * wpb) {
+    const int64_t c0 = g * kSuper, s = c0 * kChunk, e = min(p.N, (c0 + kSuper) * kChunk);
+    const uint32_t key = sk[s];
+    const bool inside = s > 0 && sk[s - 1] == key && sk[e - 1] == key && key < (uint32_t)p.K;
+    if (lane == 0) super_key[g] = inside ? key : kNoKey;
+    if (!inside) continue;
+    for (int64_t d = lane; d < p.D; d += 32) {
+      A tot = first_part[c0 * p.D + d];
+#pragma unroll 1
+      for (int64_t c = c0 + 1; c < c0 + kSuper; ++c) tot += first_part[c * p.D + d];
+      super_part[g * p.D + d] = tot;
+    }
+  }
+}
+
 // Pass B, one warp per chunk that starts a run crossing into later chunks: its last_part plus the
-// first_part of every chunk the run reaches, in chunk order.
+// first_part of every chunk the run reaches, in chunk order, a whole superchunk's sum at once
+// where pass A2 made one for this key.
 template <class S>
 __global__ void __launch_bounds__(kThreads) segjoin_kernel(const BwdParams<S> p, const uint32_t* sk,
                                                             const typename Acc<S>::type* first_part,
-                                                            const typename Acc<S>::type* last_part) {
+                                                            const typename Acc<S>::type* last_part,
+                                                            const typename Acc<S>::type* super_part,
+                                                            const uint32_t* super_key) {
   using A = typename Acc<S>::type;
   const int lane = threadIdx.x & 31;
   const int64_t wpb = kThreads / 32;
@@ -171,11 +209,19 @@ __global__ void __launch_bounds__(kThreads) segjoin_kernel(const BwdParams<S> p,
     if (!cont_out || (kfirst == klast && cont_in) || klast >= (uint32_t)p.K) continue;
     for (int64_t d = lane; d < p.D; d += 32) {
       A tot = last_part[c * p.D + d];
-      for (int64_t c2 = c + 1;; ++c2) {
-        tot += first_part[c2 * p.D + d];
-        const int64_t s2 = c2 * kChunk, e2 = min(p.N, s2 + kChunk);
+      for (int64_t c2 = c + 1;;) {
+        int64_t last;  // the last chunk added in this step
+        if (c2 % kSuper == 0 && c2 / kSuper < nchunks / kSuper && super_key[c2 / kSuper] == klast) {
+          tot += super_part[(c2 / kSuper) * p.D + d];
+          last = c2 + kSuper - 1;
+        } else {
+          tot += first_part[c2 * p.D + d];
+          last = c2;
+        }
+        const int64_t e2 = min(p.N, (last + 1) * kChunk);
         const bool through = sk[e2 - 1] == klast && e2 < p.N && sk[e2] == klast;
         if (!through) break;
+        c2 = last + 1;
       }
       p.gcbout[(int64_t)klast * p.D + d] = tot;
     }
@@ -195,7 +241,8 @@ int end_bit_for(int64_t K) {  // keys run over [0, K]: K itself marks a bad inde
 size_t align_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
 
 struct DetLayout {
-  size_t keys, rows, skeys, srows, xoff, first, last, temp, temp_bytes, total;
+  size_t keys, rows, skeys, srows, xoff, first, last, super_part, super_key, temp, temp_bytes,
+      total;
 };
 
 template <class A>
@@ -210,7 +257,9 @@ DetLayout det_layout(int64_t N, int64_t K, int64_t D) {
                                         end_bit_for(K)),
         "cub::DeviceRadixSort::SortPairs (workspace size)");
   const size_t u = (size_t)N * sizeof(uint32_t);
-  const size_t part = (size_t)((N + kChunk - 1) / kChunk) * D * sizeof(A);
+  const int64_t nchunks = (N + kChunk - 1) / kChunk;
+  const size_t part = (size_t)nchunks * D * sizeof(A);
+  const size_t nsuper = (size_t)(nchunks / kSuper);
   size_t off = 0;
   l.keys = off; off = align_up(off + u, 256);
   l.rows = off; off = align_up(off + u, 256);
@@ -219,6 +268,8 @@ DetLayout det_layout(int64_t N, int64_t K, int64_t D) {
   l.xoff = off; off = align_up(off + (size_t)N * sizeof(int64_t), 256);
   l.first = off; off = align_up(off + part, 256);
   l.last = off; off = align_up(off + part, 256);
+  l.super_part = off; off = align_up(off + nsuper * D * sizeof(A), 256);
+  l.super_key = off; off = align_up(off + nsuper * sizeof(uint32_t), 256);
   l.temp = off; off = align_up(off + temp, 256);
   l.temp_bytes = temp;
   l.total = off;
@@ -286,6 +337,8 @@ void backward_t(const BackwardArgs& a, cudaStream_t st) {
   auto* xoff = reinterpret_cast<int64_t*>(ws + l.xoff);
   auto* first = reinterpret_cast<A*>(ws + l.first);
   auto* last = reinterpret_cast<A*>(ws + l.last);
+  auto* super_part = reinterpret_cast<A*>(ws + l.super_part);
+  auto* super_key = reinterpret_cast<uint32_t*>(ws + l.super_key);
   VQK_LAUNCH(keys_kernel, grid_for(N, kThreads), kThreads, 0, st, a.indices, N, K, a.x.S, a.x.sb,
              a.x.ss, keys, rows, xoff);
   check_launch("backward keys kernel launch");
@@ -297,8 +350,15 @@ void backward_t(const BackwardArgs& a, cudaStream_t st) {
   auto segsum_k = segsum_kernel<S>;
   VQK_LAUNCH(segsum_k, grid_for(nchunks, kThreads / 32), kThreads, 0, st, p, skeys, srows, xoff, first, last);
   check_launch("backward segment-sum kernel launch");
+  if (nchunks >= kSuper) {
+    auto supersum_k = supersum_kernel<S>;
+    VQK_LAUNCH(supersum_k, grid_for(nchunks / kSuper, kThreads / 32), kThreads, 0, st, p, skeys,
+               first, super_part, super_key);
+    check_launch("backward superchunk-sum kernel launch");
+  }
   auto segjoin_k = segjoin_kernel<S>;
-  VQK_LAUNCH(segjoin_k, grid_for(nchunks, kThreads / 32), kThreads, 0, st, p, skeys, first, last);
+  VQK_LAUNCH(segjoin_k, grid_for(nchunks, kThreads / 32), kThreads, 0, st, p, skeys, first, last,
+             super_part, super_key);
   check_launch("backward segment-join kernel launch");
 }
 

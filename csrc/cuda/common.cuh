@@ -189,6 +189,7 @@ template <class S> struct FwdParams {
   using A = typename Acc<S>::type;
   const S* x;
   int64_t N, D, xS, xsb, xss, xsd;  // rows of x as (B, S, D) views: B only enters via xS
+  bool xvec;                        // xsd == 1 and every row starts 16-byte aligned: cp.async x
   const S* cb;                      // the codebook as given (K x D, contiguous)
   const S* cbv;                     // the codebook the search streams: rows of Dv, 16-byte aligned
   int64_t Dv;
@@ -334,6 +335,7 @@ __device__ void finish_row(const FwdParams<S>& p, int64_t n, int64_t xoff, Cand<
 // Host-side launch helpers implemented per dtype family (forward_simt.cu, forward_mma.cu).
 struct DeviceInfo {
   int smem_optin;  // largest dynamic shared memory a block may opt in to
+  int device;      // its index
 };
 
 template <class S>

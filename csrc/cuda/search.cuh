@@ -7,8 +7,19 @@
 // chunk t % nchunks); a step's codebook chunk (BN x BK) sits in one of STAGES shared buffers. The
 // loads of step t + STAGES - 1 are issued before step t is computed, so copies overlap the math.
 // x stays resident in shared memory for all of D when it fits (XRES); otherwise its chunk is
-// staged with the codebook chunk, step by step.
+// staged with the codebook chunk, step by step. When x's rows are contiguous and 16-byte aligned
+// (FwdParams::xvec) x arrives by 16-byte cp.async too, in the same commit group as the codebook:
+// the resident rows in the first group, a staged chunk with its step's codebook chunk (XV). Else
+// (strided x: channel-first input) it is loaded element by element (review F2, F9).
+//
+// The step loop carries its tile, chunk and stage counters as 32-bit integers incremented with
+// wrap-around: a division of the 64-bit step number is a ~25-instruction subroutine call on the
+// GPU, three of them per step before (review F8). The SASS checks in tests/test_cuda_build.py
+// (python -m vqkernels.triton.aot --cuda) hold these properties.
 #pragma once
+#include <mutex>
+#include <unordered_map>
+
 #include "common.cuh"
 
 namespace vqk {
@@ -30,7 +41,9 @@ struct SearchSmem {
   }
 };
 
-template <class S, class M, bool XRES>
+// XV: x staged by 16-byte cp.async (only with !XRES and p.xvec; the resident x takes the vector
+// path whenever p.xvec, outside the step loop).
+template <class S, class M, bool XRES, bool XV>
 __global__ void __launch_bounds__(kThreads, M::kMinBlocks) search_kernel(const FwdParams<S> p) {
   using A = typename Acc<S>::type;
   using L = SearchSmem<S, M, XRES>;
@@ -51,8 +64,7 @@ __global__ void __launch_bounds__(kThreads, M::kMinBlocks) search_kernel(const F
   const int split = blockIdx.y;
   const int tile_begin = split * p.tiles_per_split;
   const int tile_end = min(p.ntiles, tile_begin + p.tiles_per_split);
-  const int nchunks = p.Dp / BK;
-  const int64_t T = (int64_t)(tile_end - tile_begin) * nchunks;  // >= 1: the host never makes empty splits
+  const int nchunks = p.Dp / BK;  // the host never makes empty splits: >= 1 tile here
 
   // Where each row of the block starts in x (-1 past the end): one 64-bit division per row.
   for (int r = tid; r < BM; r += kThreads) {
@@ -79,9 +91,23 @@ __global__ void __launch_bounds__(kThreads, M::kMinBlocks) search_kernel(const F
     }
   };
 
-  auto issue = [&](int64_t step, int stage) {
-    const int tile = tile_begin + (int)(step / nchunks);
-    const int c = (int)(step % nchunks);
+  // Rows [0, BM) x depth [d0, d0 + W) of x into dst by 16-byte cp.async (p.xvec: the rows start on
+  // 16-byte boundaries, d0 and W are whole vectors); the vector that straddles D copies only its
+  // part and zero-fills the rest, as do rows past N and vectors past D.
+  auto copy_x = [&](S* dst, int ld, int64_t d0, int W) {
+    const int vecs = W / VK;
+#pragma unroll kXUnroll
+    for (int v = tid; v < BM * vecs; v += kThreads) {
+      const int r = v / vecs, seg = v - r * vecs;
+      const int64_t d = d0 + (int64_t)seg * VK;
+      const int64_t off = rowoff[r];
+      const int64_t left = p.D - d;
+      const int bytes = (off >= 0 && left > 0) ? (int)(left < VK ? left : VK) * (int)sizeof(S) : 0;
+      cp_async16(dst + r * ld + seg * VK, bytes ? p.x + off + d : p.x, bytes);
+    }
+  };
+
+  auto issue = [&](int tile, int c, int stage) {
     S* dst = cbuf + stage * BN * CS;
     constexpr int kVecs = BK / VK;
     for (int v = tid; v < BN * kVecs; v += kThreads) {
@@ -92,39 +118,50 @@ __global__ void __launch_bounds__(kThreads, M::kMinBlocks) search_kernel(const F
       const S* src = ok ? p.cbv + code * p.Dv + d : p.cbv;
       cp_async16(dst + r * CS + seg * VK, src, ok ? 16 : 0);
     }
-    if (!XRES) load_x(xbuf + stage * BM * CS, CS, (int64_t)c * BK, BK);
+    if (!XRES) {
+      if (XV) copy_x(xbuf + stage * BM * CS, CS, (int64_t)c * BK, BK);
+      else load_x(xbuf + stage * BM * CS, CS, (int64_t)c * BK, BK);
+    }
   };
 
-  if (XRES) load_x(xbuf, XS, 0, p.Dp);
+  // Resident x: by cp.async in the first commit group (waited for with step 0's chunk), or
+  // element by element for strided x.
+  if (XRES) {
+    if (p.xvec) copy_x(xbuf, XS, 0, p.Dp);
+    else load_x(xbuf, XS, 0, p.Dp);
+  }
 
   M m;
   m.init(tid);
   m.load_norms(p.norms, tile_begin * BN, p.K);
 
+  // The step STAGES - 1 ahead of the one computed, as (tile, chunk, stage).
+  int itile = tile_begin, ic = 0, istage = 0;
+  auto advance = [&]() {
+    if (++ic == nchunks) { ic = 0; ++itile; }
+    if (++istage == STAGES) istage = 0;
+  };
 #pragma unroll 1
   for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < T) issue(s, s);
+    if (itile < tile_end) { issue(itile, ic, istage); advance(); }
     cp_async_commit();  // empty groups too: the wait below counts groups
   }
 
+  int stage = 0;
 #pragma unroll 1
-  for (int64_t t = 0; t < T; ++t) {
-    cp_async_wait<STAGES - 2>();  // this thread's copies of step t have landed
-    __syncthreads();              // ... everyone's, and everyone is done with step t - 1
-    {
-      const int64_t nt = t + STAGES - 1;
-      if (nt < T) issue(nt, (int)(nt % STAGES));  // into the buffer step t - 1 used
+  for (int tile = tile_begin; tile < tile_end; ++tile) {
+#pragma unroll 1
+    for (int c = 0; c < nchunks; ++c) {
+      cp_async_wait<STAGES - 2>();  // this thread's copies of this step have landed
+      __syncthreads();              // ... everyone's, and everyone is done with the step before
+      if (itile < tile_end) { issue(itile, ic, istage); advance(); }  // into that step's buffer
       cp_async_commit();
+      const S* xb = XRES ? xbuf + c * BK : xbuf + stage * BM * CS;
+      m.compute(xb, XRES ? XS : CS, cbuf + stage * BN * CS, CS);
+      if (++stage == STAGES) stage = 0;
     }
-    const int stage = (int)(t % STAGES);
-    const int c = (int)(t % nchunks);
-    const S* xb = XRES ? xbuf + c * BK : xbuf + stage * BM * CS;
-    m.compute(xb, XRES ? XS : CS, cbuf + stage * BN * CS, CS);
-    if (c == nchunks - 1) {
-      const int tile = tile_begin + (int)(t / nchunks);
-      m.tile_done(tile * BN);
-      if (tile + 1 < tile_end) m.load_norms(p.norms, (tile + 1) * BN, p.K);
-    }
+    m.tile_done(tile * BN);
+    if (tile + 1 < tile_end) m.load_norms(p.norms, (tile + 1) * BN, p.K);
   }
 
   cp_async_wait_all();
@@ -148,12 +185,27 @@ __global__ void __launch_bounds__(kThreads, M::kMinBlocks) search_kernel(const F
   }
 }
 
-template <class S, class M, bool XRES>
-void launch_search_variant(const FwdParams<S>& p, int rowblocks, cudaStream_t st) {
+template <class S, class M, bool XRES, bool XV>
+void launch_search_variant(const FwdParams<S>& p, int rowblocks, const DeviceInfo& dev,
+                           cudaStream_t st) {
   const size_t smem = SearchSmem<S, M, XRES>::bytes(p.Dp);
-  auto kernel = search_kernel<S, M, XRES>;
-  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
-        "cudaFuncSetAttribute(search kernel shared memory)");
+  auto kernel = search_kernel<S, M, XRES, XV>;
+  // The kernel's dynamic shared-memory limit is raised to the device's opt-in maximum, once per
+  // device (again only if that maximum changes), never to one launch's size: two host threads
+  // launching with different D could otherwise lower it between the other's set and launch, and
+  // that launch would fail (review F14). Every thread sets the same value, under a lock.
+  static std::mutex mu;
+  static std::unordered_map<int, int> opted;  // device -> the limit set
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = opted.find(dev.device);
+    if (it == opted.end() || it->second != dev.smem_optin) {
+      check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 dev.smem_optin),
+            "cudaFuncSetAttribute(search kernel shared memory)");
+      opted[dev.device] = dev.smem_optin;
+    }
+  }
   VQK_LAUNCH(kernel, dim3((unsigned)rowblocks, (unsigned)p.splits), kThreads, smem, st, p);
   check_launch("search kernel launch");
 }
@@ -163,11 +215,12 @@ template <class S, class M>
 void launch_search_impl(const FwdParams<S>& p, int rowblocks, const DeviceInfo& dev,
                         cudaStream_t st) {
   if (SearchSmem<S, M, true>::bytes(p.Dp) <= (size_t)dev.smem_optin)
-    return launch_search_variant<S, M, true>(p, rowblocks, st);
+    return launch_search_variant<S, M, true, false>(p, rowblocks, dev, st);
   if (SearchSmem<S, M, false>::bytes(p.Dp) > (size_t)dev.smem_optin)
     throw std::runtime_error("vqkernels CUDA: the search kernel needs more shared memory than "
                              "this device allows per block");
-  launch_search_variant<S, M, false>(p, rowblocks, st);
+  if (p.xvec) return launch_search_variant<S, M, false, true>(p, rowblocks, dev, st);
+  launch_search_variant<S, M, false, false>(p, rowblocks, dev, st);
 }
 
 }  // namespace cu

@@ -307,6 +307,13 @@ void forward_t(const ForwardArgs& a, cudaStream_t st) {
   FwdParams<S> p{};
   p.x = static_cast<const S*>(a.x.ptr);
   p.N = N; p.D = D; p.xS = a.x.S; p.xsb = a.x.sb; p.xss = a.x.ss; p.xsd = a.x.sd;
+  {
+    // Row n starts at b * sb + s * ss elements: 16-byte aligned for every n when the base is and
+    // each stride that varies is a whole number of 16-byte vectors.
+    constexpr int64_t vec = 16 / sizeof(S);
+    p.xvec = p.xsd == 1 && reinterpret_cast<std::uintptr_t>(p.x) % 16 == 0 &&
+             (a.x.B == 1 || a.x.sb % vec == 0) && (a.x.S == 1 || a.x.ss % vec == 0);
+  }
   p.cb = cb;
   p.cbv = q.padcopy ? cbpad : cb;
   p.Dv = q.Dv;
@@ -327,6 +334,7 @@ void forward_t(const ForwardArgs& a, cudaStream_t st) {
   int dev = 0;
   check(cudaGetDevice(&dev), "cudaGetDevice");
   DeviceInfo info{};
+  info.device = dev;
   check(cudaDeviceGetAttribute(&info.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
         "cudaDeviceGetAttribute(max shared memory per block)");
   launch_search<S>(p, (int)q.rowblocks, info, st);

@@ -2,10 +2,15 @@
 
 Compiles every autotune config of the search kernel (and the other kernels at their fixed blocks)
 to cubin for sm_80 / sm_90 and reads ptxas' own report: registers per thread, spill bytes, and
-Triton's shared-memory size. A spill in the hot loop costs more than any block-shape win, so the
-test suite asserts there are none.
+Triton's shared-memory size; from those, the CTAs that fit on one SM of that arch. Then it reads
+the SASS of the cubin (vqkernels.triton.sass): tensor-core instructions per iteration of the hot
+loop and their kind, the widest wgmma N, and the global loads in the hot loop whose value is used
+before any tensor-core instruction covers their latency ("dependent loads"). A spill in the hot
+loop costs more than any block-shape win, and a dependent load stalls every iteration, so the
+test suite (tests/test_triton_aot.py) asserts there are none.
 
-    python -m vqkernels.triton.aot            # prints the table for sm_80 and sm_90
+    python -m vqkernels.triton.aot            # the table for sm_80 and sm_90
+    python -m vqkernels.triton.aot --cuda     # the same for the CUDA kernels (csrc/cuda, nvcc)
 """
 from __future__ import annotations
 
@@ -16,7 +21,9 @@ import os
 import subprocess
 import sys
 import re
-from typing import NamedTuple
+import shutil
+import tempfile
+from typing import NamedTuple, Optional
 
 import triton
 import triton.language as tl
@@ -25,6 +32,7 @@ from triton.compiler import ASTSource
 
 from . import configs as cfg
 from . import kernels as K_
+from . import sass
 
 # Opt-in shared memory per block (bytes): the most a program may ask for on each arch.
 SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
@@ -43,6 +51,14 @@ class Report(NamedTuple):
     spill_load: int
     shared: int
     mma: str  # "wgmma", "mma" or "none": whether the tensor cores were used, and how
+    warps: int = 0
+    ctas_per_sm: int = 0          # resident CTAs on one SM of `arch` (registers, smem, warps)
+    # From the SASS (None where nvdisasm is missing): see vqkernels.triton.sass.LoopReport.
+    tensor_ops: Optional[int] = None      # tensor-core instructions per hot-loop iteration
+    tensor_kinds: Optional[str] = None
+    wgmma_n: Optional[int] = None
+    dependent_loads: Optional[list] = None
+    calls: Optional[int] = None
 
 
 def _compile(fn, signature: dict, constexprs: dict, div16: set, arch: int, num_warps: int,
@@ -75,7 +91,16 @@ def _compile(fn, signature: dict, constexprs: dict, div16: set, arch: int, num_w
         raise RuntimeError(f"could not read ptxas' report for {fn.__name__}:\n{text}")
     ptx = compiled.asm["ptx"]
     mma = "wgmma" if "wgmma" in ptx else ("mma" if re.search(r"\bmma\.sync", ptx) else "none")
-    return (int(regs[-1]), int(spills[-1][0]), int(spills[-1][1]), compiled.metadata.shared, mma)
+    nregs, smem = int(regs[-1]), compiled.metadata.shared
+    loop = None
+    if sass.tool("nvdisasm"):
+        funcs = sass.parse(sass.disassemble(compiled.asm["cubin"]))
+        if len(funcs) == 1:
+            loop = sass.analyse(*next(iter(funcs.values())))
+    extra = ((loop.tensor_ops, loop.tensor_kinds, loop.wgmma_n, list(loop.dependent_loads),
+              loop.calls) if loop else (None,) * 5)
+    return (nregs, int(spills[-1][0]), int(spills[-1][1]), smem, mma, num_warps,
+            sass.ctas_per_sm(arch, nregs, smem, num_warps), *extra)
 
 
 def _bound_consts(dtype: str) -> dict:
@@ -135,18 +160,29 @@ def compile_backward_rows(dtype: str, D: int, arch: int, atomic: bool) -> Report
                   f"BLOCK_N={bn} BLOCK_D={bd} warps={warps}" + (" atomic" if atomic else ""), *r)
 
 
-def compile_backward_codebook(dtype: str, D: int, arch: int) -> Report:
+def compile_backward_codebook(dtype: str, D: int, arch: int) -> list[Report]:
+    """The deterministic codebook gradient's two levels (pieces of sorted rows, then their join)."""
     acc = "*fp64" if dtype == "float64" else "*fp32"
     p = _PTR[dtype]
     bd = min(64, max(16, triton.next_power_of_2(D)))
+    ACC = tl.float64 if dtype == "float64" else tl.float32
+    from .launch import PIECE_ROWS, JOIN_BLOCK_P
     sig = {"x_ptr": p, "x_S": "i32", "D": "i32", "x_sb": "i32", "x_ss": "i32", "cb_ptr": p,
-           "order_ptr": "*i64", "start_ptr": "*i64", "gcb_ptr": acc, "gcb_stride": "i32",
-           "out_ptr": acc}
-    const = dict(x_sd=1, ACC=tl.float64 if dtype == "float64" else tl.float32, BLOCK_R=32,
-                 BLOCK_D=bd, X_MODE=0)
+           "K": "i32", "order_ptr": "*i64", "start_ptr": "*i64", "piece_code_ptr": "*i64",
+           "piece_base_ptr": "*i64", "part_base_ptr": "*i64", "part_ptr": acc,
+           "gcb_ptr": acc, "gcb_stride": "i32", "out_ptr": acc}
+    const = dict(x_sd=1, PIECE=PIECE_ROWS, ACC=ACC, BLOCK_R=32, BLOCK_D=bd, X_MODE=0)
     div16 = {k for k, v in sig.items() if v.startswith("*")}
     r = _compile(K_.vq_backward_codebook_kernel, sig, const, div16, arch, 4, 2)
-    return Report("vq_backward_codebook", arch, dtype, D, f"BLOCK_R=32 BLOCK_D={bd} warps=4", *r)
+    jsig = {"D": "i32", "piece_base_ptr": "*i64", "part_base_ptr": "*i64", "part_ptr": acc,
+            "out_ptr": acc}
+    jr = _compile(K_.vq_backward_codebook_join_kernel, jsig,
+                  dict(ACC=ACC, BLOCK_P=JOIN_BLOCK_P, BLOCK_D=bd),
+                  {k for k, v in jsig.items() if v.startswith("*")}, arch, 4, 2)
+    return [Report("vq_backward_codebook", arch, dtype, D,
+                   f"BLOCK_R=32 BLOCK_D={bd} PIECE={PIECE_ROWS} warps=4", *r),
+            Report("vq_backward_cb_join", arch, dtype, D,
+                   f"BLOCK_P={JOIN_BLOCK_P} BLOCK_D={bd} warps=4", *jr)]
 
 
 def compile_merge(dtype: str, D: int, arch: int) -> Report:
@@ -207,7 +243,7 @@ def other_reports(arch: int, dtype: str, D: int = 256):
     return [compile_search(dtype, D, c, arch, fused=False), compile_merge(dtype, D, arch),
             compile_exact(dtype, D, arch),
             compile_backward_rows(dtype, D, arch, atomic=True),
-            compile_backward_codebook(dtype, D, arch)]
+            *compile_backward_codebook(dtype, D, arch)]
 
 
 def all_reports(archs=(80, 90)):
@@ -219,9 +255,102 @@ def all_reports(archs=(80, 90)):
 
 
 def format_report(r: Report) -> str:
-    return (f"sm_{r.arch} {r.kernel:<21} {r.dtype:<8} D={r.D:<4} {r.config:<52} "
+    head = (f"sm_{r.arch} {r.kernel:<21} {r.dtype:<8} D={r.D:<4} {r.config:<52} "
             f"regs={r.registers:<3} spill={r.spill_store}/{r.spill_load} "
-            f"smem={r.shared // 1024}KiB {r.mma}")
+            f"smem={r.shared // 1024}KiB ctas/SM={r.ctas_per_sm} {r.mma}")
+    if r.tensor_ops is None:
+        return head + " (no nvdisasm: no SASS facts)"
+    dep = len(r.dependent_loads)
+    return (head + f" loop: {r.tensor_ops} {r.tensor_kinds or 'no tensor op'}"
+            + (f" n={r.wgmma_n}" if r.wgmma_n else "")
+            + f" dependent-loads={dep}" + (f" ({r.dependent_loads[0]})" if dep else "")
+            + (f" calls={r.calls}" if r.calls else ""))
+
+
+# ------------------------------------------------------------------------------------------------
+# The CUDA kernels (csrc/cuda): the same facts from nvcc's cubins, through cuobjdump and nvdisasm.
+
+CUDA_SOURCES = ("forward_mma.cu", "forward_simt.cu", "vq_cuda.cu", "backward.cu")
+_CUDA_DTYPES = {"__nv_bfloat16": "bfloat16", "__half": "float16", "float": "float32",
+                "double": "float64"}
+# (BM, BN, BK, STAGES) of the search kernels' block tiles (csrc/cuda/common.cuh Cfg, the micros).
+_CUDA_TILES = {"bfloat16": (128, 128, 32, 3), "float16": (128, 128, 32, 3),
+               "float32": (128, 128, 16, 3), "float64": (64, 64, 8, 3)}
+
+
+def cuda_search_smem(dtype: str, D: int, resident: bool) -> int:
+    """Dynamic shared memory of the CUDA search kernel (mirrors SearchSmem::bytes, search.cuh):
+    the rows' offsets, STAGES codebook chunks with 16-byte padded rows, and x (resident for all of
+    D, or STAGES staged chunks)."""
+    bm, bn, bk, stages = _CUDA_TILES[dtype]
+    esz = cfg.elem_bytes(dtype)
+    vk = 16 // esz
+    dp = triton.cdiv(D, bk) * bk
+    cs = bk + vk
+    x = bm * (dp + vk) * esz if resident else stages * bm * cs * esz
+    return bm * 8 + stages * bn * cs * esz + x
+
+
+def _cuda_name(mangled: str) -> tuple[str, str, str]:
+    """(kernel, dtype, variant) of a mangled vqk::cu kernel name, best effort."""
+    kernel = re.search(r"vqk2cu\d*?(\d+)([a-z_]+)", mangled)
+    name = kernel.group(2)[:int(kernel.group(1))] if kernel else mangled[:40]
+    dtype = next((v for k, v in _CUDA_DTYPES.items() if k in mangled), "")
+    if not dtype:  # plain types are mangled as one letter: f (float), d (double)
+        m = re.search(r"I([fd])", mangled)
+        dtype = {"f": "float32", "d": "float64"}.get(m.group(1), "") if m else ""
+    variant = ""
+    if name == "search_kernel":
+        m = re.search(r"Lb([01])ELb([01])EEEvNS0_9FwdParams", mangled)
+        xres, xv = (m.group(1), m.group(2)) if m else ("?", "?")
+        variant = ("x resident" if xres == "1" else
+                   "x staged cp.async" if xv == "1" else "x staged scalar (strided x)")
+    elif m := re.search(r"ILb([01])E", mangled):
+        variant = "atomic" if m.group(1) == "1" else "plain"
+    return name, dtype, variant
+
+
+def cuda_reports(cubin_path: str, arch: int, D: int = 256) -> list[Report]:
+    """One Report per kernel of a cubin compiled from csrc/cuda. Shared memory is the static
+    amount plus, for the search kernels, the dynamic amount they ask for at this D."""
+    usage = sass.resource_usage(cubin_path)
+    with open(cubin_path, "rb") as f:
+        funcs = sass.parse(sass.disassemble(f.read()))
+    out = []
+    for mangled, (regs, stack, static, local) in sorted(usage.items()):
+        if mangled not in funcs:
+            continue
+        name, dtype, variant = _cuda_name(mangled)
+        smem = static
+        if name == "search_kernel" and dtype:
+            smem += cuda_search_smem(dtype, D, variant == "x resident")
+        loop = sass.analyse(*funcs[mangled])
+        mma = ("wgmma" if "HGMMA" in loop.tensor_kinds else
+               "mma" if loop.tensor_ops else "none")
+        out.append(Report(name, arch, dtype, D, variant + ("" if stack + local == 0 else
+                                                           f" stack={stack} local={local}"),
+                          regs, stack, local, smem, mma, 8,  # kThreads = 256 everywhere
+                          sass.ctas_per_sm(arch, regs, smem, 8), loop.tensor_ops,
+                          loop.tensor_kinds, loop.wgmma_n, list(loop.dependent_loads),
+                          loop.calls))
+    return out
+
+
+def compile_cuda(source: str, arch: int, out_dir: str) -> str:
+    """csrc/cuda/<source> to a cubin for sm_<arch> with the build's flags; its path."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    src = os.path.join(root, "csrc", "cuda", source)
+    if not os.path.exists(src):
+        raise FileNotFoundError(f"{src}: the CUDA report needs a source checkout")
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        raise FileNotFoundError("nvcc not found: the CUDA report needs the CUDA toolkit")
+    out = os.path.join(out_dir, f"{os.path.splitext(source)[0]}.sm_{arch}.cubin")
+    cmd = [nvcc, "-std=c++17", "-O3", "--expt-relaxed-constexpr", "-DVQK_WITH_CUDA",
+           f"-I{os.path.join(root, 'csrc', 'include')}", f"-arch=sm_{arch}", "-cubin", "-o", out,
+           src]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return out
 
 
 def reports_in_subprocess(kind: str, arch: int, dtype: str, D: int) -> list[Report]:
@@ -243,6 +372,13 @@ def _main(argv):
         with contextlib.redirect_stdout(sys.stderr):
             reps = fn(arch, dtype, D)
         print(json.dumps([list(r) for r in reps]))
+        return
+    if argv[:1] == ["--cuda"]:
+        with tempfile.TemporaryDirectory() as tmp:
+            for arch in (80, 90):
+                for src in CUDA_SOURCES:
+                    for rep in cuda_reports(compile_cuda(src, arch, tmp), arch):
+                        print(format_report(rep), flush=True)
         return
     for rep in all_reports():
         print(format_report(rep), flush=True)

@@ -7,7 +7,9 @@ to the (BLOCK_N, BLOCK_K) distance tile plus the operand and pointer tiles. Comp
 (python -m vqkernels.triton.aot), 128 x 64 on 8 warps takes 116 registers on sm_90 at D=256 for
 16-bit input (it took 170 when every column kept its own running best and code); 3xTF32 for
 fp32 input keeps the split operands in registers too, and fp64 takes two registers a value, so
-those stay at 16 distances per thread. Wider tiles (128 x 128) now fit but are untested on a GPU. The codebook tile (BLOCK_K x BLOCK_D) is what the pipeline stages hold in
+those stay at 16 distances per thread. 128 x 128 tiles (64 distances per thread, n = 128 wgmma
+on sm_90) compile without spills for 16-bit input; they are in the set, untimed on a GPU so far.
+The codebook tile (BLOCK_K x BLOCK_D) is what the pipeline stages hold in
 shared memory, next to the resident row tile.
 """
 from __future__ import annotations
@@ -17,6 +19,8 @@ import triton
 # (BLOCK_N, BLOCK_K, num_warps, num_stages)
 _SHAPES_16 = [
     (128, 64, 8, 3),   # the large-N workhorse: wgmma on sm_90, 32 distances per thread
+    (128, 128, 8, 3),  # n = 128 wgmma on sm_90 (two warpgroups of 64 x 128): half the operand
+                       # traffic per MAC of n = 64; 64 distances per thread. Two stages at D = 256.
     (64, 128, 8, 3),
     (64, 64, 4, 3),
     (32, 64, 4, 2),    # few rows per program: more programs when N is small
@@ -37,7 +41,7 @@ _SHAPES_64 = [
 ]
 
 # Distances per thread (BLOCK_N * BLOCK_K / threads) each dtype can afford (see above).
-_MAX_PER_THREAD = {2: 32, 4: 16, 8: 16}
+_MAX_PER_THREAD = {2: 64, 4: 16, 8: 16}
 # Shared memory a config may ask for when the device's limit is unknown: sm_80's opt-in limit.
 DEFAULT_SMEM = 163 * 1024
 

@@ -254,6 +254,11 @@ def vq_search_kernel(
     for k0 in range(k_lo, k_hi, BLOCK_K):
         ks = k0 + kk
         kmask = ks < k_hi
+        # The code norms are loaded before the dot, so their latency hides behind the MMAs;
+        # loaded after it they made every tile wait one L2 round trip with the tensor cores idle
+        # (review F6; the AOT report's "dependent loads" column checks it).
+        # Codes past the end get +inf (see below).
+        hn = tl.load(hn_ptr + ks, mask=kmask, other=float("inf"))
         if D_CHUNKS == 1:
             e = tl.load(e_tile + e_offs, mask=kmask[None, :], other=0)
             if UPCAST:
@@ -277,9 +282,8 @@ def vq_search_kernel(
                 xc_ptrs += x_step
                 ec_ptrs += BLOCK_D
         e_tile += BLOCK_K * cbp_stride
-        # Codes past the end get +inf; so does NaN (a non-finite row or code, or an overflow:
-        # all of them end up flagged or never win), which keeps the reductions NaN-free.
-        hn = tl.load(hn_ptr + ks, mask=kmask, other=float("inf"))
+        # NaN distances become +inf, as codes past the end (a non-finite row or code, or an
+        # overflow: all of them end up flagged or never win), which keeps the reductions NaN-free.
         dist = hn[None, :] - acc
         dist = tl.where(dist == dist, dist, float("inf"))
         # The tile's best, its lowest code, and its second best (any other column).
@@ -489,30 +493,73 @@ def vq_backward_rows_kernel(
 @triton.jit
 def vq_backward_codebook_kernel(
     x_ptr, x_S, D, x_sb, x_ss, x_sd,
-    cb_ptr,
+    cb_ptr, K,
     order_ptr,                            # row numbers sorted by code (stable), int64
     start_ptr,                            # (K + 1,) int64: code k owns order[start[k]:start[k+1]]
+    piece_code_ptr,                       # (grid,) int64: the code of each piece slot (K: none)
+    piece_base_ptr,                       # (K + 1,) int64: code k's pieces are the slots
+                                          # piece_base[k] .. piece_base[k + 1] - 1
+    part_base_ptr,                        # (K,) int64: code k's first row in part
+    part_ptr,                             # (pieces of the multi-piece codes, D) acc dtype
     gcb_ptr, gcb_stride,                  # per-row codebook weights
     out_ptr,                              # (K, D) acc dtype
+    PIECE: tl.constexpr,                  # sorted rows per piece, a multiple of BLOCK_R
     ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, X_MODE: tl.constexpr,
 ):
-    """Deterministic grad_codebook: code k sums 2 g (e_k - x) over its own rows in a fixed order
-    (sorted rows, fixed blocks, fixed reduction tree), so the result is bitwise repeatable."""
+    """Deterministic grad_codebook, first level: 2 g (e_k - x) summed over one piece (at most
+    PIECE sorted rows) of code k's rows, in a fixed order (sorted rows, fixed blocks, fixed
+    reduction tree). A code with one piece is written out here; the pieces of a longer run go to
+    `part` and vq_backward_codebook_join_kernel adds them. The tree's shape depends only on each
+    code's row count, so the result is bitwise repeatable, and no program walks more than PIECE
+    rows: a collapsed codebook (most rows on one code) spreads over N / PIECE programs instead of
+    running serially in one (review F3)."""
+    slot = tl.program_id(0).to(tl.int64)
+    k = tl.load(piece_code_ptr + slot)
+    if k < K:
+        dd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        dmask = dd < D
+        first = tl.load(piece_base_ptr + k)
+        n_pieces = tl.load(piece_base_ptr + k + 1) - first
+        j = slot - first
+        lo = tl.load(start_ptr + k) + j * PIECE
+        hi = tl.minimum(tl.load(start_ptr + k + 1), lo + PIECE)
+        e = tl.load(cb_ptr + k * D + dd, mask=dmask, other=0).to(ACC)
+        acc = tl.zeros((BLOCK_R, BLOCK_D), ACC)
+        for r0 in range(lo, hi, BLOCK_R):
+            r = r0 + tl.arange(0, BLOCK_R)
+            rm = r < hi
+            n = tl.load(order_ptr + r, mask=rm, other=0)
+            xoff = _row_offsets(n, x_S, x_sb, x_ss, X_MODE)
+            m = rm[:, None] & dmask[None, :]
+            x = tl.load(x_ptr + xoff[:, None] + dd[None, :].to(tl.int64) * x_sd, mask=m,
+                        other=0).to(ACC)
+            g = tl.load(gcb_ptr + n * gcb_stride, mask=rm, other=0).to(ACC)
+            acc += tl.where(m, g[:, None] * (e[None, :] - x), 0)
+        tot = 2 * tl.sum(acc, 0)
+        if n_pieces == 1:
+            tl.store(out_ptr + k * D + dd, tot, mask=dmask)
+        else:
+            row = tl.load(part_base_ptr + k) + j
+            tl.store(part_ptr + row * D + dd, tot, mask=dmask)
+
+
+@triton.jit
+def vq_backward_codebook_join_kernel(
+    D, piece_base_ptr, part_base_ptr, part_ptr, out_ptr,   # see vq_backward_codebook_kernel
+    ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Second level: code k's piece sums, BLOCK_P at a time through a fixed reduction tree, in
+    piece order. Codes of one piece (written by the first level) return at once."""
     k = tl.program_id(0).to(tl.int64)
-    dd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    dmask = dd < D
-    lo = tl.load(start_ptr + k)
-    hi = tl.load(start_ptr + k + 1)
-    e = tl.load(cb_ptr + k * D + dd, mask=dmask, other=0).to(ACC)
-    acc = tl.zeros((BLOCK_R, BLOCK_D), ACC)
-    for r0 in range(lo, hi, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
-        rm = r < hi
-        n = tl.load(order_ptr + r, mask=rm, other=0)
-        xoff = _row_offsets(n, x_S, x_sb, x_ss, X_MODE)
-        m = rm[:, None] & dmask[None, :]
-        x = tl.load(x_ptr + xoff[:, None] + dd[None, :].to(tl.int64) * x_sd, mask=m,
-                    other=0).to(ACC)
-        g = tl.load(gcb_ptr + n * gcb_stride, mask=rm, other=0).to(ACC)
-        acc += tl.where(m, g[:, None] * (e[None, :] - x), 0)
-    tl.store(out_ptr + k * D + dd, 2 * tl.sum(acc, 0), mask=dmask)
+    n_pieces = tl.load(piece_base_ptr + k + 1) - tl.load(piece_base_ptr + k)
+    if n_pieces > 1:
+        dd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        dmask = dd < D
+        base = tl.load(part_base_ptr + k)
+        acc = tl.zeros((BLOCK_D,), ACC)
+        for p0 in range(0, n_pieces, BLOCK_P):
+            pp = p0 + tl.arange(0, BLOCK_P)
+            m = (pp < n_pieces)[:, None] & dmask[None, :]
+            v = tl.load(part_ptr + (base + pp)[:, None] * D + dd[None, :], mask=m, other=0)
+            acc += tl.sum(v, 0)
+        tl.store(out_ptr + k * D + dd, acc, mask=dmask)

@@ -4,7 +4,8 @@ forward(z, dim, codebook, plan) and backward(...) follow the backend contract of
 vqkernels.backends (semantics of vqkernels.reference). On a CUDA tensor the search kernel is
 autotuned over configs.configs(dtype, D), keyed on (K, D, bucket of N, dtype). Under
 TRITON_INTERPRET=1 the same kernels run on CPU tensors through Triton's interpreter with one fixed
-config (or the one a test asks for), since timing configs there means nothing.
+config (or the one a test asks for), since timing configs there means nothing. Tuned configs are
+kept per key across processes (vqkernels.triton.tuning: warm up before CUDA graph capture).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from .. import reference
 from .._layout import RowPlan, RowView
 from . import configs as cfg
 from . import kernels as K_
+from . import tuning
 
 _ACC = {torch.float64: tl.float64}
 _NO_CODE = 2**31 - 1
@@ -47,9 +49,11 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned_search(dtype_name: str, D: int, smem_limit: int):
-    """The autotuned search kernel for one (dtype, D, device smem limit): its configs depend on
-    all three (an H100 fits deeper pipelines than an A100)."""
+def _tuned_search(dtype_name: str, D: int, smem_limit: int, device_index: int = 0):
+    """The autotuned search kernel for one (dtype, D, device smem limit) on one device: its
+    configs depend on the first three (an H100 fits deeper pipelines than an A100), and one
+    Autotuner object per device keeps tunings on different devices apart (its per-call state is
+    not thread-safe: it only ever runs under the device's lock, see tuning.py)."""
     return triton.autotune(
         configs=cfg.configs(dtype_name, D, smem_limit),
         key=["K", "D", "TUNE_N", "FUSED"],  # the autotuner adds the tensors' dtypes to the key
@@ -62,6 +66,52 @@ def _tuned_search(dtype_name: str, D: int, smem_limit: int):
 def _smem_limit(index: int) -> int:
     props = torch.cuda.get_device_properties(index)
     return getattr(props, "shared_memory_per_block_optin", cfg.DEFAULT_SMEM)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_name(index: int) -> str:
+    major, minor = torch.cuda.get_device_capability(index)
+    return f"{torch.cuda.get_device_name(index)} sm_{major}{minor}"
+
+
+@functools.lru_cache(maxsize=None)
+def _versions() -> dict:
+    return {"triton": triton.__version__, "torch": torch.__version__,
+            "cuda": torch.version.cuda, "kernels": tuning.source_hash()}
+
+
+def _launch_tuned(args, meta, grid_n, split, dname, D, Kc, N, fused, device_index, wrap):
+    """The search through its autotuner, or straight with the config tuned for this key before
+    (in this process or, through the autotune cache file, an earlier one): see tuning.py."""
+    smem = _smem_limit(device_index)
+    tuner = _tuned_search(dname, D, smem, device_index)
+    device = _device_name(device_index)
+    key = tuning.make_key(device, _versions(), dict(
+        kernel="vq_search", dtype=dname, D=D, K=Kc, N_bucket=cfg.tune_bucket(N), fused=fused,
+        smem=smem))
+    tc = tuning.cache()
+    c = tc.get(key)
+    allowed = [tuning.config_dict(x) for x in cfg.configs(dname, D, smem)]
+    if c is not None and c not in allowed:
+        c = None  # a config this version no longer has: tune again
+    if c is None:
+        if wrap is not _raw:
+            # Traced by torch.compile: Inductor runs the autotuner itself, before any capture.
+            wrap(tuner)[lambda m: (grid_n(m["BLOCK_N"]), split)](*args, **meta)
+            return
+
+        def tune():
+            # Times every config, then runs the best one: this call's outputs are written.
+            tuner[lambda m: (grid_n(m["BLOCK_N"]), split)](*args, **meta)
+            return tuning.config_dict(tuner.best_config)
+
+        c, tuned_now = tc.get_or_tune(device, key, tune)
+        if tuned_now:
+            return
+    c = dict(c)
+    wrap(K_.vq_search_kernel)[(grid_n(c["BLOCK_N"]), split)](
+        *args, **meta, BLOCK_N=c.pop("BLOCK_N"), BLOCK_K=c.pop("BLOCK_K"),
+        num_warps=c.pop("num_warps"), num_stages=c.pop("num_stages"))
 
 
 @functools.lru_cache(maxsize=None)
@@ -198,8 +248,9 @@ def forward(z: torch.Tensor, dim: int, codebook: torch.Tensor, plan: RowPlan,
                 *args, **meta, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                 num_warps=config.num_warps, num_stages=config.num_stages)
         else:
-            grid = lambda m: (triton.cdiv(N, m["BLOCK_N"]), split)  # noqa: E731
-            wrap(_tuned_search(dname, D, _smem_limit(z.device.index or 0)))[grid](*args, **meta)
+            index = z.device.index if z.device.index is not None else torch.cuda.current_device()
+            _launch_tuned(args, meta, lambda bn: triton.cdiv(N, bn), split, dname, D, Kc, N, fused,
+                          index, wrap)
         if not fused:
             bn = 64
             wrap(K_.vq_merge_kernel)[(triton.cdiv(N, bn),)](
@@ -247,12 +298,13 @@ def _per_row(g: Optional[torch.Tensor], like: torch.Tensor):
 def backward(z: torch.Tensor, dim: int, codebook: torch.Tensor, indices: torch.Tensor,
              grad_zq: Optional[torch.Tensor], g_codebook: Optional[torch.Tensor],
              g_commit: Optional[torch.Tensor], plan: RowPlan, deterministic: Optional[bool] = None,
-             wrap=_raw):
+             wrap=_raw, piece_rows: Optional[int] = None):
     """(grad_z, grad_codebook): see vqkernels.reference.backward.
 
     grad_codebook is a scatter-add over the chosen codes: fp32 atomics by default, or, when
     `deterministic` (default: torch.are_deterministic_algorithms_enabled()), a sorted segment
-    reduction whose result is bitwise repeatable.
+    reduction whose result is bitwise repeatable (`piece_rows`: the sorted rows one program sums,
+    see _deterministic_codebook_grad; tests make it small).
     """
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
@@ -280,12 +332,47 @@ def backward(z: torch.Tensor, dim: int, codebook: torch.Tensor, indices: torch.T
             ATOMIC_CB=atomic, BLOCK_N=bn, BLOCK_D=bd, X_MODE=row_mode(xv),
             GZQ_MODE=row_mode(gzqv), GZ_MODE=row_mode(gzv), num_warps=warps)
         if g_codebook is not None and deterministic:
-            # A stable sort groups the rows of each code in ascending row order; start[k] is where
-            # code k's rows begin. O(N + K) memory, no N x K anything.
-            sorted_idx, order = torch.sort(idx, stable=True)
-            start = torch.searchsorted(sorted_idx, torch.arange(Kc + 1, device=z.device))
-            bdc = min(64, max(16, triton.next_power_of_2(D)))
-            wrap(K_.vq_backward_codebook_kernel)[(Kc, triton.cdiv(D, bdc))](
-                xv.tensor, xv.S, D, xv.sb, xv.ss, xv.sd, cb, order, start, gcb, gcb_stride,
-                grad_cb, ACC=ACC, BLOCK_R=32, BLOCK_D=bdc, X_MODE=row_mode(xv), num_warps=4)
+            _deterministic_codebook_grad(xv, cb, idx, gcb, gcb_stride, grad_cb, ACC, wrap,
+                                         piece_rows)
     return grad_z, grad_cb.to(codebook.dtype)
+
+
+# Sorted rows one program of the deterministic codebook gradient sums (32 blocks of 32 rows), and
+# the piece sums its join kernel loads at a time.
+PIECE_ROWS = 1024
+JOIN_BLOCK_P = 32
+
+
+def _deterministic_codebook_grad(xv: RowView, cb, idx, gcb, gcb_stride, grad_cb, ACC, wrap,
+                                 piece_rows: Optional[int] = None):
+    """grad_cb[k] = sum over code k's rows, bitwise repeatable. A stable sort groups the rows of
+    each code in ascending row order (start[k] is where code k's rows begin); each code's run is
+    cut into pieces of P sorted rows, each summed by one program, and the pieces of a longer run
+    are added in piece order by a second kernel: a two-level tree whose shape depends only on the
+    codes' row counts. O(N + K) memory, no N x K anything, no host sync: the grid is a bound on
+    the number of pieces, cdiv(N, P) + min(K, N), and the spare slots exit at once."""
+    K, D = cb.shape
+    N = idx.numel()
+    P = piece_rows or PIECE_ROWS
+    br = 32
+    if P <= 0 or P % br:
+        raise ValueError(f"piece_rows must be a positive multiple of {br}, got {P}")
+    dev = idx.device
+    sorted_idx, order = torch.sort(idx, stable=True)
+    start = torch.searchsorted(sorted_idx, torch.arange(K + 1, device=dev))
+    n_pieces = (start[1:] - start[:-1] + (P - 1)) // P                  # 0 for an unused code
+    piece_base = torch.cat([n_pieces.new_zeros(1), torch.cumsum(n_pieces, 0)])
+    slots = triton.cdiv(N, P) + min(K, N)
+    piece_code = torch.searchsorted(piece_base[1:], torch.arange(slots, device=dev), right=True)
+    # Only the codes of two pieces or more keep partial sums: 2 N / P rows of them at most.
+    multi = torch.where(n_pieces > 1, n_pieces, 0)
+    part_base = torch.cumsum(multi, 0) - multi
+    part = torch.empty((2 * triton.cdiv(N, P) + 1, D), dtype=grad_cb.dtype, device=dev)
+    bdc = min(64, max(16, triton.next_power_of_2(D)))
+    wrap(K_.vq_backward_codebook_kernel)[(slots, triton.cdiv(D, bdc))](
+        xv.tensor, xv.S, D, xv.sb, xv.ss, xv.sd, cb, K, order, start, piece_code, piece_base,
+        part_base, part, gcb, gcb_stride, grad_cb, PIECE=P, ACC=ACC, BLOCK_R=br, BLOCK_D=bdc,
+        X_MODE=row_mode(xv), num_warps=4)
+    wrap(K_.vq_backward_codebook_join_kernel)[(K, triton.cdiv(D, bdc))](
+        D, piece_base, part_base, part, grad_cb, ACC=ACC, BLOCK_P=JOIN_BLOCK_P, BLOCK_D=bdc,
+        num_warps=4)

@@ -110,6 +110,9 @@ const char* cpu_isa();
 // Rows the CPU forward has searched again exactly (no proof from the fast pass) since the module
 // loaded, over all calls and threads: for tests and benchmarks.
 int64_t cpu_exact_rows();
+// Rows a reduced-precision first pass (avx512bf16, avx2_i16) handed to the fp32 search (it could not
+// prove them), counted the same way.
+int64_t cpu_set_aside_rows();
 
 #ifdef VQK_WITH_CUDA
 // CUDA entry points: all pointers are device pointers, work is queued on `stream`

@@ -1,0 +1,80 @@
+"""VQVAE.from_checkpoint (the documented way to load a trained model / tokenizer) and
+`python -m vqkernels` (the commands, and what this install can run)."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import vqkernels
+from vqkernels import VQVAE, VQVAEConfig, _io
+from vqkernels import __main__ as entry
+
+
+def _save_run(tmp_path):
+    cfg = VQVAEConfig(num_codes=8, code_dim=4, hidden=8, residual_hidden=4,
+                      num_residual_blocks=1, image_size=8)
+    model = VQVAE(cfg)
+    model.train()
+    model(torch.rand(4, 3, 8, 8) - 0.5)  # one training forward: k-means init, EMA state moved
+    run = tmp_path / "run"
+    run.mkdir()
+    _io.atomic_torch_save(run / "checkpoint.pt", {
+        "format": _io.CHECKPOINT_FORMAT, "version": _io.CHECKPOINT_VERSION,
+        "config": cfg.to_dict(), "model": model.state_dict(), "step": 1})
+    return run, model
+
+
+def test_from_checkpoint_loads_the_trained_model(tmp_path):
+    run, model = _save_run(tmp_path)
+    for path in (run, run / "checkpoint.pt", str(run)):
+        loaded = VQVAE.from_checkpoint(path)
+        assert isinstance(loaded, VQVAE) and not loaded.training
+        assert loaded.config == model.config
+        for k, v in model.state_dict().items():
+            assert torch.equal(loaded.state_dict()[k], v), k
+    images = torch.rand(2, 3, 8, 8) - 0.5
+    model.eval()
+    tokens = loaded.encode(images)
+    assert torch.equal(tokens, model.encode(images)) and tokens.shape == (2, 2, 2)
+    torch.testing.assert_close(loaded.decode(tokens), model.decode(tokens))
+    assert vqkernels.VQVAE is VQVAE
+
+
+def test_from_checkpoint_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        VQVAE.from_checkpoint(tmp_path / "nope.pt")
+    with pytest.raises(FileNotFoundError, match="without checkpoint.pt"):
+        VQVAE.from_checkpoint(tmp_path)
+    notes = tmp_path / "notes.pt"
+    notes.write_text("my notes")
+    with pytest.raises(ValueError, match="not a checkpoint"):
+        VQVAE.from_checkpoint(notes)
+    assert notes.read_text() == "my notes"  # nothing a user wrote is touched
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(2)}, other)
+    with pytest.raises(ValueError, match="not a vqkernels VQ-VAE checkpoint"):
+        VQVAE.from_checkpoint(other)
+
+
+def test_python_m_vqkernels_reports_commands_and_backends(capsys):
+    assert entry.main([]) == 0
+    out = capsys.readouterr().out
+    for cmd in ("vqkernels.train", "vqkernels.eval", "vqkernels.tokenize", "vqkernels.demo",
+                "VQVAE.from_checkpoint", "vqkernels.compat"):
+        assert cmd in out, cmd
+    for name, st in vqkernels.available_backends().items():
+        line = next(ln for ln in out.splitlines() if ln.strip().startswith(name + " "))
+        assert ("yes" in line) == st.available and st.detail in line
+    from vqkernels import native
+    if native.cpu_status() is None:
+        assert f"instruction set: {native.module().cpu_isa()}" in out
+    assert entry.main(["--bogus"]) == 2
+    assert "takes no arguments" in capsys.readouterr().err
+
+
+def test_python_m_vqkernels_runs_as_a_module():
+    r = subprocess.run([sys.executable, "-m", "vqkernels"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "Backends here" in r.stdout

@@ -480,3 +480,39 @@ def test_residual_vq_forward_refusals():
     with pytest.raises(TypeError, match="indices="):
         GroupedResidualVQ(dim=8, groups=2, num_quantizers=2, codebook_size=4)(
             torch.randn(1, 3, 8), indices=[torch.zeros(1, 3, 2, dtype=torch.long)] * 2)
+
+
+@pytest.mark.parametrize("case", ["random", "ties-and-offset", "sizes-projection-2d",
+                                  "shared"])
+def test_residual_vq_fused_eval_is_the_stage_loop_bit_for_bit(case):
+    """Eval-mode ResidualVQ runs vqkernels' fused residual search; it must give exactly what
+    the stage loop of compat.VectorQuantize gives (indices, output, losses, all codes)."""
+    torch.manual_seed(7)
+    kw = dict(dim=12, num_quantizers=4, codebook_size=16)
+    if case == "sizes-projection-2d":
+        kw = dict(dim=12, codebook_size=(3, 16, 40), codebook_dim=6)
+    if case == "shared":
+        kw.update(shared_codebook=True)
+    rvq = ResidualVQ(**kw).eval()
+    x = torch.randn(3, 17, 12)
+    if case == "ties-and-offset":
+        with torch.no_grad():
+            for vq in rvq.layers:
+                cb = vq._codebook.embed[0]
+                cb[5] = cb[2]          # duplicate codes: the lower index must win
+                cb.add_(100.0)         # far from the origin: fp32 cancellation
+        x = x + 100.0
+        x[0, :4] = rvq.layers[0]._codebook.embed[0, 2]       # rows exactly on a duplicated code
+    if case == "sizes-projection-2d":
+        x = x[:, 0]
+    assert rvq._can_fuse(x, None)
+    fused = rvq(x, return_all_codes=True)
+    rvq._fused_eval = False
+    loop = rvq(x, return_all_codes=True)
+    for a, b in zip(fused, loop):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(a, b)
+    if case == "ties-and-offset":
+        assert (fused[1][0, :4, 0] == 2).all()
+    rvq.train()
+    assert not rvq._can_fuse(x, None)

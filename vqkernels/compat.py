@@ -849,6 +849,8 @@ class ResidualVQ(nn.Module):
         if beam_size is not None and beam_size > 1:
             return self._forward_beam(x, mask, int(beam_size), return_all_codes,
                                       freeze_codebook, rand_quantize_dropout_fixed_seed)
+        if self._can_fuse(x, mask):
+            return self._forward_fused(x, return_all_codes)
         orig_input = x
         x = self.project_in(x)
         quantized_out = torch.zeros_like(x)
@@ -870,6 +872,35 @@ class ResidualVQ(nn.Module):
         self._shared_upkeep(residuals)
         return self._finish(quantized_out, orig_input, mask, torch.stack(all_indices, dim=-1),
                             torch.stack(all_losses).float(), return_all_codes)
+
+    # Eval-mode inference through vqkernels' fused residual search (one call for all stages; on
+    # the CPU every row tile runs through every stage with its residual in cache). Its definition
+    # is the stage loop's, bit for bit: stage s searches the fp32 residual fl(r - e) exactly and
+    # the output is fl(((0 + e_0) + e_1) + ...). Only where the stage loop does nothing else:
+    # eval (no upkeep, no straight-through), fp32, no cosine normalisation per stage, no
+    # learnable codebook (whose gradient the gather carries), channel-last, no mask.
+    _fused_eval = True
+
+    def _can_fuse(self, x: Tensor, mask) -> bool:
+        vq = self.layers[0]
+        return (self._fused_eval and not self.training and mask is None
+                and x.dtype == torch.float32 and x.dim() in (2, 3) and x.shape[-1] == self.dim
+                and x.numel() > 0 and not self._channel_first() and not vq.use_cosine_sim
+                and not vq.learnable_codebook
+                and (not self.has_projections or self.project_in.weight.dtype == torch.float32)
+                and all(v.codebook.dtype == torch.float32 for v in self.layers))
+
+    def _forward_fused(self, x: Tensor, return_all_codes):
+        from .residual import residual_forward
+        z = self.project_in(x)
+        with torch.no_grad():
+            rows = z.detach().reshape(-1, self.codebook_dim)
+            q, idx, _ = residual_forward(rows, [vq.codebook.detach() for vq in self.layers],
+                                         None, "auto")
+        quantized_out = q.view(z.shape)
+        all_indices = idx.t().reshape(*z.shape[:-1], self.num_quantizers)
+        all_losses = torch.stack([vq.zero for vq in self.layers]).float()
+        return self._finish(quantized_out, x, None, all_indices, all_losses, return_all_codes)
 
     def _dropout_index(self, device, seed) -> int | None:
         """The last stage kept by quantizer dropout this step (the peer's draw), or None."""

@@ -1,6 +1,7 @@
 """vqkernels: fused vector-quantization kernels for PyTorch."""
 from .backends import available_backends
-from .quantize import VectorQuantizer, VQOutput, nearest_code, vq_quantize
+from .quantize import VQOutput, nearest_code, vq_quantize
+from .quantizers import VectorQuantizer
 
 __all__ = ["vq_quantize", "nearest_code", "VQOutput", "VectorQuantizer", "available_backends"]
 __version__ = "0.1.0"

@@ -241,8 +241,16 @@ class VectorQuantizer(nn.Module):
 
     def _update(self, z: Tensor, dim: int, indices: Tensor, counts: Tensor,
                 row_err: Tensor) -> None:
-        K, D = self.num_codes, self.dim
         ctx = DistContext(self.sync, self.process_group)
+        self._upkeep_apply(ctx.all_reduce_(self._upkeep_pack(z, dim, indices, row_err, ctx)))
+
+    def _upkeep_pack(self, z: Tensor, dim: int, indices: Tensor, row_err: Tensor,
+                     ctx: DistContext) -> Tensor:
+        """This step's local statistics as one flat buffer (stat dtype) to be summed over the
+        ranks; `_upkeep_apply` takes the sum. Split in two so that several quantizers (the
+        stages of a residual quantizer) can share one all_reduce. Rows whose `row_err` is not
+        finite take no part (NaN/inf rows; callers pass inf for padding or sat-out rows)."""
+        K, D = self.num_codes, self.dim
         sd = self._stat_dtype()
         rows = z.movedim(dim, -1).reshape(-1, D)
         idx = indices.reshape(-1)
@@ -270,8 +278,12 @@ class VectorQuantizer(nn.Module):
                                                            rows.index_select(0, sel).to(sd), 0)
             slot[ctx.rank, :sel.numel(), D] = sel_ok.to(sd)
             parts.append(slot.view(-1))
-        buf = ctx.all_reduce_(torch.cat(parts))
+        return torch.cat(parts)
 
+    def _upkeep_apply(self, buf: Tensor) -> None:
+        """Apply the summed buffer of `_upkeep_pack`: step counters, EMA, restart pool, restarts."""
+        K, D = self.num_codes, self.dim
+        restart = self.restart_after is not None
         counts_g = buf[:K]
         self._steps_done += 1
         self.step.add_(1)

@@ -28,7 +28,9 @@ commitment term reaches its encoder there. z_q is straight-through on the sum: g
 Backends: "reference" is a stage loop over vqkernels.reference (float64 search, plain torch);
 "cpu" is one native call that runs all stages per row tile with the residual in cache (fp32;
 16-bit input is widened first, float64 input runs a stage loop over the exact float64 kernel);
-"cuda" and "triton" run a stage loop over their single-stage search (no fused GPU kernel yet).
+"triton" runs a fused kernel too (all stages per row block, the residual in registers; fp32,
+D <= 256; tested under Triton's interpreter, not yet timed or AOT-checked on a GPU) and a stage
+loop otherwise; "cuda" runs a stage loop over its single-stage kernel (no fused CUDA C++ kernel).
 Nothing of size N x K is ever formed.
 """
 from __future__ import annotations
@@ -117,13 +119,18 @@ def residual_forward(rows: Tensor, codebooks: list[Tensor], active: Optional[Ten
 
     backend "reference" is the oracle: a stage loop over vqkernels.reference (float64 search).
     Other backends run their own single-stage search per stage, except "cpu" on float32, which
-    runs the fused native kernel.
+    runs the fused native kernel, and "triton" on float32 with D <= 256, which runs the fused
+    Triton kernel (vqkernels.triton.residual).
     """
     N, D = rows.shape
     S = len(codebooks)
     b = backends.resolve(backend, rows.device)
     if b.name == "cpu" and rows.dtype == torch.float32 and N > 0:
         return _cpu_fused(rows, codebooks, active)
+    if b.name == "triton":
+        from .triton import residual as triton_residual
+        if triton_residual.supported(rows, codebooks):
+            return triton_residual.residual_forward(rows, codebooks, active)
     r = rows.clone()
     q = torch.zeros_like(rows)
     indices = torch.empty(S, N, dtype=torch.long, device=rows.device)

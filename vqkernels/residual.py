@@ -180,7 +180,7 @@ class _ResidualFn(torch.autograd.Function):
             cbs = cbs * shared
         z_q, indices, sqerr = residual_forward(r, cbs, active, backend)
         ctx.save_for_backward(rows, indices, *codebooks)
-        ctx.shared = shared
+        ctx.shared, ctx.backend = shared, backend
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(indices)
         return z_q.to(rows.dtype), indices, sqerr, sqerr.clone()
@@ -192,28 +192,39 @@ class _ResidualFn(torch.autograd.Function):
         S, N = indices.shape
         need_z = ctx.needs_input_grad[0]
         stage_cbs = codebooks * ctx.shared if ctx.shared else codebooks
-        grads = [torch.zeros(cb.shape, dtype=acc, device=cb.device) if ctx.needs_input_grad[4 + i]
-                 else None for i, cb in enumerate(codebooks)]
-        stage_grads = grads * ctx.shared if ctx.shared else grads
+        need_cb = [ctx.needs_input_grad[4 + i] for i in range(len(codebooks))]
+        stage_need = need_cb * ctx.shared if ctx.shared else need_cb
+        grads = [None] * len(codebooks)
         grad_z = None
         if need_z:
             grad_z = (g_zq.to(acc) if g_zq is not None
                       else torch.zeros(rows.shape, dtype=acc, device=rows.device))
         if g_cb is not None or (g_cm is not None and need_z):
+            # Each stage is the single-stage backward on its residual r_s (the backend's own
+            # kernel: the native one sums the codebook gradient in a fixed order), with the rows
+            # that sit the stage out weighted 0.
+            b = backends.resolve(ctx.backend, rows.device)
             r = rows.detach().to(acc)
             for s in range(S):
                 idx = indices[s]
                 on = idx >= 0
                 safe = idx.clamp(min=0)
-                e = torch.where(on[:, None], stage_cbs[s].detach().to(acc)[safe], 0)
-                r_next = r - e  # the forward's residual update, bit for bit
-                diff = torch.where(on[:, None], r_next, 0)  # r_s - e_s; 0 where s is sat out
-                if g_cm is not None and need_z:
-                    grad_z.add_(2.0 * g_cm[s].to(acc)[:, None] * diff)
-                if g_cb is not None and stage_grads[s] is not None:
-                    stage_grads[s].index_add_(0, safe, -2.0 * g_cb[s].to(acc)[:, None] * diff)
-                r = r_next
-        out_cb = [None if g is None else g.to(cb.dtype) for g, cb in zip(grads, codebooks)]
+                cb = stage_cbs[s].detach().to(acc)
+                w_cm = (torch.where(on, g_cm[s].to(acc), 0) if g_cm is not None and need_z
+                        else None)
+                w_cb = (torch.where(on, g_cb[s].to(acc), 0) if g_cb is not None and stage_need[s]
+                        else None)
+                if w_cm is not None or w_cb is not None:
+                    g_r, g_c = b.backward(r, 1, cb, safe, None, w_cb, w_cm, RowPlan(r, 1))
+                    if w_cm is not None:
+                        grad_z.add_(g_r)
+                    if w_cb is not None:
+                        i = 0 if ctx.shared else s
+                        grads[i] = g_c if grads[i] is None else grads[i].add_(g_c)
+                # The forward's residual update, bit for bit.
+                r = r - torch.where(on[:, None], cb[safe], 0)
+        out_cb = [None if not need or g is None else g.to(cb.dtype)
+                  for need, g, cb in zip(need_cb, grads, codebooks)]
         return (grad_z.to(rows.dtype) if need_z else None, None, None, None, *out_cb)
 
 

@@ -159,6 +159,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--out", default="benchmarks/results/residual-cpu")
+    ap.add_argument("--impls", default=None, help="comma-separated substrings: run only these")
+    ap.add_argument("--modes", default="fwd,fwd+bwd")
     ap.add_argument("--one", nargs=3, metavar=("SHAPE", "IMPL", "MODE"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.one:
@@ -168,8 +170,10 @@ def main(argv=None):
     rows = []
     for shape in a.shapes.split(","):
         kind = SHAPES[shape][4]
-        for mode in ("fwd", "fwd+bwd"):
+        for mode in a.modes.split(","):
             for impl in IMPLS[kind]:
+                if a.impls and not any(w in impl for w in a.impls.split(",")):
+                    continue
                 cmd = [sys.executable, __file__, "--one", shape, impl, mode,
                        "--repeats", str(a.repeats)] + (["--quick"] if a.quick else [])
                 p = subprocess.run(cmd, capture_output=True, text=True)
@@ -185,10 +189,10 @@ def main(argv=None):
             "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "quick": a.quick, "repeats": a.repeats,
             "shapes": {k: (QUICK if a.quick else SHAPES)[k] for k in a.shapes.split(",")}}
+    from importlib import metadata
     try:
-        import vector_quantize_pytorch
-        meta["vector_quantize_pytorch"] = getattr(vector_quantize_pytorch, "__version__", "?")
-    except ImportError:
+        meta["vector_quantize_pytorch"] = metadata.version("vector-quantize-pytorch")
+    except metadata.PackageNotFoundError:
         meta["vector_quantize_pytorch"] = None
     with open(a.out + ".json", "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
@@ -201,7 +205,7 @@ def main(argv=None):
                                                                for k, v in meta["shapes"].items()),
              ""]
     for shape in a.shapes.split(","):
-        for mode in ("fwd", "fwd+bwd"):
+        for mode in a.modes.split(","):
             lines += [f"## {shape}, {mode}", "", "| implementation | median s | peak extra MB | vs loop |",
                       "|---|---|---|---|"]
             sel = [r for r in rows if r["shape"] == shape and r["mode"] == mode]

@@ -191,3 +191,61 @@ def test_bad_module_arguments():
         GroupedVectorQuantizer(10, 3)
     with pytest.raises(ValueError, match="channels"):
         ResidualVectorQuantizer(4, 2, 8)(torch.randn(3, 5))
+
+
+# ---------------------------------------------------------------------------- two gloo ranks
+def _rvq_run(rank, world, ddp):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(123)
+    books = [torch.randn(8, 4, generator=g) * 0.5 ** s for s in range(3)]
+    batches = [torch.randn(2 * 48, 4, generator=g) for _ in range(3)]
+    m = ResidualVectorQuantizer(4, 3, 8, kmeans_init=False, restart_after=None, decay=0.8)
+    with torch.no_grad():
+        for b, c in zip(m.books, books):
+            b.set_codebook(c)
+    calls = []
+    for z in batches:
+        part = z[rank * 48:(rank + 1) * 48] if ddp else z
+        before = _RCALLS["all_reduce"]
+        m(part)
+        calls.append(_RCALLS["all_reduce"] - before)
+    return {"books": [b.codebook.clone() for b in m.books], "calls": calls,
+            "counts": [b.ema_count.clone() for b in m.books]}
+
+
+_RCALLS = {"all_reduce": 0}
+
+
+def _rvq_worker(rank, world, init_file, out_dir):
+    import datetime
+    import os
+
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    inner = dist.all_reduce
+
+    def counting(*a, **k):
+        _RCALLS["all_reduce"] += 1
+        return inner(*a, **k)
+
+    dist.all_reduce = counting
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        torch.save(_rvq_run(rank, world, True), os.path.join(out_dir, f"rvq_{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_keep_every_stage_identical_with_one_all_reduce(tmp_path):
+    import torch.multiprocessing as mp
+    mp.spawn(_rvq_worker, args=(2, str(tmp_path / "pg"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rvq_{r}.pt") for r in range(2))
+    for a, b in zip(r0["books"], r1["books"]):
+        assert torch.equal(a, b)  # bitwise: every rank applied the same update
+    assert r0["calls"] == [1, 1, 1]  # one packed all_reduce per step for the three stages
+    single = _rvq_run(0, 1, False)  # one process on both ranks' rows
+    for a, b in zip(r0["books"], single["books"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(r0["counts"], single["counts"]):
+        torch.testing.assert_close(a, b)

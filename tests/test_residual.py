@@ -10,7 +10,8 @@ import torch
 
 import vqkernels
 from vqkernels import native
-from vqkernels.residual import codes_from_indices, grouped_vq, residual_forward, residual_vq
+from vqkernels.residual import (codes_from_indices, grouped_codes_from_indices, grouped_vq,
+                                residual_forward, residual_vq)
 
 from adversarial import assert_exact, close_codes, duplicated, exact_answer, large_mean
 from cpu_isas import ISA_PARAMS
@@ -372,6 +373,8 @@ def test_grouped_equals_one_vq_per_group(backend, shared):
         torch.testing.assert_close(out.codebook_loss[g], vq.codebook_loss)
         assert torch.equal(out.z_q.detach().movedim(1, -1).reshape(-1, 12)[:, 4 * g:4 * g + 4],
                            vq.z_q)
+    back = grouped_codes_from_indices(out.indices, **arg, dim=1)
+    assert torch.equal(back, out.z_q.detach())
     out.loss.backward()
     assert z.grad.abs().sum() > 0 and books[0].grad.abs().sum() > 0
 
@@ -389,3 +392,5 @@ def test_grouped_mask_and_errors():
         grouped_vq(torch.randn(3, 7), books)
     with pytest.raises(ValueError, match="groups"):
         grouped_vq(z, books[0])
+    with pytest.raises(ValueError, match="group 1"):
+        grouped_codes_from_indices(torch.tensor([[0, 5]]), books)

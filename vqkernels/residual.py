@@ -46,7 +46,7 @@ from ._layout import RowPlan
 from .quantize import _check, _check_beta
 
 __all__ = ["residual_vq", "RVQOutput", "codes_from_indices", "grouped_vq", "GVQOutput",
-           "residual_forward"]
+           "grouped_codes_from_indices", "residual_forward"]
 
 Codebooks = Union[Tensor, Sequence[Tensor]]
 
@@ -394,6 +394,25 @@ def grouped_vq(z: Tensor, codebooks: Codebooks, *, groups: Optional[int] = None,
     zq = zq.reshape(*lead, G * d).movedim(-1, dim)
     return GVQOutput(zq, idx.reshape(*lead, G), cb_loss, cm_loss, (cb_loss + beta * cm_loss).sum(),
                      torch.stack(perp), counts)
+
+
+def grouped_codes_from_indices(indices: Tensor, codebooks: Codebooks, *,
+                               groups: Optional[int] = None, dim: int = -1) -> Tensor:
+    """The codes of grouped-VQ `indices` (..., G), concatenated group after group into the code
+    axis (placed at `dim`): bit for bit the z_q grouped_vq returned for them."""
+    books, _ = _stage_list(codebooks, groups, "groups", "group")
+    G = len(books)
+    if not isinstance(indices, Tensor) or indices.dtype.is_floating_point or indices.dim() < 1 \
+            or indices.shape[-1] != G:
+        raise ValueError(f"indices must be an integer tensor ending in an axis of G={G} groups, "
+                         f"got {getattr(indices, 'shape', type(indices))}")
+    for g, cb in enumerate(books):
+        bad = (indices[..., g] < 0) | (indices[..., g] >= cb.shape[0])
+        if bool(bad.any()):
+            raise ValueError(f"indices of group {g} must be in [0, {cb.shape[0]}), got "
+                             f"{int(indices[..., g][bad][0])}")
+    return torch.cat([F.embedding(indices[..., g].long(), books[g]) for g in range(G)],
+                     -1).movedim(-1, dim)
 
 
 def _vq_rows(rows, cb, backend):

@@ -53,7 +53,8 @@ namespace vqk {
 namespace cpu {
 const SearchKernels& kernels_scalar() {
   static const SearchKernels k{"scalar", MR, NR, pack_any, search_any, flush_exact,
-                                  scratch_floats, false, false, residual_tiles, residual_scratch_floats};
+                                  scratch_floats, false, false, residual_tiles,
+                                  residual_scratch_floats};
   return k;
 }
 }  // namespace cpu

@@ -595,14 +595,13 @@ void residual_forward(const ResidualArgs& a, int num_threads) {
     sumK += a.Ks[s];
   }
   const cpu::SearchKernels* ks = &select_kernels(maxK, D);
-  // The bf16 build has no residual path (its proof is per call, not per stage): the plain
-  // AVX-512 build runs on any CPU the bf16 one does; the int16 AVX2 pass likewise falls back
-  // to the fp32 AVX2 build (never to AVX-512, which an AVX2-only CPU cannot run).
+  // The reduced-precision builds have no residual path (their proofs are set up per call, not
+  // per stage): the fp32 build of the same instruction set runs on any CPU they do.
+#if defined(VQK_HAVE_AVX512)
+  if (!ks->residual && ks->bf16) ks = &cpu::kernels_avx512();
+#endif
 #if defined(VQK_HAVE_AVX2)
   if (!ks->residual && ks->i16) ks = &cpu::kernels_avx2();
-#endif
-#if defined(VQK_HAVE_AVX512)
-  if (!ks->residual) ks = &cpu::kernels_avx512();
 #endif
   if (!ks->residual) ks = &cpu::kernels_scalar();
   if (maxK + ks->nr >= ((int64_t)1 << 31))

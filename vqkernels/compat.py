@@ -743,8 +743,8 @@ class ResidualVQ(nn.Module):
             raise ValueError(f"ResidualVQ: quantize_dropout_cutoff_index="
                              f"{quantize_dropout_cutoff_index} leaves no stage to drop from with "
                              f"num_quantizers={num_quantizers}")
-        if isinstance(quantize_dropout_multiple_of, bool) or \
-                not isinstance(quantize_dropout_multiple_of, int) or quantize_dropout_multiple_of < 1:
+        m = quantize_dropout_multiple_of
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
             raise ValueError(f"ResidualVQ: quantize_dropout_multiple_of must be a positive int, "
                              f"got {quantize_dropout_multiple_of!r}")
         if eval_beam_size is not None and beam_size is None:

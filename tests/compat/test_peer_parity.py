@@ -167,14 +167,15 @@ def test_residual_vq_matches_the_peer(name):
     torch.manual_seed(3)
     peer, ours = vqp.ResidualVQ(**kw), ResidualVQ(**kw)
     ours.load_state_dict(peer.state_dict())
+    dropped = False
     for step, training in enumerate((True, True, False)):
         peer.train(training)
         ours.train(training)
         x = torch.randn(2, 24, 16) * (1 + step)
         xo, xp = x.clone().requires_grad_(), x.clone().requires_grad_()
-        torch.manual_seed(10 + step)  # the same dropout draw and expiry samples in both
+        torch.manual_seed(12 + step)  # the same dropout draw and expiry samples in both
         qo, io, lo = ours(xo)
-        torch.manual_seed(10 + step)
+        torch.manual_seed(12 + step)
         qp, ip, lp = peer(xp)
         assert io.shape == ip.shape == (2, 24, ours.num_quantizers) and lo.shape == lp.shape
         # Random data: no near tie at these sizes, so the peer's fp32 cdist agrees exactly.
@@ -187,13 +188,11 @@ def test_residual_vq_matches_the_peer(name):
             (gx_p,) = torch.autograd.grad((qp * g).sum() + lp.sum(), xp)
             torch.testing.assert_close(gx_o, gx_p, rtol=1e-4, atol=1e-6)
         _same_state(ours, peer, f"{name} step {step}")
-    if ours.quantize_dropout:
-        assert (io[..., -1] == -1).any() or (io >= 0).all()
-    io_eval = io
-    torch.testing.assert_close(ours.get_output_from_indices(io_eval),
-                               peer.get_output_from_indices(io_eval), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(ours.get_codes_from_indices(io_eval),
-                               peer.get_codes_from_indices(io_eval))
+        dropped = dropped or bool((io == -1).any())
+    assert dropped == ours.quantize_dropout  # seed 12 drops the last stage in the dropout config
+    torch.testing.assert_close(ours.get_output_from_indices(io),
+                               peer.get_output_from_indices(io), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.get_codes_from_indices(io), peer.get_codes_from_indices(io))
 
 
 def test_residual_vq_mask_all_codes_and_beam_match_the_peer():

@@ -640,6 +640,35 @@ def test_eval_of_an_amp_checkpoint_runs_as_it_was_trained(tmp_path, image_dir):
     assert json.loads(js.read_text())["mse"] != pytest.approx(trained["mse"], rel=1e-6)
 
 
+@pytest.mark.parametrize("has_bf16", [False, True])
+def test_amp_on_a_cpu_without_bf16_says_so(tmp_path, image_dir, capsys, monkeypatch, has_bf16):
+    # Issue 15: on a CPU without bf16 instructions torch emulates bf16 and --amp ran 20x slower
+    # than fp32 without a word; the trainer now says why and what to do, once, at the start.
+    monkeypatch.setattr(train, "cpu_has_bf16", lambda: has_bf16)
+    assert run_main(["--data", "folder", "--data-dir", image_dir, "--steps", 1, "--amp",
+                     "--eval-every", 0, "--eval-images", 8, "--out", tmp_path / "amp",
+                     *TINY]) == 0
+    err = capsys.readouterr().err
+    said = [line for line in err.splitlines() if line.startswith("--amp:")]
+    if has_bf16:
+        assert not said, err
+    else:
+        assert len(said) == 1, err
+        assert "no bf16 instructions" in said[0] and "drop it here" in said[0], said
+
+
+def test_cpu_has_bf16_reads_the_cpu_flags(tmp_path, monkeypatch):
+    import builtins
+    real_open = builtins.open
+    for flags, want in (("fpu avx2 fma", False), ("avx2 avx512f avx512_bf16", True),
+                        ("avx2 amx_bf16 amx_tile", True)):
+        info = tmp_path / "cpuinfo"
+        info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        monkeypatch.setattr(builtins, "open", lambda path, *a, **k: real_open(
+            info if path == "/proc/cpuinfo" else path, *a, **k))
+        assert train.cpu_has_bf16() is want, flags
+
+
 def test_more_cli_errors_name_the_argument(tmp_path, image_dir, capsys, monkeypatch):
     data = ["--data", "folder", "--data-dir", image_dir, "--eval-every", 0]
     assert "--hidden must be >= 2" in _error(capsys, [*data, *TINY, "--hidden", 1,

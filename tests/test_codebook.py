@@ -38,8 +38,9 @@ def _hand_ema_step(N, S, rows, idx, decay, eps):
 
 def test_ema_update_matches_float64_hand_computation():
     K, D, decay, eps = 7, 3, 0.9, 1e-2  # a large eps so the smoothing visibly matters
+    # decay_warmup=None: the fixed-decay update (the warm-up has its own test below)
     vq = VectorQuantizer(K, D, ema=True, decay=decay, eps=eps, channel_dim=1, restart_after=None,
-                         kmeans_init=False)
+                         kmeans_init=False, decay_warmup=None)
     centres = 2 * torch.randn(4, D)  # data near 4 clusters: some codes stay unused
     vq.set_codebook(torch.cat([centres, 5 + torch.randn(K - 4, D)]))
     N = torch.ones(K, dtype=torch.float64)
@@ -78,7 +79,8 @@ def test_laplace_smoothing():
     # start), so e_k = e0 decay^t / smoothed(decay^t): it stays put while decay^t >> eps, then
     # the smoothing pulls it towards the origin (as in Sonnet); it never blows up.
     eps = 1e-3
-    vq = VectorQuantizer(4, 2, ema=True, decay=0.5, eps=eps, restart_after=None, kmeans_init=False)
+    vq = VectorQuantizer(4, 2, ema=True, decay=0.5, eps=eps, restart_after=None, kmeans_init=False,
+                         decay_warmup=None)  # a fixed decay^t
     with torch.no_grad():
         vq.codebook.copy_(torch.tensor([[0.0, 0.0], [1.0, 1.0], [50.0, 50.0], [-50.0, 50.0]]))
         vq.ema_sum.copy_(vq.codebook)

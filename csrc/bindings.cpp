@@ -7,6 +7,7 @@
 #include <array>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "vqk/vqk.h"
 
@@ -69,6 +70,23 @@ PYBIND11_MODULE(_C, m) {
         py::arg("dtype"), py::arg("x"), py::arg("codebook"), py::arg("K"), py::arg("indices"),
         py::arg("grad_zq"), py::arg("g_codebook"), py::arg("g_commit"), py::arg("grad_x"),
         py::arg("grad_cb"), py::arg("num_threads"));
+
+  m.def("cpu_residual_forward",
+        [](View x, std::vector<int64_t> codebooks, std::vector<int64_t> Ks, int64_t active,
+           int64_t zq, int64_t indices, int64_t sqerr, int num_threads) {
+          if (codebooks.size() != Ks.size() || codebooks.empty())
+            throw std::invalid_argument("vqkernels._C: one K per codebook, at least one stage");
+          std::vector<const float*> cbs;
+          for (int64_t p : codebooks) cbs.push_back(ptr<const float>(p));
+          vqk::ResidualArgs a{rows(x), (int64_t)cbs.size(), cbs.data(), Ks.data(),
+                              ptr<const int64_t>(active), ptr<float>(zq), ptr<int64_t>(indices),
+                              ptr<float>(sqerr)};
+          py::gil_scoped_release nogil;
+          vqk::cpu_residual_forward(a, num_threads);
+        },
+        py::arg("x"), py::arg("codebooks"), py::arg("Ks"), py::arg("active"), py::arg("zq"),
+        py::arg("indices"), py::arg("sqerr"), py::arg("num_threads"),
+        "Residual VQ forward, fp32: all stages per row tile (see vqk.h, ResidualArgs).");
 
   m.def("cpu_isa", [] { return std::string(vqk::cpu_isa()); },
         "The CPU search kernels a large search uses: 'avx512bf16', 'avx512', 'avx2_i16', 'avx2', "

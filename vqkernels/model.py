@@ -22,8 +22,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .codebook import check_positive_int
-from .quantize import VectorQuantizer, VQOutput
+from .quantizers.upkeep import check_positive_int
+from .quantize import VQOutput
+from .quantizers import VectorQuantizer
 
 
 @dataclass(frozen=True)
@@ -250,7 +251,7 @@ class VQVAE(nn.Module):
 
         method "data": K encoder outputs drawn at random (with replacement when there are fewer
         than K); "kmeans": k-means++ seeding plus `kmeans_iters` Lloyd iterations over all of them
-        (vqkernels.codebook.kmeans_plusplus, through the quantizer's own search backend).
+        (vqkernels.quantizers.upkeep.kmeans_plusplus, through the quantizer's own search backend).
         Draws come from `generator` (torch's global RNG when None): the same images and generator
         give the same codes on every rank of a distributed run.
         """
@@ -262,7 +263,7 @@ class VQVAE(nn.Module):
             raise ValueError("init_codebook: the encoder gave no finite output for these images")
         K = self.config.num_codes
         if method == "kmeans":
-            from .codebook import kmeans_plusplus
+            from .quantizers.upkeep import kmeans_plusplus
             g = generator if generator is not None else torch.Generator().manual_seed(
                 int(torch.randint(2**62, (1,))))
             x = F.normalize(rows, dim=1) if self.config.cosine else rows

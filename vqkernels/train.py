@@ -504,7 +504,7 @@ class Dist:
         return self.rank == 0
 
     def all_reduce_(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        from .codebook import DistContext
+        from .quantizers.upkeep import DistContext
         return DistContext(self.world > 1).all_reduce_(t, op)
 
     def barrier(self) -> None:

@@ -63,6 +63,25 @@ struct SearchKernels {
   int64_t (*scratch_floats)(int64_t D);
   bool bf16;  // wants packed_bf16 and max_code_norm
   bool i16 = false;  // wants packed_bf16 (as int16 pairs), code_aux and its maxima
+  // Residual VQ (issue 17), fp32 only: row tiles [tile_lo, tile_hi) through every stage, with
+  // residual_scratch_floats(D) floats of 64-byte aligned scratch private to the thread. Null in
+  // a build that has none (avx512bf16: the caller takes the plain avx512 build's).
+  void (*residual)(const struct ResidualJob& job, int64_t tile_lo, int64_t tile_hi, float* scratch);
+  int64_t (*residual_scratch_floats)(int64_t D);
+};
+
+// One residual-VQ forward (fp32): S stages, each a FwdJob holding that stage's packed codebook,
+// proof constants and outputs (indices and sqerr: the stage's N-row slices; its x is the input,
+// its zq unused). Stage s searches the fp32 residual r_s = fl(r_{s-1} - e_{s-1}), r_0 = x.
+struct ResidualJob {
+  int64_t S;
+  const FwdJob* stages;
+  // Stages row n takes part in (s < active[n]); later stages write index -1 and error 0 and leave
+  // the residual and the sum alone. Null: every stage.
+  const int64_t* active;
+  // N x D row-major: the sum of the chosen codes, fl(((0 + e_0) + e_1) + ...), NaN from the first
+  // stage whose exact error is not finite. May be null.
+  float* zq;
 };
 
 // Each exists when CMake built it (VQK_HAVE_*: the AVX builds when the compiler had the flags,

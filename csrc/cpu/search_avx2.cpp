@@ -22,7 +22,8 @@ namespace vqk {
 namespace cpu {
 const SearchKernels& kernels_avx2() {
   static const SearchKernels k{"avx2", MR, NR, pack_any, search_any, flush_exact,
-                                  scratch_floats, false};
+                                  scratch_floats, false, false, residual_tiles,
+                                  residual_scratch_floats};
   return k;
 }
 }  // namespace cpu

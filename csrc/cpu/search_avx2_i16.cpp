@@ -387,7 +387,7 @@ void flush_i16(const cpu::FwdJob& job, float* scratch) {
 namespace cpu {
 const SearchKernels& kernels_avx2_i16() {
   static const SearchKernels k{"avx2_i16", MR, NR, pack_any_i16, search_any_i16, flush_i16,
-                               i16_scratch_floats, false, true};
+                               i16_scratch_floats, false, true, nullptr, nullptr};
   return k;
 }
 }  // namespace cpu

@@ -306,7 +306,7 @@ void flush_bf16(const cpu::FwdJob& job, float* scratch) {
 namespace cpu {
 const SearchKernels& kernels_avx512bf16() {
   static const SearchKernels k{"avx512bf16", MR, NR, pack_any_bf16, search_any_bf16, flush_bf16,
-                               bf16_scratch_floats, true};
+                               bf16_scratch_floats, true, false, nullptr, nullptr};
   return k;
 }
 }  // namespace cpu

@@ -593,6 +593,167 @@ void search_tiles(const cpu::FwdJob& job, int64_t t_lo, int64_t t_hi, float* scr
   }
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// Residual VQ (issue 17): every stage of a row tile in one go. The tile's rows are packed once
+// (xt, fp32) and become the residual in place: stage s searches xt exactly as the single-stage
+// search would (search_tile, the same proof `decide`, an exact re-search of the rows it cannot
+// prove), then subtracts the chosen codes from xt and adds them to the running sum qt. Nothing
+// of the residual goes back to memory between stages; only the indices, the per-stage errors
+// and, at the end, the summed z_q are written. fp32 input only (the caller widens 16-bit input:
+// the residual is defined in fp32 either way).
+//
+// Exactness per stage: the residual a stage searches is fl32(r - e) lane by lane, which is what
+// the reference computes in fp32 torch, so each stage's index is the exact argmin for the same
+// residual (the contract of issue 13), and so are all later stages' inputs.
+
+// The exact re-search of the flagged lanes of the tile (flag[r]): the same candidates as
+// run_exact (a_k <= thr from the same micro-kernel; every code when thr is not finite), float64
+// distances straight from the residual tile, the lowest index on ties. Writes idx and the exact
+// error (float64) of each flagged lane.
+VQK_ALWAYS_INLINE void residual_exact(const cpu::FwdJob& job, const float* __restrict xt,
+                                      const bool* flag, const double* thr, int32_t* idx,
+                                      double* xerr) {
+  using F = typename V::F;
+  const int64_t D = job.D, K = job.K;
+  double best[MR];
+  int64_t bk[MR];
+  bool some_bounded = false;
+  for (int r = 0; r < MR; ++r) {
+    best[r] = __builtin_inf();
+    bk[r] = 0;
+    if (flag[r] && thr[r] < __builtin_inf()) some_bounded = true;
+  }
+  int64_t flagged = 0;
+  for (int r = 0; r < MR; ++r) flagged += flag[r];
+  __atomic_fetch_add(&cpu::g_exact_rows, flagged, __ATOMIC_RELAXED);
+  if (some_bounded) {
+    alignas(64) float dist[NR][MR];
+    const F two = V::set1(2.0f);
+    for (int64_t p = 0; p < job.panels; ++p) {
+      F acc[MRV][NR];
+      panel_dots(xt, job.packed + p * D * NR, D, acc);
+      for (int j = 0; j < NR; ++j) {
+        const F nj = V::set1(job.norms[p * NR + j]);
+        for (int i = 0; i < MRV; ++i) V::store(dist[j] + i * W, V::fnmadd(acc[i][j], two, nj));
+      }
+      for (int j = 0; j < NR && p * NR + j < K; ++j)
+        for (int r = 0; r < MR; ++r) {
+          if (!flag[r] || !(thr[r] < __builtin_inf()) || !((double)dist[j][r] <= thr[r])) continue;
+          const double dk = exact_dist<EF32>(job, xt + r, p * NR + j);
+          if (dk < best[r]) { best[r] = dk; bk[r] = p * NR + j; }
+        }
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    if (!flag[r]) continue;
+    if (!(thr[r] < __builtin_inf()))
+      for (int64_t k = 0; k < K; ++k) {
+        const double dk = exact_dist<EF32>(job, xt + r, k);
+        if (dk < best[r]) { best[r] = dk; bk[r] = k; }
+      }
+    idx[r] = (int32_t)bk[r];
+    xerr[r] = best[r] < __builtin_inf() ? best[r] : exact_dist<EF32>(job, xt + r, bk[r]);
+  }
+}
+
+// Scratch per thread: the residual tile, the running sum, the chosen codes.
+[[maybe_unused]] int64_t residual_scratch_floats(int64_t D) { return 3 * tile_floats(D); }
+
+[[maybe_unused]] void residual_tiles(const cpu::ResidualJob& rj, int64_t t_lo, int64_t t_hi,
+                                     float* scratch) {
+  using F = typename V::F;
+  const cpu::FwdJob& first = rj.stages[0];
+  const int64_t N = first.x.B * first.x.S, D = first.D;
+  float* __restrict xt = scratch;
+  float* __restrict qt = xt + tile_floats(D);
+  float* __restrict et = qt + tile_floats(D);
+  int64_t rowno[MR];
+  for (int64_t t = t_lo; t < t_hi; ++t) {
+    const int64_t row0 = t * MR, rows = imin(MR, N - row0);
+    for (int r = 0; r < MR; ++r) rowno[r] = r < rows ? row0 + r : -1;
+    pack_rows<EF32>(first, row0, rows, xt);
+    for (int64_t i = 0; i < D * MR; ++i) qt[i] = 0.0f;
+    for (int64_t s = 0; s < rj.S; ++s) {
+      const cpu::FwdJob& job = rj.stages[s];
+      const float* cb = static_cast<const float*>(job.codebook);
+      bool on[MR];
+      int live = 0;
+      for (int r = 0; r < MR; ++r) {
+        on[r] = rowno[r] >= 0 && (!rj.active || s < rj.active[rowno[r]]);
+        live += on[r];
+      }
+      if (live == 0) {  // every row of the tile has stopped (quantizer dropout): nothing to search
+        for (int r = 0; r < MR; ++r)
+          if (rowno[r] >= 0) { job.indices[rowno[r]] = -1; job.sqerr[rowno[r]] = 0.0f; }
+        continue;
+      }
+      Top2 top;
+      search_tile(xt, job.packed, job.norms, job.panels, D, top);
+      alignas(64) float xx[MR];
+      lane_sqnorms(xt, D, xx);
+      int32_t idx[MR];
+      bool flag[MR];
+      double thr[MR], xerr[MR];
+      bool any = false;
+      const float qa = job.quick_a, qb = job.quick_b;
+      for (int r = 0; r < MR; ++r) {
+        idx[r] = top.k1[r];
+        flag[r] = false;
+        thr[r] = __builtin_inf();
+        if (!on[r]) continue;
+        // The same proof as search_block: the quick form, then `decide`.
+        const float v1 = top.v1[r], gap = top.v2[r] - v1;
+        if (v1 - v1 == 0.0f && xx[r] < 0x1p100f && gap < __builtin_inff() && gap > qa + qb * xx[r])
+          continue;
+        if (decide(job, v1, top.v2[r], xx[r], &thr[r])) continue;
+        flag[r] = any = true;
+      }
+      if (any) residual_exact(job, xt, flag, thr, idx, xerr);
+      // The chosen codes packed like the tile; zero for lanes that sit this stage out, so the
+      // updates below leave them as they are (x - 0 and q + 0 are x and q exactly).
+      for (int i = 0; i < MRV; ++i) {
+        const float* rp[W];
+        for (int r = 0; r < W; ++r) rp[r] = on[i * W + r] ? cb + (int64_t)idx[i * W + r] * D : nullptr;
+        pack_block<EF32>(rp, 1, D, et + i * W);
+      }
+      alignas(64) float err[MR];
+      for (int i = 0; i < MRV; ++i) {
+        F acc = V::zero();
+        for (int64_t d = 0; d < D; ++d) {
+          const F diff = V::sub(V::load(xt + d * MR + i * W), V::load(et + d * MR + i * W));
+          acc = V::fmadd(diff, diff, acc);
+        }
+        V::store(err + i * W, acc);
+      }
+      for (int r = 0; r < MR; ++r) {
+        if (rowno[r] < 0) continue;
+        if (!on[r]) { job.indices[rowno[r]] = -1; job.sqerr[rowno[r]] = 0.0f; continue; }
+        const double e = flag[r] ? xerr[r] : (double)err[r];
+        job.indices[rowno[r]] = idx[r];
+        job.sqerr[rowno[r]] = flag[r] ? (float)xerr[r] : err[r];
+        // The single-stage rule: the code is NaN where its exact error is not finite (a proven
+        // row's fp32 error cannot overflow: decide's range keeps it far below 2^128).
+        if (!(e - e == 0.0))
+          for (int64_t d = 0; d < D; ++d) et[d * MR + r] = __builtin_nanf("");
+      }
+      for (int64_t d = 0; d < D; ++d)
+#pragma GCC unroll 64
+        for (int i = 0; i < MRV; ++i) {
+          const int64_t o = d * MR + i * W;
+          V::store(xt + o, V::sub(V::load(xt + o), V::load(et + o)));
+          V::store(qt + o, V::add(V::load(qt + o), V::load(et + o)));
+        }
+    }
+    if (rj.zq)
+      for (int r = 0; r < MR; ++r) {
+        if (rowno[r] < 0) continue;
+        float* __restrict dst = rj.zq + rowno[r] * D;
+        for (int64_t d = 0; d < D; ++d) dst[d] = qt[d * MR + r];
+      }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Dispatch on dtype (f64 never reaches these kernels).
 [[maybe_unused]] void pack_any(const cpu::FwdJob& job, int64_t p_lo, int64_t p_hi) {

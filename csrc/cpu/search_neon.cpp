@@ -38,6 +38,7 @@ struct V {
   static inline F fmadd(F a, F b, F c) { return vfmaq_f32(c, a, b); }   // c + a * b, one rounding
   static inline F fnmadd(F a, F b, F c) { return vfmsq_f32(c, a, b); }  // c - a * b, one rounding
   static inline F sub(F a, F b) { return vsubq_f32(a, b); }
+  static inline F add(F a, F b) { return vaddq_f32(a, b); }
   static inline float hsum(F a) { return vaddvq_f32(a); }
   static inline M lt(F a, F b) { return vcltq_f32(a, b); }  // false when either is NaN
   static inline F sel(M m, F t, F f) { return vbslq_f32(m, t, f); }
@@ -113,7 +114,8 @@ namespace vqk {
 namespace cpu {
 const SearchKernels& kernels_neon() {
   static const SearchKernels k{"neon", MR, NR, pack_any, search_any, flush_exact,
-                                  scratch_floats, false};
+                                  scratch_floats, false, false, residual_tiles,
+                                  residual_scratch_floats};
   return k;
 }
 }  // namespace cpu

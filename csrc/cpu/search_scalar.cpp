@@ -24,6 +24,7 @@ struct V {
   static inline F fmadd(F a, F b, F c) { return a * b + c; }
   static inline F fnmadd(F a, F b, F c) { return c - a * b; }
   static inline F sub(F a, F b) { return a - b; }
+  static inline F add(F a, F b) { return a + b; }
   static inline float hsum(F a) { return a; }
   static inline M lt(F a, F b) { return a < b; }  // false when either is NaN
   static inline F sel(M m, F t, F f) { return m ? t : f; }
@@ -52,7 +53,8 @@ namespace vqk {
 namespace cpu {
 const SearchKernels& kernels_scalar() {
   static const SearchKernels k{"scalar", MR, NR, pack_any, search_any, flush_exact,
-                                  scratch_floats, false};
+                                  scratch_floats, false, false, residual_tiles,
+                                  residual_scratch_floats};
   return k;
 }
 }  // namespace cpu

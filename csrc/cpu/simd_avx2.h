@@ -24,6 +24,7 @@ struct V {
   static inline F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
   static inline F fnmadd(F a, F b, F c) { return _mm256_fnmadd_ps(a, b, c); }
   static inline F sub(F a, F b) { return _mm256_sub_ps(a, b); }
+  static inline F add(F a, F b) { return _mm256_add_ps(a, b); }
   static inline float hsum(F a) {
     const __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));

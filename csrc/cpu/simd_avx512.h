@@ -23,6 +23,7 @@ struct V {
   static inline F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
   static inline F fnmadd(F a, F b, F c) { return _mm512_fnmadd_ps(a, b, c); }
   static inline F sub(F a, F b) { return _mm512_sub_ps(a, b); }
+  static inline F add(F a, F b) { return _mm512_add_ps(a, b); }
   static inline float hsum(F a) { return _mm512_reduce_add_ps(a); }
   static inline M lt(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
   static inline F sel(M m, F t, F f) { return _mm512_mask_mov_ps(f, m, t); }

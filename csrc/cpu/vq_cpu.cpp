@@ -579,6 +579,80 @@ struct BackwardRun {
   }
 };
 
+
+// ---------------------------------------------------------------------------------------------
+// Residual VQ forward (fp32): every stage's codebook packed once per call, then row tiles handed
+// out to the threads; each tile runs through all stages with its residual in cache
+// (search_impl.h, residual_tiles).
+
+void residual_forward(const ResidualArgs& a, int num_threads) {
+  const int64_t N = a.x.n(), D = a.x.D, S = a.S;
+  if (S <= 0) throw std::invalid_argument("vqkernels: residual VQ needs at least one stage");
+  int64_t maxK = 0, sumK = 0;
+  for (int64_t s = 0; s < S; ++s) {
+    if (a.Ks[s] <= 0) throw std::invalid_argument("vqkernels: every stage needs K >= 1 codes");
+    maxK = std::max(maxK, a.Ks[s]);
+    sumK += a.Ks[s];
+  }
+  const cpu::SearchKernels* ks = &select_kernels(maxK, D);
+  // The reduced-precision builds have no residual path (their proofs are set up per call, not
+  // per stage): the fp32 build of the same instruction set runs on any CPU they do.
+#if defined(VQK_HAVE_AVX512)
+  if (!ks->residual && ks->bf16) ks = &cpu::kernels_avx512();
+#endif
+#if defined(VQK_HAVE_AVX2)
+  if (!ks->residual && ks->i16) ks = &cpu::kernels_avx2();
+#endif
+  if (!ks->residual) ks = &cpu::kernels_scalar();
+  if (maxK + ks->nr >= ((int64_t)1 << 31))
+    throw std::invalid_argument("vqkernels: the CPU kernel supports K < 2^31 codes");
+  if (N == 0) return;
+  std::vector<std::unique_ptr<float[], FreeDeleter>> packed, norms;
+  std::vector<cpu::FwdJob> jobs;
+  jobs.reserve(S);
+  const bool approx_only = debug_approx_only();
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t K = a.Ks[s], panels = (K + ks->nr - 1) / ks->nr;
+    packed.push_back(aligned_array<float>(panels * D * ks->nr));
+    norms.push_back(aligned_array<float>(panels * ks->nr));
+    RowsOut none{nullptr, 0, 0, 0, 0, 0, 0};
+    jobs.push_back(cpu::FwdJob{DType::f32, a.x, a.codebooks[s], K, D, none, a.indices + s * N,
+                               a.sqerr + s * N, packed.back().get(), norms.back().get(), panels,
+                               nullptr, 0.0, approx_only, 0.0f, 0.0f});
+  }
+  const int64_t tiles = (N + ks->mr - 1) / ks->mr;
+  const double flops = 2.0 * (double)N * (double)sumK * (double)std::max<int64_t>(D, 1);
+  const int threads = (int)std::max<int64_t>(1, std::min<int64_t>(
+      {(int64_t)std::max(num_threads, 1), tiles, 1 + (int64_t)(flops / kMinFlopsPerThread)}));
+  for (int64_t s = 0; s < S; ++s) {
+    cpu::FwdJob& job = jobs[s];
+    const int64_t pack_grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(D * ks->nr, 1));
+    parallel_chunks(job.panels, pack_grain, job.panels * D * ks->nr >= (1 << 16) ? threads : 1,
+                    [&](int64_t lo, int64_t hi, int) { ks->pack(job, lo, hi); });
+    job.max_code_norm = code_norm_bound(job.norms, job.K, D);
+    quick_bound(job);
+  }
+  const cpu::ResidualJob rj{S, jobs.data(), a.active, a.zq};
+  const int64_t stride = (ks->residual_scratch_floats(D) + 15) / 16 * 16;
+  auto scratch = aligned_array<float>(stride * threads);
+  struct Ctx {
+    const cpu::ResidualJob* rj;
+    const cpu::SearchKernels* ks;
+    float* scratch;
+    int64_t stride, tiles;
+    std::atomic<int64_t> next{0};
+  } ctx{&rj, ks, scratch.get(), stride, tiles};
+  cpu::run_parallel(threads, [](void* p, int tid) {
+    Ctx& c = *static_cast<Ctx*>(p);
+    float* mine = c.scratch + tid * c.stride;
+    for (;;) {
+      const int64_t t = c.next.fetch_add(1, std::memory_order_relaxed);
+      if (t >= c.tiles) break;
+      c.ks->residual(*c.rj, t, t + 1, mine);
+    }
+  }, &ctx);
+}
+
 }  // namespace
 
 const char* cpu_isa() { return select_kernels(kBf16MinK, kBf16MinD).name; }
@@ -586,6 +660,10 @@ const char* cpu_isa() { return select_kernels(kBf16MinK, kBf16MinD).name; }
 void cpu_forward(const ForwardArgs& a, int num_threads) {
   if (a.dtype == DType::f64) return forward_f64(a, std::max(num_threads, 1));
   forward_packed(a, std::max(num_threads, 1));
+}
+
+void cpu_residual_forward(const ResidualArgs& a, int num_threads) {
+  residual_forward(a, std::max(num_threads, 1));
 }
 
 void cpu_backward(const BackwardArgs& a, int num_threads) {

@@ -5,6 +5,9 @@
 #include "vqk/vqk.h"
 
 namespace vqk {
+void cpu_residual_forward(const ResidualArgs&, int) {
+  throw std::runtime_error("cpu_residual_forward is not part of the emulated CUDA module");
+}
 void cpu_forward(const ForwardArgs&, int) {
   throw std::runtime_error("cpu_forward is not part of the emulated CUDA module");
 }

@@ -79,7 +79,27 @@ struct BackwardArgs {
   int deterministic;
 };
 
+// Residual VQ forward (issue 17), fp32 rows: S stages, stage s searching codebooks[s] (Ks[s] x D,
+// row-major, contiguous fp32) for the residual r_s = fl32(r_{s-1} - e_{s-1}), r_0 = x. Every
+// stage's index is the exact nearest code of its residual (ForwardArgs' rule). Writes:
+//   indices[s * N + n]  int64 (-1 where row n sits stage s out: s >= active[n]);
+//   sqerr[s * N + n]    float, the exact error of stage s (0 where it sits out);
+//   zq                  (may be null) N x D row-major floats: fl32 sum of the chosen codes in stage
+//                       order, NaN from a stage whose exact error is not finite.
+// active (may be null: all stages) is int64 per row.
+struct ResidualArgs {
+  Rows x;
+  int64_t S;
+  const float* const* codebooks;
+  const int64_t* Ks;
+  const int64_t* active;
+  float* zq;
+  int64_t* indices;
+  float* sqerr;
+};
+
 // CPU entry points. num_threads <= 0 means one thread.
+void cpu_residual_forward(const ResidualArgs& a, int num_threads);
 void cpu_forward(const ForwardArgs& a, int num_threads);
 void cpu_backward(const BackwardArgs& a, int num_threads);
 // The CPU search kernels a large search (K >= 128) will use: "avx512bf16", "avx512", "avx2",

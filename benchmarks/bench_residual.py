@@ -1,0 +1,228 @@
+"""Multi-codebook quantization on the CPU (issue 17): the fused residual_vq, a Python loop of
+single-stage vq_quantize calls, grouped_vq, the modules, and (optional) vector-quantize-pytorch's
+ResidualVQ / GroupedResidualVQ with the same settings, forward and forward+backward.
+
+    python benchmarks/bench_residual.py [--quick] [--repeats 3] [--out benchmarks/results/residual-cpu]
+
+Every (shape, implementation, mode) runs in a fresh subprocess, so its peak memory (ru_maxrss
+after the runs minus the resident size after the warm-up call) is its own. Time: median of
+`repeats` runs after one warm-up. Writes <out>.json and <out>.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+SHAPES = {
+    # name: (N, stages or groups, K, D, kind)
+    "encodec": (16384, 8, 1024, 128, "rvq"),
+    "dac": (16384, 12, 1024, 8, "rvq-cosine"),
+    "grouped": (8192, 4, 1024, 256, "gvq"),
+}
+QUICK = {"encodec": (2048, 4, 256, 64, "rvq"), "dac": (2048, 4, 256, 8, "rvq-cosine"),
+         "grouped": (1024, 4, 256, 64, "gvq")}
+
+IMPLS = {
+    "rvq": ["vqk residual_vq (fused)", "loop of vq_quantize", "vqk ResidualVectorQuantizer (train)",
+            "vqp ResidualVQ (eval)", "vqp ResidualVQ (train)"],
+    "rvq-cosine": ["vqk ResidualVectorQuantizer (eval)", "loop of vq_quantize",
+                   "vqk ResidualVectorQuantizer (train)", "vqp ResidualVQ (eval)",
+                   "vqp ResidualVQ (train)"],
+    "gvq": ["vqk grouped_vq", "loop of vq_quantize", "vqk GroupedVectorQuantizer (train)",
+            "vqp GroupedResidualVQ (eval)", "vqp GroupedResidualVQ (train)"],
+}
+
+
+def _rss_kb() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+def _one(shape: str, impl: str, mode: str, repeats: int, quick: bool) -> dict:
+    import resource
+
+    import torch
+    import torch.nn.functional as F
+
+    import vqkernels
+    N, S, K, D, kind = (QUICK if quick else SHAPES)[shape]
+    g = torch.Generator().manual_seed(0)
+    bwd = mode == "fwd+bwd"
+    cosine = kind == "rvq-cosine"
+    if kind == "gvq":
+        books = [torch.randn(K, D // S, generator=g) for _ in range(S)]
+    else:
+        books = [torch.randn(K, D, generator=g) * 0.5 ** s for s in range(S)]
+    if cosine:
+        books = [F.normalize(b, dim=1) for b in books]
+    z = torch.randn(N, D, generator=g)
+    if bwd:
+        z.requires_grad_(True)
+        for b in books:
+            b.requires_grad_(True)
+
+    def finish(z_q, loss):
+        if bwd:
+            (z_q.square().mean() + loss).backward()
+
+    if impl == "vqk residual_vq (fused)":
+        def run():
+            out = vqkernels.residual_vq(z, books, backend="cpu")
+            finish(out.z_q, out.loss)
+    elif impl == "vqk grouped_vq":
+        def run():
+            out = vqkernels.grouped_vq(z, books, backend="cpu")
+            finish(out.z_q, out.loss)
+    elif impl == "loop of vq_quantize":
+        def run():
+            if kind == "gvq":
+                outs = [vqkernels.vq_quantize(p, b, backend="cpu")
+                        for p, b in zip(z.chunk(S, dim=1), books)]
+                finish(torch.cat([o.z_q for o in outs], 1), sum(o.loss for o in outs))
+                return
+            r, total, loss = z, 0, 0
+            for b in books:
+                x = F.normalize(r, dim=1) if cosine else r
+                out = vqkernels.vq_quantize(x, b, backend="cpu")
+                loss = loss + out.loss
+                total = total + out.z_q.detach()
+                r = r - out.z_q.detach()
+            finish(z + (total - z).detach(), loss)
+    elif impl.startswith("vqk ResidualVectorQuantizer") or impl.startswith("vqk Grouped"):
+        if kind == "gvq":
+            m = vqkernels.GroupedVectorQuantizer(D, S, K, kmeans_init=False, backend="cpu")
+        else:
+            m = vqkernels.ResidualVectorQuantizer(D, S, K, kmeans_init=False, cosine=cosine,
+                                                  backend="cpu")
+        with torch.no_grad():
+            for mb, b in zip(m.books, books):
+                mb.set_codebook(b.detach())
+        m.train("(train)" in impl)
+
+        def run():
+            out = m(z)
+            finish(out.z_q, out.loss)
+    elif impl.startswith("vqp"):
+        try:
+            from vector_quantize_pytorch import GroupedResidualVQ, ResidualVQ
+        except ImportError as exc:
+            return {"skipped": f"vector-quantize-pytorch not installed ({exc})"}
+        kw = dict(codebook_size=K, kmeans_init=False, decay=0.99, threshold_ema_dead_code=0,
+                  use_cosine_sim=cosine)
+        if kind == "gvq":
+            m = GroupedResidualVQ(dim=D, groups=S, num_quantizers=1, **kw)
+            layers = [r.layers[0] for r in m.rvqs]
+        else:
+            m = ResidualVQ(dim=D, num_quantizers=S, **kw)
+            layers = list(m.layers)
+        with torch.no_grad():
+            for layer, b in zip(layers, books):
+                layer._codebook.embed.copy_(b.detach()[None])
+        m.train("(train)" in impl)
+        zz = z[None]
+
+        def run():
+            out = m(zz)
+            zq, loss = out[0], out[2]
+            finish(zq, loss.sum())
+    else:
+        raise ValueError(impl)
+
+    if bwd and impl.startswith("vqp") and "(eval)" in impl:
+        return {"skipped": "n/a (vector-quantize-pytorch's eval output has no gradient)"}
+    run()  # warm-up (also loads whatever a first call loads lazily)
+    if bwd:
+        z.grad = None
+    base = _rss_kb()
+    times = []
+    for _ in range(repeats):
+        if bwd:
+            z.grad = None
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times.sort()
+    return {"median_s": times[len(times) // 2], "min_s": times[0],
+            "peak_extra_mb": max(0, peak - base) / 1024,
+            "gflop": 2 * N * (S if kind != "gvq" else 1) * K * (D if kind != "gvq" else D) / 1e9}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small shapes (a smoke run)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--out", default="benchmarks/results/residual-cpu")
+    ap.add_argument("--impls", default=None, help="comma-separated substrings: run only these")
+    ap.add_argument("--modes", default="fwd,fwd+bwd")
+    ap.add_argument("--one", nargs=3, metavar=("SHAPE", "IMPL", "MODE"), help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.one:
+        print(json.dumps(_one(*a.one, a.repeats, a.quick)))
+        return
+    import torch
+    rows = []
+    for shape in a.shapes.split(","):
+        kind = SHAPES[shape][4]
+        for mode in a.modes.split(","):
+            for impl in IMPLS[kind]:
+                if a.impls and not any(w in impl for w in a.impls.split(",")):
+                    continue
+                cmd = [sys.executable, __file__, "--one", shape, impl, mode,
+                       "--repeats", str(a.repeats)] + (["--quick"] if a.quick else [])
+                p = subprocess.run(cmd, capture_output=True, text=True)
+                if p.returncode:
+                    res = {"error": p.stderr.strip().splitlines()[-1] if p.stderr else "failed"}
+                else:
+                    res = json.loads(p.stdout.strip().splitlines()[-1])
+                res.update(shape=shape, impl=impl, mode=mode)
+                print(res, flush=True)
+                rows.append(res)
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "machine": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "quick": a.quick, "repeats": a.repeats,
+            "shapes": {k: (QUICK if a.quick else SHAPES)[k] for k in a.shapes.split(",")}}
+    from importlib import metadata
+    try:
+        meta["vector_quantize_pytorch"] = metadata.version("vector-quantize-pytorch")
+    except metadata.PackageNotFoundError:
+        meta["vector_quantize_pytorch"] = None
+    with open(a.out + ".json", "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    lines = [f"# Multi-codebook quantization, CPU ({meta['date']})", "",
+             f"{meta['machine']}, {meta['cpus']} CPUs, torch {meta['torch']} "
+             f"({meta['torch_threads']} threads), vector-quantize-pytorch "
+             f"{meta['vector_quantize_pytorch']}; median of {a.repeats} after a warm-up; peak "
+             f"extra = max RSS minus RSS after the warm-up call (its own process).", "",
+             "shapes (N, stages|groups, K, D): " + ", ".join(f"{k} {v[:4]}"
+                                                               for k, v in meta["shapes"].items()),
+             ""]
+    for shape in a.shapes.split(","):
+        for mode in a.modes.split(","):
+            lines += [f"## {shape}, {mode}", "", "| implementation | median s | peak extra MB | vs loop |",
+                      "|---|---|---|---|"]
+            sel = [r for r in rows if r["shape"] == shape and r["mode"] == mode]
+            loop = next((r.get("median_s") for r in sel if r["impl"] == "loop of vq_quantize"),
+                        None)
+            for r in sel:
+                if "median_s" not in r:
+                    lines.append(f"| {r['impl']} | {r.get('skipped') or r.get('error')} | | |")
+                    continue
+                ratio = f"{loop / r['median_s']:.2f}x" if loop else ""
+                lines.append(f"| {r['impl']} | {r['median_s']:.3f} | {r['peak_extra_mb']:.0f} | "
+                             f"{ratio} |")
+            lines.append("")
+    with open(a.out + ".md", "w") as f:
+        f.write("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

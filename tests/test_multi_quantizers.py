@@ -1,0 +1,251 @@
+"""ResidualVectorQuantizer and GroupedVectorQuantizer (issue 17): per-book upkeep, projections,
+cosine search, dropout and masks in the modules."""
+import pytest
+import torch
+
+import vqkernels
+from vqkernels import GroupedVectorQuantizer, ResidualVectorQuantizer, VectorQuantizer
+from vqkernels.quantizers import upkeep
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _clustered(gen, n, d, centres=6, scale=3.0):
+    c = torch.randn(centres, d, generator=gen) * scale
+    return c[torch.randint(0, centres, (n,), generator=gen)] + 0.3 * torch.randn(n, d, generator=gen)
+
+
+def test_each_stage_is_a_vector_quantizer_kept_on_its_own_residuals():
+    gen = _gen(1)
+    torch.manual_seed(1)
+    m = ResidualVectorQuantizer(6, 3, [8, 16, 4], restart_after=None)
+    assert [b.num_codes for b in m.books] == [8, 16, 4]
+    assert all(isinstance(b, VectorQuantizer) for b in m.books)
+    z = _clustered(gen, 300, 6)
+    out = m(z)
+    # k-means init ran per stage; stage 1's codes live at the scale of stage 0's residuals.
+    assert all(bool(b.initialised) for b in m.books)
+    r0 = z - m.books[0].codebook[out.indices[:, 0]]
+    assert m.books[1].codebook.norm(dim=1).mean() < 2 * r0.norm(dim=1).mean()
+    # EMA: stage 1's codebook is the decayed average of the residual rows that chose each code.
+    before = m.books[1].codebook.clone()
+    ema_sum, ema_count = m.books[1].ema_sum.clone(), m.books[1].ema_count.clone()
+    out = m(z)
+    idx1 = out.indices[:, 1]
+    counts = torch.bincount(idx1, minlength=16).float()
+    assert torch.equal(out.counts[1], counts.long())
+    d = m.books[1].decay
+    torch.testing.assert_close(m.books[1].ema_count, d * ema_count + (1 - d) * counts)
+    assert m.stats()[1]["steps"] == 2
+    assert not torch.equal(before, m.books[1].codebook)
+
+
+def test_one_packed_all_reduce_per_step_for_all_stages(monkeypatch):
+    calls = []
+
+    def fake_all_reduce(self, buf, op="sum"):
+        calls.append(buf.numel())
+        return buf
+
+    monkeypatch.setattr(upkeep.DistContext, "all_reduce_", fake_all_reduce)
+    torch.manual_seed(2)
+    m = ResidualVectorQuantizer(4, 3, 8, kmeans_init=False)
+    m(torch.randn(50, 4))
+    assert len(calls) == 1
+    calls.clear()
+    g = GroupedVectorQuantizer(8, 4, 8, kmeans_init=False)
+    g(torch.randn(50, 8))
+    assert len(calls) == 1
+
+
+def test_dead_codes_of_a_later_stage_are_restarted_from_its_residuals():
+    gen = _gen(3)
+    torch.manual_seed(3)
+    m = ResidualVectorQuantizer(4, 2, 8, kmeans_init=False, restart_after=1)
+    with torch.no_grad():
+        for b in m.books:
+            b.set_codebook(torch.randn(8, 4, generator=gen) * 100)  # all far: most unused
+    z = torch.randn(200, 4, generator=gen)
+    for _ in range(3):
+        m(z)
+    assert m.stats()[1]["total_restarts"] > 0
+
+
+def test_padding_rows_do_not_touch_the_books():
+    gen = _gen(4)
+    torch.manual_seed(4)
+    z = _clustered(gen, 120, 4)
+    mask = torch.arange(120) < 80
+    a = ResidualVectorQuantizer(4, 2, 8, seed=5, restart_after=None)
+    b = ResidualVectorQuantizer(4, 2, 8, seed=5, restart_after=None)
+    zb = z.clone()
+    zb[~mask] = 1e3  # garbage in the padding
+    oa = a(z[mask])
+    ob = b(zb, mask=mask)
+    for x, y in zip(a.books, b.books):
+        torch.testing.assert_close(x.codebook, y.codebook)
+    torch.testing.assert_close(oa.loss, ob.loss)
+    assert torch.equal(oa.indices, ob.indices[mask])
+
+
+def test_quantize_dropout_in_training_only():
+    torch.manual_seed(6)
+    m = ResidualVectorQuantizer(4, 4, 8, quantize_dropout=True, kmeans_init=False)
+    z = torch.randn(64, 10, 4)
+    out = m(z)
+    n_active = (out.indices >= 0).sum(-1)  # (64, 10)
+    assert (n_active == n_active[:, :1]).all()  # one count per sample (first dim)
+    assert n_active.min() >= 1 and len(n_active[:, 0].unique()) > 1
+    assert ((out.indices >= 0).int().diff(dim=-1) <= 0).all()  # a prefix of the stages
+    m.eval()
+    assert (m(z).indices >= 0).all()
+
+
+@pytest.mark.parametrize("ema", [True, False])
+def test_fused_module_equals_the_functional_op(ema):
+    torch.manual_seed(7)
+    m = ResidualVectorQuantizer(5, 3, 8, ema=ema, kmeans_init=False).eval()
+    z = torch.randn(40, 5, requires_grad=True)
+    out = m(z)
+    ref = vqkernels.residual_vq(z, [b.codebook for b in m.books], beta=m.beta)
+    assert torch.equal(out.indices, ref.indices) and torch.equal(out.z_q, ref.z_q)
+    if ema:
+        torch.testing.assert_close(out.loss, m.beta * ref.commitment_loss.sum())
+    else:
+        torch.testing.assert_close(out.loss, ref.loss)
+        out.loss.backward()
+        assert all(b.codebook.grad is not None and b.codebook.grad.abs().sum() > 0
+                   for b in m.books)
+    assert torch.equal(m.codes_from_indices(out.indices), out.z_q.detach())
+
+
+def test_shared_codebook_one_book_for_all_stages():
+    torch.manual_seed(8)
+    m = ResidualVectorQuantizer(4, 3, 8, shared_codebook=True, kmeans_init=False)
+    assert len(m.books) == 1
+    out = m(torch.randn(30, 4))
+    assert int(m.books[0]._last_counts.sum()) == 90  # every stage's rows counted in one book
+    assert out.indices.shape == (30, 3)
+
+
+def test_projected_and_cosine_stages():
+    gen = _gen(9)
+    torch.manual_seed(9)
+    m = ResidualVectorQuantizer(16, 3, 32, codebook_dim=4, cosine=True, ema=False,
+                                kmeans_init=False)
+    z = torch.randn(2, 16, 25, generator=gen, requires_grad=True)  # channel-first
+    out = m(z, dim=1)
+    assert out.z_q.shape == z.shape and out.indices.shape == (2, 25, 3)
+    # Stage 0 searched the l2-normalised projection against normalised codes.
+    x = torch.nn.functional.normalize(m.project_in[0](z.detach().movedim(1, -1).reshape(-1, 16)),
+                                      dim=-1)
+    cb = torch.nn.functional.normalize(m.books[0].codebook.detach(), dim=1)
+    idx, _ = vqkernels.nearest_code(x, cb)
+    assert torch.equal(out.indices.reshape(-1, 3)[:, 0], idx)
+    # The value is the sum of projected unit codes: codes_from_indices rebuilds it.
+    torch.testing.assert_close(m.codes_from_indices(out.indices).movedim(-1, 1), out.z_q,
+                               rtol=1e-5, atol=1e-6)
+    (out.loss + (out.z_q * torch.randn_like(out.z_q)).sum()).backward()
+    assert m.project_in[1].weight.grad.abs().sum() > 0  # commitment, projected space
+    assert m.project_out[2].weight.grad.abs().sum() > 0  # the output gradient
+    assert m.books[0].codebook.grad.abs().sum() > 0      # codebook loss (gradient mode)
+    assert z.grad.abs().sum() > 0
+
+
+def test_grouped_module_and_its_codes():
+    gen = _gen(10)
+    torch.manual_seed(10)
+    g = GroupedVectorQuantizer(12, 3, 16, restart_after=None)
+    z = torch.randn(2, 9, 12, generator=gen)
+    out = g(z)
+    assert out.indices.shape == (2, 9, 3) and out.z_q.shape == z.shape
+    assert all(bool(b.initialised) for b in g.books)
+    g.eval()
+    out = g(z)
+    assert torch.equal(g.codes_from_indices(out.indices), out.z_q)
+    gs = GroupedVectorQuantizer(12, 3, 16, shared_codebook=True, kmeans_init=False).eval()
+    o = gs(z)
+    assert len(gs.books) == 1 and torch.equal(gs.codes_from_indices(o.indices), o.z_q)
+
+
+def test_module_state_dict_round_trip():
+    torch.manual_seed(11)
+    m = ResidualVectorQuantizer(4, 2, 8, codebook_dim=3)
+    m(torch.randn(40, 4))
+    m2 = ResidualVectorQuantizer(4, 2, 8, codebook_dim=3)
+    m2.load_state_dict(m.state_dict())
+    m.eval(), m2.eval()
+    z = torch.randn(10, 4)
+    assert torch.equal(m(z).indices, m2(z).indices)
+    assert m2.books[1]._init_done
+
+
+def test_bad_module_arguments():
+    with pytest.raises(ValueError, match="num_codes"):
+        ResidualVectorQuantizer(4, 2, [8])
+    with pytest.raises(ValueError, match="dropout_min_stages"):
+        ResidualVectorQuantizer(4, 2, 8, dropout_min_stages=3)
+    with pytest.raises(ValueError, match="divisible"):
+        GroupedVectorQuantizer(10, 3)
+    with pytest.raises(ValueError, match="channels"):
+        ResidualVectorQuantizer(4, 2, 8)(torch.randn(3, 5))
+
+
+# ---------------------------------------------------------------------------- two gloo ranks
+def _rvq_run(rank, world, ddp):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(123)
+    books = [torch.randn(8, 4, generator=g) * 0.5 ** s for s in range(3)]
+    batches = [torch.randn(2 * 48, 4, generator=g) for _ in range(3)]
+    m = ResidualVectorQuantizer(4, 3, 8, kmeans_init=False, restart_after=None, decay=0.8)
+    with torch.no_grad():
+        for b, c in zip(m.books, books):
+            b.set_codebook(c)
+    calls = []
+    for z in batches:
+        part = z[rank * 48:(rank + 1) * 48] if ddp else z
+        before = _RCALLS["all_reduce"]
+        m(part)
+        calls.append(_RCALLS["all_reduce"] - before)
+    return {"books": [b.codebook.clone() for b in m.books], "calls": calls,
+            "counts": [b.ema_count.clone() for b in m.books]}
+
+
+_RCALLS = {"all_reduce": 0}
+
+
+def _rvq_worker(rank, world, init_file, out_dir):
+    import datetime
+    import os
+
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    inner = dist.all_reduce
+
+    def counting(*a, **k):
+        _RCALLS["all_reduce"] += 1
+        return inner(*a, **k)
+
+    dist.all_reduce = counting
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        torch.save(_rvq_run(rank, world, True), os.path.join(out_dir, f"rvq_{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_keep_every_stage_identical_with_one_all_reduce(tmp_path):
+    import torch.multiprocessing as mp
+    mp.spawn(_rvq_worker, args=(2, str(tmp_path / "pg"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rvq_{r}.pt") for r in range(2))
+    for a, b in zip(r0["books"], r1["books"]):
+        assert torch.equal(a, b)  # bitwise: every rank applied the same update
+    assert r0["calls"] == [1, 1, 1]  # one packed all_reduce per step for the three stages
+    single = _rvq_run(0, 1, False)  # one process on both ranks' rows
+    for a, b in zip(r0["books"], single["books"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(r0["counts"], single["counts"]):
+        torch.testing.assert_close(a, b)

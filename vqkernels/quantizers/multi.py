@@ -1,0 +1,413 @@
+"""ResidualVectorQuantizer and GroupedVectorQuantizer: several codebooks, each kept healthy by the
+same upkeep as `VectorQuantizer` (EMA, k-means++ init, dead-code restarts, usage statistics), with
+one packed all_reduce per training step for all of them under torch.distributed.
+
+Each codebook is a `VectorQuantizer` held in ``.books`` (stage s or group g); its buffers, its
+options and its ``stats()`` are the single-codebook ones. The modules drive the search themselves
+(the fused `vqkernels.residual_vq` where it applies) and then hand every codebook its own rows for
+upkeep: stage s of a residual quantizer is kept up to date on the residuals it searched.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import backends
+from ..quantize import _FLOATS, _check, _check_beta, nearest_code
+from ..residual import GVQOutput, RVQOutput, _per_row, _vq_rows, codes_from_indices, residual_vq
+from .upkeep import DistContext, check_positive_int
+from .vector import VectorQuantizer
+
+__all__ = ["ResidualVectorQuantizer", "GroupedVectorQuantizer"]
+
+# Stage / group s draws its restart and k-means++ streams from seed + s * _SEED_STRIDE, so that
+# books initialised on similar rows do not pick the same rows.
+_SEED_STRIDE = 7919
+
+
+def _counts_list(num_codes, n: int, name: str) -> list[int]:
+    if isinstance(num_codes, int) and not isinstance(num_codes, bool):
+        ks = [num_codes] * n
+    elif isinstance(num_codes, (list, tuple)):
+        ks = list(num_codes)
+        if len(ks) != n:
+            raise ValueError(f"num_codes has {len(ks)} entries but there are {n} {name}s")
+    else:
+        raise TypeError(f"num_codes must be an int or a list of ints, got {num_codes!r}")
+    for k in ks:
+        check_positive_int("num_codes", k)
+    return ks
+
+
+class _Books(nn.Module):
+    """What both modules share: the books, their construction, the packed upkeep, stats."""
+
+    def _make_books(self, n: int, num_codes, dim: int, beta: float, shared: bool, unit: str,
+                    seed: int, **vq_kwargs) -> None:
+        ks = _counts_list(num_codes, 1 if shared else n, unit)
+        self.books = nn.ModuleList(
+            VectorQuantizer(k, dim, beta, seed=seed + i * _SEED_STRIDE, **vq_kwargs)
+            for i, k in enumerate(ks))
+        self.shared = shared
+
+    def _book(self, i: int) -> VectorQuantizer:
+        return self.books[0 if self.shared else i]
+
+    def _search_codebook(self, book: VectorQuantizer, dtype: torch.dtype, training: bool) -> Tensor:
+        cb = book.codebook
+        if training and (book.ema or book.restart_after is not None):
+            cb = cb.clone()  # the upkeep rewrites it in place after the search (see VectorQuantizer)
+        if book.cosine:
+            cb = F.normalize(cb, dim=1)
+        return cb.to(dtype) if cb.dtype != dtype else cb
+
+    def _upkeep(self, per_unit: list[tuple[Tensor, Tensor, Tensor]]) -> None:
+        """per_unit[i] = (rows, indices, row_err) for unit i (rows the book searched, inf error
+        for rows that take no part). A shared book gets every unit's rows at once. One
+        all_reduce for all books."""
+        if self.shared:
+            per_unit = [tuple(torch.cat(t) for t in zip(*per_unit))]
+        books = list(self.books)
+        ctx = DistContext(books[0].sync, books[0].process_group)
+        with torch.no_grad():
+            bufs = [b._upkeep_pack(r, -1, i.clamp(min=0), e, ctx)
+                    for b, (r, i, e) in zip(books, per_unit)]
+            summed = ctx.all_reduce_(torch.cat(bufs)).split([b.numel() for b in bufs])
+            for b, buf in zip(books, summed):
+                b._upkeep_apply(buf)
+
+    def stats(self) -> list[dict[str, float]]:
+        """Each book's `VectorQuantizer.stats()` (one entry when the codebook is shared)."""
+        return [b.stats() for b in self.books]
+
+
+class ResidualVectorQuantizer(_Books):
+    """Residual VQ with `num_stages` codebooks (stage s quantizes what stages < s left), each kept
+    up like a `VectorQuantizer` (EMA, k-means++ init on its own residuals, dead-code restarts,
+    usage stats), with one packed all_reduce per training step for all stages.
+
+    Arguments (the rest are VectorQuantizer's and apply to every stage's book; ``seed`` is
+    offset per stage):
+      dim: channels of the input along ``channel_dim``.
+      num_stages: S.
+      num_codes: codes per stage, an int or a list of S ints.
+      beta: commitment weight. ``loss = sum_s codebook_loss[s] + beta * commitment_loss[s]`` (in
+        EMA mode the codebook term is left out: the books move by EMA).
+      shared_codebook: one book for every stage (its upkeep sees every stage's rows).
+      codebook_dim: when set (< dim), stage s searches ``project_in[s](r_s)`` of that size and
+        adds ``project_out[s](code)`` (DAC-style factorised codes); the losses are in the
+        projected space, so project_in learns from the commitment term and project_out from the
+        gradient of z_q (the codes themselves are constants there).
+      cosine: stage s searches l2-normalised (projected) residuals against l2-normalised codes
+        (the squared-L2 search on unit vectors) and adds the unit code.
+      quantize_dropout: in training, each sample (index along the first dimension of the rows'
+        shape, z's shape without channel_dim) uses only the first n stages, n uniform in
+        [dropout_min_stages, S] (SoundStream); the rest get index -1.
+
+    Without projections or cosine the search is one fused `vqkernels.residual_vq` call (all
+    stages per row block, exact indices at every stage); with them, a stage loop over the
+    single-stage search (the projections sit between the stages).
+
+    forward(z, *, dim=None, mask=None, active_stages=None) -> vqkernels.RVQOutput
+      mask: bool, z's shape without the channel dim, True for real rows: padding rows get no
+        loss, no usage count, no EMA update, no restart candidacy.
+      active_stages: explicit per-row stage counts (overrides quantize_dropout).
+    codes_from_indices(indices) -> the summed codes (the z_q of the forward that gave them, up to
+    the projection's float rounding), channels last.
+    """
+
+    def __init__(self, dim: int, num_stages: int, num_codes: Union[int, Sequence[int]] = 1024,
+                 beta: float = 0.25, *, shared_codebook: bool = False,
+                 codebook_dim: Optional[int] = None, cosine: bool = False,
+                 quantize_dropout: bool = False, dropout_min_stages: int = 1,
+                 channel_dim: int = -1, backend: str = "auto", seed: int = 0, **vq_kwargs):
+        super().__init__()
+        check_positive_int("dim", dim)
+        check_positive_int("num_stages", num_stages)
+        check_positive_int("codebook_dim", codebook_dim, allow_none=True)
+        check_positive_int("dropout_min_stages", dropout_min_stages, minimum=0)
+        if dropout_min_stages > num_stages:
+            raise ValueError(f"dropout_min_stages={dropout_min_stages} exceeds num_stages="
+                             f"{num_stages}")
+        if backend not in backends.ALL_NAMES:
+            raise ValueError(f"backend must be one of {backends.ALL_NAMES}, got {backend!r}")
+        if isinstance(channel_dim, bool) or not isinstance(channel_dim, int):
+            raise TypeError(f"channel_dim must be an int, got {channel_dim!r}")
+        _check_beta(beta)
+        self.dim, self.num_stages, self.beta = dim, num_stages, float(beta)
+        self.codebook_dim = codebook_dim
+        self.cosine = bool(cosine)
+        self.quantize_dropout, self.dropout_min_stages = bool(quantize_dropout), dropout_min_stages
+        self.channel_dim, self.backend = channel_dim, backend
+        cd = codebook_dim or dim
+        self._make_books(num_stages, num_codes, cd, beta, shared_codebook, "stage", seed,
+                         backend=backend, cosine=cosine, **vq_kwargs)
+        self.ema = self.books[0].ema
+        if codebook_dim is not None:
+            self.project_in = nn.ModuleList(nn.Linear(dim, cd) for _ in range(num_stages))
+            self.project_out = nn.ModuleList(nn.Linear(cd, dim) for _ in range(num_stages))
+
+    @property
+    def fused(self) -> bool:
+        """Whether forward runs the fused residual op (no projection, no cosine)."""
+        return self.codebook_dim is None and not self.cosine
+
+    def codebooks(self) -> list[Tensor]:
+        """The S stage codebooks as searched (normalised when cosine), in stage order."""
+        return [self._search_codebook(self._book(s), self._book(s).codebook.dtype, False)
+                for s in range(self.num_stages)]
+
+    # ------------------------------------------------------------------------------ forward
+    def forward(self, z: Tensor, *, dim: Optional[int] = None, mask: Optional[Tensor] = None,
+                active_stages: Optional[Tensor] = None) -> RVQOutput:
+        if not isinstance(z, Tensor):
+            raise TypeError(f"z must be a torch.Tensor, got {type(z).__name__}")
+        stand_in = z.new_zeros((), dtype=z.dtype if z.dtype in _FLOATS else torch.float32) \
+            .expand(1, self.dim)
+        dim = _check(z, stand_in, self.channel_dim if dim is None else dim, self.backend)
+        zm = z.movedim(dim, -1)
+        lead = zm.shape[:-1]
+        rows = zm.reshape(-1, self.dim)
+        S = self.num_stages
+        training = self.training
+        if active_stages is None and training and self.quantize_dropout and len(lead) > 0:
+            per_sample = torch.randint(self.dropout_min_stages, S + 1, (lead[0],),
+                                       device=z.device)
+            active_stages = per_sample.view(-1, *([1] * (len(lead) - 1)))
+        active = _per_row("active_stages", active_stages, lead, z.device, torch.long)
+        valid = _per_row("mask", mask, lead, z.device, torch.bool)
+        if training and any(b.kmeans_init and not b._init_done for b in self.books):
+            self._kmeans_initialise(rows, valid)
+        if self.fused:
+            out = self._forward_fused(rows, active, valid, training)
+        else:
+            out = self._forward_loop(rows, active, valid, training)
+        z_q, idx, cb_loss, cm_loss, loss, sqerr, perp, counts = out
+        return RVQOutput(z_q.reshape(*lead, self.dim).movedim(-1, dim), idx.reshape(*lead, S),
+                         cb_loss, cm_loss, loss, sqerr.reshape(*lead, S), perp, counts)
+
+    def _forward_fused(self, rows, active, valid, training):
+        cbs = [self._search_codebook(self._book(s), rows.dtype, training)
+               for s in range(self.num_stages)]
+        if self.shared:
+            cbs = cbs[:1]
+        out = residual_vq(rows, cbs[0] if self.shared else cbs, beta=self.beta,
+                          num_stages=self.num_stages if self.shared else None,
+                          active_stages=active, mask=valid, backend=self.backend)
+        if self.ema:
+            out = out._replace(codebook_loss=out.codebook_loss.detach(),
+                               loss=self.beta * out.commitment_loss.sum())
+        if training:
+            with torch.no_grad():
+                r = rows.detach().to(out.sqerr.dtype)
+                per = []
+                for s in range(self.num_stages):
+                    idx = out.indices[:, s]
+                    per.append((r, idx, self._row_err(out.sqerr[:, s], idx, valid)))
+                    e = cbs[0 if self.shared else s].detach().to(r.dtype)[idx.clamp(min=0)]
+                    r = r - torch.where((idx >= 0)[:, None], e, 0)
+                self._upkeep(per)
+        return out
+
+    @staticmethod
+    def _row_err(err: Tensor, idx: Tensor, valid: Optional[Tensor]) -> Tensor:
+        # inf marks the rows the upkeep must skip: sat out (-1) or padding.
+        skip = idx < 0 if valid is None else (idx < 0) | ~valid
+        return torch.where(skip, torch.inf, err)
+
+    def _stage_input(self, s: int, r: Tensor) -> Tensor:
+        x = self.project_in[s](r) if self.codebook_dim is not None else r
+        return F.normalize(x, dim=-1) if self.cosine else x
+
+    def _stage_output(self, s: int, code: Tensor) -> Tensor:
+        return self.project_out[s](code) if self.codebook_dim is not None else code
+
+    def _forward_loop(self, rows, active, valid, training):
+        N, S = rows.shape[0], self.num_stages
+        acc = torch.float64 if rows.dtype == torch.float64 else torch.float32
+        w_valid = None if valid is None else valid.to(acc)
+        n = rows.shape[0] if valid is None else valid.sum().clamp(min=1).to(acc)
+        r = rows
+        total = None
+        idxs, errs, cb_l, cm_l, per, perp, counts = [], [], [], [], [], [], []
+        for s in range(S):
+            book = self._book(s)
+            x = self._stage_input(s, r)
+            cb = self._search_codebook(book, x.dtype, training)
+            z_q, idx, e_cb, e_cm = _vq_rows(x, cb, self.backend)
+            on = torch.ones(N, dtype=torch.bool, device=rows.device) if active is None \
+                else active > s
+            w = on.to(acc) if w_valid is None else on.to(acc) * w_valid
+            d = x.shape[1]
+            cb_l.append((e_cb * w).sum() / (n * d))
+            cm_l.append((e_cm * w).sum() / (n * d))
+            idx = torch.where(on, idx, -1)
+            idxs.append(idx)
+            errs.append(torch.where(on, e_cb.detach(), 0))
+            c = self._stage_output(s, z_q.detach())  # gradient only to project_out's weights
+            c = torch.where(on[:, None], c, 0)
+            total = c if total is None else total + c
+            r = r - c.detach()
+            used = on if valid is None else on & valid
+            cnt = torch.bincount(idx.clamp(min=0), weights=used.to(acc),
+                                 minlength=book.num_codes)
+            counts.append(cnt.round().long())
+            p = cnt / cnt.sum().clamp(min=1)
+            perp.append(torch.special.entr(p).sum().exp())
+            per.append((x.detach(), idx, self._row_err(e_cb.detach(), idx, valid)))
+        cb_loss, cm_loss = torch.stack(cb_l), torch.stack(cm_l)
+        if self.ema:
+            cb_loss = cb_loss.detach()
+            loss = self.beta * cm_loss.sum()
+        else:
+            loss = (cb_loss + self.beta * cm_loss).sum()
+        # Straight-through on the sum (grad z = grad z_q), plus the sum's own path to project_out.
+        total = total.to(rows.dtype)
+        z_q = rows + (total - rows).detach() + (total - total.detach())
+        if training:
+            with torch.no_grad():
+                self._upkeep(per)
+        return (z_q, torch.stack(idxs, 1), cb_loss, cm_loss, loss, torch.stack(errs, 1),
+                torch.stack(perp), counts)
+
+    # ------------------------------------------------------------------------------ init
+    @torch.no_grad()
+    def _kmeans_initialise(self, rows: Tensor, valid: Optional[Tensor]) -> None:
+        """k-means++ for each stage in turn, on the residuals the initialised earlier stages
+        leave (a shared book is initialised once, on the first stage's rows)."""
+        r = rows.detach()
+        if valid is not None:
+            r = r[valid]
+        for s in range(self.num_stages):
+            book = self._book(s)
+            x = self._stage_input(s, r)
+            if book.kmeans_init and not book._init_done:
+                book._kmeans_initialise(x, -1)
+            cb = self._search_codebook(book, x.dtype, False)
+            if not book._init_done or x.shape[0] == 0:
+                return  # nothing to seed from this step (the same on every rank): try again
+            idx, _ = nearest_code(x, cb, backend=self.backend)
+            r = r - self._stage_output(s, cb[idx])
+
+    # ------------------------------------------------------------------------------ decoding
+    def codes_from_indices(self, indices: Tensor) -> Tensor:
+        """The summed codes of `indices` (..., S) (-1: a stage left out), channels last. Without
+        projections this is bit for bit the forward's z_q (vqkernels.codes_from_indices)."""
+        if self.fused:
+            return codes_from_indices(indices, self.codebooks())
+        total = None
+        for s in range(self.num_stages):
+            idx = indices[..., s]
+            cb = self.codebooks()[s]
+            c = self._stage_output(s, cb[idx.clamp(min=0)])
+            c = torch.where((idx >= 0)[..., None], c, 0)
+            total = c if total is None else total + c
+        return total
+
+    def extra_repr(self) -> str:
+        s = (f"dim={self.dim}, num_stages={self.num_stages}, beta={self.beta}, "
+             f"shared_codebook={self.shared}, backend={self.backend!r}")
+        if self.codebook_dim is not None:
+            s += f", codebook_dim={self.codebook_dim}"
+        if self.cosine:
+            s += ", cosine=True"
+        if self.quantize_dropout:
+            s += f", quantize_dropout=True, dropout_min_stages={self.dropout_min_stages}"
+        return s
+
+
+class GroupedVectorQuantizer(_Books):
+    """Grouped (multi-head) VQ: the `dim` channels split into `groups` equal groups, each
+    quantized by its own book (or one shared book) of `num_codes` codes of size dim / groups, each
+    kept up like a `VectorQuantizer`, one packed all_reduce per training step for all of them.
+
+    The other keyword arguments are VectorQuantizer's (``seed`` is offset per group).
+    forward(z, *, dim=None, mask=None) -> vqkernels.GVQOutput (indices: z's shape without the
+    channel dim plus a last axis of G). In EMA mode ``loss = beta * sum_g commitment_loss[g]``.
+    """
+
+    def __init__(self, dim: int, groups: int, num_codes: Union[int, Sequence[int]] = 1024,
+                 beta: float = 0.25, *, shared_codebook: bool = False, channel_dim: int = -1,
+                 backend: str = "auto", seed: int = 0, **vq_kwargs):
+        super().__init__()
+        check_positive_int("dim", dim)
+        check_positive_int("groups", groups)
+        if dim % groups:
+            raise ValueError(f"dim={dim} is not divisible by groups={groups}")
+        if backend not in backends.ALL_NAMES:
+            raise ValueError(f"backend must be one of {backends.ALL_NAMES}, got {backend!r}")
+        _check_beta(beta)
+        self.dim, self.groups, self.beta = dim, groups, float(beta)
+        self.channel_dim, self.backend = channel_dim, backend
+        self._make_books(groups, num_codes, dim // groups, beta, shared_codebook, "group", seed,
+                         backend=backend, **vq_kwargs)
+        self.ema = self.books[0].ema
+
+    def forward(self, z: Tensor, *, dim: Optional[int] = None,
+                mask: Optional[Tensor] = None) -> GVQOutput:
+        if not isinstance(z, Tensor):
+            raise TypeError(f"z must be a torch.Tensor, got {type(z).__name__}")
+        stand_in = z.new_zeros((), dtype=z.dtype if z.dtype in _FLOATS else torch.float32) \
+            .expand(1, self.dim)
+        dim = _check(z, stand_in, self.channel_dim if dim is None else dim, self.backend)
+        zm = z.movedim(dim, -1)
+        lead = zm.shape[:-1]
+        G, d = self.groups, self.dim // self.groups
+        parts = zm.reshape(-1, G, d)
+        N = parts.shape[0]
+        valid = _per_row("mask", mask, lead, z.device, torch.bool)
+        training = self.training
+        if training:
+            for g in range(G):
+                book = self._book(g)
+                if book.kmeans_init and not book._init_done:
+                    x = parts[:, g:, :].reshape(-1, d) if self.shared else parts[:, g, :]
+                    if valid is not None:
+                        x = (parts[valid][:, g:, :].reshape(-1, d) if self.shared
+                             else parts[valid][:, g, :])
+                    book._kmeans_initialise(x.detach(), -1)
+        acc = torch.float64 if z.dtype == torch.float64 else torch.float32
+        n = N if valid is None else valid.sum().clamp(min=1).to(acc)
+        outs, cb_l, cm_l, per, perp, counts = [], [], [], [], [], []
+        for g in range(G):
+            book = self._book(g)
+            x = parts[:, g, :]
+            if book.cosine:
+                x = F.normalize(x, dim=-1)
+            cb = self._search_codebook(book, x.dtype, training)
+            z_q, idx, e_cb, e_cm = _vq_rows(x, cb, self.backend)
+            w = None if valid is None else valid.to(acc)
+            cb_l.append((e_cb if w is None else e_cb * w).sum() / (n * d))
+            cm_l.append((e_cm if w is None else e_cm * w).sum() / (n * d))
+            outs.append((z_q, idx))
+            cnt = torch.bincount(idx, weights=w, minlength=book.num_codes)
+            counts.append(cnt.round().long() if cnt.is_floating_point() else cnt)
+            p = cnt.to(acc) / cnt.sum().clamp(min=1).to(acc)
+            perp.append(torch.special.entr(p).sum().exp())
+            err = e_cb.detach() if valid is None else torch.where(valid, e_cb.detach(), torch.inf)
+            per.append((x.detach(), idx, err))
+        cb_loss, cm_loss = torch.stack(cb_l), torch.stack(cm_l)
+        if self.ema:
+            cb_loss = cb_loss.detach()
+            loss = self.beta * cm_loss.sum()
+        else:
+            loss = (cb_loss + self.beta * cm_loss).sum()
+        if training:
+            with torch.no_grad():
+                self._upkeep(per)
+        z_q = torch.stack([o[0] for o in outs], 1).reshape(*lead, self.dim).movedim(-1, dim)
+        idx = torch.stack([o[1] for o in outs], 1).reshape(*lead, G)
+        return GVQOutput(z_q, idx, cb_loss, cm_loss, loss, torch.stack(perp), counts)
+
+    def codes_from_indices(self, indices: Tensor) -> Tensor:
+        """The codes of grouped `indices` (..., G), concatenated along a last axis of `dim`."""
+        cbs = [self._search_codebook(self._book(g), self._book(g).codebook.dtype, False)
+               for g in range(self.groups)]
+        return torch.cat([F.embedding(indices[..., g], cbs[g]) for g in range(self.groups)], -1)
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, groups={self.groups}, beta={self.beta}, "
+                f"shared_codebook={self.shared}, backend={self.backend!r}")

@@ -1,0 +1,426 @@
+"""Multi-codebook quantization (issue 17): residual VQ, grouped VQ and indices -> codes.
+
+residual_vq(z, codebooks, ...) quantizes with S stages: stage s searches the residual left by the
+stages before it, and z_q is the sum of the chosen codes.
+
+Definitions (every backend computes exactly these; the reference below is the oracle):
+  * rows are z moved to (N, D) and widened to the accumulation dtype `acc` (float32 for
+    float32/float16/bfloat16 input, float64 for float64); codes are widened the same way (exact);
+  * r_0 = rows, r_{s+1} = r_s - e_s in `acc` (one rounding per element), where e_s is the code
+    stage s chose for the row, NaN where its exact error is not finite (the single-stage rule);
+  * stage s's index is the single-stage answer for r_s (issue 13's contract: the lowest k
+    minimising the float64 distance), so it is exact at every stage;
+  * z_q = fl(((0 + e_0) + e_1) + ...) in `acc`, cast to z's dtype; `codes_from_indices` gives the
+    same sum bit for bit;
+  * a row that sits stage s out (quantizer dropout: s >= active_stages) gets index -1 there, adds
+    nothing and leaves its residual as it is.
+
+Losses, per stage s, over the rows that are not masked out and are active at stage s, divided by
+(unmasked rows) x D (so with one stage and no mask they equal vq_quantize's):
+  codebook_loss[s]   = sum ||sg[r_s] - e_s||^2 / (n D): its gradient reaches codebook s only;
+  commitment_loss[s] = sum ||r_s - sg[e_s]||^2 / (n D): its gradient reaches z only, through
+                       r_s = z - sum_{t<s} sg[e_t] (the earlier codes are constants).
+This is vector-quantize-pytorch's convention (ResidualVQ subtracts `quantized.detach()`), under
+which every stage's commitment term pulls the encoder. EnCodec's code subtracts the
+straight-through output instead, which makes r_s for s >= 1 constant in z: only stage 0's
+commitment term reaches its encoder there. z_q is straight-through on the sum: grad z = grad z_q.
+
+Backends: "reference" is a stage loop over vqkernels.reference (float64 search, plain torch);
+"cpu" is one native call that runs all stages per row tile with the residual in cache (fp32;
+16-bit input is widened first, float64 input runs a stage loop over the exact float64 kernel);
+"triton" runs a fused kernel too (all stages per row block, the residual in registers; fp32,
+D <= 256; tested under Triton's interpreter, not yet timed or AOT-checked on a GPU) and a stage
+loop otherwise; "cuda" runs a stage loop over its single-stage kernel (no fused CUDA C++ kernel).
+Nothing of size N x K is ever formed.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import backends, native, reference
+from ._layout import RowPlan
+from .quantize import _check, _check_beta
+
+__all__ = ["residual_vq", "RVQOutput", "codes_from_indices", "grouped_vq", "GVQOutput",
+           "grouped_codes_from_indices", "residual_forward"]
+
+Codebooks = Union[Tensor, Sequence[Tensor]]
+
+
+class RVQOutput(NamedTuple):
+    z_q: Tensor              # sum of the stages' codes, z's shape and dtype; straight-through
+    indices: Tensor          # int64, z's shape without `dim` plus a last axis of S stages (-1: off)
+    codebook_loss: Tensor    # (S,): stage s's mean (sg[r_s] - e_s)^2, reaches codebook s only
+    commitment_loss: Tensor  # (S,): stage s's mean (r_s - sg[e_s])^2, unweighted, reaches z only
+    loss: Tensor             # sum over stages of codebook_loss + beta * commitment_loss
+    sqerr: Tensor            # like indices, acc dtype: each stage's exact squared error (no grad)
+    perplexity: Tensor       # (S,): exp(entropy of each stage's code usage in this batch)
+    counts: list             # S int64 tensors (K_s,): each stage's code usage (valid rows only)
+
+
+# ------------------------------------------------------------------------------ arguments
+def _stage_list(codebooks: Codebooks, num_stages: Optional[int], arg: str = "num_stages",
+                unit: str = "stage") -> tuple[list[Tensor], bool]:
+    """The S codebooks as a list, and whether one codebook is shared by every stage (`arg` and
+    `unit` name the count in messages: num_stages/stage, or groups/group)."""
+    if isinstance(codebooks, Tensor):
+        if codebooks.dim() == 3:
+            if num_stages is not None and num_stages != codebooks.shape[0]:
+                raise ValueError(f"{arg}={num_stages} but codebooks holds "
+                                 f"{codebooks.shape[0]} {unit}s (shape {tuple(codebooks.shape)})")
+            return list(codebooks.unbind(0)), False
+        if codebooks.dim() == 2:
+            if num_stages is None:
+                raise ValueError(f"one 2-D codebook is shared by every {unit}: pass {arg}= the "
+                                 f"number of {unit}s (or a list of codebooks, one per {unit}, "
+                                 f"or a 3-D tensor)")
+            if isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 1:
+                raise ValueError(f"{arg} must be an int >= 1, got {num_stages!r}")
+            return [codebooks] * num_stages, True
+        raise ValueError(f"codebooks must be (K, D), (S, K, D) or a list of (K_s, D) tensors, "
+                         f"got shape {tuple(codebooks.shape)}")
+    if isinstance(codebooks, (list, tuple)):
+        if len(codebooks) == 0:
+            raise ValueError(f"codebooks is empty: at least one {unit} is needed")
+        if num_stages is not None and num_stages != len(codebooks):
+            raise ValueError(f"{arg}={num_stages} but {len(codebooks)} codebooks were given")
+        return list(codebooks), False
+    raise TypeError(f"codebooks must be a tensor or a list of tensors, got "
+                    f"{type(codebooks).__name__}")
+
+
+def _rows(z: Tensor, dim: int) -> Tensor:
+    return z.movedim(dim, -1).reshape(-1, z.shape[dim])
+
+
+def _per_row(name: str, t: Optional[Tensor], lead: torch.Size, device, dtype) -> Optional[Tensor]:
+    if t is None:
+        return None
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a tensor shaped like z without `dim`, got "
+                        f"{type(t).__name__}")
+    try:
+        t = t.to(device).expand(lead)
+    except RuntimeError:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, which does not broadcast to z's "
+                         f"rows {tuple(lead)}") from None
+    return t.reshape(-1).to(dtype)
+
+
+# ------------------------------------------------------------------------------ forward
+def residual_forward(rows: Tensor, codebooks: list[Tensor], active: Optional[Tensor],
+                     backend: str = "reference") -> tuple[Tensor, Tensor, Tensor]:
+    """(z_q, indices (S, N), sqerr (S, N)) for `rows` (N, D) in the accumulation dtype and codes
+    widened to it, by the module docstring's definition. No autograd.
+
+    backend "reference" is the oracle: a stage loop over vqkernels.reference (float64 search).
+    Other backends run their own single-stage search per stage, except "cpu" on float32, which
+    runs the fused native kernel, and "triton" on float32 with D <= 256, which runs the fused
+    Triton kernel (vqkernels.triton.residual).
+    """
+    N, D = rows.shape
+    S = len(codebooks)
+    b = backends.resolve(backend, rows.device)
+    if b.name == "cpu" and rows.dtype == torch.float32 and N > 0:
+        return _cpu_fused(rows, codebooks, active)
+    if b.name == "triton":
+        from .triton import residual as triton_residual
+        if triton_residual.supported(rows, codebooks):
+            return triton_residual.residual_forward(rows, codebooks, active)
+    r = rows.clone()
+    q = torch.zeros_like(rows)
+    indices = torch.empty(S, N, dtype=torch.long, device=rows.device)
+    sqerr = torch.empty(S, N, dtype=rows.dtype, device=rows.device)
+    for s, cb in enumerate(codebooks):
+        e, idx, err, _ = b.forward(r, 1, cb, RowPlan(r, 1))
+        if active is not None:
+            on = active > s
+            idx = torch.where(on, idx, -1)
+            err = torch.where(on, err, 0)
+            e = torch.where(on[:, None], e, 0)
+        indices[s], sqerr[s] = idx, err
+        r.sub_(e)
+        q.add_(e)
+    return q, indices, sqerr
+
+
+def _cpu_fused(rows: Tensor, codebooks: list[Tensor], active: Optional[Tensor]):
+    N, D = rows.shape
+    S = len(codebooks)
+    x = rows.contiguous()
+    cbs = [cb.contiguous() for cb in codebooks]
+    act = active.contiguous() if active is not None else None
+    z_q = torch.empty(N, D, dtype=torch.float32)
+    indices = torch.empty(S, N, dtype=torch.long)
+    sqerr = torch.empty(S, N, dtype=torch.float32)
+    native.module().cpu_residual_forward(
+        (x.data_ptr(), 1, N, D, 0, D, 1), [cb.data_ptr() for cb in cbs],
+        [cb.shape[0] for cb in cbs], act.data_ptr() if act is not None else 0, z_q.data_ptr(),
+        indices.data_ptr(), sqerr.data_ptr(), max(1, torch.get_num_threads()))
+    return z_q, indices, sqerr
+
+
+# ------------------------------------------------------------------------------ autograd
+class _ResidualFn(torch.autograd.Function):
+    """Forward: the search (no N x K tensor). Backward, stage by stage with one residual buffer:
+        grad z        = grad z_q + sum_s 2 g_commit[s] (r_s - e_s)
+        grad codebook_s[k] = sum over rows choosing k at stage s of 2 g_codebook[s] (e_s - r_s)
+    (a shared codebook sums its stages' terms)."""
+
+    @staticmethod
+    def forward(ctx, rows, active, backend, shared, *codebooks):
+        acc = reference.acc_dtype(rows.dtype)
+        r = rows.detach().to(acc)
+        cbs = [cb.detach().to(acc) for cb in codebooks]
+        if shared:
+            cbs = cbs * shared
+        z_q, indices, sqerr = residual_forward(r, cbs, active, backend)
+        ctx.save_for_backward(rows, indices, *codebooks)
+        ctx.shared, ctx.backend = shared, backend
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(indices)
+        return z_q.to(rows.dtype), indices, sqerr, sqerr.clone()
+
+    @staticmethod
+    def backward(ctx, g_zq, _g_idx, g_cb, g_cm):
+        rows, indices, *codebooks = ctx.saved_tensors
+        acc = reference.acc_dtype(rows.dtype)
+        S, N = indices.shape
+        need_z = ctx.needs_input_grad[0]
+        stage_cbs = codebooks * ctx.shared if ctx.shared else codebooks
+        need_cb = [ctx.needs_input_grad[4 + i] for i in range(len(codebooks))]
+        stage_need = need_cb * ctx.shared if ctx.shared else need_cb
+        grads = [None] * len(codebooks)
+        grad_z = None
+        if need_z:
+            grad_z = (g_zq.to(acc) if g_zq is not None
+                      else torch.zeros(rows.shape, dtype=acc, device=rows.device))
+        if g_cb is not None or (g_cm is not None and need_z):
+            # Each stage is the single-stage backward on its residual r_s (the backend's own
+            # kernel: the native one sums the codebook gradient in a fixed order), with the rows
+            # that sit the stage out weighted 0.
+            b = backends.resolve(ctx.backend, rows.device)
+            r = rows.detach().to(acc)
+            for s in range(S):
+                idx = indices[s]
+                on = idx >= 0
+                safe = idx.clamp(min=0)
+                cb = stage_cbs[s].detach().to(acc)
+                w_cm = (torch.where(on, g_cm[s].to(acc), 0) if g_cm is not None and need_z
+                        else None)
+                w_cb = (torch.where(on, g_cb[s].to(acc), 0) if g_cb is not None and stage_need[s]
+                        else None)
+                if w_cm is not None or w_cb is not None:
+                    g_r, g_c = b.backward(r, 1, cb, safe, None, w_cb, w_cm, RowPlan(r, 1))
+                    if w_cm is not None:
+                        grad_z.add_(g_r)
+                    if w_cb is not None:
+                        i = 0 if ctx.shared else s
+                        grads[i] = g_c if grads[i] is None else grads[i].add_(g_c)
+                # The forward's residual update, bit for bit.
+                r = r - torch.where(on[:, None], cb[safe], 0)
+        out_cb = [None if not need or g is None else g.to(cb.dtype)
+                  for need, g, cb in zip(need_cb, grads, codebooks)]
+        return (grad_z.to(rows.dtype) if need_z else None, None, None, None, *out_cb)
+
+
+def residual_vq(z: Tensor, codebooks: Codebooks, *, beta: float = 0.25, dim: int = -1,
+                num_stages: Optional[int] = None, active_stages: Optional[Tensor] = None,
+                mask: Optional[Tensor] = None, backend: str = "auto") -> RVQOutput:
+    """Residual vector quantization of `z` along `dim` (see the module docstring for the exact
+    definitions and the loss convention).
+
+    codebooks: a list of S codebooks (K_s, D) (sizes may differ), an (S, K, D) tensor, or one
+        (K, D) codebook shared by every stage (then pass num_stages=S). Any differentiable
+        tensor works (e.g. W @ C_frozen): the codebook gradient flows back through it.
+    active_stages: int tensor broadcastable to z's rows (z's shape without `dim`): how many
+        stages each row uses, 0..S (quantizer dropout; the rest get index -1). None: all.
+    mask: bool tensor broadcastable to z's rows, True where a row is real: padding rows (False)
+        are still quantized but add nothing to the losses, the perplexity or `counts`.
+    Returns RVQOutput; `indices` has z's shape without `dim` plus a last axis of S.
+    """
+    stages, shared = _stage_list(codebooks, num_stages)
+    dim = _check(z, stages[0], dim, backend, "z")
+    for cb in stages[1:]:
+        _check(z, cb, dim, backend, "z")
+    _check_beta(beta)
+    S = len(stages)
+    lead = z.movedim(dim, -1).shape[:-1]
+    active = _per_row("active_stages", active_stages, lead, z.device, torch.long)
+    if active is not None and active_stages.dtype.is_floating_point:
+        raise TypeError("active_stages must be an integer tensor")
+    if active is not None and bool(((active < 0) | (active > S)).any()):
+        raise ValueError(f"active_stages must be in [0, {S}]")
+    valid = _per_row("mask", mask, lead, z.device, torch.bool)
+    if mask is not None and mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor (True = a real row), got {mask.dtype}")
+    rows = _rows(z, dim)
+    D = rows.shape[1]
+    uniq = stages[:1] if shared else stages
+    z_q, indices, err_cb, err_cm = _ResidualFn.apply(rows, active, backend,
+                                                     S if shared else 0, *uniq)
+    acc = err_cb.dtype
+    w = None if valid is None else valid.to(acc)
+    n = rows.shape[0] if valid is None else valid.sum()
+    denom = (n * D) if valid is not None else max(rows.shape[0] * D, 1)
+    if valid is not None:
+        denom = torch.clamp(denom, min=1).to(acc)
+        cb_loss, cm_loss = (err_cb * w).sum(1) / denom, (err_cm * w).sum(1) / denom
+    else:
+        cb_loss, cm_loss = err_cb.sum(1) / denom, err_cm.sum(1) / denom
+    loss = (cb_loss + beta * cm_loss).sum()
+    counts, perp = [], []
+    for s, cb in enumerate(stages):
+        idx = indices[s]
+        ok = idx >= 0 if valid is None else (idx >= 0) & valid
+        c = torch.bincount(idx.clamp(min=0), weights=ok.to(acc), minlength=cb.shape[0])
+        counts.append(c.round().long())
+        p = c / c.sum().clamp(min=1)
+        perp.append(torch.special.entr(p).sum().exp())
+    z_q = z_q.reshape(*lead, D).movedim(-1, dim)
+    # Straight-through on the sum: the op's z_q already carries grad z = grad z_q.
+    return RVQOutput(z_q, indices.T.reshape(*lead, S), cb_loss, cm_loss, loss,
+                     err_cb.detach().T.reshape(*lead, S), torch.stack(perp), counts)
+
+
+# ------------------------------------------------------------------------------ decoding
+def codes_from_indices(indices: Tensor, codebooks: Codebooks, *, num_stages: Optional[int] = None,
+                       dim: int = -1, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """The summed codes of residual-VQ `indices` (..., S) (-1: a stage left out), bit for bit the
+    z_q that residual_vq returned for them: fl(((0 + e_0) + e_1) + ...) in the accumulation
+    dtype, cast to the codebooks' dtype (or `dtype`). The code axis is placed at `dim` of the
+    output. Differentiable in the codebooks."""
+    stages, _ = _stage_list(codebooks, num_stages)
+    if not isinstance(indices, Tensor) or indices.dtype not in (torch.long, torch.int32,
+                                                                 torch.int16, torch.uint8):
+        raise TypeError("indices must be an integer tensor (..., S)")
+    S = len(stages)
+    if indices.dim() < 1 or indices.shape[-1] != S:
+        raise ValueError(f"indices must end in an axis of S={S} stages, got shape "
+                         f"{tuple(indices.shape)}")
+    for s, cb in enumerate(stages):
+        bad = (indices[..., s] >= cb.shape[0]) | (indices[..., s] < -1)
+        if bool(bad.any()):
+            raise ValueError(f"indices of stage {s} must be in [-1, {cb.shape[0]}), got "
+                             f"{int(indices[..., s][bad][0])}")
+    out_dtype = dtype or stages[0].dtype
+    acc = reference.acc_dtype(stages[0].dtype)
+    q = torch.zeros(*indices.shape[:-1], stages[0].shape[1], dtype=acc, device=indices.device)
+    for s, cb in enumerate(stages):
+        idx = indices[..., s].long()
+        e = F.embedding(idx.clamp(min=0), cb.to(acc))
+        q = q + torch.where((idx >= 0)[..., None], e, 0)  # in stage order, from 0: the forward's sum
+    return q.to(out_dtype).movedim(-1, dim)
+
+
+# ------------------------------------------------------------------------------ grouped
+class GVQOutput(NamedTuple):
+    z_q: Tensor              # z's shape and dtype; straight-through
+    indices: Tensor          # int64, z's shape without `dim` plus a last axis of G groups
+    codebook_loss: Tensor    # (G,) per group, mean over the group's elements
+    commitment_loss: Tensor  # (G,)
+    loss: Tensor             # sum over groups of codebook_loss + beta * commitment_loss
+    perplexity: Tensor       # (G,)
+    counts: list             # G int64 tensors (K_g,)
+
+
+def grouped_vq(z: Tensor, codebooks: Codebooks, *, groups: Optional[int] = None,
+               beta: float = 0.25, dim: int = -1, mask: Optional[Tensor] = None,
+               backend: str = "auto") -> GVQOutput:
+    """Grouped (multi-head) VQ: the D channels of `z` along `dim` split into G equal groups of
+    D/G, group g quantized against its own codebook (a list of G (K_g, D/G) codebooks or a
+    (G, K, D/G) tensor) or against one shared (K, D/G) codebook (then pass groups=G).
+
+    A shared codebook is one call of the single-stage op on the (N G, D/G) rows; own codebooks
+    run one single-stage call per group (the groups' searches are independent, each exact by
+    issue 13's contract; no fused multi-codebook kernel yet). Losses are per group: the mean of
+    the squared error over that group's elements of the unmasked rows, so with G = 1 they equal
+    vq_quantize's. `mask` (True = a real row) as in residual_vq.
+    """
+    if not isinstance(z, Tensor):
+        raise TypeError(f"z must be a torch.Tensor, got {type(z).__name__}")
+    books, shared = _stage_list(codebooks, groups, "groups", "group")
+    G = len(books)
+    if isinstance(dim, bool) or not isinstance(dim, int) or z.dim() == 0 or \
+            not -z.dim() <= dim < z.dim():
+        raise ValueError(f"dim={dim!r} is not a dimension of z (shape {tuple(z.shape)})")
+    dim = dim % z.dim()
+    if z.shape[dim] % G:
+        raise ValueError(f"z has {z.shape[dim]} channels along dim={dim}, not divisible by "
+                         f"{G} groups")
+    d = z.shape[dim] // G
+    _check_beta(beta)
+    zm = z.movedim(dim, -1)
+    lead = zm.shape[:-1]
+    N = int(torch.Size(lead).numel())
+    valid = _per_row("mask", mask, lead, z.device, torch.bool)
+    if mask is not None and mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor (True = a real row), got {mask.dtype}")
+    parts = zm.reshape(N, G, d)
+    if shared:
+        rows = parts.reshape(N * G, d)
+        _check(rows, books[0], -1, backend, "z")
+        zq, idx, e_cb, e_cm = _vq_rows(rows, books[0], backend)
+        zq, idx = zq.reshape(N, G, d), idx.reshape(N, G)
+        e_cb, e_cm = e_cb.reshape(N, G), e_cm.reshape(N, G)
+    else:
+        outs = []
+        for g in range(G):
+            rows = parts[:, g, :]
+            _check(rows, books[g], -1, backend, "z")
+            outs.append(_vq_rows(rows, books[g], backend))
+        zq = torch.stack([o[0] for o in outs], 1)
+        idx, e_cb, e_cm = (torch.stack([o[i] for o in outs], 1) for i in (1, 2, 3))
+    acc = e_cb.dtype
+    if valid is not None:
+        w = valid.to(acc)[:, None]
+        e_cb, e_cm = e_cb * w, e_cm * w
+        denom = valid.sum().clamp(min=1).to(acc) * d
+    else:
+        denom = max(N * d, 1)
+    cb_loss, cm_loss = e_cb.sum(0) / denom, e_cm.sum(0) / denom
+    counts, perp = [], []
+    for g in range(G):
+        K = books[0 if shared else g].shape[0]
+        wt = None if valid is None else valid.to(acc)
+        c = torch.bincount(idx[:, g], weights=wt, minlength=K)
+        counts.append(c.round().long() if c.is_floating_point() else c)
+        p = c.to(acc) / c.sum().clamp(min=1).to(acc)
+        perp.append(torch.special.entr(p).sum().exp())
+    zq = zq.reshape(*lead, G * d).movedim(-1, dim)
+    return GVQOutput(zq, idx.reshape(*lead, G), cb_loss, cm_loss, (cb_loss + beta * cm_loss).sum(),
+                     torch.stack(perp), counts)
+
+
+def grouped_codes_from_indices(indices: Tensor, codebooks: Codebooks, *,
+                               groups: Optional[int] = None, dim: int = -1) -> Tensor:
+    """The codes of grouped-VQ `indices` (..., G), concatenated group after group into the code
+    axis (placed at `dim`): bit for bit the z_q grouped_vq returned for them."""
+    books, _ = _stage_list(codebooks, groups, "groups", "group")
+    G = len(books)
+    if not isinstance(indices, Tensor) or indices.dtype.is_floating_point or indices.dim() < 1 \
+            or indices.shape[-1] != G:
+        raise ValueError(f"indices must be an integer tensor ending in an axis of G={G} groups, "
+                         f"got {getattr(indices, 'shape', type(indices))}")
+    for g, cb in enumerate(books):
+        bad = (indices[..., g] < 0) | (indices[..., g] >= cb.shape[0])
+        if bool(bad.any()):
+            raise ValueError(f"indices of group {g} must be in [0, {cb.shape[0]}), got "
+                             f"{int(indices[..., g][bad][0])}")
+    return torch.cat([F.embedding(indices[..., g].long(), books[g]) for g in range(G)],
+                     -1).movedim(-1, dim)
+
+
+def _vq_rows(rows, cb, backend):
+    """The single-stage op on (n, d) rows: (z_q, indices, err_codebook, err_commit), each error
+    with its own gradient path (see vqkernels.ops)."""
+    from . import ops
+    if ops.use_triton_ops(backend, rows.device):
+        z_q, idx, e_cb, e_cm, _ = torch.ops.vqkernels.triton_vq_quantize(rows, cb, -1)
+    else:
+        z_q, idx, e_cb, e_cm, _ = torch.ops.vqkernels.vq_quantize(rows, cb, -1, backend)
+    return z_q, idx, e_cb, e_cm

@@ -8,11 +8,19 @@ works in pip's isolated build environment. Switches (environment variables, read
   VQK_CUDA_ARCHS="80;86;89;90"   compute capabilities to build real code for (PTX for the last)
   VQK_BUILD_TYPE=Release    CMake build type
   CMAKE_BUILD_PARALLEL_LEVEL     parallel compile jobs (default: all cores)
+  VQK_BUILD_HEARTBEAT_S=30  seconds between "still compiling" lines (0: none)
+
+The build says what it is doing, with elapsed times: configuring, whether the CUDA kernels are
+included (they take minutes more; VQK_CUDA=OFF leaves them out), each compile step, a line every
+VQK_BUILD_HEARTBEAT_S seconds while one runs, and the total. pip hides a build's output unless
+asked: `pip install -v -e .` shows these lines.
 """
 import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 from setuptools import Extension, setup
@@ -47,8 +55,55 @@ class CMakeBuild(build_ext):
             args += ["-G", "Ninja"]
         env = dict(os.environ)
         env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 1))
-        subprocess.run([cmake, "-S", str(ROOT), "-B", str(build_dir), *args], check=True, env=env)
-        subprocess.run([cmake, "--build", str(build_dir)], check=True, env=env)
+        t0 = time.monotonic()
+        say(f"configuring with CMake (VQK_CUDA={os.environ.get('VQK_CUDA', 'AUTO')}) in {build_dir}")
+        run_with_heartbeat([cmake, "-S", str(ROOT), "-B", str(build_dir), *args], env, t0,
+                           "configuring")
+        cuda = _cache_value(build_dir, "VQK_WITH_CUDA_BUILT")
+        if cuda == "ON":
+            # The slow part, and the one a machine without a GPU may not want: say so up front.
+            say("compiling the CPU and CUDA kernels (nvcc found; the CUDA files take a few minutes "
+                "on a small machine; VQK_CUDA=OFF builds the CPU kernels only)")
+        else:
+            off = os.environ.get("VQK_CUDA", "AUTO").upper() == "OFF"
+            say(f"compiling the CPU kernels only ({'VQK_CUDA=OFF' if off else 'no nvcc found'})")
+        run_with_heartbeat([cmake, "--build", str(build_dir)], env, t0, "compiling")
+        say(f"built {ext.name} in {time.monotonic() - t0:.0f} s")
+
+
+def say(msg: str) -> None:
+    print(f"vqkernels build: {msg}", flush=True)
+
+
+def _cache_value(build_dir: Path, name: str) -> str | None:
+    try:
+        for line in (build_dir / "CMakeCache.txt").read_text().splitlines():
+            if line.startswith(name + ":"):
+                return line.split("=", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def run_with_heartbeat(cmd, env, t0: float, what: str) -> None:
+    """Run `cmd`, its output passed through, and print a line every VQK_BUILD_HEARTBEAT_S seconds
+    while it runs: one CUDA file can take minutes with no output of its own."""
+    every = float(os.environ.get("VQK_BUILD_HEARTBEAT_S", "30"))
+    done = threading.Event()
+
+    def beat():
+        while not done.wait(every):
+            say(f"still {what} ({time.monotonic() - t0:.0f} s so far)")
+
+    ticker = threading.Thread(target=beat, daemon=True) if every > 0 else None
+    if ticker:
+        ticker.start()
+    try:
+        subprocess.run(cmd, check=True, env=env)
+    finally:
+        done.set()
+        if ticker:
+            ticker.join()
 
 
 ext_modules = [] if os.environ.get("VQK_NO_NATIVE") == "1" else [CMakeExtension("vqkernels._C")]

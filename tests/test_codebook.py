@@ -38,8 +38,9 @@ def _hand_ema_step(N, S, rows, idx, decay, eps):
 
 def test_ema_update_matches_float64_hand_computation():
     K, D, decay, eps = 7, 3, 0.9, 1e-2  # a large eps so the smoothing visibly matters
+    # decay_warmup=None: the fixed-decay update (the warm-up has its own test below)
     vq = VectorQuantizer(K, D, ema=True, decay=decay, eps=eps, channel_dim=1, restart_after=None,
-                         kmeans_init=False)
+                         kmeans_init=False, decay_warmup=None)
     centres = 2 * torch.randn(4, D)  # data near 4 clusters: some codes stay unused
     vq.set_codebook(torch.cat([centres, 5 + torch.randn(K - 4, D)]))
     N = torch.ones(K, dtype=torch.float64)
@@ -78,7 +79,8 @@ def test_laplace_smoothing():
     # start), so e_k = e0 decay^t / smoothed(decay^t): it stays put while decay^t >> eps, then
     # the smoothing pulls it towards the origin (as in Sonnet); it never blows up.
     eps = 1e-3
-    vq = VectorQuantizer(4, 2, ema=True, decay=0.5, eps=eps, restart_after=None, kmeans_init=False)
+    vq = VectorQuantizer(4, 2, ema=True, decay=0.5, eps=eps, restart_after=None, kmeans_init=False,
+                         decay_warmup=None)  # a fixed decay^t
     with torch.no_grad():
         vq.codebook.copy_(torch.tensor([[0.0, 0.0], [1.0, 1.0], [50.0, 50.0], [-50.0, 50.0]]))
         vq.ema_sum.copy_(vq.codebook)
@@ -193,7 +195,7 @@ def test_restart_replaces_exactly_the_dead_codes(ema):
 
 def test_restart_with_a_short_pool_goes_longest_unused_first():
     K, D = 8, 3
-    vq = VectorQuantizer(K, D, restart_after=1, restart_pool=4, ema=False,
+    vq = VectorQuantizer(K, D, restart_after=1, restart_pool=1, ema=False,
                          kmeans_init=False)  # 1 candidate row per step
     centres = 3 * torch.randn(2, D)
     _far_codebook(vq, centres, 6)
@@ -208,6 +210,47 @@ def test_restart_with_a_short_pool_goes_longest_unused_first():
     assert int(vq.restart_count) == 3
     # a pool row restarts at most one code: three distinct encoder outputs
     assert len({tuple(r) for r in vq.codebook[2:5].tolist()}) == 3
+
+
+@pytest.mark.parametrize("ema", [False, True])
+def test_restarts_land_on_the_latest_batch(ema):
+    # Issue 15: early in training the encoder's outputs move by more than their spread per step,
+    # and restarts onto rows a few steps old put codes where the data no longer is.
+    K, D = 8, 4
+    vq = VectorQuantizer(K, D, restart_after=2, restart_pool=16, ema=ema, kmeans_init=False)
+    old, new = 3 * torch.randn(4, D), 3 * torch.randn(4, D) + 20
+    _far_codebook(vq, old, 4)
+    vq(_clustered(64, old, 0.2))  # codes 4..7 unused once: no restart yet
+    before = vq.codebook.clone()
+    b2 = _clustered(64, new, 0.2)
+    vq(b2)
+    assert vq.stats()["restarts"] == 4
+    moved = vq.codebook.detach()[4:]
+    assert not torch.equal(moved, before[4:])
+    d = exact_sqdist(moved, b2)
+    assert float(d.min(1).values.max()) == 0.0  # every restarted code is a row of this batch
+
+
+def test_ema_decay_warms_up():
+    # Issue 15: a fixed decay of 0.99 moves a code a few % of the way to its rows per step, too
+    # slow while the encoder's outputs move fast; the decay of update t is
+    # min(decay, (1 + t) / (decay_warmup + t)).
+    K, D = 4, 2
+    codes = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
+    x = torch.tensor([[1.0, 0.0], [1.0, 0.0], [9.0, 0.0]])  # two rows to code 0, one to code 1
+    for warmup, decays in ((10, [0.1, 2 / 11, 0.99]), (None, [0.99] * 3), (3, [1 / 3, 0.5, 0.99])):
+        vq = VectorQuantizer(K, D, decay=0.99, decay_warmup=warmup, restart_after=None,
+                             kmeans_init=False).double()
+        vq.set_codebook(codes.double())
+        n = torch.ones(K, dtype=torch.float64)
+        for t, dec in enumerate(decays):
+            if t == 2:  # jump ahead: t = 1000 is past any warm-up here
+                vq._steps_done = 1000
+            vq(x.double())
+            n = dec * n + (1 - dec) * torch.tensor([2.0, 1.0, 0.0, 0.0], dtype=torch.float64)
+            torch.testing.assert_close(vq.ema_count, n, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="decay_warmup"):
+        VectorQuantizer(K, D, decay_warmup=0)
 
 
 def test_restart_in_gradient_mode_keeps_backward_valid():

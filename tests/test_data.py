@@ -35,6 +35,9 @@ def test_to_tensor_range_and_round_trip():
     x = rng().integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     t = data.to_tensor(x)
     assert t.shape == (3, 3, 32, 32) and t.dtype == torch.float32
+    # Plain NCHW strides: a channels-last batch gives the convolutions' weights gradients of
+    # other strides than the weights (DDP warned about it on every rank, issue 15).
+    assert t.stride() == (3 * 32 * 32, 32 * 32, 32, 1)
     assert float(t.min()) >= -0.5 and float(t.max()) <= 0.5
     assert np.array_equal(data.to_uint8(t), x)
     assert float(data.to_tensor(np.zeros((1, 2, 2, 3), np.uint8)).max()) == -0.5

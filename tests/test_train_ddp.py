@@ -59,6 +59,19 @@ def ckpt(out):
     return _io.load_checkpoint(Path(out) / "checkpoint.pt")
 
 
+def test_no_warnings_under_torchrun(tmp_path, image_dir):
+    # Issue 15: every rank printed "Grad strides do not match bucket view strides" (a
+    # channels-last input batch gave the conv weights' gradients other strides than the
+    # weights') and, on torch versions that deprecate it, a FutureWarning for broadcast_buffers.
+    if not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed has no gloo backend here: torchrun on CPU needs it")
+    # Batches of 16: at 4 images a rank, the convolutions happened to give plain strides anyway.
+    p = torchrun("--data", "folder", "--data-dir", image_dir, *TINY, "--steps", 2,
+                 "--batch-size", 16, "--out", tmp_path / "run")
+    for text in ("Grad strides do not match", "broadcast_buffers", "Warning"):
+        assert text not in p.stderr, p.stderr[-4000:]
+
+
 def test_two_processes_equal_one_process_with_the_concatenated_batch(tmp_path, image_dir):
     common = ["--data", "folder", "--data-dir", image_dir, *TINY, "--steps", 6,
               "--restart-after", 0, "--save-every", 2]

@@ -60,9 +60,14 @@ class DataError(ValueError):
 # ---------------------------------------------------------------------------------------------
 # scaling
 def to_tensor(images: np.ndarray, device=None) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> float32 (N, 3, H, W) in [-0.5, 0.5]."""
+    """uint8 (N, H, W, 3) -> float32 (N, 3, H, W) in [-0.5, 0.5], contiguous."""
     x = torch.from_numpy(np.ascontiguousarray(images)).to(device)
-    return x.permute(0, 3, 1, 2).float().div_(255.0).sub_(0.5)
+    # Contiguous, not the permuted (channels-last) view: the convolutions pass an input's memory
+    # format on to their weights' gradients, which then disagree with the weights' own strides,
+    # and DistributedDataParallel warned "Grad strides do not match bucket view strides" on every
+    # rank (and copies such gradients). Measured no slower on CPU.
+    return x.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format) \
+        .div_(255.0).sub_(0.5)
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:

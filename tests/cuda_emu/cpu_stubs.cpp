@@ -5,6 +5,9 @@
 #include "vqk/vqk.h"
 
 namespace vqk {
+void cpu_residual_forward(const ResidualArgs&, int) {
+  throw std::runtime_error("cpu_residual_forward is not part of the emulated CUDA module");
+}
 void cpu_forward(const ForwardArgs&, int) {
   throw std::runtime_error("cpu_forward is not part of the emulated CUDA module");
 }
@@ -13,6 +16,7 @@ void cpu_backward(const BackwardArgs&, int) {
 }
 const char* cpu_isa() { return "none (emulated CUDA module)"; }
 int64_t cpu_exact_rows() { return 0; }
+int64_t cpu_set_aside_rows() { return 0; }
 }  // namespace vqk
 
 // Rows the forward's fast pass flagged for the exact re-search (cuda_emu.h; the tests read it).

@@ -46,9 +46,12 @@ class VectorQuantizer(nn.Module):
         are the cure for such codes. In this mode the codebook gets no gradient:
         ``codebook_loss`` still reports the quantization error (its value equals
         ``commitment_loss``) but is detached and left out of ``loss = beta * commitment_loss``.
+    decay_warmup: the decay of update t (0, 1, ...) is min(decay, (1 + t) / (decay_warmup + t)):
+        0.1 at first, 0.55 at t = 10, ``decay`` from t = 890 on (with the defaults), so the codes
+        keep up with the encoder while its outputs move fast; None: ``decay`` from the start.
     restart_after: a code unused (globally, across ranks) for this many consecutive training steps
-        is replaced by an encoder output drawn from a pool of rows sampled from recent batches
-        (``restart_pool`` rows, about the last 4 steps), without reuse of a pool row. If the pool
+        is replaced by an encoder output drawn from a pool of rows sampled from the latest batch
+        (``restart_pool`` rows, refilled every step), without reuse of a pool row. If the pool
         holds fewer rows than there are dead codes, the longest-unused codes go first (ties to
         the lowest index) and the rest wait. A restarted code gets EMA state N_k = 1, S_k = the
         row. Restarts are counted (``restart_count`` buffer, ``stats()``). In gradient mode the
@@ -83,6 +86,7 @@ class VectorQuantizer(nn.Module):
 
     def __init__(self, num_codes: int, dim: int, beta: float = 0.25, *, channel_dim: int = -1,
                  backend: str = "auto", ema: bool = True, decay: float = 0.99, eps: float = 1e-5,
+                 decay_warmup: int | None = 10,
                  restart_after: int | None = 2, restart_pool: int | None = None,
                  dead_after: int | None = None, kmeans_init: bool = True, kmeans_iters: int = 10,
                  kmeans_samples: int | None = None, cosine: bool = False, sync: bool = True,
@@ -99,6 +103,7 @@ class VectorQuantizer(nn.Module):
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0 \
                 or not math.isfinite(eps):
             raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+        check_positive_int("decay_warmup", decay_warmup, allow_none=True)
         check_positive_int("restart_after", restart_after, allow_none=True)
         check_positive_int("restart_pool", restart_pool, allow_none=True)
         check_positive_int("dead_after", dead_after, allow_none=True)
@@ -111,6 +116,7 @@ class VectorQuantizer(nn.Module):
         self.num_codes, self.dim, self.beta = num_codes, dim, float(beta)
         self.channel_dim, self.backend = channel_dim, backend
         self.ema, self.decay, self.eps = bool(ema), float(decay), float(eps)
+        self.decay_warmup = decay_warmup
         self.restart_after = restart_after
         self.restart_pool = restart_pool if restart_pool is not None else min(num_codes, 1024)
         self.dead_after = dead_after if dead_after is not None else 100
@@ -236,8 +242,23 @@ class VectorQuantizer(nn.Module):
         return torch.float64 if self.codebook.dtype == torch.float64 else torch.float32
 
     def _samples_per_rank(self, world: int) -> int:
-        # Each step gathers about a quarter of the pool, so the pool spans the last ~4 steps.
-        return max(1, ceil_div(self.restart_pool, 4 * world))
+        # Each step refills the whole pool: restarts land on this step's encoder outputs. Early in
+        # training the outputs' cloud grows by ~25% a step (issue 15), and rows a few steps old
+        # put restarted codes where the data no longer is (a quarter of the pool per step, as
+        # before, left the default VQ-VAE at 112 of 256 codes at step 11).
+        return max(1, ceil_div(self.restart_pool, world))
+
+    def _decay_now(self) -> float:
+        # Warm-up (the num_updates form of tf.train.ExponentialMovingAverage): at update t the
+        # decay is min(decay, (1 + t) / (decay_warmup + t)), a memory of ~t / (decay_warmup - 1)
+        # steps. A fixed 0.99 moves a code ~1-8% of the way to its rows per step, while early in
+        # training the encoder's outputs move by more than that: codes fell behind the cloud and
+        # went unused (issue 15). The host-side step count keeps it free of device syncs and the
+        # same on every rank and after a resume.
+        if not self.decay_warmup:
+            return self.decay
+        t = self._steps_done
+        return min(self.decay, (1 + t) / (self.decay_warmup + t))
 
     def _update(self, z: Tensor, dim: int, indices: Tensor, counts: Tensor,
                 row_err: Tensor) -> None:
@@ -285,13 +306,14 @@ class VectorQuantizer(nn.Module):
         K, D = self.num_codes, self.dim
         restart = self.restart_after is not None
         counts_g = buf[:K]
+        decay = self._decay_now()
         self._steps_done += 1
         self.step.add_(1)
         self.steps_unused.add_(1).masked_fill_(counts_g > 0, 0)
         if self.ema:
             sums_g = buf[K:K + K * D].view(K, D)
-            self.ema_count.mul_(self.decay).add_(counts_g, alpha=1 - self.decay)
-            self.ema_sum.mul_(self.decay).add_(sums_g, alpha=1 - self.decay)
+            self.ema_count.mul_(decay).add_(counts_g, alpha=1 - decay)
+            self.ema_sum.mul_(decay).add_(sums_g, alpha=1 - decay)
             self.codebook.copy_(self.ema_sum / laplace_smoothed(self.ema_count, self.eps)[:, None])
         restarts = None
         if restart:
@@ -396,7 +418,7 @@ class VectorQuantizer(nn.Module):
         s = (f"num_codes={self.num_codes}, dim={self.dim}, beta={self.beta}, "
              f"channel_dim={self.channel_dim}, backend={self.backend!r}")
         if self.ema:
-            s += f", ema=True, decay={self.decay}, eps={self.eps}"
+            s += f", ema=True, decay={self.decay}, decay_warmup={self.decay_warmup}, eps={self.eps}"
         if self.restart_after is not None:
             s += f", restart_after={self.restart_after}, restart_pool={self.restart_pool}"
         if self.kmeans_init:

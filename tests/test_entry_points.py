@@ -69,7 +69,7 @@ def test_python_m_vqkernels_reports_commands_and_backends(capsys):
         assert ("yes" in line) == st.available and st.detail in line
     from vqkernels import native
     if native.cpu_status() is None:
-        assert f"instruction set: {native.module().cpu_isa()}" in out
+        assert f"CPU kernel path: {native.module().cpu_isa()} -- " in out
     assert entry.main(["--bogus"]) == 2
     assert "takes no arguments" in capsys.readouterr().err
 

@@ -1,5 +1,6 @@
 """VQVAE.from_checkpoint (the documented way to load a trained model / tokenizer) and
 `python -m vqkernels` (the commands, and what this install can run)."""
+import os
 import subprocess
 import sys
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 import vqkernels
-from vqkernels import VQVAE, VQVAEConfig, _io
+from vqkernels import VQVAE, VQVAEConfig, _io, native
 from vqkernels import __main__ as entry
 
 
@@ -68,7 +69,7 @@ def test_python_m_vqkernels_reports_commands_and_backends(capsys):
         assert ("yes" in line) == st.available and st.detail in line
     from vqkernels import native
     if native.cpu_status() is None:
-        assert f"instruction set: {native.module().cpu_isa()}" in out
+        assert f"CPU kernel path: {native.module().cpu_isa()} -- " in out
     assert entry.main(["--bogus"]) == 2
     assert "takes no arguments" in capsys.readouterr().err
 
@@ -78,3 +79,18 @@ def test_python_m_vqkernels_runs_as_a_module():
                        timeout=300)
     assert r.returncode == 0, r.stderr
     assert "Backends here" in r.stdout
+
+
+@pytest.mark.skipif(native.cpu_status() is not None, reason="native CPU kernel not built")
+def test_cpu_path_report_names_the_chosen_path_and_why(monkeypatch):
+    monkeypatch.delenv("VQK_CPU_ISA", raising=False)
+    auto = native.module().cpu_isa()
+    lines = native.cpu_path_report()
+    assert lines[1].startswith(f"CPU kernel path: {auto} -- auto takes"), lines
+    runs = lines[2].split(": ", 1)[1].split(", ")
+    assert auto in runs and "scalar" in runs
+    monkeypatch.setenv("VQK_CPU_ISA", "scalar")
+    lines = native.cpu_path_report()
+    assert lines[1] == "CPU kernel path: scalar -- forced by VQK_CPU_ISA=scalar", lines
+    assert lines[2].split(": ", 1)[1].split(", ") == runs  # probing leaves the forced choice alone
+    assert os.environ["VQK_CPU_ISA"] == "scalar"

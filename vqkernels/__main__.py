@@ -42,7 +42,7 @@ def report() -> str:
     why = native.cpu_status()
     if why is None:
         mod = native.module()
-        lines.append(f"  CPU kernel instruction set: {mod.cpu_isa()} (VQK_CPU_ISA forces another)")
+        lines += [f"  {line}" for line in native.cpu_path_report()]
         if getattr(mod, "has_cuda", False):
             lines.append(f"  CUDA kernels built for: {getattr(mod, 'cuda_archs', '?')}")
     else:

@@ -28,6 +28,10 @@ def main(argv=None) -> int:
     z = codebook[torch.randint(0, args.num_codes, (args.rows,), device=dev)]
     z = (z + 0.3 * torch.randn_like(z)).requires_grad_(True)
     print(f"vqkernels {vqkernels.__version__}, torch {torch.__version__}, device {dev}")
+    if dev.type == "cpu":
+        from . import native
+        for line in native.cpu_path_report():
+            print(line)
     print(f"N={args.rows} K={args.num_codes} D={args.code_dim}  "
           f"(search: {2 * args.rows * args.num_codes * args.code_dim / 1e9:.2f} GFLOP)")
     ref = vqkernels.vq_quantize(z.double(), codebook.double(), backend="reference")

@@ -50,3 +50,57 @@ def cuda_status() -> Optional[str]:
 
 def dtype_code(dtype: torch.dtype) -> int:
     return DTYPE_CODES[dtype]
+
+
+# The CPU kernel's instruction-set paths, in the order `auto` tries them (csrc/cpu/vq_cpu.cpp,
+# select_kernels); avx2_i16 is never picked by itself (benchmarks/results/cpu-avx2-i16.md).
+CPU_PATHS = ("avx512bf16", "avx512", "avx2", "avx2_i16", "neon", "scalar")
+AUTO_RULE = ("auto takes the first of avx512bf16 (for K >= 128 and D >= 16), avx512, avx2, neon, "
+             "scalar that this CPU and build run; avx2_i16 only when forced")
+
+
+def _cpu_model_and_flags() -> tuple[str, list[str]]:
+    import platform
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine(), []
+    model = next((l.split(":", 1)[1].strip() for l in lines
+                  if l.startswith(("model name", "Model", "CPU part"))), platform.machine())
+    flags = next((l.split(":", 1)[1].split() for l in lines if l.startswith(("flags", "Features"))), [])
+    keep = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16",
+            "avx512_vnni", "avx_vnni", "asimd", "asimddp", "bf16", "sve")
+    return model, [f for f in flags if f in keep]
+
+
+def cpu_path_report() -> list[str]:
+    """Which CPU kernel path calls get here and why, and which forced paths this machine runs."""
+    why = cpu_status()
+    if why is not None:
+        return [f"CPU kernel: not available ({why})"]
+    import os
+    mod = module()
+    model, flags = _cpu_model_and_flags()
+    env = os.environ.get("VQK_CPU_ISA", "")
+    chosen = mod.cpu_isa()
+    if env and env != "auto":
+        reason = f"forced by VQK_CPU_ISA={env}"
+    else:
+        reason = AUTO_RULE + " (VQK_CPU_ISA=<path> forces one)"
+    runs = []
+    for isa in CPU_PATHS:
+        os.environ["VQK_CPU_ISA"] = isa
+        try:
+            if mod.cpu_isa() == isa:
+                runs.append(isa)
+        except (RuntimeError, ValueError):
+            pass
+        finally:
+            if env:
+                os.environ["VQK_CPU_ISA"] = env
+            else:
+                del os.environ["VQK_CPU_ISA"]
+    return [f"CPU: {model} (flags: {' '.join(flags) or 'none of the SIMD ones'})",
+            f"CPU kernel path: {chosen} -- {reason}",
+            f"CPU kernel paths this machine can run: {', '.join(runs)}"]

@@ -3,12 +3,13 @@ argument names, defaults and return structure, the rules of its codebook upkeep 
 plain torch, and a clear error for every argument it cannot honour. Parity with the peer itself is
 tested in tests/compat/ (skipped when the peer is not installed)."""
 import inspect
+import random
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from vqkernels.compat import LossBreakdown, VectorQuantize
+from vqkernels.compat import GroupedResidualVQ, LossBreakdown, ResidualVQ, VectorQuantize
 
 
 def _nearest(rows, codes):
@@ -344,3 +345,174 @@ def test_sync_codebook_keeps_two_gloo_ranks_identical(tmp_path):
     r0 = torch.load(tmp_path / "ema_0.pt")
     for k in single:
         torch.testing.assert_close(r0[k], single[k], rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- ResidualVQ
+def test_residual_vq_defaults_are_the_peers():
+    sig = inspect.signature(ResidualVQ.__init__).parameters
+    expect = dict(num_quantizers=None, codebook_dim=None, shared_codebook=False, heads=1,
+                  quantize_dropout=False, quantize_dropout_cutoff_index=0,
+                  quantize_dropout_multiple_of=1, accept_image_fmap=False, beam_size=None,
+                  eval_beam_size=None, quant_grad_frac=0.0, return_zeros_for_masked_padding=True)
+    for k, v in expect.items():
+        assert sig[k].default == v, k
+    rvq = ResidualVQ(dim=8, num_quantizers=3, codebook_size=16)
+    assert all(vq.rotation_trick and vq.ema_update for vq in rvq.layers)
+    assert rvq.codebooks.shape == (3, 16, 8)
+    assert set(rvq.state_dict()) >= {"layers.2._codebook.embed", "layers.0._codebook.cluster_size"}
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_residual_vq_stages_are_exact_on_the_running_residual(training):
+    """Every stage's index is the float64 nearest code of the fp32 residual the earlier stages
+    left, the output is the fp32 sum of the chosen codes (eval: exactly; training: the rotation
+    trick's value, the codes to rounding), losses are per stage, and the indices decode back."""
+    torch.manual_seed(0)
+    rvq = ResidualVQ(dim=8, codebook_size=(16, 8, 32), decay=1.0).train(training)
+    x = torch.randn(3, 10, 8)
+    books = [b.clone() for b in rvq.codebooks]
+    q, idx, losses = rvq(x.clone().requires_grad_())
+    assert idx.shape == (3, 10, 3) and losses.shape == (3,)
+    r, total, expect_losses = x.reshape(-1, 8), torch.zeros(30, 8), []
+    for s, cb in enumerate(books):
+        k = _nearest(r, cb)
+        assert torch.equal(idx[..., s].reshape(-1), k)
+        expect_losses.append(((r - cb[k]) ** 2).mean())
+        r = r - cb[k]
+        total = total + cb[k]
+    if training:
+        torch.testing.assert_close(q.reshape(-1, 8), total, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(losses, torch.stack(expect_losses).detach(), rtol=1e-5,
+                                   atol=1e-7)
+    else:
+        assert torch.equal(q.reshape(-1, 8), total)
+        assert torch.equal(losses, torch.zeros(3))
+        assert torch.equal(rvq.get_output_from_indices(idx), q)
+    codes = rvq.get_codes_from_indices(idx)
+    assert codes.shape == (3, 3, 10, 8)
+    torch.testing.assert_close(codes.sum(0), total.view(3, 10, 8))
+
+
+def test_residual_vq_quantizer_dropout():
+    torch.manual_seed(1)
+    rvq = ResidualVQ(dim=6, num_quantizers=5, codebook_size=8, quantize_dropout=True,
+                     quantize_dropout_cutoff_index=1, quantize_dropout_multiple_of=2)
+    x = torch.randn(2, 7, 6)
+    kept = set()
+    for seed in range(12):
+        q, idx, losses = rvq(x, rand_quantize_dropout_fixed_seed=seed, freeze_codebook=True)
+        last = random.Random(seed).randrange(1, 5)
+        last = -(-(last + 1) // 2) * 2 - 1  # rounded up to a multiple of 2 stages, minus one
+        last = min(last, 4)
+        kept.add(last)
+        assert (idx[..., :last + 1] >= 0).all() and (idx[..., last + 1:] == -1).all()
+        assert (losses[last + 1:] == 0).all() and (losses[:last + 1] > 0).all()
+        rvq.eval()
+        # What the kept stages decode to is what training returned (rotation value: to rounding).
+        torch.testing.assert_close(rvq.get_output_from_indices(idx[..., :last + 1]), q,
+                                   rtol=1e-5, atol=1e-5)
+        rvq.train()
+    assert len(kept) > 1
+    rvq.eval()
+    assert (rvq(x)[1] >= 0).all()  # no dropout in eval
+
+
+def test_residual_vq_shared_codebook_is_one_module_updated_once_per_step():
+    torch.manual_seed(2)
+    rvq = ResidualVQ(dim=4, num_quantizers=3, codebook_size=8, shared_codebook=True, decay=0.5)
+    assert all(vq._codebook is rvq.layers[0]._codebook for vq in rvq.layers)
+    x = torch.randn(2, 9, 4)
+    cb = rvq.layers[0]._codebook
+    size0 = cb.cluster_size.clone()
+    _, idx, _ = rvq(x)
+    # cluster_size took three EMA steps (one per stage, decay 0.5 each), with the stage's counts.
+    expect = size0.clone()
+    for s in range(3):
+        expect = expect * 0.5 + 0.5 * torch.bincount(idx[..., s].reshape(-1), minlength=8)
+    torch.testing.assert_close(cb.cluster_size[0], expect[0])
+    torch.testing.assert_close(cb.embed, cb.embed_avg / (
+        (cb.cluster_size + cb.eps) / (cb.cluster_size.sum() + 8 * cb.eps)
+        * cb.cluster_size.sum())[..., None])
+
+
+def test_residual_vq_mask_and_grouped():
+    torch.manual_seed(3)
+    rvq = ResidualVQ(dim=6, num_quantizers=2, codebook_size=8).eval()
+    x = torch.randn(2, 5, 6)
+    mask = torch.tensor([[True] * 5, [True, True, False, False, False]])
+    q, idx, _ = rvq(x, mask=mask)
+    assert (idx[~mask] == -1).all() and (q[~mask] == 0).all()
+    assert torch.equal(idx[mask], rvq(x)[1][mask])
+    g = GroupedResidualVQ(dim=12, groups=2, num_quantizers=2, codebook_size=8).eval()
+    x = torch.randn(2, 5, 12)
+    q, idx, losses = g(x)
+    assert q.shape == x.shape and idx.shape == (2, 2, 5, 2) and losses.shape == (2, 2)
+    for i, (rv, chunk) in enumerate(zip(g.rvqs, x.chunk(2, dim=-1))):
+        qi, ii, _ = rv(chunk)
+        assert torch.equal(ii, idx[i]) and torch.equal(qi, q[..., 6 * i:6 * (i + 1)])
+    assert torch.equal(g.get_output_from_indices(idx), q)
+
+
+@pytest.mark.parametrize("kw,name,err", [
+    (dict(implicit_neural_codebook=True), "implicit_neural_codebook", TypeError),
+    (dict(diveq=True), "diveq", TypeError),
+    (dict(stochastic_sample_codes=True), "stochastic_sample_codes", TypeError),
+    (dict(heads=2), "heads", ValueError),
+    (dict(quantize_dropout_cutoff_index=-1), "quantize_dropout_cutoff_index", ValueError),
+    (dict(eval_beam_size=2), "eval_beam_size", ValueError),
+    (dict(beam_score_quantizer_weights=[1.0]), "beam_score_quantizer_weights", ValueError),
+])
+def test_residual_vq_refuses_what_it_cannot_honour(kw, name, err):
+    with pytest.raises(err, match=name):
+        ResidualVQ(dim=8, num_quantizers=2, codebook_size=4, **kw)
+
+
+def test_residual_vq_forward_refusals():
+    rvq = ResidualVQ(dim=8, num_quantizers=2, codebook_size=4)
+    with pytest.raises(TypeError, match="indices="):
+        rvq(torch.randn(1, 3, 8), indices=torch.zeros(1, 3, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="quantize_dropout"):
+        rvq.get_codes_from_indices(torch.zeros(1, 3, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="num_quantizers"):
+        ResidualVQ(dim=8, codebook_size=4)
+    with pytest.raises(ValueError, match="divisible"):
+        GroupedResidualVQ(dim=9, groups=2, num_quantizers=2, codebook_size=4)
+    with pytest.raises(TypeError, match="indices="):
+        GroupedResidualVQ(dim=8, groups=2, num_quantizers=2, codebook_size=4)(
+            torch.randn(1, 3, 8), indices=[torch.zeros(1, 3, 2, dtype=torch.long)] * 2)
+
+
+@pytest.mark.parametrize("case", ["random", "ties-and-offset", "sizes-projection-2d",
+                                  "shared"])
+def test_residual_vq_fused_eval_is_the_stage_loop_bit_for_bit(case):
+    """Eval-mode ResidualVQ runs vqkernels' fused residual search; it must give exactly what
+    the stage loop of compat.VectorQuantize gives (indices, output, losses, all codes)."""
+    torch.manual_seed(7)
+    kw = dict(dim=12, num_quantizers=4, codebook_size=16)
+    if case == "sizes-projection-2d":
+        kw = dict(dim=12, codebook_size=(3, 16, 40), codebook_dim=6)
+    if case == "shared":
+        kw.update(shared_codebook=True)
+    rvq = ResidualVQ(**kw).eval()
+    x = torch.randn(3, 17, 12)
+    if case == "ties-and-offset":
+        with torch.no_grad():
+            for vq in rvq.layers:
+                cb = vq._codebook.embed[0]
+                cb[5] = cb[2]          # duplicate codes: the lower index must win
+                cb.add_(100.0)         # far from the origin: fp32 cancellation
+        x = x + 100.0
+        x[0, :4] = rvq.layers[0]._codebook.embed[0, 2]       # rows exactly on a duplicated code
+    if case == "sizes-projection-2d":
+        x = x[:, 0]
+    assert rvq._can_fuse(x, None)
+    fused = rvq(x, return_all_codes=True)
+    rvq._fused_eval = False
+    loop = rvq(x, return_all_codes=True)
+    for a, b in zip(fused, loop):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(a, b)
+    if case == "ties-and-offset":
+        assert (fused[1][0, :4, 0] == 2).all()
+    rvq.train()
+    assert not rvq._can_fuse(x, None)

@@ -15,11 +15,14 @@ the affine and in-place-optimizer variants) raises ``TypeError`` naming it and w
 when it is given a value other than the peer's default; nothing is silently ignored. Known
 differences are listed in tests/compat/README.md.
 
-ResidualVQ and GroupedResidualVQ are not here yet (they wait for vqkernels' multi-codebook
-quantizers).
+``ResidualVQ`` and ``GroupedResidualVQ`` (the same names, arguments and returns as the peer's)
+stack this module's ``VectorQuantize`` per stage, as the peer stacks its own, so every stage keeps
+the peer's upkeep rules and state-dict names; beam search runs on ``forward(topk=)``.
 """
 from __future__ import annotations
 
+import math
+import random
 from collections import namedtuple
 
 import torch
@@ -28,7 +31,7 @@ from torch import Tensor, nn
 
 from . import nearest_code, vq_quantize
 
-__all__ = ["VectorQuantize", "LossBreakdown"]
+__all__ = ["VectorQuantize", "ResidualVQ", "GroupedResidualVQ", "LossBreakdown"]
 
 LossBreakdown = namedtuple("LossBreakdown", ["commitment", "codebook_diversity", "orthogonal_reg",
                                              "inplace_optimize"])
@@ -658,3 +661,412 @@ class VectorQuantize(nn.Module):
         self._codebook.update(rows, idx)
 
     update_ema_indices = update_indices  # the peer's older name
+
+
+# ================================================================================ residual VQ
+def _frac_gradient(t: Tensor, frac: float) -> Tensor:
+    """The value of `t`; a fraction `frac` of its gradient (the peer's quant_grad_frac)."""
+    if frac <= 0:
+        return t.detach()
+    return frac * t + (1.0 - frac) * t.detach()
+
+
+def _maybe_sync_seed(device, max_size: int = 10_000) -> int:
+    """The peer's quantizer-dropout seed: one torch draw (summed over the ranks, so they agree).
+    Drawn exactly where the peer draws it, so a seeded run drops the same stages as the peer's."""
+    seed = torch.randint(0, max_size, (), device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and \
+            torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(seed)
+    return int(seed.item())
+
+
+# ResidualVQ arguments it cannot honour: name -> (peer default, why / what to do).
+_UNSUPPORTED_RVQ = {
+    "implicit_neural_codebook": (
+        False, "QINCo's implicit codebooks transform the codebook per input (an N x K x D "
+        "tensor); vqkernels searches fixed codebooks"),
+    "diveq": (False, "DiVeQ (directional reparametrisation) is not implemented in "
+              "vqkernels.compat"),
+}
+
+
+class ResidualVQ(nn.Module):
+    """vector-quantize-pytorch 1.32's ``ResidualVQ``: ``num_quantizers`` compat ``VectorQuantize``
+    stages, each quantizing what the previous ones left (Zeghidour et al. 2021, algorithm 1).
+
+    The same arguments, defaults, submodule and state-dict names (``layers.{i}._codebook.*``,
+    ``project_in``/``project_out``) and returns as the peer: ``(quantized, indices (..., Q),
+    losses (Q,))`` and, with ``return_all_codes=True``, the codes ``(Q, ..., codebook_dim)``.
+    Every stage is this module's ``VectorQuantize`` (exact search, the peer's upkeep rules), so
+    each stage's index, loss and codebook update matches the peer's as ``VectorQuantize`` does.
+    Refused with ``TypeError`` unless left at the default: ``implicit_neural_codebook``,
+    ``diveq``, forward ``indices=``, and every ``VectorQuantize`` argument that class refuses.
+    """
+
+    def __init__(self, *, dim, num_quantizers=None, codebook_size, codebook_dim=None,
+                 shared_codebook=False, diveq=False, heads=1, quantize_dropout=False,
+                 quantize_dropout_cutoff_index=0, quantize_dropout_multiple_of=1,
+                 accept_image_fmap=False, implicit_neural_codebook=False, mlp_kwargs=None,
+                 beam_size=None, eval_beam_size=None, beam_score_quantizer_weights=None,
+                 quant_grad_frac=0.0, return_zeros_for_masked_padding=True, **vq_kwargs):
+        super().__init__()
+        given = dict(implicit_neural_codebook=implicit_neural_codebook, diveq=diveq)
+        for name, (default, what) in _UNSUPPORTED_RVQ.items():
+            if given[name] != default:
+                raise TypeError(f"ResidualVQ: {name}={given[name]!r} is not supported by "
+                                f"vqkernels.compat: {what}. Leave it at its default "
+                                f"({default!r}), or use vector_quantize_pytorch for it.")
+        # mlp_kwargs only configures the implicit codebooks refused above.
+        if heads != 1:
+            raise ValueError(f"ResidualVQ: heads={heads!r}: residual VQ is not compatible with "
+                             f"multi-headed codes (as in vector-quantize-pytorch); use heads=1")
+        if isinstance(codebook_size, (tuple, list)):
+            codebook_sizes = tuple(codebook_size)
+            if num_quantizers is not None and num_quantizers != len(codebook_sizes):
+                raise ValueError(f"ResidualVQ: num_quantizers={num_quantizers!r} but "
+                                 f"codebook_size lists {len(codebook_sizes)} sizes")
+        else:
+            if isinstance(num_quantizers, bool) or not isinstance(num_quantizers, int) or \
+                    num_quantizers < 1:
+                raise ValueError(f"ResidualVQ: num_quantizers must be a positive int (or give "
+                                 f"codebook_size as a tuple of per-stage sizes), got "
+                                 f"{num_quantizers!r}")
+            codebook_sizes = (codebook_size,) * num_quantizers
+        num_quantizers = len(codebook_sizes)
+        if isinstance(quantize_dropout_cutoff_index, bool) or \
+                not isinstance(quantize_dropout_cutoff_index, int) or \
+                quantize_dropout_cutoff_index < 0:
+            raise ValueError(f"ResidualVQ: quantize_dropout_cutoff_index must be an int >= 0, "
+                             f"got {quantize_dropout_cutoff_index!r}")
+        if quantize_dropout and quantize_dropout_cutoff_index >= num_quantizers:
+            raise ValueError(f"ResidualVQ: quantize_dropout_cutoff_index="
+                             f"{quantize_dropout_cutoff_index} leaves no stage to drop from with "
+                             f"num_quantizers={num_quantizers}")
+        m = quantize_dropout_multiple_of
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise ValueError(f"ResidualVQ: quantize_dropout_multiple_of must be a positive int, "
+                             f"got {quantize_dropout_multiple_of!r}")
+        if eval_beam_size is not None and beam_size is None:
+            raise ValueError("ResidualVQ: eval_beam_size needs beam_size too")
+        for name, b in (("beam_size", beam_size), ("eval_beam_size", eval_beam_size)):
+            if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
+                raise ValueError(f"ResidualVQ: {name} must be a positive int or None, got {b!r}")
+        weights = [1.0] * num_quantizers if beam_score_quantizer_weights is None \
+            else list(beam_score_quantizer_weights)
+        if len(weights) != num_quantizers:
+            raise ValueError(f"ResidualVQ: beam_score_quantizer_weights has {len(weights)} "
+                             f"entries for {num_quantizers} quantizers")
+        if not 0.0 <= float(quant_grad_frac) <= 1.0:
+            raise ValueError(f"ResidualVQ: quant_grad_frac must be in [0, 1], got "
+                             f"{quant_grad_frac!r}")
+
+        codebook_dim = dim if codebook_dim is None else codebook_dim
+        self.dim, self.codebook_dim = dim, codebook_dim
+        self.has_projections = codebook_dim != dim
+        self.project_in = nn.Linear(dim, codebook_dim) if self.has_projections else nn.Identity()
+        self.project_out = nn.Linear(codebook_dim, dim) if self.has_projections else nn.Identity()
+        self.accept_image_fmap = bool(accept_image_fmap)
+        self.return_zeros_for_masked_padding = bool(return_zeros_for_masked_padding)
+        vq_kwargs.update(return_zeros_for_masked_padding=return_zeros_for_masked_padding)
+        if shared_codebook:
+            # One codebook for all stages: each stage gathers EMA statistics, the codebook is
+            # recomputed once at the end of the forward (as the peer does).
+            vq_kwargs.update(manual_ema_update=True)
+        self.num_quantizers = num_quantizers
+        self.codebook_sizes = codebook_sizes
+        self.uniform_codebook_size = len(set(codebook_sizes)) == 1
+        self.layers = nn.ModuleList([
+            VectorQuantize(dim=codebook_dim, codebook_size=k, codebook_dim=codebook_dim,
+                           accept_image_fmap=accept_image_fmap, **vq_kwargs)
+            for k in codebook_sizes])
+        self.quantize_dropout = bool(quantize_dropout) and num_quantizers > 1
+        self.quantize_dropout_cutoff_index = quantize_dropout_cutoff_index
+        self.quantize_dropout_multiple_of = quantize_dropout_multiple_of
+        self.vq_is_ema_updating = self.layers[0].ema_update
+        self.quant_grad_frac = float(quant_grad_frac)
+        self.beam_size = beam_size
+        self.eval_beam_size = beam_size if eval_beam_size is None else eval_beam_size
+        self.register_buffer("beam_score_weights", torch.tensor(weights), persistent=False)
+        self.shared_codebook = bool(shared_codebook)
+        if self.shared_codebook:
+            if not self.uniform_codebook_size:
+                raise ValueError("ResidualVQ: shared_codebook=True needs one codebook_size for "
+                                 "every stage")
+            for vq in self.layers[1:]:
+                vq._codebook = self.layers[0]._codebook
+
+    # ----------------------------------------------------------------------------- codebooks
+    @property
+    def codebook_size(self):
+        return self.layers[0].codebook_size
+
+    @property
+    def codebooks(self):
+        books = tuple(vq.codebook for vq in self.layers)
+        return torch.stack(books) if self.uniform_codebook_size else books
+
+    def _channel_first(self) -> bool:
+        vq = self.layers[0]
+        return self.accept_image_fmap or not vq.channel_last or vq.accept_3d_fmap
+
+    def get_codes_from_indices(self, indices: Tensor) -> Tensor:
+        """Per stage, the codes of `indices` (..., q): (Q, ..., codebook_dim), zero where an index
+        is -1 (a stage dropped by quantizer dropout). Fewer than Q stages are padded with -1
+        (needs quantize_dropout, as in the peer)."""
+        if not isinstance(indices, Tensor) or indices.dim() < 2:
+            raise ValueError("indices must be a tensor (batch, ..., num_quantizers)")
+        q = indices.shape[-1]
+        if q > self.num_quantizers:
+            raise ValueError(f"indices have {q} stages, ResidualVQ has {self.num_quantizers}")
+        if q < self.num_quantizers:
+            if not self.quantize_dropout:
+                raise ValueError(f"indices have {q} < {self.num_quantizers} stages: only a "
+                                 f"ResidualVQ built with quantize_dropout=True decodes from "
+                                 f"fewer stages")
+            indices = F.pad(indices, (0, self.num_quantizers - q), value=-1)
+        dropped = indices == -1
+        indices = indices.masked_fill(dropped, 0)
+        codes = torch.stack([vq.codebook[indices[..., s]] for s, vq in enumerate(self.layers)])
+        return codes.masked_fill(dropped.movedim(-1, 0)[..., None], 0.0)
+
+    def get_output_from_indices(self, indices: Tensor) -> Tensor:
+        """What the forward returned as `quantized` for these indices (eval mode)."""
+        return self.project_out(self.get_codes_from_indices(indices).sum(dim=0))
+
+    # ----------------------------------------------------------------------------- forward
+    def forward(self, x: Tensor, mask: Tensor | None = None, indices=None,
+                return_all_codes=False, sample_codebook_temp=None, freeze_codebook=False,
+                beam_size=None, rand_quantize_dropout_fixed_seed=None):
+        if indices is not None:
+            raise TypeError("ResidualVQ.forward: indices= (cross-entropy loss against given "
+                            "codes) needs the N x K distance matrix, which vqkernels never "
+                            "forms; compute that loss yourself or use vector_quantize_pytorch")
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        beam_size = beam_size if beam_size is not None else \
+            (self.beam_size if self.training else self.eval_beam_size)
+        if beam_size is not None and beam_size > 1:
+            return self._forward_beam(x, mask, int(beam_size), return_all_codes,
+                                      freeze_codebook, rand_quantize_dropout_fixed_seed)
+        if self._can_fuse(x, mask):
+            return self._forward_fused(x, return_all_codes)
+        orig_input = x
+        x = self.project_in(x)
+        quantized_out = torch.zeros_like(x)
+        residual = x
+        drop_from = self._dropout_index(x.device, rand_quantize_dropout_fixed_seed)
+        all_indices, all_losses, residuals = [], [], []
+        for s, vq in enumerate(self.layers):
+            if drop_from is not None and s > drop_from:
+                all_indices.append(torch.full_like(all_indices[-1], -1))
+                all_losses.append(torch.zeros_like(all_losses[-1]))
+                continue
+            residuals.append(residual)
+            quantized, embed_ind, loss = vq(residual, mask=mask,
+                                            freeze_codebook=freeze_codebook)
+            residual = residual - _frac_gradient(quantized, self.quant_grad_frac)
+            quantized_out = quantized_out + quantized
+            all_indices.append(embed_ind)
+            all_losses.append(loss)
+        self._shared_upkeep(residuals)
+        return self._finish(quantized_out, orig_input, mask, torch.stack(all_indices, dim=-1),
+                            torch.stack(all_losses).float(), return_all_codes)
+
+    # Eval-mode inference through vqkernels' fused residual search (one call for all stages; on
+    # the CPU every row tile runs through every stage with its residual in cache). Its definition
+    # is the stage loop's, bit for bit: stage s searches the fp32 residual fl(r - e) exactly and
+    # the output is fl(((0 + e_0) + e_1) + ...). Only where the stage loop does nothing else:
+    # eval (no upkeep, no straight-through), fp32, no cosine normalisation per stage, no
+    # learnable codebook (whose gradient the gather carries), channel-last, no mask.
+    _fused_eval = True
+
+    def _can_fuse(self, x: Tensor, mask) -> bool:
+        vq = self.layers[0]
+        return (self._fused_eval and not self.training and mask is None
+                and x.dtype == torch.float32 and x.dim() in (2, 3) and x.shape[-1] == self.dim
+                and x.numel() > 0 and not self._channel_first() and not vq.use_cosine_sim
+                and not vq.learnable_codebook
+                and (not self.has_projections or self.project_in.weight.dtype == torch.float32)
+                and all(v.codebook.dtype == torch.float32 for v in self.layers))
+
+    def _forward_fused(self, x: Tensor, return_all_codes):
+        from .residual import residual_forward
+        z = self.project_in(x)
+        with torch.no_grad():
+            rows = z.detach().reshape(-1, self.codebook_dim)
+            q, idx, _ = residual_forward(rows, [vq.codebook.detach() for vq in self.layers],
+                                         None, "auto")
+        quantized_out = q.view(z.shape)
+        all_indices = idx.t().reshape(*z.shape[:-1], self.num_quantizers)
+        all_losses = torch.stack([vq.zero for vq in self.layers]).float()
+        return self._finish(quantized_out, x, None, all_indices, all_losses, return_all_codes)
+
+    def _dropout_index(self, device, seed) -> int | None:
+        """The last stage kept by quantizer dropout this step (the peer's draw), or None."""
+        if not (self.training and self.quantize_dropout):
+            return None
+        if seed is None:
+            seed = _maybe_sync_seed(device)
+        last = random.Random(seed).randrange(self.quantize_dropout_cutoff_index,
+                                             self.num_quantizers)
+        m = self.quantize_dropout_multiple_of
+        if m != 1:
+            last = math.ceil((last + 1) / m) * m - 1
+        return last
+
+    def _rows(self, t: Tensor) -> Tensor:
+        """A stage's input in its layout -> (M, codebook_dim) rows."""
+        if self._channel_first() and t.dim() > 2:
+            t = t.movedim(1, -1)
+        return t.reshape(-1, self.codebook_dim)
+
+    def _shared_upkeep(self, residuals: list[Tensor]) -> None:
+        """A shared codebook: the EMA codebook recomputed once from the statistics every stage
+        added, then dead codes replaced from every stage's input (the peer's end-of-forward)."""
+        if not (self.training and self.shared_codebook):
+            return
+        cb = self.layers[0]._codebook
+        with torch.no_grad():
+            if self.vq_is_ema_updating:
+                cb.update_ema()
+            # (expire_codes_ l2-normalises the rows itself under cosine similarity)
+            cb.expire_codes_([torch.cat([self._rows(r.detach()) for r in residuals])])
+
+    def _finish(self, quantized_out, orig_input, mask, all_indices, all_losses,
+                return_all_codes):
+        quantized_out = self.project_out(quantized_out)
+        if mask is not None:
+            fill = torch.zeros_like(quantized_out) if self.return_zeros_for_masked_padding \
+                else orig_input
+            quantized_out = torch.where(mask[..., None], quantized_out, fill)
+        if not return_all_codes:
+            return quantized_out, all_indices, all_losses
+        return quantized_out, all_indices, all_losses, self.get_codes_from_indices(all_indices)
+
+    def _forward_beam(self, x, mask, beam, return_all_codes, freeze_codebook, seed):
+        """The peer's beam search over the stages' top-`beam` codes: every stage extends each
+        kept path by its `beam` nearest codes (vqkernels.nearest_code, exact, ties to the lower
+        index), paths are scored by minus the weighted sum of their per-token commitment losses,
+        the best `beam` kept (one after the last stage); in training the codebooks are then
+        updated from the chosen path (update_indices)."""
+        vq0 = self.layers[0]
+        if self._channel_first() or x.dim() != 3:
+            raise ValueError(f"ResidualVQ beam search takes (batch, seq, dim) channel-last input "
+                             f"here, got shape {tuple(x.shape)} (accept_image_fmap="
+                             f"{self.accept_image_fmap}, channel_last={vq0.channel_last})")
+        orig_input = x
+        x = self.project_in(x)
+        B, N, d = x.shape
+        drop_from = self._dropout_index(x.device, seed)
+        last_stage = self.num_quantizers - 1 if drop_from is None else drop_from
+        scores = x.new_zeros(B, N, 1)
+        residual = x[:, :, None]                                   # (B, N, j, d)
+        quantized_out = torch.zeros_like(residual)
+        all_residuals = x.new_zeros(B, N, 1, 0, d)                 # (B, N, j, l, d)
+        all_indices = torch.zeros(B, N, 1, 0, dtype=torch.long, device=x.device)
+        all_losses = x.new_zeros(B, N, 1, 0, dtype=torch.float32)
+        for s, vq in enumerate(self.layers):
+            if drop_from is not None and s > drop_from:
+                all_indices = F.pad(all_indices, (0, 1), value=-1)
+                all_losses = F.pad(all_losses, (0, 1), value=0.0)
+                continue
+            j = residual.shape[2]
+            all_residuals = torch.cat((all_residuals, residual[:, :, :, None]), dim=-2)
+            flat_mask = None if mask is None else mask[:, :, None].expand(B, N, j).reshape(B, -1)
+            quantized, embed_ind, loss = vq(residual.reshape(B, N * j, d), mask=flat_mask,
+                                            topk=beam, freeze_codebook=freeze_codebook)
+            k = quantized.shape[2]
+            quantized = quantized.view(B, N, j, k, d)
+            embed_ind = embed_ind.view(B, N, j, k)
+            loss = loss.view(B, N, j, k) if loss.dim() else loss.expand(B, N, j, k)
+            scores = (scores[..., None] - loss * self.beam_score_weights[s]).flatten(-2)
+            residual = (residual[:, :, :, None] -
+                        _frac_gradient(quantized, self.quant_grad_frac)).flatten(2, 3)
+            quantized_out = (quantized_out[:, :, :, None] + quantized).flatten(2, 3)
+            all_residuals = all_residuals.repeat_interleave(k, dim=2)
+            all_indices = torch.cat((all_indices[:, :, :, None].expand(-1, -1, -1, k, -1),
+                                     embed_ind[..., None]), dim=-1).flatten(2, 3)
+            all_losses = torch.cat((all_losses[:, :, :, None].expand(-1, -1, -1, k, -1),
+                                    loss[..., None].float()), dim=-1).flatten(2, 3)
+            keep = beam if s != last_stage else 1
+            if scores.shape[-1] > keep:
+                scores, sel = scores.topk(keep, dim=-1)
+
+                def pick(t, sel=sel):
+                    idx = sel.view(*sel.shape, *([1] * (t.dim() - 3)))
+                    return t.gather(2, idx.expand(*sel.shape, *t.shape[3:]))
+                residual, quantized_out = pick(residual), pick(quantized_out)
+                all_indices, all_losses = pick(all_indices), pick(all_losses)
+                all_residuals = pick(all_residuals)
+        quantized_out, all_indices, all_losses, all_residuals = (
+            t[:, :, 0] for t in (quantized_out, all_indices, all_losses, all_residuals))
+        if mask is not None:
+            all_losses = torch.where(mask[..., None], all_losses, 0.0)
+            all_losses = all_losses.sum(dim=(0, 1)) / mask.sum().clamp_min(1e-4)
+        else:
+            all_losses = all_losses.mean(dim=(0, 1))
+        if self.training:
+            # With quantizer dropout, all_residuals holds only the stages that ran: zip stops.
+            for vq, layer_input, idx in zip(self.layers, all_residuals.unbind(dim=-2),
+                                            all_indices.unbind(dim=-1)):
+                vq.update_indices(layer_input, idx, mask=mask)
+        self._shared_upkeep(list(all_residuals.unbind(dim=-2)))
+        return self._finish(quantized_out, orig_input, mask, all_indices, all_losses,
+                            return_all_codes)
+
+
+class GroupedResidualVQ(nn.Module):
+    """vector-quantize-pytorch 1.32's ``GroupedResidualVQ``: the features split into ``groups``
+    equal chunks, each through its own ``ResidualVQ`` (all constructor arguments but ``dim`` and
+    ``groups`` go to every one). Returns ``(quantized, indices (G, ..., Q), losses (G, Q))`` and,
+    with ``return_all_codes=True``, each group's codes. In training one dropout seed is drawn for
+    all groups (so they drop the same stages), as in the peer."""
+
+    def __init__(self, *, dim, groups=1, accept_image_fmap=False, **kwargs):
+        super().__init__()
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+            raise ValueError(f"GroupedResidualVQ: groups must be a positive int, got {groups!r}")
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim % groups:
+            raise ValueError(f"GroupedResidualVQ: dim={dim!r} must be an int divisible by "
+                             f"groups={groups}")
+        self.dim, self.groups = dim, groups
+        self.accept_image_fmap = bool(accept_image_fmap)
+        self.rvqs = nn.ModuleList([
+            ResidualVQ(dim=dim // groups, accept_image_fmap=accept_image_fmap, **kwargs)
+            for _ in range(groups)])
+
+    @property
+    def codebooks(self):
+        return torch.stack(tuple(rvq.codebooks for rvq in self.rvqs))
+
+    @property
+    def split_dim(self):
+        return 1 if self.accept_image_fmap or not self.rvqs[0].layers[0].channel_last else -1
+
+    def get_codes_from_indices(self, indices):
+        return torch.stack(tuple(rvq.get_codes_from_indices(i)
+                                 for rvq, i in zip(self.rvqs, indices)))
+
+    def get_output_from_indices(self, indices):
+        return torch.cat(tuple(rvq.get_output_from_indices(i)
+                               for rvq, i in zip(self.rvqs, indices)), dim=self.split_dim)
+
+    def forward(self, x, indices=None, return_all_codes=False, sample_codebook_temp=None,
+                freeze_codebook=False, mask=None):
+        if indices is not None and len(indices) > 0:
+            raise TypeError("GroupedResidualVQ.forward: indices= (cross-entropy loss against "
+                            "given codes) needs the N x K distance matrix, which vqkernels never "
+                            "forms; compute that loss yourself or use vector_quantize_pytorch")
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.shape[self.split_dim] != self.dim:
+            raise ValueError(f"x has {x.shape[self.split_dim]} features on axis {self.split_dim} "
+                             f"but GroupedResidualVQ was built with dim={self.dim}")
+        seed = _maybe_sync_seed(x.device) if self.training else None
+        out = [rvq(chunk, mask=mask, return_all_codes=return_all_codes,
+                   freeze_codebook=freeze_codebook, rand_quantize_dropout_fixed_seed=seed)
+               for rvq, chunk in zip(self.rvqs, x.chunk(self.groups, dim=self.split_dim))]
+        quantized, all_indices, losses, *all_codes = zip(*out)
+        return (torch.cat(quantized, dim=self.split_dim), torch.stack(all_indices),
+                torch.stack(losses), *all_codes)

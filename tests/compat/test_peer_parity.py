@@ -10,7 +10,7 @@ vqp = pytest.importorskip("vector_quantize_pytorch", reason="vector-quantize-pyt
 
 from importlib.metadata import version  # noqa: E402
 
-from vqkernels.compat import VectorQuantize  # noqa: E402
+from vqkernels.compat import GroupedResidualVQ, ResidualVQ, VectorQuantize  # noqa: E402
 
 if not version("vector-quantize-pytorch").startswith("1.32."):
     pytest.skip(f"vqkernels.compat follows vector-quantize-pytorch 1.32; "
@@ -137,3 +137,141 @@ def test_topk_matches_the_peer(training):
     torch.testing.assert_close(lo, lp, rtol=1e-5, atol=1e-7)
     for k, v in ours.state_dict().items():  # topk updates no codebook, in either
         assert torch.equal(v, peer.state_dict()[k])
+
+
+RVQ_CONFIGS = {
+    "default": dict(num_quantizers=4, codebook_size=32),
+    "sizes-dropout-grad-frac": dict(codebook_size=(8, 16, 32), quantize_dropout=True,
+                                    quantize_dropout_cutoff_index=1, quant_grad_frac=0.1),
+    "shared-cosine-projection": dict(num_quantizers=3, codebook_size=32, codebook_dim=8,
+                                     shared_codebook=True, use_cosine_sim=True),
+    "dead-codes-no-rotation": dict(num_quantizers=3, codebook_size=64, decay=0.9,
+                                   threshold_ema_dead_code=0.5, rotation_trick=False),
+}
+
+
+def _same_state(ours, peer, msg):
+    sd_o, sd_p = ours.state_dict(), peer.state_dict()
+    assert sd_o.keys() == sd_p.keys()
+    for k in sd_o:
+        torch.testing.assert_close(sd_o[k].float(), sd_p[k].float(), rtol=1e-4, atol=1e-5,
+                                   msg=f"{msg}: {k}")
+
+
+@pytest.mark.parametrize("name", list(RVQ_CONFIGS))
+def test_residual_vq_matches_the_peer(name):
+    """Two training steps and one eval step from the same state and the same dropout draw (the
+    torch seed): the same per-stage indices, losses, output, input gradient and codebooks (EMA,
+    shared-codebook end-of-step update, dead-code expiry with the same random rows)."""
+    kw = dict(dim=16, **RVQ_CONFIGS[name])
+    torch.manual_seed(3)
+    peer, ours = vqp.ResidualVQ(**kw), ResidualVQ(**kw)
+    ours.load_state_dict(peer.state_dict())
+    dropped = False
+    for step, training in enumerate((True, True, False)):
+        peer.train(training)
+        ours.train(training)
+        x = torch.randn(2, 24, 16) * (1 + step)
+        xo, xp = x.clone().requires_grad_(), x.clone().requires_grad_()
+        torch.manual_seed(12 + step)  # the same dropout draw and expiry samples in both
+        qo, io, lo = ours(xo)
+        torch.manual_seed(12 + step)
+        qp, ip, lp = peer(xp)
+        assert io.shape == ip.shape == (2, 24, ours.num_quantizers) and lo.shape == lp.shape
+        # Random data: no near tie at these sizes, so the peer's fp32 cdist agrees exactly.
+        assert torch.equal(io, ip), f"{name} step {step}"
+        torch.testing.assert_close(qo, qp, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(lo, lp, rtol=1e-5, atol=1e-7)
+        if training:
+            g = torch.randn_like(qo)
+            (gx_o,) = torch.autograd.grad((qo * g).sum() + lo.sum(), xo)
+            (gx_p,) = torch.autograd.grad((qp * g).sum() + lp.sum(), xp)
+            torch.testing.assert_close(gx_o, gx_p, rtol=1e-4, atol=1e-6)
+        _same_state(ours, peer, f"{name} step {step}")
+        dropped = dropped or bool((io == -1).any())
+    assert dropped == ours.quantize_dropout  # seed 12 drops the last stage in the dropout config
+    torch.testing.assert_close(ours.get_output_from_indices(io),
+                               peer.get_output_from_indices(io), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.get_codes_from_indices(io), peer.get_codes_from_indices(io))
+
+
+def test_residual_vq_mask_all_codes_and_beam_match_the_peer():
+    torch.manual_seed(4)
+    kw = dict(dim=12, num_quantizers=3, codebook_size=16)
+    peer, ours = vqp.ResidualVQ(**kw), ResidualVQ(**kw)
+    ours.load_state_dict(peer.state_dict())
+    x = torch.randn(2, 20, 12)
+    mask = torch.rand(2, 20) > 0.3
+    for training in (True, False):
+        peer.train(training)
+        ours.train(training)
+        qo, io, lo, co = ours(x, mask=mask, return_all_codes=True)
+        qp, ip, lp, cp = peer(x, mask=mask, return_all_codes=True)
+        assert torch.equal(io, ip) and (io[~mask] == -1).all()
+        torch.testing.assert_close(qo, qp, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(lo, lp, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(co, cp)
+    _same_state(ours, peer, "mask")
+    # Beam search (width 3, paths scored by the per-candidate commitment losses).
+    for training in (False, True):
+        peer.train(training)
+        ours.train(training)
+        before = {k: v.clone() for k, v in ours.state_dict().items()}
+        peer_before = {k: v.clone() for k, v in peer.state_dict().items()}
+        qo, io, lo = ours(x, mask=mask, beam_size=3)
+        qp, ip, lp = peer(x, mask=mask, beam_size=3)
+        assert torch.equal(io, ip)
+        torch.testing.assert_close(qo, qp, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(lo, lp, rtol=1e-5, atol=1e-6)
+        if not training:
+            _same_state(ours, peer, "beam, eval")
+            continue
+        # The peer's beam update takes `all_residuals[..., 0, :]` (the first stage's input of
+        # the best path) and so updates only layers.0; ours updates every stage from its own
+        # input on the chosen path. layers.0 agrees; the later stages moved in ours only.
+        _same_state(ours.layers[0], peer.layers[0], "beam, training, stage 0")
+        for s in (1, 2):
+            key = f"layers.{s}._codebook.cluster_size"
+            assert not torch.equal(ours.state_dict()[key], before[key])
+            assert torch.equal(peer.state_dict()[key], peer_before[key])
+
+
+def test_grouped_residual_vq_matches_the_peer():
+    torch.manual_seed(5)
+    kw = dict(dim=16, groups=2, num_quantizers=3, codebook_size=16, quantize_dropout=True)
+    peer, ours = vqp.GroupedResidualVQ(**kw), GroupedResidualVQ(**kw)
+    ours.load_state_dict(peer.state_dict())
+    x = torch.randn(2, 20, 16)
+    for training in (True, False):
+        peer.train(training)
+        ours.train(training)
+        torch.manual_seed(6)
+        qo, io, lo = ours(x)
+        torch.manual_seed(6)
+        qp, ip, lp = peer(x)
+        assert io.shape == ip.shape == (2, 2, 20, 3) and lo.shape == lp.shape == (2, 3)
+        assert torch.equal(io, ip)
+        torch.testing.assert_close(qo, qp, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(lo, lp, rtol=1e-5, atol=1e-7)
+        _same_state(ours, peer, f"grouped, training={training}")
+    torch.testing.assert_close(ours.get_output_from_indices(io), peer.get_output_from_indices(io))
+
+
+def test_residual_vq_refuses_what_it_cannot_honour():
+    for kw, name, err in ((dict(implicit_neural_codebook=True), "implicit_neural_codebook",
+                           TypeError),
+                          (dict(diveq=True), "diveq", TypeError),
+                          (dict(stochastic_sample_codes=True), "stochastic_sample_codes",
+                           TypeError),
+                          (dict(heads=2), "heads", ValueError),
+                          (dict(quantize_dropout_cutoff_index=-1),
+                           "quantize_dropout_cutoff_index", ValueError)):
+        with pytest.raises(err, match=name):
+            ResidualVQ(dim=8, num_quantizers=2, codebook_size=4, **kw)
+    rvq = ResidualVQ(dim=8, num_quantizers=2, codebook_size=4)
+    with pytest.raises(TypeError, match="indices="):
+        rvq(torch.randn(1, 3, 8), indices=torch.zeros(1, 3, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="quantize_dropout"):
+        rvq.get_codes_from_indices(torch.zeros(1, 3, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="divisible"):
+        GroupedResidualVQ(dim=9, groups=2, num_quantizers=2, codebook_size=4)

@@ -32,11 +32,12 @@ def test_each_stage_is_a_vector_quantizer_kept_on_its_own_residuals():
     # EMA: stage 1's codebook is the decayed average of the residual rows that chose each code.
     before = m.books[1].codebook.clone()
     ema_sum, ema_count = m.books[1].ema_sum.clone(), m.books[1].ema_count.clone()
+    d = m.books[1]._decay_now()  # this update's decay (warmed up: below `decay` early on)
+    assert d < m.books[1].decay
     out = m(z)
     idx1 = out.indices[:, 1]
     counts = torch.bincount(idx1, minlength=16).float()
     assert torch.equal(out.counts[1], counts.long())
-    d = m.books[1].decay
     torch.testing.assert_close(m.books[1].ema_count, d * ema_count + (1 - d) * counts)
     assert m.stats()[1]["steps"] == 2
     assert not torch.equal(before, m.books[1].codebook)

@@ -88,3 +88,31 @@ def test_vq_quantize_rotation_trick(dtype):
                                **tol)
     with pytest.raises(TypeError, match="rotation_trick"):
         vq_quantize(z, cb, channel_dim=1, rotation_trick=1)
+
+
+@pytest.mark.parametrize("cosine", [False, True])
+def test_vector_quantizer_rotation_trick(cosine):
+    # The module option is vq_quantize's: same z_q, same gradient to z_e (through the normalised
+    # input when cosine), and not the straight-through one.
+    from vqkernels import VectorQuantizer
+    torch.manual_seed(0)
+    vq = VectorQuantizer(16, 8, ema=False, restart_after=None, kmeans_init=False, cosine=cosine,
+                         rotation_trick=True).double()
+    assert "rotation_trick=True" in repr(vq)
+    z = torch.randn(40, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(40, 8, dtype=torch.float64)
+    out = vq(z)
+    (out.z_q * w).sum().backward()
+    z2 = z.detach().clone().requires_grad_(True)
+    cb = vq.codebook.detach()
+    zn = torch.nn.functional.normalize(z2, dim=1) if cosine else z2
+    cbn = torch.nn.functional.normalize(cb, dim=1) if cosine else cb
+    ref = vq_quantize(zn, cbn, rotation_trick=True, backend="reference")
+    (ref.z_q * w).sum().backward()
+    assert torch.equal(out.indices, ref.indices)
+    torch.testing.assert_close(out.z_q, ref.z_q)
+    torch.testing.assert_close(z.grad, z2.grad)
+    if not cosine:
+        assert not torch.allclose(z.grad, w)  # the straight-through gradient would be w itself
+    with pytest.raises(TypeError, match="rotation_trick"):
+        VectorQuantizer(16, 8, rotation_trick=1)

@@ -67,6 +67,10 @@ class VectorQuantizer(nn.Module):
         ``codebook_loss``/``commitment_loss`` are mean(2 - 2 cos) / D (the mean is over elements,
         as always). EMA sums, restarts and k-means work on the normalised rows; the stored
         codebook is normalised on use.
+    rotation_trick: z_q's gradient reaches z_e through the rotation and rescaling that maps each
+        vector onto its code (Fifty et al. 2024; ``vq_quantize(rotation_trick=True)``, O(N D), no
+        D x D matrix) instead of the straight-through identity. Losses and codebook upkeep are
+        unchanged.
 
     Distributed: when torch.distributed is initialised (and ``sync``), each training step makes
     exactly one all_reduce over ``process_group`` (default: the world), a packed buffer of this
@@ -90,7 +94,7 @@ class VectorQuantizer(nn.Module):
                  restart_after: int | None = 2, restart_pool: int | None = None,
                  dead_after: int | None = None, kmeans_init: bool = True, kmeans_iters: int = 10,
                  kmeans_samples: int | None = None, cosine: bool = False, sync: bool = True,
-                 process_group=None, seed: int = 0):
+                 process_group=None, seed: int = 0, rotation_trick: bool = False):
         super().__init__()
         if isinstance(num_codes, bool) or not isinstance(num_codes, int) or num_codes < 1:
             raise ValueError(f"num_codes must be >= 1, got {num_codes}")
@@ -123,6 +127,9 @@ class VectorQuantizer(nn.Module):
         self.kmeans_init, self.kmeans_iters = bool(kmeans_init), kmeans_iters
         self.kmeans_samples = kmeans_samples if kmeans_samples is not None else 32 * num_codes
         self.cosine, self.sync, self.seed = bool(cosine), bool(sync), seed
+        if not isinstance(rotation_trick, bool):
+            raise TypeError(f"rotation_trick must be a bool, got {rotation_trick!r}")
+        self.rotation_trick = rotation_trick
         self.process_group = process_group
 
         if self.ema:
@@ -227,6 +234,9 @@ class VectorQuantizer(nn.Module):
         if cb.dtype != z.dtype:
             cb = cb.to(z.dtype)
         out, counts, row_err = _vq_quantize(z, cb, beta=self.beta, dim=dim, backend=self.backend)
+        if self.rotation_trick and z.requires_grad:
+            from ..rotation import rotate_to
+            out = out._replace(z_q=rotate_to(z, out.z_q.detach(), dim))
         if self.ema:
             # The op's error output is tied to z_e in the graph (with a zero gradient); detach it
             # so nothing can mistake it for a trainable term.
@@ -425,4 +435,6 @@ class VectorQuantizer(nn.Module):
             s += f", kmeans_init=True, kmeans_iters={self.kmeans_iters}"
         if self.cosine:
             s += ", cosine=True"
+        if self.rotation_trick:
+            s += ", rotation_trick=True"
         return s

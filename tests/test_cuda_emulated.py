@@ -362,7 +362,10 @@ def test_duplicated_codes_far_from_origin_go_to_the_lowest_index(emulated, monke
 def test_close_codes_tiny_codebooks(emulated, dtype, K, D):
     seed = _seed()
     z, cb = cases.far_groups(70, K, D, dtype, 1, seed, sizes=(K,) if K > 1 else ())
-    _check_exact(z, cb, _forward(z, cb), seed, min_judged=0.3)
+    # bf16 at D = 3 with two codes: a seed can leave most rows within 1e-6 (relative) of a tie,
+    # which the contract does not judge (fewest judged rows over 300 seeds: 10 of 70; every other
+    # case >= 33): 0.1 still fails on data that judges nothing.
+    _check_exact(z, cb, _forward(z, cb), seed, min_judged=0.1)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)

@@ -255,20 +255,16 @@ def test_cifar10_download_and_checksum(tmp_path, monkeypatch, cifar_server):
     assert cifar_server.hits == 1
 
 
-def test_cifar10_download_checksum_mismatch_removes_the_file(tmp_path, monkeypatch, cifar_server):
-    monkeypatch.setattr(data, "CIFAR10_URL", cifar_server.url + "/good")
-    monkeypatch.setattr(data, "CIFAR10_MD5", "0" * 32)
+@pytest.mark.parametrize("path,md5,message", [
+    ("/good", "0" * 32, r"--download: checksum mismatch .*expected 0{32}.*removed"),
+    ("/truncated", None, r"--download: .*(incomplete|could not fetch).*removed"),
+], ids=["checksum-mismatch", "truncated"])
+def test_cifar10_bad_download_is_detected_and_removed(tmp_path, monkeypatch, cifar_server,
+                                                      path, md5, message):
+    monkeypatch.setattr(data, "CIFAR10_URL", cifar_server.url + path)
+    monkeypatch.setattr(data, "CIFAR10_MD5", md5 or cifar_server.md5)
     root = tmp_path / "dl"
-    with pytest.raises(DataError, match=r"--download: checksum mismatch .*expected 0{32}.*removed"):
-        data.load("cifar10", str(root), download=True)
-    assert list(root.iterdir()) == []
-
-
-def test_cifar10_truncated_download_is_detected(tmp_path, monkeypatch, cifar_server):
-    monkeypatch.setattr(data, "CIFAR10_URL", cifar_server.url + "/truncated")
-    monkeypatch.setattr(data, "CIFAR10_MD5", cifar_server.md5)
-    root = tmp_path / "dl"
-    with pytest.raises(DataError, match=r"--download: .*(incomplete|could not fetch).*removed"):
+    with pytest.raises(DataError, match=message):
         data.load("cifar10", str(root), download=True)
     assert list(root.iterdir()) == []
 

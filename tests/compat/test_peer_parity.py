@@ -256,22 +256,3 @@ def test_grouped_residual_vq_matches_the_peer():
         _same_state(ours, peer, f"grouped, training={training}")
     torch.testing.assert_close(ours.get_output_from_indices(io), peer.get_output_from_indices(io))
 
-
-def test_residual_vq_refuses_what_it_cannot_honour():
-    for kw, name, err in ((dict(implicit_neural_codebook=True), "implicit_neural_codebook",
-                           TypeError),
-                          (dict(diveq=True), "diveq", TypeError),
-                          (dict(stochastic_sample_codes=True), "stochastic_sample_codes",
-                           TypeError),
-                          (dict(heads=2), "heads", ValueError),
-                          (dict(quantize_dropout_cutoff_index=-1),
-                           "quantize_dropout_cutoff_index", ValueError)):
-        with pytest.raises(err, match=name):
-            ResidualVQ(dim=8, num_quantizers=2, codebook_size=4, **kw)
-    rvq = ResidualVQ(dim=8, num_quantizers=2, codebook_size=4)
-    with pytest.raises(TypeError, match="indices="):
-        rvq(torch.randn(1, 3, 8), indices=torch.zeros(1, 3, 2, dtype=torch.long))
-    with pytest.raises(ValueError, match="quantize_dropout"):
-        rvq.get_codes_from_indices(torch.zeros(1, 3, 1, dtype=torch.long))
-    with pytest.raises(ValueError, match="divisible"):
-        GroupedResidualVQ(dim=9, groups=2, num_quantizers=2, codebook_size=4)

@@ -368,13 +368,15 @@ def grouped_vq(z: Tensor, codebooks: Codebooks, *, groups: Optional[int] = None,
         zq, idx = zq.reshape(N, G, d), idx.reshape(N, G)
         e_cb, e_cm = e_cb.reshape(N, G), e_cm.reshape(N, G)
     else:
-        outs = []
         for g in range(G):
-            rows = parts[:, g, :]
-            _check(rows, books[g], -1, backend, "z")
-            outs.append(_vq_rows(rows, books[g], backend))
-        zq = torch.stack([o[0] for o in outs], 1)
-        idx, e_cb, e_cm = (torch.stack([o[i] for o in outs], 1) for i in (1, 2, 3))
+            _check(parts[:, g, :], books[g], -1, backend, "z")
+        fused = _grouped_fused(parts, books, backend)
+        if fused is not None:
+            zq, idx, e_cb, e_cm = fused
+        else:
+            outs = [_vq_rows(parts[:, g, :], books[g], backend) for g in range(G)]
+            zq = torch.stack([o[0] for o in outs], 1)
+            idx, e_cb, e_cm = (torch.stack([o[i] for o in outs], 1) for i in (1, 2, 3))
     acc = e_cb.dtype
     if valid is not None:
         w = valid.to(acc)[:, None]
@@ -413,6 +415,66 @@ def grouped_codes_from_indices(indices: Tensor, codebooks: Codebooks, *,
                              f"{int(indices[..., g][bad][0])}")
     return torch.cat([F.embedding(indices[..., g].long(), books[g]) for g in range(G)],
                      -1).movedim(-1, dim)
+
+
+class _GroupedFn(torch.autograd.Function):
+    """Grouped VQ with each group's own codebook as one fused Triton launch (a grid axis over the
+    groups, vqkernels.triton.residual.grouped_forward). The outputs are the per-group loop's:
+    z_q (N, G, d) straight-through, indices (N, G), and the squared error twice, (N, G) each, one
+    per gradient path (codebook loss -> codebooks, commitment loss -> z). The backward is the
+    loop's, group by group: the backend's single-stage backward on that group's rows, so the
+    gradients are the loop's bit for bit."""
+
+    @staticmethod
+    def forward(ctx, parts, backend, *codebooks):
+        from .triton import residual as triton_residual
+        N, G, d = parts.shape
+        # 16-bit values widen to fp32 exactly; the codes come back to parts' dtype exactly.
+        x = parts.detach().reshape(N, G * d).to(torch.float32)
+        z_q, idx, err = triton_residual.grouped_forward(
+            x, [cb.detach().to(torch.float32) for cb in codebooks])
+        idx, err = idx.T.contiguous(), err.T.contiguous()
+        ctx.save_for_backward(parts, idx, *codebooks)
+        ctx.backend = backend
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(idx)
+        return z_q.reshape(N, G, d).to(parts.dtype), idx, err, err.clone()
+
+    @staticmethod
+    def backward(ctx, g_zq, _g_idx, g_cb, g_cm):
+        parts, idx, *codebooks = ctx.saved_tensors
+        b = backends.resolve(ctx.backend, parts.device)
+        G = parts.shape[1]
+        grad_z = torch.empty_like(parts) if ctx.needs_input_grad[0] else None
+        grads = [None] * G
+        for g in range(G):
+            x = parts[:, g, :]
+            gz, gc = b.backward(x, -1, codebooks[g], idx[:, g],
+                                None if g_zq is None else g_zq[:, g, :],
+                                None if g_cb is None else g_cb[:, g],
+                                None if g_cm is None else g_cm[:, g], RowPlan(x, -1))
+            if grad_z is not None:
+                grad_z[:, g, :] = gz
+            if ctx.needs_input_grad[2 + g]:
+                grads[g] = gc
+        return (grad_z, None, *grads)
+
+
+def _grouped_fused(parts: Tensor, books: list[Tensor], backend: str):
+    """The one-launch grouped search (Triton, own codebooks) where it applies, else None (the
+    caller loops over the groups)."""
+    if parts.shape[0] == 0:
+        return None
+    b = backends.resolve(backend, parts.device)
+    if b.name != "triton":
+        return None
+    from .triton import residual as triton_residual
+    N, G, d = parts.shape
+    if parts.dtype not in (torch.float32, torch.float16, torch.bfloat16) or \
+            any(cb.dtype != parts.dtype for cb in books) or \
+            not triton_residual.fits(N, G * d, d, [cb.shape[0] for cb in books]):
+        return None
+    return _GroupedFn.apply(parts, backend, *books)
 
 
 def _vq_rows(rows, cb, backend):

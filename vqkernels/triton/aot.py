@@ -62,7 +62,7 @@ class Report(NamedTuple):
 
 
 def _compile(fn, signature: dict, constexprs: dict, div16: set, arch: int, num_warps: int,
-             num_stages: int):
+             num_stages: int, maxnreg: Optional[int] = None):
     names = fn.arg_names
     signature = {**signature, **{k: "constexpr" for k in constexprs}}
     missing = [n for n in names if n not in signature]
@@ -74,7 +74,8 @@ def _compile(fn, signature: dict, constexprs: dict, div16: set, arch: int, num_w
     target = GPUTarget("cuda", arch, 32)
     from triton.compiler import make_backend
     backend = make_backend(target)
-    opts = backend.parse_options({"num_warps": num_warps, "num_stages": num_stages})
+    opts = backend.parse_options({"num_warps": num_warps, "num_stages": num_stages,
+                                  **({"maxnreg": maxnreg} if maxnreg else {})})
     log = io.StringIO()
     kn = triton.knobs
     saved = (kn.compilation.always_compile, kn.nvidia.dump_ptxas_log)
@@ -223,6 +224,43 @@ def compile_exact(dtype: str, D: int, arch: int) -> Report:
                   f"EX_D={exd} warps=4", *r)
 
 
+def compile_residual(D: int, arch: int, block_n: int, block_k: int, num_warps: int = 4,
+                     has_act: bool = False, grouped: bool = False, block_dc: int = 0,
+                     num_stages: int = 0) -> Report:
+    """The fused residual kernel (vqkernels.triton.residual) as its launcher builds it for fp32
+    rows of width D: all stages per row block (or, `grouped`, one group per program)."""
+    from . import residual as R
+    sig = {"x_ptr": "*fp32", "N": "i32", "D": "i32", "x_stride": "i32", "res_ptr": "*fp32",
+           "cb_ptr": "*fp32",
+           "koff_ptr": "*i64", "hn_ptr": "*fp32", "e2_ptr": "*fp32", "act_ptr": "*i64",
+           "zq_ptr": "*fp32", "idx_ptr": "*i64", "err_ptr": "*fp32", "nflag_ptr": "*i32",
+           "S": "i32"}
+    bd = block_dc or R.block_d(D)
+    const = dict(HAS_ACT=has_act, GROUPED=grouped, PRECISION="tf32x3", **_bound_consts("float32"),
+                 BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=bd)
+    div16 = {k for k, v in sig.items() if v.startswith("*")}
+    if D % 16 == 0:
+        div16 |= {"D", "x_stride"}
+    stages = num_stages or R.NUM_STAGES
+    r = _compile(R.rvq_kernel, sig, const, div16, arch, num_warps, stages, R.MAXNREG)
+    return Report("rvq_grouped" if grouped else "rvq_fused", arch, "float32", D,
+                  f"BLOCK_N={block_n} BLOCK_K={block_k} BLOCK_D={bd} warps={num_warps} "
+                  f"stages={stages}" + (" active" if has_act else ""), *r)
+
+
+# D of the residual kernel's report: DAC-like, EnCodec-like, the widest it takes.
+RESIDUAL_DS = (8, 128, 256)
+
+
+def residual_reports(arch: int, dtype: str = "float32", D: int = 128):
+    """The residual kernel at the block shapes its launcher picks for D (with and without
+    quantizer dropout), and the grouped launch."""
+    from . import residual as R
+    bn, bk, w = R.blocks(D)
+    return [compile_residual(D, arch, bn, bk, w), compile_residual(D, arch, bn, bk, w, True),
+            compile_residual(D, arch, bn, bk, w, grouped=True)]
+
+
 # (dtype, D) pairs whose search configs are compiled: for 16-bit a small D, the widest resident D,
 # an unaligned D (padded codebook) and a chunked D; fp32 resident and chunked; fp64. (fp16
 # compiles to the same code as bf16 but for the MMA type.)
@@ -252,6 +290,8 @@ def all_reports(archs=(80, 90)):
             yield from search_reports(arch, dtype, D)
         for dtype in ("bfloat16", "float32", "float64"):
             yield from other_reports(arch, dtype)
+        for D in RESIDUAL_DS:
+            yield from residual_reports(arch, "float32", D)
 
 
 def format_report(r: Report) -> str:
@@ -368,7 +408,8 @@ def reports_in_subprocess(kind: str, arch: int, dtype: str, D: int) -> list[Repo
 def _main(argv):
     if argv[:1] == ["--json"]:
         kind, arch, dtype, D = argv[1], int(argv[2]), argv[3], int(argv[4])
-        fn = search_reports if kind == "search" else other_reports
+        fn = {"search": search_reports, "other": other_reports,
+              "residual": residual_reports}[kind]
         with contextlib.redirect_stdout(sys.stderr):
             reps = fn(arch, dtype, D)
         print(json.dumps([list(r) for r in reps]))

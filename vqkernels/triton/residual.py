@@ -26,46 +26,105 @@ import triton.language as tl
 from .kernels import bound_units
 
 _NO_CODE = tl.constexpr(2147483647)
-MAX_D = 256
+# Software pipelining depth of the D loop's loads. 3 (Triton's default) spilled at 168 registers
+# on sm_80 (python -m vqkernels.triton.aot); 2 compiles to ~170-210 registers without spills.
+NUM_STAGES = 2
+# A register ceiling for ptxas: left to itself on sm_90 at D = 8 it chose 128 registers (4 CTAs
+# per SM) and spilled 12-20 bytes; with this ceiling it takes ~175 and spills nothing.
+MAXNREG = 232
+
+
+def block_d(D: int) -> int:
+    """Columns per chunk: the residual is read BLOCK_D columns at a time (any D)."""
+    return min(32, max(16, triton.next_power_of_2(D)))
+
+
+def blocks(D: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps) the launcher uses for rows of width D."""
+    return 32, 32, 4
 
 
 @triton.jit
 def rvq_kernel(
-    x_ptr, N, D,                      # rows (N, D) fp32, row-major contiguous
+    x_ptr, N, D, x_stride,            # rows (N, D) fp32 at x_ptr + row * x_stride (+ g * D)
+    res_ptr,                          # (N, D) fp32 scratch: the residual between stages
     cb_ptr, koff_ptr,                 # all stages' codes stacked (sum K_s, D) fp32; koff (S + 1,) int64
     hn_ptr,                           # |e|^2 / 2 per stacked code, fp32 (NaN for a non-finite code)
     e2_ptr,                           # (S,) fp32: E_s^2, max |e|^2 over stage s's finite codes
     act_ptr,                          # (N,) int64 active stages per row (read when HAS_ACT)
-    zq_ptr, idx_ptr, err_ptr,         # (N, D) fp32; (S, N) int64; (S, N) fp32
+    zq_ptr, idx_ptr, err_ptr,         # like x (N, D); (S, N) int64; (S, N) fp32
     nflag_ptr,                        # (1,) int32: rows the fast pass could not prove (all stages)
     S,                                # number of stages
-    HAS_ACT: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_ACT: tl.constexpr, GROUPED: tl.constexpr, PRECISION: tl.constexpr,
     UNIT: tl.constexpr, TINY: tl.constexpr, LIMIT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # The residual and z_q live in memory the program owns (its rows of `res` and `zq`, a few KiB
+    # that stay in L1/L2), read and written BLOCK_D columns at a time: no register tile spans D,
+    # so registers do not grow with D (a (BLOCK_N, D) register tile spilled at D = 256 on sm_80
+    # and sm_90). Every access of a chunk uses the same (rows, columns) block, so each element is
+    # read and written by the thread that owns it; the barrier after the update orders those
+    # writes before the next stage's tl.dot loads, which lay the block out differently.
+    # Offsets inside the block are int32 from per-program base pointers (64-bit pointer tiles
+    # cost two registers an element): BLOCK_N rows x the row width and K_s x D stay < 2^31.
+    lr = tl.arange(0, BLOCK_N)
+    row0 = tl.program_id(0).to(tl.int64) * BLOCK_N
+    rows = row0 + lr
     rmask = rows < N
-    dd = tl.arange(0, BLOCK_D)
-    dmask = dd < D
-    m2 = rmask[:, None] & dmask[None, :]
-    r = tl.load(x_ptr + rows[:, None] * D + dd[None, :], mask=m2, other=0.0)
-    q = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    dc = tl.arange(0, BLOCK_D)
+    if GROUPED:
+        # Group g: its D columns of every row, its own codebook (stage g of the stack). One
+        # stage, so the residual is x itself (never written) and z_q starts at 0 in place.
+        s_lo = tl.program_id(1)
+        s_hi = s_lo + 1
+        col = s_lo.to(tl.int64) * D
+        r_base = x_ptr + row0 * x_stride + col
+        r_off = lr * x_stride
+    else:
+        s_lo = 0
+        s_hi = S
+        col = 0
+        r_base = res_ptr + row0 * D
+        r_off = lr * D
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + dc
+            m2 = rmask[:, None] & (dd < D)[None, :]
+            xv = tl.load(x_ptr + row0 * x_stride + (lr * x_stride)[:, None] + dd[None, :],
+                         mask=m2, other=0.0)
+            tl.store(r_base + r_off[:, None] + dd[None, :], xv, mask=m2)
+    q_base = zq_ptr + row0 * x_stride + col
+    q_off = lr * x_stride
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + dc
+        tl.store(q_base + q_off[:, None] + dd[None, :], tl.zeros((BLOCK_N, BLOCK_D), tl.float32),
+                 mask=rmask[:, None] & (dd < D)[None, :])
+    tl.debug_barrier()
     if HAS_ACT:
         act = tl.load(act_ptr + rows, mask=rmask, other=0)
     n = tl.cast(D, tl.float32)
-    for s in range(S):
+    for s in range(s_lo, s_hi):
         k0 = tl.load(koff_ptr + s)
-        K = tl.load(koff_ptr + s + 1) - k0
+        K = (tl.load(koff_ptr + s + 1) - k0).to(tl.int32)  # codes of this stage (< 2^31)
+        c_base = cb_ptr + k0 * D
+        h_base = hn_ptr + k0
+        e2 = tl.load(e2_ptr + s)
         v1 = tl.full((BLOCK_N,), float("inf"), tl.float32)
         v2 = tl.full((BLOCK_N,), float("inf"), tl.float32)
         i1 = tl.full((BLOCK_N,), _NO_CODE, tl.int32)
         for kb in range(0, K, BLOCK_K):
             ks = kb + tl.arange(0, BLOCK_K)
             kmask = ks < K
-            e = tl.load(cb_ptr + (k0 + ks)[None, :] * D + dd[:, None],
-                        mask=kmask[None, :] & dmask[:, None], other=0.0)  # (BLOCK_D, BLOCK_K)
-            dot = tl.dot(r, e, input_precision=PRECISION, out_dtype=tl.float32)
-            hn = tl.load(hn_ptr + k0 + ks, mask=kmask, other=float("inf"))
+            # Loaded before the D loop: its latency hides behind the MMAs.
+            hn = tl.load(h_base + ks, mask=kmask, other=float("inf"))
+            dot = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                dd = d0 + dc
+                dmask = dd < D
+                rc = tl.load(r_base + r_off[:, None] + dd[None, :],
+                             mask=rmask[:, None] & dmask[None, :], other=0.0)
+                e = tl.load(c_base + ks[None, :] * D + dd[:, None],
+                            mask=kmask[None, :] & dmask[:, None], other=0.0)  # (BLOCK_D, BLOCK_K)
+                dot = tl.dot(rc, e, dot, input_precision=PRECISION, out_dtype=tl.float32)
             h = hn[None, :] - dot
             h = tl.where(h == h, h, float("inf"))  # NaN (a non-finite code or row) never ranks
             m1 = tl.min(h, 1)
@@ -76,8 +135,12 @@ def rvq_kernel(
             v1 = tl.where(better, m1, v1)
             i1 = tl.where(better, j1, i1)
         i1 = tl.where(i1 < K, i1, 0)
-        xn2 = tl.sum(r * r, 1)
-        e2 = tl.load(e2_ptr + s)
+        xn2 = tl.zeros((BLOCK_N,), tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + dc
+            rc = tl.load(r_base + r_off[:, None] + dd[None, :], mask=rmask[:, None] & (dd < D)[None, :],
+                         other=0.0)
+            xn2 += tl.sum(rc * rc, 1)
         big_e = tl.sqrt(e2)
         xn = tl.sqrt(xn2)
         bound = (n + 8) * UNIT * (0.5 * e2 + xn * big_e) * 1.01 + \
@@ -93,73 +156,139 @@ def rvq_kernel(
         n_flag = tl.sum(flag.to(tl.int32), 0)
         exact_err = tl.zeros((BLOCK_N,), tl.float64)
         if n_flag > 0:
+            # Float64 distances by direct differences to every code of the stage (rare: only
+            # blocks with an unproven row), lowest index on ties, NaN never wins.
             tl.atomic_add(nflag_ptr, n_flag, sem="relaxed")
-            r64 = r.to(tl.float64)
             best = tl.full((BLOCK_N,), float("inf"), tl.float64)
             bk = tl.zeros((BLOCK_N,), tl.int32)
             for k in range(0, K):
-                ek = tl.load(cb_ptr + (k0 + k) * D + dd, mask=dmask, other=0.0).to(tl.float64)
-                t = tl.where(dmask[None, :], r64 - ek[None, :], 0.0)
-                dk = tl.sum(t * t, 1)
+                dk = tl.zeros((BLOCK_N,), tl.float64)
+                for d0 in range(0, D, BLOCK_D):
+                    dd = d0 + dc
+                    dmask = dd < D
+                    rc = tl.load(r_base + r_off[:, None] + dd[None, :],
+                                 mask=rmask[:, None] & dmask[None, :], other=0.0)
+                    ek = tl.load(c_base + k * D + dd, mask=dmask, other=0.0)
+                    t = tl.where(dmask[None, :], rc.to(tl.float64) - ek.to(tl.float64)[None, :],
+                                 0.0)
+                    dk += tl.sum(t * t, 1)
                 take = dk < best
                 best = tl.where(take, dk, best)
                 bk = tl.where(take, k, bk)
             i1 = tl.where(flag, bk, i1)
             # No finite distance at all (a non-finite row): index 0 and its (NaN/inf) distance.
-            e0 = tl.load(cb_ptr + (k0 + i1)[:, None].to(tl.int64) * D + dd[None, :], mask=m2,
-                         other=0.0).to(tl.float64)
-            t0 = tl.where(m2, r64 - e0, 0.0)
-            exact_err = tl.where(best < float("inf"), best, tl.sum(t0 * t0, 1))
-        ech = tl.load(cb_ptr + (k0 + i1)[:, None].to(tl.int64) * D + dd[None, :], mask=m2,
-                      other=0.0)
-        t = tl.where(m2, r - ech, 0.0)
-        err32 = tl.sum(t * t, 1)
-        err = tl.where(flag, exact_err.to(tl.float32), err32)
+            d0k = tl.zeros((BLOCK_N,), tl.float64)
+            for d0 in range(0, D, BLOCK_D):
+                dd = d0 + dc
+                m2 = rmask[:, None] & (dd < D)[None, :]
+                rc = tl.load(r_base + r_off[:, None] + dd[None, :], mask=m2, other=0.0)
+                e0 = tl.load(c_base + i1[:, None] * D + dd[None, :], mask=m2,
+                             other=0.0)
+                t0 = tl.where(m2, rc.to(tl.float64) - e0.to(tl.float64), 0.0)
+                d0k += tl.sum(t0 * t0, 1)
+            exact_err = tl.where(best < float("inf"), best, d0k)
         # The single-stage rule: the code is NaN where the exact error is not finite (a proven
         # row's fp32 error is finite: |r| E < 2^60 keeps it far from overflow).
         finite = tl.where(flag, exact_err < float("inf"), True)
-        ech = tl.where(finite[:, None], ech, float("nan"))
+        keep = on & finite
+        err32 = tl.zeros((BLOCK_N,), tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + dc
+            m2 = rmask[:, None] & (dd < D)[None, :]
+            rc = tl.load(r_base + r_off[:, None] + dd[None, :], mask=m2, other=0.0)
+            ech = tl.load(c_base + i1[:, None] * D + dd[None, :], mask=m2,
+                          other=0.0)
+            t = tl.where(m2, rc - ech, 0.0)
+            err32 += tl.sum(t * t, 1)
+            ech = tl.where(keep[:, None], ech, float("nan"))
+            qc = tl.load(q_base + q_off[:, None] + dd[None, :], mask=m2, other=0.0)
+            tl.store(q_base + q_off[:, None] + dd[None, :], qc + ech, mask=m2 & on[:, None])
+            if not GROUPED:
+                tl.store(r_base + r_off[:, None] + dd[None, :], rc - ech, mask=m2 & on[:, None])
+        err = tl.where(flag, exact_err.to(tl.float32), err32)
         tl.store(idx_ptr + s * N + rows, tl.where(on, i1.to(tl.int64), -1), mask=rmask)
         tl.store(err_ptr + s * N + rows, tl.where(on, err, 0.0), mask=rmask)
-        r = tl.where(on[:, None], r - ech, r)
-        q = tl.where(on[:, None], q + ech, q)
-    tl.store(zq_ptr + rows[:, None] * D + dd[None, :], q, mask=m2)
+        tl.debug_barrier()
+
+
+def fits(n_rows: int, width: int, D: int, sizes) -> bool:
+    """Whether the int32 offsets inside a block hold: fewer than 2^31 rows, rows of `width` < 2^20
+    elements (D of them searched), K_s D < 2^31 for every stage's codebook."""
+    return n_rows < 2**31 and width < 2**20 and all(k * D < 2**31 for k in sizes)
 
 
 def supported(rows: torch.Tensor, codebooks) -> bool:
-    return (rows.dtype == torch.float32 and rows.shape[1] <= MAX_D
-            and all(cb.dtype == torch.float32 for cb in codebooks))
+    """fp32 rows and codes (16-bit input reaches here widened to fp32 by vqkernels.residual) of
+    the sizes `fits` allows. Any D: the kernel reads D in chunks of BLOCK_D columns."""
+    return (rows.dtype == torch.float32 and all(cb.dtype == torch.float32 for cb in codebooks)
+            and fits(rows.shape[0], rows.shape[1], rows.shape[1],
+                     [cb.shape[0] for cb in codebooks]))
 
 
-def residual_forward(rows: torch.Tensor, codebooks, active=None, *, block_n: int = 32,
-                     block_k: int = 32, stats: dict | None = None):
-    """(z_q (N, D), indices (S, N), sqerr (S, N)) of fp32 `rows` through the stages, as
-    vqkernels.residual.residual_forward defines them. `stats`, when a dict, receives "flagged":
-    the number of (row, stage) pairs the fast pass could not prove."""
-    N, D = rows.shape
-    S = len(codebooks)
-    dev = rows.device
-    x = rows.contiguous()
+def _stack(codebooks, dev):
+    """The stages' codes stacked, their offsets, |e|^2/2 (NaN for a non-finite code) and each
+    stage's E^2 (max |e|^2 over its finite codes)."""
+    sizes = [c.shape[0] for c in codebooks]
     cb = torch.cat([c.contiguous() for c in codebooks]).contiguous()
-    koff = torch.zeros(S + 1, dtype=torch.long, device=dev)
-    koff[1:] = torch.tensor([c.shape[0] for c in codebooks], device=dev).cumsum(0)
+    koff = torch.zeros(len(sizes) + 1, dtype=torch.long)
+    koff[1:] = torch.tensor(sizes).cumsum(0)
     sq = (cb * cb).sum(1)
     finite = torch.isfinite(cb).all(1)
     hn = torch.where(finite, 0.5 * sq, torch.nan)
     fin_sq = torch.where(finite, sq, 0.0)
-    e2 = torch.stack([fin_sq[int(koff[s]):int(koff[s + 1])].max() for s in range(S)])
-    z_q = torch.empty(N, D, dtype=torch.float32, device=dev)
+    e2 = torch.stack([part.max() for part in fin_sq.split(sizes)])
+    return cb, koff.to(dev), hn, e2
+
+
+def _launch(x, x_stride, D, codebooks, active, grouped, block_n, block_k, block_dc, stats):
+    N = x.shape[0]
+    S = len(codebooks)
+    dev = x.device
+    cb, koff, hn, e2 = _stack(codebooks, dev)
+    z_q = torch.empty(N, x_stride, dtype=torch.float32, device=dev)
     indices = torch.empty(S, N, dtype=torch.long, device=dev)
     sqerr = torch.empty(S, N, dtype=torch.float32, device=dev)
     nflag = torch.zeros(1, dtype=torch.int32, device=dev)
     if N > 0:
+        # The residual's scratch rows (N x D fp32, independent of K); the grouped launch reads
+        # each group straight from x.
+        res = x if grouped else torch.empty(N, D, dtype=torch.float32, device=dev)
         act = active.contiguous() if active is not None else indices  # unused when not HAS_ACT
         unit, tiny, limit = bound_units("float32")
-        block_d = max(16, triton.next_power_of_2(D))
-        grid = (triton.cdiv(N, block_n),)
-        rvq_kernel[grid](x, N, D, cb, koff, hn, e2, act, z_q, indices, sqerr, nflag, S,
-                         HAS_ACT=active is not None, PRECISION="tf32x3", UNIT=unit, TINY=tiny,
-                         LIMIT=limit, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d)
+        dn, dk, nw = blocks(D)
+        grid = (triton.cdiv(N, block_n or dn), S if grouped else 1)
+        rvq_kernel[grid](x, N, D, x_stride, res, cb, koff, hn, e2, act, z_q, indices, sqerr,
+                         nflag, S, HAS_ACT=active is not None, GROUPED=grouped,
+                         PRECISION="tf32x3", UNIT=unit, TINY=tiny, LIMIT=limit,
+                         BLOCK_N=block_n or dn, BLOCK_K=block_k or dk,
+                         BLOCK_D=block_dc or block_d(D), num_warps=nw, num_stages=NUM_STAGES,
+                         maxnreg=MAXNREG)
     if stats is not None:
         stats["flagged"] = nflag
     return z_q, indices, sqerr
+
+
+def residual_forward(rows: torch.Tensor, codebooks, active=None, *, block_n: int = 0,
+                     block_k: int = 0, block_d: int = 0, stats: dict | None = None):
+    """(z_q (N, D), indices (S, N), sqerr (S, N)) of fp32 `rows` through the stages, as
+    vqkernels.residual.residual_forward defines them. Blocks 0: the launcher's (`blocks`).
+    `stats`, when a dict, receives "flagged": the number of (row, stage) pairs the fast pass
+    could not prove."""
+    N, D = rows.shape
+    return _launch(rows.contiguous(), D, D, codebooks, active, False, block_n, block_k, block_d,
+                   stats)
+
+
+def grouped_forward(rows: torch.Tensor, codebooks, *, block_n: int = 0, block_k: int = 0,
+                    block_d: int = 0, stats: dict | None = None):
+    """Grouped VQ with each group's own codebook in one launch (a grid axis over the G groups):
+    `rows` (N, G d) fp32, `codebooks` G fp32 tensors (K_g, d). Returns (z_q (N, G d),
+    indices (G, N), sqerr (G, N)); group g's answer is the single-stage one for rows[:, g d:(g+1) d]
+    against codebooks[g] (exact by issue 13's contract)."""
+    N, W = rows.shape
+    G = len(codebooks)
+    d = codebooks[0].shape[1]
+    if W != G * d or any(c.shape[1] != d for c in codebooks):
+        raise ValueError(f"rows have {W} columns, not {G} groups of the codebooks' {d}")
+    return _launch(rows.contiguous(), W, d, codebooks, None, True, block_n, block_k, block_d,
+                   stats)

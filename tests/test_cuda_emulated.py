@@ -619,3 +619,52 @@ def test_autograd_through_public_api(emulated, monkeypatch):
         lambda x: vqkernels.vq_quantize(x, cb, dim=1, backend="cuda").commitment_loss,
         (z.clone().requires_grad_(True),), eps=1e-6, atol=1e-8)
     assert {c[0] for c in emulated.calls} == {"forward", "backward"}
+
+
+# ------------------------------------------------------------------------------ multi-codebook
+# residual_vq and grouped_vq with backend "cuda" are a stage (group) loop over the single-stage
+# kernel (the reason: vqkernels/residual.py's docstring, csrc/cuda/vq_cuda.cu's header); these
+# run that loop through the emulator: every stage exact, bit-identical to the reference.
+def _stagewise_cases(seed):
+    from test_residual import _stagewise_data
+    g = torch.Generator().manual_seed(seed)
+    z, cbs = _stagewise_data(g, 45, 16, [24, 9, 30])
+    x, cb0 = adversarial.close_codes(g, N=40, K=70, D=16, n_close=3, spacing=16)
+    cb1 = torch.randint(-64, 65, (20, 16), generator=g).float() / 32
+    return [("stagewise", z, cbs), ("far-first-stage", x, [cb0, cb1])]
+
+
+def test_residual_vq_stage_loop_is_exact_at_every_stage(emulated):
+    from test_residual import _assert_every_stage_exact
+    seed = _seed()
+    for name, z, cbs in _stagewise_cases(seed):
+        z = z.clone().requires_grad_(True)
+        books = [c.clone().requires_grad_(True) for c in cbs]
+        n_calls = len(emulated.calls)
+        out = vqkernels.residual_vq(z, books, backend="cuda")
+        assert len(emulated.calls) - n_calls == len(cbs)  # one emulated launch per stage
+        ref = vqkernels.residual_vq(z, books, backend="reference")
+        _assert_every_stage_exact(z.detach(), cbs, out.indices.T, f"cuda {name} (seed {seed})")
+        assert torch.equal(out.indices, ref.indices), f"{name} (seed {seed})"
+        assert torch.equal(out.z_q, ref.z_q), f"{name} (seed {seed})"
+        got = torch.autograd.grad(out.loss, [z, *books])
+        want = torch.autograd.grad(ref.loss, [z, *books])
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["own", "shared"])
+def test_grouped_vq_loop_is_exact_for_every_group(emulated, shared):
+    seed = _seed()
+    g = torch.Generator().manual_seed(seed)
+    x0, cb0 = adversarial.close_codes(g, N=30, K=40, D=8, n_close=5, spacing=8)
+    x1, cb1 = adversarial.duplicated(g, N=30, K0=9, D=8, copies=3)
+    z = torch.cat([x0, x1], 1)
+    books = [cb0, cb0] if shared else [cb0, cb1]
+    arg = dict(codebooks=cb0, groups=2) if shared else dict(codebooks=books)
+    out = vqkernels.grouped_vq(z, backend="cuda", **arg)
+    ref = vqkernels.grouped_vq(z, backend="reference", **arg)
+    for k in range(2):
+        adversarial.assert_exact(z[:, 8 * k:8 * k + 8], books[k], out.indices[:, k],
+                                 what=f"cuda group {k} (seed {seed})")
+    assert torch.equal(out.indices, ref.indices) and torch.equal(out.z_q, ref.z_q)

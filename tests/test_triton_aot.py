@@ -1,5 +1,6 @@
 """Ahead-of-time compile of the Triton kernels for sm_80 and sm_90 (no GPU needed): every
-autotune config of the search kernel, plus the split-K merge and backward kernels. Asserts that
+autotune config of the search kernel, plus the split-K merge and backward kernels, and the fused
+residual / grouped kernel (vqkernels.triton.residual) at its launcher's blocks. Asserts that
 ptxas reports no spills and that shared memory fits the arch, and, from the SASS
 (vqkernels.triton.sass), that the search's hot loop runs on the tensor cores with no global load
 whose latency it waits for (review F6), and that sm_90 gets an n >= 128 wgmma tile (F7). Prints
@@ -57,6 +58,23 @@ def test_search_configs_compile_without_spills(arch, dtype, D):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float64"])
 def test_other_kernels_compile_without_spills(arch, dtype):
     _check(_reports("other", arch, dtype, 256))
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm_{a}")
+@pytest.mark.parametrize("D", aot.RESIDUAL_DS, ids=lambda d: f"D={d}")
+def test_residual_and_grouped_kernels_compile_without_spills(arch, D):
+    # The fused residual kernel (issue 17) at its launcher's blocks, with and without quantizer
+    # dropout, and its grouped launch: no spills (a (BLOCK_N, D) register tile spilled 23 KB at
+    # D = 256 before the residual moved to chunked scratch), registers and CTAs/SM reported, the
+    # D loop on the tensor cores with no load it waits for.
+    reports = _reports("residual", arch, "float32", D)
+    _check(reports)
+    assert {r.kernel for r in reports} == {"rvq_fused", "rvq_grouped"}
+    for r in reports:
+        assert r.mma != "none" and r.registers > 0 and r.ctas_per_sm >= 1, aot.format_report(r)
+        if r.tensor_ops is not None:
+            assert r.tensor_ops > 0 and not r.dependent_loads, aot.format_report(r)
+            assert not r.calls, aot.format_report(r)
 
 
 @pytest.mark.skipif(not HAVE_NVDISASM, reason="nvdisasm not found (Triton's NVIDIA backend or the "

@@ -28,10 +28,21 @@ commitment term reaches its encoder there. z_q is straight-through on the sum: g
 Backends: "reference" is a stage loop over vqkernels.reference (float64 search, plain torch);
 "cpu" is one native call that runs all stages per row tile with the residual in cache (fp32;
 16-bit input is widened first, float64 input runs a stage loop over the exact float64 kernel);
-"triton" runs a fused kernel too (all stages per row block, the residual in registers; fp32,
-D <= 256; tested under Triton's interpreter, not yet timed or AOT-checked on a GPU) and a stage
-loop otherwise; "cuda" runs a stage loop over its single-stage kernel (no fused CUDA C++ kernel).
-Nothing of size N x K is ever formed.
+"triton" runs a fused kernel too (all stages per row block, the residual in an N x D scratch the
+block owns, read in column chunks: any D; fp32 and 16-bit input widened to fp32; tested under
+Triton's interpreter and AOT-compiled for sm_80/sm_90 without spills, not yet run on a GPU) and a
+stage loop for float64; "cuda" runs a stage loop over its single-stage kernel, a documented choice:
+  * each stage's search is the whole single-stage machinery (cp.async pipeline, split-K with its
+    merge, the exact re-search launch for flagged rows, the host-side workspace sizing); fusing
+    stages means carrying the residual between those launches inside one kernel, i.e. a second
+    copy of that machinery, not a loop around it;
+  * the loop's extra traffic is the residual written and read back once per stage (2 N D values),
+    small next to the K D codebook reads per row block of every stage at the issue's shapes
+    (K = 1024); and nothing of it can be measured here without a GPU;
+  * every stage is then exact by construction (the single-stage kernel's contract, tested through
+    the emulator in tests/test_cuda_emulated.py, residual and grouped included).
+Grouped VQ with each group's own codebook is one launch on Triton (a group axis in the grid);
+other backends loop over the groups. Nothing of size N x K is ever formed.
 """
 from __future__ import annotations
 
@@ -119,8 +130,8 @@ def residual_forward(rows: Tensor, codebooks: list[Tensor], active: Optional[Ten
 
     backend "reference" is the oracle: a stage loop over vqkernels.reference (float64 search).
     Other backends run their own single-stage search per stage, except "cpu" on float32, which
-    runs the fused native kernel, and "triton" on float32 with D <= 256, which runs the fused
-    Triton kernel (vqkernels.triton.residual).
+    runs the fused native kernel, and "triton" on float32, which runs the fused Triton kernel
+    (vqkernels.triton.residual); "cuda" is the stage loop the module docstring explains.
     """
     N, D = rows.shape
     S = len(codebooks)
@@ -335,9 +346,10 @@ def grouped_vq(z: Tensor, codebooks: Codebooks, *, groups: Optional[int] = None,
     D/G, group g quantized against its own codebook (a list of G (K_g, D/G) codebooks or a
     (G, K, D/G) tensor) or against one shared (K, D/G) codebook (then pass groups=G).
 
-    A shared codebook is one call of the single-stage op on the (N G, D/G) rows; own codebooks
-    run one single-stage call per group (the groups' searches are independent, each exact by
-    issue 13's contract; no fused multi-codebook kernel yet). Losses are per group: the mean of
+    A shared codebook is one call of the single-stage op on the (N G, D/G) rows. Own codebooks
+    run as one launch on Triton (fp32/16-bit: a grid axis over the groups, each group's search
+    exact by issue 13's contract, gradients the per-group loop's) and one single-stage call per
+    group on the other backends. Losses are per group: the mean of
     the squared error over that group's elements of the unmasked rows, so with G = 1 they equal
     vq_quantize's. `mask` (True = a real row) as in residual_vq.
     """

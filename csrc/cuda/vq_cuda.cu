@@ -14,6 +14,15 @@
 //      whose rows are all proven leave at once. No host synchronisation anywhere (graph-safe).
 // Workspace (temporary device memory) is allocated by the caller (torch) and passed in; its size
 // comes from cuda_forward_workspace_bytes with the same arguments.
+//
+// Residual and grouped VQ (issue 17) are a stage loop in Python (vqkernels/residual.py) over this
+// single-stage forward, one call per stage or group, not a fused kernel. The reason: a stage is
+// all of the above (norms, split-K search, finalize merge, exact re-search launch); fusing stages
+// would carry the residual through that whole sequence inside one kernel, a second copy of it.
+// The loop's extra traffic is the residual written and read once per stage (2 N D values), small
+// next to the K D codebook reads of each stage at the issue's shapes, and each stage keeps this
+// kernel's exactness as it is (tests/test_cuda_emulated.py runs residual_vq and grouped_vq with
+// backend "cuda" through the emulator, every stage judged against the float64 reference).
 #include <algorithm>
 #include <climits>
 

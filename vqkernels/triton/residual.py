@@ -1,5 +1,15 @@
-"""Fused residual VQ in Triton (issue 17): one program per block of rows runs every stage with the
-residual held in registers, and writes only the S indices, the S errors and the summed z_q.
+"""Fused residual VQ in Triton (issue 17): one program per block of rows runs every stage, and
+writes only the S indices, the S errors and the summed z_q. The same kernel runs grouped VQ with
+each group's own codebook in one launch: a second grid axis over the G groups, each program one
+stage (its group's codebook) on its group's columns.
+
+Where the residual lives. The block's residual and z_q sit in memory the program owns (its rows
+of an N x D fp32 scratch and of z_q: BLOCK_N x D x 4 bytes each, 32 KiB at D = 256, which stay
+in L1/L2 between stages; the extra memory is N x D, independent of K), and every pass reads them
+BLOCK_D (16-32) columns at a time. A register tile spanning D, as in the first version, compiled
+to 23-32 KB of spills per thread at D = 256 on sm_80 (tf32x3 splits both dot operands into
+hi/lo copies) and capped D at 256; chunks keep registers independent of D (about 170-210, no
+spills, 2 CTAs/SM on sm_80 and sm_90: `python -m vqkernels.triton.aot`), so any D runs.
 
 The residual is defined as in vqkernels.residual (fp32 for fp32 input): r_{s+1} = fl32(r_s - e_s).
 Exactness per stage (issue 13's contract), by the same argument as vqkernels.triton.kernels:
@@ -15,7 +25,9 @@ ties, NaN never wins) and takes those for its unproven rows. That costs K D per 
 and only in blocks that need it (rare on real data; the debug counter shows how often).
 
 Restrictions (the launcher checks them; vqkernels.residual falls back to the stage loop):
-fp32 rows and codes, D <= 256 (one register tile per row block).
+fp32 rows and codes (16-bit input arrives widened to fp32, exactly; float64 runs the stage loop),
+int32 offsets inside a block (`fits`). Not yet run on a GPU: tested under the interpreter and
+AOT-compiled for sm_80/sm_90 only.
 """
 from __future__ import annotations
 

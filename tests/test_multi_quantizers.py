@@ -171,6 +171,31 @@ def test_grouped_module_and_its_codes():
     assert len(gs.books) == 1 and torch.equal(gs.codes_from_indices(o.indices), o.z_q)
 
 
+def test_the_shared_per_book_upkeep_helpers():
+    # quantizers/upkeep.py: what both multi-book modules do for each book after the search.
+    idx = torch.tensor([2, -1, 2, 0, 3, 2])
+    valid = torch.tensor([True, True, False, True, True, True])
+    w = ((idx >= 0) & valid).double()
+    counts, perp = upkeep.batch_usage(idx, w, 5, torch.float64)
+    assert counts.tolist() == [1, 0, 2, 1, 0]
+    p = torch.tensor([0.25, 0.5, 0.25], dtype=torch.float64)
+    torch.testing.assert_close(perp, torch.exp(-(p * p.log()).sum()))
+    counts, _ = upkeep.batch_usage(idx.clamp(min=0), None, 5, torch.float32)
+    assert counts.dtype == torch.long and counts.tolist() == [2, 0, 3, 1, 0]
+    err = torch.arange(6.0)
+    assert upkeep.upkeep_errors(err, idx, valid).tolist() == [0, float("inf"), float("inf"), 3, 4,
+                                                              5]
+    assert upkeep.upkeep_errors(err, idx, None)[1] == float("inf")
+    cb = torch.tensor([1.0, 2.0], requires_grad=True)
+    cm = torch.tensor([3.0, 5.0], requires_grad=True)
+    c, loss = upkeep.book_losses(cb, cm, 0.5, ema=False)
+    assert c.requires_grad and float(loss.detach()) == 3.0 + 0.5 * 8
+    c, loss = upkeep.book_losses(cb, cm, 0.5, ema=True)
+    assert not c.requires_grad and float(loss.detach()) == 4.0
+    loss.backward()
+    assert cb.grad is None and cm.grad.tolist() == [0.5, 0.5]
+
+
 def test_module_state_dict_round_trip():
     torch.manual_seed(11)
     m = ResidualVectorQuantizer(4, 2, 8, codebook_dim=3)

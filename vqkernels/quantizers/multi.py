@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from .. import backends
 from ..quantize import _FLOATS, _check, _check_beta, nearest_code
 from ..residual import GVQOutput, RVQOutput, _per_row, _vq_rows, codes_from_indices, residual_vq
-from .upkeep import DistContext, check_positive_int
+from .upkeep import DistContext, batch_usage, book_losses, check_positive_int, upkeep_errors
 from .vector import VectorQuantizer
 
 __all__ = ["ResidualVectorQuantizer", "GroupedVectorQuantizer"]
@@ -198,25 +198,19 @@ class ResidualVectorQuantizer(_Books):
                           num_stages=self.num_stages if self.shared else None,
                           active_stages=active, mask=valid, backend=self.backend)
         if self.ema:
-            out = out._replace(codebook_loss=out.codebook_loss.detach(),
-                               loss=self.beta * out.commitment_loss.sum())
+            cb_loss, loss = book_losses(out.codebook_loss, out.commitment_loss, self.beta, True)
+            out = out._replace(codebook_loss=cb_loss, loss=loss)
         if training:
             with torch.no_grad():
                 r = rows.detach().to(out.sqerr.dtype)
                 per = []
                 for s in range(self.num_stages):
                     idx = out.indices[:, s]
-                    per.append((r, idx, self._row_err(out.sqerr[:, s], idx, valid)))
+                    per.append((r, idx, upkeep_errors(out.sqerr[:, s], idx, valid)))
                     e = cbs[0 if self.shared else s].detach().to(r.dtype)[idx.clamp(min=0)]
                     r = r - torch.where((idx >= 0)[:, None], e, 0)
                 self._upkeep(per)
         return out
-
-    @staticmethod
-    def _row_err(err: Tensor, idx: Tensor, valid: Optional[Tensor]) -> Tensor:
-        # inf marks the rows the upkeep must skip: sat out (-1) or padding.
-        skip = idx < 0 if valid is None else (idx < 0) | ~valid
-        return torch.where(skip, torch.inf, err)
 
     def _stage_input(self, s: int, r: Tensor) -> Tensor:
         x = self.project_in[s](r) if self.codebook_dim is not None else r
@@ -252,18 +246,12 @@ class ResidualVectorQuantizer(_Books):
             total = c if total is None else total + c
             r = r - c.detach()
             used = on if valid is None else on & valid
-            cnt = torch.bincount(idx.clamp(min=0), weights=used.to(acc),
-                                 minlength=book.num_codes)
-            counts.append(cnt.round().long())
-            p = cnt / cnt.sum().clamp(min=1)
-            perp.append(torch.special.entr(p).sum().exp())
-            per.append((x.detach(), idx, self._row_err(e_cb.detach(), idx, valid)))
-        cb_loss, cm_loss = torch.stack(cb_l), torch.stack(cm_l)
-        if self.ema:
-            cb_loss = cb_loss.detach()
-            loss = self.beta * cm_loss.sum()
-        else:
-            loss = (cb_loss + self.beta * cm_loss).sum()
+            cnt, pp = batch_usage(idx, used.to(acc), book.num_codes, acc)
+            counts.append(cnt)
+            perp.append(pp)
+            per.append((x.detach(), idx, upkeep_errors(e_cb.detach(), idx, valid)))
+        cm_loss = torch.stack(cm_l)
+        cb_loss, loss = book_losses(torch.stack(cb_l), cm_loss, self.beta, self.ema)
         # Straight-through on the sum (grad z = grad z_q), plus the sum's own path to project_out.
         total = total.to(rows.dtype)
         z_q = rows + (total - rows).detach() + (total - total.detach())
@@ -383,18 +371,12 @@ class GroupedVectorQuantizer(_Books):
             cb_l.append((e_cb if w is None else e_cb * w).sum() / (n * d))
             cm_l.append((e_cm if w is None else e_cm * w).sum() / (n * d))
             outs.append((z_q, idx))
-            cnt = torch.bincount(idx, weights=w, minlength=book.num_codes)
-            counts.append(cnt.round().long() if cnt.is_floating_point() else cnt)
-            p = cnt.to(acc) / cnt.sum().clamp(min=1).to(acc)
-            perp.append(torch.special.entr(p).sum().exp())
-            err = e_cb.detach() if valid is None else torch.where(valid, e_cb.detach(), torch.inf)
-            per.append((x.detach(), idx, err))
-        cb_loss, cm_loss = torch.stack(cb_l), torch.stack(cm_l)
-        if self.ema:
-            cb_loss = cb_loss.detach()
-            loss = self.beta * cm_loss.sum()
-        else:
-            loss = (cb_loss + self.beta * cm_loss).sum()
+            cnt, pp = batch_usage(idx, w, book.num_codes, acc)
+            counts.append(cnt)
+            perp.append(pp)
+            per.append((x.detach(), idx, upkeep_errors(e_cb.detach(), idx, valid)))
+        cm_loss = torch.stack(cm_l)
+        cb_loss, loss = book_losses(torch.stack(cb_l), cm_loss, self.beta, self.ema)
         if training:
             with torch.no_grad():
                 self._upkeep(per)

@@ -16,7 +16,8 @@ from torch import Tensor
 
 from ..quantize import nearest_code
 
-__all__ = ["kmeans_plusplus", "laplace_smoothed", "usage_stats", "DistContext"]
+__all__ = ["kmeans_plusplus", "laplace_smoothed", "usage_stats", "DistContext", "batch_usage",
+           "upkeep_errors", "book_losses"]
 
 # Generators are seeded from (seed, step) through this odd multiplier so that nearby seeds and
 # steps give unrelated streams while staying identical on every rank.
@@ -128,6 +129,36 @@ def usage_stats(counts: Tensor) -> dict[str, float]:
     used = int((c > 0).sum())
     return {"perplexity": float(torch.exp(-torch.special.xlogy(p, p).sum())),
             "codes_used": used, "used_fraction": used / max(c.numel(), 1)}
+
+
+# ------------------------------------------------------------------------------ several books
+# What the residual and grouped quantizers (quantizers/multi.py) do for each of their books after
+# the search, in one place.
+def batch_usage(idx: Tensor, weights: Optional[Tensor], num_codes: int,
+                acc: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(counts, perplexity) of one book in this batch: int64 per-code counts of `idx` (rows with
+    index -1 must carry weight 0), each row weighted by `weights` (None: 1), and exp of the entropy
+    of that usage (in `acc`)."""
+    cnt = torch.bincount(idx.clamp(min=0), weights=weights, minlength=num_codes)
+    counts = cnt.round().long() if cnt.is_floating_point() else cnt
+    p = cnt.to(acc) / cnt.sum().clamp(min=1).to(acc)
+    return counts, torch.special.entr(p).sum().exp()
+
+
+def upkeep_errors(err: Tensor, idx: Tensor, valid: Optional[Tensor]) -> Tensor:
+    """Per-row errors for a book's upkeep, inf on the rows it must skip: rows that sat its stage
+    out (index -1) and padding rows (valid False)."""
+    skip = idx < 0 if valid is None else (idx < 0) | ~valid
+    return torch.where(skip, torch.inf, err)
+
+
+def book_losses(codebook_loss: Tensor, commitment_loss: Tensor, beta: float,
+                ema: bool) -> tuple[Tensor, Tensor]:
+    """(codebook_loss, loss) of per-book loss terms: loss = sum codebook + beta commitment, or, when
+    the books move by EMA, beta * sum commitment with the codebook term reported detached."""
+    if ema:
+        return codebook_loss.detach(), beta * commitment_loss.sum()
+    return codebook_loss, (codebook_loss + beta * commitment_loss).sum()
 
 
 # ------------------------------------------------------------------------------ distributed

@@ -171,3 +171,20 @@ def test_grouped_vq_runs_one_launch_with_the_loops_gradients(dtype, monkeypatch)
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     for a, b in zip(fused.counts, loop.counts):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_input_runs_the_fused_kernel_on_its_fp32_widening(dtype, monkeypatch):
+    from vqkernels.triton import residual as tr
+    g = torch.Generator().manual_seed(6)
+    z, cbs = _stagewise_data(g, 23, 6, [9, 7, 5])
+    z, cbs = z.to(dtype), [c.to(dtype) for c in cbs]
+    launches = []
+    real = tr._launch
+    monkeypatch.setattr(tr, "_launch", lambda *a, **k: launches.append(1) or real(*a, **k))
+    out = residual_vq(z.to(DEVICE), [c.to(DEVICE) for c in cbs], backend="triton")
+    assert len(launches) == 1  # every stage in the one fused launch
+    ref = residual_vq(z, cbs, backend="reference")
+    assert torch.equal(out.indices.cpu(), ref.indices)
+    assert out.z_q.dtype == dtype and torch.equal(out.z_q.cpu(), ref.z_q)
+    _assert_every_stage_exact(z.float(), [c.float() for c in cbs], out.indices.cpu().T, "16-bit")

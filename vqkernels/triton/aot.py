@@ -1,8 +1,9 @@
 """Ahead-of-time compilation of the Triton kernels for given GPU archs, without a GPU.
 
-Compiles every autotune config of the search kernel (and the other kernels at their fixed blocks)
-to cubin for sm_80 / sm_90 and reads ptxas' own report: registers per thread, spill bytes, and
-Triton's shared-memory size; from those, the CTAs that fit on one SM of that arch. Then it reads
+Compiles every autotune config of the search kernel (and the other kernels at their fixed blocks,
+the fused residual / grouped kernel of vqkernels.triton.residual included) to cubin for sm_80 /
+sm_90 and reads ptxas' own report: registers per thread, spill bytes, and Triton's shared-memory
+size; from those, the CTAs that fit on one SM of that arch. Then it reads
 the SASS of the cubin (vqkernels.triton.sass): tensor-core instructions per iteration of the hot
 loop and their kind, the widest wgmma N, and the global loads in the hot loop whose value is used
 before any tensor-core instruction covers their latency ("dependent loads"). A spill in the hot

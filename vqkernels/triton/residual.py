@@ -10,6 +10,8 @@ BLOCK_D (16-32) columns at a time. A register tile spanning D, as in the first v
 to 23-32 KB of spills per thread at D = 256 on sm_80 (tf32x3 splits both dot operands into
 hi/lo copies) and capped D at 256; chunks keep registers independent of D (about 170-210, no
 spills, 2 CTAs/SM on sm_80 and sm_90: `python -m vqkernels.triton.aot`), so any D runs.
+The chunk loop over D is the hot loop: it runs on the tensor cores (wgmma on sm_90) and its
+loads are software-pipelined, none of them waited for (the report's "dependent loads").
 
 The residual is defined as in vqkernels.residual (fp32 for fp32 input): r_{s+1} = fl32(r_s - e_s).
 Exactness per stage (issue 13's contract), by the same argument as vqkernels.triton.kernels:
@@ -39,7 +41,7 @@ from .kernels import bound_units
 
 _NO_CODE = tl.constexpr(2147483647)
 # Software pipelining depth of the D loop's loads. 3 (Triton's default) spilled at 168 registers
-# on sm_80 (python -m vqkernels.triton.aot); 2 compiles to ~170-210 registers without spills.
+# on sm_80 (python -m vqkernels.triton.aot); 2 compiles to ~170-230 registers without spills.
 NUM_STAGES = 2
 # A register ceiling for ptxas: left to itself on sm_90 at D = 8 it chose 128 registers (4 CTAs
 # per SM) and spilled 12-20 bytes; with this ceiling it takes ~175 and spills nothing.
@@ -52,8 +54,11 @@ def block_d(D: int) -> int:
 
 
 def blocks(D: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps) the launcher uses for rows of width D."""
-    return 32, 32, 4
+    """(BLOCK_N, BLOCK_K, num_warps) the launcher uses for rows of width D. From the AOT report
+    (no GPU timing yet): 64 rows per block compile to wgmma (64x32x8 TF32) on sm_90, where 32 rows
+    fall back to mma.sync, and halve the codebook reads per row, at the same 2 CTAs/SM and no
+    spills on sm_80/sm_90 (~185-230 registers); 64 x 64 with 8 warps spilled 220 bytes on sm_80."""
+    return 64, 32, 4
 
 
 @triton.jit

@@ -483,7 +483,7 @@ def _grouped_fused(parts: Tensor, books: list[Tensor], backend: str):
     from .triton import residual as triton_residual
     N, G, d = parts.shape
     if parts.dtype not in (torch.float32, torch.float16, torch.bfloat16) or \
-            any(cb.dtype != parts.dtype for cb in books) or \
+            any(cb.dtype != parts.dtype for cb in books) or G > 65535 or \
             not triton_residual.fits(N, G * d, d, [cb.shape[0] for cb in books]):
         return None
     return _GroupedFn.apply(parts, backend, *books)

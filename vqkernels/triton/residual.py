@@ -304,6 +304,8 @@ def grouped_forward(rows: torch.Tensor, codebooks, *, block_n: int = 0, block_k:
     against codebooks[g] (exact by issue 13's contract)."""
     N, W = rows.shape
     G = len(codebooks)
+    if G > 65535:
+        raise ValueError(f"{G} groups: the launch grid's group axis holds at most 65535")
     d = codebooks[0].shape[1]
     if W != G * d or any(c.shape[1] != d for c in codebooks):
         raise ValueError(f"rows have {W} columns, not {G} groups of the codebooks' {d}")

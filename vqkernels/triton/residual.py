@@ -155,8 +155,8 @@ def rvq_kernel(
         xn2 = tl.zeros((BLOCK_N,), tl.float32)
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + dc
-            rc = tl.load(r_base + r_off[:, None] + dd[None, :], mask=rmask[:, None] & (dd < D)[None, :],
-                         other=0.0)
+            rc = tl.load(r_base + r_off[:, None] + dd[None, :],
+                         mask=rmask[:, None] & (dd < D)[None, :], other=0.0)
             xn2 += tl.sum(rc * rc, 1)
         big_e = tl.sqrt(e2)
         xn = tl.sqrt(xn2)

@@ -4,8 +4,11 @@
 #   host     built natively; runs every search build this CPU can execute (x86-64: avx512bf16,
 #            avx512, avx2, avx2_i16, scalar; the driver names each one it cannot run, and why);
 #   aarch64  cross-compiled with Debian's g++-aarch64-linux-gnu and run under qemu-user: the NEON
-#            build (the default there) and the portable one, both required. qemu checks behaviour
-#            only: NEON speed is not measured by this script.
+#            build (the default there), the int8 dot-product first pass (neon_dot, on qemu's `max`
+#            CPU, which has FEAT_DotProd) and the portable one, all required; then once more on a
+#            Cortex-A72 model (Armv8.0, no dot product), where auto must stay on neon and neon_dot
+#            must be refused by the run-time check. qemu checks behaviour only: NEON speed is not
+#            measured by this script.
 # Installs the cross toolchain and qemu with apt-get when they are missing and it can (root, or
 # VQK_NO_APT=1 to forbid it). Usage: .ci/native_checks.sh [host|aarch64|all] (default all).
 # Objects go to build/native_checks/<arch>/ (ignored by git).
@@ -94,9 +97,12 @@ host() {
       echo "== host: run (built in $((SECONDS - t0)) s; required here: $req)"
       "build/native_checks/$arch/kernel_check" --require="$req" ;;
     aarch64|arm64)
-      build "${CXX:-g++}" "build/native_checks/$arch" "VQK_HAVE_NEON" "csrc/cpu/search_neon.cpp:"
+      build "${CXX:-g++}" "build/native_checks/$arch" "VQK_HAVE_NEON VQK_HAVE_NEON_DOT" \
+        "csrc/cpu/search_neon.cpp:" "csrc/cpu/search_neon_dot.cpp:-march=armv8.2-a+dotprod"
       echo "== host: run (built in $((SECONDS - t0)) s)"
-      "build/native_checks/$arch/kernel_check" --require=neon,scalar --expect-auto=neon ;;
+      local req=neon,scalar
+      grep -qw asimddp /proc/cpuinfo 2>/dev/null && req="$req,neon_dot"
+      "build/native_checks/$arch/kernel_check" --require="$req" --expect-auto=neon ;;
     *)
       build "${CXX:-g++}" "build/native_checks/$arch" ""
       "build/native_checks/$arch/kernel_check" --require=scalar --expect-auto=scalar ;;
@@ -110,11 +116,15 @@ aarch64() {
   if ((${#need[@]})); then apt_install "${need[@]}"; fi
   echo "== aarch64 (cross-compiled, run under qemu-user): build"
   local t0=$SECONDS
-  build aarch64-linux-gnu-g++ build/native_checks/aarch64-cross "VQK_HAVE_NEON" "csrc/cpu/search_neon.cpp:"
-  echo "== aarch64: run under $(qemu-aarch64 --version | head -1) (built in $((SECONDS - t0)) s)"
+  build aarch64-linux-gnu-g++ build/native_checks/aarch64-cross "VQK_HAVE_NEON VQK_HAVE_NEON_DOT" \
+    "csrc/cpu/search_neon.cpp:" "csrc/cpu/search_neon_dot.cpp:-march=armv8.2-a+dotprod"
+  echo "== aarch64: run under $(qemu-aarch64 --version | head -1) -cpu max (built in $((SECONDS - t0)) s)"
   echo "   (behaviour only: NEON speed is not measured under qemu)"
-  qemu-aarch64 -L /usr/aarch64-linux-gnu build/native_checks/aarch64-cross/kernel_check \
-    --require=neon,scalar --expect-auto=neon "${VQK_NATIVE_CHECK_ARGS[@]}"
+  qemu-aarch64 -cpu max -L /usr/aarch64-linux-gnu build/native_checks/aarch64-cross/kernel_check \
+    --require=neon,neon_dot,scalar --expect-auto=neon "${VQK_NATIVE_CHECK_ARGS[@]}"
+  echo "== aarch64: run-time detection on a CPU without the dot product (-cpu cortex-a72)"
+  qemu-aarch64 -cpu cortex-a72 -L /usr/aarch64-linux-gnu build/native_checks/aarch64-cross/kernel_check \
+    --isa=neon_dot,neon --require=neon --expect-skip=neon_dot --expect-auto=neon --detect-only
 }
 
 VQK_NATIVE_CHECK_ARGS=()

@@ -41,7 +41,8 @@ struct FwdJob {
   // fl(v2 - v1) > quick_a + quick_b * fl(||x||^2), a bound linear in ||x||^2 that never undercuts
   // `decide`'s; +inf when E is out of range (then only `decide` runs).
   float quick_a, quick_b;
-  // Only for kernels with `i16` set (search_avx2_i16.cpp): packed_bf16 then holds int16 pairs
+  // Only for kernels with `i16` set (search_avx2_i16.cpp; search_neon_dot.cpp, whose int8 quads
+  // take packed_bf16 as [panel][ceil(D/4)][nr] words): packed_bf16 then holds int16 pairs
   // (the same layout), and code_aux 2 * panels * nr floats: each code's power-of-two scale, then an
   // upper bound of its L1 norm (both 0 for padding). vq_cpu.cpp fills the two maxima over the
   // finite codes after packing.
@@ -62,7 +63,7 @@ struct SearchKernels {
   void (*flush)(const FwdJob& job, float* scratch);
   int64_t (*scratch_floats)(int64_t D);
   bool bf16;  // wants packed_bf16 and max_code_norm
-  bool i16 = false;  // wants packed_bf16 (as int16 pairs), code_aux and its maxima
+  bool i16 = false;  // wants packed_bf16 (as int16 pairs or int8 quads), code_aux and its maxima
   // Residual VQ (issue 17), fp32 only: row tiles [tile_lo, tile_hi) through every stage, with
   // residual_scratch_floats(D) floats of 64-byte aligned scratch private to the thread. Null in
   // a build that has none (avx512bf16: the caller takes the plain avx512 build's).
@@ -92,12 +93,15 @@ const SearchKernels& kernels_avx2_i16();
 const SearchKernels& kernels_avx512();
 const SearchKernels& kernels_avx512bf16();
 const SearchKernels& kernels_neon();
+const SearchKernels& kernels_neon_dot();  // VQK_HAVE_NEON_DOT: built with +dotprod
 
 // Rows the exact re-search has measured since the module loaded (all threads; tests and
 // benchmarks read it around a call).
 extern int64_t g_exact_rows;
 // Rows a reduced-precision first pass set aside for the fp32 search (same use).
 extern int64_t g_set_aside_rows;
+// Rows the neon_dot pass settled by an fp32 check of its candidate codes (same use).
+extern int64_t g_rechecked_rows;
 
 // Persistent worker pool. Runs fn(ctx, tid) for tid in [0, nthreads) (the caller is tid 0) and
 // returns when all are done. One call at a time; a concurrent caller waits for the pool.

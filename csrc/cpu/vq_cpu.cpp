@@ -34,10 +34,12 @@ namespace vqk {
 namespace cpu {
 int64_t g_exact_rows = 0;
 int64_t g_set_aside_rows = 0;
+int64_t g_rechecked_rows = 0;
 }  // namespace cpu
 
 int64_t cpu_exact_rows() { return __atomic_load_n(&cpu::g_exact_rows, __ATOMIC_RELAXED); }
 int64_t cpu_set_aside_rows() { return __atomic_load_n(&cpu::g_set_aside_rows, __ATOMIC_RELAXED); }
+int64_t cpu_rechecked_rows() { return __atomic_load_n(&cpu::g_rechecked_rows, __ATOMIC_RELAXED); }
 
 namespace {
 
@@ -136,6 +138,18 @@ bool cpu_has_neon() {
 #endif
 }
 
+// FEAT_DotProd (SDOT/UDOT), optional from Armv8.2: Linux reports it as HWCAP_ASIMDDP.
+#if defined(VQK_HAVE_NEON_DOT) && defined(__linux__) && !defined(HWCAP_ASIMDDP)
+#define HWCAP_ASIMDDP (1 << 20)
+#endif
+bool cpu_has_neon_dot() {
+#if defined(VQK_HAVE_NEON_DOT) && defined(__linux__)
+  return cpu_has_neon() && (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
+#else
+  return false;  // no portable way to ask elsewhere (macOS would need sysctl): not offered
+#endif
+}
+
 // An upper bound of max ||e_k|| over the finite codes from their fp32 squared norms (NaN marks a
 // code with NaN or inf, which is never chosen; +inf, a finite code whose norm overflowed, makes the
 // bound +inf): the norms' own rounding (gamma_{2D}) and underflow (D 2^-126) added, then sqrt.
@@ -184,6 +198,10 @@ constexpr int64_t kBf16MinK = 128, kBf16MinD = 16;
 // The AVX2 int16 first pass (search_avx2_i16.cpp, VQK_CPU_ISA=avx2_i16) is never picked by itself:
 // on the Zen 3 EPYC it was measured on it runs at 0.88-0.96x the fp32 build's speed per thread (vpmaddwd
 // issues on one pipe there, so its peak equals fp32 FMA's; benchmarks/results/cpu-avx2-i16.md).
+// Nor is the aarch64 int8 pass (search_neon_dot.cpp, VQK_CPU_ISA=neon_dot): its speed has never been
+// measured (no ARM machine here, only qemu-user, which checks behaviour), and int8's coarse bound
+// sends many rows on random data to an fp32 check of their candidates, so auto stays on `neon`
+// until someone measures it on real cores.
 
 // The kernels to use for a K x D codebook: the best this CPU runs, or the one VQK_CPU_ISA names
 // (read on every call so tests can force each path on one machine).
@@ -234,6 +252,14 @@ const cpu::SearchKernels& select_kernels([[maybe_unused]] int64_t K, [[maybe_unu
     return cpu::kernels_avx2();
 #endif
   }
+  if (want == "neon_dot") {
+    if (!cpu_has_neon_dot())
+      throw std::runtime_error("VQK_CPU_ISA=neon_dot, but this is not an aarch64 build on a CPU with the "
+                               "dot-product extension (FEAT_DotProd, HWCAP_ASIMDDP)");
+#if defined(VQK_HAVE_NEON_DOT)
+    return cpu::kernels_neon_dot();
+#endif
+  }
   if (want == "neon") {
     if (!cpu_has_neon())
       throw std::runtime_error("VQK_CPU_ISA=neon, but this is not an aarch64 build with Advanced SIMD "
@@ -242,7 +268,7 @@ const cpu::SearchKernels& select_kernels([[maybe_unused]] int64_t K, [[maybe_unu
     return cpu::kernels_neon();
 #endif
   }
-  throw std::invalid_argument("VQK_CPU_ISA must be one of auto, avx512bf16, avx512, avx2, avx2_i16, neon, scalar; got '" +
+  throw std::invalid_argument("VQK_CPU_ISA must be one of auto, avx512bf16, avx512, avx2, avx2_i16, neon, neon_dot, scalar; got '" +
                               want + "'");
 }
 

@@ -19,7 +19,9 @@
 // thread count, on row-major and channel-first layouts.
 //
 // Builds a CPU cannot run are reported as SKIP with the reason (never silently); --require=a,b
-// turns a skip of those into a failure, and --expect-auto=name checks the default choice.
+// turns a skip of those into a failure, --expect-skip=a,b a run of those (a run-time check that lets
+// a build through on a CPU without its instructions), and --expect-auto=name checks the default
+// choice; --detect-only stops after those checks.
 // Exit status: 0 when every check passed, 1 otherwise.
 #include <algorithm>
 #include <cinttypes>
@@ -27,6 +29,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <random>
 #include <stdexcept>
 #include <string>
@@ -540,19 +543,21 @@ std::vector<Case> make_cases(bool quick) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::vector<std::string> isas = {"avx512bf16", "avx512", "avx2", "avx2_i16", "neon", "scalar"};
-  std::vector<std::string> require;
+  std::vector<std::string> isas = {"avx512bf16", "avx512", "avx2", "avx2_i16", "neon", "neon_dot", "scalar"};
+  std::vector<std::string> require, expect_skip;
   std::string expect_auto;
-  bool quick = false;
+  bool quick = false, detect_only = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a.rfind("--isa=", 0) == 0) isas = split(a.substr(6));
     else if (a.rfind("--require=", 0) == 0) require = split(a.substr(10));
     else if (a.rfind("--expect-auto=", 0) == 0) expect_auto = a.substr(14);
+    else if (a.rfind("--expect-skip=", 0) == 0) expect_skip = split(a.substr(14));
     else if (a == "--quick") quick = true;
+    else if (a == "--detect-only") detect_only = true;
     else if (a.rfind("--seed=", 0) == 0) g_rng.seed(std::strtoull(a.c_str() + 7, nullptr, 10));
     else {
-      std::fprintf(stderr, "usage: %s [--isa=a,b] [--require=a,b] [--expect-auto=name] [--quick] [--seed=N]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--isa=a,b] [--require=a,b] [--expect-skip=a,b] [--expect-auto=name] [--quick] [--detect-only] [--seed=N]\n", argv[0]);
       return 2;
     }
   }
@@ -584,14 +589,22 @@ int main(int argc, char** argv) {
       CHECK(false, "VQK_CPU_ISA=%s is not accepted: %s", isa.c_str(), e.what());
     }
   }
+  for (const auto& isa : expect_skip)
+    CHECK(!contains(ran, isa), "VQK_CPU_ISA=%s ran on a CPU that should refuse it", isa.c_str());
+  if (detect_only) {
+    std::printf("%s: %" PRId64 " checks, %d failed\n", g_failures ? "FAILED" : "OK", g_checks, g_failures);
+    return g_failures ? 1 : 0;
+  }
 
   const std::vector<Case> cases = make_cases(quick);
   const DType dtypes[] = {DType::f32, DType::f16, DType::bf16, DType::f64};
   // The truth for each case and dtype (from the stored values), shared by every build.
+  std::map<std::string, FwdOut> fp32_out;  // the avx2 / neon builds' 1-thread outputs, per case
   for (const auto& isa : ran) {
     setenv("VQK_CPU_ISA", isa.c_str(), 1);
     int64_t rows = 0;
-    const int64_t before = vqk::cpu_exact_rows();
+    const int64_t before = vqk::cpu_exact_rows(), aside0 = vqk::cpu_set_aside_rows(),
+                  rechecked0 = vqk::cpu_rechecked_rows();
     for (DType t : dtypes) {
       if (t == DType::f64 && isa != ran.front()) continue;  // the f64 path is the same for every build
       for (size_t ci = 0; ci < cases.size(); ++ci) {
@@ -614,6 +627,7 @@ int main(int argc, char** argv) {
         }
         const Truth tr = truth(xs, cs, N, K, D);
         FwdOut one;
+        const std::string key = std::string(dname(t)) + "#" + std::to_string(ci);
         for (int threads : {1, 2}) {
           const std::string where = isa + " " + dname(t) + " " + std::to_string(threads) + "t [" +
                                     c.name + ", x " + lx.name + ", z_q " + lz.name + "]";
@@ -621,6 +635,14 @@ int main(int argc, char** argv) {
           check_forward(where, t, c, xs, cs, tr, cbbuf, &lz, o);
           if (threads == 1) {
             one = o;
+            // The reduced-precision first passes promise the fp32 build's output bit for bit.
+            if (isa == "avx2" || isa == "neon") fp32_out[key] = o;
+            const char* partner = isa == "avx2_i16" ? "avx2" : isa == "neon_dot" ? "neon" : nullptr;
+            if (partner && contains(ran, partner)) {
+              const FwdOut& f = fp32_out[key];
+              CHECK(f.idx == o.idx && f.sqerr == o.sqerr && f.zq == o.zq,
+                    "%s: not bitwise the %s build's indices, sqerr and z_q", where.c_str(), partner);
+            }
             // No z_q asked for: the same indices and errors.
             const FwdOut nz = run_forward(t, c, xbuf, lx, cbbuf, nullptr, 1);
             CHECK(nz.idx == o.idx && nz.sqerr == o.sqerr, "%s: without z_q the answer changes", where.c_str());
@@ -632,8 +654,10 @@ int main(int argc, char** argv) {
         }
       }
     }
-    std::printf("%-10s forward: %" PRId64 " rows checked, %" PRId64 " searched again exactly\n", isa.c_str(),
-                rows, vqk::cpu_exact_rows() - before);
+    std::printf("%-10s forward: %" PRId64 " rows checked, %" PRId64 " searched again exactly, %" PRId64
+                " set aside for fp32, %" PRId64 " settled by an fp32 check of candidates\n", isa.c_str(),
+                rows, vqk::cpu_exact_rows() - before, vqk::cpu_set_aside_rows() - aside0,
+                vqk::cpu_rechecked_rows() - rechecked0);
   }
 
   // The exact re-search must be doing work on the adversarial cases, and the debug switch that
@@ -641,7 +665,8 @@ int main(int argc, char** argv) {
   // Also for the int16 first pass, whose own proof (not only the fp32 re-search) is what keeps it exact.
   std::vector<std::string> controls;
   if (!ran.empty()) controls.push_back(ran.front());
-  if (contains(ran, "avx2_i16") && ran.front() != "avx2_i16") controls.push_back("avx2_i16");
+  for (const char* fast : {"avx2_i16", "neon_dot"})
+    if (contains(ran, fast) && ran.front() != fast) controls.push_back(fast);
   for (const auto& control : controls) {
     setenv("VQK_CPU_ISA", control.c_str(), 1);
     const Case c = close_codes(160, 300, 24, 5, 4, 16384.0);
@@ -660,6 +685,44 @@ int main(int argc, char** argv) {
           " far-from-origin rows are wrong: the adversarial case no longer tests it", wrong, c.N);
     std::printf("approx-only control (%s): %" PRId64 " of %" PRId64 " rows wrong without the re-search\n",
                 control.c_str(), wrong, c.N);
+  }
+
+  // The reduced-precision first passes must flag what they cannot prove: on the control's data
+  // (where their answer alone is wrong for many rows) every row is exact, and at least as many rows
+  // went to an fp32 check as the approximate answer got wrong. Then randn data (D = 64, K = 256):
+  // how many rows each way, exact answers.
+  for (const char* fast : {"avx2_i16", "neon_dot"}) {
+    if (!contains(ran, fast)) continue;
+    setenv("VQK_CPU_ISA", fast, 1);
+    for (int which = 0; which < 2; ++which) {
+      Case c = which == 0 ? close_codes(160, 300, 24, 5, 4, 16384.0) : large_mean(quick ? 500 : 1000, 256, 64, 0.0);
+      if (which == 1) c.name = "randn";
+      const Layout l = make_layout(0, c.N, c.D);
+      std::vector<char> xbuf(c.N * c.D * 4), cbbuf(c.K * c.D * 4);
+      std::vector<double> xs(c.N * c.D), cs(c.K * c.D);
+      for (int64_t i = 0; i < c.N * c.D; ++i) { put(DType::f32, xbuf.data(), i, c.x[i]); xs[i] = get(DType::f32, xbuf.data(), i); }
+      for (int64_t i = 0; i < c.K * c.D; ++i) { put(DType::f32, cbbuf.data(), i, c.cb[i]); cs[i] = get(DType::f32, cbbuf.data(), i); }
+      const Truth tr = truth(xs, cs, c.N, c.K, c.D);
+      setenv("VQK_DEBUG_APPROX_ONLY", "1", 1);
+      const FwdOut ap = run_forward(DType::f32, c, xbuf, l, cbbuf, nullptr, 1);
+      unsetenv("VQK_DEBUG_APPROX_ONLY");
+      int64_t wrong_ap = 0;
+      for (int64_t n = 0; n < c.N; ++n) wrong_ap += ap.idx[n] != tr.idx[n];
+      const int64_t aside0 = vqk::cpu_set_aside_rows(), re0 = vqk::cpu_rechecked_rows(),
+                    ex0 = vqk::cpu_exact_rows();
+      const FwdOut o = run_forward(DType::f32, c, xbuf, l, cbbuf, &l, 1);
+      const int64_t aside = vqk::cpu_set_aside_rows() - aside0, re = vqk::cpu_rechecked_rows() - re0,
+                    ex = vqk::cpu_exact_rows() - ex0;
+      check_forward(std::string(fast) + " must-flag [" + c.name + "]", DType::f32, c, xs, cs, tr, cbbuf, &l, o);
+      // A row re-checked on candidates and then set aside counts in both.
+      CHECK(aside + re >= wrong_ap, "%s [%s]: %" PRId64 " rows wrong without the proof but only %" PRId64
+            " flagged", fast, c.name.c_str(), wrong_ap, aside + re);
+      if (which == 0) CHECK(wrong_ap > 0, "%s: the approximate pass alone is never wrong on close codes", fast);
+      std::printf("%s on %s (%" PRId64 " x %" PRId64 " x %" PRId64 "): %" PRId64 " rows wrong without the proof; "
+                  "%.1f%% settled on candidates in fp32, %.1f%% set aside for the fp32 search, %.1f%% "
+                  "searched exactly\n", fast, c.name.c_str(), c.N, c.K, c.D, wrong_ap, 100.0 * (double)re / c.N,
+                  100.0 * (double)aside / c.N, 100.0 * (double)ex / c.N);
+    }
   }
 
   unsetenv("VQK_CPU_ISA");

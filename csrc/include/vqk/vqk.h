@@ -103,16 +103,19 @@ void cpu_residual_forward(const ResidualArgs& a, int num_threads);
 void cpu_forward(const ForwardArgs& a, int num_threads);
 void cpu_backward(const BackwardArgs& a, int num_threads);
 // The CPU search kernels a large search (K >= 128) will use: "avx512bf16", "avx512", "avx2",
-// "neon" (aarch64) or "scalar" -- the best this CPU runs, or the one the VQK_CPU_ISA environment variable forces
+// "neon" (aarch64; "neon_dot" only when forced) or "scalar" -- the best this CPU runs, or the one the VQK_CPU_ISA environment variable forces
 // (small codebooks use "avx512" where "avx512bf16" would be picked). Throws if the forced one
 // can't run here.
 const char* cpu_isa();
 // Rows the CPU forward has searched again exactly (no proof from the fast pass) since the module
 // loaded, over all calls and threads: for tests and benchmarks.
 int64_t cpu_exact_rows();
-// Rows a reduced-precision first pass (avx512bf16, avx2_i16) handed to the fp32 search (it could not
+// Rows a reduced-precision first pass (avx512bf16, avx2_i16, neon_dot) handed to the fp32 search (it could not
 // prove them), counted the same way.
 int64_t cpu_set_aside_rows();
+// Rows the neon_dot first pass settled by an fp32 check of its few candidate codes (its direct int8
+// proof failed), counted the same way (those it then set aside are in cpu_set_aside_rows too).
+int64_t cpu_rechecked_rows();
 
 #ifdef VQK_WITH_CUDA
 // CUDA entry points: all pointers are device pointers, work is queued on `stream`

@@ -11,7 +11,7 @@ import pytest
 from vqkernels import native
 
 # Every path the package knows, fastest first (x86-64 and aarch64 together: a machine runs a subset).
-ISAS = ["avx512bf16", "avx512", "avx2", "avx2_i16", "neon", "scalar"]
+ISAS = ["avx512bf16", "avx512", "avx2", "avx2_i16", "neon", "neon_dot", "scalar"]
 
 
 def isa_skip_reason(isa):
@@ -46,6 +46,6 @@ def report_lines():
     for i, r in SKIP_REASONS.items():
         if r:
             where = " (its kernel checks run under qemu-aarch64: .ci/native_checks.sh aarch64)" \
-                if i == "neon" else ""
+                if i in ("neon", "neon_dot") else ""
             lines.append(f"  CPU kernel path {i} NOT tested here: {r}{where}")
     return lines

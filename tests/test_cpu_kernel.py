@@ -259,7 +259,7 @@ def test_bad_isa_name_is_an_error(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# the reduced-precision searches (avx512bf16, avx2_i16): accelerators that must give the fp32
+# the reduced-precision searches (avx512bf16, avx2_i16, neon_dot): accelerators that must give the fp32
 # search's bits
 
 def _bf16_regimes():
@@ -297,7 +297,7 @@ def _bf16_regimes():
 # Each reduced-precision first pass against the fp32 build of the same instruction set.
 REDUCED = [pytest.param(fast, fp32, id=fast, marks=[] if SKIP_REASONS[fast] is None else
                         [pytest.mark.skip(reason=f"cannot run the {fast} kernels here: {SKIP_REASONS[fast]}")])
-           for fast, fp32 in [("avx512bf16", "avx512"), ("avx2_i16", "avx2")]]
+           for fast, fp32 in [("avx512bf16", "avx512"), ("avx2_i16", "avx2"), ("neon_dot", "neon")]]
 
 
 @pytest.mark.parametrize("fast,fp32", REDUCED)

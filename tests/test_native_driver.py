@@ -5,7 +5,9 @@ checks against its float64 brute force).
   host     built with the host compiler: every search build this CPU runs (x86-64: avx2 and the
            AVX-512 ones where the CPU has them; scalar everywhere);
   aarch64  cross-compiled (g++-aarch64-linux-gnu) and run under qemu-user: the NEON build, the
-           default on aarch64, and the portable one. qemu shows behaviour, not speed.
+           default on aarch64, the int8 dot-product pass (neon_dot) and the portable one on qemu's
+           `max` CPU; then the run-time detection on a Cortex-A72 model (no dot product), which must
+           refuse neon_dot and keep auto on neon. qemu shows behaviour, not speed.
 
 Each build the driver could not run is its own skipped test, with the driver's reason, so no path
 goes unreported. Nothing is installed from here (VQK_NO_APT=1); .ci/native_checks.sh installs the
@@ -21,7 +23,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / ".ci" / "native_checks.sh"
-ISAS = ["avx512bf16", "avx512", "avx2", "avx2_i16", "neon", "scalar"]
+ISAS = ["avx512bf16", "avx512", "avx2", "avx2_i16", "neon", "neon_dot", "scalar"]
+# Where the aarch64 target's second run (the CPU without the dot product) begins.
+DETECT = "== aarch64: run-time detection"
 
 
 def _missing(target):
@@ -69,6 +73,11 @@ def test_native_driver_passes(target):
         # The NEON build ran and is what aarch64 picks by default.
         assert re.search(r"^auto: neon$", out, re.M), tail
         assert re.search(r"^builds run: .*\bneon\b", out, re.M), tail
+        # On a CPU without FEAT_DotProd the run-time check refuses neon_dot and auto stays on neon.
+        assert DETECT in out, tail
+        detect = out.split(DETECT, 1)[1]
+        assert re.search(r"^SKIP neon_dot: .*dot-product", detect, re.M), tail
+        assert re.search(r"^auto: neon$", detect, re.M), tail
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -77,6 +86,7 @@ def test_native_driver_isa(target, isa):
     """One test per (target, build): passed when the driver ran that build (its checks are in the
     driver's verdict above), skipped with the driver's own reason when it could not."""
     rc, out = _run(target)
+    out = out.split(DETECT, 1)[0]  # the main run's verdict per build (the detection run skips some)
     skip = re.search(rf"^SKIP {isa}: (.*)$", out, re.M)
     if skip:
         pytest.skip(f"{target}: {skip.group(1)}")

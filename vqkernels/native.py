@@ -53,10 +53,11 @@ def dtype_code(dtype: torch.dtype) -> int:
 
 
 # The CPU kernel's instruction-set paths, in the order `auto` tries them (csrc/cpu/vq_cpu.cpp,
-# select_kernels); avx2_i16 is never picked by itself (benchmarks/results/cpu-avx2-i16.md).
-CPU_PATHS = ("avx512bf16", "avx512", "avx2", "avx2_i16", "neon", "scalar")
+# select_kernels); avx2_i16 is never picked by itself (benchmarks/results/cpu-avx2-i16.md), nor is
+# neon_dot (aarch64 int8 SDOT pass; its speed has never been measured).
+CPU_PATHS = ("avx512bf16", "avx512", "avx2", "avx2_i16", "neon", "neon_dot", "scalar")
 AUTO_RULE = ("auto takes the first of avx512bf16 (for K >= 128 and D >= 16), avx512, avx2, neon, "
-             "scalar that this CPU and build run; avx2_i16 only when forced")
+             "scalar that this CPU and build run; avx2_i16 and neon_dot only when forced")
 
 
 def _cpu_model_and_flags() -> tuple[str, list[str]]:

@@ -50,8 +50,8 @@
 // strictly worse in fp32 than two other codes: it is neither the fp32 best nor its runner-up. The fp32
 // search's v1_fp32, its index (lowest on ties) and v2_fp32 are therefore those of the candidates
 // C = {k : a_k' <= v2 + 2 Df}, visited in increasing k with the same strict compares. A second int8
-// pass over the tile (bitwise the same a_k') lists C per row (at most kMaxCand codes, else the row is
-// set aside), each candidate's a_k^f is computed exactly as panel_dots does it (one fused
+// pass over the tile (bitwise the same a_k') lists C per row (at most max(4, min(64, K/8)) codes, else
+// the row is set aside), each candidate's a_k^f is computed exactly as panel_dots does it (one fused
 // multiply-add per d, in order from 0, then fl(n_k - 2 acc): bitwise the fp32 search's value), and
 // the fp32 search's own test (the quick form, then `decide`) runs on them: proven -> that index,
 // written by finish_tile as the fp32 build would; not proven -> the row is set aside.
@@ -87,8 +87,11 @@ int32_t quant_max(int64_t D) {
 }
 // Below this the int8 values are too coarse to prove anything (D beyond ~2^23): fp32 tiles only.
 constexpr int32_t kMinQ = 16;
-// Candidates per row the fp32 check takes (more: the row is set aside).
-constexpr int kMaxCand = 16;
+// Candidates per row the fp32 check takes, at most (more: the row is set aside); per call the
+// limit is K / 8 (at least 4), so the check (a scalar chain of D multiply-adds per candidate) costs
+// at most about half of what the fp32 search of the row (K D / 4 vector FMAs) would. On randn rows
+// (D = 64..256, K = 256..4096, under qemu) 97-100% of the rows that need the check have <= 64.
+constexpr int kMaxCand = 64;
 
 double pow2(int e) {  // 2^e for -1022 <= e <= 1023
   const uint64_t bits = (uint64_t)(e + 1023) << 52;
@@ -265,8 +268,8 @@ VQK_ALWAYS_INLINE void search_tile_i8(const uint32_t* xb, const uint32_t* pb, co
 }
 
 // The candidates of each lane: codes whose a_k' <= thr[lane] (bitwise the values search_tile_i8
-// saw), in increasing k; ncand[lane] = kMaxCand + 1 when there are more. Lanes with thr = -inf
-// collect nothing (every a_k' is finite or NaN).
+// saw), in increasing k; ncand[lane] = cap + 1 when there are more than cap (<= kMaxCand). Lanes
+// with thr = -inf collect nothing (every a_k' is finite or NaN).
 struct Cands {
   int32_t k[MR][kMaxCand];
   int ncand[MR];
@@ -274,7 +277,7 @@ struct Cands {
 
 VQK_ALWAYS_INLINE void collect_i8(const uint32_t* xb, const uint32_t* pb, const float* norms,
                                   const float* scales, const float* tau, int64_t panels, int64_t D4,
-                                  const float* thr, Cands& c) {
+                                  const float* thr, int cap, Cands& c) {
   float32x4_t tv[MRV];
   for (int i = 0; i < MRV; ++i) tv[i] = vld1q_f32(thr + i * W);
   for (int r = 0; r < MR; ++r) c.ncand[r] = 0;
@@ -286,8 +289,8 @@ VQK_ALWAYS_INLINE void collect_i8(const uint32_t* xb, const uint32_t* pb, const 
     for (int l = 0; l < W; ++l) {
       if (!ml[l]) continue;
       int& n = c.ncand[i * W + l];
-      if (n < kMaxCand) c.k[i * W + l][n] = (int32_t)k;
-      if (n <= kMaxCand) ++n;
+      if (n < cap) c.k[i * W + l][n] = (int32_t)k;
+      if (n <= cap) ++n;
     }
   });
 }
@@ -338,6 +341,7 @@ void search_tiles_i8(const cpu::FwdJob& job, int64_t t_lo, int64_t t_hi, float* 
   // set aside: plain fp32 tiles instead) or the int8 values would be too coarse.
   const bool usable = Q >= kMinQ && En < 0x1p50;
   const int qbits = 31 - __builtin_clz((unsigned)Q);
+  const int cap = (int)imin(kMaxCand, job.K / 8 > 4 ? job.K / 8 : 4);
   // The direct proof's quick form, as search_avx2_i16.cpp's (the same bound, only Q differs): linear
   // in the lane's fp32 xx, L1 sum and tau, never below the double test's right side; +inf when
   // quick_a is (E out of range, or the debug switch), then the double test decides.
@@ -429,16 +433,15 @@ void search_tiles_i8(const cpu::FwdJob& job, int64_t t_lo, int64_t t_hi, float* 
     }
     if (any_cand) {
       Cands c;
-      collect_i8(a.xb, job.packed_bf16, job.norms, job.code_aux, tau, job.panels, D4, thr, c);
-      int64_t checked = 0;
+      collect_i8(a.xb, job.packed_bf16, job.norms, job.code_aux, tau, job.panels, D4, thr, cap, c);
+      int64_t settled = 0;
       const float qa = job.quick_a, qb = job.quick_b;
       for (int r = 0; r < MR; ++r) {
         if (!(thr[r] > -__builtin_inff())) continue;
-        ++checked;
         bool proven = false;
         // At least k1 and k2 are candidates; fewer means the two passes disagree (they cannot: the
         // same code on the same data), and the row is set aside all the same.
-        if (c.ncand[r] >= 2 && c.ncand[r] <= kMaxCand) {
+        if (c.ncand[r] >= 2 && c.ncand[r] <= cap) {
           float b1 = __builtin_inff(), b2 = __builtin_inff();
           int32_t k1 = 0;
           for (int i = 0; i < c.ncand[r]; ++i) {
@@ -451,11 +454,11 @@ void search_tiles_i8(const cpu::FwdJob& job, int64_t t_lo, int64_t t_hi, float* 
           double unused;
           proven = (b1 - b1 == 0.0f && xx[r] < 0x1p100f && gap < __builtin_inff() && gap > qa + qb * xx[r]) ||
                    decide(job, b1, b2, xx[r], &unused);
-          if (proven) top.k1[r] = k1;
+          if (proven) top.k1[r] = k1, ++settled;
         }
         if (!proven) set_aside<E>(job, a, rowno, r);
       }
-      __atomic_fetch_add(&cpu::g_rechecked_rows, checked, __ATOMIC_RELAXED);
+      __atomic_fetch_add(&cpu::g_rechecked_rows, settled, __ATOMIC_RELAXED);
     }
     finish_tile<E>(job, rowno, a.xt, a.et, top.k1);
     // Break-even is unmeasured (no ARM machine): the avx2_i16 build's third is kept.

@@ -114,7 +114,7 @@ int64_t cpu_exact_rows();
 // prove them), counted the same way.
 int64_t cpu_set_aside_rows();
 // Rows the neon_dot first pass settled by an fp32 check of its few candidate codes (its direct int8
-// proof failed), counted the same way (those it then set aside are in cpu_set_aside_rows too).
+// proof failed), counted the same way (rows that check could not settle count as set aside).
 int64_t cpu_rechecked_rows();
 
 #ifdef VQK_WITH_CUDA

@@ -10,6 +10,11 @@
 // leaves many rows undecided on random data; those get an fp32 check of the few codes the int8
 // values cannot rule out (see "Candidates"), and only the rest the full fp32 search. vq_cpu.cpp
 // therefore never picks this build by itself; VQK_CPU_ISA=neon_dot forces it.
+// No bf16 BFDOT pass (FEAT_BF16): its rounding is not IEEE's and depends on the CPU and on FPCR.EBF
+// (FEAT_EBF16) -- without EBF, products and sums are rounded to odd with denormals flushed, per the
+// descriptions available here (qemu's implementation), not the Arm ARM's pseudocode, which this
+// project could not consult; a bound "derived" from second-hand rounding rules is not a proof. It
+// would also do 8 multiply-adds per instruction to SDOT's 16.
 //
 // Quantization (power-of-two scales, so rescaling is exact), as search_avx2_i16.cpp with int8:
 //   code k: sigma_k = the smallest power of two >= 2^-100 with max_d |e_kd| <= Q sigma_k,

@@ -47,6 +47,13 @@ def test_default_config_is_the_issue_s():
     assert [(cv.kernel_size, cv.stride) for cv in convs[:2]] == [((4, 4), (2, 2))] * 2
     assert m.pre_vq.kernel_size == (1, 1) and m.pre_vq.out_channels == 256
     assert VQVAEConfig.from_dict(c.to_dict()) == c
+    # a config saved before decay_warmup existed reads as today's default
+    old = {k: v for k, v in c.to_dict().items() if k != "decay_warmup"}
+    assert VQVAEConfig.from_dict(old).decay_warmup == 10 and m.vq.decay_warmup == 10
+    assert VQVAE(VQVAEConfig(decay_warmup=0)).vq.decay_warmup is None  # 0 = off
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="decay_warmup"):
+            VQVAEConfig(decay_warmup=bad)
 
 
 def test_round_trip_encode_decode_is_the_forward_path():

@@ -713,3 +713,43 @@ def test_more_cli_errors_name_the_argument(tmp_path, image_dir, capsys, monkeypa
     monkeypatch.setattr(_io.os, "fdopen", real_fdopen)
     assert (run / "eval.json").read_bytes() == before
     assert not (tmp_path / "t.npz").exists()
+
+
+def test_decay_warmup_is_a_setting_of_the_run(tmp_path, image_dir, capsys):
+    # --decay-warmup reaches the quantizer, is stored in config.json and the checkpoint, is part of
+    # the run's identity on --resume, and runs written before the setting existed read as
+    # today's default.
+    data = ["--data", "folder", "--data-dir", image_dir, "--eval-every", 0, *TINY]
+    assert "--decay-warmup must be >= 0, got -1" in _error(
+        capsys, [*data, "--decay-warmup", -1, "--out", tmp_path / "n"])
+    err = _error(capsys, [*data, "--decay-warmup", "ten", "--out", tmp_path / "n"])
+    assert "--decay-warmup" in err and "'ten'" in err
+    assert not (tmp_path / "n").exists()
+
+    run = tmp_path / "w3"
+    assert run_main([*data, "--steps", 2, "--decay-warmup", 3, "--out", run]) == 0
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["args"]["decay_warmup"] == 3 and cfg["config"]["decay_warmup"] == 3
+    from vqkernels.model import VQVAE
+    assert VQVAE.from_checkpoint(run).vq.decay_warmup == 3
+    capsys.readouterr()
+    assert "--decay-warmup 5 differs from the run being resumed (3)" in _error(
+        capsys, ["--out", run, "--resume", "--steps", 3, "--decay-warmup", 5])
+    assert run_main(["--out", run, "--resume", "--steps", 3]) == 0  # keeps its 3
+    assert json.loads((run / "config.json").read_text())["config"]["decay_warmup"] == 3
+
+    off = tmp_path / "w0"
+    assert run_main([*data, "--steps", 1, "--decay-warmup", 0, "--out", off]) == 0
+    assert VQVAE.from_checkpoint(off).vq.decay_warmup is None  # 0 = a fixed decay
+
+    # a checkpoint and config.json from before the setting: loads, resumes with the default
+    ck = _io.load_checkpoint(run / "checkpoint.pt")
+    del ck["path"], ck["args"]["decay_warmup"], ck["config"]["decay_warmup"]
+    _io.atomic_torch_save(run / "checkpoint.pt", ck)
+    cfg = json.loads((run / "config.json").read_text())
+    del cfg["args"]["decay_warmup"], cfg["config"]["decay_warmup"]
+    (run / "config.json").write_text(json.dumps(cfg))
+    assert VQVAE.from_checkpoint(run).vq.decay_warmup == train.DEFAULTS["decay_warmup"] == 10
+    assert run_main(["--out", run, "--resume", "--steps", 4,
+                     "--decay-warmup", train.DEFAULTS["decay_warmup"]]) == 0
+    assert json.loads((run / "config.json").read_text())["config"]["decay_warmup"] == 10

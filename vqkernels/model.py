@@ -42,6 +42,7 @@ class VQVAEConfig:
     # EMA updates and restarts of codes unused for 2 steps.
     ema: bool = True                # EMA codebook updates instead of the codebook loss's gradient
     decay: float = 0.99             # EMA decay
+    decay_warmup: int = 10          # EMA decay warm-up (VectorQuantizer's decay_warmup); 0 = off
     cosine: bool = False            # l2-normalised codes and latents
     restart_after: int = 2          # replace codes unused this many training steps; 0 = never
     dead_after: int = 100           # a code unused this many steps counts as dead in vq.stats()
@@ -61,6 +62,7 @@ class VQVAEConfig:
         if not (isinstance(self.beta, (int, float)) and self.beta >= 0):
             raise ValueError(f"beta must be a number >= 0, got {self.beta!r}")
         check_positive_int("restart_after", self.restart_after, minimum=0)
+        check_positive_int("decay_warmup", self.decay_warmup, minimum=0)
         check_positive_int("dead_after", self.dead_after)
         if self.image_size % 4:
             raise ValueError(f"image_size must be divisible by 4, got {self.image_size}")
@@ -147,6 +149,7 @@ class VQVAE(nn.Module):
         self.pre_vq = nn.Conv2d(c.hidden, c.code_dim, 1)
         self.vq = VectorQuantizer(c.num_codes, c.code_dim, c.beta, channel_dim=1, backend=backend,
                                   ema=c.ema, decay=c.decay, cosine=c.cosine,
+                                  decay_warmup=c.decay_warmup or None,
                                   restart_after=c.restart_after or None, dead_after=c.dead_after,
                                   kmeans_init=True)  # unless init_codebook runs first
         self.decoder = Decoder(c)

@@ -75,13 +75,16 @@ DEFAULTS = dict(num_codes=256, code_dim=256, hidden=128, residual_hidden=32, res
                 batch_size=32,
                 lr=3e-4, data="embedded", data_dir=None, heldout_every=10, seed=0, device="auto",
                 backend="auto", out="runs/vqvae", eval_every=500, save_every=250, log_every=10,
-                eval_images=1024, amp=False, threads=0, ema=True, decay=0.99, cosine=False,
-                world_size=1)
+                eval_images=1024, amp=False, threads=0, ema=True, decay=0.99, decay_warmup=10,
+                cosine=False, world_size=1)
 # Settings a resumed run must share with the run it continues: changing any of them would make
 # the continuation a different experiment.
 IDENTITY = ("num_codes", "code_dim", "hidden", "residual_hidden", "residual_blocks", "beta",
             "codebook_init", "restart_after", "batch_size", "lr", "data", "data_dir",
-            "heldout_every", "seed", "ema", "decay", "cosine", "world_size")
+            "heldout_every", "seed", "ema", "decay", "decay_warmup", "cosine", "world_size")
+# Settings added after runs were first written: a checkpoint or config.json without one reads as
+# today's default (the EMA decay warm-up arrived in issue 15; such runs resume with it).
+ADDED = ("decay_warmup",)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="EMA codebook updates (Sonnet's VectorQuantizerEMA); --no-ema trains the "
                         "codebook by the codebook loss's gradient, as in the paper [on]")
     m.add_argument("--decay", type=float, help=f"EMA decay, with --ema [{D['decay']}]")
+    m.add_argument("--decay-warmup", type=int,
+                   help="EMA decay warm-up, with --ema: update t uses min(decay, (1 + t) / (N + t)), "
+                        f"so codes keep up with the encoder early on; 0 = off [{D['decay_warmup']}]")
     m.add_argument("--cosine", action="store_true", default=None,
                    help="l2-normalised codes and latents (cosine similarity search)")
     o = p.add_argument_group("optimization")
@@ -177,9 +183,7 @@ def resolve_settings(p: argparse.ArgumentParser, a: argparse.Namespace):
             ckpt = _io.load_checkpoint(path, "--resume")
         except (FileNotFoundError, ValueError) as exc:
             p.error(str(exc))
-        saved = dict(ckpt["args"])
-        if "restart_every" in saved:  # checkpoints written before the flag's rename
-            saved["restart_after"] = saved.pop("restart_every")
+        saved = _saved_args(ckpt["args"])
         for k in IDENTITY:
             if k in given and _norm(k, given[k]) != _norm(k, saved.get(k)):
                 p.error(f"--{k.replace('_', '-')} {given[k]} differs from the run being resumed "
@@ -227,6 +231,8 @@ def resolve_settings(p: argparse.ArgumentParser, a: argparse.Namespace):
     for k in ("residual_blocks", "eval_every", "save_every", "restart_after", "threads"):
         if s[k] < 0:
             p.error(f"--{k.replace('_', '-')} must be >= 0, got {s[k]}")
+    if s["decay_warmup"] < 0:
+        p.error(f"--decay-warmup must be >= 0, got {s['decay_warmup']}")
     if not 0 < s["decay"] < 1:
         p.error(f"--decay must be in (0, 1), got {s['decay']}")
     if not (s["lr"] > 0 and math.isfinite(s["lr"])):
@@ -237,6 +243,16 @@ def resolve_settings(p: argparse.ArgumentParser, a: argparse.Namespace):
     if s["backend"] not in ALL_NAMES:
         p.error(f"--backend must be one of {', '.join(ALL_NAMES)}, got {s['backend']!r}")
     return s, ckpt
+
+
+def _saved_args(saved: dict) -> dict:
+    """A run's stored settings in today's names, with settings added since filled in."""
+    saved = dict(saved)
+    if "restart_every" in saved:  # runs written before the flag's rename
+        saved["restart_after"] = saved.pop("restart_every")
+    for k in ADDED:
+        saved.setdefault(k, DEFAULTS[k])
+    return saved
 
 
 def _norm(k, v):
@@ -266,9 +282,7 @@ def _foreign_files(out: Path, settings: dict) -> str | None:
     if not present:
         return None
     try:
-        saved = json.loads((out / "config.json").read_text())["args"]
-        if "restart_every" in saved:
-            saved["restart_after"] = saved.pop("restart_every")
+        saved = _saved_args(json.loads((out / "config.json").read_text())["args"])
         same = all(_norm(k, saved.get(k)) == _norm(k, settings.get(k)) for k in IDENTITY)
     except (OSError, ValueError, KeyError, TypeError):
         same = False
@@ -657,7 +671,8 @@ def _train(s: dict, ckpt: dict | None, d: Dist, *, progress: bool) -> dict:
     config = VQVAEConfig(num_codes=s["num_codes"], code_dim=s["code_dim"], hidden=s["hidden"],
                          residual_hidden=s["residual_hidden"],
                          num_residual_blocks=s["residual_blocks"], beta=s["beta"],
-                         ema=bool(s["ema"]), decay=s["decay"], cosine=bool(s["cosine"]),
+                         ema=bool(s["ema"]), decay=s["decay"],
+                         decay_warmup=s["decay_warmup"], cosine=bool(s["cosine"]),
                          restart_after=s["restart_after"], dead_after=s["dead_after"])
     model = VQVAE(config, backend=s["backend"]).to(device)
     model.vq.seed = int(s["seed"])  # the quantizer's restart draws

@@ -12,6 +12,8 @@ COMMANDS = [
     ("python -m vqkernels.eval runs/vqvae", "held-out figures of a trained run"),
     ("python -m vqkernels.tokenize runs/vqvae --out tokens.npz", "token grids of a data set"),
     ("python -m vqkernels.sweep --out runs/sweep", "the K x D codebook experiment"),
+    ("python -m vqkernels.runcheck runs/vqvae", "does a run keep half its codes and train without "
+     "loss spikes (issue 15's criterion, from metrics.csv)"),
     ("python -m vqkernels.triton.aot", "compile every Triton config for sm_80/sm_90 and report "
      "registers and spills (needs triton)"),
 ]

@@ -1,8 +1,10 @@
 """VQVAE.from_checkpoint (the documented way to load a trained model / tokenizer) and
 `python -m vqkernels` (the commands, and what this install can run)."""
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +12,8 @@ import torch
 import vqkernels
 from vqkernels import VQVAE, VQVAEConfig, _io, native
 from vqkernels import __main__ as entry
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _save_run(tmp_path):
@@ -94,3 +98,47 @@ def test_cpu_path_report_names_the_chosen_path_and_why(monkeypatch):
     assert lines[1] == "CPU kernel path: scalar -- forced by VQK_CPU_ISA=scalar", lines
     assert lines[2].split(": ", 1)[1].split(", ") == runs  # probing leaves the forced choice alone
     assert os.environ["VQK_CPU_ISA"] == "scalar"
+
+
+# Every `python -m` entry point of the package, and modules whose import costs seconds (torch's
+# compiler stack) or that belong to one command's work (figures, GPU kernels, image files).
+# `import torch` loads none of them; tqdm it does load, so tqdm is not listed.
+ENTRY_POINTS = ("vqkernels", "vqkernels.train", "vqkernels.eval", "vqkernels.sweep",
+                "vqkernels.demo", "vqkernels.tokenize", "vqkernels.runcheck",
+                "vqkernels.triton.aot")
+HEAVY = ("torch._dynamo", "torch._inductor", "matplotlib", "triton", "PIL", "skimage", "scipy",
+         "sympy")
+
+
+def test_import_and_every_help_stay_light():
+    # Issue 15: `import vqkernels` <= 0.5 s and each --help < 1 s above `import torch`. Speed is
+    # not asserted (the machine's load decides it); what decided it was which modules got
+    # imported (torch._dynamo alone was 1.7 s), and that is asserted, in one fresh interpreter.
+    # A --help that ignores the flag (triton.aot compiled everything for half an hour) fails too.
+    code = f"""
+import io, json, runpy, sys, contextlib
+heavy = {HEAVY!r}
+import vqkernels
+from vqkernels import vq_quantize, VectorQuantizer, VQVAE  # the public names still there
+seen = {{"import vqkernels": [m for m in heavy if m in sys.modules]}}
+for mod in {ENTRY_POINTS!r}:
+    sys.argv = [mod, "--help"]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        try:
+            runpy.run_module(mod, run_name="__main__", alter_sys=True)
+            code = "returned"
+        except SystemExit as e:
+            code = e.code
+    ok = code in (0, None) and out.getvalue().strip()
+    seen[mod + " --help"] = [m for m in heavy if m in sys.modules] + (
+        [] if ok else [f"exit {{code}}, output {{out.getvalue()[:80]!r}}"])
+print(json.dumps(seen))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode == 0, r.stderr[-3000:]
+    seen = json.loads(r.stdout.strip().splitlines()[-1])
+    assert list(seen) == ["import vqkernels"] + [m + " --help" for m in ENTRY_POINTS]
+    # modules are cumulative: the first entry that lists one is the one that imported it
+    assert all(not v for v in seen.values()), seen

@@ -337,18 +337,6 @@ def test_default_recipe_keeps_its_codes_and_has_no_spikes(tmp_path):
     assert not spikes, f"reconstruction spikes at (step, NMSE) {spikes}"
 
 
-def test_import_and_help_do_not_load_the_compiler():
-    # torch._dynamo took 1.7 s of a 4-5 s `import vqkernels` (issue 15); it is loaded only by
-    # torch.compile itself now. The module list is asserted, not a time.
-    code = ("import sys, vqkernels, vqkernels.train, vqkernels.eval, vqkernels.sweep\n"
-            "vqkernels.train.build_parser().format_help()\n"
-            "print('torch._dynamo' in sys.modules)\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=300)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "False"
-
-
 def test_picture_and_eval_images_are_spread_over_the_held_out_set():
     # Folder data is held out in sorted path order, i.e. class by class: the first 32 images of
     # CIFAR-10's held-out JPEGs are all airplanes (issue 15). The grid takes evenly spaced ones.

@@ -26,6 +26,28 @@ import shutil
 import tempfile
 from typing import NamedTuple, Optional
 
+
+def build_parser():
+    from .. import _cli
+    p = _cli.ArgumentParser(
+        prog="python -m vqkernels.triton.aot", formatter_class=_cli.DefaultsHelpFormatter,
+        description="Compile every Triton kernel config for sm_80 and sm_90 without a GPU and "
+                    "print ptxas' registers, spills and shared memory, and the SASS hot-loop "
+                    "analysis, one line per kernel and config (needs triton; many minutes on a "
+                    "CPU). --cuda: the same for the CUDA kernels (needs nvcc and a source "
+                    "checkout).")
+    p.add_argument("--cuda", action="store_true", help="report the CUDA kernels instead")
+    p.add_argument("--json", nargs=4, metavar=("KIND", "ARCH", "DTYPE", "D"),
+                   help="(internal, reports_in_subprocess) one batch of reports as JSON: KIND is "
+                        "search, other or residual")
+    return p
+
+
+if __name__ == "__main__":
+    # --help and argument errors answer before triton is imported (seconds on a loaded CPU), and
+    # a mistyped flag no longer starts the full compile.
+    _ARGS = build_parser().parse_args()
+
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
@@ -407,16 +429,16 @@ def reports_in_subprocess(kind: str, arch: int, dtype: str, D: int) -> list[Repo
     return [Report(*r) for r in json.loads(out.stdout.strip().splitlines()[-1])]
 
 
-def _main(argv):
-    if argv[:1] == ["--json"]:
-        kind, arch, dtype, D = argv[1], int(argv[2]), argv[3], int(argv[4])
+def _main(a):
+    if a.json:
+        kind, arch, dtype, D = a.json[0], int(a.json[1]), a.json[2], int(a.json[3])
         fn = {"search": search_reports, "other": other_reports,
               "residual": residual_reports}[kind]
         with contextlib.redirect_stdout(sys.stderr):
             reps = fn(arch, dtype, D)
         print(json.dumps([list(r) for r in reps]))
         return
-    if argv[:1] == ["--cuda"]:
+    if a.cuda:
         with tempfile.TemporaryDirectory() as tmp:
             for arch in (80, 90):
                 for src in CUDA_SOURCES:
@@ -428,4 +450,4 @@ def _main(argv):
 
 
 if __name__ == "__main__":
-    _main(sys.argv[1:])
+    _main(_ARGS)

@@ -28,6 +28,7 @@ def healthy(n=40):
 def test_a_healthy_run_meets_it(tmp_path):
     r = runcheck.check_run(write_run(tmp_path / "ok", healthy()))
     assert r.ok and r.rows_checked == 30 and r.min_codes_used == 90 and not r.failures
+    assert r.interval == 1
     assert r.max_spike_ratio < 1  # a falling loss stays below its running median
 
 
@@ -68,7 +69,8 @@ def test_older_metrics_and_sparse_logging(tmp_path):
     rows[5] = (300, 0.5, 400)
     r = runcheck.check_run(write_run(tmp_path / "old", rows, K=512,
                                      fields=("step", "recon_mse", "codes_used")))
-    assert r.rows_checked == 20 and [s for s, _ in r.failures] == [300]
+    assert r.rows_checked == 20 and [s for s, _ in r.failures] == [300] and r.interval == 50
+    assert "rows 50 step(s) apart" in r.summary()
     assert "recon_mse" in r.failures[0][1]
     # a metrics CSV named directly, beside its run's config.json
     (tmp_path / "old" / "first45.csv").write_text((tmp_path / "old" / "metrics.csv").read_text())

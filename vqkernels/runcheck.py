@@ -6,7 +6,11 @@ the first --skip-steps steps (10), every logged row has
   codes_used >= --min-used x K            (half of the codebook; K from the run's config.json)
   recon_nmse <= --spike x median(recon_nmse of every logged row up to and including this one)
 
-(recon_mse where an older metrics.csv has no recon_nmse column; the ratio is the same). A RUN is
+(recon_mse where an older metrics.csv has no recon_nmse column; the ratio is the same). The
+trainer logs both over each --log-every interval (codes used in any step of it, the mean loss), so
+the check is only as fine as the run's logging: a dip or a spike inside a 50-step interval is
+invisible, and the summary says how far apart the rows are. For the criterion itself, log every
+step (`--log-every 1`) or every few. A RUN is
 the run's --out folder or a metrics CSV file beside its config.json. Prints one line per run and
 where the criterion first fails; exit status 0 when every run meets it, 1 when one does not, 2 on
 a run that cannot be read.
@@ -33,6 +37,7 @@ class RunCheck:
     min_codes_used: int | None = None     # over the rows checked
     max_spike_ratio: float | None = None  # recon / running median, over the rows checked
     failures: list[tuple[int, str]] = field(default_factory=list)
+    interval: int | None = None           # steps between logged rows (the largest gap)
 
     @property
     def ok(self) -> bool:
@@ -44,7 +49,7 @@ class RunCheck:
         head = (f"{self.run}: {'meets' if self.ok else 'FAILS'} the criterion over "
                 f"{self.rows_checked} logged rows (K={self.num_codes}; fewest codes used "
                 f"{self.min_codes_used}, worst reconstruction {self.max_spike_ratio:.2f}x its "
-                f"running median)")
+                f"running median; rows {self.interval} step(s) apart)")
         if self.ok:
             return head
         step, what = self.failures[0]
@@ -78,8 +83,11 @@ def check_rows(rows: list[dict], num_codes: int, *, run: str = "run", skip_steps
                              f"{', '.join(rows[0])})")
     res = RunCheck(run, num_codes, 0)
     seen: list[float] = []  # sorted recon values so far: the running median
+    last = 0
     for r in rows:
         step, used, recon = int(r["step"]), int(float(r["codes_used"])), float(r[col])
+        res.interval = max(res.interval or 0, step - last)
+        last = step
         bisect.insort(seen, recon)
         n = len(seen)
         median = seen[n // 2] if n % 2 else (seen[n // 2 - 1] + seen[n // 2]) / 2

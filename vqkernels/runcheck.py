@@ -1,4 +1,4 @@
-"""`python -m vqkernels.runcheck RUN...`: does a training run keep its codes and train without spikes?
+"""`python -m vqkernels.runcheck RUN...`: does a training run keep its codes, without loss spikes?
 
 Issue 15's criterion for a run of `python -m vqkernels.train`, read from its metrics.csv: after
 the first --skip-steps steps (10), every logged row has

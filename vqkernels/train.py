@@ -120,8 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "codebook by the codebook loss's gradient, as in the paper [on]")
     m.add_argument("--decay", type=float, help=f"EMA decay, with --ema [{D['decay']}]")
     m.add_argument("--decay-warmup", type=int,
-                   help="EMA decay warm-up, with --ema: update t uses min(decay, (1 + t) / (N + t)), "
-                        f"so codes keep up with the encoder early on; 0 = off [{D['decay_warmup']}]")
+                   help="EMA decay warm-up, with --ema: update t uses min(decay, (1 + t) / "
+                        "(N + t)), so codes keep up with the encoder early on; 0 = off "
+                        f"[{D['decay_warmup']}]")
     m.add_argument("--cosine", action="store_true", default=None,
                    help="l2-normalised codes and latents (cosine similarity search)")
     o = p.add_argument_group("optimization")

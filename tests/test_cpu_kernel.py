@@ -249,6 +249,39 @@ def test_thread_pool_survives_fork():
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
 
 
+def _amd_family_and_flags():
+    """(CPU family number if the vendor is AMD else None, /proc/cpuinfo flags) -- Linux only."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None, []
+    field = {l.split(":", 1)[0].strip(): l.split(":", 1)[1].strip() for l in lines if ":" in l}
+    family = int(field["cpu family"]) if field.get("vendor_id") == "AuthenticAMD" else None
+    return family, field.get("flags", "").split()
+
+
+@pytest.mark.skipif(SKIP_REASONS["avx2_i16"] is not None or _amd_family_and_flags()[0] != 25
+                    or "avx512f" in _amd_family_and_flags()[1],
+                    reason="the auto rule for avx2_i16 concerns AMD family 25 without AVX-512 (Zen 3)")
+def test_auto_takes_int16_on_zen3_where_measured(monkeypatch):
+    """On Zen 3 auto picks the int16 pass from K >= 64 and D >= 16 (measured faster there), the fp32
+    build below; either way the answer is the exact one."""
+    monkeypatch.delenv("VQK_CPU_ISA", raising=False)
+    assert native.module().cpu_isa() == "avx2_i16"
+    for K, D, aside in [(64, 16, True), (63, 64, False), (256, 15, False)]:
+        z, cb = make_inputs(300, K, D)
+        # A pair of codes 1e-4 apart that rows sit between: int16 cannot separate them, so the
+        # int16 pass must hand rows to the fp32 search -- which shows which path ran.
+        cb[1] = cb[0] + 1e-4
+        z[:100] = cb[0] + 0.5e-4 + 1e-6 * torch.randn(100, D)
+        before = native.module().cpu_set_aside_rows()
+        idx, _ = vqkernels.nearest_code(z, cb, backend="cpu")
+        assert (native.module().cpu_set_aside_rows() > before) == aside, (K, D)
+        ref, clear, _ = A.exact_answer(z, cb)
+        assert torch.equal(idx[clear], ref[clear]), (K, D)
+
+
 def test_bad_isa_name_is_an_error(monkeypatch):
     monkeypatch.setenv("VQK_CPU_ISA", "sse9")
     with pytest.raises(ValueError, match="VQK_CPU_ISA"):

@@ -2,14 +2,12 @@
 // products (VQK_CPU_ISA=avx2_i16). Built with -mavx2 -mfma -mf16c like search_avx2.cpp.
 //
 // vpmaddwd (_mm256_madd_epi16) multiplies 16 int16 pairs and adds neighbours into 8 int32 lanes: 16
-// multiply-adds per instruction against an fp32 FMA's 8. Whether that is faster depends on the
-// core: on Zen 2/3 vpmaddwd issues on one pipe and FMA on two, so both peak at 16 multiply-adds per
-// cycle (benchmarks/fma_probe.cpp measures 50.6 and 55.0 GMAC/s per core on a Zen 3 EPYC), and
-// with its per-row scaling and proof this build measured 0.88-0.96x the fp32 build's speed there
-// (one thread; about even with two).
-// vq_cpu.cpp therefore never picks it by itself: VQK_CPU_ISA=avx2_i16 forces it (for cores that
-// issue vpmaddwd on two pipes, e.g. Intel since Skylake, where it should pay -- unmeasured), and
-// benchmarks/results/cpu-avx2-i16.md has the measurements.
+// multiply-adds per instruction against an fp32 FMA's 8. On Zen 3 it issues on the same two pipes
+// as FMA, so it does twice the work per pipe slot (benchmarks/fma_probe.cpp, one core: int16
+// vpmaddwd + vpaddd 80 GMAC/s, fp32 FMA 50), and this build measured 0.71-0.92x the fp32 build's CPU
+// time there (2 threads; benchmarks/results/cpu-avx2-i16.md). vq_cpu.cpp picks it by itself only on
+// that CPU family (AMD family 25 without AVX-512) for K >= 64 and D >= 16; VQK_CPU_ISA=avx2_i16
+// forces it anywhere with AVX2 (Intel cores, where it should also pay: unmeasured).
 //
 // Quantization (power-of-two scales, so rescaling is exact):
 //   code k: sigma_k = the smallest power of two >= 2^-100 with max_d |e_kd| <= Q sigma_k,

@@ -282,6 +282,31 @@ def test_auto_takes_int16_on_zen3_where_measured(monkeypatch):
         assert torch.equal(idx[clear], ref[clear]), (K, D)
 
 
+def test_avx2_inner_loops_keep_accumulators_in_registers():
+    """No vfmadd or vpaddd of the built module takes a ymm operand from the stack: that is what a
+    spilled accumulator of the AVX2 micro-kernels looks like (`vfmadd213ps -0x490(%rbp),...`), and
+    it halves their speed without changing a result, so no other test sees it. GCC did it twice
+    after unrelated edits (search_impl.h); the loops are asm statements since (simd_avx2.h,
+    search_avx2_i16.cpp). Speed itself is never asserted; this checks the machine code."""
+    import platform
+    import re
+    import shutil
+    import subprocess
+    if platform.machine() not in ("x86_64", "AMD64") or shutil.which("objdump") is None:
+        pytest.skip("needs objdump and an x86-64 build")
+    if native.cpu_status() is not None:
+        pytest.skip(f"native CPU kernel: {native.cpu_status()}")
+    so = native.module().__file__
+    text = subprocess.run(["objdump", "-d", "--no-show-raw-insn", so], check=True,
+                          capture_output=True, text=True).stdout
+    if "__asan_" in text:
+        pytest.skip("a sanitizer build (.ci/sanitize.sh, -O1): its code keeps values on the stack anyway")
+    # Accumulating instructions only: the per-panel epilogues' vfnmadd may read a spilled
+    # constant (once per panel, not per step).
+    spilled = re.findall(r"(?:vfmadd\d{3}ps|vpaddd)\s+-?0x[0-9a-f]+\(%r[bs]p\),%ymm\d+", text)
+    assert not spilled, spilled[:5]
+
+
 def test_bad_isa_name_is_an_error(monkeypatch):
     monkeypatch.setenv("VQK_CPU_ISA", "sse9")
     with pytest.raises(ValueError, match="VQK_CPU_ISA"):

@@ -1,17 +1,25 @@
-// Peak multiply-add throughput of one core, for reading the CPU kernels' rates against (issue 16).
+// Multiply-add throughput of one core, and of the CPU kernels' inner-loop shapes (issue 16).
 //
-//     g++ -O2 -mavx2 -mfma benchmarks/fma_probe.cpp -o /tmp/fma_probe && /tmp/fma_probe
+//     g++ -O2 benchmarks/fma_probe.cpp -o /tmp/fma_probe && /tmp/fma_probe
 //
-// Three loops of independent accumulator chains (12, enough to cover latency x pipes), timed with
-// the thread's CPU clock (CLOCK_THREAD_CPUTIME_ID: a busy neighbour on a shared machine steals wall
-// time, not this thread's CPU time):
-//   fp32   vfmadd231ps ymm: 8 multiply-adds (16 flop) per instruction;
-//   int16  vpmaddwd + vpaddd ymm, as the avx2_i16 search's inner loop: 16 multiply-adds per pair;
-//   mixed  half of each, to show whether the two kinds issue on separate pipes.
-// Each reports GMAC/s (10^9 multiply-adds per second; GFLOP/s = 2x) as the best of 5 runs.
-#include <immintrin.h>
-
+// Every loop is inline asm (x86-64 AT&T syntax, AVX2 + FMA), so what runs is exactly what is
+// named. (The first version of this probe used intrinsics, and GCC computed the loop-invariant
+// vpmaddwd once per iteration: its "int16 peak" timed 12 vpaddd and one vpmaddwd, and its "mixed"
+// loop likewise. Its 55.0 and 72.3 GMAC/s figures were void.) Each reports GMAC/s (10^9
+// multiply-adds per second; GFLOP/s = 2x) as the best of 5 runs timed with the thread's CPU clock
+// (CLOCK_THREAD_CPUTIME_ID: a busy neighbour on a shared machine steals wall time, not this
+// thread's CPU time).
+//
+// Part 1, pipes: 12 independent accumulator chains (enough to cover latency x pipes), registers only.
+//   fp32      vfmadd231ps ymm: 8 multiply-adds per instruction;
+//   int16     vpmaddwd + vpaddd ymm (vpmaddwd cannot accumulate): 16 multiply-adds per pair;
+//   and mixes of the two, plus vpmaddwd alone and FMA + vpmaddwd without the adds, which show
+//   which pipes the instructions share.
+// Part 2, the kernels' inner loops (search_impl.h's avx2 micro-kernel, search_avx2_i16.cpp's, and
+// candidate mixed int16 + fp32 shapes): the same instructions with the loads and broadcasts one
+// step of the kernel does (from L1, as in the kernels, whose row tile is reread for every panel).
 #include <cstdio>
+#include <cstdlib>
 #include <ctime>
 
 namespace {
@@ -22,81 +30,115 @@ double now() {
   return t.tv_sec + 1e-9 * t.tv_nsec;
 }
 
-// The asm statement keeps the compiler from hoisting the loop-invariant product out of the loop.
-__attribute__((noinline)) float fp32_loop(long n, __m256 a, __m256 b) {
-  __m256 c[12];
-  for (int i = 0; i < 12; ++i) c[i] = _mm256_set1_ps((float)i);
-  for (long k = 0; k < n; ++k) {
-#pragma GCC unroll 12
-    for (int i = 0; i < 12; ++i) c[i] = _mm256_fmadd_ps(a, b, c[i]);
-    __asm__ volatile("" : "+x"(a));
-  }
-  __m256 s = c[0];
-  for (int i = 1; i < 12; ++i) s = _mm256_add_ps(s, c[i]);
-  return _mm256_cvtss_f32(s);
-}
+// Register-only instructions: sources ymm14, ymm15; accumulators ymm0-11; products ymm12/13.
+#define FMA(a) "vfmadd231ps %%ymm14, %%ymm15, %%ymm" #a "\n\t"
+#define MUL(a) "vpmaddwd %%ymm14, %%ymm15, %%ymm" #a "\n\t"
+#define I16(a, t) "vpmaddwd %%ymm14, %%ymm15, %%ymm" #t "\n\tvpaddd %%ymm" #t ", %%ymm" #a ", %%ymm" #a "\n\t"
+// Kernel-step instructions: %1 = the row tile, %2 = the code panel.
+#define LDX(off, r) "vmovaps " #off "(%1), %%ymm" #r "\n\t"            // fp32 row vector
+#define BSS(off) "vbroadcastss " #off "(%2), %%ymm15\n\t"              // fp32 code value
+#define BD(off) "vpbroadcastd " #off "(%2), %%ymm14\n\t"               // int16 code pair
+#define FMAR(x, a) "vfmadd231ps %%ymm" #x ", %%ymm15, %%ymm" #a "\n\t"  // row x times code
+#define I16M(off, a) "vpmaddwd " #off "(%1), %%ymm14, %%ymm15\n\tvpaddd %%ymm15, %%ymm" #a ", %%ymm" #a "\n\t"
 
-__attribute__((noinline)) int int16_loop(long n, __m256i a, __m256i b) {
-  __m256i c[12];
-  for (int i = 0; i < 12; ++i) c[i] = _mm256_set1_epi32(i);
-  for (long k = 0; k < n; ++k) {
-#pragma GCC unroll 12
-    for (int i = 0; i < 12; ++i) c[i] = _mm256_add_epi32(c[i], _mm256_madd_epi16(a, b));
-    __asm__ volatile("" : "+x"(a));
+#define LOOP(name, body)                                                                          \
+  __attribute__((noinline)) void name(long n, const void* x, const void* b) {                    \
+    __asm__ volatile("vpxor %%xmm14, %%xmm14, %%xmm14\n\tvpxor %%xmm15, %%xmm15, %%xmm15\n\t"   \
+                     "1:\n\t" body "dec %0\n\tjnz 1b"                                              \
+                     : "+r"(n)                                                                     \
+                     : "r"(x), "r"(b)                                                              \
+                     : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8",    \
+                       "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "cc",        \
+                       "memory");                                                                  \
   }
-  __m256i s = c[0];
-  for (int i = 1; i < 12; ++i) s = _mm256_add_epi32(s, c[i]);
-  return _mm256_extract_epi32(s, 0);
-}
 
-__attribute__((noinline)) float mixed_loop(long n, __m256i a, __m256i b, __m256 x, __m256 y) {
-  __m256i c[6];
-  __m256 f[6];
-  for (int i = 0; i < 6; ++i) {
-    c[i] = _mm256_set1_epi32(i);
-    f[i] = _mm256_set1_ps((float)i);
+// Part 1.
+LOOP(fp32, FMA(0) FMA(1) FMA(2) FMA(3) FMA(4) FMA(5) FMA(6) FMA(7) FMA(8) FMA(9) FMA(10) FMA(11))
+LOOP(int16, I16(0, 12) I16(1, 13) I16(2, 12) I16(3, 13) I16(4, 12) I16(5, 13) I16(6, 12) I16(7, 13)
+                I16(8, 12) I16(9, 13) I16(10, 12) I16(11, 13))
+LOOP(madd_only, MUL(0) MUL(1) MUL(2) MUL(3) MUL(4) MUL(5) MUL(6) MUL(7) MUL(8) MUL(9) MUL(10) MUL(11))
+LOOP(fma8_madd4, FMA(0) FMA(1) MUL(8) FMA(2) FMA(3) MUL(9) FMA(4) FMA(5) MUL(10) FMA(6) FMA(7) MUL(11))
+LOOP(mix_6_6, I16(0, 12) FMA(6) I16(1, 13) FMA(7) I16(2, 12) FMA(8) I16(3, 13) FMA(9) I16(4, 12)
+                  FMA(10) I16(5, 13) FMA(11))
+LOOP(mix_4_8, I16(0, 12) FMA(4) FMA(5) I16(1, 13) FMA(6) FMA(7) I16(2, 12) FMA(8) FMA(9) I16(3, 13)
+                  FMA(10) FMA(11))
+LOOP(mix_8_4, I16(0, 12) I16(1, 13) FMA(8) I16(2, 12) I16(3, 13) FMA(9) I16(4, 12) I16(5, 13)
+                  FMA(10) I16(6, 12) I16(7, 13) FMA(11))
+
+// Part 2, one step of each kernel (rows x codes; the int16 steps cover 2 dimensions).
+// avx2: 3 x 8 rows x 4 codes, one dimension: 3 row loads, 4 broadcasts, 12 FMAs.
+LOOP(k_fp32_3x4, LDX(0, 12) LDX(32, 13) LDX(64, 14)
+                     BSS(0) FMAR(12, 0) FMAR(13, 1) FMAR(14, 2) BSS(4) FMAR(12, 3) FMAR(13, 4) FMAR(14, 5)
+                     BSS(8) FMAR(12, 6) FMAR(13, 7) FMAR(14, 8) BSS(12) FMAR(12, 9) FMAR(13, 10) FMAR(14, 11))
+// avx2_i16: 3 x 8 rows x 4 codes, a dimension pair: the rows as vpmaddwd memory operands.
+LOOP(k_i16_3x4, BD(0) I16M(0, 0) I16M(32, 1) I16M(64, 2) BD(4) I16M(0, 3) I16M(32, 4) I16M(64, 5)
+                    BD(8) I16M(0, 6) I16M(32, 7) I16M(64, 8) BD(12) I16M(0, 9) I16M(32, 10) I16M(64, 11))
+// Mixed, a dimension pair: NI codes in int16 (rows as memory operands), NF codes in fp32 (rows
+// loaded into registers for both dimensions; FMA with a memory operand measured slower).
+// 3 x 8 rows x (3 int16 + 1 fp32): 9 vpmaddwd, 6 FMAs.
+LOOP(k_mix_3x_3i1f, BD(0) I16M(0, 0) I16M(32, 1) I16M(64, 2) BD(4) I16M(0, 3) I16M(32, 4) I16M(64, 5)
+                        BD(8) I16M(0, 6) I16M(32, 7) I16M(64, 8)
+                        LDX(96, 12) LDX(128, 13) LDX(160, 14) BSS(16) FMAR(12, 9) FMAR(13, 10) FMAR(14, 11)
+                        LDX(192, 12) LDX(224, 13) LDX(256, 14) BSS(20) FMAR(12, 9) FMAR(13, 10) FMAR(14, 11))
+// 3 x 8 rows x (2 int16 + 2 fp32): 6 vpmaddwd, 12 FMAs.
+LOOP(k_mix_3x_2i2f, BD(0) I16M(0, 0) I16M(32, 1) I16M(64, 2) BD(4) I16M(0, 3) I16M(32, 4) I16M(64, 5)
+                        LDX(96, 12) LDX(128, 13) LDX(160, 14)
+                        BSS(8) FMAR(12, 6) FMAR(13, 7) FMAR(14, 8) BSS(12) FMAR(12, 9) FMAR(13, 10) FMAR(14, 11)
+                        LDX(192, 12) LDX(224, 13) LDX(256, 14)
+                        BSS(16) FMAR(12, 6) FMAR(13, 7) FMAR(14, 8) BSS(20) FMAR(12, 9) FMAR(13, 10) FMAR(14, 11))
+// 2 x 8 rows x (4 int16 + 2 fp32): 8 vpmaddwd, 8 FMAs.
+LOOP(k_mix_2x_4i2f, BD(0) I16M(0, 0) I16M(32, 1) BD(4) I16M(0, 2) I16M(32, 3) BD(8) I16M(0, 4) I16M(32, 5)
+                        BD(12) I16M(0, 6) I16M(32, 7)
+                        LDX(64, 12) LDX(96, 13) BSS(16) FMAR(12, 8) FMAR(13, 9) BSS(20) FMAR(12, 10) FMAR(13, 11)
+                        LDX(128, 12) LDX(160, 13) BSS(24) FMAR(12, 8) FMAR(13, 9) BSS(28) FMAR(12, 10) FMAR(13, 11))
+
+struct Case {
+  const char* label;
+  void (*fn)(long, const void*, const void*);
+  double macs;  // multiply-adds per iteration
+};
+
+double rate(const Case& c, const void* x, const void* b) {
+  const long n = 20000000;
+  double best = 0;
+  for (int rep = 0; rep < 5; ++rep) {
+    const double t = now();
+    c.fn(n, x, b);
+    const double r = n * c.macs / (now() - t) / 1e9;
+    best = r > best ? r : best;
   }
-  for (long k = 0; k < n; ++k) {
-#pragma GCC unroll 6
-    for (int i = 0; i < 6; ++i) {
-      c[i] = _mm256_add_epi32(c[i], _mm256_madd_epi16(a, b));
-      f[i] = _mm256_fmadd_ps(x, y, f[i]);
-    }
-    __asm__ volatile("" : "+x"(a), "+x"(x));
-  }
-  __m256i s = c[0];
-  __m256 g = f[0];
-  for (int i = 1; i < 6; ++i) {
-    s = _mm256_add_epi32(s, c[i]);
-    g = _mm256_add_ps(g, f[i]);
-  }
-  return _mm256_cvtss_f32(g) + (float)_mm256_extract_epi32(s, 0);
+  return best;
 }
 
 }  // namespace
 
 int main() {
-  const long n = 20000000;
-  double best[3] = {0, 0, 0};
-  volatile float sink = 0;
-  for (int rep = 0; rep < 5; ++rep) {
-    double t = now();
-    sink = sink + fp32_loop(n, _mm256_set1_ps(1.0000001f), _mm256_set1_ps(0.9999f));
-    double r = n * 12.0 * 8 / (now() - t) / 1e9;
-    best[0] = r > best[0] ? r : best[0];
-    t = now();
-    sink = sink + (float)int16_loop(n, _mm256_set1_epi16(3), _mm256_set1_epi16(5));
-    r = n * 12.0 * 16 / (now() - t) / 1e9;
-    best[1] = r > best[1] ? r : best[1];
-    t = now();
-    sink = sink + mixed_loop(n, _mm256_set1_epi16(3), _mm256_set1_epi16(5), _mm256_set1_ps(1.0f),
-                             _mm256_set1_ps(0.999f));
-    r = n * 6.0 * (16 + 8) / (now() - t) / 1e9;
-    best[2] = r > best[2] ? r : best[2];
-  }
-  std::printf("one core, best of 5 (thread CPU clock):\n");
-  std::printf("  fp32 FMA (vfmadd231ps ymm):      %6.1f GMAC/s = %6.1f GFLOP/s\n", best[0], 2 * best[0]);
-  std::printf("  int16 vpmaddwd + vpaddd (ymm):    %6.1f GMAC/s = %6.1f GOP/s\n", best[1], 2 * best[1]);
-  std::printf("  mixed (half each):                %6.1f GMAC/s\n", best[2]);
+  // The loops read (never write) these; zeros keep the FMAs away from subnormal slow paths.
+  void* x = aligned_alloc(64, 4096);
+  void* b = aligned_alloc(64, 4096);
+  for (int i = 0; i < 1024; ++i) static_cast<int*>(x)[i] = static_cast<int*>(b)[i] = 0;
+  const Case pipes[] = {
+      {"fp32 vfmadd231ps (12)", fp32, 12 * 8},
+      {"int16 vpmaddwd + vpaddd (12)", int16, 12 * 16},
+      {"vpmaddwd alone (12, no add)", madd_only, 12 * 16},
+      {"8 FMA + 4 vpmaddwd (no add)", fma8_madd4, 8 * 8 + 4 * 16},
+      {"mixed 6 int16 + 6 FMA", mix_6_6, 6 * 16 + 6 * 8},
+      {"mixed 4 int16 + 8 FMA", mix_4_8, 4 * 16 + 8 * 8},
+      {"mixed 8 int16 + 4 FMA", mix_8_4, 8 * 16 + 4 * 8},
+  };
+  const Case kernels[] = {
+      {"avx2 (24 rows x 4 fp32 codes)", k_fp32_3x4, 24 * 4},
+      {"avx2_i16 (24 x 4 int16, rows in memory)", k_i16_3x4, 24 * 4 * 2},
+      {"mixed 24 x (3 int16 + 1 fp32)", k_mix_3x_3i1f, 24 * 4 * 2},
+      {"mixed 24 x (2 int16 + 2 fp32)", k_mix_3x_2i2f, 24 * 4 * 2},
+      {"mixed 16 x (4 int16 + 2 fp32)", k_mix_2x_4i2f, 16 * 6 * 2},
+  };
+  std::printf("one core, best of 5, thread CPU clock; GMAC/s (GFLOP/s = 2x)\n");
+  std::printf("pipes (registers only):\n");
+  for (const Case& c : pipes) std::printf("  %-44s %6.1f\n", c.label, rate(c, x, b));
+  std::printf("kernel inner-loop steps (with their loads and broadcasts):\n");
+  for (const Case& c : kernels) std::printf("  %-44s %6.1f\n", c.label, rate(c, x, b));
+  free(x);
+  free(b);
   return 0;
 }

@@ -249,6 +249,64 @@ def test_thread_pool_survives_fork():
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
 
 
+def _amd_family_and_flags():
+    """(CPU family number if the vendor is AMD else None, /proc/cpuinfo flags) -- Linux only."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None, []
+    field = {l.split(":", 1)[0].strip(): l.split(":", 1)[1].strip() for l in lines if ":" in l}
+    family = int(field["cpu family"]) if field.get("vendor_id") == "AuthenticAMD" else None
+    return family, field.get("flags", "").split()
+
+
+@pytest.mark.skipif(SKIP_REASONS["avx2_i16"] is not None or _amd_family_and_flags()[0] != 25
+                    or "avx512f" in _amd_family_and_flags()[1],
+                    reason="the auto rule for avx2_i16 concerns AMD family 25 without AVX-512 (Zen 3)")
+def test_auto_takes_int16_on_zen3_where_measured(monkeypatch):
+    """On Zen 3 auto picks the int16 pass from K >= 64 and D >= 16 (measured faster there), the fp32
+    build below; either way the answer is the exact one."""
+    monkeypatch.delenv("VQK_CPU_ISA", raising=False)
+    assert native.module().cpu_isa() == "avx2_i16"
+    for K, D, aside in [(64, 16, True), (63, 64, False), (256, 15, False)]:
+        z, cb = make_inputs(300, K, D)
+        # A pair of codes 1e-4 apart that rows sit between: int16 cannot separate them, so the
+        # int16 pass must hand rows to the fp32 search -- which shows which path ran.
+        cb[1] = cb[0] + 1e-4
+        z[:100] = cb[0] + 0.5e-4 + 1e-6 * torch.randn(100, D)
+        before = native.module().cpu_set_aside_rows()
+        idx, _ = vqkernels.nearest_code(z, cb, backend="cpu")
+        assert (native.module().cpu_set_aside_rows() > before) == aside, (K, D)
+        ref, clear, _ = A.exact_answer(z, cb)
+        assert torch.equal(idx[clear], ref[clear]), (K, D)
+
+
+def test_avx2_inner_loops_keep_accumulators_in_registers():
+    """No vfmadd or vpaddd of the built module takes a ymm operand from the stack: that is what a
+    spilled accumulator of the AVX2 micro-kernels looks like (`vfmadd213ps -0x490(%rbp),...`), and
+    it halves their speed without changing a result, so no other test sees it. GCC did it twice
+    after unrelated edits (search_impl.h); the loops are asm statements since (simd_avx2.h,
+    search_avx2_i16.cpp). Speed itself is never asserted; this checks the machine code."""
+    import platform
+    import re
+    import shutil
+    import subprocess
+    if platform.machine() not in ("x86_64", "AMD64") or shutil.which("objdump") is None:
+        pytest.skip("needs objdump and an x86-64 build")
+    if native.cpu_status() is not None:
+        pytest.skip(f"native CPU kernel: {native.cpu_status()}")
+    so = native.module().__file__
+    text = subprocess.run(["objdump", "-d", "--no-show-raw-insn", so], check=True,
+                          capture_output=True, text=True).stdout
+    if "__asan_" in text:
+        pytest.skip("a sanitizer build (.ci/sanitize.sh, -O1): its code keeps values on the stack anyway")
+    # Accumulating instructions only: the per-panel epilogues' vfnmadd may read a spilled
+    # constant (once per panel, not per step).
+    spilled = re.findall(r"(?:vfmadd\d{3}ps|vpaddd)\s+-?0x[0-9a-f]+\(%r[bs]p\),%ymm\d+", text)
+    assert not spilled, spilled[:5]
+
+
 def test_bad_isa_name_is_an_error(monkeypatch):
     monkeypatch.setenv("VQK_CPU_ISA", "sse9")
     with pytest.raises(ValueError, match="VQK_CPU_ISA"):

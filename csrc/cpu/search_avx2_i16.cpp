@@ -2,14 +2,12 @@
 // products (VQK_CPU_ISA=avx2_i16). Built with -mavx2 -mfma -mf16c like search_avx2.cpp.
 //
 // vpmaddwd (_mm256_madd_epi16) multiplies 16 int16 pairs and adds neighbours into 8 int32 lanes: 16
-// multiply-adds per instruction against an fp32 FMA's 8. Whether that is faster depends on the
-// core: on Zen 2/3 vpmaddwd issues on one pipe and FMA on two, so both peak at 16 multiply-adds per
-// cycle (benchmarks/fma_probe.cpp measures 50.6 and 55.0 GMAC/s per core on a Zen 3 EPYC), and
-// with its per-row scaling and proof this build measured 0.88-0.96x the fp32 build's speed there
-// (one thread; about even with two).
-// vq_cpu.cpp therefore never picks it by itself: VQK_CPU_ISA=avx2_i16 forces it (for cores that
-// issue vpmaddwd on two pipes, e.g. Intel since Skylake, where it should pay -- unmeasured), and
-// benchmarks/results/cpu-avx2-i16.md has the measurements.
+// multiply-adds per instruction against an fp32 FMA's 8. On Zen 3 it issues on the same two pipes
+// as FMA, so it does twice the work per pipe slot (benchmarks/fma_probe.cpp, one core: int16
+// vpmaddwd + vpaddd 80 GMAC/s, fp32 FMA 50), and this build measured 0.71-0.92x the fp32 build's CPU
+// time there (2 threads; benchmarks/results/cpu-avx2-i16.md). vq_cpu.cpp picks it by itself only on
+// that CPU family (AMD family 25 without AVX-512) for K >= 64 and D >= 16; VQK_CPU_ISA=avx2_i16
+// forces it anywhere with AVX2 (Intel cores, where it should also pay: unmeasured).
 //
 // Quantization (power-of-two scales, so rescaling is exact):
 //   code k: sigma_k = the smallest power of two >= 2^-100 with max_d |e_kd| <= Q sigma_k,
@@ -176,6 +174,45 @@ void to_pairs_i16(const float* __restrict xt, const float* __restrict inv, int64
     }
 }
 
+// The int16 micro-kernel's loop over the D2 dimension pairs, one asm statement: per pair, for each
+// of the NR codes, broadcast its int16 pair and vpmaddwd it with the three row vectors read straight
+// from the tile (memory operands), adding into the 12 accumulators. Registers decide this kernel's
+// speed: 12 accumulators, 3 row vectors, the broadcast and vpmaddwd's product (it cannot
+// accumulate, unlike an FMA) are 17 ymm registers, one more than AVX2 has, and GCC kept 9 of the 12
+// accumulators on the stack (a load and a store each per step: about half speed, the reason this
+// build first measured slower than fp32). Written with intrinsics and memory operands GCC 12 still
+// spilled (it computed all products before adding them). Here the loop holds 14 registers: the
+// accumulators, ymm14 (broadcast) and ymm15 (product; register renaming lets one architectural
+// register carry every product). The rows come from L1: the tile is reread for every panel anyway.
+static_assert(MRV == 3 && NR == 4, "i16_dots is written for 3 x 4 accumulators");
+#define VQK_I16_CODE(j, a0, a1, a2)                      \
+  "vpbroadcastd " #j "*4(%[b]), %%ymm14\n\t"             \
+  "vpmaddwd (%[x]), %%ymm14, %%ymm15\n\t"                \
+  "vpaddd %%ymm15, %[" #a0 "], %[" #a0 "]\n\t"          \
+  "vpmaddwd 32(%[x]), %%ymm14, %%ymm15\n\t"              \
+  "vpaddd %%ymm15, %[" #a1 "], %[" #a1 "]\n\t"          \
+  "vpmaddwd 64(%[x]), %%ymm14, %%ymm15\n\t"              \
+  "vpaddd %%ymm15, %[" #a2 "], %[" #a2 "]\n\t"
+// xb: D2 steps of MR = 24 words (32-byte aligned), b: D2 steps of NR = 4 words.
+VQK_ALWAYS_INLINE void i16_dots(const uint32_t* xb, const uint32_t* b, int64_t D2, __m256i (&acc)[MRV][NR]) {
+  if (D2 <= 0) return;
+  __asm__("1:\n\t"
+          VQK_I16_CODE(0, a00, a10, a20) VQK_I16_CODE(1, a01, a11, a21)
+          VQK_I16_CODE(2, a02, a12, a22) VQK_I16_CODE(3, a03, a13, a23)
+          "add $96, %[x]\n\t"
+          "add $16, %[b]\n\t"
+          "dec %[n]\n\t"
+          "jnz 1b"
+          : [a00] "+x"(acc[0][0]), [a01] "+x"(acc[0][1]), [a02] "+x"(acc[0][2]), [a03] "+x"(acc[0][3]),
+            [a10] "+x"(acc[1][0]), [a11] "+x"(acc[1][1]), [a12] "+x"(acc[1][2]), [a13] "+x"(acc[1][3]),
+            [a20] "+x"(acc[2][0]), [a21] "+x"(acc[2][1]), [a22] "+x"(acc[2][2]), [a23] "+x"(acc[2][3]),
+            [x] "+r"(xb), [b] "+r"(b), [n] "+r"(D2)
+          :  // no inputs: 12 in-out vectors and 3 in-out pointers are GCC's limit of 30 operands,
+             // so the memory the loop reads is declared by the "memory" clobber
+          : "xmm14", "xmm15", "cc", "memory");
+}
+#undef VQK_I16_CODE
+
 // The int16 micro-kernel: search_tile's shape (MRV x NR accumulators, lanes = rows, codes broadcast,
 // best two per lane in increasing code order with strict compares), on int16 pairs.
 VQK_ALWAYS_INLINE void search_tile_i16(const uint32_t* __restrict xb, const uint32_t* __restrict pb,
@@ -196,18 +233,7 @@ VQK_ALWAYS_INLINE void search_tile_i16(const uint32_t* __restrict xb, const uint
     for (int i = 0; i < MRV; ++i)
 #pragma GCC unroll 64
       for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_si256();
-    const uint32_t* xp = xb;
-    for (int64_t d = 0; d < D2; ++d, xp += MR, b += NR) {
-      __m256i xv[MRV];
-#pragma GCC unroll 64
-      for (int i = 0; i < MRV; ++i) xv[i] = _mm256_load_si256(reinterpret_cast<const __m256i*>(xp + i * W));
-#pragma GCC unroll 64
-      for (int j = 0; j < NR; ++j) {
-        const __m256i bj = _mm256_set1_epi32((int)b[j]);
-#pragma GCC unroll 64
-        for (int i = 0; i < MRV; ++i) acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(xv[i], bj));
-      }
-    }
+    i16_dots(xb, b, D2, acc);
 #pragma GCC unroll 64
     for (int j = 0; j < NR; ++j) {
       const __m256 nj = _mm256_set1_ps(norms[p * NR + j]);

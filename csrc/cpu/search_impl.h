@@ -211,11 +211,16 @@ void pack_rows(const cpu::FwdJob& job, int64_t row0, int64_t rows, float* __rest
 // candidate pass of the exact re-search, so both see bitwise the same a_k.
 VQK_ALWAYS_INLINE void panel_dots(const float* __restrict xt, const float* __restrict b, int64_t D,
                                   typename V::F (&acc)[MRV][NR]) {
-  using F = typename V::F;
 #pragma GCC unroll 64
   for (int i = 0; i < MRV; ++i)
 #pragma GCC unroll 64
     for (int j = 0; j < NR; ++j) acc[i][j] = V::zero();
+#if defined(VQK_PANEL_DOTS)
+  // The ISA's own loop (simd_avx2.h: one asm statement, so no accumulator can be spilled).
+  static_assert(MRV == 3 && NR == 4, "VQK_PANEL_DOTS is written for 3 x 4 accumulators");
+  VQK_PANEL_DOTS(xt, b, D, acc);
+#else
+  using F = typename V::F;
   const float* xp = xt;
   for (int64_t d = 0; d < D; ++d, xp += MR, b += NR) {
     F xv[MRV];
@@ -228,6 +233,7 @@ VQK_ALWAYS_INLINE void panel_dots(const float* __restrict xt, const float* __res
       for (int i = 0; i < MRV; ++i) acc[i][j] = V::fmadd(xv[i], bj, acc[i][j]);
     }
   }
+#endif
 }
 
 // Per lane: the index of the best approximate distance (lowest on ties), its value v1, and the

@@ -110,5 +110,46 @@ struct V {
   }
 };
 
+// The fp32 micro-kernel's loop over D for 3 x 8 rows x 4 codes (search_impl.h's panel_dots uses
+// it when VQK_PANEL_DOTS is defined): per dimension, load the 3 row vectors, broadcast each code
+// value and FMA it into the 12 accumulators -- the same vfmadd231ps operations, in the same order
+// for every accumulator, as the intrinsics, so bitwise the same sums. Written as one asm loop
+// because the register allocation decides this loop's speed: 12 accumulators + 3 rows + the
+// broadcast are all 16 ymm registers, and GCC 12 has twice, after unrelated edits of search_impl.h
+// (an LTO relink, then the residual search), kept one accumulator on the stack (`vfmadd213ps
+// -0x490(%rbp)` in the loop), which halved the kernel's speed. Here the accumulators are operands
+// of the whole loop and the rows and broadcast live in ymm12-15: nothing can spill inside it.
+#define VQK_F32_CODE(j, a0, a1, a2)                   \
+  "vbroadcastss " #j "*4(%[b]), %%ymm15\n\t"          \
+  "vfmadd231ps %%ymm15, %%ymm12, %[" #a0 "]\n\t"     \
+  "vfmadd231ps %%ymm15, %%ymm13, %[" #a1 "]\n\t"     \
+  "vfmadd231ps %%ymm15, %%ymm14, %[" #a2 "]\n\t"
+// xt: D steps of 24 floats (32-byte aligned), b: D steps of 4 floats; D >= 0.
+static inline __attribute__((always_inline)) void avx2_f32_dots_3x4(const float* xt, const float* b,
+                                                                  int64_t D, __m256 (&acc)[3][4]) {
+  if (D <= 0) return;
+  __asm__("1:\n\t"
+          "vmovaps (%[x]), %%ymm12\n\t"
+          "vmovaps 32(%[x]), %%ymm13\n\t"
+          "vmovaps 64(%[x]), %%ymm14\n\t"
+          VQK_F32_CODE(0, a00, a10, a20) VQK_F32_CODE(1, a01, a11, a21)
+          VQK_F32_CODE(2, a02, a12, a22) VQK_F32_CODE(3, a03, a13, a23)
+          "add $96, %[x]\n\t"
+          "add $16, %[b]\n\t"
+          "dec %[n]\n\t"
+          "jnz 1b"
+          : [a00] "+x"(acc[0][0]), [a01] "+x"(acc[0][1]), [a02] "+x"(acc[0][2]), [a03] "+x"(acc[0][3]),
+            [a10] "+x"(acc[1][0]), [a11] "+x"(acc[1][1]), [a12] "+x"(acc[1][2]), [a13] "+x"(acc[1][3]),
+            [a20] "+x"(acc[2][0]), [a21] "+x"(acc[2][1]), [a22] "+x"(acc[2][2]), [a23] "+x"(acc[2][3]),
+            [x] "+r"(xt), [b] "+r"(b), [n] "+r"(D)
+          :  // no inputs: 12 in-out vectors and 3 in-out pointers are GCC's limit of 30 operands,
+             // so the memory the loop reads is declared by the "memory" clobber
+          : "xmm12", "xmm13", "xmm14", "xmm15", "cc", "memory");
+}
+#undef VQK_F32_CODE
+
 }  // namespace
 }  // namespace vqk
+
+// search_impl.h: the AVX2 builds (3 x 4 accumulators) take the asm loop above.
+#define VQK_PANEL_DOTS(xt, b, D, acc) avx2_f32_dots_3x4(xt, b, D, acc)

@@ -25,6 +25,9 @@
 #include "vqk/common.h"
 #include "vqk/vqk.h"
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
 #if defined(VQK_HAVE_NEON) && defined(__linux__)
 #include <asm/hwcap.h>
 #include <sys/auxv.h>
@@ -195,13 +198,32 @@ bool debug_approx_only() {
 // ~10% slower than fp32, from K = 128 on 1.2-1.6x faster on rows that sit near one code).
 constexpr int64_t kBf16MinK = 128, kBf16MinD = 16;
 
-// The AVX2 int16 first pass (search_avx2_i16.cpp, VQK_CPU_ISA=avx2_i16) is never picked by itself:
-// on the Zen 3 EPYC it was measured on it runs at 0.88-0.96x the fp32 build's speed per thread (vpmaddwd
-// issues on one pipe there, so its peak equals fp32 FMA's; benchmarks/results/cpu-avx2-i16.md).
-// Nor is the aarch64 int8 pass (search_neon_dot.cpp, VQK_CPU_ISA=neon_dot): its speed has never been
-// measured (no ARM machine here, only qemu-user, which checks behaviour), and int8's coarse bound
-// sends many rows on random data to an fp32 check of their candidates, so auto stays on `neon`
-// until someone measures it on real cores.
+// The AVX2 int16 first pass (search_avx2_i16.cpp) is picked by itself only where it was measured
+// faster than the fp32 AVX2 build: AMD family 25 (19h) without AVX-512, i.e. Zen 3 (Zen 4, the same
+// family, has AVX-512 and takes that first). On a Zen 3 EPYC (family 25 model 1) its CPU time was
+// 0.71-0.78x the fp32 build's from K = 256 on and ~0.9x at K = 64, D = 64 (2 threads; vpmaddwd
+// shares the two FMA pipes but does 16 multiply-adds to FMA's 8; benchmarks/results/cpu-avx2-i16.md).
+// Not measured below K = 64 or D = 16 (the per-row quantization and proof weigh more there), nor on
+// any Intel core: those keep the fp32 build; VQK_CPU_ISA=avx2_i16 / avx2 force either.
+// The aarch64 int8 pass (search_neon_dot.cpp, VQK_CPU_ISA=neon_dot) is never picked by itself: its
+// speed has never been measured (no ARM machine here, only qemu-user, which checks behaviour), and
+// int8's coarse bound sends many rows on random data to an fp32 check of their candidates, so auto
+// stays on `neon` until someone measures it on real cores.
+constexpr int64_t kI16MinK = 64, kI16MinD = 16;
+
+bool cpu_is_amd_family25() {
+#if defined(__x86_64__) || defined(__i386__)
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid(0, &a, &b, &c, &d)) return false;
+  if (!(b == 0x68747541u && d == 0x69746e65u && c == 0x444d4163u)) return false;  // "AuthenticAMD"
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return false;
+  unsigned family = (a >> 8) & 0xfu;
+  if (family == 0xfu) family += (a >> 20) & 0xffu;
+  return family == 0x19u;
+#else
+  return false;
+#endif
+}
 
 // The kernels to use for a K x D codebook: the best this CPU runs, or the one VQK_CPU_ISA names
 // (read on every call so tests can force each path on one machine).
@@ -216,6 +238,8 @@ const cpu::SearchKernels& select_kernels([[maybe_unused]] int64_t K, [[maybe_unu
     if (cpu_has_avx512()) return cpu::kernels_avx512();
 #endif
 #if defined(VQK_HAVE_AVX2)
+    if (cpu_has_avx2() && cpu_is_amd_family25() && K >= kI16MinK && D >= kI16MinD)
+      return cpu::kernels_avx2_i16();
     if (cpu_has_avx2()) return cpu::kernels_avx2();
 #endif
 #if defined(VQK_HAVE_NEON)

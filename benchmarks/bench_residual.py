@@ -2,11 +2,17 @@
 single-stage vq_quantize calls, grouped_vq, the modules, and (optional) vector-quantize-pytorch's
 ResidualVQ / GroupedResidualVQ with the same settings, forward and forward+backward.
 
-    python benchmarks/bench_residual.py [--quick] [--repeats 3] [--out benchmarks/results/residual-cpu]
+    python benchmarks/bench_residual.py [--quick] [--repeats 3] [--rounds 3] [--k-sweep]
+        [--out benchmarks/results/residual-cpu]
 
 Every (shape, implementation, mode) runs in a fresh subprocess, so its peak memory (ru_maxrss
-after the runs minus the resident size after the warm-up call) is its own. Time: median of
-`repeats` runs after one warm-up. Writes <out>.json and <out>.md.
+after the runs minus the resident size after the warm-up call) is its own. The peers of one
+(shape, mode) are interleaved: `rounds` rounds, each running every implementation's subprocess
+once in turn (so a burst of load hits all of them alike). Each subprocess times `repeats` runs
+after one warm-up; reported: the median over all runs of wall time and of process CPU time (all
+threads: on a shared machine CPU time is the steadier figure), and the load average around the
+runs. --k-sweep adds the fused forward at K = 256, 1024, 4096 for the peak-memory-vs-K check.
+Writes <out>.json and <out>.md.
 """
 from __future__ import annotations
 
@@ -24,15 +30,17 @@ SHAPES = {
     "dac": (16384, 12, 1024, 8, "rvq-cosine"),
     "grouped": (8192, 4, 1024, 256, "gvq"),
 }
+# Peak memory against K (--k-sweep): the EnCodec-like shape at three codebook sizes.
+K_SWEEP = {f"encodec-K{k}": (16384, 8, k, 128, "rvq") for k in (256, 1024, 4096)}
 QUICK = {"encodec": (2048, 4, 256, 64, "rvq"), "dac": (2048, 4, 256, 8, "rvq-cosine"),
          "grouped": (1024, 4, 256, 64, "gvq")}
 
 IMPLS = {
     "rvq": ["vqk residual_vq (fused)", "loop of vq_quantize", "vqk ResidualVectorQuantizer (train)",
             "vqp ResidualVQ (eval)", "vqp ResidualVQ (train)"],
-    "rvq-cosine": ["vqk ResidualVectorQuantizer (eval)", "loop of vq_quantize",
-                   "vqk ResidualVectorQuantizer (train)", "vqp ResidualVQ (eval)",
-                   "vqp ResidualVQ (train)"],
+    "rvq-cosine": ["vqk residual_vq (fused)", "loop of vq_quantize",
+                   "vqk ResidualVectorQuantizer (eval)", "vqk ResidualVectorQuantizer (train)",
+                   "vqp ResidualVQ (eval)", "vqp ResidualVQ (train)"],
     "gvq": ["vqk grouped_vq", "loop of vq_quantize", "vqk GroupedVectorQuantizer (train)",
             "vqp GroupedResidualVQ (eval)", "vqp GroupedResidualVQ (train)"],
 }
@@ -50,7 +58,7 @@ def _one(shape: str, impl: str, mode: str, repeats: int, quick: bool) -> dict:
     import torch.nn.functional as F
 
     import vqkernels
-    N, S, K, D, kind = (QUICK if quick else SHAPES)[shape]
+    N, S, K, D, kind = (QUICK if quick else {**SHAPES, **K_SWEEP})[shape]
     g = torch.Generator().manual_seed(0)
     bwd = mode == "fwd+bwd"
     cosine = kind == "rvq-cosine"
@@ -72,7 +80,7 @@ def _one(shape: str, impl: str, mode: str, repeats: int, quick: bool) -> dict:
 
     if impl == "vqk residual_vq (fused)":
         def run():
-            out = vqkernels.residual_vq(z, books, backend="cpu")
+            out = vqkernels.residual_vq(z, books, backend="cpu", cosine=cosine)
             finish(out.z_q, out.loss)
     elif impl == "vqk grouped_vq":
         def run():
@@ -139,16 +147,17 @@ def _one(shape: str, impl: str, mode: str, repeats: int, quick: bool) -> dict:
     if bwd:
         z.grad = None
     base = _rss_kb()
-    times = []
+    times, cpu = [], []
+    load0 = os.getloadavg()[0]
     for _ in range(repeats):
         if bwd:
             z.grad = None
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         run()
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times.sort()
-    return {"median_s": times[len(times) // 2], "min_s": times[0],
+    return {"times_s": times, "cpu_s": cpu, "load": (load0 + os.getloadavg()[0]) / 2,
             "peak_extra_mb": max(0, peak - base) / 1024,
             "gflop": 2 * N * (S if kind != "gvq" else 1) * K * (D if kind != "gvq" else D) / 1e9}
 
@@ -157,6 +166,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small shapes (a smoke run)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of all peers")
+    ap.add_argument("--k-sweep", action="store_true", help="fused forward at K = 256, 1024, 4096")
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--out", default="benchmarks/results/residual-cpu")
     ap.add_argument("--impls", default=None, help="comma-separated substrings: run only these")
@@ -168,19 +179,41 @@ def main(argv=None):
         return
     import torch
     rows = []
-    for shape in a.shapes.split(","):
-        kind = SHAPES[shape][4]
-        for mode in a.modes.split(","):
-            for impl in IMPLS[kind]:
-                if a.impls and not any(w in impl for w in a.impls.split(",")):
-                    continue
-                cmd = [sys.executable, __file__, "--one", shape, impl, mode,
-                       "--repeats", str(a.repeats)] + (["--quick"] if a.quick else [])
-                p = subprocess.run(cmd, capture_output=True, text=True)
-                if p.returncode:
-                    res = {"error": p.stderr.strip().splitlines()[-1] if p.stderr else "failed"}
-                else:
-                    res = json.loads(p.stdout.strip().splitlines()[-1])
+    shapes = a.shapes.split(",") + (list(K_SWEEP) if a.k_sweep else [])
+
+    def one(shape, impl, mode):
+        cmd = [sys.executable, __file__, "--one", shape, impl, mode,
+               "--repeats", str(a.repeats)] + (["--quick"] if a.quick else [])
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode:
+            return {"error": p.stderr.strip().splitlines()[-1] if p.stderr else "failed"}
+        return json.loads(p.stdout.strip().splitlines()[-1])
+
+    def median(v):
+        v = sorted(v)
+        return v[len(v) // 2]
+
+    for shape in shapes:
+        kind = {**SHAPES, **K_SWEEP}[shape][4]
+        sweep = shape in K_SWEEP
+        for mode in (["fwd"] if sweep else a.modes.split(",")):
+            impls = [i for i in IMPLS[kind] if not a.impls or any(w in i for w in
+                                                                   a.impls.split(","))]
+            if sweep:
+                impls = [i for i in impls if "fused" in i]
+            got = {i: [] for i in impls}
+            for _ in range(1 if sweep else a.rounds):  # interleaved: every peer once per round
+                for impl in impls:
+                    got[impl].append(one(shape, impl, mode))
+            for impl in impls:
+                runs = [r for r in got[impl] if "times_s" in r]
+                res = dict(got[impl][-1]) if not runs else {
+                    "median_s": median([t for r in runs for t in r["times_s"]]),
+                    "cpu_s": median([t for r in runs for t in r["cpu_s"]]),
+                    "min_s": min(t for r in runs for t in r["times_s"]),
+                    "load": sum(r["load"] for r in runs) / len(runs),
+                    "peak_extra_mb": median([r["peak_extra_mb"] for r in runs]),
+                    "gflop": runs[0]["gflop"]}
                 res.update(shape=shape, impl=impl, mode=mode)
                 print(res, flush=True)
                 rows.append(res)
@@ -188,7 +221,8 @@ def main(argv=None):
             "machine": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "quick": a.quick, "repeats": a.repeats,
-            "shapes": {k: (QUICK if a.quick else SHAPES)[k] for k in a.shapes.split(",")}}
+            "rounds": a.rounds,
+            "shapes": {k: (QUICK if a.quick else {**SHAPES, **K_SWEEP})[k] for k in shapes}}
     from importlib import metadata
     try:
         meta["vector_quantize_pytorch"] = metadata.version("vector-quantize-pytorch")
@@ -199,25 +233,30 @@ def main(argv=None):
     lines = [f"# Multi-codebook quantization, CPU ({meta['date']})", "",
              f"{meta['machine']}, {meta['cpus']} CPUs, torch {meta['torch']} "
              f"({meta['torch_threads']} threads), vector-quantize-pytorch "
-             f"{meta['vector_quantize_pytorch']}; median of {a.repeats} after a warm-up; peak "
+             f"{meta['vector_quantize_pytorch']}; {a.rounds} interleaved rounds x {a.repeats} "
+             f"runs after a warm-up, medians; CPU = process CPU time (all threads); peak "
              f"extra = max RSS minus RSS after the warm-up call (its own process).", "",
              "shapes (N, stages|groups, K, D): " + ", ".join(f"{k} {v[:4]}"
                                                                for k, v in meta["shapes"].items()),
              ""]
-    for shape in a.shapes.split(","):
+    for shape in shapes:
         for mode in a.modes.split(","):
-            lines += [f"## {shape}, {mode}", "", "| implementation | median s | peak extra MB | vs loop |",
-                      "|---|---|---|---|"]
             sel = [r for r in rows if r["shape"] == shape and r["mode"] == mode]
-            loop = next((r.get("median_s") for r in sel if r["impl"] == "loop of vq_quantize"),
-                        None)
+            if not sel:
+                continue
+            lines += [f"## {shape}, {mode}", "",
+                      "| implementation | wall s | CPU s | load | peak extra MB | loop / this "
+                      "(wall, CPU) |", "|---|---|---|---|---|---|"]
+            loop = next((r for r in sel if r["impl"] == "loop of vq_quantize"
+                         and "median_s" in r), None)
             for r in sel:
                 if "median_s" not in r:
-                    lines.append(f"| {r['impl']} | {r.get('skipped') or r.get('error')} | | |")
+                    lines.append(f"| {r['impl']} | {r.get('skipped') or r.get('error')} | | | | |")
                     continue
-                ratio = f"{loop / r['median_s']:.2f}x" if loop else ""
-                lines.append(f"| {r['impl']} | {r['median_s']:.3f} | {r['peak_extra_mb']:.0f} | "
-                             f"{ratio} |")
+                ratio = (f"{loop['median_s'] / r['median_s']:.2f}x, "
+                         f"{loop['cpu_s'] / r['cpu_s']:.2f}x") if loop else ""
+                lines.append(f"| {r['impl']} | {r['median_s']:.3f} | {r['cpu_s']:.3f} | "
+                             f"{r['load']:.1f} | {r['peak_extra_mb']:.0f} | {ratio} |")
             lines.append("")
     with open(a.out + ".md", "w") as f:
         f.write("\n".join(lines))

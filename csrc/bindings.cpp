@@ -73,20 +73,36 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("cpu_residual_forward",
         [](View x, std::vector<int64_t> codebooks, std::vector<int64_t> Ks, int64_t active,
-           int64_t zq, int64_t indices, int64_t sqerr, int num_threads) {
+           int64_t zq, int64_t indices, int64_t sqerr, int num_threads, bool cosine) {
           if (codebooks.size() != Ks.size() || codebooks.empty())
             throw std::invalid_argument("vqkernels._C: one K per codebook, at least one stage");
           std::vector<const float*> cbs;
           for (int64_t p : codebooks) cbs.push_back(ptr<const float>(p));
           vqk::ResidualArgs a{rows(x), (int64_t)cbs.size(), cbs.data(), Ks.data(),
                               ptr<const int64_t>(active), ptr<float>(zq), ptr<int64_t>(indices),
-                              ptr<float>(sqerr)};
+                              ptr<float>(sqerr), cosine ? 1 : 0};
           py::gil_scoped_release nogil;
           vqk::cpu_residual_forward(a, num_threads);
         },
         py::arg("x"), py::arg("codebooks"), py::arg("Ks"), py::arg("active"), py::arg("zq"),
-        py::arg("indices"), py::arg("sqerr"), py::arg("num_threads"),
+        py::arg("indices"), py::arg("sqerr"), py::arg("num_threads"), py::arg("cosine") = false,
         "Residual VQ forward, fp32: all stages per row tile (see vqk.h, ResidualArgs).");
+
+  m.def("cpu_grouped_forward",
+        [](View x, std::vector<int64_t> codebooks, std::vector<int64_t> Ks, View zq,
+           int64_t indices, int64_t sqerr, int num_threads) {
+          if (codebooks.size() != Ks.size() || codebooks.empty())
+            throw std::invalid_argument("vqkernels._C: one K per codebook, at least one group");
+          std::vector<const float*> cbs;
+          for (int64_t p : codebooks) cbs.push_back(ptr<const float>(p));
+          vqk::GroupedArgs a{rows(x), (int64_t)cbs.size(), cbs.data(), Ks.data(), rows_out(zq),
+                             ptr<int64_t>(indices), ptr<float>(sqerr)};
+          py::gil_scoped_release nogil;
+          vqk::cpu_grouped_forward(a, num_threads);
+        },
+        py::arg("x"), py::arg("codebooks"), py::arg("Ks"), py::arg("zq"), py::arg("indices"),
+        py::arg("sqerr"), py::arg("num_threads"),
+        "Grouped VQ forward, fp32: every group's own codebook in one call (see vqk.h, GroupedArgs).");
 
   m.def("cpu_isa", [] { return std::string(vqk::cpu_isa()); },
         "The CPU search kernels a large search uses: 'avx512bf16', 'avx512', 'avx2_i16', 'avx2', "

@@ -10,8 +10,8 @@ import torch
 
 import vqkernels
 from vqkernels import native
-from vqkernels.residual import (codes_from_indices, grouped_codes_from_indices, grouped_vq,
-                                residual_forward, residual_vq)
+from vqkernels.residual import (_unit_rows, codes_from_indices, grouped_codes_from_indices,
+                                grouped_vq, residual_forward, residual_vq)
 
 from adversarial import assert_exact, close_codes, duplicated, exact_answer, large_mean
 from cpu_isas import ISA_PARAMS
@@ -162,6 +162,16 @@ def test_every_isa_gives_the_same_indices(isa, monkeypatch):
     q, i, _ = residual_forward(z, cbs, None, "cpu")
     _assert_every_stage_exact(z, cbs, i, isa)
     assert torch.equal(i, i_ref) and torch.equal(q, q_ref)
+    # The cosine stages and the grouped call on the same build.
+    ucbs = [_unit(cb) for cb in cbs]
+    qc, ic, _ = residual_forward(z, ucbs, None, "cpu", cosine=True)
+    _assert_every_cosine_stage_exact(z, ucbs, ic, f"{isa} cosine")
+    monkeypatch.delenv("VQK_CPU_ISA")
+    assert torch.equal(ic, residual_forward(z, ucbs, None, "reference", cosine=True)[1])
+    books = [cb[:, :6] for cb in cbs]
+    ref = grouped_vq(z[:, :18], books, backend="reference").indices
+    monkeypatch.setenv("VQK_CPU_ISA", isa)
+    assert torch.equal(grouped_vq(z[:, :18], books, backend="cpu").indices, ref)
 
 
 # ------------------------------------------------------------------------------ the op
@@ -394,3 +404,217 @@ def test_grouped_mask_and_errors():
         grouped_vq(z, books[0])
     with pytest.raises(ValueError, match="group 1"):
         grouped_codes_from_indices(torch.tensor([[0, 5]]), books)
+
+
+# ------------------------------------------------------------------------------ cosine, fused
+def _unit(cb):
+    return torch.nn.functional.normalize(cb.double(), dim=1).float()
+
+
+def _assert_every_cosine_stage_exact(rows, codebooks, indices, what):
+    # Stage s is judged on the unit rows of its residual, rebuilt from the indices by the
+    # definition (r_{s+1} = fl32(r_s - e_s), u_s = _unit_rows(r_s)).
+    for s, (r, cb) in enumerate(zip(_residuals(rows, codebooks, indices), codebooks)):
+        assert_exact(_unit_rows(r), cb, indices[s], what=f"{what} stage {s}")
+
+
+def test_unit_rows_is_within_an_ulp_of_normalize():
+    gen = _gen(201)
+    r = torch.randn(500, 9, generator=gen) * torch.logspace(-15, 15, 500)[:, None]
+    u = _unit_rows(r)
+    torch.testing.assert_close(u, torch.nn.functional.normalize(r, dim=1), rtol=3e-7, atol=0)
+    assert torch.equal(_unit_rows(torch.zeros(2, 3)), torch.zeros(2, 3))
+    # Where fp32 squares overflow (F.normalize then gives zeros) the float64 sum still gives
+    # unit rows.
+    big = torch.randn(50, 9, generator=gen) * torch.logspace(10, 36, 50)[:, None]
+    norms = _unit_rows(big).double().norm(dim=1)
+    torch.testing.assert_close(norms, torch.ones(50, dtype=torch.float64), rtol=1e-6, atol=0)
+
+
+@needs_cpu
+@pytest.mark.parametrize("N,D,Ks", [(1, 1, [1]), (37, 3, [5, 2, 7]), (200, 8, [256] * 6),
+                                    (61, 129, [3, 130])])
+def test_cpu_fused_cosine_equals_the_reference_at_every_stage(N, D, Ks):
+    gen = _gen(2000 + N + D)
+    z, cbs = _stagewise_data(gen, N, D, Ks)
+    cbs = [_unit(cb) for cb in cbs]
+    q_ref, i_ref, e_ref = residual_forward(z, cbs, None, "reference", cosine=True)
+    q, i, e = residual_forward(z, cbs, None, "cpu", cosine=True)
+    _assert_every_cosine_stage_exact(z, cbs, i, "cpu cosine")
+    _assert_every_cosine_stage_exact(z, cbs, i_ref, "reference cosine")
+    assert torch.equal(i, i_ref)
+    assert torch.equal(q, q_ref)
+    torch.testing.assert_close(e, e_ref, rtol=1e-5, atol=1e-6)
+
+
+@needs_cpu
+@pytest.mark.parametrize("n_close,spacing", [(2, None), (3, 8), (5, 32), (9, 16)])
+def test_cpu_fused_cosine_is_exact_on_nearly_parallel_codes(n_close, spacing):
+    # close_codes far from the origin, normalised: the unit codes differ by ~2^-12 in direction,
+    # so the fp32 expansion cannot separate them and the exact re-search decides, every stage.
+    gen = _gen(211 + n_close)
+    x, cb0 = close_codes(gen, N=150, K=300, D=32, n_close=n_close, spacing=spacing)
+    cb1 = _unit(torch.randn(40, 32, generator=gen))
+    cbs = [_unit(cb0), cb1, _unit(cb0)]
+    before = native.module().cpu_exact_rows()
+    q, i, e = residual_forward(x, cbs, None, "cpu", cosine=True)
+    assert native.module().cpu_exact_rows() > before  # the re-search ran
+    _assert_every_cosine_stage_exact(x, cbs, i, "cpu cosine close")
+    monkey = residual_forward(x, cbs, None, "reference", cosine=True)[1]
+    clear0 = exact_answer(_unit_rows(x), cbs[0])[1]
+    assert torch.equal(i[0][clear0], monkey[0][clear0])
+
+
+@needs_cpu
+def test_cpu_fused_cosine_duplicates_zero_and_non_finite_rows():
+    gen = _gen(221)
+    x, cb = duplicated(gen, copies=3, interleave=True)
+    cbs = [_unit(cb), _unit(cb.flip(0))]
+    x[0] = 0.0  # a zero row: its unit row is 0, the nearest code the one of least fp32 norm
+    x[1, 3] = float("nan")
+    x[2, 0] = float("inf")
+    q, i, e = residual_forward(x, cbs, None, "cpu", cosine=True)
+    keep = torch.ones(x.shape[0], dtype=torch.bool)
+    keep[1:3] = False
+    _assert_every_cosine_stage_exact(x[keep], cbs, i[:, keep], "cosine duplicates")
+    assert int(i[0, 1]) == 0 and int(i[0, 2]) == 0  # non-finite rows: index 0, NaN codes
+    assert torch.isnan(q[1]).all() and torch.isnan(q[2]).all()
+    q_ref, i_ref, _ = residual_forward(x, cbs, None, "reference", cosine=True)
+    assert torch.equal(i, i_ref)
+
+
+@needs_cpu
+def test_cpu_fused_cosine_dropout_rows_stop():
+    gen = _gen(231)
+    z, cbs = _stagewise_data(gen, 90, 8, [64, 64, 64])
+    cbs = [_unit(cb) for cb in cbs]
+    active = torch.randint(0, 4, (90,), generator=gen)
+    q, i, e = residual_forward(z, cbs, active, "cpu", cosine=True)
+    q_ref, i_ref, e_ref = residual_forward(z, cbs, active, "reference", cosine=True)
+    assert torch.equal(i, i_ref) and torch.equal(q, q_ref)
+    s = torch.arange(3)[:, None]
+    assert ((i == -1) == (s >= active[None])).all()
+    assert (e[s.expand(3, 90) >= active[None]] == 0).all()
+
+
+@needs_cpu
+@pytest.mark.parametrize("training,masked", [(False, False), (True, False), (True, True)])
+def test_cosine_module_on_cpu_is_one_call_with_the_loops_gradients(training, masked,
+                                                                   monkeypatch):
+    # ResidualVectorQuantizer(cosine=True) without projection: one native call for the search
+    # (counted), and the same indices, losses and gradients as its stage loop on the reference
+    # backend (autograd through F.normalize there), with padding masks and per-row stage counts.
+    from vqkernels import residual as residual_mod
+    gen = _gen(241)
+    z = torch.randn(120, 8, generator=gen)
+    kw = {}
+    if masked:
+        kw = dict(mask=torch.rand(120, generator=gen) < 0.8,
+                  active_stages=torch.randint(0, 4, (120,), generator=gen))
+    mods, outs, grads = [], [], []
+    for backend in ("cpu", "reference"):
+        m = vqkernels.ResidualVectorQuantizer(8, 3, 32, cosine=True, kmeans_init=False,
+                                              backend=backend, seed=3)
+        m.train(training)
+        mods.append(m)
+    mods[1].load_state_dict(mods[0].state_dict())
+    calls = []
+    real = residual_mod._cpu_fused
+    monkeypatch.setattr(residual_mod, "_cpu_fused",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    for m in mods:
+        zz = z.clone().requires_grad_(True)
+        out = m(zz, **kw)
+        (out.z_q.square().mean() + out.loss).backward()
+        outs.append(out)
+        grads.append((zz.grad, [p.grad for p in m.parameters() if p.grad is not None]))
+    assert len(calls) == 1
+    assert torch.equal(outs[0].indices, outs[1].indices)
+    torch.testing.assert_close(outs[0].codebook_loss, outs[1].codebook_loss)
+    torch.testing.assert_close(outs[0].commitment_loss, outs[1].commitment_loss)
+    torch.testing.assert_close(outs[0].z_q, outs[1].z_q)
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    assert len(grads[0][1]) == len(grads[1][1])
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------------------------------------ grouped, fused
+@needs_cpu
+@pytest.mark.parametrize("G,d,Ks", [(4, 64, [256, 256, 256, 256]), (3, 5, [7, 1, 300]),
+                                    (2, 33, [64, 65])])
+def test_cpu_grouped_is_one_call_and_exact_per_group(G, d, Ks, monkeypatch):
+    from vqkernels import residual as residual_mod
+    gen = _gen(251 + G * d)
+    z = torch.randn(150, G * d, generator=gen)
+    books = [torch.randn(K, d, generator=gen) for K in Ks]
+    calls = []
+    real = residual_mod._GroupedFn.forward
+    monkeypatch.setattr(residual_mod._GroupedFn, "forward",
+                        staticmethod(lambda *a: calls.append(1) or real(*a)))
+    out = grouped_vq(z, books, backend="cpu")
+    assert len(calls) == 1
+    ref = grouped_vq(z, books, backend="reference")
+    for g in range(G):
+        assert_exact(z[:, g * d:(g + 1) * d], books[g], out.indices[:, g], what=f"group {g}")
+    assert torch.equal(out.indices, ref.indices)
+    assert torch.equal(out.z_q, ref.z_q)
+    torch.testing.assert_close(out.codebook_loss, ref.codebook_loss)
+
+
+@needs_cpu
+def test_cpu_grouped_is_exact_on_adversarial_groups():
+    # Group 0: codes close to each other far from the origin (the re-search decides); group 1:
+    # every code duplicated (lowest index); group 2: large-mean data. One call for all three.
+    gen = _gen(261)
+    x0, cb0 = close_codes(gen, N=120, K=300, D=16, n_close=5, spacing=32)
+    x1, cb1 = duplicated(gen, N=120, K0=40, D=16, copies=3)
+    x2, cb2 = large_mean(gen, N=120, K=256, D=16)
+    z = torch.cat([x0, x1, x2], 1)
+    before = native.module().cpu_exact_rows()
+    out = grouped_vq(z, [cb0, cb1, cb2], backend="cpu")
+    assert native.module().cpu_exact_rows() > before
+    for g, (x, cb) in enumerate([(x0, cb0), (x1, cb1), (x2, cb2)]):
+        assert_exact(x, cb, out.indices[:, g], what=f"group {g}")
+
+
+@needs_cpu
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_cpu_grouped_does_not_depend_on_thread_count(threads):
+    gen = _gen(271)
+    x0, cb0 = close_codes(gen, N=300, K=300, D=16, n_close=3, spacing=8)
+    z = torch.cat([x0, torch.randn(300, 16, generator=gen)], 1)
+    books = [cb0, torch.randn(100, 16, generator=gen)]
+    old = torch.get_num_threads()
+    try:
+        base = grouped_vq(z, books, backend="cpu")
+        torch.set_num_threads(threads)
+        out = grouped_vq(z, books, backend="cpu")
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(out.indices, base.indices) and torch.equal(out.z_q, base.z_q)
+
+
+@needs_cpu
+def test_cpu_grouped_gradients_and_mask_match_the_loop():
+    gen = _gen(281)
+    z0 = torch.randn(3, 40, 12, generator=gen)
+    books0 = [torch.randn(16, 4, generator=gen) for _ in range(3)]
+    mask = torch.rand(3, 40, generator=gen) < 0.7
+    res = []
+    for backend in ("cpu", "reference"):
+        z = z0.clone().requires_grad_(True)
+        books = [b.clone().requires_grad_(True) for b in books0]
+        out = grouped_vq(z, books, beta=0.3, mask=mask, backend=backend)
+        (out.z_q.square().mean() + out.loss).backward()
+        res.append((out, z.grad, [b.grad for b in books]))
+    (a, gza, gba), (b, gzb, gbb) = res
+    assert torch.equal(a.indices, b.indices)
+    assert all(torch.equal(x, y) for x, y in zip(a.counts, b.counts))
+    torch.testing.assert_close(a.loss, b.loss)
+    torch.testing.assert_close(gza, gzb)
+    for x, y in zip(gba, gbb):
+        torch.testing.assert_close(x, y)
+    # Padding rows get only the straight-through gradient of z_q, no loss gradient.
+    zq_only = 2 * a.z_q.detach() / a.z_q.numel()
+    torch.testing.assert_close(gza[~mask], zq_only[~mask])

@@ -13,7 +13,10 @@ Definitions (every backend computes exactly these; the reference below is the or
   * z_q = fl(((0 + e_0) + e_1) + ...) in `acc`, cast to z's dtype; `codes_from_indices` gives the
     same sum bit for bit;
   * a row that sits stage s out (quantizer dropout: s >= active_stages) gets index -1 there, adds
-    nothing and leaves its residual as it is.
+    nothing and leaves its residual as it is;
+  * cosine=True: stage s searches the unit row u_s = r_s / max(fl(||r_s||), 1e-12) instead of r_s
+    (`_unit_rows`: the norm from a float64 sum of squares in d order, rounded once), against
+    codebooks the caller normalised; its sqerr and losses are u_s's, and r_{s+1} = r_s - e_s.
 
 Losses, per stage s, over the rows that are not masked out and are active at stage s, divided by
 (unmasked rows) x D (so with one stage and no mask they equal vq_quantize's):
@@ -26,8 +29,9 @@ straight-through output instead, which makes r_s for s >= 1 constant in z: only 
 commitment term reaches its encoder there. z_q is straight-through on the sum: grad z = grad z_q.
 
 Backends: "reference" is a stage loop over vqkernels.reference (float64 search, plain torch);
-"cpu" is one native call that runs all stages per row tile with the residual in cache (fp32;
-16-bit input is widened first, float64 input runs a stage loop over the exact float64 kernel);
+"cpu" is one native call that runs all stages per row tile with the residual in cache (fp32,
+cosine too; 16-bit input is widened first, float64 input runs a stage loop over the exact float64
+kernel);
 "triton" runs a fused kernel too (all stages per row block, the residual in an N x D scratch the
 block owns, read in column chunks: any D; fp32 and 16-bit input widened to fp32; tested under
 Triton's interpreter and AOT-compiled for sm_80/sm_90 without spills, not yet run on a GPU) and a
@@ -41,8 +45,9 @@ stage loop for float64; "cuda" runs a stage loop over its single-stage kernel, a
     (K = 1024); and nothing of it can be measured here without a GPU;
   * every stage is then exact by construction (the single-stage kernel's contract, tested through
     the emulator in tests/test_cuda_emulated.py, residual and grouped included).
-Grouped VQ with each group's own codebook is one launch on Triton (a group axis in the grid);
-other backends loop over the groups. Nothing of size N x K is ever formed.
+Grouped VQ with each group's own codebook is one launch on Triton (a group axis in the grid) and
+one native call on the CPU ((group, row tile) pairs shared out to the threads); other backends
+loop over the groups. Nothing of size N x K is ever formed.
 """
 from __future__ import annotations
 
@@ -123,22 +128,40 @@ def _per_row(name: str, t: Optional[Tensor], lead: torch.Size, device, dtype) ->
 
 
 # ------------------------------------------------------------------------------ forward
+def _unit_rows(r: Tensor) -> Tensor:
+    """The unit rows cosine residual VQ searches (no autograd): r / max(||r||, 1e-12) with ||r||
+    = the float64 sum of squares in d order (each square exact), square-rooted and rounded to
+    r's dtype, then one division per element in r's dtype. Bit for bit what the native CPU
+    kernel computes (search_impl.h, unit_tile); within an ulp of F.normalize."""
+    ss = torch.zeros(r.shape[0], dtype=torch.float64, device=r.device)
+    for d in range(r.shape[1]):
+        ss += r[:, d].double().square()
+    n = ss.sqrt().to(r.dtype).clamp_min(1e-12)
+    return r / n[:, None]
+
+
 def residual_forward(rows: Tensor, codebooks: list[Tensor], active: Optional[Tensor],
-                     backend: str = "reference") -> tuple[Tensor, Tensor, Tensor]:
+                     backend: str = "reference",
+                     cosine: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """(z_q, indices (S, N), sqerr (S, N)) for `rows` (N, D) in the accumulation dtype and codes
     widened to it, by the module docstring's definition. No autograd.
 
+    cosine: stage s searches the unit rows `_unit_rows(r_s)` against the given codebooks (the
+    caller normalises them), its sqerr is the unit row's error, and r_{s+1} = r_s - e_s
+    (ResidualVectorQuantizer(cosine=True)'s definition).
+
     backend "reference" is the oracle: a stage loop over vqkernels.reference (float64 search).
     Other backends run their own single-stage search per stage, except "cpu" on float32, which
-    runs the fused native kernel, and "triton" on float32, which runs the fused Triton kernel
-    (vqkernels.triton.residual); "cuda" is the stage loop the module docstring explains.
+    runs the fused native kernel (cosine too), and "triton" on float32 (not cosine), which runs
+    the fused Triton kernel (vqkernels.triton.residual); "cuda" is the stage loop the module
+    docstring explains.
     """
     N, D = rows.shape
     S = len(codebooks)
     b = backends.resolve(backend, rows.device)
     if b.name == "cpu" and rows.dtype == torch.float32 and N > 0:
-        return _cpu_fused(rows, codebooks, active)
-    if b.name == "triton":
+        return _cpu_fused(rows, codebooks, active, cosine)
+    if b.name == "triton" and not cosine:
         from .triton import residual as triton_residual
         if triton_residual.supported(rows, codebooks):
             return triton_residual.residual_forward(rows, codebooks, active)
@@ -147,7 +170,8 @@ def residual_forward(rows: Tensor, codebooks: list[Tensor], active: Optional[Ten
     indices = torch.empty(S, N, dtype=torch.long, device=rows.device)
     sqerr = torch.empty(S, N, dtype=rows.dtype, device=rows.device)
     for s, cb in enumerate(codebooks):
-        e, idx, err, _ = b.forward(r, 1, cb, RowPlan(r, 1))
+        x = _unit_rows(r) if cosine else r
+        e, idx, err, _ = b.forward(x, 1, cb, RowPlan(x, 1))
         if active is not None:
             on = active > s
             idx = torch.where(on, idx, -1)
@@ -159,7 +183,8 @@ def residual_forward(rows: Tensor, codebooks: list[Tensor], active: Optional[Ten
     return q, indices, sqerr
 
 
-def _cpu_fused(rows: Tensor, codebooks: list[Tensor], active: Optional[Tensor]):
+def _cpu_fused(rows: Tensor, codebooks: list[Tensor], active: Optional[Tensor],
+               cosine: bool = False):
     N, D = rows.shape
     S = len(codebooks)
     x = rows.contiguous()
@@ -171,7 +196,7 @@ def _cpu_fused(rows: Tensor, codebooks: list[Tensor], active: Optional[Tensor]):
     native.module().cpu_residual_forward(
         (x.data_ptr(), 1, N, D, 0, D, 1), [cb.data_ptr() for cb in cbs],
         [cb.shape[0] for cb in cbs], act.data_ptr() if act is not None else 0, z_q.data_ptr(),
-        indices.data_ptr(), sqerr.data_ptr(), max(1, torch.get_num_threads()))
+        indices.data_ptr(), sqerr.data_ptr(), max(1, torch.get_num_threads()), cosine)
     return z_q, indices, sqerr
 
 
@@ -183,15 +208,15 @@ class _ResidualFn(torch.autograd.Function):
     (a shared codebook sums its stages' terms)."""
 
     @staticmethod
-    def forward(ctx, rows, active, backend, shared, *codebooks):
+    def forward(ctx, rows, active, backend, shared, cosine, *codebooks):
         acc = reference.acc_dtype(rows.dtype)
         r = rows.detach().to(acc)
         cbs = [cb.detach().to(acc) for cb in codebooks]
         if shared:
             cbs = cbs * shared
-        z_q, indices, sqerr = residual_forward(r, cbs, active, backend)
+        z_q, indices, sqerr = residual_forward(r, cbs, active, backend, cosine)
         ctx.save_for_backward(rows, indices, *codebooks)
-        ctx.shared, ctx.backend = shared, backend
+        ctx.shared, ctx.backend, ctx.cosine = shared, backend, cosine
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(indices)
         return z_q.to(rows.dtype), indices, sqerr, sqerr.clone()
@@ -203,7 +228,7 @@ class _ResidualFn(torch.autograd.Function):
         S, N = indices.shape
         need_z = ctx.needs_input_grad[0]
         stage_cbs = codebooks * ctx.shared if ctx.shared else codebooks
-        need_cb = [ctx.needs_input_grad[4 + i] for i in range(len(codebooks))]
+        need_cb = [ctx.needs_input_grad[5 + i] for i in range(len(codebooks))]
         stage_need = need_cb * ctx.shared if ctx.shared else need_cb
         grads = [None] * len(codebooks)
         grad_z = None
@@ -213,37 +238,67 @@ class _ResidualFn(torch.autograd.Function):
         if g_cb is not None or (g_cm is not None and need_z):
             # Each stage is the single-stage backward on its residual r_s (the backend's own
             # kernel: the native one sums the codebook gradient in a fixed order), with the rows
-            # that sit the stage out weighted 0.
+            # that sit the stage out weighted 0. grad_z goes in as the kernel's grad_zq, so the
+            # kernel's grad_x is grad_z plus this stage's commitment term (no extra pass), and
+            # the residual is updated in place: at these sizes every N x D pass counts.
             b = backends.resolve(ctx.backend, rows.device)
-            r = rows.detach().to(acc)
+            r = rows.detach().to(acc, copy=True)
+            e = torch.empty_like(r)  # one buffer for every stage's gathered codes
+            all_on = bool((indices >= 0).all())
             for s in range(S):
                 idx = indices[s]
-                on = idx >= 0
-                safe = idx.clamp(min=0)
+                on = None if all_on else idx >= 0
+                safe = idx if all_on else idx.clamp(min=0)
                 cb = stage_cbs[s].detach().to(acc)
-                w_cm = (torch.where(on, g_cm[s].to(acc), 0) if g_cm is not None and need_z
-                        else None)
-                w_cb = (torch.where(on, g_cb[s].to(acc), 0) if g_cb is not None and stage_need[s]
-                        else None)
-                if w_cm is not None or w_cb is not None:
-                    g_r, g_c = b.backward(r, 1, cb, safe, None, w_cb, w_cm, RowPlan(r, 1))
+                w_cm = w_cb = None
+                if g_cm is not None and need_z:
+                    w_cm = g_cm[s].to(acc) if on is None else torch.where(on, g_cm[s].to(acc), 0)
+                if g_cb is not None and stage_need[s]:
+                    w_cb = g_cb[s].to(acc) if on is None else torch.where(on, g_cb[s].to(acc), 0)
+                if (w_cm is not None or w_cb is not None) and ctx.cosine:
+                    # Stage s saw u = r / max(||r||, eps): the single-stage backward on u, then
+                    # the commitment term's gradient through the normalisation,
+                    # d u / d r . g = (g - u (u . g)) / ||r|| (F.normalize's; no projection
+                    # where the norm was clamped).
+                    nrm = torch.linalg.vector_norm(r, dim=1, keepdim=True)
+                    den = nrm.clamp_min(1e-12)
+                    u = r / den
+                    g_u, g_c = b.backward(u, 1, cb, safe, None, w_cb, w_cm, RowPlan(u, 1))
                     if w_cm is not None:
-                        grad_z.add_(g_r)
+                        proj = torch.where(nrm > 1e-12, (u * g_u).sum(1, keepdim=True), 0)
+                        grad_z = grad_z + (g_u - u * proj) / den
+                elif w_cm is not None or w_cb is not None:
+                    g_r, g_c = b.backward(r, 1, cb, safe, grad_z if w_cm is not None else None,
+                                          w_cb, w_cm, RowPlan(r, 1))
+                    if w_cm is not None:
+                        grad_z = g_r
+                if w_cm is not None or w_cb is not None:
                     if w_cb is not None:
                         i = 0 if ctx.shared else s
                         grads[i] = g_c if grads[i] is None else grads[i].add_(g_c)
-                # The forward's residual update, bit for bit.
-                r = r - torch.where(on[:, None], cb[safe], 0)
+                # The forward's residual update, bit for bit (fl(r - e); a stage sat out
+                # subtracts 0).
+                torch.index_select(cb, 0, safe, out=e)
+                if on is not None:
+                    e.masked_fill_(~on[:, None], 0)
+                r.sub_(e)
         out_cb = [None if not need or g is None else g.to(cb.dtype)
                   for need, g, cb in zip(need_cb, grads, codebooks)]
-        return (grad_z.to(rows.dtype) if need_z else None, None, None, None, *out_cb)
+        return (grad_z.to(rows.dtype) if need_z else None, None, None, None, None, *out_cb)
 
 
 def residual_vq(z: Tensor, codebooks: Codebooks, *, beta: float = 0.25, dim: int = -1,
                 num_stages: Optional[int] = None, active_stages: Optional[Tensor] = None,
-                mask: Optional[Tensor] = None, backend: str = "auto") -> RVQOutput:
+                mask: Optional[Tensor] = None, backend: str = "auto",
+                cosine: bool = False) -> RVQOutput:
     """Residual vector quantization of `z` along `dim` (see the module docstring for the exact
     definitions and the loss convention).
+
+    cosine: stage s searches the unit rows of its residual, u_s = r_s / max(||r_s||, 1e-12)
+        (`_unit_rows`: the norm from a float64 sum of squares), against the codebooks as given
+        (normalise them first: ResidualVectorQuantizer(cosine=True) does), and subtracts the
+        chosen (unit) code from r_s; the losses and sqerr are u_s's errors, and the commitment
+        gradient reaches z through the normalisation. One native call on the CPU.
 
     codebooks: a list of S codebooks (K_s, D) (sizes may differ), an (S, K, D) tensor, or one
         (K, D) codebook shared by every stage (then pass num_stages=S). Any differentiable
@@ -273,7 +328,7 @@ def residual_vq(z: Tensor, codebooks: Codebooks, *, beta: float = 0.25, dim: int
     D = rows.shape[1]
     uniq = stages[:1] if shared else stages
     z_q, indices, err_cb, err_cm = _ResidualFn.apply(rows, active, backend,
-                                                     S if shared else 0, *uniq)
+                                                     S if shared else 0, bool(cosine), *uniq)
     acc = err_cb.dtype
     w = None if valid is None else valid.to(acc)
     n = rows.shape[0] if valid is None else valid.sum()
@@ -347,9 +402,10 @@ def grouped_vq(z: Tensor, codebooks: Codebooks, *, groups: Optional[int] = None,
     (G, K, D/G) tensor) or against one shared (K, D/G) codebook (then pass groups=G).
 
     A shared codebook is one call of the single-stage op on the (N G, D/G) rows. Own codebooks
-    run as one launch on Triton (fp32/16-bit: a grid axis over the groups, each group's search
-    exact by issue 13's contract, gradients the per-group loop's) and one single-stage call per
-    group on the other backends. Losses are per group: the mean of
+    run as one launch on Triton (fp32/16-bit: a grid axis over the groups) and as one native call
+    on the CPU (fp32/16-bit widened), each group's search exact by issue 13's contract and the
+    gradients the per-group loop's; one single-stage call per group on the other backends.
+    Losses are per group: the mean of
     the squared error over that group's elements of the unmasked rows, so with G = 1 they equal
     vq_quantize's. `mask` (True = a real row) as in residual_vq.
     """
@@ -439,12 +495,25 @@ class _GroupedFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, parts, backend, *codebooks):
-        from .triton import residual as triton_residual
         N, G, d = parts.shape
         # 16-bit values widen to fp32 exactly; the codes come back to parts' dtype exactly.
         x = parts.detach().reshape(N, G * d).to(torch.float32)
-        z_q, idx, err = triton_residual.grouped_forward(
-            x, [cb.detach().to(torch.float32) for cb in codebooks])
+        cbs = [cb.detach().to(torch.float32).contiguous() for cb in codebooks]
+        if backends.resolve(backend, parts.device).name == "cpu":
+            # One native call: every group's codebook packed, (group, row tile) pairs shared
+            # out to the threads, each searched by the single-stage kernel (csrc/cpu/vq_cpu.cpp,
+            # grouped_forward).
+            x = x.contiguous()
+            z_q = torch.empty(N, G * d, dtype=torch.float32)
+            idx = torch.empty(G, N, dtype=torch.long)
+            err = torch.empty(G, N, dtype=torch.float32)
+            native.module().cpu_grouped_forward(
+                (x.data_ptr(), 1, N, G * d, 0, G * d, 1), [cb.data_ptr() for cb in cbs],
+                [cb.shape[0] for cb in cbs], (z_q.data_ptr(), 1, N, G * d, 0, G * d, 1),
+                idx.data_ptr(), err.data_ptr(), max(1, torch.get_num_threads()))
+        else:
+            from .triton import residual as triton_residual
+            z_q, idx, err = triton_residual.grouped_forward(x, cbs)
         idx, err = idx.T.contiguous(), err.T.contiguous()
         ctx.save_for_backward(parts, idx, *codebooks)
         ctx.backend = backend
@@ -473,19 +542,21 @@ class _GroupedFn(torch.autograd.Function):
 
 
 def _grouped_fused(parts: Tensor, books: list[Tensor], backend: str):
-    """The one-launch grouped search (Triton, own codebooks) where it applies, else None (the
-    caller loops over the groups)."""
+    """The one-call grouped search (own codebooks: one Triton launch, or one native CPU call)
+    where it applies, else None (the caller loops over the groups)."""
     if parts.shape[0] == 0:
         return None
     b = backends.resolve(backend, parts.device)
-    if b.name != "triton":
+    if b.name not in ("triton", "cpu"):
         return None
-    from .triton import residual as triton_residual
     N, G, d = parts.shape
     if parts.dtype not in (torch.float32, torch.float16, torch.bfloat16) or \
-            any(cb.dtype != parts.dtype for cb in books) or G > 65535 or \
-            not triton_residual.fits(N, G * d, d, [cb.shape[0] for cb in books]):
+            any(cb.dtype != parts.dtype or cb.dim() != 2 for cb in books):
         return None
+    if b.name == "triton":
+        from .triton import residual as triton_residual
+        if G > 65535 or not triton_residual.fits(N, G * d, d, [cb.shape[0] for cb in books]):
+            return None
     return _GroupedFn.apply(parts, backend, *books)
 
 

@@ -83,6 +83,8 @@ struct ResidualJob {
   // N x D row-major: the sum of the chosen codes, fl(((0 + e_0) + e_1) + ...), NaN from the first
   // stage whose exact error is not finite. May be null.
   float* zq;
+  // Cosine: stage s searches r_s / ||r_s|| (search_impl.h, unit_tile) against unit codes.
+  bool cosine = false;
 };
 
 // Each exists when CMake built it (VQK_HAVE_*: the AVX builds when the compiler had the flags,

@@ -611,7 +611,9 @@ void search_tiles(const cpu::FwdJob& job, int64_t t_lo, int64_t t_hi, float* scr
 //
 // Exactness per stage: the residual a stage searches is fl32(r - e) lane by lane, which is what
 // the reference computes in fp32 torch, so each stage's index is the exact argmin for the same
-// residual (the contract of issue 13), and so are all later stages' inputs.
+// residual (the contract of issue 13), and so are all later stages' inputs. Cosine (rj.cosine):
+// stage s searches the unit rows of r_s (unit_tile) against codes the caller normalised, and
+// subtracts the chosen unit code from r_s; its error is that of the unit row.
 
 // The exact re-search of the flagged lanes of the tile (flag[r]): the same candidates as
 // run_exact (a_k <= thr from the same micro-kernel; every code when thr is not finite), float64
@@ -663,8 +665,28 @@ VQK_ALWAYS_INLINE void residual_exact(const cpu::FwdJob& job, const float* __res
   }
 }
 
-// Scratch per thread: the residual tile, the running sum, the chosen codes.
-[[maybe_unused]] int64_t residual_scratch_floats(int64_t D) { return 3 * tile_floats(D); }
+// Scratch per thread: the residual tile, the running sum, the chosen codes, and (cosine) the
+// normalised residual tile.
+[[maybe_unused]] int64_t residual_scratch_floats(int64_t D) { return 4 * tile_floats(D); }
+
+// Cosine residual VQ: the unit residual u = r / max(fl32(sqrt(sum_d r_d^2)), 1e-12f) of every lane
+// of the tile: the sum of squares in float64 in d order (each square is exact in float64), its
+// square root rounded to fp32, one correctly rounded fp32 division per element.
+// vqkernels.residual._unit_rows computes the same, in the same order, bit for bit.
+// A non-finite residual gives a non-finite norm and so NaN (or 0 / inf) lanes, searched as such
+// (index 0 and a NaN code by the single-stage rule when any element is NaN).
+VQK_ALWAYS_INLINE void unit_tile(const float* __restrict xt, int64_t D, float* __restrict un) {
+  for (int r = 0; r < MR; ++r) {
+    double ss = 0.0;
+    for (int64_t d = 0; d < D; ++d) {
+      const double v = (double)xt[d * MR + r];
+      ss += v * v;
+    }
+    float n = (float)__builtin_sqrt(ss);
+    if (!(n >= 1e-12f) && n == n) n = 1e-12f;  // clamp_min(eps) keeps NaN as NaN
+    for (int64_t d = 0; d < D; ++d) un[d * MR + r] = xt[d * MR + r] / n;
+  }
+}
 
 [[maybe_unused]] void residual_tiles(const cpu::ResidualJob& rj, int64_t t_lo, int64_t t_hi,
                                      float* scratch) {
@@ -674,6 +696,9 @@ VQK_ALWAYS_INLINE void residual_exact(const cpu::FwdJob& job, const float* __res
   float* __restrict xt = scratch;
   float* __restrict qt = xt + tile_floats(D);
   float* __restrict et = qt + tile_floats(D);
+  // The tile a stage searches: the residual itself, or (cosine) its unit rows.
+  float* __restrict un = et + tile_floats(D);
+  const float* __restrict st = rj.cosine ? un : xt;
   int64_t rowno[MR];
   for (int64_t t = t_lo; t < t_hi; ++t) {
     const int64_t row0 = t * MR, rows = imin(MR, N - row0);
@@ -694,10 +719,11 @@ VQK_ALWAYS_INLINE void residual_exact(const cpu::FwdJob& job, const float* __res
           if (rowno[r] >= 0) { job.indices[rowno[r]] = -1; job.sqerr[rowno[r]] = 0.0f; }
         continue;
       }
+      if (rj.cosine) unit_tile(xt, D, un);
       Top2 top;
-      search_tile(xt, job.packed, job.norms, job.panels, D, top);
+      search_tile(st, job.packed, job.norms, job.panels, D, top);
       alignas(64) float xx[MR];
-      lane_sqnorms(xt, D, xx);
+      lane_sqnorms(st, D, xx);
       int32_t idx[MR];
       bool flag[MR];
       double thr[MR], xerr[MR];
@@ -715,7 +741,7 @@ VQK_ALWAYS_INLINE void residual_exact(const cpu::FwdJob& job, const float* __res
         if (decide(job, v1, top.v2[r], xx[r], &thr[r])) continue;
         flag[r] = any = true;
       }
-      if (any) residual_exact(job, xt, flag, thr, idx, xerr);
+      if (any) residual_exact(job, st, flag, thr, idx, xerr);
       // The chosen codes packed like the tile; zero for lanes that sit this stage out, so the
       // updates below leave them as they are (x - 0 and q + 0 are x and q exactly).
       for (int i = 0; i < MRV; ++i) {
@@ -727,7 +753,7 @@ VQK_ALWAYS_INLINE void residual_exact(const cpu::FwdJob& job, const float* __res
       for (int i = 0; i < MRV; ++i) {
         F acc = V::zero();
         for (int64_t d = 0; d < D; ++d) {
-          const F diff = V::sub(V::load(xt + d * MR + i * W), V::load(et + d * MR + i * W));
+          const F diff = V::sub(V::load(st + d * MR + i * W), V::load(et + d * MR + i * W));
           acc = V::fmadd(diff, diff, acc);
         }
         V::store(err + i * W, acc);

@@ -682,7 +682,7 @@ void residual_forward(const ResidualArgs& a, int num_threads) {
     job.max_code_norm = code_norm_bound(job.norms, job.K, D);
     quick_bound(job);
   }
-  const cpu::ResidualJob rj{S, jobs.data(), a.active, a.zq};
+  const cpu::ResidualJob rj{S, jobs.data(), a.active, a.zq, a.cosine != 0};
   const int64_t stride = (ks->residual_scratch_floats(D) + 15) / 16 * 16;
   auto scratch = aligned_array<float>(stride * threads);
   struct Ctx {
@@ -703,6 +703,92 @@ void residual_forward(const ResidualArgs& a, int num_threads) {
   }, &ctx);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Grouped VQ forward (fp32): G independent single-stage searches over column slices of one N x
+// (G d) input, one call. Every group's codebook is packed first; then (group, row tile) pairs are
+// handed out group-major to the threads, each searched by the single-stage kernel (search_any:
+// the same proof and exact re-search). A thread that moves to another group first finishes the
+// rows it set aside for the previous one (flush), so set-aside rows never meet the wrong codebook.
+
+void grouped_forward(const GroupedArgs& a, int num_threads) {
+  const int64_t N = a.x.n(), G = a.G;
+  if (G <= 0 || a.x.D % G) throw std::invalid_argument("vqkernels: grouped VQ needs G >= 1 groups dividing D");
+  const int64_t d = a.x.D / G;
+  int64_t maxK = 0, sumK = 0;
+  for (int64_t g = 0; g < G; ++g) {
+    if (a.Ks[g] <= 0) throw std::invalid_argument("vqkernels: every group needs K >= 1 codes");
+    maxK = std::max(maxK, a.Ks[g]);
+    sumK += a.Ks[g];
+  }
+  // The fp32 build of the chosen instruction set (the reduced-precision first passes need their
+  // packed copies set up per call: residual_forward's rule).
+  const cpu::SearchKernels* ks = &select_kernels(maxK, d);
+#if defined(VQK_HAVE_AVX512)
+  if (ks->bf16) ks = &cpu::kernels_avx512();
+#endif
+#if defined(VQK_HAVE_AVX2)
+  if (ks->i16) ks = &cpu::kernels_avx2();
+#endif
+  if (ks->bf16 || ks->i16) ks = &cpu::kernels_scalar();
+  if (maxK + ks->nr >= ((int64_t)1 << 31))
+    throw std::invalid_argument("vqkernels: the CPU kernel supports K < 2^31 codes");
+  if (N == 0) return;
+  std::vector<std::unique_ptr<float[], FreeDeleter>> packed, norms;
+  std::vector<cpu::FwdJob> jobs;
+  jobs.reserve(G);
+  const bool approx_only = debug_approx_only();
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t K = a.Ks[g], panels = (K + ks->nr - 1) / ks->nr;
+    packed.push_back(aligned_array<float>(panels * d * ks->nr));
+    norms.push_back(aligned_array<float>(panels * ks->nr));
+    Rows x = a.x;
+    x.ptr = static_cast<const float*>(a.x.ptr) + g * d * a.x.sd;
+    x.D = d;
+    RowsOut zq = a.zq;
+    if (zq.ptr) zq.ptr = static_cast<float*>(a.zq.ptr) + g * d * a.zq.sd;
+    zq.D = d;
+    jobs.push_back(cpu::FwdJob{DType::f32, x, a.codebooks[g], K, d, zq, a.indices + g * N,
+                               a.sqerr + g * N, packed.back().get(), norms.back().get(), panels,
+                               nullptr, 0.0, approx_only, 0.0f, 0.0f});
+  }
+  const int64_t tiles = (N + ks->mr - 1) / ks->mr, items = G * tiles;
+  const double flops = 2.0 * (double)N * (double)sumK * (double)std::max<int64_t>(d, 1);
+  const int threads = (int)std::max<int64_t>(1, std::min<int64_t>(
+      {(int64_t)std::max(num_threads, 1), items, 1 + (int64_t)(flops / kMinFlopsPerThread)}));
+  for (int64_t g = 0; g < G; ++g) {
+    cpu::FwdJob& job = jobs[g];
+    const int64_t pack_grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(d * ks->nr, 1));
+    parallel_chunks(job.panels, pack_grain, job.panels * d * ks->nr >= (1 << 16) ? threads : 1,
+                    [&](int64_t lo, int64_t hi, int) { ks->pack(job, lo, hi); });
+    job.max_code_norm = code_norm_bound(job.norms, job.K, d);
+    quick_bound(job);
+  }
+  const int64_t stride = (ks->scratch_floats(d) + 15) / 16 * 16;
+  auto scratch = aligned_array<float>(stride * threads);
+  std::memset(scratch.get(), 0, sizeof(float) * stride * threads);
+  struct Ctx {
+    const cpu::FwdJob* jobs;
+    const cpu::SearchKernels* ks;
+    float* scratch;
+    int64_t stride, tiles, items;
+    std::atomic<int64_t> next{0};
+  } ctx{jobs.data(), ks, scratch.get(), stride, tiles, items};
+  cpu::run_parallel(threads, [](void* p, int tid) {
+    Ctx& c = *static_cast<Ctx*>(p);
+    float* mine = c.scratch + tid * c.stride;
+    int64_t cur = -1;
+    for (;;) {
+      const int64_t i = c.next.fetch_add(1, std::memory_order_relaxed);
+      if (i >= c.items) break;
+      const int64_t g = i / c.tiles, t = i - g * c.tiles;
+      if (g != cur && cur >= 0) c.ks->flush(c.jobs[cur], mine);
+      cur = g;
+      c.ks->search(c.jobs[g], t, t + 1, mine);
+    }
+    if (cur >= 0) c.ks->flush(c.jobs[cur], mine);
+  }, &ctx);
+}
+
 }  // namespace
 
 const char* cpu_isa() { return select_kernels(kBf16MinK, kBf16MinD).name; }
@@ -714,6 +800,10 @@ void cpu_forward(const ForwardArgs& a, int num_threads) {
 
 void cpu_residual_forward(const ResidualArgs& a, int num_threads) {
   residual_forward(a, std::max(num_threads, 1));
+}
+
+void cpu_grouped_forward(const GroupedArgs& a, int num_threads) {
+  grouped_forward(a, std::max(num_threads, 1));
 }
 
 void cpu_backward(const BackwardArgs& a, int num_threads) {

@@ -17,7 +17,8 @@ from torch import Tensor, nn
 
 from .. import backends
 from ..quantize import _FLOATS, _check, _check_beta, nearest_code
-from ..residual import GVQOutput, RVQOutput, _per_row, _vq_rows, codes_from_indices, residual_vq
+from ..residual import (GVQOutput, RVQOutput, _grouped_fused, _per_row, _unit_rows, _vq_rows,
+                        codes_from_indices, residual_vq)
 from .upkeep import DistContext, batch_usage, book_losses, check_positive_int, upkeep_errors
 from .vector import VectorQuantizer
 
@@ -152,7 +153,8 @@ class ResidualVectorQuantizer(_Books):
 
     @property
     def fused(self) -> bool:
-        """Whether forward runs the fused residual op (no projection, no cosine)."""
+        """Whether forward runs the fused residual op (no projection, no cosine; the cosine
+        search without projection is one native call too on the CPU, see _cosine_native)."""
         return self.codebook_dim is None and not self.cosine
 
     def codebooks(self) -> list[Tensor]:
@@ -181,7 +183,7 @@ class ResidualVectorQuantizer(_Books):
         valid = _per_row("mask", mask, lead, z.device, torch.bool)
         if training and any(b.kmeans_init and not b._init_done for b in self.books):
             self._kmeans_initialise(rows, valid)
-        if self.fused:
+        if self.fused or self._cosine_native(rows):
             out = self._forward_fused(rows, active, valid, training)
         else:
             out = self._forward_loop(rows, active, valid, training)
@@ -196,7 +198,8 @@ class ResidualVectorQuantizer(_Books):
             cbs = cbs[:1]
         out = residual_vq(rows, cbs[0] if self.shared else cbs, beta=self.beta,
                           num_stages=self.num_stages if self.shared else None,
-                          active_stages=active, mask=valid, backend=self.backend)
+                          active_stages=active, mask=valid, backend=self.backend,
+                          cosine=self.cosine)
         if self.ema:
             cb_loss, loss = book_losses(out.codebook_loss, out.commitment_loss, self.beta, True)
             out = out._replace(codebook_loss=cb_loss, loss=loss)
@@ -206,7 +209,9 @@ class ResidualVectorQuantizer(_Books):
                 per = []
                 for s in range(self.num_stages):
                     idx = out.indices[:, s]
-                    per.append((r, idx, upkeep_errors(out.sqerr[:, s], idx, valid)))
+                    # A cosine stage's book is kept up on the unit rows it searched.
+                    x = _unit_rows(r) if self.cosine else r
+                    per.append((x, idx, upkeep_errors(out.sqerr[:, s], idx, valid)))
                     e = cbs[0 if self.shared else s].detach().to(r.dtype)[idx.clamp(min=0)]
                     r = r - torch.where((idx >= 0)[:, None], e, 0)
                 self._upkeep(per)
@@ -218,6 +223,17 @@ class ResidualVectorQuantizer(_Books):
 
     def _stage_output(self, s: int, code: Tensor) -> Tensor:
         return self.project_out[s](code) if self.codebook_dim is not None else code
+
+    def _cosine_native(self, rows: Tensor) -> bool:
+        """Whether the cosine search without projections runs the fused op (one native CPU
+        call for every stage, the residual normalised inside the kernel)."""
+        if not self.cosine or self.codebook_dim is not None or rows.dtype != torch.float32 \
+                or rows.shape[0] == 0:
+            return False
+        try:
+            return backends.resolve(self.backend, rows.device).name == "cpu"
+        except (RuntimeError, ValueError):
+            return False
 
     def _forward_loop(self, rows, active, valid, training):
         N, S = rows.shape[0], self.num_stages
@@ -360,13 +376,23 @@ class GroupedVectorQuantizer(_Books):
         acc = torch.float64 if z.dtype == torch.float64 else torch.float32
         n = N if valid is None else valid.sum().clamp(min=1).to(acc)
         outs, cb_l, cm_l, per, perp, counts = [], [], [], [], [], []
+        fused = None
+        if not any(b.cosine for b in self.books) and N > 0 and \
+                backends.resolve(self.backend, z.device).name == "cpu":
+            # All groups' searches in one native call (vqkernels.grouped_vq's CPU path).
+            cbs = [self._search_codebook(self._book(g), z.dtype, training) for g in range(G)]
+            fused = _grouped_fused(parts, cbs, self.backend)
         for g in range(G):
             book = self._book(g)
             x = parts[:, g, :]
-            if book.cosine:
-                x = F.normalize(x, dim=-1)
-            cb = self._search_codebook(book, x.dtype, training)
-            z_q, idx, e_cb, e_cm = _vq_rows(x, cb, self.backend)
+            if fused is not None:
+                z_q = fused[0][:, g, :]
+                idx, e_cb, e_cm = fused[1][:, g], fused[2][:, g], fused[3][:, g]
+            else:
+                if book.cosine:
+                    x = F.normalize(x, dim=-1)
+                cb = self._search_codebook(book, x.dtype, training)
+                z_q, idx, e_cb, e_cm = _vq_rows(x, cb, self.backend)
             w = None if valid is None else valid.to(acc)
             cb_l.append((e_cb if w is None else e_cb * w).sum() / (n * d))
             cm_l.append((e_cm if w is None else e_cm * w).sum() / (n * d))

@@ -96,10 +96,29 @@ struct ResidualArgs {
   float* zq;
   int64_t* indices;
   float* sqerr;
+  // Cosine (nonzero): stage s searches the unit rows u_s = r_s / max(fl32(||r_s||), 1e-12)
+  // (||.|| summed in float64 in d order) against codebooks the caller normalised; sqerr is
+  // ||u_s - e||^2 and r_{s+1} = fl32(r_s - e_s).
+  int cosine = 0;
+};
+
+// Grouped VQ forward (issue 17), fp32: x is N x (G d) (Rows with D = G d); group g's columns
+// [g d, (g + 1) d) are searched against codebooks[g] (Ks[g] x d, row-major, contiguous fp32), all
+// groups in one call. Writes indices[g * N + n], sqerr[g * N + n] (the exact error, ForwardArgs'
+// rule per group) and, when zq.ptr is set, the chosen codes into zq's N x (G d) view.
+struct GroupedArgs {
+  Rows x;
+  int64_t G;
+  const float* const* codebooks;
+  const int64_t* Ks;
+  RowsOut zq;
+  int64_t* indices;
+  float* sqerr;
 };
 
 // CPU entry points. num_threads <= 0 means one thread.
 void cpu_residual_forward(const ResidualArgs& a, int num_threads);
+void cpu_grouped_forward(const GroupedArgs& a, int num_threads);
 void cpu_forward(const ForwardArgs& a, int num_threads);
 void cpu_backward(const BackwardArgs& a, int num_threads);
 // The CPU search kernels a large search (K >= 128) will use: "avx512bf16", "avx512", "avx2",

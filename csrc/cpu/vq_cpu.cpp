@@ -706,8 +706,8 @@ void residual_forward(const ResidualArgs& a, int num_threads) {
 // ---------------------------------------------------------------------------------------------
 // Grouped VQ forward (fp32): G independent single-stage searches over column slices of one N x
 // (G d) input, one call. Every group's codebook is packed first; then (group, row tile) pairs are
-// handed out group-major to the threads, each searched by the single-stage kernel (search_any:
-// the same proof and exact re-search). A thread that moves to another group first finishes the
+// handed out group-major to the threads, each searched by the single-stage kernels the search of
+// the largest group would pick (the same proof and exact re-search). A thread that moves to another group first finishes the
 // rows it set aside for the previous one (flush), so set-aside rows never meet the wrong codebook.
 
 void grouped_forward(const GroupedArgs& a, int num_threads) {
@@ -720,27 +720,24 @@ void grouped_forward(const GroupedArgs& a, int num_threads) {
     maxK = std::max(maxK, a.Ks[g]);
     sumK += a.Ks[g];
   }
-  // The fp32 build of the chosen instruction set (the reduced-precision first passes need their
-  // packed copies set up per call: residual_forward's rule).
+  // The kernels the single-stage search picks for the largest group (reduced-precision first
+  // passes included: each group's job gets their packed copies and bounds, as forward_packed's).
   const cpu::SearchKernels* ks = &select_kernels(maxK, d);
-#if defined(VQK_HAVE_AVX512)
-  if (ks->bf16) ks = &cpu::kernels_avx512();
-#endif
-#if defined(VQK_HAVE_AVX2)
-  if (ks->i16) ks = &cpu::kernels_avx2();
-#endif
-  if (ks->bf16 || ks->i16) ks = &cpu::kernels_scalar();
   if (maxK + ks->nr >= ((int64_t)1 << 31))
     throw std::invalid_argument("vqkernels: the CPU kernel supports K < 2^31 codes");
   if (N == 0) return;
-  std::vector<std::unique_ptr<float[], FreeDeleter>> packed, norms;
+  std::vector<std::unique_ptr<float[], FreeDeleter>> packed, norms, aux;
+  std::vector<std::unique_ptr<uint32_t[], FreeDeleter>> pairs_mem;
   std::vector<cpu::FwdJob> jobs;
   jobs.reserve(G);
   const bool approx_only = debug_approx_only();
+  const bool pairs = ks->bf16 || ks->i16;
   for (int64_t g = 0; g < G; ++g) {
     const int64_t K = a.Ks[g], panels = (K + ks->nr - 1) / ks->nr;
     packed.push_back(aligned_array<float>(panels * d * ks->nr));
     norms.push_back(aligned_array<float>(panels * ks->nr));
+    pairs_mem.push_back(aligned_array<uint32_t>(pairs ? panels * ((d + 1) / 2) * ks->nr : 0));
+    aux.push_back(aligned_array<float>(ks->i16 ? 2 * panels * ks->nr : 0));
     Rows x = a.x;
     x.ptr = static_cast<const float*>(a.x.ptr) + g * d * a.x.sd;
     x.D = d;
@@ -749,7 +746,9 @@ void grouped_forward(const GroupedArgs& a, int num_threads) {
     zq.D = d;
     jobs.push_back(cpu::FwdJob{DType::f32, x, a.codebooks[g], K, d, zq, a.indices + g * N,
                                a.sqerr + g * N, packed.back().get(), norms.back().get(), panels,
-                               nullptr, 0.0, approx_only, 0.0f, 0.0f});
+                               pairs ? pairs_mem.back().get() : nullptr, 0.0, approx_only, 0.0f,
+                               0.0f});
+    if (ks->i16) jobs.back().code_aux = aux.back().get();
   }
   const int64_t tiles = (N + ks->mr - 1) / ks->mr, items = G * tiles;
   const double flops = 2.0 * (double)N * (double)sumK * (double)std::max<int64_t>(d, 1);
@@ -762,6 +761,14 @@ void grouped_forward(const GroupedArgs& a, int num_threads) {
                     [&](int64_t lo, int64_t hi, int) { ks->pack(job, lo, hi); });
     job.max_code_norm = code_norm_bound(job.norms, job.K, d);
     quick_bound(job);
+    if (ks->i16) {
+      // forward_packed's maxima for the int16 pass's bound.
+      const int64_t np = job.panels * ks->nr;
+      for (int64_t k = 0; k < job.K; ++k) {
+        job.max_code_scale = std::max(job.max_code_scale, (double)job.code_aux[k]);
+        job.max_code_l1 = std::max(job.max_code_l1, (double)job.code_aux[np + k]);
+      }
+    }
   }
   const int64_t stride = (ks->scratch_floats(d) + 15) / 16 * 16;
   auto scratch = aligned_array<float>(stride * threads);

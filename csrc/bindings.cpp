@@ -102,7 +102,8 @@ PYBIND11_MODULE(_C, m) {
         },
         py::arg("x"), py::arg("codebooks"), py::arg("Ks"), py::arg("zq"), py::arg("indices"),
         py::arg("sqerr"), py::arg("num_threads"),
-        "Grouped VQ forward, fp32: every group's own codebook in one call (see vqk.h, GroupedArgs).");
+        "Grouped VQ forward, fp32: every group's own codebook in one call (see vqk.h, "
+        "GroupedArgs).");
 
   m.def("cpu_isa", [] { return std::string(vqk::cpu_isa()); },
         "The CPU search kernels a large search uses: 'avx512bf16', 'avx512', 'avx2_i16', 'avx2', "

@@ -707,12 +707,14 @@ void residual_forward(const ResidualArgs& a, int num_threads) {
 // Grouped VQ forward (fp32): G independent single-stage searches over column slices of one N x
 // (G d) input, one call. Every group's codebook is packed first; then (group, row tile) pairs are
 // handed out group-major to the threads, each searched by the single-stage kernels the search of
-// the largest group would pick (the same proof and exact re-search). A thread that moves to another group first finishes the
-// rows it set aside for the previous one (flush), so set-aside rows never meet the wrong codebook.
+// the largest group would pick (the same proof and exact re-search). A thread that moves to
+// another group first finishes the rows it set aside for the previous one (flush), so set-aside
+// rows never meet the wrong codebook.
 
 void grouped_forward(const GroupedArgs& a, int num_threads) {
   const int64_t N = a.x.n(), G = a.G;
-  if (G <= 0 || a.x.D % G) throw std::invalid_argument("vqkernels: grouped VQ needs G >= 1 groups dividing D");
+  if (G <= 0 || a.x.D % G)
+    throw std::invalid_argument("vqkernels: grouped VQ needs G >= 1 groups dividing D");
   const int64_t d = a.x.D / G;
   int64_t maxK = 0, sumK = 0;
   for (int64_t g = 0; g < G; ++g) {

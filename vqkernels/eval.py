@@ -33,10 +33,10 @@ def evaluate(model, images: np.ndarray, data_variance: float, *, batch_size: int
     if len(images) == 0:
         raise ValueError("no held-out images to evaluate on")
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    K = model.config.num_codes
+    K, n_books = model.config.num_codes, model.config.num_books
     was_training = model.training
     model.eval()
-    counts = torch.zeros(K, dtype=torch.long, device=device)
+    counts = torch.zeros(n_books, K, dtype=torch.long, device=device)
     se = 0.0
     commit = 0.0
     batch_ppl = []
@@ -47,16 +47,21 @@ def evaluate(model, images: np.ndarray, data_variance: float, *, batch_size: int
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             out = model(x)
         se += float(((out.recon.float() - x) ** 2).sum(dtype=torch.float64))
-        commit += float(out.vq.commitment_loss) * x.shape[0]
-        idx = out.vq.indices
-        counts += torch.bincount(idx.reshape(-1), minlength=K)
+        commit += float(out.vq.commitment_loss.sum()) * x.shape[0]
+        # (B, h, w, books): the last axis is the stage / group of rvq / gvq
+        idx = out.vq.indices.reshape(x.shape[0], -1, n_books)
+        for b in range(n_books):
+            counts[b] += torch.bincount(idx[..., b].reshape(-1), minlength=K)
         for g in range(0, idx.shape[0], perplexity_batch):
-            c = torch.bincount(idx[g:g + perplexity_batch].reshape(-1), minlength=K)
-            batch_ppl.append(_perplexity(c))
+            batch_ppl.append([_perplexity(torch.bincount(idx[g:g + perplexity_batch, :, b]
+                                                         .reshape(-1), minlength=K))
+                              for b in range(n_books)])
     model.train(was_training)
     n = len(images)
     mse = se / images.size
-    return {
+    ppl = [_perplexity(c) for c in counts]
+    used = [float((c > 0).sum()) / K for c in counts]
+    m = {
         "images": n,
         "mse": mse,
         "psnr": 10.0 * math.log10(1.0 / mse) if mse > 0 else math.inf,
@@ -64,12 +69,19 @@ def evaluate(model, images: np.ndarray, data_variance: float, *, batch_size: int
         "data_variance": data_variance,
         "heldout_variance": float((images.astype(np.float64) / 255.0).var()),
         "commitment_loss": commit / n,
-        "perplexity": _perplexity(counts),
-        "batch_perplexity": float(np.mean(batch_ppl)),
+        # rvq / gvq: the lowest over the stages / groups (the worst codebook's health); each
+        # one's in the *_per_book lists
+        "perplexity": min(ppl),
+        "batch_perplexity": float(np.mean(batch_ppl, axis=0).min()),
         "perplexity_batch": perplexity_batch,
-        "codes_used": float((counts > 0).sum()) / K,
+        "codes_used": min(used),
         "num_codes": K,
     }
+    if model.config.quantizer != "vq":
+        c = model.config
+        m.update(quantizer=c.quantizer, num_books=n_books, bits_per_position=c.bits_per_position,
+                 codes_used_per_book=used, perplexity_per_book=ppl)
+    return m
 
 
 def _perplexity(counts: torch.Tensor) -> float:
@@ -93,8 +105,20 @@ def format_table(metrics: dict, title: str = "") -> str:
             s += f" of {metrics['num_codes']}"
         if key == "batch_perplexity":
             s += f" (batches of {metrics['perplexity_batch']})"
+        if key in ("perplexity", "codes_used") and "num_books" in metrics:
+            s += f" (lowest of the {metrics['num_books']} {_unit(metrics)}s)"
         lines.append(f"  {label:<{w}}  {s}")
+    if "num_books" in metrics:
+        lines.append(f"  {'bits a position':<{w}}  {metrics['bits_per_position']:g}")
+        for i, (u, p) in enumerate(zip(metrics["codes_used_per_book"],
+                                       metrics["perplexity_per_book"])):
+            lines.append(f"  {_unit(metrics) + ' ' + str(i):<{w}}  codes used {u:.1%}, "
+                         f"perplexity {p:.1f}")
     return "\n".join(lines)
+
+
+def _unit(metrics: dict) -> str:
+    return "stage" if metrics.get("quantizer") == "rvq" else "group"
 
 
 def load_for_cli(p: argparse.ArgumentParser, a: argparse.Namespace):

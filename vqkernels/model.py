@@ -4,8 +4,14 @@ for 32x32 RGB images, laid out as in Sonnet's vqvae_example and its common PyTor
   encoder: conv 4x4/2 (3 -> hidden/2), ReLU, conv 4x4/2 (-> hidden), ReLU, conv 3x3,
            residual stack (num_residual_blocks x [ReLU, conv 3x3 -> residual_hidden, ReLU,
            conv 1x1 -> hidden]), ReLU, then a 1x1 conv to code_dim channels
-  quantizer: VectorQuantizer(num_codes, code_dim, beta) on the (B, code_dim, 8, 8) latent,
-           channel-first (the kernels read it in place, no permute copy)
+  quantizer: on the (B, code_dim, 8, 8) latent, channel-first (the kernels read it in place, no
+           permute copy), one of (config.quantizer)
+             vq   VectorQuantizer(num_codes, code_dim, beta): one codebook, log2 K bits a position
+             rvq  ResidualVectorQuantizer: `stages` codebooks of num_codes codes each, stage s
+                  quantizing what stages < s left; S log2 K bits a position
+             gvq  GroupedVectorQuantizer: code_dim split into `groups` groups of code_dim / G
+                  channels, each with its own codebook of num_codes codes; G log2 K bits
+           Every codebook gets the same upkeep (EMA, restarts, usage statistics).
   decoder: conv 3x3 (code_dim -> hidden), residual stack, ReLU, transposed conv 4x4/2 (-> hidden/2),
            ReLU, transposed conv 4x4/2 (-> 3)
 
@@ -24,13 +30,15 @@ from torch.nn import functional as F
 
 from .quantizers.upkeep import check_positive_int
 from .quantize import VQOutput
-from .quantizers import VectorQuantizer
+from .quantizers import GroupedVectorQuantizer, ResidualVectorQuantizer, VectorQuantizer
+
+QUANTIZERS = ("vq", "rvq", "gvq")
 
 
 @dataclass(frozen=True)
 class VQVAEConfig:
     """Every size of the model. K and D default to the paper's CIFAR-10 best (256 x 256)."""
-    num_codes: int = 256            # K
+    num_codes: int = 256            # K (of each stage / group's codebook)
     code_dim: int = 256             # D
     hidden: int = 128               # channels of the 8x8 trunk (the first conv uses hidden // 2)
     residual_hidden: int = 32       # bottleneck width inside each residual block (Sonnet: 32)
@@ -46,6 +54,9 @@ class VQVAEConfig:
     cosine: bool = False            # l2-normalised codes and latents
     restart_after: int = 2          # replace codes unused this many training steps; 0 = never
     dead_after: int = 100           # a code unused this many steps counts as dead in vq.stats()
+    quantizer: str = "vq"           # vq, rvq (residual) or gvq (grouped); see the module docstring
+    stages: int = 1                 # rvq: codebooks applied in turn to the residual
+    groups: int = 1                 # gvq: code_dim splits into this many equal groups
 
     def __post_init__(self):
         for name in ("num_codes", "code_dim", "hidden", "residual_hidden", "in_channels",
@@ -66,10 +77,34 @@ class VQVAEConfig:
         check_positive_int("dead_after", self.dead_after)
         if self.image_size % 4:
             raise ValueError(f"image_size must be divisible by 4, got {self.image_size}")
+        if self.quantizer not in QUANTIZERS:
+            raise ValueError(f"quantizer must be one of {', '.join(QUANTIZERS)}, got "
+                             f"{self.quantizer!r}")
+        check_positive_int("stages", self.stages)
+        check_positive_int("groups", self.groups)
+        if self.stages != 1 and self.quantizer != "rvq":
+            raise ValueError(f"stages={self.stages} needs quantizer='rvq' (quantizer is "
+                             f"{self.quantizer!r})")
+        if self.groups != 1 and self.quantizer != "gvq":
+            raise ValueError(f"groups={self.groups} needs quantizer='gvq' (quantizer is "
+                             f"{self.quantizer!r})")
+        if self.code_dim % self.groups:
+            raise ValueError(f"groups={self.groups} must divide code_dim={self.code_dim}")
 
     @property
     def latent_size(self) -> int:
         return self.image_size // 4
+
+    @property
+    def num_books(self) -> int:
+        """Codebooks: stages of rvq, groups of gvq, 1 for vq."""
+        return self.stages * self.groups
+
+    @property
+    def bits_per_position(self) -> float:
+        """Bits of the indices of one latent position: num_books x log2 K."""
+        import math
+        return self.num_books * math.log2(self.num_codes)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -86,7 +121,9 @@ class VQVAEConfig:
 class VQVAEOutput(NamedTuple):
     recon: Tensor        # (B, C, H, W) reconstruction
     z_e: Tensor          # (B, D, h, w) encoder output
-    vq: VQOutput         # quantizer output (z_q, indices (B, h, w), losses, perplexity)
+    vq: VQOutput         # quantizer output (z_q, indices (B, h, w), losses, perplexity); for
+                         # rvq / gvq a RVQOutput / GVQOutput: indices (B, h, w, S or G), losses
+                         # and perplexity per stage / group, `loss` their weighted sum
     recon_loss: Tensor   # mean squared error of recon against the input
 
 
@@ -147,11 +184,16 @@ class VQVAE(nn.Module):
         self.config = c = config or VQVAEConfig()
         self.encoder = Encoder(c)
         self.pre_vq = nn.Conv2d(c.hidden, c.code_dim, 1)
-        self.vq = VectorQuantizer(c.num_codes, c.code_dim, c.beta, channel_dim=1, backend=backend,
-                                  ema=c.ema, decay=c.decay, cosine=c.cosine,
-                                  decay_warmup=c.decay_warmup or None,
-                                  restart_after=c.restart_after or None, dead_after=c.dead_after,
-                                  kmeans_init=True)  # unless init_codebook runs first
+        kw = dict(channel_dim=1, backend=backend, ema=c.ema, decay=c.decay, cosine=c.cosine,
+                  decay_warmup=c.decay_warmup or None,
+                  restart_after=c.restart_after or None, dead_after=c.dead_after,
+                  kmeans_init=True)  # unless init_codebook runs first
+        if c.quantizer == "rvq":
+            self.vq = ResidualVectorQuantizer(c.code_dim, c.stages, c.num_codes, c.beta, **kw)
+        elif c.quantizer == "gvq":
+            self.vq = GroupedVectorQuantizer(c.code_dim, c.groups, c.num_codes, c.beta, **kw)
+        else:
+            self.vq = VectorQuantizer(c.num_codes, c.code_dim, c.beta, **kw)
         self.decoder = Decoder(c)
 
     @classmethod
@@ -181,6 +223,29 @@ class VQVAE(nn.Module):
         if name not in ALL_NAMES:
             raise ValueError(f"backend must be one of {ALL_NAMES}, got {name!r}")
         self.vq.backend = name
+        for b in self.books:
+            b.backend = name
+
+    # -- the codebooks, whatever the quantizer: one VectorQuantizer per stage / group
+    @property
+    def books(self) -> list:
+        """The quantizer's codebooks as VectorQuantizers, in stage / group order (one for vq)."""
+        return [self.vq] if isinstance(self.vq, VectorQuantizer) else list(self.vq.books)
+
+    def seed_quantizer(self, seed: int) -> None:
+        """Seed the codebooks' restart and k-means++ draws (book i: seed + 7919 i, as the
+        multi-codebook modules offset them, so that books do not pick the same rows)."""
+        for i, b in enumerate(self.books):
+            b.seed = int(seed) + i * 7919
+
+    def quantizer_stats(self) -> list[dict]:
+        """Each codebook's `VectorQuantizer.stats()` (a list of one for vq)."""
+        return [b.stats() for b in self.books]
+
+    @property
+    def restart_count(self) -> int:
+        """Dead-code restarts since initialisation, summed over the codebooks."""
+        return sum(int(b.restart_count) for b in self.books)
 
     def _check_images(self, images: Tensor) -> None:
         c = self.config
@@ -210,7 +275,8 @@ class VQVAE(nn.Module):
 
     @torch.no_grad()
     def encode(self, images: Tensor) -> Tensor:
-        """Token grid of each image: LongTensor (B, H/4, W/4) of code indices in [0, K).
+        """Token grid of each image: LongTensor (B, H/4, W/4) of code indices in [0, K); with
+        rvq / gvq (B, H/4, W/4, S or G), one index per stage / group on the last axis.
         Encoding changes nothing, in training mode too: the quantizer's upkeep (step count,
         EMA, restarts, k-means init) runs only in training forwards, not here."""
         z_e = self.encode_latent(images)
@@ -221,22 +287,34 @@ class VQVAE(nn.Module):
         finally:
             self.vq.train(was)
 
+    @property
+    def token_shape(self) -> str:
+        c = self.config
+        return "(B, h, w)" if c.quantizer == "vq" else f"(B, h, w, {c.num_books})"
+
     def embed(self, indices: Tensor) -> Tensor:
-        """Codes of a token grid, channel-first: (B, h, w) -> (B, D, h, w). A gather: no one-hot."""
+        """Codes of a token grid, channel-first: (B, h, w) -> (B, D, h, w) (rvq / gvq:
+        (B, h, w, S or G) -> (B, D, h, w), the summed / concatenated codes). A gather: no one-hot."""
+        want = self.token_shape
         if not isinstance(indices, Tensor) or indices.dtype not in (torch.int64, torch.int32,
                                                                     torch.int16, torch.uint8):
-            raise TypeError("indices must be an integer torch.Tensor (B, h, w)")
-        if indices.dim() != 3:
-            raise ValueError(f"indices must have shape (B, h, w), got {tuple(indices.shape)}")
+            raise TypeError(f"indices must be an integer torch.Tensor {want}")
+        multi = self.config.quantizer != "vq"
+        if indices.dim() != (4 if multi else 3) or (multi and
+                                                    indices.shape[-1] != self.config.num_books):
+            raise ValueError(f"indices must have shape {want}, got {tuple(indices.shape)}")
         K = self.config.num_codes
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= K):
             raise ValueError(f"indices must lie in [0, {K}), got values in "
                              f"[{int(indices.min())}, {int(indices.max())}]")
+        if multi:
+            return self.vq.codes_from_indices(indices.long()).permute(0, 3, 1, 2)
         return F.embedding(indices.long(), self.vq.codebook).permute(0, 3, 1, 2)
 
     @torch.no_grad()
     def decode(self, indices: Tensor) -> Tensor:
-        """Images (B, C, 4h, 4w) in the data range from a token grid (B, h, w)."""
+        """Images (B, C, 4h, 4w) in the data range from a token grid (B, h, w) (rvq / gvq:
+        (B, h, w, S or G))."""
         return self.decoder(self.embed(indices))
 
     # -- codebook initialisation (used by vqkernels.train). Dead-code restarts live in the
@@ -264,22 +342,43 @@ class VQVAE(nn.Module):
         rows = rows[torch.isfinite(rows).all(1)]  # a NaN or inf row would make a NaN code
         if rows.shape[0] == 0:
             raise ValueError("init_codebook: the encoder gave no finite output for these images")
-        K = self.config.num_codes
+        c = self.config
+        if generator is None:
+            generator = torch.Generator().manual_seed(int(torch.randint(2**62, (1,))))
+        if c.quantizer == "gvq":
+            # Group g's book starts on group g's channels of the same rows.
+            d = c.code_dim // c.groups
+            for g, book in enumerate(self.books):
+                self._init_book(book, rows[:, g * d:(g + 1) * d], method, generator, kmeans_iters)
+        else:
+            # Stage s's book starts on the residuals that the (initialised) stages < s leave, the
+            # rows it will search; vq is the one-stage case.
+            r = rows
+            for book in self.books:
+                codes = self._init_book(book, r, method, generator, kmeans_iters)
+                if book is not self.books[-1]:
+                    from .quantize import nearest_code
+                    x = F.normalize(r, dim=1) if c.cosine else r
+                    cb = F.normalize(codes, dim=1) if c.cosine else codes
+                    idx, _ = nearest_code(x, cb, backend=book.backend)
+                    r = r - cb[idx]
+
+    @staticmethod
+    def _init_book(book, rows: Tensor, method: str, generator: torch.Generator,
+                   kmeans_iters: int) -> Tensor:
+        K = book.num_codes
         if method == "kmeans":
             from .quantizers.upkeep import kmeans_plusplus
-            g = generator if generator is not None else torch.Generator().manual_seed(
-                int(torch.randint(2**62, (1,))))
-            x = F.normalize(rows, dim=1) if self.config.cosine else rows
-            codes = kmeans_plusplus(x, K, generator=g, iters=kmeans_iters, backend=self.vq.backend,
-                                    cosine=self.config.cosine)
+            x = F.normalize(rows, dim=1) if book.cosine else rows
+            codes = kmeans_plusplus(x, K, generator=generator, iters=kmeans_iters,
+                                    backend=book.backend, cosine=book.cosine)
         else:
-            kw = {"generator": generator} if generator is not None else {}
-            dev = "cpu" if generator is not None else rows.device
-            pick = (torch.randperm(rows.shape[0], device=dev, **kw)[:K] if rows.shape[0] >= K else
-                    torch.randint(rows.shape[0], (K,), device=dev, **kw)).to(rows.device)
+            pick = (torch.randperm(rows.shape[0], generator=generator)[:K] if rows.shape[0] >= K
+                    else torch.randint(rows.shape[0], (K,), generator=generator)).to(rows.device)
             codes = rows[pick]
         # set_codebook also restarts the EMA statistics, which a plain write would leave behind.
-        self.vq.set_codebook(codes.to(self.vq.codebook.dtype))
+        book.set_codebook(codes.to(book.codebook.dtype))
+        return codes
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

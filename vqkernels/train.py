@@ -7,6 +7,10 @@ minutes on a laptop-class CPU. --out receives:
                      config and a description of the data (atomic: temp file + fsync + rename)
   config.json        the run's settings, for people
   metrics.csv        training loss, recon MSE, VQ loss, perplexity, codes used, steps/s
+                     (--quantizer rvq / gvq: perplexity and codes_used are the lowest over the
+                     stages / groups, the health of the worst codebook; codes_used_<i> and
+                     perplexity_<i> give each stage / group's, codes_used_total their sum,
+                     commitment_loss is the sum over stages / groups, as the loss weighs it)
   eval.csv           held-out figures every --eval-every steps
   loss_curves.png    recon and VQ loss (training and held-out) and code usage
   reconstructions.png   held-out originals (top rows) above their reconstructions
@@ -63,6 +67,24 @@ METRICS_FIELDS = ("step", "loss", "recon_mse", "recon_nmse", "vq_loss", "commitm
                   "steps_per_s", "elapsed_s")
 EVAL_FIELDS = ("step", "mse", "psnr", "nmse", "perplexity", "batch_perplexity", "codes_used")
 
+
+def metrics_fields(num_books: int) -> tuple:
+    """metrics.csv's columns for a quantizer of `num_books` codebooks (stages or groups)."""
+    if num_books == 1:
+        return METRICS_FIELDS
+    return (METRICS_FIELDS + ("codes_used_total",)
+            + tuple(f"codes_used_{i}" for i in range(num_books))
+            + tuple(f"perplexity_{i}" for i in range(num_books)))
+
+
+def eval_fields(num_books: int) -> tuple:
+    """eval.csv's columns: codes_used (a fraction) and perplexity are the lowest over the books."""
+    if num_books == 1:
+        return EVAL_FIELDS
+    return (EVAL_FIELDS + tuple(f"codes_used_{i}" for i in range(num_books))
+            + tuple(f"perplexity_{i}" for i in range(num_books)))
+
+
 # Defaults. The model sizes follow the issue (K = D = 256, hidden 128), the optimizer Sonnet's
 # example (Adam 3e-4, batch 32); 1500 steps keep the default embedded run under 5 minutes on a
 # 2-core CPU (see README for measurements). The codebook starts on data, follows it by EMA, and
@@ -76,14 +98,21 @@ DEFAULTS = dict(num_codes=256, code_dim=256, hidden=128, residual_hidden=32, res
                 lr=3e-4, data="embedded", data_dir=None, heldout_every=10, seed=0, device="auto",
                 backend="auto", out="runs/vqvae", eval_every=500, save_every=250, log_every=10,
                 eval_images=1024, amp=False, threads=0, ema=True, decay=0.99, decay_warmup=10,
-                cosine=False, world_size=1)
+                cosine=False, world_size=1, quantizer="vq", stages=None, groups=None)
+# --stages / --groups when not given: rvq with 4 stages as the issue's example, gvq with 4 groups
+# (code_dim 256 -> 64 channels a group); vq has one of each.
+DEFAULT_BOOKS = {"rvq": 4, "gvq": 4}
+# What a checkpoint or config.json written before --quantizer existed was trained with.
+OLD_RUN = {"quantizer": "vq", "stages": 1, "groups": 1}
 # Settings a resumed run must share with the run it continues: changing any of them would make
 # the continuation a different experiment.
 IDENTITY = ("num_codes", "code_dim", "hidden", "residual_hidden", "residual_blocks", "beta",
             "codebook_init", "restart_after", "batch_size", "lr", "data", "data_dir",
-            "heldout_every", "seed", "ema", "decay", "decay_warmup", "cosine", "world_size")
+            "heldout_every", "seed", "ema", "decay", "decay_warmup", "cosine", "world_size",
+            "quantizer", "stages", "groups")
 # Settings added after runs were first written: a checkpoint or config.json without one reads as
-# today's default (the EMA decay warm-up arrived in issue 15; such runs resume with it).
+# today's default (the EMA decay warm-up arrived in issue 15; such runs resume with it), and one
+# without the quantizer's settings as a single-codebook run (OLD_RUN).
 ADDED = ("decay_warmup",)
 
 
@@ -97,7 +126,17 @@ def build_parser() -> argparse.ArgumentParser:
                "DistributedDataParallel (gloo on CPU, nccl on GPU); --batch-size is per process.")
     D = DEFAULTS
     m = p.add_argument_group("model")
-    m.add_argument("--num-codes", type=int, help=f"codebook size K [{D['num_codes']}]")
+    m.add_argument("--quantizer", choices=("vq", "rvq", "gvq"),
+                   help="vq: one codebook of K codes (log2 K bits a latent position); rvq: residual "
+                        "VQ, --stages codebooks of K codes each quantizing what the earlier ones "
+                        "left (S log2 K bits); gvq: grouped VQ, --code-dim split into --groups "
+                        f"groups, each with its own K codes (G log2 K bits) [{D['quantizer']}]")
+    m.add_argument("--stages", type=int,
+                   help=f"--quantizer rvq: residual stages S [{DEFAULT_BOOKS['rvq']}]")
+    m.add_argument("--groups", type=int,
+                   help=f"--quantizer gvq: groups G, dividing --code-dim [{DEFAULT_BOOKS['gvq']}]")
+    m.add_argument("--num-codes", type=int,
+                   help=f"codebook size K (of each stage / group) [{D['num_codes']}]")
     m.add_argument("--code-dim", type=int, help=f"code dimension D [{D['code_dim']}]")
     m.add_argument("--hidden", type=int, help=f"encoder/decoder width [{D['hidden']}]")
     m.add_argument("--residual-hidden", type=int,
@@ -187,8 +226,11 @@ def resolve_settings(p: argparse.ArgumentParser, a: argparse.Namespace):
         saved = _saved_args(ckpt["args"])
         for k in IDENTITY:
             if k in given and _norm(k, given[k]) != _norm(k, saved.get(k)):
+                what = (f"; the checkpoint holds a {saved['quantizer']} quantizer's codebooks, "
+                        f"which a {given[k]} one cannot take"
+                        if k == "quantizer" else "")
                 p.error(f"--{k.replace('_', '-')} {given[k]} differs from the run being resumed "
-                        f"({saved.get(k)}); start a new run with another --out instead")
+                        f"({saved.get(k)}){what}; start a new run with another --out instead")
         s = {**DEFAULTS, **saved, **given}
         # Artifacts go where the checkpoint is unless --out says otherwise.
         own = Path(ckpt["path"]).resolve().parent
@@ -209,6 +251,7 @@ def resolve_settings(p: argparse.ArgumentParser, a: argparse.Namespace):
             p.error(f"--out {out} already holds {CHECKPOINT} from an earlier run: pass --resume "
                     f"to continue it, or choose another --out")
         s = {**DEFAULTS, **given}
+        _resolve_books(p, s, given)
         why = _foreign_files(out, {**s, "data_dir": _norm("data_dir", s["data_dir"]),
                                    "world_size": int(os.environ.get("WORLD_SIZE", "1"))})
         if why:
@@ -220,6 +263,7 @@ def resolve_settings(p: argparse.ArgumentParser, a: argparse.Namespace):
                 f"is {world}; the global batch (processes x --batch-size) would change. Resume "
                 f"with the same number of processes")
     s["world_size"] = world
+    _resolve_books(p, s, given)
     # Stored absolute, so `--resume`, eval and tokenize find the data from any working directory.
     s["data_dir"] = _norm("data_dir", s["data_dir"])
     for k in ("num_codes", "code_dim", "hidden", "residual_hidden", "steps", "batch_size",
@@ -253,7 +297,24 @@ def _saved_args(saved: dict) -> dict:
         saved["restart_after"] = saved.pop("restart_every")
     for k in ADDED:
         saved.setdefault(k, DEFAULTS[k])
+    for k, v in OLD_RUN.items():
+        saved.setdefault(k, v)
     return saved
+
+
+def _resolve_books(p: argparse.ArgumentParser, s: dict, given: dict) -> None:
+    """Check --stages / --groups against --quantizer and fill in their defaults (in place)."""
+    for k, q in (("stages", "rvq"), ("groups", "gvq")):
+        if k in given and s["quantizer"] != q:
+            p.error(f"--{k} applies to --quantizer {q} only (this run's quantizer is "
+                    f"{s['quantizer']})")
+        if s[k] is None:
+            s[k] = DEFAULT_BOOKS[q] if s["quantizer"] == q else 1
+        if s[k] < 1:
+            p.error(f"--{k} must be >= 1, got {s[k]}")
+    if s["code_dim"] % s["groups"]:
+        p.error(f"--groups {s['groups']} must divide --code-dim {s['code_dim']} (each group "
+                f"quantizes code-dim / groups channels)")
 
 
 def _norm(k, v):
@@ -674,14 +735,17 @@ def _train(s: dict, ckpt: dict | None, d: Dist, *, progress: bool) -> dict:
                          num_residual_blocks=s["residual_blocks"], beta=s["beta"],
                          ema=bool(s["ema"]), decay=s["decay"],
                          decay_warmup=s["decay_warmup"], cosine=bool(s["cosine"]),
-                         restart_after=s["restart_after"], dead_after=s["dead_after"])
+                         restart_after=s["restart_after"], dead_after=s["dead_after"],
+                         quantizer=s["quantizer"], stages=s["stages"], groups=s["groups"])
     model = VQVAE(config, backend=s["backend"]).to(device)
-    model.vq.seed = int(s["seed"])  # the quantizer's restart draws
+    model.seed_quantizer(int(s["seed"]))  # the quantizer's restart draws
     opt = torch.optim.Adam(model.parameters(), lr=s["lr"])
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     sampler = ds.sampler(s["seed"])
     step, elapsed = 0, 0.0
     K, B = config.num_codes, s["batch_size"]
+    n_books = config.num_books
+    m_fields, e_fields = metrics_fields(n_books), eval_fields(n_books)
     args_saved = {k: v for k, v in s.items() if k != "download"}
     if main:
         # First of the run's files: a folder holding any of them holds this, which says whose
@@ -698,12 +762,12 @@ def _train(s: dict, ckpt: dict | None, d: Dist, *, progress: bool) -> dict:
         set_rng_state(ckpt["rng"])
         step, elapsed = int(ckpt["step"]), float(ckpt["elapsed_s"])
         if main:
-            _restart_csv(out / "metrics.csv", METRICS_FIELDS, step)
+            _restart_csv(out / "metrics.csv", m_fields, step)
             # A complete run's final evaluation is made again when it is resumed.
-            _restart_csv(out / "eval.csv", EVAL_FIELDS, step - 1 if ckpt.get("complete") else step)
+            _restart_csv(out / "eval.csv", e_fields, step - 1 if ckpt.get("complete") else step)
     else:
         if main:
-            for name, fields in (("metrics.csv", METRICS_FIELDS), ("eval.csv", EVAL_FIELDS)):
+            for name, fields in (("metrics.csv", m_fields), ("eval.csv", e_fields)):
                 _restart_csv(out / name, fields, -1)
         if s["codebook_init"] != "uniform":
             # 256 images give 16384 latent vectors: enough distinct starting points for any K
@@ -713,7 +777,8 @@ def _train(s: dict, ckpt: dict | None, d: Dist, *, progress: bool) -> dict:
                                 s["codebook_init"],
                                 generator=torch.Generator().manual_seed(int(s["seed"])))
         else:
-            model.vq.kmeans_init = False  # the paper's uniform start, kept as it is
+            for book in model.books:
+                book.kmeans_init = False  # the paper's uniform start, kept as it is
     net = model
     if d.world > 1:
         # No buffer broadcast: the quantizer synchronises its own state (and the check at each
@@ -769,16 +834,20 @@ def _train(s: dict, ckpt: dict | None, d: Dist, *, progress: bool) -> dict:
         why = ("" if s["threads"] or device.type != "cpu" else
                f" (the cores left idle by the load average{' per process' if d.world > 1 else ''};"
                f" --threads N sets it)")
+        qz = ("" if config.quantizer == "vq" else
+              f", {config.quantizer} x {n_books} {'stages' if config.quantizer == 'rvq' else 'groups'}")
         print(f"training a {model.num_parameters():,}-parameter VQ-VAE (K={K}, "
-              f"D={config.code_dim}) on {device}{procs} with {threads} torch thread(s){why}, "
+              f"D={config.code_dim}{qz}, {config.bits_per_position:g} bits a position) on {device}{procs} with {threads} torch thread(s){why}, "
               f"quantizer backend {backend!r}; data: {ds.kind}, step {step} of {s['steps']}, "
               f"out: {out}", file=sys.stderr)
-        metrics_log = CsvLog(out / "metrics.csv", METRICS_FIELDS)
-        eval_log = CsvLog(out / "eval.csv", EVAL_FIELDS)
-    # loss, recon, vq, commit, perplexity (means over this rank's steps), then code counts
-    acc = torch.zeros(5 + K, dtype=torch.float64, device=device)
+        metrics_log = CsvLog(out / "metrics.csv", m_fields)
+        eval_log = CsvLog(out / "eval.csv", e_fields)
+    # loss, recon, vq, commit, one perplexity per book (means over this rank's steps), then each
+    # book's code counts
+    H = 4 + n_books
+    acc = torch.zeros(H + n_books * K, dtype=torch.float64, device=device)
     n_acc = 0
-    restarts_logged = int(model.vq.restart_count)
+    restarts_logged = model.restart_count
     if ckpt and ckpt.get("log") is not None:
         n_acc = int(ckpt["log"]["steps"])
         restarts_logged = int(ckpt["log"]["restarts_logged"])
@@ -804,11 +873,14 @@ def _train(s: dict, ckpt: dict | None, d: Dist, *, progress: bool) -> dict:
             scaler.update()
             step += 1
             with torch.no_grad():
-                acc[:5] += torch.stack([loss.detach().double(), o.recon_loss.detach().double(),
+                acc[:4] += torch.stack([loss.detach().double(), o.recon_loss.detach().double(),
                                         o.vq.loss.detach().double(),
-                                        o.vq.commitment_loss.detach().double(),
-                                        o.vq.perplexity.detach().double()])
-                acc[5:] += torch.bincount(o.vq.indices.reshape(-1), minlength=K)
+                                        o.vq.commitment_loss.detach().double().sum()])
+                acc[4:H] += o.vq.perplexity.detach().double().reshape(-1)
+                # Book i's codes count in acc[H + i K : H + (i + 1) K]: one bincount.
+                idx = o.vq.indices.reshape(-1, n_books)
+                idx = idx + torch.arange(n_books, device=idx.device) * K
+                acc[H:] += torch.bincount(idx.reshape(-1), minlength=n_books * K)
             n_acc += 1
             bar.update(1)
 
@@ -818,25 +890,33 @@ def _train(s: dict, ckpt: dict | None, d: Dist, *, progress: bool) -> dict:
                 now = time.perf_counter()
                 dt, t_last = now - t_last, now
                 elapsed += dt
-                a = (acc[:5] / (n_acc * d.world)).tolist()
+                a = (acc[:H] / (n_acc * d.world)).tolist()
+                used = (acc[H:].view(n_books, K) > 0).sum(1).tolist()
                 if not math.isfinite(a[0]):
                     last = (f"the last checkpoint in {out} (step {saved_step[0]}) is from "
                             f"before" if saved_step[0] is not None else "no checkpoint was saved")
                     raise FloatingPointError(
                         f"training diverged at step {step} (loss {a[0]}); {last}; try a lower "
                         f"--lr")
-                st = model.vq.stats()  # the quantizer's synchronised state: no collective
+                # The quantizer's synchronised state: no collective.
+                sts = model.quantizer_stats()
+                st = {"total_restarts": sum(int(x["total_restarts"]) for x in sts),
+                      "dead_fraction": max(x["dead_fraction"] for x in sts)}
                 if main:
                     row = dict(step=step, loss=a[0], recon_mse=a[1], recon_nmse=a[1] / var,
-                               vq_loss=a[2], commitment_loss=a[3], perplexity=a[4],
-                               codes_used=int((acc[5:] > 0).sum()),
+                               vq_loss=a[2], commitment_loss=a[3], perplexity=min(a[4:H]),
+                               codes_used=min(used),
                                codes_restarted=st["total_restarts"] - restarts_logged,
                                total_restarts=st["total_restarts"],
                                dead_fraction=st["dead_fraction"],
                                steps_per_s=n_acc / dt, elapsed_s=elapsed)
+                    if n_books > 1:
+                        row["codes_used_total"] = sum(used)
+                        row.update({f"codes_used_{i}": u for i, u in enumerate(used)})
+                        row.update({f"perplexity_{i}": v for i, v in enumerate(a[4:H])})
                     metrics_log.write(row)
                     bar.set_postfix_str(
-                        f"loss {a[0]:.3f} recon {a[1] / var:.3f} vq {a[2]:.4f} ppl {a[4]:.0f} "
+                        f"loss {a[0]:.3f} recon {a[1] / var:.3f} vq {a[2]:.4f} ppl {row['perplexity']:.0f} "
                         f"codes {row['codes_used']}/{K} dead {st['dead_fraction']:.1%} "
                         f"{row['steps_per_s']:.1f} steps/s", refresh=False)
                 restarts_logged = st["total_restarts"]
@@ -847,7 +927,7 @@ def _train(s: dict, ckpt: dict | None, d: Dist, *, progress: bool) -> dict:
             if main and s["eval_every"] and step % s["eval_every"] == 0 and step < s["steps"]:
                 m = evaluate(model, eval_set, var, perplexity_batch=B, device=device,
                              amp_dtype=amp_dtype)
-                eval_log.write({"step": step, **m})
+                eval_log.write(eval_row(step, m))
                 bar.write(f"step {step}: held-out mse {m['mse']:.5f} nmse {m['nmse']:.4f} "
                           f"psnr {m['psnr']:.2f} dB perplexity {m['perplexity']:.1f} codes used "
                           f"{m['codes_used']:.1%}")
@@ -890,7 +970,7 @@ def _train(s: dict, ckpt: dict | None, d: Dist, *, progress: bool) -> dict:
         d.barrier()  # wait for rank 0's evaluation, so the launch ends together
         return {}
     m = evaluate(model, ds.heldout, var, perplexity_batch=B, device=device, amp_dtype=amp_dtype)
-    eval_log.write({"step": step, **m})
+    eval_log.write(eval_row(step, m))
     metrics_log.close()
     eval_log.close()
     # The checkpoint was saved before the evaluation; figures again with the final eval row.
@@ -904,6 +984,15 @@ def _train(s: dict, ckpt: dict | None, d: Dist, *, progress: bool) -> dict:
     print(f"wrote {out}/ (checkpoint.pt, metrics.csv, eval.csv, loss_curves.png, "
           f"reconstructions.png, eval.json)")
     return m
+
+
+def eval_row(step: int, m: dict) -> dict:
+    """eval.csv's row of `vqkernels.eval.evaluate`'s figures (per-book columns for rvq / gvq)."""
+    row = {"step": step, **m}
+    if len(m.get("codes_used_per_book", ())) > 1:
+        row.update({f"codes_used_{i}": u for i, u in enumerate(m["codes_used_per_book"])})
+        row.update({f"perplexity_{i}": u for i, u in enumerate(m["perplexity_per_book"])})
+    return row
 
 
 def main(argv=None) -> int:

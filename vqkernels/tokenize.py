@@ -3,7 +3,9 @@
 The VQ-VAE as an image tokenizer (the way DALL-E uses its discrete VAE): each 32x32 image becomes
 an 8x8 grid of code indices. The .npz holds
 
-  tokens        (N, h, w) code indices: uint8 for K <= 256, uint16 for K <= 65536, else int32
+  tokens        (N, h, w) code indices: uint8 for K <= 256, uint16 for K <= 65536, else int32;
+                a model trained with --quantizer rvq / gvq gives (N, h, w, S or G): one index per
+                stage / group on the last axis, each in [0, K)
   split         (N,) 0 = training split, 1 = held-out split
   labels        (N,) class index, where the data set has classes (-1 where an image has none)
   class_names   the class names, where there are classes
@@ -40,9 +42,13 @@ def tokenize(model, images: np.ndarray, *, batch_size: int = 500, device=None,
                for i in range(0, len(images), batch_size)]
     model.train(was)
     if not out:
-        s = model.config.latent_size
-        return np.zeros((0, s, s), dtype=np.int64)
+        return np.zeros(_token_shape(model.config, 0), dtype=np.int64)
     return torch.cat(out).numpy()
+
+
+def _token_shape(config, n: int) -> tuple:
+    s = config.latent_size
+    return (n, s, s) if config.quantizer == "vq" else (n, s, s, config.num_books)
 
 
 def token_dtype(num_codes: int):
@@ -106,7 +112,7 @@ def main(argv=None) -> int:
     K = model.config.num_codes
     arrays = {
         "tokens": np.concatenate(tokens).astype(token_dtype(K)) if tokens else
-        np.zeros((0, model.config.latent_size, model.config.latent_size), token_dtype(K)),
+        np.zeros(_token_shape(model.config, 0), token_dtype(K)),
         "split": np.concatenate([np.full(len(imgs), code, np.uint8) for imgs, code, *_ in parts])
         if parts else np.zeros(0, np.uint8),
         "num_codes": np.int64(K),
@@ -134,9 +140,16 @@ def main(argv=None) -> int:
     except _io.UsageError as exc:  # the disk is full
         p.error(f"--out {out}: {exc}")
     t = arrays["tokens"]
-    used = len(np.unique(t)) if t.size else 0
+    c = model.config
+    if c.quantizer == "vq":
+        used = f"{len(np.unique(t)) if t.size else 0} of {K} codes used"
+    else:
+        per = [len(np.unique(t[..., b])) if t.size else 0 for b in range(c.num_books)]
+        unit = "stage" if c.quantizer == "rvq" else "group"
+        used = (f"{c.num_books} indices a position ({c.quantizer}), codes used per {unit} "
+                f"{', '.join(map(str, per))} of {K}")
     print(f"wrote {out}: {t.shape[0]} token grids of {t.shape[1]}x{t.shape[2]} ({t.dtype}), "
-          f"{used} of {K} codes used, from {ds.kind} data ({a.split})")
+          f"{used}, from {ds.kind} data ({a.split})")
     return 0
 
 

@@ -1,0 +1,196 @@
+"""`python -m vqkernels.train --quantizer vq|rvq|gvq`: the VQ-VAE with a residual or grouped
+quantizer trains, logs every codebook's usage, resumes bit for bit, round-trips through its
+checkpoint into eval and the tokenizer, and refuses settings that do not fit, naming the argument.
+Tiny models and a few generated images: cheap."""
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("PIL")
+pytest.importorskip("matplotlib")
+pytest.importorskip("tqdm")
+
+from PIL import Image  # noqa: E402
+
+from vqkernels import _io, data, eval as vq_eval, tokenize as vq_tokenize, train  # noqa: E402
+from vqkernels.model import VQVAE, VQVAEConfig  # noqa: E402
+from vqkernels.quantize import nearest_code  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = ["--hidden", "16", "--residual-hidden", "8", "--num-codes", "16", "--code-dim", "8",
+        "--batch-size", "8", "--eval-images", "64", "--restart-after", "4"]
+QUANTIZERS = {"vq": [], "rvq": ["--quantizer", "rvq", "--stages", "3"],
+              "gvq": ["--quantizer", "gvq", "--groups", "2"]}
+BOOKS = {"vq": 1, "rvq": 3, "gvq": 2}
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imgs")
+    g = np.random.default_rng(1)
+    for c in ("a", "b"):
+        (root / c).mkdir()
+        for i in range(20):
+            base = g.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+            Image.fromarray(base).resize((32, 32), Image.Resampling.BILINEAR).save(
+                root / c / f"{i:02d}.png")
+    return root
+
+
+def run_main(argv):
+    return train.main([str(a) for a in argv])
+
+
+def rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _error(capsys, argv):
+    with pytest.raises(SystemExit) as exc:
+        run_main(argv)
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("q", list(QUANTIZERS))
+def test_trains_resumes_bitwise_and_round_trips(tmp_path, image_dir, q, capsys):
+    common = ["--data", "folder", "--data-dir", image_dir, "--eval-every", 4, "--log-every", 2,
+              *TINY, *QUANTIZERS[q]]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run_main([*common, "--steps", 8, "--save-every", 0, "--out", a]) == 0
+    assert run_main([*common, "--steps", 4, "--save-every", 0, "--out", b]) == 0
+    # the restart window (4) straddles the checkpoint; unset flags keep the run's values
+    assert run_main(["--out", b, "--resume", "--steps", 8]) == 0
+    sa = _io.load_checkpoint(a / "checkpoint.pt")
+    sb = _io.load_checkpoint(b / "checkpoint.pt")
+    assert sa["model"].keys() == sb["model"].keys()
+    for k in sa["model"]:
+        assert torch.equal(sa["model"][k], sb["model"][k]), k
+    n = BOOKS[q]
+    assert sa["config"]["quantizer"] == q and sa["config"]["stages"] * sa["config"]["groups"] == n
+    # every book got the data start and the same upkeep (EMA state in the checkpoint)
+    model = VQVAE.from_checkpoint(a)
+    assert len(model.books) == n and all(bool(bk.initialised) and bk.ema for bk in model.books)
+    if n > 1:  # the books do not start on the same rows (seeds offset per book)
+        assert not torch.equal(model.books[0].codebook, model.books[1].codebook)
+
+    ra, rb = rows(a / "metrics.csv"), rows(b / "metrics.csv")
+    assert [r["step"] for r in ra] == [r["step"] for r in rb] == ["2", "4", "6", "8"]
+    for x, y in zip(ra, rb):
+        assert float(x["loss"]) == pytest.approx(float(y["loss"]), rel=1e-6)
+        if n > 1:
+            per = [int(x[f"codes_used_{i}"]) for i in range(n)]
+            assert int(x["codes_used"]) == min(per) and int(x["codes_used_total"]) == sum(per)
+            assert float(x["perplexity"]) == min(float(x[f"perplexity_{i}"]) for i in range(n))
+            assert all(1 <= u <= 16 for u in per)
+        else:
+            assert "codes_used_0" not in x  # a vq run's files keep their columns
+    ev = rows(a / "eval.csv")
+    assert [r["step"] for r in ev] == ["4", "8"]
+
+    # the final evaluation is what vqkernels.eval computes from the checkpoint
+    m = json.loads((a / "eval.json").read_text())
+    capsys.readouterr()
+    assert vq_eval.main([str(a), "--json", str(tmp_path / "again.json")]) == 0
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert again["mse"] == pytest.approx(m["mse"], rel=1e-9)
+    if n > 1:
+        assert len(m["codes_used_per_book"]) == n and m["codes_used"] == min(m["codes_used_per_book"])
+        assert m["bits_per_position"] == pytest.approx(n * 4)
+        unit = "stage" if q == "rvq" else "group"
+        assert f"{unit} {n - 1}" in capsys.readouterr().out
+        assert float(ev[-1]["codes_used_0"]) == m["codes_used_per_book"][0]
+
+    # tokenizer: one index per book on a trailing axis; decode(encode(x)) is the reconstruction
+    ds = data.load("folder", str(image_dir), heldout_every=10)
+    x = data.to_tensor(ds.heldout[:3])
+    tok = model.encode(x)
+    assert tok.shape == ((3, 8, 8) if n == 1 else (3, 8, 8, n))
+    assert int(tok.min()) >= 0 and int(tok.max()) < 16
+    with torch.no_grad():
+        rec = model(x).recon
+    torch.testing.assert_close(model.decode(tok), rec, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="indices must have shape"):
+        model.decode(tok[..., 0] if n > 1 else tok[..., None])
+    out = tmp_path / "tok.npz"
+    assert vq_tokenize.main([str(a), "--out", str(out), "--split", "heldout"]) == 0
+    t = np.load(out)["tokens"]
+    assert t.shape[1:] == tuple(tok.shape[1:]) and t.dtype == np.uint8
+    np.testing.assert_array_equal(t[:3], tok.numpy())
+
+
+def test_resume_with_another_quantizer_is_refused(tmp_path, image_dir, capsys):
+    out = tmp_path / "r"
+    assert run_main(["--data", "folder", "--data-dir", image_dir, "--steps", 2, "--eval-every", 0,
+                     "--out", out, *TINY, *QUANTIZERS["rvq"]]) == 0
+    err = _error(capsys, ["--out", out, "--resume", "--quantizer", "gvq"])
+    assert "--quantizer gvq differs" in err and "rvq" in err
+    err = _error(capsys, ["--out", out, "--resume", "--stages", "2"])
+    assert "--stages 2 differs" in err
+    # the same settings are accepted
+    assert run_main(["--out", out, "--resume", "--steps", 3, "--stages", 3]) == 0
+
+
+@pytest.mark.parametrize("argv,named", [
+    (["--stages", "2"], "--stages"),                                 # vq has no stages
+    (["--quantizer", "vq", "--stages", "1"], "--stages"),
+    (["--quantizer", "gvq", "--stages", "2"], "--stages"),
+    (["--quantizer", "rvq", "--groups", "2"], "--groups"),
+    (["--quantizer", "rvq", "--stages", "0"], "--stages"),
+    (["--quantizer", "gvq", "--groups", "0"], "--groups"),
+    (["--quantizer", "gvq", "--groups", "3"], "--groups"),           # 3 does not divide 8
+    (["--quantizer", "pq"], "--quantizer"),
+])
+def test_bad_quantizer_settings_name_the_argument(tmp_path, capsys, argv, named):
+    err = _error(capsys, [*TINY, *argv, "--out", tmp_path / "o"])
+    assert named in err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("kw,named", [
+    (dict(quantizer="rq"), "quantizer"), (dict(quantizer="rvq", stages=0), "stages"),
+    (dict(stages=2), "stages"), (dict(quantizer="rvq", groups=2), "groups"),
+    (dict(quantizer="gvq", groups=3, code_dim=8), "groups")])
+def test_config_refuses_bad_quantizer_fields(kw, named):
+    with pytest.raises(ValueError, match=named):
+        VQVAEConfig(**kw)
+
+
+def test_default_books_and_bits():
+    c = VQVAEConfig(quantizer="rvq", stages=3, num_codes=16)
+    assert c.num_books == 3 and c.bits_per_position == 12
+    c = VQVAEConfig(quantizer="gvq", groups=2, num_codes=64, code_dim=64)
+    assert c.num_books == 2 and c.bits_per_position == 12
+    p = train.build_parser()
+    s, _ = train.resolve_settings(p, p.parse_args(["--quantizer", "rvq", "--out", "/nonexistent/x"]))
+    assert (s["stages"], s["groups"]) == (train.DEFAULT_BOOKS["rvq"], 1)
+    s, _ = train.resolve_settings(p, p.parse_args(["--out", "/nonexistent/x"]))
+    assert (s["quantizer"], s["stages"], s["groups"]) == ("vq", 1, 1)
+
+
+@pytest.mark.parametrize("q", ["rvq", "gvq"])
+def test_init_codebook_starts_each_book_on_its_own_rows(q):
+    # rvq: stage s starts on residuals that stages < s leave; gvq: group g on its channels
+    torch.manual_seed(0)
+    c = VQVAEConfig(num_codes=8, code_dim=8, hidden=8, residual_hidden=4, quantizer=q,
+                    **({"stages": 2} if q == "rvq" else {"groups": 2}))
+    model = VQVAE(c, backend="reference")
+    imgs = torch.rand(4, 3, 32, 32) - 0.5
+    model.init_codebook(imgs, "data", generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        rows = model._rows(model.encode_latent(imgs)).double()
+    b0, b1 = (bk.codebook.double() for bk in model.books)
+    if q == "gvq":
+        targets = [rows[:, :4], rows[:, 4:]]
+    else:
+        idx, _ = nearest_code(rows, b0, backend="reference")
+        targets = [rows, rows - b0[idx]]
+    for book, t in zip((b0, b1), targets):
+        d = torch.cdist(book, t).min(1).values  # every code is one of its rows
+        assert float(d.max()) < 1e-5, float(d.max())
+    assert all(bool(bk.initialised) for bk in model.books)

@@ -191,3 +191,20 @@ def test_a_failed_download_stops_every_rank_promptly(tmp_path):
     assert f"--download: could not fetch http://127.0.0.1:{port}/" in err, err[-3000:]  # rank 0
     assert "rank 0 could not download the data" in err, err[-3000:]
     assert not (tmp_path / "o" / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("quantizer", [["--quantizer", "rvq", "--stages", 2],
+                                       ["--quantizer", "gvq", "--groups", 2]], ids=["rvq", "gvq"])
+def test_multi_codebook_quantizers_keep_the_ranks_identical(tmp_path, image_dir, quantizer):
+    """rvq / gvq under torchrun: every checkpoint checks that the ranks hold bitwise the same
+    model (each book's EMA state, restart pool and counters); the books do restart codes."""
+    torchrun("--data", "folder", "--data-dir", image_dir, *TINY, "--batch-size", 4,
+             "--codebook-init", "kmeans", "--restart-after", 1, "--save-every", 2, "--steps", 4,
+             *quantizer, "--out", tmp_path / "a")
+    a = ckpt(tmp_path / "a")
+    assert a["world_size"] == 2 and a["config"]["quantizer"] == quantizer[1]
+    restarts = [int(v) for k, v in a["model"].items() if k.endswith("restart_count")]
+    assert len(restarts) == 2 and sum(restarts) > 0
+    rows = train._read_rows(tmp_path / "a" / "metrics.csv", train.metrics_fields(2))
+    assert rows[-1]["total_restarts"] == sum(restarts)
+    assert all(r["codes_used"] == min(r["codes_used_0"], r["codes_used_1"]) for r in rows)

@@ -100,7 +100,8 @@ def test_trains_resumes_bitwise_and_round_trips(tmp_path, image_dir, q, capsys):
     again = json.loads((tmp_path / "again.json").read_text())
     assert again["mse"] == pytest.approx(m["mse"], rel=1e-9)
     if n > 1:
-        assert len(m["codes_used_per_book"]) == n and m["codes_used"] == min(m["codes_used_per_book"])
+        per = m["codes_used_per_book"]
+        assert len(per) == n and m["codes_used"] == min(per)
         assert m["bits_per_position"] == pytest.approx(n * 4)
         unit = "stage" if q == "rvq" else "group"
         assert f"{unit} {n - 1}" in capsys.readouterr().out
@@ -167,7 +168,7 @@ def test_default_books_and_bits():
     c = VQVAEConfig(quantizer="gvq", groups=2, num_codes=64, code_dim=64)
     assert c.num_books == 2 and c.bits_per_position == 12
     p = train.build_parser()
-    s, _ = train.resolve_settings(p, p.parse_args(["--quantizer", "rvq", "--out", "/nonexistent/x"]))
+    s, _ = train.resolve_settings(p, p.parse_args(["--quantizer", "rvq", "--out", "/no/such/x"]))
     assert (s["stages"], s["groups"]) == (train.DEFAULT_BOOKS["rvq"], 1)
     s, _ = train.resolve_settings(p, p.parse_args(["--out", "/nonexistent/x"]))
     assert (s["quantizer"], s["stages"], s["groups"]) == ("vq", 1, 1)

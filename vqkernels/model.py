@@ -294,7 +294,8 @@ class VQVAE(nn.Module):
 
     def embed(self, indices: Tensor) -> Tensor:
         """Codes of a token grid, channel-first: (B, h, w) -> (B, D, h, w) (rvq / gvq:
-        (B, h, w, S or G) -> (B, D, h, w), the summed / concatenated codes). A gather: no one-hot."""
+        (B, h, w, S or G) -> (B, D, h, w), the summed / concatenated codes). A gather, no
+        one-hot."""
         want = self.token_shape
         if not isinstance(indices, Tensor) or indices.dtype not in (torch.int64, torch.int32,
                                                                     torch.int16, torch.uint8):

@@ -127,9 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     D = DEFAULTS
     m = p.add_argument_group("model")
     m.add_argument("--quantizer", choices=("vq", "rvq", "gvq"),
-                   help="vq: one codebook of K codes (log2 K bits a latent position); rvq: residual "
-                        "VQ, --stages codebooks of K codes each quantizing what the earlier ones "
-                        "left (S log2 K bits); gvq: grouped VQ, --code-dim split into --groups "
+                   help="vq: one codebook of K codes (log2 K bits a latent position); rvq: "
+                        "residual VQ, --stages codebooks of K codes each quantizing what the "
+                        "earlier ones left (S log2 K bits); gvq: grouped VQ, --code-dim split into --groups "
                         f"groups, each with its own K codes (G log2 K bits) [{D['quantizer']}]")
     m.add_argument("--stages", type=int,
                    help=f"--quantizer rvq: residual stages S [{DEFAULT_BOOKS['rvq']}]")
@@ -834,10 +834,11 @@ def _train(s: dict, ckpt: dict | None, d: Dist, *, progress: bool) -> dict:
         why = ("" if s["threads"] or device.type != "cpu" else
                f" (the cores left idle by the load average{' per process' if d.world > 1 else ''};"
                f" --threads N sets it)")
-        qz = ("" if config.quantizer == "vq" else
-              f", {config.quantizer} x {n_books} {'stages' if config.quantizer == 'rvq' else 'groups'}")
+        unit = "stages" if config.quantizer == "rvq" else "groups"
+        qz = "" if config.quantizer == "vq" else f", {config.quantizer} x {n_books} {unit}"
         print(f"training a {model.num_parameters():,}-parameter VQ-VAE (K={K}, "
-              f"D={config.code_dim}{qz}, {config.bits_per_position:g} bits a position) on {device}{procs} with {threads} torch thread(s){why}, "
+              f"D={config.code_dim}{qz}, {config.bits_per_position:g} bits a position) on "
+              f"{device}{procs} with {threads} torch thread(s){why}, "
               f"quantizer backend {backend!r}; data: {ds.kind}, step {step} of {s['steps']}, "
               f"out: {out}", file=sys.stderr)
         metrics_log = CsvLog(out / "metrics.csv", m_fields)
@@ -916,7 +917,8 @@ def _train(s: dict, ckpt: dict | None, d: Dist, *, progress: bool) -> dict:
                         row.update({f"perplexity_{i}": v for i, v in enumerate(a[4:H])})
                     metrics_log.write(row)
                     bar.set_postfix_str(
-                        f"loss {a[0]:.3f} recon {a[1] / var:.3f} vq {a[2]:.4f} ppl {row['perplexity']:.0f} "
+                        f"loss {a[0]:.3f} recon {a[1] / var:.3f} vq {a[2]:.4f} "
+                        f"ppl {row['perplexity']:.0f} "
                         f"codes {row['codes_used']}/{K} dead {st['dead_fraction']:.1%} "
                         f"{row['steps_per_s']:.1f} steps/s", refresh=False)
                 restarts_logged = st["total_restarts"]

@@ -130,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vq: one codebook of K codes (log2 K bits a latent position); rvq: "
                         "residual VQ, --stages codebooks of K codes each quantizing what the "
                         "earlier ones left (S log2 K bits); gvq: grouped VQ, --code-dim split "
-                        f"into --groups groups, each with its own K codes (G log2 K bits) [{D['quantizer']}]")
+                        "into --groups groups, each with its own K codes (G log2 K bits) "
+                        f"[{D['quantizer']}]")
     m.add_argument("--stages", type=int,
                    help=f"--quantizer rvq: residual stages S [{DEFAULT_BOOKS['rvq']}]")
     m.add_argument("--groups", type=int,

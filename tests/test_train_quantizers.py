@@ -195,3 +195,28 @@ def test_init_codebook_starts_each_book_on_its_own_rows(q):
         d = torch.cdist(book, t).min(1).values  # every code is one of its rows
         assert float(d.max()) < 1e-5, float(d.max())
     assert all(bool(bk.initialised) for bk in model.books)
+
+
+def test_runs_from_before_the_option_resume_as_vq(tmp_path, image_dir, capsys):
+    # A checkpoint and config.json written before --quantizer existed hold none of its fields:
+    # they are single-codebook runs, which resume (and may be relaunched into their folder) as vq.
+    out = tmp_path / "old"
+    common = ["--data", "folder", "--data-dir", image_dir, "--eval-every", 0, *TINY]
+    assert run_main([*common, "--steps", 2, "--out", out]) == 0
+    ck = _io.load_checkpoint(out / "checkpoint.pt")
+    del ck["path"]
+    for k in ("quantizer", "stages", "groups"):
+        del ck["args"][k], ck["config"][k]
+    _io.atomic_torch_save(out / "checkpoint.pt", ck)
+    assert "quantizer" not in _io.load_checkpoint(out / "checkpoint.pt")["args"]
+    assert "--quantizer rvq differs" in _error(capsys, ["--out", out, "--resume", "--quantizer",
+                                                        "rvq"])
+    assert run_main(["--out", out, "--resume", "--steps", 3]) == 0
+    assert _io.load_checkpoint(out / "checkpoint.pt")["config"]["quantizer"] == "vq"
+    # a folder whose run left only files (no checkpoint) is still recognised as the same run
+    cfg = json.loads((out / "config.json").read_text())
+    for k in ("quantizer", "stages", "groups"):
+        del cfg["args"][k]
+    (out / "config.json").write_text(json.dumps(cfg))
+    (out / "checkpoint.pt").unlink()
+    assert run_main([*common, "--steps", 2, "--out", out]) == 0

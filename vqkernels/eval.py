@@ -9,6 +9,10 @@ Figures, all on images scaled to [-0.5, 0.5]:
   batch_perplexity   the same per batch of --perplexity-batch images, averaged: the figure the
                 training bar shows (it depends on the batch size)
   codes_used    fraction of the K codes chosen at least once on the held-out set
+
+A model trained with --quantizer rvq / gvq has one codebook per stage / group: perplexity,
+batch_perplexity and codes_used are then the lowest over them (the worst codebook's), and
+codes_used_per_book, perplexity_per_book and bits_per_position (books x log2 K) are added.
 """
 from __future__ import annotations
 

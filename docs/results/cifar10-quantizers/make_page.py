@@ -56,6 +56,10 @@ def main():
     p.add_argument("runs")
     p.add_argument("--data-dir", required=True)
     p.add_argument("--out", default=str(Path(__file__).parent))
+    p.add_argument("--first45", default=None,
+                   help="folder of the same runs' first 45 steps logged every step (--log-every 1"
+                        " --steps 45): issue 15's check per step, copied as "
+                        "<run>/first45_metrics.csv")
     a = p.parse_args()
     runs_dir, out = Path(a.runs), Path(a.out)
     runs = []
@@ -66,13 +70,17 @@ def main():
             continue
         cfg = json.loads((d / "config.json").read_text())["config"]
         ev_json = json.loads((d / "eval.json").read_text()) if (d / "eval.json").exists() else None
+        first = Path(a.first45) / name / "metrics.csv" if a.first45 else None
         runs.append(dict(name=name, label=label, dir=d, cfg=cfg, ev_json=ev_json,
                          metrics=read_csv(d / "metrics.csv"), eval=read_csv(d / "eval.csv"),
-                         n=cfg.get("stages", 1) * cfg.get("groups", 1)))
+                         n=cfg.get("stages", 1) * cfg.get("groups", 1),
+                         first=read_csv(first) if first and first.exists() else None))
         (out / name).mkdir(parents=True, exist_ok=True)
         for f in SMALL_FILES:
             if (d / f).exists():
                 shutil.copyfile(d / f, out / name / f)
+        if runs[-1]["first"]:
+            shutil.copyfile(first, out / name / "first45_metrics.csv")
     curves(runs, out / "curves.png")
     recon_grid(runs, Path(a.data_dir), out / "reconstructions.png")
     (out / "table.md").write_text(table(runs))
@@ -186,6 +194,18 @@ def table(runs):
             f"{'pass' if ok else 'FAIL'}: lowest codes used per logged interval after step 10 "
             f"{' / '.join(map(str, lowest))} (need >= {K // 2}); largest recon loss / running "
             f"median {worst:.2f} (need <= 3) |")
+    if any(r["first"] for r in runs):
+        lines += ["", "Issue 15's check per step (the first 45 steps, a metrics row per step):", "",
+                  "| run | lowest codes used in a step after step 10, per codebook (need >= K/2) "
+                  "| largest recon loss / running median after step 10 | check |",
+                  "|---|---|---:|---|"]
+        for r in runs:
+            if not r["first"]:
+                continue
+            K = r["cfg"]["num_codes"]
+            ok, lowest, worst = issue15_check(r["first"], K, r["n"])
+            lines.append(f"| {r['name']} | {' / '.join(map(str, lowest))} of {K} | {worst:.2f} | "
+                         f"{'pass' if ok else 'FAIL'} |")
     lines.append("")
     lines.append("Held-out NMSE at each periodic evaluation (1,024 evenly spaced held-out images; "
                  "the final row of each run: all 5,000):")

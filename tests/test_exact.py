@@ -156,7 +156,9 @@ def test_nonfinite_rows_and_codes_policy(backend, request):
 def test_cpu_research_is_exercised_and_needed(backend, dtype, monkeypatch, request):
     """On the far-from-origin family the CPU kernel's fast pass proves nothing, the exact
     re-search measures the rows (its counter moves), and without it (the debug switch
-    VQK_DEBUG_APPROX_ONLY=1) most clear rows get a wrong code."""
+    VQK_DEBUG_APPROX_ONLY=1) many clear rows get a wrong code. The share wrong depends on the
+    path and the seed: over seeds 0-149, min 0.975 (avx2, fp32), 0.574 (avx2, fp16), 0.481
+    (avx2_i16, fp32), 0.186 (avx2_i16, fp16), so the bar is 10%."""
     if backend != "cpu":
         pytest.skip("the native CPU kernel's re-search")
     offset = 2.0 ** 10 if dtype == torch.float16 else 2.0 ** (40 if dtype == torch.float64 else 14)
@@ -170,7 +172,7 @@ def test_cpu_research_is_exercised_and_needed(backend, dtype, monkeypatch, reque
     assert torch.equal(idx[clear], ref[clear])
     monkeypatch.setenv("VQK_DEBUG_APPROX_ONLY", "1")
     approx, _ = nearest_code(x, cb, backend="cpu")
-    assert (approx[clear] != ref[clear]).float().mean() > 0.3
+    assert (approx[clear] != ref[clear]).float().mean() > 0.1
 
 
 def test_cpu_research_is_rare_on_random_data(backend):

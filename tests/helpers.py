@@ -69,3 +69,16 @@ def assert_search_ok(x, codebook, indices, sqdist=None, exact_when_clear=True):
         # fp32 accumulation of D squares: a few ulps per term, relative to the sum.
         rtol = 4 * math.sqrt(D) * EPS32 if sqdist.dtype != torch.float64 else 1e-12
         torch.testing.assert_close(s, chosen, rtol=rtol, atol=1e-30)
+
+
+def run_train(argv) -> int:
+    """`python -m vqkernels.train ARGV` in this process (arguments may be paths or numbers)."""
+    from vqkernels import train
+    return train.main([str(a) for a in argv])
+
+
+def csv_rows(path) -> list[dict]:
+    """The rows of a CSV file the trainer wrote (metrics.csv, eval.csv), as dicts of strings."""
+    import csv
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))

@@ -19,6 +19,7 @@ pytest.importorskip("tqdm")
 
 from PIL import Image  # noqa: E402
 
+from helpers import csv_rows as rows, run_train as run_main  # noqa: E402
 from vqkernels import _io, eval as vq_eval, tokenize as vq_tokenize, train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,15 +44,6 @@ def image_dir(tmp_path_factory):
             img = Image.fromarray(base).resize((32, 32), Image.Resampling.BILINEAR)
             img.save(root / c / f"{i:02d}.{'png' if i % 2 else 'jpg'}")
     return root
-
-
-def run_main(argv):
-    return train.main([str(a) for a in argv])
-
-
-def rows(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def state(ckpt_path):

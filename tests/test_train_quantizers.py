@@ -2,7 +2,6 @@
 quantizer trains, logs every codebook's usage, resumes bit for bit, round-trips through its
 checkpoint into eval and the tokenizer, and refuses settings that do not fit, naming the argument.
 Tiny models and a few generated images: cheap."""
-import csv
 import json
 
 import numpy as np
@@ -15,6 +14,7 @@ pytest.importorskip("tqdm")
 
 from PIL import Image  # noqa: E402
 
+from helpers import csv_rows as rows, run_train as run_main  # noqa: E402
 from vqkernels import _io, data, eval as vq_eval, tokenize as vq_tokenize, train  # noqa: E402
 from vqkernels.model import VQVAE, VQVAEConfig  # noqa: E402
 from vqkernels.quantize import nearest_code  # noqa: E402
@@ -39,15 +39,6 @@ def image_dir(tmp_path_factory):
             Image.fromarray(base).resize((32, 32), Image.Resampling.BILINEAR).save(
                 root / c / f"{i:02d}.png")
     return root
-
-
-def run_main(argv):
-    return train.main([str(a) for a in argv])
-
-
-def rows(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def _error(capsys, argv):

@@ -188,3 +188,41 @@ def test_16bit_input_runs_the_fused_kernel_on_its_fp32_widening(dtype, monkeypat
     assert torch.equal(out.indices.cpu(), ref.indices)
     assert out.z_q.dtype == dtype and torch.equal(out.z_q.cpu(), ref.z_q)
     _assert_every_stage_exact(z.float(), [c.float() for c in cbs], out.indices.cpu().T, "16-bit")
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_grouped_module_runs_one_launch_with_the_loops_outputs_and_gradients(shared, monkeypatch):
+    # GroupedVectorQuantizer on backend="triton" takes the one-launch grouped path as the CPU
+    # backend takes its one native call, and gives the per-group loop's outputs and gradients.
+    from vqkernels import GroupedVectorQuantizer
+    from vqkernels.quantizers import multi
+    from vqkernels.triton import residual as tr
+    g = torch.Generator().manual_seed(1718)
+    z0 = torch.randn(2, 12, 5, generator=g)  # channel-first, D = 12 in G = 3 groups of 4
+    mask = torch.rand(2, 5, generator=g) < 0.8
+    vq = GroupedVectorQuantizer(12, 3, num_codes=[7, 9, 6] if not shared else 7, beta=0.5,
+                                shared_codebook=shared, channel_dim=1, backend="triton",
+                                ema=False, kmeans_init=False, restart_after=None).to(DEVICE)
+
+    def run():
+        vq.zero_grad(set_to_none=True)
+        z = z0.clone().to(DEVICE).requires_grad_(True)
+        out = vq(z, mask=mask.to(DEVICE))
+        (out.loss + (out.z_q * torch.arange(12.0, device=DEVICE)[:, None]).sum()).backward()
+        return out, [z.grad] + [b.codebook.grad for b in vq.books]
+
+    launches = []
+    real = tr._launch
+    monkeypatch.setattr(tr, "_launch", lambda *a, **k: launches.append(1) or real(*a, **k))
+    fused, g_fused = run()
+    assert len(launches) == 1  # every group in one launch
+    monkeypatch.setattr(multi, "_grouped_fused", lambda *a: None)  # the per-group loop
+    loop, g_loop = run()
+    assert len(launches) == 1  # the loop runs the single-stage kernel, group by group
+    assert torch.equal(fused.indices, loop.indices) and torch.equal(fused.z_q, loop.z_q)
+    for a, b in [(fused.codebook_loss, loop.codebook_loss),
+                 (fused.commitment_loss, loop.commitment_loss), (fused.loss, loop.loss),
+                 (fused.perplexity, loop.perplexity)] + list(zip(g_fused, g_loop)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    for a, b in zip(fused.counts, loop.counts):
+        assert torch.equal(a, b)

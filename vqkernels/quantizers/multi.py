@@ -378,8 +378,10 @@ class GroupedVectorQuantizer(_Books):
         outs, cb_l, cm_l, per, perp, counts = [], [], [], [], [], []
         fused = None
         if not any(b.cosine for b in self.books) and N > 0 and \
-                backends.resolve(self.backend, z.device).name == "cpu":
-            # All groups' searches in one native call (vqkernels.grouped_vq's CPU path).
+                backends.resolve(self.backend, z.device).name in ("cpu", "triton"):
+            # All groups' searches in one native call or one Triton launch (vqkernels.grouped_vq's
+            # path; _grouped_fused gives None where it does not apply, e.g. float64 or shapes
+            # past the Triton kernel's limits, and the loop below runs instead).
             cbs = [self._search_codebook(self._book(g), z.dtype, training) for g in range(G)]
             fused = _grouped_fused(parts, cbs, self.backend)
         for g in range(G):

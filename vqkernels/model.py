@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
@@ -57,6 +57,11 @@ class VQVAEConfig:
     quantizer: str = "vq"           # vq, rvq (residual) or gvq (grouped); see the module docstring
     stages: int = 1                 # rvq: codebooks applied in turn to the residual
     groups: int = 1                 # gvq: code_dim splits into this many equal groups
+    # rvq only: stage s searches project_in[s](residual) of codebook_dim channels and adds
+    # project_out[s](code) (learned linear maps); None = no projections
+    codebook_dim: Optional[int] = None
+    quantize_dropout: bool = False  # rvq: each image keeps its first n stages in training, n
+    dropout_min_stages: int = 1     # uniform in [dropout_min_stages, stages] (SoundStream)
 
     def __post_init__(self):
         for name in ("num_codes", "code_dim", "hidden", "residual_hidden", "in_channels",
@@ -90,6 +95,23 @@ class VQVAEConfig:
                              f"{self.quantizer!r})")
         if self.code_dim % self.groups:
             raise ValueError(f"groups={self.groups} must divide code_dim={self.code_dim}")
+        if self.codebook_dim is not None:
+            if self.quantizer != "rvq":
+                raise ValueError(f"codebook_dim={self.codebook_dim} needs quantizer='rvq' "
+                                 f"(quantizer is {self.quantizer!r})")
+            check_positive_int("codebook_dim", self.codebook_dim)
+            if self.codebook_dim >= self.code_dim:
+                raise ValueError(f"codebook_dim={self.codebook_dim} must be smaller than "
+                                 f"code_dim={self.code_dim} (None: no projections)")
+        if not isinstance(self.quantize_dropout, bool):
+            raise ValueError(f"quantize_dropout must be a bool, got {self.quantize_dropout!r}")
+        if self.quantize_dropout and self.quantizer != "rvq":
+            raise ValueError(f"quantize_dropout needs quantizer='rvq' (quantizer is "
+                             f"{self.quantizer!r})")
+        check_positive_int("dropout_min_stages", self.dropout_min_stages, minimum=0)
+        if self.dropout_min_stages > self.stages:
+            raise ValueError(f"dropout_min_stages={self.dropout_min_stages} exceeds "
+                             f"stages={self.stages}")
 
     @property
     def latent_size(self) -> int:
@@ -189,7 +211,10 @@ class VQVAE(nn.Module):
                   restart_after=c.restart_after or None, dead_after=c.dead_after,
                   kmeans_init=True)  # unless init_codebook runs first
         if c.quantizer == "rvq":
-            self.vq = ResidualVectorQuantizer(c.code_dim, c.stages, c.num_codes, c.beta, **kw)
+            self.vq = ResidualVectorQuantizer(c.code_dim, c.stages, c.num_codes, c.beta,
+                                              codebook_dim=c.codebook_dim,
+                                              quantize_dropout=c.quantize_dropout,
+                                              dropout_min_stages=c.dropout_min_stages, **kw)
         elif c.quantizer == "gvq":
             self.vq = GroupedVectorQuantizer(c.code_dim, c.groups, c.num_codes, c.beta, **kw)
         else:
@@ -353,16 +378,19 @@ class VQVAE(nn.Module):
                 self._init_book(book, rows[:, g * d:(g + 1) * d], method, generator, kmeans_iters)
         else:
             # Stage s's book starts on the residuals that the (initialised) stages < s leave, the
-            # rows it will search; vq is the one-stage case.
+            # rows it will search (projected by the stage's project_in with codebook_dim); vq is
+            # the one-stage case.
             r = rows
-            for book in self.books:
-                codes = self._init_book(book, r, method, generator, kmeans_iters)
-                if book is not self.books[-1]:
+            proj = c.codebook_dim is not None
+            for s, book in enumerate(self.books):
+                codes = self._init_book(book, self.vq.project_in[s](r) if proj else r, method,
+                                        generator, kmeans_iters)
+                if book is not self.books[-1]:  # rvq: the stage's own search
                     from .quantize import nearest_code
-                    x = F.normalize(r, dim=1) if c.cosine else r
+                    x = self.vq._stage_input(s, r)  # (projected and) normalised with cosine
                     cb = F.normalize(codes, dim=1) if c.cosine else codes
                     idx, _ = nearest_code(x, cb, backend=book.backend)
-                    r = r - cb[idx]
+                    r = r - (self.vq._stage_output(s, cb[idx]) if proj else cb[idx])
 
     @staticmethod
     def _init_book(book, rows: Tensor, method: str, generator: torch.Generator,

@@ -98,7 +98,8 @@ DEFAULTS = dict(num_codes=256, code_dim=256, hidden=128, residual_hidden=32, res
                 lr=3e-4, data="embedded", data_dir=None, heldout_every=10, seed=0, device="auto",
                 backend="auto", out="runs/vqvae", eval_every=500, save_every=250, log_every=10,
                 eval_images=1024, amp=False, threads=0, ema=True, decay=0.99, decay_warmup=10,
-                cosine=False, world_size=1, quantizer="vq", stages=None, groups=None)
+                cosine=False, world_size=1, quantizer="vq", stages=None, groups=None,
+                codebook_dim=None, quantize_dropout=False, dropout_min_stages=1)
 # --stages / --groups when not given: rvq with 4 stages as the issue's example, gvq with 4 groups
 # (code_dim 256 -> 64 channels a group); vq has one of each.
 DEFAULT_BOOKS = {"rvq": 4, "gvq": 4}
@@ -109,11 +110,13 @@ OLD_RUN = {"quantizer": "vq", "stages": 1, "groups": 1}
 IDENTITY = ("num_codes", "code_dim", "hidden", "residual_hidden", "residual_blocks", "beta",
             "codebook_init", "restart_after", "batch_size", "lr", "data", "data_dir",
             "heldout_every", "seed", "ema", "decay", "decay_warmup", "cosine", "world_size",
-            "quantizer", "stages", "groups")
+            "quantizer", "stages", "groups", "codebook_dim", "quantize_dropout",
+            "dropout_min_stages")
 # Settings added after runs were first written: a checkpoint or config.json without one reads as
-# today's default (the EMA decay warm-up arrived in issue 15; such runs resume with it), and one
-# without the quantizer's settings as a single-codebook run (OLD_RUN).
-ADDED = ("decay_warmup",)
+# today's default (the EMA decay warm-up arrived in issue 15; such runs resume with it; runs from
+# before --codebook-dim and --quantize-dropout had neither), and one without the quantizer's
+# settings as a single-codebook run (OLD_RUN).
+ADDED = ("decay_warmup", "codebook_dim", "quantize_dropout", "dropout_min_stages")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,7 +167,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "(N + t)), so codes keep up with the encoder early on; 0 = off "
                         f"[{D['decay_warmup']}]")
     m.add_argument("--cosine", action="store_true", default=None,
-                   help="l2-normalised codes and latents (cosine similarity search)")
+                   help="l2-normalised codes and latents (cosine similarity search); rvq: each "
+                        "stage searches its l2-normalised (projected) residual against "
+                        "normalised codes and subtracts the unit code (DAC); gvq: each group "
+                        "its normalised channels")
+    m.add_argument("--codebook-dim", type=int,
+                   help="--quantizer rvq: each stage searches a learned linear projection of "
+                        "its residual to this many channels (< --code-dim; codes of that size) "
+                        "and adds back a learned projection of its code to --code-dim (DAC's "
+                        "factorised codes; the VQ losses are in the projected space) [off]")
+    m.add_argument("--quantize-dropout", action="store_true", default=None,
+                   help="--quantizer rvq: in training each image uses only its first n stages, "
+                        "n drawn uniformly from [--dropout-min-stages, --stages] per image "
+                        "(SoundStream's quantizer dropout: one model for every bit rate); "
+                        "evaluation and the tokenizer use every stage [off]")
+    m.add_argument("--dropout-min-stages", type=int,
+                   help="with --quantize-dropout: the fewest stages an image keeps, 0 to "
+                        f"--stages [{D['dropout_min_stages']}]")
     o = p.add_argument_group("optimization")
     o.add_argument("--steps", type=int, help=f"total training steps [{D['steps']}]")
     o.add_argument("--batch-size", type=int, help=f"images per step [{D['batch_size']}]")
@@ -304,7 +323,8 @@ def _saved_args(saved: dict) -> dict:
 
 
 def _resolve_books(p: argparse.ArgumentParser, s: dict, given: dict) -> None:
-    """Check --stages / --groups against --quantizer and fill in their defaults (in place)."""
+    """Check --stages / --groups and the rvq options against --quantizer and fill in the
+    defaults of --stages / --groups (in place)."""
     for k, q in (("stages", "rvq"), ("groups", "gvq")):
         if k in given and s["quantizer"] != q:
             p.error(f"--{k} applies to --quantizer {q} only (this run's quantizer is "
@@ -316,6 +336,21 @@ def _resolve_books(p: argparse.ArgumentParser, s: dict, given: dict) -> None:
     if s["code_dim"] % s["groups"]:
         p.error(f"--groups {s['groups']} must divide --code-dim {s['code_dim']} (each group "
                 f"quantizes code-dim / groups channels)")
+    # Options of the residual quantizer only (the single and grouped quantizers have no
+    # projections, and no stages to drop).
+    for k in ("codebook_dim", "quantize_dropout"):
+        if s[k] and s["quantizer"] != "rvq":
+            p.error(f"--{k.replace('_', '-')} applies to --quantizer rvq only (this run's "
+                    f"quantizer is {s['quantizer']})")
+    cd = s["codebook_dim"]
+    if cd is not None and not 1 <= cd < s["code_dim"]:
+        p.error(f"--codebook-dim must be from 1 to --code-dim - 1 ({s['code_dim'] - 1}), got "
+                f"{cd}; leave it out for stages without projections")
+    if "dropout_min_stages" in given and not s["quantize_dropout"]:
+        p.error("--dropout-min-stages applies with --quantize-dropout only")
+    if not 0 <= s["dropout_min_stages"] <= s["stages"]:
+        p.error(f"--dropout-min-stages must be from 0 to --stages ({s['stages']}), got "
+                f"{s['dropout_min_stages']}")
 
 
 def _norm(k, v):
@@ -737,7 +772,10 @@ def _train(s: dict, ckpt: dict | None, d: Dist, *, progress: bool) -> dict:
                          ema=bool(s["ema"]), decay=s["decay"],
                          decay_warmup=s["decay_warmup"], cosine=bool(s["cosine"]),
                          restart_after=s["restart_after"], dead_after=s["dead_after"],
-                         quantizer=s["quantizer"], stages=s["stages"], groups=s["groups"])
+                         quantizer=s["quantizer"], stages=s["stages"], groups=s["groups"],
+                         codebook_dim=s["codebook_dim"],
+                         quantize_dropout=bool(s["quantize_dropout"]),
+                         dropout_min_stages=s["dropout_min_stages"])
     model = VQVAE(config, backend=s["backend"]).to(device)
     model.seed_quantizer(int(s["seed"]))  # the quantizer's restart draws
     opt = torch.optim.Adam(model.parameters(), lr=s["lr"])
@@ -837,6 +875,10 @@ def _train(s: dict, ckpt: dict | None, d: Dist, *, progress: bool) -> dict:
                f" --threads N sets it)")
         unit = "stages" if config.quantizer == "rvq" else "groups"
         qz = "" if config.quantizer == "vq" else f", {config.quantizer} x {n_books} {unit}"
+        if config.codebook_dim is not None:
+            qz += f" searched at codebook dim {config.codebook_dim}"
+        if config.quantize_dropout:
+            qz += f", quantizer dropout to >= {config.dropout_min_stages} stages"
         print(f"training a {model.num_parameters():,}-parameter VQ-VAE (K={K}, "
               f"D={config.code_dim}{qz}, {config.bits_per_position:g} bits a position) on "
               f"{device}{procs} with {threads} torch thread(s){why}, "
@@ -879,10 +921,7 @@ def _train(s: dict, ckpt: dict | None, d: Dist, *, progress: bool) -> dict:
                                         o.vq.loss.detach().double(),
                                         o.vq.commitment_loss.detach().double().sum()])
                 acc[4:H] += o.vq.perplexity.detach().double().reshape(-1)
-                # Book i's codes count in acc[H + i K : H + (i + 1) K]: one bincount.
-                idx = o.vq.indices.reshape(-1, n_books)
-                idx = idx + torch.arange(n_books, device=idx.device) * K
-                acc[H:] += torch.bincount(idx.reshape(-1), minlength=n_books * K)
+                acc[H:] += book_counts(o.vq.indices, n_books, K)
             n_acc += 1
             bar.update(1)
 
@@ -987,6 +1026,15 @@ def _train(s: dict, ckpt: dict | None, d: Dist, *, progress: bool) -> dict:
     print(f"wrote {out}/ (checkpoint.pt, metrics.csv, eval.csv, loss_curves.png, "
           f"reconstructions.png, eval.json)")
     return m
+
+
+def book_counts(indices: torch.Tensor, n_books: int, K: int) -> torch.Tensor:
+    """How often each book's codes were chosen: (n_books K,), book i's in [i K, (i + 1) K), from
+    indices (..., n_books) (or (...) for one book). One bincount, no host sync: an index of -1
+    (a stage that quantizer dropout left out) goes to a last bin, which is dropped."""
+    idx = indices.reshape(-1, n_books)
+    flat = torch.where(idx >= 0, idx + torch.arange(n_books, device=idx.device) * K, n_books * K)
+    return torch.bincount(flat.reshape(-1), minlength=n_books * K + 1)[:n_books * K]
 
 
 def eval_row(step: int, m: dict) -> dict:

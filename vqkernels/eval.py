@@ -125,9 +125,29 @@ def _unit(metrics: dict) -> str:
     return "stage" if metrics.get("quantizer") == "rvq" else "group"
 
 
+def add_run_arguments(p: argparse.ArgumentParser, what: str) -> None:
+    """The flags eval and tokenize share, which load_for_cli and amp_for_cli read: CHECKPOINT,
+    --data, --data-dir, --download, --device, --backend, --amp. `what` completes "data set to
+    ..." in --data's help."""
+    p.add_argument("checkpoint", metavar="CHECKPOINT",
+                   help="a checkpoint.pt written by vqkernels.train (or its --out directory)")
+    p.add_argument("--data", choices=DATA_KINDS, default=None,
+                   help=f"data set to {what} (default: the one the checkpoint was trained on)")
+    p.add_argument("--data-dir", default=None,
+                   help="directory of --data (default: the checkpoint's)")
+    p.add_argument("--download", action="store_true", help="download CIFAR-10 if missing")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (default)")
+    p.add_argument("--backend", default="auto",
+                   help="quantizer backend: auto (default), cpu, cuda, triton or reference")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="run under autocast as --amp training does (default: as the checkpoint "
+                        "was trained)")
+
+
 def load_for_cli(p: argparse.ArgumentParser, a: argparse.Namespace):
     """(device, checkpoint, model, data set) from the flags eval and tokenize share
-    (--device, CHECKPOINT, --backend, --data, --data-dir, --download); errors name the flag."""
+    (add_run_arguments: --device, CHECKPOINT, --backend, --data, --data-dir, --download); errors
+    name the flag."""
     from .backends import ALL_NAMES, resolve
     try:
         device = _io.resolve_device(a.device)
@@ -188,22 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m vqkernels.eval",
         description="Held-out MSE, PSNR, normalized MSE, perplexity and code usage of a VQ-VAE "
                     "checkpoint. Prints a table and writes JSON.")
-    p.add_argument("checkpoint", metavar="CHECKPOINT",
-                   help="a checkpoint.pt written by vqkernels.train (or its --out directory)")
-    p.add_argument("--data", choices=DATA_KINDS, default=None,
-                   help="data set to evaluate on (default: the one the checkpoint was trained on)")
-    p.add_argument("--data-dir", default=None, help="directory of --data (default: the checkpoint's)")
-    p.add_argument("--download", action="store_true", help="download CIFAR-10 if missing")
+    add_run_arguments(p, "evaluate on")
     p.add_argument("--batch-size", type=int, default=250, help="images per forward pass")
     p.add_argument("--perplexity-batch", type=int, default=None,
                    help="images per batch for the per-batch perplexity (default: the training "
                         "batch size)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto (default)")
-    p.add_argument("--backend", default="auto",
-                   help="quantizer backend: auto, cpu, cuda, triton or reference")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="run under autocast as --amp training does (default: as the checkpoint "
-                        "was trained)")
     p.add_argument("--json", default=None, metavar="PATH",
                    help="where to write the figures (default: eval.json beside the checkpoint)")
     return p

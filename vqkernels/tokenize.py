@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from . import _cli, _io
-from .data import DATA_KINDS, to_tensor
+from .data import to_tensor
 
 
 @torch.no_grad()
@@ -56,15 +56,12 @@ def token_dtype(num_codes: int):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .eval import add_run_arguments
+
     p = _cli.ArgumentParser(
         prog="python -m vqkernels.tokenize",
         description="Encode a data set into VQ-VAE token grids, written to one .npz file.")
-    p.add_argument("checkpoint", metavar="CHECKPOINT",
-                   help="a checkpoint.pt written by vqkernels.train (or its --out directory)")
-    p.add_argument("--data", choices=DATA_KINDS, default=None,
-                   help="data set to tokenize (default: the one the checkpoint was trained on)")
-    p.add_argument("--data-dir", default=None, help="directory of --data (default: the checkpoint's)")
-    p.add_argument("--download", action="store_true", help="download CIFAR-10 if missing")
+    add_run_arguments(p, "tokenize")
     p.add_argument("--split", choices=("all", "train", "heldout"), default="all",
                    help="which split to tokenize")
     p.add_argument("--num-crops", type=int, default=10000,
@@ -73,12 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="--data embedded: seed of the crops")
     p.add_argument("--out", required=True, help="the .npz file to write")
     p.add_argument("--batch-size", type=int, default=500, help="images per forward pass")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="encode under autocast as --amp training does (default: as the "
-                        "checkpoint was trained)")
-    p.add_argument("--backend", default="auto",
-                   help="quantizer backend: auto, cpu, cuda, triton or reference")
     return p
 
 

@@ -57,6 +57,18 @@ class _Books(nn.Module):
     def _book(self, i: int) -> VectorQuantizer:
         return self.books[0 if self.shared else i]
 
+    def _channels_last(self, z: Tensor, dim: Optional[int]) -> tuple[int, Tensor, torch.Size]:
+        """Check z as vq_quantize checks its input (against a stand-in codebook of the module's
+        `dim` channels: the books may be projected or grouped) and move its channel axis last:
+        (the channel axis, z with it last, the shape of the rows it leaves)."""
+        if not isinstance(z, Tensor):
+            raise TypeError(f"z must be a torch.Tensor, got {type(z).__name__}")
+        stand_in = z.new_zeros((), dtype=z.dtype if z.dtype in _FLOATS else torch.float32) \
+            .expand(1, self.dim)
+        dim = _check(z, stand_in, self.channel_dim if dim is None else dim, self.backend)
+        zm = z.movedim(dim, -1)
+        return dim, zm, zm.shape[:-1]
+
     def _search_codebook(self, book: VectorQuantizer, dtype: torch.dtype, training: bool) -> Tensor:
         cb = book.codebook
         if training and (book.ema or book.restart_after is not None):
@@ -165,13 +177,7 @@ class ResidualVectorQuantizer(_Books):
     # ------------------------------------------------------------------------------ forward
     def forward(self, z: Tensor, *, dim: Optional[int] = None, mask: Optional[Tensor] = None,
                 active_stages: Optional[Tensor] = None) -> RVQOutput:
-        if not isinstance(z, Tensor):
-            raise TypeError(f"z must be a torch.Tensor, got {type(z).__name__}")
-        stand_in = z.new_zeros((), dtype=z.dtype if z.dtype in _FLOATS else torch.float32) \
-            .expand(1, self.dim)
-        dim = _check(z, stand_in, self.channel_dim if dim is None else dim, self.backend)
-        zm = z.movedim(dim, -1)
-        lead = zm.shape[:-1]
+        dim, zm, lead = self._channels_last(z, dim)
         rows = zm.reshape(-1, self.dim)
         S = self.num_stages
         training = self.training
@@ -328,7 +334,9 @@ class GroupedVectorQuantizer(_Books):
     quantized by its own book (or one shared book) of `num_codes` codes of size dim / groups, each
     kept up like a `VectorQuantizer`, one packed all_reduce per training step for all of them.
 
-    The other keyword arguments are VectorQuantizer's (``seed`` is offset per group).
+    The other keyword arguments are VectorQuantizer's (``seed`` is offset per group). Without
+    cosine, every group's search is one call (one native CPU call, or one Triton launch on the
+    triton backend) where vqkernels.grouped_vq's fused path applies, else a loop over the groups.
     forward(z, *, dim=None, mask=None) -> vqkernels.GVQOutput (indices: z's shape without the
     channel dim plus a last axis of G). In EMA mode ``loss = beta * sum_g commitment_loss[g]``.
     """
@@ -352,13 +360,7 @@ class GroupedVectorQuantizer(_Books):
 
     def forward(self, z: Tensor, *, dim: Optional[int] = None,
                 mask: Optional[Tensor] = None) -> GVQOutput:
-        if not isinstance(z, Tensor):
-            raise TypeError(f"z must be a torch.Tensor, got {type(z).__name__}")
-        stand_in = z.new_zeros((), dtype=z.dtype if z.dtype in _FLOATS else torch.float32) \
-            .expand(1, self.dim)
-        dim = _check(z, stand_in, self.channel_dim if dim is None else dim, self.backend)
-        zm = z.movedim(dim, -1)
-        lead = zm.shape[:-1]
+        dim, zm, lead = self._channels_last(z, dim)
         G, d = self.groups, self.dim // self.groups
         parts = zm.reshape(-1, G, d)
         N = parts.shape[0]

@@ -9,7 +9,8 @@ minutes on a laptop-class CPU. --out receives:
   metrics.csv        training loss, recon MSE, VQ loss, perplexity, codes used, steps/s
                      (--quantizer rvq / gvq: perplexity and codes_used are the lowest over the
                      stages / groups, the health of the worst codebook; codes_used_<i> and
-                     perplexity_<i> give each stage / group's, codes_used_total their sum,
+                     perplexity_<i> give each stage / group's (with --quantize-dropout, over
+                     the images that kept stage i), codes_used_total their sum,
                      commitment_loss is the sum over stages / groups, as the loss weighs it)
   eval.csv           held-out figures every --eval-every steps
   loss_curves.png    recon and VQ loss (training and held-out) and code usage

@@ -170,8 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--cosine", action="store_true", default=None,
                    help="l2-normalised codes and latents (cosine similarity search); rvq: each "
                         "stage searches its l2-normalised (projected) residual against "
-                        "normalised codes and subtracts the unit code (DAC); gvq: each group "
-                        "its normalised channels")
+                        "normalised codes and adds the chosen unit code (projected back with "
+                        "--codebook-dim); gvq: each group searches its normalised channels")
     m.add_argument("--codebook-dim", type=int,
                    help="--quantizer rvq: each stage searches a learned linear projection of "
                         "its residual to this many channels (< --code-dim; codes of that size) "

@@ -92,11 +92,15 @@ double pow2_scale(double m, int32_t Q) {
 }
 
 // round(v) to the nearest integer (ties to even) whatever the caller's rounding mode.
-int32_t round_int(double v) {
+[[maybe_unused]] int32_t round_int(double v) {
   return (int32_t)_mm_cvtsd_f64(
       _mm_round_sd(_mm_setzero_pd(), _mm_set_sd(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 
+// The panel's NR codes are walked together, as in pack_codes: the same per-code sums in the same
+// order, the quantization 4 codes to a vector. x / sigma is computed as x * (1 / sigma), the same
+// value: sigma is a power of two in [2^-100, 2^61], so both are exact.
+static_assert(NR == 4, "pack_codes_i16 quantizes a panel's 4 codes as one vector of doubles");
 template <class E>
 void pack_codes_i16(const cpu::FwdJob& job, int64_t p_lo, int64_t p_hi) {
   pack_codes<E>(job, p_lo, p_hi);
@@ -105,26 +109,38 @@ void pack_codes_i16(const cpu::FwdJob& job, int64_t p_lo, int64_t p_hi) {
   for (int64_t p = p_lo; p < p_hi; ++p) {
     const float* src = job.packed + p * D * NR;
     uint32_t* dst = job.packed_bf16 + p * D2 * NR;
+    double m[NR] = {}, l1[NR] = {};
+    for (int64_t d = 0; d < D; ++d)
+      for (int j = 0; j < NR; ++j) {
+        const double v = __builtin_fabs((double)src[d * NR + j]);
+        m[j] = v > m[j] ? v : m[j];
+        l1[j] += v;
+      }
+    alignas(32) double inv[NR];
     for (int j = 0; j < NR; ++j) {
       const int64_t k = p * NR + j;
-      double m = 0.0, l1 = 0.0;
-      for (int64_t d = 0; d < D; ++d) {
-        const double v = __builtin_fabs((double)src[d * NR + j]);
-        m = v > m ? v : m;
-        l1 += v;
-      }
       // Padding, NaN/inf codes and finite codes whose norm overflowed get zeros: their fp32 norm
       // (+inf or NaN) already makes their value +inf or NaN, and max||e|| infinite stops every proof.
       const float n = job.norms[k];
-      const bool ok = k < job.K && n - n == 0.0f && m < 0x1p60;
-      const double s = ok ? pow2_scale(m, Q) : 0.0;
-      job.code_aux[k] = (float)s;
-      job.code_aux[P + k] = ok ? (float)((l1 + (double)D * 0x1p-126) * (1.0 + 0x1p-20)) : 0.0f;
-      for (int64_t i = 0; i < D2; ++i) {
-        const int32_t lo = ok ? round_int(src[2 * i * NR + j] / s) : 0;
-        const int32_t hi = ok && 2 * i + 1 < D ? round_int(src[(2 * i + 1) * NR + j] / s) : 0;
-        dst[i * NR + j] = (uint32_t)(uint16_t)(int16_t)lo | ((uint32_t)(uint16_t)(int16_t)hi << 16);
-      }
+      const bool ok = k < job.K && n - n == 0.0f && m[j] < 0x1p60;
+      const double sc = ok ? pow2_scale(m[j], Q) : 0.0;
+      job.code_aux[k] = (float)sc;
+      job.code_aux[P + k] = ok ? (float)((l1[j] + (double)D * 0x1p-126) * (1.0 + 0x1p-20)) : 0.0f;
+      inv[j] = ok ? 1.0 / sc : 0.0;
+    }
+    // Lanes of codes left out have inv = 0 and are masked to 0 (a NaN times 0 is still NaN).
+    const __m256d iv = _mm256_load_pd(inv);
+    const __m256d keep = _mm256_cmp_pd(iv, _mm256_setzero_pd(), _CMP_NEQ_OQ);
+    constexpr int mode = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    const auto quant = [&](const float* v) {  // round(v_j / sigma_j) for the 4 codes, as int32
+      const __m256d q = _mm256_and_pd(_mm256_mul_pd(_mm256_cvtps_pd(_mm_loadu_ps(v)), iv), keep);
+      return _mm256_cvttpd_epi32(_mm256_round_pd(q, mode));
+    };
+    for (int64_t i = 0; i < D2; ++i) {
+      const __m128i lo = quant(src + 2 * i * NR);
+      const __m128i hi = 2 * i + 1 < D ? quant(src + (2 * i + 1) * NR) : _mm_setzero_si128();
+      const __m128i w = _mm_or_si128(_mm_and_si128(lo, _mm_set1_epi32(0xffff)), _mm_slli_epi32(hi, 16));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i * NR), w);
     }
   }
 }

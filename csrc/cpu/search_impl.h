@@ -121,7 +121,10 @@ VQK_ALWAYS_INLINE void store_elems(typename E::T* p, typename V::F v, int64_t cn
 }
 
 // ---------------------------------------------------------------------------------------------
-// Codebook packing: panels [D][NR] and norms, once per call.
+// Codebook packing: panels [D][NR] and norms, once per call. The NR codes of a panel are walked
+// together (d outer, code inner): each code's norm is still summed in d order, the same operations
+// as one code at a time, but NR independent chains hide the add latency that one chain waits on
+// (packing was ~15 cycles per element, a few percent of a call at K = 512, D = 256).
 template <class E>
 void pack_codes(const cpu::FwdJob& job, int64_t p_lo, int64_t p_hi) {
   using T = typename E::T;
@@ -129,26 +132,30 @@ void pack_codes(const cpu::FwdJob& job, int64_t p_lo, int64_t p_hi) {
   const int64_t D = job.D, K = job.K;
   for (int64_t p = p_lo; p < p_hi; ++p) {
     float* panel = job.packed + p * D * NR;
+    const T* e[NR];
+    float s[NR];
+    bool finite[NR];
     for (int j = 0; j < NR; ++j) {
       const int64_t k = p * NR + j;
-      if (k >= K) {
-        for (int64_t d = 0; d < D; ++d) panel[d * NR + j] = 0.0f;
-        job.norms[k] = __builtin_inff();  // padding: its distance is +inf, never below the best
-        continue;
-      }
-      const T* e = cb + k * D;
-      float s = 0.0f;
-      bool finite = true;
-      for (int64_t d = 0; d < D; ++d) {
-        const float v = E::load(e + d);
+      e[j] = k < K ? cb + k * D : nullptr;
+      s[j] = 0.0f;
+      finite[j] = true;
+    }
+    for (int64_t d = 0; d < D; ++d)
+#pragma GCC unroll 16
+      for (int j = 0; j < NR; ++j) {
+        const float v = e[j] ? E::load(e[j] + d) : 0.0f;
         panel[d * NR + j] = v;
-        s += v * v;
-        finite &= (v - v) == 0.0f;  // false for NaN and +-inf
+        s[j] += v * v;
+        finite[j] &= (v - v) == 0.0f;  // false for NaN and +-inf
       }
-      // A code with NaN or inf is never chosen (policy above): a NaN norm loses every compare and
-      // is no candidate of the exact search. A finite code whose norm overflows keeps +inf: it
-      // makes max||e|| infinite, so every row is searched exactly (see `decide`).
-      job.norms[k] = finite ? s : __builtin_nanf("");
+    for (int j = 0; j < NR; ++j) {
+      const int64_t k = p * NR + j;
+      // Padding: its distance is +inf, never below the best. A code with NaN or inf is never
+      // chosen (policy above): a NaN norm loses every compare and is no candidate of the exact
+      // search. A finite code whose norm overflows keeps +inf: it makes max||e|| infinite, so
+      // every row is searched exactly (see `decide`).
+      job.norms[k] = k >= K ? __builtin_inff() : finite[j] ? s[j] : __builtin_nanf("");
     }
   }
 }

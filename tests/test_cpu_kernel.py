@@ -208,6 +208,24 @@ def test_nan_code_never_wins(isa):
     assert_search_ok(z, cb[keep], remap[idx], err)
 
 
+@pytest.mark.parametrize("K", [13, 14, 15])
+def test_non_finite_codes_beside_padding(isa, K):
+    # The last panel holds real codes and padding (K not a multiple of the panel width): codes
+    # packed together must each keep their own norm (a NaN or inf code beside the padding must
+    # not leak into its neighbours' norms or scales), so the finite codes next to them still win.
+    z, cb = make_inputs(400, K, 24)
+    cb[K - 1, 3] = float("nan")
+    cb[K - 3] = float("inf")
+    z[:100] = cb[K - 2] + 1e-3 * torch.randn(100, 24)  # rows right at a finite code of that panel
+    _, idx, err, _ = forward_raw(z, cb)
+    assert (idx[:100] == K - 2).all()
+    assert not ((idx == K - 1) | (idx == K - 3)).any()
+    keep = torch.tensor([k for k in range(K) if k not in (K - 1, K - 3)])
+    remap = torch.full((K,), -1, dtype=torch.long)
+    remap[keep] = torch.arange(len(keep))
+    assert_search_ok(z, cb[keep], remap[idx], err)
+
+
 def test_single_code_and_huge_k(isa):
     z, cb = make_inputs(60, 1, 5)
     check_forward(z, cb, -1, forward_raw(z, cb))

@@ -92,6 +92,24 @@ LOOP(k_mix_2x_4i2f, BD(0) I16M(0, 0) I16M(32, 1) BD(4) I16M(0, 2) I16M(32, 3) BD
                         LDX(64, 12) LDX(96, 13) BSS(16) FMAR(12, 8) FMAR(13, 9) BSS(20) FMAR(12, 10) FMAR(13, 11)
                         LDX(128, 12) LDX(160, 13) BSS(24) FMAR(12, 8) FMAR(13, 9) BSS(28) FMAR(12, 10) FMAR(13, 11))
 
+// Other int16 tile shapes (issue 16, third look): the same 12 accumulators with fewer loads per
+// vpmaddwd. Two row vectors in registers and the third as a memory operand (10 loads per 12
+// vpmaddwd instead of 16); 16 rows x 6 codes with both row vectors in registers (8 loads); and
+// the 24 x 4 step unrolled over two dimension pairs. Under load (±8% run to run) none was clearly
+// faster than the kernel's own shape.
+#define I16R(x, a) "vpmaddwd %%ymm" #x ", %%ymm14, %%ymm15\n\tvpaddd %%ymm15, %%ymm" #a ", %%ymm" #a "\n\t"
+#define LDI(off, r) "vmovdqa " #off "(%1), %%ymm" #r "\n\t"
+LOOP(k_i16_3x4_r2, LDI(0, 12) LDI(32, 13)
+                       BD(0) I16R(12, 0) I16R(13, 1) I16M(64, 2) BD(4) I16R(12, 3) I16R(13, 4) I16M(64, 5)
+                       BD(8) I16R(12, 6) I16R(13, 7) I16M(64, 8) BD(12) I16R(12, 9) I16R(13, 10) I16M(64, 11))
+LOOP(k_i16_2x6, LDI(0, 12) LDI(32, 13)
+                    BD(0) I16R(12, 0) I16R(13, 1) BD(4) I16R(12, 2) I16R(13, 3) BD(8) I16R(12, 4) I16R(13, 5)
+                    BD(12) I16R(12, 6) I16R(13, 7) BD(16) I16R(12, 8) I16R(13, 9) BD(20) I16R(12, 10) I16R(13, 11))
+LOOP(k_i16_3x4_x2, BD(0) I16M(0, 0) I16M(32, 1) I16M(64, 2) BD(4) I16M(0, 3) I16M(32, 4) I16M(64, 5)
+                       BD(8) I16M(0, 6) I16M(32, 7) I16M(64, 8) BD(12) I16M(0, 9) I16M(32, 10) I16M(64, 11)
+                       BD(16) I16M(96, 0) I16M(128, 1) I16M(160, 2) BD(20) I16M(96, 3) I16M(128, 4) I16M(160, 5)
+                       BD(24) I16M(96, 6) I16M(128, 7) I16M(160, 8) BD(28) I16M(96, 9) I16M(128, 10) I16M(160, 11))
+
 struct Case {
   const char* label;
   void (*fn)(long, const void*, const void*);
@@ -129,6 +147,9 @@ int main() {
   const Case kernels[] = {
       {"avx2 (24 rows x 4 fp32 codes)", k_fp32_3x4, 24 * 4},
       {"avx2_i16 (24 x 4 int16, rows in memory)", k_i16_3x4, 24 * 4 * 2},
+      {"avx2_i16 shape, 2 row vectors in registers", k_i16_3x4_r2, 24 * 4 * 2},
+      {"int16 16 x 6, rows in registers", k_i16_2x6, 16 * 6 * 2},
+      {"avx2_i16 shape, unrolled x2", k_i16_3x4_x2, 24 * 4 * 4},
       {"mixed 24 x (3 int16 + 1 fp32)", k_mix_3x_3i1f, 24 * 4 * 2},
       {"mixed 24 x (2 int16 + 2 fp32)", k_mix_3x_2i2f, 24 * 4 * 2},
       {"mixed 16 x (4 int16 + 2 fp32)", k_mix_2x_4i2f, 16 * 6 * 2},

@@ -18,6 +18,9 @@
 // Part 2, the kernels' inner loops (search_impl.h's avx2 micro-kernel, search_avx2_i16.cpp's, and
 // candidate mixed int16 + fp32 shapes): the same instructions with the loads and broadcasts one
 // step of the kernel does (from L1, as in the kernels, whose row tile is reread for every panel).
+// Both parts also hold the int8 (vpmaddubsw) shapes an int8 first pass would use, in the same
+// 24-row tiles (issue 16, fourth look; benchmarks/results/cpu-avx2-i16-profile.md): a multiply-add
+// there is still one x_d * e_kd product, so their GMAC/s compare directly with int16's.
 #include <cstdio>
 #include <cstdlib>
 #include <ctime>
@@ -110,6 +113,76 @@ LOOP(k_i16_3x4_x2, BD(0) I16M(0, 0) I16M(32, 1) I16M(64, 2) BD(4) I16M(0, 3) I16
                        BD(16) I16M(96, 0) I16M(128, 1) I16M(160, 2) BD(20) I16M(96, 3) I16M(128, 4) I16M(160, 5)
                        BD(24) I16M(96, 6) I16M(128, 7) I16M(160, 8) BD(28) I16M(96, 9) I16M(128, 10) I16M(160, 11))
 
+// int8 first-pass shapes (issue 16, fourth look). vpmaddubsw multiplies 32 unsigned bytes (its
+// register source; AT&T's middle operand) by 32 signed bytes (the memory operand: the rows, as in
+// avx2_i16) and adds neighbours into 16 int16 lanes, saturating; vpmaddwd with a vector of int16 ones
+// then sums the int16 pairs into 8 int32 lanes (4 dimensions per lane), and vpaddd accumulates.
+// Zen 3 runs integer ops in constant time, so the zero data does not flatter these loops.
+//   (a) one vpmaddubsw + vpmaddwd(ones) + vpaddd per row vector x code: 32 multiply-adds, 3 ops.
+//       No int16 saturation when 2 max|u| max|s| <= 32767: u in [0,255] with s in [-64,64], or
+//       u in [0,127] with s in [-127,127] (2 * 127 * 127 = 32258).
+//   (b) two vpmaddubsw (dimensions 0-3 and 4-7 of the lane) added in int16 by vpaddw before one
+//       vpmaddwd(ones) + vpaddd: 64 multiply-adds, 5 ops. Needs 4 max|u| max|s| <= 32767, e.g.
+//       u in [0,127] with s in [-64,64] (4 * 127 * 64 = 32512); vpaddw then never wraps (vpaddsw
+//       would never saturate either: same result, same cost).
+// Unsigned side = the code (an offset code q + c: p.(q + c) - c sum(p) is exact in int32, the row
+// sum is one more integer per row), signed side = the row: either way round works for the bound.
+// Registers: 12 accumulators need (a) bcast + temp + ones = 15; (b) two bcasts + two temps = 16,
+// so (b) 24 x 4 takes the ones as a memory operand and (b) 24 x 3 keeps them in a register.
+#define ONES "vpcmpeqw %%ymm13, %%ymm13, %%ymm13\n\tvpsrlw $15, %%ymm13, %%ymm13\n\t"  // int16 1s
+#define I8A(a, t) "vpmaddubsw %%ymm14, %%ymm15, %%ymm" #t "\n\tvpmaddwd %%ymm13, %%ymm" #t ", %%ymm" #t \
+                  "\n\tvpaddd %%ymm" #t ", %%ymm" #a ", %%ymm" #a "\n\t"
+#define I8B(a) "vpmaddubsw %%ymm14, %%ymm15, %%ymm12\n\tvpmaddubsw %%ymm15, %%ymm14, %%ymm13\n\t"      \
+               "vpaddw %%ymm13, %%ymm12, %%ymm12\n\tvpmaddwd 512(%2), %%ymm12, %%ymm12\n\t"             \
+               "vpaddd %%ymm12, %%ymm" #a ", %%ymm" #a "\n\t"
+#define BDR(off, r) "vpbroadcastd " #off "(%2), %%ymm" #r "\n\t"                 // 4 code bytes
+#define I8AM(off, a) "vpmaddubsw " #off "(%1), %%ymm14, %%ymm15\n\tvpmaddwd %%ymm13, %%ymm15, %%ymm15\n\t" \
+                     "vpaddd %%ymm15, %%ymm" #a ", %%ymm" #a "\n\t"
+// (b), rows at off (dims 0-3) and off + 96 (dims 4-7), code bytes in ymm12 / ymm13, ones at 512(%2).
+#define I8BM(off, off2, a) "vpmaddubsw " #off "(%1), %%ymm12, %%ymm14\n\t"                             \
+                           "vpmaddubsw " #off2 "(%1), %%ymm13, %%ymm15\n\t"                            \
+                           "vpaddw %%ymm15, %%ymm14, %%ymm14\n\tvpmaddwd 512(%2), %%ymm14, %%ymm14\n\t" \
+                           "vpaddd %%ymm14, %%ymm" #a ", %%ymm" #a "\n\t"
+// (b) with the ones in ymm13: code bytes in ymm9 / ymm10, temps ymm11 / ymm12 (9 accumulators).
+#define I8BR(off, off2, a) "vpmaddubsw " #off "(%1), %%ymm9, %%ymm11\n\t"                              \
+                           "vpmaddubsw " #off2 "(%1), %%ymm10, %%ymm12\n\t"                            \
+                           "vpaddw %%ymm12, %%ymm11, %%ymm11\n\tvpmaddwd %%ymm13, %%ymm11, %%ymm11\n\t" \
+                           "vpaddd %%ymm11, %%ymm" #a ", %%ymm" #a "\n\t"
+#define LOOPP(name, pre, body)                                                                    \
+  __attribute__((noinline)) void name(long n, const void* x, const void* b) {                    \
+    __asm__ volatile("vpxor %%xmm14, %%xmm14, %%xmm14\n\tvpxor %%xmm15, %%xmm15, %%xmm15\n\t" pre \
+                     "1:\n\t" body "dec %0\n\tjnz 1b"                                              \
+                     : "+r"(n)                                                                     \
+                     : "r"(x), "r"(b)                                                              \
+                     : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8",    \
+                       "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "cc",        \
+                       "memory");                                                                  \
+  }
+// Pipes, registers only (ones from 512(%2) in (b)): 12 chains of (a), 12 of (b), vpmaddubsw alone.
+LOOPP(int8_a, ONES, I8A(0, 12) I8A(1, 12) I8A(2, 12) I8A(3, 12) I8A(4, 12) I8A(5, 12) I8A(6, 12)
+                        I8A(7, 12) I8A(8, 12) I8A(9, 12) I8A(10, 12) I8A(11, 12))
+LOOPP(int8_b, ONES, I8B(0) I8B(1) I8B(2) I8B(3) I8B(4) I8B(5) I8B(6) I8B(7) I8B(8) I8B(9) I8B(10) I8B(11))
+LOOP(maddubs_only, "vpmaddubsw %%ymm14, %%ymm15, %%ymm0\n\tvpmaddubsw %%ymm14, %%ymm15, %%ymm1\n\t"
+                   "vpmaddubsw %%ymm14, %%ymm15, %%ymm2\n\tvpmaddubsw %%ymm14, %%ymm15, %%ymm3\n\t"
+                   "vpmaddubsw %%ymm14, %%ymm15, %%ymm4\n\tvpmaddubsw %%ymm14, %%ymm15, %%ymm5\n\t"
+                   "vpmaddubsw %%ymm14, %%ymm15, %%ymm6\n\tvpmaddubsw %%ymm14, %%ymm15, %%ymm7\n\t"
+                   "vpmaddubsw %%ymm14, %%ymm15, %%ymm8\n\tvpmaddubsw %%ymm14, %%ymm15, %%ymm9\n\t"
+                   "vpmaddubsw %%ymm14, %%ymm15, %%ymm10\n\tvpmaddubsw %%ymm14, %%ymm15, %%ymm11\n\t")
+// Kernel steps. (a) 24 rows x 4 codes x 4 dimensions: 4 broadcasts, 12 x (vpmaddubsw with the row
+// vector as memory operand, vpmaddwd ones, vpaddd).
+LOOPP(k_i8a_3x4, ONES, BD(0) I8AM(0, 0) I8AM(32, 1) I8AM(64, 2) BD(4) I8AM(0, 3) I8AM(32, 4) I8AM(64, 5)
+                           BD(8) I8AM(0, 6) I8AM(32, 7) I8AM(64, 8) BD(12) I8AM(0, 9) I8AM(32, 10) I8AM(64, 11))
+// (b) 24 rows x 4 codes x 8 dimensions, ones from memory: 8 broadcasts, 24 vpmaddubsw, 12 vpaddw,
+// 12 vpmaddwd, 12 vpaddd.
+LOOPP(k_i8b_3x4, ONES, BDR(0, 12) BDR(4, 13) I8BM(0, 96, 0) I8BM(32, 128, 1) I8BM(64, 160, 2)
+                           BDR(8, 12) BDR(12, 13) I8BM(0, 96, 3) I8BM(32, 128, 4) I8BM(64, 160, 5)
+                           BDR(16, 12) BDR(20, 13) I8BM(0, 96, 6) I8BM(32, 128, 7) I8BM(64, 160, 8)
+                           BDR(24, 12) BDR(28, 13) I8BM(0, 96, 9) I8BM(32, 128, 10) I8BM(64, 160, 11))
+// (b) 24 rows x 3 codes x 8 dimensions, ones in a register: 9 accumulators.
+LOOPP(k_i8b_3x3, ONES, BDR(0, 9) BDR(4, 10) I8BR(0, 96, 0) I8BR(32, 128, 1) I8BR(64, 160, 2)
+                           BDR(8, 9) BDR(12, 10) I8BR(0, 96, 3) I8BR(32, 128, 4) I8BR(64, 160, 5)
+                           BDR(16, 9) BDR(20, 10) I8BR(0, 96, 6) I8BR(32, 128, 7) I8BR(64, 160, 8))
+
 struct Case {
   const char* label;
   void (*fn)(long, const void*, const void*);
@@ -135,6 +208,7 @@ int main() {
   void* x = aligned_alloc(64, 4096);
   void* b = aligned_alloc(64, 4096);
   for (int i = 0; i < 1024; ++i) static_cast<int*>(x)[i] = static_cast<int*>(b)[i] = 0;
+  for (int i = 128; i < 136; ++i) static_cast<int*>(b)[i] = 0x00010001;  // int16 ones at 512(b)
   const Case pipes[] = {
       {"fp32 vfmadd231ps (12)", fp32, 12 * 8},
       {"int16 vpmaddwd + vpaddd (12)", int16, 12 * 16},
@@ -143,6 +217,9 @@ int main() {
       {"mixed 6 int16 + 6 FMA", mix_6_6, 6 * 16 + 6 * 8},
       {"mixed 4 int16 + 8 FMA", mix_4_8, 4 * 16 + 8 * 8},
       {"mixed 8 int16 + 4 FMA", mix_8_4, 8 * 16 + 4 * 8},
+      {"int8 (a) vpmaddubsw+vpmaddwd 1s+vpaddd (12)", int8_a, 12 * 32},
+      {"int8 (b) 2 vpmaddubsw+vpaddw+madd 1s+add(12)", int8_b, 12 * 64},
+      {"vpmaddubsw alone (12, no add)", maddubs_only, 12 * 32},
   };
   const Case kernels[] = {
       {"avx2 (24 rows x 4 fp32 codes)", k_fp32_3x4, 24 * 4},
@@ -153,6 +230,9 @@ int main() {
       {"mixed 24 x (3 int16 + 1 fp32)", k_mix_3x_3i1f, 24 * 4 * 2},
       {"mixed 24 x (2 int16 + 2 fp32)", k_mix_3x_2i2f, 24 * 4 * 2},
       {"mixed 16 x (4 int16 + 2 fp32)", k_mix_2x_4i2f, 16 * 6 * 2},
+      {"int8 (a) 24 x 4, 4 dims, rows in memory", k_i8a_3x4, 24 * 4 * 4},
+      {"int8 (b) 24 x 4, 8 dims, ones in memory", k_i8b_3x4, 24 * 4 * 8},
+      {"int8 (b) 24 x 3, 8 dims, ones in register", k_i8b_3x3, 24 * 3 * 8},
   };
   std::printf("one core, best of 5, thread CPU clock; GMAC/s (GFLOP/s = 2x)\n");
   std::printf("pipes (registers only):\n");

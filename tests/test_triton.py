@@ -737,3 +737,103 @@ def test_random_data_is_rarely_flagged():
     out = _run(z, cb)
     _check_exact(z, cb, out, min_clear=200)
     assert out[4] <= 256 // 10
+
+
+# ------------------------------------------------------------------------------------------------
+# Padded work and codebook copies (review F12, issue 19)
+
+
+class _LaunchSpy:
+    """A `wrap` for launch.forward that records each kernel launch (kernel, args, meta) and runs
+    it unchanged."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, kernel):
+        spy = self
+
+        class _Grid:
+            def __getitem__(self, grid):
+                def run(*args, **meta):
+                    spy.calls.append((kernel, args, meta))
+                    return kernel[grid](*args, **meta)
+                return run
+        return _Grid()
+
+    def search(self):
+        from vqkernels.triton import kernels as K_
+        (hit,) = [c for c in self.calls if c[0] is K_.vq_search_kernel]
+        return hit
+
+
+def _work_width(meta):
+    """Columns of D the search's MMAs run over: the main tiles plus the tail pieces."""
+    return (meta["BLOCK_D"] * meta["D_CHUNKS"]
+            + sum(meta.get(w, 0) for w in ("W1", "W2", "W3")))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("D", [48, 96, 160, 192])
+def test_widths_between_powers_of_two_are_not_padded(D, dtype):
+    """F12: D between powers of two ran next_pow2(D)-deep MMAs (D = 192: 256, a third more work;
+    D = 129: twice) and copied the codebook padded on every call. A multiple of 16 now runs
+    exactly D deep, straight from the caller's codebook (no copy, on any call)."""
+    launch = _launch()
+    z, cb = make_inputs(21, 37, D, dtype, device=DEVICE)
+    for _ in range(2):
+        spy = _LaunchSpy()
+        z_q, idx, err, counts = launch.forward(z, -1, cb, RowPlan(z, -1),
+                                               launch.SearchConfig(block_n=16, block_k=16),
+                                               wrap=spy)
+        _check_forward(z, cb, z_q, idx, err, counts)
+        _, args, meta = spy.search()
+        assert _work_width(meta) == D, meta
+        assert args[9] is cb, "the codebook was copied"
+
+
+@pytest.mark.parametrize("D,dtype,block_d", [(129, torch.bfloat16, None), (129, torch.float32, None),
+                                              (200, torch.bfloat16, None),
+                                              (100, torch.float32, 32), (37, torch.float64, None)],
+                         ids=str)
+def test_unaligned_widths_pad_to_a_multiple_of_16(D, dtype, block_d):
+    """An unaligned D runs over D rounded up to 16 (not to a power of two), split into a main
+    tile (resident or streamed in chunks) and power-of-two tail pieces; only then is the
+    codebook copied, padded with zeros. Every piece layout is exact on data far from the origin,
+    with close codes congruent modulo every tile width."""
+    launch = _launch()
+    gen = _gen()
+    N, K = 24, 2 * 128 + 11
+    at = _congruent(3, K, gen)
+    z, cb = _far_rows(dtype, N, K, D, at, gen)
+    spy = _LaunchSpy()
+    conf = launch.SearchConfig(block_n=16, block_k=32, block_d=block_d)
+    stats = {}
+    z_q, idx, err, counts = launch.forward(z, -1, cb, RowPlan(z, -1), conf, wrap=spy, stats=stats)
+    _check_exact(z, cb, (z_q, idx, err, counts, int(stats["flagged"])), min_clear=N // 8)
+    _, args, meta = spy.search()
+    padded = -(-D // 16) * 16
+    assert _work_width(meta) == padded, meta
+    cbp = args[9]
+    assert cbp.shape == (K, padded) and args[10] == padded
+    assert torch.equal(cbp[:, :D], cb) and not cbp[:, D:].any()
+
+
+def test_codebook_updates_the_version_counter_misses_are_seen():
+    """The padded codebook is made afresh on every call, never cached on the tensor's version:
+    writes through `.data` (vqkernels.compat does that) and fused optimizers do not bump
+    `_version`, and a cache keyed on it would search the old codes."""
+    launch = _launch()
+    gen = torch.Generator().manual_seed(5)
+    D = 129
+    z, cb = make_inputs(30, 20, D, torch.float32)
+    cb = torch.nn.Parameter(cb)
+    first = launch.forward(z, -1, cb.detach(), RowPlan(z, -1))[1]
+    perm = torch.randperm(cb.shape[0], generator=gen)
+    v = cb._version
+    cb.data.copy_(cb.detach()[perm])   # the codes move to new indices
+    assert cb._version == v            # (what makes a version-keyed cache unsafe)
+    second = launch.forward(z, -1, cb.detach(), RowPlan(z, -1))[1]
+    assert_exact = __import__("adversarial").assert_exact
+    assert_exact(z, cb.detach(), second, what="after .data.copy_")
+    assert not torch.equal(first, second)

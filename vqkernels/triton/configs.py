@@ -14,6 +14,8 @@ shared memory, next to the resident row tile.
 """
 from __future__ import annotations
 
+from typing import NamedTuple, Optional
+
 import triton
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages)
@@ -50,15 +52,56 @@ def elem_bytes(dtype_name: str) -> int:
     return {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}[dtype_name]
 
 
-def block_d(D: int, dtype_name: str) -> int:
-    """Width of the D tile. Up to 512 bytes of a row stay resident in the program for the whole
-    codebook sweep (D <= 256 for 16-bit); wider rows are streamed in 128-byte chunks with the code
-    tile, which costs re-reading the row tile from L1/L2 once per codebook tile."""
+class DLayout(NamedTuple):
+    """How the search covers a row of width D: `chunks` main tiles of `block_d` columns (one main
+    tile: the row tile stays resident for the whole codebook sweep; more: it is streamed chunk by
+    chunk with each code tile), then up to three narrower power-of-two `tails` (>= 16 columns,
+    resident), together `padded` columns: D rounded up to a multiple of 16."""
+    block_d: int
+    chunks: int
+    tails: tuple
+    padded: int
+
+    @property
+    def resident(self) -> int:
+        """Columns of the row tile loaded once per program (the rest is streamed)."""
+        return self.padded if self.chunks == 1 else sum(self.tails)
+
+
+def _pow2_parts(n: int) -> list:
+    """n (a multiple of 16) as decreasing powers of two: its binary digits."""
+    return [1 << b for b in range(n.bit_length() - 1, 3, -1) if n >> b & 1]
+
+
+def d_layout(D: int, dtype_name: str, block_d: Optional[int] = None) -> DLayout:
+    """The D tiling of the search for rows of width D (see DLayout).
+
+    Up to 512 bytes of a row stay resident (D <= 256 for 16-bit input, 128 for fp32, 64 for
+    fp64); wider rows are streamed in 128-byte chunks (`block_d` forces the chunk width). The
+    part below one tile is not padded to the next power of two (D = 129 ran 256-deep MMAs,
+    D = 192 a third more than needed; review F12) but cut into power-of-two pieces down to 16,
+    the K step of the 16-bit MMAs: 192 = 128 + 64, 129 -> 144 = 128 + 16. Each piece is one more
+    tl.dot into the same accumulator. A D that is a multiple of 16 then runs exactly D deep and
+    reads the caller's codebook in place; only other widths need the zero-padded copy."""
     esz = elem_bytes(dtype_name)
-    full = max(16, triton.next_power_of_2(D))
-    if full * esz <= 512:
-        return full
-    return max(16, 128 // esz)
+    padded = -(-max(D, 1) // 16) * 16
+    if block_d is None:
+        block_d = padded if padded * esz <= 512 else max(16, 128 // esz)
+    while True:
+        parts = _pow2_parts(padded)
+        if padded <= block_d:         # resident: the largest part is the main tile
+            main, chunks, rest = parts[0], 1, parts[1:]
+        else:
+            main, chunks = block_d, padded // block_d
+            rest = _pow2_parts(padded - chunks * block_d)
+        if len(rest) <= 3:            # the kernel has three tail slots (only a forced block_d
+            return DLayout(main, chunks, tuple(rest), padded)   # can ask for more):
+        padded += rest[-1]            # round the smallest piece up
+
+
+def block_d(D: int, dtype_name: str) -> int:
+    """Width of the main D tile (see d_layout)."""
+    return d_layout(D, dtype_name).block_d
 
 
 def epilogue_d(bd: int) -> int:
@@ -71,35 +114,33 @@ def shapes(dtype_name: str):
             "float64": _SHAPES_64}[dtype_name]
 
 
-def smem_estimate(bn: int, bk: int, stages: int, bd: int, d_chunks: int, dtype_name: str) -> int:
+def smem_estimate(bn: int, bk: int, stages: int, layout: DLayout, dtype_name: str) -> int:
     """Shared memory of a config (bytes), as Triton lays it out: each pipeline stage holds a
-    codebook tile (and, with D chunked, a row tile); a resident row tile is held once. 3xTF32
-    keeps fp32 tiles twice over. Checked against the compiled kernels by
-    tests/test_triton_aot.py."""
+    codebook tile of every piece (and, with D chunked, a row chunk); the resident part of the
+    row tile is held once. 3xTF32 keeps fp32 tiles twice over. Checked against the compiled
+    kernels by tests/test_triton_aot.py."""
     esz = elem_bytes(dtype_name) * (2 if dtype_name == "float32" else 1)
-    stage = bk * bd * esz + (bn * bd * esz if d_chunks > 1 else 0)
-    resident = bn * bd * esz if d_chunks == 1 else 0
-    return stages * stage + resident
+    stage = bk * layout.padded * esz + (bn * layout.block_d * esz if layout.chunks > 1 else 0)
+    return stages * stage + bn * layout.resident * esz
 
 
-def fits(bn: int, bk: int, warps: int, stages: int, bd: int, d_chunks: int, dtype_name: str,
+def fits(bn: int, bk: int, warps: int, stages: int, layout: DLayout, dtype_name: str,
          smem_limit: int = DEFAULT_SMEM) -> bool:
     per_thread = bn * bk / (32 * warps)
     if per_thread > _MAX_PER_THREAD[elem_bytes(dtype_name)]:
         return False
-    return smem_estimate(bn, bk, stages, bd, d_chunks, dtype_name) <= smem_limit
+    return smem_estimate(bn, bk, stages, layout, dtype_name) <= smem_limit
 
 
 def configs(dtype_name: str, D: int, smem_limit: int = DEFAULT_SMEM) -> list[triton.Config]:
     """The autotune set for one dtype and D on a device with `smem_limit` bytes per program.
     A shape that would not fit loses a pipeline stage before it is dropped."""
-    bd = block_d(D, dtype_name)
-    chunks = triton.cdiv(D, bd)
+    lay = d_layout(D, dtype_name)
     out = []
     for bn, bk, w, s in shapes(dtype_name):
-        while s > 2 and not fits(bn, bk, w, s, bd, chunks, dtype_name, smem_limit):
+        while s > 2 and not fits(bn, bk, w, s, lay, dtype_name, smem_limit):
             s -= 1
-        if fits(bn, bk, w, s, bd, chunks, dtype_name, smem_limit):
+        if fits(bn, bk, w, s, lay, dtype_name, smem_limit):
             out.append(triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s))
     # Never empty: the smallest tile fits any device Triton supports.
     return out or [triton.Config({"BLOCK_N": 16, "BLOCK_K": 32}, num_warps=4, num_stages=2)]

@@ -182,6 +182,28 @@ def _finish_rows(
     tl.store(thr_ptr + slot, v1 + 2 * bound, mask=flag > 0)
 
 
+@triton.jit
+def _tail_piece(x_ptr, xoff, x_sd, rmask, D, kk, cbp_stride, OFF: tl.constexpr, W: tl.constexpr,
+                UPCAST: tl.constexpr):
+    """A tail piece of the search (columns OFF .. OFF + W): its row tile, loaded once (masked past
+    D), and the loop-invariant offsets of its codebook tile (the padded copy has zeros there)."""
+    dw = OFF + tl.arange(0, W)
+    x = tl.load(x_ptr + xoff[:, None] + dw[None, :].to(tl.int64) * x_sd,
+                mask=rmask[:, None] & (dw < D)[None, :], other=0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x, kk[None, :] * cbp_stride + dw[:, None]
+
+
+@triton.jit
+def _tail_dot(acc, x, e_ptrs, kmask, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+              ACC: tl.constexpr):
+    e = tl.load(e_ptrs, mask=kmask[None, :], other=0)
+    if UPCAST:
+        e = e.to(tl.float32)
+    return tl.dot(x, e, acc, input_precision=PRECISION, out_dtype=ACC)
+
+
 # TUNE_N only keys the autotuner: no recompiles for its value.
 @triton.jit(do_not_specialize=["TUNE_N"])
 def vq_search_kernel(
@@ -203,8 +225,11 @@ def vq_search_kernel(
     FUSED: tl.constexpr,                  # one program covers all of K: run the epilogue here
     WRITE_ZQ: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    D_CHUNKS: tl.constexpr,               # cdiv(D, BLOCK_D); 1 keeps the row tile resident
-    EVEN_D: tl.constexpr,                 # D % BLOCK_D == 0: no mask along D in the hot loop
+    D_CHUNKS: tl.constexpr,               # main D tiles of BLOCK_D; 1 keeps the row tile resident
+    W1: tl.constexpr, W2: tl.constexpr, W3: tl.constexpr,  # tail pieces after the main tiles:
+                                          # powers of two >= 16, or 0 (configs.d_layout)
+    EVEN_D: tl.constexpr,                 # D >= D_CHUNKS * BLOCK_D: no mask along D in the main
+                                          # tiles (the tails, loaded once, are always masked)
     EPI_D: tl.constexpr,                  # D chunk of the epilogue (it holds three fp32 tiles)
     X_MODE: tl.constexpr, ZQ_MODE: tl.constexpr,  # see _row_offsets
 ):
@@ -221,7 +246,7 @@ def vq_search_kernel(
     n_split = tl.num_programs(1)
     rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
-    # Rows past N read row N-1 (never stored): the hot loop needs no row mask.
+    # Rows past N load zeros (masked) and are never stored.
     xoff = _row_offsets(rows, x_S, x_sb, x_ss, X_MODE)
 
     # This program's share of the codebook, in whole tiles.
@@ -244,6 +269,19 @@ def vq_search_kernel(
             x = tl.load(x_ptrs, mask=rmask[:, None] & (dd < D)[None, :], other=0)
         if UPCAST:
             x = x.to(tl.float32)
+    # D between powers of two: the columns past the main tiles come as up to three narrower
+    # power-of-two pieces (192 = 128 + 64, 129 -> 128 + 16) instead of one tile padded to the
+    # next power of two (review F12). Their row tiles are resident even when the main part is
+    # streamed; each costs one more tl.dot into the same accumulator per code tile.
+    T1: tl.constexpr = D_CHUNKS * BLOCK_D
+    T2: tl.constexpr = T1 + W1
+    T3: tl.constexpr = T2 + W2
+    if W1 > 0:
+        x1, e1_offs = _tail_piece(x_ptr, xoff, x_sd, rmask, D, kk, cbp_stride, T1, W1, UPCAST)
+    if W2 > 0:
+        x2, e2_offs = _tail_piece(x_ptr, xoff, x_sd, rmask, D, kk, cbp_stride, T2, W2, UPCAST)
+    if W3 > 0:
+        x3, e3_offs = _tail_piece(x_ptr, xoff, x_sd, rmask, D, kk, cbp_stride, T3, W3, UPCAST)
 
     v1 = tl.full((BLOCK_N,), float("inf"), ACC)
     v2 = tl.full((BLOCK_N,), float("inf"), ACC)
@@ -281,6 +319,12 @@ def vq_search_kernel(
                 acc = tl.dot(xc, e, acc, input_precision=PRECISION, out_dtype=ACC)
                 xc_ptrs += x_step
                 ec_ptrs += BLOCK_D
+        if W1 > 0:
+            acc = _tail_dot(acc, x1, e_tile + e1_offs, kmask, UPCAST, PRECISION, ACC)
+        if W2 > 0:
+            acc = _tail_dot(acc, x2, e_tile + e2_offs, kmask, UPCAST, PRECISION, ACC)
+        if W3 > 0:
+            acc = _tail_dot(acc, x3, e_tile + e3_offs, kmask, UPCAST, PRECISION, ACC)
         e_tile += BLOCK_K * cbp_stride
         # NaN distances become +inf, as codes past the end (a non-finite row or code, or an
         # overflow: all of them end up flagged or never win), which keeps the reductions NaN-free.

@@ -143,16 +143,20 @@ def row_mode(v: RowView) -> int:
     return 1 if v.B * v.S < 2**31 else 2
 
 
-def padded_codebook(cb: torch.Tensor, bd: int) -> torch.Tensor:
-    """The codebook as the search loop reads it: rows padded with zeros to a multiple of the D
-    tile. A no-op (no copy) when D already is one, as for the usual D = 64, 128, 256."""
+def padded_codebook(cb: torch.Tensor, width: int) -> torch.Tensor:
+    """The codebook as the search loop reads it: rows padded with zeros to `width` columns (the
+    layout's D rounded up to a multiple of 16), so they start on 16-byte boundaries and the
+    loads need no mask along D. The codebook itself (no copy) when D already is that width, as
+    for every multiple of 16.
+
+    The copy is made on every call, on purpose: a cache keyed on the tensor and its version
+    counter would miss updates that do not bump the counter (writes through `.data`, fused
+    optimizers such as Adam(fused=True)) and search stale codes. It costs K x width elements,
+    against N x K x D multiply-adds for the search."""
     K, D = cb.shape
-    Dp = triton.cdiv(D, bd) * bd
-    if Dp == D:
+    if width == D:
         return cb
-    out = torch.zeros((K, Dp), dtype=cb.dtype, device=cb.device)
-    out[:, :D] = cb
-    return out
+    return torch.nn.functional.pad(cb, (0, width - D))
 
 
 def _raw(kernel):
@@ -204,8 +208,8 @@ def forward(z: torch.Tensor, dim: int, codebook: torch.Tensor, plan: RowPlan,
 
     if config is None and interpreting():
         config = _INTERPRET_DEFAULT
-    bd = config.block_d if config is not None and config.block_d else cfg.block_d(D, dname)
-    d_chunks = triton.cdiv(D, bd)
+    lay = cfg.d_layout(D, dname, config.block_d if config is not None else None)
+    tails = lay.tails + (0,) * (3 - len(lay.tails))
     if config is not None and config.split is not None:
         split = config.split
     else:
@@ -215,7 +219,7 @@ def forward(z: torch.Tensor, dim: int, codebook: torch.Tensor, plan: RowPlan,
     unit, tiny, limit = K_.bound_units(dname)
     with _device_ctx(z):
         hn, e2 = half_sqnorms(cb, wrap)
-        cbp = padded_codebook(cb, bd)
+        cbp = padded_codebook(cb, lay.padded)
         if fused:
             # Never touched (the FUSED kernel writes no partials), but typed as in the split case
             # and distinct: torch.compile's analysis of a wrap_triton launch sees no aliasing.
@@ -239,8 +243,9 @@ def forward(z: torch.Tensor, dim: int, codebook: torch.Tensor, plan: RowPlan,
             # The interpreter multiplies bf16 as raw uint16; fp32 operands give the same products
             # (bf16 x bf16 is exact in fp32), so only the summation order differs from the GPU.
             UPCAST=interpreting() and z.dtype == torch.bfloat16,
-            FUSED=fused, WRITE_ZQ=True, BLOCK_D=bd, D_CHUNKS=d_chunks, EVEN_D=D % bd == 0,
-            EPI_D=cfg.epilogue_d(bd), X_MODE=row_mode(xv), ZQ_MODE=row_mode(zqv),
+            FUSED=fused, WRITE_ZQ=True, BLOCK_D=lay.block_d, D_CHUNKS=lay.chunks,
+            W1=tails[0], W2=tails[1], W3=tails[2], EVEN_D=D >= lay.block_d * lay.chunks,
+            EPI_D=cfg.epilogue_d(lay.block_d), X_MODE=row_mode(xv), ZQ_MODE=row_mode(zqv),
         )
         if config is not None:
             grid = (triton.cdiv(N, config.block_n), split)
@@ -257,7 +262,7 @@ def forward(z: torch.Tensor, dim: int, codebook: torch.Tensor, plan: RowPlan,
                 xv.tensor, N, xv.S, D, xv.sb, xv.ss, xv.sd, cb, Kc, e2, *_rows_args(zqv),
                 indices, sqerr, counts, *flagged, *part, split,
                 ACC=meta["ACC"], UNIT=unit, TINY=tiny, LIMIT=limit, WRITE_ZQ=True, BLOCK_N=bn,
-                BLOCK_D=cfg.epilogue_d(bd), X_MODE=meta["X_MODE"], ZQ_MODE=meta["ZQ_MODE"],
+                BLOCK_D=meta["EPI_D"], X_MODE=meta["X_MODE"], ZQ_MODE=meta["ZQ_MODE"],
                 num_warps=4)
         # The exact re-search of the flagged rows. The grid must not depend on their number
         # (no host sync, capturable, traceable): programs past it return at once.

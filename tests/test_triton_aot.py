@@ -47,10 +47,10 @@ def test_search_configs_compile_without_spills(arch, dtype, D):
     reports = _reports("search", arch, dtype, D)
     _check(reports)
     # configs.smem_estimate, which prunes the configs per device, never underestimates.
-    bd = cfg.block_d(D, dtype)
+    lay = cfg.d_layout(D, dtype)
     for c, r in zip(cfg.configs(dtype, D, aot.SMEM_LIMIT[arch]), reports):
-        est = cfg.smem_estimate(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages, bd,
-                                triton.cdiv(D, bd), dtype)
+        est = cfg.smem_estimate(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages, lay,
+                                dtype)
         assert r.shared <= est + 1024, (aot.format_report(r), est)
 
 
@@ -131,3 +131,36 @@ def test_ctas_per_sm():
     assert sass.ctas_per_sm(90, 64, 100 * 1024, 8) == 2        # shared memory: 228 / 101
     assert sass.ctas_per_sm(80, 64, 100 * 1024, 8) == 1        # sm_80 has 164 KiB
     assert sass.ctas_per_sm(90, 32, 0, 4) == 16                # warps: 64 / 4
+
+
+@pytest.mark.skipif(not HAVE_NVDISASM, reason="nvdisasm not found (Triton's NVIDIA backend or the "
+                                               "CUDA toolkit): no SASS to read")
+@pytest.mark.parametrize("D", [192, 200, 256])
+def test_sm90_mma_depth_is_d_rounded_to_16(D):
+    # F12: a D between powers of two ran next_pow2(D)-deep MMAs (16 HGMMA.64x64x16 per code tile
+    # at D = 192 or 200). Each warpgroup's wgmma chain is now D rounded up to 16 deep: 12 at 192,
+    # 13 at 200 (128 + 64 + 16), 16 at 256, in the 128 x 64 workhorse config.
+    from vqkernels.triton import configs as cfg
+    reports = _reports("search", 90, "bfloat16", D)
+    (r,) = [r for r in reports if r.config.startswith("BLOCK_N=128 BLOCK_K=64 ")]
+    assert r.tensor_kinds == "HGMMA.64x64x16.F32.BF16", aot.format_report(r)
+    assert r.tensor_ops == cfg.d_layout(D, "bfloat16").padded // 16 == -(-D // 16), \
+        aot.format_report(r)
+
+
+def test_outer_loop_loads_are_checked():
+    # The D-chunked search has its chunk loop inside the code-tile loop: a load in the outer loop
+    # used with no MMA in between (a tail piece's code tile stored to shared memory at once) is
+    # reported as "outer:", the inner loop's own facts unchanged.
+    outer = ("\t.text.k:\nk:\n.L_x_0:\n"
+             "        /*0000*/                   LDG.E.64 R2, desc[UR4][R10.64] ;\n"
+             "        /*0010*/                   STS.64 [R7], R2 ;\n"
+             ".L_x_1:\n"
+             "        /*0020*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24 ;\n"
+             "        /*0030*/               @P1 BRA `(.L_x_1) ;\n"
+             "        /*0040*/               @P2 BRA `(.L_x_0) ;\n"
+             "        /*0050*/                   EXIT ;\n")
+    (ins, labels), = sass.parse(outer).values()
+    assert sass.analyse(ins, labels).dependent_loads == ()
+    r = sass.analyse(ins, labels, outer=True)
+    assert r.tensor_ops == 1 and r.dependent_loads == ("outer: LDG.E.64 -> STS.64",), r

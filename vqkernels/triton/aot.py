@@ -85,7 +85,7 @@ class Report(NamedTuple):
 
 
 def _compile(fn, signature: dict, constexprs: dict, div16: set, arch: int, num_warps: int,
-             num_stages: int, maxnreg: Optional[int] = None):
+             num_stages: int, maxnreg: Optional[int] = None, outer: bool = False):
     names = fn.arg_names
     signature = {**signature, **{k: "constexpr" for k in constexprs}}
     missing = [n for n in names if n not in signature]
@@ -120,7 +120,7 @@ def _compile(fn, signature: dict, constexprs: dict, div16: set, arch: int, num_w
     if sass.tool("nvdisasm"):
         funcs = sass.parse(sass.disassemble(compiled.asm["cubin"]))
         if len(funcs) == 1:
-            loop = sass.analyse(*next(iter(funcs.values())))
+            loop = sass.analyse(*next(iter(funcs.values())), outer=outer)
     extra = ((loop.tensor_ops, loop.tensor_kinds, loop.wgmma_n, list(loop.dependent_loads),
               loop.calls) if loop else (None,) * 5)
     return (nregs, int(spills[-1][0]), int(spills[-1][1]), smem, mma, num_warps,
@@ -143,7 +143,9 @@ def compile_search(dtype: str, D: int, config: triton.Config, arch: int, fused: 
     """The search kernel as the JIT would build it for contiguous (N, D) rows of `dtype`."""
     acc = "*fp64" if dtype == "float64" else "*fp32"
     p = _PTR[dtype]
-    bd = cfg.block_d(D, dtype)
+    lay = cfg.d_layout(D, dtype)
+    bd = lay.block_d
+    tails = lay.tails + (0,) * (3 - len(lay.tails))
     sig = {"x_ptr": p, "N": "i32", "x_S": "i32", "D": "i32", "x_sb": "i32", "x_ss": "i32",
            "cb_ptr": p, "K": "i32", "cbp_ptr": p, "cbp_stride": "i32", "hn_ptr": acc,
            "e2_ptr": acc, **_row_sig("zq", p),
@@ -153,15 +155,20 @@ def compile_search(dtype: str, D: int, config: triton.Config, arch: int, fused: 
     const = dict(x_sd=1, zq_sd=1, ACC=tl.float64 if dtype == "float64" else tl.float32,
                  **_bound_consts(dtype),
                  PRECISION="tf32x3" if dtype == "float32" else "ieee", UPCAST=False, FUSED=fused,
-                 WRITE_ZQ=True, BLOCK_D=bd, D_CHUNKS=triton.cdiv(D, bd), EVEN_D=D % bd == 0,
+                 WRITE_ZQ=True, BLOCK_D=bd, D_CHUNKS=lay.chunks, W1=tails[0], W2=tails[1],
+                 W3=tails[2], EVEN_D=D >= bd * lay.chunks,
                  EPI_D=cfg.epilogue_d(bd), **config.kwargs, X_MODE=0, ZQ_MODE=0)
     # The padded codebook's row stride is a multiple of BLOCK_D >= 16 by construction.
     div16 = {k for k, v in sig.items() if v.startswith("*")} | {"K", "x_sb", "zq_sb", "TUNE_N",
                                                                "cbp_stride"}
     if D % 16 == 0:
         div16 |= {"D", "x_ss", "zq_ss"}
-    r = _compile(K_.vq_search_kernel, sig, const, div16, arch, config.num_warps, config.num_stages)
-    desc = (f"BLOCK_N={config.kwargs['BLOCK_N']} BLOCK_K={config.kwargs['BLOCK_K']} BLOCK_D={bd} "
+    # outer=True: with D chunked, the tail pieces' MMAs and loads sit in the code-tile loop.
+    r = _compile(K_.vq_search_kernel, sig, const, div16, arch, config.num_warps,
+                 config.num_stages, outer=True)
+    pieces = (f"{bd}x{lay.chunks}" if lay.chunks > 1 else f"{bd}") + "".join(
+        f"+{t}" for t in lay.tails)
+    desc = (f"BLOCK_N={config.kwargs['BLOCK_N']} BLOCK_K={config.kwargs['BLOCK_K']} D:{pieces} "
             f"warps={config.num_warps} stages={config.num_stages}" + ("" if fused else " split"))
     return Report("vq_search", arch, dtype, D, desc, *r)
 
@@ -286,10 +293,12 @@ def residual_reports(arch: int, dtype: str = "float32", D: int = 128):
 
 
 # (dtype, D) pairs whose search configs are compiled: for 16-bit a small D, the widest resident D,
-# an unaligned D (padded codebook) and a chunked D; fp32 resident and chunked; fp64. (fp16
-# compiles to the same code as bf16 but for the MMA type.)
+# a D between powers of two (128 + 64), an unaligned one (padded copy, three pieces 128 + 64 +
+# 16), a chunked D and a chunked D with a tail piece (64 x 4 + 16); fp32 resident and chunked;
+# fp64. (fp16 compiles to the same code as bf16 but for the MMA type.)
 SEARCH_CASES = [
-    ("bfloat16", 64), ("bfloat16", 256), ("bfloat16", 129), ("bfloat16", 512),
+    ("bfloat16", 64), ("bfloat16", 256), ("bfloat16", 192), ("bfloat16", 200),
+    ("bfloat16", 512), ("bfloat16", 272),
     ("float32", 64), ("float32", 256), ("float64", 64),
 ]
 

@@ -120,7 +120,10 @@ def smem_estimate(bn: int, bk: int, stages: int, layout: DLayout, dtype_name: st
     row tile is held once. 3xTF32 keeps fp32 tiles twice over. Checked against the compiled
     kernels by tests/test_triton_aot.py."""
     esz = elem_bytes(dtype_name) * (2 if dtype_name == "float32" else 1)
-    stage = bk * layout.padded * esz + (bn * layout.block_d * esz if layout.chunks > 1 else 0)
+    if layout.chunks == 1:
+        stage = bk * layout.padded * esz
+    else:  # a row chunk and a code chunk per stage, plus the tails' code tiles
+        stage = (bk + bn) * layout.block_d * esz + bk * sum(layout.tails) * esz
     return stages * stage + bn * layout.resident * esz
 
 

@@ -196,12 +196,11 @@ def _tail_piece(x_ptr, xoff, x_sd, rmask, D, kk, cbp_stride, OFF: tl.constexpr, 
 
 
 @triton.jit
-def _tail_dot(acc, x, e_ptrs, kmask, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-              ACC: tl.constexpr):
+def _tail_codes(e_ptrs, kmask, UPCAST: tl.constexpr):
     e = tl.load(e_ptrs, mask=kmask[None, :], other=0)
     if UPCAST:
         e = e.to(tl.float32)
-    return tl.dot(x, e, acc, input_precision=PRECISION, out_dtype=ACC)
+    return e
 
 
 # TUNE_N only keys the autotuner: no recompiles for its value.
@@ -289,6 +288,14 @@ def vq_search_kernel(
     # Walk the codebook by pointer increments: k0 * D could overflow int32 for K * D >= 2^31.
     e_tile = cbp_ptr + k_lo.to(tl.int64) * cbp_stride
     x_step = tl.cast(x_sd, tl.int64) * BLOCK_D  # x_sd is a plain constant when the JIT sees 1
+    if D_CHUNKS > 1:  # the first code tile's tails (see the loop)
+        first = k_lo + kk < k_hi
+        if W1 > 0:
+            e1_next = _tail_codes(e_tile + e1_offs, first, UPCAST)
+        if W2 > 0:
+            e2_next = _tail_codes(e_tile + e2_offs, first, UPCAST)
+        if W3 > 0:
+            e3_next = _tail_codes(e_tile + e3_offs, first, UPCAST)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         ks = k0 + kk
         kmask = ks < k_hi
@@ -297,6 +304,31 @@ def vq_search_kernel(
         # (review F6; the AOT report's "dependent loads" column checks it).
         # Codes past the end get +inf (see below).
         hn = tl.load(hn_ptr + ks, mask=kmask, other=float("inf"))
+        # The tails' code tiles. Resident: loaded here and pipelined like the main tile. Streamed:
+        # they sit outside the pipelined chunk loop and Triton stores a loaded tile to shared
+        # memory at once, so a load here would stall every code tile (the AOT report's
+        # dependent load at D = 272); instead each tile's are loaded one code tile ahead.
+        if W1 > 0:
+            if D_CHUNKS == 1:
+                e1 = _tail_codes(e_tile + e1_offs, kmask, UPCAST)
+            else:
+                e1 = e1_next
+                e1_next = _tail_codes(e_tile + BLOCK_K * cbp_stride + e1_offs,
+                                      ks + BLOCK_K < k_hi, UPCAST)
+        if W2 > 0:
+            if D_CHUNKS == 1:
+                e2 = _tail_codes(e_tile + e2_offs, kmask, UPCAST)
+            else:
+                e2 = e2_next
+                e2_next = _tail_codes(e_tile + BLOCK_K * cbp_stride + e2_offs,
+                                      ks + BLOCK_K < k_hi, UPCAST)
+        if W3 > 0:
+            if D_CHUNKS == 1:
+                e3 = _tail_codes(e_tile + e3_offs, kmask, UPCAST)
+            else:
+                e3 = e3_next
+                e3_next = _tail_codes(e_tile + BLOCK_K * cbp_stride + e3_offs,
+                                      ks + BLOCK_K < k_hi, UPCAST)
         if D_CHUNKS == 1:
             e = tl.load(e_tile + e_offs, mask=kmask[None, :], other=0)
             if UPCAST:
@@ -320,11 +352,11 @@ def vq_search_kernel(
                 xc_ptrs += x_step
                 ec_ptrs += BLOCK_D
         if W1 > 0:
-            acc = _tail_dot(acc, x1, e_tile + e1_offs, kmask, UPCAST, PRECISION, ACC)
+            acc = tl.dot(x1, e1, acc, input_precision=PRECISION, out_dtype=ACC)
         if W2 > 0:
-            acc = _tail_dot(acc, x2, e_tile + e2_offs, kmask, UPCAST, PRECISION, ACC)
+            acc = tl.dot(x2, e2, acc, input_precision=PRECISION, out_dtype=ACC)
         if W3 > 0:
-            acc = _tail_dot(acc, x3, e_tile + e3_offs, kmask, UPCAST, PRECISION, ACC)
+            acc = tl.dot(x3, e3, acc, input_precision=PRECISION, out_dtype=ACC)
         e_tile += BLOCK_K * cbp_stride
         # NaN distances become +inf, as codes past the end (a non-finite row or code, or an
         # overflow: all of them end up flagged or never win), which keeps the reductions NaN-free.

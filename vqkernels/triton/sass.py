@@ -171,7 +171,10 @@ def dependent_loads(instrs, lp: Loop) -> list[str]:
     return out
 
 
-def analyse(instrs, labels) -> LoopReport:
+def analyse(instrs, labels, outer: bool = False) -> LoopReport:
+    """The hot loop's facts. `outer`: the dependent loads of every loop around it are added,
+    marked "outer:" (a D-chunked search runs its chunk loop inside the code-tile loop, which
+    holds the norms' and tail pieces' loads: a stall there is paid once per code tile)."""
     lp = hot_loop(instrs, labels)
     if lp is None:
         return LoopReport(0, 0, "", 0, (), 0)
@@ -179,9 +182,14 @@ def analyse(instrs, labels) -> LoopReport:
     kinds = sorted({i.op for i in body if is_tensor(i)})
     ns = [int(m.group(1)) for i in body if i.base == "HGMMA"
           for m in [re.match(r"HGMMA\.\d+x(\d+)x", i.op)] if m]
+    dep = dependent_loads(instrs, lp)
+    if outer:
+        for o in loops(instrs, labels):
+            if o != lp and o.start <= lp.start and lp.end <= o.end:
+                dep += [f"outer: {d}" for d in dependent_loads(instrs, o)
+                        if f"outer: {d}" not in dep]
     return LoopReport(len(body), sum(is_tensor(i) for i in body), "+".join(kinds),
-                      max(ns, default=0), tuple(dependent_loads(instrs, lp)),
-                      sum(_is_call(i, labels) for i in body))
+                      max(ns, default=0), tuple(dep), sum(_is_call(i, labels) for i in body))
 
 
 def _is_call(ins: Instr, labels) -> bool:

@@ -792,15 +792,16 @@ def test_widths_between_powers_of_two_are_not_padded(D, dtype):
         assert args[9] is cb, "the codebook was copied"
 
 
-@pytest.mark.parametrize("D,dtype,block_d", [(129, torch.bfloat16, None), (129, torch.float32, None),
-                                              (200, torch.bfloat16, None),
-                                              (100, torch.float32, 32), (37, torch.float64, None)],
-                         ids=str)
-def test_unaligned_widths_pad_to_a_multiple_of_16(D, dtype, block_d):
-    """An unaligned D runs over D rounded up to 16 (not to a power of two), split into a main
-    tile (resident or streamed in chunks) and power-of-two tail pieces; only then is the
-    codebook copied, padded with zeros. Every piece layout is exact on data far from the origin,
-    with close codes congruent modulo every tile width."""
+@pytest.mark.parametrize("D,dtype,block_d,padded", [
+    (129, torch.bfloat16, None, 144), (200, torch.bfloat16, None, 208),
+    (37, torch.float64, None, 48), (100, torch.float32, None, 112),
+    (129, torch.float32, None, 160), (100, torch.float32, 32, 128)], ids=str)
+def test_unaligned_widths_pad_to_a_multiple_of_16(D, dtype, block_d, padded):
+    """An unaligned resident D runs over D rounded up to 16 (not to a power of two), as a main
+    tile and up to three power-of-two tail pieces (200 -> 128 + 64 + 16); a streamed one (fp32
+    past 128, or a forced chunk width) over whole chunks. Only then is the codebook copied,
+    padded with zeros. Every layout is exact on data far from the origin, with close codes
+    congruent modulo every tile width."""
     launch = _launch()
     gen = _gen()
     N, K = 24, 2 * 128 + 11
@@ -812,7 +813,6 @@ def test_unaligned_widths_pad_to_a_multiple_of_16(D, dtype, block_d):
     z_q, idx, err, counts = launch.forward(z, -1, cb, RowPlan(z, -1), conf, wrap=spy, stats=stats)
     _check_exact(z, cb, (z_q, idx, err, counts, int(stats["flagged"])), min_clear=N // 8)
     _, args, meta = spy.search()
-    padded = -(-D // 16) * 16
     assert _work_width(meta) == padded, meta
     cbp = args[9]
     assert cbp.shape == (K, padded) and args[10] == padded
@@ -837,3 +837,24 @@ def test_codebook_updates_the_version_counter_misses_are_seen():
     assert_exact = __import__("adversarial").assert_exact
     assert_exact(z, cb.detach(), second, what="after .data.copy_")
     assert not torch.equal(first, second)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("D", [96, 200])
+@pytest.mark.parametrize("spacing", [128, None], ids=["congruent", "random"])
+def test_piece_layouts_on_the_adversarial_families(D, dtype, spacing):
+    """tests/adversarial.py's close codes far from the origin and duplicated codes, at a D cut
+    into two (96 = 64 + 32) and, for 16-bit, three (200 -> 128 + 64 + 16, padded copy) resident
+    pieces (fp32 200 is streamed in chunks): exact indices, with and without split."""
+    import adversarial as A
+    launch = _launch()
+    gen = _gen()
+    x, cb = A.close_codes(gen, N=40, K=300, D=D, n_close=3, spacing=spacing, dtype=dtype)
+    for split in (1, 2):
+        idx = launch.forward(x, -1, cb, RowPlan(x, -1),
+                             launch.SearchConfig(block_n=16, block_k=32, split=split))[1]
+        A.assert_exact(x, cb, idx, what=f"close codes D={D} split={split}")
+    x, cb = A.duplicated(gen, N=40, K0=20, D=D, copies=3, interleave=spacing is None,
+                         dtype=dtype)
+    idx = launch.forward(x, -1, cb, RowPlan(x, -1))[1]
+    A.assert_exact(x, cb, idx, what=f"duplicated D={D}")

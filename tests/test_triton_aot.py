@@ -51,7 +51,9 @@ def test_search_configs_compile_without_spills(arch, dtype, D):
     for c, r in zip(cfg.configs(dtype, D, aot.SMEM_LIMIT[arch]), reports):
         est = cfg.smem_estimate(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages, lay,
                                 dtype)
-        assert r.shared <= est + 1024, (aot.format_report(r), est)
+        # (+4 KiB: the epilogue's cross-warp reduction scratch, which Triton aliases with the
+        # pipeline buffers in some configs and not in others: 64 x 128 on 8 warps at D = 192.)
+        assert r.shared <= est + 4096, (aot.format_report(r), est)
 
 
 @pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm_{a}")

@@ -53,10 +53,11 @@ def elem_bytes(dtype_name: str) -> int:
 
 
 class DLayout(NamedTuple):
-    """How the search covers a row of width D: `chunks` main tiles of `block_d` columns (one main
-    tile: the row tile stays resident for the whole codebook sweep; more: it is streamed chunk by
-    chunk with each code tile), then up to three narrower power-of-two `tails` (>= 16 columns,
-    resident), together `padded` columns: D rounded up to a multiple of 16."""
+    """How the search covers a row of width D, `padded` columns in all: either one resident main
+    tile of `block_d` columns plus up to three narrower power-of-two `tails` (>= 16 columns), the
+    row tile staying resident for the whole codebook sweep (padded: D rounded up to a multiple
+    of 16), or `chunks` > 1 tiles of `block_d` streamed one by one with each code tile (padded:
+    D rounded up to a multiple of block_d)."""
     block_d: int
     chunks: int
     tails: tuple
@@ -64,8 +65,8 @@ class DLayout(NamedTuple):
 
     @property
     def resident(self) -> int:
-        """Columns of the row tile loaded once per program (the rest is streamed)."""
-        return self.padded if self.chunks == 1 else sum(self.tails)
+        """Columns of the row tile loaded once per program (0: streamed)."""
+        return self.padded if self.chunks == 1 else 0
 
 
 def _pow2_parts(n: int) -> list:
@@ -82,21 +83,24 @@ def d_layout(D: int, dtype_name: str, block_d: Optional[int] = None) -> DLayout:
     D = 192 a third more than needed; review F12) but cut into power-of-two pieces down to 16,
     the K step of the 16-bit MMAs: 192 = 128 + 64, 129 -> 144 = 128 + 16. Each piece is one more
     tl.dot into the same accumulator. A D that is a multiple of 16 then runs exactly D deep and
-    reads the caller's codebook in place; only other widths need the zero-padded copy."""
+    reads the caller's codebook in place; only other widths need the zero-padded copy. (A
+    streamed D keeps whole chunks: see below.)"""
     esz = elem_bytes(dtype_name)
     padded = -(-max(D, 1) // 16) * 16
     if block_d is None:
         block_d = padded if padded * esz <= 512 else max(16, 128 // esz)
     while True:
         parts = _pow2_parts(padded)
-        if padded <= block_d:         # resident: the largest part is the main tile
-            main, chunks, rest = parts[0], 1, parts[1:]
-        else:
-            main, chunks = block_d, padded // block_d
-            rest = _pow2_parts(padded - chunks * block_d)
-        if len(rest) <= 3:            # the kernel has three tail slots (only a forced block_d
-            return DLayout(main, chunks, tuple(rest), padded)   # can ask for more):
-        padded += rest[-1]            # round the smallest piece up
+        if padded > block_d:
+            # Streamed: whole chunks, the last one zero-padded. Tails after the chunk loop cost a
+            # prefetch (a tile loaded outside the pipelined loop is stored to shared memory at
+            # once) and registers: ptxas spilled the 32 x 64 sm_90 config at D = 272; and this
+            # path is bound by L2 traffic, not by the MMAs a tail would save (review F11).
+            chunks = -(-padded // block_d)
+            return DLayout(block_d, chunks, (), chunks * block_d)
+        if len(parts) <= 4:           # resident: the largest part is the main tile, then up to
+            return DLayout(parts[0], 1, tuple(parts[1:]), padded)   # three tails
+        padded += parts[-1]           # more parts (only a forced block_d): round the smallest up
 
 
 def block_d(D: int, dtype_name: str) -> int:
@@ -122,8 +126,8 @@ def smem_estimate(bn: int, bk: int, stages: int, layout: DLayout, dtype_name: st
     esz = elem_bytes(dtype_name) * (2 if dtype_name == "float32" else 1)
     if layout.chunks == 1:
         stage = bk * layout.padded * esz
-    else:  # a row chunk and a code chunk per stage, plus the tails' code tiles
-        stage = (bk + bn) * layout.block_d * esz + bk * sum(layout.tails) * esz
+    else:  # a row chunk and a code chunk per stage
+        stage = (bk + bn) * layout.block_d * esz
     return stages * stage + bn * layout.resident * esz
 
 

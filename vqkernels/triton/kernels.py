@@ -196,11 +196,13 @@ def _tail_piece(x_ptr, xoff, x_sd, rmask, D, kk, cbp_stride, OFF: tl.constexpr, 
 
 
 @triton.jit
-def _tail_codes(e_ptrs, kmask, UPCAST: tl.constexpr):
+def _tail_dot(acc, x, e_ptrs, kmask, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+              ACC: tl.constexpr):
+    """acc + x times a tail piece's code tile (loaded in the pipelined loop like the main one)."""
     e = tl.load(e_ptrs, mask=kmask[None, :], other=0)
     if UPCAST:
         e = e.to(tl.float32)
-    return e
+    return tl.dot(x, e, acc, input_precision=PRECISION, out_dtype=ACC)
 
 
 # TUNE_N only keys the autotuner: no recompiles for its value.
@@ -225,8 +227,8 @@ def vq_search_kernel(
     WRITE_ZQ: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     D_CHUNKS: tl.constexpr,               # main D tiles of BLOCK_D; 1 keeps the row tile resident
-    W1: tl.constexpr, W2: tl.constexpr, W3: tl.constexpr,  # tail pieces after the main tiles:
-                                          # powers of two >= 16, or 0 (configs.d_layout)
+    W1: tl.constexpr, W2: tl.constexpr, W3: tl.constexpr,  # tail pieces after a resident main
+                                          # tile: powers of two >= 16, or 0 (configs.d_layout)
     EVEN_D: tl.constexpr,                 # D >= D_CHUNKS * BLOCK_D: no mask along D in the main
                                           # tiles (the tails, loaded once, are always masked)
     EPI_D: tl.constexpr,                  # D chunk of the epilogue (it holds three fp32 tiles)
@@ -268,11 +270,13 @@ def vq_search_kernel(
             x = tl.load(x_ptrs, mask=rmask[:, None] & (dd < D)[None, :], other=0)
         if UPCAST:
             x = x.to(tl.float32)
-    # D between powers of two: the columns past the main tiles come as up to three narrower
+    # D between powers of two: the columns past the main tile come as up to three narrower
     # power-of-two pieces (192 = 128 + 64, 129 -> 128 + 16) instead of one tile padded to the
-    # next power of two (review F12). Their row tiles are resident even when the main part is
-    # streamed; each costs one more tl.dot into the same accumulator per code tile.
-    T1: tl.constexpr = D_CHUNKS * BLOCK_D
+    # next power of two (review F12), each with its own resident row tile and one more tl.dot
+    # into the same accumulator per code tile. Only with a resident main tile (configs.d_layout:
+    # outside the pipelined chunk loop a tail's code tile would be a stall per code tile).
+    tl.static_assert(D_CHUNKS == 1 or W1 == 0)
+    T1: tl.constexpr = BLOCK_D
     T2: tl.constexpr = T1 + W1
     T3: tl.constexpr = T2 + W2
     if W1 > 0:
@@ -288,14 +292,6 @@ def vq_search_kernel(
     # Walk the codebook by pointer increments: k0 * D could overflow int32 for K * D >= 2^31.
     e_tile = cbp_ptr + k_lo.to(tl.int64) * cbp_stride
     x_step = tl.cast(x_sd, tl.int64) * BLOCK_D  # x_sd is a plain constant when the JIT sees 1
-    if D_CHUNKS > 1:  # the first code tile's tails (see the loop)
-        first = k_lo + kk < k_hi
-        if W1 > 0:
-            e1_next = _tail_codes(e_tile + e1_offs, first, UPCAST)
-        if W2 > 0:
-            e2_next = _tail_codes(e_tile + e2_offs, first, UPCAST)
-        if W3 > 0:
-            e3_next = _tail_codes(e_tile + e3_offs, first, UPCAST)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         ks = k0 + kk
         kmask = ks < k_hi
@@ -304,36 +300,17 @@ def vq_search_kernel(
         # (review F6; the AOT report's "dependent loads" column checks it).
         # Codes past the end get +inf (see below).
         hn = tl.load(hn_ptr + ks, mask=kmask, other=float("inf"))
-        # The tails' code tiles. Resident: loaded here and pipelined like the main tile. Streamed:
-        # they sit outside the pipelined chunk loop and Triton stores a loaded tile to shared
-        # memory at once, so a load here would stall every code tile (the AOT report's
-        # dependent load at D = 272); instead each tile's are loaded one code tile ahead.
-        if W1 > 0:
-            if D_CHUNKS == 1:
-                e1 = _tail_codes(e_tile + e1_offs, kmask, UPCAST)
-            else:
-                e1 = e1_next
-                e1_next = _tail_codes(e_tile + BLOCK_K * cbp_stride + e1_offs,
-                                      ks + BLOCK_K < k_hi, UPCAST)
-        if W2 > 0:
-            if D_CHUNKS == 1:
-                e2 = _tail_codes(e_tile + e2_offs, kmask, UPCAST)
-            else:
-                e2 = e2_next
-                e2_next = _tail_codes(e_tile + BLOCK_K * cbp_stride + e2_offs,
-                                      ks + BLOCK_K < k_hi, UPCAST)
-        if W3 > 0:
-            if D_CHUNKS == 1:
-                e3 = _tail_codes(e_tile + e3_offs, kmask, UPCAST)
-            else:
-                e3 = e3_next
-                e3_next = _tail_codes(e_tile + BLOCK_K * cbp_stride + e3_offs,
-                                      ks + BLOCK_K < k_hi, UPCAST)
         if D_CHUNKS == 1:
             e = tl.load(e_tile + e_offs, mask=kmask[None, :], other=0)
             if UPCAST:
                 e = e.to(tl.float32)
             acc = tl.dot(x, e, input_precision=PRECISION, out_dtype=ACC)
+            if W1 > 0:
+                acc = _tail_dot(acc, x1, e_tile + e1_offs, kmask, UPCAST, PRECISION, ACC)
+            if W2 > 0:
+                acc = _tail_dot(acc, x2, e_tile + e2_offs, kmask, UPCAST, PRECISION, ACC)
+            if W3 > 0:
+                acc = _tail_dot(acc, x3, e_tile + e3_offs, kmask, UPCAST, PRECISION, ACC)
         else:
             acc = tl.zeros((BLOCK_N, BLOCK_K), ACC)
             xc_ptrs = x_ptr + xoff[:, None] + dd[None, :].to(tl.int64) * x_sd
@@ -351,12 +328,6 @@ def vq_search_kernel(
                 acc = tl.dot(xc, e, acc, input_precision=PRECISION, out_dtype=ACC)
                 xc_ptrs += x_step
                 ec_ptrs += BLOCK_D
-        if W1 > 0:
-            acc = tl.dot(x1, e1, acc, input_precision=PRECISION, out_dtype=ACC)
-        if W2 > 0:
-            acc = tl.dot(x2, e2, acc, input_precision=PRECISION, out_dtype=ACC)
-        if W3 > 0:
-            acc = tl.dot(x3, e3, acc, input_precision=PRECISION, out_dtype=ACC)
         e_tile += BLOCK_K * cbp_stride
         # NaN distances become +inf, as codes past the end (a non-finite row or code, or an
         # overflow: all of them end up flagged or never win), which keeps the reductions NaN-free.

@@ -158,12 +158,13 @@ def compile_search(dtype: str, D: int, config: triton.Config, arch: int, fused: 
                  WRITE_ZQ=True, BLOCK_D=bd, D_CHUNKS=lay.chunks, W1=tails[0], W2=tails[1],
                  W3=tails[2], EVEN_D=D >= bd * lay.chunks,
                  EPI_D=cfg.epilogue_d(bd), **config.kwargs, X_MODE=0, ZQ_MODE=0)
-    # The padded codebook's row stride is a multiple of BLOCK_D >= 16 by construction.
+    # The codebook's row stride (the padded copy's, or D) is a multiple of 16 by construction.
     div16 = {k for k, v in sig.items() if v.startswith("*")} | {"K", "x_sb", "zq_sb", "TUNE_N",
                                                                "cbp_stride"}
     if D % 16 == 0:
         div16 |= {"D", "x_ss", "zq_ss"}
-    # outer=True: with D chunked, the tail pieces' MMAs and loads sit in the code-tile loop.
+    # outer=True: with D chunked, the code-tile loop around the chunk loop holds the norms'
+    # load (and anything added there later): a stall there is paid once per code tile.
     r = _compile(K_.vq_search_kernel, sig, const, div16, arch, config.num_warps,
                  config.num_stages, outer=True)
     pieces = (f"{bd}x{lay.chunks}" if lay.chunks > 1 else f"{bd}") + "".join(

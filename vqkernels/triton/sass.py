@@ -174,7 +174,7 @@ def dependent_loads(instrs, lp: Loop) -> list[str]:
 def analyse(instrs, labels, outer: bool = False) -> LoopReport:
     """The hot loop's facts. `outer`: the dependent loads of every loop around it are added,
     marked "outer:" (a D-chunked search runs its chunk loop inside the code-tile loop, which
-    holds the norms' and tail pieces' loads: a stall there is paid once per code tile)."""
+    holds the norms' load: a stall there is paid once per code tile)."""
     lp = hot_loop(instrs, labels)
     if lp is None:
         return LoopReport(0, 0, "", 0, (), 0)

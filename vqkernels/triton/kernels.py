@@ -196,13 +196,12 @@ def _tail_piece(x_ptr, xoff, x_sd, rmask, D, kk, cbp_stride, OFF: tl.constexpr, 
 
 
 @triton.jit
-def _tail_dot(acc, x, e_ptrs, kmask, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-              ACC: tl.constexpr):
-    """acc + x times a tail piece's code tile (loaded in the pipelined loop like the main one)."""
+def _tail_codes(e_ptrs, kmask, UPCAST: tl.constexpr):
+    """A tail piece's code tile (loaded in the pipelined loop like the main one)."""
     e = tl.load(e_ptrs, mask=kmask[None, :], other=0)
     if UPCAST:
         e = e.to(tl.float32)
-    return tl.dot(x, e, acc, input_precision=PRECISION, out_dtype=ACC)
+    return e
 
 
 # TUNE_N only keys the autotuner: no recompiles for its value.
@@ -301,16 +300,25 @@ def vq_search_kernel(
         # Codes past the end get +inf (see below).
         hn = tl.load(hn_ptr + ks, mask=kmask, other=float("inf"))
         if D_CHUNKS == 1:
+            # The tails' code tiles are loaded first: in this order ptxas fits 128 x 128 tiles
+            # with three tails (D = 200) in 228 registers; loaded after the main dot, 255 and a
+            # spill (AOT, sm_90).
+            if W1 > 0:
+                e1 = _tail_codes(e_tile + e1_offs, kmask, UPCAST)
+            if W2 > 0:
+                e2 = _tail_codes(e_tile + e2_offs, kmask, UPCAST)
+            if W3 > 0:
+                e3 = _tail_codes(e_tile + e3_offs, kmask, UPCAST)
             e = tl.load(e_tile + e_offs, mask=kmask[None, :], other=0)
             if UPCAST:
                 e = e.to(tl.float32)
             acc = tl.dot(x, e, input_precision=PRECISION, out_dtype=ACC)
             if W1 > 0:
-                acc = _tail_dot(acc, x1, e_tile + e1_offs, kmask, UPCAST, PRECISION, ACC)
+                acc = tl.dot(x1, e1, acc, input_precision=PRECISION, out_dtype=ACC)
             if W2 > 0:
-                acc = _tail_dot(acc, x2, e_tile + e2_offs, kmask, UPCAST, PRECISION, ACC)
+                acc = tl.dot(x2, e2, acc, input_precision=PRECISION, out_dtype=ACC)
             if W3 > 0:
-                acc = _tail_dot(acc, x3, e_tile + e3_offs, kmask, UPCAST, PRECISION, ACC)
+                acc = tl.dot(x3, e3, acc, input_precision=PRECISION, out_dtype=ACC)
         else:
             acc = tl.zeros((BLOCK_N, BLOCK_K), ACC)
             xc_ptrs = x_ptr + xoff[:, None] + dd[None, :].to(tl.int64) * x_sd

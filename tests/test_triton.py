@@ -819,10 +819,11 @@ def test_unaligned_widths_pad_to_a_multiple_of_16(D, dtype, block_d, padded):
     assert torch.equal(cbp[:, :D], cb) and not cbp[:, D:].any()
 
 
-def test_codebook_updates_the_version_counter_misses_are_seen():
+def test_codebook_written_through_data_is_seen():
     """The padded codebook is made afresh on every call, never cached on the tensor's version:
     writes through `.data` (vqkernels.compat does that) and fused optimizers do not bump
     `_version`, and a cache keyed on it would search the old codes."""
+    import adversarial as A
     launch = _launch()
     gen = torch.Generator().manual_seed(5)
     D = 129
@@ -834,8 +835,7 @@ def test_codebook_updates_the_version_counter_misses_are_seen():
     cb.data.copy_(cb.detach()[perm])   # the codes move to new indices
     assert cb._version == v            # (what makes a version-keyed cache unsafe)
     second = launch.forward(z, -1, cb.detach(), RowPlan(z, -1))[1]
-    assert_exact = __import__("adversarial").assert_exact
-    assert_exact(z, cb.detach(), second, what="after .data.copy_")
+    A.assert_exact(z, cb.detach(), second, what="after .data.copy_")
     assert not torch.equal(first, second)
 
 

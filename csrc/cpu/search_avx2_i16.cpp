@@ -424,12 +424,391 @@ void flush_i16(const cpu::FwdJob& job, float* scratch) {
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Residual VQ (issue 17) with the int16 first pass: search_impl.h's residual_tiles, each stage's
+// search of the tile first done on int16 pairs. The answer must be bitwise the fp32 residual
+// path's (indices, errors, z_q), and that path's answer for a lane depends on two things only:
+// the exact nearest code (every path finds that one), and whether its fp32 search proves the row
+// (error = the fp32 sum of squares of the tile, finish below) or flags it (error = the float64
+// distance of the exact re-search). So per stage and lane:
+//   1. the int16 pass and its direct proof (search_tiles_i16's: v2' - v1' > (4 dd + 6 B)(1 + 2^-10)
+//      or its quick form) -- then the fp32 search would have proven the same code too (the top of
+//      this file): the code, unflagged;
+//   2. otherwise, for a finite lane in range, the candidates of neon_dot's argument
+//      (search_neon_dot.cpp, "Candidates"): with Df = 2 dd (1 + 2^-20) + 2 B >= |a_k' - a_k^f|
+//      for every code, every code with a_k' > v2' + 2 Df is worse in fp32 than two other codes, so
+//      the fp32 search's v1, its index (lowest on ties) and v2 are those of the candidates
+//      C = {k : a_k' <= lim}. lim is taken 3 B larger, v2' + (4 dd + 7 B)(1 + 2^-10), so that C
+//      also holds every code the fp32 exact re-search would measure (a_k^f <= thr =
+//      v1_fp32 + 2 B (1 + 2^-20), hence a_k' <= v1' + 2 Df + 2.0001 B <= lim). One vectorised int16
+//      pass over the codebook for that lane alone lists C (the same integers and the same float
+//      operations as search_tile_i16: bitwise the same a_k'); each candidate's fp32 value is
+//      computed bit for bit as panel_dots does (one FMA per d in order from 0, then
+//      fl(n_k - 2 acc)); the fp32 test (quick form, then `decide`) runs on them. Proven: that code,
+//      unflagged. Not proven: flagged, and the float64 distances of the candidates give the lowest
+//      exact minimiser and its error -- the same as residual_exact, whose candidate set C contains
+//      (every exact minimiser is in both, and nothing else can win);
+//   3. every other lane (NaN or inf, ||x||^2 >= 2^100, max|x| >= 2^60, E >= 2^50, more than `cap`
+//      candidates) runs the fp32 search of the tile itself: residual_tiles' own code.
+// The residual update, the errors and the writes are then residual_tiles' own, line for line.
+// Rows the int16 pass could not prove (2. and 3.) are counted in g_set_aside_rows. A thread that
+// sees more than half of a stage's rows miss the direct proof runs that stage in fp32 for the rest
+// of the call (candidates cost about one row of the int16 tile each; 3. a whole fp32 tile).
+
+// Stages whose int16 take-up each thread tracks (later stages share the last counter).
+constexpr int kResStages = 64;
+struct ResidualI16Header {
+  int64_t seen[kResStages], missed[kResStages];
+  bool fp32_only[kResStages];
+};
+constexpr int64_t kResHeaderFloats = (int64_t)(sizeof(ResidualI16Header) + 63) / 64 * 16;
+// Candidates per lane, at most (more: the lane takes the fp32 tile search).
+constexpr int kResMaxCand = 64;
+
+// The lane's int16 pairs laid out for collect_lane_i16: step h holds pairs 2h (x4) and 2h + 1 (x4).
+int64_t lane_pair_floats(int64_t D) { return (((D + 1) / 2 + 1) / 2 * 8 + 15) / 16 * 16; }
+
+int64_t residual_i16_scratch_floats(int64_t D) {
+  return kResHeaderFloats + residual_scratch_floats(D) + pair_floats(D) + lane_pair_floats(D);
+}
+
+// Per lane of a packed tile: max |x_d| and sum |x_d| (fp32, in d order), as search_tiles_i16.
+VQK_ALWAYS_INLINE void lane_abs_stats(const float* __restrict xt, int64_t D, float* __restrict mx,
+                                      float* __restrict l1) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 m[MRV], s[MRV];
+  for (int i = 0; i < MRV; ++i) m[i] = s[i] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; ++d)
+#pragma GCC unroll 64
+    for (int i = 0; i < MRV; ++i) {
+      const __m256 v = _mm256_andnot_ps(sign, _mm256_load_ps(xt + d * MR + i * W));
+      m[i] = _mm256_max_ps(m[i], v);
+      s[i] = _mm256_add_ps(s[i], v);
+    }
+  for (int i = 0; i < MRV; ++i) {
+    _mm256_store_ps(mx + i * W, m[i]);
+    _mm256_store_ps(l1 + i * W, s[i]);
+  }
+}
+
+// tau and 1/tau per lane from max |x_d| (search_tiles_i16's vector form of pow2_scale).
+VQK_ALWAYS_INLINE void lane_scales(const float* __restrict mx, int32_t Q, float* __restrict tau,
+                                   float* __restrict inv) {
+  const int qbits = 31 - __builtin_clz((unsigned)Q);
+  const __m256 Qf = _mm256_set1_ps((float)Q);
+  for (int i = 0; i < MRV; ++i) {
+    const __m256 m = _mm256_min_ps(_mm256_load_ps(mx + i * W), _mm256_set1_ps(0x1p60f));
+    const __m256i e = _mm256_srli_epi32(_mm256_castps_si256(m), 23);
+    const __m256 t0 = _mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(1 - qbits)), 23));
+    const __m256 half = _mm256_mul_ps(t0, _mm256_set1_ps(0.5f));
+    __m256 t = _mm256_blendv_ps(t0, half, _mm256_cmp_ps(_mm256_add_ps(m, m),
+                                                     _mm256_mul_ps(Qf, t0), _CMP_LE_OQ));
+    t = _mm256_blendv_ps(t, _mm256_set1_ps(0x1p-100f),
+                         _mm256_cmp_ps(m, _mm256_set1_ps(0x1p-100f * (float)Q), _CMP_LT_OQ));
+    _mm256_store_ps(tau + i * W, t);
+    _mm256_store_ps(inv + i * W, _mm256_div_ps(_mm256_set1_ps(1.0f), t));  // exact
+  }
+}
+
+// The codes k with a_k' <= lim for lane r of the int16 tile xb (tau: the lane's scale), in
+// increasing k, into out[0 .. cap); returns their number, cap + 1 when there are more. a_k' is
+// search_tile_i16's value bit for bit: the exact int32 dot (here summed two pair-steps at a time,
+// an exact reordering: every partial sum is bounded by D Q^2 < 2^31), converted, times tau (exact),
+// then fl(n_k - (2 sigma_k) dot) in one rounding. Padding and non-finite codes have n_k = +inf or
+// NaN and are never listed.
+int collect_lane_i16(const cpu::FwdJob& job, const uint32_t* __restrict xb, int r, float tau,
+                     float lim, int cap, int32_t* __restrict out, uint32_t* __restrict lp) {
+  const int64_t D2 = (job.D + 1) / 2, H = D2 / 2;
+  for (int64_t h = 0; h < H; ++h)
+    for (int c = 0; c < 4; ++c) {
+      lp[8 * h + c] = xb[(2 * h) * MR + r];
+      lp[8 * h + 4 + c] = xb[(2 * h + 1) * MR + r];
+    }
+  const __m128i last = _mm_set1_epi32((int32_t)(D2 & 1 ? xb[(D2 - 1) * MR + r] : 0u));
+  const __m128 tv = _mm_set1_ps(tau), lv = _mm_set1_ps(lim), two = _mm_set1_ps(2.0f);
+  int n = 0;
+  for (int64_t p = 0; p < job.panels; ++p) {
+    const uint32_t* b = job.packed_bf16 + p * D2 * NR;
+    __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
+    int64_t h = 0;
+    for (; h + 1 < H; h += 2) {
+      a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 8 * h)),
+          _mm256_load_si256(reinterpret_cast<const __m256i*>(lp + 8 * h))));
+      a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 8 * h + 8)),
+          _mm256_load_si256(reinterpret_cast<const __m256i*>(lp + 8 * h + 8))));
+    }
+    if (h < H)
+      a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 8 * h)),
+          _mm256_load_si256(reinterpret_cast<const __m256i*>(lp + 8 * h))));
+    a0 = _mm256_add_epi32(a0, a1);
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(a0), _mm256_extracti128_si256(a0, 1));
+    if (D2 & 1)
+      s = _mm_add_epi32(s, _mm_madd_epi16(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 8 * H)), last));
+    const __m128 dot = _mm_mul_ps(_mm_cvtepi32_ps(s), tv);
+    const __m128 dist = _mm_fnmadd_ps(dot, _mm_mul_ps(two, _mm_loadu_ps(job.code_aux + p * NR)),
+                                      _mm_loadu_ps(job.norms + p * NR));
+    const int m = _mm_movemask_ps(_mm_cmp_ps(dist, lv, _CMP_LE_OQ));
+    if (!m) continue;
+    for (int j = 0; j < NR; ++j)
+      if (m >> j & 1) {
+        if (n < cap) out[n] = (int32_t)(p * NR + j);
+        if (n <= cap) ++n;
+      }
+  }
+  return n;
+}
+
+// The fp32 search's values a_k^f of codes k[0 .. c) for lane r of the tile st, bit for bit:
+// panel_dots' chain acc = fma(x_d, e_d, acc) from d = 0 (the packed panel holds the codebook's
+// fp32 values), then search_tile's fl(n_k - 2 acc) (2 acc is exact: one rounding either way).
+void fp32_values(const cpu::FwdJob& job, const float* __restrict st, int r, const int32_t* k,
+                 int c, float* __restrict val) {
+  const int64_t D = job.D;
+  const float* cb = static_cast<const float*>(job.codebook);
+  for (int i0 = 0; i0 < c; i0 += 8) {
+    const int n = c - i0 < 8 ? c - i0 : 8;
+    const float* e[8];
+    float acc[8];
+    for (int i = 0; i < 8; ++i) {
+      e[i] = cb + (int64_t)k[i0 + (i < n ? i : 0)] * D;
+      acc[i] = 0.0f;
+    }
+    for (int64_t d = 0; d < D; ++d) {
+      const float x = st[d * MR + r];
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) acc[i] = __builtin_fmaf(x, e[i][d], acc[i]);
+    }
+    for (int i = 0; i < n; ++i) val[i0 + i] = __builtin_fmaf(-2.0f, acc[i], job.norms[k[i0 + i]]);
+  }
+}
+
+[[maybe_unused]] void residual_tiles_i16(const cpu::ResidualJob& rj, int64_t t_lo, int64_t t_hi,
+                                         float* scratch) {
+  using F = typename V::F;
+  const cpu::FwdJob& first = rj.stages[0];
+  const int64_t N = first.x.B * first.x.S, D = first.D, D2 = (D + 1) / 2;
+  ResidualI16Header& hdr = *reinterpret_cast<ResidualI16Header*>(scratch);
+  float* __restrict xt = scratch + kResHeaderFloats;
+  float* __restrict qt = xt + tile_floats(D);
+  float* __restrict et = qt + tile_floats(D);
+  float* __restrict un = et + tile_floats(D);
+  uint32_t* __restrict xb = reinterpret_cast<uint32_t*>(un + tile_floats(D));
+  uint32_t* __restrict lp = xb + pair_floats(D);
+  const float* __restrict st = rj.cosine ? un : xt;
+  const int32_t Q = quant_max(D);
+  const double u = 0x1p-24, Dd = (double)D;
+  int64_t rowno[MR];
+  for (int64_t t = t_lo; t < t_hi; ++t) {
+    const int64_t row0 = t * MR, rows = imin(MR, N - row0);
+    for (int r = 0; r < MR; ++r) rowno[r] = r < rows ? row0 + r : -1;
+    pack_rows<EF32>(first, row0, rows, xt);
+    for (int64_t i = 0; i < D * MR; ++i) qt[i] = 0.0f;
+    for (int64_t s = 0; s < rj.S; ++s) {
+      const cpu::FwdJob& job = rj.stages[s];
+      const float* cb = static_cast<const float*>(job.codebook);
+      const int hs = (int)imin(s, kResStages - 1);
+      bool on[MR];
+      int live = 0;
+      for (int r = 0; r < MR; ++r) {
+        on[r] = rowno[r] >= 0 && (!rj.active || s < rj.active[rowno[r]]);
+        live += on[r];
+      }
+      if (live == 0) {  // every row of the tile has stopped (quantizer dropout): nothing to search
+        for (int r = 0; r < MR; ++r)
+          if (rowno[r] >= 0) { job.indices[rowno[r]] = -1; job.sqerr[rowno[r]] = 0.0f; }
+        continue;
+      }
+      if (rj.cosine) unit_tile(xt, D, un);
+      alignas(64) float xx[MR];
+      lane_sqnorms(st, D, xx);
+      int32_t idx[MR];
+      bool flag[MR], need32[MR];
+      double thr[MR], xerr[MR];
+      bool any32 = false;
+      const float qa = job.quick_a, qb = job.quick_b;
+      const double En = job.max_code_norm;
+      // This stage's int16 pass: packed (vq_cpu.cpp leaves packed_bf16 null for a stage the
+      // single-stage rule gives the fp32 build), in the bound's range, and still paying here.
+      const bool use_i16 = job.packed_bf16 && Q >= kMinQ && En < 0x1p50 && !hdr.fp32_only[hs];
+      for (int r = 0; r < MR; ++r) {
+        idx[r] = 0;
+        flag[r] = false;
+        need32[r] = on[r] && !use_i16;
+        thr[r] = __builtin_inf();
+        any32 |= need32[r];
+      }
+      if (use_i16) {
+        const double S = job.max_code_scale, L = job.max_code_l1;
+        // search_tiles_i16's quick form of the direct proof.
+        const double kq = (1.0 + 0x1p-10) * (1.0 + 0x1p-8), lx = 1.0 + (Dd + 2.0) * u;
+        const float q_a = (float)((3.0 * (double)job.quick_a + 2.0 * S * Dd * 0x1p-126 * lx) * kq);
+        const float q_xx = (float)(3.0 * (double)job.quick_b * kq);
+        const float q_l1 = (float)(2.0 * S * lx * kq);
+        const float q_tau = (float)(2.0 * (L + 0.5 * Dd * S) * kq);
+        const int cap = (int)imin(kResMaxCand, job.K);
+        alignas(64) float mx[MR], l1[MR], tau[MR], inv[MR];
+        lane_abs_stats(st, D, mx, l1);
+        lane_scales(mx, Q, tau, inv);
+        bool provable[MR];
+        for (int r = 0; r < MR; ++r) {
+          // Ordered compares: NaN or inf anywhere in the lane makes xx NaN or inf.
+          provable[r] = on[r] && xx[r] < 0x1p100f && mx[r] < 0x1p60f;
+          if (!provable[r]) tau[r] = 1.0f, inv[r] = 0.0f;
+        }
+        to_pairs_i16(st, inv, D, xb);
+        Top2 top;
+        search_tile_i16(xb, job.packed_bf16, job.norms, job.code_aux, tau, job.panels, D2, top);
+        int missed = 0;
+        for (int r = 0; r < MR; ++r) {
+          if (!on[r]) continue;
+          idx[r] = top.k1[r];
+          const float gap = top.v2[r] - top.v1[r];
+          if (provable[r] && top.v1[r] - top.v1[r] == 0.0f && gap < __builtin_inff() &&
+              gap > q_a + q_xx * xx[r] + q_l1 * l1[r] + q_tau * tau[r])
+            continue;
+          if (job.approx_only) continue;  // VQK_DEBUG_APPROX_ONLY: the int16 answer, unproven
+          ++missed;
+          const double v1 = top.v1[r], v2 = top.v2[r];
+          bool done = false;
+          if (provable[r] && v1 - v1 == 0.0) {
+            const double xn = __builtin_sqrt((double)xx[r] + Dd * 0x1p-126) * (1.0 + (Dd + 2.0) * u);
+            const double B = (2.0 * Dd + 8.0) * u * 1.01 * (En * En + 2.0 * xn * En) +
+                             (Dd + 2.0) * 0x1p-50 * xn * xn +
+                             (4.0 * Dd + 8.0) * 0x1p-120 * (1.0 + En + xn);
+            const double l1x = ((double)l1[r] + Dd * 0x1p-126) * (1.0 + (Dd + 2.0) * u);
+            const double dd = 0.5 * S * l1x + 0.5 * (double)tau[r] * (L + 0.5 * Dd * S);
+            if (v2 - v1 > (4.0 * dd + 6.0 * B) * (1.0 + 0x1p-10)) {
+              --missed;
+              continue;
+            }
+            // 2. Candidates (see the top of this part); lim rounded up to float, the slack
+            // covering the roundings of this sum.
+            const double lim = v2 + (4.0 * dd + 7.0 * B) * (1.0 + 0x1p-10) + __builtin_fabs(v2) * 0x1p-20;
+            float lf = (float)lim;
+            if ((double)lf < lim) lf = __builtin_nextafterf(lf, __builtin_inff());
+            if (v2 - v2 == 0.0 && lf < __builtin_inff()) {
+              int32_t cand[kResMaxCand];
+              const int c = collect_lane_i16(job, xb, r, tau[r], lf, cap, cand, lp);
+              // k1' and the runner-up are always listed; fewer means something is off: fp32.
+              if (c >= 2 && c <= cap) {
+                float val[kResMaxCand];
+                fp32_values(job, st, r, cand, c, val);
+                float b1 = __builtin_inff(), b2 = __builtin_inff();
+                int32_t k1 = cand[0];
+                for (int i = 0; i < c; ++i) {
+                  if (val[i] < b1) { b2 = b1; b1 = val[i]; k1 = cand[i]; }
+                  else if (val[i] < b2) b2 = val[i];
+                }
+                idx[r] = k1;
+                // residual_tiles' test on the fp32 search's own values: the quick form, then decide.
+                const float g32 = b2 - b1;
+                double th;
+                if (b1 - b1 == 0.0f && xx[r] < 0x1p100f && g32 < __builtin_inff() &&
+                    g32 > qa + qb * xx[r])
+                  done = true;
+                else if (decide(job, b1, b2, xx[r], &th))
+                  done = true;
+                else {
+                  // Flagged: the lowest exact minimiser among the candidates (residual_exact's
+                  // answer: both sets hold every exact minimiser).
+                  __atomic_fetch_add(&cpu::g_exact_rows, 1, __ATOMIC_RELAXED);
+                  double best = __builtin_inf();
+                  int64_t bk = 0;
+                  for (int i = 0; i < c; ++i) {
+                    const double dk = exact_dist<EF32>(job, st + r, cand[i]);
+                    if (dk < best) { best = dk; bk = cand[i]; }  // increasing k: ties keep the lowest
+                  }
+                  idx[r] = (int32_t)bk;
+                  xerr[r] = best < __builtin_inf() ? best : exact_dist<EF32>(job, st + r, bk);
+                  flag[r] = true;
+                  done = true;
+                }
+              }
+            }
+          }
+          if (!done) {  // 3. the fp32 search of the tile decides this lane
+            need32[r] = true;
+            any32 = true;
+          }
+        }
+        __atomic_fetch_add(&cpu::g_set_aside_rows, (int64_t)missed, __ATOMIC_RELAXED);
+        hdr.seen[hs] += live;
+        hdr.missed[hs] += missed + (any32 ? MR : 0);
+        if (hdr.seen[hs] >= 4 * MR && 2 * hdr.missed[hs] > hdr.seen[hs]) hdr.fp32_only[hs] = true;
+      }
+      if (any32) {
+        // residual_tiles' search, proof and exact re-search for these lanes.
+        Top2 top;
+        search_tile(st, job.packed, job.norms, job.panels, D, top);
+        bool f32[MR];
+        bool anyf = false;
+        for (int r = 0; r < MR; ++r) {
+          f32[r] = false;
+          if (!need32[r]) continue;
+          idx[r] = top.k1[r];
+          thr[r] = __builtin_inf();
+          const float v1 = top.v1[r], gap = top.v2[r] - v1;
+          if (v1 - v1 == 0.0f && xx[r] < 0x1p100f && gap < __builtin_inff() && gap > qa + qb * xx[r])
+            continue;
+          if (decide(job, v1, top.v2[r], xx[r], &thr[r])) continue;
+          f32[r] = flag[r] = anyf = true;
+        }
+        if (anyf) residual_exact(job, st, f32, thr, idx, xerr);
+      }
+      // From here residual_tiles' own steps: the chosen codes packed like the tile (zero for
+      // lanes that sit this stage out), the errors, the writes and the residual update.
+      for (int i = 0; i < MRV; ++i) {
+        const float* rp[W];
+        for (int r = 0; r < W; ++r) rp[r] = on[i * W + r] ? cb + (int64_t)idx[i * W + r] * D : nullptr;
+        pack_block<EF32>(rp, 1, D, et + i * W);
+      }
+      alignas(64) float err[MR];
+      for (int i = 0; i < MRV; ++i) {
+        F acc = V::zero();
+        for (int64_t d = 0; d < D; ++d) {
+          const F diff = V::sub(V::load(st + d * MR + i * W), V::load(et + d * MR + i * W));
+          acc = V::fmadd(diff, diff, acc);
+        }
+        V::store(err + i * W, acc);
+      }
+      for (int r = 0; r < MR; ++r) {
+        if (rowno[r] < 0) continue;
+        if (!on[r]) { job.indices[rowno[r]] = -1; job.sqerr[rowno[r]] = 0.0f; continue; }
+        const double e = flag[r] ? xerr[r] : (double)err[r];
+        job.indices[rowno[r]] = idx[r];
+        job.sqerr[rowno[r]] = flag[r] ? (float)xerr[r] : err[r];
+        if (!(e - e == 0.0))
+          for (int64_t d = 0; d < D; ++d) et[d * MR + r] = __builtin_nanf("");
+      }
+      for (int64_t d = 0; d < D; ++d)
+#pragma GCC unroll 64
+        for (int i = 0; i < MRV; ++i) {
+          const int64_t o = d * MR + i * W;
+          V::store(xt + o, V::sub(V::load(xt + o), V::load(et + o)));
+          V::store(qt + o, V::add(V::load(qt + o), V::load(et + o)));
+        }
+    }
+    if (rj.zq)
+      for (int r = 0; r < MR; ++r) {
+        if (rowno[r] < 0) continue;
+        float* __restrict dst = rj.zq + rowno[r] * D;
+        for (int64_t d = 0; d < D; ++d) dst[d] = qt[d * MR + r];
+      }
+  }
+}
+
 }  // namespace
 
 namespace cpu {
 const SearchKernels& kernels_avx2_i16() {
   static const SearchKernels k{"avx2_i16", MR, NR, pack_any_i16, search_any_i16, flush_i16,
-                               i16_scratch_floats, false, true, nullptr, nullptr};
+                               i16_scratch_floats, false, true, residual_tiles_i16,
+                               residual_i16_scratch_floats};
   return k;
 }
 }  // namespace cpu

@@ -645,8 +645,11 @@ void residual_forward(const ResidualArgs& a, int num_threads) {
     sumK += a.Ks[s];
   }
   const cpu::SearchKernels* ks = &select_kernels(maxK, D);
-  // The reduced-precision builds have no residual path (their proofs are set up per call, not
-  // per stage): the fp32 build of the same instruction set runs on any CPU they do.
+  // avx512bf16 has no residual path (its proof is set up per call, not per stage): the fp32 build
+  // of the same instruction set runs on any CPU it does. avx2_i16 has one (search_avx2_i16.cpp,
+  // residual_tiles_i16), which takes its int16 pass per stage exactly where the single-stage
+  // search of that stage's (K_s, D) would (below: the other stages get no int16 copy and run
+  // that build's fp32 search); neon_dot's runs the fp32 search.
 #if defined(VQK_HAVE_AVX512)
   if (!ks->residual && ks->bf16) ks = &cpu::kernels_avx512();
 #endif
@@ -657,7 +660,8 @@ void residual_forward(const ResidualArgs& a, int num_threads) {
   if (maxK + ks->nr >= ((int64_t)1 << 31))
     throw std::invalid_argument("vqkernels: the CPU kernel supports K < 2^31 codes");
   if (N == 0) return;
-  std::vector<std::unique_ptr<float[], FreeDeleter>> packed, norms;
+  std::vector<std::unique_ptr<float[], FreeDeleter>> packed, norms, aux;
+  std::vector<std::unique_ptr<uint32_t[], FreeDeleter>> pairs_mem;
   std::vector<cpu::FwdJob> jobs;
   jobs.reserve(S);
   const bool approx_only = debug_approx_only();
@@ -665,10 +669,16 @@ void residual_forward(const ResidualArgs& a, int num_threads) {
     const int64_t K = a.Ks[s], panels = (K + ks->nr - 1) / ks->nr;
     packed.push_back(aligned_array<float>(panels * D * ks->nr));
     norms.push_back(aligned_array<float>(panels * ks->nr));
+    // The int16 (int8: neon_dot) copy and its per-code scales and L1 bounds, which the i16
+    // builds' pack fills (forward_packed's layout).
+    pairs_mem.push_back(aligned_array<uint32_t>(ks->i16 ? panels * ((D + 1) / 2) * ks->nr : 0));
+    aux.push_back(aligned_array<float>(ks->i16 ? 2 * panels * ks->nr : 0));
     RowsOut none{nullptr, 0, 0, 0, 0, 0, 0};
     jobs.push_back(cpu::FwdJob{DType::f32, a.x, a.codebooks[s], K, D, none, a.indices + s * N,
                                a.sqerr + s * N, packed.back().get(), norms.back().get(), panels,
-                               nullptr, 0.0, approx_only, 0.0f, 0.0f});
+                               ks->i16 ? pairs_mem.back().get() : nullptr, 0.0, approx_only, 0.0f,
+                               0.0f});
+    if (ks->i16) jobs.back().code_aux = aux.back().get();
   }
   const int64_t tiles = (N + ks->mr - 1) / ks->mr;
   const double flops = 2.0 * (double)N * (double)sumK * (double)std::max<int64_t>(D, 1);
@@ -681,10 +691,21 @@ void residual_forward(const ResidualArgs& a, int num_threads) {
                     [&](int64_t lo, int64_t hi, int) { ks->pack(job, lo, hi); });
     job.max_code_norm = code_norm_bound(job.norms, job.K, D);
     quick_bound(job);
+    if (ks->i16) {
+      const int64_t np = job.panels * ks->nr;
+      for (int64_t k = 0; k < job.K; ++k) {
+        job.max_code_scale = std::max(job.max_code_scale, (double)job.code_aux[k]);
+        job.max_code_l1 = std::max(job.max_code_l1, (double)job.code_aux[np + k]);
+      }
+      // A stage the single-stage rule would search in fp32 (auto: K_s < 64) keeps only the fp32
+      // panels: residual_tiles_i16 runs the fp32 search where packed_bf16 is null.
+      if (!select_kernels(job.K, D).i16) job.packed_bf16 = nullptr;
+    }
   }
   const cpu::ResidualJob rj{S, jobs.data(), a.active, a.zq, a.cosine != 0};
   const int64_t stride = (ks->residual_scratch_floats(D) + 15) / 16 * 16;
   auto scratch = aligned_array<float>(stride * threads);
+  std::memset(scratch.get(), 0, sizeof(float) * stride * threads);  // per-thread counters
   struct Ctx {
     const cpu::ResidualJob* rj;
     const cpu::SearchKernels* ks;

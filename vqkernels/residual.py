@@ -201,6 +201,12 @@ def _cpu_fused(rows: Tensor, codebooks: list[Tensor], active: Optional[Tensor],
 
 
 # ------------------------------------------------------------------------------ autograd
+# The CPU backward of fp32 (and widened 16-bit), non-cosine residual VQ as one native call
+# (bitwise the stage loop in _ResidualFn.backward, which tests compare it with by switching
+# this off).
+_FUSED_CPU_BACKWARD = True
+
+
 class _ResidualFn(torch.autograd.Function):
     """Forward: the search (no N x K tensor). Backward, stage by stage with one residual buffer:
         grad z        = grad z_q + sum_s 2 g_commit[s] (r_s - e_s)
@@ -230,6 +236,15 @@ class _ResidualFn(torch.autograd.Function):
         stage_cbs = codebooks * ctx.shared if ctx.shared else codebooks
         need_cb = [ctx.needs_input_grad[5 + i] for i in range(len(codebooks))]
         stage_need = need_cb * ctx.shared if ctx.shared else need_cb
+        if _FUSED_CPU_BACKWARD and (g_cb is not None or (g_cm is not None and need_z)) and \
+                not ctx.cosine and \
+                acc == torch.float32 and N > 0 and \
+                backends.resolve(ctx.backend, rows.device).name == "cpu":
+            # The stage loop below in one native pass per stage (csrc/cpu/vq_cpu.cpp,
+            # residual_backward): the same gradients bit for bit, without an N x D tensor per
+            # stage for the gathered codes, the new residual and the new grad_z.
+            return _ResidualFn._cpu_backward(ctx, rows, indices, codebooks, stage_cbs, need_cb,
+                                             stage_need, g_zq, g_cb, g_cm, need_z)
         grads = [None] * len(codebooks)
         grad_z = None
         if need_z:
@@ -282,6 +297,40 @@ class _ResidualFn(torch.autograd.Function):
                 if on is not None:
                     e.masked_fill_(~on[:, None], 0)
                 r.sub_(e)
+        out_cb = [None if not need or g is None else g.to(cb.dtype)
+                  for need, g, cb in zip(need_cb, grads, codebooks)]
+        return (grad_z.to(rows.dtype) if need_z else None, None, None, None, None, *out_cb)
+
+    @staticmethod
+    def _cpu_backward(ctx, rows, indices, codebooks, stage_cbs, need_cb, stage_need, g_zq, g_cb,
+                      g_cm, need_z):
+        S, N = indices.shape
+        f32 = torch.float32
+        x = rows.detach().to(f32).contiguous()
+        D = x.shape[1]
+        cbs = [cb.detach().to(f32).contiguous() for cb in stage_cbs]
+        idx = indices.contiguous()
+        gzq = g_zq.to(f32).contiguous() if g_zq is not None and need_z else None
+        gcb = g_cb.to(f32).contiguous() if g_cb is not None else None
+        gcm = g_cm.to(f32).contiguous() if g_cm is not None and need_z else None
+        grad_z = torch.empty(N, D, dtype=f32) if need_z else None
+        # One buffer per stage that wants its codebook's gradient (a shared codebook sums its
+        # stages' in stage order below, as the loop does).
+        stage_g = [torch.empty(cb.shape, dtype=f32) if gcb is not None and need else None
+                   for cb, need in zip(cbs, stage_need)]
+        native.module().cpu_residual_backward(
+            N, D, x.data_ptr(), [cb.data_ptr() for cb in cbs], [cb.shape[0] for cb in cbs],
+            idx.data_ptr(), gzq.data_ptr() if gzq is not None else 0,
+            gcb.data_ptr() if gcb is not None else 0, gcm.data_ptr() if gcm is not None else 0,
+            grad_z.data_ptr() if grad_z is not None else 0,
+            [g.data_ptr() if g is not None else 0 for g in stage_g],
+            max(1, torch.get_num_threads()))
+        grads = [None] * len(codebooks)
+        for s, g in enumerate(stage_g):
+            if g is None:
+                continue
+            i = 0 if ctx.shared else s
+            grads[i] = g if grads[i] is None else grads[i].add_(g)
         out_cb = [None if not need or g is None else g.to(cb.dtype)
                   for need, g, cb in zip(need_cb, grads, codebooks)]
         return (grad_z.to(rows.dtype) if need_z else None, None, None, None, None, *out_cb)

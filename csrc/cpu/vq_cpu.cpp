@@ -725,6 +725,130 @@ void residual_forward(const ResidualArgs& a, int num_threads) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Residual VQ backward (fp32): vqkernels.residual._ResidualFn.backward's stage loop (a gather of
+// each stage's codes, the residual update and one cpu_backward per stage, each pass a fresh N x D
+// tensor) as one pass over the rows per stage. The pass visits the rows in BackwardRun's order
+// (sorted by code, cut into the same fixed chunks) and computes, per row, BackwardRun's own
+// expressions -- grad_x = g + wc (r - e) (a copy where wc = 0), acc += wb (e - r) -- then the
+// residual update r = r - e in place, so grad_x and every codebook sum are bitwise the loop's for
+// any thread count. Rows that sit a stage out are the loop's `clamp(min=0)` rows: code 0 with
+// weight 0, residual unchanged.
+
+void residual_backward(const ResidualBackwardArgs& a, int num_threads) {
+  const int64_t N = a.N, D = a.D, S = a.S;
+  if (S <= 0) throw std::invalid_argument("vqkernels: residual VQ needs at least one stage");
+  float* gx = a.grad_x;
+  // The last stage whose gradient anything needs: later stages' residuals are never built.
+  int64_t last = -1;
+  for (int64_t s = 0; s < S; ++s) {
+    if (a.Ks[s] <= 0) throw std::invalid_argument("vqkernels: every stage needs K >= 1 codes");
+    if ((a.g_commit && gx) || (a.g_codebook && a.grad_cb[s])) last = s;
+  }
+  for (int64_t s = 0; s < S; ++s)
+    if (a.grad_cb[s] && (!a.g_codebook || N == 0))
+      std::fill(a.grad_cb[s], a.grad_cb[s] + a.Ks[s] * D, 0.0f);
+  const int threads = (int)std::max<int64_t>(1, std::min<int64_t>(
+      num_threads, 1 + (int64_t)((double)N * (double)std::max<int64_t>(D, 1) / 2.0e5)));
+  if (N == 0) return;
+  if (last < 0) {
+    if (gx) {
+      if (a.grad_zq) std::copy(a.grad_zq, a.grad_zq + N * D, gx);
+      else std::fill(gx, gx + N * D, 0.0f);
+    }
+    return;
+  }
+  auto rbuf = aligned_array<float>(N * D);
+  float* r = rbuf.get();
+  parallel_chunks(N, 256, threads, [&](int64_t lo, int64_t hi, int) {
+    std::copy(a.x + lo * D, a.x + hi * D, r + lo * D);
+    if (gx) {
+      if (a.grad_zq) std::copy(a.grad_zq + lo * D, a.grad_zq + hi * D, gx + lo * D);
+      else std::fill(gx + lo * D, gx + hi * D, 0.0f);
+    }
+  });
+  int64_t maxK = 0;
+  for (int64_t s = 0; s <= last; ++s) maxK = std::max(maxK, a.Ks[s]);
+  const int64_t nchunks = (N + kBwdChunk - 1) / kBwdChunk, Dp = std::max<int64_t>(D, 1);
+  std::vector<int64_t> start(maxK + 1), order(N), fill(maxK);
+  std::vector<float> head(nchunks * D), tail(nchunks * D);
+  std::vector<float> accs(chunk_threads(nchunks, 1, threads) * Dp);
+  for (int64_t s = 0; s <= last; ++s) {
+    const float* cb = a.codebooks[s];
+    const int64_t K = a.Ks[s];
+    const int64_t* idx = a.indices + s * N;
+    const float* gcm = a.g_commit && gx ? a.g_commit + s * N : nullptr;
+    const float* gcb = a.g_codebook && a.grad_cb[s] ? a.g_codebook + s * N : nullptr;
+    const bool update = s < last;
+    auto row = [&](int64_t n, float* acc) {
+      const int64_t i = idx[n];
+      const bool on = i >= 0;
+      const float* __restrict e = cb + (on ? i : 0) * D;
+      float* xr = r + n * D;
+      if (gcm) {
+        const float wc = on ? 2 * gcm[n] : 0.0f;
+        if (wc != 0) {
+          float* g = gx + n * D;
+          for (int64_t d = 0; d < D; ++d) g[d] = g[d] + wc * (xr[d] - e[d]);
+        }
+      }
+      if (acc) {
+        const float wb = on ? 2 * gcb[n] : 0.0f;
+        for (int64_t d = 0; d < D; ++d) acc[d] += wb * (e[d] - xr[d]);
+      }
+      if (update && on)
+        for (int64_t d = 0; d < D; ++d) xr[d] = xr[d] - e[d];
+    };
+    if (!gcb) {
+      if (gcm || update) parallel_chunks(N, 64, threads, [&](int64_t lo, int64_t hi, int) {
+        for (int64_t n = lo; n < hi; ++n) row(n, nullptr);
+      });
+      continue;
+    }
+    // BackwardRun::run's order: a stable counting sort by code, fixed chunks of sorted rows.
+    float* gcbo = a.grad_cb[s];
+    std::fill(start.begin(), start.begin() + K + 1, int64_t(0));
+    for (int64_t n = 0; n < N; ++n) ++start[(idx[n] >= 0 ? idx[n] : 0) + 1];
+    for (int64_t k = 0; k < K; ++k) start[k + 1] += start[k];
+    std::copy(start.begin(), start.begin() + K, fill.begin());
+    for (int64_t n = 0; n < N; ++n) order[fill[idx[n] >= 0 ? idx[n] : 0]++] = n;
+    auto code_of = [&](int64_t n) { return idx[n] >= 0 ? idx[n] : int64_t(0); };
+    parallel_chunks(nchunks, 1, threads, [&](int64_t c0, int64_t c1, int tid) {
+      float* acc = accs.data() + tid * Dp;
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t lo = c * kBwdChunk, hi = std::min(N, lo + kBwdChunk);
+        for (int64_t i = lo; i < hi;) {
+          const int64_t k = code_of(order[i]);
+          const int64_t end = std::min(hi, start[k + 1]);
+          std::fill(acc, acc + D, 0.0f);
+          for (int64_t j = i; j < end; ++j) row(order[j], acc);
+          float* dst;
+          if (start[k] >= lo && start[k + 1] <= hi) dst = gcbo + k * D;  // whole code here
+          else if (i == lo) dst = head.data() + c * D;
+          else dst = tail.data() + c * D;
+          std::copy(acc, acc + D, dst);
+          i = end;
+        }
+      }
+    });
+    for (int64_t k = 0; k < K; ++k) {
+      float* g = gcbo + k * D;
+      if (start[k] == start[k + 1]) {
+        std::fill(g, g + D, 0.0f);
+        continue;
+      }
+      const int64_t c0 = start[k] / kBwdChunk, c1 = (start[k + 1] - 1) / kBwdChunk;
+      if (c0 == c1) continue;
+      const float* first = (start[k] == c0 * kBwdChunk ? head.data() : tail.data()) + c0 * D;
+      std::copy(first, first + D, g);
+      for (int64_t c = c0 + 1; c <= c1; ++c)
+        for (int64_t d = 0; d < D; ++d) g[d] += head[c * D + d];
+    }
+  }
+  for (int64_t s = last + 1; s < S; ++s)
+    if (a.grad_cb[s]) std::fill(a.grad_cb[s], a.grad_cb[s] + a.Ks[s] * D, 0.0f);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Grouped VQ forward (fp32): G independent single-stage searches over column slices of one N x
 // (G d) input, one call. Every group's codebook is packed first; then (group, row tile) pairs are
 // handed out group-major to the threads, each searched by the single-stage kernels the search of
@@ -830,6 +954,10 @@ void cpu_forward(const ForwardArgs& a, int num_threads) {
 
 void cpu_residual_forward(const ResidualArgs& a, int num_threads) {
   residual_forward(a, std::max(num_threads, 1));
+}
+
+void cpu_residual_backward(const ResidualBackwardArgs& a, int num_threads) {
+  residual_backward(a, std::max(num_threads, 1));
 }
 
 void cpu_grouped_forward(const GroupedArgs& a, int num_threads) {

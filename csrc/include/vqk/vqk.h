@@ -116,8 +116,32 @@ struct GroupedArgs {
   float* sqerr;
 };
 
+// Residual VQ backward (issue 17), fp32, every array row-major and contiguous: the stage loop of
+// vqkernels.residual._ResidualFn.backward in one call, bit for bit (each stage is cpu_backward on
+// that stage's residual, with the codebook sums in cpu_backward's order). For s = 0 .. S - 1, with
+// r_0 = x, r_{s+1} = fl(r_s - e_s) (unchanged where row n sits stage s out, indices -1), and the
+// weights of those rows taken as 0:
+//   grad_x (N x D, may be null) = grad_zq (null: 0) + sum_s 2 g_commit[s][n] (r_s - e_s), added in
+//                                 stage order (g_commit may be null);
+//   grad_cb[s] (Ks[s] x D, each may be null: not wanted; overwritten) = sum over rows choosing k
+//                                 of 2 g_codebook[s][n] (e_k - r_s) (g_codebook may be null: 0).
+// Extra memory: the residual (N x D floats) and stage s's row order (N + K_s + 1 integers).
+struct ResidualBackwardArgs {
+  int64_t N, D, S;
+  const float* x;
+  const float* const* codebooks;
+  const int64_t* Ks;
+  const int64_t* indices;   // S x N
+  const float* grad_zq;     // N x D or null
+  const float* g_codebook;  // S x N or null
+  const float* g_commit;    // S x N or null
+  float* grad_x;            // N x D or null
+  float* const* grad_cb;    // S entries, each Ks[s] x D or null
+};
+
 // CPU entry points. num_threads <= 0 means one thread.
 void cpu_residual_forward(const ResidualArgs& a, int num_threads);
+void cpu_residual_backward(const ResidualBackwardArgs& a, int num_threads);
 void cpu_grouped_forward(const GroupedArgs& a, int num_threads);
 void cpu_forward(const ForwardArgs& a, int num_threads);
 void cpu_backward(const BackwardArgs& a, int num_threads);

@@ -618,3 +618,173 @@ def test_cpu_grouped_gradients_and_mask_match_the_loop():
     # Padding rows get only the straight-through gradient of z_q, no loss gradient.
     zq_only = 2 * a.z_q.detach() / a.z_q.numel()
     torch.testing.assert_close(gza[~mask], zq_only[~mask])
+
+
+# ------------------------------------------------------------------------------ int16 residual
+# The avx2_i16 build's residual path (search_avx2_i16.cpp, residual_tiles_i16): each stage's
+# search first on int16 pairs, then the fp32 search's own decision for the rows it cannot prove.
+# Its indices, errors and z_q must be bitwise the fp32 avx2 build's residual path's.
+from adversarial import reflections, magnitudes  # noqa: E402
+from cpu_isas import SKIP_REASONS  # noqa: E402
+
+needs_i16 = pytest.mark.skipif(
+    SKIP_REASONS["avx2_i16"] is not None or SKIP_REASONS["avx2"] is not None,
+    reason=f"needs the avx2 and avx2_i16 kernels: {SKIP_REASONS['avx2_i16'] or SKIP_REASONS['avx2']}")
+
+
+def _bits(t):
+    return t.view(torch.int32) if t.dtype == torch.float32 else t
+
+
+def _i16_vs_avx2(monkeypatch, z, cbs, active=None, cosine=False):
+    """(fp32 result, int16 result, rows the int16 pass set aside) under forced ISAs."""
+    out = {}
+    for isa in ("avx2", "avx2_i16"):
+        monkeypatch.setenv("VQK_CPU_ISA", isa)
+        before = native.module().cpu_set_aside_rows()
+        out[isa] = residual_forward(z, cbs, active, "cpu", cosine=cosine)
+        aside = native.module().cpu_set_aside_rows() - before
+        if isa == "avx2":
+            assert aside == 0  # the fp32 path never sets rows aside
+    monkeypatch.delenv("VQK_CPU_ISA")
+    for a, b, name in zip(out["avx2"], out["avx2_i16"], ("z_q", "indices", "sqerr")):
+        assert torch.equal(_bits(a), _bits(b)), f"{name} differs between avx2 and avx2_i16"
+    return out["avx2"], out["avx2_i16"], aside
+
+
+def _i16_families(gen):
+    """(name, z, codebooks): random stages, odd D, and the adversarial families as stage 0
+    followed by stages near the origin."""
+    out = []
+    for D in (32, 33, 17):
+        z, cbs = _stagewise_data(gen, 300, D, [128, 100, 64, 129])
+        out.append((f"random D={D}", z, cbs))
+    def tail(D):
+        return [torch.randint(-64, 65, (40, D), generator=gen).float() / 32,
+                torch.randn(70, D, generator=gen) * 0.05]
+    x, cb = close_codes(gen, N=150, K=300, D=32, n_close=5, spacing=32)
+    out.append(("close codes far out", x, [cb] + tail(32)))
+    x, cb = duplicated(gen, N=150, K0=40, D=16, copies=3, offset=0.0)  # ties near the origin
+    out.append(("duplicates", x, [cb, cb - cb.mean(0)] + tail(16)))
+    x, cb = duplicated(gen, N=150, K0=40, D=16, copies=4, interleave=False)
+    out.append(("duplicates far out", x, [cb] + tail(16)))
+    x, cb = reflections(gen, N=100, D=16, offset=0.0)
+    out.append(("reflections", x, [cb] + tail(16)))
+    x, cb = large_mean(gen, N=200, K=256, D=32)
+    out.append(("large mean", x, [cb] + tail(32)))
+    for scale in (1e19, 1e-25):
+        x, cb = magnitudes(gen, scale, N=150, K=64, D=16)
+        out.append((f"magnitudes {scale:g}", x, [cb, cb * 0.1, cb * 0.01]))
+    z, cbs = _stagewise_data(gen, 100, 24, [80, 80])
+    z[3, 2], z[5, 0] = float("nan"), float("inf")
+    cbs[1][4, 1] = float("nan")
+    out.append(("non-finite", z, cbs))
+    return out
+
+
+@needs_i16
+def test_i16_residual_is_bitwise_the_fp32_residual(monkeypatch):
+    gen = _gen(301)
+    aside = 0
+    for name, z, cbs in _i16_families(gen):
+        _, (q, i, e), n = _i16_vs_avx2(monkeypatch, z, cbs)
+        aside += n
+        ok = torch.isfinite(z).all(1)
+        _assert_every_stage_exact(z[ok], cbs, i[:, ok], f"avx2_i16 {name}")
+    # The int16 pass ran (the old build ran the fp32 avx2 build here and set nothing aside).
+    assert aside > 0
+
+
+@needs_i16
+def test_i16_residual_cosine_and_dropout_are_bitwise_the_fp32_path(monkeypatch):
+    gen = _gen(311)
+    z, cbs = _stagewise_data(gen, 400, 32, [128, 128, 96])
+    ucbs = [_unit(cb) for cb in cbs]
+    _, (q, i, e), aside = _i16_vs_avx2(monkeypatch, z, ucbs, cosine=True)
+    _assert_every_cosine_stage_exact(z, ucbs, i, "avx2_i16 cosine")
+    active = torch.randint(0, 4, (400,), generator=gen)
+    _, (q2, i2, e2), aside2 = _i16_vs_avx2(monkeypatch, z, cbs, active=active)
+    assert ((i2 == -1) == (torch.arange(3)[:, None] >= active[None])).all()
+    assert aside + aside2 > 0
+
+
+@needs_i16
+def test_i16_residual_is_taken_per_stage_where_the_single_stage_rule_takes_it(monkeypatch):
+    # Under `auto` on a CPU where the single-stage search picks avx2_i16 (K >= 64, D >= 16), a
+    # stage takes the int16 pass exactly when its own (K_s, D) would: stages of K = 32 never set
+    # rows aside; forced avx2_i16, they do (on data the int16 pass cannot settle).
+    monkeypatch.delenv("VQK_CPU_ISA", raising=False)
+    if native.module().cpu_isa() != "avx2_i16":
+        pytest.skip(f"auto picks {native.module().cpu_isa()} here, not avx2_i16")
+    gen = _gen(321)
+    x, cb = close_codes(gen, N=200, K=32, D=32, n_close=3, spacing=8)
+    small = [cb, cb - cb.mean(0)]
+    m = native.module()
+    before = m.cpu_set_aside_rows()
+    residual_forward(x, small, None, "cpu")
+    assert m.cpu_set_aside_rows() == before  # K = 32: the fp32 search, as single-stage
+    big = [torch.cat([cb, cb + 0.5]), cb - cb.mean(0)]  # stage 0 now has K = 64
+    before = m.cpu_set_aside_rows()
+    residual_forward(x, big, None, "cpu")
+    assert m.cpu_set_aside_rows() > before
+    monkeypatch.setenv("VQK_CPU_ISA", "avx2_i16")
+    before = m.cpu_set_aside_rows()
+    residual_forward(x, small, None, "cpu")
+    assert m.cpu_set_aside_rows() > before
+
+
+# ------------------------------------------------------------------------------ fused backward
+def _grads(z0, books0, fused, monkeypatch, shared=False, **kw):
+    from vqkernels import residual as residual_mod
+    monkeypatch.setattr(residual_mod, "_FUSED_CPU_BACKWARD", fused)
+    z = z0.clone().requires_grad_(True)
+    books = [b.clone().requires_grad_(True) for b in books0]
+    arg = dict(codebooks=books[0], num_stages=len(books0)) if shared else dict(codebooks=books)
+    out = residual_vq(z, backend="cpu", beta=0.4, **arg, **kw)
+    w = torch.randn(out.z_q.shape, generator=_gen(7)).to(out.z_q.dtype)
+    (out.loss + (out.z_q * w).sum()).backward()
+    return [z.grad] + [b.grad for b in (books[:1] if shared else books)]
+
+
+@needs_cpu
+@pytest.mark.parametrize("case", ["plain", "dropout+mask", "shared", "bf16", "channel-first"])
+def test_fused_cpu_backward_is_bitwise_the_stage_loop(case, monkeypatch):
+    # The native backward (one pass per stage) against _ResidualFn's stage loop of single-stage
+    # backwards on rebuilt residuals: the same gradients, bit for bit.
+    gen = _gen(331)
+    z, cbs = _stagewise_data(gen, 700, 12, [40, 33, 40])
+    kw, shared = {}, False
+    if case == "dropout+mask":
+        kw = dict(active_stages=torch.randint(0, 4, (700,), generator=gen),
+                  mask=torch.rand(700, generator=gen) < 0.8)
+    elif case == "shared":
+        cbs, shared = [cbs[0]] * 3, True
+    elif case == "bf16":
+        z, cbs = z.bfloat16(), [c.bfloat16() for c in cbs]
+    elif case == "channel-first":
+        z, kw = z.reshape(7, 100, 12).transpose(1, 2), dict(dim=1)
+    got = _grads(z, cbs, True, monkeypatch, shared, **kw)
+    want = _grads(z, cbs, False, monkeypatch, shared, **kw)
+    for g, h in zip(got, want):
+        assert g is not None and torch.equal(g, h)
+
+
+@needs_cpu
+def test_fused_cpu_backward_each_term_alone(monkeypatch):
+    # Only the codebook loss (no z gradient), only the commitment loss (codebooks frozen), and a
+    # codebook that needs no gradient: each the loop's, bit for bit.
+    gen = _gen(341)
+    z0, cbs0 = _stagewise_data(gen, 300, 8, [30, 30, 30])
+    from vqkernels import residual as residual_mod
+    res = []
+    for fused in (True, False):
+        monkeypatch.setattr(residual_mod, "_FUSED_CPU_BACKWARD", fused)
+        cbs = [c.clone().requires_grad_(s != 1) for s, c in enumerate(cbs0)]
+        out = residual_vq(z0, cbs, backend="cpu")
+        g1 = torch.autograd.grad(out.codebook_loss.sum(), [cbs[0], cbs[2]])
+        z = z0.clone().requires_grad_(True)
+        out = residual_vq(z, [c.detach() for c in cbs0], backend="cpu")
+        g2 = torch.autograd.grad(out.commitment_loss.sum(), [z])
+        res.append(list(g1) + list(g2))
+    for a, b in zip(*res):
+        assert torch.equal(a, b)

@@ -788,3 +788,27 @@ def test_fused_cpu_backward_each_term_alone(monkeypatch):
         res.append(list(g1) + list(g2))
     for a, b in zip(*res):
         assert torch.equal(a, b)
+
+
+@needs_cpu
+@pytest.mark.parametrize("dtype,frozen", [(torch.float32, False), (torch.bfloat16, False),
+                                          (torch.float32, True)])
+def test_fused_cpu_grouped_backward_is_bitwise_the_group_loop(dtype, frozen, monkeypatch):
+    # Each group's gradient written straight into grad_z's columns (and no codebook gradient for
+    # a frozen codebook): the generic per-group loop's values, bit for bit, with a padding mask.
+    from vqkernels import residual as residual_mod
+    gen = _gen(351)
+    z0 = torch.randn(2, 12, 150, generator=gen).to(dtype)  # channel-first: D = 12 at dim 1
+    books0 = [torch.randn(20, 4, generator=gen).to(dtype) for _ in range(3)]
+    mask = torch.rand(2, 150, generator=gen) < 0.8
+    res = []
+    for fused in (True, False):
+        monkeypatch.setattr(residual_mod, "_FUSED_CPU_BACKWARD", fused)
+        z = z0.clone().requires_grad_(True)
+        books = [b.clone().requires_grad_(not (frozen and g == 1)) for g, b in enumerate(books0)]
+        out = grouped_vq(z, books, dim=1, beta=0.3, mask=mask, backend="cpu")
+        (out.z_q.float().square().mean() + out.loss).backward()
+        res.append([z.grad] + [b.grad for b in books])
+    for a, b in zip(*res):
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
+    assert res[0][0].abs().sum() > 0 and (res[0][2] is None) == frozen

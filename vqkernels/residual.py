@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import backends, native, reference
-from ._layout import RowPlan
+from ._layout import NULL_VIEW, RowPlan
 from .quantize import _check, _check_beta
 
 __all__ = ["residual_vq", "RVQOutput", "codes_from_indices", "grouped_vq", "GVQOutput",
@@ -201,9 +201,10 @@ def _cpu_fused(rows: Tensor, codebooks: list[Tensor], active: Optional[Tensor],
 
 
 # ------------------------------------------------------------------------------ autograd
-# The CPU backward of fp32 (and widened 16-bit), non-cosine residual VQ as one native call
-# (bitwise the stage loop in _ResidualFn.backward, which tests compare it with by switching
-# this off).
+# The CPU backwards without per-stage (per-group) temporaries: non-cosine fp32 / widened 16-bit
+# residual VQ as one native call, grouped VQ writing each group's gradient in place. Both are
+# bitwise the generic loops in _ResidualFn.backward / _GroupedFn.backward, which tests compare
+# them with by switching this off.
 _FUSED_CPU_BACKWARD = True
 
 
@@ -577,6 +578,8 @@ class _GroupedFn(torch.autograd.Function):
         G = parts.shape[1]
         grad_z = torch.empty_like(parts) if ctx.needs_input_grad[0] else None
         grads = [None] * G
+        if b.name == "cpu" and _FUSED_CPU_BACKWARD:
+            return _GroupedFn._cpu_backward(ctx, parts, idx, codebooks, g_zq, g_cb, g_cm, grad_z)
         for g in range(G):
             x = parts[:, g, :]
             gz, gc = b.backward(x, -1, codebooks[g], idx[:, g],
@@ -587,6 +590,41 @@ class _GroupedFn(torch.autograd.Function):
                 grad_z[:, g, :] = gz
             if ctx.needs_input_grad[2 + g]:
                 grads[g] = gc
+        return (grad_z, None, *grads)
+
+    @staticmethod
+    def _cpu_backward(ctx, parts, idx, codebooks, g_zq, g_cb, g_cm, grad_z):
+        # The loop above with the native kernel writing each group's grad_x straight into its
+        # columns of grad_z (a strided view), and no codebook gradient computed for a codebook
+        # that needs none: the same values, without a fresh N x d tensor and a copy per group.
+        G = parts.shape[1]
+        acc = reference.acc_dtype(parts.dtype)
+        code = native.dtype_code(parts.dtype)
+        threads = max(1, torch.get_num_threads())
+        grads = [None] * G
+        for g in range(G):
+            x = parts[:, g, :]
+            plan = RowPlan(x, -1)
+            xv = plan.view(x)
+            gzqv = plan.view(g_zq[:, g, :]) if g_zq is not None else None
+            gxv = plan.view(grad_z[:, g, :]) if grad_z is not None else None
+            if gxv is not None and gxv.tensor.data_ptr() != grad_z[:, g, :].data_ptr():
+                raise AssertionError("grad_z's columns must be written in place")
+            cb = codebooks[g].contiguous()
+            ig = idx[:, g].contiguous()
+            w_cb = g_cb[:, g].to(acc).contiguous() if g_cb is not None else None
+            w_cm = g_cm[:, g].to(acc).contiguous() if g_cm is not None else None
+            gc = (torch.empty(cb.shape, dtype=acc, device=cb.device)
+                  if ctx.needs_input_grad[2 + g] else None)
+            native.module().cpu_backward(
+                code, xv.as_args(), cb.data_ptr(), cb.shape[0], ig.data_ptr(),
+                gzqv.as_args() if gzqv is not None else NULL_VIEW,
+                w_cb.data_ptr() if w_cb is not None else 0,
+                w_cm.data_ptr() if w_cm is not None else 0,
+                gxv.as_args() if gxv is not None else NULL_VIEW,
+                gc.data_ptr() if gc is not None else 0, threads)
+            if gc is not None:
+                grads[g] = gc.to(codebooks[g].dtype)
         return (grad_z, None, *grads)
 
 

@@ -31,7 +31,10 @@ commitment term reaches its encoder there. z_q is straight-through on the sum: g
 Backends: "reference" is a stage loop over vqkernels.reference (float64 search, plain torch);
 "cpu" is one native call that runs all stages per row tile with the residual in cache (fp32,
 cosine too; 16-bit input is widened first, float64 input runs a stage loop over the exact float64
-kernel);
+kernel; each stage takes the avx2_i16 build's int16 first pass exactly where a single-stage search
+of that stage's (K_s, D) would, with bitwise the fp32 path's answer), and its backward (not
+cosine) is one native pass per stage over a single residual buffer, bitwise the stage loop of
+single-stage backwards in _ResidualFn.backward;
 "triton" runs a fused kernel too (all stages per row block, the residual in an N x D scratch the
 block owns, read in column chunks: any D; fp32 and 16-bit input widened to fp32; tested under
 Triton's interpreter and AOT-compiled for sm_80/sm_90 without spills, not yet run on a GPU) and a

@@ -64,9 +64,11 @@ struct SearchKernels {
   int64_t (*scratch_floats)(int64_t D);
   bool bf16;  // wants packed_bf16 and max_code_norm
   bool i16 = false;  // wants packed_bf16 (as int16 pairs or int8 quads), code_aux and its maxima
-  // Residual VQ (issue 17), fp32 only: row tiles [tile_lo, tile_hi) through every stage, with
-  // residual_scratch_floats(D) floats of 64-byte aligned scratch private to the thread. Null in
-  // a build that has none (avx512bf16: the caller takes the plain avx512 build's).
+  // Residual VQ (issue 17), fp32 rows: row tiles [tile_lo, tile_hi) through every stage, with
+  // residual_scratch_floats(D) floats of 64-byte aligned scratch private to the thread (zeroed
+  // at the start of a call). Null in a build that has none (avx512bf16: the caller takes the plain
+  // avx512 build's). avx2_i16's (residual_tiles_i16) runs its int16 pass on the stages whose
+  // packed_bf16 is set and the fp32 search on the others.
   void (*residual)(const struct ResidualJob& job, int64_t tile_lo, int64_t tile_hi, float* scratch);
   int64_t (*residual_scratch_floats)(int64_t D);
 };

@@ -511,6 +511,70 @@ VQK_ALWAYS_INLINE void lane_scales(const float* __restrict mx, int32_t Q, float*
   }
 }
 
+// search_tile_i16 keeping a little more per lane: the runner-up's index k2 and the third value v3
+// (ties and NaN as search_tile's update rule: strict compares in increasing k). The values are
+// search_tile_i16's bit for bit (the same operations on the same integers). A lane that misses
+// the direct proof with v3 > lim has exactly {k1, k2} as its candidates: no collect pass.
+struct Top3 {
+  alignas(64) int32_t k1[MR];
+  alignas(64) int32_t k2[MR];
+  alignas(64) float v1[MR];
+  alignas(64) float v2[MR];
+  alignas(64) float v3[MR];
+};
+
+VQK_ALWAYS_INLINE void search_tile_i16_top3(const uint32_t* __restrict xb,
+                                            const uint32_t* __restrict pb,
+                                            const float* __restrict norms,
+                                            const float* __restrict scales,
+                                            const float* __restrict tau, int64_t panels,
+                                            int64_t D2, Top3& out) {
+  __m256 b1[MRV], b2[MRV], b3[MRV], tv[MRV];
+  __m256i k1[MRV], k2[MRV];
+  for (int i = 0; i < MRV; ++i) {
+    b1[i] = b2[i] = b3[i] = _mm256_set1_ps(__builtin_inff());
+    k1[i] = k2[i] = _mm256_setzero_si256();
+    tv[i] = _mm256_load_ps(tau + i * W);
+  }
+  for (int64_t p = 0; p < panels; ++p) {
+    const uint32_t* b = pb + p * D2 * NR;
+    __m256i acc[MRV][NR];
+#pragma GCC unroll 64
+    for (int i = 0; i < MRV; ++i)
+#pragma GCC unroll 64
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_si256();
+    i16_dots(xb, b, D2, acc);
+#pragma GCC unroll 64
+    for (int j = 0; j < NR; ++j) {
+      const __m256 nj = _mm256_set1_ps(norms[p * NR + j]);
+      const __m256 sj = _mm256_set1_ps(2.0f * scales[p * NR + j]);
+      const __m256 kj = _mm256_castsi256_ps(_mm256_set1_epi32((int32_t)(p * NR + j)));
+#pragma GCC unroll 64
+      for (int i = 0; i < MRV; ++i) {
+        const __m256 dot = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[i][j]), tv[i]);  // exact
+        const __m256 dist = _mm256_fnmadd_ps(dot, sj, nj);
+        const __m256 m1 = _mm256_cmp_ps(dist, b1[i], _CMP_LT_OQ);
+        const __m256 m2 = _mm256_cmp_ps(dist, b2[i], _CMP_LT_OQ);
+        const __m256 m3 = _mm256_cmp_ps(dist, b3[i], _CMP_LT_OQ);
+        b3[i] = _mm256_blendv_ps(_mm256_blendv_ps(b3[i], dist, m3), b2[i], m2);
+        b2[i] = _mm256_blendv_ps(_mm256_blendv_ps(b2[i], dist, m2), b1[i], m1);
+        const __m256 k1f = _mm256_castsi256_ps(k1[i]);
+        k2[i] = _mm256_castps_si256(_mm256_blendv_ps(
+            _mm256_blendv_ps(_mm256_castsi256_ps(k2[i]), kj, m2), k1f, m1));
+        b1[i] = _mm256_blendv_ps(b1[i], dist, m1);
+        k1[i] = _mm256_castps_si256(_mm256_blendv_ps(k1f, kj, m1));
+      }
+    }
+  }
+  for (int i = 0; i < MRV; ++i) {
+    _mm256_store_si256(reinterpret_cast<__m256i*>(out.k1 + i * W), k1[i]);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(out.k2 + i * W), k2[i]);
+    _mm256_store_ps(out.v1 + i * W, b1[i]);
+    _mm256_store_ps(out.v2 + i * W, b2[i]);
+    _mm256_store_ps(out.v3 + i * W, b3[i]);
+  }
+}
+
 // The codes k with a_k' <= lim for lane r of the int16 tile xb (tau: the lane's scale), in
 // increasing k, into out[0 .. cap); returns their number, cap + 1 when there are more. a_k' is
 // search_tile_i16's value bit for bit: the exact int32 dot (here summed two pair-steps at a time,
@@ -661,8 +725,9 @@ void fp32_values(const cpu::FwdJob& job, const float* __restrict st, int r, cons
           if (!provable[r]) tau[r] = 1.0f, inv[r] = 0.0f;
         }
         to_pairs_i16(st, inv, D, xb);
-        Top2 top;
-        search_tile_i16(xb, job.packed_bf16, job.norms, job.code_aux, tau, job.panels, D2, top);
+        Top3 top;
+        search_tile_i16_top3(xb, job.packed_bf16, job.norms, job.code_aux, tau, job.panels, D2,
+                             top);
         int missed = 0;
         for (int r = 0; r < MR; ++r) {
           if (!on[r]) continue;
@@ -693,7 +758,15 @@ void fp32_values(const cpu::FwdJob& job, const float* __restrict st, int r, cons
             if ((double)lf < lim) lf = __builtin_nextafterf(lf, __builtin_inff());
             if (v2 - v2 == 0.0 && lf < __builtin_inff()) {
               int32_t cand[kResMaxCand];
-              const int c = collect_lane_i16(job, xb, r, tau[r], lf, cap, cand, lp);
+              int c;
+              if (top.v3[r] > lf) {  // only k1 and k2 reach lim: listed in increasing k
+                const int32_t ka = top.k1[r], kb = top.k2[r];
+                cand[0] = ka < kb ? ka : kb;
+                cand[1] = ka < kb ? kb : ka;
+                c = 2;
+              } else {
+                c = collect_lane_i16(job, xb, r, tau[r], lf, cap, cand, lp);
+              }
               // k1' and the runner-up are always listed; fewer means something is off: fp32.
               if (c >= 2 && c <= cap) {
                 float val[kResMaxCand];

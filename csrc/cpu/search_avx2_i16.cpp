@@ -581,6 +581,9 @@ VQK_ALWAYS_INLINE void search_tile_i16_top3(const uint32_t* __restrict xb,
 // an exact reordering: every partial sum is bounded by D Q^2 < 2^31), converted, times tau (exact),
 // then fl(n_k - (2 sigma_k) dot) in one rounding. Padding and non-finite codes have n_k = +inf or
 // NaN and are never listed.
+// Written for the packed layout [panel][D2][NR = 4] words: one 256-bit load is two pair-steps of
+// a panel's 4 codes.
+static_assert(NR == 4 && MRV == 3, "collect_lane_i16 and search_tile_i16_top3 assume 3 x 4 tiles");
 int collect_lane_i16(const cpu::FwdJob& job, const uint32_t* __restrict xb, int r, float tau,
                      float lim, int cap, int32_t* __restrict out, uint32_t* __restrict lp) {
   const int64_t D2 = (job.D + 1) / 2, H = D2 / 2;

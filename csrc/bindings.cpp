@@ -129,15 +129,18 @@ PYBIND11_MODULE(_C, m) {
         "GroupedArgs).");
 
   m.def("cpu_isa", [] { return std::string(vqk::cpu_isa()); },
-        "The CPU search kernels a large search uses: 'avx512bf16', 'avx512', 'avx2_i16', 'avx2', "
-        "'neon' (aarch64) or 'scalar' (VQK_CPU_ISA=auto|avx512bf16|avx512|avx2_i16|avx2|neon|scalar "
-        "forces one).");
+        "The CPU search kernels a large search uses: 'avx512bf16', 'avx512', 'avx2_i16', 'avx2_i8', "
+        "'avx2', 'neon' (aarch64) or 'scalar' (VQK_CPU_ISA=auto|avx512bf16|avx512|avx2_i16|avx2_i8|"
+        "avx2|neon|scalar forces one).");
   m.def("cpu_exact_rows", &vqk::cpu_exact_rows,
         "Rows the CPU forward has searched again exactly (the fast pass could not prove their "
         "nearest code) since the module loaded, over all calls.");
   m.def("cpu_set_aside_rows", &vqk::cpu_set_aside_rows,
         "Rows a reduced-precision first pass (avx512bf16, avx2_i16) could not prove and handed to "
         "the fp32 search, since the module loaded, over all calls.");
+  m.def("cpu_int8_rows", &vqk::cpu_int8_rows,
+        "Rows the avx2_i8 tier proved from int8 dot products and finished itself (the others go "
+        "to the int16 pass), since the module loaded, over all calls.");
 
 #ifdef VQK_WITH_CUDA
   m.attr("has_cuda") = true;

@@ -23,7 +23,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / ".ci" / "native_checks.sh"
-ISAS = ["avx512bf16", "avx512", "avx2", "avx2_i16", "neon", "neon_dot", "scalar"]
+ISAS = ["avx512bf16", "avx512", "avx2", "avx2_i16", "avx2_i8", "neon", "neon_dot", "scalar"]
 # Where the aarch64 target's second run (the CPU without the dot product) begins.
 DETECT = "== aarch64: run-time detection"
 

@@ -48,6 +48,11 @@ struct FwdJob {
   // finite codes after packing.
   float* code_aux = nullptr;
   double max_code_scale = 0.0, max_code_l1 = 0.0;
+  // Only for kernels with `i8` set (search_avx2_i8.cpp, which also sets `i16`): the codes as
+  // bytes (panels * ceil(D/8) * nr * 2 words), code_aux then 3 * panels * nr floats (the int8
+  // scales last) and max_code_scale8 their maximum over the finite codes.
+  uint32_t* packed_i8 = nullptr;
+  double max_code_scale8 = 0.0;
 };
 
 // What one instruction set provides. `search` handles row tiles [tile_lo, tile_hi) of `mr` rows
@@ -71,6 +76,7 @@ struct SearchKernels {
   // packed_bf16 is set and the fp32 search on the others.
   void (*residual)(const struct ResidualJob& job, int64_t tile_lo, int64_t tile_hi, float* scratch);
   int64_t (*residual_scratch_floats)(int64_t D);
+  bool i8 = false;  // wants packed_i8 and the int8 scales too (see FwdJob)
 };
 
 // One residual-VQ forward (fp32): S stages, each a FwdJob holding that stage's packed codebook,
@@ -94,6 +100,7 @@ struct ResidualJob {
 const SearchKernels& kernels_scalar();
 const SearchKernels& kernels_avx2();
 const SearchKernels& kernels_avx2_i16();
+const SearchKernels& kernels_avx2_i8();   // int8 tier in front of avx2_i16 (forced only)
 const SearchKernels& kernels_avx512();
 const SearchKernels& kernels_avx512bf16();
 const SearchKernels& kernels_neon();
@@ -106,6 +113,8 @@ extern int64_t g_exact_rows;
 extern int64_t g_set_aside_rows;
 // Rows the neon_dot pass settled by an fp32 check of its candidate codes (same use).
 extern int64_t g_rechecked_rows;
+// Rows the avx2_i8 tier settled itself (proven from int8 dot products; same use).
+extern int64_t g_int8_rows;
 
 // Persistent worker pool. Runs fn(ctx, tid) for tid in [0, nthreads) (the caller is tid 0) and
 // returns when all are done. One call at a time; a concurrent caller waits for the pool.

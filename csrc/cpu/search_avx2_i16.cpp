@@ -884,6 +884,9 @@ void fp32_values(const cpu::FwdJob& job, const float* __restrict st, int r, cons
 
 }  // namespace
 
+// search_avx2_i8.cpp includes this file for the functions above (VQK_I16_AS_PART); the build's
+// entry point is defined here only.
+#ifndef VQK_I16_AS_PART
 namespace cpu {
 const SearchKernels& kernels_avx2_i16() {
   static const SearchKernels k{"avx2_i16", MR, NR, pack_any_i16, search_any_i16, flush_i16,
@@ -892,4 +895,5 @@ const SearchKernels& kernels_avx2_i16() {
   return k;
 }
 }  // namespace cpu
+#endif
 }  // namespace vqk

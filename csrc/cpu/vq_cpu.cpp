@@ -38,11 +38,13 @@ namespace cpu {
 int64_t g_exact_rows = 0;
 int64_t g_set_aside_rows = 0;
 int64_t g_rechecked_rows = 0;
+int64_t g_int8_rows = 0;
 }  // namespace cpu
 
 int64_t cpu_exact_rows() { return __atomic_load_n(&cpu::g_exact_rows, __ATOMIC_RELAXED); }
 int64_t cpu_set_aside_rows() { return __atomic_load_n(&cpu::g_set_aside_rows, __ATOMIC_RELAXED); }
 int64_t cpu_rechecked_rows() { return __atomic_load_n(&cpu::g_rechecked_rows, __ATOMIC_RELAXED); }
+int64_t cpu_int8_rows() { return __atomic_load_n(&cpu::g_int8_rows, __ATOMIC_RELAXED); }
 
 namespace {
 
@@ -269,6 +271,13 @@ const cpu::SearchKernels& select_kernels([[maybe_unused]] int64_t K, [[maybe_unu
     return cpu::kernels_avx2_i16();
 #endif
   }
+  if (want == "avx2_i8") {
+    if (!cpu_has_avx2())
+      throw std::runtime_error("VQK_CPU_ISA=avx2_i8, but this CPU (or this build) lacks AVX2/FMA/F16C");
+#if defined(VQK_HAVE_AVX2)
+    return cpu::kernels_avx2_i8();
+#endif
+  }
   if (want == "avx2") {
     if (!cpu_has_avx2())
       throw std::runtime_error("VQK_CPU_ISA=avx2, but this CPU (or this build) lacks AVX2/FMA/F16C");
@@ -287,12 +296,12 @@ const cpu::SearchKernels& select_kernels([[maybe_unused]] int64_t K, [[maybe_unu
   if (want == "neon") {
     if (!cpu_has_neon())
       throw std::runtime_error("VQK_CPU_ISA=neon, but this is not an aarch64 build with Advanced SIMD "
-                               "(NEON is the aarch64 path; x86-64 has avx512bf16, avx512, avx2, avx2_i16)");
+                               "(NEON is the aarch64 path; x86-64 has avx512bf16, avx512, avx2, avx2_i16, avx2_i8)");
 #if defined(VQK_HAVE_NEON)
     return cpu::kernels_neon();
 #endif
   }
-  throw std::invalid_argument("VQK_CPU_ISA must be one of auto, avx512bf16, avx512, avx2, avx2_i16, neon, neon_dot, scalar; got '" +
+  throw std::invalid_argument("VQK_CPU_ISA must be one of auto, avx512bf16, avx512, avx2, avx2_i16, avx2_i8, neon, neon_dot, scalar; got '" +
                               want + "'");
 }
 
@@ -310,11 +319,13 @@ void forward_packed(const ForwardArgs& a, int num_threads) {
     auto norms = aligned_array<float>(panels * ks.nr);
     const bool pairs = ks.bf16 || ks.i16;
     auto packed_bf16 = aligned_array<uint32_t>(pairs ? panels * ((D + 1) / 2) * ks.nr : 0);
-    auto code_aux = aligned_array<float>(ks.i16 ? 2 * panels * ks.nr : 0);
+    auto code_aux = aligned_array<float>(ks.i16 ? (ks.i8 ? 3 : 2) * panels * ks.nr : 0);
+    auto packed_i8 = aligned_array<uint32_t>(ks.i8 ? panels * ((D + 7) / 8) * ks.nr * 2 : 0);
     cpu::FwdJob job{a.dtype, a.x, a.codebook, K, D, a.zq, a.indices,
                     static_cast<float*>(a.sqerr), packed.get(), norms.get(), panels,
                     pairs ? packed_bf16.get() : nullptr, 0.0, debug_approx_only(), 0.0f, 0.0f};
     if (ks.i16) job.code_aux = code_aux.get();
+    if (ks.i8) job.packed_i8 = packed_i8.get();
 
     const int64_t tiles = (N + ks.mr - 1) / ks.mr;
     const double flops = 2.0 * (double)N * (double)K * (double)std::max<int64_t>(D, 1);
@@ -334,6 +345,7 @@ void forward_packed(const ForwardArgs& a, int num_threads) {
       for (int64_t k = 0; k < K; ++k) {
         job.max_code_scale = std::max(job.max_code_scale, (double)aux[k]);
         job.max_code_l1 = std::max(job.max_code_l1, (double)aux[panels * ks.nr + k]);
+        if (ks.i8) job.max_code_scale8 = std::max(job.max_code_scale8, (double)aux[2 * panels * ks.nr + k]);
       }
     }
 
@@ -870,6 +882,11 @@ void grouped_forward(const GroupedArgs& a, int num_threads) {
   // The kernels the single-stage search picks for the largest group (reduced-precision first
   // passes included: each group's job gets their packed copies and bounds, as forward_packed's).
   const cpu::SearchKernels* ks = &select_kernels(maxK, d);
+#if defined(VQK_HAVE_AVX2)
+  // The int8 tier is single-stage only (its byte codes are set up in forward_packed): groups take
+  // the int16 pass it stands in front of.
+  if (ks->i8) ks = &cpu::kernels_avx2_i16();
+#endif
   if (maxK + ks->nr >= ((int64_t)1 << 31))
     throw std::invalid_argument("vqkernels: the CPU kernel supports K < 2^31 codes");
   if (N == 0) return;

@@ -543,7 +543,7 @@ std::vector<Case> make_cases(bool quick) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::vector<std::string> isas = {"avx512bf16", "avx512", "avx2", "avx2_i16", "neon", "neon_dot", "scalar"};
+  std::vector<std::string> isas = {"avx512bf16", "avx512", "avx2", "avx2_i16", "avx2_i8", "neon", "neon_dot", "scalar"};
   std::vector<std::string> require, expect_skip;
   std::string expect_auto;
   bool quick = false, detect_only = false;
@@ -637,7 +637,7 @@ int main(int argc, char** argv) {
             one = o;
             // The reduced-precision first passes promise the fp32 build's output bit for bit.
             if (isa == "avx2" || isa == "neon") fp32_out[key] = o;
-            const char* partner = isa == "avx2_i16" ? "avx2" : isa == "neon_dot" ? "neon" : nullptr;
+            const char* partner = isa == "avx2_i16" || isa == "avx2_i8" ? "avx2" : isa == "neon_dot" ? "neon" : nullptr;
             if (partner && contains(ran, partner)) {
               const FwdOut& f = fp32_out[key];
               CHECK(f.idx == o.idx && f.sqerr == o.sqerr && f.zq == o.zq,
@@ -665,7 +665,7 @@ int main(int argc, char** argv) {
   // Also for the int16 first pass, whose own proof (not only the fp32 re-search) is what keeps it exact.
   std::vector<std::string> controls;
   if (!ran.empty()) controls.push_back(ran.front());
-  for (const char* fast : {"avx2_i16", "neon_dot"})
+  for (const char* fast : {"avx2_i16", "avx2_i8", "neon_dot"})
     if (contains(ran, fast) && ran.front() != fast) controls.push_back(fast);
   for (const auto& control : controls) {
     setenv("VQK_CPU_ISA", control.c_str(), 1);
@@ -694,7 +694,7 @@ int main(int argc, char** argv) {
   // (set aside, or settled on candidates). Then randn data (D = 64, K = 256): how many rows go
   // each way ("proven directly" includes rows of fp32 tiles after a thread gave up on the fast
   // pass), answers exact.
-  for (const char* fast : {"avx2_i16", "neon_dot"}) {
+  for (const char* fast : {"avx2_i16", "avx2_i8", "neon_dot"}) {
     if (!contains(ran, fast)) continue;
     setenv("VQK_CPU_ISA", fast, 1);
     for (int which = 0; which < 2; ++which) {

@@ -159,6 +159,9 @@ int64_t cpu_set_aside_rows();
 // Rows the neon_dot first pass settled by an fp32 check of its few candidate codes (its direct int8
 // proof failed), counted the same way (rows that check could not settle count as set aside).
 int64_t cpu_rechecked_rows();
+// Rows the avx2_i8 tier proved and finished itself (the rest went to the int16 pass), counted the
+// same way.
+int64_t cpu_int8_rows();
 
 #ifdef VQK_WITH_CUDA
 // CUDA entry points: all pointers are device pointers, work is queued on `stream`

@@ -1,0 +1,363 @@
+// AVX2 int8 tier in front of the int16 first pass (VQK_CPU_ISA=avx2_i8; never picked by `auto`):
+// the same answers as the exact fp32 search (search_impl.h), bit for bit, from int8 dot products
+// where their coarse bound proves the row, from the int16 pass (search_avx2_i16.cpp) where it does
+// not, and from the fp32 search where neither does. Built with -mavx2 -mfma -mf16c.
+//
+// Why: vpmaddubsw multiplies 32 unsigned bytes by 32 signed bytes and adds neighbours into 16 int16
+// lanes, one multiply-pipe op per 32 multiply-adds. Shape (b) of benchmarks/results/cpu-avx2-i16-
+// profile.md ("Fourth look"): per row vector and code, two vpmaddubsw (dimensions 0-3 and 4-7 of
+// every row lane) + vpaddw + vpmaddwd by ones (int16 pairs -> int32) + vpaddd: 64 multiply-adds in
+// 1.5 multiply-pipe ops, measured 1.5-1.8x the int16 kernel step in benchmarks/fma_probe.cpp.
+//
+// Ranges (the int16 lanes must stay exact: vpmaddubsw saturates, vpaddw wraps):
+//   codes: sigma_k = the smallest power of two >= 2^-100 with max_d |e_kd| <= 63 sigma_k,
+//          q_kd = round(e_kd / sigma_k) in [-63, 63], stored as the unsigned byte c = q + 64 in
+//          [1, 127] (the broadcast register operand: vpmaddubsw's unsigned side);
+//   rows:  tau the smallest power of two >= 2^-100 with max_d |x_d| <= 64 tau, p_d = round(x_d / tau)
+//          in [-64, 64] (signed bytes, the memory operand).
+//   One vpmaddubsw lane is c0 p0 + c1 p1, |.| <= 2 * 127 * 64 = 16256; vpaddw adds two such lanes,
+//   |.| <= 32512 <= 32767: never saturates nor wraps. vpmaddwd by ones adds two int16 lanes into int32
+//   (exact), vpaddd accumulates over D: |sum| <= 127 * 64 * D = 8128 D < 2^31 for D <= 2^18 (kMaxD).
+//   The offset is removed exactly in int32: p.(q + 64) - 64 sum_d p_d = p.q, one row sum per row
+//   (|64 sum p| <= 4096 D). D is padded to a multiple of 8 with p = 0 (and c = 64), adding nothing.
+//
+// Bound: search_avx2_i16.cpp's proof holds word for word -- it uses only that p.q is the exact
+// integer dot product, |x_d - tau p_d| <= tau/2, |e_kd - sigma_k q_kd| <= sigma_k/2, sigma and tau
+// powers of two, and fl(p.q) = cvt of an exact int32 (relative error 2^-24); the integer ranges
+// (here |p| <= 64, |q| <= 63, |p.q| <= 4032 D < 2^31) enter only through exactness. So with
+// S8 = max_k sigma_k (the int8 scales, ~Q16/Q8 = 30-90x int16's), L >= max_k ||e_k||_1,
+//   dd = (S8/2) L1(x) + (tau/2) (L + D S8 / 2),
+// a row is accepted when v2 - v1 > (4 dd + 6 B)(1 + 2^-10), B the fp32 search's own bound; then the
+// int8 pass's best k1 is the exact nearest code and the fp32 build proves the same row with the same
+// index, so finish_tile writes the fp32 build's bits. The quick (float) form is the int16 file's,
+// with S8 in place of S.
+//
+// Rows the int8 bound cannot prove: the tile they are in is searched again by the int16 pass
+// (search_tiles_i16, one tile), which proves its rows or hands them to the fp32 search exactly as
+// the avx2_i16 build does; the int8 results of that tile are dropped (the int16 pass rewrites every
+// row of the tile with the same bits). A whole tile rather than single rows: the int16 pass works on
+// tiles of job rows, and a row-level hand-over would need its tile body split out of
+// search_avx2_i16.cpp. A thread that redoes more than a third of its first tiles does int16 tiles
+// for the rest of the call (an int8 tile costs ~0.6 of an int16 one, so a third redone is about
+// break-even), never fp32 tiles: the int16 pass still proves most rows the int8 one cannot.
+//
+// The int16 functions live in search_avx2_i16.cpp's anonymous namespace; this file includes it
+// (with VQK_I16_AS_PART, which leaves out its kernels_avx2_i16 definition) so this build calls them
+// as they are. Each translation unit gets its own copy of that code.
+// Its build entry's two dispatchers are unused here.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wunused-function"
+#define VQK_I16_AS_PART 1
+#include "search_avx2_i16.cpp"
+#undef VQK_I16_AS_PART
+#pragma GCC diagnostic pop
+
+namespace vqk {
+namespace {
+
+constexpr int32_t kQCode8 = 63, kQRow8 = 64;
+constexpr int64_t kMaxD8 = (int64_t)1 << 18;
+
+int64_t d8_steps(int64_t D) { return (D + 7) / 8; }
+
+// Codes: the int16 packing (fp32 panels, norms, int16 pairs, int16 scales, L1 bounds), then the int8
+// bytes: packed_i8[((p * D8 + s) * NR + j) * 2 + h] holds q + 64 for dimensions 8s + 4h .. 8s + 4h + 3
+// of code p * NR + j (low byte first); code_aux[2P + k] = sigma_k of the int8 scale (0 if left out).
+template <class E>
+void pack_codes_i8(const cpu::FwdJob& job, int64_t p_lo, int64_t p_hi) {
+  pack_codes_i16<E>(job, p_lo, p_hi);
+  const int64_t D = job.D, D8 = d8_steps(D), P = job.panels * NR;
+  for (int64_t p = p_lo; p < p_hi; ++p) {
+    const float* src = job.packed + p * D * NR;
+    uint32_t* dst = job.packed_i8 + p * D8 * NR * 2;
+    for (int j = 0; j < NR; ++j) {
+      const int64_t k = p * NR + j;
+      double m = 0.0;
+      for (int64_t d = 0; d < D; ++d) {
+        const double v = __builtin_fabs((double)src[d * NR + j]);
+        m = v > m ? v : m;
+      }
+      // As pack_codes_i16: padding, non-finite codes and overflowed norms get q = 0.
+      const float n = job.norms[k];
+      const bool ok = k < job.K && n - n == 0.0f && m < 0x1p60;
+      const double sc = ok ? pow2_scale(m, kQCode8) : 0.0, inv = ok ? 1.0 / sc : 0.0;
+      job.code_aux[2 * P + k] = (float)sc;
+      for (int64_t s = 0; s < D8; ++s)
+        for (int h = 0; h < 2; ++h) {
+          uint32_t w = 0;
+          for (int c = 0; c < 4; ++c) {
+            const int64_t d = 8 * s + 4 * h + c;
+            const int32_t q = d < D && ok ? round_int((double)src[d * NR + j] * inv) : 0;
+            w |= (uint32_t)(q + 64) << (8 * c);
+          }
+          dst[(s * NR + j) * 2 + h] = w;
+        }
+    }
+  }
+}
+
+// Per-thread scratch: the int16 build's whole scratch (its pending rows and the fp32 search's), then
+// [I8State][xq: D8 steps x 2 halves x MR words of 4 signed bytes].
+struct I8State {
+  int64_t tiles, redone;  // tiles this thread searched in int8, and handed whole to the int16 pass
+  bool i16_only;          // too many handed on: int16 tiles for the rest of the call
+};
+constexpr int64_t kI8HeaderFloats = (sizeof(I8State) + 63) / 64 * 16;
+int64_t xq_floats(int64_t D) { return (d8_steps(D) * 2 * MR + 15) / 16 * 16; }
+int64_t i8_scratch_floats(int64_t D) {
+  return (i16_scratch_floats(D) + 15) / 16 * 16 + kI8HeaderFloats + xq_floats(D);
+}
+I8State* i8_state(float* scratch, int64_t D) {
+  return reinterpret_cast<I8State*>(scratch + (i16_scratch_floats(D) + 15) / 16 * 16);
+}
+uint32_t* i8_rows(float* scratch, int64_t D) {
+  return reinterpret_cast<uint32_t*>(scratch + (i16_scratch_floats(D) + 15) / 16 * 16 + kI8HeaderFloats);
+}
+
+// The tile's rows as signed bytes: xq[(2s + h) * MR + r] = p_{8s+4h} .. p_{8s+4h+3} of row r (low
+// byte first), p_d = round(x_d inv[r]) (inv = 1/tau, exact; 0 for lanes not proven), 0 past D;
+// rs64[r] = 64 sum_d p_d, the offset to take off.
+void to_bytes_i8(const float* __restrict xt, const float* __restrict inv, int64_t D,
+                 uint32_t* __restrict xq, int32_t* __restrict rs64) {
+  constexpr int mode = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  const __m256i low = _mm256_set1_epi32(0xff);
+  __m256i sum[MRV];
+  for (int b = 0; b < MRV; ++b) sum[b] = _mm256_setzero_si256();
+  for (int64_t g = 0; g < 2 * d8_steps(D); ++g)
+#pragma GCC unroll 64
+    for (int b = 0; b < MRV; ++b) {
+      const __m256 s = _mm256_load_ps(inv + b * W);
+      __m256i w = _mm256_setzero_si256();
+      for (int c = 0; c < 4; ++c) {
+        const int64_t d = 4 * g + c;
+        if (d >= D) break;
+        const __m256i p = _mm256_cvttps_epi32(
+            _mm256_round_ps(_mm256_mul_ps(_mm256_load_ps(xt + d * MR + b * W), s), mode));
+        sum[b] = _mm256_add_epi32(sum[b], p);
+        w = _mm256_or_si256(w, _mm256_slli_epi32(_mm256_and_si256(p, low), 8 * c));
+      }
+      _mm256_store_si256(reinterpret_cast<__m256i*>(xq + g * MR + b * W), w);
+    }
+  for (int b = 0; b < MRV; ++b)
+    _mm256_store_si256(reinterpret_cast<__m256i*>(rs64 + b * W), _mm256_slli_epi32(sum[b], 6));
+}
+
+// vpmaddwd's second operand: int16 ones, a static (rip-relative) memory operand -- the loop has no
+// register left for it, and a stack copy would be the kind of operand test_cpu_kernel checks for.
+alignas(32) const int16_t kOnes16[16] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
+
+// The int8 micro-kernel's loop over the D8 steps of 8 dimensions, one asm statement (for the reason
+// i16_dots is one): per step and code, broadcast the code's two byte quads (ymm12: dimensions 0-3,
+// ymm13: 4-7), and per row vector vpmaddubsw each with the rows' quads read from the tile (memory
+// operands), vpaddw the two, vpmaddwd by ones, vpaddd into the accumulator. 12 accumulators +
+// ymm12-15 = all 16 registers. AT&T order: `vpmaddubsw mem, %ymm12, %ymm14` multiplies ymm12's
+// unsigned bytes (codes) by mem's signed bytes (rows).
+static_assert(MRV == 3 && NR == 4, "i8_dots is written for 3 x 4 accumulators");
+#define VQK_I8_ROW(i, a)                                     \
+  "vpmaddubsw " #i "*32(%[x]), %%ymm12, %%ymm14\n\t"        \
+  "vpmaddubsw 96+" #i "*32(%[x]), %%ymm13, %%ymm15\n\t"     \
+  "vpaddw %%ymm15, %%ymm14, %%ymm14\n\t"                     \
+  "vpmaddwd %[ones], %%ymm14, %%ymm14\n\t"                   \
+  "vpaddd %%ymm14, %[" #a "], %[" #a "]\n\t"
+#define VQK_I8_CODE(j, a0, a1, a2)                 \
+  "vpbroadcastd " #j "*8(%[b]), %%ymm12\n\t"       \
+  "vpbroadcastd " #j "*8+4(%[b]), %%ymm13\n\t"     \
+  VQK_I8_ROW(0, a0) VQK_I8_ROW(1, a1) VQK_I8_ROW(2, a2)
+// xq: D8 steps of 2 x MR words (32-byte aligned), b: D8 steps of NR x 2 words.
+VQK_ALWAYS_INLINE void i8_dots(const uint32_t* xq, const uint32_t* b, int64_t D8, __m256i (&acc)[MRV][NR]) {
+  if (D8 <= 0) return;
+  const uint32_t* end = xq + D8 * 2 * MR;
+  __asm__("1:\n\t"
+          VQK_I8_CODE(0, a00, a10, a20) VQK_I8_CODE(1, a01, a11, a21)
+          VQK_I8_CODE(2, a02, a12, a22) VQK_I8_CODE(3, a03, a13, a23)
+          "add $192, %[x]\n\t"
+          "add $32, %[b]\n\t"
+          "cmp %[end], %[x]\n\t"
+          "jne 1b"
+          : [a00] "+x"(acc[0][0]), [a01] "+x"(acc[0][1]), [a02] "+x"(acc[0][2]), [a03] "+x"(acc[0][3]),
+            [a10] "+x"(acc[1][0]), [a11] "+x"(acc[1][1]), [a12] "+x"(acc[1][2]), [a13] "+x"(acc[1][3]),
+            [a20] "+x"(acc[2][0]), [a21] "+x"(acc[2][1]), [a22] "+x"(acc[2][2]), [a23] "+x"(acc[2][3]),
+            [x] "+r"(xq), [b] "+r"(b)
+          // 12 + 2 in-out operands count twice: with these two inputs, GCC's limit of 30. The rows
+          // and codes the loop reads are declared by the "memory" clobber.
+          : [end] "r"(end), [ones] "m"(*reinterpret_cast<const __m256i*>(kOnes16))
+          : "xmm12", "xmm13", "xmm14", "xmm15", "cc", "memory");
+}
+#undef VQK_I8_CODE
+#undef VQK_I8_ROW
+
+// search_tile_i16's shape on int8 quads: the same epilogue after taking the offset off in int32.
+VQK_ALWAYS_INLINE void search_tile_i8(const uint32_t* __restrict xq, const int32_t* __restrict rs64,
+                                      const uint32_t* __restrict pb, const float* __restrict norms,
+                                      const float* __restrict scales, const float* __restrict tau,
+                                      int64_t panels, int64_t D8, Top2& out) {
+  __m256 b1[MRV], b2[MRV], tv[MRV];
+  __m256i k1[MRV], off[MRV];
+  for (int i = 0; i < MRV; ++i) {
+    b1[i] = b2[i] = _mm256_set1_ps(__builtin_inff());
+    k1[i] = _mm256_setzero_si256();
+    tv[i] = _mm256_load_ps(tau + i * W);
+    off[i] = _mm256_load_si256(reinterpret_cast<const __m256i*>(rs64 + i * W));
+  }
+  for (int64_t p = 0; p < panels; ++p) {
+    const uint32_t* b = pb + p * D8 * NR * 2;
+    __m256i acc[MRV][NR];
+#pragma GCC unroll 64
+    for (int i = 0; i < MRV; ++i)
+#pragma GCC unroll 64
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_si256();
+    i8_dots(xq, b, D8, acc);
+#pragma GCC unroll 64
+    for (int j = 0; j < NR; ++j) {
+      const __m256 nj = _mm256_set1_ps(norms[p * NR + j]);
+      const __m256 sj = _mm256_set1_ps(2.0f * scales[p * NR + j]);
+      const __m256i kj = _mm256_set1_epi32((int32_t)(p * NR + j));
+#pragma GCC unroll 64
+      for (int i = 0; i < MRV; ++i) {
+        const __m256i pq = _mm256_sub_epi32(acc[i][j], off[i]);  // exact: p.q
+        const __m256 dot = _mm256_mul_ps(_mm256_cvtepi32_ps(pq), tv[i]);  // exact product
+        const __m256 dist = _mm256_fnmadd_ps(dot, sj, nj);
+        const __m256 m1 = _mm256_cmp_ps(dist, b1[i], _CMP_LT_OQ);
+        const __m256 m2 = _mm256_cmp_ps(dist, b2[i], _CMP_LT_OQ);
+        b2[i] = _mm256_blendv_ps(_mm256_blendv_ps(b2[i], dist, m2), b1[i], m1);
+        b1[i] = _mm256_blendv_ps(b1[i], dist, m1);
+        k1[i] = _mm256_castps_si256(
+            _mm256_blendv_ps(_mm256_castsi256_ps(k1[i]), _mm256_castsi256_ps(kj), m1));
+      }
+    }
+  }
+  for (int i = 0; i < MRV; ++i) {
+    _mm256_store_si256(reinterpret_cast<__m256i*>(out.k1 + i * W), k1[i]);
+    _mm256_store_ps(out.v1 + i * W, b1[i]);
+    _mm256_store_ps(out.v2 + i * W, b2[i]);
+  }
+}
+
+template <class E>
+void search_tiles_i8(const cpu::FwdJob& job, int64_t t_lo, int64_t t_hi, float* scratch) {
+  const int64_t N = job.x.B * job.x.S, D = job.D, D8 = d8_steps(D);
+  I8State& st = *i8_state(scratch, D);
+  const double u = 0x1p-24, Dd = (double)D, En = job.max_code_norm, S = job.max_code_scale8,
+               L = job.max_code_l1;
+  const bool usable = D <= kMaxD8 && En < 0x1p50;
+  if (st.i16_only || !usable) return search_tiles_i16<E>(job, t_lo, t_hi, scratch);
+  const Areas a(scratch, D);
+  uint32_t* xq = i8_rows(scratch, D);
+  const int32_t Q = kQRow8;
+  constexpr int qbits = 6;  // 2^qbits <= Q < 2^(qbits + 1)
+  static_assert(kQRow8 == 64, "qbits");
+  // The int16 file's quick form with S8 (see there).
+  const double kq = (1.0 + 0x1p-10) * (1.0 + 0x1p-8), lx = 1.0 + (Dd + 2.0) * u;
+  const float q_a = (float)((3.0 * (double)job.quick_a + 2.0 * S * Dd * 0x1p-126 * lx) * kq);
+  const float q_xx = (float)(3.0 * (double)job.quick_b * kq);
+  const float q_l1 = (float)(2.0 * S * lx * kq);
+  const float q_tau = (float)(2.0 * (L + 0.5 * Dd * S) * kq);
+  const __m256 Qf = _mm256_set1_ps((float)Q);
+  alignas(64) float xx[MR], mx[MR], l1[MR], tau[MR], inv[MR];
+  alignas(64) int32_t rs64[MR];
+  int64_t rowno[MR];
+  for (int64_t t = t_lo; t < t_hi; ++t) {
+    if (st.i16_only) return search_tiles_i16<E>(job, t, t_hi, scratch);
+    const int64_t row0 = t * MR, rows = imin(MR, N - row0);
+    for (int r = 0; r < MR; ++r) rowno[r] = r < rows ? row0 + r : -1;
+    pack_rows<E>(job, row0, rows, a.xt);
+    ++st.tiles;
+    lane_sqnorms(a.xt, D, xx);
+    {
+      const __m256 sign = _mm256_set1_ps(-0.0f);
+      __m256 m[MRV], s[MRV];
+      for (int i = 0; i < MRV; ++i) m[i] = s[i] = _mm256_setzero_ps();
+      for (int64_t d = 0; d < D; ++d)
+#pragma GCC unroll 64
+        for (int i = 0; i < MRV; ++i) {
+          const __m256 v = _mm256_andnot_ps(sign, _mm256_load_ps(a.xt + d * MR + i * W));
+          m[i] = _mm256_max_ps(m[i], v);
+          s[i] = _mm256_add_ps(s[i], v);
+        }
+      for (int i = 0; i < MRV; ++i) {
+        _mm256_store_ps(mx + i * W, m[i]);
+        _mm256_store_ps(l1 + i * W, s[i]);
+      }
+    }
+    // tau per lane as in search_tiles_i16 (Q = 64, a power of two: tau = t0 / 2 exactly when
+    // 2m <= 64 t0, i.e. m <= 32 t0).
+    for (int i = 0; i < MRV; ++i) {
+      const __m256 m = _mm256_min_ps(_mm256_load_ps(mx + i * W), _mm256_set1_ps(0x1p60f));
+      const __m256i e = _mm256_srli_epi32(_mm256_castps_si256(m), 23);
+      const __m256 t0 = _mm256_castsi256_ps(
+          _mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(1 - qbits)), 23));
+      const __m256 half = _mm256_mul_ps(t0, _mm256_set1_ps(0.5f));
+      __m256 tt = _mm256_blendv_ps(t0, half, _mm256_cmp_ps(_mm256_add_ps(m, m),
+                                                        _mm256_mul_ps(Qf, t0), _CMP_LE_OQ));
+      tt = _mm256_blendv_ps(tt, _mm256_set1_ps(0x1p-100f),
+                            _mm256_cmp_ps(m, _mm256_set1_ps(0x1p-100f * (float)Q), _CMP_LT_OQ));
+      _mm256_store_ps(tau + i * W, tt);
+      _mm256_store_ps(inv + i * W, _mm256_div_ps(_mm256_set1_ps(1.0f), tt));  // exact
+    }
+    bool provable[MR];
+    for (int r = 0; r < MR; ++r) {
+      provable[r] = rowno[r] >= 0 && xx[r] < 0x1p100f && mx[r] < 0x1p60f;
+      if (!provable[r]) tau[r] = 1.0f, inv[r] = 0.0f;
+    }
+    to_bytes_i8(a.xt, inv, D, xq, rs64);
+    Top2 top;
+    search_tile_i8(xq, rs64, job.packed_i8, job.norms, job.code_aux + 2 * job.panels * NR, tau,
+                   job.panels, D8, top);
+    bool all = true;
+    for (int r = 0; r < MR && all; ++r) {
+      if (rowno[r] < 0) continue;
+      const float gap = top.v2[r] - top.v1[r];
+      if (provable[r] && top.v1[r] - top.v1[r] == 0.0f && gap < __builtin_inff() &&
+          gap > q_a + q_xx * xx[r] + q_l1 * l1[r] + q_tau * tau[r])
+        continue;
+      bool ok = job.approx_only;  // VQK_DEBUG_APPROX_ONLY: the int8 pass's answer, unproven
+      const double v1 = top.v1[r], v2 = top.v2[r];
+      if (!ok && provable[r] && v1 - v1 == 0.0) {
+        const double xn = __builtin_sqrt((double)xx[r] + Dd * 0x1p-126) * (1.0 + (Dd + 2.0) * u);
+        const double B = (2.0 * Dd + 8.0) * u * 1.01 * (En * En + 2.0 * xn * En) +
+                         (Dd + 2.0) * 0x1p-50 * xn * xn + (4.0 * Dd + 8.0) * 0x1p-120 * (1.0 + En + xn);
+        const double l1x = ((double)l1[r] + Dd * 0x1p-126) * (1.0 + (Dd + 2.0) * u);
+        const double dd = 0.5 * S * l1x + 0.5 * (double)tau[r] * (L + 0.5 * Dd * S);
+        ok = v2 - v1 > (4.0 * dd + 6.0 * B) * (1.0 + 0x1p-10);
+      }
+      all = ok;
+    }
+    if (all) {
+      finish_tile<E>(job, rowno, a.xt, a.et, top.k1);
+      __atomic_fetch_add(&cpu::g_int8_rows, rows, __ATOMIC_RELAXED);
+    } else {
+      ++st.redone;
+      search_tiles_i16<E>(job, t, t + 1, scratch);
+    }
+    if (st.tiles >= 4 && 3 * st.redone > st.tiles) st.i16_only = true;
+  }
+}
+
+void pack_any_i8(const cpu::FwdJob& job, int64_t p_lo, int64_t p_hi) {
+  switch (job.dtype) {
+    case DType::f16: return pack_codes_i8<EF16>(job, p_lo, p_hi);
+    case DType::bf16: return pack_codes_i8<EBF16>(job, p_lo, p_hi);
+    default: return pack_codes_i8<EF32>(job, p_lo, p_hi);
+  }
+}
+
+void search_any_i8(const cpu::FwdJob& job, int64_t t_lo, int64_t t_hi, float* scratch) {
+  switch (job.dtype) {
+    case DType::f16: return search_tiles_i8<EF16>(job, t_lo, t_hi, scratch);
+    case DType::bf16: return search_tiles_i8<EBF16>(job, t_lo, t_hi, scratch);
+    default: return search_tiles_i8<EF32>(job, t_lo, t_hi, scratch);
+  }
+}
+
+}  // namespace
+
+namespace cpu {
+const SearchKernels& kernels_avx2_i8() {
+  // flush_i16: the int16 pass's pending rows and the fp32 search's exact re-search, in the int16
+  // scratch this build's scratch starts with.
+  static const SearchKernels k{"avx2_i8", MR, NR, pack_any_i8, search_any_i8, flush_i16,
+                               i8_scratch_floats, false, true, nullptr, nullptr, true};
+  return k;
+}
+}  // namespace cpu
+}  // namespace vqk

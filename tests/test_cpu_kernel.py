@@ -321,8 +321,14 @@ def test_avx2_inner_loops_keep_accumulators_in_registers():
         pytest.skip("a sanitizer build (.ci/sanitize.sh, -O1): its code keeps values on the stack anyway")
     # Accumulating instructions only: the per-panel epilogues' vfnmadd may read a spilled
     # constant (once per panel, not per step).
-    spilled = re.findall(r"(?:vfmadd\d{3}ps|vpaddd)\s+-?0x[0-9a-f]+\(%r[bs]p\),%ymm\d+", text)
+    spilled = re.findall(r"(?:vfmadd\d{3}ps|vpaddd|vpmaddwd|vpmaddubsw)\s+-?0x[0-9a-f]+\(%r[bs]p\),%ymm\d+",
+                         text)
     assert not spilled, spilled[:5]
+    if SKIP_REASONS["avx2_i8"] is None:
+        # The int8 loop (search_avx2_i8.cpp) is in the module: its vpmaddubsw take the rows from
+        # the tile, and its vpmaddwd take the ones from a static constant, not a stack copy.
+        assert re.search(r"vpmaddubsw\s+0x[0-9a-f]+\(%r(?:[a-d]x|[sd]i|\d+)\),%ymm\d+,%ymm\d+", text)
+        assert re.search(r"vpmaddwd\s+0x[0-9a-f]+\(%rip\),%ymm\d+,%ymm\d+", text)
 
 
 def test_bad_isa_name_is_an_error(monkeypatch):
@@ -373,7 +379,8 @@ def _bf16_regimes():
 # Each reduced-precision first pass against the fp32 build of the same instruction set.
 REDUCED = [pytest.param(fast, fp32, id=fast, marks=[] if SKIP_REASONS[fast] is None else
                         [pytest.mark.skip(reason=f"cannot run the {fast} kernels here: {SKIP_REASONS[fast]}")])
-           for fast, fp32 in [("avx512bf16", "avx512"), ("avx2_i16", "avx2"), ("neon_dot", "neon")]]
+           for fast, fp32 in [("avx512bf16", "avx512"), ("avx2_i16", "avx2"), ("avx2_i8", "avx2"),
+                              ("neon_dot", "neon")]]
 
 
 @pytest.mark.parametrize("fast,fp32", REDUCED)
@@ -535,3 +542,100 @@ def test_backward_through_registry_matches_raw():
     gz, gc = b.backward(z, -1, cb, idx, gzq, gcb, gcm, RowPlan(z, -1))
     rz, rc = backward_raw(z, cb, idx, gzq, gcb, gcm)
     assert torch.equal(gz, rz) and torch.equal(gc, rc)
+
+
+# ---------------------------------------------------------------------------------------------
+# the int8 tier in front of the int16 pass (avx2_i8, search_avx2_i8.cpp)
+
+_skip_i8 = pytest.mark.skipif(SKIP_REASONS["avx2_i8"] is not None,
+                              reason=f"cannot run the avx2_i8 kernels here: {SKIP_REASONS['avx2_i8']}")
+
+
+def _forward_counted(monkeypatch, isa, z, cb, threads):
+    monkeypatch.setenv("VQK_CPU_ISA", isa)
+    m = native.module()
+    i8, aside = m.cpu_int8_rows(), m.cpu_set_aside_rows()
+    out = forward_raw(z, cb, threads=threads)
+    return out, m.cpu_int8_rows() - i8, m.cpu_set_aside_rows() - aside
+
+
+@_skip_i8
+@pytest.mark.parametrize("D", [48, 64, 300])
+def test_int8_tier_decides_clustered_rows(monkeypatch, D):
+    """Rows clearly nearest one code: the int8 tier proves and finishes nearly all of them itself
+    (its bound, 30-90x coarser than int16's, still holds there), and the output is the fp32
+    build's, bit for bit. (At D = 16 its bound leaves a few % of rows, and since one unproven row
+    sends its whole tile of 24 to the int16 pass, a thread often gives up on int8 there.)"""
+    cb = torch.randn(128, D)
+    z = cb[torch.randint(0, 128, (3000,))] + 0.2 * torch.randn(3000, D)
+    want, i8_fp32, _ = _forward_counted(monkeypatch, "avx2", z, cb, 2)
+    got, i8, _ = _forward_counted(monkeypatch, "avx2_i8", z, cb, 2)
+    assert i8_fp32 == 0
+    assert i8 >= 0.9 * z.shape[0], i8
+    for w, g in zip(want, got):
+        assert torch.equal(w, g)
+    ref, clear, _ = A.exact_answer(z, cb)
+    assert torch.equal(got[1][clear], ref[clear])
+
+
+@_skip_i8
+@pytest.mark.parametrize("threads", [1, 2])
+def test_int8_tier_hands_far_rows_to_the_int16_pass(monkeypatch, threads):
+    """Rows far from every code (noise 3 around unit codes): the int8 bound proves few of them, so
+    most go to the int16 pass (which proves most of those; the rest reach the fp32 search) -- and
+    the output is still the fp32 build's, bit for bit, and the exact answer."""
+    D = 64
+    cb = torch.randn(256, D)
+    z = cb[torch.randint(0, 256, (3000,))] + 3.0 * torch.randn(3000, D)
+    want, _, _ = _forward_counted(monkeypatch, "avx2", z, cb, threads)
+    got, i8, _ = _forward_counted(monkeypatch, "avx2_i8", z, cb, threads)
+    assert i8 < 0.5 * z.shape[0], i8
+    for w, g in zip(want, got):
+        assert torch.equal(w, g)
+    ref, clear, _ = A.exact_answer(z, cb)
+    assert torch.equal(got[1][clear], ref[clear])
+
+
+@_skip_i8
+def test_int8_tier_needs_its_proof(monkeypatch):
+    """Codes in pairs 0.004 apart (int8 resolution cannot split them): without the int8 proof
+    (VQK_DEBUG_APPROX_ONLY=1 keeps the int8 pass's best) many rows are wrong; with it every row is
+    exact and the twins' rows went on to the int16 pass (and from there to the fp32 search)."""
+    D = 32
+    base = torch.randn(100, D)
+    w = torch.randn(100, D)
+    cb = torch.cat([base, base + 0.004 * w / w.norm(dim=1, keepdim=True)])
+    x = cb[torch.randint(0, 200, (2000,))] + 1e-4 * torch.randn(2000, D) / D ** 0.5
+    ref, clear, _ = A.exact_answer(x, cb)
+    monkeypatch.setenv("VQK_CPU_ISA", "avx2_i8")
+    m = native.module()
+    i8, aside = m.cpu_int8_rows(), m.cpu_set_aside_rows()
+    idx, _ = vqkernels.nearest_code(x, cb, backend="cpu")
+    assert torch.equal(idx[clear], ref[clear])
+    assert m.cpu_int8_rows() - i8 < 0.5 * x.shape[0]
+    assert m.cpu_set_aside_rows() - aside > 0
+    monkeypatch.setenv("VQK_DEBUG_APPROX_ONLY", "1")
+    approx, _ = vqkernels.nearest_code(x, cb, backend="cpu")
+    assert (approx[clear] != ref[clear]).float().mean().item() > 0.03
+
+
+@_skip_i8
+def test_int8_saturation_edges(monkeypatch):
+    """Every code byte at the ends of its range and every row byte too: codes of +-63/64 (scale
+    2^-6, q = +-63, bytes 1 and 127) and rows of exactly +-1 (scale 2^-6, p = +-64), so the int16
+    lanes of vpmaddubsw + vpaddw reach +-4 * 127 * 64 = +-32512, just inside int16 (an offset of 128
+    or rows up to 127 would saturate there). The int8 pass decides the rows, and the answer is the
+    fp32 build's bits. D = 40 is not a multiple of 8 (padded dimensions)."""
+    D = 40
+    signs = torch.randint(0, 2, (64, D)).float() * 2 - 1
+    signs = torch.cat([signs, -signs, torch.ones(1, D), -torch.ones(1, D)])
+    cb = signs * (63 / 64)
+    z = signs[torch.randint(0, signs.shape[0], (1200,))]
+    z[:48] = signs[128:130].repeat(24, 1)  # all +1 against the all-127 code bytes, and all -1
+    want, _, _ = _forward_counted(monkeypatch, "avx2", z, cb, 1)
+    got, i8, _ = _forward_counted(monkeypatch, "avx2_i8", z, cb, 1)
+    assert i8 == z.shape[0], i8  # the int8 pass, not the int16 one, decided them
+    for w, g in zip(want, got):
+        assert torch.equal(w, g)
+    ref, clear, _ = A.exact_answer(z, cb)
+    assert torch.equal(got[1][clear], ref[clear])

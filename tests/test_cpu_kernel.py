@@ -279,14 +279,14 @@ def _amd_family_and_flags():
     return family, field.get("flags", "").split()
 
 
-@pytest.mark.skipif(SKIP_REASONS["avx2_i16"] is not None or _amd_family_and_flags()[0] != 25
+@pytest.mark.skipif(SKIP_REASONS["avx2_i8"] is not None or _amd_family_and_flags()[0] != 25
                     or "avx512f" in _amd_family_and_flags()[1],
-                    reason="the auto rule for avx2_i16 concerns AMD family 25 without AVX-512 (Zen 3)")
-def test_auto_takes_int16_on_zen3_where_measured(monkeypatch):
-    """On Zen 3 auto picks the int16 pass from K >= 64 and D >= 16 (measured faster there), the fp32
-    build below; either way the answer is the exact one."""
+                    reason="the auto rule for avx2_i8 concerns AMD family 25 without AVX-512 (Zen 3)")
+def test_auto_takes_int8_on_zen3_where_measured(monkeypatch):
+    """On Zen 3 auto picks the int8 tier (in front of the int16 pass) from K >= 64 and D >= 16
+    (measured faster there), the fp32 build below; either way the answer is the exact one."""
     monkeypatch.delenv("VQK_CPU_ISA", raising=False)
-    assert native.module().cpu_isa() == "avx2_i16"
+    assert native.module().cpu_isa() == "avx2_i8"
     for K, D, aside in [(64, 16, True), (63, 64, False), (256, 15, False)]:
         z, cb = make_inputs(300, K, D)
         # A pair of codes 1e-4 apart that rows sit between: int16 cannot separate them, so the

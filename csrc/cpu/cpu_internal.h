@@ -100,7 +100,7 @@ struct ResidualJob {
 const SearchKernels& kernels_scalar();
 const SearchKernels& kernels_avx2();
 const SearchKernels& kernels_avx2_i16();
-const SearchKernels& kernels_avx2_i8();   // int8 tier in front of avx2_i16 (forced only)
+const SearchKernels& kernels_avx2_i8();   // int8 tier in front of avx2_i16 (single-stage forward)
 const SearchKernels& kernels_avx512();
 const SearchKernels& kernels_avx512bf16();
 const SearchKernels& kernels_neon();

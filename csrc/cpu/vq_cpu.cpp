@@ -207,6 +207,10 @@ constexpr int64_t kBf16MinK = 128, kBf16MinD = 16;
 // shares the two FMA pipes but does 16 multiply-adds to FMA's 8; benchmarks/results/cpu-avx2-i16.md).
 // Not measured below K = 64 or D = 16 (the per-row quantization and proof weigh more there), nor on
 // any Intel core: those keep the fp32 build; VQK_CPU_ISA=avx2_i16 / avx2 force either.
+// On that CPU auto takes the int8 tier in front of it (search_avx2_i8.cpp), whose CPU time there was
+// 0.69-0.78x avx2_i16's for nearest_code at issue 16's five shapes (rows near codes; two
+// interleaved runs, benchmarks/results/cpu-avx2-i8.md) and 0.72-0.99x on rows far from every code
+// (where the int8 bound proves few rows and the threads go back to int16 tiles).
 // The aarch64 int8 pass (search_neon_dot.cpp, VQK_CPU_ISA=neon_dot) is never picked by itself: its
 // speed has never been measured (no ARM machine here, only qemu-user, which checks behaviour), and
 // int8's coarse bound sends many rows on random data to an fp32 check of their candidates, so auto
@@ -241,7 +245,7 @@ const cpu::SearchKernels& select_kernels([[maybe_unused]] int64_t K, [[maybe_unu
 #endif
 #if defined(VQK_HAVE_AVX2)
     if (cpu_has_avx2() && cpu_is_amd_family25() && K >= kI16MinK && D >= kI16MinD)
-      return cpu::kernels_avx2_i16();
+      return cpu::kernels_avx2_i8();
     if (cpu_has_avx2()) return cpu::kernels_avx2();
 #endif
 #if defined(VQK_HAVE_NEON)
@@ -657,6 +661,11 @@ void residual_forward(const ResidualArgs& a, int num_threads) {
     sumK += a.Ks[s];
   }
   const cpu::SearchKernels* ks = &select_kernels(maxK, D);
+#if defined(VQK_HAVE_AVX2)
+  // The int8 tier (avx2_i8) is single-stage only: residual VQ takes the int16 build it stands in
+  // front of, under the same per-stage rule below (select_kernels(K_s, D).i16 is set for both).
+  if (ks->i8) ks = &cpu::kernels_avx2_i16();
+#endif
   // avx512bf16 has no residual path (its proof is set up per call, not per stage): the fp32 build
   // of the same instruction set runs on any CPU it does. avx2_i16 has one (search_avx2_i16.cpp,
   // residual_tiles_i16), which takes its int16 pass per stage exactly where the single-stage

@@ -710,12 +710,13 @@ def test_i16_residual_cosine_and_dropout_are_bitwise_the_fp32_path(monkeypatch):
 
 @needs_i16
 def test_i16_residual_is_taken_per_stage_where_the_single_stage_rule_takes_it(monkeypatch):
-    # Under `auto` on a CPU where the single-stage search picks avx2_i16 (K >= 64, D >= 16), a
-    # stage takes the int16 pass exactly when its own (K_s, D) would: stages of K = 32 never set
-    # rows aside; forced avx2_i16, they do (on data the int16 pass cannot settle).
+    # Under `auto` on a CPU where the single-stage search picks avx2_i16 or the int8 tier in front
+    # of it, avx2_i8 (K >= 64, D >= 16; residual calls take avx2_i16 for both), a stage takes the
+    # int16 pass exactly when its own (K_s, D) would: stages of K = 32 never set rows aside;
+    # forced avx2_i16, they do (on data the int16 pass cannot settle).
     monkeypatch.delenv("VQK_CPU_ISA", raising=False)
-    if native.module().cpu_isa() != "avx2_i16":
-        pytest.skip(f"auto picks {native.module().cpu_isa()} here, not avx2_i16")
+    if native.module().cpu_isa() not in ("avx2_i16", "avx2_i8"):
+        pytest.skip(f"auto picks {native.module().cpu_isa()} here, not avx2_i16 or avx2_i8")
     gen = _gen(321)
     x, cb = close_codes(gen, N=200, K=32, D=32, n_close=3, spacing=8)
     small = [cb, cb - cb.mean(0)]

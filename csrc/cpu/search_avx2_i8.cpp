@@ -1,7 +1,10 @@
-// AVX2 int8 tier in front of the int16 first pass (VQK_CPU_ISA=avx2_i8; never picked by `auto`):
-// the same answers as the exact fp32 search (search_impl.h), bit for bit, from int8 dot products
-// where their coarse bound proves the row, from the int16 pass (search_avx2_i16.cpp) where it does
-// not, and from the fp32 search where neither does. Built with -mavx2 -mfma -mf16c.
+// AVX2 int8 tier in front of the int16 first pass (VQK_CPU_ISA=avx2_i8): the same answers as the
+// exact fp32 search (search_impl.h), bit for bit, from int8 dot products where their coarse bound
+// proves the row, from the int16 pass (search_avx2_i16.cpp) where it does not, and from the fp32
+// search where neither does. Built with -mavx2 -mfma -mf16c. `auto` takes it where it took
+// avx2_i16 (AMD family 25 without AVX-512, K >= 64, D >= 16; vq_cpu.cpp): there its CPU time was
+// 0.67-0.80x avx2_i16's at issue 16's five shapes (benchmarks/results/cpu-avx2-i8.md). Single-stage
+// forward only: residual and grouped calls take avx2_i16.
 //
 // Why: vpmaddubsw multiplies 32 unsigned bytes by 32 signed bytes and adds neighbours into 16 int16
 // lanes, one multiply-pipe op per 32 multiply-adds. Shape (b) of benchmarks/results/cpu-avx2-i16-

@@ -3,7 +3,7 @@
 // proves the row, from the int16 pass (search_avx2_i16.cpp) where it does not, and from the fp32
 // search where neither does. Built with -mavx2 -mfma -mf16c. `auto` takes it where it took
 // avx2_i16 (AMD family 25 without AVX-512, K >= 64, D >= 16; vq_cpu.cpp): there its CPU time was
-// 0.67-0.80x avx2_i16's at issue 16's five shapes (benchmarks/results/cpu-avx2-i8.md). Single-stage
+// 0.67-0.85x avx2_i16's at issue 16's five shapes (benchmarks/results/cpu-avx2-i8.md). Single-stage
 // forward only: residual and grouped calls take avx2_i16.
 //
 // Why: vpmaddubsw multiplies 32 unsigned bytes by 32 signed bytes and adds neighbours into 16 int16

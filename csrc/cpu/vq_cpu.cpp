@@ -208,7 +208,7 @@ constexpr int64_t kBf16MinK = 128, kBf16MinD = 16;
 // Not measured below K = 64 or D = 16 (the per-row quantization and proof weigh more there), nor on
 // any Intel core: those keep the fp32 build; VQK_CPU_ISA=avx2_i16 / avx2 force either.
 // On that CPU auto takes the int8 tier in front of it (search_avx2_i8.cpp), whose CPU time there was
-// 0.69-0.78x avx2_i16's for nearest_code at issue 16's five shapes (rows near codes; two
+// 0.67-0.85x avx2_i16's for nearest_code at issue 16's five shapes (rows near codes; three
 // interleaved runs, benchmarks/results/cpu-avx2-i8.md) and 0.72-0.99x on rows far from every code
 // (where the int8 bound proves few rows and the threads go back to int16 tiles).
 // The aarch64 int8 pass (search_neon_dot.cpp, VQK_CPU_ISA=neon_dot) is never picked by itself: its

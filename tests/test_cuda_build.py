@@ -196,16 +196,14 @@ def test_mma_search_step_overhead_and_occupancy(cubins, arch):
     for dtype in ("bfloat16", "float16"):
         assert _loop_instructions(cubin, dtype, "x resident") <= 160
         assert _loop_instructions(cubin, dtype, "x staged cp.async") <= 210
-        # F8: two blocks (16 warps) per SM as far as registers go, with x staged by cp.async
-        # on every arch and with x resident except on sm_80 (a spill at 128 registers there).
-        # The report's CTAs/SM assumes D = 256; shared memory allows two blocks there on sm_90.
-        staged = reps[(dtype, "x staged cp.async")]
-        assert staged.regs <= 128, staged
-        if arch != "80":
-            res = reps[(dtype, "x resident")]
-            assert res.regs <= 128, res
+        # F8: two blocks (16 warps) per SM as far as registers go, x resident or staged by
+        # cp.async (it was one: 171-181 registers). The report's CTAs/SM assumes D = 256, where
+        # shared memory allows two blocks on sm_90.
+        for config in ("x resident", "x staged cp.async"):
+            r = reps[(dtype, config)]
+            assert r.regs <= 128, r
             if arch == "90":
-                assert res.ctas_per_sm == 2 and staged.ctas_per_sm == 2, (res, staged)
+                assert r.ctas_per_sm == 2, r
 
 
 def test_sass_dependent_loads_follow_unconditional_branches():

@@ -23,16 +23,10 @@ struct MmaMicro {
   // Blocks per SM the registers must allow (search.cuh): two (16 warps) where x is resident or
   // staged by cp.async, so one block's barrier waits and tile epilogue overlap the other's MMAs
   // where shared memory allows two (review F8); 128 registers hold the 64 accumulators, the
-  // top-2 state of 8 rows and the fragments without spilling (ptxas: 124-127). Except the
-  // resident kernel on sm_80, where ptxas spills one register at 128 (outside the step loop), so
-  // it keeps one block there. Strided x keeps 16 elements per thread in flight through registers
-  // (search.cuh fetch_x) and stays at one block (~185 registers).
+  // top-2 state of 8 rows and the fragments without spilling (ptxas: 124-127). Strided x keeps
+  // 16 elements per thread in flight through registers (search.cuh fetch_x) and stays at one
+  // block (~185 registers).
   static constexpr int kMinBlocks = 1, kMinBlocksAsync = 2;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 800
-  static constexpr int kMinBlocksResident = 1;
-#else
-  static constexpr int kMinBlocksResident = 2;
-#endif
   static_assert((BM / WM) * (BN / WN) * 32 == kThreads, "8 warps tile the block");
   static_assert(BK % 16 == 0, "whole k16 steps per chunk");
   static_assert(NT % 2 == 0, "B fragments are loaded two n8 tiles at a time");
@@ -121,7 +115,9 @@ struct MmaMicro {
   }
 
   __device__ __forceinline__ void reduce(Cand<float>* scratch, int tid) {
-    const int lane = tid & 31, warp = tid >> 5;
+    // The warp's place read afresh: kept from init, ptxas spills it across the step loop at
+    // 128 registers (sm_80).
+    const int t = thread_x_fresh(), lane = t & 31, warp = t >> 5;
     const int wm = warp / (BN / WN), wn = warp % (BN / WN);
     // A row's candidates sit in the 4 lanes of a quad (same lane >> 2) of each of the 4 code warps.
 #pragma unroll

@@ -43,11 +43,10 @@ struct SearchSmem {
 
 // XV: x staged by 16-byte cp.async (only with !XRES and p.xvec; the resident x takes the vector
 // path whenever p.xvec, outside the step loop). Blocks per SM the registers must allow: the
-// micro's kMinBlocksResident with x resident, kMinBlocksAsync with x staged by cp.async,
-// kMinBlocks where strided x passes through registers in the step loop.
+// micro's kMinBlocksAsync where x is resident or arrives by cp.async, kMinBlocks where strided x
+// passes through registers in the step loop.
 template <class S, class M, bool XRES, bool XV>
-__global__ void __launch_bounds__(kThreads, XRES ? M::kMinBlocksResident
-                                            : XV ? M::kMinBlocksAsync : M::kMinBlocks)
+__global__ void __launch_bounds__(kThreads, (XRES || XV) ? M::kMinBlocksAsync : M::kMinBlocks)
     search_kernel(const FwdParams<S> p) {
   using A = typename Acc<S>::type;
   using L = SearchSmem<S, M, XRES>;

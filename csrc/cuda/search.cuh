@@ -87,10 +87,13 @@ __global__ void __launch_bounds__(kThreads, (XRES || XV) ? M::kMinBlocksAsync : 
 
   // Rows [0, BM) x depth [0, W) of x into the resident buffer by 16-byte cp.async (p.xvec: the
   // rows start on 16-byte boundaries, W is whole vectors); the vector that straddles D copies only
-  // its part and zero-fills the rest, as do rows past N and vectors past D. Runs once.
+  // its part and zero-fills the rest, as do rows past N and vectors past D. Runs once. fp64:
+  // the register tiles plus the top-2 state fill the 128 registers of two blocks per SM, so the
+  // loop is not unrolled there (unrolled it spilled on sm_80).
+  constexpr int kXUnroll = sizeof(S) == 8 ? 1 : 4;
   auto copy_x = [&](S* dst, int ld, int W) {
     const int vecs = W / VK;
-#pragma unroll 4
+#pragma unroll kXUnroll
     for (int v = tid; v < BM * vecs; v += kThreads) {
       const int r = v / vecs, seg = v - r * vecs;
       const int d = seg * VK;
@@ -190,8 +193,7 @@ __global__ void __launch_bounds__(kThreads, (XRES || XV) ? M::kMinBlocksAsync : 
   m.load_norms(p.norms, tile_begin * BN, p.K);
 
   // The step STAGES - 1 ahead of the one computed, as (tile, chunk); its stage is the one
-  // before the computed step's (one register fewer than carrying it: the resident kernel fits
-  // 128 registers on sm_80 only so).
+  // before the computed step's (derived, not carried: one register fewer in the step loop).
   constexpr bool XR = !XRES && !XV;  // staged x through registers
   int itile = tile_begin, ic = 0;
   auto advance = [&]() {

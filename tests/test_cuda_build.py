@@ -201,7 +201,7 @@ def test_mma_search_step_overhead_and_occupancy(cubins, arch):
         # shared memory allows two blocks on sm_90.
         for config in ("x resident", "x staged cp.async"):
             r = reps[(dtype, config)]
-            assert r.regs <= 128, r
+            assert r.registers <= 128, r
             if arch == "90":
                 assert r.ctas_per_sm == 2, r
 

@@ -342,6 +342,33 @@ def test_staged_x_by_cp_async(emulated, monkeypatch, dtype, N, D):
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_x_layouts_resident_and_staged_agree(emulated, monkeypatch, dtype):
+    # The three ways x reaches shared memory, with x resident and staged: 16-byte cp.async (rows
+    # 16-byte aligned: a padded row stride), registers along D (contiguous rows of D = 129, not
+    # aligned), registers along rows (channel-first: element stride N). The register paths load
+    # a chunk per thread before the step's MMAs and store it after them (staged), or a chunk at
+    # a time in the prologue (resident); rows past N and columns past D are zeros. Exact, and
+    # bitwise the same outputs from all six.
+    N, K, D = 100, 1200, 129
+    seed = _seed()
+    z, cb = cases.far_groups(N, K, D, dtype, 64, seed)
+    padded = torch.zeros(N, D + 7, dtype=dtype)[:, :D]
+    padded.copy_(z)
+    layouts = {"aligned": padded, "contiguous": z.contiguous(),
+               "channel-first": z.t().contiguous().t()}
+    assert layouts["aligned"].stride() == (D + 7, 1) and layouts["channel-first"].stride() == (1, N)
+    outs = {}
+    for mode in ("h100", _STAGED[dtype]):
+        _mode(monkeypatch, mode)
+        for name, zv in layouts.items():
+            outs[mode, name] = _forward(zv, cb)
+    first = outs["h100", "aligned"]
+    _check_exact(z, cb, first, seed)
+    for key, out in outs.items():
+        assert all(torch.equal(a, b) for a, b in zip(first, out)), f"seed {seed}: {key} differs"
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("copies", [3, 5])
 def test_duplicated_codes_far_from_origin_go_to_the_lowest_index(emulated, monkeypatch, dtype,
                                                                  copies):

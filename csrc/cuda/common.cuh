@@ -121,6 +121,15 @@ template <> __device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+// threadIdx.x read afresh: the compiler may not reuse an earlier read, so values derived from
+// it need not stay live in registers across a loop (the search epilogue, forward_mma.cu).
+__device__ __forceinline__ int thread_x_fresh() {
+  int t;
+  asm volatile("mov.u32 %0, %%tid.x;\n" : "=r"(t));
+  return t;
+}
+#else
+inline int thread_x_fresh() { return (int)threadIdx.x; }
 #endif  // VQK_CUDA_EMULATE
 
 // ------------------------------------------------------------------------------------------------

@@ -20,7 +20,13 @@ struct MmaMicro {
   static constexpr int WM = 64, WN = 32, MT = WM / 16, NT = WN / 8;
   static constexpr int kRows = MT * 2;  // rows per thread: g and g + 8 of each m16 tile
   static constexpr int kScratch = BM + (BN / WN) * BM;
-  static constexpr int kMinBlocks = 1;
+  // Blocks per SM the registers must allow (search.cuh): two (16 warps) where x is resident or
+  // staged by cp.async, so one block's barrier waits and tile epilogue overlap the other's MMAs
+  // where shared memory allows two (review F8); 128 registers hold the 64 accumulators, the
+  // top-2 state of 8 rows and the fragments without spilling (ptxas: 124-127). Strided x keeps
+  // 16 elements per thread in flight through registers (search.cuh fetch_x) and stays at one
+  // block (~185 registers).
+  static constexpr int kMinBlocks = 1, kMinBlocksAsync = 2;
   static_assert((BM / WM) * (BN / WN) * 32 == kThreads, "8 warps tile the block");
   static_assert(BK % 16 == 0, "whole k16 steps per chunk");
   static_assert(NT % 2 == 0, "B fragments are loaded two n8 tiles at a time");
@@ -29,13 +35,21 @@ struct MmaMicro {
   float v1[kRows], v2[kRows];
   int i1[kRows];
   float nrm[NT * 2];
-  int lane, wm, wn;
+  int cbase;  // tile column of this lane's first accumulator (col())
+  // Element offsets of this lane's ldmatrix rows in a chunk of x (m16 tile mt: + mt * astep) and
+  // of the codebook (first n16 pair; the others are compile-time steps): computed once, so a step
+  // adds only the buffer's base instead of redoing the products (review F8).
+  int aoff, astep, boff;
 
-  __device__ __forceinline__ void init(int tid) {
-    lane = tid & 31;
-    const int warp = tid >> 5;
-    wm = warp / (BN / WN);
-    wn = warp % (BN / WN);
+  __device__ __forceinline__ void init(int tid, int xs, int cs) {
+    const int lane = tid & 31, warp = tid >> 5;
+    const int wm = warp / (BN / WN), wn = warp % (BN / WN);
+    cbase = wn * WN + 2 * (lane & 3);
+    // matrices: rows 0-7 / 8-15 x k 0-7 / 8-15 of m16 tile mt at aoff + mt * astep
+    aoff = (wm * WM + (lane & 15)) * xs + (lane >> 4) * 8;
+    astep = 16 * xs;
+    // matrices: (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15)
+    boff = (wn * WN + ((lane >> 4) << 3) + (lane & 7)) * cs + ((lane >> 3) & 1) * 8;
 #pragma unroll
     for (int r = 0; r < kRows; ++r) { v1[r] = v2[r] = INFINITY; i1[r] = -1; }
 #pragma unroll
@@ -48,7 +62,7 @@ struct MmaMicro {
 
   // Code of accumulator column (nt, e) of this thread, relative to the tile.
   __device__ __forceinline__ int col(int nt, int e) const {
-    return wn * WN + nt * 8 + 2 * (lane & 3) + e;
+    return cbase + nt * 8 + e;
   }
 
   __device__ __forceinline__ void load_norms(const float* norms, int base, int K) {
@@ -61,19 +75,17 @@ struct MmaMicro {
       }
   }
 
-  __device__ __forceinline__ void compute(const S* xb, int xs, const S* cb, int cs) {
+  __device__ __forceinline__ void compute(const S* xb, int /*xs, in aoff*/, const S* cb, int cs) {
 #pragma unroll
     for (int kk = 0; kk < BK; kk += 16) {
       uint32_t a[MT][4];
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt)  // matrices: rows 0-7 / 8-15 x k 0-7 / 8-15
-        ldmatrix_x4(a[mt], xb + (wm * WM + mt * 16 + (lane & 15)) * xs + kk + (lane >> 4) * 8);
+      for (int mt = 0; mt < MT; ++mt) ldmatrix_x4(a[mt], xb + aoff + mt * astep + kk);
       uint32_t b[NT][2];
 #pragma unroll
-      for (int np = 0; np < NT / 2; ++np) {  // matrices: (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, ..)
+      for (int np = 0; np < NT / 2; ++np) {
         uint32_t r[4];
-        ldmatrix_x4(r, cb + (wn * WN + np * 16 + ((lane >> 4) << 3) + (lane & 7)) * cs + kk +
-                           ((lane >> 3) & 1) * 8);
+        ldmatrix_x4(r, cb + boff + np * 16 * cs + kk);
         b[2 * np][0] = r[0];
         b[2 * np][1] = r[1];
         b[2 * np + 1][0] = r[2];
@@ -103,6 +115,10 @@ struct MmaMicro {
   }
 
   __device__ __forceinline__ void reduce(Cand<float>* scratch, int tid) {
+    // The warp's place read afresh: kept from init, ptxas spills it across the step loop at
+    // 128 registers (sm_80).
+    const int t = thread_x_fresh(), lane = t & 31, warp = t >> 5;
+    const int wm = warp / (BN / WN), wn = warp % (BN / WN);
     // A row's candidates sit in the 4 lanes of a quad (same lane >> 2) of each of the 4 code warps.
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {

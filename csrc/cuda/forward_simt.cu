@@ -32,7 +32,7 @@ struct SimtMicro {
   static constexpr int VK = 16 / (int)sizeof(S);
   static constexpr int GY = BM / TM, GX = BN / TN;  // thread grid
   static constexpr int kScratch = BM;
-  static constexpr int kMinBlocks = MIN_BLOCKS;
+  static constexpr int kMinBlocks = MIN_BLOCKS, kMinBlocksAsync = MIN_BLOCKS;
   static_assert(GY * GX == kThreads, "one register tile per thread");
   static_assert(GX == 16, "the per-row reduction runs over 16 lanes of a half warp");
 
@@ -42,7 +42,7 @@ struct SimtMicro {
   A nrm[TN];
   int ty, tx;
 
-  __device__ __forceinline__ void init(int tid) {
+  __device__ __forceinline__ void init(int tid, int /*xs*/, int /*cs*/) {
     ty = tid / GX;
     tx = tid % GX;
 #pragma unroll

@@ -42,9 +42,12 @@ struct SearchSmem {
 };
 
 // XV: x staged by 16-byte cp.async (only with !XRES and p.xvec; the resident x takes the vector
-// path whenever p.xvec, outside the step loop).
+// path whenever p.xvec, outside the step loop). Blocks per SM the registers must allow: the
+// micro's kMinBlocksAsync where x is resident or arrives by cp.async, kMinBlocks where strided x
+// passes through registers in the step loop.
 template <class S, class M, bool XRES, bool XV>
-__global__ void __launch_bounds__(kThreads, M::kMinBlocks) search_kernel(const FwdParams<S> p) {
+__global__ void __launch_bounds__(kThreads, (XRES || XV) ? M::kMinBlocksAsync : M::kMinBlocks)
+    search_kernel(const FwdParams<S> p) {
   using A = typename Acc<S>::type;
   using L = SearchSmem<S, M, XRES>;
   constexpr int BM = M::BM, BN = M::BN, BK = M::BK, STAGES = M::STAGES, VK = L::VK, CS = L::CS;
@@ -73,77 +76,140 @@ __global__ void __launch_bounds__(kThreads, M::kMinBlocks) search_kernel(const F
   }
   __syncthreads();
 
-  // Rows [0, BM) x depth [d0, d0 + W) of x into dst (row stride ld), zero outside x. Threads walk
-  // the direction that is contiguous in memory: along D when it is (sd == 1), else along rows
-  // (channel-first input, where consecutive rows are adjacent).
-  // fp64 staged: the register tiles plus the top-2 state fill the 128 registers of two blocks per
-  // SM, so this loop is not unrolled there (unrolled it spills on sm_80/86).
-  constexpr int kXUnroll = sizeof(S) == 8 ? 1 : 4;
-  auto load_x = [&](S* dst, int ld, int64_t d0, int W) {
-    const bool along_d = p.xsd == 1;
-#pragma unroll kXUnroll
-    for (int e = tid; e < BM * W; e += kThreads) {
-      const int r = along_d ? e / W : e % BM;
-      const int j = along_d ? e % W : e / BM;
-      const int64_t d = d0 + j;
-      const int64_t off = rowoff[r];
-      dst[r * ld + j] = (off >= 0 && d < p.D) ? p.x[off + d * p.xsd] : zero_of<S>();
-    }
-  };
+  constexpr int kVecs = BK / VK;             // 16-byte vectors per row of a chunk
+  constexpr int kCbVecs = BN * kVecs / kThreads;  // per thread and step: codebook vectors,
+  constexpr int kXVecs = BM * kVecs / kThreads;   // x vectors (cp.async staged x),
+  constexpr int kXElems = BM * BK / kThreads;     // x elements (strided staged x)
+  static_assert(BN * kVecs % kThreads == 0 && BM * kVecs % kThreads == 0 &&
+                    kThreads % BM == 0,
+                "every thread copies the same number of vectors and elements of every chunk");
+  const int D = (int)p.D, Dv = (int)p.Dv;  // <= Dp < 2^31: 32-bit column arithmetic
 
-  // Rows [0, BM) x depth [d0, d0 + W) of x into dst by 16-byte cp.async (p.xvec: the rows start on
-  // 16-byte boundaries, d0 and W are whole vectors); the vector that straddles D copies only its
-  // part and zero-fills the rest, as do rows past N and vectors past D.
-  auto copy_x = [&](S* dst, int ld, int64_t d0, int W) {
+  // Rows [0, BM) x depth [0, W) of x into the resident buffer by 16-byte cp.async (p.xvec: the
+  // rows start on 16-byte boundaries, W is whole vectors); the vector that straddles D copies only
+  // its part and zero-fills the rest, as do rows past N and vectors past D. Runs once. fp64:
+  // the register tiles plus the top-2 state fill the 128 registers of two blocks per SM, so the
+  // loop is not unrolled there (unrolled it spilled on sm_80).
+  constexpr int kXUnroll = sizeof(S) == 8 ? 1 : 4;
+  auto copy_x = [&](S* dst, int ld, int W) {
     const int vecs = W / VK;
 #pragma unroll kXUnroll
     for (int v = tid; v < BM * vecs; v += kThreads) {
       const int r = v / vecs, seg = v - r * vecs;
-      const int64_t d = d0 + (int64_t)seg * VK;
+      const int d = seg * VK;
       const int64_t off = rowoff[r];
-      const int64_t left = p.D - d;
-      const int bytes = (off >= 0 && left > 0) ? (int)(left < VK ? left : VK) * (int)sizeof(S) : 0;
+      const int left = D - d;
+      const int bytes = (off >= 0 && left > 0) ? min(left, VK) * (int)sizeof(S) : 0;
       cp_async16(dst + r * ld + seg * VK, bytes ? p.x + off + d : p.x, bytes);
     }
   };
 
-  auto issue = [&](int tile, int c, int stage) {
-    S* dst = cbuf + stage * BN * CS;
-    constexpr int kVecs = BK / VK;
-    for (int v = tid; v < BN * kVecs; v += kThreads) {
+  // The step loop's copies. Each thread copies the same vectors (row, segment) or elements of
+  // every chunk, so the loops have fixed trip counts and 32-bit indices (code < K + BN <= 2^30 +
+  // BN, d < Dp): a few instructions per vector instead of a generic strided loop with 64-bit
+  // products (review F8).
+  auto issue = [&](int tile, int c, int stage) {  // codebook chunk (tile, c) into buffer `stage`
+    S* dst = cbuf + stage * (BN * CS);
+    const int code0 = tile * BN, d0 = c * BK;
+#pragma unroll
+    for (int i = 0; i < kCbVecs; ++i) {
+      const int v = tid + i * kThreads;
       const int r = v / kVecs, seg = v % kVecs;
-      const int64_t code = (int64_t)tile * BN + r;
-      const int64_t d = (int64_t)c * BK + seg * VK;
-      const bool ok = code < p.K && d < p.Dv;  // Dv is a multiple of VK: whole vectors only
-      const S* src = ok ? p.cbv + code * p.Dv + d : p.cbv;
+      const int code = code0 + r, d = d0 + seg * VK;
+      const bool ok = code < p.K && d < Dv;  // Dv is a multiple of VK: whole vectors only
+      const S* src = ok ? p.cbv + ((uint64_t)(uint32_t)code * (uint32_t)Dv + (uint32_t)d) : p.cbv;
       cp_async16(dst + r * CS + seg * VK, src, ok ? 16 : 0);
     }
-    if (!XRES) {
-      if (XV) copy_x(xbuf + stage * BM * CS, CS, (int64_t)c * BK, BK);
-      else load_x(xbuf + stage * BM * CS, CS, (int64_t)c * BK, BK);
+  };
+  auto copy_x_chunk = [&](int c, int stage) {  // XV: x chunk c into buffer `stage`, as copy_x
+    S* dst = xbuf + stage * (BM * CS);
+#pragma unroll
+    for (int i = 0; i < kXVecs; ++i) {
+      const int v = tid + i * kThreads;
+      const int r = v / kVecs, seg = v % kVecs;
+      const int d = c * BK + seg * VK;
+      const int64_t off = rowoff[r];
+      const int left = D - d;
+      const int bytes = (off >= 0 && left > 0) ? min(left, VK) * (int)sizeof(S) : 0;
+      cp_async16(dst + r * CS + seg * VK, bytes ? p.x + off + d : p.x, bytes);
+    }
+  };
+
+  // Strided x (channel-first input, or rows not 16-byte aligned): element by element, through
+  // registers. fetch_x issues the loads of a chunk (rows [0, BM) x depth [d0, d0 + BK), zero
+  // outside x) and put_x stores them to shared memory later: in the step loop after the step's
+  // MMAs, so the loads' latency passes under the tensor-core work instead of stalling before it
+  // (review F2); in the resident prologue a chunk at a time, kXElems loads in flight per thread
+  // instead of one (F9). Threads walk the direction that is contiguous in memory: along D when it
+  // is (xsd == 1), else along rows (channel-first: consecutive rows are adjacent).
+  static_assert(kThreads % BK == 0 && kThreads % BM == 0, "fixed rows / columns per thread");
+  S xr[kXElems];
+  auto fetch_x = [&](int d0) {
+    if (p.xsd == 1) {  // along D: thread column j, rows r0 + i * kThreads / BK
+      const int d = d0 + tid % BK, r0 = tid / BK;
+#pragma unroll
+      for (int i = 0; i < kXElems; ++i) {
+        const int64_t off = rowoff[r0 + i * (kThreads / BK)];
+        xr[i] = (off >= 0 && d < D) ? p.x[off + d] : zero_of<S>();
+      }
+    } else {  // along rows: thread row r, columns j0 + i * kThreads / BM
+      const int64_t off = rowoff[tid % BM];
+      const int j0 = d0 + tid / BM;
+      const S* src = p.x + (off >= 0 ? off + (int64_t)j0 * p.xsd : 0);
+      const int64_t step = (int64_t)(kThreads / BM) * p.xsd;
+#pragma unroll
+      for (int i = 0; i < kXElems; ++i)
+        xr[i] = (off >= 0 && j0 + i * (kThreads / BM) < D) ? src[i * step] : zero_of<S>();
+    }
+  };
+  auto put_x = [&](S* dst, int ld) {
+    if (p.xsd == 1) {
+      dst += (tid / BK) * ld + tid % BK;
+#pragma unroll
+      for (int i = 0; i < kXElems; ++i) dst[i * (kThreads / BK) * ld] = xr[i];
+    } else {
+      dst += (tid % BM) * ld + tid / BM;
+#pragma unroll
+      for (int i = 0; i < kXElems; ++i) dst[i * (kThreads / BM)] = xr[i];
     }
   };
 
   // Resident x: by cp.async in the first commit group (waited for with step 0's chunk), or
-  // element by element for strided x.
+  // through registers for strided x.
   if (XRES) {
-    if (p.xvec) copy_x(xbuf, XS, 0, p.Dp);
-    else load_x(xbuf, XS, 0, p.Dp);
+    if (p.xvec) {
+      copy_x(xbuf, XS, p.Dp);
+    } else {
+#pragma unroll 1
+      for (int c = 0; c < nchunks; ++c) {
+        fetch_x(c * BK);
+        put_x(xbuf + c * BK, XS);
+      }
+    }
   }
 
   M m;
-  m.init(tid);
+  m.init(tid, XS, CS);
   m.load_norms(p.norms, tile_begin * BN, p.K);
 
-  // The step STAGES - 1 ahead of the one computed, as (tile, chunk, stage).
-  int itile = tile_begin, ic = 0, istage = 0;
+  // The step STAGES - 1 ahead of the one computed, as (tile, chunk); its stage is the one
+  // before the computed step's (derived, not carried: one register fewer in the step loop).
+  constexpr bool XR = !XRES && !XV;  // staged x through registers
+  int itile = tile_begin, ic = 0;
   auto advance = [&]() {
     if (++ic == nchunks) { ic = 0; ++itile; }
-    if (++istage == STAGES) istage = 0;
   };
 #pragma unroll 1
   for (int s = 0; s < STAGES - 1; ++s) {
-    if (itile < tile_end) { issue(itile, ic, istage); advance(); }
+    if (itile < tile_end) {
+      issue(itile, ic, s);
+      if (XV) copy_x_chunk(ic, s);
+      if (XR) {
+        fetch_x(ic * BK);
+        put_x(xbuf + s * (BM * CS), CS);
+      }
+      advance();
+    }
     cp_async_commit();  // empty groups too: the wait below counts groups
   }
 
@@ -154,13 +220,27 @@ __global__ void __launch_bounds__(kThreads, M::kMinBlocks) search_kernel(const F
     for (int c = 0; c < nchunks; ++c) {
       cp_async_wait<STAGES - 2>();  // this thread's copies of this step have landed
       __syncthreads();              // ... everyone's, and everyone is done with the step before
-      if (itile < tile_end) { issue(itile, ic, istage); advance(); }  // into that step's buffer
+      // Into the buffer of the step before (free after the barrier).
+      const int istage = stage == 0 ? STAGES - 1 : stage - 1;
+      int xstage = -1;
+      if (itile < tile_end) {
+        issue(itile, ic, istage);
+        if (XV) copy_x_chunk(ic, istage);
+        if (XR) {
+          fetch_x(ic * BK);
+          xstage = istage;
+        }
+        advance();
+      }
       cp_async_commit();
       const S* xb = XRES ? xbuf + c * BK : xbuf + stage * BM * CS;
       m.compute(xb, XRES ? XS : CS, cbuf + stage * BN * CS, CS);
+      // Strided x of step + STAGES - 1: its buffer was released by this step's barrier and is
+      // read after STAGES - 1 more barriers.
+      if (XR && xstage >= 0) put_x(xbuf + xstage * (BM * CS), CS);
       if (++stage == STAGES) stage = 0;
     }
-    m.tile_done(tile * BN);
+  m.tile_done(tile * BN);
     if (tile + 1 < tile_end) m.load_norms(p.norms, (tile + 1) * BN, p.K);
   }
 

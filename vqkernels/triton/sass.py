@@ -148,7 +148,10 @@ def hot_loop(instrs, labels) -> Optional[Loop]:
     return best
 
 
-def dependent_loads(instrs, lp: Loop) -> list[str]:
+def dependent_loads(instrs, lp: Loop, labels: Optional[dict] = None) -> list[str]:
+    """See the module docstring. The walk from a load follows the path the load is on: an
+    unconditional forward branch inside the loop (the jump over the other side of an if/else)
+    continues at its target, so code of the branch not taken is not mistaken for a use."""
     out = []
     for i in range(lp.start, lp.end + 1):
         ins = instrs[i]
@@ -156,7 +159,8 @@ def dependent_loads(instrs, lp: Loop) -> list[str]:
             continue
         live = set(ins.dests())
         mma = 0
-        for j in range(i + 1, lp.end + 1):
+        j = i + 1
+        while j <= lp.end:
             nxt = instrs[j]
             if is_tensor(nxt):
                 mma += 1
@@ -168,6 +172,13 @@ def dependent_loads(instrs, lp: Loop) -> list[str]:
                 live -= nxt.dests()
             if not live:
                 break
+            if labels and nxt.base == "BRA" and not nxt.pred and nxt.operands:
+                t = _TARGET.search(nxt.operands[-1])
+                k = labels.get(t.group(1)) if t else None
+                if k is not None and j < k <= lp.end:
+                    j = k
+                    continue
+            j += 1
     return out
 
 
@@ -182,11 +193,11 @@ def analyse(instrs, labels, outer: bool = False) -> LoopReport:
     kinds = sorted({i.op for i in body if is_tensor(i)})
     ns = [int(m.group(1)) for i in body if i.base == "HGMMA"
           for m in [re.match(r"HGMMA\.\d+x(\d+)x", i.op)] if m]
-    dep = dependent_loads(instrs, lp)
+    dep = dependent_loads(instrs, lp, labels)
     if outer:
         for o in loops(instrs, labels):
             if o != lp and o.start <= lp.start and lp.end <= o.end:
-                dep += [f"outer: {d}" for d in dependent_loads(instrs, o)
+                dep += [f"outer: {d}" for d in dependent_loads(instrs, o, labels)
                         if f"outer: {d}" not in dep]
     return LoopReport(len(body), sum(is_tensor(i) for i in body), "+".join(kinds),
                       max(ns, default=0), tuple(dep), sum(_is_call(i, labels) for i in body))

@@ -477,9 +477,13 @@ def test_shared_adversarial_families(emulated, name, dtype, make):
     z_q, idx, sq, counts = _forward(z, cb)
     # float64 past its square range: the truth on the values scaled back (a power of two: exact).
     s = cases.search_scale(z, cb)
-    n = adversarial.assert_exact(z * s, cb * s, idx, what=f"{name} (seed {seed})")
-    # (reflections and copies: every row is an exact tie, judged by the lowest-index rule)
-    assert n > 0.2 * z.shape[0] or name in ("reflections", "duplicated-5")
+    adversarial.assert_exact(z * s, cb * s, idx, what=f"{name} (seed {seed})")
+    # Enough rows judged by equality: clearly apart, or exact ties (the lowest-index rule). Ties
+    # count: bf16 rounding of close codes 2^8 from the origin makes exact copies, and with them
+    # some seeds leave under a fifth of the rows clear (0.7% of seeds failed the clear-only count).
+    _, clear, d = adversarial.exact_answer(z * s, cb * s)
+    tie = (d == d.min(1, keepdim=True).values).sum(1) > 1
+    assert int((clear | tie).sum()) > 0.2 * z.shape[0], f"{name} (seed {seed}): too few rows judged"
     fin = torch.isfinite(z).all(1) & torch.isfinite(cb[idx]).all(1)
     assert torch.equal(z_q[fin], cb[idx][fin]) and torch.isfinite(z_q).all()
     want = ((z.double() - cb[idx].double()) ** 2).sum(1)

@@ -44,9 +44,10 @@ double now() {
 #define FMAR(x, a) "vfmadd231ps %%ymm" #x ", %%ymm15, %%ymm" #a "\n\t"  // row x times code
 #define I16M(off, a) "vpmaddwd " #off "(%1), %%ymm14, %%ymm15\n\tvpaddd %%ymm15, %%ymm" #a ", %%ymm" #a "\n\t"
 
-#define LOOP(name, body)                                                                          \
+// One probe: `pre` once, then `body` n times (registers and memory clobbered as the kernels do).
+#define LOOPP(name, pre, body)                                                                    \
   __attribute__((noinline)) void name(long n, const void* x, const void* b) {                    \
-    __asm__ volatile("vpxor %%xmm14, %%xmm14, %%xmm14\n\tvpxor %%xmm15, %%xmm15, %%xmm15\n\t"   \
+    __asm__ volatile("vpxor %%xmm14, %%xmm14, %%xmm14\n\tvpxor %%xmm15, %%xmm15, %%xmm15\n\t" pre \
                      "1:\n\t" body "dec %0\n\tjnz 1b"                                              \
                      : "+r"(n)                                                                     \
                      : "r"(x), "r"(b)                                                              \
@@ -54,6 +55,7 @@ double now() {
                        "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "cc",        \
                        "memory");                                                                  \
   }
+#define LOOP(name, body) LOOPP(name, "", body)
 
 // Part 1.
 LOOP(fp32, FMA(0) FMA(1) FMA(2) FMA(3) FMA(4) FMA(5) FMA(6) FMA(7) FMA(8) FMA(9) FMA(10) FMA(11))
@@ -148,16 +150,6 @@ LOOP(k_i16_3x4_x2, BD(0) I16M(0, 0) I16M(32, 1) I16M(64, 2) BD(4) I16M(0, 3) I16
                            "vpmaddubsw " #off2 "(%1), %%ymm10, %%ymm12\n\t"                            \
                            "vpaddw %%ymm12, %%ymm11, %%ymm11\n\tvpmaddwd %%ymm13, %%ymm11, %%ymm11\n\t" \
                            "vpaddd %%ymm11, %%ymm" #a ", %%ymm" #a "\n\t"
-#define LOOPP(name, pre, body)                                                                    \
-  __attribute__((noinline)) void name(long n, const void* x, const void* b) {                    \
-    __asm__ volatile("vpxor %%xmm14, %%xmm14, %%xmm14\n\tvpxor %%xmm15, %%xmm15, %%xmm15\n\t" pre \
-                     "1:\n\t" body "dec %0\n\tjnz 1b"                                              \
-                     : "+r"(n)                                                                     \
-                     : "r"(x), "r"(b)                                                              \
-                     : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8",    \
-                       "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "cc",        \
-                       "memory");                                                                  \
-  }
 // Pipes, registers only (ones from 512(%2) in (b)): 12 chains of (a), 12 of (b), vpmaddubsw alone.
 LOOPP(int8_a, ONES, I8A(0, 12) I8A(1, 12) I8A(2, 12) I8A(3, 12) I8A(4, 12) I8A(5, 12) I8A(6, 12)
                         I8A(7, 12) I8A(8, 12) I8A(9, 12) I8A(10, 12) I8A(11, 12))

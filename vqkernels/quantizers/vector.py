@@ -50,6 +50,9 @@ class VectorQuantizer(nn.Module):
         0.1 at first, 0.55 at t = 10, ``decay`` from t = 890 on (with the defaults), so the codes
         keep up with the encoder while its outputs move fast; None: ``decay`` from the start.
     restart_after: a code unused (globally, across ranks) for this many consecutive training steps
+        (for a codebook larger than a step's rows, K > n: for max(restart_after,
+        ceil(restart_after * K / n)) steps, the steps that bring restart_after * K rows, since a
+        step uses at most n codes; n = this step's rows)
         is replaced by an encoder output drawn from a pool of rows sampled from the latest batch
         (``restart_pool`` rows, refilled every step), without reuse of a pool row. If the pool
         holds fewer rows than there are dead codes, the longest-unused codes go first (ties to
@@ -329,7 +332,7 @@ class VectorQuantizer(nn.Module):
         if restart:
             cand = buf[K + (K * D if self.ema else 0):].view(-1, D + 1)
             self._push_pool(cand[:, :D], cand[:, D] > 0)
-            restarts = self._restart()
+            restarts = self._restart(self._dead_window(counts_g))
         self._last_counts, self._last_restarts = counts_g, restarts
 
     def _push_pool(self, rows: Tensor, valid: Tensor) -> None:
@@ -347,15 +350,38 @@ class VectorQuantizer(nn.Module):
         self._pool_ptr = (self._pool_ptr + G) % P
         self.pool_ptr.fill_(self._pool_ptr)
 
-    def _restart(self) -> Tensor:
-        """Replace codes unused for `restart_after` steps by unused pool rows; no host sync and no
-        data-dependent branch: masks decide what changes."""
+    def _dead_window(self, counts: Tensor) -> Tensor:
+        """The steps a code must go unused to count as dead, given this step's global per-code
+        counts: max(restart_after, ceil(restart_after * K / n)) for the n rows counted this step
+        (a 0-d long tensor: no host sync).
+
+        Why scaled: a step of n rows can use at most n codes, so with K > n most codes go unused
+        in any one step however healthy the codebook is. With a window of restart_after steps
+        regardless of K, K = 4096 codes fed 2,048 rows a step had ~half the codebook counted dead
+        every step and ~1,024 codes restarted per step (review finding; README, "Codebook
+        health"). Counting restart_after in expected rows per code instead (a code is dead when it
+        went unused while restart_after * K rows were quantized, at least restart_after steps: a
+        code as useful as the average one expects restart_after rows in that time and misses them
+        all with probability ~e^-restart_after) puts a codebook of any size under the test that
+        K = n has today; for K <= n the window is
+        restart_after steps exactly, so runs with no more codes than rows per step restart the
+        same codes as before. An EMA of usage against a threshold would need new state (and a
+        checkpoint format change) and would change those runs too. n is this step's count, not
+        a running figure: steps of fewer rows (padding masks, dropped residual stages, a short
+        last batch) get a longer window for that step only (a step with none counts n as 1)."""
+        K, ra = self.num_codes, self.restart_after
+        n = counts.sum().round().long().clamp(min=1)
+        return torch.clamp(torch.div(ra * K + n - 1, n, rounding_mode="floor"), min=ra)
+
+    def _restart(self, window) -> Tensor:
+        """Replace codes unused for `window` steps (see _dead_window) by unused pool rows; no host
+        sync and no data-dependent branch: masks decide what changes."""
         pool, valid = self.pool_rows, self.pool_valid
         P = pool.shape[0]
         g = seeded_generator(self.seed, 2, self._steps_done)
         keys = torch.rand(P, generator=g, dtype=torch.float64).to(pool.device)
         order = torch.argsort(torch.where(valid, keys, 2.0))  # valid rows first, in random order
-        dead = self.steps_unused >= self.restart_after
+        dead = self.steps_unused >= window
         # Longest-unused first (ties to the lowest index), so a code that dies again right after
         # its restart cannot starve the others when the pool is short.
         prio = torch.argsort(torch.where(dead, -self.steps_unused, 1), stable=True)

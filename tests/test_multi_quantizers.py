@@ -171,6 +171,92 @@ def test_grouped_module_and_its_codes():
     assert len(gs.books) == 1 and torch.equal(gs.codes_from_indices(o.indices), o.z_q)
 
 
+@pytest.mark.parametrize("cosine", [False, True])
+def test_grouped_projected_codes(cosine):
+    # codebook_dim: group g searches project_in[g] of its 4 channels (normalised with cosine:
+    # the residual module's per-stage code), outputs project_out[g](code); the books are kept up
+    # in the projected space, and gradients reach both projections.
+    gen = _gen(12)
+    torch.manual_seed(12)
+    kw = dict(codebook_dim=2, cosine=cosine, ema=False, restart_after=None, kmeans_iters=0)
+    g = GroupedVectorQuantizer(12, 3, 16, **kw)
+    assert [b.codebook.shape for b in g.books] == [(16, 2)] * 3
+    assert [tuple(p.weight.shape) for p in g.project_in] == [(2, 4)] * 3
+    assert [tuple(p.weight.shape) for p in g.project_out] == [(4, 2)] * 3
+    z = torch.randn(2, 12, 30, generator=gen)  # channel-first
+    g(z, dim=1)
+    zr = z.movedim(1, -1).reshape(-1, 3, 4)
+    with torch.no_grad():
+        xs = [g.project_in[i](zr[:, i]) for i in range(3)]
+        if cosine:
+            xs = [torch.nn.functional.normalize(x, dim=-1) for x in xs]
+    for b, x in zip(g.books, xs):  # k-means++ (no Lloyd) on the projected rows: each code one
+        assert bool(b.initialised)
+        d = torch.cdist(b.codebook.detach(), x, compute_mode="donot_use_mm_for_euclid_dist")
+        assert float(d.min(1).values.max()) < 1e-6
+    g.eval()
+    zg = z.clone().requires_grad_(True)
+    out = g(zg, dim=1)
+    assert out.z_q.shape == z.shape and out.indices.shape == (2, 30, 3)
+    for i, (b, x) in enumerate(zip(g.books, xs)):
+        cb = torch.nn.functional.normalize(b.codebook, dim=1) if cosine else b.codebook
+        idx, _ = vqkernels.nearest_code(x, cb)
+        assert torch.equal(out.indices.reshape(-1, 3)[:, i], idx)
+    # z_q is every group's projected-back code: codes_from_indices rebuilds it (a decoder's way)
+    torch.testing.assert_close(g.codes_from_indices(out.indices).movedim(-1, 1), out.z_q,
+                               rtol=1e-5, atol=1e-6)
+    # Gradients: z_q straight through to z; the commitment term to every project_in; z_q's own
+    # gradient to every project_out.
+    w = torch.randn_like(out.z_q)
+    (out.z_q * w).sum().backward(retain_graph=True)
+    assert torch.equal(zg.grad, w)
+    assert all(p.weight.grad is None or float(p.weight.grad.abs().sum()) == 0
+               for p in g.project_in)
+    assert all(float(p.weight.grad.abs().sum()) > 0 for p in g.project_out)
+    g.zero_grad()
+    out.loss.backward()  # codebook terms (to the books) + beta * commitment terms (to project_in)
+    assert all(float(p.weight.grad.abs().sum()) > 0 for p in g.project_in)
+    assert all(float(b.codebook.grad.abs().sum()) > 0 for b in g.books)
+    # the losses are in the books' space: group 1's commitment term is the mean squared error
+    # of its (normalised) projected rows to their codes
+    x1 = xs[1]
+    code = (torch.nn.functional.normalize(g.books[1].codebook, dim=1) if cosine
+            else g.books[1].codebook)[out.indices.reshape(-1, 3)[:, 1]]
+    torch.testing.assert_close(out.commitment_loss[1], ((x1 - code) ** 2).mean(),
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_grouped_projections_run_the_one_call_search_and_train_the_codebooks():
+    # Not cosine: the groups' projected rows go through the one grouped call (native CPU) and
+    # give the group loop's result (the reference backend); in gradient mode the codebook loss
+    # reaches every book and the commitment term every project_in, through the fused backward.
+    gen = _gen(13)
+    torch.manual_seed(13)
+    a = GroupedVectorQuantizer(8, 2, 8, codebook_dim=3, ema=False, kmeans_init=False)
+    b = GroupedVectorQuantizer(8, 2, 8, codebook_dim=3, ema=False, kmeans_init=False,
+                               backend="reference")
+    b.load_state_dict(a.state_dict())
+    z = torch.randn(50, 8, generator=gen)
+    za, zb = z.clone().requires_grad_(True), z.clone().requires_grad_(True)
+    oa, ob = a.eval()(za), b.eval()(zb)
+    assert torch.equal(oa.indices, ob.indices)
+    torch.testing.assert_close(oa.z_q, ob.z_q)
+    torch.testing.assert_close(oa.loss, ob.loss)
+    oa.loss.backward()
+    ob.loss.backward()
+    for m in (a, b):
+        assert all(float(bk.codebook.grad.abs().sum()) > 0 for bk in m.books)
+        assert all(float(p.weight.grad.abs().sum()) > 0 for p in m.project_in)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad)
+    # a shared book: one codebook of codebook_dim, a projection pair per group
+    s = GroupedVectorQuantizer(8, 2, 8, codebook_dim=3, shared_codebook=True)
+    out = s(z)
+    assert len(s.books) == 1 and s.books[0].codebook.shape == (8, 3) and len(s.project_in) == 2
+    assert int(s.books[0]._last_counts.sum()) == 100  # both groups' rows, projected
+    assert out.indices.shape == (50, 2)
+
+
 def test_the_shared_per_book_upkeep_helpers():
     # quantizers/upkeep.py: what both multi-book modules do for each book after the search.
     idx = torch.tensor([2, -1, 2, 0, 3, 2])
@@ -215,6 +301,8 @@ def test_bad_module_arguments():
         ResidualVectorQuantizer(4, 2, 8, dropout_min_stages=3)
     with pytest.raises(ValueError, match="divisible"):
         GroupedVectorQuantizer(10, 3)
+    with pytest.raises(ValueError, match="codebook_dim"):
+        GroupedVectorQuantizer(12, 3, codebook_dim=0)
     with pytest.raises(ValueError, match="channels"):
         ResidualVectorQuantizer(4, 2, 8)(torch.randn(3, 5))
 

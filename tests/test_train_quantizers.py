@@ -165,14 +165,14 @@ def test_default_books_and_bits():
     assert (s["quantizer"], s["stages"], s["groups"]) == ("vq", 1, 1)
 
 
-@pytest.mark.parametrize("q", ["rvq", "gvq", "rvq-codebook-dim"])
+@pytest.mark.parametrize("q", ["rvq", "gvq", "rvq-codebook-dim", "gvq-codebook-dim"])
 def test_init_codebook_starts_each_book_on_its_own_rows(q):
     # rvq: stage s starts on residuals that stages < s leave (projected by its project_in with
-    # codebook_dim); gvq: group g on its channels
+    # codebook_dim); gvq: group g on its channels (projected by its project_in)
     torch.manual_seed(0)
     c = VQVAEConfig(num_codes=8, code_dim=8, hidden=8, residual_hidden=4, quantizer=q[:3],
                     **({"stages": 2} if q.startswith("rvq") else {"groups": 2}),
-                    codebook_dim=3 if q == "rvq-codebook-dim" else None)
+                    codebook_dim=3 if q.endswith("codebook-dim") else None)
     model = VQVAE(c, backend="reference")
     imgs = torch.rand(4, 3, 32, 32) - 0.5
     model.init_codebook(imgs, "data", generator=torch.Generator().manual_seed(0))
@@ -181,6 +181,11 @@ def test_init_codebook_starts_each_book_on_its_own_rows(q):
     b0, b1 = (bk.codebook.double() for bk in model.books)
     if q == "gvq":
         targets = [rows[:, :4], rows[:, 4:]]
+    elif q == "gvq-codebook-dim":
+        assert b0.shape == b1.shape == (8, 3)
+        with torch.no_grad():
+            pin = [lin.double() for lin in model.vq.project_in]
+            targets = [pin[0](rows[:, :4]), pin[1](rows[:, 4:])]
     elif q == "rvq":
         idx, _ = nearest_code(rows, b0, backend="reference")
         targets = [rows, rows - b0[idx]]
@@ -230,6 +235,10 @@ OPTIONS = {
     "gvq-cosine": (["--quantizer", "gvq", "--groups", "2", "--cosine"], dict(cosine=True)),
     "rvq-cosine-codebook-dim": (["--quantizer", "rvq", "--stages", "2", "--codebook-dim", "3",
                                  "--cosine"], dict(codebook_dim=3, cosine=True)),
+    # gvq's projections without cosine: the groups' projected rows take the one grouped call
+    # (with cosine, the group loop the rvq case above runs; the module tests cover both)
+    "gvq-codebook-dim": (["--quantizer", "gvq", "--groups", "2", "--codebook-dim", "3"],
+                         dict(codebook_dim=3)),
     "rvq-dropout": (["--quantizer", "rvq", "--stages", "3", "--quantize-dropout",
                      "--dropout-min-stages", "1"],
                     dict(quantize_dropout=True, dropout_min_stages=1)),
@@ -256,7 +265,8 @@ def test_rvq_gvq_options_train_resume_bitwise_and_round_trip(tmp_path, image_dir
     q = model.vq
     if "codebook_dim" in want:
         assert all(bk.codebook.shape == (16, 3) for bk in model.books)
-        assert len(q.project_in) == 2 and q.project_in[0].weight.shape == (3, 8)
+        width = 8 if name.startswith("rvq") else 4  # a stage's --code-dim, a group's half of it
+        assert len(q.project_in) == 2 and q.project_in[0].weight.shape == (3, width)
         # both projections of every stage learned (the run builds its model after seeding
         # torch with --seed, 0 here: this is its start)
         torch.manual_seed(0)
@@ -313,7 +323,9 @@ def test_rvq_option_mismatch_on_resume_is_refused(tmp_path, image_dir, capsys):
 
 @pytest.mark.parametrize("argv,named", [
     (["--codebook-dim", "4"], "--codebook-dim"),                                # vq
-    (["--quantizer", "gvq", "--codebook-dim", "2"], "--codebook-dim"),
+    (["--quantizer", "gvq", "--groups", "2", "--codebook-dim", "4"], "--code-dim / --groups"),
+    (["--quantizer", "gvq", "--groups", "2", "--codebook-dim", "5"], "--codebook-dim"),
+    (["--quantizer", "gvq", "--codebook-dim", "0"], "--codebook-dim"),
     (["--quantizer", "rvq", "--codebook-dim", "0"], "--codebook-dim"),
     (["--quantizer", "rvq", "--codebook-dim", "8"], "--codebook-dim"),          # not < code dim
     (["--quantizer", "rvq", "--codebook-dim", "9"], "--codebook-dim"),
@@ -342,7 +354,8 @@ def test_rvq_options_in_help(capsys):
 @pytest.mark.parametrize("kw,named", [
     (dict(codebook_dim=4), "codebook_dim"),
     (dict(quantizer="rvq", codebook_dim=256), "codebook_dim"),
-    (dict(quantizer="gvq", groups=2, codebook_dim=4), "codebook_dim"),
+    (dict(quantizer="gvq", groups=2, codebook_dim=128), "code_dim / groups"),   # 256 / 2
+    (dict(quantizer="gvq", groups=2, codebook_dim=0), "codebook_dim"),
     (dict(quantize_dropout=True), "quantize_dropout"),
     (dict(quantizer="rvq", stages=2, quantize_dropout=True, dropout_min_stages=3),
      "dropout_min_stages"),
@@ -350,6 +363,32 @@ def test_rvq_options_in_help(capsys):
 def test_config_refuses_bad_rvq_options(kw, named):
     with pytest.raises(ValueError, match=named):
         VQVAEConfig(**kw)
+
+
+def test_gvq_codebook_dim_is_part_of_the_run(tmp_path, image_dir, capsys):
+    # gvq --codebook-dim is in the resume identity: another value (or none) is refused, naming
+    # it; a gvq run from before the option (no key in its checkpoint) resumes as without
+    # projections and refuses them.
+    common = ["--data", "folder", "--data-dir", image_dir, "--eval-every", 0, "--steps", 2,
+              *TINY, "--quantizer", "gvq", "--groups", "2"]
+    out = tmp_path / "p"
+    assert run_main([*common, "--codebook-dim", "3", "--out", out]) == 0
+    assert "--codebook-dim 2 differs" in _error(capsys, ["--out", out, "--resume",
+                                                         "--codebook-dim", "2"])
+    assert run_main(["--out", out, "--resume", "--steps", 3]) == 0  # unset: the run's 3
+    assert VQVAE.from_checkpoint(out).vq.codebook_dim == 3
+    old = tmp_path / "old"
+    assert run_main([*common, "--out", old]) == 0
+    ck = _io.load_checkpoint(old / "checkpoint.pt")
+    del ck["path"]
+    for k in ("codebook_dim", "quantize_dropout", "dropout_min_stages"):
+        del ck["args"][k], ck["config"][k]
+    _io.atomic_torch_save(old / "checkpoint.pt", ck)
+    assert "--codebook-dim 3 differs" in _error(capsys, ["--out", old, "--resume",
+                                                         "--codebook-dim", "3"])
+    assert run_main(["--out", old, "--resume", "--steps", 3]) == 0
+    assert _io.load_checkpoint(old / "checkpoint.pt")["config"]["codebook_dim"] is None
+    assert not hasattr(VQVAE.from_checkpoint(old).vq, "project_in")
 
 
 def test_runs_from_before_the_rvq_options_resume_with_their_defaults(tmp_path, image_dir, capsys):

@@ -57,8 +57,9 @@ class VQVAEConfig:
     quantizer: str = "vq"           # vq, rvq (residual) or gvq (grouped); see the module docstring
     stages: int = 1                 # rvq: codebooks applied in turn to the residual
     groups: int = 1                 # gvq: code_dim splits into this many equal groups
-    # rvq only: stage s searches project_in[s](residual) of codebook_dim channels and adds
-    # project_out[s](code) (learned linear maps); None = no projections
+    # rvq: stage s searches project_in[s](residual) of codebook_dim channels and adds
+    # project_out[s](code); gvq: group g searches project_in[g](its code_dim / groups channels)
+    # and outputs project_out[g](code) (learned linear maps); None = no projections
     codebook_dim: Optional[int] = None
     quantize_dropout: bool = False  # rvq: each image keeps its first n stages in training, n
     dropout_min_stages: int = 1     # uniform in [dropout_min_stages, stages] (SoundStream)
@@ -96,13 +97,17 @@ class VQVAEConfig:
         if self.code_dim % self.groups:
             raise ValueError(f"groups={self.groups} must divide code_dim={self.code_dim}")
         if self.codebook_dim is not None:
-            if self.quantizer != "rvq":
-                raise ValueError(f"codebook_dim={self.codebook_dim} needs quantizer='rvq' "
-                                 f"(quantizer is {self.quantizer!r})")
+            if self.quantizer not in ("rvq", "gvq"):
+                raise ValueError(f"codebook_dim={self.codebook_dim} needs quantizer='rvq' or "
+                                 f"'gvq' (quantizer is {self.quantizer!r})")
             check_positive_int("codebook_dim", self.codebook_dim)
-            if self.codebook_dim >= self.code_dim:
+            # The channels one stage / group projects from: code_dim, or code_dim / groups.
+            width, what = ((self.code_dim, f"code_dim={self.code_dim}") if self.quantizer == "rvq"
+                           else (self.code_dim // self.groups,
+                                 f"code_dim / groups = {self.code_dim // self.groups}"))
+            if self.codebook_dim >= width:
                 raise ValueError(f"codebook_dim={self.codebook_dim} must be smaller than "
-                                 f"code_dim={self.code_dim} (None: no projections)")
+                                 f"{what} (None: no projections)")
         if not isinstance(self.quantize_dropout, bool):
             raise ValueError(f"quantize_dropout must be a bool, got {self.quantize_dropout!r}")
         if self.quantize_dropout and self.quantizer != "rvq":
@@ -216,7 +221,8 @@ class VQVAE(nn.Module):
                                               quantize_dropout=c.quantize_dropout,
                                               dropout_min_stages=c.dropout_min_stages, **kw)
         elif c.quantizer == "gvq":
-            self.vq = GroupedVectorQuantizer(c.code_dim, c.groups, c.num_codes, c.beta, **kw)
+            self.vq = GroupedVectorQuantizer(c.code_dim, c.groups, c.num_codes, c.beta,
+                                             codebook_dim=c.codebook_dim, **kw)
         else:
             self.vq = VectorQuantizer(c.num_codes, c.code_dim, c.beta, **kw)
         self.decoder = Decoder(c)
@@ -372,10 +378,12 @@ class VQVAE(nn.Module):
         if generator is None:
             generator = torch.Generator().manual_seed(int(torch.randint(2**62, (1,))))
         if c.quantizer == "gvq":
-            # Group g's book starts on group g's channels of the same rows.
+            # Group g's book starts on group g's channels of the same rows (projected by the
+            # group's project_in with codebook_dim).
             d = c.code_dim // c.groups
             for g, book in enumerate(self.books):
-                self._init_book(book, rows[:, g * d:(g + 1) * d], method, generator, kmeans_iters)
+                self._init_book(book, self.vq._projected(g, rows[:, g * d:(g + 1) * d]), method,
+                                generator, kmeans_iters)
         else:
             # Stage s's book starts on the residuals that the (initialised) stages < s leave, the
             # rows it will search (projected by the stage's project_in with codebook_dim); vq is
@@ -383,7 +391,7 @@ class VQVAE(nn.Module):
             r = rows
             proj = c.codebook_dim is not None
             for s, book in enumerate(self.books):
-                codes = self._init_book(book, self.vq.project_in[s](r) if proj else r, method,
+                codes = self._init_book(book, self.vq._projected(s, r) if proj else r, method,
                                         generator, kmeans_iters)
                 if book is not self.books[-1]:  # rvq: the stage's own search
                     from .quantize import nearest_code

@@ -171,12 +171,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="l2-normalised codes and latents (cosine similarity search); rvq: each "
                         "stage searches its l2-normalised (projected) residual against "
                         "normalised codes and adds the chosen unit code (projected back with "
-                        "--codebook-dim); gvq: each group searches its normalised channels")
+                        "--codebook-dim); gvq: each group searches its normalised (projected) "
+                        "channels")
     m.add_argument("--codebook-dim", type=int,
                    help="--quantizer rvq: each stage searches a learned linear projection of "
                         "its residual to this many channels (< --code-dim; codes of that size) "
                         "and adds back a learned projection of its code to --code-dim (DAC's "
-                        "factorised codes; the VQ losses are in the projected space) [off]")
+                        "factorised codes; the VQ losses are in the projected space); "
+                        "--quantizer gvq: each group does so with its --code-dim / --groups "
+                        "channels (< that) [off]")
     m.add_argument("--quantize-dropout", action="store_true", default=None,
                    help="--quantizer rvq: in training each image uses only its first n stages, "
                         "n drawn uniformly from [--dropout-min-stages, --stages] per image "
@@ -324,7 +327,7 @@ def _saved_args(saved: dict) -> dict:
 
 
 def _resolve_books(p: argparse.ArgumentParser, s: dict, given: dict) -> None:
-    """Check --stages / --groups and the rvq options against --quantizer and fill in the
+    """Check --stages / --groups and the rvq / gvq options against --quantizer and fill in the
     defaults of --stages / --groups (in place)."""
     for k, q in (("stages", "rvq"), ("groups", "gvq")):
         if k in given and s["quantizer"] != q:
@@ -337,16 +340,19 @@ def _resolve_books(p: argparse.ArgumentParser, s: dict, given: dict) -> None:
     if s["code_dim"] % s["groups"]:
         p.error(f"--groups {s['groups']} must divide --code-dim {s['code_dim']} (each group "
                 f"quantizes code-dim / groups channels)")
-    # Options of the residual quantizer only (the single and grouped quantizers have no
-    # projections, and no stages to drop).
-    for k in ("codebook_dim", "quantize_dropout"):
-        if s[k] and s["quantizer"] != "rvq":
-            p.error(f"--{k.replace('_', '-')} applies to --quantizer rvq only (this run's "
-                    f"quantizer is {s['quantizer']})")
+    # Projections exist for the residual stages and the groups (the single quantizer has none);
+    # stages to drop only in the residual quantizer.
+    for k, qs in (("codebook_dim", ("rvq", "gvq")), ("quantize_dropout", ("rvq",))):
+        if s[k] and s["quantizer"] not in qs:
+            p.error(f"--{k.replace('_', '-')} applies to --quantizer {' or '.join(qs)} only "
+                    f"(this run's quantizer is {s['quantizer']})")
     cd = s["codebook_dim"]
-    if cd is not None and not 1 <= cd < s["code_dim"]:
-        p.error(f"--codebook-dim must be from 1 to --code-dim - 1 ({s['code_dim'] - 1}), got "
-                f"{cd}; leave it out for stages without projections")
+    # What one stage / group projects from: every channel, or a group's code-dim / groups.
+    width, what = ((s["code_dim"], "--code-dim") if s["quantizer"] != "gvq" else
+                   (s["code_dim"] // s["groups"], "--code-dim / --groups"))
+    if cd is not None and not 1 <= cd < width:
+        p.error(f"--codebook-dim must be from 1 to {what} - 1 ({width - 1}), got {cd}; leave it "
+                f"out for {'groups' if s['quantizer'] == 'gvq' else 'stages'} without projections")
     if "dropout_min_stages" in given and not s["quantize_dropout"]:
         p.error("--dropout-min-stages applies with --quantize-dropout only")
     if not 0 <= s["dropout_min_stages"] <= s["stages"]:

@@ -57,6 +57,33 @@ class _Books(nn.Module):
     def _book(self, i: int) -> VectorQuantizer:
         return self.books[0 if self.shared else i]
 
+    def _make_projections(self, n: int, dim: int, codebook_dim: Optional[int]) -> None:
+        """With `codebook_dim`, unit i (stage or group) gets learned linear maps project_in[i]
+        (dim -> codebook_dim, what its book searches) and project_out[i] (codebook_dim -> dim,
+        what it adds back). Made after the books, every project_in before every project_out:
+        the order the global RNG draws their initial weights in."""
+        self.codebook_dim = codebook_dim
+        if codebook_dim is not None:
+            self.project_in = nn.ModuleList(nn.Linear(dim, codebook_dim) for _ in range(n))
+            self.project_out = nn.ModuleList(nn.Linear(codebook_dim, dim) for _ in range(n))
+
+    def _projected(self, i: int, x: Tensor) -> Tensor:
+        """Unit i's rows in its book's space: project_in[i](x) with projections, else x."""
+        return self.project_in[i](x) if self.codebook_dim is not None else x
+
+    def _searched(self, x: Tensor) -> Tensor:
+        """What the search sees of (projected) rows: l2-normalised with cosine."""
+        return F.normalize(x, dim=-1) if self.cosine else x
+
+    def _stage_input(self, i: int, r: Tensor) -> Tensor:
+        """The rows unit i searches: its input projected (with codebook_dim) and normalised
+        (with cosine)."""
+        return self._searched(self._projected(i, r))
+
+    def _stage_output(self, i: int, code: Tensor) -> Tensor:
+        """What unit i adds back for `code`: project_out[i](code) with projections, else code."""
+        return self.project_out[i](code) if self.codebook_dim is not None else code
+
     def _channels_last(self, z: Tensor, dim: Optional[int]) -> tuple[int, Tensor, torch.Size]:
         """Check z as vq_quantize checks its input (against a stand-in codebook of the module's
         `dim` channels: the books may be projected or grouped) and move its channel axis last:
@@ -151,7 +178,6 @@ class ResidualVectorQuantizer(_Books):
             raise TypeError(f"channel_dim must be an int, got {channel_dim!r}")
         _check_beta(beta)
         self.dim, self.num_stages, self.beta = dim, num_stages, float(beta)
-        self.codebook_dim = codebook_dim
         self.cosine = bool(cosine)
         self.quantize_dropout, self.dropout_min_stages = bool(quantize_dropout), dropout_min_stages
         self.channel_dim, self.backend = channel_dim, backend
@@ -159,9 +185,7 @@ class ResidualVectorQuantizer(_Books):
         self._make_books(num_stages, num_codes, cd, beta, shared_codebook, "stage", seed,
                          backend=backend, cosine=cosine, **vq_kwargs)
         self.ema = self.books[0].ema
-        if codebook_dim is not None:
-            self.project_in = nn.ModuleList(nn.Linear(dim, cd) for _ in range(num_stages))
-            self.project_out = nn.ModuleList(nn.Linear(cd, dim) for _ in range(num_stages))
+        self._make_projections(num_stages, dim, codebook_dim)
 
     @property
     def fused(self) -> bool:
@@ -222,13 +246,6 @@ class ResidualVectorQuantizer(_Books):
                     r = r - torch.where((idx >= 0)[:, None], e, 0)
                 self._upkeep(per)
         return out
-
-    def _stage_input(self, s: int, r: Tensor) -> Tensor:
-        x = self.project_in[s](r) if self.codebook_dim is not None else r
-        return F.normalize(x, dim=-1) if self.cosine else x
-
-    def _stage_output(self, s: int, code: Tensor) -> Tensor:
-        return self.project_out[s](code) if self.codebook_dim is not None else code
 
     def _cosine_native(self, rows: Tensor) -> bool:
         """Whether the cosine search without projections runs the fused op (one native CPU
@@ -331,32 +348,47 @@ class ResidualVectorQuantizer(_Books):
 
 class GroupedVectorQuantizer(_Books):
     """Grouped (multi-head) VQ: the `dim` channels split into `groups` equal groups, each
-    quantized by its own book (or one shared book) of `num_codes` codes of size dim / groups, each
-    kept up like a `VectorQuantizer`, one packed all_reduce per training step for all of them.
+    quantized by its own book (or one shared book) of `num_codes` codes, each kept up like a
+    `VectorQuantizer`, one packed all_reduce per training step for all of them.
 
-    The other keyword arguments are VectorQuantizer's (``seed`` is offset per group). Without
-    cosine, every group's search is one call (one native CPU call, or one Triton launch on the
-    triton backend) where vqkernels.grouped_vq's fused path applies, else a loop over the groups.
+    Arguments (the rest are VectorQuantizer's and apply to every group's book; ``seed`` is
+    offset per group):
+      codebook_dim: when set, group g searches ``project_in[g](z_g)`` of that size (z_g its
+        dim / groups channels; codes of that size) and its output is ``project_out[g](code)``,
+        the learned in/out projections of ResidualVectorQuantizer's stages (the same code),
+        with the same gradients: the losses are in the projected space, so project_in learns
+        from the commitment term, project_out from the gradient of z_q, and z_g gets z_q's
+        gradient straight through.
+      cosine: group g searches its l2-normalised (projected) channels against l2-normalised
+        codes and outputs the (projected) unit code.
+    Without cosine, every group's search is one call (one native CPU call, or one Triton launch
+    on the triton backend) where vqkernels.grouped_vq's fused path applies, projected or not,
+    else a loop over the groups.
     forward(z, *, dim=None, mask=None) -> vqkernels.GVQOutput (indices: z's shape without the
     channel dim plus a last axis of G). In EMA mode ``loss = beta * sum_g commitment_loss[g]``.
     """
 
     def __init__(self, dim: int, groups: int, num_codes: Union[int, Sequence[int]] = 1024,
-                 beta: float = 0.25, *, shared_codebook: bool = False, channel_dim: int = -1,
+                 beta: float = 0.25, *, shared_codebook: bool = False,
+                 codebook_dim: Optional[int] = None, cosine: bool = False, channel_dim: int = -1,
                  backend: str = "auto", seed: int = 0, **vq_kwargs):
         super().__init__()
         check_positive_int("dim", dim)
         check_positive_int("groups", groups)
+        check_positive_int("codebook_dim", codebook_dim, allow_none=True)
         if dim % groups:
             raise ValueError(f"dim={dim} is not divisible by groups={groups}")
         if backend not in backends.ALL_NAMES:
             raise ValueError(f"backend must be one of {backends.ALL_NAMES}, got {backend!r}")
         _check_beta(beta)
         self.dim, self.groups, self.beta = dim, groups, float(beta)
+        self.cosine = bool(cosine)
         self.channel_dim, self.backend = channel_dim, backend
-        self._make_books(groups, num_codes, dim // groups, beta, shared_codebook, "group", seed,
-                         backend=backend, **vq_kwargs)
+        d = dim // groups
+        self._make_books(groups, num_codes, codebook_dim or d, beta, shared_codebook, "group",
+                         seed, backend=backend, cosine=cosine, **vq_kwargs)
         self.ema = self.books[0].ema
+        self._make_projections(groups, d, codebook_dim)
 
     def forward(self, z: Tensor, *, dim: Optional[int] = None,
                 mask: Optional[Tensor] = None) -> GVQOutput:
@@ -366,40 +398,51 @@ class GroupedVectorQuantizer(_Books):
         N = parts.shape[0]
         valid = _per_row("mask", mask, lead, z.device, torch.bool)
         training = self.training
+        proj = self.codebook_dim is not None
+        # Each group's rows in its book's space (before the cosine normalisation, which the
+        # books' own k-means applies): the channels themselves, or their projections.
+        xs = torch.stack([self._projected(g, parts[:, g, :]) for g in range(G)], 1) if proj \
+            else parts
+        c = xs.shape[-1]
         if training:
             for g in range(G):
                 book = self._book(g)
                 if book.kmeans_init and not book._init_done:
-                    x = parts[:, g:, :].reshape(-1, d) if self.shared else parts[:, g, :]
+                    x = xs[:, g:, :].reshape(-1, c) if self.shared else xs[:, g, :]
                     if valid is not None:
-                        x = (parts[valid][:, g:, :].reshape(-1, d) if self.shared
-                             else parts[valid][:, g, :])
+                        x = (xs[valid][:, g:, :].reshape(-1, c) if self.shared
+                             else xs[valid][:, g, :])
                     book._kmeans_initialise(x.detach(), -1)
         acc = torch.float64 if z.dtype == torch.float64 else torch.float32
         n = N if valid is None else valid.sum().clamp(min=1).to(acc)
         outs, cb_l, cm_l, per, perp, counts = [], [], [], [], [], []
         fused = None
-        if not any(b.cosine for b in self.books) and N > 0 and \
+        if not self.cosine and N > 0 and \
                 backends.resolve(self.backend, z.device).name in ("cpu", "triton"):
             # All groups' searches in one native call or one Triton launch (vqkernels.grouped_vq's
             # path; _grouped_fused gives None where it does not apply, e.g. float64 or shapes
             # past the Triton kernel's limits, and the loop below runs instead).
-            cbs = [self._search_codebook(self._book(g), z.dtype, training) for g in range(G)]
-            fused = _grouped_fused(parts, cbs, self.backend)
+            cbs = [self._search_codebook(self._book(g), xs.dtype, training) for g in range(G)]
+            fused = _grouped_fused(xs, cbs, self.backend)
         for g in range(G):
             book = self._book(g)
-            x = parts[:, g, :]
+            x = xs[:, g, :]
             if fused is not None:
                 z_q = fused[0][:, g, :]
                 idx, e_cb, e_cm = fused[1][:, g], fused[2][:, g], fused[3][:, g]
             else:
-                if book.cosine:
-                    x = F.normalize(x, dim=-1)
+                x = self._searched(x)
                 cb = self._search_codebook(book, x.dtype, training)
                 z_q, idx, e_cb, e_cm = _vq_rows(x, cb, self.backend)
+            if proj:
+                # As a residual stage's: z_g's gradient is z_q's (straight through), and the
+                # output's own path reaches project_out's weights (the code is a constant).
+                out = self._stage_output(g, z_q.detach())
+                z_g = parts[:, g, :]
+                z_q = z_g + (out - z_g).detach() + (out - out.detach())
             w = None if valid is None else valid.to(acc)
-            cb_l.append((e_cb if w is None else e_cb * w).sum() / (n * d))
-            cm_l.append((e_cm if w is None else e_cm * w).sum() / (n * d))
+            cb_l.append((e_cb if w is None else e_cb * w).sum() / (n * c))
+            cm_l.append((e_cm if w is None else e_cm * w).sum() / (n * c))
             outs.append((z_q, idx))
             cnt, pp = batch_usage(idx, w, book.num_codes, acc)
             counts.append(cnt)
@@ -415,11 +458,18 @@ class GroupedVectorQuantizer(_Books):
         return GVQOutput(z_q, idx, cb_loss, cm_loss, loss, torch.stack(perp), counts)
 
     def codes_from_indices(self, indices: Tensor) -> Tensor:
-        """The codes of grouped `indices` (..., G), concatenated along a last axis of `dim`."""
+        """The codes of grouped `indices` (..., G) (projected back with codebook_dim),
+        concatenated along a last axis of `dim`."""
         cbs = [self._search_codebook(self._book(g), self._book(g).codebook.dtype, False)
                for g in range(self.groups)]
-        return torch.cat([F.embedding(indices[..., g], cbs[g]) for g in range(self.groups)], -1)
+        return torch.cat([self._stage_output(g, F.embedding(indices[..., g], cbs[g]))
+                          for g in range(self.groups)], -1)
 
     def extra_repr(self) -> str:
-        return (f"dim={self.dim}, groups={self.groups}, beta={self.beta}, "
-                f"shared_codebook={self.shared}, backend={self.backend!r}")
+        s = (f"dim={self.dim}, groups={self.groups}, beta={self.beta}, "
+             f"shared_codebook={self.shared}, backend={self.backend!r}")
+        if self.codebook_dim is not None:
+            s += f", codebook_dim={self.codebook_dim}"
+        if self.cosine:
+            s += ", cosine=True"
+        return s

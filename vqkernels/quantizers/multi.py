@@ -437,8 +437,8 @@ class GroupedVectorQuantizer(_Books):
             if proj:
                 # As a residual stage's: z_g's gradient is z_q's (straight through), and the
                 # output's own path reaches project_out's weights (the code is a constant).
-                out = self._stage_output(g, z_q.detach())
                 z_g = parts[:, g, :]
+                out = self._stage_output(g, z_q.detach()).to(z_g.dtype)  # autocast: z's dtype
                 z_q = z_g + (out - z_g).detach() + (out - out.detach())
             w = None if valid is None else valid.to(acc)
             cb_l.append((e_cb if w is None else e_cb * w).sum() / (n * c))

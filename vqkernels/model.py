@@ -52,7 +52,8 @@ class VQVAEConfig:
     decay: float = 0.99             # EMA decay
     decay_warmup: int = 10          # EMA decay warm-up (VectorQuantizer's decay_warmup); 0 = off
     cosine: bool = False            # l2-normalised codes and latents
-    restart_after: int = 2          # replace codes unused this many training steps; 0 = never
+    restart_after: int = 2          # replace codes unused this many training steps (more when
+    #                                 K > rows a step: VectorQuantizer's restart_after); 0 = never
     dead_after: int = 100           # a code unused this many steps counts as dead in vq.stats()
     quantizer: str = "vq"           # vq, rvq (residual) or gvq (grouped); see the module docstring
     stages: int = 1                 # rvq: codebooks applied in turn to the residual

@@ -155,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"in the paper's code [{D['codebook_init']}]")
     m.add_argument("--restart-after", "--restart-every", dest="restart_after", type=int,
                    help="move codes unused for N consecutive steps onto encoder outputs sampled "
-                        f"from recent batches (of every rank); 0 = never [{D['restart_after']}]")
+                        "from recent batches (of every rank); with more codes than vectors a step "
+                        "(K > n), for max(N, ceil(N K / n)) steps; 0 = never "
+                        f"[{D['restart_after']}]")
     m.add_argument("--dead-after", type=int,
                    help="a code unused for N consecutive steps counts as dead in the logged "
                         f"dead_fraction [{D['dead_after']}]")

@@ -287,7 +287,7 @@ def test_close_codes_far_from_origin(emulated, monkeypatch, dtype, T):
     _mode(monkeypatch, list(MODES)[_TILES.index(T) % len(MODES)])
     seed = _seed()
     K = max(64, 9 * (T or 1) + 40)
-    z, cb = cases.far_groups(160, K, 16, dtype, T, seed)
+    z, cb = cases.draw(lambda s: cases.far_groups(160, K, 16, dtype, T, s), seed)
     _check_exact(z, cb, _forward(z, cb), seed)
 
 
@@ -307,7 +307,7 @@ def test_close_codes_split_codebook_long_rows_every_variant(emulated, monkeypatc
     assert (emulated.cuda_forward_workspace_bytes(code, N, K, D, 0)
             > emulated.cuda_forward_workspace_bytes(code, 1 << 22, K, D, 0)), "meant to split"
     seed = _seed()
-    z, cb = cases.far_groups(N, K, D, dtype, 64, seed)
+    z, cb = cases.draw(lambda s: cases.far_groups(N, K, D, dtype, 64, s), seed)
     outs = []
     for mode in ("h100", _STAGED[dtype], "h100-lazy-greedy"):
         _mode(monkeypatch, mode)
@@ -328,12 +328,13 @@ def test_staged_x_by_cp_async(emulated, monkeypatch, dtype, N, D):
     # rows (element path) agrees too.
     K = 1200
     seed = _seed()
-    z, cb = cases.far_groups(N, K, D, dtype, 64, seed)
+    min_judged = 0.0 if N == 1 else 0.5
+    z, cb = cases.draw(lambda s: cases.far_groups(N, K, D, dtype, 64, s), seed, min_judged)
     outs = []
     for mode in (_STAGED[dtype], "h100"):
         _mode(monkeypatch, mode)
         outs.append(_forward(z, cb))
-        _check_exact(z, cb, outs[-1], seed, min_judged=0.0 if N == 1 else 0.5)
+        _check_exact(z, cb, outs[-1], seed, min_judged=min_judged)
     assert all(torch.equal(a, b) for a, b in zip(*outs)), f"seed {seed}"
     _mode(monkeypatch, _STAGED[dtype])
     zt = z.t().contiguous().t()  # the same rows, element stride N
@@ -351,7 +352,7 @@ def test_x_layouts_resident_and_staged_agree(emulated, monkeypatch, dtype):
     # bitwise the same outputs from all six.
     N, K, D = 100, 1200, 129
     seed = _seed()
-    z, cb = cases.far_groups(N, K, D, dtype, 64, seed)
+    z, cb = cases.draw(lambda s: cases.far_groups(N, K, D, dtype, 64, s), seed)
     padded = torch.zeros(N, D + 7, dtype=dtype)[:, :D]
     padded.copy_(z)
     layouts = {"aligned": padded, "contiguous": z.contiguous(),
@@ -377,7 +378,8 @@ def test_duplicated_codes_far_from_origin_go_to_the_lowest_index(emulated, monke
     _mode(monkeypatch, "h100-lazy-greedy")
     seed = _seed()
     Ku = 60
-    z, cb = cases.far_groups(120, Ku * copies, 8, dtype, 4, seed, sizes=(2, 3), copies=copies)
+    z, cb = cases.draw(lambda s: cases.far_groups(120, Ku * copies, 8, dtype, 4, s, sizes=(2, 3),
+                                                  copies=copies), seed)
     out = _forward(z, cb)
     assert int(out[1].max()) < Ku, f"seed {seed}: a later copy was chosen"
     _check_exact(z, cb, out, seed)
@@ -388,11 +390,12 @@ def test_duplicated_codes_far_from_origin_go_to_the_lowest_index(emulated, monke
 @pytest.mark.parametrize("D", [1, 3, 129])
 def test_close_codes_tiny_codebooks(emulated, dtype, K, D):
     seed = _seed()
-    z, cb = cases.far_groups(70, K, D, dtype, 1, seed, sizes=(K,) if K > 1 else ())
-    # bf16 at D = 3 with two codes: a seed can leave most rows within 1e-6 (relative) of a tie,
-    # which the contract does not judge (fewest judged rows over 300 seeds: 10 of 70; every other
-    # case >= 33): 0.1 still fails on data that judges nothing.
-    _check_exact(z, cb, _forward(z, cb), seed, min_judged=0.1)
+    # D = 3 with two or three codes: a seed can leave most rows within 1e-6 (relative) of a tie,
+    # which the contract does not judge (bf16, K = 2: under 30% judged at ~1.2% of seeds, fewest
+    # 12 of 70 in 1,000); such draws are redrawn (cases.draw), so every run judges 30% or more.
+    z, cb = cases.draw(lambda s: cases.far_groups(70, K, D, dtype, 1, s, sizes=(K,) if K > 1 else ()),
+                       seed, 0.3)
+    _check_exact(z, cb, _forward(z, cb), seed, min_judged=0.3)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
@@ -499,7 +502,7 @@ def test_research_runs_on_flagged_rows_and_is_needed(emulated, monkeypatch, dtyp
     # 16-bit grids are too coarse for fp32 sums to cancel when every coordinate is far out: a few
     # far coordinates then, and the small ones carry the differences.
     wide = dtype in (torch.float32, torch.float64)
-    z, cb = cases.far_groups(200, 300, 32, dtype, 8, seed, all_coords=wide)
+    z, cb = cases.draw(lambda s: cases.far_groups(200, 300, 32, dtype, 8, s, all_coords=wide), seed)
     flagged = _flagged()
     flagged.value = 0
     _check_exact(z, cb, _forward(z, cb), seed)

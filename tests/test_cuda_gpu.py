@@ -144,7 +144,7 @@ def test_close_codes_far_from_origin(dtype, T, D):
     # origin (fp32 sums, and the tensor cores' truncating accumulators, cancel).
     seed = _seed()
     K = max(300, 9 * (T or 1) + 40)
-    z, cb = cases.far_groups(3000, K, D, dtype, T, seed)
+    z, cb = cases.draw(lambda s: cases.far_groups(3000, K, D, dtype, T, s), seed)
     _exact_ok(z.cuda(), cb.cuda(), seed)
 
 
@@ -155,7 +155,7 @@ def test_close_codes_split_codebooks_and_staged_rows(dtype, N, K, D):
     # Few rows and many codes (the codebook split over blocks, a merge kernel), and rows too long
     # for shared memory (x staged chunk by chunk).
     seed = _seed()
-    z, cb = cases.far_groups(N, K, D, dtype, 64, seed)
+    z, cb = cases.draw(lambda s: cases.far_groups(N, K, D, dtype, 64, s), seed)
     _exact_ok(z.cuda(), cb.cuda(), seed)
 
 
@@ -164,7 +164,8 @@ def test_close_codes_split_codebooks_and_staged_rows(dtype, N, K, D):
 def test_duplicated_codes_go_to_the_lowest_index(dtype, copies):
     seed = _seed()
     Ku = 400
-    z, cb = cases.far_groups(2000, Ku * copies, 32, dtype, 8, seed, copies=copies)
+    z, cb = cases.draw(lambda s: cases.far_groups(2000, Ku * copies, 32, dtype, 8, s, copies=copies),
+                       seed)
     out = _exact_ok(z.cuda(), cb.cuda(), seed)
     assert int(out.indices.max()) < Ku
 
@@ -174,7 +175,10 @@ def test_duplicated_codes_go_to_the_lowest_index(dtype, copies):
 @pytest.mark.parametrize("D", [1, 3, 129])
 def test_close_codes_tiny_codebooks(dtype, K, D):
     seed = _seed()
-    z, cb = cases.far_groups(500, K, D, dtype, 1, seed, sizes=(K,) if K > 1 else ())
+    # D = 3: some seeds leave most rows within the contract's slack of a tie (bf16, K = 2: under
+    # 30% judged at 1.4% of seeds); cases.draw redraws those.
+    z, cb = cases.draw(lambda s: cases.far_groups(500, K, D, dtype, 1, s, sizes=(K,) if K > 1 else ()),
+                       seed, 0.3)
     _exact_ok(z.cuda(), cb.cuda(), seed, min_judged=0.3)
 
 
@@ -245,7 +249,8 @@ def test_forward_is_graph_capturable():
     # No host synchronisation anywhere in the forward, flagged rows and their re-search included:
     # a captured call replays to the same (exact) answer.
     seed = _seed()
-    z, cb = (t.cuda() for t in cases.far_groups(1000, 700, 32, torch.bfloat16, 16, seed))
+    z, cb = (t.cuda() for t in cases.draw(
+        lambda s: cases.far_groups(1000, 700, 32, torch.bfloat16, 16, s), seed))
     want = vqkernels.nearest_code(z, cb, backend="cuda")[0]  # warm-up outside the capture
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):

@@ -4,7 +4,10 @@ fp32 expansion (tests/adversarial.py). Judged by exact index equality with the f
 clearly separated rows and lowest index on exact ties -- never by regret. The Triton and CUDA
 searches run the same families in test_triton.py and test_cuda_emulated.py.
 """
+import hashlib
 import math
+import os
+import secrets
 
 import pytest
 import torch
@@ -35,9 +38,12 @@ def backend(request, monkeypatch):
 
 
 def _gen(request):
-    import hashlib
-    return torch.Generator().manual_seed(
-        int(hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:8], 16) ^ torch.seed() % 2**31)
+    """A generator on a fresh seed every run, mixed with the test's id so that parameters draw
+    different data; VQK_EXACT_SEED=n replays a run, and a failing test's captured output names n."""
+    base = int(os.environ.get("VQK_EXACT_SEED") or secrets.randbits(31))
+    print(f"VQK_EXACT_SEED={base} replays this test's data")
+    node = int(hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:8], 16)
+    return torch.Generator().manual_seed(node ^ base)
 
 
 def _check(x, cb, backend, what):
@@ -104,9 +110,14 @@ def test_reflection_ties_lowest_index(backend, dtype, request):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 def test_large_mean(backend, dtype, request):
     x, cb = A.large_mean(_gen(request), dtype=dtype)
-    n = _check(x, cb, backend, "1000 + N(0, 1)")
-    # bf16 keeps 8 bits: at 1000 many rows sit at exactly equal distances (ties, judged above).
-    assert n > (0.2 if dtype == torch.bfloat16 else 0.9) * x.shape[0]
+    _check(x, cb, backend, "1000 + N(0, 1)")
+    # Enough rows judged by equality: clearly apart, or exact ties (16-bit values at 1000 sit on a
+    # grid, 4 apart in bf16, so distances are exact and many rows tie; assert_exact gives a tied
+    # row the lowest index and no other code is within its slack). Counting clear rows alone,
+    # bf16 left a share of 0.32 +- 0.034 (min 0.20 over 1,500 seeds) against a bar of 0.2.
+    _, clear, d = A.exact_answer(x, cb)
+    tie = (d == d.min(1, keepdim=True).values).sum(1) > 1
+    assert int((clear | tie).sum()) > 0.9 * x.shape[0]
 
 
 @pytest.mark.parametrize("scale", [1e19, 1e25, 1e30, 1e-20, 1e-25, 1e-30, 1e-36])
@@ -158,21 +169,30 @@ def test_cpu_research_is_exercised_and_needed(backend, dtype, monkeypatch, reque
     re-search measures the rows (its counter moves), and without it (the debug switch
     VQK_DEBUG_APPROX_ONLY=1) many clear rows get a wrong code. The share wrong depends on the
     path and the seed: over seeds 0-149, min 0.975 (avx2, fp32), 0.574 (avx2, fp16), 0.481
-    (avx2_i16, fp32), 0.186 (avx2_i16, fp16), so the bar is 10%."""
+    (avx2_i16, fp32), 0.186 (avx2_i16, fp16); over 1,500 more, avx2_i16 fp16 had mean 0.67, sd
+    0.15 and 2 seeds under 0.1 (min 0.075). So the bar is 10%, and a draw under it is redrawn
+    (up to 4 times: the family must defeat the fast pass, not at every seed)."""
     if backend != "cpu":
         pytest.skip("the native CPU kernel's re-search")
     offset = 2.0 ** 10 if dtype == torch.float16 else 2.0 ** (40 if dtype == torch.float64 else 14)
-    x, cb = A.close_codes(_gen(request), n_close=5, spacing=4, offset=offset, dtype=dtype)
-    if dtype == torch.float64:  # far enough that float64's own expansion cancels
-        x, cb = x * 2.0 ** 20, cb * 2.0 ** 20
-    ref, clear, _ = A.exact_answer(x, cb)
+    g = _gen(request)
+    wrong = []
+    for _ in range(4):
+        x, cb = A.close_codes(g, n_close=5, spacing=4, offset=offset, dtype=dtype)
+        if dtype == torch.float64:  # far enough that float64's own expansion cancels
+            x, cb = x * 2.0 ** 20, cb * 2.0 ** 20
+        ref, clear, _ = A.exact_answer(x, cb)
+        monkeypatch.setenv("VQK_DEBUG_APPROX_ONLY", "1")
+        approx, _ = nearest_code(x, cb, backend="cpu")
+        monkeypatch.delenv("VQK_DEBUG_APPROX_ONLY")
+        wrong.append(float((approx[clear] != ref[clear]).float().mean()))
+        if wrong[-1] > 0.1:
+            break
+    assert wrong[-1] > 0.1, f"the fast pass alone was wrong on only {wrong} of the clear rows"
     before = native.module().cpu_exact_rows()
     idx, _ = nearest_code(x, cb, backend="cpu")
     assert native.module().cpu_exact_rows() - before >= int(clear.sum()) // 2
     assert torch.equal(idx[clear], ref[clear])
-    monkeypatch.setenv("VQK_DEBUG_APPROX_ONLY", "1")
-    approx, _ = nearest_code(x, cb, backend="cpu")
-    assert (approx[clear] != ref[clear]).float().mean() > 0.1
 
 
 def test_cpu_research_is_rare_on_random_data(backend):

@@ -392,7 +392,7 @@ def test_close_codes_tiny_codebooks(emulated, dtype, K, D):
     seed = _seed()
     # D = 3 with two or three codes: a seed can leave most rows within 1e-6 (relative) of a tie,
     # which the contract does not judge (bf16, K = 2: under 30% judged at ~1.2% of seeds, fewest
-    # 12 of 70 in 1,000); such draws are redrawn (cases.draw), so every run judges 30% or more.
+    # 13 of 70 in 1,000); such draws are redrawn (cases.draw), so every run judges 30% or more.
     z, cb = cases.draw(lambda s: cases.far_groups(70, K, D, dtype, 1, s, sizes=(K,) if K > 1 else ()),
                        seed, 0.3)
     _check_exact(z, cb, _forward(z, cb), seed, min_judged=0.3)

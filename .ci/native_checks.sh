@@ -9,8 +9,18 @@
 #            Cortex-A72 model (Armv8.0, no dot product), where auto must stay on neon and neon_dot
 #            must be refused by the run-time check. qemu checks behaviour only: NEON speed is not
 #            measured by this script.
-# Installs the cross toolchain and qemu with apt-get when they are missing and it can (root, or
-# VQK_NO_APT=1 to forbid it). Usage: .ci/native_checks.sh [host|aarch64|all] (default all).
+#   x86-emulated  the AVX-512 builds (EMULATED below) compiled against SIMD Everywhere (Debian's
+#            libsimde-dev: the intrinsics in portable C, plus csrc/cpu/simde_avx512.h's shims for
+#            those SIMDe 0.7.4 lacks) instead of the CPU's instructions, with no -mavx512 flags, and
+#            run on this CPU, which need not have AVX-512: every forward check the driver makes on
+#            a real AVX-512 (bf16) CPU. Only this binary's vq_cpu.cpp is built with
+#            VQK_EMULATED_AVX512, which lets those builds past the run-time CPU check; the module
+#            never is. Emulation checks behaviour (the answers bit for bit), not speed, and it
+#            cannot catch a bug in SIMDe itself (or the shims) or in the compiler's real AVX-512
+#            code generation: that still needs an AVX-512 machine (the host target there).
+# Installs the cross toolchain, qemu and SIMDe with apt-get when they are missing and it can
+# (root, or VQK_NO_APT=1 to forbid it).
+# Usage: .ci/native_checks.sh [host|aarch64|x86-emulated|all] (default all).
 # Objects go to build/native_checks/<arch>/ (ignored by git).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -128,11 +138,56 @@ aarch64() {
     --isa=neon_dot,neon --require=neon --expect-skip=neon_dot --expect-auto=neon --detect-only
 }
 
+# The builds the x86-emulated target compiles against SIMDe, as <define>=<isa>=<file>: one line
+# per build (a new AVX-512 build joins here, and its run-time check in vq_cpu.cpp honours
+# avx512_emulated()). The driver runs them in this order, then scalar.
+EMULATED=(
+  "VQK_HAVE_AVX512BF16=avx512bf16=csrc/cpu/search_avx512bf16.cpp"
+  "VQK_HAVE_AVX512=avx512=csrc/cpu/search_avx512.cpp"
+)
+
+x86_emulated() {
+  case "$(uname -m)" in
+    x86_64|amd64) ;;
+    *) echo "x86-emulated: an x86-64 host only (vq_cpu.cpp's CPU checks are x86 builtins)" >&2; return 1 ;;
+  esac
+  if [[ ! -f /usr/include/simde/x86/avx512.h ]]; then apt_install libsimde-dev; fi
+  echo "== x86-emulated (AVX-512 builds through SIMDe $(simde_version), on $(uname -m)): build"
+  local t0=$SECONDS defs="VQK_EMULATED_AVX512" specs=() isas="" line def rest
+  # -O1 (not -O3): these files take 5x longer to compile through SIMDe (half of it at -O2), and
+  # the driver runs them in seconds even so. -Wno-psabi: GCC notes that 64-byte vectors are
+  # passed differently since GCC 4.6, once per file.
+  # With the host's AVX2/FMA/F16C, SIMDe does each 512-bit operation as two native 256-bit ones
+  # (and fused multiply-adds stay fused); without them, portable code (the shims keep FMA fused).
+  local flags="-O1,-Wno-psabi,-DVQK_SIMDE" flagsline
+  flagsline="$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || true)"
+  if [[ " $flagsline " == *" avx2 "* && " $flagsline " == *" fma "* && " $flagsline " == *" f16c "* ]]; then
+    flags="$flags,-mavx2,-mfma,-mf16c"
+  fi
+  for line in "${EMULATED[@]}"; do
+    def="${line%%=*}" rest="${line#*=}"
+    defs="$defs $def" isas="$isas${isas:+,}${rest%%=*}" specs+=("${rest#*=}:$flags")
+  done
+  build "${CXX:-g++}" build/native_checks/x86-emulated "$defs" "${specs[@]}"
+  echo "== x86-emulated: run (built in $((SECONDS - t0)) s; behaviour only, emulated AVX-512 speed means nothing)"
+  local t1=$SECONDS
+  build/native_checks/x86-emulated/kernel_check --isa="$isas,scalar" --require="$isas,scalar" \
+    --expect-auto="${isas%%,*}" "${VQK_NATIVE_CHECK_ARGS[@]}"
+  echo "== x86-emulated: ran in $((SECONDS - t1)) s"
+}
+
+simde_version() {
+  local h=/usr/include/simde/simde-common.h
+  [[ -f "$h" ]] || { echo "?"; return; }
+  awk '/define SIMDE_VERSION_(MAJOR|MINOR|MICRO)/ {printf "%s%s", sep, $3; sep="."}' "$h"
+}
+
 VQK_NATIVE_CHECK_ARGS=()
 [[ -n "${VQK_NATIVE_QUICK:-}" ]] && VQK_NATIVE_CHECK_ARGS+=(--quick)
 case "$what" in
   host) host ;;
   aarch64) aarch64 ;;
-  all) host; aarch64 ;;
-  *) echo "usage: $0 [host|aarch64|all]" >&2; exit 2 ;;
+  x86-emulated) x86_emulated ;;
+  all) host; aarch64; x86_emulated ;;
+  *) echo "usage: $0 [host|aarch64|x86-emulated|all]" >&2; exit 2 ;;
 esac

@@ -46,6 +46,8 @@ def report_lines():
     for i, r in SKIP_REASONS.items():
         if r:
             where = " (its kernel checks run under qemu-aarch64: .ci/native_checks.sh aarch64)" \
-                if i in ("neon", "neon_dot") else ""
+                if i in ("neon", "neon_dot") else \
+                " (its kernel checks run emulated through SIMDe, behaviour only: .ci/native_checks.sh" \
+                " x86-emulated)" if i in ("avx512", "avx512bf16") else ""
             lines.append(f"  CPU kernel path {i} NOT tested here: {r}{where}")
     return lines

@@ -8,12 +8,18 @@ checks against its float64 brute force).
            default on aarch64, the int8 dot-product pass (neon_dot) and the portable one on qemu's
            `max` CPU; then the run-time detection on a Cortex-A72 model (no dot product), which must
            refuse neon_dot and keep auto on neon. qemu shows behaviour, not speed.
+  x86-emulated  the AVX-512 builds (avx512bf16, avx512: the script's EMULATED list) compiled
+           against SIMD Everywhere (libsimde-dev) instead of AVX-512 instructions and run on this
+           CPU, which need not have them: the driver's checks of a real AVX-512 (bf16) CPU, answers
+           bit for bit. Emulation checks behaviour, not speed, and cannot catch a bug in SIMDe (or
+           csrc/cpu/simde_avx512.h's shims) or in the compiler's real AVX-512 code generation.
 
 Each build the driver could not run is its own skipped test, with the driver's reason, so no path
 goes unreported. Nothing is installed from here (VQK_NO_APT=1); .ci/native_checks.sh installs the
-cross toolchain itself when run as root.
+cross toolchain and SIMDe itself when run as root.
 """
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -26,15 +32,26 @@ SCRIPT = ROOT / ".ci" / "native_checks.sh"
 ISAS = ["avx512bf16", "avx512", "avx2", "avx2_i16", "avx2_i8", "neon", "neon_dot", "scalar"]
 # Where the aarch64 target's second run (the CPU without the dot product) begins.
 DETECT = "== aarch64: run-time detection"
+# The builds the x86-emulated target runs through SIMDe: the script's EMULATED list, in order.
+EMULATED = re.findall(r'^\s*"VQK_HAVE_\w+=(\w+)=',
+                      SCRIPT.read_text().split("EMULATED=(", 1)[1].split(")", 1)[0], re.M)
 
 
 def _missing(target):
     """Why `target` cannot be built and run here, or None."""
     if shutil.which("bash") is None:
         return "bash is not installed"
-    if target == "host":
+    if target in ("host", "x86-emulated"):
         cxx = os.environ.get("CXX", "g++")
-        return None if shutil.which(cxx) else f"no host C++ compiler ({cxx}) on PATH"
+        if not shutil.which(cxx):
+            return f"no host C++ compiler ({cxx}) on PATH"
+        if target == "host":
+            return None
+        if platform.machine().lower() not in ("x86_64", "amd64"):
+            return f"the x86-emulated check builds on an x86-64 host only, not {platform.machine()}"
+        if not Path("/usr/include/simde/x86/avx512.h").is_file():
+            return "the x86-emulated check needs SIMDe (apt-get install -y libsimde-dev)"
+        return None
     need = [p for p, tool in (("g++-aarch64-linux-gnu", "aarch64-linux-gnu-g++"),
                               ("qemu-user", "qemu-aarch64")) if shutil.which(tool) is None]
     if not need and not Path("/usr/aarch64-linux-gnu/lib").is_dir():
@@ -60,7 +77,11 @@ def _run(target):
 
 
 TARGETS = [pytest.param(t, id=t, marks=[pytest.mark.skip(reason=_missing(t))] if _missing(t) else [])
-           for t in ("host", "aarch64")]
+           for t in ("host", "aarch64", "x86-emulated")]
+# Which builds each target can run: the emulated one builds only its list (and scalar).
+TARGET_ISAS = [pytest.param(t.values[0], isa, id=f"{t.id}-{isa}", marks=t.marks)
+               for t in TARGETS for isa in ISAS
+               if t.id != "x86-emulated" or isa in EMULATED + ["scalar"]]
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -78,10 +99,15 @@ def test_native_driver_passes(target):
         detect = out.split(DETECT, 1)[1]
         assert re.search(r"^SKIP neon_dot: .*dot-product", detect, re.M), tail
         assert re.search(r"^auto: neon$", detect, re.M), tail
+    if target == "x86-emulated":
+        # Every emulated build ran (none skipped), and auto picks the first, as on such a CPU.
+        assert EMULATED, "no EMULATED list found in .ci/native_checks.sh"
+        ran = re.search(r"^builds run: (.*)$", out, re.M)
+        assert ran and set(EMULATED + ["scalar"]) <= set(ran.group(1).split()), tail
+        assert re.search(rf"^auto: {EMULATED[0]}$", out, re.M), tail
 
 
-@pytest.mark.parametrize("target", TARGETS)
-@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("target,isa", TARGET_ISAS)
 def test_native_driver_isa(target, isa):
     """One test per (target, build): passed when the driver ran that build (its checks are in the
     driver's verdict above), skipped with the driver's own reason when it could not."""

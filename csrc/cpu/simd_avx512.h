@@ -1,7 +1,11 @@
 // AVX-512 (F, BW, VL, DQ) traits for search_impl.h, shared by the AVX-512 search builds
 // (search_avx512.cpp, search_avx512bf16.cpp). Internal linkage only: see search_impl.h.
 #pragma once
+#if defined(VQK_SIMDE)
+#include "simde_avx512.h"  // the emulated build of .ci/native_checks.sh x86-emulated only
+#else
 #include <immintrin.h>
+#endif
 
 #include <cstdint>
 

@@ -32,6 +32,9 @@
 #include <asm/hwcap.h>
 #include <sys/auxv.h>
 #endif
+#if defined(VQK_EMULATED_AVX512)
+extern "C" const int vqk_avx512_emulated_by_simde;  // see avx512_emulated() below
+#endif
 
 namespace vqk {
 namespace cpu {
@@ -102,9 +105,21 @@ std::unique_ptr<T[], FreeDeleter> aligned_array(int64_t n) {
 // ---------------------------------------------------------------------------------------------
 // Instruction set
 
+// The x86-emulated native check (.ci/native_checks.sh x86-emulated) builds the AVX-512 search
+// files against SIMDe (portable code, csrc/cpu/simde_avx512.h) and this file with
+// VQK_EMULATED_AVX512, so that its driver runs them on a CPU without AVX-512. Never defined for the
+// module (CMakeLists.txt, setup.py): there the CPU check below stands. The symbol only the SIMDe
+// objects define makes a binary built with this switch but real AVX-512 objects fail to link.
+#if defined(VQK_EMULATED_AVX512)
+bool avx512_emulated() { return vqk_avx512_emulated_by_simde == 1; }
+#else
+constexpr bool avx512_emulated() { return false; }
+#endif
+
 // Whether this CPU runs each build (and the build exists).
 bool cpu_has_avx512() {
 #if defined(VQK_HAVE_AVX512)
+  if (avx512_emulated()) return true;
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
 #else
@@ -114,6 +129,7 @@ bool cpu_has_avx512() {
 
 bool cpu_has_avx512bf16() {
 #if defined(VQK_HAVE_AVX512BF16)
+  if (avx512_emulated()) return true;
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
          __builtin_cpu_supports("avx512bf16");
@@ -217,7 +233,7 @@ constexpr int64_t kBf16MinK = 128, kBf16MinD = 16;
 // stays on `neon` until someone measures it on real cores.
 constexpr int64_t kI16MinK = 64, kI16MinD = 16;
 
-bool cpu_is_amd_family25() {
+[[maybe_unused]] bool cpu_is_amd_family25() {  // unused in a build without AVX2 (x86-emulated)
 #if defined(__x86_64__) || defined(__i386__)
   unsigned a = 0, b = 0, c = 0, d = 0;
   if (!__get_cpuid(0, &a, &b, &c, &d)) return false;

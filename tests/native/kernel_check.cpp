@@ -33,6 +33,7 @@
 #include <random>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "vqk/common.h"
@@ -599,7 +600,11 @@ int main(int argc, char** argv) {
   const std::vector<Case> cases = make_cases(quick);
   const DType dtypes[] = {DType::f32, DType::f16, DType::bf16, DType::f64};
   // The truth for each case and dtype (from the stored values), shared by every build.
-  std::map<std::string, FwdOut> fp32_out;  // the avx2 / neon builds' 1-thread outputs, per case
+  // The reduced-precision first passes promise their fp32 build's output bit for bit: each pair is
+  // compared on every case (1 thread), in whichever order the two run.
+  const std::pair<const char*, const char*> fp32_of[] = {
+      {"avx2_i16", "avx2"}, {"avx2_i8", "avx2"}, {"neon_dot", "neon"}, {"avx512bf16", "avx512"}};
+  std::map<std::string, FwdOut> pair_out;  // "isa/dtype#case": those builds' 1-thread outputs
   for (const auto& isa : ran) {
     setenv("VQK_CPU_ISA", isa.c_str(), 1);
     int64_t rows = 0;
@@ -635,12 +640,13 @@ int main(int argc, char** argv) {
           check_forward(where, t, c, xs, cs, tr, cbbuf, &lz, o);
           if (threads == 1) {
             one = o;
-            // The reduced-precision first passes promise the fp32 build's output bit for bit.
-            if (isa == "avx2" || isa == "neon") fp32_out[key] = o;
-            const char* partner = isa == "avx2_i16" || isa == "avx2_i8" ? "avx2" : isa == "neon_dot" ? "neon" : nullptr;
-            if (partner && contains(ran, partner)) {
-              const FwdOut& f = fp32_out[key];
-              CHECK(f.idx == o.idx && f.sqerr == o.sqerr && f.zq == o.zq,
+            for (const auto& pr : fp32_of) {
+              const char* partner = isa == pr.first ? pr.second : isa == pr.second ? pr.first : nullptr;
+              if (!partner) continue;
+              pair_out[isa + "/" + key] = o;
+              const auto f = pair_out.find(partner + ("/" + key));
+              if (f == pair_out.end()) continue;
+              CHECK(f->second.idx == o.idx && f->second.sqerr == o.sqerr && f->second.zq == o.zq,
                     "%s: not bitwise the %s build's indices, sqerr and z_q", where.c_str(), partner);
             }
             // No z_q asked for: the same indices and errors.
@@ -662,19 +668,20 @@ int main(int argc, char** argv) {
 
   // The exact re-search must be doing work on the adversarial cases, and the debug switch that
   // turns it off must make answers wrong there (so the checks above can fail).
-  // Also for the int16 first pass, whose own proof (not only the fp32 re-search) is what keeps it exact.
+  // Also for the int16 first pass, whose own proof (not only the fp32 re-search) is what keeps it
+  // exact, and for avx512 behind avx512bf16 (an AVX-512 BF16 CPU, or the emulated driver).
   std::vector<std::string> controls;
   if (!ran.empty()) controls.push_back(ran.front());
-  for (const char* fast : {"avx2_i16", "avx2_i8", "neon_dot"})
+  for (const char* fast : {"avx2_i16", "avx2_i8", "neon_dot", "avx512"})
     if (contains(ran, fast) && ran.front() != fast) controls.push_back(fast);
   for (const auto& control : controls) {
     setenv("VQK_CPU_ISA", control.c_str(), 1);
-    // avx2_i8's control draws its case from a copy of the generator, so the cases after it (the
-    // twins below, whose "no exact re-search" check depends on the draw) are those the other
-    // builds had before avx2_i8 was added.
+    // avx2_i8's and avx512's (behind avx512bf16) controls draw their case from a copy of the
+    // generator, so the cases after them (the twins below, whose "no exact re-search" check
+    // depends on the draw) are those the other builds had before these controls were added.
     const std::mt19937_64 rng_before = g_rng;
     const Case c = close_codes(160, 300, 24, 5, 4, 16384.0);
-    if (control == "avx2_i8") g_rng = rng_before;
+    if (control == "avx2_i8" || (control == "avx512" && control != ran.front())) g_rng = rng_before;
     const Layout l = make_layout(0, c.N, c.D);
     std::vector<char> xbuf(c.N * c.D * 4), cbbuf(c.K * c.D * 4);
     std::vector<double> xs(c.N * c.D), cs(c.K * c.D);

@@ -11,9 +11,10 @@
 #            measured by this script.
 #   x86-emulated  the AVX-512 builds (EMULATED below) compiled against SIMD Everywhere (Debian's
 #            libsimde-dev: the intrinsics in portable C, plus csrc/cpu/simde_avx512.h's shims for
-#            those SIMDe 0.7.4 lacks) instead of the CPU's instructions, with no -mavx512 flags, and
-#            run on this CPU, which need not have AVX-512: every forward check the driver makes on
-#            a real AVX-512 (bf16) CPU. Only this binary's vq_cpu.cpp is built with
+#            those SIMDe 0.7.4 lacks, themselves checked first by tests/native/simde_check.cpp)
+#            instead of the CPU's instructions, with no -mavx512 flags, and run on this CPU, which
+#            need not have AVX-512: every forward check the driver makes on a real AVX-512 (bf16)
+#            CPU. Only this binary's vq_cpu.cpp is built with
 #            VQK_EMULATED_AVX512, which lets those builds past the run-time CPU check; the module
 #            never is. Emulation checks behaviour (the answers bit for bit), not speed, and it
 #            cannot catch a bug in SIMDe itself (or the shims) or in the compiler's real AVX-512
@@ -169,8 +170,14 @@ x86_emulated() {
     defs="$defs $def" isas="$isas${isas:+,}${rest%%=*}" specs+=("${rest#*=}:$flags")
   done
   build "${CXX:-g++}" build/native_checks/x86-emulated "$defs" "${specs[@]}"
+  # First the shims this target adds to SIMDe (csrc/cpu/simde_avx512.h), against Intel's semantics.
+  local sc=build/native_checks/x86-emulated/simde_check
+  # shellcheck disable=SC2086
+  stale "$sc" tests/native/simde_check.cpp &&
+    "${CXX:-g++}" "${CXXFLAGS[@]}" ${flags//,/ } -Icsrc/cpu tests/native/simde_check.cpp -o "$sc"
   echo "== x86-emulated: run (built in $((SECONDS - t0)) s; behaviour only, emulated AVX-512 speed means nothing)"
   local t1=$SECONDS
+  "$sc"
   build/native_checks/x86-emulated/kernel_check --isa="$isas,scalar" --require="$isas,scalar" \
     --expect-auto="${isas%%,*}" "${VQK_NATIVE_CHECK_ARGS[@]}"
   echo "== x86-emulated: ran in $((SECONDS - t1)) s"

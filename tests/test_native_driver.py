@@ -12,7 +12,8 @@ checks against its float64 brute force).
            against SIMD Everywhere (libsimde-dev) instead of AVX-512 instructions and run on this
            CPU, which need not have them: the driver's checks of a real AVX-512 (bf16) CPU, answers
            bit for bit. Emulation checks behaviour, not speed, and cannot catch a bug in SIMDe (or
-           csrc/cpu/simde_avx512.h's shims) or in the compiler's real AVX-512 code generation.
+           csrc/cpu/simde_avx512.h's shims, which tests/native/simde_check.cpp holds to Intel's
+           documented semantics first) or in the compiler's real AVX-512 code generation.
 
 Each build the driver could not run is its own skipped test, with the driver's reason, so no path
 goes unreported. Nothing is installed from here (VQK_NO_APT=1); .ci/native_checks.sh installs the
@@ -100,7 +101,9 @@ def test_native_driver_passes(target):
         assert re.search(r"^SKIP neon_dot: .*dot-product", detect, re.M), tail
         assert re.search(r"^auto: neon$", detect, re.M), tail
     if target == "x86-emulated":
-        # Every emulated build ran (none skipped), and auto picks the first, as on such a CPU.
+        # The shims added to SIMDe passed their own check first; every emulated build ran (none
+        # skipped), and auto picks the first, as on such a CPU.
+        assert re.search(r"^simde shims: OK: \d+ checks, 0 failed$", out, re.M), tail
         assert EMULATED, "no EMULATED list found in .ci/native_checks.sh"
         ran = re.search(r"^builds run: (.*)$", out, re.M)
         assert ran and set(EMULATED + ["scalar"]) <= set(ran.group(1).split()), tail

@@ -18,7 +18,10 @@
 //   _mm512_cvtepu16_epi32, _mm512_cvtepi32_epi16 (truncating), _mm512_cmplt_epi32_mask;
 //   _mm512_cvtneps_pbh, _mm256_cvtneps_pbh   the SDM's convert_fp32_to_bfloat16: round to nearest
 //                          even, denormals to signed zero, NaN kept with its quiet bit set;
-//   _mm512_shuffle_f32x4   SIMDe has it but not its native name.
+//   _mm512_shuffle_f32x4   SIMDe has it but not its native name; _mm512_madd_epi16's native name
+//                          is declared with the wrong arguments.
+// tests/native/simde_check.cpp checks these against the documented semantics (edge cases, and
+// that masked-off lanes at a page's end are never read).
 // And one replaced: _mm512_dpbf16_ps. SIMDe's rounds each product, adds the even pair first and
 // keeps denormals;
 // the SDM's VDPBF16PS is two fused multiply-adds per lane, the odd pair first, with denormal
@@ -39,6 +42,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+
+// SIMDe names no __mmask16 of its own; the compiler's headers do only when SIMDe includes them
+// (built with -mavx2 and the like). The same type either way, so declaring it again is allowed.
+typedef simde__mmask16 __mmask16;
 
 #ifndef _MM_FROUND_NO_EXC
 #define _MM_FROUND_NO_EXC SIMDE_MM_FROUND_NO_EXC
@@ -236,6 +243,10 @@ inline __m512 fnmadd_ps(__m512 a, __m512 b, __m512 c) {
 #define _mm512_shuffle_f32x4(a, b, imm) simde_mm512_shuffle_f32x4(a, b, imm)
 #undef _mm512_dpbf16_ps
 #define _mm512_dpbf16_ps(src, a, b) vqk_simde::dpbf16_ps(src, a, b)
+// SIMDe 0.7.4's alias for _mm512_madd_epi16 takes the masked form's four arguments (a slip in its
+// header); Intel's takes two.
+#undef _mm512_madd_epi16
+#define _mm512_madd_epi16(a, b) simde_mm512_madd_epi16(a, b)
 #if !defined(__FMA__)
 #undef _mm512_fmadd_ps
 #define _mm512_fmadd_ps(a, b, c) vqk_simde::fmadd_ps(a, b, c)

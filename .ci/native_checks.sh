@@ -159,26 +159,31 @@ x86_emulated() {
   # the driver runs them in seconds even so. -Wno-psabi: GCC notes that 64-byte vectors are
   # passed differently since GCC 4.6, once per file.
   # With the host's AVX2/FMA/F16C, SIMDe does each 512-bit operation as two native 256-bit ones
-  # (and fused multiply-adds stay fused); without them, portable code (the shims keep FMA fused).
-  local flags="-O1,-Wno-psabi,-DVQK_SIMDE" flagsline
+  # (and fused multiply-adds stay fused); without them (or with VQK_EMULATED_PORTABLE=1), portable
+  # code (the shims keep FMA fused), in its own folder.
+  local flags="-O1,-Wno-psabi,-DVQK_SIMDE" flagsline out=build/native_checks/x86-emulated
   flagsline="$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || true)"
-  if [[ " $flagsline " == *" avx2 "* && " $flagsline " == *" fma "* && " $flagsline " == *" f16c "* ]]; then
+  if [[ "${VQK_EMULATED_PORTABLE:-0}" != 1 && " $flagsline " == *" avx2 "* && " $flagsline " == *" fma "* &&
+        " $flagsline " == *" f16c "* ]]; then
     flags="$flags,-mavx2,-mfma,-mf16c"
+  else
+    out="$out-portable"
   fi
+  echo "   SIMDe objects built with: ${flags//,/ }"
   for line in "${EMULATED[@]}"; do
     def="${line%%=*}" rest="${line#*=}"
     defs="$defs $def" isas="$isas${isas:+,}${rest%%=*}" specs+=("${rest#*=}:$flags")
   done
-  build "${CXX:-g++}" build/native_checks/x86-emulated "$defs" "${specs[@]}"
+  build "${CXX:-g++}" "$out" "$defs" "${specs[@]}"
   # First the shims this target adds to SIMDe (csrc/cpu/simde_avx512.h), against Intel's semantics.
-  local sc=build/native_checks/x86-emulated/simde_check
+  local sc="$out/simde_check"
   # shellcheck disable=SC2086
   stale "$sc" tests/native/simde_check.cpp &&
     "${CXX:-g++}" "${CXXFLAGS[@]}" ${flags//,/ } -Icsrc/cpu tests/native/simde_check.cpp -o "$sc"
   echo "== x86-emulated: run (built in $((SECONDS - t0)) s; behaviour only, emulated AVX-512 speed means nothing)"
   local t1=$SECONDS
   "$sc"
-  build/native_checks/x86-emulated/kernel_check --isa="$isas,scalar" --require="$isas,scalar" \
+  "$out/kernel_check" --isa="$isas,scalar" --require="$isas,scalar" \
     --expect-auto="${isas%%,*}" "${VQK_NATIVE_CHECK_ARGS[@]}"
   echo "== x86-emulated: ran in $((SECONDS - t1)) s"
 }

@@ -40,17 +40,27 @@ stale() {
 }
 
 # build <compiler> <outdir> <defines for vq_cpu.cpp> <file>:<flags,comma-separated> ...
+# The stale objects compile VQK_NATIVE_JOBS at a time (default: the CPUs there are), then link.
 build() {
   local cxx="$1" out="$2" defs="$3"
   shift 3
   mkdir -p "$out"
-  local objs=()
+  local objs=() pids=() failed=0 jobs="${VQK_NATIVE_JOBS:-$(nproc 2>/dev/null || echo 1)}"
+  # Runs "$@" in the background, waiting for the oldest job once `jobs` are running.
+  spawn() {
+    "$@" &
+    pids+=($!)
+    if ((${#pids[@]} >= jobs)); then
+      wait "${pids[0]}" || failed=1
+      pids=("${pids[@]:1}")
+    fi
+  }
   local f
   for f in "${COMMON[@]}"; do
     local extra=()
     [[ "$f" == */vq_cpu.cpp ]] && for d in $defs; do extra+=("-D$d"); done
     local o="$out/$(basename "$f" .cpp).o"
-    stale "$o" "$f" && "$cxx" "${CXXFLAGS[@]}" "${extra[@]}" -c "$f" -o "$o"
+    if stale "$o" "$f"; then spawn "$cxx" "${CXXFLAGS[@]}" "${extra[@]}" -c "$f" -o "$o"; fi
     objs+=("$o")
   done
   local spec
@@ -58,10 +68,22 @@ build() {
     local file="${spec%%:*}" flags="${spec#*:}"
     local o="$out/$(basename "$file" .cpp).o"
     # shellcheck disable=SC2086
-    stale "$o" "$file" && "$cxx" "${CXXFLAGS[@]}" ${flags//,/ } -c "$file" -o "$o"
+    if stale "$o" "$file"; then spawn "$cxx" "${CXXFLAGS[@]}" ${flags//,/ } -c "$file" -o "$o"; fi
     objs+=("$o")
   done
-  "$cxx" "${CXXFLAGS[@]}" -O2 tests/native/kernel_check.cpp "${objs[@]}" -o "$out/kernel_check"
+  local p
+  for p in "${pids[@]}"; do wait "$p" || failed=1; done
+  if ((failed)); then
+    echo "native_checks: a compilation for $out failed (above)" >&2
+    return 1
+  fi
+  # Linked again only when something changed (the pytest wrapper reruns this after CI's own run).
+  local relink=0 o
+  stale "$out/kernel_check" tests/native/kernel_check.cpp && relink=1
+  for o in "${objs[@]}"; do [[ "$o" -nt "$out/kernel_check" ]] && relink=1; done
+  if ((relink)); then
+    "$cxx" "${CXXFLAGS[@]}" -O2 tests/native/kernel_check.cpp "${objs[@]}" -o "$out/kernel_check"
+  fi
 }
 
 apt_install() {

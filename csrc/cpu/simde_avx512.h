@@ -18,6 +18,10 @@
 //   _mm512_cvtepu16_epi32, _mm512_cvtepi32_epi16 (truncating), _mm512_cmplt_epi32_mask;
 //   _mm512_cvtneps_pbh, _mm256_cvtneps_pbh   the SDM's convert_fp32_to_bfloat16: round to nearest
 //                          even, denormals to signed zero, NaN kept with its quiet bit set;
+//   for integer builds to come (unused so far): _mm512_cvtepi32_ps, _mm512_cvttps_epi32 (NaN and
+//                          out of range: 0x80000000), _mm512_srai_epi32, _mm512_cvtepi16_epi32,
+//                          _mm512_cvtepi8_epi32, _mm512_cvtepu8_epi16, _mm512_reduce_add_epi32,
+//                          _mm512_cmp_epi32_mask (SIMDe has dpwssd, dpbusd, madd, maddubs, packs);
 //   _mm512_shuffle_f32x4   SIMDe has it but not its native name; _mm512_madd_epi16's native name
 //                          is declared with the wrong arguments.
 // tests/native/simde_check.cpp checks these against the documented semantics (edge cases, and
@@ -39,6 +43,7 @@
 #include <simde/x86/avx512.h>
 #include <simde/x86/f16c.h>
 
+#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -207,6 +212,80 @@ inline __m512 fnmadd_ps(__m512 a, __m512 b, __m512 c) {
   VQK_RETURN(__m512, r);
 }
 
+// Not used by the kernels yet; for AVX-512 integer builds to come (the int16/int8 first passes
+// use their AVX2 forms), and checked by simde_check.cpp like the rest.
+inline __m512 cvtepi32_ps(__m512i a) {
+  VQK_LANES(int32_t, l, a);
+  float r[16];
+  for (int i = 0; i < 16; ++i) r[i] = (float)l[i];  // round to nearest even, as MXCSR's default
+  VQK_RETURN(__m512, r);
+}
+
+inline __m512i cvttps_epi32(__m512 a) {
+  VQK_LANES(float, l, a);
+  int32_t r[16];
+  for (int i = 0; i < 16; ++i)  // NaN and out of range: the "integer indefinite" 0x80000000
+    r[i] = l[i] >= -2147483648.0f && l[i] < 2147483648.0f ? (int32_t)l[i] : INT32_MIN;
+  VQK_RETURN(__m512i, r);
+}
+
+inline __m512i srai_epi32(__m512i a, unsigned imm) {
+  VQK_LANES(int32_t, l, a);
+  int32_t r[16];
+  for (int i = 0; i < 16; ++i) r[i] = l[i] >> (imm > 31 ? 31 : imm);  // arithmetic; > 31 fills the sign
+  VQK_RETURN(__m512i, r);
+}
+
+inline __m512i cvtepi16_epi32(__m256i a) {
+  VQK_LANES(int16_t, l, a);
+  int32_t r[16];
+  for (int i = 0; i < 16; ++i) r[i] = l[i];
+  VQK_RETURN(__m512i, r);
+}
+
+inline __m512i cvtepi8_epi32(__m128i a) {
+  VQK_LANES(int8_t, l, a);
+  int32_t r[16];
+  for (int i = 0; i < 16; ++i) r[i] = l[i];
+  VQK_RETURN(__m512i, r);
+}
+
+inline __m512i cvtepu8_epi16(__m256i a) {
+  VQK_LANES(uint8_t, l, a);
+  int16_t r[32];
+  for (int i = 0; i < 32; ++i) r[i] = (int16_t)l[i];
+  VQK_RETURN(__m512i, r);
+}
+
+inline int reduce_add_epi32(__m512i a) {
+  VQK_LANES(uint32_t, l, a);
+  uint32_t s = 0;
+  for (int i = 0; i < 16; ++i) s += l[i];  // wraps, as the hardware's
+  return (int)(int32_t)s;
+}
+
+// imm: _MM_CMPINT_EQ, LT, LE, FALSE, NE, NLT, NLE, TRUE (0..7), signed.
+inline __mmask16 cmp_epi32_mask(__m512i a, __m512i b, int imm) {
+  VQK_LANES(int32_t, x, a);
+  VQK_LANES(int32_t, y, b);
+  unsigned m = 0;
+  for (int i = 0; i < 16; ++i) {
+    bool t;
+    switch (imm & 7) {
+      case 0: t = x[i] == y[i]; break;
+      case 1: t = x[i] < y[i]; break;
+      case 2: t = x[i] <= y[i]; break;
+      case 3: t = false; break;
+      case 4: t = x[i] != y[i]; break;
+      case 5: t = !(x[i] < y[i]); break;
+      case 6: t = !(x[i] <= y[i]); break;
+      default: t = true; break;
+    }
+    m |= (unsigned)t << i;
+  }
+  return (__mmask16)m;
+}
+
 #undef VQK_LANES
 #undef VQK_RETURN
 
@@ -243,6 +322,22 @@ inline __m512 fnmadd_ps(__m512 a, __m512 b, __m512 c) {
 #define _mm512_shuffle_f32x4(a, b, imm) simde_mm512_shuffle_f32x4(a, b, imm)
 #undef _mm512_dpbf16_ps
 #define _mm512_dpbf16_ps(src, a, b) vqk_simde::dpbf16_ps(src, a, b)
+#undef _mm512_cvtepi32_ps
+#define _mm512_cvtepi32_ps(a) vqk_simde::cvtepi32_ps(a)
+#undef _mm512_cvttps_epi32
+#define _mm512_cvttps_epi32(a) vqk_simde::cvttps_epi32(a)
+#undef _mm512_srai_epi32
+#define _mm512_srai_epi32(a, imm) vqk_simde::srai_epi32(a, imm)
+#undef _mm512_cvtepi16_epi32
+#define _mm512_cvtepi16_epi32(a) vqk_simde::cvtepi16_epi32(a)
+#undef _mm512_cvtepi8_epi32
+#define _mm512_cvtepi8_epi32(a) vqk_simde::cvtepi8_epi32(a)
+#undef _mm512_cvtepu8_epi16
+#define _mm512_cvtepu8_epi16(a) vqk_simde::cvtepu8_epi16(a)
+#undef _mm512_reduce_add_epi32
+#define _mm512_reduce_add_epi32(a) vqk_simde::reduce_add_epi32(a)
+#undef _mm512_cmp_epi32_mask
+#define _mm512_cmp_epi32_mask(a, b, imm) vqk_simde::cmp_epi32_mask(a, b, imm)
 // SIMDe 0.7.4's alias for _mm512_madd_epi16 takes the masked form's four arguments (a slip in its
 // header); Intel's takes two.
 #undef _mm512_madd_epi16

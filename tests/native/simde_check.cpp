@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include <cinttypes>
+#include <climits>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -224,6 +225,74 @@ void check_arith() {
   for (int j = 0; j < 16; ++j) CHECK(out[j] == table[32 + ix[j]], "_mm512_i32gather_ps lane %d", j);
 }
 
+// The integer conversions and reductions shimmed for builds to come.
+void check_int() {
+  int32_t w[16];
+  float f[16];
+  const float specials[16] = {0.5f, -0.5f, 1.5f, -1.5f, 2147483520.0f, -2147483648.0f, 2147483648.0f,
+                              -2147483904.0f, NAN, INFINITY, -INFINITY, 16777217.0f, -7.99f, 7.99f,
+                              1e-40f, -0.0f};
+  for (int j = 0; j < 16; ++j) w[j] = (int32_t)(0x01000001u * (uint32_t)(j * 37 + 1)) ^ (j % 2 ? INT32_MIN : 0);
+  __m512i wv;
+  std::memcpy(&wv, w, 64);
+  float out[16];
+  lanes(_mm512_cvtepi32_ps(wv), out);
+  for (int j = 0; j < 16; ++j)
+    CHECK(out[j] == (float)(double)w[j], "_mm512_cvtepi32_ps(%d) = %a", w[j], out[j]);  // exact in double, then one rounding
+  std::memcpy(f, specials, 64);
+  const __m512i tv = _mm512_cvttps_epi32(vec(f));
+  int32_t t[16];
+  std::memcpy(t, &tv, 64);
+  const int32_t want_t[16] = {0, 0, 1, -1, 2147483520, INT32_MIN, INT32_MIN, INT32_MIN, INT32_MIN,
+                              INT32_MIN, INT32_MIN, 16777216, -7, 7, 0, 0};
+  for (int j = 0; j < 16; ++j) CHECK(t[j] == want_t[j], "_mm512_cvttps_epi32(%a) = %d, want %d", f[j], t[j], want_t[j]);
+  int32_t r[16];
+  for (unsigned sh : {0u, 5u, 31u, 32u, 200u}) {
+    const __m512i sv = _mm512_srai_epi32(wv, sh);
+    std::memcpy(r, &sv, 64);
+    for (int j = 0; j < 16; ++j) {
+      const int64_t want = sh > 31 ? (w[j] < 0 ? -1 : 0) : (int64_t)std::floor((double)w[j] / std::ldexp(1.0, (int)sh));
+      CHECK(r[j] == want, "_mm512_srai_epi32(%d, %u) = %d", w[j], sh, r[j]);
+    }
+  }
+  int16_t h16[16];
+  int8_t b8[32];
+  for (int j = 0; j < 16; ++j) h16[j] = (int16_t)(j % 2 ? -32768 + j * 999 : 32767 - j * 999);
+  for (int j = 0; j < 32; ++j) b8[j] = (int8_t)(j * 17 - 128);
+  __m256i hv, bv;
+  __m128i qv;
+  std::memcpy(&hv, h16, 32);
+  std::memcpy(&bv, b8, 32);
+  std::memcpy(&qv, b8, 16);
+  __m512i rv = _mm512_cvtepi16_epi32(hv);
+  std::memcpy(r, &rv, 64);
+  for (int j = 0; j < 16; ++j) CHECK(r[j] == h16[j], "_mm512_cvtepi16_epi32 lane %d: %d", j, r[j]);
+  rv = _mm512_cvtepi8_epi32(qv);
+  std::memcpy(r, &rv, 64);
+  for (int j = 0; j < 16; ++j) CHECK(r[j] == b8[j], "_mm512_cvtepi8_epi32 lane %d: %d", j, r[j]);
+  rv = _mm512_cvtepu8_epi16(bv);
+  int16_t r16[32];
+  std::memcpy(r16, &rv, 64);
+  for (int j = 0; j < 32; ++j) CHECK(r16[j] == (uint8_t)b8[j], "_mm512_cvtepu8_epi16 lane %d: %d", j, r16[j]);
+  uint32_t sum = 0;
+  for (int j = 0; j < 16; ++j) sum += (uint32_t)w[j];
+  CHECK(_mm512_reduce_add_epi32(wv) == (int32_t)sum, "_mm512_reduce_add_epi32 does not wrap as the hardware");
+  int32_t x[16], y[16];
+  for (int j = 0; j < 16; ++j) x[j] = j % 3 - 1 + (j == 4 ? INT32_MIN : 0), y[j] = (j / 3) % 3 - 1;
+  __m512i xv, yv;
+  std::memcpy(&xv, x, 64);
+  std::memcpy(&yv, y, 64);
+  const unsigned m[8] = {_mm512_cmp_epi32_mask(xv, yv, 0), _mm512_cmp_epi32_mask(xv, yv, 1),
+                         _mm512_cmp_epi32_mask(xv, yv, 2), _mm512_cmp_epi32_mask(xv, yv, 3),
+                         _mm512_cmp_epi32_mask(xv, yv, 4), _mm512_cmp_epi32_mask(xv, yv, 5),
+                         _mm512_cmp_epi32_mask(xv, yv, 6), _mm512_cmp_epi32_mask(xv, yv, 7)};
+  for (int j = 0; j < 16; ++j) {
+    const bool want[8] = {x[j] == y[j], x[j] < y[j], x[j] <= y[j], false,
+                          x[j] != y[j], x[j] >= y[j], x[j] > y[j], true};
+    for (int k = 0; k < 8; ++k) CHECK(((m[k] >> j) & 1) == (unsigned)want[k], "_mm512_cmp_epi32_mask imm %d lane %d", k, j);
+  }
+}
+
 // Masked loads and stores of n < 16 elements that end where an inaccessible page begins.
 void check_masked() {
   const long page = sysconf(_SC_PAGESIZE);
@@ -272,6 +341,7 @@ int main() {
   check_f16(rng);
   check_dpbf16();
   check_arith();
+  check_int();
   check_masked();
   std::printf("simde shims: %s: %d checks, %d failed\n", g_failures ? "FAILED" : "OK", g_checks, g_failures);
   return g_failures ? 1 : 0;

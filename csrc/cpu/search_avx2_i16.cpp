@@ -9,40 +9,10 @@
 // that CPU family (AMD family 25 without AVX-512) for K >= 64 and D >= 16; VQK_CPU_ISA=avx2_i16
 // forces it anywhere with AVX2 (Intel cores, where it should also pay: unmeasured).
 //
-// Quantization (power-of-two scales, so rescaling is exact):
-//   code k: sigma_k = the smallest power of two >= 2^-100 with max_d |e_kd| <= Q sigma_k,
-//           q_kd = round(e_kd / sigma_k), so |q_kd| <= Q and |e_kd - sigma_k q_kd| <= sigma_k / 2;
-//   row x:  tau the same from max_d |x_d|, p_d = round(x_d / tau), |x_d - tau p_d| <= tau / 2.
-// Q = the largest value <= 32767 with 2 ceil(D/2) Q^2 <= 2^31 - 1: every vpmaddwd pair sum (<= 2 Q^2)
-// and the whole int32 accumulation over D (<= D Q^2) are exact -- no overflow, no rounding. (Q = 5792
-// at D = 64, 2047 at D = 512; -32768 never occurs, so vpmaddwd's one overflowing case cannot happen.)
-//
-// Bound. With eps_d = e_d - sigma q_d and eta_d = x_d - tau p_d,
-//   x_d e_d - tau sigma p_d q_d = x_d eps_d + sigma q_d eta_d, and sigma |q_d| <= |e_d| + sigma / 2, so
-//   |x.e - tau sigma (p.q)| <= (sigma/2) ||x||_1 + (tau/2) (||e||_1 + D sigma / 2) <= dd, where
-//   dd = (S/2) L1(x) + (tau/2) (L + D S / 2), S = max_k sigma_k, L >= max_k ||e_k||_1 (both over the
-//   finite codes, vq_cpu.cpp), L1(x) >= ||x||_1 (fp32 sum enlarged by gamma_{D+2}, plus D 2^-126
-//   against flushed denormals; L likewise, summed in float64).
-// The approximate value is a_k' = fl(n_k - (2 sigma_k) fl(fl(p.q) tau)): fl(p.q) = cvt of the exact
-// int32 (relative error u = 2^-24), the product by tau is exact (powers of two, no under/overflow in
-// range), the fnmadd rounds once, n_k is the fp32 norm of pack_codes (error gamma_{2D} ||e||^2). So
-//   |a_k' - (||e_k||^2 - 2 x.e_k)| <= 2 dd + gamma_{2D} E^2 + 2u (||x|| E + dd) + u |a_k'|
-//                                 <= 2 dd (1 + 2^-20) + B,
-// B being the fp32 search's own bound (`decide`: (2D + 8) u 1.01 (E^2 + 2 ||x|| E) + the float64 and
-// subnormal terms), which covers the norm, the conversion and the final rounding with room to spare.
-// Call Delta = 2 dd (1 + 2^-20) + B.
-// Proof. Let k1 be the int pass's best (value v1, lowest index on ties) and v2 the best value over
-// every other code. For k != k1 the exact expansions satisfy a_k - a_k1 >= v2 - v1 - 2 Delta. The row
-// is accepted when v2 - v1 > 2 Delta + 4 B, i.e. (4 dd + 6 B) (1 + 2^-10) (room for rounding the test):
-// then a_k - a_k1 > 4 B, so k1 is the exact nearest code, AND the fp32 search's own values satisfy
-// v2_fp32 - v1_fp32 > 4 B - 2 B = 2 B: the fp32 build would have proven the same row too, so it would
-// have written the same index, the same fp32 error (finish_tile) and the same z_q -- bit-identical
-// output. Every other row (a near tie at int16 resolution, NaN or inf, ||x||^2 >= 2^100, max |x| >= 2^60,
-// max ||e|| >= 2^50) is set aside and searched by the fp32 search of search_impl.h, which treats it
-// exactly as the avx2 build would (its proof, or the exact float64 re-search). Every row's answer
-// depends on that row alone, so which rows went which way changes the speed only.
-// A thread that sets aside more than a third of its first rows does plain fp32 tiles for the rest
-// of the call (the int16 pass then costs more than it saves).
+// The quantization (per-code and per-row power-of-two scales), the rigorous bound, the proof that a
+// row accepted here gets the fp32 build's bits, and the hand-over of the other rows to the fp32
+// search: search_i16_common.h, shared with the 512-bit build (search_avx512_i16.cpp). This file
+// holds the 256-bit pieces that header calls, and the residual-VQ search (int16 pass per stage).
 #include "cpu_internal.h"
 #include "simd_avx2.h"
 
@@ -60,116 +30,68 @@ constexpr int NR = 4;
 namespace vqk {
 namespace {
 
-// Q for a given D (see the top): 2 ceil(D/2) Q^2 <= 2^31 - 1, Q <= 32767.
-int32_t quant_max(int64_t D) {
-  const int64_t pairs = 2 * ((D + 1) / 2 > 0 ? (D + 1) / 2 : 1);
-  int64_t q = (int64_t)__builtin_sqrt(2147483647.0 / (double)pairs);
-  if (q > 32767) q = 32767;
-  while (q > 0 && pairs * q * q > 2147483647LL) --q;
-  while (q < 32767 && pairs * (q + 1) * (q + 1) <= 2147483647LL) ++q;
-  return (int32_t)q;
-}
-// Below this the int16 values are too coarse to prove anything (D beyond ~2^21): fp32 tiles only.
-constexpr int32_t kMinQ = 16;
-
-double pow2(int e) {  // 2^e for -1022 <= e <= 1023
-  const uint64_t bits = (uint64_t)(e + 1023) << 52;
-  double v;
-  __builtin_memcpy(&v, &bits, 8);
-  return v;
-}
-
-// The smallest power of two s >= 2^-100 with m <= Q s (0 <= m < 2^100; m / s is exact).
-double pow2_scale(double m, int32_t Q) {
-  if (m <= 0x1p-100 * Q) return 0x1p-100;
-  const double r = m / Q;
-  uint64_t bits;
-  __builtin_memcpy(&bits, &r, 8);
-  double s = pow2((int)((bits >> 52) & 0x7ff) - 1023 + 1);  // > r
-  while (s > 0x1p-100 && m / (0.5 * s) <= Q) s *= 0.5;
-  while (m / s > Q) s *= 2.0;
-  return s;
-}
-
-// round(v) to the nearest integer (ties to even) whatever the caller's rounding mode.
-[[maybe_unused]] int32_t round_int(double v) {
-  return (int32_t)_mm_cvtsd_f64(
-      _mm_round_sd(_mm_setzero_pd(), _mm_set_sd(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-
-// The panel's NR codes are walked together, as in pack_codes: the same per-code sums in the same
-// order, the quantization 4 codes to a vector. x / sigma is computed as x * (1 / sigma), the same
-// value: sigma is a power of two in [2^-100, 2^61], so both are exact.
-static_assert(NR == 4, "pack_codes_i16 quantizes a panel's 4 codes as one vector of doubles");
-template <class E>
-void pack_codes_i16(const cpu::FwdJob& job, int64_t p_lo, int64_t p_hi) {
-  pack_codes<E>(job, p_lo, p_hi);
-  const int64_t D = job.D, D2 = (D + 1) / 2, P = job.panels * NR;
-  const int32_t Q = quant_max(D);
-  for (int64_t p = p_lo; p < p_hi; ++p) {
-    const float* src = job.packed + p * D * NR;
-    uint32_t* dst = job.packed_bf16 + p * D2 * NR;
-    double m[NR] = {}, l1[NR] = {};
-    for (int64_t d = 0; d < D; ++d)
-      for (int j = 0; j < NR; ++j) {
-        const double v = __builtin_fabs((double)src[d * NR + j]);
-        m[j] = v > m[j] ? v : m[j];
-        l1[j] += v;
-      }
-    alignas(32) double inv[NR];
-    for (int j = 0; j < NR; ++j) {
-      const int64_t k = p * NR + j;
-      // Padding, NaN/inf codes and finite codes whose norm overflowed get zeros: their fp32 norm
-      // (+inf or NaN) already makes their value +inf or NaN, and max||e|| infinite stops every proof.
-      const float n = job.norms[k];
-      const bool ok = k < job.K && n - n == 0.0f && m[j] < 0x1p60;
-      const double sc = ok ? pow2_scale(m[j], Q) : 0.0;
-      job.code_aux[k] = (float)sc;
-      job.code_aux[P + k] = ok ? (float)((l1[j] + (double)D * 0x1p-126) * (1.0 + 0x1p-20)) : 0.0f;
-      inv[j] = ok ? 1.0 / sc : 0.0;
-    }
-    // Lanes of codes left out have inv = 0 and are masked to 0 (a NaN times 0 is still NaN).
-    const __m256d iv = _mm256_load_pd(inv);
-    const __m256d keep = _mm256_cmp_pd(iv, _mm256_setzero_pd(), _CMP_NEQ_OQ);
-    constexpr int mode = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-    const auto quant = [&](const float* v) {  // round(v_j / sigma_j) for the 4 codes, as int32
-      const __m256d q = _mm256_and_pd(_mm256_mul_pd(_mm256_cvtps_pd(_mm_loadu_ps(v)), iv), keep);
-      return _mm256_cvttpd_epi32(_mm256_round_pd(q, mode));
-    };
-    for (int64_t i = 0; i < D2; ++i) {
-      const __m128i lo = quant(src + 2 * i * NR);
-      const __m128i hi = 2 * i + 1 < D ? quant(src + (2 * i + 1) * NR) : _mm_setzero_si128();
-      const __m128i w = _mm_or_si128(_mm_and_si128(lo, _mm_set1_epi32(0xffff)), _mm_slli_epi32(hi, 16));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i * NR), w);
-    }
+// One code panel's int16 pairs (search_i16_common.h, pack_codes_i16): dst[i * NR + j] =
+// q_{2i} | q_{2i+1} << 16 of code j, q_d = round(e_d inv[j]) ties to even, 4 codes to a vector of
+// doubles. Lanes of codes left out have inv = 0 and are masked to 0 (a NaN times 0 is still NaN).
+static_assert(NR == 4, "quant_panel_i16 quantizes a panel's 4 codes as one vector of doubles");
+VQK_ALWAYS_INLINE void quant_panel_i16(const float* __restrict src, const double* inv, int64_t D,
+                                       uint32_t* __restrict dst) {
+  const __m256d iv = _mm256_load_pd(inv);
+  const __m256d keep = _mm256_cmp_pd(iv, _mm256_setzero_pd(), _CMP_NEQ_OQ);
+  constexpr int mode = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  const auto quant = [&](const float* v) {  // round(v_j / sigma_j) for the 4 codes, as int32
+    const __m256d q = _mm256_and_pd(_mm256_mul_pd(_mm256_cvtps_pd(_mm_loadu_ps(v)), iv), keep);
+    return _mm256_cvttpd_epi32(_mm256_round_pd(q, mode));
+  };
+  for (int64_t i = 0; i < (D + 1) / 2; ++i) {
+    const __m128i lo = quant(src + 2 * i * NR);
+    const __m128i hi = 2 * i + 1 < D ? quant(src + (2 * i + 1) * NR) : _mm_setzero_si128();
+    const __m128i w = _mm_or_si128(_mm_and_si128(lo, _mm_set1_epi32(0xffff)), _mm_slli_epi32(hi, 16));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i * NR), w);
   }
 }
 
-// Per-thread scratch: the generic search's [Exact][xt][et][xe] (search_impl.h), then
-// [Pending][xp (rows set aside, packed like xt)][xb (int16 pairs)].
-struct Pending {
-  int64_t count;
-  int64_t rowno[MR];
-  int64_t seen, deferred;  // rows this thread has searched in int16, and set aside, this call
-  bool fp32_only;          // too many set aside: plain fp32 tiles for the rest of the call
-};
-constexpr int64_t kHeaderFloats = (sizeof(Pending) + 63) / 64 * 16;
-
-int64_t pair_floats(int64_t D) { return ((D + 1) / 2 * MR + 15) / 16 * 16; }
-int64_t i16_scratch_floats(int64_t D) {
-  return scratch_floats(D) + kHeaderFloats + tile_floats(D) + pair_floats(D);
+// Per lane of a packed tile: max |x_d| and sum |x_d| (fp32, in d order).
+VQK_ALWAYS_INLINE void lane_abs_stats(const float* __restrict xt, int64_t D, float* __restrict mx,
+                                      float* __restrict l1) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 m[MRV], s[MRV];
+  for (int i = 0; i < MRV; ++i) m[i] = s[i] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; ++d)
+#pragma GCC unroll 64
+    for (int i = 0; i < MRV; ++i) {
+      const __m256 v = _mm256_andnot_ps(sign, _mm256_load_ps(xt + d * MR + i * W));
+      m[i] = _mm256_max_ps(m[i], v);
+      s[i] = _mm256_add_ps(s[i], v);
+    }
+  for (int i = 0; i < MRV; ++i) {
+    _mm256_store_ps(mx + i * W, m[i]);
+    _mm256_store_ps(l1 + i * W, s[i]);
+  }
 }
 
-struct Areas {
-  Scratch base;
-  Pending* pend;
-  float *xt, *et, *xp;
-  uint32_t* xb;
-  explicit Areas(float* s, int64_t D)
-      : base(s, D), pend(reinterpret_cast<Pending*>(s + scratch_floats(D))), xt(base.xt),
-        et(base.et), xp(s + scratch_floats(D) + kHeaderFloats),
-        xb(reinterpret_cast<uint32_t*>(xp + tile_floats(D))) {}
-};
+// tau and 1/tau per lane from max |x_d|, pow2_scale's value in vectors: with 2^qbits <= Q <
+// 2^(qbits+1) and 2^e <= m < 2^(e+1), t0 = 2^(e+1-qbits) has m < Q t0 and m >= Q t0 / 4, so tau is
+// t0 or t0 / 2 (2m <= Q t0, an exact compare: powers of two times values of <= 16 bits); 2^-100
+// below m = Q 2^-100. Lanes with m >= 2^60 (or NaN) are not provable (row_scales gives them inv = 0).
+VQK_ALWAYS_INLINE void lane_scales(const float* __restrict mx, int32_t Q, float* __restrict tau,
+                                   float* __restrict inv) {
+  const int qbits = 31 - __builtin_clz((unsigned)Q);
+  const __m256 Qf = _mm256_set1_ps((float)Q);
+  for (int i = 0; i < MRV; ++i) {
+    const __m256 m = _mm256_min_ps(_mm256_load_ps(mx + i * W), _mm256_set1_ps(0x1p60f));
+    const __m256i e = _mm256_srli_epi32(_mm256_castps_si256(m), 23);
+    const __m256 t0 = _mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(1 - qbits)), 23));
+    const __m256 half = _mm256_mul_ps(t0, _mm256_set1_ps(0.5f));
+    __m256 t = _mm256_blendv_ps(t0, half, _mm256_cmp_ps(_mm256_add_ps(m, m),
+                                                     _mm256_mul_ps(Qf, t0), _CMP_LE_OQ));
+    t = _mm256_blendv_ps(t, _mm256_set1_ps(0x1p-100f),
+                         _mm256_cmp_ps(m, _mm256_set1_ps(0x1p-100f * (float)Q), _CMP_LT_OQ));
+    _mm256_store_ps(tau + i * W, t);
+    _mm256_store_ps(inv + i * W, _mm256_div_ps(_mm256_set1_ps(1.0f), t));  // exact
+  }
+}
 
 // The tile's rows as int16 pairs: xb[i * MR + r] = p_{2i} | p_{2i+1} << 16 with p_d = round(x_d inv[r])
 // (inv = 1/tau, exact; 0 for lanes that will not be proven, whose values do not matter).
@@ -275,154 +197,14 @@ VQK_ALWAYS_INLINE void search_tile_i16(const uint32_t* __restrict xb, const uint
   }
 }
 
-// Rows the int16 pass cannot prove: searched again in fp32, a tile at a time.
-template <class E>
-void run_pending(const cpu::FwdJob& job, const Areas& a) {
-  const int64_t c = a.pend->count;
-  if (c == 0) return;
-  __atomic_fetch_add(&cpu::g_set_aside_rows, c, __ATOMIC_RELAXED);
-  for (int64_t r = c; r < MR; ++r) {
-    a.pend->rowno[r] = -1;
-    for (int64_t d = 0; d < job.D; ++d) a.xp[d * MR + r] = 0.0f;
-  }
-  search_block<E>(job, a.pend->rowno, a.xp, a.base);
-  a.pend->count = 0;
-}
+}  // namespace
+}  // namespace vqk
 
-template <class E>
-void search_tiles_i16(const cpu::FwdJob& job, int64_t t_lo, int64_t t_hi, float* scratch) {
-  const int64_t N = job.x.B * job.x.S, D = job.D, D2 = (D + 1) / 2;
-  const Areas a(scratch, D);
-  const int32_t Q = quant_max(D);
-  const double u = 0x1p-24, Dd = (double)D, En = job.max_code_norm, S = job.max_code_scale,
-               L = job.max_code_l1;
-  // Nothing is proven when the codes are out of the fp32 bound's range (then every row would be
-  // set aside: plain fp32 tiles instead) or the int16 values would be too coarse.
-  const bool usable = Q >= kMinQ && En < 0x1p50;
-  const int qbits = 31 - __builtin_clz((unsigned)Q);
-  // The proof's quick form, linear in the lane's fp32 xx, L1 sum and tau: 6B <= 3 (quick_a +
-  // quick_b xx) (vq_cpu.cpp's quick_bound, never below `decide`'s 2B), 4 dd as below with l1x
-  // expanded; every constant enlarged by 2^-8 more for its rounding to float and the float
-  // evaluation of the sum (a few units of 2^-24 on positive terms) and of fl(v2 - v1). Never below
-  // the double test's right side, so it proves only what that test proves; +inf when quick_a is
-  // (E out of range, or the debug switch), then the double test decides.
-  const double kq = (1.0 + 0x1p-10) * (1.0 + 0x1p-8), lx = 1.0 + (Dd + 2.0) * u;
-  const float q_a = (float)((3.0 * (double)job.quick_a + 2.0 * S * Dd * 0x1p-126 * lx) * kq);
-  const float q_xx = (float)(3.0 * (double)job.quick_b * kq);
-  const float q_l1 = (float)(2.0 * S * lx * kq);
-  const float q_tau = (float)(2.0 * (L + 0.5 * Dd * S) * kq);
-  const __m256 Qf = _mm256_set1_ps((float)Q);
-  alignas(64) float xx[MR], mx[MR], l1[MR], tau[MR], inv[MR];
-  int64_t rowno[MR];
-  for (int64_t t = t_lo; t < t_hi; ++t) {
-    const int64_t row0 = t * MR, rows = imin(MR, N - row0);
-    for (int r = 0; r < MR; ++r) rowno[r] = r < rows ? row0 + r : -1;
-    pack_rows<E>(job, row0, rows, a.xt);
-    if (a.pend->fp32_only || !usable) {
-      search_block<E>(job, rowno, a.xt, a.base);
-      continue;
-    }
-    a.pend->seen += rows;
-    // Per lane: ||x||^2 (fp32, as the fp32 search has it), max |x_d| and sum |x_d|.
-    lane_sqnorms(a.xt, D, xx);
-    {
-      const __m256 sign = _mm256_set1_ps(-0.0f);
-      __m256 m[MRV], s[MRV];
-      for (int i = 0; i < MRV; ++i) m[i] = s[i] = _mm256_setzero_ps();
-      for (int64_t d = 0; d < D; ++d)
-#pragma GCC unroll 64
-        for (int i = 0; i < MRV; ++i) {
-          const __m256 v = _mm256_andnot_ps(sign, _mm256_load_ps(a.xt + d * MR + i * W));
-          m[i] = _mm256_max_ps(m[i], v);
-          s[i] = _mm256_add_ps(s[i], v);
-        }
-      for (int i = 0; i < MRV; ++i) {
-        _mm256_store_ps(mx + i * W, m[i]);
-        _mm256_store_ps(l1 + i * W, s[i]);
-      }
-    }
-    // tau per lane, pow2_scale's value in vectors: with 2^qbits <= Q < 2^(qbits+1) and
-    // 2^e <= m < 2^(e+1), t0 = 2^(e+1-qbits) has m < Q t0 and m >= Q t0 / 4, so tau is t0 or t0 / 2
-    // (2m <= Q t0, an exact compare: powers of two times values of <= 16 bits); 2^-100 below
-    // m = Q 2^-100. Lanes with m >= 2^60 (or NaN) are not provable and get inv = 0 below.
-    for (int i = 0; i < MRV; ++i) {
-      const __m256 m = _mm256_min_ps(_mm256_load_ps(mx + i * W), _mm256_set1_ps(0x1p60f));
-      const __m256i e = _mm256_srli_epi32(_mm256_castps_si256(m), 23);
-      const __m256 t0 = _mm256_castsi256_ps(
-          _mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(1 - qbits)), 23));
-      const __m256 half = _mm256_mul_ps(t0, _mm256_set1_ps(0.5f));
-      __m256 t = _mm256_blendv_ps(t0, half, _mm256_cmp_ps(_mm256_add_ps(m, m),
-                                                       _mm256_mul_ps(Qf, t0), _CMP_LE_OQ));
-      t = _mm256_blendv_ps(t, _mm256_set1_ps(0x1p-100f),
-                           _mm256_cmp_ps(m, _mm256_set1_ps(0x1p-100f * (float)Q), _CMP_LT_OQ));
-      _mm256_store_ps(tau + i * W, t);
-      _mm256_store_ps(inv + i * W, _mm256_div_ps(_mm256_set1_ps(1.0f), t));  // exact
-    }
-    bool provable[MR];
-    for (int r = 0; r < MR; ++r) {
-      // Ordered compares: NaN or inf anywhere in the row makes xx NaN or inf, never provable.
-      provable[r] = rowno[r] >= 0 && xx[r] < 0x1p100f && mx[r] < 0x1p60f;
-      if (!provable[r]) tau[r] = 1.0f, inv[r] = 0.0f;
-    }
-    to_pairs_i16(a.xt, inv, D, a.xb);
-    Top2 top;
-    search_tile_i16(a.xb, job.packed_bf16, job.norms, job.code_aux, tau, job.panels, D2, top);
-    for (int r = 0; r < MR; ++r) {
-      if (rowno[r] < 0) continue;
-      // The quick form first (see q_a above): no square root, no double.
-      const float gap = top.v2[r] - top.v1[r];
-      if (provable[r] && top.v1[r] - top.v1[r] == 0.0f && gap < __builtin_inff() &&
-          gap > q_a + q_xx * xx[r] + q_l1 * l1[r] + q_tau * tau[r])
-        continue;
-      bool ok = job.approx_only;  // VQK_DEBUG_APPROX_ONLY: the int16 pass's answer, unproven
-      const double v1 = top.v1[r], v2 = top.v2[r];
-      if (!ok && provable[r] && v1 - v1 == 0.0) {
-        const double xn = __builtin_sqrt((double)xx[r] + Dd * 0x1p-126) * (1.0 + (Dd + 2.0) * u);
-        const double B = (2.0 * Dd + 8.0) * u * 1.01 * (En * En + 2.0 * xn * En) +
-                         (Dd + 2.0) * 0x1p-50 * xn * xn + (4.0 * Dd + 8.0) * 0x1p-120 * (1.0 + En + xn);
-        const double l1x = ((double)l1[r] + Dd * 0x1p-126) * (1.0 + (Dd + 2.0) * u);
-        const double dd = 0.5 * S * l1x + 0.5 * (double)tau[r] * (L + 0.5 * Dd * S);
-        ok = v2 - v1 > (4.0 * dd + 6.0 * B) * (1.0 + 0x1p-10);
-      }
-      if (ok) continue;
-      Pending& p = *a.pend;
-      for (int64_t d = 0; d < D; ++d) a.xp[d * MR + p.count] = a.xt[d * MR + r];
-      p.rowno[p.count++] = rowno[r];
-      ++p.deferred;
-      rowno[r] = -1;
-      if (p.count == MR) run_pending<E>(job, a);
-    }
-    finish_tile<E>(job, rowno, a.xt, a.et, top.k1);
-    // Break-even is near 45% set aside (an int16 tile costs ~0.55 of an fp32 one, plus the fp32
-    // search of what it set aside): a third leaves room for the pending tiles' overhead.
-    if (a.pend->seen >= 4 * MR && 3 * a.pend->deferred > a.pend->seen) a.pend->fp32_only = true;
-  }
-}
+// The width-independent part: pack_codes_i16, the bound, search_tiles_i16, flush_i16.
+#include "search_i16_common.h"
 
-void pack_any_i16(const cpu::FwdJob& job, int64_t p_lo, int64_t p_hi) {
-  switch (job.dtype) {
-    case DType::f16: return pack_codes_i16<EF16>(job, p_lo, p_hi);
-    case DType::bf16: return pack_codes_i16<EBF16>(job, p_lo, p_hi);
-    default: return pack_codes_i16<EF32>(job, p_lo, p_hi);
-  }
-}
-
-void search_any_i16(const cpu::FwdJob& job, int64_t t_lo, int64_t t_hi, float* scratch) {
-  switch (job.dtype) {
-    case DType::f16: return search_tiles_i16<EF16>(job, t_lo, t_hi, scratch);
-    case DType::bf16: return search_tiles_i16<EBF16>(job, t_lo, t_hi, scratch);
-    default: return search_tiles_i16<EF32>(job, t_lo, t_hi, scratch);
-  }
-}
-
-void flush_i16(const cpu::FwdJob& job, float* scratch) {
-  const Areas a(scratch, job.D);
-  switch (job.dtype) {
-    case DType::f16: run_pending<EF16>(job, a); return run_exact<EF16>(job, a.base);
-    case DType::bf16: run_pending<EBF16>(job, a); return run_exact<EBF16>(job, a.base);
-    default: run_pending<EF32>(job, a); return run_exact<EF32>(job, a.base);
-  }
-}
+namespace vqk {
+namespace {
 
 // ---------------------------------------------------------------------------------------------
 // Residual VQ (issue 17) with the int16 first pass: search_impl.h's residual_tiles, each stage's
@@ -470,45 +252,6 @@ int64_t lane_pair_floats(int64_t D) { return (((D + 1) / 2 + 1) / 2 * 8 + 15) / 
 
 int64_t residual_i16_scratch_floats(int64_t D) {
   return kResHeaderFloats + residual_scratch_floats(D) + pair_floats(D) + lane_pair_floats(D);
-}
-
-// Per lane of a packed tile: max |x_d| and sum |x_d| (fp32, in d order), as search_tiles_i16.
-VQK_ALWAYS_INLINE void lane_abs_stats(const float* __restrict xt, int64_t D, float* __restrict mx,
-                                      float* __restrict l1) {
-  const __m256 sign = _mm256_set1_ps(-0.0f);
-  __m256 m[MRV], s[MRV];
-  for (int i = 0; i < MRV; ++i) m[i] = s[i] = _mm256_setzero_ps();
-  for (int64_t d = 0; d < D; ++d)
-#pragma GCC unroll 64
-    for (int i = 0; i < MRV; ++i) {
-      const __m256 v = _mm256_andnot_ps(sign, _mm256_load_ps(xt + d * MR + i * W));
-      m[i] = _mm256_max_ps(m[i], v);
-      s[i] = _mm256_add_ps(s[i], v);
-    }
-  for (int i = 0; i < MRV; ++i) {
-    _mm256_store_ps(mx + i * W, m[i]);
-    _mm256_store_ps(l1 + i * W, s[i]);
-  }
-}
-
-// tau and 1/tau per lane from max |x_d| (search_tiles_i16's vector form of pow2_scale).
-VQK_ALWAYS_INLINE void lane_scales(const float* __restrict mx, int32_t Q, float* __restrict tau,
-                                   float* __restrict inv) {
-  const int qbits = 31 - __builtin_clz((unsigned)Q);
-  const __m256 Qf = _mm256_set1_ps((float)Q);
-  for (int i = 0; i < MRV; ++i) {
-    const __m256 m = _mm256_min_ps(_mm256_load_ps(mx + i * W), _mm256_set1_ps(0x1p60f));
-    const __m256i e = _mm256_srli_epi32(_mm256_castps_si256(m), 23);
-    const __m256 t0 = _mm256_castsi256_ps(
-        _mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(1 - qbits)), 23));
-    const __m256 half = _mm256_mul_ps(t0, _mm256_set1_ps(0.5f));
-    __m256 t = _mm256_blendv_ps(t0, half, _mm256_cmp_ps(_mm256_add_ps(m, m),
-                                                     _mm256_mul_ps(Qf, t0), _CMP_LE_OQ));
-    t = _mm256_blendv_ps(t, _mm256_set1_ps(0x1p-100f),
-                         _mm256_cmp_ps(m, _mm256_set1_ps(0x1p-100f * (float)Q), _CMP_LT_OQ));
-    _mm256_store_ps(tau + i * W, t);
-    _mm256_store_ps(inv + i * W, _mm256_div_ps(_mm256_set1_ps(1.0f), t));  // exact
-  }
 }
 
 // search_tile_i16 keeping a little more per lane: the runner-up's index k2 and the third value v3
@@ -660,7 +403,6 @@ void fp32_values(const cpu::FwdJob& job, const float* __restrict st, int r, cons
 
 [[maybe_unused]] void residual_tiles_i16(const cpu::ResidualJob& rj, int64_t t_lo, int64_t t_hi,
                                          float* scratch) {
-  using F = typename V::F;
   const cpu::FwdJob& first = rj.stages[0];
   const int64_t N = first.x.B * first.x.S, D = first.D, D2 = (D + 1) / 2;
   ResidualI16Header& hdr = *reinterpret_cast<ResidualI16Header*>(scratch);
@@ -672,7 +414,6 @@ void fp32_values(const cpu::FwdJob& job, const float* __restrict st, int r, cons
   uint32_t* __restrict lp = xb + pair_floats(D);
   const float* __restrict st = rj.cosine ? un : xt;
   const int32_t Q = quant_max(D);
-  const double u = 0x1p-24, Dd = (double)D;
   int64_t rowno[MR];
   for (int64_t t = t_lo; t < t_hi; ++t) {
     const int64_t row0 = t * MR, rows = imin(MR, N - row0);
@@ -681,7 +422,6 @@ void fp32_values(const cpu::FwdJob& job, const float* __restrict st, int r, cons
     for (int64_t i = 0; i < D * MR; ++i) qt[i] = 0.0f;
     for (int64_t s = 0; s < rj.S; ++s) {
       const cpu::FwdJob& job = rj.stages[s];
-      const float* cb = static_cast<const float*>(job.codebook);
       const int hs = (int)imin(s, kResStages - 1);
       bool on[MR];
       int live = 0;
@@ -714,23 +454,11 @@ void fp32_values(const cpu::FwdJob& job, const float* __restrict st, int r, cons
         any32 |= need32[r];
       }
       if (use_i16) {
-        const double S = job.max_code_scale, L = job.max_code_l1;
-        // search_tiles_i16's quick form of the direct proof.
-        const double kq = (1.0 + 0x1p-10) * (1.0 + 0x1p-8), lx = 1.0 + (Dd + 2.0) * u;
-        const float q_a = (float)((3.0 * (double)job.quick_a + 2.0 * S * Dd * 0x1p-126 * lx) * kq);
-        const float q_xx = (float)(3.0 * (double)job.quick_b * kq);
-        const float q_l1 = (float)(2.0 * S * lx * kq);
-        const float q_tau = (float)(2.0 * (L + 0.5 * Dd * S) * kq);
+        const I16Bound bound(job, job.max_code_scale);
         const int cap = (int)imin(kResMaxCand, job.K);
         alignas(64) float mx[MR], l1[MR], tau[MR], inv[MR];
-        lane_abs_stats(st, D, mx, l1);
-        lane_scales(mx, Q, tau, inv);
         bool provable[MR];
-        for (int r = 0; r < MR; ++r) {
-          // Ordered compares: NaN or inf anywhere in the lane makes xx NaN or inf.
-          provable[r] = on[r] && xx[r] < 0x1p100f && mx[r] < 0x1p60f;
-          if (!provable[r]) tau[r] = 1.0f, inv[r] = 0.0f;
-        }
+        row_scales(st, D, Q, on, xx, mx, l1, tau, inv, provable);
         to_pairs_i16(st, inv, D, xb);
         Top3 top;
         search_tile_i16_top3(xb, job.packed_bf16, job.norms, job.code_aux, tau, job.panels, D2,
@@ -739,22 +467,15 @@ void fp32_values(const cpu::FwdJob& job, const float* __restrict st, int r, cons
         for (int r = 0; r < MR; ++r) {
           if (!on[r]) continue;
           idx[r] = top.k1[r];
-          const float gap = top.v2[r] - top.v1[r];
-          if (provable[r] && top.v1[r] - top.v1[r] == 0.0f && gap < __builtin_inff() &&
-              gap > q_a + q_xx * xx[r] + q_l1 * l1[r] + q_tau * tau[r])
-            continue;
+          if (provable[r] && bound.quick(top.v1[r], top.v2[r], xx[r], l1[r], tau[r])) continue;
           if (job.approx_only) continue;  // VQK_DEBUG_APPROX_ONLY: the int16 answer, unproven
           ++missed;
           const double v1 = top.v1[r], v2 = top.v2[r];
           bool done = false;
           if (provable[r] && v1 - v1 == 0.0) {
-            const double xn = __builtin_sqrt((double)xx[r] + Dd * 0x1p-126) * (1.0 + (Dd + 2.0) * u);
-            const double B = (2.0 * Dd + 8.0) * u * 1.01 * (En * En + 2.0 * xn * En) +
-                             (Dd + 2.0) * 0x1p-50 * xn * xn +
-                             (4.0 * Dd + 8.0) * 0x1p-120 * (1.0 + En + xn);
-            const double l1x = ((double)l1[r] + Dd * 0x1p-126) * (1.0 + (Dd + 2.0) * u);
-            const double dd = 0.5 * S * l1x + 0.5 * (double)tau[r] * (L + 0.5 * Dd * S);
-            if (v2 - v1 > (4.0 * dd + 6.0 * B) * (1.0 + 0x1p-10)) {
+            double B, dd;
+            bound.terms(xx[r], l1[r], tau[r], B, dd);
+            if (I16Bound::direct(v1, v2, B, dd)) {
               --missed;
               continue;
             }
@@ -840,38 +561,8 @@ void fp32_values(const cpu::FwdJob& job, const float* __restrict st, int r, cons
         }
         if (anyf) residual_exact(job, st, f32, thr, idx, xerr);
       }
-      // From here residual_tiles' own steps: the chosen codes packed like the tile (zero for
-      // lanes that sit this stage out), the errors, the writes and the residual update.
-      for (int i = 0; i < MRV; ++i) {
-        const float* rp[W];
-        for (int r = 0; r < W; ++r) rp[r] = on[i * W + r] ? cb + (int64_t)idx[i * W + r] * D : nullptr;
-        pack_block<EF32>(rp, 1, D, et + i * W);
-      }
-      alignas(64) float err[MR];
-      for (int i = 0; i < MRV; ++i) {
-        F acc = V::zero();
-        for (int64_t d = 0; d < D; ++d) {
-          const F diff = V::sub(V::load(st + d * MR + i * W), V::load(et + d * MR + i * W));
-          acc = V::fmadd(diff, diff, acc);
-        }
-        V::store(err + i * W, acc);
-      }
-      for (int r = 0; r < MR; ++r) {
-        if (rowno[r] < 0) continue;
-        if (!on[r]) { job.indices[rowno[r]] = -1; job.sqerr[rowno[r]] = 0.0f; continue; }
-        const double e = flag[r] ? xerr[r] : (double)err[r];
-        job.indices[rowno[r]] = idx[r];
-        job.sqerr[rowno[r]] = flag[r] ? (float)xerr[r] : err[r];
-        if (!(e - e == 0.0))
-          for (int64_t d = 0; d < D; ++d) et[d * MR + r] = __builtin_nanf("");
-      }
-      for (int64_t d = 0; d < D; ++d)
-#pragma GCC unroll 64
-        for (int i = 0; i < MRV; ++i) {
-          const int64_t o = d * MR + i * W;
-          V::store(xt + o, V::sub(V::load(xt + o), V::load(et + o)));
-          V::store(qt + o, V::add(V::load(qt + o), V::load(et + o)));
-        }
+      // From here residual_tiles' own steps (search_impl.h).
+      residual_finish_stage(job, st, on, rowno, idx, flag, xerr, xt, qt, et);
     }
     if (rj.zq)
       for (int r = 0; r < MR; ++r) {

@@ -24,7 +24,7 @@
 //   The offset is removed exactly in int32: p.(q + 64) - 64 sum_d p_d = p.q, one row sum per row
 //   (|64 sum p| <= 4096 D). D is padded to a multiple of 8 with p = 0 (and c = 64), adding nothing.
 //
-// Bound: search_avx2_i16.cpp's proof holds word for word -- it uses only that p.q is the exact
+// Bound: the int16 pass's proof (search_i16_common.h) holds word for word -- it uses only that p.q is the exact
 // integer dot product, |x_d - tau p_d| <= tau/2, |e_kd - sigma_k q_kd| <= sigma_k/2, sigma and tau
 // powers of two, and fl(p.q) = cvt of an exact int32 (relative error 2^-24); the integer ranges
 // (here |p| <= 64, |q| <= 63, |p.q| <= 4032 D < 2^31) enter only through exactness. So with
@@ -32,8 +32,8 @@
 //   dd = (S8/2) L1(x) + (tau/2) (L + D S8 / 2),
 // a row is accepted when v2 - v1 > (4 dd + 6 B)(1 + 2^-10), B the fp32 search's own bound; then the
 // int8 pass's best k1 is the exact nearest code and the fp32 build proves the same row with the same
-// index, so finish_tile writes the fp32 build's bits. The quick (float) form is the int16 file's,
-// with S8 in place of S.
+// index, so finish_tile writes the fp32 build's bits. The test, quick (float) form included, is
+// I16Bound's with S8 in place of S.
 //
 // Rows the int8 bound cannot prove: the tile they are in is searched again by the int16 pass
 // (search_tiles_i16, one tile), which proves its rows or hands them to the fp32 search exactly as
@@ -59,6 +59,12 @@ namespace vqk {
 namespace {
 
 constexpr int32_t kQCode8 = 63, kQRow8 = 64;
+
+// round(v) to the nearest integer (ties to even) whatever the caller's rounding mode.
+int32_t round_int(double v) {
+  return (int32_t)_mm_cvtsd_f64(
+      _mm_round_sd(_mm_setzero_pd(), _mm_set_sd(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
 constexpr int64_t kMaxD8 = (int64_t)1 << 18;
 
 int64_t d8_steps(int64_t D) { return (D + 7) / 8; }
@@ -80,17 +86,15 @@ void pack_codes_i8(const cpu::FwdJob& job, int64_t p_lo, int64_t p_hi) {
         const double v = __builtin_fabs((double)src[d * NR + j]);
         m = v > m ? v : m;
       }
-      // As pack_codes_i16: padding, non-finite codes and overflowed norms get q = 0.
-      const float n = job.norms[k];
-      const bool ok = k < job.K && n - n == 0.0f && m < 0x1p60;
-      const double sc = ok ? pow2_scale(m, kQCode8) : 0.0, inv = ok ? 1.0 / sc : 0.0;
+      // As pack_codes_i16 (code_scale): padding, non-finite codes and overflowed norms get q = 0.
+      const double sc = code_scale(job, k, m, kQCode8), inv = sc != 0.0 ? 1.0 / sc : 0.0;
       job.code_aux[2 * P + k] = (float)sc;
       for (int64_t s = 0; s < D8; ++s)
         for (int h = 0; h < 2; ++h) {
           uint32_t w = 0;
           for (int c = 0; c < 4; ++c) {
             const int64_t d = 8 * s + 4 * h + c;
-            const int32_t q = d < D && ok ? round_int((double)src[d * NR + j] * inv) : 0;
+            const int32_t q = d < D && sc != 0.0 ? round_int((double)src[d * NR + j] * inv) : 0;
             w |= (uint32_t)(q + 64) << (8 * c);
           }
           dst[(s * NR + j) * 2 + h] = w;
@@ -240,68 +244,26 @@ template <class E>
 void search_tiles_i8(const cpu::FwdJob& job, int64_t t_lo, int64_t t_hi, float* scratch) {
   const int64_t N = job.x.B * job.x.S, D = job.D, D8 = d8_steps(D);
   I8State& st = *i8_state(scratch, D);
-  const double u = 0x1p-24, Dd = (double)D, En = job.max_code_norm, S = job.max_code_scale8,
-               L = job.max_code_l1;
-  const bool usable = D <= kMaxD8 && En < 0x1p50;
+  const bool usable = D <= kMaxD8 && job.max_code_norm < 0x1p50;
   if (st.i16_only || !usable) return search_tiles_i16<E>(job, t_lo, t_hi, scratch);
   const Areas a(scratch, D);
   uint32_t* xq = i8_rows(scratch, D);
-  const int32_t Q = kQRow8;
-  constexpr int qbits = 6;  // 2^qbits <= Q < 2^(qbits + 1)
-  static_assert(kQRow8 == 64, "qbits");
-  // The int16 file's quick form with S8 (see there).
-  const double kq = (1.0 + 0x1p-10) * (1.0 + 0x1p-8), lx = 1.0 + (Dd + 2.0) * u;
-  const float q_a = (float)((3.0 * (double)job.quick_a + 2.0 * S * Dd * 0x1p-126 * lx) * kq);
-  const float q_xx = (float)(3.0 * (double)job.quick_b * kq);
-  const float q_l1 = (float)(2.0 * S * lx * kq);
-  const float q_tau = (float)(2.0 * (L + 0.5 * Dd * S) * kq);
-  const __m256 Qf = _mm256_set1_ps((float)Q);
+  // The int16 pass's bound with the int8 scales (S8 for S, see the top).
+  const I16Bound bound(job, job.max_code_scale8);
   alignas(64) float xx[MR], mx[MR], l1[MR], tau[MR], inv[MR];
   alignas(64) int32_t rs64[MR];
   int64_t rowno[MR];
+  bool live[MR], provable[MR];
   for (int64_t t = t_lo; t < t_hi; ++t) {
     if (st.i16_only) return search_tiles_i16<E>(job, t, t_hi, scratch);
     const int64_t row0 = t * MR, rows = imin(MR, N - row0);
     for (int r = 0; r < MR; ++r) rowno[r] = r < rows ? row0 + r : -1;
     pack_rows<E>(job, row0, rows, a.xt);
     ++st.tiles;
+    // Per lane as search_tiles_i16, with Q = 64 (the row bytes' range).
     lane_sqnorms(a.xt, D, xx);
-    {
-      const __m256 sign = _mm256_set1_ps(-0.0f);
-      __m256 m[MRV], s[MRV];
-      for (int i = 0; i < MRV; ++i) m[i] = s[i] = _mm256_setzero_ps();
-      for (int64_t d = 0; d < D; ++d)
-#pragma GCC unroll 64
-        for (int i = 0; i < MRV; ++i) {
-          const __m256 v = _mm256_andnot_ps(sign, _mm256_load_ps(a.xt + d * MR + i * W));
-          m[i] = _mm256_max_ps(m[i], v);
-          s[i] = _mm256_add_ps(s[i], v);
-        }
-      for (int i = 0; i < MRV; ++i) {
-        _mm256_store_ps(mx + i * W, m[i]);
-        _mm256_store_ps(l1 + i * W, s[i]);
-      }
-    }
-    // tau per lane as in search_tiles_i16 (Q = 64, a power of two: tau = t0 / 2 exactly when
-    // 2m <= 64 t0, i.e. m <= 32 t0).
-    for (int i = 0; i < MRV; ++i) {
-      const __m256 m = _mm256_min_ps(_mm256_load_ps(mx + i * W), _mm256_set1_ps(0x1p60f));
-      const __m256i e = _mm256_srli_epi32(_mm256_castps_si256(m), 23);
-      const __m256 t0 = _mm256_castsi256_ps(
-          _mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(1 - qbits)), 23));
-      const __m256 half = _mm256_mul_ps(t0, _mm256_set1_ps(0.5f));
-      __m256 tt = _mm256_blendv_ps(t0, half, _mm256_cmp_ps(_mm256_add_ps(m, m),
-                                                        _mm256_mul_ps(Qf, t0), _CMP_LE_OQ));
-      tt = _mm256_blendv_ps(tt, _mm256_set1_ps(0x1p-100f),
-                            _mm256_cmp_ps(m, _mm256_set1_ps(0x1p-100f * (float)Q), _CMP_LT_OQ));
-      _mm256_store_ps(tau + i * W, tt);
-      _mm256_store_ps(inv + i * W, _mm256_div_ps(_mm256_set1_ps(1.0f), tt));  // exact
-    }
-    bool provable[MR];
-    for (int r = 0; r < MR; ++r) {
-      provable[r] = rowno[r] >= 0 && xx[r] < 0x1p100f && mx[r] < 0x1p60f;
-      if (!provable[r]) tau[r] = 1.0f, inv[r] = 0.0f;
-    }
+    for (int r = 0; r < MR; ++r) live[r] = rowno[r] >= 0;
+    row_scales(a.xt, D, kQRow8, live, xx, mx, l1, tau, inv, provable);
     to_bytes_i8(a.xt, inv, D, xq, rs64);
     Top2 top;
     search_tile_i8(xq, rs64, job.packed_i8, job.norms, job.code_aux + 2 * job.panels * NR, tau,
@@ -309,21 +271,8 @@ void search_tiles_i8(const cpu::FwdJob& job, int64_t t_lo, int64_t t_hi, float* 
     bool all = true;
     for (int r = 0; r < MR && all; ++r) {
       if (rowno[r] < 0) continue;
-      const float gap = top.v2[r] - top.v1[r];
-      if (provable[r] && top.v1[r] - top.v1[r] == 0.0f && gap < __builtin_inff() &&
-          gap > q_a + q_xx * xx[r] + q_l1 * l1[r] + q_tau * tau[r])
-        continue;
-      bool ok = job.approx_only;  // VQK_DEBUG_APPROX_ONLY: the int8 pass's answer, unproven
-      const double v1 = top.v1[r], v2 = top.v2[r];
-      if (!ok && provable[r] && v1 - v1 == 0.0) {
-        const double xn = __builtin_sqrt((double)xx[r] + Dd * 0x1p-126) * (1.0 + (Dd + 2.0) * u);
-        const double B = (2.0 * Dd + 8.0) * u * 1.01 * (En * En + 2.0 * xn * En) +
-                         (Dd + 2.0) * 0x1p-50 * xn * xn + (4.0 * Dd + 8.0) * 0x1p-120 * (1.0 + En + xn);
-        const double l1x = ((double)l1[r] + Dd * 0x1p-126) * (1.0 + (Dd + 2.0) * u);
-        const double dd = 0.5 * S * l1x + 0.5 * (double)tau[r] * (L + 0.5 * Dd * S);
-        ok = v2 - v1 > (4.0 * dd + 6.0 * B) * (1.0 + 0x1p-10);
-      }
-      all = ok;
+      // VQK_DEBUG_APPROX_ONLY accepts the int8 pass's answer, unproven.
+      all = bound.proves(job, provable[r], top.v1[r], top.v2[r], xx[r], l1[r], tau[r]);
     }
     if (all) {
       finish_tile<E>(job, rowno, a.xt, a.et, top.k1);

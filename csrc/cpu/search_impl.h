@@ -695,9 +695,56 @@ VQK_ALWAYS_INLINE void unit_tile(const float* __restrict xt, int64_t D, float* _
   }
 }
 
+// The end of one residual stage for a tile, shared by residual_tiles and the int16 build's
+// residual_tiles_i16 (search_avx2_i16.cpp): the chosen codes idx packed like the tile into et
+// (zero for lanes that sit this stage out, so the updates leave them as they are: x - 0 and q + 0
+// are x and q exactly), each lane's error (the fp32 sum of squares of st - e, or the float64 one
+// of the exact re-search where flag[r]), the writes of index and error, and the residual update
+// xt -= e, qt += e. st is the tile the stage searched (xt itself, or its unit rows).
+VQK_ALWAYS_INLINE void residual_finish_stage(const cpu::FwdJob& job, const float* __restrict st,
+                                             const bool* on, const int64_t* rowno,
+                                             const int32_t* idx, const bool* flag,
+                                             const double* xerr, float* __restrict xt,
+                                             float* __restrict qt, float* __restrict et) {
+  using F = typename V::F;
+  const int64_t D = job.D;
+  const float* cb = static_cast<const float*>(job.codebook);
+  for (int i = 0; i < MRV; ++i) {
+    const float* rp[W];
+    for (int r = 0; r < W; ++r) rp[r] = on[i * W + r] ? cb + (int64_t)idx[i * W + r] * D : nullptr;
+    pack_block<EF32>(rp, 1, D, et + i * W);
+  }
+  alignas(64) float err[MR];
+  for (int i = 0; i < MRV; ++i) {
+    F acc = V::zero();
+    for (int64_t d = 0; d < D; ++d) {
+      const F diff = V::sub(V::load(st + d * MR + i * W), V::load(et + d * MR + i * W));
+      acc = V::fmadd(diff, diff, acc);
+    }
+    V::store(err + i * W, acc);
+  }
+  for (int r = 0; r < MR; ++r) {
+    if (rowno[r] < 0) continue;
+    if (!on[r]) { job.indices[rowno[r]] = -1; job.sqerr[rowno[r]] = 0.0f; continue; }
+    const double e = flag[r] ? xerr[r] : (double)err[r];
+    job.indices[rowno[r]] = idx[r];
+    job.sqerr[rowno[r]] = flag[r] ? (float)xerr[r] : err[r];
+    // The single-stage rule: the code is NaN where its exact error is not finite (a proven
+    // row's fp32 error cannot overflow: decide's range keeps it far below 2^128).
+    if (!(e - e == 0.0))
+      for (int64_t d = 0; d < D; ++d) et[d * MR + r] = __builtin_nanf("");
+  }
+  for (int64_t d = 0; d < D; ++d)
+#pragma GCC unroll 64
+    for (int i = 0; i < MRV; ++i) {
+      const int64_t o = d * MR + i * W;
+      V::store(xt + o, V::sub(V::load(xt + o), V::load(et + o)));
+      V::store(qt + o, V::add(V::load(qt + o), V::load(et + o)));
+    }
+}
+
 [[maybe_unused]] void residual_tiles(const cpu::ResidualJob& rj, int64_t t_lo, int64_t t_hi,
                                      float* scratch) {
-  using F = typename V::F;
   const cpu::FwdJob& first = rj.stages[0];
   const int64_t N = first.x.B * first.x.S, D = first.D;
   float* __restrict xt = scratch;
@@ -714,7 +761,6 @@ VQK_ALWAYS_INLINE void unit_tile(const float* __restrict xt, int64_t D, float* _
     for (int64_t i = 0; i < D * MR; ++i) qt[i] = 0.0f;
     for (int64_t s = 0; s < rj.S; ++s) {
       const cpu::FwdJob& job = rj.stages[s];
-      const float* cb = static_cast<const float*>(job.codebook);
       bool on[MR];
       int live = 0;
       for (int r = 0; r < MR; ++r) {
@@ -749,40 +795,7 @@ VQK_ALWAYS_INLINE void unit_tile(const float* __restrict xt, int64_t D, float* _
         flag[r] = any = true;
       }
       if (any) residual_exact(job, st, flag, thr, idx, xerr);
-      // The chosen codes packed like the tile; zero for lanes that sit this stage out, so the
-      // updates below leave them as they are (x - 0 and q + 0 are x and q exactly).
-      for (int i = 0; i < MRV; ++i) {
-        const float* rp[W];
-        for (int r = 0; r < W; ++r) rp[r] = on[i * W + r] ? cb + (int64_t)idx[i * W + r] * D : nullptr;
-        pack_block<EF32>(rp, 1, D, et + i * W);
-      }
-      alignas(64) float err[MR];
-      for (int i = 0; i < MRV; ++i) {
-        F acc = V::zero();
-        for (int64_t d = 0; d < D; ++d) {
-          const F diff = V::sub(V::load(st + d * MR + i * W), V::load(et + d * MR + i * W));
-          acc = V::fmadd(diff, diff, acc);
-        }
-        V::store(err + i * W, acc);
-      }
-      for (int r = 0; r < MR; ++r) {
-        if (rowno[r] < 0) continue;
-        if (!on[r]) { job.indices[rowno[r]] = -1; job.sqerr[rowno[r]] = 0.0f; continue; }
-        const double e = flag[r] ? xerr[r] : (double)err[r];
-        job.indices[rowno[r]] = idx[r];
-        job.sqerr[rowno[r]] = flag[r] ? (float)xerr[r] : err[r];
-        // The single-stage rule: the code is NaN where its exact error is not finite (a proven
-        // row's fp32 error cannot overflow: decide's range keeps it far below 2^128).
-        if (!(e - e == 0.0))
-          for (int64_t d = 0; d < D; ++d) et[d * MR + r] = __builtin_nanf("");
-      }
-      for (int64_t d = 0; d < D; ++d)
-#pragma GCC unroll 64
-        for (int i = 0; i < MRV; ++i) {
-          const int64_t o = d * MR + i * W;
-          V::store(xt + o, V::sub(V::load(xt + o), V::load(et + o)));
-          V::store(qt + o, V::add(V::load(qt + o), V::load(et + o)));
-        }
+      residual_finish_stage(job, st, on, rowno, idx, flag, xerr, xt, qt, et);
     }
     if (rj.zq)
       for (int r = 0; r < MR; ++r) {

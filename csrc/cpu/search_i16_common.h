@@ -1,0 +1,317 @@
+// The int16 first pass's parts that do not depend on the vector width, shared by its x86 builds:
+// avx2_i16 (search_avx2_i16.cpp, 256-bit vpmaddwd; avx2_i8 reuses it through that file) and
+// avx512_i16 (search_avx512_i16.cpp, 512-bit vpmaddwd). Here: the scales, the error bound and its
+// proof, the per-row test, the rows set aside and their hand-over to the exact fp32 search of
+// search_impl.h, and the tile loop that ties them together.
+//
+// Include after search_impl.h, in the unit's anonymous namespace's reach, once the unit has
+// defined (for its V, MRV, NR, W, MR) the width-specific pieces this file calls:
+//   quant_panel_i16(src, inv, D, dst)     one code panel [D][NR] fp32 -> [ceil(D/2)][NR] int16 pairs,
+//                                          q = round(e / sigma) (ties to even), 0 where inv[j] = 0;
+//   lane_abs_stats(xt, D, mx, l1)          per lane of a packed tile: max |x_d| and the fp32 sum
+//                                          of |x_d| in d order;
+//   lane_scales(mx, Q, tau, inv)           per lane: tau (pow2_scale's value) and 1/tau;
+//   to_pairs_i16(xt, inv, D, xb)           the tile's rows as int16 pairs [ceil(D/2)][MR];
+//   search_tile_i16(xb, pb, norms, scales, tau, panels, D2, Top2&)
+//                                          search_tile's shape on int16 pairs: per lane the best
+//                                          value v1 (lowest index on ties), its index, and v2.
+// Nothing here depends on how many rows or codes one vector holds: the proof is per row and per
+// code, and each (row, code) dot product is one int32 accumulation over the D dimensions.
+//
+// Quantization (power-of-two scales, so rescaling is exact):
+//   code k: sigma_k = the smallest power of two >= 2^-100 with max_d |e_kd| <= Q sigma_k,
+//           q_kd = round(e_kd / sigma_k), so |q_kd| <= Q and |e_kd - sigma_k q_kd| <= sigma_k / 2;
+//   row x:  tau the same from max_d |x_d|, p_d = round(x_d / tau), |x_d - tau p_d| <= tau / 2.
+// Q = the largest value <= 32767 with 2 ceil(D/2) Q^2 <= 2^31 - 1: every vpmaddwd pair sum (<= 2 Q^2)
+// and the whole int32 accumulation of one (row, code) over D (<= D Q^2, in any order and grouping:
+// every partial sum is bounded by that too) are exact -- no overflow, no rounding. (Q = 5792 at
+// D = 64, 2047 at D = 512; -32768 never occurs, so vpmaddwd's one overflowing case cannot happen.)
+// This is per accumulator lane and independent of the register width: a 512-bit vpmaddwd does 16
+// of the 256-bit one's lane operations side by side, each lane still one row and one code.
+//
+// Bound. With eps_d = e_d - sigma q_d and eta_d = x_d - tau p_d,
+//   x_d e_d - tau sigma p_d q_d = x_d eps_d + sigma q_d eta_d, and sigma |q_d| <= |e_d| + sigma / 2, so
+//   |x.e - tau sigma (p.q)| <= (sigma/2) ||x||_1 + (tau/2) (||e||_1 + D sigma / 2) <= dd, where
+//   dd = (S/2) L1(x) + (tau/2) (L + D S / 2), S = max_k sigma_k, L >= max_k ||e_k||_1 (both over the
+//   finite codes, vq_cpu.cpp), L1(x) >= ||x||_1 (fp32 sum enlarged by gamma_{D+2}, plus D 2^-126
+//   against flushed denormals; L likewise, summed in float64).
+// The approximate value is a_k' = fl(n_k - (2 sigma_k) fl(fl(p.q) tau)): fl(p.q) = cvt of the exact
+// int32 (relative error u = 2^-24), the product by tau is exact (powers of two, no under/overflow in
+// range), the fnmadd rounds once, n_k is the fp32 norm of pack_codes (error gamma_{2D} ||e||^2). So
+//   |a_k' - (||e_k||^2 - 2 x.e_k)| <= 2 dd + gamma_{2D} E^2 + 2u (||x|| E + dd) + u |a_k'|
+//                                 <= 2 dd (1 + 2^-20) + B,
+// B being the fp32 search's own bound (`decide`: (2D + 8) u 1.01 (E^2 + 2 ||x|| E) + the float64 and
+// subnormal terms), which covers the norm, the conversion and the final rounding with room to spare.
+// Call Delta = 2 dd (1 + 2^-20) + B.
+// Proof. Let k1 be the int pass's best (value v1, lowest index on ties) and v2 the best value over
+// every other code. For k != k1 the exact expansions satisfy a_k - a_k1 >= v2 - v1 - 2 Delta. The row
+// is accepted when v2 - v1 > 2 Delta + 4 B, i.e. (4 dd + 6 B) (1 + 2^-10) (room for rounding the test):
+// then a_k - a_k1 > 4 B, so k1 is the exact nearest code, AND the fp32 search's own values satisfy
+// v2_fp32 - v1_fp32 > 4 B - 2 B = 2 B: the fp32 build would have proven the same row too, so it would
+// have written the same index, the same fp32 error (finish_tile) and the same z_q -- bit-identical
+// output. Every other row (a near tie at int16 resolution, NaN or inf, ||x||^2 >= 2^100, max |x| >= 2^60,
+// max ||e|| >= 2^50) is set aside and searched by the fp32 search of search_impl.h, which treats it
+// exactly as the fp32 build would (its proof, or the exact float64 re-search). Every row's answer
+// depends on that row alone, so which rows went which way changes the speed only. (The fp32 build
+// meant is that of the same width, avx2 or avx512; their fp32 values are the same anyway: each is
+// one FMA chain per row and code in d order.)
+// A thread that sets aside more than a third of its first rows does plain fp32 tiles for the rest
+// of the call (the int16 pass then costs more than it saves).
+#pragma once
+
+#include <cstdint>
+
+namespace vqk {
+namespace {
+
+// Q for a given D (see the top): 2 ceil(D/2) Q^2 <= 2^31 - 1, Q <= 32767.
+int32_t quant_max(int64_t D) {
+  const int64_t pairs = 2 * ((D + 1) / 2 > 0 ? (D + 1) / 2 : 1);
+  int64_t q = (int64_t)__builtin_sqrt(2147483647.0 / (double)pairs);
+  if (q > 32767) q = 32767;
+  while (q > 0 && pairs * q * q > 2147483647LL) --q;
+  while (q < 32767 && pairs * (q + 1) * (q + 1) <= 2147483647LL) ++q;
+  return (int32_t)q;
+}
+// Below this the int16 values are too coarse to prove anything (D beyond ~2^21): fp32 tiles only.
+constexpr int32_t kMinQ = 16;
+
+double pow2(int e) {  // 2^e for -1022 <= e <= 1023
+  const uint64_t bits = (uint64_t)(e + 1023) << 52;
+  double v;
+  __builtin_memcpy(&v, &bits, 8);
+  return v;
+}
+
+// The smallest power of two s >= 2^-100 with m <= Q s (0 <= m < 2^100; m / s is exact).
+double pow2_scale(double m, int32_t Q) {
+  if (m <= 0x1p-100 * Q) return 0x1p-100;
+  const double r = m / Q;
+  uint64_t bits;
+  __builtin_memcpy(&bits, &r, 8);
+  double s = pow2((int)((bits >> 52) & 0x7ff) - 1023 + 1);  // > r
+  while (s > 0x1p-100 && m / (0.5 * s) <= Q) s *= 0.5;
+  while (m / s > Q) s *= 2.0;
+  return s;
+}
+
+// Code k's scale sigma_k for max_d |e_kd| = m (pow2_scale), or 0 when the code is left out of the
+// reduced-precision pass: padding, NaN/inf codes and finite codes whose norm overflowed (their fp32
+// norm, +inf or NaN, already makes their value +inf or NaN, and max ||e|| infinite stops every
+// proof), and max |e_kd| >= 2^60.
+double code_scale(const cpu::FwdJob& job, int64_t k, double m, int32_t Q) {
+  const float n = job.norms[k];
+  const bool ok = k < job.K && n - n == 0.0f && m < 0x1p60;
+  return ok ? pow2_scale(m, Q) : 0.0;
+}
+
+// Codes: pack_codes' fp32 panels and norms, then per code its scale and L1 bound in code_aux
+// (code_aux[k] = sigma_k, code_aux[P + k] = an upper bound of ||e_k||_1; both 0 when left out) and
+// its int16 pairs in packed_bf16 ([panel][ceil(D/2)][NR] words, quant_panel_i16). The panel's NR
+// codes are walked together, as in pack_codes: the same per-code sums in the same order. x / sigma
+// is computed as x * (1 / sigma), the same value: sigma is a power of two in [2^-100, 2^61], so
+// both are exact.
+template <class E>
+void pack_codes_i16(const cpu::FwdJob& job, int64_t p_lo, int64_t p_hi) {
+  pack_codes<E>(job, p_lo, p_hi);
+  const int64_t D = job.D, D2 = (D + 1) / 2, P = job.panels * NR;
+  const int32_t Q = quant_max(D);
+  for (int64_t p = p_lo; p < p_hi; ++p) {
+    const float* src = job.packed + p * D * NR;
+    double m[NR] = {}, l1[NR] = {};
+    for (int64_t d = 0; d < D; ++d)
+      for (int j = 0; j < NR; ++j) {
+        const double v = __builtin_fabs((double)src[d * NR + j]);
+        m[j] = v > m[j] ? v : m[j];
+        l1[j] += v;
+      }
+    alignas(64) double inv[NR];
+    for (int j = 0; j < NR; ++j) {
+      const int64_t k = p * NR + j;
+      const double sc = code_scale(job, k, m[j], Q);
+      job.code_aux[k] = (float)sc;
+      job.code_aux[P + k] = sc != 0.0 ? (float)((l1[j] + (double)D * 0x1p-126) * (1.0 + 0x1p-20)) : 0.0f;
+      inv[j] = sc != 0.0 ? 1.0 / sc : 0.0;
+    }
+    quant_panel_i16(src, inv, D, job.packed_bf16 + p * D2 * NR);
+  }
+}
+
+// The direct proof of the top for one call: its quick (float) form and the double test.
+// S is the largest code scale of the pass (int16: max_code_scale; avx2_i8's int8 tier passes its own).
+struct I16Bound {
+  double u, Dd, En, S, L;
+  float q_a, q_xx, q_l1, q_tau;
+  I16Bound(const cpu::FwdJob& job, double S_)
+      : u(0x1p-24), Dd((double)job.D), En(job.max_code_norm), S(S_), L(job.max_code_l1) {
+    // The proof's quick form, linear in the lane's fp32 xx, L1 sum and tau: 6B <= 3 (quick_a +
+    // quick_b xx) (vq_cpu.cpp's quick_bound, never below `decide`'s 2B), 4 dd as below with l1x
+    // expanded; every constant enlarged by 2^-8 more for its rounding to float and the float
+    // evaluation of the sum (a few units of 2^-24 on positive terms) and of fl(v2 - v1). Never below
+    // the double test's right side, so it proves only what that test proves; +inf when quick_a is
+    // (E out of range, or the debug switch), then the double test decides.
+    const double kq = (1.0 + 0x1p-10) * (1.0 + 0x1p-8), lx = 1.0 + (Dd + 2.0) * u;
+    q_a = (float)((3.0 * (double)job.quick_a + 2.0 * S * Dd * 0x1p-126 * lx) * kq);
+    q_xx = (float)(3.0 * (double)job.quick_b * kq);
+    q_l1 = (float)(2.0 * S * lx * kq);
+    q_tau = (float)(2.0 * (L + 0.5 * Dd * S) * kq);
+  }
+  // The quick form: no square root, no double. False for a NaN or infinite v1 or gap.
+  bool quick(float v1, float v2, float xx, float l1, float tau) const {
+    const float gap = v2 - v1;
+    return v1 - v1 == 0.0f && gap < __builtin_inff() && gap > q_a + q_xx * xx + q_l1 * l1 + q_tau * tau;
+  }
+  // The row's B (the fp32 search's bound, `decide`) and dd (see the top).
+  void terms(float xx, float l1, float tau, double& B, double& dd) const {
+    const double xn = __builtin_sqrt((double)xx + Dd * 0x1p-126) * (1.0 + (Dd + 2.0) * u);
+    B = (2.0 * Dd + 8.0) * u * 1.01 * (En * En + 2.0 * xn * En) + (Dd + 2.0) * 0x1p-50 * xn * xn +
+        (4.0 * Dd + 8.0) * 0x1p-120 * (1.0 + En + xn);
+    const double l1x = ((double)l1 + Dd * 0x1p-126) * (1.0 + (Dd + 2.0) * u);
+    dd = 0.5 * S * l1x + 0.5 * (double)tau * (L + 0.5 * Dd * S);
+  }
+  static bool direct(double v1, double v2, double B, double dd) {
+    return v2 - v1 > (4.0 * dd + 6.0 * B) * (1.0 + 0x1p-10);
+  }
+  // The whole test for a row in range (`provable`, see row_scales): the quick form, then the
+  // double one; VQK_DEBUG_APPROX_ONLY (job.approx_only) accepts every row, unproven.
+  bool proves(const cpu::FwdJob& job, bool provable, float v1, float v2, float xx, float l1,
+              float tau) const {
+    if (provable && quick(v1, v2, xx, l1, tau)) return true;
+    if (job.approx_only) return true;
+    if (!provable || !((double)v1 - (double)v1 == 0.0)) return false;
+    double B, dd;
+    terms(xx, l1, tau, B, dd);
+    return direct(v1, v2, B, dd);
+  }
+};
+
+// Per lane of a packed tile (xx = its fp32 ||x||^2, live = the lane holds a row to search): max |x_d|,
+// the fp32 L1 sum, tau and 1/tau (lane_abs_stats, lane_scales), and whether the bound can prove
+// the lane at all. Ordered compares: NaN or inf anywhere in the row makes xx NaN or inf, never
+// provable. Lanes not provable get tau = 1 and inv = 0 (their int16 values are 0 and never used).
+VQK_ALWAYS_INLINE void row_scales(const float* __restrict xt, int64_t D, int32_t Q, const bool* live,
+                                  const float* __restrict xx, float* __restrict mx,
+                                  float* __restrict l1, float* __restrict tau,
+                                  float* __restrict inv, bool* provable) {
+  lane_abs_stats(xt, D, mx, l1);
+  lane_scales(mx, Q, tau, inv);
+  for (int r = 0; r < MR; ++r) {
+    provable[r] = live[r] && xx[r] < 0x1p100f && mx[r] < 0x1p60f;
+    if (!provable[r]) tau[r] = 1.0f, inv[r] = 0.0f;
+  }
+}
+
+// Per-thread scratch: the generic search's [Exact][xt][et][xe] (search_impl.h), then
+// [Pending][xp (rows set aside, packed like xt)][xb (int16 pairs)].
+struct Pending {
+  int64_t count;
+  int64_t rowno[MR];
+  int64_t seen, deferred;  // rows this thread has searched in int16, and set aside, this call
+  bool fp32_only;          // too many set aside: plain fp32 tiles for the rest of the call
+};
+constexpr int64_t kHeaderFloats = (sizeof(Pending) + 63) / 64 * 16;
+
+int64_t pair_floats(int64_t D) { return ((D + 1) / 2 * MR + 15) / 16 * 16; }
+int64_t i16_scratch_floats(int64_t D) {
+  return scratch_floats(D) + kHeaderFloats + tile_floats(D) + pair_floats(D);
+}
+
+struct Areas {
+  Scratch base;
+  Pending* pend;
+  float *xt, *et, *xp;
+  uint32_t* xb;
+  explicit Areas(float* s, int64_t D)
+      : base(s, D), pend(reinterpret_cast<Pending*>(s + scratch_floats(D))), xt(base.xt),
+        et(base.et), xp(s + scratch_floats(D) + kHeaderFloats),
+        xb(reinterpret_cast<uint32_t*>(xp + tile_floats(D))) {}
+};
+
+// Rows the int16 pass cannot prove: searched again in fp32, a tile at a time.
+template <class E>
+void run_pending(const cpu::FwdJob& job, const Areas& a) {
+  const int64_t c = a.pend->count;
+  if (c == 0) return;
+  __atomic_fetch_add(&cpu::g_set_aside_rows, c, __ATOMIC_RELAXED);
+  for (int64_t r = c; r < MR; ++r) {
+    a.pend->rowno[r] = -1;
+    for (int64_t d = 0; d < job.D; ++d) a.xp[d * MR + r] = 0.0f;
+  }
+  search_block<E>(job, a.pend->rowno, a.xp, a.base);
+  a.pend->count = 0;
+}
+
+template <class E>
+void search_tiles_i16(const cpu::FwdJob& job, int64_t t_lo, int64_t t_hi, float* scratch) {
+  const int64_t N = job.x.B * job.x.S, D = job.D, D2 = (D + 1) / 2;
+  const Areas a(scratch, D);
+  const int32_t Q = quant_max(D);
+  // Nothing is proven when the codes are out of the fp32 bound's range (then every row would be
+  // set aside: plain fp32 tiles instead) or the int16 values would be too coarse.
+  const bool usable = Q >= kMinQ && job.max_code_norm < 0x1p50;
+  const I16Bound bound(job, job.max_code_scale);
+  alignas(64) float xx[MR], mx[MR], l1[MR], tau[MR], inv[MR];
+  int64_t rowno[MR];
+  bool live[MR], provable[MR];
+  for (int64_t t = t_lo; t < t_hi; ++t) {
+    const int64_t row0 = t * MR, rows = imin(MR, N - row0);
+    for (int r = 0; r < MR; ++r) rowno[r] = r < rows ? row0 + r : -1;
+    pack_rows<E>(job, row0, rows, a.xt);
+    if (a.pend->fp32_only || !usable) {
+      search_block<E>(job, rowno, a.xt, a.base);
+      continue;
+    }
+    a.pend->seen += rows;
+    // Per lane: ||x||^2 (fp32, as the fp32 search has it), max |x_d|, sum |x_d|, tau.
+    lane_sqnorms(a.xt, D, xx);
+    for (int r = 0; r < MR; ++r) live[r] = rowno[r] >= 0;
+    row_scales(a.xt, D, Q, live, xx, mx, l1, tau, inv, provable);
+    to_pairs_i16(a.xt, inv, D, a.xb);
+    Top2 top;
+    search_tile_i16(a.xb, job.packed_bf16, job.norms, job.code_aux, tau, job.panels, D2, top);
+    for (int r = 0; r < MR; ++r) {
+      if (rowno[r] < 0) continue;
+      if (bound.proves(job, provable[r], top.v1[r], top.v2[r], xx[r], l1[r], tau[r])) continue;
+      Pending& p = *a.pend;
+      for (int64_t d = 0; d < D; ++d) a.xp[d * MR + p.count] = a.xt[d * MR + r];
+      p.rowno[p.count++] = rowno[r];
+      ++p.deferred;
+      rowno[r] = -1;
+      if (p.count == MR) run_pending<E>(job, a);
+    }
+    finish_tile<E>(job, rowno, a.xt, a.et, top.k1);
+    // Break-even is near 45% set aside (an int16 tile costs ~0.55 of an fp32 one, plus the fp32
+    // search of what it set aside): a third leaves room for the pending tiles' overhead.
+    if (a.pend->seen >= 4 * MR && 3 * a.pend->deferred > a.pend->seen) a.pend->fp32_only = true;
+  }
+}
+
+void pack_any_i16(const cpu::FwdJob& job, int64_t p_lo, int64_t p_hi) {
+  switch (job.dtype) {
+    case DType::f16: return pack_codes_i16<EF16>(job, p_lo, p_hi);
+    case DType::bf16: return pack_codes_i16<EBF16>(job, p_lo, p_hi);
+    default: return pack_codes_i16<EF32>(job, p_lo, p_hi);
+  }
+}
+
+void search_any_i16(const cpu::FwdJob& job, int64_t t_lo, int64_t t_hi, float* scratch) {
+  switch (job.dtype) {
+    case DType::f16: return search_tiles_i16<EF16>(job, t_lo, t_hi, scratch);
+    case DType::bf16: return search_tiles_i16<EBF16>(job, t_lo, t_hi, scratch);
+    default: return search_tiles_i16<EF32>(job, t_lo, t_hi, scratch);
+  }
+}
+
+// Called once by each thread after its last tile: the rows still set aside, then the fp32
+// search's own exact re-search of what it could not prove.
+void flush_i16(const cpu::FwdJob& job, float* scratch) {
+  const Areas a(scratch, job.D);
+  switch (job.dtype) {
+    case DType::f16: run_pending<EF16>(job, a); return run_exact<EF16>(job, a.base);
+    case DType::bf16: run_pending<EBF16>(job, a); return run_exact<EBF16>(job, a.base);
+    default: run_pending<EF32>(job, a); return run_exact<EF32>(job, a.base);
+  }
+}
+
+}  // namespace
+}  // namespace vqk

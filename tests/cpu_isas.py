@@ -11,7 +11,8 @@ import pytest
 from vqkernels import native
 
 # Every path the package knows, fastest first (x86-64 and aarch64 together: a machine runs a subset).
-ISAS = ["avx512bf16", "avx512", "avx2", "avx2_i16", "avx2_i8", "neon", "neon_dot", "scalar"]
+ISAS = ["avx512bf16", "avx512", "avx512_i16", "avx512_vnni_i16", "avx2", "avx2_i16", "avx2_i8", "neon",
+        "neon_dot", "scalar"]
 
 
 def isa_skip_reason(isa):
@@ -48,6 +49,6 @@ def report_lines():
             where = " (its kernel checks run under qemu-aarch64: .ci/native_checks.sh aarch64)" \
                 if i in ("neon", "neon_dot") else \
                 " (its kernel checks run emulated through SIMDe, behaviour only: .ci/native_checks.sh" \
-                " x86-emulated)" if i in ("avx512", "avx512bf16") else ""
+                " x86-emulated)" if i.startswith("avx512") else ""
             lines.append(f"  CPU kernel path {i} NOT tested here: {r}{where}")
     return lines

@@ -41,7 +41,7 @@ struct FwdJob {
   // fl(v2 - v1) > quick_a + quick_b * fl(||x||^2), a bound linear in ||x||^2 that never undercuts
   // `decide`'s; +inf when E is out of range (then only `decide` runs).
   float quick_a, quick_b;
-  // Only for kernels with `i16` set (search_avx2_i16.cpp; search_neon_dot.cpp, whose int8 quads
+  // Only for kernels with `i16` set (search_avx2_i16.cpp, search_avx512_i16.cpp; search_neon_dot.cpp, whose int8 quads
   // take packed_bf16 as [panel][ceil(D/4)][nr] words): packed_bf16 then holds int16 pairs
   // (the same layout), and code_aux 2 * panels * nr floats: each code's power-of-two scale, then an
   // upper bound of its L1 norm (both 0 for padding). vq_cpu.cpp fills the two maxima over the
@@ -71,8 +71,8 @@ struct SearchKernels {
   bool i16 = false;  // wants packed_bf16 (as int16 pairs or int8 quads), code_aux and its maxima
   // Residual VQ (issue 17), fp32 rows: row tiles [tile_lo, tile_hi) through every stage, with
   // residual_scratch_floats(D) floats of 64-byte aligned scratch private to the thread (zeroed
-  // at the start of a call). Null in a build that has none (avx512bf16: the caller takes the plain
-  // avx512 build's). avx2_i16's (residual_tiles_i16) runs its int16 pass on the stages whose
+  // at the start of a call). Null in a build that has none (avx512bf16, avx512_i16,
+  // avx512_vnni_i16: the caller takes the plain avx512 build's). avx2_i16's (residual_tiles_i16) runs its int16 pass on the stages whose
   // packed_bf16 is set and the fp32 search on the others.
   void (*residual)(const struct ResidualJob& job, int64_t tile_lo, int64_t tile_hi, float* scratch);
   int64_t (*residual_scratch_floats)(int64_t D);
@@ -103,6 +103,8 @@ const SearchKernels& kernels_avx2_i16();
 const SearchKernels& kernels_avx2_i8();   // int8 tier in front of avx2_i16 (single-stage forward)
 const SearchKernels& kernels_avx512();
 const SearchKernels& kernels_avx512bf16();
+const SearchKernels& kernels_avx512_i16();       // int16 first pass on 512-bit registers
+const SearchKernels& kernels_avx512_vnni_i16();  // the same with AVX512_VNNI's vpdpwssd
 const SearchKernels& kernels_neon();
 const SearchKernels& kernels_neon_dot();  // VQK_HAVE_NEON_DOT: built with +dotprod
 

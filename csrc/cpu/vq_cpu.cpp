@@ -138,6 +138,24 @@ bool cpu_has_avx512bf16() {
 #endif
 }
 
+// The int16 first pass on 512-bit registers needs AVX512F and BW (vpmaddwd on zmm); it is built
+// with the avx512 build's flags and shares its fp32 search, so it asks for the same four.
+bool cpu_has_avx512_i16() {
+#if defined(VQK_HAVE_AVX512_I16)
+  return cpu_has_avx512();
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_avx512_vnni_i16() {
+#if defined(VQK_HAVE_AVX512_VNNI_I16)
+  return cpu_has_avx512() && __builtin_cpu_supports("avx512vnni");
+#else
+  return false;
+#endif
+}
+
 bool cpu_has_avx2() {
 #if defined(VQK_HAVE_AVX2)
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
@@ -231,6 +249,12 @@ constexpr int64_t kBf16MinK = 128, kBf16MinD = 16;
 // speed has never been measured (no ARM machine here, only qemu-user, which checks behaviour), and
 // int8's coarse bound sends many rows on random data to an fp32 check of their candidates, so auto
 // stays on `neon` until someone measures it on real cores.
+// The AVX-512 int16 passes (search_avx512_i16.cpp: avx512_i16, and avx512_vnni_i16 with vpdpwssd)
+// are never picked by auto either: no AVX-512 CPU has timed them (they were checked for behaviour
+// under SIMDe emulation only, .ci/native_checks.sh x86-emulated). Whether they beat the fp32
+// avx512 build depends on the core: on Skylake-SP 512-bit vpmaddwd issues on one port where
+// 512-bit FMA has two on some SKUs, so the 2x multiply-adds per instruction may buy nothing there,
+// while Ice Lake/Zen 4 with VNNI should gain. Forced only (VQK_CPU_ISA) until measured.
 constexpr int64_t kI16MinK = 64, kI16MinD = 16;
 
 [[maybe_unused]] bool cpu_is_amd_family25() {  // unused in a build without AVX2 (x86-emulated)
@@ -284,6 +308,21 @@ const cpu::SearchKernels& select_kernels([[maybe_unused]] int64_t K, [[maybe_unu
     return cpu::kernels_avx512();
 #endif
   }
+  if (want == "avx512_i16") {
+    if (!cpu_has_avx512_i16())
+      throw std::runtime_error("VQK_CPU_ISA=avx512_i16, but this CPU (or this build) lacks AVX-512 F/BW/VL/DQ");
+#if defined(VQK_HAVE_AVX512_I16)
+    return cpu::kernels_avx512_i16();
+#endif
+  }
+  if (want == "avx512_vnni_i16") {
+    if (!cpu_has_avx512_vnni_i16())
+      throw std::runtime_error("VQK_CPU_ISA=avx512_vnni_i16, but this CPU (or this build) lacks AVX-512 "
+                               "F/BW/VL/DQ with VNNI");
+#if defined(VQK_HAVE_AVX512_VNNI_I16)
+    return cpu::kernels_avx512_vnni_i16();
+#endif
+  }
   if (want == "avx2_i16") {
     if (!cpu_has_avx2())
       throw std::runtime_error("VQK_CPU_ISA=avx2_i16, but this CPU (or this build) lacks AVX2/FMA/F16C");
@@ -316,12 +355,14 @@ const cpu::SearchKernels& select_kernels([[maybe_unused]] int64_t K, [[maybe_unu
   if (want == "neon") {
     if (!cpu_has_neon())
       throw std::runtime_error("VQK_CPU_ISA=neon, but this is not an aarch64 build with Advanced SIMD "
-                               "(NEON is the aarch64 path; x86-64 has avx512bf16, avx512, avx2, avx2_i16, avx2_i8)");
+                               "(NEON is the aarch64 path; x86-64 has avx512bf16, avx512, avx512_i16, "
+                               "avx512_vnni_i16, avx2, avx2_i16, avx2_i8)");
 #if defined(VQK_HAVE_NEON)
     return cpu::kernels_neon();
 #endif
   }
-  throw std::invalid_argument("VQK_CPU_ISA must be one of auto, avx512bf16, avx512, avx2, avx2_i16, avx2_i8, neon, neon_dot, scalar; got '" +
+  throw std::invalid_argument("VQK_CPU_ISA must be one of auto, avx512bf16, avx512, avx512_i16, "
+                              "avx512_vnni_i16, avx2, avx2_i16, avx2_i8, neon, neon_dot, scalar; got '" +
                               want + "'");
 }
 
@@ -689,6 +730,14 @@ void residual_forward(const ResidualArgs& a, int num_threads) {
   // that build's fp32 search); neon_dot's runs the fp32 search.
 #if defined(VQK_HAVE_AVX512)
   if (!ks->residual && ks->bf16) ks = &cpu::kernels_avx512();
+#endif
+  // The AVX-512 int16 builds have none either (avx2_i16's residual search is written for 256-bit
+  // tiles): the fp32 avx512 build, which any CPU that runs them runs.
+#if defined(VQK_HAVE_AVX512_I16)
+  if (ks == &cpu::kernels_avx512_i16()) ks = &cpu::kernels_avx512();
+#endif
+#if defined(VQK_HAVE_AVX512_VNNI_I16)
+  if (ks == &cpu::kernels_avx512_vnni_i16()) ks = &cpu::kernels_avx512();
 #endif
 #if defined(VQK_HAVE_AVX2)
   if (!ks->residual && ks->i16) ks = &cpu::kernels_avx2();

@@ -1,0 +1,234 @@
+// AVX-512 int16 first pass (VQK_CPU_ISA=avx512_i16): avx2_i16's search on 512-bit registers, for
+// AVX-512 CPUs without the bf16 path (Skylake-SP to Ice Lake; Zen 4 where avx512bf16 is not
+// chosen). The same answers as the exact fp32 search (search_impl.h), bit for bit. Built with the
+// avx512 build's flags (-mavx512f -mavx512bw -mavx512vl -mavx512dq -mfma -mf16c; vpmaddwd on zmm is
+// AVX512BW) and run only after vq_cpu.cpp's run-time check. Written with intrinsics only, so that
+// .ci/native_checks.sh x86-emulated can compile it against SIMDe and run it on a CPU without AVX-512.
+//
+// _mm512_madd_epi16 multiplies 32 int16 pairs and adds neighbours into 16 int32 lanes: 32
+// multiply-adds per instruction against an fp32 FMA's 16. Under AVX512_VNNI (Cascade Lake on,
+// Zen 4) _mm512_dpwssd_epi32 does the multiply-adds and the accumulation in one instruction
+// (VQK_I16_VNNI, the avx512_vnni_i16 build: search_avx512_vnni_i16.cpp). Its speed has not been
+// measured: no AVX-512 CPU was at hand (`auto` never picks it; README, "CPU paths").
+//
+// Tile: 3 x 16 rows against panels of 8 codes, as search_avx512.cpp: 24 zmm accumulators; with the
+// 3 row vectors, the code broadcast and vpmaddwd's product (it cannot accumulate) 29 of the 32 zmm
+// registers (i16_dots). Per pair step: 3 row loads, 8 broadcasts, 24 vpmaddwd,
+// 24 vpaddd (VNNI: 24 vpdpwssd).
+//
+// Exactness: search_i16_common.h's quantization, bound and proof, unchanged. Nothing in them
+// depends on the register width: each int32 lane is one row and one code, accumulating the same
+// ceil(D/2) pair sums as an AVX2 lane (the exactness of the int32 sum, <= 2 ceil(D/2) Q^2 < 2^31,
+// is per lane; vpdpwssd adds the two products of a pair to the lane without saturation, the same
+// integer as vpmaddwd + vpaddd since no partial sum overflows), and the per-row and per-code
+// scales are those of avx2_i16 (the same powers of two, the same int16 values). The epilogue is
+// avx2_i16's per lane: fl(n_k - (2 sigma_k) fl(fl(p.q) tau)), fl(p.q) a correctly rounded int32 to
+// fp32 conversion. So the bound and the test (I16Bound) hold word for word, rows it cannot prove go
+// to the fp32 search of the same width (search_impl.h with the avx512 traits: the avx512 build's
+// search, proof and exact re-search), and the output is the avx512 build's, bit for bit.
+//
+// Residual VQ takes the plain avx512 build (vq_cpu.cpp; avx2_i16's residual search is written for
+// 256-bit tiles); grouped VQ runs this build's search per group.
+#include "cpu_internal.h"
+
+#include "simd_avx512.h"
+
+namespace vqk {
+namespace {
+
+constexpr int MRV = 3;
+constexpr int NR = 8;
+
+}  // namespace
+}  // namespace vqk
+
+#include "search_impl.h"
+
+namespace vqk {
+namespace {
+
+constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+
+// One code panel's int16 pairs (search_i16_common.h, pack_codes_i16): dst[i * NR + j] =
+// q_{2i} | q_{2i+1} << 16 of code j, q_d = round(e_d inv[j]) ties to even, the 8 codes as one
+// vector of doubles (avx2_i16's values: the same double products, the same rounding). Codes left
+// out have inv = 0 and are zeroed by the mask (a NaN times 0 would still be NaN).
+static_assert(NR == 8, "quant_panel_i16 quantizes a panel's 8 codes as one vector of doubles");
+VQK_ALWAYS_INLINE void quant_panel_i16(const float* __restrict src, const double* inv, int64_t D,
+                                       uint32_t* __restrict dst) {
+  const __m512d iv = _mm512_load_pd(inv);
+  const __mmask8 keep = _mm512_cmp_pd_mask(iv, _mm512_setzero_pd(), _CMP_NEQ_OQ);
+  const auto quant = [&](const float* v) {  // round(v_j / sigma_j) for the 8 codes, as int32
+    const __m512d q = _mm512_maskz_mul_pd(keep, _mm512_cvtps_pd(_mm256_loadu_ps(v)), iv);
+    return _mm512_cvttpd_epi32(_mm512_roundscale_pd(q, kRound));
+  };
+  for (int64_t i = 0; i < (D + 1) / 2; ++i) {
+    const __m256i lo = quant(src + 2 * i * NR);
+    const __m256i hi = 2 * i + 1 < D ? quant(src + (2 * i + 1) * NR) : _mm256_setzero_si256();
+    const __m256i w = _mm256_or_si256(_mm256_and_si256(lo, _mm256_set1_epi32(0xffff)),
+                                      _mm256_slli_epi32(hi, 16));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i * NR), w);
+  }
+}
+
+// Per lane of a packed tile: max |x_d| and sum |x_d| (fp32, in d order).
+VQK_ALWAYS_INLINE void lane_abs_stats(const float* __restrict xt, int64_t D, float* __restrict mx,
+                                      float* __restrict l1) {
+  __m512 m[MRV], s[MRV];
+  for (int i = 0; i < MRV; ++i) m[i] = s[i] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; ++d)
+#pragma GCC unroll 64
+    for (int i = 0; i < MRV; ++i) {
+      const __m512 v = _mm512_abs_ps(_mm512_load_ps(xt + d * MR + i * W));
+      m[i] = _mm512_max_ps(m[i], v);
+      s[i] = _mm512_add_ps(s[i], v);
+    }
+  for (int i = 0; i < MRV; ++i) {
+    _mm512_store_ps(mx + i * W, m[i]);
+    _mm512_store_ps(l1 + i * W, s[i]);
+  }
+}
+
+// tau and 1/tau per lane from max |x_d|: avx2_i16's lane_scales (search_avx2_i16.cpp, where the
+// steps are explained) with masks for blends.
+VQK_ALWAYS_INLINE void lane_scales(const float* __restrict mx, int32_t Q, float* __restrict tau,
+                                   float* __restrict inv) {
+  const int qbits = 31 - __builtin_clz((unsigned)Q);
+  const __m512 Qf = _mm512_set1_ps((float)Q);
+  for (int i = 0; i < MRV; ++i) {
+    const __m512 m = _mm512_min_ps(_mm512_load_ps(mx + i * W), _mm512_set1_ps(0x1p60f));
+    const __m512i e = _mm512_srli_epi32(_mm512_castps_si512(m), 23);
+    const __m512 t0 = _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_add_epi32(e, _mm512_set1_epi32(1 - qbits)), 23));
+    const __m512 half = _mm512_mul_ps(t0, _mm512_set1_ps(0.5f));
+    __m512 t = _mm512_mask_mov_ps(
+        t0, _mm512_cmp_ps_mask(_mm512_add_ps(m, m), _mm512_mul_ps(Qf, t0), _CMP_LE_OQ), half);
+    t = _mm512_mask_mov_ps(t, _mm512_cmp_ps_mask(m, _mm512_set1_ps(0x1p-100f * (float)Q), _CMP_LT_OQ),
+                           _mm512_set1_ps(0x1p-100f));
+    _mm512_store_ps(tau + i * W, t);
+    _mm512_store_ps(inv + i * W, _mm512_div_ps(_mm512_set1_ps(1.0f), t));  // exact
+  }
+}
+
+// The tile's rows as int16 pairs: xb[i * MR + r] = p_{2i} | p_{2i+1} << 16 with p_d = round(x_d inv[r])
+// (inv = 1/tau, exact; 0 for lanes that will not be proven, whose values do not matter).
+void to_pairs_i16(const float* __restrict xt, const float* __restrict inv, int64_t D,
+                  uint32_t* __restrict xb) {
+  const __m512i low = _mm512_set1_epi32(0xffff);
+  for (int64_t i = 0; i < (D + 1) / 2; ++i)
+    for (int b = 0; b < MRV; ++b) {
+      const __m512 s = _mm512_load_ps(inv + b * W);
+      const __m512 lo = _mm512_mul_ps(_mm512_load_ps(xt + 2 * i * MR + b * W), s);
+      const __m512 hi = 2 * i + 1 < D ? _mm512_mul_ps(_mm512_load_ps(xt + (2 * i + 1) * MR + b * W), s)
+                                      : _mm512_setzero_ps();
+      const __m512i li = _mm512_cvttps_epi32(_mm512_roundscale_ps(lo, kRound));
+      const __m512i hj = _mm512_cvttps_epi32(_mm512_roundscale_ps(hi, kRound));
+      _mm512_store_si512(xb + i * MR + b * W,
+                         _mm512_or_si512(_mm512_and_si512(li, low), _mm512_slli_epi32(hj, 16)));
+    }
+}
+
+// acc += the pair dot products of x and the broadcast code pair b, lane by lane.
+VQK_ALWAYS_INLINE __m512i madd_acc(__m512i acc, __m512i x, __m512i b) {
+#if defined(VQK_I16_VNNI)
+  return _mm512_dpwssd_epi32(acc, x, b);
+#else
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(x, b));
+#endif
+}
+
+// The micro-kernel's loop over the D2 pair steps of one panel: per step the 3 row vectors, and per
+// code its pair broadcast and multiply-added into the 3 accumulators of that code. Its own function
+// (not inlined, the accumulators local): inlined into search_tile_i16, whose best-two state and
+// scales stay live across the panel loop, GCC 12 kept 9 (VNNI) to 17 of the 24 accumulators on the
+// stack inside this loop, a load and a store each per step; alone it holds all of them in registers
+// (24 + 3 rows + broadcast + product = 29 zmm; test_cpu_kernel checks the machine code). One call
+// per panel costs a few cycles against D2 x 24 multiply-adds.
+__attribute__((noinline)) void i16_dots(const uint32_t* __restrict xb, const uint32_t* __restrict b,
+                                        int64_t D2, __m512i (&out)[MRV][NR]) {
+  __m512i acc[MRV][NR];
+#pragma GCC unroll 64
+  for (int i = 0; i < MRV; ++i)
+#pragma GCC unroll 64
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_si512();
+  for (int64_t s = 0; s < D2; ++s, xb += MR, b += NR) {
+    __m512i xv[MRV];
+#pragma GCC unroll 64
+    for (int i = 0; i < MRV; ++i) xv[i] = _mm512_load_si512(xb + i * W);
+#pragma GCC unroll 64
+    for (int j = 0; j < NR; ++j) {
+      const __m512i bj = _mm512_set1_epi32((int32_t)b[j]);
+#pragma GCC unroll 64
+      for (int i = 0; i < MRV; ++i) acc[i][j] = madd_acc(acc[i][j], xv[i], bj);
+    }
+  }
+#pragma GCC unroll 64
+  for (int i = 0; i < MRV; ++i)
+#pragma GCC unroll 64
+    for (int j = 0; j < NR; ++j) out[i][j] = acc[i][j];
+}
+
+// The int16 micro-kernel: search_tile's shape (MRV x NR accumulators, lanes = rows, codes broadcast,
+// best two per lane in increasing code order with strict compares), on int16 pairs.
+VQK_ALWAYS_INLINE void search_tile_i16(const uint32_t* __restrict xb, const uint32_t* __restrict pb,
+                                       const float* __restrict norms, const float* __restrict scales,
+                                       const float* __restrict tau, int64_t panels, int64_t D2,
+                                       Top2& out) {
+  __m512 b1[MRV], b2[MRV], tv[MRV];
+  __m512i k1[MRV];
+  for (int i = 0; i < MRV; ++i) {
+    b1[i] = b2[i] = _mm512_set1_ps(__builtin_inff());
+    k1[i] = _mm512_setzero_si512();
+    tv[i] = _mm512_load_ps(tau + i * W);
+  }
+  for (int64_t p = 0; p < panels; ++p) {
+    const uint32_t* b = pb + p * D2 * NR;
+    __m512i acc[MRV][NR];
+    i16_dots(xb, b, D2, acc);
+#pragma GCC unroll 64
+    for (int j = 0; j < NR; ++j) {
+      const __m512 nj = _mm512_set1_ps(norms[p * NR + j]);
+      const __m512 sj = _mm512_set1_ps(2.0f * scales[p * NR + j]);
+      const __m512i kj = _mm512_set1_epi32((int32_t)(p * NR + j));
+#pragma GCC unroll 64
+      for (int i = 0; i < MRV; ++i) {
+        const __m512 dot = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[i][j]), tv[i]);  // exact
+        const __m512 dist = _mm512_fnmadd_ps(dot, sj, nj);
+        const __mmask16 m1 = _mm512_cmp_ps_mask(dist, b1[i], _CMP_LT_OQ);
+        const __mmask16 m2 = _mm512_cmp_ps_mask(dist, b2[i], _CMP_LT_OQ);
+        b2[i] = _mm512_mask_mov_ps(_mm512_mask_mov_ps(b2[i], m2, dist), m1, b1[i]);
+        b1[i] = _mm512_mask_mov_ps(b1[i], m1, dist);
+        k1[i] = _mm512_mask_mov_epi32(k1[i], m1, kj);
+      }
+    }
+  }
+  for (int i = 0; i < MRV; ++i) {
+    _mm512_store_si512(out.k1 + i * W, k1[i]);
+    _mm512_store_ps(out.v1 + i * W, b1[i]);
+    _mm512_store_ps(out.v2 + i * W, b2[i]);
+  }
+}
+
+}  // namespace
+}  // namespace vqk
+
+// The width-independent part: pack_codes_i16, the bound, search_tiles_i16, flush_i16.
+#include "search_i16_common.h"
+
+namespace vqk {
+namespace cpu {
+#if defined(VQK_I16_VNNI)
+const SearchKernels& kernels_avx512_vnni_i16() {
+  static const SearchKernels k{"avx512_vnni_i16", MR, NR, pack_any_i16, search_any_i16, flush_i16,
+                               i16_scratch_floats, false, true, nullptr, nullptr};
+  return k;
+}
+#else
+const SearchKernels& kernels_avx512_i16() {
+  static const SearchKernels k{"avx512_i16", MR, NR, pack_any_i16, search_any_i16, flush_i16,
+                               i16_scratch_floats, false, true, nullptr, nullptr};
+  return k;
+}
+#endif
+}  // namespace cpu
+}  // namespace vqk

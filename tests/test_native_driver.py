@@ -30,7 +30,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / ".ci" / "native_checks.sh"
-ISAS = ["avx512bf16", "avx512", "avx2", "avx2_i16", "avx2_i8", "neon", "neon_dot", "scalar"]
+ISAS = ["avx512bf16", "avx512", "avx512_i16", "avx512_vnni_i16", "avx2", "avx2_i16", "avx2_i8", "neon",
+        "neon_dot", "scalar"]
 # Where the aarch64 target's second run (the CPU without the dot product) begins.
 DETECT = "== aarch64: run-time detection"
 # The builds the x86-emulated target runs through SIMDe: the script's EMULATED list, in order.

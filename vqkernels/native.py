@@ -55,12 +55,14 @@ def dtype_code(dtype: torch.dtype) -> int:
 # The CPU kernel's instruction-set paths, in the order `auto` tries them (csrc/cpu/vq_cpu.cpp,
 # select_kernels); avx2_i8 (an int8 tier in front of the int16 pass avx2_i16) is picked by itself
 # only on AMD family 25 without AVX-512 (Zen 3), where it was measured faster than avx2_i16 and
-# avx2 (benchmarks/results/cpu-avx2-i8.md); avx2_i16 and neon_dot (aarch64 int8 SDOT pass; its
-# speed has never been measured) only when forced.
-CPU_PATHS = ("avx512bf16", "avx512", "avx2", "avx2_i16", "avx2_i8", "neon", "neon_dot", "scalar")
+# avx2 (benchmarks/results/cpu-avx2-i8.md); avx2_i16, avx512_i16 / avx512_vnni_i16 (the int16 pass
+# on 512-bit registers) and neon_dot (aarch64 int8 SDOT pass) only when forced: the last three have
+# never been timed on a CPU that runs them.
+CPU_PATHS = ("avx512bf16", "avx512", "avx512_i16", "avx512_vnni_i16", "avx2", "avx2_i16", "avx2_i8",
+             "neon", "neon_dot", "scalar")
 AUTO_RULE = ("auto takes the first of avx512bf16 (for K >= 128 and D >= 16), avx512, avx2_i8 (AMD "
              "family 25 = Zen 3 only, for K >= 64 and D >= 16), avx2, neon, scalar that this CPU and "
-             "build run; avx2_i16 and neon_dot only when forced")
+             "build run; avx2_i16, avx512_i16, avx512_vnni_i16 and neon_dot only when forced")
 
 
 def _cpu_model_and_flags() -> tuple[str, list[str]]:

@@ -53,8 +53,8 @@
 // max ||e|| >= 2^50) is set aside and searched by the fp32 search of search_impl.h, which treats it
 // exactly as the fp32 build would (its proof, or the exact float64 re-search). Every row's answer
 // depends on that row alone, so which rows went which way changes the speed only. (The fp32 build
-// meant is that of the same width, avx2 or avx512; their fp32 values are the same anyway: each is
-// one FMA chain per row and code in d order.)
+// meant is the one of the same width, avx2 or avx512: its search, proof and finish_tile are what
+// the rows set aside get, and what a proven row's output equals.)
 // A thread that sets aside more than a third of its first rows does plain fp32 tiles for the rest
 // of the call (the int16 pass then costs more than it saves).
 #pragma once

@@ -337,6 +337,26 @@ def test_avx2_inner_loops_keep_accumulators_in_registers():
         assert re.search(r"vpmaddwd\s+0x[0-9a-f]+\(%rip\),%ymm\d+,%ymm\d+", text)
 
 
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((l.split(":", 1)[1].split() for l in f if l.startswith("flags")), None)
+    except OSError:
+        return None
+
+
+@pytest.mark.skipif(_cpu_flags() is None or "avx512f" in (_cpu_flags() or []),
+                    reason="needs an x86-64 Linux CPU without AVX-512 (this one runs them)")
+@pytest.mark.parametrize("isa", ["avx512", "avx512_i16", "avx512_vnni_i16"])
+def test_avx512_builds_are_refused_without_avx512(monkeypatch, isa):
+    """The module compiles the AVX-512 builds wherever the compiler can; on a CPU without AVX-512
+    forcing one must be a clear error, never a SIGILL (only .ci/native_checks.sh x86-emulated runs
+    them here, through SIMDe)."""
+    monkeypatch.setenv("VQK_CPU_ISA", isa)
+    with pytest.raises(RuntimeError, match=f"VQK_CPU_ISA={isa}, but this CPU .*lacks AVX-512"):
+        native.module().cpu_isa()
+
+
 def test_bad_isa_name_is_an_error(monkeypatch):
     monkeypatch.setenv("VQK_CPU_ISA", "sse9")
     with pytest.raises(ValueError, match="VQK_CPU_ISA"):

@@ -172,6 +172,8 @@ aarch64() {
 EMULATED=(
   "VQK_HAVE_AVX512BF16=avx512bf16=csrc/cpu/search_avx512bf16.cpp"
   "VQK_HAVE_AVX512=avx512=csrc/cpu/search_avx512.cpp"
+  "VQK_HAVE_AVX512_I16=avx512_i16=csrc/cpu/search_avx512_i16.cpp"
+  "VQK_HAVE_AVX512_VNNI_I16=avx512_vnni_i16=csrc/cpu/search_avx512_vnni_i16.cpp"
 )
 
 x86_emulated() {

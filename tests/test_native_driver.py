@@ -8,12 +8,13 @@ checks against its float64 brute force).
            default on aarch64, the int8 dot-product pass (neon_dot) and the portable one on qemu's
            `max` CPU; then the run-time detection on a Cortex-A72 model (no dot product), which must
            refuse neon_dot and keep auto on neon. qemu shows behaviour, not speed.
-  x86-emulated  the AVX-512 builds (avx512bf16, avx512: the script's EMULATED list) compiled
-           against SIMD Everywhere (libsimde-dev) instead of AVX-512 instructions and run on this
-           CPU, which need not have them: the driver's checks of a real AVX-512 (bf16) CPU, answers
-           bit for bit. Emulation checks behaviour, not speed, and cannot catch a bug in SIMDe (or
-           csrc/cpu/simde_avx512.h's shims, which tests/native/simde_check.cpp holds to Intel's
-           documented semantics first) or in the compiler's real AVX-512 code generation.
+  x86-emulated  the AVX-512 builds (avx512bf16, avx512, avx512_i16, avx512_vnni_i16: the script's
+           EMULATED list) compiled against SIMD Everywhere (libsimde-dev) instead of AVX-512
+           instructions and run on this CPU, which need not have them: the driver's checks of a
+           real AVX-512 (bf16) CPU, answers bit for bit. Emulation checks behaviour, not speed, and
+           cannot catch a bug in SIMDe (or csrc/cpu/simde_avx512.h's shims, which
+           tests/native/simde_check.cpp holds to Intel's documented semantics first) or in the
+           compiler's real AVX-512 code generation.
 
 Each build the driver could not run is its own skipped test, with the driver's reason, so no path
 goes unreported. Nothing is installed from here (VQK_NO_APT=1); .ci/native_checks.sh installs the

@@ -352,3 +352,62 @@ inline __mmask16 cmp_epi32_mask(__m512i a, __m512i b, int imm) {
 // vq_cpu.cpp, built with VQK_EMULATED_AVX512 for the emulated driver, refers to this symbol: linked
 // with real AVX-512 objects (which lack it) instead of these, that binary fails to link.
 extern "C" __attribute__((weak)) const int vqk_avx512_emulated_by_simde = 1;
+
+// --- For the AVX-512 int16 builds (search_avx512_i16.cpp): conversions SIMDe 0.7.4 lacks, lane by
+// lane as the SDM describes them, and _mm512_madd_epi16, whose SIMDe alias takes the masked form's
+// four arguments (Intel's takes two).
+//   _mm512_cvtepi32_ps   int32 -> fp32 rounded to nearest even (MXCSR's default mode, the one the
+//                        kernels run under; the C++ conversion rounds in the current mode);
+//   _mm512_cvttps_epi32, _mm512_cvttpd_epi32   truncation toward zero; NaN and out-of-range lanes
+//                        give the "integer indefinite" 0x80000000;
+//   _mm512_cvtps_pd      exact widening.
+namespace vqk_simde {
+inline int32_t trunc_i32(double v) {
+  return v > -2147483649.0 && v < 2147483648.0 ? (int32_t)v : INT32_MIN;  // false for NaN
+}
+template <class To, class From>
+inline To bits_as(const From& v) {
+  static_assert(sizeof(To) == sizeof(From), "same size");
+  To r;
+  std::memcpy(&r, &v, sizeof(r));
+  return r;
+}
+inline __m512 cvtepi32_ps(__m512i a) {
+  int32_t l[16];
+  float r[16];
+  std::memcpy(l, &a, sizeof(l));
+  for (int i = 0; i < 16; ++i) r[i] = (float)l[i];
+  return bits_as<__m512>(r);
+}
+inline __m512i cvttps_epi32(__m512 a) {
+  float l[16];
+  int32_t r[16];
+  std::memcpy(l, &a, sizeof(l));
+  for (int i = 0; i < 16; ++i) r[i] = trunc_i32(l[i]);
+  return bits_as<__m512i>(r);
+}
+inline __m256i cvttpd_epi32(__m512d a) {
+  double l[8];
+  int32_t r[8];
+  std::memcpy(l, &a, sizeof(l));
+  for (int i = 0; i < 8; ++i) r[i] = trunc_i32(l[i]);
+  return bits_as<__m256i>(r);
+}
+inline __m512d cvtps_pd(__m256 a) {
+  float l[8];
+  double r[8];
+  std::memcpy(l, &a, sizeof(l));
+  for (int i = 0; i < 8; ++i) r[i] = (double)l[i];
+  return bits_as<__m512d>(r);
+}
+}  // namespace vqk_simde
+#undef _mm512_cvtepi32_ps
+#define _mm512_cvtepi32_ps(a) vqk_simde::cvtepi32_ps(a)
+#undef _mm512_cvttps_epi32
+#define _mm512_cvttps_epi32(a) vqk_simde::cvttps_epi32(a)
+#undef _mm512_cvttpd_epi32
+#define _mm512_cvttpd_epi32(a) vqk_simde::cvttpd_epi32(a)
+#undef _mm512_cvtps_pd
+#define _mm512_cvtps_pd(a) vqk_simde::cvtps_pd(a)
+#undef _mm512_madd_epi16
+#define _mm512_madd_epi16(a, b) simde_mm512_madd_epi16(a, b)

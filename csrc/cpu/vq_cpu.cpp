@@ -150,7 +150,7 @@ bool cpu_has_avx512_i16() {
 
 bool cpu_has_avx512_vnni_i16() {
 #if defined(VQK_HAVE_AVX512_VNNI_I16)
-  return cpu_has_avx512() && __builtin_cpu_supports("avx512vnni");
+  return cpu_has_avx512() && (avx512_emulated() || __builtin_cpu_supports("avx512vnni"));
 #else
   return false;
 #endif

@@ -713,8 +713,9 @@ int main(int argc, char** argv) {
   for (const auto& control : controls) {
     setenv("VQK_CPU_ISA", control.c_str(), 1);
     // The controls of avx2_i8, of avx512 (behind avx512bf16) and of the AVX-512 int16 builds draw
-    // their case from a copy of the generator, so the cases after them (the twins below, whose "no
-    // exact re-search" check depends on the draw) are those the other builds had before these were added.
+    // their case from a copy of the generator, so the cases after them (the twins below, whose
+    // "no exact re-search" check depends on the draw) are those the other builds had before these
+    // controls were added.
     const std::mt19937_64 rng_before = g_rng;
     const Case c = close_codes(160, 300, 24, 5, 4, 16384.0);
     if (control == "avx2_i8" || (control == "avx512" && control != ran.front()) ||

@@ -189,14 +189,14 @@ Case reflections(int64_t N, int64_t D, int64_t extra) {
 
 // The int16 passes' worst case (search_i16_common.h): rows whose quantization error lines up with
 // the difference of two codes, so the int16 values are off by nearly the bound and put the two codes
-// in the wrong order. D = 64 (Q = 5792); codes +c 1 and -c 1 (c = Q: integers, scale 1, exact in
-// int16); row x = p + h 1 with integers p (x_0 = 4344 + h sets the row scale to 1), h = 0.5 - 2^-6, so
-// every x_d - p_d = h rounds down and p.(e1 - e2) = 2c sum p while x.(e1 - e2) = 2c (sum p + 64 h).
-// With sum p = -31 -+ 1 the exact answer is e1 or e2 by a gap of 4c (~5e-6 relative: judged), while
-// the int16 values' gap, 4c |sum p|, points the other way: they are off by 124c, about 95% of the
-// 4 dd the int16 test allows for (dd ~ L / 2 = 32c here), so a bound even 2x too small accepts
-// these rows and fails the check. Drawn from its own generator so the cases after it keep their
-// draws.
+// in the wrong order. D = 64 (Q = 5792); codes e1 = +c 1 and e2 = -c 1 (c = Q: integers, scale 1,
+// exact in int16); row x = p + s h 1 with integers p (x_0 = 4344 + s h sets the row scale to 1),
+// h = 0.5 - 2^-6 and s = +-1, so every x_d rounds to p_d, and a1 - a2 = -4c (x.1) exactly while the
+// int16 values have -4c (p.1). With sum p = -30 s, x.1 = s and the exact answer is e1 (s = +1) or e2
+// (s = -1) by a gap of 4c (~5e-6 relative: judged), while the int16 gap, 120c, points the other way:
+// the int16 values are off by 124c, about 95% of the 4 dd the int16 test allows for (dd ~ L / 2 =
+// 32c here), so a bound even 2x too small accepts these rows and fails the check. Drawn from its own
+// generator so the cases after it keep their draws.
 Case i16_worst(int64_t N) {
   const int64_t D = 64, K = 2;
   const double c0 = 5792.0, h = 0.5 - 1.0 / 64;
@@ -207,15 +207,16 @@ Case i16_worst(int64_t N) {
   }
   std::mt19937_64 rng(20261202);
   for (int64_t n = 0; n < N; ++n) {
-    const int64_t target = n % 2 ? -30 : -32;
+    const double sh = n % 2 ? h : -h;
+    const int64_t target = n % 2 ? -30 : 30;
     int64_t sum = 4344;
-    c.x[n * D] = 4344.0 + h;
+    c.x[n * D] = 4344.0 + sh;
     for (int64_t d = 1; d < D - 1; ++d) {
       const int64_t p = std::uniform_int_distribution<int64_t>(-100, -40)(rng);
       sum += p;
-      c.x[n * D + d] = (double)p + h;
+      c.x[n * D + d] = (double)p + sh;
     }
-    c.x[n * D + D - 1] = (double)(target - sum) + h;
+    c.x[n * D + D - 1] = (double)(target - sum) + sh;
   }
   return c;
 }

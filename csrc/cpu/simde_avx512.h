@@ -18,8 +18,8 @@
 //   _mm512_cvtepu16_epi32, _mm512_cvtepi32_epi16 (truncating), _mm512_cmplt_epi32_mask;
 //   _mm512_cvtneps_pbh, _mm256_cvtneps_pbh   the SDM's convert_fp32_to_bfloat16: round to nearest
 //                          even, denormals to signed zero, NaN kept with its quiet bit set;
-//   for integer builds to come (unused so far): _mm512_cvtepi32_ps, _mm512_cvttps_epi32 (NaN and
-//                          out of range: 0x80000000), _mm512_srai_epi32, _mm512_cvtepi16_epi32,
+//   integer ones: _mm512_cvtepi32_ps, _mm512_cvttps_epi32 (NaN and out of range: 0x80000000;
+//                          these two used by avx512_i16, the rest for builds to come), _mm512_srai_epi32, _mm512_cvtepi16_epi32,
 //                          _mm512_cvtepi8_epi32, _mm512_cvtepu8_epi16, _mm512_reduce_add_epi32,
 //                          _mm512_cmp_epi32_mask (SIMDe has dpwssd, dpbusd, madd, maddubs, packs);
 //   _mm512_shuffle_f32x4   SIMDe has it but not its native name; _mm512_madd_epi16's native name
@@ -212,8 +212,8 @@ inline __m512 fnmadd_ps(__m512 a, __m512 b, __m512 c) {
   VQK_RETURN(__m512, r);
 }
 
-// Not used by the kernels yet; for AVX-512 integer builds to come (the int16/int8 first passes
-// use their AVX2 forms), and checked by simde_check.cpp like the rest.
+// Integer shims: cvtepi32_ps and cvttps_epi32 are used by the AVX-512 int16 builds
+// (search_avx512_i16.cpp), the others are for builds to come; checked by simde_check.cpp like the rest.
 inline __m512 cvtepi32_ps(__m512i a) {
   VQK_LANES(int32_t, l, a);
   float r[16];
@@ -353,18 +353,13 @@ inline __mmask16 cmp_epi32_mask(__m512i a, __m512i b, int imm) {
 // with real AVX-512 objects (which lack it) instead of these, that binary fails to link.
 extern "C" __attribute__((weak)) const int vqk_avx512_emulated_by_simde = 1;
 
-// --- For the AVX-512 int16 builds (search_avx512_i16.cpp): conversions SIMDe 0.7.4 lacks, lane by
-// lane as the SDM describes them, and _mm512_madd_epi16, whose SIMDe alias takes the masked form's
-// four arguments (Intel's takes two).
-//   _mm512_cvtepi32_ps   int32 -> fp32 rounded to nearest even (MXCSR's default mode, the one the
-//                        kernels run under; the C++ conversion rounds in the current mode);
-//   _mm512_cvttps_epi32, _mm512_cvttpd_epi32   truncation toward zero; NaN and out-of-range lanes
-//                        give the "integer indefinite" 0x80000000;
+// --- For the AVX-512 int16 builds (search_avx512_i16.cpp), besides _mm512_cvtepi32_ps and
+// _mm512_cvttps_epi32 above: the two double conversions SIMDe 0.7.4 lacks, lane by lane as the SDM
+// describes them (tests/native/simde_check.cpp holds them to it):
+//   _mm512_cvttpd_epi32  truncation toward zero; NaN and out-of-range lanes give the "integer
+//                        indefinite" 0x80000000;
 //   _mm512_cvtps_pd      exact widening.
 namespace vqk_simde {
-inline int32_t trunc_i32(double v) {
-  return v > -2147483649.0 && v < 2147483648.0 ? (int32_t)v : INT32_MIN;  // false for NaN
-}
 template <class To, class From>
 inline To bits_as(const From& v) {
   static_assert(sizeof(To) == sizeof(From), "same size");
@@ -372,25 +367,12 @@ inline To bits_as(const From& v) {
   std::memcpy(&r, &v, sizeof(r));
   return r;
 }
-inline __m512 cvtepi32_ps(__m512i a) {
-  int32_t l[16];
-  float r[16];
-  std::memcpy(l, &a, sizeof(l));
-  for (int i = 0; i < 16; ++i) r[i] = (float)l[i];
-  return bits_as<__m512>(r);
-}
-inline __m512i cvttps_epi32(__m512 a) {
-  float l[16];
-  int32_t r[16];
-  std::memcpy(l, &a, sizeof(l));
-  for (int i = 0; i < 16; ++i) r[i] = trunc_i32(l[i]);
-  return bits_as<__m512i>(r);
-}
 inline __m256i cvttpd_epi32(__m512d a) {
   double l[8];
   int32_t r[8];
   std::memcpy(l, &a, sizeof(l));
-  for (int i = 0; i < 8; ++i) r[i] = trunc_i32(l[i]);
+  for (int i = 0; i < 8; ++i)  // false for NaN
+    r[i] = l[i] > -2147483649.0 && l[i] < 2147483648.0 ? (int32_t)l[i] : INT32_MIN;
   return bits_as<__m256i>(r);
 }
 inline __m512d cvtps_pd(__m256 a) {
@@ -401,13 +383,7 @@ inline __m512d cvtps_pd(__m256 a) {
   return bits_as<__m512d>(r);
 }
 }  // namespace vqk_simde
-#undef _mm512_cvtepi32_ps
-#define _mm512_cvtepi32_ps(a) vqk_simde::cvtepi32_ps(a)
-#undef _mm512_cvttps_epi32
-#define _mm512_cvttps_epi32(a) vqk_simde::cvttps_epi32(a)
 #undef _mm512_cvttpd_epi32
 #define _mm512_cvttpd_epi32(a) vqk_simde::cvttpd_epi32(a)
 #undef _mm512_cvtps_pd
 #define _mm512_cvtps_pd(a) vqk_simde::cvtps_pd(a)
-#undef _mm512_madd_epi16
-#define _mm512_madd_epi16(a, b) simde_mm512_madd_epi16(a, b)

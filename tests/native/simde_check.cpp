@@ -293,6 +293,54 @@ void check_int() {
   }
 }
 
+// The int16 builds' conversions (search_avx512_i16.cpp): int32 -> fp32 rounds to nearest even
+// (ties at 2^24 + 1 and 2^25 + 2, the extremes), truncation to int32 from fp32 and fp64 (toward
+// zero; NaN, infinities and values outside int32 give 0x80000000), and fp32 -> fp64 exactly.
+void check_int16_conversions() {
+  const int32_t iv[16] = {0, 1, -1, 16777217, 16777219, -16777217, 33554434, 33554438,
+                          2147483647, -2147483647 - 1, 2147483583, 2147483584, 123456789, -98765432,
+                          16777216, 7};
+  const float iw[16] = {0.0f, 1.0f, -1.0f, 16777216.0f, 16777220.0f, -16777216.0f, 33554432.0f,
+                        33554440.0f, 2147483648.0f, -2147483648.0f, 2147483520.0f, 2147483648.0f,
+                        123456792.0f, -98765432.0f, 16777216.0f, 7.0f};
+  __m512i a;
+  std::memcpy(&a, iv, 64);
+  float out[16];
+  lanes(_mm512_cvtepi32_ps(a), out);
+  for (int j = 0; j < 16; ++j)
+    CHECK(bits(out[j]) == bits(iw[j]), "_mm512_cvtepi32_ps(%d) = %.1f, want %.1f", iv[j], out[j], iw[j]);
+  const float fv[16] = {0.0f, -0.0f, 1.99f, -1.99f, 2147483520.0f, -2147483648.0f, 2147483648.0f,
+                        -2147483904.0f, std::nanf(""), INFINITY, -INFINITY, 0.5f, -0.5f, 1e-40f,
+                        32767.0f, -32768.0f};
+  const int32_t fw[16] = {0, 0, 1, -1, 2147483520, -2147483647 - 1, -2147483647 - 1, -2147483647 - 1,
+                          -2147483647 - 1, -2147483647 - 1, -2147483647 - 1, 0, 0, 0, 32767, -32768};
+  int32_t r32[16];
+  const __m512i t = _mm512_cvttps_epi32(vec(fv));
+  std::memcpy(r32, &t, 64);
+  for (int j = 0; j < 16; ++j)
+    CHECK(r32[j] == fw[j], "_mm512_cvttps_epi32(%a) = %d, want %d", fv[j], r32[j], fw[j]);
+  const double dv[8] = {2147483647.9, -2147483648.9, 2147483648.0, -2147483649.0, std::nan(""),
+                        -7.75, 65535.5, 1e300};
+  const int32_t dw[8] = {2147483647, -2147483647 - 1, -2147483647 - 1, -2147483647 - 1,
+                         -2147483647 - 1, -7, 65535, -2147483647 - 1};
+  __m512d d;
+  std::memcpy(&d, dv, 64);
+  const __m256i td = _mm512_cvttpd_epi32(d);
+  std::memcpy(r32, &td, 32);
+  for (int j = 0; j < 8; ++j)
+    CHECK(r32[j] == dw[j], "_mm512_cvttpd_epi32(%a) = %d, want %d", dv[j], r32[j], dw[j]);
+  __m256 h;
+  std::memcpy(&h, fv + 8, 32);
+  const __m512d w = _mm512_cvtps_pd(h);
+  double wd[8];
+  std::memcpy(wd, &w, 64);
+  for (int j = 0; j < 8; ++j) {
+    const double want = (double)fv[8 + j];
+    CHECK(std::isnan(want) ? std::isnan(wd[j]) : std::memcmp(&wd[j], &want, 8) == 0,
+          "_mm512_cvtps_pd(%a) = %a", fv[8 + j], wd[j]);
+  }
+}
+
 // Masked loads and stores of n < 16 elements that end where an inaccessible page begins.
 void check_masked() {
   const long page = sysconf(_SC_PAGESIZE);
@@ -343,6 +391,7 @@ int main() {
   check_arith();
   check_int();
   check_masked();
+  check_int16_conversions();
   std::printf("simde shims: %s: %d checks, %d failed\n", g_failures ? "FAILED" : "OK", g_checks, g_failures);
   return g_failures ? 1 : 0;
 }

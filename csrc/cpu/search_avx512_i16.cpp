@@ -57,7 +57,7 @@ static_assert(NR == 8, "quant_panel_i16 quantizes a panel's 8 codes as one vecto
 VQK_ALWAYS_INLINE void quant_panel_i16(const float* __restrict src, const double* inv, int64_t D,
                                        uint32_t* __restrict dst) {
   const __m512d iv = _mm512_load_pd(inv);
-  const __mmask8 keep = _mm512_cmp_pd_mask(iv, _mm512_setzero_pd(), _CMP_NEQ_OQ);
+  const auto keep = _mm512_cmp_pd_mask(iv, _mm512_setzero_pd(), _CMP_NEQ_OQ);  // __mmask8
   const auto quant = [&](const float* v) {  // round(v_j / sigma_j) for the 8 codes, as int32
     const __m512d q = _mm512_maskz_mul_pd(keep, _mm512_cvtps_pd(_mm256_loadu_ps(v)), iv);
     return _mm512_cvttpd_epi32(_mm512_roundscale_pd(q, kRound));

@@ -19,8 +19,9 @@
 //   _mm512_cvtneps_pbh, _mm256_cvtneps_pbh   the SDM's convert_fp32_to_bfloat16: round to nearest
 //                          even, denormals to signed zero, NaN kept with its quiet bit set;
 //   integer ones: _mm512_cvtepi32_ps, _mm512_cvttps_epi32 (NaN and out of range: 0x80000000;
-//                          these two used by avx512_i16, the rest for builds to come), _mm512_srai_epi32, _mm512_cvtepi16_epi32,
-//                          _mm512_cvtepi8_epi32, _mm512_cvtepu8_epi16, _mm512_reduce_add_epi32,
+//                          these two used by avx512_i16, the rest for builds to come),
+//                          _mm512_srai_epi32, _mm512_cvtepi16_epi32, _mm512_cvtepi8_epi32,
+//                          _mm512_cvtepu8_epi16, _mm512_reduce_add_epi32,
 //                          _mm512_cmp_epi32_mask (SIMDe has dpwssd, dpbusd, madd, maddubs, packs);
 //   _mm512_shuffle_f32x4   SIMDe has it but not its native name; _mm512_madd_epi16's native name
 //                          is declared with the wrong arguments.

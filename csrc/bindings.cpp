@@ -128,6 +128,32 @@ PYBIND11_MODULE(_C, m) {
         "Grouped VQ forward, fp32: every group's own codebook in one call (see vqk.h, "
         "GroupedArgs).");
 
+  m.def("cpu_grouped_backward",
+        [](int dtype, View x, std::vector<int64_t> codebooks, std::vector<int64_t> Ks,
+           int64_t indices, View grad_zq, int64_t g_codebook, int64_t gcb_sn, int64_t gcb_sg,
+           int64_t g_commit, int64_t gcm_sn, int64_t gcm_sg, View grad_x,
+           std::vector<int64_t> grad_cb, int num_threads) {
+          if (codebooks.size() != Ks.size() || codebooks.size() != grad_cb.size() || codebooks.empty())
+            throw std::invalid_argument("vqkernels._C: one K and one grad_cb per codebook, at least one group");
+          std::vector<const void*> cbs;
+          std::vector<void*> gcbs;
+          for (int64_t p : codebooks) cbs.push_back(ptr<const void>(p));
+          for (int64_t p : grad_cb) gcbs.push_back(ptr<void>(p));
+          vqk::GroupedBackwardArgs a{to_dtype(dtype), rows(x), (int64_t)cbs.size(), cbs.data(),
+                                     Ks.data(), ptr<const int64_t>(indices), rows(grad_zq),
+                                     ptr<const void>(g_codebook), gcb_sn, gcb_sg,
+                                     ptr<const void>(g_commit), gcm_sn, gcm_sg, rows_out(grad_x),
+                                     gcbs.data()};
+          py::gil_scoped_release nogil;
+          vqk::cpu_grouped_backward(a, num_threads);
+        },
+        py::arg("dtype"), py::arg("x"), py::arg("codebooks"), py::arg("Ks"), py::arg("indices"),
+        py::arg("grad_zq"), py::arg("g_codebook"), py::arg("gcb_sn"), py::arg("gcb_sg"),
+        py::arg("g_commit"), py::arg("gcm_sn"), py::arg("gcm_sg"), py::arg("grad_x"),
+        py::arg("grad_cb"), py::arg("num_threads"),
+        "Grouped VQ backward: every group's cpu_backward in one call (see vqk.h, "
+        "GroupedBackwardArgs).");
+
   m.def("cpu_isa", [] { return std::string(vqk::cpu_isa()); },
         "The CPU search kernels a large search uses: 'avx512bf16', 'avx512', 'avx2_i16', 'avx2_i8', "
         "'avx2', 'neon' (aarch64) or 'scalar' (VQK_CPU_ISA=auto|avx512bf16|avx512|avx2_i16|avx2_i8|"

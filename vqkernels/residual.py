@@ -589,8 +589,9 @@ class _GroupedFn(torch.autograd.Function):
         else:
             from .triton import residual as triton_residual
             z_q, idx, err = triton_residual.grouped_forward(x, cbs)
+        # The backward reads each group's indices as one contiguous (G, N) row: keep that layout.
+        ctx.save_for_backward(parts, idx.contiguous(), *codebooks)
         idx, err = idx.T.contiguous(), err.T.contiguous()
-        ctx.save_for_backward(parts, idx, *codebooks)
         ctx.backend = backend
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(idx)
@@ -598,16 +599,16 @@ class _GroupedFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_zq, _g_idx, g_cb, g_cm):
-        parts, idx, *codebooks = ctx.saved_tensors
+        parts, idx, *codebooks = ctx.saved_tensors  # idx: (G, N)
         b = backends.resolve(ctx.backend, parts.device)
         G = parts.shape[1]
+        if b.name == "cpu" and _FUSED_CPU_BACKWARD:
+            return _GroupedFn._cpu_backward(ctx, parts, idx, codebooks, g_zq, g_cb, g_cm)
         grad_z = torch.empty_like(parts) if ctx.needs_input_grad[0] else None
         grads = [None] * G
-        if b.name == "cpu" and _FUSED_CPU_BACKWARD:
-            return _GroupedFn._cpu_backward(ctx, parts, idx, codebooks, g_zq, g_cb, g_cm, grad_z)
         for g in range(G):
             x = parts[:, g, :]
-            gz, gc = b.backward(x, -1, codebooks[g], idx[:, g],
+            gz, gc = b.backward(x, -1, codebooks[g], idx[g],
                                 None if g_zq is None else g_zq[:, g, :],
                                 None if g_cb is None else g_cb[:, g],
                                 None if g_cm is None else g_cm[:, g], RowPlan(x, -1))
@@ -618,38 +619,45 @@ class _GroupedFn(torch.autograd.Function):
         return (grad_z, None, *grads)
 
     @staticmethod
-    def _cpu_backward(ctx, parts, idx, codebooks, g_zq, g_cb, g_cm, grad_z):
-        # The loop above with the native kernel writing each group's grad_x straight into its
-        # columns of grad_z (a strided view), and no codebook gradient computed for a codebook
-        # that needs none: the same values, without a fresh N x d tensor and a copy per group.
-        G = parts.shape[1]
+    def _cpu_backward(ctx, parts, idx, codebooks, g_zq, g_cb, g_cm):
+        # The loop above as one native call (csrc/cpu/vq_cpu.cpp, grouped_backward_t): every
+        # group's single-stage backward on its column views, the codebook sums in the
+        # single-stage order, so the same values bit for bit; grad_x written straight into
+        # grad_z's columns and no codebook gradient computed for a codebook that needs none.
+        # One call instead of G saves the per-group overhead (argument checks, G parallel
+        # regions, G weight copies): the weights are read where autograd left them.
+        N, G, d = parts.shape
         acc = reference.acc_dtype(parts.dtype)
-        code = native.dtype_code(parts.dtype)
-        threads = max(1, torch.get_num_threads())
-        grads = [None] * G
-        for g in range(G):
-            x = parts[:, g, :]
-            plan = RowPlan(x, -1)
-            xv = plan.view(x)
-            gzqv = plan.view(g_zq[:, g, :]) if g_zq is not None else None
-            gxv = plan.view(grad_z[:, g, :]) if grad_z is not None else None
-            if gxv is not None and gxv.tensor.data_ptr() != grad_z[:, g, :].data_ptr():
-                raise AssertionError("grad_z's columns must be written in place")
-            cb = codebooks[g].contiguous()
-            ig = idx[:, g].contiguous()
-            w_cb = g_cb[:, g].to(acc).contiguous() if g_cb is not None else None
-            w_cm = g_cm[:, g].to(acc).contiguous() if g_cm is not None else None
-            gc = (torch.empty(cb.shape, dtype=acc, device=cb.device)
-                  if ctx.needs_input_grad[2 + g] else None)
-            native.module().cpu_backward(
-                code, xv.as_args(), cb.data_ptr(), cb.shape[0], ig.data_ptr(),
-                gzqv.as_args() if gzqv is not None else NULL_VIEW,
-                w_cb.data_ptr() if w_cb is not None else 0,
-                w_cm.data_ptr() if w_cm is not None else 0,
-                gxv.as_args() if gxv is not None else NULL_VIEW,
-                gc.data_ptr() if gc is not None else 0, threads)
-            if gc is not None:
-                grads[g] = gc.to(codebooks[g].dtype)
+        grad_z = torch.empty((N, G, d), dtype=parts.dtype) if ctx.needs_input_grad[0] else None
+        # (N, G d) views as they are (reshape copies only where no view exists).
+        x = parts.reshape(N, G * d)
+        gzq = g_zq.reshape(N, G * d) if g_zq is not None and grad_z is not None else None
+
+        def weights(w):
+            if w is None:
+                return None, 0, 0
+            w = w.to(acc)
+            return w, w.stride(0), w.stride(1)
+
+        w_cb, cb_sn, cb_sg = weights(g_cb)
+        w_cm, cm_sn, cm_sg = weights(g_cm if grad_z is not None else None)
+        cbs = [cb.contiguous() for cb in codebooks]
+        gcs = [torch.empty(cb.shape, dtype=acc) if ctx.needs_input_grad[2 + g] else None
+               for g, cb in enumerate(cbs)]
+
+        def view(t):
+            return (t.data_ptr(), 1, N, G * d, 0, t.stride(0), t.stride(1))
+
+        native.module().cpu_grouped_backward(
+            native.dtype_code(parts.dtype), view(x), [cb.data_ptr() for cb in cbs],
+            [cb.shape[0] for cb in cbs], idx.data_ptr(),
+            view(gzq) if gzq is not None else NULL_VIEW,
+            w_cb.data_ptr() if w_cb is not None else 0, cb_sn, cb_sg,
+            w_cm.data_ptr() if w_cm is not None else 0, cm_sn, cm_sg,
+            (grad_z.data_ptr(), 1, N, G * d, 0, G * d, 1) if grad_z is not None else NULL_VIEW,
+            [gc.data_ptr() if gc is not None else 0 for gc in gcs],
+            max(1, torch.get_num_threads()))
+        grads = [None if gc is None else gc.to(cb.dtype) for gc, cb in zip(gcs, codebooks)]
         return (grad_z, None, *grads)
 
 

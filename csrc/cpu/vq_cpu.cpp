@@ -586,108 +586,67 @@ void forward_f64(const ForwardArgs& a, int num_threads) {
 // chunks also keep all threads busy when most rows chose one code (a collapsed codebook).
 constexpr int64_t kBwdChunk = 256;
 
-template <class T>
-struct BackwardRun {
-  using S = typename T::store;
-  using A = typename T::acc;
-  const BackwardArgs& a;
-  int64_t N, D, K;
-  const S* xp;
-  const S* cb;
-  const S* gzq;
-  const A* gcb;
-  const A* gcm;
-  S* gx;
+// The codebook gradient's summation order, shared by every CPU backward (single-stage, each
+// residual stage, each group), so that they all sum bit for bit alike: the rows sorted by code
+// (a stable counting sort), cut into fixed chunks of kBwdChunk sorted rows; in a chunk, each code's
+// run of rows is summed from zero in ascending row order; a code whose rows span chunks is the sum
+// of its chunk pieces, in chunk order. A is the accumulation type. Memory is set up by reserve()
+// (on the calling thread); sort(), sum_chunk() and finish() allocate nothing, so they may run on
+// pool threads.
+template <class A>
+struct CodeOrder {
+  int64_t N = 0, K = 0, D = 0;
+  std::vector<int64_t> start, order, fill;  // rows of code k: order[start[k] .. start[k + 1])
+  // head[c]: the piece of the code at chunk c's first row when that code started earlier or goes
+  // on later; tail[c]: the same for the chunk's last code when it differs from the first.
+  std::vector<A> head, tail;
 
-  explicit BackwardRun(const BackwardArgs& args)
-      : a(args), N(args.x.n()), D(args.x.D), K(args.K),
-        xp(static_cast<const S*>(args.x.ptr)), cb(static_cast<const S*>(args.codebook)),
-        gzq(static_cast<const S*>(args.grad_zq.ptr)), gcb(static_cast<const A*>(args.g_codebook)),
-        gcm(static_cast<const A*>(args.g_commit)), gx(static_cast<S*>(args.grad_x.ptr)) {}
+  void reserve(int64_t n, int64_t max_k, int64_t d) {
+    N = n;
+    D = d;
+    start.resize(max_k + 1);
+    fill.resize(max_k);
+    order.resize(n);
+    head.resize(chunks() * d);
+    tail.resize(chunks() * d);
+  }
+  int64_t chunks() const { return (N + kBwdChunk - 1) / kBwdChunk; }
 
-  // One row: writes grad_x[n] (if wanted) and, if `acc` is given, adds 2 g_cb (e - x) into it.
-  // C: every view is contiguous along D, so the loops have unit strides and vectorise.
-  template <bool C>
-  void row_t(int64_t n, A* __restrict acc) const {
-    const S* __restrict e = cb + a.indices[n] * D;
-    const S* __restrict xr = xp + a.x.offset(n, 0);
-    const int64_t xs = C ? 1 : a.x.sd;
-    if (gx) {
-      S* __restrict gr = gx + a.grad_x.offset(n, 0);
-      const int64_t gs = C ? 1 : a.grad_x.sd, qs = C ? 1 : a.grad_zq.sd;
-      const A wc = gcm ? 2 * gcm[n] : A(0);
-      if (gzq) {
-        const S* __restrict q = gzq + a.grad_zq.offset(n, 0);
-        if (wc != 0) {
-          for (int64_t d = 0; d < D; ++d)
-            T::put(gr + d * gs, T::load(q + d * qs) + wc * (T::load(xr + d * xs) - T::load(e + d)));
-        } else {
-          for (int64_t d = 0; d < D; ++d) T::put(gr + d * gs, T::load(q + d * qs));
-        }
-      } else if (wc != 0) {
-        for (int64_t d = 0; d < D; ++d) T::put(gr + d * gs, wc * (T::load(xr + d * xs) - T::load(e + d)));
-      } else {
-        for (int64_t d = 0; d < D; ++d) T::put(gr + d * gs, A(0));
-      }
-    }
-    if (acc) {
-      const A wb = 2 * gcb[n];
-      for (int64_t d = 0; d < D; ++d) acc[d] += wb * (T::load(e + d) - T::load(xr + d * xs));
+  // code(n) in [0, k) for every row n < N.
+  template <class Code>
+  void sort(int64_t k, Code&& code) {
+    K = k;
+    std::fill(start.begin(), start.begin() + K + 1, int64_t(0));
+    for (int64_t n = 0; n < N; ++n) ++start[code(n) + 1];
+    for (int64_t i = 0; i < K; ++i) start[i + 1] += start[i];
+    std::copy(start.begin(), start.begin() + K, fill.begin());
+    for (int64_t n = 0; n < N; ++n) order[fill[code(n)]++] = n;
+  }
+
+  // Chunk c's pieces: for each code run, acc (D values, scratch) from zero, row(n, acc) for its
+  // rows in order, stored into grad (K x D: a code wholly in this chunk) or head/tail.
+  template <class Code, class Row>
+  void sum_chunk(int64_t c, A* acc, A* grad, Code&& code, Row&& row) {
+    const int64_t lo = c * kBwdChunk, hi = std::min(N, lo + kBwdChunk);
+    for (int64_t i = lo; i < hi;) {
+      const int64_t k = code(order[i]);
+      const int64_t end = std::min(hi, start[k + 1]);
+      std::fill(acc, acc + D, A(0));
+      for (int64_t j = i; j < end; ++j) row(order[j], acc);
+      A* dst;
+      if (start[k] >= lo && start[k + 1] <= hi) dst = grad + k * D;  // whole code here
+      else if (i == lo) dst = head.data() + c * D;
+      else dst = tail.data() + c * D;
+      std::copy(acc, acc + D, dst);
+      i = end;
     }
   }
 
-  void row(int64_t n, A* acc) const {
-    const bool contig = a.x.sd == 1 && (!gx || a.grad_x.sd == 1) && (!gzq || a.grad_zq.sd == 1);
-    if (contig) row_t<true>(n, acc);
-    else row_t<false>(n, acc);
-  }
-
-  void run(int num_threads) {
-    const int threads = (int)std::min<int64_t>(
-        num_threads, 1 + (int64_t)((double)N * (double)std::max<int64_t>(D, 1) / 2.0e5));
-    A* gcbo = static_cast<A*>(a.grad_cb);
-    if (!gcbo || !gcb) {
-      if (gcbo) std::fill(gcbo, gcbo + K * D, A(0));
-      if (gx) parallel_chunks(N, 64, threads, [&](int64_t lo, int64_t hi, int) {
-        for (int64_t n = lo; n < hi; ++n) row(n, nullptr);
-      });
-      return;
-    }
-    // Stable counting sort: rows of code k are order[start[k] .. start[k+1]), ascending.
-    std::vector<int64_t> start(K + 1, 0), order(N);
-    for (int64_t n = 0; n < N; ++n) ++start[a.indices[n] + 1];
-    for (int64_t k = 0; k < K; ++k) start[k + 1] += start[k];
-    {
-      std::vector<int64_t> fill(start.begin(), start.end() - 1);
-      for (int64_t n = 0; n < N; ++n) order[fill[a.indices[n]]++] = n;
-    }
-    const int64_t nchunks = (N + kBwdChunk - 1) / kBwdChunk;
-    // head[c]: partial sum of the code at the chunk's first row when that code started earlier or
-    // goes on later; tail[c]: the same for the chunk's last code when it differs from the first.
-    std::vector<A> head(nchunks * D), tail(nchunks * D);
-    const int64_t Dp = std::max<int64_t>(D, 1);
-    std::vector<A> accs(chunk_threads(nchunks, 1, threads) * Dp);
-    parallel_chunks(nchunks, 1, threads, [&](int64_t c0, int64_t c1, int tid) {
-      A* acc = accs.data() + tid * Dp;
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t lo = c * kBwdChunk, hi = std::min(N, lo + kBwdChunk);
-        for (int64_t i = lo; i < hi;) {
-          const int64_t k = a.indices[order[i]];
-          const int64_t end = std::min(hi, start[k + 1]);
-          std::fill(acc, acc + D, A(0));
-          for (int64_t j = i; j < end; ++j) row(order[j], acc);
-          A* dst;
-          if (start[k] >= lo && start[k + 1] <= hi) dst = gcbo + k * D;  // whole code here
-          else if (i == lo) dst = head.data() + c * D;
-          else dst = tail.data() + c * D;
-          std::copy(acc, acc + D, dst);
-          i = end;
-        }
-      }
-    });
-    // Codes with no rows get zero; codes split across chunks are summed in chunk order.
+  // After every chunk: codes with no rows get zero; codes split across chunks are summed in chunk
+  // order.
+  void finish(A* grad) const {
     for (int64_t k = 0; k < K; ++k) {
-      A* g = gcbo + k * D;
+      A* g = grad + k * D;
       if (start[k] == start[k + 1]) {
         std::fill(g, g + D, A(0));
         continue;
@@ -701,6 +660,199 @@ struct BackwardRun {
     }
   }
 };
+
+// One codebook's backward over rows given as views: grad_x = grad_zq + 2 g_commit (x - e) and the
+// terms 2 g_codebook (e - x) of the codebook gradient. The weights of row n are g_codebook[n *
+// gcb_s] and g_commit[n * gcm_s] (a group's column of an (N, G) array, or a plain vector).
+template <class T>
+struct BackwardRun {
+  using S = typename T::store;
+  using A = typename T::acc;
+  Rows x, grad_zq;
+  RowsOut grad_x;
+  int64_t N, D, K;
+  const S* xp;
+  const S* cb;
+  const int64_t* indices;
+  const S* gzq;
+  const A* gcb;
+  const A* gcm;
+  int64_t gcb_s, gcm_s;
+  S* gx;
+  bool contig;
+
+  BackwardRun(const Rows& x_, const void* codebook, int64_t K_, const int64_t* indices_,
+              const Rows& grad_zq_, const void* g_codebook, int64_t gcb_stride,
+              const void* g_commit, int64_t gcm_stride, const RowsOut& grad_x_)
+      : x(x_), grad_zq(grad_zq_), grad_x(grad_x_), N(x_.n()), D(x_.D), K(K_),
+        xp(static_cast<const S*>(x_.ptr)), cb(static_cast<const S*>(codebook)), indices(indices_),
+        gzq(static_cast<const S*>(grad_zq_.ptr)), gcb(static_cast<const A*>(g_codebook)),
+        gcm(static_cast<const A*>(g_commit)), gcb_s(gcb_stride), gcm_s(gcm_stride),
+        gx(static_cast<S*>(grad_x_.ptr)),
+        contig(x_.sd == 1 && (!gx || grad_x_.sd == 1) && (!gzq || grad_zq_.sd == 1)) {}
+
+  explicit BackwardRun(const BackwardArgs& a)
+      : BackwardRun(a.x, a.codebook, a.K, a.indices, a.grad_zq, a.g_codebook, 1, a.g_commit, 1,
+                    a.grad_x) {}
+
+  // One row: writes grad_x[n] (if wanted) and, if `acc` is given, adds 2 g_cb (e - x) into it.
+  // C: every view is contiguous along D, so the loops have unit strides and vectorise.
+  template <bool C>
+  void row_t(int64_t n, A* __restrict acc) const {
+    const S* __restrict e = cb + indices[n] * D;
+    const S* __restrict xr = xp + x.offset(n, 0);
+    const int64_t xs = C ? 1 : x.sd;
+    if (gx) {
+      S* __restrict gr = gx + grad_x.offset(n, 0);
+      const int64_t gs = C ? 1 : grad_x.sd, qs = C ? 1 : grad_zq.sd;
+      const A wc = gcm ? 2 * gcm[n * gcm_s] : A(0);
+      if (gzq) {
+        const S* __restrict q = gzq + grad_zq.offset(n, 0);
+        if (wc != 0) {
+          for (int64_t d = 0; d < D; ++d)
+            T::put(gr + d * gs, T::load(q + d * qs) + wc * (T::load(xr + d * xs) - T::load(e + d)));
+        } else {
+          for (int64_t d = 0; d < D; ++d) T::put(gr + d * gs, T::load(q + d * qs));
+        }
+      } else if (wc != 0) {
+        for (int64_t d = 0; d < D; ++d) T::put(gr + d * gs, wc * (T::load(xr + d * xs) - T::load(e + d)));
+      } else {
+        for (int64_t d = 0; d < D; ++d) T::put(gr + d * gs, A(0));
+      }
+    }
+    if (acc) {
+      const A wb = 2 * gcb[n * gcb_s];
+      for (int64_t d = 0; d < D; ++d) acc[d] += wb * (T::load(e + d) - T::load(xr + d * xs));
+    }
+  }
+
+  void row(int64_t n, A* acc) const {
+    if (contig) row_t<true>(n, acc);
+    else row_t<false>(n, acc);
+  }
+
+  // Whether the codebook gradient is summed (else grad_cb, if given, is zero).
+  bool sums(const void* grad_cb) const { return grad_cb && gcb; }
+
+  void run(int num_threads, void* grad_cb) {
+    const int threads = (int)std::min<int64_t>(
+        num_threads, 1 + (int64_t)((double)N * (double)std::max<int64_t>(D, 1) / 2.0e5));
+    A* gcbo = static_cast<A*>(grad_cb);
+    if (!sums(grad_cb)) {
+      if (gcbo) std::fill(gcbo, gcbo + K * D, A(0));
+      if (gx) parallel_chunks(N, 64, threads, [&](int64_t lo, int64_t hi, int) {
+        for (int64_t n = lo; n < hi; ++n) row(n, nullptr);
+      });
+      return;
+    }
+    CodeOrder<A> co;
+    co.reserve(N, K, D);
+    auto code = [&](int64_t n) { return indices[n]; };
+    co.sort(K, code);
+    const int64_t nchunks = co.chunks(), Dp = std::max<int64_t>(D, 1);
+    std::vector<A> accs(chunk_threads(nchunks, 1, threads) * Dp);
+    parallel_chunks(nchunks, 1, threads, [&](int64_t c0, int64_t c1, int tid) {
+      A* acc = accs.data() + tid * Dp;
+      for (int64_t c = c0; c < c1; ++c)
+        co.sum_chunk(c, acc, gcbo, code, [&](int64_t n, A* s) { row(n, s); });
+    });
+    co.finish(gcbo);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Grouped VQ backward: every group's BackwardRun in one call. The codebook sums of each group
+// keep CodeOrder's chunks, and grad_x is elementwise, so the result is bitwise G separate
+// cpu_backward calls on the groups' column views (the per-group loop), for any thread count. What
+// one call saves: the per-group call overhead, and G parallel regions become one, over (group,
+// chunk) items, so the threads stay busy across group boundaries.
+
+template <class T>
+void grouped_backward_t(const GroupedBackwardArgs& a, int num_threads) {
+  using A = typename T::acc;
+  const int64_t N = a.x.n(), G = a.G;
+  if (G <= 0 || a.x.D % G)
+    throw std::invalid_argument("vqkernels: grouped VQ needs G >= 1 groups dividing D");
+  const int64_t d = a.x.D / G;
+  for (int64_t g = 0; g < G; ++g)
+    if (a.Ks[g] <= 0) throw std::invalid_argument("vqkernels: every group needs K >= 1 codes");
+  auto column = [&](auto v, int64_t g) {  // group g's columns of an N x (G d) view
+    if (v.ptr) v.ptr = static_cast<const char*>(v.ptr) + g * d * v.sd * (int64_t)sizeof(typename T::store);
+    v.D = d;
+    return v;
+  };
+  std::vector<BackwardRun<T>> runs;
+  runs.reserve(G);
+  for (int64_t g = 0; g < G; ++g) {
+    RowsOut gx = a.grad_x;
+    if (gx.ptr) gx.ptr = static_cast<char*>(gx.ptr) + g * d * gx.sd * (int64_t)sizeof(typename T::store);
+    gx.D = d;
+    runs.emplace_back(column(a.x, g), a.codebooks[g], a.Ks[g], a.indices + g * N,
+                      column(a.grad_zq, g),
+                      a.g_codebook ? static_cast<const A*>(a.g_codebook) + g * a.gcb_sg : nullptr,
+                      a.gcb_sn,
+                      a.g_commit ? static_cast<const A*>(a.g_commit) + g * a.gcm_sg : nullptr,
+                      a.gcm_sn, gx);
+  }
+  std::vector<char> sums(G);
+  for (int64_t g = 0; g < G; ++g) {
+    sums[g] = runs[g].sums(a.grad_cb[g]);
+    if (a.grad_cb[g] && !sums[g]) {
+      A* p = static_cast<A*>(a.grad_cb[g]);
+      std::fill(p, p + a.Ks[g] * d, A(0));
+    }
+  }
+  if (N == 0) {
+    for (int64_t g = 0; g < G; ++g)
+      if (sums[g]) {
+        A* p = static_cast<A*>(a.grad_cb[g]);
+        std::fill(p, p + a.Ks[g] * d, A(0));
+      }
+    return;
+  }
+  const int threads = (int)std::min<int64_t>(
+      num_threads, 1 + (int64_t)((double)N * (double)std::max<int64_t>(G * d, 1) / 2.0e5));
+  std::vector<CodeOrder<A>> orders(G);
+  for (int64_t g = 0; g < G; ++g)
+    if (sums[g]) orders[g].reserve(N, a.Ks[g], d);
+  parallel_chunks(G, 1, threads, [&](int64_t g0, int64_t g1, int) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t* idx = runs[g].indices;
+      if (sums[g]) orders[g].sort(a.Ks[g], [idx](int64_t n) { return idx[n]; });
+    }
+  });
+  // Items, group after group: a chunk of sorted rows where the codebook is summed, else a block
+  // of 64 rows for grad_x alone (BackwardRun::run's grain), none where neither is wanted.
+  constexpr int64_t kRowBlock = 64;
+  std::vector<int64_t> first(G + 1, 0);
+  for (int64_t g = 0; g < G; ++g)
+    first[g + 1] = first[g] + (sums[g] ? orders[g].chunks()
+                               : runs[g].gx ? (N + kRowBlock - 1) / kRowBlock : 0);
+  const int64_t items = first[G], Dp = std::max<int64_t>(d, 1);
+  std::vector<A> accs(chunk_threads(items, 1, threads) * Dp);
+  parallel_chunks(items, 1, threads, [&](int64_t i0, int64_t i1, int tid) {
+    A* acc = accs.data() + tid * Dp;
+    int64_t g = 0;
+    for (int64_t i = i0; i < i1; ++i) {
+      while (i >= first[g + 1]) ++g;
+      const BackwardRun<T>& run = runs[g];
+      const int64_t c = i - first[g];
+      if (sums[g]) {
+        const int64_t* idx = run.indices;
+        orders[g].sum_chunk(c, acc, static_cast<A*>(a.grad_cb[g]),
+                            [idx](int64_t n) { return idx[n]; },
+                            [&run](int64_t n, A* s) { run.row(n, s); });
+      } else {
+        for (int64_t n = c * kRowBlock, hi = std::min(N, n + kRowBlock); n < hi; ++n)
+          run.row(n, nullptr);
+      }
+    }
+  });
+  parallel_chunks(G, 1, threads, [&](int64_t g0, int64_t g1, int) {
+    for (int64_t g = g0; g < g1; ++g)
+      if (sums[g]) orders[g].finish(static_cast<A*>(a.grad_cb[g]));
+  });
+}
 
 
 // ---------------------------------------------------------------------------------------------
@@ -854,10 +1006,10 @@ void residual_backward(const ResidualBackwardArgs& a, int num_threads) {
   });
   int64_t maxK = 0;
   for (int64_t s = 0; s <= last; ++s) maxK = std::max(maxK, a.Ks[s]);
-  const int64_t nchunks = (N + kBwdChunk - 1) / kBwdChunk, Dp = std::max<int64_t>(D, 1);
-  std::vector<int64_t> start(maxK + 1), order(N), fill(maxK);
-  std::vector<float> head(nchunks * D), tail(nchunks * D);
-  std::vector<float> accs(chunk_threads(nchunks, 1, threads) * Dp);
+  const int64_t Dp = std::max<int64_t>(D, 1);
+  CodeOrder<float> co;  // BackwardRun::run's order, one stage at a time
+  co.reserve(N, maxK, D);
+  std::vector<float> accs(chunk_threads(co.chunks(), 1, threads) * Dp);
   for (int64_t s = 0; s <= last; ++s) {
     const float* cb = a.codebooks[s];
     const int64_t K = a.Ks[s];
@@ -890,45 +1042,14 @@ void residual_backward(const ResidualBackwardArgs& a, int num_threads) {
       });
       continue;
     }
-    // BackwardRun::run's order: a stable counting sort by code, fixed chunks of sorted rows.
-    float* gcbo = a.grad_cb[s];
-    std::fill(start.begin(), start.begin() + K + 1, int64_t(0));
-    for (int64_t n = 0; n < N; ++n) ++start[(idx[n] >= 0 ? idx[n] : 0) + 1];
-    for (int64_t k = 0; k < K; ++k) start[k + 1] += start[k];
-    std::copy(start.begin(), start.begin() + K, fill.begin());
-    for (int64_t n = 0; n < N; ++n) order[fill[idx[n] >= 0 ? idx[n] : 0]++] = n;
-    auto code_of = [&](int64_t n) { return idx[n] >= 0 ? idx[n] : int64_t(0); };
-    parallel_chunks(nchunks, 1, threads, [&](int64_t c0, int64_t c1, int tid) {
+    // Rows that sit the stage out are the loop's clamp(min=0) rows: code 0, weight 0.
+    auto code = [idx](int64_t n) { return idx[n] >= 0 ? idx[n] : int64_t(0); };
+    co.sort(K, code);
+    parallel_chunks(co.chunks(), 1, threads, [&](int64_t c0, int64_t c1, int tid) {
       float* acc = accs.data() + tid * Dp;
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t lo = c * kBwdChunk, hi = std::min(N, lo + kBwdChunk);
-        for (int64_t i = lo; i < hi;) {
-          const int64_t k = code_of(order[i]);
-          const int64_t end = std::min(hi, start[k + 1]);
-          std::fill(acc, acc + D, 0.0f);
-          for (int64_t j = i; j < end; ++j) row(order[j], acc);
-          float* dst;
-          if (start[k] >= lo && start[k + 1] <= hi) dst = gcbo + k * D;  // whole code here
-          else if (i == lo) dst = head.data() + c * D;
-          else dst = tail.data() + c * D;
-          std::copy(acc, acc + D, dst);
-          i = end;
-        }
-      }
+      for (int64_t c = c0; c < c1; ++c) co.sum_chunk(c, acc, a.grad_cb[s], code, row);
     });
-    for (int64_t k = 0; k < K; ++k) {
-      float* g = gcbo + k * D;
-      if (start[k] == start[k + 1]) {
-        std::fill(g, g + D, 0.0f);
-        continue;
-      }
-      const int64_t c0 = start[k] / kBwdChunk, c1 = (start[k + 1] - 1) / kBwdChunk;
-      if (c0 == c1) continue;
-      const float* first = (start[k] == c0 * kBwdChunk ? head.data() : tail.data()) + c0 * D;
-      std::copy(first, first + D, g);
-      for (int64_t c = c0 + 1; c <= c1; ++c)
-        for (int64_t d = 0; d < D; ++d) g[d] += head[c * D + d];
-    }
+    co.finish(a.grad_cb[s]);
   }
   for (int64_t s = last + 1; s < S; ++s)
     if (a.grad_cb[s]) std::fill(a.grad_cb[s], a.grad_cb[s] + a.Ks[s] * D, 0.0f);
@@ -1058,10 +1179,20 @@ void cpu_grouped_forward(const GroupedArgs& a, int num_threads) {
 void cpu_backward(const BackwardArgs& a, int num_threads) {
   num_threads = std::max(num_threads, 1);
   switch (a.dtype) {
-    case DType::f32: return BackwardRun<F32>(a).run(num_threads);
-    case DType::f64: return BackwardRun<F64>(a).run(num_threads);
-    case DType::f16: return BackwardRun<F16>(a).run(num_threads);
-    case DType::bf16: return BackwardRun<BF16>(a).run(num_threads);
+    case DType::f32: return BackwardRun<F32>(a).run(num_threads, a.grad_cb);
+    case DType::f64: return BackwardRun<F64>(a).run(num_threads, a.grad_cb);
+    case DType::f16: return BackwardRun<F16>(a).run(num_threads, a.grad_cb);
+    case DType::bf16: return BackwardRun<BF16>(a).run(num_threads, a.grad_cb);
+  }
+}
+
+void cpu_grouped_backward(const GroupedBackwardArgs& a, int num_threads) {
+  num_threads = std::max(num_threads, 1);
+  switch (a.dtype) {
+    case DType::f32: return grouped_backward_t<F32>(a, num_threads);
+    case DType::f64: return grouped_backward_t<F64>(a, num_threads);
+    case DType::f16: return grouped_backward_t<F16>(a, num_threads);
+    case DType::bf16: return grouped_backward_t<BF16>(a, num_threads);
   }
 }
 

@@ -139,12 +139,36 @@ struct ResidualBackwardArgs {
   float* const* grad_cb;    // S entries, each Ks[s] x D or null
 };
 
+// Grouped VQ backward (issue 17): x, grad_zq and grad_x are N x (G d) views in `dtype` (grad_zq
+// and grad_x: ptr may be null); group g's columns [g d, (g + 1) d) go with codebooks[g] (Ks[g] x
+// d, contiguous, `dtype`) and indices[g * N + n]. Exactly G calls of cpu_backward, one per
+// group's column views, bit for bit (for any thread count), in one call. The weights are in the
+// accumulation dtype (fp32 for 16-bit, else dtype), row n of group g at g_codebook[n * gcb_sn +
+// g * gcb_sg] (g_commit likewise; either may be null); grad_cb[g] (Ks[g] x d, accumulation
+// dtype) may be null where codebook g needs no gradient.
+struct GroupedBackwardArgs {
+  DType dtype;
+  Rows x;
+  int64_t G;
+  const void* const* codebooks;
+  const int64_t* Ks;
+  const int64_t* indices;  // G x N
+  Rows grad_zq;
+  const void* g_codebook;
+  int64_t gcb_sn, gcb_sg;
+  const void* g_commit;
+  int64_t gcm_sn, gcm_sg;
+  RowsOut grad_x;
+  void* const* grad_cb;  // G entries
+};
+
 // CPU entry points. num_threads <= 0 means one thread.
 void cpu_residual_forward(const ResidualArgs& a, int num_threads);
 void cpu_residual_backward(const ResidualBackwardArgs& a, int num_threads);
 void cpu_grouped_forward(const GroupedArgs& a, int num_threads);
 void cpu_forward(const ForwardArgs& a, int num_threads);
 void cpu_backward(const BackwardArgs& a, int num_threads);
+void cpu_grouped_backward(const GroupedBackwardArgs& a, int num_threads);
 // The CPU search kernels a large search (K >= 128) will use: "avx512bf16", "avx512", "avx2",
 // "neon" (aarch64; "neon_dot" only when forced) or "scalar" -- the best this CPU runs, or the one the VQK_CPU_ISA environment variable forces
 // (small codebooks use "avx512" where "avx512bf16" would be picked). Throws if the forced one

@@ -813,3 +813,63 @@ def test_fused_cpu_grouped_backward_is_bitwise_the_group_loop(dtype, frozen, mon
     for a, b in zip(*res):
         assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
     assert res[0][0].abs().sum() > 0 and (res[0][2] is None) == frozen
+
+
+class _CallCounter:
+    """native.module() with its calls counted by name."""
+
+    def __init__(self, real):
+        self.real, self.calls = real, []
+
+    def __getattr__(self, name):
+        fn = getattr(self.real, name)
+        if not callable(fn):
+            return fn
+
+        def counted(*a, **kw):
+            self.calls.append(name)
+            return fn(*a, **kw)
+        return counted
+
+
+@needs_cpu
+@pytest.mark.parametrize("threads", [1, 3])
+def test_fused_cpu_grouped_backward_is_one_call_and_bitwise_vq_quantize(threads, monkeypatch):
+    # The whole grouped backward is one native call, and its gradients are bit for bit those of a
+    # loop of single-stage vq_quantize calls on the groups' columns (what a user would write). At
+    # 1 thread each group walks its rows in row order; at 3 threads (2 groups) the groups' chunks
+    # of sorted rows are shared out: two routes to the same sums. 20 used codes over 4000 rows
+    # span several 256-row chunks each (head/tail pieces); codes 20..39 are never chosen (zero).
+    from vqkernels import residual as residual_mod
+    gen = _gen(361)
+    G, d, N = 2, 64, 4000
+    books0 = [torch.cat([torch.randn(20, d, generator=gen), 50 + torch.randn(20, d, generator=gen)])
+              for _ in range(G)]
+    z0 = torch.randn(N, G * d, generator=gen)
+    w = torch.randn(N, G * d, generator=gen)
+    counter = _CallCounter(native.module())
+    monkeypatch.setattr(residual_mod.native, "module", lambda: counter)
+    old = torch.get_num_threads()
+    res = []
+    try:
+        torch.set_num_threads(threads)
+        for fused in (True, False):
+            z = z0.clone().requires_grad_(True)
+            books = [b.clone().requires_grad_(True) for b in books0]
+            if fused:
+                out = grouped_vq(z, books, beta=0.3, backend="cpu")
+                zq, loss = out.z_q, out.loss
+                del counter.calls[:]
+            else:
+                outs = [vqkernels.vq_quantize(p, b, beta=0.3, backend="cpu")
+                        for p, b in zip(z.chunk(G, dim=1), books)]
+                zq, loss = torch.cat([o.z_q for o in outs], 1), sum(o.loss for o in outs)
+            (loss + (zq * w).sum()).backward()
+            if fused:
+                assert counter.calls == ["cpu_grouped_backward"]
+            res.append([z.grad] + [b.grad for b in books])
+    finally:
+        torch.set_num_threads(old)
+    for a, b in zip(*res):
+        assert torch.equal(a, b)
+    assert all(bool((g[20:] == 0).all()) and bool((g[:20] != 0).any()) for g in res[0][1:])

@@ -642,6 +642,30 @@ struct CodeOrder {
     }
   }
 
+  // The same sums in row order: piece[n] is where row n's term goes (the code's slot in grad, or
+  // the head or tail piece of its chunk, as sum_chunk stores them). A stable sort keeps a code's
+  // rows in ascending row order, so adding every row's term into its piece, rows ascending, into
+  // pieces zeroed first (zero_pieces), adds each piece's terms in sum_chunk's order, from zero:
+  // the same bits, but x and the other row arrays are walked in order instead of by code.
+  void pieces(A* grad, A** piece) {
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t s = start[k], e = start[k + 1];
+      if (s == e) continue;
+      const int64_t c0 = s / kBwdChunk, c1 = (e - 1) / kBwdChunk;
+      A* const first = c0 == c1 ? grad + k * D
+                                : (s == c0 * kBwdChunk ? head.data() : tail.data()) + c0 * D;
+      for (int64_t j = s; j < e; ++j) {
+        const int64_t c = j / kBwdChunk;
+        piece[order[j]] = c == c0 ? first : head.data() + c * D;
+      }
+    }
+  }
+  void zero_pieces(A* grad) {
+    std::fill(grad, grad + K * D, A(0));
+    std::fill(head.begin(), head.end(), A(0));
+    std::fill(tail.begin(), tail.end(), A(0));
+  }
+
   // After every chunk: codes with no rows get zero; codes split across chunks are summed in chunk
   // order.
   void finish(A* grad) const {
@@ -813,34 +837,55 @@ void grouped_backward_t(const GroupedBackwardArgs& a, int num_threads) {
   const int threads = (int)std::min<int64_t>(
       num_threads, 1 + (int64_t)((double)N * (double)std::max<int64_t>(G * d, 1) / 2.0e5));
   std::vector<CodeOrder<A>> orders(G);
+  int64_t summed = 0;
   for (int64_t g = 0; g < G; ++g)
-    if (sums[g]) orders[g].reserve(N, a.Ks[g], d);
-  parallel_chunks(G, 1, threads, [&](int64_t g0, int64_t g1, int) {
-    for (int64_t g = g0; g < g1; ++g) {
-      const int64_t* idx = runs[g].indices;
-      if (sums[g]) orders[g].sort(a.Ks[g], [idx](int64_t n) { return idx[n]; });
+    if (sums[g]) {
+      orders[g].reserve(N, a.Ks[g], d);
+      ++summed;
     }
-  });
-  // Items, group after group: a chunk of sorted rows where the codebook is summed, else a block
-  // of 64 rows for grad_x alone (BackwardRun::run's grain), none where neither is wanted.
+  // Two ways to the same bits. With a group for every thread, each summed group is one item that
+  // sorts its rows and then walks them in row order (CodeOrder::pieces): x, grad_zq and grad_x
+  // streamed, and one parallel region for the whole call. With fewer groups than threads, the
+  // groups' chunks of sorted rows are shared out instead (CodeOrder::sum_chunk), as
+  // BackwardRun::run does, which keeps the threads busy but visits the rows by code.
+  const bool by_row = summed >= threads;
+  std::vector<std::vector<A*>> piece(by_row ? G : 0);
+  for (int64_t g = 0; g < (by_row ? G : 0); ++g)
+    if (sums[g]) piece[g].resize(N);
+  if (!by_row)
+    parallel_chunks(G, 1, threads, [&](int64_t g0, int64_t g1, int) {
+      for (int64_t g = g0; g < g1; ++g) {
+        const int64_t* idx = runs[g].indices;
+        if (sums[g]) orders[g].sort(a.Ks[g], [idx](int64_t n) { return idx[n]; });
+      }
+    });
+  // Items, group after group: a summed group (by_row) or a chunk of its sorted rows, else a
+  // block of 64 rows for grad_x alone (BackwardRun::run's grain), none where neither is wanted.
   constexpr int64_t kRowBlock = 64;
   std::vector<int64_t> first(G + 1, 0);
   for (int64_t g = 0; g < G; ++g)
-    first[g + 1] = first[g] + (sums[g] ? orders[g].chunks()
+    first[g + 1] = first[g] + (sums[g] ? (by_row ? 1 : orders[g].chunks())
                                : runs[g].gx ? (N + kRowBlock - 1) / kRowBlock : 0);
   const int64_t items = first[G], Dp = std::max<int64_t>(d, 1);
-  std::vector<A> accs(chunk_threads(items, 1, threads) * Dp);
+  std::vector<A> accs(by_row ? 0 : chunk_threads(items, 1, threads) * Dp);
   parallel_chunks(items, 1, threads, [&](int64_t i0, int64_t i1, int tid) {
-    A* acc = accs.data() + tid * Dp;
     int64_t g = 0;
     for (int64_t i = i0; i < i1; ++i) {
       while (i >= first[g + 1]) ++g;
       const BackwardRun<T>& run = runs[g];
+      const int64_t* idx = run.indices;
       const int64_t c = i - first[g];
-      if (sums[g]) {
-        const int64_t* idx = run.indices;
-        orders[g].sum_chunk(c, acc, static_cast<A*>(a.grad_cb[g]),
-                            [idx](int64_t n) { return idx[n]; },
+      A* grad = static_cast<A*>(a.grad_cb[g]);
+      if (sums[g] && by_row) {
+        CodeOrder<A>& co = orders[g];
+        A** p = piece[g].data();
+        co.sort(a.Ks[g], [idx](int64_t n) { return idx[n]; });
+        co.pieces(grad, p);
+        co.zero_pieces(grad);
+        for (int64_t n = 0; n < N; ++n) run.row(n, p[n]);
+        co.finish(grad);
+      } else if (sums[g]) {
+        orders[g].sum_chunk(c, accs.data() + tid * Dp, grad, [idx](int64_t n) { return idx[n]; },
                             [&run](int64_t n, A* s) { run.row(n, s); });
       } else {
         for (int64_t n = c * kRowBlock, hi = std::min(N, n + kRowBlock); n < hi; ++n)
@@ -848,10 +893,11 @@ void grouped_backward_t(const GroupedBackwardArgs& a, int num_threads) {
       }
     }
   });
-  parallel_chunks(G, 1, threads, [&](int64_t g0, int64_t g1, int) {
-    for (int64_t g = g0; g < g1; ++g)
-      if (sums[g]) orders[g].finish(static_cast<A*>(a.grad_cb[g]));
-  });
+  if (!by_row)
+    parallel_chunks(G, 1, threads, [&](int64_t g0, int64_t g1, int) {
+      for (int64_t g = g0; g < g1; ++g)
+        if (sums[g]) orders[g].finish(static_cast<A*>(a.grad_cb[g]));
+    });
 }
 
 

@@ -49,8 +49,9 @@ stage loop for float64; "cuda" runs a stage loop over its single-stage kernel, a
   * every stage is then exact by construction (the single-stage kernel's contract, tested through
     the emulator in tests/test_cuda_emulated.py, residual and grouped included).
 Grouped VQ with each group's own codebook is one launch on Triton (a group axis in the grid) and
-one native call on the CPU ((group, row tile) pairs shared out to the threads); other backends
-loop over the groups. Nothing of size N x K is ever formed.
+one native call on the CPU ((group, row tile) pairs shared out to the threads; its backward one
+call too, bitwise the per-group loop's); other backends loop over the groups. Nothing of size
+N x K is ever formed.
 """
 from __future__ import annotations
 
@@ -225,7 +226,7 @@ def _cpu_fused(rows: Tensor, codebooks: list[Tensor], active: Optional[Tensor],
 
 # ------------------------------------------------------------------------------ autograd
 # The CPU backwards without per-stage (per-group) temporaries: non-cosine fp32 / widened 16-bit
-# residual VQ as one native call, grouped VQ writing each group's gradient in place. Both are
+# residual VQ as one native call, grouped VQ as one native call for all groups. Both are
 # bitwise the generic loops in _ResidualFn.backward / _GroupedFn.backward, which tests compare
 # them with by switching this off.
 _FUSED_CPU_BACKWARD = True
@@ -562,11 +563,12 @@ def grouped_codes_from_indices(indices: Tensor, codebooks: Codebooks, *,
 
 class _GroupedFn(torch.autograd.Function):
     """Grouped VQ with each group's own codebook as one fused Triton launch (a grid axis over the
-    groups, vqkernels.triton.residual.grouped_forward). The outputs are the per-group loop's:
-    z_q (N, G, d) straight-through, indices (N, G), and the squared error twice, (N, G) each, one
-    per gradient path (codebook loss -> codebooks, commitment loss -> z). The backward is the
-    loop's, group by group: the backend's single-stage backward on that group's rows, so the
-    gradients are the loop's bit for bit."""
+    groups, vqkernels.triton.residual.grouped_forward) or one native CPU call. The outputs are
+    the per-group loop's: z_q (N, G, d) straight-through, indices (N, G), and the squared error
+    twice, (N, G) each, one per gradient path (codebook loss -> codebooks, commitment loss -> z).
+    The backward is the loop's, group by group: the backend's single-stage backward on that
+    group's rows (on the CPU all groups in one native call that sums in the single-stage order),
+    so the gradients are the loop's bit for bit."""
 
     @staticmethod
     def forward(ctx, parts, backend, *codebooks):

@@ -14,6 +14,9 @@ void cpu_residual_backward(const ResidualBackwardArgs&, int) {
 void cpu_grouped_forward(const GroupedArgs&, int) {
   throw std::runtime_error("cpu_grouped_forward is not part of the emulated CUDA module");
 }
+void cpu_grouped_backward(const GroupedBackwardArgs&, int) {
+  throw std::runtime_error("cpu_grouped_backward is not part of the emulated CUDA module");
+}
 void cpu_forward(const ForwardArgs&, int) {
   throw std::runtime_error("cpu_forward is not part of the emulated CUDA module");
 }

@@ -11,6 +11,10 @@
 
 #include "vqk/vqk.h"
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 namespace py = pybind11;
 using View = std::array<int64_t, 7>;  // (ptr, B, S, D, sb, ss, sd)
 
@@ -42,6 +46,28 @@ vqk::BackwardArgs backward_args(int dtype, const View& x, int64_t codebook, int6
   return {to_dtype(dtype), rows(x), ptr<const void>(codebook), K, ptr<const int64_t>(indices),
           rows(grad_zq), ptr<const void>(g_codebook), ptr<const void>(g_commit),
           rows_out(grad_x), ptr<void>(grad_cb), nullptr, 0, 0};
+}
+
+// Asks Linux to back the whole 2 MiB pages inside [p, p + nbytes) with transparent huge pages
+// when they are first touched (MADV_HUGEPAGE; the system's THP mode must be "madvise" or
+// "always"). For a fresh output buffer about to be written in full, one fault per 2 MiB replaces
+// 512: on this project's VMs, where a first touch costs ~2 us per 4 KiB page, writing a new 64 MiB
+// z_q took 32 ms with 4 KiB pages and 6 ms with huge pages. Only whole aligned huge pages inside
+// the buffer are advised, so no page outside it changes and no memory is added. Returns whether
+// the advice was given (false off Linux, for a range holding no whole huge page, or if refused).
+bool advise_hugepages(int64_t p, int64_t nbytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
+  if (p == 0 || nbytes <= 0) return false;
+  const uintptr_t lo = (uintptr_t(p) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t hi = (uintptr_t(p) + uintptr_t(nbytes)) & ~(kHuge - 1);
+  if (hi <= lo) return false;
+  return madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE) == 0;
+#else
+  (void)p;
+  (void)nbytes;
+  return false;
+#endif
 }
 
 }  // namespace
@@ -154,6 +180,8 @@ PYBIND11_MODULE(_C, m) {
         "Grouped VQ backward: every group's cpu_backward in one call (see vqk.h, "
         "GroupedBackwardArgs).");
 
+  m.def("advise_hugepages", &advise_hugepages, py::arg("ptr"), py::arg("nbytes"),
+        "MADV_HUGEPAGE on the whole 2 MiB pages inside a fresh buffer (Linux; else False)");
   m.def("cpu_isa", [] { return std::string(vqk::cpu_isa()); },
         "The CPU search kernels a large search uses: 'avx512bf16', 'avx512', 'avx2_i16', 'avx2_i8', "
         "'avx2', 'neon' (aarch64) or 'scalar' (VQK_CPU_ISA=auto|avx512bf16|avx512|avx2_i16|avx2_i8|"

@@ -56,6 +56,7 @@ def _native_forward(run):
         # The kernel contract makes z_q optional (a null pointer): a search alone allocates and
         # writes none (nearest_code would otherwise need a z-sized buffer it throws away).
         z_q, zqv = plan.empty_like(z) if want_zq else (None, None)
+        native.fresh_output(z_q)
         indices = torch.empty(plan.lead, dtype=torch.long, device=z.device)
         sqerr = torch.empty(plan.lead, dtype=reference.acc_dtype(z.dtype), device=z.device)
         counts = torch.empty(K, dtype=torch.long, device=z.device)
@@ -77,6 +78,7 @@ def _native_backward(run):
         g_cb = g_codebook.to(acc).contiguous() if g_codebook is not None else None
         g_cm = g_commit.to(acc).contiguous() if g_commit is not None else None
         grad_z, gzv = plan.empty_like(z)
+        native.fresh_output(grad_z)
         grad_cb = torch.empty(cb.shape, dtype=acc, device=z.device)
         run(native.dtype_code(z.dtype), xv.as_args(), cb.data_ptr(), cb.shape[0],
             idx.data_ptr(), gzqv.as_args() if gzqv is not None else NULL_VIEW,

@@ -214,7 +214,7 @@ def _cpu_fused(rows: Tensor, codebooks: list[Tensor], active: Optional[Tensor],
     x = rows.contiguous()
     cbs = [cb.contiguous() for cb in codebooks]
     act = active.contiguous() if active is not None else None
-    z_q = torch.empty(N, D, dtype=torch.float32)
+    z_q = native.fresh_output(torch.empty(N, D, dtype=torch.float32))
     indices = torch.empty(S, N, dtype=torch.long)
     sqerr = torch.empty(S, N, dtype=torch.float32)
     native.module().cpu_residual_forward(
@@ -338,7 +338,7 @@ class _ResidualFn(torch.autograd.Function):
         gzq = g_zq.to(f32).contiguous() if g_zq is not None and need_z else None
         gcb = g_cb.to(f32).contiguous() if g_cb is not None else None
         gcm = g_cm.to(f32).contiguous() if g_cm is not None and need_z else None
-        grad_z = torch.empty(N, D, dtype=f32) if need_z else None
+        grad_z = native.fresh_output(torch.empty(N, D, dtype=f32)) if need_z else None
         # One buffer per stage that wants its codebook's gradient (a shared codebook sums its
         # stages' in stage order below, as the loop does).
         stage_g = [torch.empty(cb.shape, dtype=f32) if gcb is not None and need else None
@@ -581,7 +581,7 @@ class _GroupedFn(torch.autograd.Function):
             # out to the threads, each searched by the single-stage kernel (csrc/cpu/vq_cpu.cpp,
             # grouped_forward).
             x = x.contiguous()
-            z_q = torch.empty(N, G * d, dtype=torch.float32)
+            z_q = native.fresh_output(torch.empty(N, G * d, dtype=torch.float32))
             idx = torch.empty(G, N, dtype=torch.long)
             err = torch.empty(G, N, dtype=torch.float32)
             native.module().cpu_grouped_forward(
@@ -630,7 +630,8 @@ class _GroupedFn(torch.autograd.Function):
         # regions, G weight copies): the weights are read where autograd left them.
         N, G, d = parts.shape
         acc = reference.acc_dtype(parts.dtype)
-        grad_z = torch.empty((N, G, d), dtype=parts.dtype) if ctx.needs_input_grad[0] else None
+        grad_z = native.fresh_output(torch.empty((N, G, d), dtype=parts.dtype)) \
+            if ctx.needs_input_grad[0] else None
         # (N, G d) views as they are (reshape copies only where no view exists).
         x = parts.reshape(N, G * d)
         gzq = g_zq.reshape(N, G * d) if g_zq is not None and grad_z is not None else None

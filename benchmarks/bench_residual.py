@@ -2,14 +2,17 @@
 single-stage vq_quantize calls, grouped_vq, the modules, and (optional) vector-quantize-pytorch's
 ResidualVQ / GroupedResidualVQ with the same settings, forward and forward+backward.
 
-    python benchmarks/bench_residual.py [--quick] [--repeats 3] [--rounds 3] [--k-sweep]
-        [--out benchmarks/results/residual-cpu]
+    python benchmarks/bench_residual.py [--quick] [--repeats 3] [--rounds 3] [--warmup 1]
+        [--k-sweep] [--out benchmarks/results/residual-cpu]
 
 Every (shape, implementation, mode) runs in a fresh subprocess, so its peak memory (ru_maxrss
 after the runs minus the resident size after the warm-up call) is its own. The peers of one
 (shape, mode) are interleaved: `rounds` rounds, each running every implementation's subprocess
 once in turn (so a burst of load hits all of them alike). Each subprocess times `repeats` runs
-after one warm-up; reported: the median over all runs of wall time and of process CPU time (all
+after `warmup` untimed ones (default 1: a fresh process, as a short job or the first steps of a
+run meet it; on this project's VMs a first touch of fresh memory costs ~2 us per 4 KiB page, and
+glibc keeps handing out fresh mappings for the first few calls, so raise it, e.g. to 20, to see
+the steady state a long training run reaches); reported: the median over all runs of wall time and of process CPU time (all
 threads: on a shared machine CPU time is the steadier figure), and the load average around the
 runs. --k-sweep adds the fused forward at K = 256, 1024, 4096 for the peak-memory-vs-K check.
 Writes <out>.json and <out>.md.
@@ -51,7 +54,7 @@ def _rss_kb() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
 
 
-def _one(shape: str, impl: str, mode: str, repeats: int, quick: bool) -> dict:
+def _one(shape: str, impl: str, mode: str, repeats: int, quick: bool, warmup: int = 1) -> dict:
     import resource
 
     import torch
@@ -143,9 +146,10 @@ def _one(shape: str, impl: str, mode: str, repeats: int, quick: bool) -> dict:
 
     if bwd and impl.startswith("vqp") and "(eval)" in impl:
         return {"skipped": "n/a (vector-quantize-pytorch's eval output has no gradient)"}
-    run()  # warm-up (also loads whatever a first call loads lazily)
-    if bwd:
-        z.grad = None
+    for _ in range(max(1, warmup)):
+        run()  # warm-up (also loads whatever a first call loads lazily)
+        if bwd:
+            z.grad = None
     base = _rss_kb()
     times, cpu = [], []
     load0 = os.getloadavg()[0]
@@ -166,6 +170,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small shapes (a smoke run)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1,
+                    help="untimed calls before the timed ones, in each subprocess")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of all peers")
     ap.add_argument("--k-sweep", action="store_true", help="fused forward at K = 256, 1024, 4096")
     ap.add_argument("--shapes", default=",".join(SHAPES))
@@ -175,7 +181,7 @@ def main(argv=None):
     ap.add_argument("--one", nargs=3, metavar=("SHAPE", "IMPL", "MODE"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.one:
-        print(json.dumps(_one(*a.one, a.repeats, a.quick)))
+        print(json.dumps(_one(*a.one, a.repeats, a.quick, a.warmup)))
         return
     import torch
     rows = []
@@ -183,7 +189,8 @@ def main(argv=None):
 
     def one(shape, impl, mode):
         cmd = [sys.executable, __file__, "--one", shape, impl, mode,
-               "--repeats", str(a.repeats)] + (["--quick"] if a.quick else [])
+               "--repeats", str(a.repeats), "--warmup", str(a.warmup)] + \
+            (["--quick"] if a.quick else [])
         p = subprocess.run(cmd, capture_output=True, text=True)
         if p.returncode:
             return {"error": p.stderr.strip().splitlines()[-1] if p.stderr else "failed"}
@@ -221,7 +228,7 @@ def main(argv=None):
             "machine": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "quick": a.quick, "repeats": a.repeats,
-            "rounds": a.rounds,
+            "rounds": a.rounds, "warmup": a.warmup,
             "shapes": {k: (QUICK if a.quick else {**SHAPES, **K_SWEEP})[k] for k in shapes}}
     from importlib import metadata
     try:
@@ -234,7 +241,7 @@ def main(argv=None):
              f"{meta['machine']}, {meta['cpus']} CPUs, torch {meta['torch']} "
              f"({meta['torch_threads']} threads), vector-quantize-pytorch "
              f"{meta['vector_quantize_pytorch']}; {a.rounds} interleaved rounds x {a.repeats} "
-             f"runs after a warm-up, medians; CPU = process CPU time (all threads); peak "
+             f"runs after {a.warmup} warm-up call(s), medians; CPU = process CPU time (all threads); peak "
              f"extra = max RSS minus RSS after the warm-up call (its own process).", "",
              "shapes (N, stages|groups, K, D): " + ", ".join(f"{k} {v[:4]}"
                                                                for k, v in meta["shapes"].items()),

@@ -104,6 +104,29 @@ def test_quantize_dropout_in_training_only():
     assert (m(z).indices >= 0).all()
 
 
+def test_sharded_dropout_draws_each_ranks_slice_of_the_global_batch():
+    # Three "ranks" of 5 samples, seeded alike (as data-parallel ranks are), draw the stage counts
+    # one process draws for the 15 concatenated samples; unsharded ranks would all draw the
+    # first slice.
+    z = torch.randn(15, 3, 4, generator=_gen(9))
+    whole = ResidualVectorQuantizer(4, 6, 8, quantize_dropout=True, kmeans_init=False)
+    torch.manual_seed(11)
+    ref = (whole(z).indices >= 0).sum(-1)[:, 0]
+    assert len(ref.unique()) > 2  # a pattern that tells slices apart
+    for rank in range(3):
+        m = ResidualVectorQuantizer(4, 6, 8, quantize_dropout=True, kmeans_init=False)
+        m.load_state_dict(whole.state_dict())
+        m.shard_dropout(rank, 3)
+        torch.manual_seed(11)
+        got = (m(z[rank * 5:(rank + 1) * 5]).indices >= 0).sum(-1)[:, 0]
+        assert torch.equal(got, ref[rank * 5:(rank + 1) * 5]), rank
+    for bad in [(3, 3), (-1, 2), (True, 2), (0.5, 2)]:
+        with pytest.raises(ValueError, match="rank"):
+            whole.shard_dropout(*bad)
+    with pytest.raises(ValueError, match="world_size"):
+        whole.shard_dropout(0, 0)
+
+
 @pytest.mark.parametrize("ema", [True, False])
 def test_fused_module_equals_the_functional_op(ema):
     torch.manual_seed(7)

@@ -828,6 +828,10 @@ def _train(s: dict, ckpt: dict | None, d: Dist, *, progress: bool) -> dict:
             for book in model.books:
                 book.kmeans_init = False  # the paper's uniform start, kept as it is
     net = model
+    if d.world > 1 and hasattr(model.vq, "shard_dropout"):
+        # Quantizer dropout draws the global batch's stage counts on every rank and keeps this
+        # rank's slice: the run draws what one process does on the concatenated batch.
+        model.vq.shard_dropout(d.rank, d.world)
     if d.world > 1:
         # No buffer broadcast: the quantizer synchronises its own state (and the check at each
         # checkpoint would otherwise be checking a copy of rank 0).

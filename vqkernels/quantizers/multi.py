@@ -145,7 +145,12 @@ class ResidualVectorQuantizer(_Books):
         (the squared-L2 search on unit vectors) and adds the unit code.
       quantize_dropout: in training, each sample (index along the first dimension of the rows'
         shape, z's shape without channel_dim) uses only the first n stages, n uniform in
-        [dropout_min_stages, S] (SoundStream); the rest get index -1.
+        [dropout_min_stages, S] (SoundStream); the rest get index -1. Under data parallelism
+        call ``shard_dropout(rank, world_size)`` once: each rank then draws the counts of the
+        whole global batch (world_size times its own first dimension, from the default
+        generator, which data-parallel ranks seed alike) and keeps its own slice, so a
+        world_size-process run draws what one process does on the concatenated batch instead
+        of the same pattern on every rank.
 
     Without projections or cosine the search is one fused `vqkernels.residual_vq` call (all
     stages per row block, exact indices at every stage); with them, a stage loop over the
@@ -180,12 +185,22 @@ class ResidualVectorQuantizer(_Books):
         self.dim, self.num_stages, self.beta = dim, num_stages, float(beta)
         self.cosine = bool(cosine)
         self.quantize_dropout, self.dropout_min_stages = bool(quantize_dropout), dropout_min_stages
+        self.dropout_shard = (0, 1)  # (rank, world_size): see shard_dropout
         self.channel_dim, self.backend = channel_dim, backend
         cd = codebook_dim or dim
         self._make_books(num_stages, num_codes, cd, beta, shared_codebook, "stage", seed,
                          backend=backend, cosine=cosine, **vq_kwargs)
         self.ema = self.books[0].ema
         self._make_projections(num_stages, dim, codebook_dim)
+
+    def shard_dropout(self, rank: int, world_size: int) -> None:
+        """Make quantizer dropout draw as one process would on the global batch: this module
+        sits on rank `rank` of `world_size` data-parallel ranks, each with its own equal share
+        of the batch, in rank order (see the class docstring)."""
+        check_positive_int("world_size", world_size)
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be an int in [0, world_size={world_size}), got {rank!r}")
+        self.dropout_shard = (rank, world_size)
 
     @property
     def fused(self) -> bool:
@@ -206,8 +221,9 @@ class ResidualVectorQuantizer(_Books):
         S = self.num_stages
         training = self.training
         if active_stages is None and training and self.quantize_dropout and len(lead) > 0:
-            per_sample = torch.randint(self.dropout_min_stages, S + 1, (lead[0],),
-                                       device=z.device)
+            rank, world = getattr(self, "dropout_shard", (0, 1))
+            per_sample = torch.randint(self.dropout_min_stages, S + 1, (lead[0] * world,),
+                                       device=z.device)[rank * lead[0]:(rank + 1) * lead[0]]
             active_stages = per_sample.view(-1, *([1] * (len(lead) - 1)))
         active = _per_row("active_stages", active_stages, lead, z.device, torch.long)
         valid = _per_row("mask", mask, lead, z.device, torch.bool)

@@ -118,8 +118,11 @@ extern int64_t g_rechecked_rows;
 // Rows the avx2_i8 tier settled itself (proven from int8 dot products; same use).
 extern int64_t g_int8_rows;
 
-// Persistent worker pool. Runs fn(ctx, tid) for tid in [0, nthreads) (the caller is tid 0) and
-// returns when all are done. One call at a time; a concurrent caller waits for the pool.
+// Persistent worker pool. Runs fn(ctx, tid) for the caller as tid 0 and for each worker tid in
+// [1, nthreads) that starts before the caller's own fn returns (a worker still waiting for a core
+// then is not waited for), and returns when all those are done. So fn must hand out its work
+// dynamically: tid 0 alone must be able to finish it. One call at a time; a concurrent caller
+// waits for the pool.
 void run_parallel(int nthreads, void (*fn)(void* ctx, int tid), void* ctx);
 
 }  // namespace cpu

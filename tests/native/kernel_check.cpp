@@ -24,6 +24,8 @@
 // choice; --detect-only stops after those checks.
 // Exit status: 0 when every check passed, 1 otherwise.
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cinttypes>
 #include <cmath>
 #include <cstdio>
@@ -32,10 +34,13 @@
 #include <map>
 #include <random>
 #include <stdexcept>
+#include <memory>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
+#include "../../csrc/cpu/cpu_internal.h"
 #include "vqk/common.h"
 #include "vqk/vqk.h"
 
@@ -576,6 +581,61 @@ std::vector<Case> make_cases(bool quick) {
   return cs;
 }
 
+// The worker pool (csrc/cpu/thread_pool.cpp, run_parallel): jobs whose items are handed out
+// dynamically, as every kernel's are, with the caller sometimes done before a worker starts (the
+// pool then revokes that worker's part) and sometimes late (the workers take most items). Every
+// item must be done exactly once, and no worker may run a job after run_parallel returned (its
+// ctx lives on the caller's stack in the kernels): each job's ctx is kept alive here and checked
+// again after the pool has had time to run anything stale.
+struct PoolJob {
+  std::atomic<int64_t> next{0};
+  int64_t n = 0;
+  int sleep_us = 0;  // tid 0 waits this long before taking items
+  std::unique_ptr<std::atomic<int>[]> hits;
+  std::atomic<int> runs{0}, late{0};
+  std::atomic<bool> returned{false};
+};
+
+void check_pool() {
+  std::vector<std::unique_ptr<PoolJob>> jobs;
+  std::mt19937 rng(7);
+  int64_t partial = 0;  // calls in which some worker never ran (revoked)
+  for (int call = 0; call < 1500; ++call) {
+    const int threads = 2 + call % 2;
+    auto j = std::make_unique<PoolJob>();
+    j->n = 1 + (int64_t)(rng() % 64);
+    j->sleep_us = (rng() % 4 == 0) ? 50 : 0;
+    j->hits.reset(new std::atomic<int>[j->n]);
+    for (int64_t i = 0; i < j->n; ++i) j->hits[i].store(0);
+    vqk::cpu::run_parallel(threads, [](void* p, int tid) {
+      PoolJob& c = *static_cast<PoolJob*>(p);
+      c.runs.fetch_add(1);
+      if (c.returned.load()) c.late.fetch_add(1);
+      if (tid == 0 && c.sleep_us) std::this_thread::sleep_for(std::chrono::microseconds(c.sleep_us));
+      for (;;) {
+        const int64_t i = c.next.fetch_add(1);
+        if (i >= c.n) break;
+        c.hits[i].fetch_add(1);
+      }
+    }, j.get());
+    j->returned.store(true);
+    const int runs = j->runs.load();
+    partial += runs < threads;
+    CHECK(runs >= 1 && runs <= threads, "pool: %d runs of a %d-thread job", runs, threads);
+    if (call % 7 == 0) std::this_thread::sleep_for(std::chrono::microseconds(300));  // let workers sleep
+    jobs.push_back(std::move(j));
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  int64_t wrong = 0, late = 0;
+  for (const auto& j : jobs) {
+    for (int64_t i = 0; i < j->n; ++i) wrong += j->hits[i].load() != 1;
+    late += j->late.load();
+  }
+  CHECK(wrong == 0, "pool: %" PRId64 " items not done exactly once", wrong);
+  CHECK(late == 0, "pool: %" PRId64 " job runs started after run_parallel returned", late);
+  std::printf("pool: 1500 calls, %" PRId64 " finished without some worker (revoked)\n", partial);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -632,6 +692,8 @@ int main(int argc, char** argv) {
     std::printf("%s: %" PRId64 " checks, %d failed\n", g_failures ? "FAILED" : "OK", g_checks, g_failures);
     return g_failures ? 1 : 0;
   }
+
+  check_pool();
 
   const std::vector<Case> cases = make_cases(quick);
   const DType dtypes[] = {DType::f32, DType::f16, DType::bf16, DType::f64};

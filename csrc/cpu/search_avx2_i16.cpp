@@ -200,7 +200,8 @@ VQK_ALWAYS_INLINE void search_tile_i16(const uint32_t* __restrict xb, const uint
 }  // namespace
 }  // namespace vqk
 
-// The width-independent part: pack_codes_i16, the bound, search_tiles_i16, flush_i16.
+// The width-independent part: pack_codes_i16, the bound, search_tiles_i16 (and through it
+// search_set_aside.h: the rows set aside, flush_set_aside).
 #include "search_i16_common.h"
 
 namespace vqk {
@@ -580,8 +581,8 @@ void fp32_values(const cpu::FwdJob& job, const float* __restrict st, int r, cons
 #ifndef VQK_I16_AS_PART
 namespace cpu {
 const SearchKernels& kernels_avx2_i16() {
-  static const SearchKernels k{"avx2_i16", MR, NR, pack_any_i16, search_any_i16, flush_i16,
-                               i16_scratch_floats, false, true, residual_tiles_i16,
+  static const SearchKernels k{"avx2_i16", MR, NR, pack_any_i16, search_any_i16,
+                               flush_set_aside, i16_scratch_floats, false, true, residual_tiles_i16,
                                residual_i16_scratch_floats};
   return k;
 }

@@ -305,9 +305,9 @@ void search_any_i8(const cpu::FwdJob& job, int64_t t_lo, int64_t t_hi, float* sc
 
 namespace cpu {
 const SearchKernels& kernels_avx2_i8() {
-  // flush_i16: the int16 pass's pending rows and the fp32 search's exact re-search, in the int16
-  // scratch this build's scratch starts with.
-  static const SearchKernels k{"avx2_i8", MR, NR, pack_any_i8, search_any_i8, flush_i16,
+  // flush_set_aside: the int16 pass's pending rows and the fp32 search's exact re-search, in the
+  // int16 scratch this build's scratch starts with.
+  static const SearchKernels k{"avx2_i8", MR, NR, pack_any_i8, search_any_i8, flush_set_aside,
                                i8_scratch_floats, false, true, nullptr, nullptr, true};
   return k;
 }

@@ -212,21 +212,22 @@ VQK_ALWAYS_INLINE void search_tile_i16(const uint32_t* __restrict xb, const uint
 }  // namespace
 }  // namespace vqk
 
-// The width-independent part: pack_codes_i16, the bound, search_tiles_i16, flush_i16.
+// The width-independent part: pack_codes_i16, the bound, search_tiles_i16 (and through it
+// search_set_aside.h: the rows set aside, flush_set_aside).
 #include "search_i16_common.h"
 
 namespace vqk {
 namespace cpu {
 #if defined(VQK_I16_VNNI)
 const SearchKernels& kernels_avx512_vnni_i16() {
-  static const SearchKernels k{"avx512_vnni_i16", MR, NR, pack_any_i16, search_any_i16, flush_i16,
-                               i16_scratch_floats, false, true, nullptr, nullptr};
+  static const SearchKernels k{"avx512_vnni_i16", MR, NR, pack_any_i16, search_any_i16,
+                               flush_set_aside, i16_scratch_floats, false, true, nullptr, nullptr};
   return k;
 }
 #else
 const SearchKernels& kernels_avx512_i16() {
-  static const SearchKernels k{"avx512_i16", MR, NR, pack_any_i16, search_any_i16, flush_i16,
-                               i16_scratch_floats, false, true, nullptr, nullptr};
+  static const SearchKernels k{"avx512_i16", MR, NR, pack_any_i16, search_any_i16,
+                               flush_set_aside, i16_scratch_floats, false, true, nullptr, nullptr};
   return k;
 }
 #endif

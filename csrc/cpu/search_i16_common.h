@@ -1,8 +1,8 @@
 // The int16 first pass's parts that do not depend on the vector width, shared by its x86 builds:
 // avx2_i16 (search_avx2_i16.cpp, 256-bit vpmaddwd; avx2_i8 reuses it through that file) and
 // avx512_i16 (search_avx512_i16.cpp, 512-bit vpmaddwd). Here: the scales, the error bound and its
-// proof, the per-row test, the rows set aside and their hand-over to the exact fp32 search of
-// search_impl.h, and the tile loop that ties them together.
+// proof, the per-row test, and the tile loop that ties them together with the hand-over of the rows
+// it cannot prove to the exact fp32 search of search_impl.h (search_set_aside.h).
 //
 // Include after search_impl.h, in the unit's anonymous namespace's reach, once the unit has
 // defined (for its V, MRV, NR, W, MR) the width-specific pieces this file calls:
@@ -60,6 +60,8 @@
 #pragma once
 
 #include <cstdint>
+
+#include "search_set_aside.h"
 
 namespace vqk {
 namespace {
@@ -201,45 +203,8 @@ VQK_ALWAYS_INLINE void row_scales(const float* __restrict xt, int64_t D, int32_t
   }
 }
 
-// Per-thread scratch: the generic search's [Exact][xt][et][xe] (search_impl.h), then
-// [Pending][xp (rows set aside, packed like xt)][xb (int16 pairs)].
-struct Pending {
-  int64_t count;
-  int64_t rowno[MR];
-  int64_t seen, deferred;  // rows this thread has searched in int16, and set aside, this call
-  bool fp32_only;          // too many set aside: plain fp32 tiles for the rest of the call
-};
-constexpr int64_t kHeaderFloats = (sizeof(Pending) + 63) / 64 * 16;
-
-int64_t pair_floats(int64_t D) { return ((D + 1) / 2 * MR + 15) / 16 * 16; }
-int64_t i16_scratch_floats(int64_t D) {
-  return scratch_floats(D) + kHeaderFloats + tile_floats(D) + pair_floats(D);
-}
-
-struct Areas {
-  Scratch base;
-  Pending* pend;
-  float *xt, *et, *xp;
-  uint32_t* xb;
-  explicit Areas(float* s, int64_t D)
-      : base(s, D), pend(reinterpret_cast<Pending*>(s + scratch_floats(D))), xt(base.xt),
-        et(base.et), xp(s + scratch_floats(D) + kHeaderFloats),
-        xb(reinterpret_cast<uint32_t*>(xp + tile_floats(D))) {}
-};
-
-// Rows the int16 pass cannot prove: searched again in fp32, a tile at a time.
-template <class E>
-void run_pending(const cpu::FwdJob& job, const Areas& a) {
-  const int64_t c = a.pend->count;
-  if (c == 0) return;
-  __atomic_fetch_add(&cpu::g_set_aside_rows, c, __ATOMIC_RELAXED);
-  for (int64_t r = c; r < MR; ++r) {
-    a.pend->rowno[r] = -1;
-    for (int64_t d = 0; d < job.D; ++d) a.xp[d * MR + r] = 0.0f;
-  }
-  search_block<E>(job, a.pend->rowno, a.xp, a.base);
-  a.pend->count = 0;
-}
+// Per-thread scratch (search_set_aside.h): xb holds the tile's int16 pairs.
+int64_t i16_scratch_floats(int64_t D) { return set_aside_scratch_floats(D, pair_floats(D)); }
 
 template <class E>
 void search_tiles_i16(const cpu::FwdJob& job, int64_t t_lo, int64_t t_hi, float* scratch) {
@@ -271,18 +236,13 @@ void search_tiles_i16(const cpu::FwdJob& job, int64_t t_lo, int64_t t_hi, float*
     search_tile_i16(a.xb, job.packed_bf16, job.norms, job.code_aux, tau, job.panels, D2, top);
     for (int r = 0; r < MR; ++r) {
       if (rowno[r] < 0) continue;
-      if (bound.proves(job, provable[r], top.v1[r], top.v2[r], xx[r], l1[r], tau[r])) continue;
-      Pending& p = *a.pend;
-      for (int64_t d = 0; d < D; ++d) a.xp[d * MR + p.count] = a.xt[d * MR + r];
-      p.rowno[p.count++] = rowno[r];
-      ++p.deferred;
-      rowno[r] = -1;
-      if (p.count == MR) run_pending<E>(job, a);
+      if (!bound.proves(job, provable[r], top.v1[r], top.v2[r], xx[r], l1[r], tau[r]))
+        set_aside<E>(job, a, rowno, r);
     }
     finish_tile<E>(job, rowno, a.xt, a.et, top.k1);
     // Break-even is near 45% set aside (an int16 tile costs ~0.55 of an fp32 one, plus the fp32
     // search of what it set aside): a third leaves room for the pending tiles' overhead.
-    if (a.pend->seen >= 4 * MR && 3 * a.pend->deferred > a.pend->seen) a.pend->fp32_only = true;
+    fp32_only_after(*a.pend, 3);
   }
 }
 
@@ -299,17 +259,6 @@ void search_any_i16(const cpu::FwdJob& job, int64_t t_lo, int64_t t_hi, float* s
     case DType::f16: return search_tiles_i16<EF16>(job, t_lo, t_hi, scratch);
     case DType::bf16: return search_tiles_i16<EBF16>(job, t_lo, t_hi, scratch);
     default: return search_tiles_i16<EF32>(job, t_lo, t_hi, scratch);
-  }
-}
-
-// Called once by each thread after its last tile: the rows still set aside, then the fp32
-// search's own exact re-search of what it could not prove.
-void flush_i16(const cpu::FwdJob& job, float* scratch) {
-  const Areas a(scratch, job.D);
-  switch (job.dtype) {
-    case DType::f16: run_pending<EF16>(job, a); return run_exact<EF16>(job, a.base);
-    case DType::bf16: run_pending<EBF16>(job, a); return run_exact<EBF16>(job, a.base);
-    default: run_pending<EF32>(job, a); return run_exact<EF32>(job, a.base);
   }
 }
 

@@ -23,20 +23,8 @@
 //      of the call. Every path gives the exact nearest code, so this changes speed only.
 // It pays off when rows sit clearly closer to one code than to the rest (trained VQ codebooks); on
 // rows with many near ties it falls back to fp32 work and costs more.
-#include "cpu_internal.h"
-
-#include "simd_avx512.h"
-
-namespace vqk {
-namespace {
-
-constexpr int MRV = 3;
-constexpr int NR = 8;
-
-}  // namespace
-}  // namespace vqk
-
-#include "search_impl.h"
+// The tile (3 x 16 rows by 8 codes) and the avx512 build's fp32 search.
+#include "search_avx512_tile.h"
 // The rows set aside and their hand-over to the fp32 search.
 #include "search_set_aside.h"
 

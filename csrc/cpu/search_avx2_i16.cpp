@@ -131,8 +131,13 @@ static_assert(MRV == 3 && NR == 4, "i16_dots is written for 3 x 4 accumulators")
   "vpaddd %%ymm15, %[" #a1 "], %[" #a1 "]\n\t"          \
   "vpmaddwd 64(%[x]), %%ymm14, %%ymm15\n\t"              \
   "vpaddd %%ymm15, %[" #a2 "], %[" #a2 "]\n\t"
-// xb: D2 steps of MR = 24 words (32-byte aligned), b: D2 steps of NR = 4 words.
+// xb: D2 steps of MR = 24 words (32-byte aligned), b: D2 steps of NR = 4 words; acc is set to the
+// panel's int32 dot products.
 VQK_ALWAYS_INLINE void i16_dots(const uint32_t* xb, const uint32_t* b, int64_t D2, __m256i (&acc)[MRV][NR]) {
+#pragma GCC unroll 64
+  for (int i = 0; i < MRV; ++i)
+#pragma GCC unroll 64
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_si256();
   if (D2 <= 0) return;
   __asm__("1:\n\t"
           VQK_I16_CODE(0, a00, a10, a20) VQK_I16_CODE(1, a01, a11, a21)
@@ -150,52 +155,6 @@ VQK_ALWAYS_INLINE void i16_dots(const uint32_t* xb, const uint32_t* b, int64_t D
           : "xmm14", "xmm15", "cc", "memory");
 }
 #undef VQK_I16_CODE
-
-// The int16 micro-kernel: search_tile's shape (MRV x NR accumulators, lanes = rows, codes broadcast,
-// best two per lane in increasing code order with strict compares), on int16 pairs.
-VQK_ALWAYS_INLINE void search_tile_i16(const uint32_t* __restrict xb, const uint32_t* __restrict pb,
-                                       const float* __restrict norms, const float* __restrict scales,
-                                       const float* __restrict tau, int64_t panels, int64_t D2,
-                                       Top2& out) {
-  __m256 b1[MRV], b2[MRV], tv[MRV];
-  __m256i k1[MRV];
-  for (int i = 0; i < MRV; ++i) {
-    b1[i] = b2[i] = _mm256_set1_ps(__builtin_inff());
-    k1[i] = _mm256_setzero_si256();
-    tv[i] = _mm256_load_ps(tau + i * W);
-  }
-  for (int64_t p = 0; p < panels; ++p) {
-    const uint32_t* b = pb + p * D2 * NR;
-    __m256i acc[MRV][NR];
-#pragma GCC unroll 64
-    for (int i = 0; i < MRV; ++i)
-#pragma GCC unroll 64
-      for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_si256();
-    i16_dots(xb, b, D2, acc);
-#pragma GCC unroll 64
-    for (int j = 0; j < NR; ++j) {
-      const __m256 nj = _mm256_set1_ps(norms[p * NR + j]);
-      const __m256 sj = _mm256_set1_ps(2.0f * scales[p * NR + j]);
-      const __m256i kj = _mm256_set1_epi32((int32_t)(p * NR + j));
-#pragma GCC unroll 64
-      for (int i = 0; i < MRV; ++i) {
-        const __m256 dot = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[i][j]), tv[i]);  // exact
-        const __m256 dist = _mm256_fnmadd_ps(dot, sj, nj);
-        const __m256 m1 = _mm256_cmp_ps(dist, b1[i], _CMP_LT_OQ);
-        const __m256 m2 = _mm256_cmp_ps(dist, b2[i], _CMP_LT_OQ);
-        b2[i] = _mm256_blendv_ps(_mm256_blendv_ps(b2[i], dist, m2), b1[i], m1);
-        b1[i] = _mm256_blendv_ps(b1[i], dist, m1);
-        k1[i] = _mm256_castps_si256(
-            _mm256_blendv_ps(_mm256_castsi256_ps(k1[i]), _mm256_castsi256_ps(kj), m1));
-      }
-    }
-  }
-  for (int i = 0; i < MRV; ++i) {
-    _mm256_store_si256(reinterpret_cast<__m256i*>(out.k1 + i * W), k1[i]);
-    _mm256_store_ps(out.v1 + i * W, b1[i]);
-    _mm256_store_ps(out.v2 + i * W, b2[i]);
-  }
-}
 
 }  // namespace
 }  // namespace vqk
@@ -283,10 +242,6 @@ VQK_ALWAYS_INLINE void search_tile_i16_top3(const uint32_t* __restrict xb,
   for (int64_t p = 0; p < panels; ++p) {
     const uint32_t* b = pb + p * D2 * NR;
     __m256i acc[MRV][NR];
-#pragma GCC unroll 64
-    for (int i = 0; i < MRV; ++i)
-#pragma GCC unroll 64
-      for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_si256();
     i16_dots(xb, b, D2, acc);
 #pragma GCC unroll 64
     for (int j = 0; j < NR; ++j) {
@@ -295,8 +250,7 @@ VQK_ALWAYS_INLINE void search_tile_i16_top3(const uint32_t* __restrict xb,
       const __m256 kj = _mm256_castsi256_ps(_mm256_set1_epi32((int32_t)(p * NR + j)));
 #pragma GCC unroll 64
       for (int i = 0; i < MRV; ++i) {
-        const __m256 dot = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[i][j]), tv[i]);  // exact
-        const __m256 dist = _mm256_fnmadd_ps(dot, sj, nj);
+        const __m256 dist = i16_value(acc[i][j], tv[i], sj, nj);
         const __m256 m1 = _mm256_cmp_ps(dist, b1[i], _CMP_LT_OQ);
         const __m256 m2 = _mm256_cmp_ps(dist, b2[i], _CMP_LT_OQ);
         const __m256 m3 = _mm256_cmp_ps(dist, b3[i], _CMP_LT_OQ);

@@ -29,20 +29,8 @@
 //
 // Residual VQ takes the plain avx512 build (vq_cpu.cpp; avx2_i16's residual search is written for
 // 256-bit tiles); grouped VQ runs this build's search per group.
-#include "cpu_internal.h"
-
-#include "simd_avx512.h"
-
-namespace vqk {
-namespace {
-
-constexpr int MRV = 3;
-constexpr int NR = 8;
-
-}  // namespace
-}  // namespace vqk
-
-#include "search_impl.h"
+// The tile (3 x 16 rows by 8 codes) and the avx512 build's fp32 search.
+#include "search_avx512_tile.h"
 
 namespace vqk {
 namespace {
@@ -166,47 +154,6 @@ __attribute__((noinline)) void i16_dots(const uint32_t* __restrict xb, const uin
   for (int i = 0; i < MRV; ++i)
 #pragma GCC unroll 64
     for (int j = 0; j < NR; ++j) out[i][j] = acc[i][j];
-}
-
-// The int16 micro-kernel: search_tile's shape (MRV x NR accumulators, lanes = rows, codes broadcast,
-// best two per lane in increasing code order with strict compares), on int16 pairs.
-VQK_ALWAYS_INLINE void search_tile_i16(const uint32_t* __restrict xb, const uint32_t* __restrict pb,
-                                       const float* __restrict norms, const float* __restrict scales,
-                                       const float* __restrict tau, int64_t panels, int64_t D2,
-                                       Top2& out) {
-  __m512 b1[MRV], b2[MRV], tv[MRV];
-  __m512i k1[MRV];
-  for (int i = 0; i < MRV; ++i) {
-    b1[i] = b2[i] = _mm512_set1_ps(__builtin_inff());
-    k1[i] = _mm512_setzero_si512();
-    tv[i] = _mm512_load_ps(tau + i * W);
-  }
-  for (int64_t p = 0; p < panels; ++p) {
-    const uint32_t* b = pb + p * D2 * NR;
-    __m512i acc[MRV][NR];
-    i16_dots(xb, b, D2, acc);
-#pragma GCC unroll 64
-    for (int j = 0; j < NR; ++j) {
-      const __m512 nj = _mm512_set1_ps(norms[p * NR + j]);
-      const __m512 sj = _mm512_set1_ps(2.0f * scales[p * NR + j]);
-      const __m512i kj = _mm512_set1_epi32((int32_t)(p * NR + j));
-#pragma GCC unroll 64
-      for (int i = 0; i < MRV; ++i) {
-        const __m512 dot = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[i][j]), tv[i]);  // exact
-        const __m512 dist = _mm512_fnmadd_ps(dot, sj, nj);
-        const __mmask16 m1 = _mm512_cmp_ps_mask(dist, b1[i], _CMP_LT_OQ);
-        const __mmask16 m2 = _mm512_cmp_ps_mask(dist, b2[i], _CMP_LT_OQ);
-        b2[i] = _mm512_mask_mov_ps(_mm512_mask_mov_ps(b2[i], m2, dist), m1, b1[i]);
-        b1[i] = _mm512_mask_mov_ps(b1[i], m1, dist);
-        k1[i] = _mm512_mask_mov_epi32(k1[i], m1, kj);
-      }
-    }
-  }
-  for (int i = 0; i < MRV; ++i) {
-    _mm512_store_si512(out.k1 + i * W, k1[i]);
-    _mm512_store_ps(out.v1 + i * W, b1[i]);
-    _mm512_store_ps(out.v2 + i * W, b2[i]);
-  }
 }
 
 }  // namespace

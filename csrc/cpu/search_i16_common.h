@@ -12,9 +12,11 @@
 //                                          of |x_d| in d order;
 //   lane_scales(mx, Q, tau, inv)           per lane: tau (pow2_scale's value) and 1/tau;
 //   to_pairs_i16(xt, inv, D, xb)           the tile's rows as int16 pairs [ceil(D/2)][MR];
-//   search_tile_i16(xb, pb, norms, scales, tau, panels, D2, Top2&)
-//                                          search_tile's shape on int16 pairs: per lane the best
-//                                          value v1 (lowest index on ties), its index, and v2.
+//   i16_dots(xb, b, D2, acc)               the micro-kernel: acc[i][j] = the exact int32 dot
+//                                          product of row vector i and code j over one panel's
+//                                          pairs b;
+// and V::mul, V::cvt (int32 to fp32) among its traits. search_tile_q, the tile's loop over the
+// panels around a micro-kernel, is also avx2_i8's (on its int8 quads).
 // Nothing here depends on how many rows or codes one vector holds: the proof is per row and per
 // code, and each (row, code) dot product is one int32 accumulation over the D dimensions.
 //
@@ -186,6 +188,69 @@ struct I16Bound {
     return direct(v1, v2, B, dd);
   }
 };
+
+// One code's approximate value from the exact int32 p.q (see the top):
+// a_k' = fl(n_k - (2 sigma_k) fl(fl(p.q) tau)), the conversion correctly rounded, the product by
+// tau exact (powers of two), the fnmadd rounding once.
+VQK_ALWAYS_INLINE V::F i16_value(V::I pq, V::F tau, V::F two_sigma, V::F norm) {
+  return V::fnmadd(V::mul(V::cvt(pq), tau), two_sigma, norm);
+}
+
+// search_tile's shape (MRV x NR accumulators, lanes = rows, codes broadcast, best two per lane in
+// increasing code order with strict compares) on exact int32 dot products: dots(p, acc) sets
+// acc[i][j] to p.q of row vector i and code j of panel p (the micro-kernel: int16 pairs here,
+// int8 quads less their offset in avx2_i8). Per lane: the best value v1 (lowest index on ties),
+// its index, and v2 over the other codes.
+template <class Dots>
+VQK_ALWAYS_INLINE void search_tile_q(const float* __restrict norms, const float* __restrict scales,
+                                     const float* __restrict tau, int64_t panels, Top2& out,
+                                     Dots&& dots) {
+  using F = V::F;
+  using I = V::I;
+  using M = V::M;
+  F b1[MRV], b2[MRV], tv[MRV];
+  I k1[MRV];
+  for (int i = 0; i < MRV; ++i) {
+    b1[i] = b2[i] = V::set1(__builtin_inff());
+    k1[i] = V::set1i(0);
+    tv[i] = V::load(tau + i * W);
+  }
+  for (int64_t p = 0; p < panels; ++p) {
+    I acc[MRV][NR];
+    dots(p, acc);
+#pragma GCC unroll 64
+    for (int j = 0; j < NR; ++j) {
+      const F nj = V::set1(norms[p * NR + j]);
+      const F sj = V::set1(2.0f * scales[p * NR + j]);
+      const I kj = V::set1i((int32_t)(p * NR + j));
+#pragma GCC unroll 64
+      for (int i = 0; i < MRV; ++i) {
+        const F dist = i16_value(acc[i][j], tv[i], sj, nj);
+        const M m1 = V::lt(dist, b1[i]);
+        const M m2 = V::lt(dist, b2[i]);
+        b2[i] = V::sel(m1, b1[i], V::sel(m2, dist, b2[i]));
+        b1[i] = V::sel(m1, dist, b1[i]);
+        k1[i] = V::seli(m1, kj, k1[i]);
+      }
+    }
+  }
+  for (int i = 0; i < MRV; ++i) {
+    V::storei(out.k1 + i * W, k1[i]);
+    V::store(out.v1 + i * W, b1[i]);
+    V::store(out.v2 + i * W, b2[i]);
+  }
+}
+
+// The int16 pass's tile: i16_dots over each panel's pairs (pb: [panel][D2][NR] words).
+VQK_ALWAYS_INLINE void search_tile_i16(const uint32_t* __restrict xb, const uint32_t* __restrict pb,
+                                       const float* __restrict norms, const float* __restrict scales,
+                                       const float* __restrict tau, int64_t panels, int64_t D2,
+                                       Top2& out) {
+  search_tile_q(norms, scales, tau, panels, out,
+                [&](int64_t p, V::I(&acc)[MRV][NR]) __attribute__((always_inline)) {
+                  i16_dots(xb, pb + p * D2 * NR, D2, acc);
+                });
+}
 
 // Per lane of a packed tile (xx = its fp32 ||x||^2, live = the lane holds a row to search): max |x_d|,
 // the fp32 L1 sum, tau and 1/tau (lane_abs_stats, lane_scales), and whether the bound can prove

@@ -25,6 +25,8 @@ struct V {
   static inline F fnmadd(F a, F b, F c) { return _mm256_fnmadd_ps(a, b, c); }
   static inline F sub(F a, F b) { return _mm256_sub_ps(a, b); }
   static inline F add(F a, F b) { return _mm256_add_ps(a, b); }
+  static inline F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static inline F cvt(I a) { return _mm256_cvtepi32_ps(a); }  // int32 to fp32, rounded to nearest
   static inline float hsum(F a) {
     const __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));

@@ -28,6 +28,8 @@ struct V {
   static inline F fnmadd(F a, F b, F c) { return _mm512_fnmadd_ps(a, b, c); }
   static inline F sub(F a, F b) { return _mm512_sub_ps(a, b); }
   static inline F add(F a, F b) { return _mm512_add_ps(a, b); }
+  static inline F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static inline F cvt(I a) { return _mm512_cvtepi32_ps(a); }  // int32 to fp32, rounded to nearest
   static inline float hsum(F a) { return _mm512_reduce_add_ps(a); }
   static inline M lt(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
   static inline F sel(M m, F t, F f) { return _mm512_mask_mov_ps(f, m, t); }

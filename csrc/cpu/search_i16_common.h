@@ -207,7 +207,6 @@ VQK_ALWAYS_INLINE void search_tile_q(const float* __restrict norms, const float*
                                      Dots&& dots) {
   using F = V::F;
   using I = V::I;
-  using M = V::M;
   F b1[MRV], b2[MRV], tv[MRV];
   I k1[MRV];
   for (int i = 0; i < MRV; ++i) {
@@ -224,14 +223,8 @@ VQK_ALWAYS_INLINE void search_tile_q(const float* __restrict norms, const float*
       const F sj = V::set1(2.0f * scales[p * NR + j]);
       const I kj = V::set1i((int32_t)(p * NR + j));
 #pragma GCC unroll 64
-      for (int i = 0; i < MRV; ++i) {
-        const F dist = i16_value(acc[i][j], tv[i], sj, nj);
-        const M m1 = V::lt(dist, b1[i]);
-        const M m2 = V::lt(dist, b2[i]);
-        b2[i] = V::sel(m1, b1[i], V::sel(m2, dist, b2[i]));
-        b1[i] = V::sel(m1, dist, b1[i]);
-        k1[i] = V::seli(m1, kj, k1[i]);
-      }
+      for (int i = 0; i < MRV; ++i)
+        top2_update(i16_value(acc[i][j], tv[i], sj, nj), kj, b1[i], b2[i], k1[i]);
     }
   }
   for (int i = 0; i < MRV; ++i) {

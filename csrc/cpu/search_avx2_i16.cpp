@@ -10,9 +10,10 @@
 // forces it anywhere with AVX2 (Intel cores, where it should also pay: unmeasured).
 //
 // The quantization (per-code and per-row power-of-two scales), the rigorous bound, the proof that a
-// row accepted here gets the fp32 build's bits, and the hand-over of the other rows to the fp32
-// search: search_i16_common.h, shared with the 512-bit build (search_avx512_i16.cpp). This file
-// holds the 256-bit pieces that header calls, and the residual-VQ search (int16 pass per stage).
+// row accepted here gets the fp32 build's bits, the tile loop, and the hand-over of the other rows
+// to the fp32 search: search_i16_common.h, shared with the 512-bit build (search_avx512_i16.cpp;
+// the hand-over itself is search_set_aside.h, neon_dot's and avx512bf16's too). This file holds the
+// 256-bit pieces that header calls, and the residual-VQ search (int16 pass per stage).
 #include "cpu_internal.h"
 #include "simd_avx2.h"
 

@@ -1,5 +1,6 @@
-// AVX-512 (F, BW, VL, DQ) traits for search_impl.h, shared by the AVX-512 search builds
-// (search_avx512.cpp, search_avx512bf16.cpp). Internal linkage only: see search_impl.h.
+// AVX-512 (F, BW, VL, DQ) traits for search_impl.h, shared by the AVX-512 search builds through
+// search_avx512_tile.h (search_avx512.cpp, search_avx512_i16.cpp, search_avx512bf16.cpp). Internal
+// linkage only: see search_impl.h.
 #pragma once
 #if defined(VQK_SIMDE)
 #include "simde_avx512.h"  // the emulated build of .ci/native_checks.sh x86-emulated only

@@ -52,48 +52,6 @@ VQK_ALWAYS_INLINE void quant_panel_i16(const float* __restrict src, const double
   }
 }
 
-// Per lane of a packed tile: max |x_d| and sum |x_d| (fp32, in d order).
-VQK_ALWAYS_INLINE void lane_abs_stats(const float* __restrict xt, int64_t D, float* __restrict mx,
-                                      float* __restrict l1) {
-  const __m256 sign = _mm256_set1_ps(-0.0f);
-  __m256 m[MRV], s[MRV];
-  for (int i = 0; i < MRV; ++i) m[i] = s[i] = _mm256_setzero_ps();
-  for (int64_t d = 0; d < D; ++d)
-#pragma GCC unroll 64
-    for (int i = 0; i < MRV; ++i) {
-      const __m256 v = _mm256_andnot_ps(sign, _mm256_load_ps(xt + d * MR + i * W));
-      m[i] = _mm256_max_ps(m[i], v);
-      s[i] = _mm256_add_ps(s[i], v);
-    }
-  for (int i = 0; i < MRV; ++i) {
-    _mm256_store_ps(mx + i * W, m[i]);
-    _mm256_store_ps(l1 + i * W, s[i]);
-  }
-}
-
-// tau and 1/tau per lane from max |x_d|, pow2_scale's value in vectors: with 2^qbits <= Q <
-// 2^(qbits+1) and 2^e <= m < 2^(e+1), t0 = 2^(e+1-qbits) has m < Q t0 and m >= Q t0 / 4, so tau is
-// t0 or t0 / 2 (2m <= Q t0, an exact compare: powers of two times values of <= 16 bits); 2^-100
-// below m = Q 2^-100. Lanes with m >= 2^60 (or NaN) are not provable (row_scales gives them inv = 0).
-VQK_ALWAYS_INLINE void lane_scales(const float* __restrict mx, int32_t Q, float* __restrict tau,
-                                   float* __restrict inv) {
-  const int qbits = 31 - __builtin_clz((unsigned)Q);
-  const __m256 Qf = _mm256_set1_ps((float)Q);
-  for (int i = 0; i < MRV; ++i) {
-    const __m256 m = _mm256_min_ps(_mm256_load_ps(mx + i * W), _mm256_set1_ps(0x1p60f));
-    const __m256i e = _mm256_srli_epi32(_mm256_castps_si256(m), 23);
-    const __m256 t0 = _mm256_castsi256_ps(
-        _mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(1 - qbits)), 23));
-    const __m256 half = _mm256_mul_ps(t0, _mm256_set1_ps(0.5f));
-    __m256 t = _mm256_blendv_ps(t0, half, _mm256_cmp_ps(_mm256_add_ps(m, m),
-                                                     _mm256_mul_ps(Qf, t0), _CMP_LE_OQ));
-    t = _mm256_blendv_ps(t, _mm256_set1_ps(0x1p-100f),
-                         _mm256_cmp_ps(m, _mm256_set1_ps(0x1p-100f * (float)Q), _CMP_LT_OQ));
-    _mm256_store_ps(tau + i * W, t);
-    _mm256_store_ps(inv + i * W, _mm256_div_ps(_mm256_set1_ps(1.0f), t));  // exact
-  }
-}
-
 // The tile's rows as int16 pairs: xb[i * MR + r] = p_{2i} | p_{2i+1} << 16 with p_d = round(x_d inv[r])
 // (inv = 1/tau, exact; 0 for lanes that will not be proven, whose values do not matter).
 void to_pairs_i16(const float* __restrict xt, const float* __restrict inv, int64_t D,

@@ -59,45 +59,6 @@ VQK_ALWAYS_INLINE void quant_panel_i16(const float* __restrict src, const double
   }
 }
 
-// Per lane of a packed tile: max |x_d| and sum |x_d| (fp32, in d order).
-VQK_ALWAYS_INLINE void lane_abs_stats(const float* __restrict xt, int64_t D, float* __restrict mx,
-                                      float* __restrict l1) {
-  __m512 m[MRV], s[MRV];
-  for (int i = 0; i < MRV; ++i) m[i] = s[i] = _mm512_setzero_ps();
-  for (int64_t d = 0; d < D; ++d)
-#pragma GCC unroll 64
-    for (int i = 0; i < MRV; ++i) {
-      const __m512 v = _mm512_abs_ps(_mm512_load_ps(xt + d * MR + i * W));
-      m[i] = _mm512_max_ps(m[i], v);
-      s[i] = _mm512_add_ps(s[i], v);
-    }
-  for (int i = 0; i < MRV; ++i) {
-    _mm512_store_ps(mx + i * W, m[i]);
-    _mm512_store_ps(l1 + i * W, s[i]);
-  }
-}
-
-// tau and 1/tau per lane from max |x_d|: avx2_i16's lane_scales (search_avx2_i16.cpp, where the
-// steps are explained) with masks for blends.
-VQK_ALWAYS_INLINE void lane_scales(const float* __restrict mx, int32_t Q, float* __restrict tau,
-                                   float* __restrict inv) {
-  const int qbits = 31 - __builtin_clz((unsigned)Q);
-  const __m512 Qf = _mm512_set1_ps((float)Q);
-  for (int i = 0; i < MRV; ++i) {
-    const __m512 m = _mm512_min_ps(_mm512_load_ps(mx + i * W), _mm512_set1_ps(0x1p60f));
-    const __m512i e = _mm512_srli_epi32(_mm512_castps_si512(m), 23);
-    const __m512 t0 = _mm512_castsi512_ps(
-        _mm512_slli_epi32(_mm512_add_epi32(e, _mm512_set1_epi32(1 - qbits)), 23));
-    const __m512 half = _mm512_mul_ps(t0, _mm512_set1_ps(0.5f));
-    __m512 t = _mm512_mask_mov_ps(
-        t0, _mm512_cmp_ps_mask(_mm512_add_ps(m, m), _mm512_mul_ps(Qf, t0), _CMP_LE_OQ), half);
-    t = _mm512_mask_mov_ps(t, _mm512_cmp_ps_mask(m, _mm512_set1_ps(0x1p-100f * (float)Q), _CMP_LT_OQ),
-                           _mm512_set1_ps(0x1p-100f));
-    _mm512_store_ps(tau + i * W, t);
-    _mm512_store_ps(inv + i * W, _mm512_div_ps(_mm512_set1_ps(1.0f), t));  // exact
-  }
-}
-
 // The tile's rows as int16 pairs: xb[i * MR + r] = p_{2i} | p_{2i+1} << 16 with p_d = round(x_d inv[r])
 // (inv = 1/tau, exact; 0 for lanes that will not be proven, whose values do not matter).
 void to_pairs_i16(const float* __restrict xt, const float* __restrict inv, int64_t D,

@@ -8,14 +8,12 @@
 // defined (for its V, MRV, NR, W, MR) the width-specific pieces this file calls:
 //   quant_panel_i16(src, inv, D, dst)     one code panel [D][NR] fp32 -> [ceil(D/2)][NR] int16 pairs,
 //                                          q = round(e / sigma) (ties to even), 0 where inv[j] = 0;
-//   lane_abs_stats(xt, D, mx, l1)          per lane of a packed tile: max |x_d| and the fp32 sum
-//                                          of |x_d| in d order;
-//   lane_scales(mx, Q, tau, inv)           per lane: tau (pow2_scale's value) and 1/tau;
 //   to_pairs_i16(xt, inv, D, xb)           the tile's rows as int16 pairs [ceil(D/2)][MR];
 //   i16_dots(xb, b, D2, acc)               the micro-kernel: acc[i][j] = the exact int32 dot
 //                                          product of row vector i and code j over one panel's
 //                                          pairs b;
-// and V::mul, V::cvt (int32 to fp32) among its traits. search_tile_q, the tile's loop over the
+// and among its traits (simd_avx2.h, simd_avx512.h) those the code here calls beyond search_impl.h's:
+// mul, div, min, max, abs, le, cvt (int32 to fp32), bits / from_bits, addi, srli, slli. search_tile_q, the tile's loop over the
 // panels around a micro-kernel, is also avx2_i8's (on its int8 quads).
 // Nothing here depends on how many rows or codes one vector holds: the proof is per row and per
 // code, and each (row, code) dot product is one int32 accumulation over the D dimensions.
@@ -243,6 +241,45 @@ VQK_ALWAYS_INLINE void search_tile_i16(const uint32_t* __restrict xb, const uint
                 [&](int64_t p, V::I(&acc)[MRV][NR]) __attribute__((always_inline)) {
                   i16_dots(xb, pb + p * D2 * NR, D2, acc);
                 });
+}
+
+// Per lane of a packed tile: max |x_d| and sum |x_d| (fp32, in d order).
+VQK_ALWAYS_INLINE void lane_abs_stats(const float* __restrict xt, int64_t D, float* __restrict mx,
+                                      float* __restrict l1) {
+  V::F m[MRV], s[MRV];
+  for (int i = 0; i < MRV; ++i) m[i] = s[i] = V::zero();
+  for (int64_t d = 0; d < D; ++d)
+#pragma GCC unroll 64
+    for (int i = 0; i < MRV; ++i) {
+      const V::F v = V::abs(V::load(xt + d * MR + i * W));
+      m[i] = V::max(m[i], v);
+      s[i] = V::add(s[i], v);
+    }
+  for (int i = 0; i < MRV; ++i) {
+    V::store(mx + i * W, m[i]);
+    V::store(l1 + i * W, s[i]);
+  }
+}
+
+// tau and 1/tau per lane from max |x_d|, pow2_scale's value in vectors: with 2^qbits <= Q <
+// 2^(qbits+1) and 2^e <= m < 2^(e+1), t0 = 2^(e+1-qbits) has m < Q t0 and m >= Q t0 / 4, so tau is
+// t0 or t0 / 2 (2m <= Q t0, an exact compare: powers of two times values of <= 16 bits); 2^-100
+// below m = Q 2^-100. Lanes with m >= 2^60 (or NaN) are not provable (row_scales gives them inv = 0).
+VQK_ALWAYS_INLINE void lane_scales(const float* __restrict mx, int32_t Q, float* __restrict tau,
+                                   float* __restrict inv) {
+  using F = V::F;
+  const int qbits = 31 - __builtin_clz((unsigned)Q);
+  const F Qf = V::set1((float)Q);
+  for (int i = 0; i < MRV; ++i) {
+    const F m = V::min(V::load(mx + i * W), V::set1(0x1p60f));
+    const V::I e = V::srli<23>(V::bits(m));
+    const F t0 = V::from_bits(V::slli<23>(V::addi(e, V::set1i(1 - qbits))));
+    const F half = V::mul(t0, V::set1(0.5f));
+    F t = V::sel(V::le(V::add(m, m), V::mul(Qf, t0)), half, t0);
+    t = V::sel(V::lt(m, V::set1(0x1p-100f * (float)Q)), V::set1(0x1p-100f), t);
+    V::store(tau + i * W, t);
+    V::store(inv + i * W, V::div(V::set1(1.0f), t));  // exact
+  }
 }
 
 // Per lane of a packed tile (xx = its fp32 ||x||^2, live = the lane holds a row to search): max |x_d|,

@@ -10,9 +10,10 @@
 // forces it anywhere with AVX2 (Intel cores, where it should also pay: unmeasured).
 //
 // The quantization (per-code and per-row power-of-two scales), the rigorous bound, the proof that a
-// row accepted here gets the fp32 build's bits, and the hand-over of the other rows to the fp32
-// search: search_i16_common.h, shared with the 512-bit build (search_avx512_i16.cpp). This file
-// holds the 256-bit pieces that header calls, and the residual-VQ search (int16 pass per stage).
+// row accepted here gets the fp32 build's bits, the tile loop, and the hand-over of the other rows
+// to the fp32 search: search_i16_common.h, shared with the 512-bit build (search_avx512_i16.cpp;
+// the hand-over itself is search_set_aside.h, neon_dot's and avx512bf16's too). This file holds the
+// 256-bit pieces that header calls, and the residual-VQ search (int16 pass per stage).
 #include "cpu_internal.h"
 #include "simd_avx2.h"
 
@@ -48,48 +49,6 @@ VQK_ALWAYS_INLINE void quant_panel_i16(const float* __restrict src, const double
     const __m128i hi = 2 * i + 1 < D ? quant(src + (2 * i + 1) * NR) : _mm_setzero_si128();
     const __m128i w = _mm_or_si128(_mm_and_si128(lo, _mm_set1_epi32(0xffff)), _mm_slli_epi32(hi, 16));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i * NR), w);
-  }
-}
-
-// Per lane of a packed tile: max |x_d| and sum |x_d| (fp32, in d order).
-VQK_ALWAYS_INLINE void lane_abs_stats(const float* __restrict xt, int64_t D, float* __restrict mx,
-                                      float* __restrict l1) {
-  const __m256 sign = _mm256_set1_ps(-0.0f);
-  __m256 m[MRV], s[MRV];
-  for (int i = 0; i < MRV; ++i) m[i] = s[i] = _mm256_setzero_ps();
-  for (int64_t d = 0; d < D; ++d)
-#pragma GCC unroll 64
-    for (int i = 0; i < MRV; ++i) {
-      const __m256 v = _mm256_andnot_ps(sign, _mm256_load_ps(xt + d * MR + i * W));
-      m[i] = _mm256_max_ps(m[i], v);
-      s[i] = _mm256_add_ps(s[i], v);
-    }
-  for (int i = 0; i < MRV; ++i) {
-    _mm256_store_ps(mx + i * W, m[i]);
-    _mm256_store_ps(l1 + i * W, s[i]);
-  }
-}
-
-// tau and 1/tau per lane from max |x_d|, pow2_scale's value in vectors: with 2^qbits <= Q <
-// 2^(qbits+1) and 2^e <= m < 2^(e+1), t0 = 2^(e+1-qbits) has m < Q t0 and m >= Q t0 / 4, so tau is
-// t0 or t0 / 2 (2m <= Q t0, an exact compare: powers of two times values of <= 16 bits); 2^-100
-// below m = Q 2^-100. Lanes with m >= 2^60 (or NaN) are not provable (row_scales gives them inv = 0).
-VQK_ALWAYS_INLINE void lane_scales(const float* __restrict mx, int32_t Q, float* __restrict tau,
-                                   float* __restrict inv) {
-  const int qbits = 31 - __builtin_clz((unsigned)Q);
-  const __m256 Qf = _mm256_set1_ps((float)Q);
-  for (int i = 0; i < MRV; ++i) {
-    const __m256 m = _mm256_min_ps(_mm256_load_ps(mx + i * W), _mm256_set1_ps(0x1p60f));
-    const __m256i e = _mm256_srli_epi32(_mm256_castps_si256(m), 23);
-    const __m256 t0 = _mm256_castsi256_ps(
-        _mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(1 - qbits)), 23));
-    const __m256 half = _mm256_mul_ps(t0, _mm256_set1_ps(0.5f));
-    __m256 t = _mm256_blendv_ps(t0, half, _mm256_cmp_ps(_mm256_add_ps(m, m),
-                                                     _mm256_mul_ps(Qf, t0), _CMP_LE_OQ));
-    t = _mm256_blendv_ps(t, _mm256_set1_ps(0x1p-100f),
-                         _mm256_cmp_ps(m, _mm256_set1_ps(0x1p-100f * (float)Q), _CMP_LT_OQ));
-    _mm256_store_ps(tau + i * W, t);
-    _mm256_store_ps(inv + i * W, _mm256_div_ps(_mm256_set1_ps(1.0f), t));  // exact
   }
 }
 
@@ -131,8 +90,13 @@ static_assert(MRV == 3 && NR == 4, "i16_dots is written for 3 x 4 accumulators")
   "vpaddd %%ymm15, %[" #a1 "], %[" #a1 "]\n\t"          \
   "vpmaddwd 64(%[x]), %%ymm14, %%ymm15\n\t"              \
   "vpaddd %%ymm15, %[" #a2 "], %[" #a2 "]\n\t"
-// xb: D2 steps of MR = 24 words (32-byte aligned), b: D2 steps of NR = 4 words.
+// xb: D2 steps of MR = 24 words (32-byte aligned), b: D2 steps of NR = 4 words; acc is set to the
+// panel's int32 dot products.
 VQK_ALWAYS_INLINE void i16_dots(const uint32_t* xb, const uint32_t* b, int64_t D2, __m256i (&acc)[MRV][NR]) {
+#pragma GCC unroll 64
+  for (int i = 0; i < MRV; ++i)
+#pragma GCC unroll 64
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_si256();
   if (D2 <= 0) return;
   __asm__("1:\n\t"
           VQK_I16_CODE(0, a00, a10, a20) VQK_I16_CODE(1, a01, a11, a21)
@@ -151,56 +115,11 @@ VQK_ALWAYS_INLINE void i16_dots(const uint32_t* xb, const uint32_t* b, int64_t D
 }
 #undef VQK_I16_CODE
 
-// The int16 micro-kernel: search_tile's shape (MRV x NR accumulators, lanes = rows, codes broadcast,
-// best two per lane in increasing code order with strict compares), on int16 pairs.
-VQK_ALWAYS_INLINE void search_tile_i16(const uint32_t* __restrict xb, const uint32_t* __restrict pb,
-                                       const float* __restrict norms, const float* __restrict scales,
-                                       const float* __restrict tau, int64_t panels, int64_t D2,
-                                       Top2& out) {
-  __m256 b1[MRV], b2[MRV], tv[MRV];
-  __m256i k1[MRV];
-  for (int i = 0; i < MRV; ++i) {
-    b1[i] = b2[i] = _mm256_set1_ps(__builtin_inff());
-    k1[i] = _mm256_setzero_si256();
-    tv[i] = _mm256_load_ps(tau + i * W);
-  }
-  for (int64_t p = 0; p < panels; ++p) {
-    const uint32_t* b = pb + p * D2 * NR;
-    __m256i acc[MRV][NR];
-#pragma GCC unroll 64
-    for (int i = 0; i < MRV; ++i)
-#pragma GCC unroll 64
-      for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_si256();
-    i16_dots(xb, b, D2, acc);
-#pragma GCC unroll 64
-    for (int j = 0; j < NR; ++j) {
-      const __m256 nj = _mm256_set1_ps(norms[p * NR + j]);
-      const __m256 sj = _mm256_set1_ps(2.0f * scales[p * NR + j]);
-      const __m256i kj = _mm256_set1_epi32((int32_t)(p * NR + j));
-#pragma GCC unroll 64
-      for (int i = 0; i < MRV; ++i) {
-        const __m256 dot = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[i][j]), tv[i]);  // exact
-        const __m256 dist = _mm256_fnmadd_ps(dot, sj, nj);
-        const __m256 m1 = _mm256_cmp_ps(dist, b1[i], _CMP_LT_OQ);
-        const __m256 m2 = _mm256_cmp_ps(dist, b2[i], _CMP_LT_OQ);
-        b2[i] = _mm256_blendv_ps(_mm256_blendv_ps(b2[i], dist, m2), b1[i], m1);
-        b1[i] = _mm256_blendv_ps(b1[i], dist, m1);
-        k1[i] = _mm256_castps_si256(
-            _mm256_blendv_ps(_mm256_castsi256_ps(k1[i]), _mm256_castsi256_ps(kj), m1));
-      }
-    }
-  }
-  for (int i = 0; i < MRV; ++i) {
-    _mm256_store_si256(reinterpret_cast<__m256i*>(out.k1 + i * W), k1[i]);
-    _mm256_store_ps(out.v1 + i * W, b1[i]);
-    _mm256_store_ps(out.v2 + i * W, b2[i]);
-  }
-}
-
 }  // namespace
 }  // namespace vqk
 
-// The width-independent part: pack_codes_i16, the bound, search_tiles_i16, flush_i16.
+// The width-independent part: pack_codes_i16, the bound, search_tiles_i16 (and through it
+// search_set_aside.h: the rows set aside, flush_set_aside).
 #include "search_i16_common.h"
 
 namespace vqk {
@@ -282,10 +201,6 @@ VQK_ALWAYS_INLINE void search_tile_i16_top3(const uint32_t* __restrict xb,
   for (int64_t p = 0; p < panels; ++p) {
     const uint32_t* b = pb + p * D2 * NR;
     __m256i acc[MRV][NR];
-#pragma GCC unroll 64
-    for (int i = 0; i < MRV; ++i)
-#pragma GCC unroll 64
-      for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_si256();
     i16_dots(xb, b, D2, acc);
 #pragma GCC unroll 64
     for (int j = 0; j < NR; ++j) {
@@ -294,8 +209,7 @@ VQK_ALWAYS_INLINE void search_tile_i16_top3(const uint32_t* __restrict xb,
       const __m256 kj = _mm256_castsi256_ps(_mm256_set1_epi32((int32_t)(p * NR + j)));
 #pragma GCC unroll 64
       for (int i = 0; i < MRV; ++i) {
-        const __m256 dot = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[i][j]), tv[i]);  // exact
-        const __m256 dist = _mm256_fnmadd_ps(dot, sj, nj);
+        const __m256 dist = i16_value(acc[i][j], tv[i], sj, nj);
         const __m256 m1 = _mm256_cmp_ps(dist, b1[i], _CMP_LT_OQ);
         const __m256 m2 = _mm256_cmp_ps(dist, b2[i], _CMP_LT_OQ);
         const __m256 m3 = _mm256_cmp_ps(dist, b3[i], _CMP_LT_OQ);
@@ -580,8 +494,8 @@ void fp32_values(const cpu::FwdJob& job, const float* __restrict st, int r, cons
 #ifndef VQK_I16_AS_PART
 namespace cpu {
 const SearchKernels& kernels_avx2_i16() {
-  static const SearchKernels k{"avx2_i16", MR, NR, pack_any_i16, search_any_i16, flush_i16,
-                               i16_scratch_floats, false, true, residual_tiles_i16,
+  static const SearchKernels k{"avx2_i16", MR, NR, pack_any_i16, search_any_i16,
+                               flush_set_aside, i16_scratch_floats, false, true, residual_tiles_i16,
                                residual_i16_scratch_floats};
   return k;
 }

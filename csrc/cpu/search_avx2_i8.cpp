@@ -170,8 +170,13 @@ static_assert(MRV == 3 && NR == 4, "i8_dots is written for 3 x 4 accumulators");
   "vpbroadcastd " #j "*8(%[b]), %%ymm12\n\t"       \
   "vpbroadcastd " #j "*8+4(%[b]), %%ymm13\n\t"     \
   VQK_I8_ROW(0, a0) VQK_I8_ROW(1, a1) VQK_I8_ROW(2, a2)
-// xq: D8 steps of 2 x MR words (32-byte aligned), b: D8 steps of NR x 2 words.
+// xq: D8 steps of 2 x MR words (32-byte aligned), b: D8 steps of NR x 2 words; acc is set to the
+// panel's int32 sums (p.q plus the rows' offset).
 VQK_ALWAYS_INLINE void i8_dots(const uint32_t* xq, const uint32_t* b, int64_t D8, __m256i (&acc)[MRV][NR]) {
+#pragma GCC unroll 64
+  for (int i = 0; i < MRV; ++i)
+#pragma GCC unroll 64
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_si256();
   if (D8 <= 0) return;
   const uint32_t* end = xq + D8 * 2 * MR;
   __asm__("1:\n\t"
@@ -193,51 +198,22 @@ VQK_ALWAYS_INLINE void i8_dots(const uint32_t* xq, const uint32_t* b, int64_t D8
 #undef VQK_I8_CODE
 #undef VQK_I8_ROW
 
-// search_tile_i16's shape on int8 quads: the same epilogue after taking the offset off in int32.
+// search_tile_i16 on int8 quads (search_i16_common.h's search_tile_q: the same epilogue), the
+// offset taken off in int32 (exact: p.q).
 VQK_ALWAYS_INLINE void search_tile_i8(const uint32_t* __restrict xq, const int32_t* __restrict rs64,
                                       const uint32_t* __restrict pb, const float* __restrict norms,
                                       const float* __restrict scales, const float* __restrict tau,
                                       int64_t panels, int64_t D8, Top2& out) {
-  __m256 b1[MRV], b2[MRV], tv[MRV];
-  __m256i k1[MRV], off[MRV];
-  for (int i = 0; i < MRV; ++i) {
-    b1[i] = b2[i] = _mm256_set1_ps(__builtin_inff());
-    k1[i] = _mm256_setzero_si256();
-    tv[i] = _mm256_load_ps(tau + i * W);
-    off[i] = _mm256_load_si256(reinterpret_cast<const __m256i*>(rs64 + i * W));
-  }
-  for (int64_t p = 0; p < panels; ++p) {
-    const uint32_t* b = pb + p * D8 * NR * 2;
-    __m256i acc[MRV][NR];
+  __m256i off[MRV];
+  for (int i = 0; i < MRV; ++i) off[i] = _mm256_load_si256(reinterpret_cast<const __m256i*>(rs64 + i * W));
+  search_tile_q(norms, scales, tau, panels, out,
+                [&](int64_t p, __m256i(&acc)[MRV][NR]) __attribute__((always_inline)) {
+                  i8_dots(xq, pb + p * D8 * NR * 2, D8, acc);
 #pragma GCC unroll 64
-    for (int i = 0; i < MRV; ++i)
+                  for (int i = 0; i < MRV; ++i)
 #pragma GCC unroll 64
-      for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_si256();
-    i8_dots(xq, b, D8, acc);
-#pragma GCC unroll 64
-    for (int j = 0; j < NR; ++j) {
-      const __m256 nj = _mm256_set1_ps(norms[p * NR + j]);
-      const __m256 sj = _mm256_set1_ps(2.0f * scales[p * NR + j]);
-      const __m256i kj = _mm256_set1_epi32((int32_t)(p * NR + j));
-#pragma GCC unroll 64
-      for (int i = 0; i < MRV; ++i) {
-        const __m256i pq = _mm256_sub_epi32(acc[i][j], off[i]);  // exact: p.q
-        const __m256 dot = _mm256_mul_ps(_mm256_cvtepi32_ps(pq), tv[i]);  // exact product
-        const __m256 dist = _mm256_fnmadd_ps(dot, sj, nj);
-        const __m256 m1 = _mm256_cmp_ps(dist, b1[i], _CMP_LT_OQ);
-        const __m256 m2 = _mm256_cmp_ps(dist, b2[i], _CMP_LT_OQ);
-        b2[i] = _mm256_blendv_ps(_mm256_blendv_ps(b2[i], dist, m2), b1[i], m1);
-        b1[i] = _mm256_blendv_ps(b1[i], dist, m1);
-        k1[i] = _mm256_castps_si256(
-            _mm256_blendv_ps(_mm256_castsi256_ps(k1[i]), _mm256_castsi256_ps(kj), m1));
-      }
-    }
-  }
-  for (int i = 0; i < MRV; ++i) {
-    _mm256_store_si256(reinterpret_cast<__m256i*>(out.k1 + i * W), k1[i]);
-    _mm256_store_ps(out.v1 + i * W, b1[i]);
-    _mm256_store_ps(out.v2 + i * W, b2[i]);
-  }
+                    for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_sub_epi32(acc[i][j], off[i]);
+                });
 }
 
 template <class E>
@@ -305,9 +281,9 @@ void search_any_i8(const cpu::FwdJob& job, int64_t t_lo, int64_t t_hi, float* sc
 
 namespace cpu {
 const SearchKernels& kernels_avx2_i8() {
-  // flush_i16: the int16 pass's pending rows and the fp32 search's exact re-search, in the int16
-  // scratch this build's scratch starts with.
-  static const SearchKernels k{"avx2_i8", MR, NR, pack_any_i8, search_any_i8, flush_i16,
+  // flush_set_aside: the int16 pass's pending rows and the fp32 search's exact re-search, in the
+  // int16 scratch this build's scratch starts with.
+  static const SearchKernels k{"avx2_i8", MR, NR, pack_any_i8, search_any_i8, flush_set_aside,
                                i8_scratch_floats, false, true, nullptr, nullptr, true};
   return k;
 }

@@ -29,20 +29,8 @@
 //
 // Residual VQ takes the plain avx512 build (vq_cpu.cpp; avx2_i16's residual search is written for
 // 256-bit tiles); grouped VQ runs this build's search per group.
-#include "cpu_internal.h"
-
-#include "simd_avx512.h"
-
-namespace vqk {
-namespace {
-
-constexpr int MRV = 3;
-constexpr int NR = 8;
-
-}  // namespace
-}  // namespace vqk
-
-#include "search_impl.h"
+// The tile (3 x 16 rows by 8 codes) and the avx512 build's fp32 search.
+#include "search_avx512_tile.h"
 
 namespace vqk {
 namespace {
@@ -68,45 +56,6 @@ VQK_ALWAYS_INLINE void quant_panel_i16(const float* __restrict src, const double
     const __m256i w = _mm256_or_si256(_mm256_and_si256(lo, _mm256_set1_epi32(0xffff)),
                                       _mm256_slli_epi32(hi, 16));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i * NR), w);
-  }
-}
-
-// Per lane of a packed tile: max |x_d| and sum |x_d| (fp32, in d order).
-VQK_ALWAYS_INLINE void lane_abs_stats(const float* __restrict xt, int64_t D, float* __restrict mx,
-                                      float* __restrict l1) {
-  __m512 m[MRV], s[MRV];
-  for (int i = 0; i < MRV; ++i) m[i] = s[i] = _mm512_setzero_ps();
-  for (int64_t d = 0; d < D; ++d)
-#pragma GCC unroll 64
-    for (int i = 0; i < MRV; ++i) {
-      const __m512 v = _mm512_abs_ps(_mm512_load_ps(xt + d * MR + i * W));
-      m[i] = _mm512_max_ps(m[i], v);
-      s[i] = _mm512_add_ps(s[i], v);
-    }
-  for (int i = 0; i < MRV; ++i) {
-    _mm512_store_ps(mx + i * W, m[i]);
-    _mm512_store_ps(l1 + i * W, s[i]);
-  }
-}
-
-// tau and 1/tau per lane from max |x_d|: avx2_i16's lane_scales (search_avx2_i16.cpp, where the
-// steps are explained) with masks for blends.
-VQK_ALWAYS_INLINE void lane_scales(const float* __restrict mx, int32_t Q, float* __restrict tau,
-                                   float* __restrict inv) {
-  const int qbits = 31 - __builtin_clz((unsigned)Q);
-  const __m512 Qf = _mm512_set1_ps((float)Q);
-  for (int i = 0; i < MRV; ++i) {
-    const __m512 m = _mm512_min_ps(_mm512_load_ps(mx + i * W), _mm512_set1_ps(0x1p60f));
-    const __m512i e = _mm512_srli_epi32(_mm512_castps_si512(m), 23);
-    const __m512 t0 = _mm512_castsi512_ps(
-        _mm512_slli_epi32(_mm512_add_epi32(e, _mm512_set1_epi32(1 - qbits)), 23));
-    const __m512 half = _mm512_mul_ps(t0, _mm512_set1_ps(0.5f));
-    __m512 t = _mm512_mask_mov_ps(
-        t0, _mm512_cmp_ps_mask(_mm512_add_ps(m, m), _mm512_mul_ps(Qf, t0), _CMP_LE_OQ), half);
-    t = _mm512_mask_mov_ps(t, _mm512_cmp_ps_mask(m, _mm512_set1_ps(0x1p-100f * (float)Q), _CMP_LT_OQ),
-                           _mm512_set1_ps(0x1p-100f));
-    _mm512_store_ps(tau + i * W, t);
-    _mm512_store_ps(inv + i * W, _mm512_div_ps(_mm512_set1_ps(1.0f), t));  // exact
   }
 }
 
@@ -168,65 +117,25 @@ __attribute__((noinline)) void i16_dots(const uint32_t* __restrict xb, const uin
     for (int j = 0; j < NR; ++j) out[i][j] = acc[i][j];
 }
 
-// The int16 micro-kernel: search_tile's shape (MRV x NR accumulators, lanes = rows, codes broadcast,
-// best two per lane in increasing code order with strict compares), on int16 pairs.
-VQK_ALWAYS_INLINE void search_tile_i16(const uint32_t* __restrict xb, const uint32_t* __restrict pb,
-                                       const float* __restrict norms, const float* __restrict scales,
-                                       const float* __restrict tau, int64_t panels, int64_t D2,
-                                       Top2& out) {
-  __m512 b1[MRV], b2[MRV], tv[MRV];
-  __m512i k1[MRV];
-  for (int i = 0; i < MRV; ++i) {
-    b1[i] = b2[i] = _mm512_set1_ps(__builtin_inff());
-    k1[i] = _mm512_setzero_si512();
-    tv[i] = _mm512_load_ps(tau + i * W);
-  }
-  for (int64_t p = 0; p < panels; ++p) {
-    const uint32_t* b = pb + p * D2 * NR;
-    __m512i acc[MRV][NR];
-    i16_dots(xb, b, D2, acc);
-#pragma GCC unroll 64
-    for (int j = 0; j < NR; ++j) {
-      const __m512 nj = _mm512_set1_ps(norms[p * NR + j]);
-      const __m512 sj = _mm512_set1_ps(2.0f * scales[p * NR + j]);
-      const __m512i kj = _mm512_set1_epi32((int32_t)(p * NR + j));
-#pragma GCC unroll 64
-      for (int i = 0; i < MRV; ++i) {
-        const __m512 dot = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[i][j]), tv[i]);  // exact
-        const __m512 dist = _mm512_fnmadd_ps(dot, sj, nj);
-        const __mmask16 m1 = _mm512_cmp_ps_mask(dist, b1[i], _CMP_LT_OQ);
-        const __mmask16 m2 = _mm512_cmp_ps_mask(dist, b2[i], _CMP_LT_OQ);
-        b2[i] = _mm512_mask_mov_ps(_mm512_mask_mov_ps(b2[i], m2, dist), m1, b1[i]);
-        b1[i] = _mm512_mask_mov_ps(b1[i], m1, dist);
-        k1[i] = _mm512_mask_mov_epi32(k1[i], m1, kj);
-      }
-    }
-  }
-  for (int i = 0; i < MRV; ++i) {
-    _mm512_store_si512(out.k1 + i * W, k1[i]);
-    _mm512_store_ps(out.v1 + i * W, b1[i]);
-    _mm512_store_ps(out.v2 + i * W, b2[i]);
-  }
-}
-
 }  // namespace
 }  // namespace vqk
 
-// The width-independent part: pack_codes_i16, the bound, search_tiles_i16, flush_i16.
+// The width-independent part: pack_codes_i16, the bound, search_tiles_i16 (and through it
+// search_set_aside.h: the rows set aside, flush_set_aside).
 #include "search_i16_common.h"
 
 namespace vqk {
 namespace cpu {
 #if defined(VQK_I16_VNNI)
 const SearchKernels& kernels_avx512_vnni_i16() {
-  static const SearchKernels k{"avx512_vnni_i16", MR, NR, pack_any_i16, search_any_i16, flush_i16,
-                               i16_scratch_floats, false, true, nullptr, nullptr};
+  static const SearchKernels k{"avx512_vnni_i16", MR, NR, pack_any_i16, search_any_i16,
+                               flush_set_aside, i16_scratch_floats, false, true, nullptr, nullptr};
   return k;
 }
 #else
 const SearchKernels& kernels_avx512_i16() {
-  static const SearchKernels k{"avx512_i16", MR, NR, pack_any_i16, search_any_i16, flush_i16,
-                               i16_scratch_floats, false, true, nullptr, nullptr};
+  static const SearchKernels k{"avx512_i16", MR, NR, pack_any_i16, search_any_i16,
+                               flush_set_aside, i16_scratch_floats, false, true, nullptr, nullptr};
   return k;
 }
 #endif

@@ -23,49 +23,16 @@
 //      of the call. Every path gives the exact nearest code, so this changes speed only.
 // It pays off when rows sit clearly closer to one code than to the rest (trained VQ codebooks); on
 // rows with many near ties it falls back to fp32 work and costs more.
-#include "cpu_internal.h"
-
-#include "simd_avx512.h"
-
-namespace vqk {
-namespace {
-
-constexpr int MRV = 3;
-constexpr int NR = 8;
-
-}  // namespace
-}  // namespace vqk
-
-#include "search_impl.h"
+// The tile (3 x 16 rows by 8 codes) and the avx512 build's fp32 search.
+#include "search_avx512_tile.h"
+// The rows set aside and their hand-over to the fp32 search.
+#include "search_set_aside.h"
 
 namespace vqk {
 namespace {
 
-// Per-thread scratch: the generic search's [Exact][xt][et][xe] (search_impl.h), then
-// [Pending][xp (rows the bf16 pass set aside, packed like xt)][xb (bf16 pairs)].
-struct Pending {
-  int64_t count;
-  int64_t rowno[MR];
-  int64_t seen, deferred;  // rows this thread has searched in bf16, and set aside, this call
-  bool fp32_only;          // too many set aside: plain fp32 tiles for the rest of the call
-};
-constexpr int64_t kHeaderFloats = (sizeof(Pending) + 63) / 64 * 16;
-
-int64_t pair_floats(int64_t D) { return ((D + 1) / 2 * MR + 15) / 16 * 16; }
-int64_t bf16_scratch_floats(int64_t D) {
-  return scratch_floats(D) + kHeaderFloats + tile_floats(D) + pair_floats(D);
-}
-
-struct Areas {
-  Scratch base;
-  Pending* pend;
-  float *xt, *et, *xp;
-  uint32_t* xb;
-  explicit Areas(float* s, int64_t D)
-      : base(s, D), pend(reinterpret_cast<Pending*>(s + scratch_floats(D))), xt(base.xt),
-        et(base.et), xp(s + scratch_floats(D) + kHeaderFloats),
-        xb(reinterpret_cast<uint32_t*>(xp + tile_floats(D))) {}
-};
+// Per-thread scratch (search_set_aside.h): xb holds the tile's bf16 pairs.
+int64_t bf16_scratch_floats(int64_t D) { return set_aside_scratch_floats(D, pair_floats(D)); }
 
 // Two fp32 vectors (elements d and d+1 of 16 rows or codes) as 16 words of bf16 pairs.
 inline __m512i pairs16(__m512 lo, __m512 hi) {
@@ -179,20 +146,6 @@ VQK_ALWAYS_INLINE __m512 fp32_dist(const cpu::FwdJob& job, const float* xt, floa
   return _mm512_fnmadd_ps(acc, _mm512_set1_ps(2.0f), _mm512_load_ps(nrm));
 }
 
-// Rows whose choice the bf16 pass cannot prove: searched again in fp32, a tile at a time.
-template <class E>
-void run_pending(const cpu::FwdJob& job, const Areas& a) {
-  const int64_t c = a.pend->count;
-  if (c == 0) return;
-  __atomic_fetch_add(&cpu::g_set_aside_rows, c, __ATOMIC_RELAXED);
-  for (int64_t r = c; r < MR; ++r) {
-    a.pend->rowno[r] = -1;
-    for (int64_t d = 0; d < job.D; ++d) a.xp[d * MR + r] = 0.0f;
-  }
-  search_block<E>(job, a.pend->rowno, a.xp, a.base);
-  a.pend->count = 0;
-}
-
 template <class E>
 void search_tiles_bf16(const cpu::FwdJob& job, int64_t t_lo, int64_t t_hi, float* scratch) {
   const int64_t N = job.x.B * job.x.S, D = job.D, D2 = (D + 1) / 2;
@@ -261,18 +214,12 @@ void search_tiles_bf16(const cpu::FwdJob& job, int64_t t_lo, int64_t t_hi, float
           _mm512_cmp_ps_mask(d1, d1, _CMP_EQ_OQ) & _mm512_cmp_ps_mask(d2, d2, _CMP_EQ_OQ);
       for (int r = 0; r < W; ++r) {
         const int lane = blk * W + r;
-        if (rowno[lane] < 0 || ((ok >> r) & 1)) continue;
-        Pending& p = *a.pend;
-        for (int64_t d = 0; d < D; ++d) a.xp[d * MR + p.count] = a.xt[d * MR + lane];
-        p.rowno[p.count++] = rowno[lane];
-        ++p.deferred;
-        rowno[lane] = -1;
-        if (p.count == MR) run_pending<E>(job, a);
+        if (rowno[lane] >= 0 && !((ok >> r) & 1)) set_aside<E>(job, a, rowno, lane);
       }
     }
     finish_tile<E>(job, rowno, a.xt, a.et, idx);
     // Break-even is near 40% set aside (a bf16 tile costs ~0.6 of an fp32 one, plus the re-search).
-    if (a.pend->seen >= 4 * MR && 4 * a.pend->deferred > a.pend->seen) a.pend->fp32_only = true;
+    fp32_only_after(*a.pend, 4);
   }
 }
 
@@ -292,20 +239,11 @@ void search_any_bf16(const cpu::FwdJob& job, int64_t t_lo, int64_t t_hi, float* 
   }
 }
 
-void flush_bf16(const cpu::FwdJob& job, float* scratch) {
-  const Areas a(scratch, job.D);
-  switch (job.dtype) {
-    case DType::f16: run_pending<EF16>(job, a); return run_exact<EF16>(job, a.base);
-    case DType::bf16: run_pending<EBF16>(job, a); return run_exact<EBF16>(job, a.base);
-    default: run_pending<EF32>(job, a); return run_exact<EF32>(job, a.base);
-  }
-}
-
 }  // namespace
 
 namespace cpu {
 const SearchKernels& kernels_avx512bf16() {
-  static const SearchKernels k{"avx512bf16", MR, NR, pack_any_bf16, search_any_bf16, flush_bf16,
+  static const SearchKernels k{"avx512bf16", MR, NR, pack_any_bf16, search_any_bf16, flush_set_aside,
                                bf16_scratch_floats, true, false, nullptr, nullptr};
   return k;
 }

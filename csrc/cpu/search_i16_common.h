@@ -1,20 +1,20 @@
 // The int16 first pass's parts that do not depend on the vector width, shared by its x86 builds:
 // avx2_i16 (search_avx2_i16.cpp, 256-bit vpmaddwd; avx2_i8 reuses it through that file) and
 // avx512_i16 (search_avx512_i16.cpp, 512-bit vpmaddwd). Here: the scales, the error bound and its
-// proof, the per-row test, the rows set aside and their hand-over to the exact fp32 search of
-// search_impl.h, and the tile loop that ties them together.
+// proof, the per-row test, and the tile loop that ties them together with the hand-over of the rows
+// it cannot prove to the exact fp32 search of search_impl.h (search_set_aside.h).
 //
 // Include after search_impl.h, in the unit's anonymous namespace's reach, once the unit has
 // defined (for its V, MRV, NR, W, MR) the width-specific pieces this file calls:
 //   quant_panel_i16(src, inv, D, dst)     one code panel [D][NR] fp32 -> [ceil(D/2)][NR] int16 pairs,
 //                                          q = round(e / sigma) (ties to even), 0 where inv[j] = 0;
-//   lane_abs_stats(xt, D, mx, l1)          per lane of a packed tile: max |x_d| and the fp32 sum
-//                                          of |x_d| in d order;
-//   lane_scales(mx, Q, tau, inv)           per lane: tau (pow2_scale's value) and 1/tau;
 //   to_pairs_i16(xt, inv, D, xb)           the tile's rows as int16 pairs [ceil(D/2)][MR];
-//   search_tile_i16(xb, pb, norms, scales, tau, panels, D2, Top2&)
-//                                          search_tile's shape on int16 pairs: per lane the best
-//                                          value v1 (lowest index on ties), its index, and v2.
+//   i16_dots(xb, b, D2, acc)               the micro-kernel: acc[i][j] = the exact int32 dot
+//                                          product of row vector i and code j over one panel's
+//                                          pairs b;
+// and among its traits (simd_avx2.h, simd_avx512.h) those the code here calls beyond search_impl.h's:
+// mul, div, min, max, abs, le, cvt (int32 to fp32), bits / from_bits, addi, srli, slli. search_tile_q, the tile's loop over the
+// panels around a micro-kernel, is also avx2_i8's (on its int8 quads).
 // Nothing here depends on how many rows or codes one vector holds: the proof is per row and per
 // code, and each (row, code) dot product is one int32 accumulation over the D dimensions.
 //
@@ -60,6 +60,8 @@
 #pragma once
 
 #include <cstdint>
+
+#include "search_set_aside.h"
 
 namespace vqk {
 namespace {
@@ -185,6 +187,101 @@ struct I16Bound {
   }
 };
 
+// One code's approximate value from the exact int32 p.q (see the top):
+// a_k' = fl(n_k - (2 sigma_k) fl(fl(p.q) tau)), the conversion correctly rounded, the product by
+// tau exact (powers of two), the fnmadd rounding once.
+VQK_ALWAYS_INLINE V::F i16_value(V::I pq, V::F tau, V::F two_sigma, V::F norm) {
+  return V::fnmadd(V::mul(V::cvt(pq), tau), two_sigma, norm);
+}
+
+// search_tile's shape (MRV x NR accumulators, lanes = rows, codes broadcast, best two per lane in
+// increasing code order with strict compares) on exact int32 dot products: dots(p, acc) sets
+// acc[i][j] to p.q of row vector i and code j of panel p (the micro-kernel: int16 pairs here,
+// int8 quads less their offset in avx2_i8). Per lane: the best value v1 (lowest index on ties),
+// its index, and v2 over the other codes.
+template <class Dots>
+VQK_ALWAYS_INLINE void search_tile_q(const float* __restrict norms, const float* __restrict scales,
+                                     const float* __restrict tau, int64_t panels, Top2& out,
+                                     Dots&& dots) {
+  using F = V::F;
+  using I = V::I;
+  F b1[MRV], b2[MRV], tv[MRV];
+  I k1[MRV];
+  for (int i = 0; i < MRV; ++i) {
+    b1[i] = b2[i] = V::set1(__builtin_inff());
+    k1[i] = V::set1i(0);
+    tv[i] = V::load(tau + i * W);
+  }
+  for (int64_t p = 0; p < panels; ++p) {
+    I acc[MRV][NR];
+    dots(p, acc);
+#pragma GCC unroll 64
+    for (int j = 0; j < NR; ++j) {
+      const F nj = V::set1(norms[p * NR + j]);
+      const F sj = V::set1(2.0f * scales[p * NR + j]);
+      const I kj = V::set1i((int32_t)(p * NR + j));
+#pragma GCC unroll 64
+      for (int i = 0; i < MRV; ++i)
+        top2_update(i16_value(acc[i][j], tv[i], sj, nj), kj, b1[i], b2[i], k1[i]);
+    }
+  }
+  for (int i = 0; i < MRV; ++i) {
+    V::storei(out.k1 + i * W, k1[i]);
+    V::store(out.v1 + i * W, b1[i]);
+    V::store(out.v2 + i * W, b2[i]);
+  }
+}
+
+// The int16 pass's tile: i16_dots over each panel's pairs (pb: [panel][D2][NR] words).
+VQK_ALWAYS_INLINE void search_tile_i16(const uint32_t* __restrict xb, const uint32_t* __restrict pb,
+                                       const float* __restrict norms, const float* __restrict scales,
+                                       const float* __restrict tau, int64_t panels, int64_t D2,
+                                       Top2& out) {
+  search_tile_q(norms, scales, tau, panels, out,
+                [&](int64_t p, V::I(&acc)[MRV][NR]) __attribute__((always_inline)) {
+                  i16_dots(xb, pb + p * D2 * NR, D2, acc);
+                });
+}
+
+// Per lane of a packed tile: max |x_d| and sum |x_d| (fp32, in d order).
+VQK_ALWAYS_INLINE void lane_abs_stats(const float* __restrict xt, int64_t D, float* __restrict mx,
+                                      float* __restrict l1) {
+  V::F m[MRV], s[MRV];
+  for (int i = 0; i < MRV; ++i) m[i] = s[i] = V::zero();
+  for (int64_t d = 0; d < D; ++d)
+#pragma GCC unroll 64
+    for (int i = 0; i < MRV; ++i) {
+      const V::F v = V::abs(V::load(xt + d * MR + i * W));
+      m[i] = V::max(m[i], v);
+      s[i] = V::add(s[i], v);
+    }
+  for (int i = 0; i < MRV; ++i) {
+    V::store(mx + i * W, m[i]);
+    V::store(l1 + i * W, s[i]);
+  }
+}
+
+// tau and 1/tau per lane from max |x_d|, pow2_scale's value in vectors: with 2^qbits <= Q <
+// 2^(qbits+1) and 2^e <= m < 2^(e+1), t0 = 2^(e+1-qbits) has m < Q t0 and m >= Q t0 / 4, so tau is
+// t0 or t0 / 2 (2m <= Q t0, an exact compare: powers of two times values of <= 16 bits); 2^-100
+// below m = Q 2^-100. Lanes with m >= 2^60 (or NaN) are not provable (row_scales gives them inv = 0).
+VQK_ALWAYS_INLINE void lane_scales(const float* __restrict mx, int32_t Q, float* __restrict tau,
+                                   float* __restrict inv) {
+  using F = V::F;
+  const int qbits = 31 - __builtin_clz((unsigned)Q);
+  const F Qf = V::set1((float)Q);
+  for (int i = 0; i < MRV; ++i) {
+    const F m = V::min(V::load(mx + i * W), V::set1(0x1p60f));
+    const V::I e = V::srli<23>(V::bits(m));
+    const F t0 = V::from_bits(V::slli<23>(V::addi(e, V::set1i(1 - qbits))));
+    const F half = V::mul(t0, V::set1(0.5f));
+    F t = V::sel(V::le(V::add(m, m), V::mul(Qf, t0)), half, t0);
+    t = V::sel(V::lt(m, V::set1(0x1p-100f * (float)Q)), V::set1(0x1p-100f), t);
+    V::store(tau + i * W, t);
+    V::store(inv + i * W, V::div(V::set1(1.0f), t));  // exact
+  }
+}
+
 // Per lane of a packed tile (xx = its fp32 ||x||^2, live = the lane holds a row to search): max |x_d|,
 // the fp32 L1 sum, tau and 1/tau (lane_abs_stats, lane_scales), and whether the bound can prove
 // the lane at all. Ordered compares: NaN or inf anywhere in the row makes xx NaN or inf, never
@@ -201,45 +298,8 @@ VQK_ALWAYS_INLINE void row_scales(const float* __restrict xt, int64_t D, int32_t
   }
 }
 
-// Per-thread scratch: the generic search's [Exact][xt][et][xe] (search_impl.h), then
-// [Pending][xp (rows set aside, packed like xt)][xb (int16 pairs)].
-struct Pending {
-  int64_t count;
-  int64_t rowno[MR];
-  int64_t seen, deferred;  // rows this thread has searched in int16, and set aside, this call
-  bool fp32_only;          // too many set aside: plain fp32 tiles for the rest of the call
-};
-constexpr int64_t kHeaderFloats = (sizeof(Pending) + 63) / 64 * 16;
-
-int64_t pair_floats(int64_t D) { return ((D + 1) / 2 * MR + 15) / 16 * 16; }
-int64_t i16_scratch_floats(int64_t D) {
-  return scratch_floats(D) + kHeaderFloats + tile_floats(D) + pair_floats(D);
-}
-
-struct Areas {
-  Scratch base;
-  Pending* pend;
-  float *xt, *et, *xp;
-  uint32_t* xb;
-  explicit Areas(float* s, int64_t D)
-      : base(s, D), pend(reinterpret_cast<Pending*>(s + scratch_floats(D))), xt(base.xt),
-        et(base.et), xp(s + scratch_floats(D) + kHeaderFloats),
-        xb(reinterpret_cast<uint32_t*>(xp + tile_floats(D))) {}
-};
-
-// Rows the int16 pass cannot prove: searched again in fp32, a tile at a time.
-template <class E>
-void run_pending(const cpu::FwdJob& job, const Areas& a) {
-  const int64_t c = a.pend->count;
-  if (c == 0) return;
-  __atomic_fetch_add(&cpu::g_set_aside_rows, c, __ATOMIC_RELAXED);
-  for (int64_t r = c; r < MR; ++r) {
-    a.pend->rowno[r] = -1;
-    for (int64_t d = 0; d < job.D; ++d) a.xp[d * MR + r] = 0.0f;
-  }
-  search_block<E>(job, a.pend->rowno, a.xp, a.base);
-  a.pend->count = 0;
-}
+// Per-thread scratch (search_set_aside.h): xb holds the tile's int16 pairs.
+int64_t i16_scratch_floats(int64_t D) { return set_aside_scratch_floats(D, pair_floats(D)); }
 
 template <class E>
 void search_tiles_i16(const cpu::FwdJob& job, int64_t t_lo, int64_t t_hi, float* scratch) {
@@ -271,18 +331,13 @@ void search_tiles_i16(const cpu::FwdJob& job, int64_t t_lo, int64_t t_hi, float*
     search_tile_i16(a.xb, job.packed_bf16, job.norms, job.code_aux, tau, job.panels, D2, top);
     for (int r = 0; r < MR; ++r) {
       if (rowno[r] < 0) continue;
-      if (bound.proves(job, provable[r], top.v1[r], top.v2[r], xx[r], l1[r], tau[r])) continue;
-      Pending& p = *a.pend;
-      for (int64_t d = 0; d < D; ++d) a.xp[d * MR + p.count] = a.xt[d * MR + r];
-      p.rowno[p.count++] = rowno[r];
-      ++p.deferred;
-      rowno[r] = -1;
-      if (p.count == MR) run_pending<E>(job, a);
+      if (!bound.proves(job, provable[r], top.v1[r], top.v2[r], xx[r], l1[r], tau[r]))
+        set_aside<E>(job, a, rowno, r);
     }
     finish_tile<E>(job, rowno, a.xt, a.et, top.k1);
     // Break-even is near 45% set aside (an int16 tile costs ~0.55 of an fp32 one, plus the fp32
     // search of what it set aside): a third leaves room for the pending tiles' overhead.
-    if (a.pend->seen >= 4 * MR && 3 * a.pend->deferred > a.pend->seen) a.pend->fp32_only = true;
+    fp32_only_after(*a.pend, 3);
   }
 }
 
@@ -299,17 +354,6 @@ void search_any_i16(const cpu::FwdJob& job, int64_t t_lo, int64_t t_hi, float* s
     case DType::f16: return search_tiles_i16<EF16>(job, t_lo, t_hi, scratch);
     case DType::bf16: return search_tiles_i16<EBF16>(job, t_lo, t_hi, scratch);
     default: return search_tiles_i16<EF32>(job, t_lo, t_hi, scratch);
-  }
-}
-
-// Called once by each thread after its last tile: the rows still set aside, then the fp32
-// search's own exact re-search of what it could not prove.
-void flush_i16(const cpu::FwdJob& job, float* scratch) {
-  const Areas a(scratch, job.D);
-  switch (job.dtype) {
-    case DType::f16: run_pending<EF16>(job, a); return run_exact<EF16>(job, a.base);
-    case DType::bf16: run_pending<EBF16>(job, a); return run_exact<EBF16>(job, a.base);
-    default: run_pending<EF32>(job, a); return run_exact<EF32>(job, a.base);
   }
 }
 

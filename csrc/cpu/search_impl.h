@@ -251,12 +251,22 @@ struct Top2 {
   alignas(64) float v2[MR];
 };
 
+// One code's values `dist` (index kj) into a lane vector's best two (b1, its index k1, and b2):
+// codes come in increasing order and the compares are strict, so ties keep the lowest index.
+VQK_ALWAYS_INLINE void top2_update(typename V::F dist, typename V::I kj, typename V::F& b1,
+                                   typename V::F& b2, typename V::I& k1) {
+  const typename V::M m1 = V::lt(dist, b1);
+  const typename V::M m2 = V::lt(dist, b2);  // implied by m1
+  b2 = V::sel(m1, b1, V::sel(m2, dist, b2));
+  b1 = V::sel(m1, dist, b1);
+  k1 = V::seli(m1, kj, k1);
+}
+
 VQK_ALWAYS_INLINE void search_tile(const float* __restrict xt, const float* __restrict packed,
                                    const float* __restrict norms, int64_t panels, int64_t D,
                                    Top2& out) {
   using F = typename V::F;
   using I = typename V::I;
-  using M = typename V::M;
   F b1[MRV], b2[MRV];
   I k1[MRV];
   for (int i = 0; i < MRV; ++i) {
@@ -275,12 +285,7 @@ VQK_ALWAYS_INLINE void search_tile(const float* __restrict xt, const float* __re
 #pragma GCC unroll 64
       for (int i = 0; i < MRV; ++i) {
         // ||e||^2 - 2 z.e in one rounding; ||z||^2 is the same for every code, so it is left out.
-        const F dist = V::fnmadd(acc[i][j], two, nj);
-        const M m1 = V::lt(dist, b1[i]);
-        const M m2 = V::lt(dist, b2[i]);  // implied by m1
-        b2[i] = V::sel(m1, b1[i], V::sel(m2, dist, b2[i]));
-        b1[i] = V::sel(m1, dist, b1[i]);
-        k1[i] = V::seli(m1, kj, k1[i]);
+        top2_update(V::fnmadd(acc[i][j], two, nj), kj, b1[i], b2[i], k1[i]);
       }
     }
   }

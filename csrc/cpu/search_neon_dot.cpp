@@ -79,6 +79,8 @@ constexpr int NR = 4;
 }  // namespace vqk
 
 #include "search_impl.h"
+// The rows set aside and their hand-over to the fp32 search.
+#include "search_set_aside.h"
 
 namespace vqk {
 namespace {
@@ -156,31 +158,9 @@ void pack_codes_i8(const cpu::FwdJob& job, int64_t p_lo, int64_t p_hi) {
   }
 }
 
-// Per-thread scratch: the generic search's [Exact][xt][et][xe] (search_impl.h), then
-// [Pending][xp (rows set aside, packed like xt)][xb (int8 quads)].
-struct Pending {
-  int64_t count;
-  int64_t rowno[MR];
-  int64_t seen, deferred;  // rows this thread has searched in int8, and set aside, this call
-  bool fp32_only;          // too many set aside: plain fp32 tiles for the rest of the call
-};
-constexpr int64_t kHeaderFloats = (sizeof(Pending) + 63) / 64 * 16;
-
+// Per-thread scratch (search_set_aside.h): xb holds the tile's int8 quads.
 int64_t quad_floats(int64_t D) { return ((D + 3) / 4 * MR + 15) / 16 * 16; }
-int64_t i8_scratch_floats(int64_t D) {
-  return scratch_floats(D) + kHeaderFloats + tile_floats(D) + quad_floats(D);
-}
-
-struct Areas {
-  Scratch base;
-  Pending* pend;
-  float *xt, *et, *xp;
-  uint32_t* xb;
-  explicit Areas(float* s, int64_t D)
-      : base(s, D), pend(reinterpret_cast<Pending*>(s + scratch_floats(D))), xt(base.xt),
-        et(base.et), xp(s + scratch_floats(D) + kHeaderFloats),
-        xb(reinterpret_cast<uint32_t*>(xp + tile_floats(D))) {}
-};
+int64_t i8_scratch_floats(int64_t D) { return set_aside_scratch_floats(D, quad_floats(D)); }
 
 // The tile's rows as int8 quads: xb[i * MR + r] = p_{4i} | p_{4i+1} << 8 | ... with
 // p_d = round(x_d inv[r]) (inv = 1/tau, exact; 0 for lanes that will not be proven).
@@ -309,30 +289,6 @@ VQK_ALWAYS_INLINE float fp32_value(const cpu::FwdJob& job, const float* xt, int 
   float acc = 0.0f;
   for (int64_t d = 0; d < D; ++d) acc = __builtin_fmaf(xt[d * MR + r], e[d * NR], acc);
   return vgetq_lane_f32(vfmsq_f32(vdupq_n_f32(job.norms[k]), vdupq_n_f32(acc), vdupq_n_f32(2.0f)), 0);
-}
-
-// Rows the int8 pass cannot settle: searched again in fp32, a tile at a time.
-template <class E>
-void run_pending(const cpu::FwdJob& job, const Areas& a) {
-  const int64_t c = a.pend->count;
-  if (c == 0) return;
-  __atomic_fetch_add(&cpu::g_set_aside_rows, c, __ATOMIC_RELAXED);
-  for (int64_t r = c; r < MR; ++r) {
-    a.pend->rowno[r] = -1;
-    for (int64_t d = 0; d < job.D; ++d) a.xp[d * MR + r] = 0.0f;
-  }
-  search_block<E>(job, a.pend->rowno, a.xp, a.base);
-  a.pend->count = 0;
-}
-
-template <class E>
-void set_aside(const cpu::FwdJob& job, const Areas& a, int64_t* rowno, int r) {
-  Pending& p = *a.pend;
-  for (int64_t d = 0; d < job.D; ++d) a.xp[d * MR + p.count] = a.xt[d * MR + r];
-  p.rowno[p.count++] = rowno[r];
-  ++p.deferred;
-  rowno[r] = -1;
-  if (p.count == MR) run_pending<E>(job, a);
 }
 
 template <class E>
@@ -467,7 +423,7 @@ void search_tiles_i8(const cpu::FwdJob& job, int64_t t_lo, int64_t t_hi, float* 
     }
     finish_tile<E>(job, rowno, a.xt, a.et, top.k1);
     // Break-even is unmeasured (no ARM machine): the avx2_i16 build's third is kept.
-    if (a.pend->seen >= 4 * MR && 3 * a.pend->deferred > a.pend->seen) a.pend->fp32_only = true;
+    fp32_only_after(*a.pend, 3);
   }
 }
 
@@ -487,22 +443,13 @@ void search_any_i8(const cpu::FwdJob& job, int64_t t_lo, int64_t t_hi, float* sc
   }
 }
 
-void flush_i8(const cpu::FwdJob& job, float* scratch) {
-  const Areas a(scratch, job.D);
-  switch (job.dtype) {
-    case DType::f16: run_pending<EF16>(job, a); return run_exact<EF16>(job, a.base);
-    case DType::bf16: run_pending<EBF16>(job, a); return run_exact<EBF16>(job, a.base);
-    default: run_pending<EF32>(job, a); return run_exact<EF32>(job, a.base);
-  }
-}
-
 }  // namespace
 
 namespace cpu {
 // Residual VQ runs this file's fp32 instantiation (the neon build's code, compiled here): the int8
 // proof is set up per call, not per stage.
 const SearchKernels& kernels_neon_dot() {
-  static const SearchKernels k{"neon_dot", MR, NR, pack_any_i8, search_any_i8, flush_i8,
+  static const SearchKernels k{"neon_dot", MR, NR, pack_any_i8, search_any_i8, flush_set_aside,
                                i8_scratch_floats, false, true, residual_tiles,
                                residual_scratch_floats};
   return k;

@@ -25,6 +25,18 @@ struct V {
   static inline F fnmadd(F a, F b, F c) { return _mm256_fnmadd_ps(a, b, c); }
   static inline F sub(F a, F b) { return _mm256_sub_ps(a, b); }
   static inline F add(F a, F b) { return _mm256_add_ps(a, b); }
+  static inline F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static inline F cvt(I a) { return _mm256_cvtepi32_ps(a); }  // int32 to fp32, rounded to nearest
+  static inline F div(F a, F b) { return _mm256_div_ps(a, b); }
+  static inline F min(F a, F b) { return _mm256_min_ps(a, b); }  // b where either is NaN
+  static inline F max(F a, F b) { return _mm256_max_ps(a, b); }  // likewise
+  static inline F abs(F a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
+  static inline M le(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_LE_OQ); }
+  static inline I bits(F a) { return _mm256_castps_si256(a); }
+  static inline F from_bits(I a) { return _mm256_castsi256_ps(a); }
+  static inline I addi(I a, I b) { return _mm256_add_epi32(a, b); }
+  template <int n> static inline I srli(I a) { return _mm256_srli_epi32(a, n); }
+  template <int n> static inline I slli(I a) { return _mm256_slli_epi32(a, n); }
   static inline float hsum(F a) {
     const __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));

@@ -1,5 +1,6 @@
-// AVX-512 (F, BW, VL, DQ) traits for search_impl.h, shared by the AVX-512 search builds
-// (search_avx512.cpp, search_avx512bf16.cpp). Internal linkage only: see search_impl.h.
+// AVX-512 (F, BW, VL, DQ) traits for search_impl.h, shared by the AVX-512 search builds through
+// search_avx512_tile.h (search_avx512.cpp, search_avx512_i16.cpp, search_avx512bf16.cpp). Internal
+// linkage only: see search_impl.h.
 #pragma once
 #if defined(VQK_SIMDE)
 #include "simde_avx512.h"  // the emulated build of .ci/native_checks.sh x86-emulated only
@@ -28,6 +29,18 @@ struct V {
   static inline F fnmadd(F a, F b, F c) { return _mm512_fnmadd_ps(a, b, c); }
   static inline F sub(F a, F b) { return _mm512_sub_ps(a, b); }
   static inline F add(F a, F b) { return _mm512_add_ps(a, b); }
+  static inline F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static inline F cvt(I a) { return _mm512_cvtepi32_ps(a); }  // int32 to fp32, rounded to nearest
+  static inline F div(F a, F b) { return _mm512_div_ps(a, b); }
+  static inline F min(F a, F b) { return _mm512_min_ps(a, b); }  // b where either is NaN
+  static inline F max(F a, F b) { return _mm512_max_ps(a, b); }  // likewise
+  static inline F abs(F a) { return _mm512_abs_ps(a); }
+  static inline M le(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_LE_OQ); }
+  static inline I bits(F a) { return _mm512_castps_si512(a); }
+  static inline F from_bits(I a) { return _mm512_castsi512_ps(a); }
+  static inline I addi(I a, I b) { return _mm512_add_epi32(a, b); }
+  template <int n> static inline I srli(I a) { return _mm512_srli_epi32(a, n); }
+  template <int n> static inline I slli(I a) { return _mm512_slli_epi32(a, n); }
   static inline float hsum(F a) { return _mm512_reduce_add_ps(a); }
   static inline M lt(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
   static inline F sel(M m, F t, F f) { return _mm512_mask_mov_ps(f, m, t); }

@@ -119,6 +119,16 @@ class _Books(nn.Module):
             for b, buf in zip(books, summed):
                 b._upkeep_apply(buf)
 
+    def _books_repr(self, count: str) -> str:
+        """extra_repr's part common to both quantizers; `count` names how many books there are."""
+        s = (f"dim={self.dim}, {count}, beta={self.beta}, "
+             f"shared_codebook={self.shared}, backend={self.backend!r}")
+        if self.codebook_dim is not None:
+            s += f", codebook_dim={self.codebook_dim}"
+        if self.cosine:
+            s += ", cosine=True"
+        return s
+
     def stats(self) -> list[dict[str, float]]:
         """Each book's `VectorQuantizer.stats()` (one entry when the codebook is shared)."""
         return [b.stats() for b in self.books]
@@ -351,12 +361,7 @@ class ResidualVectorQuantizer(_Books):
         return total
 
     def extra_repr(self) -> str:
-        s = (f"dim={self.dim}, num_stages={self.num_stages}, beta={self.beta}, "
-             f"shared_codebook={self.shared}, backend={self.backend!r}")
-        if self.codebook_dim is not None:
-            s += f", codebook_dim={self.codebook_dim}"
-        if self.cosine:
-            s += ", cosine=True"
+        s = self._books_repr(f"num_stages={self.num_stages}")
         if self.quantize_dropout:
             s += f", quantize_dropout=True, dropout_min_stages={self.dropout_min_stages}"
         return s
@@ -482,10 +487,4 @@ class GroupedVectorQuantizer(_Books):
                           for g in range(self.groups)], -1)
 
     def extra_repr(self) -> str:
-        s = (f"dim={self.dim}, groups={self.groups}, beta={self.beta}, "
-             f"shared_codebook={self.shared}, backend={self.backend!r}")
-        if self.codebook_dim is not None:
-            s += f", codebook_dim={self.codebook_dim}"
-        if self.cosine:
-            s += ", cosine=True"
-        return s
+        return self._books_repr(f"groups={self.groups}")

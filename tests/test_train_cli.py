@@ -733,3 +733,13 @@ def test_decay_warmup_is_a_setting_of_the_run(tmp_path, image_dir, capsys):
     assert run_main(["--out", run, "--resume", "--steps", 4,
                      "--decay-warmup", train.DEFAULTS["decay_warmup"]]) == 0
     assert json.loads((run / "config.json").read_text())["config"]["decay_warmup"] == 10
+
+
+@pytest.mark.parametrize("seed", [-1, 2 ** 32])
+def test_a_seed_out_of_range_is_refused_before_any_file(tmp_path, image_dir, capsys, seed):
+    # numpy's legacy seeding takes 0 .. 2**32 - 1 only: such a seed used to end in numpy's
+    # traceback after --out had been created.
+    err = _error(capsys, ["--data", "folder", "--data-dir", image_dir, *TINY, "--seed", seed,
+                          "--out", tmp_path / "s"])
+    assert "--seed" in err and str(seed) in err
+    assert not (tmp_path / "s").exists()

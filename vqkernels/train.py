@@ -310,6 +310,8 @@ def resolve_settings(p: argparse.ArgumentParser, a: argparse.Namespace):
         p.error(f"--lr must be a positive number, got {s['lr']}")
     if not (s["beta"] >= 0 and math.isfinite(s["beta"])):
         p.error(f"--beta must be a number >= 0, got {s['beta']}")
+    if not 0 <= s["seed"] < 2 ** 32:  # what numpy's (legacy) seeding takes
+        p.error(f"--seed must be from 0 to 2**32 - 1, got {s['seed']}")
     from .backends import ALL_NAMES
     if s["backend"] not in ALL_NAMES:
         p.error(f"--backend must be one of {', '.join(ALL_NAMES)}, got {s['backend']!r}")

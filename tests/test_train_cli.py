@@ -743,3 +743,12 @@ def test_a_seed_out_of_range_is_refused_before_any_file(tmp_path, image_dir, cap
                           "--out", tmp_path / "s"])
     assert "--seed" in err and str(seed) in err
     assert not (tmp_path / "s").exists()
+
+
+def test_tokenize_refuses_a_negative_seed_before_loading(tmp_path, capsys):
+    # numpy's generators take seeds >= 0: -1 used to end in numpy's traceback after the
+    # model and data were loaded. Checked first, so a missing checkpoint is not reached.
+    err = _error(capsys, [str(tmp_path / "nope.pt"), "--out", str(tmp_path / "t.npz"),
+                          "--seed", "-1"], vq_tokenize.main)
+    assert "--seed must be >= 0, got -1" in err
+    assert not (tmp_path / "t.npz").exists()

@@ -82,6 +82,8 @@ def main(argv=None) -> int:
         p.error(f"--batch-size must be >= 1, got {a.batch_size}")
     if a.num_crops < 0:
         p.error(f"--num-crops must be >= 0, got {a.num_crops}")
+    if a.seed < 0:  # numpy's generators take seeds >= 0 only
+        p.error(f"--seed must be >= 0, got {a.seed}")
     out = Path(a.out)
     if out.is_dir():
         p.error(f"--out {out} is a folder; name the .npz file to write (e.g. {out / 'tokens.npz'})")

@@ -358,6 +358,26 @@ def test_bad_arguments_say_what_is_wrong():
         residual_vq(z, [cb], beta=-1)
 
 
+def test_codes_from_indices_refuses_what_it_cannot_decode():
+    # Each used to end in torch's own message (or, for an integer dtype, in silently truncated
+    # codes) instead of naming the argument.
+    cb = torch.randn(3, 4)
+    idx = torch.tensor([[0, 2], [1, -1]])
+    with pytest.raises(TypeError, match="dtype"):
+        codes_from_indices(idx, [cb, cb], dtype=torch.int64)
+    with pytest.raises(ValueError, match="codebooks.*stage 1.*D=5"):
+        codes_from_indices(idx, [cb, torch.randn(3, 5)])
+    with pytest.raises(TypeError, match="codebooks.*stage 1.*float64"):
+        codes_from_indices(idx, [cb, cb.double()])
+    with pytest.raises(ValueError, match="dim=2"):
+        codes_from_indices(idx, [cb, cb], dim=2)
+    with pytest.raises(ValueError, match="indices are on cpu but the codebooks on meta"):
+        codes_from_indices(idx, [cb.to("meta"), cb.to("meta")])
+    # what is accepted still decodes: a float dtype, any dim of the output
+    out = codes_from_indices(idx, [cb, cb], dtype=torch.float64, dim=0)
+    assert out.dtype == torch.float64 and out.shape == (4, 2)
+
+
 def test_n_zero_rows():
     cbs = [torch.randn(3, 4), torch.randn(3, 4)]
     for backend in BACKENDS:

@@ -436,6 +436,21 @@ def codes_from_indices(indices: Tensor, codebooks: Codebooks, *, num_stages: Opt
     dtype, cast to the codebooks' dtype (or `dtype`). The code axis is placed at `dim` of the
     output. Differentiable in the codebooks."""
     stages, _ = _stage_list(codebooks, num_stages)
+    first = stages[0]
+    for s, cb in enumerate(stages):
+        if not isinstance(cb, Tensor) or cb.dim() != 2:
+            raise ValueError(f"codebooks: stage {s}'s codebook must be a (K, D) tensor, got "
+                             f"{tuple(cb.shape) if isinstance(cb, Tensor) else type(cb).__name__}")
+        # The stages are summed into one code: they must agree on D, dtype and device.
+        if cb.shape[1] != first.shape[1]:
+            raise ValueError(f"codebooks: stage {s}'s codes have D={cb.shape[1]} but stage 0's "
+                             f"have D={first.shape[1]}")
+        if cb.dtype != first.dtype or cb.device != first.device:
+            raise TypeError(f"codebooks: stage {s}'s codebook is {cb.dtype} on {cb.device} but "
+                            f"stage 0's is {first.dtype} on {first.device}")
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating-point torch.dtype (the codes' dtype), got "
+                        f"{dtype!r}")
     if not isinstance(indices, Tensor) or indices.dtype not in (torch.long, torch.int32,
                                                                  torch.int16, torch.uint8):
         raise TypeError("indices must be an integer tensor (..., S)")
@@ -443,13 +458,19 @@ def codes_from_indices(indices: Tensor, codebooks: Codebooks, *, num_stages: Opt
     if indices.dim() < 1 or indices.shape[-1] != S:
         raise ValueError(f"indices must end in an axis of S={S} stages, got shape "
                          f"{tuple(indices.shape)}")
+    if indices.device != first.device:
+        raise ValueError(f"indices are on {indices.device} but the codebooks on {first.device}")
+    if isinstance(dim, bool) or not isinstance(dim, int) or \
+            not -indices.dim() <= dim < indices.dim():
+        raise ValueError(f"dim={dim!r} is not a dimension of the output (indices' shape "
+                         f"{tuple(indices.shape)}, the stage axis replaced by the code axis)")
     for s, cb in enumerate(stages):
         bad = (indices[..., s] >= cb.shape[0]) | (indices[..., s] < -1)
         if bool(bad.any()):
             raise ValueError(f"indices of stage {s} must be in [-1, {cb.shape[0]}), got "
                              f"{int(indices[..., s][bad][0])}")
-    out_dtype = dtype or stages[0].dtype
-    acc = reference.acc_dtype(stages[0].dtype)
+    out_dtype = dtype or first.dtype
+    acc = reference.acc_dtype(first.dtype)
     q = torch.zeros(*indices.shape[:-1], stages[0].shape[1], dtype=acc, device=indices.device)
     for s, cb in enumerate(stages):
         idx = indices[..., s].long()

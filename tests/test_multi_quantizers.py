@@ -317,6 +317,31 @@ def test_module_state_dict_round_trip():
     assert m2.books[1]._init_done
 
 
+@pytest.mark.parametrize("make", [
+    lambda: ResidualVectorQuantizer(4, 2, 8),
+    lambda: ResidualVectorQuantizer(4, 2, 8, codebook_dim=2),
+    lambda: ResidualVectorQuantizer(4, 2, 8, cosine=True),
+    lambda: GroupedVectorQuantizer(4, 2, 8),
+    lambda: GroupedVectorQuantizer(4, 2, 8, shared_codebook=True),
+    lambda: GroupedVectorQuantizer(4, 2, 8, codebook_dim=3),
+], ids=["rvq", "rvq-projected", "rvq-cosine", "gvq", "gvq-shared", "gvq-projected"])
+def test_an_empty_batch_has_zero_losses_and_gradients(make):
+    # As vq_quantize and residual_vq promise for N = 0 (an empty sum): the stage loop and the
+    # grouped module divided by N = 0 and returned NaN, whose gradient is NaN in every weight.
+    torch.manual_seed(0)
+    m = make()
+    for train in (True, False):
+        m.train(train)
+        z = torch.randn(0, 4, requires_grad=True)
+        out = m(z)
+        assert torch.equal(out.loss.detach(), torch.zeros(()))
+        assert not out.commitment_loss.isnan().any() and not out.codebook_loss.isnan().any()
+        params = [p for p in m.parameters() if p.requires_grad]
+        if out.loss.requires_grad and params:
+            grads = torch.autograd.grad(out.loss, params, allow_unused=True)
+            assert all(g is None or torch.isfinite(g).all() for g in grads)
+
+
 def test_bad_module_arguments():
     with pytest.raises(ValueError, match="num_codes"):
         ResidualVectorQuantizer(4, 2, [8])

@@ -288,7 +288,8 @@ class ResidualVectorQuantizer(_Books):
         N, S = rows.shape[0], self.num_stages
         acc = torch.float64 if rows.dtype == torch.float64 else torch.float32
         w_valid = None if valid is None else valid.to(acc)
-        n = rows.shape[0] if valid is None else valid.sum().clamp(min=1).to(acc)
+        # N = 0: the losses are 0 (an empty sum), not NaN, as residual_vq's
+        n = max(rows.shape[0], 1) if valid is None else valid.sum().clamp(min=1).to(acc)
         r = rows
         total = None
         idxs, errs, cb_l, cm_l, per, perp, counts = [], [], [], [], [], [], []
@@ -435,7 +436,8 @@ class GroupedVectorQuantizer(_Books):
                              else xs[valid][:, g, :])
                     book._kmeans_initialise(x.detach(), -1)
         acc = torch.float64 if z.dtype == torch.float64 else torch.float32
-        n = N if valid is None else valid.sum().clamp(min=1).to(acc)
+        # N = 0: the losses are 0 (an empty sum), not NaN, as grouped_vq's
+        n = max(N, 1) if valid is None else valid.sum().clamp(min=1).to(acc)
         outs, cb_l, cm_l, per, perp, counts = [], [], [], [], [], []
         fused = None
         if not self.cosine and N > 0 and \

@@ -342,6 +342,20 @@ def test_an_empty_batch_has_zero_losses_and_gradients(make):
             assert all(g is None or torch.isfinite(g).all() for g in grads)
 
 
+@pytest.mark.parametrize("m", [ResidualVectorQuantizer(4, 2, 8), GroupedVectorQuantizer(4, 2, 8)],
+                         ids=["rvq", "gvq"])
+def test_module_mask_and_active_stages_dtypes_are_checked(m):
+    # The functional ops refuse a non-bool mask and float active_stages; the modules cast them
+    # (a float mask of weights 0.5 became True), so the same call meant two things.
+    z = torch.randn(5, 4)
+    with pytest.raises(TypeError, match="mask must be a bool tensor"):
+        m(z, mask=torch.ones(5))
+    if isinstance(m, ResidualVectorQuantizer):
+        with pytest.raises(TypeError, match="active_stages must be an integer tensor"):
+            m(z, active_stages=torch.full((5,), 1.5))
+    assert m(z, mask=torch.ones(5, dtype=torch.bool)).indices.shape[0] == 5
+
+
 def test_bad_module_arguments():
     with pytest.raises(ValueError, match="num_codes"):
         ResidualVectorQuantizer(4, 2, [8])

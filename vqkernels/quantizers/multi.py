@@ -43,6 +43,13 @@ def _counts_list(num_codes, n: int, name: str) -> list[int]:
     return ks
 
 
+def _check_mask(mask) -> None:
+    # As residual_vq and grouped_vq: a float mask is refused rather than cast (weights of 0.5
+    # would become True).
+    if isinstance(mask, Tensor) and mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor (True = a real row), got {mask.dtype}")
+
+
 class _Books(nn.Module):
     """What both modules share: the books, their construction, the packed upkeep, stats."""
 
@@ -235,6 +242,10 @@ class ResidualVectorQuantizer(_Books):
             per_sample = torch.randint(self.dropout_min_stages, S + 1, (lead[0] * world,),
                                        device=z.device)[rank * lead[0]:(rank + 1) * lead[0]]
             active_stages = per_sample.view(-1, *([1] * (len(lead) - 1)))
+        _check_mask(mask)
+        if isinstance(active_stages, Tensor) and (active_stages.dtype.is_floating_point
+                                                  or active_stages.dtype.is_complex):
+            raise TypeError(f"active_stages must be an integer tensor, got {active_stages.dtype}")
         active = _per_row("active_stages", active_stages, lead, z.device, torch.long)
         valid = _per_row("mask", mask, lead, z.device, torch.bool)
         if training and any(b.kmeans_init and not b._init_done for b in self.books):
@@ -418,6 +429,7 @@ class GroupedVectorQuantizer(_Books):
         G, d = self.groups, self.dim // self.groups
         parts = zm.reshape(-1, G, d)
         N = parts.shape[0]
+        _check_mask(mask)
         valid = _per_row("mask", mask, lead, z.device, torch.bool)
         training = self.training
         proj = self.codebook_dim is not None

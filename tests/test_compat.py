@@ -516,3 +516,16 @@ def test_residual_vq_fused_eval_is_the_stage_loop_bit_for_bit(case):
         assert (fused[1][0, :4, 0] == 2).all()
     rvq.train()
     assert not rvq._can_fuse(x, None)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: VectorQuantize(dim=8, codebook_size=4),
+    lambda: ResidualVQ(dim=8, num_quantizers=2, codebook_size=4),
+    lambda: GroupedResidualVQ(dim=8, groups=2, num_quantizers=2, codebook_size=4),
+], ids=["vq", "rvq", "grvq"])
+def test_integer_input_is_refused_naming_x(make):
+    # An integer x was cast on its way through project_in and came back as integer codes
+    # (zeros) with a loss: nothing said the input was not features.
+    m = make()
+    with pytest.raises(TypeError, match="x must be a floating-point tensor.*int64"):
+        m(torch.ones(2, 5, 8, dtype=torch.long))

@@ -248,6 +248,16 @@ class _Codebook(nn.Module):
         _DistSync(self.sync).broadcast_(self.embed.data, self.cluster_size, self.embed_avg)
 
 
+def _check_input(x) -> None:
+    """x must be a tensor of features: an integer or bool x was cast on its way through the search
+    and came back as integer codes, with a loss and no error."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"x must be a floating-point tensor (float32, float64, float16 or "
+                        f"bfloat16), got {x.dtype}")
+
+
 def _rotate_to(src: Tensor, tgt: Tensor) -> Tensor:
     """The rotation trick (Fifty et al. 2024, sec. 4.2) as the peer computes it: the value is
     `tgt`; the gradient to `src` goes through the rotation-and-rescaling that maps src onto tgt,
@@ -413,8 +423,7 @@ class VectorQuantize(nn.Module):
     def _layout_in(self, x: Tensor, mask, lens):
         """x in any accepted layout -> (x as (B, N, dim), the input in that layout, mask, how to
         lay the outputs back out)."""
-        if not isinstance(x, Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        _check_input(x)
         if mask is not None and lens is not None:
             raise ValueError("pass mask= or lens=, not both")
         orig_input = x
@@ -842,8 +851,7 @@ class ResidualVQ(nn.Module):
             raise TypeError("ResidualVQ.forward: indices= (cross-entropy loss against given "
                             "codes) needs the N x K distance matrix, which vqkernels never "
                             "forms; compute that loss yourself or use vector_quantize_pytorch")
-        if not isinstance(x, Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        _check_input(x)
         beam_size = beam_size if beam_size is not None else \
             (self.beam_size if self.training else self.eval_beam_size)
         if beam_size is not None and beam_size > 1:
@@ -1058,8 +1066,7 @@ class GroupedResidualVQ(nn.Module):
             raise TypeError("GroupedResidualVQ.forward: indices= (cross-entropy loss against "
                             "given codes) needs the N x K distance matrix, which vqkernels never "
                             "forms; compute that loss yourself or use vector_quantize_pytorch")
-        if not isinstance(x, Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        _check_input(x)
         if x.shape[self.split_dim] != self.dim:
             raise ValueError(f"x has {x.shape[self.split_dim]} features on axis {self.split_dim} "
                              f"but GroupedResidualVQ was built with dim={self.dim}")

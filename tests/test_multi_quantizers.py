@@ -367,6 +367,12 @@ def test_bad_module_arguments():
         GroupedVectorQuantizer(12, 3, codebook_dim=0)
     with pytest.raises(ValueError, match="channels"):
         ResidualVectorQuantizer(4, 2, 8)(torch.randn(3, 5))
+    # forward's argument is z: the messages name it so (they said z_e, vq_quantize's name)
+    for m in (ResidualVectorQuantizer(4, 2, 8), GroupedVectorQuantizer(4, 2, 8)):
+        with pytest.raises(ValueError, match="^z has 5 channels"):
+            m(torch.randn(3, 5))
+        with pytest.raises(TypeError, match="^z must be float32"):
+            m(torch.ones(3, 4, dtype=torch.long))
 
 
 # ---------------------------------------------------------------------------- two gloo ranks

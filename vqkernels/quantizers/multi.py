@@ -99,7 +99,7 @@ class _Books(nn.Module):
             raise TypeError(f"z must be a torch.Tensor, got {type(z).__name__}")
         stand_in = z.new_zeros((), dtype=z.dtype if z.dtype in _FLOATS else torch.float32) \
             .expand(1, self.dim)
-        dim = _check(z, stand_in, self.channel_dim if dim is None else dim, self.backend)
+        dim = _check(z, stand_in, self.channel_dim if dim is None else dim, self.backend, "z")
         zm = z.movedim(dim, -1)
         return dim, zm, zm.shape[:-1]
 

@@ -752,3 +752,13 @@ def test_tokenize_refuses_a_negative_seed_before_loading(tmp_path, capsys):
                           "--seed", "-1"], vq_tokenize.main)
     assert "--seed must be >= 0, got -1" in err
     assert not (tmp_path / "t.npz").exists()
+
+
+@pytest.mark.parametrize("flag", ["--decay", "--decay-warmup"])
+def test_ema_settings_without_ema_are_refused(tmp_path, image_dir, capsys, flag):
+    # --decay and --decay-warmup act on the EMA updates only: with --no-ema they were silently
+    # ignored, where every other setting that does not apply (--groups with vq, ...) is refused.
+    err = _error(capsys, ["--data", "folder", "--data-dir", image_dir, *TINY, "--no-ema", flag,
+                          "0.9" if flag == "--decay" else "3", "--out", tmp_path / "e"])
+    assert f"{flag} applies with --ema only" in err
+    assert not (tmp_path / "e").exists()

@@ -359,6 +359,11 @@ def _resolve_books(p: argparse.ArgumentParser, s: dict, given: dict) -> None:
                 f"out for {'groups' if s['quantizer'] == 'gvq' else 'stages'} without projections")
     if "dropout_min_stages" in given and not s["quantize_dropout"]:
         p.error("--dropout-min-stages applies with --quantize-dropout only")
+    # The EMA settings act on the EMA updates only: refused, like the rest, where they do not apply.
+    for k in ("decay", "decay_warmup"):
+        if k in given and not s["ema"]:
+            p.error(f"--{k.replace('_', '-')} applies with --ema only (this run trains its "
+                    f"codebook by gradient: --no-ema)")
     if not 0 <= s["dropout_min_stages"] <= s["stages"]:
         p.error(f"--dropout-min-stages must be from 0 to --stages ({s['stages']}), got "
                 f"{s['dropout_min_stages']}")

@@ -676,6 +676,26 @@ def test_more_cli_errors_name_the_argument(tmp_path, image_dir, capsys, monkeypa
     assert "--json" in _error(capsys, [str(run), "--json", str(folder)], vq_eval.main)
     assert list(folder.iterdir()) == []
 
+    # files someone else wrote are never overwritten: a note, another run's eval.json, an .npz of
+    # other arrays; this run's own record and this command's own token file may be replaced
+    note, other, foreign = tmp_path / "note.json", tmp_path / "other.json", tmp_path / "x.npz"
+    note.write_text('{"mine": 1}\n')
+    other.write_text(json.dumps({"checkpoint": str(tmp_path / "elsewhere" / "checkpoint.pt"),
+                                 "nmse": 0.5, "train_elapsed_s": 9.0}))
+    np.savez(foreign, weights=np.arange(3))
+    saved = {f: f.read_bytes() for f in (note, other, foreign)}
+    for f in (note, other):
+        err = _error(capsys, [str(run), "--json", str(f)], vq_eval.main)
+        assert "--json" in err and "never overwritten" in err
+    err = _error(capsys, [str(run), "--out", str(foreign)], vq_tokenize.main)
+    assert "--out" in err and "never overwritten" in err
+    assert {f: f.read_bytes() for f in saved} == saved
+    assert vq_eval.main([str(run)]) == 0  # the run's own eval.json, from training
+    tok = tmp_path / "again.npz"
+    assert vq_tokenize.main([str(run), "--out", str(tok), "--split", "heldout"]) == 0
+    assert vq_tokenize.main([str(run), "--out", str(tok), "--split", "heldout"]) == 0
+    capsys.readouterr()
+
     # a full disk: said so, and the file that was there is left as it was
     if not Path("/dev/full").exists():
         return

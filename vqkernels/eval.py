@@ -186,6 +186,25 @@ def heldout_for(ckpt: dict, data: Optional[str], data_dir: Optional[str], downlo
     return data_mod.load(kind, data_dir, download=download, heldout_every=heldout_every)
 
 
+def _is_own_record(path: Path, checkpoint) -> bool:
+    """Whether `path` may be written with this checkpoint's figures: it does not exist yet, or it
+    is the JSON that training or an earlier eval wrote for this very checkpoint."""
+    import json
+    path = Path(path)
+    if not path.exists():
+        return True
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    if not isinstance(old, dict) or not isinstance(old.get("checkpoint"), str):
+        return False
+    try:
+        return Path(old["checkpoint"]).resolve() == Path(checkpoint).resolve()
+    except OSError:
+        return False
+
+
 def merge_with_training(path: Path, metrics: dict) -> dict:
     """`metrics`, plus what the training run wrote into `path` that eval does not measure
     (train_elapsed_s, processes, ...), and the training run's own final evaluation under
@@ -237,6 +256,9 @@ def main(argv=None) -> int:
                    backend=a.backend, device=str(device))
     print(format_table(metrics, f"{ckpt['path']} (step {ckpt['step']}) on {ds.kind} held-out data"))
     out = Path(a.json) if a.json else Path(ckpt["path"]).parent / "eval.json"
+    if not _is_own_record(out, ckpt["path"]):
+        p.error(f"--json {out} exists and is not an evaluation of {ckpt['path']}; name another "
+                f"file (it is never overwritten, and another run's record is never merged in)")
     try:
         _io.atomic_write_json(out, merge_with_training(out, metrics))
     except OSError as exc:

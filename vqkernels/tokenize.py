@@ -73,6 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _is_token_file(path: Path) -> bool:
+    """Whether `path` is an .npz this command wrote (tokens, the checkpoint's path, its step): such a
+    file may be replaced by a new tokenization; anything else a user keeps there may not."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return {"tokens", "checkpoint", "step", "num_codes"} <= set(f.files)
+    except (OSError, ValueError, EOFError):
+        return False
+
+
 def main(argv=None) -> int:
     from .eval import amp_for_cli, load_for_cli
 
@@ -89,6 +99,9 @@ def main(argv=None) -> int:
         p.error(f"--out {out} is a folder; name the .npz file to write (e.g. {out / 'tokens.npz'})")
     if out.suffix != ".npz":
         p.error(f"--out must name a .npz file, got {out}")
+    if out.exists() and not _is_token_file(out):
+        p.error(f"--out {out} exists and is not a token file this command wrote; name another "
+                f"file (it is never overwritten)")
     device, ckpt, model, ds = load_for_cli(p, a)
 
     parts = []  # (images, split code, labels, paths)

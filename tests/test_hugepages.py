@@ -76,8 +76,12 @@ def test_fresh_output_thresholds_and_switch(monkeypatch):
     monkeypatch.setattr(native, "_load", lambda: (Fake, ""))
     big = torch.empty(native.HUGEPAGE_MIN_BYTES, dtype=torch.uint8)
     view = big[1:]  # a view advises its whole (fresh) storage
-    monkeypatch.setenv("VQK_HUGEPAGES", "0")
-    assert native.fresh_output(big) is big and calls == []
+    for off in ("0", "off", " False", "NO"):
+        monkeypatch.setenv("VQK_HUGEPAGES", off)
+        assert native.fresh_output(big) is big and calls == []
+    monkeypatch.setenv("VQK_HUGEPAGES", "of")
+    with pytest.raises(ValueError, match="VQK_HUGEPAGES"):
+        native.fresh_output(big)
     monkeypatch.delenv("VQK_HUGEPAGES")
     assert native.fresh_output(view) is view
     assert calls == [(big.data_ptr(), big.nbytes)]

@@ -36,6 +36,16 @@ def module() -> ModuleType:
 HUGEPAGE_MIN_BYTES = 4 << 20
 
 
+def _hugepages_on() -> bool:
+    v = os.environ.get("VQK_HUGEPAGES", "").strip().lower()
+    if v in ("", "1", "on", "true", "yes"):
+        return True
+    if v in ("0", "off", "false", "no"):
+        return False
+    raise ValueError(f"VQK_HUGEPAGES must be 1/on/true/yes or 0/off/false/no, got "
+                     f"{os.environ['VQK_HUGEPAGES']!r}")
+
+
 def fresh_output(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """`t`, a CPU tensor just allocated for a kernel to write in full, after asking Linux to back
     its memory with 2 MiB pages on first touch (csrc/bindings.cpp, advise_hugepages): 512 times
@@ -45,7 +55,7 @@ def fresh_output(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     if t is None or t.device.type != "cpu":
         return t
     st = t.untyped_storage()
-    if st.nbytes() < HUGEPAGE_MIN_BYTES or os.environ.get("VQK_HUGEPAGES", "1") == "0":
+    if st.nbytes() < HUGEPAGE_MIN_BYTES or not _hugepages_on():
         return t
     mod = _load()[0]
     if mod is not None and hasattr(mod, "advise_hugepages"):

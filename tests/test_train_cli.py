@@ -405,6 +405,13 @@ def test_resume_into_another_runs_folder_is_refused(tmp_path, image_dir, capsys)
     assert run_main(["--resume", a / "checkpoint.pt", "--out", c, "--steps", 4]) == 0
     assert _io.load_checkpoint(c / "checkpoint.pt")["step"] == 4
     assert [r["step"] for r in rows(c / "metrics.csv")] == ["3", "4"]
+    # --steps below the step reached: nothing would train, and the checkpoint used to be
+    # rewritten saying the run was 2 steps long
+    before = _snapshot(c)
+    err = _error(capsys, ["--resume", c / "checkpoint.pt", "--steps", 2])
+    assert "--steps 2 is below" in err and "(4)" in err
+    assert _snapshot(c) == before
+    assert run_main(["--resume", c / "checkpoint.pt", "--steps", 4]) == 0  # equal: nothing to do
 
 
 def test_out_that_cannot_be_written_is_named(tmp_path, image_dir, capsys):

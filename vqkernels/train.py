@@ -289,6 +289,10 @@ def resolve_settings(p: argparse.ArgumentParser, a: argparse.Namespace):
                 f"is {world}; the global batch (processes x --batch-size) would change. Resume "
                 f"with the same number of processes")
     s["world_size"] = world
+    if ckpt is not None and "steps" in given and int(s["steps"]) < int(ckpt["step"]):
+        # Nothing would train, and the checkpoint would be rewritten saying the run was shorter.
+        p.error(f"--steps {s['steps']} is below the step the run being resumed has reached "
+                f"({ckpt['step']}); pass --steps {ckpt['step']} or more")
     _resolve_books(p, s, given)
     # Stored absolute, so `--resume`, eval and tokenize find the data from any working directory.
     s["data_dir"] = _norm("data_dir", s["data_dir"])

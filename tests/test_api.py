@@ -325,3 +325,19 @@ def test_peak_memory_beyond_input_and_outputs(what, limits, backend):
     assert r.returncode == 0, r.stderr[-3000:]
     extra = float(r.stdout.strip().splitlines()[-1])
     assert extra < limit, f"{what}: peak {extra:.2f}x the input beyond it"
+
+
+def test_yes_no_settings_parse_one_way_and_name_a_typo(monkeypatch):
+    # VQK_DETERMINISTIC=bogus used to count as on, VQK_HUGEPAGES=off as on, VQK_TRITON_OP="" as off.
+    from vqkernels import _env, backends, native
+    for v, want in [("1", True), (" ON", True), ("yes", True), ("0", False), ("off", False),
+                    ("False", False), ("", None)]:
+        monkeypatch.setenv("VQK_DETERMINISTIC", v)
+        assert _env.flag("VQK_DETERMINISTIC", True) is (True if want is None else want)
+        assert _env.flag("VQK_DETERMINISTIC", False) is (False if want is None else want)
+    monkeypatch.setenv("VQK_DETERMINISTIC", "bogus")
+    with pytest.raises(ValueError, match="VQK_DETERMINISTIC.*'bogus'"):
+        backends.deterministic()
+    monkeypatch.setenv("VQK_HUGEPAGES", "of")
+    with pytest.raises(ValueError, match="VQK_HUGEPAGES"):
+        native.fresh_output(torch.empty(native.HUGEPAGE_MIN_BYTES, dtype=torch.uint8))

@@ -15,7 +15,7 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from . import native, reference
+from . import _env, native, reference
 from ._layout import NULL_VIEW, RowPlan
 
 BACKEND_NAMES = ("triton", "cuda", "cpu", "reference")
@@ -107,7 +107,7 @@ def deterministic() -> bool:
     """Whether backward passes must be bitwise repeatable: VQK_DETERMINISTIC=1 in the environment,
     or torch.use_deterministic_algorithms(True). The CUDA kernels then sum the codebook gradient
     in a fixed order instead of by atomics."""
-    return (os.environ.get("VQK_DETERMINISTIC", "0") not in ("", "0")
+    return (_env.flag("VQK_DETERMINISTIC", False)
             or torch.are_deterministic_algorithms_enabled())
 
 

@@ -37,13 +37,8 @@ HUGEPAGE_MIN_BYTES = 4 << 20
 
 
 def _hugepages_on() -> bool:
-    v = os.environ.get("VQK_HUGEPAGES", "").strip().lower()
-    if v in ("", "1", "on", "true", "yes"):
-        return True
-    if v in ("0", "off", "false", "no"):
-        return False
-    raise ValueError(f"VQK_HUGEPAGES must be 1/on/true/yes or 0/off/false/no, got "
-                     f"{os.environ['VQK_HUGEPAGES']!r}")
+    from ._env import flag
+    return flag("VQK_HUGEPAGES", True)
 
 
 def fresh_output(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

@@ -18,13 +18,13 @@ of tracing, but these ops still run eagerly there and are tested that way.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
+from .. import _env
 from .._layout import RowPlan
 from . import launch
 
@@ -71,4 +71,4 @@ triton_vq_quantize.register_autograd(_backward, setup_context=_setup_context)
 def enabled(device: torch.device) -> bool:
     """Whether public calls on `device` go through these ops (see the module docstring)."""
     return (device.type == "cuda" and not launch.interpreting()
-            and os.environ.get("VQK_TRITON_OP", "1") not in ("", "0"))
+            and _env.flag("VQK_TRITON_OP", True))

@@ -352,6 +352,12 @@ def test_bad_arguments_say_what_is_wrong():
         residual_vq(z, [cb, cb], active_stages=torch.full((5,), 3))
     with pytest.raises(TypeError, match="active_stages"):
         residual_vq(z, [cb, cb], active_stages=torch.ones(5))
+    with pytest.raises(TypeError, match="active_stages"):  # True would mean one stage
+        residual_vq(z, [cb, cb], active_stages=torch.ones(5, dtype=torch.bool))
+    with pytest.raises(TypeError, match="cosine"):  # "no" used to turn cosine on
+        residual_vq(z, [cb, cb], cosine="no")
+    with pytest.raises(ValueError, match="integer tensor"):  # bool indices read as codes 0/1
+        grouped_codes_from_indices(torch.ones(5, 2, dtype=torch.bool), [cb, cb])
     with pytest.raises(ValueError, match="stage 1"):
         codes_from_indices(torch.tensor([[0, 3]]), [cb, cb])
     with pytest.raises(ValueError, match="beta"):

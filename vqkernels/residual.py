@@ -391,8 +391,12 @@ def residual_vq(z: Tensor, codebooks: Codebooks, *, beta: float = 0.25, dim: int
     S = len(stages)
     lead = z.movedim(dim, -1).shape[:-1]
     active = _per_row("active_stages", active_stages, lead, z.device, torch.long)
-    if active is not None and active_stages.dtype.is_floating_point:
-        raise TypeError("active_stages must be an integer tensor")
+    if active is not None and (active_stages.dtype.is_floating_point
+                               or active_stages.dtype == torch.bool):
+        raise TypeError(f"active_stages must be an integer tensor (stages per row), got "
+                        f"{active_stages.dtype}")
+    if not isinstance(cosine, bool):
+        raise TypeError(f"cosine must be a bool, got {cosine!r}")
     if active is not None and bool(((active < 0) | (active > S)).any()):
         raise ValueError(f"active_stages must be in [0, {S}]")
     valid = _per_row("mask", mask, lead, z.device, torch.bool)
@@ -569,8 +573,8 @@ def grouped_codes_from_indices(indices: Tensor, codebooks: Codebooks, *,
     axis (placed at `dim`): bit for bit the z_q grouped_vq returned for them."""
     books, _ = _stage_list(codebooks, groups, "groups", "group")
     G = len(books)
-    if not isinstance(indices, Tensor) or indices.dtype.is_floating_point or indices.dim() < 1 \
-            or indices.shape[-1] != G:
+    if not isinstance(indices, Tensor) or indices.dtype.is_floating_point or \
+            indices.dtype == torch.bool or indices.dim() < 1 or indices.shape[-1] != G:
         raise ValueError(f"indices must be an integer tensor ending in an axis of G={G} groups, "
                          f"got {getattr(indices, 'shape', type(indices))}")
     for g, cb in enumerate(books):

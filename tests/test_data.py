@@ -266,6 +266,10 @@ def test_cifar10_bad_download_is_detected_and_removed(tmp_path, monkeypatch, cif
     root = tmp_path / "dl"
     with pytest.raises(DataError, match=message):
         data.load("cifar10", str(root), download=True)
+    assert not root.exists()  # the folder it made for the download is not left behind, empty
+    root.mkdir()  # a folder that was there stays, as it was
+    with pytest.raises(DataError, match=message):
+        data.load("cifar10", str(root), download=True)
     assert list(root.iterdir()) == []
 
 
@@ -293,7 +297,13 @@ def test_cifar10_download_unreachable(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "CIFAR10_URL", f"http://127.0.0.1:{port}/x.tar.gz")
     with pytest.raises(DataError, match="--download: could not fetch"):
         data.load("cifar10", str(tmp_path / "dl"), download=True)
-    assert list((tmp_path / "dl").iterdir()) == []
+    assert not (tmp_path / "dl").exists()
+    # nor does train leave the --out it made, empty
+    from vqkernels import train
+    with pytest.raises(SystemExit):
+        train.main(["--data", "cifar10", "--data-dir", str(tmp_path / "dl"), "--download",
+                    "--out", str(tmp_path / "run"), "--steps", "1"])
+    assert not (tmp_path / "dl").exists() and not (tmp_path / "run").exists()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -288,7 +288,24 @@ def download_cifar10(root: str | os.PathLike, *, url: Optional[str] = None,
     url = url or os.environ.get("VQK_CIFAR10_URL") or CIFAR10_URL  # e.g. a local mirror
     md5 = md5 or CIFAR10_MD5
     root = Path(root)
+    created = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
+    try:
+        return _download_cifar10_into(root, url, md5, log)
+    except BaseException:
+        if created:  # a failed first download leaves no empty --data-dir behind
+            _remove_if_empty(root)
+        raise
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()  # only ever an empty folder: anything in it keeps it
+    except OSError:
+        pass
+
+
+def _download_cifar10_into(root: Path, url: str, md5: str, log) -> Path:
     archive = root / CIFAR10_ARCHIVE
     for stale in root.glob(CIFAR10_ARCHIVE + ".*.part"):
         log(f"removing an interrupted download: {stale}")

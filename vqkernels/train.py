@@ -721,8 +721,17 @@ def train(s: dict, ckpt: dict | None = None, *, progress: bool = True) -> dict:
     """Run (or continue) training with settings `s`; returns the final held-out metrics (on
     rank 0 of a distributed run; the other ranks return {})."""
     d = Dist(_io.resolve_device(s["device"]))
+    out = Path(s["out"])
+    created = d.main and not out.exists()
     try:
         return _train(s, ckpt, d, progress=progress)
+    except BaseException:
+        if created:
+            # A run that failed before writing anything (no data, a failed download, a bad
+            # backend) leaves no empty --out behind; a folder with anything in it is kept.
+            from .data import _remove_if_empty
+            _remove_if_empty(out)
+        raise
     finally:
         d.close()
 

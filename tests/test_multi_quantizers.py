@@ -373,6 +373,14 @@ def test_bad_module_arguments():
             m(torch.randn(3, 5))
         with pytest.raises(TypeError, match="^z must be float32"):
             m(torch.ones(3, 4, dtype=torch.long))
+    # with projections the codes have codebook_dim channels: the message names the module's dim
+    m = ResidualVectorQuantizer(8, 2, 8, codebook_dim=4, kmeans_init=False)
+    with pytest.raises(ValueError, match="takes dim=8$"):
+        m(torch.randn(3, 5))
+    with pytest.raises(ValueError, match="takes dim=8$"):
+        m(torch.randn(5, 3, 2), dim=1)
+    with pytest.raises(ValueError, match="dim"):
+        m(torch.randn(3, 8), dim=5)  # an axis z does not have
 
 
 # ---------------------------------------------------------------------------- two gloo ranks

@@ -97,9 +97,15 @@ class _Books(nn.Module):
         (the channel axis, z with it last, the shape of the rows it leaves)."""
         if not isinstance(z, Tensor):
             raise TypeError(f"z must be a torch.Tensor, got {type(z).__name__}")
+        axis = self.channel_dim if dim is None else dim
+        if isinstance(axis, int) and not isinstance(axis, bool) and z.dim() > 0 and \
+                -z.dim() <= axis < z.dim() and z.shape[axis] != self.dim:
+            # Said in the module's terms: its codes may have another size (codebook_dim, groups).
+            raise ValueError(f"z has {z.shape[axis]} channels along dim={axis % z.dim()} but this "
+                             f"{type(self).__name__} takes dim={self.dim}")
         stand_in = z.new_zeros((), dtype=z.dtype if z.dtype in _FLOATS else torch.float32) \
             .expand(1, self.dim)
-        dim = _check(z, stand_in, self.channel_dim if dim is None else dim, self.backend, "z")
+        dim = _check(z, stand_in, axis, self.backend, "z")
         zm = z.movedim(dim, -1)
         return dim, zm, zm.shape[:-1]
 

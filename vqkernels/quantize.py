@@ -100,6 +100,9 @@ def nearest_code(x: Tensor, codebook: Tensor, *, k: int = 1, metric: str = "l2",
     ip metrics run a chunked float64 search (O(rows-per-chunk x K) memory, never N x K), not the
     fused kernels. channel_dim: the axis of x holding each vector's D values (default -1); `dim`
     is its deprecated former name, as in vq_quantize.
+    Rows with NaN or inf: every path picks index 0 (NaN ranks as +inf); k = 1 L2 reports that
+    code's exact error (NaN for a NaN row, as vq_quantize does), the other paths the value they
+    ranked by (+inf).
     """
     from . import search  # on use: plain k = 1 L2 searches never need it
     dim = _check(x, codebook, _channel_axis(channel_dim, dim), backend, "x")

@@ -82,3 +82,18 @@ def csv_rows(path) -> list[dict]:
     import csv
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def end_spawned_worker() -> None:
+    """Leave a torch.multiprocessing.spawn worker at once, after its results are on disk and its
+    process group is destroyed. torch 2.13's gloo group set up through a file:// store can abort
+    the worker at interpreter exit ("terminate called without an active exception", SIGABRT after
+    the worker function has returned), which mp.spawn reports as the test failing: seen in 2 of 6
+    runs of the two-rank tests on this project's VM on 2026-12-02, with the code of the day and
+    with the code from before it alike. Nothing is left to do by then, so skip the exit-time
+    teardown. Call it on the success path only: an exception must still reach mp.spawn."""
+    import os
+    import sys
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from vqkernels import VectorQuantizer, nearest_code
 from vqkernels.codebook import kmeans_plusplus, laplace_smoothed, usage_stats
-from helpers import assert_search_ok, exact_sqdist
+from helpers import assert_search_ok, end_spawned_worker, exact_sqdist
 
 
 def _clustered(n, centres, noise, gen=None):
@@ -615,6 +615,7 @@ def _ddp_worker(rank, world, init_file, out_dir):
             torch.save(_run(cfg, rank, world, ddp=True), os.path.join(out_dir, f"{name}_{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    end_spawned_worker()
 
 
 def test_two_gloo_ranks_stay_identical_and_match_one_process(tmp_path):

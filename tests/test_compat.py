@@ -330,6 +330,8 @@ def _compat_ddp_worker(rank, world, init_file, out_dir):
                        os.path.join(out_dir, f"{name}_{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    from helpers import end_spawned_worker
+    end_spawned_worker()
 
 
 def test_sync_codebook_keeps_two_gloo_ranks_identical(tmp_path):

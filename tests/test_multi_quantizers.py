@@ -425,6 +425,8 @@ def _rvq_worker(rank, world, init_file, out_dir):
         torch.save(_rvq_run(rank, world, True), os.path.join(out_dir, f"rvq_{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    from helpers import end_spawned_worker
+    end_spawned_worker()
 
 
 def test_two_gloo_ranks_keep_every_stage_identical_with_one_all_reduce(tmp_path):

@@ -163,6 +163,8 @@ def _drift_worker(rank, world, init_file, out_dir):
         Path(out_dir, f"verdict{rank}").write_text(verdict)
     finally:
         dist.destroy_process_group()
+    from helpers import end_spawned_worker
+    end_spawned_worker()
 
 
 def test_a_rank_that_drifts_by_one_ulp_is_caught_on_every_rank(tmp_path, monkeypatch):

@@ -151,6 +151,12 @@ def test_torch_compile_fullgraph(backend, compiler):
     (lambda z, cb: vq_quantize(z, cb, backend="fast"), ValueError, "backend must be one of"),
     (lambda z, cb: vq_quantize(z, cb, beta=-1.0), ValueError, "beta"),
     (lambda z, cb: vq_quantize(z, cb, beta=float("nan")), ValueError, "beta"),
+    (lambda z, cb: vq_quantize(z, cb, beta=torch.tensor([0.1, 0.2])), ValueError,
+     "beta must be a number or a one-element real tensor"),
+    (lambda z, cb: vq_quantize(z, cb, beta=torch.tensor(0.3, requires_grad=True)), ValueError,
+     "beta must not require grad"),
+    (lambda z, cb: vq_quantize(z, cb, beta=torch.tensor(-0.5)), ValueError, "beta must be a finite"),
+    (lambda z, cb: vq_quantize(z, cb, beta="0.25"), ValueError, "beta must be a finite"),
     (lambda z, cb: nearest_code(z, cb.t()), ValueError, "codes have D="),
     (lambda z, cb: nearest_code(torch.tensor(1.0), cb), ValueError, "at least one dimension"),
     (lambda z, cb: vq_quantize(z, cb.to("meta")), ValueError, "codebook is on meta"),
@@ -170,6 +176,21 @@ def test_bad_input_names_the_argument(call, kind, match):
     z, cb = torch.randn(5, 4), torch.randn(3, 4)
     with pytest.raises(kind, match=match):
         call(z, cb)
+
+
+def test_beta_may_be_a_one_element_tensor():
+    # A schedule often keeps beta as a tensor (a buffer): its value weights the commitment loss
+    # exactly as the same Python float does, in every op that takes beta.
+    from vqkernels import grouped_vq, residual_vq
+    z, cb = torch.randn(6, 4, requires_grad=True), torch.randn(3, 4, requires_grad=True)
+    for fn, book in ((vq_quantize, cb), (residual_vq, [cb, cb]), (grouped_vq, [cb[:, :2], cb[:, 2:]])):
+        a = fn(z, book, beta=torch.tensor([0.7], dtype=torch.float64))
+        b = fn(z, book, beta=0.7)
+        assert torch.equal(a.loss, b.loss), fn.__name__
+        ga = torch.autograd.grad(a.loss, (z, cb))
+        gb = torch.autograd.grad(b.loss, (z, cb))
+        assert all(torch.equal(x, y) for x, y in zip(ga, gb)), fn.__name__
+    assert VectorQuantizer(3, 4, beta=torch.tensor(0.5)).beta == 0.5
 
 
 def test_double_backward_says_it_is_not_supported():

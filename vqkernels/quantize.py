@@ -133,6 +133,9 @@ def vq_quantize(z_e: Tensor, codebook: Tensor, *, beta: float = 0.25,
     One fused pass finds the nearest code, gathers it and computes each row's exact squared error;
     the two VQ losses come from that error. No N x K tensor is ever made.
 
+    beta: the commitment loss's weight in `loss`, a number >= 0 or a one-element tensor that needs
+    no gradient (e.g. a schedule's buffer; its value is read once per call).
+
     channel_dim: the axis of z_e that holds the D values of each vector (default -1), the name
     `VectorQuantizer` uses for it. `dim` is its former name, still accepted (deprecated: in
     `VectorQuantizer(num_codes, dim)` `dim` means the code size D, not an axis).
@@ -164,17 +167,28 @@ def _channel_axis(channel_dim, dim) -> int:
     return channel_dim
 
 
-def _check_beta(beta):
+def _check_beta(beta) -> float:
+    """beta as a Python float: a number, or a one-element real tensor that needs no gradient (a
+    schedule's current value; read once, so a CUDA tensor costs one synchronisation)."""
+    if isinstance(beta, Tensor):
+        if beta.numel() != 1 or beta.dtype == torch.bool or beta.is_complex():
+            raise ValueError(f"beta must be a number or a one-element real tensor, got a "
+                             f"{beta.dtype} tensor of shape {tuple(beta.shape)}")
+        if beta.requires_grad:
+            raise ValueError("beta must not require grad: it weights the commitment loss and "
+                             "gets no gradient here (pass beta.detach())")
+        beta = beta.item()
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) \
             or beta < 0:
         raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
+    return float(beta)
 
 
 def _vq_quantize(z_e, codebook, *, beta, dim, backend, check_finite=False):
     """vq_quantize, the kernel's per-code counts (int64, K) of this call's rows, and each row's
     exact squared error (no autograd; NaN or inf for a row that is not finite)."""
     dim = _check(z_e, codebook, dim, backend)
-    _check_beta(beta)
+    beta = _check_beta(beta)
     acc = torch.float64 if z_e.dtype == torch.float64 else torch.float32  # the losses' dtype
     if beta > torch.finfo(acc).max:
         raise ValueError(f"beta={beta!r} does not fit in the losses' dtype ({acc}, at most "

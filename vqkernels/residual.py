@@ -387,7 +387,7 @@ def residual_vq(z: Tensor, codebooks: Codebooks, *, beta: float = 0.25, dim: int
     dim = _check(z, stages[0], dim, backend, "z")
     for cb in stages[1:]:
         _check(z, cb, dim, backend, "z")
-    _check_beta(beta)
+    beta = _check_beta(beta)
     S = len(stages)
     lead = z.movedim(dim, -1).shape[:-1]
     active = _per_row("active_stages", active_stages, lead, z.device, torch.long)
@@ -522,7 +522,7 @@ def grouped_vq(z: Tensor, codebooks: Codebooks, *, groups: Optional[int] = None,
         raise ValueError(f"z has {z.shape[dim]} channels along dim={dim}, not divisible by "
                          f"{G} groups")
     d = z.shape[dim] // G
-    _check_beta(beta)
+    beta = _check_beta(beta)
     zm = z.movedim(dim, -1)
     lead = zm.shape[:-1]
     N = int(torch.Size(lead).numel())

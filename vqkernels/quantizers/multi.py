@@ -204,7 +204,7 @@ class ResidualVectorQuantizer(_Books):
             raise ValueError(f"backend must be one of {backends.ALL_NAMES}, got {backend!r}")
         if isinstance(channel_dim, bool) or not isinstance(channel_dim, int):
             raise TypeError(f"channel_dim must be an int, got {channel_dim!r}")
-        _check_beta(beta)
+        beta = _check_beta(beta)
         self.dim, self.num_stages, self.beta = dim, num_stages, float(beta)
         self.cosine = bool(cosine)
         self.quantize_dropout, self.dropout_min_stages = bool(quantize_dropout), dropout_min_stages
@@ -419,7 +419,7 @@ class GroupedVectorQuantizer(_Books):
             raise ValueError(f"dim={dim} is not divisible by groups={groups}")
         if backend not in backends.ALL_NAMES:
             raise ValueError(f"backend must be one of {backends.ALL_NAMES}, got {backend!r}")
-        _check_beta(beta)
+        beta = _check_beta(beta)
         self.dim, self.groups, self.beta = dim, groups, float(beta)
         self.cosine = bool(cosine)
         self.channel_dim, self.backend = channel_dim, backend

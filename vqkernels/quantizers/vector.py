@@ -105,7 +105,7 @@ class VectorQuantizer(nn.Module):
             raise ValueError(f"dim must be >= 1, got {dim}")
         if backend not in backends.ALL_NAMES:
             raise ValueError(f"backend must be one of {backends.ALL_NAMES}, got {backend!r}")
-        _check_beta(beta)
+        beta = _check_beta(beta)
         check_unit_interval("decay", decay, closed_low=True, closed_high=False)
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0 \
                 or not math.isfinite(eps):

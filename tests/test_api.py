@@ -193,6 +193,33 @@ def test_beta_may_be_a_one_element_tensor():
     assert VectorQuantizer(3, 4, beta=torch.tensor(0.5)).beta == 0.5
 
 
+def test_channel_dim_is_the_axis_name_everywhere():
+    # channel_dim names the channel axis in every op and in every module's forward; dim, its
+    # former name, still works; giving both is refused.
+    from vqkernels import (GroupedVectorQuantizer, ResidualVectorQuantizer, grouped_vq,
+                           residual_vq)
+    torch.manual_seed(0)
+    z, cb = torch.randn(2, 4, 5), torch.randn(7, 4)
+    zl = z.movedim(1, -1)
+    calls = [
+        lambda **a: vq_quantize(z, cb, **a),
+        lambda **a: residual_vq(z, [cb, cb], **a),
+        lambda **a: grouped_vq(z, [cb[:, :2], cb[:, 2:]], **a),
+        lambda **a: VectorQuantizer(7, 4, ema=False, kmeans_init=False).eval()(z, **a),
+        lambda **a: ResidualVectorQuantizer(4, 2, 7, ema=False, kmeans_init=False).eval()(z, **a),
+        lambda **a: GroupedVectorQuantizer(4, 2, 7, ema=False, kmeans_init=False).eval()(z, **a),
+    ]
+    for call in calls:
+        torch.manual_seed(1)
+        a = call(channel_dim=1)
+        torch.manual_seed(1)
+        b = call(dim=1)
+        assert torch.equal(a.z_q, b.z_q) and torch.equal(a.indices, b.indices)
+        assert a.z_q.shape == z.shape and a.indices.shape[:2] == zl.shape[:2]
+        with pytest.raises(TypeError, match="not both"):
+            call(channel_dim=1, dim=1)
+
+
 def test_double_backward_says_it_is_not_supported():
     z, cb = torch.randn(5, 4, requires_grad=True), torch.randn(3, 4, requires_grad=True)
     out = vq_quantize(z, cb, backend="reference")

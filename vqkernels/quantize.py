@@ -155,6 +155,12 @@ def vq_quantize(z_e: Tensor, codebook: Tensor, *, beta: float = 0.25,
     return out
 
 
+def _channel_axis_override(channel_dim, dim) -> int | None:
+    """A module forward's override of its channel axis (channel_dim=, or the former name dim=), or
+    None when neither is given (the module's own channel_dim)."""
+    return None if channel_dim is None and dim is None else _channel_axis(channel_dim, dim)
+
+
 def _channel_axis(channel_dim, dim) -> int:
     """The channel axis from `channel_dim` or its deprecated alias `dim` (not both)."""
     if channel_dim is not None and dim is not None:

@@ -63,7 +63,7 @@ from torch import Tensor
 
 from . import backends, native, reference
 from ._layout import NULL_VIEW, RowPlan
-from .quantize import _check, _check_beta
+from .quantize import _channel_axis, _check, _check_beta
 
 __all__ = ["residual_vq", "RVQOutput", "codes_from_indices", "grouped_vq", "GVQOutput",
            "grouped_codes_from_indices", "residual_forward"]
@@ -361,12 +361,14 @@ class _ResidualFn(torch.autograd.Function):
         return (grad_z.to(rows.dtype) if need_z else None, None, None, None, None, *out_cb)
 
 
-def residual_vq(z: Tensor, codebooks: Codebooks, *, beta: float = 0.25, dim: int = -1,
+def residual_vq(z: Tensor, codebooks: Codebooks, *, beta: float = 0.25,
+                channel_dim: Optional[int] = None, dim: Optional[int] = None,
                 num_stages: Optional[int] = None, active_stages: Optional[Tensor] = None,
                 mask: Optional[Tensor] = None, backend: str = "auto",
                 cosine: bool = False) -> RVQOutput:
-    """Residual vector quantization of `z` along `dim` (see the module docstring for the exact
-    definitions and the loss convention).
+    """Residual vector quantization of `z` along `channel_dim` (default -1; `dim` is its former
+    name, still accepted) (see the module docstring for the exact definitions and the loss
+    convention).
 
     cosine: stage s searches the unit rows of its residual, u_s = r_s / max(||r_s||, 1e-12)
         (`_unit_rows`: the norm from a float64 sum of squares), against the codebooks as given
@@ -384,7 +386,7 @@ def residual_vq(z: Tensor, codebooks: Codebooks, *, beta: float = 0.25, dim: int
     Returns RVQOutput; `indices` has z's shape without `dim` plus a last axis of S.
     """
     stages, shared = _stage_list(codebooks, num_stages)
-    dim = _check(z, stages[0], dim, backend, "z")
+    dim = _check(z, stages[0], _channel_axis(channel_dim, dim), backend, "z")
     for cb in stages[1:]:
         _check(z, cb, dim, backend, "z")
     beta = _check_beta(beta)
@@ -496,9 +498,11 @@ class GVQOutput(NamedTuple):
 
 
 def grouped_vq(z: Tensor, codebooks: Codebooks, *, groups: Optional[int] = None,
-               beta: float = 0.25, dim: int = -1, mask: Optional[Tensor] = None,
+               beta: float = 0.25, channel_dim: Optional[int] = None,
+               dim: Optional[int] = None, mask: Optional[Tensor] = None,
                backend: str = "auto") -> GVQOutput:
-    """Grouped (multi-head) VQ: the D channels of `z` along `dim` split into G equal groups of
+    """Grouped (multi-head) VQ: the D channels of `z` along `channel_dim` (default -1; `dim` is
+    its former name, still accepted) split into G equal groups of
     D/G, group g quantized against its own codebook (a list of G (K_g, D/G) codebooks or a
     (G, K, D/G) tensor) or against one shared (K, D/G) codebook (then pass groups=G).
 
@@ -514,6 +518,7 @@ def grouped_vq(z: Tensor, codebooks: Codebooks, *, groups: Optional[int] = None,
         raise TypeError(f"z must be a torch.Tensor, got {type(z).__name__}")
     books, shared = _stage_list(codebooks, groups, "groups", "group")
     G = len(books)
+    dim = _channel_axis(channel_dim, dim)
     if isinstance(dim, bool) or not isinstance(dim, int) or z.dim() == 0 or \
             not -z.dim() <= dim < z.dim():
         raise ValueError(f"dim={dim!r} is not a dimension of z (shape {tuple(z.shape)})")

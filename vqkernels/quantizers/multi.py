@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import backends
-from ..quantize import _FLOATS, _check, _check_beta, nearest_code
+from ..quantize import _FLOATS, _channel_axis_override, _check, _check_beta, nearest_code
 from ..residual import (GVQOutput, RVQOutput, _grouped_fused, _per_row, _unit_rows, _vq_rows,
                         codes_from_indices, residual_vq)
 from .upkeep import DistContext, batch_usage, book_losses, check_positive_int, upkeep_errors
@@ -179,7 +179,8 @@ class ResidualVectorQuantizer(_Books):
     stages per row block, exact indices at every stage); with them, a stage loop over the
     single-stage search (the projections sit between the stages).
 
-    forward(z, *, dim=None, mask=None, active_stages=None) -> vqkernels.RVQOutput
+    forward(z, *, channel_dim=None, mask=None, active_stages=None) -> vqkernels.RVQOutput
+      channel_dim: this call's channel axis instead of the module's (dim= is its former name).
       mask: bool, z's shape without the channel dim, True for real rows: padding rows get no
         loss, no usage count, no EMA update, no restart candidacy.
       active_stages: explicit per-row stage counts (overrides quantize_dropout).
@@ -237,9 +238,10 @@ class ResidualVectorQuantizer(_Books):
                 for s in range(self.num_stages)]
 
     # ------------------------------------------------------------------------------ forward
-    def forward(self, z: Tensor, *, dim: Optional[int] = None, mask: Optional[Tensor] = None,
+    def forward(self, z: Tensor, *, channel_dim: Optional[int] = None, dim: Optional[int] = None,
+                mask: Optional[Tensor] = None,
                 active_stages: Optional[Tensor] = None) -> RVQOutput:
-        dim, zm, lead = self._channels_last(z, dim)
+        dim, zm, lead = self._channels_last(z, _channel_axis_override(channel_dim, dim))
         rows = zm.reshape(-1, self.dim)
         S = self.num_stages
         training = self.training
@@ -403,8 +405,9 @@ class GroupedVectorQuantizer(_Books):
     Without cosine, every group's search is one call (one native CPU call, or one Triton launch
     on the triton backend) where vqkernels.grouped_vq's fused path applies, projected or not,
     else a loop over the groups.
-    forward(z, *, dim=None, mask=None) -> vqkernels.GVQOutput (indices: z's shape without the
-    channel dim plus a last axis of G). In EMA mode ``loss = beta * sum_g commitment_loss[g]``.
+    forward(z, *, channel_dim=None, mask=None) -> vqkernels.GVQOutput (indices: z's shape without
+    the channel dim plus a last axis of G; channel_dim: this call's channel axis instead of the
+    module's, dim= its former name). In EMA mode ``loss = beta * sum_g commitment_loss[g]``.
     """
 
     def __init__(self, dim: int, groups: int, num_codes: Union[int, Sequence[int]] = 1024,
@@ -429,9 +432,9 @@ class GroupedVectorQuantizer(_Books):
         self.ema = self.books[0].ema
         self._make_projections(groups, d, codebook_dim)
 
-    def forward(self, z: Tensor, *, dim: Optional[int] = None,
+    def forward(self, z: Tensor, *, channel_dim: Optional[int] = None, dim: Optional[int] = None,
                 mask: Optional[Tensor] = None) -> GVQOutput:
-        dim, zm, lead = self._channels_last(z, dim)
+        dim, zm, lead = self._channels_last(z, _channel_axis_override(channel_dim, dim))
         G, d = self.groups, self.dim // self.groups
         parts = zm.reshape(-1, G, d)
         N = parts.shape[0]

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import backends
-from ..quantize import _FLOATS, VQOutput, _check, _check_beta, _vq_quantize
+from ..quantize import (_FLOATS, VQOutput, _channel_axis_override, _check, _check_beta,
+                        _vq_quantize)
 from .upkeep import (DistContext, ceil_div, check_positive_int, check_unit_interval,
                      kmeans_plusplus, laplace_smoothed, pick_rows, seeded_generator, usage_stats)
 
@@ -212,9 +213,13 @@ class VectorQuantizer(nn.Module):
         self._init_done = True
 
     # -------------------------------------------------------------------------------- forward
-    def forward(self, z_e: Tensor, *, dim: int | None = None) -> VQOutput:
+    def forward(self, z_e: Tensor, *, channel_dim: int | None = None,
+                dim: int | None = None) -> VQOutput:
+        """channel_dim: this call's channel axis instead of the module's (dim= is its former
+        name, still accepted)."""
         if not isinstance(z_e, Tensor):
             raise TypeError(f"z_e must be a torch.Tensor, got {type(z_e).__name__}")
+        dim = _channel_axis_override(channel_dim, dim)
         # A zero-storage stand-in with the search codebook's shape, dtype and device: the checks
         # need no copy of the codebook.
         stand_in = self.codebook.new_zeros(

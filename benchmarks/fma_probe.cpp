@@ -10,6 +10,8 @@
 // (CLOCK_THREAD_CPUTIME_ID: a busy neighbour on a shared machine steals wall time, not this
 // thread's CPU time).
 //
+// Part 3 (AVX-512 CPUs only): the 512-bit fp32 FMA, int16 vpmaddwd + vpaddd, VNNI vpdpwssd and
+// vdpbf16ps pipes.
 // Part 1, pipes: 12 independent accumulator chains (enough to cover latency x pipes), registers only.
 //   fp32      vfmadd231ps ymm: 8 multiply-adds per instruction;
 //   int16     vpmaddwd + vpaddd ymm (vpmaddwd cannot accumulate): 16 multiply-adds per pair;
@@ -195,6 +197,18 @@ double rate(const Case& c, const void* x, const void* b) {
 
 }  // namespace
 
+// Part 3, AVX-512 (run only where the CPU has it): the 512-bit forms of the pipes above, and the
+// two 2-multiply-adds-per-lane instructions the avx512_vnni_i16 and avx512bf16 paths are built on.
+#define Z(op, a) op " %%zmm14, %%zmm15, %%zmm" #a "\n\t"
+#define Z12(op) Z(op, 0) Z(op, 1) Z(op, 2) Z(op, 3) Z(op, 4) Z(op, 5) Z(op, 6) Z(op, 7) Z(op, 8) \
+  Z(op, 9) Z(op, 10) Z(op, 11)
+#define ZI16(a, t) "vpmaddwd %%zmm14, %%zmm15, %%zmm" #t "\n\tvpaddd %%zmm" #t ", %%zmm" #a ", %%zmm" #a "\n\t"
+LOOP(z_fp32, Z12("vfmadd231ps"))
+LOOP(z_int16, ZI16(0, 12) ZI16(1, 13) ZI16(2, 12) ZI16(3, 13) ZI16(4, 12) ZI16(5, 13) ZI16(6, 12)
+                  ZI16(7, 13) ZI16(8, 12) ZI16(9, 13) ZI16(10, 12) ZI16(11, 13))
+LOOP(z_vnni, Z12("vpdpwssd"))
+LOOP(z_bf16, Z12("vdpbf16ps"))
+
 int main() {
   // The loops read (never write) these; zeros keep the FMAs away from subnormal slow paths.
   void* x = aligned_alloc(64, 4096);
@@ -231,6 +245,22 @@ int main() {
   for (const Case& c : pipes) std::printf("  %-44s %6.1f\n", c.label, rate(c, x, b));
   std::printf("kernel inner-loop steps (with their loads and broadcasts):\n");
   for (const Case& c : kernels) std::printf("  %-44s %6.1f\n", c.label, rate(c, x, b));
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) {
+    std::printf("AVX-512 pipes (registers only):\n");
+    const Case z[] = {{"fp32 vfmadd231ps zmm (12)", z_fp32, 12 * 16},
+                      {"int16 vpmaddwd + vpaddd zmm (12)", z_int16, 12 * 32}};
+    for (const Case& c : z) std::printf("  %-44s %6.1f\n", c.label, rate(c, x, b));
+    if (__builtin_cpu_supports("avx512vnni")) {
+      const Case c = {"int16 vpdpwssd zmm (12, VNNI)", z_vnni, 12 * 32};
+      std::printf("  %-44s %6.1f\n", c.label, rate(c, x, b));
+    }
+    if (__builtin_cpu_supports("avx512bf16")) {
+      const Case c = {"bf16 vdpbf16ps zmm (12)", z_bf16, 12 * 32};
+      std::printf("  %-44s %6.1f\n", c.label, rate(c, x, b));
+    }
+  } else {
+    std::printf("AVX-512 pipes: not run (this CPU has no AVX-512 F/BW)\n");
+  }
   free(x);
   free(b);
   return 0;

@@ -300,6 +300,28 @@ def test_auto_takes_int8_on_zen3_where_measured(monkeypatch):
         assert torch.equal(idx[clear], ref[clear]), (K, D)
 
 
+@pytest.mark.skipif(SKIP_REASONS["avx512_vnni_i16"] is not None or _amd_family_and_flags()[0] != 25
+                    or "avx512_vnni" not in _amd_family_and_flags()[1],
+                    reason="the auto rule for avx512_vnni_i16 concerns AMD family 25 with AVX-512 VNNI "
+                           "(Zen 4)")
+def test_auto_takes_vnni_int16_on_zen4_where_measured(monkeypatch):
+    """On Zen 4 auto picks the AVX-512 VNNI int16 pass where the bf16 build is not taken (K < 128)
+    from K >= 32 and D >= 16 (measured faster than the fp32 build there), the fp32 build below;
+    either way the answer is the exact one."""
+    monkeypatch.delenv("VQK_CPU_ISA", raising=False)
+    for K, D, aside in [(32, 16, True), (127, 64, True), (31, 64, False), (64, 15, False)]:
+        z, cb = make_inputs(300, K, D)
+        # A pair of codes 1e-4 apart that rows sit between: int16 cannot separate them, so the
+        # int16 pass must hand rows to the fp32 search -- which shows which path ran.
+        cb[1] = cb[0] + 1e-4
+        z[:100] = cb[0] + 0.5e-4 + 1e-6 * torch.randn(100, D)
+        before = native.module().cpu_set_aside_rows()
+        idx, _ = vqkernels.nearest_code(z, cb, backend="cpu")
+        assert (native.module().cpu_set_aside_rows() > before) == aside, (K, D)
+        ref, clear, _ = A.exact_answer(z, cb)
+        assert torch.equal(idx[clear], ref[clear]), (K, D)
+
+
 def test_avx2_inner_loops_keep_accumulators_in_registers():
     """No vfmadd or vpaddd of the built module takes a ymm operand from the stack: that is what a
     spilled accumulator of the AVX2 micro-kernels looks like (`vfmadd213ps -0x490(%rbp),...`), and

@@ -2,7 +2,8 @@
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/isa_vs_faiss.py [--threads 2] [--reps 7] [--isas avx2 avx2_i16]
 
-For each of issue 16's shapes (rows near codes, as benchmarks/test_bench_cpu.py makes them) one round
+For each of issue 16's shapes (rows near codes, as benchmarks/test_bench_cpu.py makes them, or with
+--data random randn rows against randn codes) one round
 calls FAISS `IndexFlatL2.search(z, 1)` and, for every build named (forced with VQK_CPU_ISA),
 `nearest_code` (indices and errors: FAISS's output) and `vq_quantize` (the whole forward job), in an
 order that rotates from round to round. Two clocks per call: wall time, and the process's CPU time
@@ -30,9 +31,13 @@ from ab_native import cpu_name  # noqa: E402
 SHAPES = [(8192, 64, 64), (8192, 256, 256), (8192, 512, 256), (32768, 512, 512), (65536, 4096, 64)]
 
 
-def data(N, K, D):
+def data(N, K, D, kind="near"):
+    """near: rows near codes (code + 0.3 randn), as a trained codebook sees them; random: randn
+    rows against randn codes, where a reduced-precision bound settles fewer rows."""
     g = torch.Generator().manual_seed(N * 31 + K * 7 + D)
     cb = torch.randn(K, D, generator=g)
+    if kind == "random":
+        return torch.randn(N, D, generator=g), cb
     z = cb[torch.randint(0, K, (N,), generator=g)] + 0.3 * torch.randn(N, D, generator=g)
     return z, cb
 
@@ -43,6 +48,8 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--isas", nargs="+", default=["avx2", "avx2_i16"])
     ap.add_argument("--shapes", default=None, help="e.g. 8192x64x64,8192x256x256")
+    ap.add_argument("--data", choices=["near", "random"], default="near",
+                    help="rows near codes (default) or random rows against random codes")
     args = ap.parse_args(argv)
     import faiss
 
@@ -50,7 +57,8 @@ def main(argv=None):
     faiss.omp_set_num_threads(args.threads)
     shapes = SHAPES if not args.shapes else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     print(f"# float32 forward, {args.threads} threads, {args.reps} interleaved rounds, medians; CPU {cpu_name()}; "
-          f"torch {torch.__version__}, faiss {faiss.__version__}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')}")
+          f"torch {torch.__version__}, faiss {faiss.__version__}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')}; "
+          f"data: {args.data}")
     cols = ["faiss"] + [f"{op}:{isa}" for isa in args.isas for op in ("nearest_code", "vq_quantize")]
     print("| N×K×D | " + " | ".join(f"{c} ms wall / cpu" for c in cols) + " | "
           + " | ".join(f"{c} ÷ FAISS (wall / cpu)" for c in cols[1:]) + " | "
@@ -58,7 +66,7 @@ def main(argv=None):
     print("|---" * (1 + 3 * len(cols) - 2) + "|")
     old = os.environ.get("VQK_CPU_ISA")
     for N, K, D in shapes:
-        z, cb = data(N, K, D)
+        z, cb = data(N, K, D, args.data)
         index = faiss.IndexFlatL2(D)
         index.add(cb.numpy())
         zn = z.numpy()

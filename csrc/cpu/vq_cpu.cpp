@@ -251,15 +251,16 @@ constexpr int64_t kBf16MinK = 128, kBf16MinD = 16;
 // stays on `neon` until someone measures it on real cores.
 // The AVX-512 int16 passes (search_avx512_i16.cpp: avx512_i16, and avx512_vnni_i16 with vpdpwssd)
 // were first timed on a Zen 4 EPYC (AMD family 25 model 17, avx512_bf16 + avx512_vnni; 2 threads,
-// interleaved medians; benchmarks/results/cpu-zen4-2026-12-02.md): avx512_vnni_i16's nearest_code
-// took 0.71-0.88x the fp32 avx512 build's time from K = 32 (D = 64, 128, 256; rows near codes and
-// random rows alike), ~1x at K = 16 and at D = 16 (equal, not slower), and about the bf16 build's
-// time from K = 128 on (0.9-1.06x). So on AMD family 25 with AVX-512 VNNI (Zen 4) auto takes it
-// where the bf16 build is not taken (K < 128) from K = 32 and D = 16; bf16 keeps K >= 128 (a tie,
-// and its rule is older). avx512_i16 (vpmaddwd + vpaddd) was slower than VNNI everywhere there and
-// is forced only. On Intel cores nothing was timed: on Skylake-SP 512-bit vpmaddwd issues on one
-// port where 512-bit FMA has two on some SKUs, so the 2x multiply-adds per instruction may buy
-// nothing; those keep the fp32 avx512 build (VQK_CPU_ISA forces either).
+// interleaved medians; benchmarks/results/cpu-zen4-2026-12-02.md). avx512_vnni_i16's nearest_code
+// took 0.71-0.88x the fp32 avx512 build's time from K = 32 (D = 64-256; ~1x at K = 16 and at
+// D = 16-32, never slower). Against the bf16 build it tied on rows near codes (0.79-1.06x) and won
+// on random rows against random codes (0.70-0.98x; there bf16's coarser bound leaves more
+// candidates to its fp32 re-check and it ran no faster than fp32 avx512). So on AMD family 25 with
+// AVX-512 VNNI (Zen 4) auto takes avx512_vnni_i16 from K = 32 and D = 16, in front of bf16. Zen 5
+// (family 26: 512-bit FMA pipes) keeps the bf16 rule it was timed with; avx512_i16 (vpmaddwd +
+// vpaddd) was slower than VNNI everywhere and is forced only. On Intel cores nothing was timed
+// (on Skylake-SP a 512-bit vpmaddwd issues on one port where 512-bit FMA has two on some SKUs, so
+// the 2x multiply-adds per instruction may buy nothing): they keep bf16 / fp32 avx512.
 constexpr int64_t kI16MinK = 64, kI16MinD = 16;
 constexpr int64_t kVnniMinK = 32;
 
@@ -283,13 +284,13 @@ const cpu::SearchKernels& select_kernels([[maybe_unused]] int64_t K, [[maybe_unu
   const char* env = std::getenv("VQK_CPU_ISA");
   const std::string want = env ? env : "";
   if (want.empty() || want == "auto") {
-#if defined(VQK_HAVE_AVX512BF16)
-    if (cpu_has_avx512bf16() && K >= kBf16MinK && D >= kBf16MinD) return cpu::kernels_avx512bf16();
-#endif
 #if defined(VQK_HAVE_AVX512_VNNI_I16) && defined(VQK_HAVE_AVX2)
     if (cpu_has_avx512_vnni_i16() && !avx512_emulated() && cpu_is_amd_family25() &&
         K >= kVnniMinK && D >= kI16MinD)
       return cpu::kernels_avx512_vnni_i16();
+#endif
+#if defined(VQK_HAVE_AVX512BF16)
+    if (cpu_has_avx512bf16() && K >= kBf16MinK && D >= kBf16MinD) return cpu::kernels_avx512bf16();
 #endif
 #if defined(VQK_HAVE_AVX512)
     if (cpu_has_avx512()) return cpu::kernels_avx512();

@@ -253,13 +253,26 @@ struct Top2 {
 
 // One code's values `dist` (index kj) into a lane vector's best two (b1, its index k1, and b2):
 // codes come in increasing order and the compares are strict, so ties keep the lowest index.
-VQK_ALWAYS_INLINE void top2_update(typename V::F dist, typename V::I kj, typename V::F& b1,
-                                   typename V::F& b2, typename V::I& k1) {
-  const typename V::M m1 = V::lt(dist, b1);
-  const typename V::M m2 = V::lt(dist, b2);  // implied by m1
-  b2 = V::sel(m1, b1, V::sel(m2, dist, b2));
-  b1 = V::sel(m1, dist, b1);
-  k1 = V::seli(m1, kj, k1);
+// With x86's min/max (the second operand where either is NaN) the same values take one compare
+// and one select fewer: b1 <= b2 always, so b2' = min(max(b1, dist), b2) is b1 where dist < b1,
+// dist where b1 <= dist < b2, else b2 -- the selects' values (an equal pair returns the second
+// operand, so at most a zero's sign can differ, which no comparison or difference sees); a NaN
+// dist gives max(b1, NaN) = NaN, then min(NaN, b2) = b2 and min(NaN, b1) = b1: untouched, as
+// before.
+// (A template, so that the branch a traits type has no min/max for is never instantiated.)
+template <class T = V>
+VQK_ALWAYS_INLINE void top2_update(typename T::F dist, typename T::I kj, typename T::F& b1,
+                                   typename T::F& b2, typename T::I& k1) {
+  const typename T::M m1 = T::lt(dist, b1);
+  if constexpr (T::kNanSecondMinMax) {
+    b2 = T::min(T::max(b1, dist), b2);
+    b1 = T::min(dist, b1);
+  } else {
+    const typename T::M m2 = T::lt(dist, b2);  // implied by m1
+    b2 = T::sel(m1, b1, T::sel(m2, dist, b2));
+    b1 = T::sel(m1, dist, b1);
+  }
+  k1 = T::seli(m1, kj, k1);
 }
 
 VQK_ALWAYS_INLINE void search_tile(const float* __restrict xt, const float* __restrict packed,

@@ -26,6 +26,7 @@ struct V {
   static inline F sub(F a, F b) { return a - b; }
   static inline F add(F a, F b) { return a + b; }
   static inline float hsum(F a) { return a; }
+  static constexpr bool kNanSecondMinMax = false;  // no min/max here: top2_update selects
   static inline M lt(F a, F b) { return a < b; }  // false when either is NaN
   static inline F sel(M m, F t, F f) { return m ? t : f; }
   static inline I seli(M m, I t, I f) { return m ? t : f; }

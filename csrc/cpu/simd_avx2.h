@@ -28,6 +28,9 @@ struct V {
   static inline F mul(F a, F b) { return _mm256_mul_ps(a, b); }
   static inline F cvt(I a) { return _mm256_cvtepi32_ps(a); }  // int32 to fp32, rounded to nearest
   static inline F div(F a, F b) { return _mm256_div_ps(a, b); }
+  // min/max return their second operand where either is NaN (x86's vminps/vmaxps): top2_update
+  // relies on it.
+  static constexpr bool kNanSecondMinMax = true;
   static inline F min(F a, F b) { return _mm256_min_ps(a, b); }  // b where either is NaN
   static inline F max(F a, F b) { return _mm256_max_ps(a, b); }  // likewise
   static inline F abs(F a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }

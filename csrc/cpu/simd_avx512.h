@@ -32,6 +32,9 @@ struct V {
   static inline F mul(F a, F b) { return _mm512_mul_ps(a, b); }
   static inline F cvt(I a) { return _mm512_cvtepi32_ps(a); }  // int32 to fp32, rounded to nearest
   static inline F div(F a, F b) { return _mm512_div_ps(a, b); }
+  // min/max return their second operand where either is NaN (x86's vminps/vmaxps): top2_update
+  // relies on it.
+  static constexpr bool kNanSecondMinMax = true;
   static inline F min(F a, F b) { return _mm512_min_ps(a, b); }  // b where either is NaN
   static inline F max(F a, F b) { return _mm512_max_ps(a, b); }  // likewise
   static inline F abs(F a) { return _mm512_abs_ps(a); }

@@ -27,6 +27,7 @@ struct V {
   static inline F sub(F a, F b) { return vsubq_f32(a, b); }
   static inline F add(F a, F b) { return vaddq_f32(a, b); }
   static inline float hsum(F a) { return vaddvq_f32(a); }
+  static constexpr bool kNanSecondMinMax = false;  // vminq_f32 returns NaN: top2_update selects
   static inline M lt(F a, F b) { return vcltq_f32(a, b); }  // false when either is NaN
   static inline F sel(M m, F t, F f) { return vbslq_f32(m, t, f); }
   static inline I seli(M m, I t, I f) { return vbslq_s32(m, t, f); }

@@ -10,6 +10,10 @@
 #            Cortex-A72 model (Armv8.0, no dot product), where auto must stay on neon and neon_dot
 #            must be refused by the run-time check. qemu checks behaviour only: NEON speed is not
 #            measured by this script.
+#   tsan     the host build again with ThreadSanitizer (-fsanitize=thread, -O1 -g; x86-64: only the
+#            builds this CPU runs), its driver run quick: the worker pool (revocation of late
+#            workers), the 2-thread searches and backward; any report fails. A planted race
+#            (tests/native/tsan_canary.cpp) must be reported first, so an inert sanitizer cannot pass.
 #   x86-emulated  the AVX-512 builds (EMULATED below) compiled against SIMD Everywhere (Debian's
 #            libsimde-dev: the intrinsics in portable C, plus csrc/cpu/simde_avx512.h's shims for
 #            those SIMDe 0.7.4 lacks, themselves checked first by tests/native/simde_check.cpp)
@@ -22,7 +26,7 @@
 #            code generation: that still needs an AVX-512 machine (the host target there).
 # Installs the cross toolchain, qemu and SIMDe with apt-get when they are missing and it can
 # (root, or VQK_NO_APT=1 to forbid it).
-# Usage: .ci/native_checks.sh [host|aarch64|x86-emulated|all] (default all).
+# Usage: .ci/native_checks.sh [host|aarch64|x86-emulated|tsan|all] (default all).
 # Objects go to build/native_checks/<arch>/ (ignored by git).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -97,8 +101,9 @@ apt_install() {
 }
 
 host() {
-  local arch
+  local arch out_dir="${VQK_HOST_OUT:-}"
   arch="$(uname -m)"
+  out_dir="${out_dir:-build/native_checks/$arch}"
   echo "== host ($arch): build"
   local t0=$SECONDS
   case "$arch" in
@@ -122,7 +127,7 @@ host() {
           echo "   ${CXX:-g++} lacks the flags of ${spec%%:*}: left out"
         fi
       done
-      build "${CXX:-g++}" "build/native_checks/$arch" "$defs" "${specs[@]}"
+      build "${CXX:-g++}" "$out_dir" "$defs" "${specs[@]}"
       # What this CPU reports must run (a build the compiler could make but the driver skips is
       # a failure, not a quiet skip).
       local req=scalar flagsline
@@ -134,17 +139,17 @@ host() {
       has avx512f avx512bw avx512vl avx512dq avx512_vnni && [[ "$defs" == *VQK_HAVE_AVX512_VNNI_I16* ]] && req="$req,avx512_vnni_i16"
       has avx512f avx512bw avx512vl avx512dq avx512_bf16 && [[ "$defs" == *VQK_HAVE_AVX512BF16* ]] && req="$req,avx512bf16"
       echo "== host: run (built in $((SECONDS - t0)) s; required here: $req)"
-      "build/native_checks/$arch/kernel_check" --require="$req" ;;
+      "$out_dir/kernel_check" --require="$req" "${HOST_CHECK_ARGS[@]}" ;;
     aarch64|arm64)
-      build "${CXX:-g++}" "build/native_checks/$arch" "VQK_HAVE_NEON VQK_HAVE_NEON_DOT" \
+      build "${CXX:-g++}" "$out_dir" "VQK_HAVE_NEON VQK_HAVE_NEON_DOT" \
         "csrc/cpu/search_neon.cpp:" "csrc/cpu/search_neon_dot.cpp:-march=armv8.2-a+dotprod"
       echo "== host: run (built in $((SECONDS - t0)) s)"
       local req=neon,scalar
       grep -qw asimddp /proc/cpuinfo 2>/dev/null && req="$req,neon_dot"
-      "build/native_checks/$arch/kernel_check" --require="$req" --expect-auto=neon ;;
+      "$out_dir/kernel_check" --require="$req" --expect-auto=neon "${HOST_CHECK_ARGS[@]}" ;;
     *)
-      build "${CXX:-g++}" "build/native_checks/$arch" ""
-      "build/native_checks/$arch/kernel_check" --require=scalar --expect-auto=scalar ;;
+      build "${CXX:-g++}" "$out_dir" ""
+      "$out_dir/kernel_check" --require=scalar --expect-auto=scalar "${HOST_CHECK_ARGS[@]}" ;;
   esac
 }
 
@@ -217,6 +222,26 @@ x86_emulated() {
   echo "== x86-emulated: ran in $((SECONDS - t1)) s"
 }
 
+# The host target once more under ThreadSanitizer, in its own folder.
+tsan() {
+  local out="build/native_checks/tsan-$(uname -m)"
+  mkdir -p "$out"
+  echo "== tsan: the canary (a planted race must be reported)"
+  stale "$out/tsan_canary" tests/native/tsan_canary.cpp &&
+    "${CXX:-g++}" -std=c++17 -O1 -g -fsanitize=thread -pthread tests/native/tsan_canary.cpp -o "$out/tsan_canary"
+  if TSAN_OPTIONS="halt_on_error=1 exitcode=66" "$out/tsan_canary" >"$out/canary.log" 2>&1; then
+    echo "tsan: the planted race went unreported: ThreadSanitizer is not working here" >&2
+    cat "$out/canary.log" >&2
+    return 1
+  fi
+  grep -q "WARNING: ThreadSanitizer: data race" "$out/canary.log" || {
+    echo "tsan: the canary failed without a race report" >&2; cat "$out/canary.log" >&2; return 1; }
+  echo "   reported, as it must be"
+  local CXXFLAGS=(-std=c++17 -O1 -g -fsanitize=thread -Wall -Wextra -pthread -Icsrc/include)
+  local HOST_CHECK_ARGS=(--quick)
+  TSAN_OPTIONS="halt_on_error=1 exitcode=66 ${TSAN_OPTIONS:-}" VQK_HOST_OUT="$out" host
+}
+
 simde_version() {
   local h=/usr/include/simde/simde-common.h
   [[ -f "$h" ]] || { echo "?"; return; }
@@ -224,11 +249,13 @@ simde_version() {
 }
 
 VQK_NATIVE_CHECK_ARGS=()
+HOST_CHECK_ARGS=()
 [[ -n "${VQK_NATIVE_QUICK:-}" ]] && VQK_NATIVE_CHECK_ARGS+=(--quick)
 case "$what" in
   host) host ;;
   aarch64) aarch64 ;;
   x86-emulated) x86_emulated ;;
-  all) host; aarch64; x86_emulated ;;
-  *) echo "usage: $0 [host|aarch64|x86-emulated|all]" >&2; exit 2 ;;
+  tsan) tsan ;;
+  all) host; aarch64; x86_emulated; tsan ;;
+  *) echo "usage: $0 [host|aarch64|x86-emulated|tsan|all]" >&2; exit 2 ;;
 esac

@@ -305,12 +305,13 @@ def test_auto_takes_int8_on_zen3_where_measured(monkeypatch):
                     reason="the auto rule for avx512_vnni_i16 concerns AMD family 25 with AVX-512 VNNI "
                            "(Zen 4)")
 def test_auto_takes_vnni_int16_on_zen4_where_measured(monkeypatch):
-    """On Zen 4 auto picks the AVX-512 VNNI int16 pass from K >= 32 and D >= 16, in front of the
+    """On Zen 4 auto picks the AVX-512 VNNI int16 pass from K >= 32 and D >= 8, in front of the
     bf16 build (measured as fast on rows near codes, faster on random rows, and faster than the
     fp32 build from K = 32), the fp32 build below; either way the answer is the exact one."""
     monkeypatch.delenv("VQK_CPU_ISA", raising=False)
     assert native.module().cpu_isa() == "avx512_vnni_i16"  # the path reported for K = 128, D = 16
-    for K, D, aside in [(32, 16, True), (127, 64, True), (31, 64, False), (64, 15, False)]:
+    for K, D, aside in [(32, 16, True), (127, 64, True), (64, 8, True), (31, 64, False),
+                        (64, 7, False)]:
         z, cb = make_inputs(300, K, D)
         # A pair of codes 1e-4 apart that rows sit between: int16 cannot separate them, so the
         # int16 pass must hand rows to the fp32 search -- which shows which path ran.

@@ -256,13 +256,15 @@ constexpr int64_t kBf16MinK = 128, kBf16MinD = 16;
 // D = 16-32, never slower). Against the bf16 build it tied on rows near codes (0.79-1.06x) and won
 // on random rows against random codes (0.70-0.98x; there bf16's coarser bound leaves more
 // candidates to its fp32 re-check and it ran no faster than fp32 avx512). So on AMD family 25 with
-// AVX-512 VNNI (Zen 4) auto takes avx512_vnni_i16 from K = 32 and D = 16, in front of bf16. Zen 5
+// AVX-512 VNNI (Zen 4) auto takes avx512_vnni_i16 from K = 32 and D = 8, in front of bf16. Zen 5
 // (family 26: 512-bit FMA pipes) keeps the bf16 rule it was timed with; avx512_i16 (vpmaddwd +
 // vpaddd) was slower than VNNI everywhere and is forced only. On Intel cores nothing was timed
 // (on Skylake-SP a 512-bit vpmaddwd issues on one port where 512-bit FMA has two on some SKUs, so
 // the 2x multiply-adds per instruction may buy nothing): they keep bf16 / fp32 avx512.
 constexpr int64_t kI16MinK = 64, kI16MinD = 16;
-constexpr int64_t kVnniMinK = 32;
+// D from 8: at D = 8-12 it took 0.80-0.97x avx512's time (K = 1024-16384, 0.89x at LlamaGen's
+// K = 16384, D = 8), at D = 4 1.13-1.17x (section 5 of the results page).
+constexpr int64_t kVnniMinK = 32, kVnniMinD = 8;
 
 [[maybe_unused]] bool cpu_is_amd_family25() {  // unused in a build without AVX2 (x86-emulated)
 #if defined(__x86_64__) || defined(__i386__)
@@ -286,7 +288,7 @@ const cpu::SearchKernels& select_kernels([[maybe_unused]] int64_t K, [[maybe_unu
   if (want.empty() || want == "auto") {
 #if defined(VQK_HAVE_AVX512_VNNI_I16) && defined(VQK_HAVE_AVX2)
     if (cpu_has_avx512_vnni_i16() && !avx512_emulated() && cpu_is_amd_family25() &&
-        K >= kVnniMinK && D >= kI16MinD)
+        K >= kVnniMinK && D >= kVnniMinD)
       return cpu::kernels_avx512_vnni_i16();
 #endif
 #if defined(VQK_HAVE_AVX512BF16)

@@ -2,6 +2,8 @@
 // avx512_i16 build (search_avx512_i16.cpp, where everything is explained) with each vpmaddwd +
 // vpaddd pair fused into one _mm512_dpwssd_epi32, the same int32 sums (no partial sum overflows).
 // Built with the avx512 flags plus -mavx512vnni; run only where the CPU reports AVX512_VNNI
-// (Cascade Lake, Ice Lake, Zen 4, ...). Speed not measured (no such CPU here): forced only.
+// (Cascade Lake, Ice Lake, Zen 4, ...). Timed on a Zen 4 EPYC (benchmarks/results/
+// cpu-zen4-2026-12-02.md): the fastest path there, so auto takes it on AMD family 25 with AVX-512
+// VNNI for K >= 32, D >= 8 (vq_cpu.cpp); untimed on Intel, where it is forced only.
 #define VQK_I16_VNNI 1
 #include "search_avx512_i16.cpp"

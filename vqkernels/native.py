@@ -103,6 +103,11 @@ def _cpu_model_and_flags() -> tuple[str, list[str]]:
         return platform.processor() or platform.machine(), []
     model = next((l.split(":", 1)[1].strip() for l in lines
                   if l.startswith(("model name", "Model", "CPU part"))), platform.machine())
+    # x86: the family and model numbers too (auto's rules name AMD family 25; a VM's model name is
+    # often just "AMD EPYC").
+    field = {l.split(":", 1)[0].strip(): l.split(":", 1)[1].strip() for l in lines[:30] if ":" in l}
+    if field.get("cpu family") and field.get("model"):
+        model = f"{model} (family {field['cpu family']} model {field['model']})"
     flags = next((l.split(":", 1)[1].split() for l in lines if l.startswith(("flags", "Features"))), [])
     keep = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16",
             "avx512_vnni", "avx_vnni", "asimd", "asimddp", "bf16", "sve")

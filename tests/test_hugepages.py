@@ -40,18 +40,27 @@ FRESH = 40 << 20
 
 
 def test_advice_covers_the_whole_huge_pages_inside_and_nothing_else():
-    buf = torch.empty(FRESH + 4096, dtype=torch.uint8)
-    p, n = buf.data_ptr(), buf.nbytes
-    lo = (p + HUGE - 1) // HUGE * HUGE
-    hi = (p + n) // HUGE * HUGE
-    assert not _covered(lo, lo + HUGE)
-    assert native.module().advise_hugepages(p, n)
-    assert _covered(lo, hi)
-    # The partial pages at either end were not advised (they may hold other allocations).
-    if lo > p:
-        assert not _covered(lo - 4096, lo)
-    if hi < p + n:
-        assert not _covered(hi, hi + 4096)
+    # A mapping of its own straight from mmap: a torch buffer, even of 40 MiB, came from memory an
+    # earlier test had advised in one CI run (late in the full suite; the allocator had reused it).
+    import ctypes
+    import mmap
+    m = mmap.mmap(-1, FRESH + 3 * 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    view = (ctypes.c_char * len(m)).from_buffer(m)
+    try:
+        p, n = ctypes.addressof(view) + 4096, len(m) - 4096  # start off a 2 MiB boundary
+        lo = (p + HUGE - 1) // HUGE * HUGE
+        hi = (p + n) // HUGE * HUGE
+        assert not _covered(lo, lo + HUGE)
+        assert native.module().advise_hugepages(p, n)
+        assert _covered(lo, hi)
+        # The partial pages at either end were not advised (they may hold other allocations).
+        if lo > p:
+            assert not _covered(lo - 4096, lo)
+        if hi < p + n:
+            assert not _covered(hi, hi + 4096)
+    finally:
+        del view
+        m.close()
 
 
 def test_no_advice_where_no_whole_huge_page_fits():

@@ -279,6 +279,21 @@ def _amd_family_and_flags():
     return family, field.get("flags", "").split()
 
 
+def _check_auto_path_by_twin_codes(K, D, aside):
+    """Auto's choice at (K, D), seen from outside: a pair of codes 1e-4 apart that 100 rows sit
+    between. An integer pass cannot separate them, so it must hand those rows to the fp32 search
+    (`aside`: the set-aside counter moves), while the fp32 build never does -- which shows which
+    path ran. Either way the indices are the exact ones wherever the best two are clearly apart."""
+    z, cb = make_inputs(300, K, D)
+    cb[1] = cb[0] + 1e-4
+    z[:100] = cb[0] + 0.5e-4 + 1e-6 * torch.randn(100, D)
+    before = native.module().cpu_set_aside_rows()
+    idx, _ = vqkernels.nearest_code(z, cb, backend="cpu")
+    assert (native.module().cpu_set_aside_rows() > before) == aside, (K, D)
+    ref, clear, _ = A.exact_answer(z, cb)
+    assert torch.equal(idx[clear], ref[clear]), (K, D)
+
+
 @pytest.mark.skipif(SKIP_REASONS["avx2_i8"] is not None or _amd_family_and_flags()[0] != 25
                     or "avx512f" in _amd_family_and_flags()[1],
                     reason="the auto rule for avx2_i8 concerns AMD family 25 without AVX-512 (Zen 3)")
@@ -288,16 +303,7 @@ def test_auto_takes_int8_on_zen3_where_measured(monkeypatch):
     monkeypatch.delenv("VQK_CPU_ISA", raising=False)
     assert native.module().cpu_isa() == "avx2_i8"
     for K, D, aside in [(64, 16, True), (63, 64, False), (256, 15, False)]:
-        z, cb = make_inputs(300, K, D)
-        # A pair of codes 1e-4 apart that rows sit between: int16 cannot separate them, so the
-        # int16 pass must hand rows to the fp32 search -- which shows which path ran.
-        cb[1] = cb[0] + 1e-4
-        z[:100] = cb[0] + 0.5e-4 + 1e-6 * torch.randn(100, D)
-        before = native.module().cpu_set_aside_rows()
-        idx, _ = vqkernels.nearest_code(z, cb, backend="cpu")
-        assert (native.module().cpu_set_aside_rows() > before) == aside, (K, D)
-        ref, clear, _ = A.exact_answer(z, cb)
-        assert torch.equal(idx[clear], ref[clear]), (K, D)
+        _check_auto_path_by_twin_codes(K, D, aside)
 
 
 @pytest.mark.skipif(SKIP_REASONS["avx512_vnni_i16"] is not None or _amd_family_and_flags()[0] != 25
@@ -312,16 +318,7 @@ def test_auto_takes_vnni_int16_on_zen4_where_measured(monkeypatch):
     assert native.module().cpu_isa() == "avx512_vnni_i16"  # the path reported for K = 128, D = 16
     for K, D, aside in [(32, 16, True), (127, 64, True), (64, 8, True), (31, 64, False),
                         (64, 7, False)]:
-        z, cb = make_inputs(300, K, D)
-        # A pair of codes 1e-4 apart that rows sit between: int16 cannot separate them, so the
-        # int16 pass must hand rows to the fp32 search -- which shows which path ran.
-        cb[1] = cb[0] + 1e-4
-        z[:100] = cb[0] + 0.5e-4 + 1e-6 * torch.randn(100, D)
-        before = native.module().cpu_set_aside_rows()
-        idx, _ = vqkernels.nearest_code(z, cb, backend="cpu")
-        assert (native.module().cpu_set_aside_rows() > before) == aside, (K, D)
-        ref, clear, _ = A.exact_answer(z, cb)
-        assert torch.equal(idx[clear], ref[clear]), (K, D)
+        _check_auto_path_by_twin_codes(K, D, aside)
 
 
 def test_avx2_inner_loops_keep_accumulators_in_registers():

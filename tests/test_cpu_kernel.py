@@ -306,14 +306,19 @@ def test_auto_takes_int8_on_zen3_where_measured(monkeypatch):
         _check_auto_path_by_twin_codes(K, D, aside)
 
 
-@pytest.mark.skipif(SKIP_REASONS["avx512_vnni_i16"] is not None or _amd_family_and_flags()[0] != 25
-                    or "avx512_vnni" not in _amd_family_and_flags()[1],
-                    reason="the auto rule for avx512_vnni_i16 concerns AMD family 25 with AVX-512 VNNI "
-                           "(Zen 4)")
-def test_auto_takes_vnni_int16_on_zen4_where_measured(monkeypatch):
-    """On Zen 4 auto picks the AVX-512 VNNI int16 pass from K >= 32 and D >= 8, in front of the
-    bf16 build (measured as fast on rows near codes, faster on random rows, and faster than the
-    fp32 build from K = 32), the fp32 build below; either way the answer is the exact one."""
+def _vnni_rule_applies():
+    family, flags = _amd_family_and_flags()
+    return "avx512_vnni" in flags and (family == 25 or "avx512_bf16" not in flags)
+
+
+@pytest.mark.skipif(SKIP_REASONS["avx512_vnni_i16"] is not None or not _vnni_rule_applies(),
+                    reason="the auto rule for avx512_vnni_i16 concerns CPUs with AVX-512 VNNI that are "
+                           "AMD family 25 (Zen 4) or lack AVX-512 BF16 (Intel Cascade Lake to Ice Lake)")
+def test_auto_takes_vnni_int16_where_measured(monkeypatch):
+    """On Zen 4 and on AVX-512 VNNI CPUs without BF16 (Ice Lake) auto picks the AVX-512 VNNI int16
+    pass from K >= 32 and D >= 8 (measured faster than the fp32 build from K = 32 on both, and on
+    Zen 4 as fast as the bf16 build on rows near codes, faster on random rows), the fp32 build
+    below; either way the answer is the exact one."""
     monkeypatch.delenv("VQK_CPU_ISA", raising=False)
     assert native.module().cpu_isa() == "avx512_vnni_i16"  # the path reported for K = 128, D = 16
     for K, D, aside in [(32, 16, True), (127, 64, True), (64, 8, True), (31, 64, False),

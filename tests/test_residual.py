@@ -647,42 +647,51 @@ def test_cpu_grouped_gradients_and_mask_match_the_loop():
 
 
 # ------------------------------------------------------------------------------ int16 residual
-# The avx2_i16 build's residual path (search_avx2_i16.cpp, residual_tiles_i16): each stage's
-# search first on int16 pairs, then the fp32 search's own decision for the rows it cannot prove.
-# Its indices, errors and z_q must be bitwise the fp32 avx2 build's residual path's.
+# The x86 int16 builds' residual path (search_i16_residual.h, residual_tiles_i16: avx2_i16 on
+# 256-bit tiles, avx512_i16 and avx512_vnni_i16 on 512-bit ones): each stage's search first on
+# int16 pairs, then the fp32 search's own decision for the rows it cannot prove. Its indices,
+# errors and z_q must be bitwise the fp32 build of the same width's residual path's.
 from adversarial import reflections, magnitudes  # noqa: E402
 from cpu_isas import SKIP_REASONS  # noqa: E402
 
-needs_i16 = pytest.mark.skipif(
-    SKIP_REASONS["avx2_i16"] is not None or SKIP_REASONS["avx2"] is not None,
-    reason=f"needs the avx2 and avx2_i16 kernels: {SKIP_REASONS['avx2_i16'] or SKIP_REASONS['avx2']}")
+I16_PAIRS = [("avx2", "avx2_i16"), ("avx512", "avx512_i16"), ("avx512", "avx512_vnni_i16")]
 
+
+def _i16_pair(pair):
+    fp32, i16 = pair
+    why = SKIP_REASONS[i16] or SKIP_REASONS[fp32]
+    return pytest.param(pair, id=i16, marks=pytest.mark.skipif(
+        why is not None, reason=f"needs the {fp32} and {i16} kernels: {why}"))
+
+
+i16_pairs = pytest.mark.parametrize("pair", [_i16_pair(p) for p in I16_PAIRS])
 
 def _bits(t):
     return t.view(torch.int32) if t.dtype == torch.float32 else t
 
 
-def _i16_vs_avx2(monkeypatch, z, cbs, active=None, cosine=False):
-    """(fp32 result, int16 result, rows the int16 pass set aside) under forced ISAs."""
+def _i16_vs_fp32(monkeypatch, pair, z, cbs, active=None, cosine=False):
+    """(fp32 result, int16 result, rows the int16 pass set aside) under the forced ISAs of
+    `pair` (fp32 build, int16 build of the same width)."""
     out = {}
-    for isa in ("avx2", "avx2_i16"):
+    for isa in pair:
         monkeypatch.setenv("VQK_CPU_ISA", isa)
         before = native.module().cpu_set_aside_rows()
         out[isa] = residual_forward(z, cbs, active, "cpu", cosine=cosine)
         aside = native.module().cpu_set_aside_rows() - before
-        if isa == "avx2":
+        if isa == pair[0]:
             assert aside == 0  # the fp32 path never sets rows aside
     monkeypatch.delenv("VQK_CPU_ISA")
-    for a, b, name in zip(out["avx2"], out["avx2_i16"], ("z_q", "indices", "sqerr")):
-        assert torch.equal(_bits(a), _bits(b)), f"{name} differs between avx2 and avx2_i16"
-    return out["avx2"], out["avx2_i16"], aside
+    for a, b, name in zip(out[pair[0]], out[pair[1]], ("z_q", "indices", "sqerr")):
+        assert torch.equal(_bits(a), _bits(b)), f"{name} differs between {pair[0]} and {pair[1]}"
+    return out[pair[0]], out[pair[1]], aside
 
 
 def _i16_families(gen):
     """(name, z, codebooks): random stages, odd D, and the adversarial families as stage 0
     followed by stages near the origin."""
     out = []
-    for D in (32, 33, 17):
+    for D in (32, 33, 17, 6, 5):
         z, cbs = _stagewise_data(gen, 300, D, [128, 100, 64, 129])
         out.append((f"random D={D}", z, cbs))
     def tail(D):
@@ -690,6 +699,10 @@ def _i16_families(gen):
                 torch.randn(70, D, generator=gen) * 0.05]
     x, cb = close_codes(gen, N=150, K=300, D=32, n_close=5, spacing=32)
     out.append(("close codes far out", x, [cb] + tail(32)))
+    # Odd pair counts (D2 = 17, 19: the candidate pass's last single pair step and odd tail).
+    for D in (34, 37):
+        x, cb = close_codes(gen, N=150, K=300, D=D, n_close=5, spacing=32)
+        out.append((f"close codes far out, D={D}", x, [cb] + tail(D)))
     x, cb = duplicated(gen, N=150, K0=40, D=16, copies=3, offset=0.0)  # ties near the origin
     out.append(("duplicates", x, [cb, cb - cb.mean(0)] + tail(16)))
     x, cb = duplicated(gen, N=150, K0=40, D=16, copies=4, interleave=False)
@@ -708,53 +721,58 @@ def _i16_families(gen):
     return out
 
 
-@needs_i16
-def test_i16_residual_is_bitwise_the_fp32_residual(monkeypatch):
+@i16_pairs
+def test_i16_residual_is_bitwise_the_fp32_residual(pair, monkeypatch):
     gen = _gen(301)
     aside = 0
     for name, z, cbs in _i16_families(gen):
-        _, (q, i, e), n = _i16_vs_avx2(monkeypatch, z, cbs)
+        _, (q, i, e), n = _i16_vs_fp32(monkeypatch, pair, z, cbs)
         aside += n
         ok = torch.isfinite(z).all(1)
-        _assert_every_stage_exact(z[ok], cbs, i[:, ok], f"avx2_i16 {name}")
-    # The int16 pass ran (the old build ran the fp32 avx2 build here and set nothing aside).
+        _assert_every_stage_exact(z[ok], cbs, i[:, ok], f"{pair[1]} {name}")
+    # The int16 pass ran (a build without an int16 residual search runs the fp32 one and sets
+    # nothing aside).
     assert aside > 0
 
 
-@needs_i16
-def test_i16_residual_cosine_and_dropout_are_bitwise_the_fp32_path(monkeypatch):
+@i16_pairs
+def test_i16_residual_cosine_and_dropout_are_bitwise_the_fp32_path(pair, monkeypatch):
     gen = _gen(311)
     z, cbs = _stagewise_data(gen, 400, 32, [128, 128, 96])
     ucbs = [_unit(cb) for cb in cbs]
-    _, (q, i, e), aside = _i16_vs_avx2(monkeypatch, z, ucbs, cosine=True)
-    _assert_every_cosine_stage_exact(z, ucbs, i, "avx2_i16 cosine")
+    _, (q, i, e), aside = _i16_vs_fp32(monkeypatch, pair, z, ucbs, cosine=True)
+    _assert_every_cosine_stage_exact(z, ucbs, i, f"{pair[1]} cosine")
     active = torch.randint(0, 4, (400,), generator=gen)
-    _, (q2, i2, e2), aside2 = _i16_vs_avx2(monkeypatch, z, cbs, active=active)
+    _, (q2, i2, e2), aside2 = _i16_vs_fp32(monkeypatch, pair, z, cbs, active=active)
     assert ((i2 == -1) == (torch.arange(3)[:, None] >= active[None])).all()
     assert aside + aside2 > 0
 
 
-@needs_i16
+@needs_cpu
 def test_i16_residual_is_taken_per_stage_where_the_single_stage_rule_takes_it(monkeypatch):
-    # Under `auto` on a CPU where the single-stage search picks avx2_i16 or the int8 tier in front
-    # of it, avx2_i8 (K >= 64, D >= 16; residual calls take avx2_i16 for both), a stage takes the
-    # int16 pass exactly when its own (K_s, D) would: stages of K = 32 never set rows aside;
-    # forced avx2_i16, they do (on data the int16 pass cannot settle).
+    # Under `auto` on a CPU where the single-stage search picks an int16 build (avx2_i16, or the
+    # int8 tier in front of it, avx2_i8: K >= 64, D >= 16, residual calls take avx2_i16 for both;
+    # avx512_vnni_i16: K >= 32, D >= 8), a stage takes the int16 pass exactly when its own (K_s, D)
+    # would: smaller stages never set rows aside; forced to the int16 build, they do (on data the
+    # int16 pass cannot settle).
     monkeypatch.delenv("VQK_CPU_ISA", raising=False)
-    if native.module().cpu_isa() not in ("avx2_i16", "avx2_i8"):
-        pytest.skip(f"auto picks {native.module().cpu_isa()} here, not avx2_i16 or avx2_i8")
+    auto = native.module().cpu_isa()
+    min_k = {"avx2_i16": 64, "avx2_i8": 64, "avx512_vnni_i16": 32}.get(auto)
+    if min_k is None:
+        pytest.skip(f"auto picks {auto} here, not an int16 build")
+    forced = "avx2_i16" if auto == "avx2_i8" else auto
     gen = _gen(321)
-    x, cb = close_codes(gen, N=200, K=32, D=32, n_close=3, spacing=8)
+    x, cb = close_codes(gen, N=200, K=min_k // 2, D=32, n_close=3, spacing=min_k // 8)
     small = [cb, cb - cb.mean(0)]
     m = native.module()
     before = m.cpu_set_aside_rows()
     residual_forward(x, small, None, "cpu")
-    assert m.cpu_set_aside_rows() == before  # K = 32: the fp32 search, as single-stage
-    big = [torch.cat([cb, cb + 0.5]), cb - cb.mean(0)]  # stage 0 now has K = 64
+    assert m.cpu_set_aside_rows() == before  # K below the rule: the fp32 search, as single-stage
+    big = [torch.cat([cb, cb + 0.5]), cb - cb.mean(0)]  # stage 0 now has K = min_k
     before = m.cpu_set_aside_rows()
     residual_forward(x, big, None, "cpu")
     assert m.cpu_set_aside_rows() > before
-    monkeypatch.setenv("VQK_CPU_ISA", "avx2_i16")
+    monkeypatch.setenv("VQK_CPU_ISA", forced)
     before = m.cpu_set_aside_rows()
     residual_forward(x, small, None, "cpu")
     assert m.cpu_set_aside_rows() > before

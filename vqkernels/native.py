@@ -88,7 +88,8 @@ def dtype_code(dtype: torch.dtype) -> int:
 # never been timed on a CPU that runs them.
 CPU_PATHS = ("avx512bf16", "avx512", "avx512_i16", "avx512_vnni_i16", "avx2", "avx2_i16", "avx2_i8",
              "neon", "neon_dot", "scalar")
-AUTO_RULE = ("auto takes the first of avx512_vnni_i16 (AMD family 25 with AVX-512 = Zen 4 only, for "
+AUTO_RULE = ("auto takes the first of avx512_vnni_i16 (Zen 4 = AMD family 25 with AVX-512, or "
+             "AVX-512 VNNI without AVX-512 BF16 = Intel Cascade Lake to Ice Lake; for "
              "K >= 32 and D >= 8), avx512bf16 (for K >= 128 and D >= 16), avx512, avx2_i8 (AMD "
              "family 25 without AVX-512 = Zen 3 only, for K >= 64 and D >= 16), avx2, neon, scalar "
              "that this CPU and build run; avx2_i16, avx512_i16 and neon_dot only when forced")

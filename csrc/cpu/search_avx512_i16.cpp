@@ -28,8 +28,9 @@
 // to the fp32 search of the same width (search_impl.h with the avx512 traits: the avx512 build's
 // search, proof and exact re-search), and the output is the avx512 build's, bit for bit.
 //
-// Residual VQ takes the plain avx512 build (vq_cpu.cpp; avx2_i16's residual search is written for
-// 256-bit tiles); grouped VQ runs this build's search per group.
+// Residual VQ: search_i16_residual.h's int16 pass per stage, avx2_i16's residual search on these
+// tiles (collect_lane_i16 below is the width-specific part), bitwise the avx512 build's residual
+// path; grouped VQ runs this build's search per group.
 // The tile (3 x 16 rows by 8 codes) and the avx512 build's fp32 search.
 #include "search_avx512_tile.h"
 
@@ -126,17 +127,79 @@ __attribute__((noinline)) void i16_dots(const uint32_t* __restrict xb, const uin
 #include "search_i16_common.h"
 
 namespace vqk {
+namespace {
+
+// The codes k with a_k' <= lim for lane r of the int16 tile xb (tau: the lane's scale), in
+// increasing k, into out[0 .. cap); returns their number, cap + 1 when there are more (the
+// residual search's candidates, search_i16_residual.h). a_k' is search_tile_i16's value bit for
+// bit: the exact int32 dot (here summed two pair steps at a time into two accumulators, an exact
+// reordering: every partial sum is bounded by D Q^2 < 2^31), converted, times tau (exact), then
+// fl(n_k - (2 sigma_k) dot) in one rounding. Padding and non-finite codes have n_k = +inf or NaN
+// and are never listed. Written for the packed layout [panel][D2][NR = 8] words: one 512-bit load
+// is two pair steps of a panel's 8 codes, against the lane's pairs laid out the same way in lp.
+static_assert(NR == 8, "collect_lane_i16 reads two pair steps of a panel's 8 codes per 512-bit load");
+int collect_lane_i16(const cpu::FwdJob& job, const uint32_t* __restrict xb, int r, float tau,
+                     float lim, int cap, int32_t* __restrict out, uint32_t* __restrict lp) {
+  const int64_t D2 = (job.D + 1) / 2, H = D2 / 2;
+  for (int64_t h = 0; h < H; ++h)
+    for (int c = 0; c < NR; ++c) {
+      lp[2 * NR * h + c] = xb[(2 * h) * MR + r];
+      lp[2 * NR * h + NR + c] = xb[(2 * h + 1) * MR + r];
+    }
+  const __m256i last = _mm256_set1_epi32((int32_t)(D2 & 1 ? xb[(D2 - 1) * MR + r] : 0u));
+  const __m256 tv = _mm256_set1_ps(tau), lv = _mm256_set1_ps(lim), two = _mm256_set1_ps(2.0f);
+  int n = 0;
+  for (int64_t p = 0; p < job.panels; ++p) {
+    const uint32_t* b = job.packed_bf16 + p * D2 * NR;
+    __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
+    int64_t h = 0;
+    for (; h + 1 < H; h += 2) {
+      a0 = madd_acc(a0, _mm512_loadu_si512(b + 2 * NR * h), _mm512_loadu_si512(lp + 2 * NR * h));
+      a1 = madd_acc(a1, _mm512_loadu_si512(b + 2 * NR * h + 2 * NR),
+                    _mm512_loadu_si512(lp + 2 * NR * h + 2 * NR));
+    }
+    if (h < H)
+      a0 = madd_acc(a0, _mm512_loadu_si512(b + 2 * NR * h), _mm512_loadu_si512(lp + 2 * NR * h));
+    a0 = _mm512_add_epi32(a0, a1);
+    __m256i s = _mm256_add_epi32(_mm512_castsi512_si256(a0), _mm512_extracti64x4_epi64(a0, 1));
+    if (D2 & 1)
+      s = _mm256_add_epi32(s, _mm256_madd_epi16(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2 * NR * H)), last));
+    const __m256 dot = _mm256_mul_ps(_mm256_cvtepi32_ps(s), tv);
+    const __m256 dist = _mm256_fnmadd_ps(dot, _mm256_mul_ps(two, _mm256_loadu_ps(job.code_aux + p * NR)),
+                                         _mm256_loadu_ps(job.norms + p * NR));
+    const int m = _mm256_movemask_ps(_mm256_cmp_ps(dist, lv, _CMP_LE_OQ));
+    if (!m) continue;
+    for (int j = 0; j < NR; ++j)
+      if (m >> j & 1) {
+        if (n < cap) out[n] = (int32_t)(p * NR + j);
+        if (n <= cap) ++n;
+      }
+  }
+  return n;
+}
+
+}  // namespace
+}  // namespace vqk
+
+// The residual search on top of it (search_tile_i16_top3, residual_tiles_i16): each stage's
+// search of a tile first on int16 pairs, bitwise the avx512 build's residual path.
+#include "search_i16_residual.h"
+
+namespace vqk {
 namespace cpu {
 #if defined(VQK_I16_VNNI)
 const SearchKernels& kernels_avx512_vnni_i16() {
   static const SearchKernels k{"avx512_vnni_i16", MR, NR, pack_any_i16, search_any_i16,
-                               flush_set_aside, i16_scratch_floats, false, true, nullptr, nullptr};
+                               flush_set_aside, i16_scratch_floats, false, true, residual_tiles_i16,
+                               residual_i16_scratch_floats};
   return k;
 }
 #else
 const SearchKernels& kernels_avx512_i16() {
   static const SearchKernels k{"avx512_i16", MR, NR, pack_any_i16, search_any_i16,
-                               flush_set_aside, i16_scratch_floats, false, true, nullptr, nullptr};
+                               flush_set_aside, i16_scratch_floats, false, true, residual_tiles_i16,
+                               residual_i16_scratch_floats};
   return k;
 }
 #endif

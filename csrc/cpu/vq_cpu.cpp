@@ -258,9 +258,16 @@ constexpr int64_t kBf16MinK = 128, kBf16MinD = 16;
 // candidates to its fp32 re-check and it ran no faster than fp32 avx512). So on AMD family 25 with
 // AVX-512 VNNI (Zen 4) auto takes avx512_vnni_i16 from K = 32 and D = 8, in front of bf16. Zen 5
 // (family 26: 512-bit FMA pipes) keeps the bf16 rule it was timed with; avx512_i16 (vpmaddwd +
-// vpaddd) was slower than VNNI everywhere and is forced only. On Intel cores nothing was timed
-// (on Skylake-SP a 512-bit vpmaddwd issues on one port where 512-bit FMA has two on some SKUs, so
-// the 2x multiply-adds per instruction may buy nothing): they keep bf16 / fp32 avx512.
+// vpaddd) was slower than VNNI everywhere and is forced only.
+// On an Intel Ice Lake Xeon (family 6 model 106: AVX-512 VNNI, no AVX-512 BF16; one core's fp32
+// zmm FMA 91 GMAC/s, vpdpwssd zmm 170, benchmarks/fma_probe.cpp) avx512_vnni_i16's nearest_code
+// took 0.56-0.64x the fp32 avx512 build's CPU time at issue 16's five shapes on rows near codes
+// and 0.57-0.98x on random rows (K = 32-16384, D = 8-512; ~1x only where the int16 bound proves
+// few rows: D = 512 on random data), never slower beyond the noise of sub-millisecond calls
+// (benchmarks/results/cpu-icelake-2026-12-02.md). So auto takes it, for the same K >= 32, D >= 8,
+// on every CPU with AVX-512 VNNI and without AVX-512 BF16 (Cascade Lake to Ice Lake and Tiger
+// Lake: the same 512-bit vpdpwssd, timed on Ice Lake only), as on Zen 4. Intel cores with BF16
+// (Cooper Lake, Sapphire Rapids on) and Zen 5 keep the rules they have (bf16, untimed on Intel).
 constexpr int64_t kI16MinK = 64, kI16MinD = 16;
 // D from 8: at D = 8-12 it took 0.80-0.97x avx512's time (K = 1024-16384, 0.89x at LlamaGen's
 // K = 16384, D = 8), at D = 4 1.13-1.17x (section 5 of the results page).
@@ -280,6 +287,16 @@ constexpr int64_t kVnniMinK = 32, kVnniMinD = 8;
 #endif
 }
 
+// Where auto puts avx512_vnni_i16 first (above): Zen 4 (AMD family 25 with AVX-512), and CPUs with
+// AVX-512 VNNI but without AVX-512 BF16 (Intel Cascade Lake to Ice Lake).
+[[maybe_unused]] bool vnni_i16_measured_faster() {
+#if defined(__x86_64__) || defined(__i386__)
+  return cpu_is_amd_family25() || !__builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
 // The kernels to use for a K x D codebook: the best this CPU runs, or the one VQK_CPU_ISA names
 // (read on every call so tests can force each path on one machine).
 const cpu::SearchKernels& select_kernels([[maybe_unused]] int64_t K, [[maybe_unused]] int64_t D) {
@@ -287,7 +304,7 @@ const cpu::SearchKernels& select_kernels([[maybe_unused]] int64_t K, [[maybe_unu
   const std::string want = env ? env : "";
   if (want.empty() || want == "auto") {
 #if defined(VQK_HAVE_AVX512_VNNI_I16) && defined(VQK_HAVE_AVX2)
-    if (cpu_has_avx512_vnni_i16() && !avx512_emulated() && cpu_is_amd_family25() &&
+    if (cpu_has_avx512_vnni_i16() && !avx512_emulated() && vnni_i16_measured_faster() &&
         K >= kVnniMinK && D >= kVnniMinD)
       return cpu::kernels_avx512_vnni_i16();
 #endif
@@ -936,20 +953,13 @@ void residual_forward(const ResidualArgs& a, int num_threads) {
   if (ks->i8) ks = &cpu::kernels_avx2_i16();
 #endif
   // avx512bf16 has no residual path (its proof is set up per call, not per stage): the fp32 build
-  // of the same instruction set runs on any CPU it does. avx2_i16 has one (search_avx2_i16.cpp,
-  // residual_tiles_i16), which takes its int16 pass per stage exactly where the single-stage
-  // search of that stage's (K_s, D) would (below: the other stages get no int16 copy and run
-  // that build's fp32 search); neon_dot's runs the fp32 search.
+  // of the same instruction set runs on any CPU it does. The x86 int16 builds (avx2_i16,
+  // avx512_i16, avx512_vnni_i16) have one (search_i16_residual.h, residual_tiles_i16), which takes
+  // its int16 pass per stage exactly where the single-stage search of that stage's (K_s, D) would
+  // (below: the other stages get no int16 copy and run that build's fp32 search); neon_dot's runs
+  // the fp32 search.
 #if defined(VQK_HAVE_AVX512)
   if (!ks->residual && ks->bf16) ks = &cpu::kernels_avx512();
-#endif
-  // The AVX-512 int16 builds have none either (avx2_i16's residual search is written for 256-bit
-  // tiles): the fp32 avx512 build, which any CPU that runs them runs.
-#if defined(VQK_HAVE_AVX512_I16)
-  if (ks == &cpu::kernels_avx512_i16()) ks = &cpu::kernels_avx512();
-#endif
-#if defined(VQK_HAVE_AVX512_VNNI_I16)
-  if (ks == &cpu::kernels_avx512_vnni_i16()) ks = &cpu::kernels_avx512();
 #endif
 #if defined(VQK_HAVE_AVX2)
   if (!ks->residual && ks->i16) ks = &cpu::kernels_avx2();

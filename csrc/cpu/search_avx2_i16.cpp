@@ -13,7 +13,8 @@
 // row accepted here gets the fp32 build's bits, the tile loop, and the hand-over of the other rows
 // to the fp32 search: search_i16_common.h, shared with the 512-bit build (search_avx512_i16.cpp;
 // the hand-over itself is search_set_aside.h, neon_dot's and avx512bf16's too). This file holds the
-// 256-bit pieces that header calls, and the residual-VQ search (int16 pass per stage).
+// 256-bit pieces that header calls, and the 256-bit candidate pass (collect_lane_i16) of the
+// residual-VQ search (int16 pass per stage: search_i16_residual.h, shared with the 512-bit build).
 #include "cpu_internal.h"
 #include "simd_avx2.h"
 

@@ -8,9 +8,10 @@
 // _mm512_madd_epi16 multiplies 32 int16 pairs and adds neighbours into 16 int32 lanes: 32
 // multiply-adds per instruction against an fp32 FMA's 16. Under AVX512_VNNI (Cascade Lake on,
 // Zen 4) _mm512_dpwssd_epi32 does the multiply-adds and the accumulation in one instruction
-// (VQK_I16_VNNI, the avx512_vnni_i16 build: search_avx512_vnni_i16.cpp). On a Zen 4 EPYC this
-// build was slower than the VNNI one at every shape timed (benchmarks/results/
-// cpu-zen4-2026-12-02.md), so `auto` never picks it (README, "CPU paths"); Intel untimed.
+// (VQK_I16_VNNI, the avx512_vnni_i16 build: search_avx512_vnni_i16.cpp). On a Zen 4 EPYC and an
+// Ice Lake Xeon this build was slower than the VNNI one at every shape timed (benchmarks/results/
+// cpu-zen4-2026-12-02.md, cpu-icelake-2026-12-02.md), so `auto` never picks it (README, "Speed on
+// a CPU").
 //
 // Tile: 3 x 16 rows against panels of 8 codes, as search_avx512.cpp: 24 zmm accumulators; with the
 // 3 row vectors, the code broadcast and vpmaddwd's product (it cannot accumulate) 29 of the 32 zmm

@@ -33,7 +33,11 @@ namespace {
 //      also holds every code the fp32 exact re-search would measure (a_k^f <= thr =
 //      v1_fp32 + 2 B (1 + 2^-20), hence a_k' <= v1' + 2 Df + 2.0001 B <= lim). One vectorised int16
 //      pass over the codebook for that lane alone lists C (the same integers and the same float
-//      operations as search_tile_i16: bitwise the same a_k'); each candidate's fp32 value is
+//      operations as search_tile_i16: bitwise the same a_k'; the tile pass keeps only the best two
+//      per lane, as the single-stage search does: a version that also kept the third value and the
+//      runner-up's index, to skip this pass when only two codes reach lim, was 1.1-1.3x slower at
+//      D = 8-16 on an Ice Lake Xeon and up to 2x with avx2_i16, for 1-2% of rows missing the
+//      direct proof on random residuals); each candidate's fp32 value is
 //      computed bit for bit as panel_dots does (one FMA per d in order from 0, then
 //      fl(n_k - 2 acc)); the fp32 test (quick form, then `decide`) runs on them. Proven: that code,
 //      unflagged. Not proven: flagged, and the float64 distances of the candidates give the lowest
@@ -62,65 +66,6 @@ int64_t lane_pair_floats(int64_t D) { return (((D + 1) / 2 + 1) / 2 * 2 * NR + 1
 
 int64_t residual_i16_scratch_floats(int64_t D) {
   return kResHeaderFloats + residual_scratch_floats(D) + pair_floats(D) + lane_pair_floats(D);
-}
-
-// search_tile_i16 keeping a little more per lane: the runner-up's index k2 and the third value v3
-// (ties and NaN as search_tile's strict-compare update rule, in increasing k). The values are
-// search_tile_i16's bit for bit (the same int32 dots, the same i16_value). A lane that misses the
-// direct proof with v3 > lim has exactly {k1, k2} as its candidates: no collect pass.
-struct Top3 {
-  alignas(64) int32_t k1[MR];
-  alignas(64) int32_t k2[MR];
-  alignas(64) float v1[MR];
-  alignas(64) float v2[MR];
-  alignas(64) float v3[MR];
-};
-
-VQK_ALWAYS_INLINE void search_tile_i16_top3(const uint32_t* __restrict xb,
-                                            const uint32_t* __restrict pb,
-                                            const float* __restrict norms,
-                                            const float* __restrict scales,
-                                            const float* __restrict tau, int64_t panels,
-                                            int64_t D2, Top3& out) {
-  using F = V::F;
-  using I = V::I;
-  F b1[MRV], b2[MRV], b3[MRV], tv[MRV];
-  I k1[MRV], k2[MRV];
-  for (int i = 0; i < MRV; ++i) {
-    b1[i] = b2[i] = b3[i] = V::set1(__builtin_inff());
-    k1[i] = k2[i] = V::set1i(0);
-    tv[i] = V::load(tau + i * W);
-  }
-  for (int64_t p = 0; p < panels; ++p) {
-    const uint32_t* b = pb + p * D2 * NR;
-    I acc[MRV][NR];
-    i16_dots(xb, b, D2, acc);
-#pragma GCC unroll 64
-    for (int j = 0; j < NR; ++j) {
-      const F nj = V::set1(norms[p * NR + j]);
-      const F sj = V::set1(2.0f * scales[p * NR + j]);
-      const I kj = V::set1i((int32_t)(p * NR + j));
-#pragma GCC unroll 64
-      for (int i = 0; i < MRV; ++i) {
-        const F dist = i16_value(acc[i][j], tv[i], sj, nj);
-        const auto m1 = V::lt(dist, b1[i]);
-        const auto m2 = V::lt(dist, b2[i]);
-        const auto m3 = V::lt(dist, b3[i]);
-        b3[i] = V::sel(m2, b2[i], V::sel(m3, dist, b3[i]));
-        b2[i] = V::sel(m1, b1[i], V::sel(m2, dist, b2[i]));
-        k2[i] = V::seli(m1, k1[i], V::seli(m2, kj, k2[i]));
-        b1[i] = V::sel(m1, dist, b1[i]);
-        k1[i] = V::seli(m1, kj, k1[i]);
-      }
-    }
-  }
-  for (int i = 0; i < MRV; ++i) {
-    V::storei(out.k1 + i * W, k1[i]);
-    V::storei(out.k2 + i * W, k2[i]);
-    V::store(out.v1 + i * W, b1[i]);
-    V::store(out.v2 + i * W, b2[i]);
-    V::store(out.v3 + i * W, b3[i]);
-  }
 }
 
 // The fp32 search's values a_k^f of codes k[0 .. c) for lane r of the tile st, bit for bit:
@@ -210,9 +155,8 @@ void fp32_values(const cpu::FwdJob& job, const float* __restrict st, int r, cons
         bool provable[MR];
         row_scales(st, D, Q, on, xx, mx, l1, tau, inv, provable);
         to_pairs_i16(st, inv, D, xb);
-        Top3 top;
-        search_tile_i16_top3(xb, job.packed_bf16, job.norms, job.code_aux, tau, job.panels, D2,
-                             top);
+        Top2 top;
+        search_tile_i16(xb, job.packed_bf16, job.norms, job.code_aux, tau, job.panels, D2, top);
         int missed = 0;
         for (int r = 0; r < MR; ++r) {
           if (!on[r]) continue;
@@ -236,15 +180,7 @@ void fp32_values(const cpu::FwdJob& job, const float* __restrict st, int r, cons
             if ((double)lf < lim) lf = __builtin_nextafterf(lf, __builtin_inff());
             if (v2 - v2 == 0.0 && lf < __builtin_inff()) {
               int32_t cand[kResMaxCand];
-              int c;
-              if (top.v3[r] > lf) {  // only k1 and k2 reach lim: listed in increasing k
-                const int32_t ka = top.k1[r], kb = top.k2[r];
-                cand[0] = ka < kb ? ka : kb;
-                cand[1] = ka < kb ? kb : ka;
-                c = 2;
-              } else {
-                c = collect_lane_i16(job, xb, r, tau[r], lf, cap, cand, lp);
-              }
+              const int c = collect_lane_i16(job, xb, r, tau[r], lf, cap, cand, lp);
               // k1' and the runner-up are always listed; fewer means something is off: fp32.
               if (c >= 2 && c <= cap) {
                 float val[kResMaxCand];

@@ -15,8 +15,10 @@
 //            written (strided outputs keep their poisoned gaps);
 //   counts   the histogram of the indices;
 //   threads  1 and 2 threads give bitwise the same outputs.
-// cpu_backward (which has no per-ISA code) is checked against float64 sums once per dtype and
-// thread count, on row-major and channel-first layouts.
+// cpu_residual_forward is checked on every build against the float64 truth of its stage chain
+// (fp32 residuals, exact nearest code per stage), 1 and 2 threads, each int16 build bitwise its
+// fp32 build. cpu_backward (which has no per-ISA code) is checked against float64 sums once per
+// dtype and thread count, on row-major and channel-first layouts.
 //
 // Builds a CPU cannot run are reported as SKIP with the reason (never silently); --require=a,b
 // turns a skip of those into a failure, --expect-skip=a,b a run of those (a run-time check that lets
@@ -535,6 +537,226 @@ void check_backward(DType t, const Case& c, int which_layout, int threads, bool 
 }
 
 // ---------------------------------------------------------------------------------------------
+// Residual VQ (cpu_residual_forward: every build's fused stage loop, search_impl.h's
+// residual_tiles and the int16 builds' residual_tiles_i16, search_i16_residual.h), fp32 rows.
+// The truth is the stage chain done here: r_0 = x, stage s the lowest index of the minimal
+// float64 distance from the stored fp32 residual (or, cosine, its unit rows as unit_tile makes
+// them), r_{s+1} = fl32(r_s - e), z_q = fl32 sum of the chosen codes in stage order (a NaN code
+// where the exact error is not finite). Checked on every row and stage: the index (-1 where a row
+// sits the stage out), the error within the fp32 summation bound, z_q bit for bit; 2 threads
+// bitwise 1; and each int16 build bitwise its fp32 build (indices, errors and z_q).
+
+struct ResCase {
+  std::string name;
+  int64_t N, D;
+  std::vector<float> x;                 // N x D
+  std::vector<std::vector<float>> cbs;  // K_s x D each
+  std::vector<int64_t> active;          // empty: every row runs every stage
+  bool cosine = false;
+};
+
+struct ResOut {
+  std::vector<int64_t> idx;
+  std::vector<float> err, zq;
+};
+
+ResOut run_residual(const ResCase& c, int threads) {
+  const int64_t S = (int64_t)c.cbs.size(), N = c.N, D = c.D;
+  ResOut o;
+  o.idx.assign(S * N, -7);
+  o.err.assign(S * N, -3.0f);
+  o.zq.assign(N * D, 12345.0f);
+  std::vector<const float*> ptrs;
+  std::vector<int64_t> Ks;
+  for (const auto& cb : c.cbs) {
+    ptrs.push_back(cb.data());
+    Ks.push_back((int64_t)cb.size() / D);
+  }
+  vqk::ResidualArgs a{};
+  a.x = {c.x.data(), 1, N, D, N * D, D, 1};
+  a.S = S;
+  a.codebooks = ptrs.data();
+  a.Ks = Ks.data();
+  a.active = c.active.empty() ? nullptr : c.active.data();
+  a.zq = o.zq.data();
+  a.indices = o.idx.data();
+  a.sqerr = o.err.data();
+  a.cosine = c.cosine ? 1 : 0;
+  vqk::cpu_residual_forward(a, threads);
+  return o;
+}
+
+// unit_tile's unit row: the float64 sum of squares in d order, its root rounded to fp32 and
+// clamped at 1e-12 (NaN kept), one fp32 division per element.
+void unit_row(const float* r, int64_t D, float* u) {
+  double ss = 0.0;
+  for (int64_t d = 0; d < D; ++d) ss += (double)r[d] * (double)r[d];
+  float n = (float)std::sqrt(ss);
+  if (!(n >= 1e-12f) && n == n) n = 1e-12f;
+  for (int64_t d = 0; d < D; ++d) u[d] = r[d] / n;
+}
+
+// The chain for stages [0, upto): per stage and row the truth's index and float64 error, and the
+// residuals and sums after those stages.
+struct ResTruth {
+  std::vector<int64_t> idx;
+  std::vector<double> err;
+  std::vector<float> r, q;
+};
+
+ResTruth res_truth(const ResCase& c, int64_t upto) {
+  const int64_t N = c.N, D = c.D;
+  ResTruth t;
+  t.idx.assign(upto * N, -1);
+  t.err.assign(upto * N, 0.0);
+  t.r = c.x;
+  t.q.assign(N * D, 0.0f);
+  std::vector<float> u(D), e(D);
+  for (int64_t s = 0; s < upto; ++s) {
+    const std::vector<float>& cb = c.cbs[s];
+    const int64_t K = (int64_t)cb.size() / D;
+    for (int64_t n = 0; n < N; ++n) {
+      if (!c.active.empty() && s >= c.active[n]) continue;
+      float* r = t.r.data() + n * D;
+      if (c.cosine) unit_row(r, D, u.data());
+      else std::copy(r, r + D, u.begin());
+      double best = HUGE_VAL;
+      int64_t arg = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        double dk = 0.0;
+        for (int64_t d = 0; d < D; ++d) {
+          const double v = (double)u[d] - (double)cb[k * D + d];
+          dk += v * v;
+        }
+        if (std::isnan(dk)) dk = HUGE_VAL;
+        if (dk < best) { best = dk; arg = k; }
+      }
+      double exact = 0.0;
+      for (int64_t d = 0; d < D; ++d) {
+        const double v = (double)u[d] - (double)cb[arg * D + d];
+        exact += v * v;
+      }
+      t.idx[s * N + n] = arg;
+      t.err[s * N + n] = exact;
+      for (int64_t d = 0; d < D; ++d) e[d] = std::isfinite(exact) ? cb[arg * D + d] : std::nanf("");
+      for (int64_t d = 0; d < D; ++d) {
+        r[d] = r[d] - e[d];
+        t.q[n * D + d] = t.q[n * D + d] + e[d];
+      }
+    }
+  }
+  return t;
+}
+
+void check_residual(const std::string& where, const ResCase& c, const ResTruth& tr, const ResOut& o) {
+  const int64_t S = (int64_t)c.cbs.size(), N = c.N, D = c.D;
+  const double u = 0x1p-24;
+  for (int64_t s = 0; s < S; ++s) {
+    int64_t wrong = 0, bad_err = 0, first = -1, first_err = -1;
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t i = s * N + n;
+      if (o.idx[i] != tr.idx[i]) { if (first < 0) first = n; ++wrong; continue; }
+      const double want = tr.err[i], got = o.err[i];
+      bool ok;
+      if (tr.idx[i] < 0) ok = got == 0.0;
+      else if (!std::isfinite(want)) ok = !std::isfinite(got);
+      else if (want > 1e38) ok = got > 1e37;
+      else ok = std::fabs(got - want) <= (2.0 * (double)D + 4.0) * u * want + (double)D * 0x1p-125;
+      if (!ok) { if (first_err < 0) first_err = n; ++bad_err; }
+    }
+    CHECK(wrong == 0, "%s stage %" PRId64 ": %" PRId64 " of %" PRId64 " rows not the exact nearest code "
+          "of their residual (row %" PRId64 ": got %" PRId64 ", want %" PRId64 ")", where.c_str(), s, wrong, N,
+          first, first >= 0 ? o.idx[s * N + first] : 0, first >= 0 ? tr.idx[s * N + first] : 0);
+    CHECK(bad_err == 0, "%s stage %" PRId64 ": %" PRId64 " rows with a wrong sqerr (row %" PRId64 ")",
+          where.c_str(), s, bad_err, first_err);
+  }
+  int64_t bad_zq = 0, first_zq = -1;
+  for (int64_t n = 0; n < N; ++n) {
+    bool ok = true;
+    for (int64_t d = 0; d < D; ++d) {
+      const float a = o.zq[n * D + d], b = tr.q[n * D + d];
+      ok &= std::memcmp(&a, &b, 4) == 0 || (std::isnan(a) && std::isnan(b));
+    }
+    if (!ok) { if (first_zq < 0) first_zq = n; ++bad_zq; }
+  }
+  CHECK(bad_zq == 0, "%s: %" PRId64 " rows whose z_q is not the fp32 sum of their codes (row %" PRId64 ")",
+        where.c_str(), bad_zq, first_zq);
+}
+
+// A stage of `K` codes drawn from the residuals the chain leaves before it (stage `s`): each a
+// residual of a random row plus noise of `spread` times that residual's size, every `dup`-th code
+// a copy of the one before (exact ties, the lowest index wins); cosine: unit codes.
+void add_residual_stage(ResCase& c, int64_t K, double spread, int dup) {
+  const int64_t N = c.N, D = c.D, s = (int64_t)c.cbs.size();
+  const ResTruth t = res_truth(c, s);
+  std::vector<float> cb(K * D);
+  for (int64_t k = 0; k < K; ++k) {
+    if (dup > 0 && k > 0 && k % dup == 0) {
+      std::copy(cb.begin() + (k - 1) * D, cb.begin() + k * D, cb.begin() + k * D);
+      continue;
+    }
+    const int64_t n = randint(0, N - 1);
+    const float* r = t.r.data() + n * D;
+    double rr = 0.0;
+    for (int64_t d = 0; d < D; ++d) rr += std::isfinite(r[d]) ? (double)r[d] * r[d] : 0.0;
+    const double sd = spread * std::sqrt(rr / (double)D) + 1e-30;
+    std::vector<double> v(D);
+    double nv = 0.0;
+    for (int64_t d = 0; d < D; ++d) {
+      v[d] = (std::isfinite(r[d]) ? (double)r[d] : 0.0) + sd * normal();
+      nv += v[d] * v[d];
+    }
+    for (int64_t d = 0; d < D; ++d)
+      cb[k * D + d] = (float)(c.cosine ? v[d] / std::sqrt(nv > 0.0 ? nv : 1.0) : v[d]);
+  }
+  c.cbs.push_back(cb);
+}
+
+ResCase res_from(const Case& base, bool cosine, const std::vector<int64_t>& later, double spread) {
+  ResCase c{"residual " + std::string(cosine ? "cosine " : "") + base.name, base.N, base.D,
+            std::vector<float>(base.x.begin(), base.x.end()), {}, {}, cosine};
+  std::vector<float> cb0(base.cb.begin(), base.cb.end());
+  if (cosine)
+    for (int64_t k = 0; k < base.K; ++k) {
+      double nv = 0.0;
+      for (int64_t d = 0; d < base.D; ++d) nv += base.cb[k * base.D + d] * base.cb[k * base.D + d];
+      for (int64_t d = 0; d < base.D; ++d)
+        cb0[k * base.D + d] = (float)(base.cb[k * base.D + d] / std::sqrt(nv > 0.0 ? nv : 1.0));
+    }
+  c.cbs.push_back(cb0);
+  int i = 0;
+  for (int64_t K : later) add_residual_stage(c, K, spread, ++i % 2 ? 7 : 0);
+  return c;
+}
+
+std::vector<ResCase> make_residual_cases(bool quick) {
+  std::vector<ResCase> cs;
+  cs.push_back(res_from(random_case(203, 129, 40), false, {65, 33, 16}, 0.3));
+  cs.push_back(res_from(random_case(97, 64, 37), false, {70, 40}, 0.2));   // odd pair count (19)
+  cs.push_back(res_from(random_case(101, 40, 33), false, {48, 9}, 0.2));   // 17 pairs
+  cs.push_back(res_from(random_case(77, 80, 8), true, {64, 64, 64}, 0.3));   // DAC-like: D = 8, cosine
+  cs.push_back(res_from(random_case(60, 35, 5), false, {33, 32}, 0.3));
+  cs.push_back(res_from(random_case(150, 96, 32), true, {96, 64}, 0.1));
+  cs.push_back(res_from(close_codes(160, 300, 24, 3, 4, 4096.0), false, {64, 40}, 0.05));
+  cs.push_back(res_from(close_codes(120, 200, 34, 5, 1, 4096.0), false, {80}, 0.05));
+  cs.push_back(res_from(duplicated(120, 40, 16, 3, true), false, {48, 48}, 0.02));
+  cs.push_back(res_from(reflections(100, 8, 20), false, {40}, 0.2));
+  cs.push_back(res_from(large_mean(200, 256, 32, 1000.0), false, {64, 64}, 0.3));
+  cs.push_back(res_from(magnitudes(150, 64, 16, 1e19), false, {48, 48}, 0.3));
+  cs.push_back(res_from(magnitudes(150, 64, 16, 1e-20), false, {48}, 0.3));
+  cs.push_back(res_from(i16_worst(96), false, {40}, 0.2));
+  // Quantizer dropout: each row runs a random number of stages (none, too).
+  ResCase drop = res_from(random_case(250, 64, 24), false, {64, 48}, 0.3);
+  drop.name = "residual dropout";
+  drop.active.resize(drop.N);
+  for (auto& a : drop.active) a = randint(0, 3);
+  cs.push_back(drop);
+  // Enough work for the second thread to start.
+  cs.push_back(res_from(random_case(quick ? 603 : 1203, 130, 40), false, {130}, 0.3));
+  return cs;
+}
+
+// ---------------------------------------------------------------------------------------------
 
 std::vector<std::string> split(const std::string& s) {
   std::vector<std::string> out;
@@ -888,6 +1110,49 @@ int main(int argc, char** argv) {
                   "fp32 search, %.1f%% searched exactly\n", fast, c.name.c_str(), c.N, c.K, c.D, wrong_ap,
                   100.0 * (double)(c.N - re - aside) / c.N, 100.0 * (double)re / c.N,
                   100.0 * (double)aside / c.N, 100.0 * (double)ex / c.N);
+    }
+  }
+
+  // Residual VQ on every build: the truth, threads, and each int16 build against its fp32 build.
+  {
+    const std::vector<ResCase> rcases = make_residual_cases(quick);
+    std::vector<ResTruth> rtruth;
+    for (const auto& c : rcases) rtruth.push_back(res_truth(c, (int64_t)c.cbs.size()));
+    const std::pair<const char*, const char*> res_fp32_of[] = {
+        {"avx2_i16", "avx2"}, {"avx2_i8", "avx2"}, {"avx512_i16", "avx512"}, {"avx512_vnni_i16", "avx512"}};
+    std::map<std::string, ResOut> res_out;  // "isa#case": 1-thread outputs
+    for (const auto& isa : ran) {
+      setenv("VQK_CPU_ISA", isa.c_str(), 1);
+      const int64_t aside0 = vqk::cpu_set_aside_rows();
+      int64_t rows = 0;
+      for (size_t ci = 0; ci < rcases.size(); ++ci) {
+        const ResCase& c = rcases[ci];
+        const std::string where = isa + " [" + c.name + ", D " + std::to_string(c.D) + "]";
+        const ResOut one = run_residual(c, 1);
+        check_residual(where + " 1t", c, rtruth[ci], one);
+        const ResOut two = run_residual(c, 2);
+        CHECK(two.idx == one.idx && two.err == one.err && std::memcmp(two.zq.data(), one.zq.data(), 4 * one.zq.size()) == 0,
+              "%s: 2 threads are not bitwise the 1-thread answer", where.c_str());
+        rows += 2 * c.N;
+        const std::string key = "#" + std::to_string(ci);
+        res_out[isa + key] = one;
+        for (const auto& pr : res_fp32_of) {
+          const char* partner = isa == pr.first ? pr.second : isa == pr.second ? pr.first : nullptr;
+          if (!partner) continue;
+          const auto f = res_out.find(partner + key);
+          if (f == res_out.end()) continue;
+          CHECK(f->second.idx == one.idx && std::memcmp(f->second.err.data(), one.err.data(), 4 * one.err.size()) == 0 &&
+                std::memcmp(f->second.zq.data(), one.zq.data(), 4 * one.zq.size()) == 0,
+                "%s: not bitwise the %s build's residual indices, errors and z_q", where.c_str(), partner);
+        }
+      }
+      const int64_t aside = vqk::cpu_set_aside_rows() - aside0;
+      // The x86 int16 builds run their int16 pass per stage (avx2_i8 as avx2_i16): on these
+      // cases some rows must reach the fp32 search, or that pass did not run.
+      if (isa == "avx2_i16" || isa == "avx2_i8" || isa == "avx512_i16" || isa == "avx512_vnni_i16")
+        CHECK(aside > 0, "%s residual: no row set aside: the int16 residual pass did not run", isa.c_str());
+      std::printf("%-10s residual: %" PRId64 " rows checked over %zu cases, %" PRId64 " set aside for fp32\n",
+                  isa.c_str(), rows, rcases.size(), aside);
     }
   }
 

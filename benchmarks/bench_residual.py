@@ -230,6 +230,13 @@ def main(argv=None):
             "torch": torch.__version__, "quick": a.quick, "repeats": a.repeats,
             "rounds": a.rounds, "warmup": a.warmup,
             "shapes": {k: (QUICK if a.quick else {**SHAPES, **K_SWEEP})[k] for k in shapes}}
+    try:  # the CPU's model (family / model numbers on x86) and SIMD flags, and auto's path
+        from vqkernels import native
+        model, flags = native._cpu_model_and_flags()
+        meta["cpu"] = f"{model}; flags {' '.join(flags)}"
+        meta["cpu_path"] = native.module().cpu_isa() if native.cpu_status() is None else None
+    except Exception as e:  # noqa: BLE001 -- a description only
+        meta["cpu"], meta["cpu_path"] = f"unknown ({e})", None
     from importlib import metadata
     try:
         meta["vector_quantize_pytorch"] = metadata.version("vector-quantize-pytorch")
@@ -238,7 +245,8 @@ def main(argv=None):
     with open(a.out + ".json", "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     lines = [f"# Multi-codebook quantization, CPU ({meta['date']})", "",
-             f"{meta['machine']}, {meta['cpus']} CPUs, torch {meta['torch']} "
+             f"{meta['machine']}, {meta['cpus']} CPUs ({meta['cpu']}; vqkernels' CPU path under auto: "
+             f"{meta['cpu_path']}, per stage by its own K and D), torch {meta['torch']} "
              f"({meta['torch_threads']} threads), vector-quantize-pytorch "
              f"{meta['vector_quantize_pytorch']}; {a.rounds} interleaved rounds x {a.repeats} "
              f"runs after {a.warmup} warm-up call(s), medians; CPU = process CPU time (all threads); peak "

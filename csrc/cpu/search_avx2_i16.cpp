@@ -138,11 +138,7 @@ static_assert(NR == 4, "collect_lane_i16 reads two pair steps of a panel's 4 cod
 int collect_lane_i16(const cpu::FwdJob& job, const uint32_t* __restrict xb, int r, float tau,
                      float lim, int cap, int32_t* __restrict out, uint32_t* __restrict lp) {
   const int64_t D2 = (job.D + 1) / 2, H = D2 / 2;
-  for (int64_t h = 0; h < H; ++h)
-    for (int c = 0; c < 4; ++c) {
-      lp[8 * h + c] = xb[(2 * h) * MR + r];
-      lp[8 * h + 4 + c] = xb[(2 * h + 1) * MR + r];
-    }
+  lane_pairs(xb, r, H, lp);
   const __m128i last = _mm_set1_epi32((int32_t)(D2 & 1 ? xb[(D2 - 1) * MR + r] : 0u));
   const __m128 tv = _mm_set1_ps(tau), lv = _mm_set1_ps(lim), two = _mm_set1_ps(2.0f);
   int n = 0;
@@ -171,12 +167,7 @@ int collect_lane_i16(const cpu::FwdJob& job, const uint32_t* __restrict xb, int 
     const __m128 dist = _mm_fnmadd_ps(dot, _mm_mul_ps(two, _mm_loadu_ps(job.code_aux + p * NR)),
                                       _mm_loadu_ps(job.norms + p * NR));
     const int m = _mm_movemask_ps(_mm_cmp_ps(dist, lv, _CMP_LE_OQ));
-    if (!m) continue;
-    for (int j = 0; j < NR; ++j)
-      if (m >> j & 1) {
-        if (n < cap) out[n] = (int32_t)(p * NR + j);
-        if (n <= cap) ++n;
-      }
+    if (m) list_codes(m, p, cap, out, n);
   }
   return n;
 }

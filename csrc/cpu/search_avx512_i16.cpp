@@ -142,11 +142,7 @@ static_assert(NR == 8, "collect_lane_i16 reads two pair steps of a panel's 8 cod
 int collect_lane_i16(const cpu::FwdJob& job, const uint32_t* __restrict xb, int r, float tau,
                      float lim, int cap, int32_t* __restrict out, uint32_t* __restrict lp) {
   const int64_t D2 = (job.D + 1) / 2, H = D2 / 2;
-  for (int64_t h = 0; h < H; ++h)
-    for (int c = 0; c < NR; ++c) {
-      lp[2 * NR * h + c] = xb[(2 * h) * MR + r];
-      lp[2 * NR * h + NR + c] = xb[(2 * h + 1) * MR + r];
-    }
+  lane_pairs(xb, r, H, lp);
   const __m256i last = _mm256_set1_epi32((int32_t)(D2 & 1 ? xb[(D2 - 1) * MR + r] : 0u));
   const __m256 tv = _mm256_set1_ps(tau), lv = _mm256_set1_ps(lim), two = _mm256_set1_ps(2.0f);
   int n = 0;
@@ -170,12 +166,7 @@ int collect_lane_i16(const cpu::FwdJob& job, const uint32_t* __restrict xb, int 
     const __m256 dist = _mm256_fnmadd_ps(dot, _mm256_mul_ps(two, _mm256_loadu_ps(job.code_aux + p * NR)),
                                          _mm256_loadu_ps(job.norms + p * NR));
     const int m = _mm256_movemask_ps(_mm256_cmp_ps(dist, lv, _CMP_LE_OQ));
-    if (!m) continue;
-    for (int j = 0; j < NR; ++j)
-      if (m >> j & 1) {
-        if (n < cap) out[n] = (int32_t)(p * NR + j);
-        if (n <= cap) ++n;
-      }
+    if (m) list_codes(m, p, cap, out, n);
   }
   return n;
 }

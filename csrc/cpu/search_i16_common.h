@@ -298,6 +298,29 @@ VQK_ALWAYS_INLINE void row_scales(const float* __restrict xt, int64_t D, int32_t
   }
 }
 
+// For the residual search's candidate pass (collect_lane_i16, search_i16_residual.h), in each
+// unit: lane r's int16 pairs laid out as a panel's, two pair steps at a time: lp[2 NR h + c] =
+// pair 2h and lp[2 NR h + NR + c] = pair 2h + 1 of the lane, for every code slot c < NR (H = D2 / 2
+// steps; an odd last pair is the caller's).
+VQK_ALWAYS_INLINE void lane_pairs(const uint32_t* __restrict xb, int r, int64_t H,
+                                  uint32_t* __restrict lp) {
+  for (int64_t h = 0; h < H; ++h)
+    for (int c = 0; c < NR; ++c) {
+      lp[2 * NR * h + c] = xb[(2 * h) * MR + r];
+      lp[2 * NR * h + NR + c] = xb[(2 * h + 1) * MR + r];
+    }
+}
+
+// The candidate pass's listing: panel p's codes whose bit is set in mask m, in increasing k, into
+// out[0 .. cap); n counts them, stopping at cap + 1 (more than cap).
+VQK_ALWAYS_INLINE void list_codes(int m, int64_t p, int cap, int32_t* __restrict out, int& n) {
+  for (int j = 0; j < NR; ++j)
+    if (m >> j & 1) {
+      if (n < cap) out[n] = (int32_t)(p * NR + j);
+      if (n <= cap) ++n;
+    }
+}
+
 // Per-thread scratch (search_set_aside.h): xb holds the tile's int16 pairs.
 int64_t i16_scratch_floats(int64_t D) { return set_aside_scratch_floats(D, pair_floats(D)); }
 

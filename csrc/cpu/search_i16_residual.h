@@ -119,16 +119,8 @@ void fp32_values(const cpu::FwdJob& job, const float* __restrict st, int r, cons
       const cpu::FwdJob& job = rj.stages[s];
       const int hs = (int)imin(s, kResStages - 1);
       bool on[MR];
-      int live = 0;
-      for (int r = 0; r < MR; ++r) {
-        on[r] = rowno[r] >= 0 && (!rj.active || s < rj.active[rowno[r]]);
-        live += on[r];
-      }
-      if (live == 0) {  // every row of the tile has stopped (quantizer dropout): nothing to search
-        for (int r = 0; r < MR; ++r)
-          if (rowno[r] >= 0) { job.indices[rowno[r]] = -1; job.sqerr[rowno[r]] = 0.0f; }
-        continue;
-      }
+      const int live = stage_lanes(rj, job, s, rowno, on);
+      if (live == 0) continue;
       if (rj.cosine) unit_tile(xt, D, un);
       alignas(64) float xx[MR];
       lane_sqnorms(st, D, xx);
@@ -136,7 +128,6 @@ void fp32_values(const cpu::FwdJob& job, const float* __restrict st, int r, cons
       bool flag[MR], need32[MR];
       double thr[MR], xerr[MR];
       bool any32 = false;
-      const float qa = job.quick_a, qb = job.quick_b;
       const double En = job.max_code_norm;
       // This stage's int16 pass: packed (vq_cpu.cpp leaves packed_bf16 null for a stage the
       // single-stage rule gives the fp32 build), in the bound's range, and still paying here.
@@ -192,13 +183,9 @@ void fp32_values(const cpu::FwdJob& job, const float* __restrict st, int r, cons
                   else if (val[i] < b2) b2 = val[i];
                 }
                 idx[r] = k1;
-                // residual_tiles' test on the fp32 search's own values: the quick form, then decide.
-                const float g32 = b2 - b1;
+                // residual_tiles' test on the fp32 search's own values.
                 double th;
-                if (b1 - b1 == 0.0f && xx[r] < 0x1p100f && g32 < __builtin_inff() &&
-                    g32 > qa + qb * xx[r])
-                  done = true;
-                else if (decide(job, b1, b2, xx[r], &th))
+                if (fp32_proves(job, b1, b2, xx[r], &th))
                   done = true;
                 else {
                   // Flagged: the lowest exact minimiser among the candidates (residual_exact's
@@ -239,10 +226,7 @@ void fp32_values(const cpu::FwdJob& job, const float* __restrict st, int r, cons
           if (!need32[r]) continue;
           idx[r] = top.k1[r];
           thr[r] = __builtin_inf();
-          const float v1 = top.v1[r], gap = top.v2[r] - v1;
-          if (v1 - v1 == 0.0f && xx[r] < 0x1p100f && gap < __builtin_inff() && gap > qa + qb * xx[r])
-            continue;
-          if (decide(job, v1, top.v2[r], xx[r], &thr[r])) continue;
+          if (fp32_proves(job, top.v1[r], top.v2[r], xx[r], &thr[r])) continue;
           f32[r] = flag[r] = anyf = true;
         }
         if (anyf) residual_exact(job, st, f32, thr, idx, xerr);
@@ -250,12 +234,7 @@ void fp32_values(const cpu::FwdJob& job, const float* __restrict st, int r, cons
       // From here residual_tiles' own steps (search_impl.h).
       residual_finish_stage(job, st, on, rowno, idx, flag, xerr, xt, qt, et);
     }
-    if (rj.zq)
-      for (int r = 0; r < MR; ++r) {
-        if (rowno[r] < 0) continue;
-        float* __restrict dst = rj.zq + rowno[r] * D;
-        for (int64_t d = 0; d < D; ++d) dst[d] = qt[d * MR + r];
-      }
+    write_residual_zq(rj, rowno, qt, D);
   }
 }
 

@@ -581,6 +581,28 @@ void run_exact(const cpu::FwdJob& job, const Scratch& s) {
   ex.count = 0;
 }
 
+// The fp32 search's proof of one lane from its best two values (v1, v2) and fp32 ||x||^2: the quick
+// form (vq_cpu.cpp, quick_bound: no square root, no double; false for NaN, an infinite v1 or
+// v2 - v1, and rows outside decide's range), then `decide`, which sets *thr (the exact
+// re-search's threshold) when it cannot prove the lane.
+VQK_ALWAYS_INLINE bool fp32_proves(const cpu::FwdJob& job, float v1, float v2, float xx, double* thr) {
+  const float gap = v2 - v1;
+  if (v1 - v1 == 0.0f && xx < 0x1p100f && gap < __builtin_inff() && gap > job.quick_a + job.quick_b * xx)
+    return true;
+  return decide(job, v1, v2, xx, thr);
+}
+
+// The z_q rows of a residual tile: the running sums qt of the tile's rows, written out.
+VQK_ALWAYS_INLINE void write_residual_zq(const cpu::ResidualJob& rj, const int64_t* rowno,
+                                         const float* __restrict qt, int64_t D) {
+  if (!rj.zq) return;
+  for (int r = 0; r < MR; ++r) {
+    if (rowno[r] < 0) continue;
+    float* __restrict dst = rj.zq + rowno[r] * D;
+    for (int64_t d = 0; d < D; ++d) dst[d] = qt[d * MR + r];
+  }
+}
+
 // One packed tile of rows (lanes rowno[r] >= 0), searched, proven or set aside, and finished.
 // rowno is modified (set-aside lanes become -1).
 template <class E>
@@ -761,6 +783,22 @@ VQK_ALWAYS_INLINE void residual_finish_stage(const cpu::FwdJob& job, const float
     }
 }
 
+// Which lanes of the tile run stage s (on[r]: a row, and s below its active count); their number.
+// When none does (every row of the tile has stopped: quantizer dropout), there is nothing to
+// search: the stage's index -1 and error 0 are written for the tile's rows here.
+VQK_ALWAYS_INLINE int stage_lanes(const cpu::ResidualJob& rj, const cpu::FwdJob& job, int64_t s,
+                                  const int64_t* rowno, bool* on) {
+  int live = 0;
+  for (int r = 0; r < MR; ++r) {
+    on[r] = rowno[r] >= 0 && (!rj.active || s < rj.active[rowno[r]]);
+    live += on[r];
+  }
+  if (live == 0)
+    for (int r = 0; r < MR; ++r)
+      if (rowno[r] >= 0) { job.indices[rowno[r]] = -1; job.sqerr[rowno[r]] = 0.0f; }
+  return live;
+}
+
 [[maybe_unused]] void residual_tiles(const cpu::ResidualJob& rj, int64_t t_lo, int64_t t_hi,
                                      float* scratch) {
   const cpu::FwdJob& first = rj.stages[0];
@@ -780,16 +818,8 @@ VQK_ALWAYS_INLINE void residual_finish_stage(const cpu::FwdJob& job, const float
     for (int64_t s = 0; s < rj.S; ++s) {
       const cpu::FwdJob& job = rj.stages[s];
       bool on[MR];
-      int live = 0;
-      for (int r = 0; r < MR; ++r) {
-        on[r] = rowno[r] >= 0 && (!rj.active || s < rj.active[rowno[r]]);
-        live += on[r];
-      }
-      if (live == 0) {  // every row of the tile has stopped (quantizer dropout): nothing to search
-        for (int r = 0; r < MR; ++r)
-          if (rowno[r] >= 0) { job.indices[rowno[r]] = -1; job.sqerr[rowno[r]] = 0.0f; }
-        continue;
-      }
+      const int live = stage_lanes(rj, job, s, rowno, on);
+      if (live == 0) continue;
       if (rj.cosine) unit_tile(xt, D, un);
       Top2 top;
       search_tile(st, job.packed, job.norms, job.panels, D, top);
@@ -799,28 +829,19 @@ VQK_ALWAYS_INLINE void residual_finish_stage(const cpu::FwdJob& job, const float
       bool flag[MR];
       double thr[MR], xerr[MR];
       bool any = false;
-      const float qa = job.quick_a, qb = job.quick_b;
       for (int r = 0; r < MR; ++r) {
         idx[r] = top.k1[r];
         flag[r] = false;
         thr[r] = __builtin_inf();
         if (!on[r]) continue;
-        // The same proof as search_block: the quick form, then `decide`.
-        const float v1 = top.v1[r], gap = top.v2[r] - v1;
-        if (v1 - v1 == 0.0f && xx[r] < 0x1p100f && gap < __builtin_inff() && gap > qa + qb * xx[r])
-          continue;
-        if (decide(job, v1, top.v2[r], xx[r], &thr[r])) continue;
+        // The same proof as search_block.
+        if (fp32_proves(job, top.v1[r], top.v2[r], xx[r], &thr[r])) continue;
         flag[r] = any = true;
       }
       if (any) residual_exact(job, st, flag, thr, idx, xerr);
       residual_finish_stage(job, st, on, rowno, idx, flag, xerr, xt, qt, et);
     }
-    if (rj.zq)
-      for (int r = 0; r < MR; ++r) {
-        if (rowno[r] < 0) continue;
-        float* __restrict dst = rj.zq + rowno[r] * D;
-        for (int64_t d = 0; d < D; ++d) dst[d] = qt[d * MR + r];
-      }
+    write_residual_zq(rj, rowno, qt, D);
   }
 }
 

@@ -3,7 +3,7 @@ single-stage vq_quantize calls, grouped_vq, the modules, and (optional) vector-q
 ResidualVQ / GroupedResidualVQ with the same settings, forward and forward+backward.
 
     python benchmarks/bench_residual.py [--quick] [--repeats 3] [--rounds 3] [--warmup 1]
-        [--k-sweep] [--out benchmarks/results/residual-cpu]
+        [--k-sweep] [--upstream square|grad] [--isa NAME] [--out benchmarks/results/residual-cpu]
 
 Every (shape, implementation, mode) runs in a fresh subprocess, so its peak memory (ru_maxrss
 after the runs minus the resident size after the warm-up call) is its own. The peers of one
@@ -15,6 +15,13 @@ glibc keeps handing out fresh mappings for the first few calls, so raise it, e.g
 the steady state a long training run reaches); reported: the median over all runs of wall time and of process CPU time (all
 threads: on a shared machine CPU time is the steadier figure), and the load average around the
 runs. --k-sweep adds the fused forward at K = 256, 1024, 4096 for the peak-memory-vs-K check.
+--isa runs every subprocess under VQK_CPU_ISA=NAME (a forced path instead of auto's).
+
+forward+backward: --upstream square (the default, as every earlier page) backpropagates
+z_q.square().mean() + loss, so each run also times torch's own square, mean and their backward on
+an N x D tensor, the same work for every peer; --upstream grad backpropagates a fixed upstream
+gradient into z_q (random, made in the warm-up, as FlashAttention's benchmarks time an op's
+backward) and 1 into the loss: the quantizer's own forward and backward only.
 Writes <out>.json and <out>.md.
 """
 from __future__ import annotations
@@ -54,7 +61,8 @@ def _rss_kb() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
 
 
-def _one(shape: str, impl: str, mode: str, repeats: int, quick: bool, warmup: int = 1) -> dict:
+def _one(shape: str, impl: str, mode: str, repeats: int, quick: bool, warmup: int = 1,
+         upstream: str = "square") -> dict:
     import resource
 
     import torch
@@ -77,9 +85,18 @@ def _one(shape: str, impl: str, mode: str, repeats: int, quick: bool, warmup: in
         for b in books:
             b.requires_grad_(True)
 
+    douts = {}
+
     def finish(z_q, loss):
-        if bwd:
+        if not bwd:
+            return
+        if upstream == "square":
             (z_q.square().mean() + loss).backward()
+            return
+        # A fixed upstream gradient per output shape, made in the first (warm-up) call.
+        if z_q.shape not in douts:
+            douts[z_q.shape] = torch.randn(z_q.shape, generator=torch.Generator().manual_seed(1))
+        torch.autograd.backward([z_q, loss], [douts[z_q.shape], None])
 
     if impl == "vqk residual_vq (fused)":
         def run():
@@ -178,10 +195,14 @@ def main(argv=None):
     ap.add_argument("--out", default="benchmarks/results/residual-cpu")
     ap.add_argument("--impls", default=None, help="comma-separated substrings: run only these")
     ap.add_argument("--modes", default="fwd,fwd+bwd")
+    ap.add_argument("--upstream", choices=("square", "grad"), default="square",
+                    help="forward+backward from z_q.square().mean() + loss (square) or from a "
+                         "fixed upstream gradient into z_q and 1 into the loss (grad)")
+    ap.add_argument("--isa", default=None, help="run every subprocess under VQK_CPU_ISA=ISA")
     ap.add_argument("--one", nargs=3, metavar=("SHAPE", "IMPL", "MODE"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.one:
-        print(json.dumps(_one(*a.one, a.repeats, a.quick, a.warmup)))
+        print(json.dumps(_one(*a.one, a.repeats, a.quick, a.warmup, a.upstream)))
         return
     import torch
     rows = []
@@ -189,9 +210,10 @@ def main(argv=None):
 
     def one(shape, impl, mode):
         cmd = [sys.executable, __file__, "--one", shape, impl, mode,
-               "--repeats", str(a.repeats), "--warmup", str(a.warmup)] + \
-            (["--quick"] if a.quick else [])
-        p = subprocess.run(cmd, capture_output=True, text=True)
+               "--repeats", str(a.repeats), "--warmup", str(a.warmup),
+               "--upstream", a.upstream] + (["--quick"] if a.quick else [])
+        env = dict(os.environ, VQK_CPU_ISA=a.isa) if a.isa else None
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if p.returncode:
             return {"error": p.stderr.strip().splitlines()[-1] if p.stderr else "failed"}
         return json.loads(p.stdout.strip().splitlines()[-1])
@@ -228,7 +250,7 @@ def main(argv=None):
             "machine": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "quick": a.quick, "repeats": a.repeats,
-            "rounds": a.rounds, "warmup": a.warmup,
+            "rounds": a.rounds, "warmup": a.warmup, "upstream": a.upstream, "isa": a.isa,
             "shapes": {k: (QUICK if a.quick else {**SHAPES, **K_SWEEP})[k] for k in shapes}}
     try:  # the CPU's model (family / model numbers on x86) and SIMD flags, and auto's path
         from vqkernels import native
@@ -245,12 +267,16 @@ def main(argv=None):
     with open(a.out + ".json", "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     lines = [f"# Multi-codebook quantization, CPU ({meta['date']})", "",
-             f"{meta['machine']}, {meta['cpus']} CPUs ({meta['cpu']}; vqkernels' CPU path under auto: "
-             f"{meta['cpu_path']}, per stage by its own K and D), torch {meta['torch']} "
+             f"{meta['machine']}, {meta['cpus']} CPUs ({meta['cpu']}; "
+             + (f"vqkernels' CPU path forced: VQK_CPU_ISA={a.isa}" if a.isa else
+                f"vqkernels' CPU path under auto: {meta['cpu_path']}, per stage by its own K and D")
+             + f"), torch {meta['torch']} "
              f"({meta['torch_threads']} threads), vector-quantize-pytorch "
              f"{meta['vector_quantize_pytorch']}; {a.rounds} interleaved rounds x {a.repeats} "
              f"runs after {a.warmup} warm-up call(s), medians; CPU = process CPU time (all threads); peak "
-             f"extra = max RSS minus RSS after the warm-up call (its own process).", "",
+             f"extra = max RSS minus RSS after the warm-up call (its own process); forward+backward "
+             + ("from a fixed upstream gradient into z_q and 1 into the loss (--upstream grad)."
+                if a.upstream == "grad" else "from z_q.square().mean() + loss."), "",
              "shapes (N, stages|groups, K, D): " + ", ".join(f"{k} {v[:4]}"
                                                                for k, v in meta["shapes"].items()),
              ""]

@@ -98,8 +98,7 @@ void fp32_values(const cpu::FwdJob& job, const float* __restrict st, int r, cons
 
 [[maybe_unused]] void residual_tiles_i16(const cpu::ResidualJob& rj, int64_t t_lo, int64_t t_hi,
                                          float* scratch) {
-  const cpu::FwdJob& first = rj.stages[0];
-  const int64_t N = first.x.B * first.x.S, D = first.D, D2 = (D + 1) / 2;
+  const int64_t D = rj.stages[0].D, D2 = (D + 1) / 2;
   ResidualI16Header& hdr = *reinterpret_cast<ResidualI16Header*>(scratch);
   float* __restrict xt = scratch + kResHeaderFloats;
   float* __restrict qt = xt + tile_floats(D);
@@ -109,19 +108,10 @@ void fp32_values(const cpu::FwdJob& job, const float* __restrict st, int r, cons
   uint32_t* __restrict lp = xb + pair_floats(D);
   const float* __restrict st = rj.cosine ? un : xt;
   const int32_t Q = quant_max(D);
-  int64_t rowno[MR];
-  for (int64_t t = t_lo; t < t_hi; ++t) {
-    const int64_t row0 = t * MR, rows = imin(MR, N - row0);
-    for (int r = 0; r < MR; ++r) rowno[r] = r < rows ? row0 + r : -1;
-    pack_rows<EF32>(first, row0, rows, xt);
-    for (int64_t i = 0; i < D * MR; ++i) qt[i] = 0.0f;
-    for (int64_t s = 0; s < rj.S; ++s) {
-      const cpu::FwdJob& job = rj.stages[s];
+  residual_tile_loop(rj, t_lo, t_hi, xt, qt, un,
+                     [&](const cpu::FwdJob& job, int64_t s, const int64_t* rowno, const bool* on,
+                         int live) {
       const int hs = (int)imin(s, kResStages - 1);
-      bool on[MR];
-      const int live = stage_lanes(rj, job, s, rowno, on);
-      if (live == 0) continue;
-      if (rj.cosine) unit_tile(xt, D, un);
       alignas(64) float xx[MR];
       lane_sqnorms(st, D, xx);
       int32_t idx[MR];
@@ -233,9 +223,7 @@ void fp32_values(const cpu::FwdJob& job, const float* __restrict st, int r, cons
       }
       // From here residual_tiles' own steps (search_impl.h).
       residual_finish_stage(job, st, on, rowno, idx, flag, xerr, xt, qt, et);
-    }
-    write_residual_zq(rj, rowno, qt, D);
-  }
+  });
 }
 
 }  // namespace

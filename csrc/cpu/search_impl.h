@@ -799,16 +799,17 @@ VQK_ALWAYS_INLINE int stage_lanes(const cpu::ResidualJob& rj, const cpu::FwdJob&
   return live;
 }
 
-[[maybe_unused]] void residual_tiles(const cpu::ResidualJob& rj, int64_t t_lo, int64_t t_hi,
-                                     float* scratch) {
+// The tile loop of both residual searches (residual_tiles below, residual_tiles_i16 in
+// search_i16_residual.h): per tile of MR rows, the rows packed into xt (the running residual) and
+// the running sum qt zeroed; per stage its lanes (stage_lanes: none live, the stage is skipped) and,
+// for cosine, the residual's unit rows in un; then stage(job, s, rowno, on, live) searches the
+// stage and ends it (residual_finish_stage); after the last stage the tile's z_q.
+template <class Stage>
+VQK_ALWAYS_INLINE void residual_tile_loop(const cpu::ResidualJob& rj, int64_t t_lo, int64_t t_hi,
+                                          float* __restrict xt, float* __restrict qt,
+                                          float* __restrict un, Stage&& stage) {
   const cpu::FwdJob& first = rj.stages[0];
   const int64_t N = first.x.B * first.x.S, D = first.D;
-  float* __restrict xt = scratch;
-  float* __restrict qt = xt + tile_floats(D);
-  float* __restrict et = qt + tile_floats(D);
-  // The tile a stage searches: the residual itself, or (cosine) its unit rows.
-  float* __restrict un = et + tile_floats(D);
-  const float* __restrict st = rj.cosine ? un : xt;
   int64_t rowno[MR];
   for (int64_t t = t_lo; t < t_hi; ++t) {
     const int64_t row0 = t * MR, rows = imin(MR, N - row0);
@@ -821,6 +822,24 @@ VQK_ALWAYS_INLINE int stage_lanes(const cpu::ResidualJob& rj, const cpu::FwdJob&
       const int live = stage_lanes(rj, job, s, rowno, on);
       if (live == 0) continue;
       if (rj.cosine) unit_tile(xt, D, un);
+      stage(job, s, rowno, on, live);
+    }
+    write_residual_zq(rj, rowno, qt, D);
+  }
+}
+
+[[maybe_unused]] void residual_tiles(const cpu::ResidualJob& rj, int64_t t_lo, int64_t t_hi,
+                                     float* scratch) {
+  const int64_t D = rj.stages[0].D;
+  float* __restrict xt = scratch;
+  float* __restrict qt = xt + tile_floats(D);
+  float* __restrict et = qt + tile_floats(D);
+  // The tile a stage searches: the residual itself, or (cosine) its unit rows.
+  float* __restrict un = et + tile_floats(D);
+  const float* __restrict st = rj.cosine ? un : xt;
+  residual_tile_loop(rj, t_lo, t_hi, xt, qt, un,
+                     [&](const cpu::FwdJob& job, int64_t, const int64_t* rowno, const bool* on,
+                         int) {
       Top2 top;
       search_tile(st, job.packed, job.norms, job.panels, D, top);
       alignas(64) float xx[MR];
@@ -840,9 +859,7 @@ VQK_ALWAYS_INLINE int stage_lanes(const cpu::ResidualJob& rj, const cpu::FwdJob&
       }
       if (any) residual_exact(job, st, flag, thr, idx, xerr);
       residual_finish_stage(job, st, on, rowno, idx, flag, xerr, xt, qt, et);
-    }
-    write_residual_zq(rj, rowno, qt, D);
-  }
+  });
 }
 
 // ---------------------------------------------------------------------------------------------

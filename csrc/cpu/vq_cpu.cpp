@@ -261,9 +261,10 @@ constexpr int64_t kBf16MinK = 128, kBf16MinD = 16;
 // vpaddd) was slower than VNNI everywhere and is forced only.
 // On an Intel Ice Lake Xeon (family 6 model 106: AVX-512 VNNI, no AVX-512 BF16; one core's fp32
 // zmm FMA 91 GMAC/s, vpdpwssd zmm 170, benchmarks/fma_probe.cpp) avx512_vnni_i16's nearest_code
-// took 0.56-0.64x the fp32 avx512 build's CPU time at issue 16's five shapes on rows near codes
-// and 0.57-0.98x on random rows (K = 32-16384, D = 8-512; ~1x only where the int16 bound proves
-// few rows: D = 512 on random data), never slower beyond the noise of sub-millisecond calls
+// took 0.60-0.73x the fp32 avx512 build's CPU time at issue 16's five shapes on rows near codes
+// (0.56-0.64x in a first run) and 0.67-0.95x on random rows (K = 64-16384, D = 8-512; above 0.9x
+// only at D = 8, where the epilogue dominates every path, and at D = 512, where the int16 bound
+// proves fewer random rows), never slower beyond the noise of sub-millisecond calls
 // (benchmarks/results/cpu-icelake-2026-12-02.md). So auto takes it, for the same K >= 32, D >= 8,
 // on every CPU with AVX-512 VNNI and without AVX-512 BF16 (Cascade Lake to Ice Lake and Tiger
 // Lake: the same 512-bit vpdpwssd, timed on Ice Lake only), as on Zen 4. Intel cores with BF16
@@ -960,9 +961,6 @@ void residual_forward(const ResidualArgs& a, int num_threads) {
   // the fp32 search.
 #if defined(VQK_HAVE_AVX512)
   if (!ks->residual && ks->bf16) ks = &cpu::kernels_avx512();
-#endif
-#if defined(VQK_HAVE_AVX2)
-  if (!ks->residual && ks->i16) ks = &cpu::kernels_avx2();
 #endif
   if (!ks->residual) ks = &cpu::kernels_scalar();
   if (maxK + ks->nr >= ((int64_t)1 << 31))

@@ -198,7 +198,8 @@ def main(argv=None):
     ap.add_argument("--upstream", choices=("square", "grad"), default="square",
                     help="forward+backward from z_q.square().mean() + loss (square) or from a "
                          "fixed upstream gradient into z_q and 1 into the loss (grad)")
-    ap.add_argument("--isa", default=None, help="run every subprocess under VQK_CPU_ISA=ISA")
+    ap.add_argument("--isa", default=None, help="run every subprocess under VQK_CPU_ISA=NAME",
+                    metavar="NAME")
     ap.add_argument("--one", nargs=3, metavar=("SHAPE", "IMPL", "MODE"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.one:
@@ -256,7 +257,8 @@ def main(argv=None):
         from vqkernels import native
         model, flags = native._cpu_model_and_flags()
         meta["cpu"] = f"{model}; flags {' '.join(flags)}"
-        meta["cpu_path"] = native.module().cpu_isa() if native.cpu_status() is None else None
+        meta["cpu_path"] = a.isa or (native.module().cpu_isa() if native.cpu_status() is None
+                                     else None)
     except Exception as e:  # noqa: BLE001 -- a description only
         meta["cpu"], meta["cpu_path"] = f"unknown ({e})", None
     from importlib import metadata

@@ -111,118 +111,118 @@ void fp32_values(const cpu::FwdJob& job, const float* __restrict st, int r, cons
   residual_tile_loop(rj, t_lo, t_hi, xt, qt, un,
                      [&](const cpu::FwdJob& job, int64_t s, const int64_t* rowno, const bool* on,
                          int live) {
-      const int hs = (int)imin(s, kResStages - 1);
-      alignas(64) float xx[MR];
-      lane_sqnorms(st, D, xx);
-      int32_t idx[MR];
-      bool flag[MR], need32[MR];
-      double thr[MR], xerr[MR];
-      bool any32 = false;
-      const double En = job.max_code_norm;
-      // This stage's int16 pass: packed (vq_cpu.cpp leaves packed_bf16 null for a stage the
-      // single-stage rule gives the fp32 build), in the bound's range, and still paying here.
-      const bool use_i16 = job.packed_bf16 && Q >= kMinQ && En < 0x1p50 && !hdr.fp32_only[hs];
+    const int hs = (int)imin(s, kResStages - 1);
+    alignas(64) float xx[MR];
+    lane_sqnorms(st, D, xx);
+    int32_t idx[MR];
+    bool flag[MR], need32[MR];
+    double thr[MR], xerr[MR];
+    bool any32 = false;
+    const double En = job.max_code_norm;
+    // This stage's int16 pass: packed (vq_cpu.cpp leaves packed_bf16 null for a stage the
+    // single-stage rule gives the fp32 build), in the bound's range, and still paying here.
+    const bool use_i16 = job.packed_bf16 && Q >= kMinQ && En < 0x1p50 && !hdr.fp32_only[hs];
+    for (int r = 0; r < MR; ++r) {
+      idx[r] = 0;
+      flag[r] = false;
+      need32[r] = on[r] && !use_i16;
+      thr[r] = __builtin_inf();
+      any32 |= need32[r];
+    }
+    if (use_i16) {
+      const I16Bound bound(job, job.max_code_scale);
+      const int cap = (int)imin(kResMaxCand, job.K);
+      alignas(64) float mx[MR], l1[MR], tau[MR], inv[MR];
+      bool provable[MR];
+      row_scales(st, D, Q, on, xx, mx, l1, tau, inv, provable);
+      to_pairs_i16(st, inv, D, xb);
+      Top2 top;
+      search_tile_i16(xb, job.packed_bf16, job.norms, job.code_aux, tau, job.panels, D2, top);
+      int missed = 0;
       for (int r = 0; r < MR; ++r) {
-        idx[r] = 0;
-        flag[r] = false;
-        need32[r] = on[r] && !use_i16;
-        thr[r] = __builtin_inf();
-        any32 |= need32[r];
-      }
-      if (use_i16) {
-        const I16Bound bound(job, job.max_code_scale);
-        const int cap = (int)imin(kResMaxCand, job.K);
-        alignas(64) float mx[MR], l1[MR], tau[MR], inv[MR];
-        bool provable[MR];
-        row_scales(st, D, Q, on, xx, mx, l1, tau, inv, provable);
-        to_pairs_i16(st, inv, D, xb);
-        Top2 top;
-        search_tile_i16(xb, job.packed_bf16, job.norms, job.code_aux, tau, job.panels, D2, top);
-        int missed = 0;
-        for (int r = 0; r < MR; ++r) {
-          if (!on[r]) continue;
-          idx[r] = top.k1[r];
-          if (provable[r] && bound.quick(top.v1[r], top.v2[r], xx[r], l1[r], tau[r])) continue;
-          if (job.approx_only) continue;  // VQK_DEBUG_APPROX_ONLY: the int16 answer, unproven
-          ++missed;
-          const double v1 = top.v1[r], v2 = top.v2[r];
-          bool done = false;
-          if (provable[r] && v1 - v1 == 0.0) {
-            double B, dd;
-            bound.terms(xx[r], l1[r], tau[r], B, dd);
-            if (I16Bound::direct(v1, v2, B, dd)) {
-              --missed;
-              continue;
-            }
-            // 2. Candidates (see the top of this part); lim rounded up to float, the slack
-            // covering the roundings of this sum.
-            const double lim = v2 + (4.0 * dd + 7.0 * B) * (1.0 + 0x1p-10) + __builtin_fabs(v2) * 0x1p-20;
-            float lf = (float)lim;
-            if ((double)lf < lim) lf = __builtin_nextafterf(lf, __builtin_inff());
-            if (v2 - v2 == 0.0 && lf < __builtin_inff()) {
-              int32_t cand[kResMaxCand];
-              const int c = collect_lane_i16(job, xb, r, tau[r], lf, cap, cand, lp);
-              // k1' and the runner-up are always listed; fewer means something is off: fp32.
-              if (c >= 2 && c <= cap) {
-                float val[kResMaxCand];
-                fp32_values(job, st, r, cand, c, val);
-                float b1 = __builtin_inff(), b2 = __builtin_inff();
-                int32_t k1 = cand[0];
+        if (!on[r]) continue;
+        idx[r] = top.k1[r];
+        if (provable[r] && bound.quick(top.v1[r], top.v2[r], xx[r], l1[r], tau[r])) continue;
+        if (job.approx_only) continue;  // VQK_DEBUG_APPROX_ONLY: the int16 answer, unproven
+        ++missed;
+        const double v1 = top.v1[r], v2 = top.v2[r];
+        bool done = false;
+        if (provable[r] && v1 - v1 == 0.0) {
+          double B, dd;
+          bound.terms(xx[r], l1[r], tau[r], B, dd);
+          if (I16Bound::direct(v1, v2, B, dd)) {
+            --missed;
+            continue;
+          }
+          // 2. Candidates (see the top of this part); lim rounded up to float, the slack
+          // covering the roundings of this sum.
+          const double lim = v2 + (4.0 * dd + 7.0 * B) * (1.0 + 0x1p-10) + __builtin_fabs(v2) * 0x1p-20;
+          float lf = (float)lim;
+          if ((double)lf < lim) lf = __builtin_nextafterf(lf, __builtin_inff());
+          if (v2 - v2 == 0.0 && lf < __builtin_inff()) {
+            int32_t cand[kResMaxCand];
+            const int c = collect_lane_i16(job, xb, r, tau[r], lf, cap, cand, lp);
+            // k1' and the runner-up are always listed; fewer means something is off: fp32.
+            if (c >= 2 && c <= cap) {
+              float val[kResMaxCand];
+              fp32_values(job, st, r, cand, c, val);
+              float b1 = __builtin_inff(), b2 = __builtin_inff();
+              int32_t k1 = cand[0];
+              for (int i = 0; i < c; ++i) {
+                if (val[i] < b1) { b2 = b1; b1 = val[i]; k1 = cand[i]; }
+                else if (val[i] < b2) b2 = val[i];
+              }
+              idx[r] = k1;
+              // residual_tiles' test on the fp32 search's own values.
+              double th;
+              if (fp32_proves(job, b1, b2, xx[r], &th))
+                done = true;
+              else {
+                // Flagged: the lowest exact minimiser among the candidates (residual_exact's
+                // answer: both sets hold every exact minimiser).
+                __atomic_fetch_add(&cpu::g_exact_rows, 1, __ATOMIC_RELAXED);
+                double best = __builtin_inf();
+                int64_t bk = 0;
                 for (int i = 0; i < c; ++i) {
-                  if (val[i] < b1) { b2 = b1; b1 = val[i]; k1 = cand[i]; }
-                  else if (val[i] < b2) b2 = val[i];
+                  const double dk = exact_dist<EF32>(job, st + r, cand[i]);
+                  if (dk < best) { best = dk; bk = cand[i]; }  // increasing k: ties keep the lowest
                 }
-                idx[r] = k1;
-                // residual_tiles' test on the fp32 search's own values.
-                double th;
-                if (fp32_proves(job, b1, b2, xx[r], &th))
-                  done = true;
-                else {
-                  // Flagged: the lowest exact minimiser among the candidates (residual_exact's
-                  // answer: both sets hold every exact minimiser).
-                  __atomic_fetch_add(&cpu::g_exact_rows, 1, __ATOMIC_RELAXED);
-                  double best = __builtin_inf();
-                  int64_t bk = 0;
-                  for (int i = 0; i < c; ++i) {
-                    const double dk = exact_dist<EF32>(job, st + r, cand[i]);
-                    if (dk < best) { best = dk; bk = cand[i]; }  // increasing k: ties keep the lowest
-                  }
-                  idx[r] = (int32_t)bk;
-                  xerr[r] = best < __builtin_inf() ? best : exact_dist<EF32>(job, st + r, bk);
-                  flag[r] = true;
-                  done = true;
-                }
+                idx[r] = (int32_t)bk;
+                xerr[r] = best < __builtin_inf() ? best : exact_dist<EF32>(job, st + r, bk);
+                flag[r] = true;
+                done = true;
               }
             }
           }
-          if (!done) {  // 3. the fp32 search of the tile decides this lane
-            need32[r] = true;
-            any32 = true;
-          }
         }
-        __atomic_fetch_add(&cpu::g_set_aside_rows, (int64_t)missed, __ATOMIC_RELAXED);
-        hdr.seen[hs] += live;
-        hdr.missed[hs] += missed + (any32 ? MR : 0);
-        if (hdr.seen[hs] >= 4 * MR && 2 * hdr.missed[hs] > hdr.seen[hs]) hdr.fp32_only[hs] = true;
-      }
-      if (any32) {
-        // residual_tiles' search, proof and exact re-search for these lanes.
-        Top2 top;
-        search_tile(st, job.packed, job.norms, job.panels, D, top);
-        bool f32[MR];
-        bool anyf = false;
-        for (int r = 0; r < MR; ++r) {
-          f32[r] = false;
-          if (!need32[r]) continue;
-          idx[r] = top.k1[r];
-          thr[r] = __builtin_inf();
-          if (fp32_proves(job, top.v1[r], top.v2[r], xx[r], &thr[r])) continue;
-          f32[r] = flag[r] = anyf = true;
+        if (!done) {  // 3. the fp32 search of the tile decides this lane
+          need32[r] = true;
+          any32 = true;
         }
-        if (anyf) residual_exact(job, st, f32, thr, idx, xerr);
       }
-      // From here residual_tiles' own steps (search_impl.h).
-      residual_finish_stage(job, st, on, rowno, idx, flag, xerr, xt, qt, et);
+      __atomic_fetch_add(&cpu::g_set_aside_rows, (int64_t)missed, __ATOMIC_RELAXED);
+      hdr.seen[hs] += live;
+      hdr.missed[hs] += missed + (any32 ? MR : 0);
+      if (hdr.seen[hs] >= 4 * MR && 2 * hdr.missed[hs] > hdr.seen[hs]) hdr.fp32_only[hs] = true;
+    }
+    if (any32) {
+      // residual_tiles' search, proof and exact re-search for these lanes.
+      Top2 top;
+      search_tile(st, job.packed, job.norms, job.panels, D, top);
+      bool f32[MR];
+      bool anyf = false;
+      for (int r = 0; r < MR; ++r) {
+        f32[r] = false;
+        if (!need32[r]) continue;
+        idx[r] = top.k1[r];
+        thr[r] = __builtin_inf();
+        if (fp32_proves(job, top.v1[r], top.v2[r], xx[r], &thr[r])) continue;
+        f32[r] = flag[r] = anyf = true;
+      }
+      if (anyf) residual_exact(job, st, f32, thr, idx, xerr);
+    }
+    // From here residual_tiles' own steps (search_impl.h).
+    residual_finish_stage(job, st, on, rowno, idx, flag, xerr, xt, qt, et);
   });
 }
 

@@ -840,25 +840,25 @@ VQK_ALWAYS_INLINE void residual_tile_loop(const cpu::ResidualJob& rj, int64_t t_
   residual_tile_loop(rj, t_lo, t_hi, xt, qt, un,
                      [&](const cpu::FwdJob& job, int64_t, const int64_t* rowno, const bool* on,
                          int) {
-      Top2 top;
-      search_tile(st, job.packed, job.norms, job.panels, D, top);
-      alignas(64) float xx[MR];
-      lane_sqnorms(st, D, xx);
-      int32_t idx[MR];
-      bool flag[MR];
-      double thr[MR], xerr[MR];
-      bool any = false;
-      for (int r = 0; r < MR; ++r) {
-        idx[r] = top.k1[r];
-        flag[r] = false;
-        thr[r] = __builtin_inf();
-        if (!on[r]) continue;
-        // The same proof as search_block.
-        if (fp32_proves(job, top.v1[r], top.v2[r], xx[r], &thr[r])) continue;
-        flag[r] = any = true;
-      }
-      if (any) residual_exact(job, st, flag, thr, idx, xerr);
-      residual_finish_stage(job, st, on, rowno, idx, flag, xerr, xt, qt, et);
+    Top2 top;
+    search_tile(st, job.packed, job.norms, job.panels, D, top);
+    alignas(64) float xx[MR];
+    lane_sqnorms(st, D, xx);
+    int32_t idx[MR];
+    bool flag[MR];
+    double thr[MR], xerr[MR];
+    bool any = false;
+    for (int r = 0; r < MR; ++r) {
+      idx[r] = top.k1[r];
+      flag[r] = false;
+      thr[r] = __builtin_inf();
+      if (!on[r]) continue;
+      // The same proof as search_block.
+      if (fp32_proves(job, top.v1[r], top.v2[r], xx[r], &thr[r])) continue;
+      flag[r] = any = true;
+    }
+    if (any) residual_exact(job, st, flag, thr, idx, xerr);
+    residual_finish_stage(job, st, on, rowno, idx, flag, xerr, xt, qt, et);
   });
 }
 

@@ -520,19 +520,28 @@ def test_research_runs_on_flagged_rows_and_is_needed(emulated, monkeypatch, dtyp
     # On far-from-origin data the fast pass flags rows (the emulator counts them), and without the
     # exact re-search (VQK_DEBUG_APPROX_ONLY=1: flagged rows keep the fast pass's best) the same data
     # gets wrong codes; with it, none. On ordinary random data flags are rare.
+    # The family defeats the fast pass, not every draw of it: fp16 seed 674281106 (base 2^12 on one
+    # coordinate) left no row wrong, while 300 other seeds (1000-1299) had a median of 90 of 200
+    # wrong for fp16 and 86 for bf16, none with 0. So a draw the fast pass gets right is redrawn
+    # (up to 4 draws); every draw must be exact with the re-search and flag rows.
     seed = _seed()
     # 16-bit grids are too coarse for fp32 sums to cancel when every coordinate is far out: a few
     # far coordinates then, and the small ones carry the differences.
     wide = dtype in (torch.float32, torch.float64)
-    z, cb = cases.draw(lambda s: cases.far_groups(200, 300, 32, dtype, 8, s, all_coords=wide), seed)
     flagged = _flagged()
-    flagged.value = 0
-    _check_exact(z, cb, _forward(z, cb), seed)
-    assert flagged.value > 0
-    monkeypatch.setenv("VQK_DEBUG_APPROX_ONLY", "1")
-    idx = _forward(z, cb)[1]
-    assert cases.wrong_rows(z, cb, idx) > 0, f"seed {seed}: the fast pass alone was right"
-    monkeypatch.delenv("VQK_DEBUG_APPROX_ONLY")
+    wrong = []
+    for t in range(4):
+        s0 = seed + 1000 * t
+        z, cb = cases.draw(lambda s: cases.far_groups(200, 300, 32, dtype, 8, s, all_coords=wide), s0)
+        flagged.value = 0
+        _check_exact(z, cb, _forward(z, cb), s0)
+        assert flagged.value > 0, f"seed {s0}: no row flagged"
+        monkeypatch.setenv("VQK_DEBUG_APPROX_ONLY", "1")
+        wrong.append(cases.wrong_rows(z, cb, _forward(z, cb)[1]))
+        monkeypatch.delenv("VQK_DEBUG_APPROX_ONLY")
+        if wrong[-1] > 0:
+            break
+    assert wrong[-1] > 0, f"seed {seed}: the fast pass alone was right on every draw ({wrong})"
     z, cb = make_inputs(1024, 300, 32, dtype)
     flagged.value = 0
     _check_forward(z, cb, _forward(z, cb))

@@ -186,6 +186,17 @@ PYBIND11_MODULE(_C, m) {
         "The CPU search kernels a large search uses: 'avx512bf16', 'avx512', 'avx2_i16', 'avx2_i8', "
         "'avx2', 'neon' (aarch64) or 'scalar' (VQK_CPU_ISA=auto|avx512bf16|avx512|avx2_i16|avx2_i8|"
         "avx2|neon|scalar forces one).");
+  m.def("cpu_use_openmp",
+        [](const std::string& path, bool fall_back) {
+          return vqk::cpu_use_openmp(path.c_str(), fall_back);
+        },
+        py::arg("path"), py::arg("fall_back") = false,
+        "Run the CPU kernels' parallel regions on the OpenMP runtime already loaded from `path` "
+        "(torch's; '' goes back to the own pool). fall_back: the own pool for a while after a late "
+        "team (see vqk.h). Returns whether it was found.");
+  m.def("cpu_pool", [] { return std::string(vqk::cpu_pool()); },
+        "'own' (the module's thread pool), 'own (falling back)' or the path of the OpenMP runtime "
+        "in use.");
   m.def("cpu_exact_rows", &vqk::cpu_exact_rows,
         "Rows the CPU forward has searched again exactly (the fast pass could not prove their "
         "nearest code) since the module loaded, over all calls.");

@@ -237,10 +237,15 @@ def test_single_code_and_huge_k(isa):
 def test_thread_pool_survives_fork():
     # The pool's workers do not exist in a forked child (a DataLoader worker, say): the child must
     # start its own instead of waiting on the parent's. The child calls only the native module and
-    # numpy (torch's own OpenMP pool is not usable after fork).
+    # numpy (torch's own OpenMP pool is not usable after fork). The parent on the own pool here
+    # (on torch's OpenMP threads: tests/test_cpu_pool.py).
     N, K, D = 3000, 200, 40
     z, cb = make_inputs(N, K, D)
-    want = forward_raw(z, cb, threads=2)[1]  # the parent's pool is up
+    native.set_cpu_pool("own")
+    try:
+        want = forward_raw(z, cb, threads=2)[1]  # the parent's pool is up
+    finally:
+        native.set_cpu_pool(os.environ.get("VQK_CPU_POOL", ""))
     idx = torch.full((N,), -1, dtype=torch.long)
     err = torch.empty(N)
     counts = torch.empty(K, dtype=torch.long)

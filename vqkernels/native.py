@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import re
 from types import ModuleType
 from typing import Optional
 
@@ -18,9 +19,81 @@ BUILD_HINT = ("reinstall with `pip install -e .` on a machine with a C++17 compi
 @functools.lru_cache(maxsize=None)
 def _load() -> tuple[Optional[ModuleType], str]:
     try:
-        return importlib.import_module("vqkernels._C"), ""
+        mod = importlib.import_module("vqkernels._C")
     except ImportError as exc:  # not built, or built for another Python
         return None, f"the native module vqkernels._C could not be imported ({exc}); {BUILD_HINT}"
+    set_cpu_pool(os.environ.get("VQK_CPU_POOL", ""), mod)
+    return mod, ""
+
+
+POOLS = ("auto", "openmp", "own")
+_OPENMP_NAME = re.compile(r"lib(gomp|iomp5|omp)([-.][-\w.]*)?\.so([.\d]*)$")
+
+
+def openmp_runtimes() -> list[str]:
+    """The OpenMP runtimes mapped into this process (Linux, /proc/self/maps; [] elsewhere): the
+    one torch's parallel ops run on, once torch is imported."""
+    try:
+        with open("/proc/self/maps") as f:
+            maps = f.read().splitlines()
+    except OSError:
+        return []
+    found: list[str] = []
+    for line in maps:
+        parts = line.split(None, 5)
+        path = parts[5].strip() if len(parts) == 6 else ""
+        if path.startswith("/") and _OPENMP_NAME.match(os.path.basename(path)) and \
+                path not in found:
+            found.append(path)
+    return found
+
+
+def set_cpu_pool(choice: str = "auto", mod: Optional[ModuleType] = None) -> str:
+    """Which threads run the native CPU kernels (also set by VQK_CPU_POOL at import):
+      auto   torch's OpenMP threads when torch runs its ops on OpenMP and exactly one OpenMP
+             runtime is loaded (else the module's own pool), falling back to the own pool for a
+             while after a call whose OpenMP team came late (other processes holding the cores:
+             an OpenMP region waits for every thread of its team, the own pool does not) -- the
+             default;
+      openmp torch's OpenMP threads always, or a RuntimeError saying why not;
+      own    the module's own thread pool.
+    Why: after each parallel torch op, torch's OpenMP workers spin for milliseconds (libgomp's
+    default wait policy) and hold the other cores, so a kernel that follows a torch op (every
+    quantizer call in a training step) waits for them on its own pool, and runs on them at once
+    on theirs (benchmarks/bench_after_torch_op.py). Returns the pool now in use: "own" or
+    "openmp:<path>"."""
+    raw = choice
+    choice = (choice or "auto").strip().lower()
+    if choice not in POOLS:
+        raise ValueError(f"VQK_CPU_POOL must be one of {'/'.join(POOLS)}, got {raw!r}")
+    mod = mod if mod is not None else module()
+    if not hasattr(mod, "cpu_use_openmp"):
+        if choice == "openmp":
+            raise RuntimeError(f"VQK_CPU_POOL=openmp: this build of vqkernels._C cannot use "
+                               f"OpenMP threads; {BUILD_HINT}")
+        return "own"
+    mod.cpu_use_openmp("")
+    if choice == "own":
+        return "own"
+    why = None
+    runtimes = openmp_runtimes()
+    if "OpenMP" not in torch.__config__.parallel_info().split("parallel backend:")[-1][:40]:
+        why = "torch's parallel backend is not OpenMP"
+    elif len(runtimes) != 1:
+        why = (f"{len(runtimes)} OpenMP runtimes are loaded ({', '.join(runtimes) or 'none'}); "
+               f"which one torch uses is unknown")
+    elif not mod.cpu_use_openmp(runtimes[0], choice == "auto"):
+        why = f"{runtimes[0]} has no GOMP_parallel"
+    if why and choice == "openmp":
+        raise RuntimeError(f"VQK_CPU_POOL=openmp: {why}")
+    return "own" if why else "openmp:" + runtimes[0]
+
+
+def cpu_pool() -> str:
+    """The threads the native CPU kernels run on now: "own", "own (falling back)" (auto, for a
+    while after a late OpenMP team) or "openmp:<path>" (set_cpu_pool)."""
+    p = module().cpu_pool() if hasattr(module(), "cpu_pool") else "own"
+    return p if p.startswith("own") else "openmp:" + p
 
 
 def module() -> ModuleType:

@@ -122,7 +122,8 @@ extern int64_t g_int8_rows;
 // [1, nthreads) that starts before the caller's own fn returns (a worker still waiting for a core
 // then is not waited for), and returns when all those are done. So fn must hand out its work
 // dynamically: tid 0 alone must be able to finish it. One call at a time; a concurrent caller
-// waits for the pool.
+// waits for the pool. Under cpu_use_openmp (vqk.h) the region runs on that OpenMP runtime's team
+// instead (tids 0 .. team size - 1; concurrent callers get teams of their own).
 void run_parallel(int nthreads, void (*fn)(void* ctx, int tid), void* ctx);
 
 }  // namespace cpu

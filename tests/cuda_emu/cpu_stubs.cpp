@@ -27,6 +27,8 @@ const char* cpu_isa() { return "none (emulated CUDA module)"; }
 int64_t cpu_exact_rows() { return 0; }
 int64_t cpu_set_aside_rows() { return 0; }
 int64_t cpu_int8_rows() { return 0; }
+bool cpu_use_openmp(const char*, bool) { return false; }
+const char* cpu_pool() { return "own"; }
 }  // namespace vqk
 
 // Rows the forward's fast pass flagged for the exact re-search (cuda_emu.h; the tests read it).

@@ -174,6 +174,15 @@ void cpu_grouped_backward(const GroupedBackwardArgs& a, int num_threads);
 // (small codebooks use "avx512" where "avx512bf16" would be picked). Throws if the forced one
 // can't run here.
 const char* cpu_isa();
+// Threads of the CPU kernels. By default their own pool (csrc/cpu/thread_pool.cpp). After
+// cpu_use_openmp(path, fall_back) with the path of an OpenMP runtime already loaded in the
+// process (libgomp, or one exporting its GOMP_parallel: torch's), every parallel region runs on
+// that runtime's threads instead; in a child after fork() the own pool again. With fall_back, a
+// region whose team came late (a loaded machine) sends the next ones to the own pool for a while
+// (50 ms, doubling while it recurs, up to 2 s). Returns whether the runtime was found (null or
+// "": back to the own pool, returns false). cpu_pool(): "own", "own (falling back)" or that path.
+bool cpu_use_openmp(const char* path, bool fall_back);
+const char* cpu_pool();
 // Rows the CPU forward has searched again exactly (no proof from the fast pass) since the module
 // loaded, over all calls and threads: for tests and benchmarks.
 int64_t cpu_exact_rows();

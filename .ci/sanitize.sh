@@ -77,7 +77,8 @@ print("sanitize: testing", C.__file__)
 PY
 
 if [ $# -eq 0 ]; then
-  set -- "$ROOT/tests/test_cpu_kernel.py" "$ROOT/tests/test_exact.py" "$ROOT/tests/test_fuzz.py" -q -x \
+  set -- "$ROOT/tests/test_cpu_kernel.py" "$ROOT/tests/test_exact.py" "$ROOT/tests/test_fuzz.py" \
+    "$ROOT/tests/test_cpu_pool.py" -q -x \
     -p no:cacheprovider
 fi
 "$PY" -m pytest "$@"

@@ -3,7 +3,7 @@ single-stage vq_quantize calls, grouped_vq, the modules, and (optional) vector-q
 ResidualVQ / GroupedResidualVQ with the same settings, forward and forward+backward.
 
     python benchmarks/bench_residual.py [--quick] [--repeats 3] [--rounds 3] [--warmup 1]
-        [--k-sweep] [--upstream square|grad] [--isa NAME] [--out benchmarks/results/residual-cpu]
+        [--k-sweep] [--upstream square|grad] [--isa NAME] [--pool NAME] [--out benchmarks/results/residual-cpu]
 
 Every (shape, implementation, mode) runs in a fresh subprocess, so its peak memory (ru_maxrss
 after the runs minus the resident size after the warm-up call) is its own. The peers of one
@@ -15,7 +15,8 @@ glibc keeps handing out fresh mappings for the first few calls, so raise it, e.g
 the steady state a long training run reaches); reported: the median over all runs of wall time and of process CPU time (all
 threads: on a shared machine CPU time is the steadier figure), and the load average around the
 runs. --k-sweep adds the fused forward at K = 256, 1024, 4096 for the peak-memory-vs-K check.
---isa runs every subprocess under VQK_CPU_ISA=NAME (a forced path instead of auto's).
+--isa runs every subprocess under VQK_CPU_ISA=NAME (a forced path instead of auto's); --pool
+under VQK_CPU_POOL=NAME (own thread pool or torch's OpenMP threads; default auto).
 
 forward+backward: --upstream square (the default, as every earlier page) backpropagates
 z_q.square().mean() + loss, so each run also times torch's own square, mean and their backward on
@@ -200,6 +201,8 @@ def main(argv=None):
                          "fixed upstream gradient into z_q and 1 into the loss (grad)")
     ap.add_argument("--isa", default=None, help="run every subprocess under VQK_CPU_ISA=NAME",
                     metavar="NAME")
+    ap.add_argument("--pool", default=None, choices=("auto", "openmp", "own"),
+                    help="run every subprocess under VQK_CPU_POOL=NAME (default: auto)")
     ap.add_argument("--one", nargs=3, metavar=("SHAPE", "IMPL", "MODE"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.one:
@@ -213,7 +216,11 @@ def main(argv=None):
         cmd = [sys.executable, __file__, "--one", shape, impl, mode,
                "--repeats", str(a.repeats), "--warmup", str(a.warmup),
                "--upstream", a.upstream] + (["--quick"] if a.quick else [])
-        env = dict(os.environ, VQK_CPU_ISA=a.isa) if a.isa else None
+        env = dict(os.environ)
+        if a.isa:
+            env["VQK_CPU_ISA"] = a.isa
+        if a.pool:
+            env["VQK_CPU_POOL"] = a.pool
         p = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if p.returncode:
             return {"error": p.stderr.strip().splitlines()[-1] if p.stderr else "failed"}
@@ -252,6 +259,7 @@ def main(argv=None):
             "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "quick": a.quick, "repeats": a.repeats,
             "rounds": a.rounds, "warmup": a.warmup, "upstream": a.upstream, "isa": a.isa,
+            "cpu_pool": a.pool or os.environ.get("VQK_CPU_POOL") or "auto",
             "shapes": {k: (QUICK if a.quick else {**SHAPES, **K_SWEEP})[k] for k in shapes}}
     try:  # the CPU's model (family / model numbers on x86) and SIMD flags, and auto's path
         from vqkernels import native
@@ -272,7 +280,7 @@ def main(argv=None):
              f"{meta['machine']}, {meta['cpus']} CPUs ({meta['cpu']}; "
              + (f"vqkernels' CPU path forced: VQK_CPU_ISA={a.isa}" if a.isa else
                 f"vqkernels' CPU path under auto: {meta['cpu_path']}, per stage by its own K and D")
-             + f"), torch {meta['torch']} "
+             + f"; threads: VQK_CPU_POOL={meta['cpu_pool']}), torch {meta['torch']} "
              f"({meta['torch_threads']} threads), vector-quantize-pytorch "
              f"{meta['vector_quantize_pytorch']}; {a.rounds} interleaved rounds x {a.repeats} "
              f"runs after {a.warmup} warm-up call(s), medians; CPU = process CPU time (all threads); peak "

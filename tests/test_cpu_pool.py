@@ -138,13 +138,14 @@ _FALL_BACK_PROBE = textwrap.dedent("""
     def threads():
         return len(os.listdir("/proc/self/task"))
     torch.randn(4096, 1024) * torch.randn(4096, 1024)  # torch's OpenMP team is up
-    z, cb = torch.randn(8192, 64), torch.randn(1024, 64)
+    # Two threads' worth of work (> 8 MFLOP), small against the lateness even under sanitizers.
+    z, cb = torch.randn(2048, 32), torch.randn(256, 32)
     seen = {"before": threads()}
-    vqkernels.vq_quantize(z, cb, backend="cpu")   # a team thread comes 20 ms late
+    vqkernels.vq_quantize(z, cb, backend="cpu")   # a team thread comes 30 ms late
     seen["pool after a late team"] = native.cpu_pool()
     vqkernels.vq_quantize(z, cb, backend="cpu")   # so this one runs on the own pool
     seen["threads added"] = threads() - seen["before"]
-    time.sleep(0.1)                               # the 50 ms fall-back period is over
+    time.sleep(0.2)                               # the 50 ms fall-back period is over
     seen["pool later"] = native.cpu_pool()
     print(json.dumps(seen))
 """)
@@ -156,7 +157,7 @@ def test_auto_falls_back_to_the_own_pool_after_a_late_team():
     # VQK_DEBUG_OMP_LATE_US makes every team thread but the caller start late, as when other
     # processes hold the cores: the region's closing barrier waits for it, so auto takes the own
     # pool (whose late workers are not waited for) for the next 50 ms.
-    env = dict(os.environ, VQK_CPU_POOL="auto", VQK_DEBUG_OMP_LATE_US="20000")
+    env = dict(os.environ, VQK_CPU_POOL="auto", VQK_DEBUG_OMP_LATE_US="30000")
     out = subprocess.run([sys.executable, "-c", _FALL_BACK_PROBE], env=env, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr

@@ -97,3 +97,23 @@ def end_spawned_worker() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def wait_for_child(pid: int, timeout_s: float, hung: str) -> int:
+    """waitpid for a forked child, polling; past timeout_s it is killed and the test fails with
+    `hung`. Returns the child's wait status."""
+    import os
+    import signal
+    import time
+
+    import pytest
+    deadline = time.monotonic() + timeout_s
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail(hung)
+        time.sleep(0.01)

@@ -8,8 +8,6 @@ its layouts (channel-first, strided, batch boundaries inside a tile), its thread
 for any count) and its exact tie and NaN rules.
 """
 import os
-import signal
-import time
 
 import pytest
 import torch
@@ -18,7 +16,7 @@ import adversarial as A
 import vqkernels
 from vqkernels import backends, native, reference
 from vqkernels._layout import NULL_VIEW, RowPlan
-from helpers import FLOAT_DTYPES, WEIRD_SHAPES, assert_search_ok, make_inputs
+from helpers import FLOAT_DTYPES, WEIRD_SHAPES, assert_search_ok, make_inputs, wait_for_child
 from cpu_isas import ISA_PARAMS, SKIP_REASONS
 
 pytestmark = pytest.mark.skipif(native.cpu_status() is not None,
@@ -259,16 +257,8 @@ def test_thread_pool_survives_fork():
             ok = bool((idx.numpy() == want.numpy()).all())
         finally:
             os._exit(0 if ok else 1)
-    deadline = time.monotonic() + 60
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            pytest.fail("the forked child hung in the CPU kernel (waiting on the parent's pool?)")
-        time.sleep(0.01)
+    status = wait_for_child(pid, 60, "the forked child hung in the CPU kernel (waiting on the "
+                                     "parent's pool?)")
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
 
 

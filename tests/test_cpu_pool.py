@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 import torch
 
 import adversarial as A
+from helpers import wait_for_child
 import vqkernels
 from vqkernels import native
 from vqkernels._layout import NULL_VIEW, RowPlan
@@ -194,16 +193,8 @@ def test_forked_child_leaves_the_parents_openmp_threads_alone(pool):
         finally:
             os._exit(0)
     os.close(w)
-    deadline = time.monotonic() + 120
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            pytest.fail("the forked child hung in the CPU kernel (on the parent's OpenMP team?)")
-        time.sleep(0.01)
+    status = wait_for_child(pid, 120, "the forked child hung in the CPU kernel (on the parent's "
+                                      "OpenMP team?)")
     msg = os.read(r, 4096)
     os.close(r)
     assert os.WIFEXITED(status) and msg == b"ok", msg

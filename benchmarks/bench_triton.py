@@ -174,7 +174,7 @@ def _fmt(v, spec=".3g"):
 def report(rows, sweep) -> str:
     dev = torch.cuda.get_device_name()
     import triton
-    lines = [f"# Triton VQ forward benchmark", "",
+    lines = ["# Triton VQ forward benchmark", "",
              f"{dev}; torch {torch.__version__}; triton {triton.__version__}; "
              f"python {platform.python_version()}; {datetime.date.today().isoformat()}", "",
              "| N | K | D | dtype | triton ms | TFLOP/s | % of matmul | x eager | x compile | "

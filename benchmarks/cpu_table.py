@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from collections import defaultdict
 
 IMPLS = ["faiss", "torch-eager", "vqk-cpu", "vqk-cpu-search", "matmul"]

@@ -23,7 +23,6 @@ import time
 import torch
 
 import vqkernels
-from vqkernels import native
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ab_native import cpu_name  # noqa: E402

@@ -35,7 +35,7 @@ def markdown(data, rows, cmd) -> str:
            f"Date: {first['date']}  ", f"Command: `{cmd}`", ""]
     ceiling = {r["device"]: r["gflops"] for r in rows if r["impl"] == "matmul"}
     if ceiling:
-        out += [f"Bare GEMM rate measured in the same run: " + ", ".join(
+        out += ["Bare GEMM rate measured in the same run: " + ", ".join(
             f"{d}: {g:.0f} GFLOP/s" for d, g in ceiling.items()), ""]
     out += ["| shape N×K×D | dtype | mode | impl | median ms | GFLOP/s | vs best peer | peak extra MiB |",
             "|---|---|---|---|---:|---:|---:|---:|"]

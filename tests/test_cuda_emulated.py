@@ -17,7 +17,6 @@ import importlib.util
 import math
 import os
 import secrets
-import shutil
 from pathlib import Path
 
 import pytest

@@ -605,6 +605,36 @@ def test_cpu_grouped_is_exact_on_adversarial_groups():
 
 
 @needs_cpu
+@pytest.mark.parametrize("isa", ISA_PARAMS)
+def test_cpu_grouped_set_aside_rows_meet_their_own_codebook(isa, monkeypatch):
+    # Three groups of near ties far from the origin, each around its own centre, and a group of
+    # rows close to their codes, over many row tiles: a thread searches one row tile against every group in turn, so
+    # the rows a reduced-precision pass sets aside for one group wait while it searches the
+    # others, and must be finished against their own group's codebook (a row searched against
+    # another group's codes lands far from its exact answer).
+    monkeypatch.setenv("VQK_CPU_ISA", isa)
+    gen = _gen(291)
+    pairs = [close_codes(gen, N=600, K=200, D=16, n_close=4, spacing=16, offset=2.0 ** (10 + g))
+             for g in range(3)]
+    cb = torch.randn(96, 16, generator=gen)  # rows near their codes: int8 proves whole tiles
+    pairs.append((cb[torch.randint(0, 96, (600,), generator=gen)]
+                  + 0.01 * torch.randn(600, 16, generator=gen), cb))
+    z = torch.cat([x for x, _ in pairs], 1)
+    books = [cb for _, cb in pairs]
+    aside, int8 = native.module().cpu_set_aside_rows(), native.module().cpu_int8_rows()
+    out = grouped_vq(z, books, backend="cpu")
+    if any(tag in isa for tag in ("i16", "i8", "bf16")):
+        assert native.module().cpu_set_aside_rows() > aside
+    if isa == "avx2_i8":  # the int8 tier runs on groups too, settling the last group's rows
+        assert native.module().cpu_int8_rows() > int8
+    for g, (x, cb) in enumerate(pairs):
+        assert_exact(x, cb, out.indices[:, g], what=f"{isa} group {g}")
+        single = vqkernels.vq_quantize(x, cb, backend="cpu")
+        assert torch.equal(out.indices[:, g], single.indices), f"{isa} group {g}"
+        assert torch.equal(out.z_q[:, 16 * g:16 * (g + 1)], single.z_q), f"{isa} group {g}"
+
+
+@needs_cpu
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_cpu_grouped_does_not_depend_on_thread_count(threads):
     gen = _gen(271)
@@ -751,7 +781,7 @@ def test_i16_residual_cosine_and_dropout_are_bitwise_the_fp32_path(pair, monkeyp
 @needs_cpu
 def test_i16_residual_is_taken_per_stage_where_the_single_stage_rule_takes_it(monkeypatch):
     # Under `auto` on a CPU where the single-stage search picks an int16 build (avx2_i16, or the
-    # int8 tier in front of it, avx2_i8: K >= 64, D >= 16, residual calls take avx2_i16 for both;
+    # int8 tier in front of it, avx2_i8: K >= 64, D >= 16; residual calls take avx2_i16 for both;
     # avx512_vnni_i16: K >= 32, D >= 8), a stage takes the int16 pass exactly when its own (K_s, D)
     # would: smaller stages never set rows aside; forced to the int16 build, they do (on data the
     # int16 pass cannot settle).

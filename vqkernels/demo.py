@@ -2,7 +2,6 @@
 they agree with the float64 reference -- the quickest way to see that an install works."""
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch

@@ -539,8 +539,9 @@ def grouped_vq(z: Tensor, codebooks: Codebooks, *, groups: Optional[int] = None,
         rows = parts.reshape(N * G, d)
         _check(rows, books[0], -1, backend, "z")
         zq, idx, e_cb, e_cm = _vq_rows(rows, books[0], backend)
-        zq, idx = zq.reshape(N, G, d), idx.reshape(N, G)
-        e_cb, e_cm = e_cb.reshape(N, G), e_cm.reshape(N, G)
+        # (G, N) views of the (N G) rows' results.
+        zq, idx = zq.reshape(N, G, d), idx.reshape(N, G).T
+        e_cb, e_cm = e_cb.reshape(N, G).T, e_cm.reshape(N, G).T
     else:
         for g in range(G):
             _check(parts[:, g, :], books[g], -1, backend, "z")
@@ -550,24 +551,27 @@ def grouped_vq(z: Tensor, codebooks: Codebooks, *, groups: Optional[int] = None,
         else:
             outs = [_vq_rows(parts[:, g, :], books[g], backend) for g in range(G)]
             zq = torch.stack([o[0] for o in outs], 1)
-            idx, e_cb, e_cm = (torch.stack([o[i] for o in outs], 1) for i in (1, 2, 3))
+            idx, e_cb, e_cm = (torch.stack([o[i] for o in outs], 0) for i in (1, 2, 3))
+    # idx, e_cb, e_cm: (G, N), group g in row g.
     acc = e_cb.dtype
     if valid is not None:
-        w = valid.to(acc)[:, None]
+        w = valid.to(acc)[None, :]
         e_cb, e_cm = e_cb * w, e_cm * w
         denom = valid.sum().clamp(min=1).to(acc) * d
     else:
         denom = max(N * d, 1)
-    cb_loss, cm_loss = _SumRows.apply(e_cb.T) / denom, _SumRows.apply(e_cm.T) / denom
+    cb_loss, cm_loss = _SumRows.apply(e_cb) / denom, _SumRows.apply(e_cm) / denom
     counts, perp = [], []
     for g in range(G):
         K = books[0 if shared else g].shape[0]
         wt = None if valid is None else valid.to(acc)
-        c = torch.bincount(idx[:, g], weights=wt, minlength=K)
+        c = torch.bincount(idx[g], weights=wt, minlength=K)
         counts.append(c.round().long() if c.is_floating_point() else c)
         p = c.to(acc) / c.sum().clamp(min=1).to(acc)
         perp.append(torch.special.entr(p).sum().exp())
     zq = zq.reshape(*lead, G * d).movedim(-1, dim)
+    # (N, G), contiguous: a view for the shared path; stacking the rows is the quicker transpose.
+    idx = idx.T if idx.T.is_contiguous() else torch.stack(idx.unbind(0), 1)
     return GVQOutput(zq, idx.reshape(*lead, G), cb_loss, cm_loss, (cb_loss + beta * cm_loss).sum(),
                      torch.stack(perp), counts)
 
@@ -594,8 +598,8 @@ def grouped_codes_from_indices(indices: Tensor, codebooks: Codebooks, *,
 class _GroupedFn(torch.autograd.Function):
     """Grouped VQ with each group's own codebook as one fused Triton launch (a grid axis over the
     groups, vqkernels.triton.residual.grouped_forward) or one native CPU call. The outputs are
-    the per-group loop's: z_q (N, G, d) straight-through, indices (N, G), and the squared error
-    twice, (N, G) each, one per gradient path (codebook loss -> codebooks, commitment loss -> z).
+    the per-group loop's: z_q (N, G, d) straight-through, indices (G, N), and the squared error
+    twice, (G, N) each, one per gradient path (codebook loss -> codebooks, commitment loss -> z).
     The backward is the loop's, group by group: the backend's single-stage backward on that
     group's rows (on the CPU all groups in one native call that sums in the single-stage order),
     so the gradients are the loop's bit for bit."""
@@ -621,9 +625,10 @@ class _GroupedFn(torch.autograd.Function):
         else:
             from .triton import residual as triton_residual
             z_q, idx, err = triton_residual.grouped_forward(x, cbs)
-        # The backward reads each group's indices as one contiguous (G, N) row: keep that layout.
-        ctx.save_for_backward(parts, idx.contiguous(), *codebooks)
-        idx, err = idx.T.contiguous(), err.T.contiguous()
+        # (G, N), as the kernels write them: each group's indices and errors one contiguous row,
+        # which the backward, the bincounts and the loss sums read (no transposes).
+        idx, err = idx.contiguous(), err.contiguous()
+        ctx.save_for_backward(parts, idx, *codebooks)
         ctx.backend = backend
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(idx)
@@ -642,8 +647,8 @@ class _GroupedFn(torch.autograd.Function):
             x = parts[:, g, :]
             gz, gc = b.backward(x, -1, codebooks[g], idx[g],
                                 None if g_zq is None else g_zq[:, g, :],
-                                None if g_cb is None else g_cb[:, g],
-                                None if g_cm is None else g_cm[:, g], RowPlan(x, -1))
+                                None if g_cb is None else g_cb[g],
+                                None if g_cm is None else g_cm[g], RowPlan(x, -1))
             if grad_z is not None:
                 grad_z[:, g, :] = gz
             if ctx.needs_input_grad[2 + g]:
@@ -666,11 +671,11 @@ class _GroupedFn(torch.autograd.Function):
         x = parts.reshape(N, G * d)
         gzq = g_zq.reshape(N, G * d) if g_zq is not None and grad_z is not None else None
 
-        def weights(w):
+        def weights(w):  # (G, N): strides along n, then g
             if w is None:
                 return None, 0, 0
             w = w.to(acc)
-            return w, w.stride(0), w.stride(1)
+            return w, w.stride(1), w.stride(0)
 
         w_cb, cb_sn, cb_sg = weights(g_cb)
         w_cm, cm_sn, cm_sg = weights(g_cm if grad_z is not None else None)

@@ -4,7 +4,7 @@
 // search where neither does. Built with -mavx2 -mfma -mf16c. `auto` takes it where it took
 // avx2_i16 (AMD family 25 without AVX-512, K >= 64, D >= 16; vq_cpu.cpp): there its CPU time was
 // 0.67-0.85x avx2_i16's at issue 16's five shapes (benchmarks/results/cpu-avx2-i8.md). Single-stage
-// forward only: residual and grouped calls take avx2_i16.
+// and grouped forwards (each group a job of its own, vq_cpu.cpp); residual calls take avx2_i16.
 //
 // Why: vpmaddubsw multiplies 32 unsigned bytes by 32 signed bytes and adds neighbours into 16 int16
 // lanes, one multiply-pipe op per 32 multiply-adds. Shape (b) of benchmarks/results/cpu-avx2-i16-

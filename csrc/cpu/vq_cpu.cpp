@@ -1125,11 +1125,11 @@ void residual_backward(const ResidualBackwardArgs& a, int num_threads) {
 
 // ---------------------------------------------------------------------------------------------
 // Grouped VQ forward (fp32): G independent single-stage searches over column slices of one N x
-// (G d) input, one call. Every group's codebook is packed first; then (group, row tile) pairs are
-// handed out group-major to the threads, each searched by the single-stage kernels the search of
-// the largest group would pick (the same proof and exact re-search). A thread that moves to
-// another group first finishes the rows it set aside for the previous one (flush), so set-aside
-// rows never meet the wrong codebook.
+// (G d) input, one call. Every group's codebook is packed first; then (row tile, group) pairs are
+// handed out tile-major to the threads, each searched by the single-stage kernels the search of
+// the largest group would pick (the same proof and exact re-search). Each thread keeps one
+// scratch per group and finishes each group's set-aside rows (flush) against that group's
+// codebook at the end, so set-aside rows never meet the wrong codebook.
 
 void grouped_forward(const GroupedArgs& a, int num_threads) {
   const int64_t N = a.x.n(), G = a.G;
@@ -1144,17 +1144,14 @@ void grouped_forward(const GroupedArgs& a, int num_threads) {
   }
   // The kernels the single-stage search picks for the largest group (reduced-precision first
   // passes included: each group's job gets their packed copies and bounds, as forward_packed's).
+  // The int8 tier (avx2_i8) included: each group's job gets its byte codes and int8 scales as
+  // forward_packed's does.
   const cpu::SearchKernels* ks = &select_kernels(maxK, d);
-#if defined(VQK_HAVE_AVX2)
-  // The int8 tier is single-stage only (its byte codes are set up in forward_packed): groups take
-  // the int16 pass it stands in front of.
-  if (ks->i8) ks = &cpu::kernels_avx2_i16();
-#endif
   if (maxK + ks->nr >= ((int64_t)1 << 31))
     throw std::invalid_argument("vqkernels: the CPU kernel supports K < 2^31 codes");
   if (N == 0) return;
   std::vector<std::unique_ptr<float[], FreeDeleter>> packed, norms, aux;
-  std::vector<std::unique_ptr<uint32_t[], FreeDeleter>> pairs_mem;
+  std::vector<std::unique_ptr<uint32_t[], FreeDeleter>> pairs_mem, bytes_mem;
   std::vector<cpu::FwdJob> jobs;
   jobs.reserve(G);
   const bool approx_only = debug_approx_only();
@@ -1164,7 +1161,8 @@ void grouped_forward(const GroupedArgs& a, int num_threads) {
     packed.push_back(aligned_array<float>(panels * d * ks->nr));
     norms.push_back(aligned_array<float>(panels * ks->nr));
     pairs_mem.push_back(aligned_array<uint32_t>(pairs ? panels * ((d + 1) / 2) * ks->nr : 0));
-    aux.push_back(aligned_array<float>(ks->i16 ? 2 * panels * ks->nr : 0));
+    aux.push_back(aligned_array<float>(ks->i16 ? (ks->i8 ? 3 : 2) * panels * ks->nr : 0));
+    bytes_mem.push_back(aligned_array<uint32_t>(ks->i8 ? panels * ((d + 7) / 8) * ks->nr * 2 : 0));
     Rows x = a.x;
     x.ptr = static_cast<const float*>(a.x.ptr) + g * d * a.x.sd;
     x.D = d;
@@ -1176,6 +1174,7 @@ void grouped_forward(const GroupedArgs& a, int num_threads) {
                                pairs ? pairs_mem.back().get() : nullptr, 0.0, approx_only, 0.0f,
                                0.0f});
     if (ks->i16) jobs.back().code_aux = aux.back().get();
+    if (ks->i8) jobs.back().packed_i8 = bytes_mem.back().get();
   }
   const int64_t tiles = (N + ks->mr - 1) / ks->mr, items = G * tiles;
   const double flops = 2.0 * (double)N * (double)sumK * (double)std::max<int64_t>(d, 1);
@@ -1194,32 +1193,35 @@ void grouped_forward(const GroupedArgs& a, int num_threads) {
       for (int64_t k = 0; k < job.K; ++k) {
         job.max_code_scale = std::max(job.max_code_scale, (double)job.code_aux[k]);
         job.max_code_l1 = std::max(job.max_code_l1, (double)job.code_aux[np + k]);
+        if (ks->i8)
+          job.max_code_scale8 = std::max(job.max_code_scale8, (double)job.code_aux[2 * np + k]);
       }
     }
   }
+  // Row-tile-major hand-out: a thread searches one tile of rows against every group in turn,
+  // so the tile's full input rows and output rows are used while in cache (group-major order
+  // read 1/G of every row and came back for the rest). Each (thread, group) pair has its own
+  // scratch, so set-aside rows wait for their own group's batch and meet only its codebook.
   const int64_t stride = (ks->scratch_floats(d) + 15) / 16 * 16;
-  auto scratch = aligned_array<float>(stride * threads);
-  std::memset(scratch.get(), 0, sizeof(float) * stride * threads);
+  auto scratch = aligned_array<float>(stride * threads * G);
+  std::memset(scratch.get(), 0, sizeof(float) * stride * threads * G);
   struct Ctx {
     const cpu::FwdJob* jobs;
     const cpu::SearchKernels* ks;
     float* scratch;
-    int64_t stride, tiles, items;
+    int64_t stride, G, items;
     std::atomic<int64_t> next{0};
-  } ctx{jobs.data(), ks, scratch.get(), stride, tiles, items};
+  } ctx{jobs.data(), ks, scratch.get(), stride, G, items};
   cpu::run_parallel(threads, [](void* p, int tid) {
     Ctx& c = *static_cast<Ctx*>(p);
-    float* mine = c.scratch + tid * c.stride;
-    int64_t cur = -1;
+    float* mine = c.scratch + tid * c.G * c.stride;
     for (;;) {
       const int64_t i = c.next.fetch_add(1, std::memory_order_relaxed);
       if (i >= c.items) break;
-      const int64_t g = i / c.tiles, t = i - g * c.tiles;
-      if (g != cur && cur >= 0) c.ks->flush(c.jobs[cur], mine);
-      cur = g;
-      c.ks->search(c.jobs[g], t, t + 1, mine);
+      const int64_t t = i / c.G, g = i - t * c.G;
+      c.ks->search(c.jobs[g], t, t + 1, mine + g * c.stride);
     }
-    if (cur >= 0) c.ks->flush(c.jobs[cur], mine);
+    for (int64_t g = 0; g < c.G; ++g) c.ks->flush(c.jobs[g], mine + g * c.stride);
   }, &ctx);
 }
 

@@ -473,7 +473,7 @@ class GroupedVectorQuantizer(_Books):
             x = xs[:, g, :]
             if fused is not None:
                 z_q = fused[0][:, g, :]
-                idx, e_cb, e_cm = fused[1][:, g], fused[2][:, g], fused[3][:, g]
+                idx, e_cb, e_cm = fused[1][g], fused[2][g], fused[3][g]  # (G, N) rows
             else:
                 x = self._searched(x)
                 cb = self._search_codebook(book, x.dtype, training)

@@ -947,3 +947,25 @@ def test_fused_cpu_grouped_backward_is_one_call_and_bitwise_vq_quantize(threads,
     for a, b in zip(*res):
         assert torch.equal(a, b)
     assert all(bool((g[20:] == 0).all()) and bool((g[:20] != 0).any()) for g in res[0][1:])
+
+
+@pytest.mark.parametrize("Ks", [[16, 16, 16], [16, 7, 30], [5]])
+@pytest.mark.parametrize("weights", ["none", "rows", "per-stage"])
+def test_usage_counts_and_perplexity_per_stage(Ks, weights):
+    # The one-bincount form for equal K_s against each stage counted on its own.
+    from vqkernels.residual import _usage
+    gen = _gen(331)
+    S, N = len(Ks), 500
+    idx = torch.stack([torch.randint(0, K, (N,), generator=gen) for K in Ks])
+    idx[:, :40] = 0  # a popular code in every stage
+    w = {"none": None, "rows": (torch.rand(1, N, generator=gen) < 0.7).double(),
+         "per-stage": (torch.rand(S, N, generator=gen) < 0.6).double()}[weights]
+    counts, perp = _usage(idx, Ks, w, torch.float64)
+    assert perp.shape == (S,) and perp.dtype == torch.float64
+    for s, K in enumerate(Ks):
+        ws = torch.ones(N, dtype=torch.float64) if w is None else w[min(s, w.shape[0] - 1)]
+        want = torch.zeros(K, dtype=torch.float64).index_add_(0, idx[s], ws)
+        assert counts[s].dtype == torch.int64 and torch.equal(counts[s], want.long())
+        p = want / want.sum()
+        ent = -(p[p > 0] * p[p > 0].log()).sum()
+        torch.testing.assert_close(perp[s], ent.exp(), rtol=1e-12, atol=0)

@@ -420,18 +420,12 @@ def residual_vq(z: Tensor, codebooks: Codebooks, *, beta: float = 0.25,
     else:
         cb_loss, cm_loss = _SumRows.apply(err_cb) / denom, _SumRows.apply(err_cm) / denom
     loss = (cb_loss + beta * cm_loss).sum()
-    counts, perp = [], []
-    for s, cb in enumerate(stages):
-        idx = indices[s]
-        ok = idx >= 0 if valid is None else (idx >= 0) & valid
-        c = torch.bincount(idx.clamp(min=0), weights=ok.to(acc), minlength=cb.shape[0])
-        counts.append(c.round().long())
-        p = c / c.sum().clamp(min=1)
-        perp.append(torch.special.entr(p).sum().exp())
+    ok = indices >= 0 if valid is None else (indices >= 0) & valid
+    counts, perp = _usage(indices.clamp(min=0), [cb.shape[0] for cb in stages], ok.to(acc), acc)
     z_q = z_q.reshape(*lead, D).movedim(-1, dim)
     # Straight-through on the sum: the op's z_q already carries grad z = grad z_q.
     return RVQOutput(z_q, indices.T.reshape(*lead, S), cb_loss, cm_loss, loss,
-                     err_cb.detach().T.reshape(*lead, S), torch.stack(perp), counts)
+                     err_cb.detach().T.reshape(*lead, S), perp, counts)
 
 
 # ------------------------------------------------------------------------------ decoding
@@ -561,19 +555,39 @@ def grouped_vq(z: Tensor, codebooks: Codebooks, *, groups: Optional[int] = None,
     else:
         denom = max(N * d, 1)
     cb_loss, cm_loss = _SumRows.apply(e_cb) / denom, _SumRows.apply(e_cm) / denom
-    counts, perp = [], []
-    for g in range(G):
-        K = books[0 if shared else g].shape[0]
-        wt = None if valid is None else valid.to(acc)
-        c = torch.bincount(idx[g], weights=wt, minlength=K)
-        counts.append(c.round().long() if c.is_floating_point() else c)
-        p = c.to(acc) / c.sum().clamp(min=1).to(acc)
-        perp.append(torch.special.entr(p).sum().exp())
+    counts, perp = _usage(idx, [books[0 if shared else g].shape[0] for g in range(G)],
+                          None if valid is None else valid.to(acc)[None], acc)
     zq = zq.reshape(*lead, G * d).movedim(-1, dim)
     # (N, G), contiguous: a view for the shared path; stacking the rows is the quicker transpose.
     idx = idx.T if idx.T.is_contiguous() else torch.stack(idx.unbind(0), 1)
     return GVQOutput(zq, idx.reshape(*lead, G), cb_loss, cm_loss, (cb_loss + beta * cm_loss).sum(),
-                     torch.stack(perp), counts)
+                     perp, counts)
+
+
+def _usage(idx: Tensor, Ks: list[int], weights: Optional[Tensor], acc: torch.dtype
+           ) -> tuple[list[Tensor], Tensor]:
+    """Per stage or group s (row s of the (S, N) indices `idx`, K_s codes): how often each code
+    was chosen, weighted by `weights` ((S, N) or (1, N); None: every row once), as int64 counts,
+    and the perplexity exp(entropy) of that usage, a (S,) tensor in `acc`. Equal K_s (the usual
+    case) take one bincount over all stages, each stage's codes offset by s K: a bin only ever
+    receives its own stage's rows, in the same order, so the counts are the per-stage ones."""
+    S = idx.shape[0]
+    if S > 1 and len(set(Ks)) == 1:
+        K = Ks[0]
+        flat = (idx + torch.arange(S, device=idx.device)[:, None] * K).reshape(-1)
+        w = None if weights is None else weights.expand(S, -1).reshape(-1)
+        c = torch.bincount(flat, weights=w, minlength=S * K).reshape(S, K)
+        p = c.to(acc) / c.sum(1, keepdim=True).clamp(min=1).to(acc)
+        counts = c.round().long() if c.is_floating_point() else c
+        return list(counts.unbind(0)), torch.special.entr(p).sum(1).exp()
+    counts, perp = [], []
+    for s in range(S):
+        w = None if weights is None else weights[min(s, weights.shape[0] - 1)]
+        c = torch.bincount(idx[s], weights=w, minlength=Ks[s])
+        counts.append(c.round().long() if c.is_floating_point() else c)
+        p = c.to(acc) / c.sum().clamp(min=1).to(acc)
+        perp.append(torch.special.entr(p).sum().exp())
+    return counts, torch.stack(perp)
 
 
 def grouped_codes_from_indices(indices: Tensor, codebooks: Codebooks, *,

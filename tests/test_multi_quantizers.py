@@ -31,6 +31,7 @@ def test_each_stage_is_a_vector_quantizer_kept_on_its_own_residuals():
     assert m.books[1].codebook.norm(dim=1).mean() < 2 * r0.norm(dim=1).mean()
     # EMA: stage 1's codebook is the decayed average of the residual rows that chose each code.
     before = m.books[1].codebook.clone()
+    book0 = m.books[0].codebook.clone()
     ema_sum, ema_count = m.books[1].ema_sum.clone(), m.books[1].ema_count.clone()
     d = m.books[1]._decay_now()  # this update's decay (warmed up: below `decay` early on)
     assert d < m.books[1].decay
@@ -39,6 +40,10 @@ def test_each_stage_is_a_vector_quantizer_kept_on_its_own_residuals():
     counts = torch.bincount(idx1, minlength=16).float()
     assert torch.equal(out.counts[1], counts.long())
     torch.testing.assert_close(m.books[1].ema_count, d * ema_count + (1 - d) * counts)
+    # Its sums take stage 1's input: the residual of stage 0's codes as they were searched.
+    r1 = z - book0[out.indices[:, 0]]
+    sums = torch.zeros(16, 6).index_add_(0, idx1, r1)
+    torch.testing.assert_close(m.books[1].ema_sum, d * ema_sum + (1 - d) * sums)
     assert m.stats()[1]["steps"] == 2
     assert not torch.equal(before, m.books[1].codebook)
 

@@ -5,7 +5,8 @@
 # ASan runtime preloaded (python itself is not instrumented). Any report fails the run. The
 # regular build in vqkernels/ is not touched.
 #
-#   bash .ci/sanitize.sh [pytest args...]     (default: the CPU kernel, exactness and fuzz tests;
+#   bash .ci/sanitize.sh [pytest args...]     (default: the CPU kernel, exactness, fuzz, thread-pool and
+#                                              residual/grouped tests;
 #                                              paths relative to the package copy: use $PWD/...)
 #
 # Needs a C++ compiler with the sanitizer runtimes (gcc or clang), cmake, ninja or make, and the
@@ -78,7 +79,7 @@ PY
 
 if [ $# -eq 0 ]; then
   set -- "$ROOT/tests/test_cpu_kernel.py" "$ROOT/tests/test_exact.py" "$ROOT/tests/test_fuzz.py" \
-    "$ROOT/tests/test_cpu_pool.py" -q -x \
+    "$ROOT/tests/test_cpu_pool.py" "$ROOT/tests/test_residual.py" -q -x \
     -p no:cacheprovider
 fi
 "$PY" -m pytest "$@"

@@ -949,8 +949,9 @@ void residual_forward(const ResidualArgs& a, int num_threads) {
   }
   const cpu::SearchKernels* ks = &select_kernels(maxK, D);
 #if defined(VQK_HAVE_AVX2)
-  // The int8 tier (avx2_i8) is single-stage only: residual VQ takes the int16 build it stands in
-  // front of, under the same per-stage rule below (select_kernels(K_s, D).i16 is set for both).
+  // The int8 tier (avx2_i8) is for single-stage and grouped calls: residual VQ takes the int16
+  // build it stands in front of, under the same per-stage rule below (select_kernels(K_s, D).i16
+  // is set for both).
   if (ks->i8) ks = &cpu::kernels_avx2_i16();
 #endif
   // avx512bf16 has no residual path (its proof is set up per call, not per stage): the fp32 build

@@ -399,6 +399,67 @@ const cpu::SearchKernels& select_kernels([[maybe_unused]] int64_t K, [[maybe_unu
 }
 
 // ---------------------------------------------------------------------------------------------
+// One codebook packed for a search job: forward_packed's, and each stage's of residual_forward and
+// each group's of grouped_forward
+
+// The arrays `ks.pack` fills for one codebook of K codes of D dimensions (cpu::FwdJob has the
+// layouts): the fp32 panels and their norms; the bf16 pairs (ks.bf16) or the int16 pairs (ks.i16;
+// neon_dot's int8 quads) in packed_bf16; with ks.i16 each code's scale and L1 bound in code_aux;
+// and with `i8` (ks.i8, except for residual VQ, which never runs the int8 tier) the byte codes and
+// a third code_aux row of int8 scales.
+struct CodePack {
+  int64_t K, D, panels;
+  bool pairs, aux, i8;
+  std::unique_ptr<float[], FreeDeleter> packed, norms;
+  std::unique_ptr<uint32_t[], FreeDeleter> packed_bf16;
+  std::unique_ptr<float[], FreeDeleter> code_aux;
+  std::unique_ptr<uint32_t[], FreeDeleter> packed_i8;
+
+  CodePack(const cpu::SearchKernels& ks, int64_t K_, int64_t D_, bool i8_)
+      : K(K_), D(D_), panels((K + ks.nr - 1) / ks.nr), pairs(ks.bf16 || ks.i16), aux(ks.i16),
+        i8(i8_), packed(aligned_array<float>(panels * D * ks.nr)),
+        norms(aligned_array<float>(panels * ks.nr)),
+        packed_bf16(aligned_array<uint32_t>(pairs ? panels * ((D + 1) / 2) * ks.nr : 0)),
+        code_aux(aligned_array<float>(aux ? (i8 ? 3 : 2) * panels * ks.nr : 0)),
+        packed_i8(aligned_array<uint32_t>(i8 ? panels * ((D + 7) / 8) * ks.nr * 2 : 0)) {}
+
+  // A search job over `codebook` (K x D, in `dtype`) with these arrays as its packed codes; the
+  // bounds are left for pack_codebook.
+  cpu::FwdJob job(DType dtype, const Rows& x, const void* codebook, const RowsOut& zq,
+                  int64_t* indices, float* sqerr, bool approx_only) const {
+    cpu::FwdJob j{dtype, x, codebook, K, D, zq, indices, sqerr, packed.get(), norms.get(), panels,
+                  pairs ? packed_bf16.get() : nullptr, 0.0, approx_only, 0.0f, 0.0f};
+    if (aux) j.code_aux = code_aux.get();
+    if (i8) j.packed_i8 = packed_i8.get();
+    return j;
+  }
+};
+
+// Packs a job's codebook (with up to `threads` threads) and sets the bounds its search needs.
+void pack_codebook(const cpu::SearchKernels& ks, cpu::FwdJob& job, int threads) {
+  const int64_t D = job.D;
+  // Packing is K*D work against the search's N*K*D; share it only when it is worth a wake-up.
+  const int64_t pack_grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(D * ks.nr, 1));
+  parallel_chunks(job.panels, pack_grain, job.panels * D * ks.nr >= (1 << 16) ? threads : 1,
+                  [&](int64_t lo, int64_t hi, int) { ks.pack(job, lo, hi); });
+  job.max_code_norm = code_norm_bound(job.norms, job.K, D);
+  quick_bound(job);
+  if (ks.i16) {
+    // The int16 pass's bound needs the largest code scale and L1 norm (search_avx2_i16.cpp), the
+    // int8 pass's (a job with byte codes: CodePack's `i8`) the largest int8 scale too; non-finite
+    // codes carry zeros there.
+    const int64_t np = job.panels * ks.nr;
+    const float* aux = job.code_aux;
+    for (int64_t k = 0; k < job.K; ++k) {
+      job.max_code_scale = std::max(job.max_code_scale, (double)aux[k]);
+      job.max_code_l1 = std::max(job.max_code_l1, (double)aux[np + k]);
+      if (job.packed_i8)
+        job.max_code_scale8 = std::max(job.max_code_scale8, (double)aux[2 * np + k]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Forward, f32 / f16 / bf16: the fused search
 
 void forward_packed(const ForwardArgs& a, int num_threads) {
@@ -407,40 +468,15 @@ void forward_packed(const ForwardArgs& a, int num_threads) {
   if (K + ks.nr >= ((int64_t)1 << 31))
     throw std::invalid_argument("vqkernels: the CPU kernel supports K < 2^31 codes");
   if (N > 0) {
-    const int64_t panels = (K + ks.nr - 1) / ks.nr;
-    auto packed = aligned_array<float>(panels * D * ks.nr);
-    auto norms = aligned_array<float>(panels * ks.nr);
-    const bool pairs = ks.bf16 || ks.i16;
-    auto packed_bf16 = aligned_array<uint32_t>(pairs ? panels * ((D + 1) / 2) * ks.nr : 0);
-    auto code_aux = aligned_array<float>(ks.i16 ? (ks.i8 ? 3 : 2) * panels * ks.nr : 0);
-    auto packed_i8 = aligned_array<uint32_t>(ks.i8 ? panels * ((D + 7) / 8) * ks.nr * 2 : 0);
-    cpu::FwdJob job{a.dtype, a.x, a.codebook, K, D, a.zq, a.indices,
-                    static_cast<float*>(a.sqerr), packed.get(), norms.get(), panels,
-                    pairs ? packed_bf16.get() : nullptr, 0.0, debug_approx_only(), 0.0f, 0.0f};
-    if (ks.i16) job.code_aux = code_aux.get();
-    if (ks.i8) job.packed_i8 = packed_i8.get();
+    const CodePack codes(ks, K, D, ks.i8);
+    cpu::FwdJob job = codes.job(a.dtype, a.x, a.codebook, a.zq, a.indices,
+                                static_cast<float*>(a.sqerr), debug_approx_only());
 
     const int64_t tiles = (N + ks.mr - 1) / ks.mr;
     const double flops = 2.0 * (double)N * (double)K * (double)std::max<int64_t>(D, 1);
     const int threads = (int)std::max<int64_t>(1, std::min<int64_t>(
         {(int64_t)std::max(num_threads, 1), tiles, 1 + (int64_t)(flops / kMinFlopsPerThread)}));
-
-    // Packing is K*D work against the search's N*K*D; share it only when it is worth a wake-up.
-    const int64_t pack_grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(D * ks.nr, 1));
-    parallel_chunks(panels, pack_grain, panels * D * ks.nr >= (1 << 16) ? threads : 1,
-                    [&](int64_t lo, int64_t hi, int) { ks.pack(job, lo, hi); });
-    job.max_code_norm = code_norm_bound(norms.get(), K, D);
-    quick_bound(job);
-    if (ks.i16) {
-      // The int16 pass's bound needs the largest code scale and L1 norm (search_avx2_i16.cpp);
-      // non-finite codes carry zeros there.
-      const float* aux = code_aux.get();
-      for (int64_t k = 0; k < K; ++k) {
-        job.max_code_scale = std::max(job.max_code_scale, (double)aux[k]);
-        job.max_code_l1 = std::max(job.max_code_l1, (double)aux[panels * ks.nr + k]);
-        if (ks.i8) job.max_code_scale8 = std::max(job.max_code_scale8, (double)aux[2 * panels * ks.nr + k]);
-      }
-    }
+    pack_codebook(ks, job, threads);
 
     const int64_t stride = (ks.scratch_floats(D) + 15) / 16 * 16;  // keep each 64-byte aligned
     auto scratch = aligned_array<float>(stride * threads);
@@ -967,25 +1003,19 @@ void residual_forward(const ResidualArgs& a, int num_threads) {
   if (maxK + ks->nr >= ((int64_t)1 << 31))
     throw std::invalid_argument("vqkernels: the CPU kernel supports K < 2^31 codes");
   if (N == 0) return;
-  std::vector<std::unique_ptr<float[], FreeDeleter>> packed, norms, aux;
-  std::vector<std::unique_ptr<uint32_t[], FreeDeleter>> pairs_mem;
+  // Each stage's codes as forward_packed's, less the int8 tier's (no byte codes, two code_aux
+  // rows); ks->bf16 is never set here (no bf16 build has a residual path), so packed_bf16 holds the
+  // int16 (int8: neon_dot) copy exactly where ks->i16 is.
+  std::vector<CodePack> codes;
   std::vector<cpu::FwdJob> jobs;
+  codes.reserve(S);
   jobs.reserve(S);
   const bool approx_only = debug_approx_only();
   for (int64_t s = 0; s < S; ++s) {
-    const int64_t K = a.Ks[s], panels = (K + ks->nr - 1) / ks->nr;
-    packed.push_back(aligned_array<float>(panels * D * ks->nr));
-    norms.push_back(aligned_array<float>(panels * ks->nr));
-    // The int16 (int8: neon_dot) copy and its per-code scales and L1 bounds, which the i16
-    // builds' pack fills (forward_packed's layout).
-    pairs_mem.push_back(aligned_array<uint32_t>(ks->i16 ? panels * ((D + 1) / 2) * ks->nr : 0));
-    aux.push_back(aligned_array<float>(ks->i16 ? 2 * panels * ks->nr : 0));
+    codes.emplace_back(*ks, a.Ks[s], D, false);
     RowsOut none{nullptr, 0, 0, 0, 0, 0, 0};
-    jobs.push_back(cpu::FwdJob{DType::f32, a.x, a.codebooks[s], K, D, none, a.indices + s * N,
-                               a.sqerr + s * N, packed.back().get(), norms.back().get(), panels,
-                               ks->i16 ? pairs_mem.back().get() : nullptr, 0.0, approx_only, 0.0f,
-                               0.0f});
-    if (ks->i16) jobs.back().code_aux = aux.back().get();
+    jobs.push_back(codes.back().job(DType::f32, a.x, a.codebooks[s], none, a.indices + s * N,
+                                    a.sqerr + s * N, approx_only));
   }
   const int64_t tiles = (N + ks->mr - 1) / ks->mr;
   const double flops = 2.0 * (double)N * (double)sumK * (double)std::max<int64_t>(D, 1);
@@ -993,21 +1023,10 @@ void residual_forward(const ResidualArgs& a, int num_threads) {
       {(int64_t)std::max(num_threads, 1), tiles, 1 + (int64_t)(flops / kMinFlopsPerThread)}));
   for (int64_t s = 0; s < S; ++s) {
     cpu::FwdJob& job = jobs[s];
-    const int64_t pack_grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(D * ks->nr, 1));
-    parallel_chunks(job.panels, pack_grain, job.panels * D * ks->nr >= (1 << 16) ? threads : 1,
-                    [&](int64_t lo, int64_t hi, int) { ks->pack(job, lo, hi); });
-    job.max_code_norm = code_norm_bound(job.norms, job.K, D);
-    quick_bound(job);
-    if (ks->i16) {
-      const int64_t np = job.panels * ks->nr;
-      for (int64_t k = 0; k < job.K; ++k) {
-        job.max_code_scale = std::max(job.max_code_scale, (double)job.code_aux[k]);
-        job.max_code_l1 = std::max(job.max_code_l1, (double)job.code_aux[np + k]);
-      }
-      // A stage the single-stage rule would search in fp32 (auto: K_s < 64) keeps only the fp32
-      // panels: residual_tiles_i16 runs the fp32 search where packed_bf16 is null.
-      if (!select_kernels(job.K, D).i16) job.packed_bf16 = nullptr;
-    }
+    pack_codebook(*ks, job, threads);
+    // A stage the single-stage rule would search in fp32 (auto: K_s < 64) keeps only the fp32
+    // panels: residual_tiles_i16 runs the fp32 search where packed_bf16 is null.
+    if (ks->i16 && !select_kernels(job.K, D).i16) job.packed_bf16 = nullptr;
   }
   const cpu::ResidualJob rj{S, jobs.data(), a.active, a.zq, a.cosine != 0};
   const int64_t stride = (ks->residual_scratch_floats(D) + 15) / 16 * 16;
@@ -1151,54 +1170,27 @@ void grouped_forward(const GroupedArgs& a, int num_threads) {
   if (maxK + ks->nr >= ((int64_t)1 << 31))
     throw std::invalid_argument("vqkernels: the CPU kernel supports K < 2^31 codes");
   if (N == 0) return;
-  std::vector<std::unique_ptr<float[], FreeDeleter>> packed, norms, aux;
-  std::vector<std::unique_ptr<uint32_t[], FreeDeleter>> pairs_mem, bytes_mem;
+  std::vector<CodePack> codes;
   std::vector<cpu::FwdJob> jobs;
+  codes.reserve(G);
   jobs.reserve(G);
   const bool approx_only = debug_approx_only();
-  const bool pairs = ks->bf16 || ks->i16;
   for (int64_t g = 0; g < G; ++g) {
-    const int64_t K = a.Ks[g], panels = (K + ks->nr - 1) / ks->nr;
-    packed.push_back(aligned_array<float>(panels * d * ks->nr));
-    norms.push_back(aligned_array<float>(panels * ks->nr));
-    pairs_mem.push_back(aligned_array<uint32_t>(pairs ? panels * ((d + 1) / 2) * ks->nr : 0));
-    aux.push_back(aligned_array<float>(ks->i16 ? (ks->i8 ? 3 : 2) * panels * ks->nr : 0));
-    bytes_mem.push_back(aligned_array<uint32_t>(ks->i8 ? panels * ((d + 7) / 8) * ks->nr * 2 : 0));
+    codes.emplace_back(*ks, a.Ks[g], d, ks->i8);
     Rows x = a.x;
     x.ptr = static_cast<const float*>(a.x.ptr) + g * d * a.x.sd;
     x.D = d;
     RowsOut zq = a.zq;
     if (zq.ptr) zq.ptr = static_cast<float*>(a.zq.ptr) + g * d * a.zq.sd;
     zq.D = d;
-    jobs.push_back(cpu::FwdJob{DType::f32, x, a.codebooks[g], K, d, zq, a.indices + g * N,
-                               a.sqerr + g * N, packed.back().get(), norms.back().get(), panels,
-                               pairs ? pairs_mem.back().get() : nullptr, 0.0, approx_only, 0.0f,
-                               0.0f});
-    if (ks->i16) jobs.back().code_aux = aux.back().get();
-    if (ks->i8) jobs.back().packed_i8 = bytes_mem.back().get();
+    jobs.push_back(codes.back().job(DType::f32, x, a.codebooks[g], zq, a.indices + g * N,
+                                    a.sqerr + g * N, approx_only));
   }
   const int64_t tiles = (N + ks->mr - 1) / ks->mr, items = G * tiles;
   const double flops = 2.0 * (double)N * (double)sumK * (double)std::max<int64_t>(d, 1);
   const int threads = (int)std::max<int64_t>(1, std::min<int64_t>(
       {(int64_t)std::max(num_threads, 1), items, 1 + (int64_t)(flops / kMinFlopsPerThread)}));
-  for (int64_t g = 0; g < G; ++g) {
-    cpu::FwdJob& job = jobs[g];
-    const int64_t pack_grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(d * ks->nr, 1));
-    parallel_chunks(job.panels, pack_grain, job.panels * d * ks->nr >= (1 << 16) ? threads : 1,
-                    [&](int64_t lo, int64_t hi, int) { ks->pack(job, lo, hi); });
-    job.max_code_norm = code_norm_bound(job.norms, job.K, d);
-    quick_bound(job);
-    if (ks->i16) {
-      // forward_packed's maxima for the int16 pass's bound.
-      const int64_t np = job.panels * ks->nr;
-      for (int64_t k = 0; k < job.K; ++k) {
-        job.max_code_scale = std::max(job.max_code_scale, (double)job.code_aux[k]);
-        job.max_code_l1 = std::max(job.max_code_l1, (double)job.code_aux[np + k]);
-        if (ks->i8)
-          job.max_code_scale8 = std::max(job.max_code_scale8, (double)job.code_aux[2 * np + k]);
-      }
-    }
-  }
+  for (int64_t g = 0; g < G; ++g) pack_codebook(*ks, jobs[g], threads);
   // Row-tile-major hand-out: a thread searches one tile of rows against every group in turn,
   // so the tile's full input rows and output rows are used while in cache (group-major order
   // read 1/G of every row and came back for the rest). Each (thread, group) pair has its own

@@ -105,6 +105,7 @@ const SearchKernels& kernels_avx512();
 const SearchKernels& kernels_avx512bf16();
 const SearchKernels& kernels_avx512_i16();       // int16 first pass on 512-bit registers
 const SearchKernels& kernels_avx512_vnni_i16();  // the same with AVX512_VNNI's vpdpwssd
+const SearchKernels& kernels_avx512_vnni_i8();   // int8 tier (vpdpbusd) in front of avx512_vnni_i16
 const SearchKernels& kernels_neon();
 const SearchKernels& kernels_neon_dot();  // VQK_HAVE_NEON_DOT: built with +dotprod
 

@@ -178,6 +178,9 @@ int collect_lane_i16(const cpu::FwdJob& job, const uint32_t* __restrict xb, int 
 // search of a tile first on int16 pairs, bitwise the avx512 build's residual path.
 #include "search_i16_residual.h"
 
+// search_avx512_vnni_i8.cpp includes this file for the functions above (VQK_I16_AS_PART, with
+// VQK_I16_VNNI); the build's entries are then its own.
+#ifndef VQK_I16_AS_PART
 namespace vqk {
 namespace cpu {
 #if defined(VQK_I16_VNNI)
@@ -197,3 +200,4 @@ const SearchKernels& kernels_avx512_i16() {
 #endif
 }  // namespace cpu
 }  // namespace vqk
+#endif  // VQK_I16_AS_PART

@@ -2,8 +2,8 @@
 # The native CPU kernels checked through their C++ API (tests/native/kernel_check.cpp), without
 # Python or torch:
 #   host     built natively; runs every search build this CPU can execute (x86-64: avx512bf16,
-#            avx512, avx512_i16, avx512_vnni_i16, avx2, avx2_i16, avx2_i8, scalar; the driver names
-#            each one it cannot run, and why);
+#            avx512, avx512_i16, avx512_vnni_i16, avx512_vnni_i8, avx2, avx2_i16, avx2_i8, scalar;
+#            the driver names each one it cannot run, and why);
 #   aarch64  cross-compiled with Debian's g++-aarch64-linux-gnu and run under qemu-user: the NEON
 #            build (the default there), the int8 dot-product first pass (neon_dot, on qemu's `max`
 #            CPU, which has FEAT_DotProd) and the portable one, all required; then once more on a
@@ -118,6 +118,7 @@ host() {
           "VQK_HAVE_AVX512=csrc/cpu/search_avx512.cpp:-mavx512f,-mavx512bw,-mavx512vl,-mavx512dq,-mfma,-mf16c,-Wno-maybe-uninitialized" \
           "VQK_HAVE_AVX512_I16=csrc/cpu/search_avx512_i16.cpp:-mavx512f,-mavx512bw,-mavx512vl,-mavx512dq,-mfma,-mf16c,-Wno-maybe-uninitialized" \
           "VQK_HAVE_AVX512_VNNI_I16=csrc/cpu/search_avx512_vnni_i16.cpp:-mavx512f,-mavx512bw,-mavx512vl,-mavx512dq,-mavx512vnni,-mfma,-mf16c,-Wno-maybe-uninitialized" \
+          "VQK_HAVE_AVX512_VNNI_I8=csrc/cpu/search_avx512_vnni_i8.cpp:-mavx512f,-mavx512bw,-mavx512vl,-mavx512dq,-mavx512vnni,-mfma,-mf16c,-Wno-maybe-uninitialized" \
           "VQK_HAVE_AVX512BF16=csrc/cpu/search_avx512bf16.cpp:-mavx512f,-mavx512bw,-mavx512vl,-mavx512dq,-mavx512bf16,-mfma,-mf16c,-Wno-maybe-uninitialized"; do
         def="${def_spec%%=*}" spec="${def_spec#*=}" flags="${def_spec#*:}"
         # shellcheck disable=SC2086
@@ -137,6 +138,7 @@ host() {
       has avx512f avx512bw avx512vl avx512dq && [[ "$defs" == *VQK_HAVE_AVX512\ * || "$defs" == *VQK_HAVE_AVX512 ]] && req="$req,avx512"
       has avx512f avx512bw avx512vl avx512dq && [[ "$defs" == *VQK_HAVE_AVX512_I16* ]] && req="$req,avx512_i16"
       has avx512f avx512bw avx512vl avx512dq avx512_vnni && [[ "$defs" == *VQK_HAVE_AVX512_VNNI_I16* ]] && req="$req,avx512_vnni_i16"
+      has avx512f avx512bw avx512vl avx512dq avx512_vnni && [[ "$defs" == *VQK_HAVE_AVX512_VNNI_I8* ]] && req="$req,avx512_vnni_i8"
       has avx512f avx512bw avx512vl avx512dq avx512_bf16 && [[ "$defs" == *VQK_HAVE_AVX512BF16* ]] && req="$req,avx512bf16"
       echo "== host: run (built in $((SECONDS - t0)) s; required here: $req)"
       "$out_dir/kernel_check" --require="$req" "${HOST_CHECK_ARGS[@]}" ;;
@@ -179,6 +181,7 @@ EMULATED=(
   "VQK_HAVE_AVX512=avx512=csrc/cpu/search_avx512.cpp"
   "VQK_HAVE_AVX512_I16=avx512_i16=csrc/cpu/search_avx512_i16.cpp"
   "VQK_HAVE_AVX512_VNNI_I16=avx512_vnni_i16=csrc/cpu/search_avx512_vnni_i16.cpp"
+  "VQK_HAVE_AVX512_VNNI_I8=avx512_vnni_i8=csrc/cpu/search_avx512_vnni_i8.cpp"
 )
 
 x86_emulated() {

@@ -183,9 +183,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("advise_hugepages", &advise_hugepages, py::arg("ptr"), py::arg("nbytes"),
         "MADV_HUGEPAGE on the whole 2 MiB pages inside a fresh buffer (Linux; else False)");
   m.def("cpu_isa", [] { return std::string(vqk::cpu_isa()); },
-        "The CPU search kernels a large search uses: 'avx512bf16', 'avx512', 'avx2_i16', 'avx2_i8', "
-        "'avx2', 'neon' (aarch64) or 'scalar' (VQK_CPU_ISA=auto|avx512bf16|avx512|avx2_i16|avx2_i8|"
-        "avx2|neon|scalar forces one).");
+        "The CPU search kernels a large search uses: 'avx512bf16', 'avx512', 'avx512_i16', "
+        "'avx512_vnni_i16', 'avx512_vnni_i8', 'avx2_i16', 'avx2_i8', 'avx2', 'neon' or 'neon_dot' "
+        "(aarch64) or 'scalar' (VQK_CPU_ISA=auto|avx512bf16|avx512|avx512_i16|avx512_vnni_i16|"
+        "avx512_vnni_i8|avx2|avx2_i16|avx2_i8|neon|neon_dot|scalar forces one).");
   m.def("cpu_use_openmp",
         [](const std::string& path, bool fall_back) {
           return vqk::cpu_use_openmp(path.c_str(), fall_back);
@@ -204,8 +205,8 @@ PYBIND11_MODULE(_C, m) {
         "Rows a reduced-precision first pass (avx512bf16, avx2_i16) could not prove and handed to "
         "the fp32 search, since the module loaded, over all calls.");
   m.def("cpu_int8_rows", &vqk::cpu_int8_rows,
-        "Rows the avx2_i8 tier proved from int8 dot products and finished itself (the others go "
-        "to the int16 pass), since the module loaded, over all calls.");
+        "Rows the int8 tier (avx2_i8, avx512_vnni_i8) proved from int8 dot products and finished "
+        "itself (the others go to the int16 pass), since the module loaded, over all calls.");
 
 #ifdef VQK_WITH_CUDA
   m.attr("has_cuda") = true;

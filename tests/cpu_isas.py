@@ -11,8 +11,8 @@ import pytest
 from vqkernels import native
 
 # Every path the package knows, fastest first (x86-64 and aarch64 together: a machine runs a subset).
-ISAS = ["avx512bf16", "avx512", "avx512_i16", "avx512_vnni_i16", "avx2", "avx2_i16", "avx2_i8", "neon",
-        "neon_dot", "scalar"]
+ISAS = ["avx512bf16", "avx512", "avx512_i16", "avx512_vnni_i16", "avx512_vnni_i8", "avx2", "avx2_i16",
+        "avx2_i8", "neon", "neon_dot", "scalar"]
 
 
 def isa_skip_reason(isa):

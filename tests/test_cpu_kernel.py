@@ -321,6 +321,19 @@ def test_auto_takes_vnni_int16_where_measured(monkeypatch):
         _check_auto_path_by_twin_codes(K, D, aside)
 
 
+@pytest.mark.skipif(SKIP_REASONS["avx512_vnni_i8"] is not None,
+                    reason=f"cannot run the avx512_vnni_i8 kernels here: {SKIP_REASONS['avx512_vnni_i8']}")
+def test_auto_never_takes_vnni_int8(monkeypatch):
+    """avx512_vnni_i8 (the int8 tier in front of avx512_vnni_i16) has not been timed: auto must not
+    pick it, at any shape, on a CPU that runs it (only VQK_CPU_ISA=avx512_vnni_i8 does)."""
+    monkeypatch.delenv("VQK_CPU_ISA", raising=False)
+    assert native.module().cpu_isa() != "avx512_vnni_i8"
+    monkeypatch.setenv("VQK_CPU_ISA", "auto")
+    assert native.module().cpu_isa() != "avx512_vnni_i8"
+    monkeypatch.setenv("VQK_CPU_ISA", "avx512_vnni_i8")
+    assert native.module().cpu_isa() == "avx512_vnni_i8"
+
+
 def test_avx2_inner_loops_keep_accumulators_in_registers():
     """No vfmadd or vpaddd of the built module takes a ymm operand from the stack: that is what a
     spilled accumulator of the AVX2 micro-kernels looks like (`vfmadd213ps -0x490(%rbp),...`), and
@@ -349,8 +362,14 @@ def test_avx2_inner_loops_keep_accumulators_in_registers():
     # compiled into the module wherever the compiler has the flags, even on a CPU that cannot run
     # it. Inlined into its caller, GCC 12 added stack operands to its vpaddd (and kept VNNI's
     # vpdpwssd accumulators on the stack through vmovdqa32 copies, which this does not see).
-    spilled = re.findall(r"(?:vpaddd|vpmaddwd|vpdpwssd)\s+-?0x[0-9a-f]+\(%r[bs]p\),%zmm\d+", text)
+    # avx512_vnni_i8's int8 loop (vpdpbusd, search_avx512_vnni_i8.cpp) is held to the same.
+    spilled = re.findall(r"(?:vpaddd|vpmaddwd|vpdpwssd|vpdpbusd)\s+-?0x[0-9a-f]+\(%r[bs]p\),%zmm\d+",
+                         text)
     assert not spilled, spilled[:5]
+    # TODO(avx512_vnni_i8): once search_avx512_vnni_i8.cpp is the real int8 kernel (not the
+    # placeholder, which is the vnni_i16 search and has no vpdpbusd), assert here, where
+    # SKIP_REASONS["avx512_vnni_i8"] is None, that the module has vpdpbusd on zmm registers, as the
+    # avx2_i8 check below does for vpmaddubsw.
     if SKIP_REASONS["avx2_i8"] is None:
         # The int8 loop (search_avx2_i8.cpp) is in the module: its vpmaddubsw take the rows from
         # the tile, and its vpmaddwd take the ones from a static constant, not a stack copy.
@@ -368,7 +387,7 @@ def _cpu_flags():
 
 @pytest.mark.skipif(_cpu_flags() is None or "avx512f" in (_cpu_flags() or []),
                     reason="needs an x86-64 Linux CPU without AVX-512 (this one runs them)")
-@pytest.mark.parametrize("isa", ["avx512", "avx512_i16", "avx512_vnni_i16"])
+@pytest.mark.parametrize("isa", ["avx512", "avx512_i16", "avx512_vnni_i16", "avx512_vnni_i8"])
 def test_avx512_builds_are_refused_without_avx512(monkeypatch, isa):
     """The module compiles the AVX-512 builds wherever the compiler can; on a CPU without AVX-512
     forcing one must be a clear error, never a SIGILL (only .ci/native_checks.sh x86-emulated runs
@@ -427,8 +446,8 @@ def _bf16_regimes():
 REDUCED = [pytest.param(fast, fp32, id=fast, marks=[] if SKIP_REASONS[fast] is None else
                         [pytest.mark.skip(reason=f"cannot run the {fast} kernels here: {SKIP_REASONS[fast]}")])
            for fast, fp32 in [("avx512bf16", "avx512"), ("avx512_i16", "avx512"),
-                              ("avx512_vnni_i16", "avx512"), ("avx2_i16", "avx2"), ("avx2_i8", "avx2"),
-                              ("neon_dot", "neon")]]
+                              ("avx512_vnni_i16", "avx512"), ("avx512_vnni_i8", "avx512"),
+                              ("avx2_i16", "avx2"), ("avx2_i8", "avx2"), ("neon_dot", "neon")]]
 
 
 @pytest.mark.parametrize("fast,fp32", REDUCED)
@@ -593,10 +612,20 @@ def test_backward_through_registry_matches_raw():
 
 
 # ---------------------------------------------------------------------------------------------
-# the int8 tier in front of the int16 pass (avx2_i8, search_avx2_i8.cpp)
+# the int8 tiers in front of the int16 passes (avx2_i8, search_avx2_i8.cpp, in front of avx2_i16;
+# avx512_vnni_i8, search_avx512_vnni_i8.cpp, vpdpbusd in front of avx512_vnni_i16), each against the
+# fp32 build of its instruction set
 
-_skip_i8 = pytest.mark.skipif(SKIP_REASONS["avx2_i8"] is not None,
-                              reason=f"cannot run the avx2_i8 kernels here: {SKIP_REASONS['avx2_i8']}")
+# (int8 tier, its fp32 build), each skipped where this machine cannot run the tier.
+I8_PAIRS = [pytest.param(i8, fp32, id=i8, marks=[] if SKIP_REASONS[i8] is None else
+                         [pytest.mark.skip(reason=f"cannot run the {i8} kernels here: {SKIP_REASONS[i8]}")])
+            for i8, fp32 in [("avx2_i8", "avx2"), ("avx512_vnni_i8", "avx512")]]
+# The tiers whose int8-rows counter (cpu_int8_rows) the tests below hold to a lower bound.
+# TODO(avx512_vnni_i8): add "avx512_vnni_i8" here once search_avx512_vnni_i8.cpp is the real int8
+# kernel: the placeholder is the avx512_vnni_i16 search under the new name, so it settles no row
+# in int8 and its counter stays 0. Applies to test_int8_tier_decides_clustered_rows (i8 >= 0.9 N)
+# and test_int8_saturation_edges (i8 == N); the upper bounds (far rows, twins) hold either way.
+I8_COUNTED = {"avx2_i8"}
 
 
 def _forward_counted(monkeypatch, isa, z, cb, threads):
@@ -607,36 +636,37 @@ def _forward_counted(monkeypatch, isa, z, cb, threads):
     return out, m.cpu_int8_rows() - i8, m.cpu_set_aside_rows() - aside
 
 
-@_skip_i8
+@pytest.mark.parametrize("i8_isa,fp32", I8_PAIRS)
 @pytest.mark.parametrize("D", [48, 64, 300])
-def test_int8_tier_decides_clustered_rows(monkeypatch, D):
+def test_int8_tier_decides_clustered_rows(monkeypatch, D, i8_isa, fp32):
     """Rows clearly nearest one code: the int8 tier proves and finishes nearly all of them itself
     (its bound, 30-90x coarser than int16's, still holds there), and the output is the fp32
     build's, bit for bit. (At D = 16 its bound leaves a few % of rows, and since one unproven row
     sends its whole tile of 24 to the int16 pass, a thread often gives up on int8 there.)"""
     cb = torch.randn(128, D)
     z = cb[torch.randint(0, 128, (3000,))] + 0.2 * torch.randn(3000, D)
-    want, i8_fp32, _ = _forward_counted(monkeypatch, "avx2", z, cb, 2)
-    got, i8, _ = _forward_counted(monkeypatch, "avx2_i8", z, cb, 2)
+    want, i8_fp32, _ = _forward_counted(monkeypatch, fp32, z, cb, 2)
+    got, i8, _ = _forward_counted(monkeypatch, i8_isa, z, cb, 2)
     assert i8_fp32 == 0
-    assert i8 >= 0.9 * z.shape[0], i8
+    if i8_isa in I8_COUNTED:  # TODO(avx512_vnni_i8): see I8_COUNTED
+        assert i8 >= 0.9 * z.shape[0], i8
     for w, g in zip(want, got):
         assert torch.equal(w, g)
     ref, clear, _ = A.exact_answer(z, cb)
     assert torch.equal(got[1][clear], ref[clear])
 
 
-@_skip_i8
+@pytest.mark.parametrize("i8_isa,fp32", I8_PAIRS)
 @pytest.mark.parametrize("threads", [1, 2])
-def test_int8_tier_hands_far_rows_to_the_int16_pass(monkeypatch, threads):
+def test_int8_tier_hands_far_rows_to_the_int16_pass(monkeypatch, threads, i8_isa, fp32):
     """Rows far from every code (noise 3 around unit codes): the int8 bound proves few of them, so
     most go to the int16 pass (which proves most of those; the rest reach the fp32 search) -- and
     the output is still the fp32 build's, bit for bit, and the exact answer."""
     D = 64
     cb = torch.randn(256, D)
     z = cb[torch.randint(0, 256, (3000,))] + 3.0 * torch.randn(3000, D)
-    want, _, _ = _forward_counted(monkeypatch, "avx2", z, cb, threads)
-    got, i8, _ = _forward_counted(monkeypatch, "avx2_i8", z, cb, threads)
+    want, _, _ = _forward_counted(monkeypatch, fp32, z, cb, threads)
+    got, i8, _ = _forward_counted(monkeypatch, i8_isa, z, cb, threads)
     assert i8 < 0.5 * z.shape[0], i8
     for w, g in zip(want, got):
         assert torch.equal(w, g)
@@ -644,8 +674,8 @@ def test_int8_tier_hands_far_rows_to_the_int16_pass(monkeypatch, threads):
     assert torch.equal(got[1][clear], ref[clear])
 
 
-@_skip_i8
-def test_int8_tier_needs_its_proof(monkeypatch):
+@pytest.mark.parametrize("i8_isa,fp32", I8_PAIRS)
+def test_int8_tier_needs_its_proof(monkeypatch, i8_isa, fp32):
     """Codes in pairs 0.004 apart (int8 resolution cannot split them): without the int8 proof
     (VQK_DEBUG_APPROX_ONLY=1 keeps the int8 pass's best) many rows are wrong; with it every row is
     exact and the twins' rows went on to the int16 pass (and from there to the fp32 search)."""
@@ -655,7 +685,7 @@ def test_int8_tier_needs_its_proof(monkeypatch):
     cb = torch.cat([base, base + 0.004 * w / w.norm(dim=1, keepdim=True)])
     x = cb[torch.randint(0, 200, (2000,))] + 1e-4 * torch.randn(2000, D) / D ** 0.5
     ref, clear, _ = A.exact_answer(x, cb)
-    monkeypatch.setenv("VQK_CPU_ISA", "avx2_i8")
+    monkeypatch.setenv("VQK_CPU_ISA", i8_isa)
     m = native.module()
     i8, aside = m.cpu_int8_rows(), m.cpu_set_aside_rows()
     idx, _ = vqkernels.nearest_code(x, cb, backend="cpu")
@@ -667,8 +697,8 @@ def test_int8_tier_needs_its_proof(monkeypatch):
     assert (approx[clear] != ref[clear]).float().mean().item() > 0.03
 
 
-@_skip_i8
-def test_int8_saturation_edges(monkeypatch):
+@pytest.mark.parametrize("i8_isa,fp32", I8_PAIRS)
+def test_int8_saturation_edges(monkeypatch, i8_isa, fp32):
     """Every code byte at the ends of its range and every row byte too: codes of +-63/64 (scale
     2^-6, q = +-63, bytes 1 and 127) and rows of exactly +-1 (scale 2^-6, p = +-64), so the int16
     lanes of vpmaddubsw + vpaddw reach +-4 * 127 * 64 = +-32512, just inside int16 (an offset of 128
@@ -680,9 +710,10 @@ def test_int8_saturation_edges(monkeypatch):
     cb = signs * (63 / 64)
     z = signs[torch.randint(0, signs.shape[0], (1200,))]
     z[:48] = signs[128:130].repeat(24, 1)  # all +1 against the all-127 code bytes, and all -1
-    want, _, _ = _forward_counted(monkeypatch, "avx2", z, cb, 1)
-    got, i8, _ = _forward_counted(monkeypatch, "avx2_i8", z, cb, 1)
-    assert i8 == z.shape[0], i8  # the int8 pass, not the int16 one, decided them
+    want, _, _ = _forward_counted(monkeypatch, fp32, z, cb, 1)
+    got, i8, _ = _forward_counted(monkeypatch, i8_isa, z, cb, 1)
+    if i8_isa in I8_COUNTED:  # TODO(avx512_vnni_i8): see I8_COUNTED
+        assert i8 == z.shape[0], i8  # the int8 pass, not the int16 one, decided them
     for w, g in zip(want, got):
         assert torch.equal(w, g)
     ref, clear, _ = A.exact_answer(z, cb)

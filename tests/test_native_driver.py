@@ -8,8 +8,8 @@ checks against its float64 brute force).
            default on aarch64, the int8 dot-product pass (neon_dot) and the portable one on qemu's
            `max` CPU; then the run-time detection on a Cortex-A72 model (no dot product), which must
            refuse neon_dot and keep auto on neon. qemu shows behaviour, not speed.
-  x86-emulated  the AVX-512 builds (avx512bf16, avx512, avx512_i16, avx512_vnni_i16: the script's
-           EMULATED list) compiled against SIMD Everywhere (libsimde-dev) instead of AVX-512
+  x86-emulated  the AVX-512 builds (avx512bf16, avx512, avx512_i16, avx512_vnni_i16,
+           avx512_vnni_i8: the script's EMULATED list) compiled against SIMD Everywhere (libsimde-dev) instead of AVX-512
            instructions and run on this CPU, which need not have them: the driver's checks of a
            real AVX-512 (bf16) CPU, answers bit for bit. Emulation checks behaviour, not speed, and
            cannot catch a bug in SIMDe (or csrc/cpu/simde_avx512.h's shims, which
@@ -31,8 +31,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / ".ci" / "native_checks.sh"
-ISAS = ["avx512bf16", "avx512", "avx512_i16", "avx512_vnni_i16", "avx2", "avx2_i16", "avx2_i8", "neon",
-        "neon_dot", "scalar"]
+ISAS = ["avx512bf16", "avx512", "avx512_i16", "avx512_vnni_i16", "avx512_vnni_i8", "avx2", "avx2_i16",
+        "avx2_i8", "neon", "neon_dot", "scalar"]
 # Where the aarch64 target's second run (the CPU without the dot product) begins.
 DETECT = "== aarch64: run-time detection"
 # The builds the x86-emulated target runs through SIMDe: the script's EMULATED list, in order.

@@ -116,7 +116,7 @@ extern int64_t g_exact_rows;
 extern int64_t g_set_aside_rows;
 // Rows the neon_dot pass settled by an fp32 check of its candidate codes (same use).
 extern int64_t g_rechecked_rows;
-// Rows the avx2_i8 tier settled itself (proven from int8 dot products; same use).
+// Rows the int8 tiers (avx2_i8, avx512_vnni_i8) settled itself (proven from int8 dot products; same use).
 extern int64_t g_int8_rows;
 
 // Persistent worker pool. Runs fn(ctx, tid) for the caller as tid 0 and for each worker tid in

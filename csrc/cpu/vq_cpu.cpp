@@ -156,6 +156,16 @@ bool cpu_has_avx512_vnni_i16() {
 #endif
 }
 
+// The int8 tier in front of the VNNI int16 pass (vpdpbusd is AVX512_VNNI too): the same CPU
+// requirement as avx512_vnni_i16.
+bool cpu_has_avx512_vnni_i8() {
+#if defined(VQK_HAVE_AVX512_VNNI_I8)
+  return cpu_has_avx512() && (avx512_emulated() || __builtin_cpu_supports("avx512vnni"));
+#else
+  return false;
+#endif
+}
+
 bool cpu_has_avx2() {
 #if defined(VQK_HAVE_AVX2)
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
@@ -269,6 +279,8 @@ constexpr int64_t kBf16MinK = 128, kBf16MinD = 16;
 // on every CPU with AVX-512 VNNI and without AVX-512 BF16 (Cascade Lake to Ice Lake and Tiger
 // Lake: the same 512-bit vpdpwssd, timed on Ice Lake only), as on Zen 4. Intel cores with BF16
 // (Cooper Lake, Sapphire Rapids on) and Zen 5 keep the rules they have (bf16, untimed on Intel).
+// The int8 tier in front of it (search_avx512_vnni_i8.cpp, VQK_CPU_ISA=avx512_vnni_i8: vpdpbusd,
+// as avx2_i8 is in front of avx2_i16) is forced only: auto never picks it until it is timed.
 constexpr int64_t kI16MinK = 64, kI16MinD = 16;
 // D from 8: at D = 8-12 it took 0.80-0.97x avx512's time (K = 1024-16384, 0.89x at LlamaGen's
 // K = 16384, D = 8), at D = 4 1.13-1.17x (section 5 of the results page).
@@ -355,6 +367,14 @@ const cpu::SearchKernels& select_kernels([[maybe_unused]] int64_t K, [[maybe_unu
     return cpu::kernels_avx512_vnni_i16();
 #endif
   }
+  if (want == "avx512_vnni_i8") {
+    if (!cpu_has_avx512_vnni_i8())
+      throw std::runtime_error("VQK_CPU_ISA=avx512_vnni_i8, but this CPU (or this build) lacks AVX-512 "
+                               "F/BW/VL/DQ with VNNI");
+#if defined(VQK_HAVE_AVX512_VNNI_I8)
+    return cpu::kernels_avx512_vnni_i8();
+#endif
+  }
   if (want == "avx2_i16") {
     if (!cpu_has_avx2())
       throw std::runtime_error("VQK_CPU_ISA=avx2_i16, but this CPU (or this build) lacks AVX2/FMA/F16C");
@@ -388,13 +408,14 @@ const cpu::SearchKernels& select_kernels([[maybe_unused]] int64_t K, [[maybe_unu
     if (!cpu_has_neon())
       throw std::runtime_error("VQK_CPU_ISA=neon, but this is not an aarch64 build with Advanced SIMD "
                                "(NEON is the aarch64 path; x86-64 has avx512bf16, avx512, avx512_i16, "
-                               "avx512_vnni_i16, avx2, avx2_i16, avx2_i8)");
+                               "avx512_vnni_i16, avx512_vnni_i8, avx2, avx2_i16, avx2_i8)");
 #if defined(VQK_HAVE_NEON)
     return cpu::kernels_neon();
 #endif
   }
   throw std::invalid_argument("VQK_CPU_ISA must be one of auto, avx512bf16, avx512, avx512_i16, "
-                              "avx512_vnni_i16, avx2, avx2_i16, avx2_i8, neon, neon_dot, scalar; got '" +
+                              "avx512_vnni_i16, avx512_vnni_i8, avx2, avx2_i16, avx2_i8, neon, neon_dot, "
+                              "scalar; got '" +
                               want + "'");
 }
 
@@ -984,11 +1005,15 @@ void residual_forward(const ResidualArgs& a, int num_threads) {
     sumK += a.Ks[s];
   }
   const cpu::SearchKernels* ks = &select_kernels(maxK, D);
+  // The int8 tiers (avx2_i8, avx512_vnni_i8) are for single-stage and grouped calls: residual VQ
+  // takes the int16 build each stands in front of, under the same per-stage rule below
+  // (select_kernels(K_s, D).i16 is set for both). By identity, not by `i8`, so that each goes to
+  // its own int16 build (and avx512_vnni_i8 does so whatever its flags).
+#if defined(VQK_HAVE_AVX512_VNNI_I8) && defined(VQK_HAVE_AVX512_VNNI_I16)
+  if (ks == &cpu::kernels_avx512_vnni_i8()) ks = &cpu::kernels_avx512_vnni_i16();
+#endif
 #if defined(VQK_HAVE_AVX2)
-  // The int8 tier (avx2_i8) is for single-stage and grouped calls: residual VQ takes the int16
-  // build it stands in front of, under the same per-stage rule below (select_kernels(K_s, D).i16
-  // is set for both).
-  if (ks->i8) ks = &cpu::kernels_avx2_i16();
+  if (ks == &cpu::kernels_avx2_i8()) ks = &cpu::kernels_avx2_i16();
 #endif
   // avx512bf16 has no residual path (its proof is set up per call, not per stage): the fp32 build
   // of the same instruction set runs on any CPU it does. The x86 int16 builds (avx2_i16,
@@ -1164,8 +1189,8 @@ void grouped_forward(const GroupedArgs& a, int num_threads) {
   }
   // The kernels the single-stage search picks for the largest group (reduced-precision first
   // passes included: each group's job gets their packed copies and bounds, as forward_packed's).
-  // The int8 tier (avx2_i8) included: each group's job gets its byte codes and int8 scales as
-  // forward_packed's does.
+  // The int8 tiers (avx2_i8, avx512_vnni_i8) included: each group's job gets its byte codes and
+  // int8 scales as forward_packed's does.
   const cpu::SearchKernels* ks = &select_kernels(maxK, d);
   if (maxK + ks->nr >= ((int64_t)1 << 31))
     throw std::invalid_argument("vqkernels: the CPU kernel supports K < 2^31 codes");

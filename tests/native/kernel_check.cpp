@@ -861,8 +861,8 @@ void check_pool() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::vector<std::string> isas = {"avx512bf16", "avx512", "avx512_i16", "avx512_vnni_i16", "avx2", "avx2_i16",
-                                   "avx2_i8", "neon", "neon_dot", "scalar"};
+  std::vector<std::string> isas = {"avx512bf16", "avx512", "avx512_i16", "avx512_vnni_i16", "avx512_vnni_i8",
+                                   "avx2", "avx2_i16", "avx2_i8", "neon", "neon_dot", "scalar"};
   std::vector<std::string> require, expect_skip;
   std::string expect_auto;
   bool quick = false, detect_only = false;
@@ -924,7 +924,8 @@ int main(int argc, char** argv) {
   // compared on every case (1 thread), in whichever order the two run.
   const std::pair<const char*, const char*> fp32_of[] = {
       {"avx2_i16", "avx2"},     {"avx2_i8", "avx2"},       {"neon_dot", "neon"},
-      {"avx512bf16", "avx512"}, {"avx512_i16", "avx512"}, {"avx512_vnni_i16", "avx512"}};
+      {"avx512bf16", "avx512"}, {"avx512_i16", "avx512"}, {"avx512_vnni_i16", "avx512"},
+      {"avx512_vnni_i8", "avx512"}};
   std::map<std::string, FwdOut> pair_out;  // "isa/dtype#case": those builds' 1-thread outputs
   for (const auto& isa : ran) {
     setenv("VQK_CPU_ISA", isa.c_str(), 1);
@@ -993,18 +994,20 @@ int main(int argc, char** argv) {
   // exact, and for avx512 behind avx512bf16 (an AVX-512 BF16 CPU, or the emulated driver).
   std::vector<std::string> controls;
   if (!ran.empty()) controls.push_back(ran.front());
-  for (const char* fast : {"avx2_i16", "avx2_i8", "neon_dot", "avx512", "avx512_i16", "avx512_vnni_i16"})
+  for (const char* fast : {"avx2_i16", "avx2_i8", "neon_dot", "avx512", "avx512_i16", "avx512_vnni_i16",
+                           "avx512_vnni_i8"})
     if (contains(ran, fast) && ran.front() != fast) controls.push_back(fast);
   for (const auto& control : controls) {
     setenv("VQK_CPU_ISA", control.c_str(), 1);
-    // The controls of avx2_i8, of avx512 (behind avx512bf16) and of the AVX-512 int16 builds draw
+    // The controls of avx2_i8, of avx512 (behind avx512bf16) and of the AVX-512 int16 and int8
+    // builds draw
     // their case from a copy of the generator, so the cases after them (the twins below, whose
     // "no exact re-search" check depends on the draw) are those the other builds had before these
     // controls were added.
     const std::mt19937_64 rng_before = g_rng;
     const Case c = close_codes(160, 300, 24, 5, 4, 16384.0);
     if (control == "avx2_i8" || (control == "avx512" && control != ran.front()) ||
-        control == "avx512_i16" || control == "avx512_vnni_i16")
+        control == "avx512_i16" || control == "avx512_vnni_i16" || control == "avx512_vnni_i8")
       g_rng = rng_before;
     const Layout l = make_layout(0, c.N, c.D);
     std::vector<char> xbuf(c.N * c.D * 4), cbbuf(c.K * c.D * 4);
@@ -1033,11 +1036,15 @@ int main(int argc, char** argv) {
   // avx2_i8 gets avx2_i16's draws: "no row reaches the exact re-search" is a property of the
   // draw (a near tie among the twins defeats the fp32 proof too), and on the same rows the int8
   // tier can only hand the fp32 search rows it proves (its proof implies the fp32 one).
-  std::mt19937_64 rng_i16 = g_rng;
-  for (const char* fast : {"avx2_i16", "avx2_i8", "neon_dot", "avx512_i16", "avx512_vnni_i16"}) {
+  // avx512_vnni_i8 likewise gets avx512_vnni_i16's draws (the same rows for the int8 tier and the
+  // int16 pass behind it; and the cases after this loop keep the draws they had before it).
+  std::mt19937_64 rng_i16 = g_rng, rng_vnni_i16 = g_rng;
+  for (const char* fast : {"avx2_i16", "avx2_i8", "neon_dot", "avx512_i16", "avx512_vnni_i16", "avx512_vnni_i8"}) {
     if (!contains(ran, fast)) continue;
     if (std::string(fast) == "avx2_i16") rng_i16 = g_rng;
     if (std::string(fast) == "avx2_i8" && contains(ran, "avx2_i16")) g_rng = rng_i16;
+    if (std::string(fast) == "avx512_vnni_i16") rng_vnni_i16 = g_rng;
+    if (std::string(fast) == "avx512_vnni_i8" && contains(ran, "avx512_vnni_i16")) g_rng = rng_vnni_i16;
     setenv("VQK_CPU_ISA", fast, 1);
     for (int which = 0; which < 2; ++which) {
       Case c = large_mean(quick ? 500 : 1000, 256, which == 0 ? 32 : 64, 0.0);
@@ -1119,11 +1126,12 @@ int main(int argc, char** argv) {
     std::vector<ResTruth> rtruth;
     for (const auto& c : rcases) rtruth.push_back(res_truth(c, (int64_t)c.cbs.size()));
     const std::pair<const char*, const char*> res_fp32_of[] = {
-        {"avx2_i16", "avx2"}, {"avx2_i8", "avx2"}, {"avx512_i16", "avx512"}, {"avx512_vnni_i16", "avx512"}};
+        {"avx2_i16", "avx2"}, {"avx2_i8", "avx2"}, {"avx512_i16", "avx512"}, {"avx512_vnni_i16", "avx512"},
+        {"avx512_vnni_i8", "avx512"}};
     std::map<std::string, ResOut> res_out;  // "isa#case": 1-thread outputs
     for (const auto& isa : ran) {
       setenv("VQK_CPU_ISA", isa.c_str(), 1);
-      const int64_t aside0 = vqk::cpu_set_aside_rows();
+      const int64_t aside0 = vqk::cpu_set_aside_rows(), int8_0 = vqk::cpu_int8_rows();
       int64_t rows = 0;
       for (size_t ci = 0; ci < rcases.size(); ++ci) {
         const ResCase& c = rcases[ci];
@@ -1147,10 +1155,15 @@ int main(int argc, char** argv) {
         }
       }
       const int64_t aside = vqk::cpu_set_aside_rows() - aside0;
-      // The x86 int16 builds run their int16 pass per stage (avx2_i8 as avx2_i16): on these
-      // cases some rows must reach the fp32 search, or that pass did not run.
-      if (isa == "avx2_i16" || isa == "avx2_i8" || isa == "avx512_i16" || isa == "avx512_vnni_i16")
+      // The x86 int16 builds run their int16 pass per stage (avx2_i8 as avx2_i16, avx512_vnni_i8
+      // as avx512_vnni_i16): on these cases some rows must reach the fp32 search, or that pass did
+      // not run.
+      if (isa == "avx2_i16" || isa == "avx2_i8" || isa == "avx512_i16" || isa == "avx512_vnni_i16" ||
+          isa == "avx512_vnni_i8")
         CHECK(aside > 0, "%s residual: no row set aside: the int16 residual pass did not run", isa.c_str());
+      // Residual VQ never runs an int8 tier (avx2_i8 and avx512_vnni_i8 hand it to their int16 build).
+      CHECK(vqk::cpu_int8_rows() == int8_0, "%s residual: %" PRId64 " rows settled by an int8 tier",
+            isa.c_str(), vqk::cpu_int8_rows() - int8_0);
       std::printf("%-10s residual: %" PRId64 " rows checked over %zu cases, %" PRId64 " set aside for fp32\n",
                   isa.c_str(), rows, rcases.size(), aside);
     }

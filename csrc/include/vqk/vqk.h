@@ -192,8 +192,8 @@ int64_t cpu_set_aside_rows();
 // Rows the neon_dot first pass settled by an fp32 check of its few candidate codes (its direct int8
 // proof failed), counted the same way (rows that check could not settle count as set aside).
 int64_t cpu_rechecked_rows();
-// Rows the avx2_i8 tier proved and finished itself (the rest went to the int16 pass), counted the
-// same way.
+// Rows the int8 tier (avx2_i8, avx512_vnni_i8) proved and finished itself (the rest went to the
+// int16 pass), counted the same way.
 int64_t cpu_int8_rows();
 
 #ifdef VQK_WITH_CUDA

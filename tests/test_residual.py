@@ -625,10 +625,8 @@ def test_cpu_grouped_set_aside_rows_meet_their_own_codebook(isa, monkeypatch):
     out = grouped_vq(z, books, backend="cpu")
     if any(tag in isa for tag in ("i16", "i8", "bf16")):
         assert native.module().cpu_set_aside_rows() > aside
-    # The int8 tiers run on groups too, settling the last group's rows. TODO(avx512_vnni_i8): add
-    # "avx512_vnni_i8" once search_avx512_vnni_i8.cpp is the real int8 kernel (the placeholder,
-    # the avx512_vnni_i16 search under the new name, settles no row in int8).
-    if isa in ("avx2_i8",):
+    # The int8 tiers run on groups too, settling the last group's rows.
+    if isa in ("avx2_i8", "avx512_vnni_i8"):
         assert native.module().cpu_int8_rows() > int8
     for g, (x, cb) in enumerate(pairs):
         assert_exact(x, cb, out.indices[:, g], what=f"{isa} group {g}")

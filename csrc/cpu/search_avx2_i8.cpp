@@ -35,14 +35,12 @@
 // index, so finish_tile writes the fp32 build's bits. The test, quick (float) form included, is
 // I16Bound's with S8 in place of S.
 //
-// Rows the int8 bound cannot prove: the tile they are in is searched again by the int16 pass
-// (search_tiles_i16, one tile), which proves its rows or hands them to the fp32 search exactly as
-// the avx2_i16 build does; the int8 results of that tile are dropped (the int16 pass rewrites every
-// row of the tile with the same bits). A whole tile rather than single rows: the int16 pass works on
-// tiles of job rows, and a row-level hand-over would need its tile body split out of
-// search_avx2_i16.cpp. A thread that redoes more than a third of its first tiles does int16 tiles
-// for the rest of the call (an int8 tile costs ~0.6 of an int16 one, so a third redone is about
-// break-even), never fp32 tiles: the int16 pass still proves most rows the int8 one cannot.
+// Rows the int8 bound cannot prove are handed on, a tile's worth at a time, to the int16 pass
+// (search_i8_common.h: search_block_i16 on the gathered rows), which proves them or hands them to
+// the fp32 search exactly as the avx2_i16 build does. A thread that hands on more than a third of
+// its first rows does int16 tiles for the rest of the call (an int8 tile costs ~0.6 of an int16
+// one), never fp32 tiles: the int16 pass still proves most rows the int8 one cannot. (Until
+// 2026-12-03 a whole tile went back to the int16 pass for one unproven row.)
 //
 // The int16 functions live in search_avx2_i16.cpp's anonymous namespace; this file includes it
 // (with VQK_I16_AS_PART, which leaves out its kernels_avx2_i16 definition) so this build calls them
@@ -58,68 +56,9 @@
 namespace vqk {
 namespace {
 
-constexpr int32_t kQCode8 = 63, kQRow8 = 64;
-
-// round(v) to the nearest integer (ties to even) whatever the caller's rounding mode.
-int32_t round_int(double v) {
-  return (int32_t)_mm_cvtsd_f64(
-      _mm_round_sd(_mm_setzero_pd(), _mm_set_sd(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
+// The byte ranges (see the top): codes q + 64 with |q| <= 63, rows |p| <= 64; D up to 2^18.
+constexpr int32_t kQCode8 = 63, kQRow8 = 64, kCodeOff8 = 64;
 constexpr int64_t kMaxD8 = (int64_t)1 << 18;
-
-int64_t d8_steps(int64_t D) { return (D + 7) / 8; }
-
-// Codes: the int16 packing (fp32 panels, norms, int16 pairs, int16 scales, L1 bounds), then the int8
-// bytes: packed_i8[((p * D8 + s) * NR + j) * 2 + h] holds q + 64 for dimensions 8s + 4h .. 8s + 4h + 3
-// of code p * NR + j (low byte first); code_aux[2P + k] = sigma_k of the int8 scale (0 if left out).
-template <class E>
-void pack_codes_i8(const cpu::FwdJob& job, int64_t p_lo, int64_t p_hi) {
-  pack_codes_i16<E>(job, p_lo, p_hi);
-  const int64_t D = job.D, D8 = d8_steps(D), P = job.panels * NR;
-  for (int64_t p = p_lo; p < p_hi; ++p) {
-    const float* src = job.packed + p * D * NR;
-    uint32_t* dst = job.packed_i8 + p * D8 * NR * 2;
-    for (int j = 0; j < NR; ++j) {
-      const int64_t k = p * NR + j;
-      double m = 0.0;
-      for (int64_t d = 0; d < D; ++d) {
-        const double v = __builtin_fabs((double)src[d * NR + j]);
-        m = v > m ? v : m;
-      }
-      // As pack_codes_i16 (code_scale): padding, non-finite codes and overflowed norms get q = 0.
-      const double sc = code_scale(job, k, m, kQCode8), inv = sc != 0.0 ? 1.0 / sc : 0.0;
-      job.code_aux[2 * P + k] = (float)sc;
-      for (int64_t s = 0; s < D8; ++s)
-        for (int h = 0; h < 2; ++h) {
-          uint32_t w = 0;
-          for (int c = 0; c < 4; ++c) {
-            const int64_t d = 8 * s + 4 * h + c;
-            const int32_t q = d < D && sc != 0.0 ? round_int((double)src[d * NR + j] * inv) : 0;
-            w |= (uint32_t)(q + 64) << (8 * c);
-          }
-          dst[(s * NR + j) * 2 + h] = w;
-        }
-    }
-  }
-}
-
-// Per-thread scratch: the int16 build's whole scratch (its pending rows and the fp32 search's), then
-// [I8State][xq: D8 steps x 2 halves x MR words of 4 signed bytes].
-struct I8State {
-  int64_t tiles, redone;  // tiles this thread searched in int8, and handed whole to the int16 pass
-  bool i16_only;          // too many handed on: int16 tiles for the rest of the call
-};
-constexpr int64_t kI8HeaderFloats = (sizeof(I8State) + 63) / 64 * 16;
-int64_t xq_floats(int64_t D) { return (d8_steps(D) * 2 * MR + 15) / 16 * 16; }
-int64_t i8_scratch_floats(int64_t D) {
-  return (i16_scratch_floats(D) + 15) / 16 * 16 + kI8HeaderFloats + xq_floats(D);
-}
-I8State* i8_state(float* scratch, int64_t D) {
-  return reinterpret_cast<I8State*>(scratch + (i16_scratch_floats(D) + 15) / 16 * 16);
-}
-uint32_t* i8_rows(float* scratch, int64_t D) {
-  return reinterpret_cast<uint32_t*>(scratch + (i16_scratch_floats(D) + 15) / 16 * 16 + kI8HeaderFloats);
-}
 
 // The tile's rows as signed bytes: xq[(2s + h) * MR + r] = p_{8s+4h} .. p_{8s+4h+3} of row r (low
 // byte first), p_d = round(x_d inv[r]) (inv = 1/tau, exact; 0 for lanes not proven), 0 past D;
@@ -130,7 +69,7 @@ void to_bytes_i8(const float* __restrict xt, const float* __restrict inv, int64_
   const __m256i low = _mm256_set1_epi32(0xff);
   __m256i sum[MRV];
   for (int b = 0; b < MRV; ++b) sum[b] = _mm256_setzero_si256();
-  for (int64_t g = 0; g < 2 * d8_steps(D); ++g)
+  for (int64_t g = 0; g < 2 * ((D + 7) / 8); ++g)
 #pragma GCC unroll 64
     for (int b = 0; b < MRV; ++b) {
       const __m256 s = _mm256_load_ps(inv + b * W);
@@ -216,74 +155,18 @@ VQK_ALWAYS_INLINE void search_tile_i8(const uint32_t* __restrict xq, const int32
                 });
 }
 
-template <class E>
-void search_tiles_i8(const cpu::FwdJob& job, int64_t t_lo, int64_t t_hi, float* scratch) {
-  const int64_t N = job.x.B * job.x.S, D = job.D, D8 = d8_steps(D);
-  I8State& st = *i8_state(scratch, D);
-  const bool usable = D <= kMaxD8 && job.max_code_norm < 0x1p50;
-  if (st.i16_only || !usable) return search_tiles_i16<E>(job, t_lo, t_hi, scratch);
-  const Areas a(scratch, D);
-  uint32_t* xq = i8_rows(scratch, D);
-  // The int16 pass's bound with the int8 scales (S8 for S, see the top).
-  const I16Bound bound(job, job.max_code_scale8);
-  alignas(64) float xx[MR], mx[MR], l1[MR], tau[MR], inv[MR];
-  alignas(64) int32_t rs64[MR];
-  int64_t rowno[MR];
-  bool live[MR], provable[MR];
-  for (int64_t t = t_lo; t < t_hi; ++t) {
-    if (st.i16_only) return search_tiles_i16<E>(job, t, t_hi, scratch);
-    const int64_t row0 = t * MR, rows = imin(MR, N - row0);
-    for (int r = 0; r < MR; ++r) rowno[r] = r < rows ? row0 + r : -1;
-    pack_rows<E>(job, row0, rows, a.xt);
-    ++st.tiles;
-    // Per lane as search_tiles_i16, with Q = 64 (the row bytes' range).
-    lane_sqnorms(a.xt, D, xx);
-    for (int r = 0; r < MR; ++r) live[r] = rowno[r] >= 0;
-    row_scales(a.xt, D, kQRow8, live, xx, mx, l1, tau, inv, provable);
-    to_bytes_i8(a.xt, inv, D, xq, rs64);
-    Top2 top;
-    search_tile_i8(xq, rs64, job.packed_i8, job.norms, job.code_aux + 2 * job.panels * NR, tau,
-                   job.panels, D8, top);
-    bool all = true;
-    for (int r = 0; r < MR && all; ++r) {
-      if (rowno[r] < 0) continue;
-      // VQK_DEBUG_APPROX_ONLY accepts the int8 pass's answer, unproven.
-      all = bound.proves(job, provable[r], top.v1[r], top.v2[r], xx[r], l1[r], tau[r]);
-    }
-    if (all) {
-      finish_tile<E>(job, rowno, a.xt, a.et, top.k1);
-      __atomic_fetch_add(&cpu::g_int8_rows, rows, __ATOMIC_RELAXED);
-    } else {
-      ++st.redone;
-      search_tiles_i16<E>(job, t, t + 1, scratch);
-    }
-    if (st.tiles >= 4 && 3 * st.redone > st.tiles) st.i16_only = true;
-  }
-}
-
-void pack_any_i8(const cpu::FwdJob& job, int64_t p_lo, int64_t p_hi) {
-  switch (job.dtype) {
-    case DType::f16: return pack_codes_i8<EF16>(job, p_lo, p_hi);
-    case DType::bf16: return pack_codes_i8<EBF16>(job, p_lo, p_hi);
-    default: return pack_codes_i8<EF32>(job, p_lo, p_hi);
-  }
-}
-
-void search_any_i8(const cpu::FwdJob& job, int64_t t_lo, int64_t t_hi, float* scratch) {
-  switch (job.dtype) {
-    case DType::f16: return search_tiles_i8<EF16>(job, t_lo, t_hi, scratch);
-    case DType::bf16: return search_tiles_i8<EBF16>(job, t_lo, t_hi, scratch);
-    default: return search_tiles_i8<EF32>(job, t_lo, t_hi, scratch);
-  }
-}
-
 }  // namespace
+}  // namespace vqk
 
+// The width-independent part: the byte packing, the tile loop and its hand-over to the int16 pass.
+#include "search_i8_common.h"
+
+namespace vqk {
 namespace cpu {
 const SearchKernels& kernels_avx2_i8() {
-  // flush_set_aside: the int16 pass's pending rows and the fp32 search's exact re-search, in the
-  // int16 scratch this build's scratch starts with.
-  static const SearchKernels k{"avx2_i8", MR, NR, pack_any_i8, search_any_i8, flush_set_aside,
+  // flush_i8: the rows still handed on, then the int16 pass's rows set aside and the fp32
+  // search's exact re-search, in the int16 scratch this build's scratch starts with.
+  static const SearchKernels k{"avx2_i8", MR, NR, pack_any_i8, search_any_i8, flush_i8,
                                i8_scratch_floats, false, true, nullptr, nullptr, true};
   return k;
 }

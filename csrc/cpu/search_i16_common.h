@@ -324,43 +324,58 @@ VQK_ALWAYS_INLINE void list_codes(int m, int64_t p, int cap, int32_t* __restrict
 // Per-thread scratch (search_set_aside.h): xb holds the tile's int16 pairs.
 int64_t i16_scratch_floats(int64_t D) { return set_aside_scratch_floats(D, pair_floats(D)); }
 
+// One packed tile of rows xt (lanes rowno[r] >= 0) through the int16 pass: the rows it proves
+// finished, the others set aside (rowno modified). The tile is search_tiles_i16's, or the int8
+// tier's rows handed on (search_i8_common.h).
+template <class E>
+void search_block_i16(const cpu::FwdJob& job, int64_t* rowno, const float* xt, const Areas& a,
+                      const I16Bound& bound, int32_t Q) {
+  const int64_t D = job.D, D2 = (D + 1) / 2;
+  alignas(64) float xx[MR], mx[MR], l1[MR], tau[MR], inv[MR];
+  bool live[MR], provable[MR];
+  for (int r = 0; r < MR; ++r) {
+    live[r] = rowno[r] >= 0;
+    a.pend->seen += live[r];
+  }
+  // Per lane: ||x||^2 (fp32, as the fp32 search has it), max |x_d|, sum |x_d|, tau.
+  lane_sqnorms(xt, D, xx);
+  row_scales(xt, D, Q, live, xx, mx, l1, tau, inv, provable);
+  to_pairs_i16(xt, inv, D, a.xb);
+  Top2 top;
+  search_tile_i16(a.xb, job.packed_bf16, job.norms, job.code_aux, tau, job.panels, D2, top);
+  for (int r = 0; r < MR; ++r) {
+    if (rowno[r] < 0) continue;
+    if (!bound.proves(job, provable[r], top.v1[r], top.v2[r], xx[r], l1[r], tau[r]))
+      set_aside<E>(job, a, xt, rowno, r);
+  }
+  finish_tile<E>(job, rowno, xt, a.et, top.k1);
+  // Break-even is near 45% set aside (an int16 tile costs ~0.55 of an fp32 one, plus the fp32
+  // search of what it set aside): a third leaves room for the pending tiles' overhead.
+  fp32_only_after(*a.pend, 3);
+}
+
+// Nothing is proven when the codes are out of the fp32 bound's range (then every row would be set
+// aside: plain fp32 tiles instead) or the int16 values would be too coarse.
+bool i16_usable(const cpu::FwdJob& job) {
+  return quant_max(job.D) >= kMinQ && job.max_code_norm < 0x1p50;
+}
+
 template <class E>
 void search_tiles_i16(const cpu::FwdJob& job, int64_t t_lo, int64_t t_hi, float* scratch) {
-  const int64_t N = job.x.B * job.x.S, D = job.D, D2 = (D + 1) / 2;
-  const Areas a(scratch, D);
-  const int32_t Q = quant_max(D);
-  // Nothing is proven when the codes are out of the fp32 bound's range (then every row would be
-  // set aside: plain fp32 tiles instead) or the int16 values would be too coarse.
-  const bool usable = Q >= kMinQ && job.max_code_norm < 0x1p50;
+  const int64_t N = job.x.B * job.x.S;
+  const Areas a(scratch, job.D);
+  const int32_t Q = quant_max(job.D);
+  const bool usable = i16_usable(job);
   const I16Bound bound(job, job.max_code_scale);
-  alignas(64) float xx[MR], mx[MR], l1[MR], tau[MR], inv[MR];
   int64_t rowno[MR];
-  bool live[MR], provable[MR];
   for (int64_t t = t_lo; t < t_hi; ++t) {
     const int64_t row0 = t * MR, rows = imin(MR, N - row0);
     for (int r = 0; r < MR; ++r) rowno[r] = r < rows ? row0 + r : -1;
     pack_rows<E>(job, row0, rows, a.xt);
-    if (a.pend->fp32_only || !usable) {
+    if (a.pend->fp32_only || !usable)
       search_block<E>(job, rowno, a.xt, a.base);
-      continue;
-    }
-    a.pend->seen += rows;
-    // Per lane: ||x||^2 (fp32, as the fp32 search has it), max |x_d|, sum |x_d|, tau.
-    lane_sqnorms(a.xt, D, xx);
-    for (int r = 0; r < MR; ++r) live[r] = rowno[r] >= 0;
-    row_scales(a.xt, D, Q, live, xx, mx, l1, tau, inv, provable);
-    to_pairs_i16(a.xt, inv, D, a.xb);
-    Top2 top;
-    search_tile_i16(a.xb, job.packed_bf16, job.norms, job.code_aux, tau, job.panels, D2, top);
-    for (int r = 0; r < MR; ++r) {
-      if (rowno[r] < 0) continue;
-      if (!bound.proves(job, provable[r], top.v1[r], top.v2[r], xx[r], l1[r], tau[r]))
-        set_aside<E>(job, a, rowno, r);
-    }
-    finish_tile<E>(job, rowno, a.xt, a.et, top.k1);
-    // Break-even is near 45% set aside (an int16 tile costs ~0.55 of an fp32 one, plus the fp32
-    // search of what it set aside): a third leaves room for the pending tiles' overhead.
-    fp32_only_after(*a.pend, 3);
+    else
+      search_block_i16<E>(job, rowno, a.xt, a, bound, Q);
   }
 }
 

@@ -63,17 +63,21 @@ void run_pending(const cpu::FwdJob& job, const Areas& a) {
   a.pend->count = 0;
 }
 
-// Lane r of the packed tile a.xt, which the first pass could not prove: copied to the rows set
+// Lane r of the packed tile xt (a.xt unless given), which the first pass could not prove: copied to the rows set
 // aside and taken out of this tile (rowno[r] = -1: finish_tile skips it); a full tile of them is
 // searched at once.
 template <class E>
-void set_aside(const cpu::FwdJob& job, const Areas& a, int64_t* rowno, int r) {
+void set_aside(const cpu::FwdJob& job, const Areas& a, const float* xt, int64_t* rowno, int r) {
   Pending& p = *a.pend;
-  for (int64_t d = 0; d < job.D; ++d) a.xp[d * MR + p.count] = a.xt[d * MR + r];
+  for (int64_t d = 0; d < job.D; ++d) a.xp[d * MR + p.count] = xt[d * MR + r];
   p.rowno[p.count++] = rowno[r];
   ++p.deferred;
   rowno[r] = -1;
   if (p.count == MR) run_pending<E>(job, a);
+}
+template <class E>
+void set_aside(const cpu::FwdJob& job, const Areas& a, int64_t* rowno, int r) {
+  set_aside<E>(job, a, a.xt, rowno, r);
 }
 
 // After each tile: plain fp32 tiles for the rest of the call once more than 1/den of at least

@@ -323,13 +323,23 @@ def test_auto_takes_vnni_int16_where_measured(monkeypatch):
 
 @pytest.mark.skipif(SKIP_REASONS["avx512_vnni_i8"] is not None,
                     reason=f"cannot run the avx512_vnni_i8 kernels here: {SKIP_REASONS['avx512_vnni_i8']}")
-def test_auto_never_takes_vnni_int8(monkeypatch):
-    """avx512_vnni_i8 (the int8 tier in front of avx512_vnni_i16) has not been timed: auto must not
-    pick it, at any shape, on a CPU that runs it (only VQK_CPU_ISA=avx512_vnni_i8 does)."""
+def test_auto_takes_vnni_int8_only_where_measured(monkeypatch):
+    """avx512_vnni_i8 (the int8 tier in front of avx512_vnni_i16) was timed on an Ice Lake Xeon
+    only: auto takes it from D = 32 on Intel CPUs with AVX-512 VNNI and without AVX-512 BF16 (where
+    it takes avx512_vnni_i16), nowhere else. Seen from outside by the int8-rows counter on rows near
+    their codes (which the int8 bound proves); the answer is the exact one either way."""
+    family, flags = _amd_family_and_flags()
+    rule = "avx512_vnni" in flags and "avx512_bf16" not in flags and family != 25
     monkeypatch.delenv("VQK_CPU_ISA", raising=False)
-    assert native.module().cpu_isa() != "avx512_vnni_i8"
-    monkeypatch.setenv("VQK_CPU_ISA", "auto")
-    assert native.module().cpu_isa() != "avx512_vnni_i8"
+    for K, D in [(128, 16), (128, 32), (31, 64), (256, 64)]:
+        cb = torch.randn(K, D)
+        z = cb[torch.randint(0, K, (600,))] + 0.05 * torch.randn(600, D)
+        before = native.module().cpu_int8_rows()
+        idx, _ = vqkernels.nearest_code(z, cb, backend="cpu")
+        took = native.module().cpu_int8_rows() > before
+        assert took == (rule and D >= 32 and K >= 32), (K, D, rule)
+        ref, clear, _ = A.exact_answer(z, cb)
+        assert torch.equal(idx[clear], ref[clear])
     monkeypatch.setenv("VQK_CPU_ISA", "avx512_vnni_i8")
     assert native.module().cpu_isa() == "avx512_vnni_i8"
 

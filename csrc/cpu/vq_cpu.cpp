@@ -280,7 +280,15 @@ constexpr int64_t kBf16MinK = 128, kBf16MinD = 16;
 // Lake: the same 512-bit vpdpwssd, timed on Ice Lake only), as on Zen 4. Intel cores with BF16
 // (Cooper Lake, Sapphire Rapids on) and Zen 5 keep the rules they have (bf16, untimed on Intel).
 // The int8 tier in front of it (search_avx512_vnni_i8.cpp, VQK_CPU_ISA=avx512_vnni_i8: vpdpbusd,
-// as avx2_i8 is in front of avx2_i16) is forced only: auto never picks it until it is timed.
+// as avx2_i8 is in front of avx2_i16), timed on that Ice Lake (benchmarks/results/
+// cpu-icelake-int8-2026-12-03.md, benchmarks/int8_tier.py): on rows near codes (noise 0.3-1.0 around
+// randn codes) 0.63-0.72x avx512_vnni_i16's wall time at D = 64-512 (N = 8192-65536), 0.80-0.94x
+// at D = 32-128 with N = 1024-16384; on random rows, where its bound proves nothing and the threads
+// go back to int16 after their first tile, 1.00-1.08x (1.09-1.13x at N = 1024-2048: packing the
+// byte copy of the codes is the extra); at D = 16 a gain only very near codes (0.89x), at D = 8
+// (LlamaGen's K = 16384) 1.05-1.17x. So on the Intel CPUs of the rule above (AVX-512 VNNI, no BF16;
+// not Zen 4, where it is untimed) auto takes it from D = 32.
+constexpr int64_t kVnniI8MinD = 32;
 constexpr int64_t kI16MinK = 64, kI16MinD = 16;
 // D from 8: at D = 8-12 it took 0.80-0.97x avx512's time (K = 1024-16384, 0.89x at LlamaGen's
 // K = 16384, D = 8), at D = 4 1.13-1.17x (section 5 of the results page).
@@ -310,6 +318,16 @@ constexpr int64_t kVnniMinK = 32, kVnniMinD = 8;
 #endif
 }
 
+// Where auto puts avx512_vnni_i8 in front of it (from D = 32): the Intel side of that rule only
+// (timed on Ice Lake; Zen 4 untimed).
+[[maybe_unused]] bool vnni_i8_measured_faster() {
+#if defined(__x86_64__) || defined(__i386__)
+  return !cpu_is_amd_family25() && !__builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
 // The kernels to use for a K x D codebook: the best this CPU runs, or the one VQK_CPU_ISA names
 // (read on every call so tests can force each path on one machine).
 const cpu::SearchKernels& select_kernels([[maybe_unused]] int64_t K, [[maybe_unused]] int64_t D) {
@@ -318,8 +336,12 @@ const cpu::SearchKernels& select_kernels([[maybe_unused]] int64_t K, [[maybe_unu
   if (want.empty() || want == "auto") {
 #if defined(VQK_HAVE_AVX512_VNNI_I16) && defined(VQK_HAVE_AVX2)
     if (cpu_has_avx512_vnni_i16() && !avx512_emulated() && vnni_i16_measured_faster() &&
-        K >= kVnniMinK && D >= kVnniMinD)
+        K >= kVnniMinK && D >= kVnniMinD) {
+#if defined(VQK_HAVE_AVX512_VNNI_I8)
+      if (D >= kVnniI8MinD && vnni_i8_measured_faster()) return cpu::kernels_avx512_vnni_i8();
+#endif
       return cpu::kernels_avx512_vnni_i16();
+    }
 #endif
 #if defined(VQK_HAVE_AVX512BF16)
     if (cpu_has_avx512bf16() && K >= kBf16MinK && D >= kBf16MinD) return cpu::kernels_avx512bf16();

@@ -156,19 +156,19 @@ def dtype_code(dtype: torch.dtype) -> int:
 # The CPU kernel's instruction-set paths, in the order `auto` tries them (csrc/cpu/vq_cpu.cpp,
 # select_kernels); avx2_i8 (an int8 tier in front of the int16 pass avx2_i16) is picked by itself
 # only on AMD family 25 without AVX-512 (Zen 3), where it was measured faster than avx2_i16 and
-# avx2 (benchmarks/results/cpu-avx2-i8.md); avx2_i16, avx512_i16 / avx512_vnni_i16 (the int16 pass
-# on 512-bit registers), avx512_vnni_i8 (an int8 vpdpbusd tier in front of avx512_vnni_i16, as
-# avx2_i8 is in front of avx2_i16; residual calls run avx512_vnni_i16) and neon_dot (aarch64 int8
-# SDOT pass) only when forced: avx512_vnni_i8 and neon_dot have never been timed on a CPU that runs
-# them.
+# avx2 (benchmarks/results/cpu-avx2-i8.md); avx512_vnni_i8 (an int8 vpdpbusd tier in front of
+# avx512_vnni_i16; residual calls run avx512_vnni_i16) from D = 32 on Intel AVX-512 VNNI CPUs
+# without BF16, where it was measured faster on Ice Lake (benchmarks/results/
+# cpu-icelake-int8-2026-12-03.md); avx2_i16, avx512_i16 and neon_dot (aarch64 int8 SDOT pass,
+# never timed on a CPU that runs it) only when forced.
 CPU_PATHS = ("avx512bf16", "avx512", "avx512_i16", "avx512_vnni_i16", "avx512_vnni_i8", "avx2",
              "avx2_i16", "avx2_i8", "neon", "neon_dot", "scalar")
-AUTO_RULE = ("auto takes the first of avx512_vnni_i16 (Zen 4 = AMD family 25 with AVX-512, or "
-             "AVX-512 VNNI without AVX-512 BF16 = Intel Cascade Lake to Ice Lake; for "
-             "K >= 32 and D >= 8), avx512bf16 (for K >= 128 and D >= 16), avx512, avx2_i8 (AMD "
-             "family 25 without AVX-512 = Zen 3 only, for K >= 64 and D >= 16), avx2, neon, scalar "
-             "that this CPU and build run; avx2_i16, avx512_i16, avx512_vnni_i8 and neon_dot only "
-             "when forced")
+AUTO_RULE = ("auto takes the first of avx512_vnni_i8 (AVX-512 VNNI without AVX-512 BF16 and not "
+             "AMD = Intel Cascade Lake to Ice Lake; for K >= 32 and D >= 32), avx512_vnni_i16 "
+             "(Zen 4 = AMD family 25 with AVX-512, or those Intel CPUs; for K >= 32 and D >= 8), "
+             "avx512bf16 (for K >= 128 and D >= 16), avx512, avx2_i8 (AMD family 25 without "
+             "AVX-512 = Zen 3 only, for K >= 64 and D >= 16), avx2, neon, scalar that this CPU and "
+             "build run; avx2_i16, avx512_i16 and neon_dot only when forced")
 
 
 def _cpu_model_and_flags() -> tuple[str, list[str]]:

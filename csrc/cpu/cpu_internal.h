@@ -48,9 +48,9 @@ struct FwdJob {
   // finite codes after packing.
   float* code_aux = nullptr;
   double max_code_scale = 0.0, max_code_l1 = 0.0;
-  // Only for kernels with `i8` set (search_avx2_i8.cpp, which also sets `i16`): the codes as
-  // bytes (panels * ceil(D/8) * nr * 2 words), code_aux then 3 * panels * nr floats (the int8
-  // scales last) and max_code_scale8 their maximum over the finite codes.
+  // Only for kernels with `i8` set (the int8 tiers, search_i8_common.h; they also set `i16`): the
+  // codes as bytes (panels * ceil(D/8) * nr * 2 words), code_aux then 3 * panels * nr floats (the
+  // int8 scales last) and max_code_scale8 their maximum over the finite codes.
   uint32_t* packed_i8 = nullptr;
   double max_code_scale8 = 0.0;
 };
@@ -116,7 +116,8 @@ extern int64_t g_exact_rows;
 extern int64_t g_set_aside_rows;
 // Rows the neon_dot pass settled by an fp32 check of its candidate codes (same use).
 extern int64_t g_rechecked_rows;
-// Rows the int8 tiers (avx2_i8, avx512_vnni_i8) settled itself (proven from int8 dot products; same use).
+// Rows the int8 tiers (avx2_i8, avx512_vnni_i8) settled themselves (proven from int8 dot products;
+// same use).
 extern int64_t g_int8_rows;
 
 // Persistent worker pool. Runs fn(ctx, tid) for the caller as tid 0 and for each worker tid in

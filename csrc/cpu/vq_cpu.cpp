@@ -282,12 +282,12 @@ constexpr int64_t kBf16MinK = 128, kBf16MinD = 16;
 // The int8 tier in front of it (search_avx512_vnni_i8.cpp, VQK_CPU_ISA=avx512_vnni_i8: vpdpbusd,
 // as avx2_i8 is in front of avx2_i16), timed on that Ice Lake (benchmarks/results/
 // cpu-icelake-int8-2026-12-03.md, benchmarks/int8_tier.py): on rows near codes (noise 0.3-1.0 around
-// randn codes) 0.63-0.72x avx512_vnni_i16's wall time at D = 64-512 (N = 8192-65536), 0.80-0.94x
-// at D = 32-128 with N = 1024-16384; on random rows, where its bound proves nothing and the threads
-// go back to int16 after their first tile, 1.00-1.08x (1.09-1.13x at N = 1024-2048: packing the
-// byte copy of the codes is the extra); at D = 16 a gain only very near codes (0.89x), at D = 8
-// (LlamaGen's K = 16384) 1.05-1.17x. So on the Intel CPUs of the rule above (AVX-512 VNNI, no BF16;
-// not Zen 4, where it is untimed) auto takes it from D = 32.
+// randn codes) 0.61-0.73x avx512_vnni_i16's wall time at D = 64-512 (N = 8192-65536), 0.74-0.96x
+// at D = 32-128 or N = 1024-2048; on random rows, where its bound proves nothing and the threads go
+// back to int16 after their first tile, 0.97-1.06x (1.10x at N = 1024, K = 4096: packing the byte
+// copy of the codes is the extra); at D = 16 a gain only very near codes (0.88x), at D = 8
+// (LlamaGen's K = 16384) 1.01-1.07x. So on the Intel CPUs of the rule above (AVX-512 VNNI, no
+// BF16; not Zen 4, where it is untimed) auto takes it from D = 32.
 constexpr int64_t kVnniI8MinD = 32;
 constexpr int64_t kI16MinK = 64, kI16MinD = 16;
 // D from 8: at D = 8-12 it took 0.80-0.97x avx512's time (K = 1024-16384, 0.89x at LlamaGen's

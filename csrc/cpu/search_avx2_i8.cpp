@@ -137,24 +137,6 @@ VQK_ALWAYS_INLINE void i8_dots(const uint32_t* xq, const uint32_t* b, int64_t D8
 #undef VQK_I8_CODE
 #undef VQK_I8_ROW
 
-// search_tile_i16 on int8 quads (search_i16_common.h's search_tile_q: the same epilogue), the
-// offset taken off in int32 (exact: p.q).
-VQK_ALWAYS_INLINE void search_tile_i8(const uint32_t* __restrict xq, const int32_t* __restrict rs64,
-                                      const uint32_t* __restrict pb, const float* __restrict norms,
-                                      const float* __restrict scales, const float* __restrict tau,
-                                      int64_t panels, int64_t D8, Top2& out) {
-  __m256i off[MRV];
-  for (int i = 0; i < MRV; ++i) off[i] = _mm256_load_si256(reinterpret_cast<const __m256i*>(rs64 + i * W));
-  search_tile_q(norms, scales, tau, panels, out,
-                [&](int64_t p, __m256i(&acc)[MRV][NR]) __attribute__((always_inline)) {
-                  i8_dots(xq, pb + p * D8 * NR * 2, D8, acc);
-#pragma GCC unroll 64
-                  for (int i = 0; i < MRV; ++i)
-#pragma GCC unroll 64
-                    for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_sub_epi32(acc[i][j], off[i]);
-                });
-}
-
 }  // namespace
 }  // namespace vqk
 

@@ -117,24 +117,6 @@ __attribute__((noinline)) void i8_dots(const uint32_t* __restrict xq, const uint
     for (int j = 0; j < NR; ++j) out[i][j] = acc[i][j];
 }
 
-// search_tile_i16 on int8 quads (search_i16_common.h's search_tile_q: the same epilogue), the
-// offset taken off in int32 (exact: p.q).
-VQK_ALWAYS_INLINE void search_tile_i8(const uint32_t* __restrict xq, const int32_t* __restrict rs,
-                                      const uint32_t* __restrict pb, const float* __restrict norms,
-                                      const float* __restrict scales, const float* __restrict tau,
-                                      int64_t panels, int64_t D8, Top2& out) {
-  __m512i off[MRV];
-  for (int i = 0; i < MRV; ++i) off[i] = _mm512_loadu_si512(rs + i * W);
-  search_tile_q(norms, scales, tau, panels, out,
-                [&](int64_t p, __m512i(&acc)[MRV][NR]) __attribute__((always_inline)) {
-                  i8_dots(xq, pb + p * D8 * NR * 2, D8, acc);
-#pragma GCC unroll 64
-                  for (int i = 0; i < MRV; ++i)
-#pragma GCC unroll 64
-                    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_sub_epi32(acc[i][j], off[i]);
-                });
-}
-
 }  // namespace
 }  // namespace vqk
 

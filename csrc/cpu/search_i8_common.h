@@ -17,8 +17,8 @@
 //   to_bytes_i8(xt, inv, D, xq, rs)   the tile's rows as signed-byte quads, xq[(2s + h) * MR + r] =
 //                         p_{8s+4h} .. p_{8s+4h+3} of row r (low byte first, 0 past D), and rs[r] =
 //                         kCodeOff8 sum_d p_d, the offset the codes' bias adds to each dot product;
-//   search_tile_i8(xq, rs, pb, norms, scales, tau, panels, D8, top)   search_tile_i16 on the byte
-//                         quads (search_tile_q with the unit's micro-kernel, offset taken off).
+//   i8_dots(xq, b, D8, acc)   the micro-kernel: acc[i][j] = the int32 sums over one panel's byte
+//                         codes b ([D8][NR][2] words) of row vector i and code j, p.(q + kCodeOff8).
 // Its build entry's flush is flush_i8 below.
 #pragma once
 
@@ -80,6 +80,24 @@ void pack_codes_i8(const cpu::FwdJob& job, int64_t p_lo, int64_t p_hi) {
         for (int h = 0; h < 2; ++h)  // little-endian: the first byte is the low one
           __builtin_memcpy(dst + (s * NR + j) * 2 + h, qb.data() + j * Dp + 8 * s + 4 * h, 4);
   }
+}
+
+// search_tile_i16 on int8 quads (search_i16_common.h's search_tile_q: the same epilogue), the
+// offset taken off in int32 (exact: p.q).
+VQK_ALWAYS_INLINE void search_tile_i8(const uint32_t* __restrict xq, const int32_t* __restrict rs,
+                                      const uint32_t* __restrict pb, const float* __restrict norms,
+                                      const float* __restrict scales, const float* __restrict tau,
+                                      int64_t panels, int64_t D8, Top2& out) {
+  V::I off[MRV];
+  for (int i = 0; i < MRV; ++i) off[i] = V::loadi(rs + i * W);
+  search_tile_q(norms, scales, tau, panels, out,
+                [&](int64_t p, V::I(&acc)[MRV][NR]) __attribute__((always_inline)) {
+                  i8_dots(xq, pb + p * D8 * NR * 2, D8, acc);
+#pragma GCC unroll 64
+                  for (int i = 0; i < MRV; ++i)
+#pragma GCC unroll 64
+                    for (int j = 0; j < NR; ++j) acc[i][j] = V::subi(acc[i][j], off[i]);
+                });
 }
 
 // Per-thread scratch: the int16 build's whole scratch (its pending rows and the fp32 search's), then

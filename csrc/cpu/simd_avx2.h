@@ -38,6 +38,7 @@ struct V {
   static inline I bits(F a) { return _mm256_castps_si256(a); }
   static inline F from_bits(I a) { return _mm256_castsi256_ps(a); }
   static inline I addi(I a, I b) { return _mm256_add_epi32(a, b); }
+  static inline I subi(I a, I b) { return _mm256_sub_epi32(a, b); }
   template <int n> static inline I srli(I a) { return _mm256_srli_epi32(a, n); }
   template <int n> static inline I slli(I a) { return _mm256_slli_epi32(a, n); }
   static inline float hsum(F a) {

@@ -42,6 +42,7 @@ struct V {
   static inline I bits(F a) { return _mm512_castps_si512(a); }
   static inline F from_bits(I a) { return _mm512_castsi512_ps(a); }
   static inline I addi(I a, I b) { return _mm512_add_epi32(a, b); }
+  static inline I subi(I a, I b) { return _mm512_sub_epi32(a, b); }
   template <int n> static inline I srli(I a) { return _mm512_srli_epi32(a, n); }
   template <int n> static inline I slli(I a) { return _mm512_slli_epi32(a, n); }
   static inline float hsum(F a) { return _mm512_reduce_add_ps(a); }

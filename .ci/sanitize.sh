@@ -82,4 +82,7 @@ if [ $# -eq 0 ]; then
     "$ROOT/tests/test_cpu_pool.py" "$ROOT/tests/test_residual.py" -q -x \
     -p no:cacheprovider
 fi
-"$PY" -m pytest "$@"
+# --capture=sys: pytest captures at the Python level only, so a sanitizer report, written by the
+# runtime to file descriptor 2 just before it ends the process, reaches the log. (With pytest's
+# default descriptor-level capture it died unprinted: a UBSan report in CI left only "rc=1".)
+"$PY" -m pytest --capture=sys "$@"

@@ -81,8 +81,10 @@ void to_bytes_i8(const float* __restrict xt, const float* __restrict inv, int64_
       }
       _mm512_store_si512(xq + g * MR + b * W, w);
     }
-  for (int b = 0; b < MRV; ++b) _mm512_store_si512(rs + b * W, sum[b]);
-  for (int r = 0; r < MR; ++r) rs[r] *= kCodeOff8;  // (GCC 12 warns on the 512-bit shift's mask)
+  // The product in vector lanes (wrapping, as the sums do for lanes not proven, whose NaN rows
+  // convert to INT_MIN: unused, and no undefined behaviour); GCC 12 warns on the shift's mask.
+  for (int b = 0; b < MRV; ++b)
+    _mm512_store_si512(rs + b * W, _mm512_mullo_epi32(sum[b], _mm512_set1_epi32(kCodeOff8)));
 }
 
 // The micro-kernel's loop over the D8 steps of one panel (codes b: D8 steps of NR x 2 words, the

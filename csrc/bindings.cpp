@@ -139,18 +139,18 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("cpu_grouped_forward",
         [](View x, std::vector<int64_t> codebooks, std::vector<int64_t> Ks, View zq,
-           int64_t indices, int64_t sqerr, int num_threads) {
+           int64_t indices, int64_t sqerr, int num_threads, int64_t counts) {
           if (codebooks.size() != Ks.size() || codebooks.empty())
             throw std::invalid_argument("vqkernels._C: one K per codebook, at least one group");
           std::vector<const float*> cbs;
           for (int64_t p : codebooks) cbs.push_back(ptr<const float>(p));
           vqk::GroupedArgs a{rows(x), (int64_t)cbs.size(), cbs.data(), Ks.data(), rows_out(zq),
-                             ptr<int64_t>(indices), ptr<float>(sqerr)};
+                             ptr<int64_t>(indices), ptr<float>(sqerr), ptr<int64_t>(counts)};
           py::gil_scoped_release nogil;
           vqk::cpu_grouped_forward(a, num_threads);
         },
         py::arg("x"), py::arg("codebooks"), py::arg("Ks"), py::arg("zq"), py::arg("indices"),
-        py::arg("sqerr"), py::arg("num_threads"),
+        py::arg("sqerr"), py::arg("num_threads"), py::arg("counts") = 0,
         "Grouped VQ forward, fp32: every group's own codebook in one call (see vqk.h, "
         "GroupedArgs).");
 

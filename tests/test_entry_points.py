@@ -142,3 +142,30 @@ print(json.dumps(seen))
     assert list(seen) == ["import vqkernels"] + [m + " --help" for m in ENTRY_POINTS]
     # modules are cumulative: the first entry that lists one is the one that imported it
     assert all(not v for v in seen.values()), seen
+
+
+def test_first_op_calls_do_not_import_the_compiler():
+    # torch.library.custom_op imports torch._dynamo on an op's first call (1.4 s of the first
+    # vq_quantize here, against 0.5 ms for the second) unless vqkernels.ops defers it
+    # (_skip_dynamo_import_when_absent). Every op, forward and backward, in a fresh interpreter;
+    # then, once torch._dynamo is imported, the ops still run and torch.compile still traces
+    # them to the eager values.
+    code = """
+import json, sys, torch, vqkernels
+from vqkernels import ops
+z = torch.randn(40, 8, requires_grad=True)
+cb = torch.randn(16, 8, requires_grad=True)
+out = vqkernels.vq_quantize(z, cb, backend="reference")
+out.loss.backward()
+idx, dist = vqkernels.nearest_code(z.detach(), cb.detach(), backend="reference")
+seen = {"deferred": ops._DYNAMO_DEFERRED, "dynamo": "torch._dynamo" in sys.modules}
+f = torch.compile(lambda a, b: vqkernels.vq_quantize(a, b, backend="reference").loss,
+                  backend="eager")
+seen["compiled_equal"] = bool(f(z, cb) == out.loss) and torch.equal(idx, out.indices)
+print(json.dumps(seen))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode == 0, r.stderr[-3000:]
+    seen = json.loads(r.stdout.strip().splitlines()[-1])
+    assert seen == {"deferred": 3, "dynamo": False, "compiled_equal": True}, seen

@@ -586,6 +586,12 @@ def test_cpu_grouped_is_one_call_and_exact_per_group(G, d, Ks, monkeypatch):
     assert torch.equal(out.indices, ref.indices)
     assert torch.equal(out.z_q, ref.z_q)
     torch.testing.assert_close(out.codebook_loss, ref.codebook_loss)
+    # The counts come from the native call itself (unequal K included): each group's bincount.
+    assert len(out.counts) == G
+    for g in range(G):
+        assert out.counts[g].dtype == torch.long and out.counts[g].shape == (Ks[g],)
+        assert torch.equal(out.counts[g], torch.bincount(out.indices[:, g], minlength=Ks[g]))
+    assert torch.equal(out.perplexity, ref.perplexity)
 
 
 @needs_cpu
@@ -602,6 +608,10 @@ def test_cpu_grouped_is_exact_on_adversarial_groups():
     assert native.module().cpu_exact_rows() > before
     for g, (x, cb) in enumerate([(x0, cb0), (x1, cb1), (x2, cb2)]):
         assert_exact(x, cb, out.indices[:, g], what=f"group {g}")
+        assert torch.equal(out.counts[g], torch.bincount(out.indices[:, g], minlength=len(cb)))
+    # Duplicated codes (3 consecutive copies): only the first copy is ever chosen (lowest index).
+    copies = out.counts[1].reshape(40, 3)
+    assert int(copies[:, 1:].sum()) == 0 and int(copies[:, 0].sum()) == 120
 
 
 @needs_cpu

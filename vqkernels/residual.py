@@ -529,6 +529,7 @@ def grouped_vq(z: Tensor, codebooks: Codebooks, *, groups: Optional[int] = None,
     if mask is not None and mask.dtype != torch.bool:
         raise TypeError(f"mask must be a bool tensor (True = a real row), got {mask.dtype}")
     parts = zm.reshape(N, G, d)
+    counts = None
     if shared:
         rows = parts.reshape(N * G, d)
         _check(rows, books[0], -1, backend, "z")
@@ -541,7 +542,7 @@ def grouped_vq(z: Tensor, codebooks: Codebooks, *, groups: Optional[int] = None,
             _check(parts[:, g, :], books[g], -1, backend, "z")
         fused = _grouped_fused(parts, books, backend)
         if fused is not None:
-            zq, idx, e_cb, e_cm = fused
+            zq, idx, e_cb, e_cm, counts = fused
         else:
             outs = [_vq_rows(parts[:, g, :], books[g], backend) for g in range(G)]
             zq = torch.stack([o[0] for o in outs], 1)
@@ -555,8 +556,15 @@ def grouped_vq(z: Tensor, codebooks: Codebooks, *, groups: Optional[int] = None,
     else:
         denom = max(N * d, 1)
     cb_loss, cm_loss = _SumRows.apply(e_cb) / denom, _SumRows.apply(e_cm) / denom
-    counts, perp = _usage(idx, [books[0 if shared else g].shape[0] for g in range(G)],
-                          None if valid is None else valid.to(acc)[None], acc)
+    Ks = [books[0 if shared else g].shape[0] for g in range(G)]
+    if counts is not None and counts.numel() and valid is None:
+        # The native call's own counts (every row counted once): only the perplexities are left.
+        counts = list(counts.split(Ks))
+        perp = torch.stack([torch.special.entr(c.to(acc) / max(N, 1)).sum() for c in counts]
+                           ).exp() if len(set(Ks)) > 1 else \
+            torch.special.entr(torch.stack(counts).to(acc) / max(N, 1)).sum(1).exp()
+    else:
+        counts, perp = _usage(idx, Ks, None if valid is None else valid.to(acc)[None], acc)
     zq = zq.reshape(*lead, G * d).movedim(-1, dim)
     # (N, G), contiguous: a view for the shared path; stacking the rows is the quicker transpose.
     idx = idx.T if idx.T.is_contiguous() else torch.stack(idx.unbind(0), 1)
@@ -632,24 +640,28 @@ class _GroupedFn(torch.autograd.Function):
             z_q = native.fresh_output(torch.empty(N, G * d, dtype=torch.float32))
             idx = torch.empty(G, N, dtype=torch.long)
             err = torch.empty(G, N, dtype=torch.float32)
+            # Each group's code counts, written by the same call (group after group).
+            counts = torch.empty(sum(cb.shape[0] for cb in cbs), dtype=torch.long)
             native.module().cpu_grouped_forward(
                 (x.data_ptr(), 1, N, G * d, 0, G * d, 1), [cb.data_ptr() for cb in cbs],
                 [cb.shape[0] for cb in cbs], (z_q.data_ptr(), 1, N, G * d, 0, G * d, 1),
-                idx.data_ptr(), err.data_ptr(), max(1, torch.get_num_threads()))
+                idx.data_ptr(), err.data_ptr(), max(1, torch.get_num_threads()),
+                counts.data_ptr())
         else:
             from .triton import residual as triton_residual
             z_q, idx, err = triton_residual.grouped_forward(x, cbs)
+            counts = idx.new_empty(0)  # not counted here: the caller's bincount
         # (G, N), as the kernels write them: each group's indices and errors one contiguous row,
         # which the backward, the bincounts and the loss sums read (no transposes).
         idx, err = idx.contiguous(), err.contiguous()
         ctx.save_for_backward(parts, idx, *codebooks)
         ctx.backend = backend
         ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(idx)
-        return z_q.reshape(N, G, d).to(parts.dtype), idx, err, err.clone()
+        ctx.mark_non_differentiable(idx, counts)
+        return z_q.reshape(N, G, d).to(parts.dtype), idx, err, err.clone(), counts
 
     @staticmethod
-    def backward(ctx, g_zq, _g_idx, g_cb, g_cm):
+    def backward(ctx, g_zq, _g_idx, g_cb, g_cm, _g_counts):
         parts, idx, *codebooks = ctx.saved_tensors  # idx: (G, N)
         b = backends.resolve(ctx.backend, parts.device)
         G = parts.shape[1]

@@ -1216,7 +1216,10 @@ void grouped_forward(const GroupedArgs& a, int num_threads) {
   const cpu::SearchKernels* ks = &select_kernels(maxK, d);
   if (maxK + ks->nr >= ((int64_t)1 << 31))
     throw std::invalid_argument("vqkernels: the CPU kernel supports K < 2^31 codes");
-  if (N == 0) return;
+  if (N == 0) {
+    if (a.counts) std::fill(a.counts, a.counts + sumK, int64_t(0));
+    return;
+  }
   std::vector<CodePack> codes;
   std::vector<cpu::FwdJob> jobs;
   codes.reserve(G);
@@ -1263,6 +1266,15 @@ void grouped_forward(const GroupedArgs& a, int num_threads) {
     }
     for (int64_t g = 0; g < c.G; ++g) c.ks->flush(c.jobs[g], mine + g * c.stride);
   }, &ctx);
+  if (a.counts) {
+    int64_t* cnt = a.counts;
+    for (int64_t g = 0; g < G; ++g) {
+      std::fill(cnt, cnt + a.Ks[g], int64_t(0));
+      const int64_t* idx = a.indices + g * N;
+      for (int64_t n = 0; n < N; ++n) ++cnt[idx[n]];
+      cnt += a.Ks[g];
+    }
+  }
 }
 
 }  // namespace

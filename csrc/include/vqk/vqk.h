@@ -105,7 +105,9 @@ struct ResidualArgs {
 // Grouped VQ forward (issue 17), fp32: x is N x (G d) (Rows with D = G d); group g's columns
 // [g d, (g + 1) d) are searched against codebooks[g] (Ks[g] x d, row-major, contiguous fp32), all
 // groups in one call. Writes indices[g * N + n], sqerr[g * N + n] (the exact error, ForwardArgs'
-// rule per group) and, when zq.ptr is set, the chosen codes into zq's N x (G d) view.
+// rule per group) and, when zq.ptr is set, the chosen codes into zq's N x (G d) view. counts (may
+// be null): how many rows chose each code, group after group (group g's K_g counts start at
+// Ks[0] + ... + Ks[g - 1]), as ForwardArgs' counts per group.
 struct GroupedArgs {
   Rows x;
   int64_t G;
@@ -114,6 +116,7 @@ struct GroupedArgs {
   RowsOut zq;
   int64_t* indices;
   float* sqerr;
+  int64_t* counts = nullptr;
 };
 
 // Residual VQ backward (issue 17), fp32, every array row-major and contiguous: the stage loop of

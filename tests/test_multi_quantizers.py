@@ -31,8 +31,9 @@ def test_each_stage_is_a_vector_quantizer_kept_on_its_own_residuals():
     assert m.books[1].codebook.norm(dim=1).mean() < 2 * r0.norm(dim=1).mean()
     # EMA: stage 1's codebook is the decayed average of the residual rows that chose each code.
     before = m.books[1].codebook.clone()
-    book0 = m.books[0].codebook.clone()
+    book0, book1 = m.books[0].codebook.clone(), m.books[1].codebook.clone()
     ema_sum, ema_count = m.books[1].ema_sum.clone(), m.books[1].ema_count.clone()
+    ema_sum2, d2 = m.books[2].ema_sum.clone(), m.books[2]._decay_now()
     d = m.books[1]._decay_now()  # this update's decay (warmed up: below `decay` early on)
     assert d < m.books[1].decay
     out = m(z)
@@ -44,6 +45,10 @@ def test_each_stage_is_a_vector_quantizer_kept_on_its_own_residuals():
     r1 = z - book0[out.indices[:, 0]]
     sums = torch.zeros(16, 6).index_add_(0, idx1, r1)
     torch.testing.assert_close(m.books[1].ema_sum, d * ema_sum + (1 - d) * sums)
+    # And stage 2's the residual of both (the module updates one residual buffer in place).
+    r2 = r1 - book1[idx1]
+    sums2 = torch.zeros(4, 6).index_add_(0, out.indices[:, 2], r2)
+    torch.testing.assert_close(m.books[2].ema_sum, d2 * ema_sum2 + (1 - d2) * sums2)
     assert m.stats()[1]["steps"] == 2
     assert not torch.equal(before, m.books[1].codebook)
 
@@ -194,6 +199,13 @@ def test_grouped_module_and_its_codes():
     g.eval()
     out = g(z)
     assert torch.equal(g.codes_from_indices(out.indices), out.z_q)
+    # Counts (on the CPU from the one-call search itself) and perplexities are each group's.
+    for h in range(3):
+        c = torch.bincount(out.indices[..., h].reshape(-1), minlength=16)
+        assert torch.equal(out.counts[h], c)
+        p = c.double() / c.sum()
+        torch.testing.assert_close(out.perplexity[h].double(),
+                                   torch.special.entr(p).sum().exp(), rtol=1e-6, atol=0)
     gs = GroupedVectorQuantizer(12, 3, 16, shared_codebook=True, kmeans_init=False).eval()
     o = gs(z)
     assert len(gs.books) == 1 and torch.equal(gs.codes_from_indices(o.indices), o.z_q)

@@ -123,14 +123,21 @@ class _Books(nn.Module):
         all_reduce for all books."""
         if self.shared:
             per_unit = [tuple(torch.cat(t) for t in zip(*per_unit))]
-        books = list(self.books)
-        ctx = DistContext(books[0].sync, books[0].process_group)
+        ctx = self._dist()
         with torch.no_grad():
-            bufs = [b._upkeep_pack(r, -1, i.clamp(min=0), e, ctx)
-                    for b, (r, i, e) in zip(books, per_unit)]
-            summed = ctx.all_reduce_(torch.cat(bufs)).split([b.numel() for b in bufs])
-            for b, buf in zip(books, summed):
-                b._upkeep_apply(buf)
+            self._upkeep_packed([b._upkeep_pack(r, -1, i.clamp(min=0), e, ctx)
+                                 for b, (r, i, e) in zip(self.books, per_unit)], ctx)
+
+    def _dist(self) -> DistContext:
+        b = self.books[0]
+        return DistContext(b.sync, b.process_group)
+
+    def _upkeep_packed(self, bufs: list[Tensor], ctx: DistContext) -> None:
+        """The books' `_upkeep_pack` buffers (one per book, in order) summed over the ranks in one
+        all_reduce, then applied."""
+        summed = ctx.all_reduce_(torch.cat(bufs)).split([b.numel() for b in bufs])
+        for b, buf in zip(self.books, summed):
+            b._upkeep_apply(buf)
 
     def _books_repr(self, count: str) -> str:
         """extra_repr's part common to both quantizers; `count` names how many books there are."""
@@ -280,16 +287,32 @@ class ResidualVectorQuantizer(_Books):
             out = out._replace(codebook_loss=cb_loss, loss=loss)
         if training:
             with torch.no_grad():
+                # Each stage's residual again (the kernel keeps them on chip), stage by stage:
+                # own books take their statistics from it at once, so one residual buffer is
+                # updated in place (a shared book needs every stage's rows together).
                 r = rows.detach().to(out.sqerr.dtype)
-                per = []
-                for s in range(self.num_stages):
+                S, per, bufs, ctx = self.num_stages, [], [], self._dist()
+                for s in range(S):
                     idx = out.indices[:, s]
                     # A cosine stage's book is kept up on the unit rows it searched.
                     x = _unit_rows(r) if self.cosine else r
-                    per.append((x, idx, upkeep_errors(out.sqerr[:, s], idx, valid)))
-                    e = cbs[0 if self.shared else s].detach().to(r.dtype)[idx.clamp(min=0)]
-                    r = r - torch.where((idx >= 0)[:, None], e, 0)
-                self._upkeep(per)
+                    err = upkeep_errors(out.sqerr[:, s], idx, valid)
+                    if self.shared:
+                        per.append((x, idx, err))
+                    else:
+                        bufs.append(self.books[s]._upkeep_pack(x, -1, idx.clamp(min=0), err, ctx))
+                    if s + 1 == S:
+                        break
+                    e = cbs[0 if self.shared else s].detach().to(r.dtype) \
+                        .index_select(0, idx.clamp(min=0))
+                    if active is not None:  # rows that sat this stage out (index -1) keep r
+                        e.masked_fill_((idx < 0)[:, None], 0)
+                    # r may still be the caller's rows (s = 0) or a shared book's stage input.
+                    r = r - e if s == 0 or self.shared else r.sub_(e)
+                if self.shared:
+                    self._upkeep(per)
+                else:
+                    self._upkeep_packed(bufs, ctx)
         return out
 
     def _cosine_native(self, rows: Tensor) -> bool:
@@ -488,7 +511,13 @@ class GroupedVectorQuantizer(_Books):
             cb_l.append((e_cb if w is None else e_cb * w).sum() / (n * c))
             cm_l.append((e_cm if w is None else e_cm * w).sum() / (n * c))
             outs.append((z_q, idx))
-            cnt, pp = batch_usage(idx, w, book.num_codes, acc)
+            if fused is not None and fused[4].numel() and w is None:
+                # The native call's own counts (group after group; every row counted once).
+                lo = sum(self._book(h).num_codes for h in range(g))
+                cnt = fused[4][lo:lo + book.num_codes]
+                pp = torch.special.entr(cnt.to(acc) / max(N, 1)).sum().exp()
+            else:
+                cnt, pp = batch_usage(idx, w, book.num_codes, acc)
             counts.append(cnt)
             perp.append(pp)
             per.append((x.detach(), idx, upkeep_errors(e_cb.detach(), idx, valid)))
@@ -497,7 +526,9 @@ class GroupedVectorQuantizer(_Books):
         if training:
             with torch.no_grad():
                 self._upkeep(per)
-        z_q = torch.stack([o[0] for o in outs], 1).reshape(*lead, self.dim).movedim(-1, dim)
+        # The one-call search's z_q is already (N, G, d): no copy of it group by group.
+        z_q = fused[0] if fused is not None and not proj else torch.stack([o[0] for o in outs], 1)
+        z_q = z_q.reshape(*lead, self.dim).movedim(-1, dim)
         idx = torch.stack([o[1] for o in outs], 1).reshape(*lead, G)
         return GVQOutput(z_q, idx, cb_loss, cm_loss, loss, torch.stack(perp), counts)
 

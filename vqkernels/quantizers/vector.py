@@ -299,12 +299,18 @@ class VectorQuantizer(nn.Module):
         # not indexing: no host sync, and every rank sends buffers of the same size.
         ok = torch.isfinite(row_err.reshape(-1))
 
+        # Such rows are counted into an extra code K that is then dropped: the same counts and
+        # sums as zero-weighting them, without a masked copy of the N x D rows.
+        idx_ok = torch.where(ok, idx, K)
+
         # One flat buffer, one all_reduce: [counts K | EMA sums K*D | restart candidates].
         # Counts travel as floats: exact up to 2^24 rows per code per step in float32.
-        parts = [torch.bincount(idx, weights=ok.to(sd), minlength=K).to(sd)]
+        parts = [torch.bincount(idx_ok, minlength=K + 1)[:K].to(sd)]
         if self.ema:
-            parts.append(torch.zeros(K, D, dtype=sd, device=z.device)
-                         .index_add_(0, idx, torch.where(ok[:, None], rows.to(sd), 0)).view(-1))
+            # A strided source (a group's columns) runs index_add_ 3-6x slower than copying it
+            # contiguous first (1.8 against 0.5 ms at 8192 x 64 here); the sums are the same.
+            parts.append(torch.zeros(K + 1, D, dtype=sd, device=z.device)
+                         .index_add_(0, idx_ok, rows.to(sd).contiguous())[:K].reshape(-1))
         if restart:
             m = self._samples_per_rank(ctx.world)
             sel = pick_rows(rows.shape[0], m, seeded_generator(self.seed, 1, ctx.rank,

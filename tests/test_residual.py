@@ -758,6 +758,22 @@ def _i16_families(gen):
     out.append(("reflections", x, [cb] + tail(16)))
     x, cb = large_mean(gen, N=200, K=256, D=32)
     out.append(("large mean", x, [cb] + tail(32)))
+    # From D = 64 the tile pass keeps the best three (search_i16_residual.h, "Top three"): lanes
+    # whose candidates are the best two alone skip the candidate pass. Random stages (about a
+    # tenth of the rows miss the direct proof at D = 128), near ties far out (odd D too), exact
+    # pairs of ties (two copies of each code; mirror images), a large mean.
+    for D in (64, 128):
+        z, cbs = _stagewise_data(gen, 300, D, [256, 100, 129])
+        out.append((f"random D={D}", z, cbs))
+    for D in (64, 65):
+        x, cb = close_codes(gen, N=150, K=300, D=D, n_close=5, spacing=32)
+        out.append((f"close codes far out, D={D}", x, [cb] + tail(D)))
+    x, cb = duplicated(gen, N=150, K0=60, D=64, copies=2, offset=0.0)
+    out.append(("duplicate pairs, D=64", x, [cb, cb - cb.mean(0)] + tail(64)))
+    x, cb = reflections(gen, N=100, D=64, offset=0.0)
+    out.append(("reflections, D=64", x, [cb] + tail(64)))
+    x, cb = large_mean(gen, N=200, K=256, D=64)
+    out.append(("large mean, D=64", x, [cb] + tail(64)))
     for scale in (1e19, 1e-25):
         x, cb = magnitudes(gen, scale, N=150, K=64, D=16)
         out.append((f"magnitudes {scale:g}", x, [cb, cb * 0.1, cb * 0.01]))

@@ -232,6 +232,60 @@ VQK_ALWAYS_INLINE void search_tile_q(const float* __restrict norms, const float*
   }
 }
 
+// search_tile_q's best two per lane plus the runner-up's index k2 and the third value v3, the
+// best over every code but k1 and k2 (residual_tiles_i16's shortcut: when v3 exceeds a lane's
+// candidate limit, its candidates are k1 and k2 alone). v1, k1 and v2 are search_tile_q's bit for
+// bit (the same values, strict compares in increasing code order, NaN values ignored: x86's min
+// and max return the second operand when either is NaN).
+struct Top3 : Top2 {
+  alignas(64) int32_t k2[MR];
+  alignas(64) float v3[MR];
+};
+
+template <class Dots>
+VQK_ALWAYS_INLINE void search_tile_q3(const float* __restrict norms, const float* __restrict scales,
+                                      const float* __restrict tau, int64_t panels, Top3& out,
+                                      Dots&& dots) {
+  static_assert(V::kNanSecondMinMax, "search_tile_q3's min/max updates rely on x86's NaN rule");
+  using F = V::F;
+  using I = V::I;
+  F b1[MRV], b2[MRV], b3[MRV], tv[MRV];
+  I k1[MRV], k2[MRV];
+  for (int i = 0; i < MRV; ++i) {
+    b1[i] = b2[i] = b3[i] = V::set1(__builtin_inff());
+    k1[i] = k2[i] = V::set1i(0);
+    tv[i] = V::load(tau + i * W);
+  }
+  for (int64_t p = 0; p < panels; ++p) {
+    I acc[MRV][NR];
+    dots(p, acc);
+#pragma GCC unroll 64
+    for (int j = 0; j < NR; ++j) {
+      const F nj = V::set1(norms[p * NR + j]);
+      const F sj = V::set1(2.0f * scales[p * NR + j]);
+      const I kj = V::set1i((int32_t)(p * NR + j));
+#pragma GCC unroll 64
+      for (int i = 0; i < MRV; ++i) {
+        const F d = i16_value(acc[i][j], tv[i], sj, nj);
+        const auto m1 = V::lt(d, b1[i]);
+        const auto m2 = V::lt(d, b2[i]);
+        b3[i] = V::min(V::max(b2[i], d), b3[i]);
+        b2[i] = V::min(V::max(b1[i], d), b2[i]);
+        b1[i] = V::min(d, b1[i]);
+        k2[i] = V::seli(m1, k1[i], V::seli(m2, kj, k2[i]));
+        k1[i] = V::seli(m1, kj, k1[i]);
+      }
+    }
+  }
+  for (int i = 0; i < MRV; ++i) {
+    V::storei(out.k1 + i * W, k1[i]);
+    V::storei(out.k2 + i * W, k2[i]);
+    V::store(out.v1 + i * W, b1[i]);
+    V::store(out.v2 + i * W, b2[i]);
+    V::store(out.v3 + i * W, b3[i]);
+  }
+}
+
 // The int16 pass's tile: i16_dots over each panel's pairs (pb: [panel][D2][NR] words).
 VQK_ALWAYS_INLINE void search_tile_i16(const uint32_t* __restrict xb, const uint32_t* __restrict pb,
                                        const float* __restrict norms, const float* __restrict scales,
@@ -241,6 +295,19 @@ VQK_ALWAYS_INLINE void search_tile_i16(const uint32_t* __restrict xb, const uint
                 [&](int64_t p, V::I(&acc)[MRV][NR]) __attribute__((always_inline)) {
                   i16_dots(xb, pb + p * D2 * NR, D2, acc);
                 });
+}
+
+// search_tile_i16 keeping the best three (search_tile_q3).
+VQK_ALWAYS_INLINE void search_tile_i16_top3(const uint32_t* __restrict xb,
+                                            const uint32_t* __restrict pb,
+                                            const float* __restrict norms,
+                                            const float* __restrict scales,
+                                            const float* __restrict tau, int64_t panels,
+                                            int64_t D2, Top3& out) {
+  search_tile_q3(norms, scales, tau, panels, out,
+                 [&](int64_t p, V::I(&acc)[MRV][NR]) __attribute__((always_inline)) {
+                   i16_dots(xb, pb + p * D2 * NR, D2, acc);
+                 });
 }
 
 // Per lane of a packed tile: max |x_d| and sum |x_d| (fp32, in d order).

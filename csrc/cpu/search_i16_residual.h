@@ -33,11 +33,12 @@ namespace {
 //      also holds every code the fp32 exact re-search would measure (a_k^f <= thr =
 //      v1_fp32 + 2 B (1 + 2^-20), hence a_k' <= v1' + 2 Df + 2.0001 B <= lim). One vectorised int16
 //      pass over the codebook for that lane alone lists C (the same integers and the same float
-//      operations as search_tile_i16: bitwise the same a_k'; the tile pass keeps only the best two
-//      per lane, as the single-stage search does: a version that also kept the third value and the
-//      runner-up's index, to skip this pass when only two codes reach lim, was 1.1-1.3x slower at
-//      D = 8-16 on an Ice Lake Xeon and up to 2x with avx2_i16, for 1-2% of rows missing the
-//      direct proof on random residuals); each candidate's fp32 value is
+//      operations as search_tile_i16: bitwise the same a_k'. Below D = kResTop3MinD the tile pass
+//      keeps only the best two per lane, as the single-stage search does: a version that also kept
+//      the third value and the runner-up's index, to skip this pass when only two codes reach lim,
+//      was 1.1-1.3x slower at D = 8-16 on an Ice Lake Xeon and up to 2x with avx2_i16, for 1-2%
+//      of rows missing the direct proof on random residuals; from D = 64 it keeps them and skips
+//      the pass when v3 > lim, see "Top three" below); each candidate's fp32 value is
 //      computed bit for bit as panel_dots does (one FMA per d in order from 0, then
 //      fl(n_k - 2 acc)); the fp32 test (quick form, then `decide`) runs on them. Proven: that code,
 //      unflagged. Not proven: flagged, and the float64 distances of the candidates give the lowest
@@ -49,6 +50,15 @@ namespace {
 // Rows the int16 pass could not prove (2. and 3.) are counted in g_set_aside_rows. A thread that
 // sees more than half of a stage's rows miss the direct proof runs that stage in fp32 for the rest
 // of the call (candidates cost about one row of the int16 tile each; 3. a whole fp32 tile).
+
+// Top three (2026-12-03). From D = kResTop3MinD the tile pass also keeps each lane's runner-up
+// index k2 and third value v3 (search_tile_q3): a lane that misses the direct proof and whose v3
+// exceeds lim has C = {k1, k2} (every other code has a_k' >= v3 > lim), so no candidate pass. The
+// unproven rows' candidate passes took 39 of 116 ms of an EnCodec-like call (N 16384, 8 stages,
+// K 1024, D 128, ~9% of rows unproven per stage; VQK_DEBUG_APPROX_ONLY=1 skipping them: 77 ms) on
+// an Ice Lake Xeon; the wider epilogue costs ~10% of the tile pass at D = 128, more at small D,
+// where the variant was measured slower (D = 8-16, above).
+constexpr int64_t kResTop3MinD = 64;
 
 // Stages whose int16 take-up each thread tracks (later stages share the last counter).
 constexpr int kResStages = 64;
@@ -108,6 +118,8 @@ void fp32_values(const cpu::FwdJob& job, const float* __restrict st, int r, cons
   uint32_t* __restrict lp = xb + pair_floats(D);
   const float* __restrict st = rj.cosine ? un : xt;
   const int32_t Q = quant_max(D);
+  // The best three from D = kResTop3MinD (see "Top three" above).
+  const bool top3 = D >= kResTop3MinD;
   residual_tile_loop(rj, t_lo, t_hi, xt, qt, un,
                      [&](const cpu::FwdJob& job, int64_t s, const int64_t* rowno, const bool* on,
                          int live) {
@@ -136,8 +148,13 @@ void fp32_values(const cpu::FwdJob& job, const float* __restrict st, int r, cons
       bool provable[MR];
       row_scales(st, D, Q, on, xx, mx, l1, tau, inv, provable);
       to_pairs_i16(st, inv, D, xb);
-      Top2 top;
-      search_tile_i16(xb, job.packed_bf16, job.norms, job.code_aux, tau, job.panels, D2, top);
+      Top3 top;
+      if (top3) {
+        search_tile_i16_top3(xb, job.packed_bf16, job.norms, job.code_aux, tau, job.panels, D2,
+                             top);
+      } else {
+        search_tile_i16(xb, job.packed_bf16, job.norms, job.code_aux, tau, job.panels, D2, top);
+      }
       int missed = 0;
       for (int r = 0; r < MR; ++r) {
         if (!on[r]) continue;
@@ -161,7 +178,15 @@ void fp32_values(const cpu::FwdJob& job, const float* __restrict st, int r, cons
           if ((double)lf < lim) lf = __builtin_nextafterf(lf, __builtin_inff());
           if (v2 - v2 == 0.0 && lf < __builtin_inff()) {
             int32_t cand[kResMaxCand];
-            const int c = collect_lane_i16(job, xb, r, tau[r], lf, cap, cand, lp);
+            int c;
+            if (top3 && top.v3[r] > lf) {
+              // Every code but k1 and k2 has a_k' >= v3 > lim: C is those two, in increasing k.
+              cand[0] = top.k1[r] < top.k2[r] ? top.k1[r] : top.k2[r];
+              cand[1] = top.k1[r] < top.k2[r] ? top.k2[r] : top.k1[r];
+              c = 2;
+            } else {
+              c = collect_lane_i16(job, xb, r, tau[r], lf, cap, cand, lp);
+            }
             // k1' and the runner-up are always listed; fewer means something is off: fp32.
             if (c >= 2 && c <= cap) {
               float val[kResMaxCand];

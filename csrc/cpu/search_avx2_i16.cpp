@@ -175,7 +175,7 @@ int collect_lane_i16(const cpu::FwdJob& job, const uint32_t* __restrict xb, int 
 }  // namespace
 }  // namespace vqk
 
-// The residual search on top of it (search_tile_i16_top3, residual_tiles_i16).
+// The residual search on top of it (search_tile_i16, residual_tiles_i16).
 #include "search_i16_residual.h"
 
 namespace vqk {

@@ -174,7 +174,7 @@ int collect_lane_i16(const cpu::FwdJob& job, const uint32_t* __restrict xb, int 
 }  // namespace
 }  // namespace vqk
 
-// The residual search on top of it (search_tile_i16_top3, residual_tiles_i16): each stage's
+// The residual search on top of it (search_tile_i16, residual_tiles_i16): each stage's
 // search of a tile first on int16 pairs, bitwise the avx512 build's residual path.
 #include "search_i16_residual.h"
 

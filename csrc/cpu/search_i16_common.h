@@ -60,6 +60,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "search_set_aside.h"
 
@@ -194,59 +195,28 @@ VQK_ALWAYS_INLINE V::F i16_value(V::I pq, V::F tau, V::F two_sigma, V::F norm) {
   return V::fnmadd(V::mul(V::cvt(pq), tau), two_sigma, norm);
 }
 
-// search_tile's shape (MRV x NR accumulators, lanes = rows, codes broadcast, best two per lane in
-// increasing code order with strict compares) on exact int32 dot products: dots(p, acc) sets
-// acc[i][j] to p.q of row vector i and code j of panel p (the micro-kernel: int16 pairs here,
-// int8 quads less their offset in avx2_i8). Per lane: the best value v1 (lowest index on ties),
-// its index, and v2 over the other codes.
-template <class Dots>
-VQK_ALWAYS_INLINE void search_tile_q(const float* __restrict norms, const float* __restrict scales,
-                                     const float* __restrict tau, int64_t panels, Top2& out,
-                                     Dots&& dots) {
-  using F = V::F;
-  using I = V::I;
-  F b1[MRV], b2[MRV], tv[MRV];
-  I k1[MRV];
-  for (int i = 0; i < MRV; ++i) {
-    b1[i] = b2[i] = V::set1(__builtin_inff());
-    k1[i] = V::set1i(0);
-    tv[i] = V::load(tau + i * W);
-  }
-  for (int64_t p = 0; p < panels; ++p) {
-    I acc[MRV][NR];
-    dots(p, acc);
-#pragma GCC unroll 64
-    for (int j = 0; j < NR; ++j) {
-      const F nj = V::set1(norms[p * NR + j]);
-      const F sj = V::set1(2.0f * scales[p * NR + j]);
-      const I kj = V::set1i((int32_t)(p * NR + j));
-#pragma GCC unroll 64
-      for (int i = 0; i < MRV; ++i)
-        top2_update(i16_value(acc[i][j], tv[i], sj, nj), kj, b1[i], b2[i], k1[i]);
-    }
-  }
-  for (int i = 0; i < MRV; ++i) {
-    V::storei(out.k1 + i * W, k1[i]);
-    V::store(out.v1 + i * W, b1[i]);
-    V::store(out.v2 + i * W, b2[i]);
-  }
-}
-
-// search_tile_q's best two per lane plus the runner-up's index k2 and the third value v3, the
-// best over every code but k1 and k2 (residual_tiles_i16's shortcut: when v3 exceeds a lane's
-// candidate limit, its candidates are k1 and k2 alone). v1, k1 and v2 are search_tile_q's bit for
-// bit (the same values, strict compares in increasing code order, NaN values ignored: x86's min
-// and max return the second operand when either is NaN).
+// The best three per lane (residual_tiles_i16's shortcut, search_i16_residual.h "Top three"):
+// Top2 plus the runner-up's index k2 and the third value v3, the best over every code but k1 and
+// k2 (when v3 exceeds a lane's candidate limit, its candidates are k1 and k2 alone).
 struct Top3 : Top2 {
   alignas(64) int32_t k2[MR];
   alignas(64) float v3[MR];
 };
 
-template <class Dots>
-VQK_ALWAYS_INLINE void search_tile_q3(const float* __restrict norms, const float* __restrict scales,
-                                      const float* __restrict tau, int64_t panels, Top3& out,
-                                      Dots&& dots) {
-  static_assert(V::kNanSecondMinMax, "search_tile_q3's min/max updates rely on x86's NaN rule");
+// search_tile's shape (MRV x NR accumulators, lanes = rows, codes broadcast, best two per lane in
+// increasing code order with strict compares) on exact int32 dot products: dots(p, acc) sets
+// acc[i][j] to p.q of row vector i and code j of panel p (the micro-kernel: int16 pairs here,
+// int8 quads less their offset in avx2_i8). Per lane: the best value v1 (lowest index on ties),
+// its index, and v2 over the other codes; with Out = Top3 also k2 and v3, v1, k1 and v2 then bit
+// for bit the same (the same values, strict compares in increasing code order, NaN values ignored:
+// x86's min and max return the second operand when either is NaN).
+template <class Out, class Dots>
+VQK_ALWAYS_INLINE void search_tile_q(const float* __restrict norms, const float* __restrict scales,
+                                     const float* __restrict tau, int64_t panels, Out& out,
+                                     Dots&& dots) {
+  constexpr bool three = std::is_same_v<Out, Top3>;
+  static_assert(three || std::is_same_v<Out, Top2>, "search_tile_q writes a Top2 or a Top3");
+  static_assert(!three || V::kNanSecondMinMax, "the best three's updates rely on x86's NaN rule");
   using F = V::F;
   using I = V::I;
   F b1[MRV], b2[MRV], b3[MRV], tv[MRV];
@@ -267,47 +237,42 @@ VQK_ALWAYS_INLINE void search_tile_q3(const float* __restrict norms, const float
 #pragma GCC unroll 64
       for (int i = 0; i < MRV; ++i) {
         const F d = i16_value(acc[i][j], tv[i], sj, nj);
-        const auto m1 = V::lt(d, b1[i]);
-        const auto m2 = V::lt(d, b2[i]);
-        b3[i] = V::min(V::max(b2[i], d), b3[i]);
-        b2[i] = V::min(V::max(b1[i], d), b2[i]);
-        b1[i] = V::min(d, b1[i]);
-        k2[i] = V::seli(m1, k1[i], V::seli(m2, kj, k2[i]));
-        k1[i] = V::seli(m1, kj, k1[i]);
+        if constexpr (three) {
+          const auto m1 = V::lt(d, b1[i]);
+          const auto m2 = V::lt(d, b2[i]);
+          b3[i] = V::min(V::max(b2[i], d), b3[i]);
+          b2[i] = V::min(V::max(b1[i], d), b2[i]);
+          b1[i] = V::min(d, b1[i]);
+          k2[i] = V::seli(m1, k1[i], V::seli(m2, kj, k2[i]));
+          k1[i] = V::seli(m1, kj, k1[i]);
+        } else {
+          top2_update(d, kj, b1[i], b2[i], k1[i]);
+        }
       }
     }
   }
   for (int i = 0; i < MRV; ++i) {
     V::storei(out.k1 + i * W, k1[i]);
-    V::storei(out.k2 + i * W, k2[i]);
     V::store(out.v1 + i * W, b1[i]);
     V::store(out.v2 + i * W, b2[i]);
-    V::store(out.v3 + i * W, b3[i]);
+    if constexpr (three) {
+      V::storei(out.k2 + i * W, k2[i]);
+      V::store(out.v3 + i * W, b3[i]);
+    }
   }
 }
 
-// The int16 pass's tile: i16_dots over each panel's pairs (pb: [panel][D2][NR] words).
+// The int16 pass's tile: i16_dots over each panel's pairs (pb: [panel][D2][NR] words); the best
+// two (Top2) or three (Top3) per lane.
+template <class Out>
 VQK_ALWAYS_INLINE void search_tile_i16(const uint32_t* __restrict xb, const uint32_t* __restrict pb,
                                        const float* __restrict norms, const float* __restrict scales,
                                        const float* __restrict tau, int64_t panels, int64_t D2,
-                                       Top2& out) {
+                                       Out& out) {
   search_tile_q(norms, scales, tau, panels, out,
                 [&](int64_t p, V::I(&acc)[MRV][NR]) __attribute__((always_inline)) {
                   i16_dots(xb, pb + p * D2 * NR, D2, acc);
                 });
-}
-
-// search_tile_i16 keeping the best three (search_tile_q3).
-VQK_ALWAYS_INLINE void search_tile_i16_top3(const uint32_t* __restrict xb,
-                                            const uint32_t* __restrict pb,
-                                            const float* __restrict norms,
-                                            const float* __restrict scales,
-                                            const float* __restrict tau, int64_t panels,
-                                            int64_t D2, Top3& out) {
-  search_tile_q3(norms, scales, tau, panels, out,
-                 [&](int64_t p, V::I(&acc)[MRV][NR]) __attribute__((always_inline)) {
-                   i16_dots(xb, pb + p * D2 * NR, D2, acc);
-                 });
 }
 
 // Per lane of a packed tile: max |x_d| and sum |x_d| (fp32, in d order).

@@ -52,11 +52,11 @@ namespace {
 // of the call (candidates cost about one row of the int16 tile each; 3. a whole fp32 tile).
 
 // Top three (2026-12-03). From D = kResTop3MinD the tile pass also keeps each lane's runner-up
-// index k2 and third value v3 (search_tile_q3): a lane that misses the direct proof and whose v3
+// index k2 and third value v3 (search_tile_q with Top3): a lane that misses the direct proof and whose v3
 // exceeds lim has C = {k1, k2} (every other code has a_k' >= v3 > lim), so no candidate pass. The
 // unproven rows' candidate passes took 39 of 116 ms of an EnCodec-like call (N 16384, 8 stages,
 // K 1024, D 128, ~9% of rows unproven per stage; VQK_DEBUG_APPROX_ONLY=1 skipping them: 77 ms) on
-// an Ice Lake Xeon; the wider epilogue costs ~10% of the tile pass at D = 128, more at small D,
+// an Ice Lake Xeon (family 6 model 106, AVX-512 VNNI, 2 threads); the wider epilogue costs ~10% of the tile pass at D = 128, more at small D,
 // where the variant was measured slower (D = 8-16, above).
 constexpr int64_t kResTop3MinD = 64;
 
@@ -149,12 +149,11 @@ void fp32_values(const cpu::FwdJob& job, const float* __restrict st, int r, cons
       row_scales(st, D, Q, on, xx, mx, l1, tau, inv, provable);
       to_pairs_i16(st, inv, D, xb);
       Top3 top;
-      if (top3) {
-        search_tile_i16_top3(xb, job.packed_bf16, job.norms, job.code_aux, tau, job.panels, D2,
-                             top);
-      } else {
+      if (top3)
         search_tile_i16(xb, job.packed_bf16, job.norms, job.code_aux, tau, job.panels, D2, top);
-      }
+      else  // the best two only: k2 and v3 are left unset and never read
+        search_tile_i16(xb, job.packed_bf16, job.norms, job.code_aux, tau, job.panels, D2,
+                        static_cast<Top2&>(top));
       int missed = 0;
       for (int r = 0; r < MR; ++r) {
         if (!on[r]) continue;

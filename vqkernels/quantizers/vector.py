@@ -308,7 +308,8 @@ class VectorQuantizer(nn.Module):
         parts = [torch.bincount(idx_ok, minlength=K + 1)[:K].to(sd)]
         if self.ema:
             # A strided source (a group's columns) runs index_add_ 3-6x slower than copying it
-            # contiguous first (1.8 against 0.5 ms at 8192 x 64 here); the sums are the same.
+            # contiguous first (1.8 against 0.5 ms at 8192 x 64 on an
+            # Ice Lake Xeon, family 6 model 106, 2 threads); the sums are the same.
             parts.append(torch.zeros(K + 1, D, dtype=sd, device=z.device)
                          .index_add_(0, idx_ok, rows.to(sd).contiguous())[:K].reshape(-1))
         if restart:
@@ -392,8 +393,9 @@ class VectorQuantizer(nn.Module):
         dead = self.steps_unused >= window
         if dead.device.type == "cpu" and not bool(dead.any()):
             # Nothing to restart: on the CPU asking costs no device sync, and skipping the rest
-            # (a dozen small ops, ~0.7 ms a step at K = 512) changes nothing: its generator is
-            # seeded per step, and with no code taken every update below is a no-op.
+            # (a dozen small ops, ~0.7 ms a step at K = 512 on an Ice Lake Xeon) changes
+            # nothing: its generator is seeded per step, and with no code taken every update
+            # below is a no-op.
             return torch.zeros((), dtype=torch.long)
         g = seeded_generator(self.seed, 2, self._steps_done)
         keys = torch.rand(P, generator=g, dtype=torch.float64).to(pool.device)

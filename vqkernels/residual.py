@@ -560,9 +560,8 @@ def grouped_vq(z: Tensor, codebooks: Codebooks, *, groups: Optional[int] = None,
     if counts is not None and counts.numel() and valid is None:
         # The native call's own counts (every row counted once): only the perplexities are left.
         counts = list(counts.split(Ks))
-        perp = torch.stack([torch.special.entr(c.to(acc) / max(N, 1)).sum() for c in counts]
-                           ).exp() if len(set(Ks)) > 1 else \
-            torch.special.entr(torch.stack(counts).to(acc) / max(N, 1)).sum(1).exp()
+        perp = _perplexity(torch.stack(counts), N, acc) if len(set(Ks)) == 1 else \
+            torch.stack([_perplexity(c, N, acc) for c in counts])
     else:
         counts, perp = _usage(idx, Ks, None if valid is None else valid.to(acc)[None], acc)
     zq = zq.reshape(*lead, G * d).movedim(-1, dim)
@@ -570,6 +569,12 @@ def grouped_vq(z: Tensor, codebooks: Codebooks, *, groups: Optional[int] = None,
     idx = idx.T if idx.T.is_contiguous() else torch.stack(idx.unbind(0), 1)
     return GVQOutput(zq, idx.reshape(*lead, G), cb_loss, cm_loss, (cb_loss + beta * cm_loss).sum(),
                      perp, counts)
+
+
+def _perplexity(counts: Tensor, n: int, acc: torch.dtype) -> Tensor:
+    """exp of the entropy of the usage `counts` / n along the last axis (n rows, each counted
+    once), in `acc`: the perplexity of the counts a native call wrote."""
+    return torch.special.entr(counts.to(acc) / max(n, 1)).sum(-1).exp()
 
 
 def _usage(idx: Tensor, Ks: list[int], weights: Optional[Tensor], acc: torch.dtype

@@ -441,6 +441,12 @@ const cpu::SearchKernels& select_kernels([[maybe_unused]] int64_t K, [[maybe_unu
                               want + "'");
 }
 
+// counts[k] = how many of the N indices (each in [0, K)) are k: the forward calls' usage counts.
+void count_codes(const int64_t* indices, int64_t N, int64_t K, int64_t* counts) {
+  std::fill(counts, counts + K, int64_t(0));
+  for (int64_t n = 0; n < N; ++n) ++counts[indices[n]];
+}
+
 // ---------------------------------------------------------------------------------------------
 // One codebook packed for a search job: forward_packed's, and each stage's of residual_forward and
 // each group's of grouped_forward
@@ -544,10 +550,7 @@ void forward_packed(const ForwardArgs& a, int num_threads) {
       c.ks->flush(*c.job, mine);
     }, &ctx);
   }
-  if (a.counts) {
-    std::fill(a.counts, a.counts + K, int64_t(0));
-    for (int64_t n = 0; n < N; ++n) ++a.counts[a.indices[n]];
-  }
+  if (a.counts) count_codes(a.indices, N, K, a.counts);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -682,10 +685,7 @@ void forward_f64(const ForwardArgs& a, int num_threads) {
   int64_t total = 0;
   for (int64_t c : exact_rows) total += c;
   __atomic_fetch_add(&cpu::g_exact_rows, total, __ATOMIC_RELAXED);
-  if (a.counts) {
-    std::fill(a.counts, a.counts + K, int64_t(0));
-    for (int64_t n = 0; n < N; ++n) ++a.counts[a.indices[n]];
-  }
+  if (a.counts) count_codes(a.indices, N, K, a.counts);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1266,15 +1266,9 @@ void grouped_forward(const GroupedArgs& a, int num_threads) {
     }
     for (int64_t g = 0; g < c.G; ++g) c.ks->flush(c.jobs[g], mine + g * c.stride);
   }, &ctx);
-  if (a.counts) {
-    int64_t* cnt = a.counts;
-    for (int64_t g = 0; g < G; ++g) {
-      std::fill(cnt, cnt + a.Ks[g], int64_t(0));
-      const int64_t* idx = a.indices + g * N;
-      for (int64_t n = 0; n < N; ++n) ++cnt[idx[n]];
-      cnt += a.Ks[g];
-    }
-  }
+  if (a.counts)
+    for (int64_t g = 0, lo = 0; g < G; lo += a.Ks[g++])
+      count_codes(a.indices + g * N, N, a.Ks[g], a.counts + lo);
 }
 
 }  // namespace

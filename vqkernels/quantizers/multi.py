@@ -17,8 +17,8 @@ from torch import Tensor, nn
 
 from .. import backends
 from ..quantize import _FLOATS, _channel_axis_override, _check, _check_beta, nearest_code
-from ..residual import (GVQOutput, RVQOutput, _grouped_fused, _per_row, _unit_rows, _vq_rows,
-                        codes_from_indices, residual_vq)
+from ..residual import (GVQOutput, RVQOutput, _grouped_fused, _per_row, _perplexity, _unit_rows,
+                        _vq_rows, codes_from_indices, residual_vq)
 from .upkeep import DistContext, batch_usage, book_losses, check_positive_int, upkeep_errors
 from .vector import VectorQuantizer
 
@@ -515,7 +515,7 @@ class GroupedVectorQuantizer(_Books):
                 # The native call's own counts (group after group; every row counted once).
                 lo = sum(self._book(h).num_codes for h in range(g))
                 cnt = fused[4][lo:lo + book.num_codes]
-                pp = torch.special.entr(cnt.to(acc) / max(N, 1)).sum().exp()
+                pp = _perplexity(cnt, N, acc)
             else:
                 cnt, pp = batch_usage(idx, w, book.num_codes, acc)
             counts.append(cnt)

@@ -117,7 +117,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_residual_backward",
         [](int64_t N, int64_t D, int64_t x, std::vector<int64_t> codebooks, std::vector<int64_t> Ks,
            int64_t indices, int64_t grad_zq, int64_t g_codebook, int64_t g_commit, int64_t grad_x,
-           std::vector<int64_t> grad_cb, int num_threads) {
+           std::vector<int64_t> grad_cb, int num_threads, bool cosine) {
           if (codebooks.size() != Ks.size() || codebooks.size() != grad_cb.size() || codebooks.empty())
             throw std::invalid_argument("vqkernels._C: one K and one grad_cb per codebook, at least one stage");
           std::vector<const float*> cbs;
@@ -127,13 +127,13 @@ PYBIND11_MODULE(_C, m) {
           vqk::ResidualBackwardArgs a{N, D, (int64_t)cbs.size(), ptr<const float>(x), cbs.data(),
                                       Ks.data(), ptr<const int64_t>(indices), ptr<const float>(grad_zq),
                                       ptr<const float>(g_codebook), ptr<const float>(g_commit),
-                                      ptr<float>(grad_x), gcbs.data()};
+                                      ptr<float>(grad_x), gcbs.data(), cosine};
           py::gil_scoped_release nogil;
           vqk::cpu_residual_backward(a, num_threads);
         },
         py::arg("N"), py::arg("D"), py::arg("x"), py::arg("codebooks"), py::arg("Ks"),
         py::arg("indices"), py::arg("grad_zq"), py::arg("g_codebook"), py::arg("g_commit"),
-        py::arg("grad_x"), py::arg("grad_cb"), py::arg("num_threads"),
+        py::arg("grad_x"), py::arg("grad_cb"), py::arg("num_threads"), py::arg("cosine") = false,
         "Residual VQ backward, fp32, contiguous: every stage in one call (see vqk.h, "
         "ResidualBackwardArgs).");
 

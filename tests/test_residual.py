@@ -843,14 +843,16 @@ def test_i16_residual_is_taken_per_stage_where_the_single_stage_rule_takes_it(mo
 
 
 # ------------------------------------------------------------------------------ fused backward
-def _grads(z0, books0, fused, monkeypatch, shared=False, **kw):
+def _grads(z0, books0, fused, monkeypatch, shared=False, upstream=1.0, **kw):
+    # upstream: the weight of z_q's random upstream gradient (small: the loss terms' gradients are
+    # not swamped in grad z, so their last bits count).
     from vqkernels import residual as residual_mod
     monkeypatch.setattr(residual_mod, "_FUSED_CPU_BACKWARD", fused)
     z = z0.clone().requires_grad_(True)
     books = [b.clone().requires_grad_(True) for b in books0]
     arg = dict(codebooks=books[0], num_stages=len(books0)) if shared else dict(codebooks=books)
     out = residual_vq(z, backend="cpu", beta=0.4, **arg, **kw)
-    w = torch.randn(out.z_q.shape, generator=_gen(7)).to(out.z_q.dtype)
+    w = torch.randn(out.z_q.shape, generator=_gen(7)).to(out.z_q.dtype) * upstream
     (out.loss + (out.z_q * w).sum()).backward()
     return [z.grad] + [b.grad for b in (books[:1] if shared else books)]
 
@@ -876,6 +878,64 @@ def test_fused_cpu_backward_is_bitwise_the_stage_loop(case, monkeypatch):
     want = _grads(z, cbs, False, monkeypatch, shared, **kw)
     for g, h in zip(got, want):
         assert g is not None and torch.equal(g, h)
+
+
+@needs_cpu
+@pytest.mark.parametrize("case", ["plain", "dropout+mask", "shared", "bf16", "adversarial"])
+def test_fused_cpu_cosine_backward_is_bitwise_the_stage_loop(case, monkeypatch):
+    # Cosine stages: the native backward takes each stage's unit rows (the forward's norm, bit for
+    # bit) and the commitment term through the normalisation; the stage loop computes the same
+    # with torch ops (float64 dots in d order). Same gradients, bit for bit, at D = 8 (DAC-like),
+    # and with rows far from the origin, rows that are zero (norm clamped: no projection), rows
+    # equal to a code (zero error at stage 0) and duplicated codes.
+    gen = _gen(337)
+    N, D = 600, 8
+    z, cbs = _stagewise_data(gen, N, D, [48, 40, 48, 33])
+    cbs = [_unit(c) for c in cbs]
+    kw, shared = {}, False
+    if case == "dropout+mask":
+        kw = dict(active_stages=torch.randint(0, 5, (N,), generator=gen),
+                  mask=torch.rand(N, generator=gen) < 0.8)
+    elif case == "shared":
+        cbs, shared = [cbs[0]] * 4, True
+    elif case == "bf16":
+        z, cbs = z.bfloat16(), [c.bfloat16() for c in cbs]
+    elif case == "adversarial":
+        z[:100] = z[:100] * 1e6 + 3e6
+        z[100:110] = 0.0
+        z[110:130] = cbs[0][:20] * 5.0
+        cbs[1][1::2] = cbs[1][0::2]
+    got = _grads(z, cbs, True, monkeypatch, shared, upstream=1e-7, cosine=True, **kw)
+    want = _grads(z, cbs, False, monkeypatch, shared, upstream=1e-7, cosine=True, **kw)
+    for g, h in zip(got, want):
+        assert g is not None and g.abs().sum() > 0 and torch.equal(g, h)
+
+
+@needs_cpu
+def test_fused_cpu_cosine_backward_is_normalize_autograd():
+    # Independent of both implementations: float64 autograd through F.normalize on the residuals
+    # rebuilt from the indices (stage s's codes are constants in r_s, as the definition says).
+    gen = _gen(339)
+    z0, cbs0 = _stagewise_data(gen, 400, 8, [64, 64, 64])
+    cbs0 = [_unit(c) for c in cbs0]
+    z = z0.clone().requires_grad_(True)
+    cbs = [c.clone().requires_grad_(True) for c in cbs0]
+    out = residual_vq(z, cbs, backend="cpu", beta=0.3, cosine=True)
+    w = torch.randn(out.z_q.shape, generator=_gen(8))
+    (out.loss + (out.z_q * w).sum()).backward()
+    zd = z0.double().requires_grad_(True)
+    cd = [c.double().requires_grad_(True) for c in cbs0]
+    r, loss = zd, 0
+    for s, c in enumerate(cd):
+        u = torch.nn.functional.normalize(r, dim=1)
+        e = c[out.indices[:, s]]
+        n = u.numel()
+        loss = loss + ((u.detach() - e) ** 2).sum() / n + 0.3 * ((u - e.detach()) ** 2).sum() / n
+        r = r - e.detach()
+    (loss + (zd * w.double()).sum()).backward()  # z_q's gradient is straight-through
+    torch.testing.assert_close(z.grad.double(), zd.grad, rtol=1e-4, atol=1e-6)
+    for a, b in zip(cbs, cd):
+        torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-4, atol=1e-6)
 
 
 @needs_cpu

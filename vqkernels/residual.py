@@ -32,9 +32,9 @@ Backends: "reference" is a stage loop over vqkernels.reference (float64 search, 
 "cpu" is one native call that runs all stages per row tile with the residual in cache (fp32,
 cosine too; 16-bit input is widened first, float64 input runs a stage loop over the exact float64
 kernel; each stage takes the avx2_i16 build's int16 first pass exactly where a single-stage search
-of that stage's (K_s, D) would, with bitwise the fp32 path's answer), and its backward (not
-cosine) is one native pass per stage over a single residual buffer, bitwise the stage loop of
-single-stage backwards in _ResidualFn.backward;
+of that stage's (K_s, D) would, with bitwise the fp32 path's answer), and its backward
+(cosine too) is one native pass per stage over a single residual buffer, bitwise the stage loop
+of single-stage backwards in _ResidualFn.backward;
 "triton" runs a fused kernel too (all stages per row block, the residual in an N x D scratch the
 block owns, read in column chunks: any D; fp32 and 16-bit input widened to fp32; tested under
 Triton's interpreter and AOT-compiled for sm_80/sm_90 without spills, not yet run on a GPU) and a
@@ -132,16 +132,31 @@ def _per_row(name: str, t: Optional[Tensor], lead: torch.Size, device, dtype) ->
 
 
 # ------------------------------------------------------------------------------ forward
-def _unit_rows(r: Tensor) -> Tensor:
-    """The unit rows cosine residual VQ searches (no autograd): r / max(||r||, 1e-12) with ||r||
-    = the float64 sum of squares in d order (each square exact), square-rooted and rounded to
-    r's dtype, then one division per element in r's dtype. Bit for bit what the native CPU
-    kernel computes (search_impl.h, unit_tile); within an ulp of F.normalize."""
+def _row_norms(r: Tensor) -> Tensor:
+    """max(||r||, 1e-12) per row of r (N, D), no autograd: the float64 sum of squares in d order
+    (each square exact), square-rooted and rounded to r's dtype once, then clamped (NaN stays
+    NaN). Bit for bit the native CPU kernels' norm (search_impl.h unit_tile, vq_cpu.cpp
+    residual_backward)."""
     ss = torch.zeros(r.shape[0], dtype=torch.float64, device=r.device)
     for d in range(r.shape[1]):
         ss += r[:, d].double().square()
-    n = ss.sqrt().to(r.dtype).clamp_min(1e-12)
-    return r / n[:, None]
+    return ss.sqrt().to(r.dtype).clamp_min(1e-12)
+
+
+def _unit_rows(r: Tensor) -> Tensor:
+    """The unit rows cosine residual VQ searches (no autograd): r / _row_norms(r), one division
+    per element in r's dtype. Bit for bit what the native CPU kernel computes (search_impl.h,
+    unit_tile); within an ulp of F.normalize."""
+    return r / _row_norms(r)[:, None]
+
+
+def _row_dots(a: Tensor, b: Tensor) -> Tensor:
+    """sum_d a[:, d] b[:, d] per row, summed in float64 in d order and rounded to a's dtype once
+    (for fp32 every product is exact in float64): the order the native backward sums in."""
+    acc = torch.zeros(a.shape[0], dtype=torch.float64, device=a.device)
+    for d in range(a.shape[1]):
+        acc += a[:, d].double() * b[:, d].double()
+    return acc.to(a.dtype)
 
 
 class _SumRows(torch.autograd.Function):
@@ -225,7 +240,7 @@ def _cpu_fused(rows: Tensor, codebooks: list[Tensor], active: Optional[Tensor],
 
 
 # ------------------------------------------------------------------------------ autograd
-# The CPU backwards without per-stage (per-group) temporaries: non-cosine fp32 / widened 16-bit
+# The CPU backwards without per-stage (per-group) temporaries: fp32 / widened 16-bit (cosine too)
 # residual VQ as one native call, grouped VQ as one native call for all groups. Both are
 # bitwise the generic loops in _ResidualFn.backward / _GroupedFn.backward, which tests compare
 # them with by switching this off.
@@ -262,7 +277,6 @@ class _ResidualFn(torch.autograd.Function):
         need_cb = [ctx.needs_input_grad[5 + i] for i in range(len(codebooks))]
         stage_need = need_cb * ctx.shared if ctx.shared else need_cb
         if _FUSED_CPU_BACKWARD and (g_cb is not None or (g_cm is not None and need_z)) and \
-                not ctx.cosine and \
                 acc == torch.float32 and N > 0 and \
                 backends.resolve(ctx.backend, rows.device).name == "cpu":
             # The stage loop below in one native pass per stage (csrc/cpu/vq_cpu.cpp,
@@ -296,17 +310,19 @@ class _ResidualFn(torch.autograd.Function):
                 if g_cb is not None and stage_need[s]:
                     w_cb = g_cb[s].to(acc) if on is None else torch.where(on, g_cb[s].to(acc), 0)
                 if (w_cm is not None or w_cb is not None) and ctx.cosine:
-                    # Stage s saw u = r / max(||r||, eps): the single-stage backward on u, then
-                    # the commitment term's gradient through the normalisation,
-                    # d u / d r . g = (g - u (u . g)) / ||r|| (F.normalize's; no projection
-                    # where the norm was clamped).
-                    nrm = torch.linalg.vector_norm(r, dim=1, keepdim=True)
-                    den = nrm.clamp_min(1e-12)
+                    # Stage s saw u = r / den, den = max(||r||, eps) (the forward's _unit_rows,
+                    # bit for bit): the single-stage backward on u, then the commitment term's
+                    # gradient through the normalisation, d u / d r . g = (g - u (u . g)) / den
+                    # (F.normalize's; no projection where the norm was clamped; rows of weight 0
+                    # add nothing). u . g sums in float64 in d order (_row_dots), as the native
+                    # backward does.
+                    den = _row_norms(r)[:, None]
                     u = r / den
                     g_u, g_c = b.backward(u, 1, cb, safe, None, w_cb, w_cm, RowPlan(u, 1))
                     if w_cm is not None:
-                        proj = torch.where(nrm > 1e-12, (u * g_u).sum(1, keepdim=True), 0)
-                        grad_z = grad_z + (g_u - u * proj) / den
+                        proj = torch.where(den > 1e-12, _row_dots(u, g_u)[:, None], 0)
+                        term = (g_u - u * proj) / den
+                        grad_z = grad_z + torch.where(w_cm[:, None] != 0, term, 0)
                 elif w_cm is not None or w_cb is not None:
                     g_r, g_c = b.backward(r, 1, cb, safe, grad_z if w_cm is not None else None,
                                           w_cb, w_cm, RowPlan(r, 1))
@@ -349,7 +365,7 @@ class _ResidualFn(torch.autograd.Function):
             gcb.data_ptr() if gcb is not None else 0, gcm.data_ptr() if gcm is not None else 0,
             grad_z.data_ptr() if grad_z is not None else 0,
             [g.data_ptr() if g is not None else 0 for g in stage_g],
-            max(1, torch.get_num_threads()))
+            max(1, torch.get_num_threads()), ctx.cosine)
         grads = [None] * len(codebooks)
         for s, g in enumerate(stage_g):
             if g is None:

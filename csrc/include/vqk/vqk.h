@@ -140,6 +140,12 @@ struct ResidualBackwardArgs {
   const float* g_commit;    // S x N or null
   float* grad_x;            // N x D or null
   float* const* grad_cb;    // S entries, each Ks[s] x D or null
+  // Cosine residual VQ (ResidualArgs::cosine): stage s searched u_s = r_s / max(fl(||r_s||),
+  // 1e-12) (the forward's unit rows, bit for bit), so its codebook gradient is taken at u_s, and
+  // its commitment term reaches z through the normalisation: for g_u = 2 g_commit[s] (u_s - e_s),
+  //   grad_x += (g_u - u_s p) / max(||r_s||, 1e-12),  p = fl(sum_d u_s[d] g_u[d]) in float64, d
+  // order (p = 0 where ||r_s|| <= 1e-12), each operation rounded once (no fused multiply-add).
+  bool cosine = false;
 };
 
 // Grouped VQ backward (issue 17): x, grad_zq and grad_x are N x (G d) views in `dtype` (grad_zq

@@ -137,6 +137,31 @@ PYBIND11_MODULE(_C, m) {
         "Residual VQ backward, fp32, contiguous: every stage in one call (see vqk.h, "
         "ResidualBackwardArgs).");
 
+  m.def("cpu_residual_stats",
+        [](int64_t N, int64_t D, int64_t x, std::vector<int64_t> codebooks, std::vector<int64_t> Ks,
+           int64_t indices, int64_t take, bool cosine, std::vector<int64_t> sums,
+           std::vector<int64_t> counts, int num_threads) {
+          if (codebooks.size() != Ks.size() || codebooks.size() != sums.size() ||
+              codebooks.size() != counts.size() || codebooks.empty())
+            throw std::invalid_argument("vqkernels._C: one K, one sums and one counts per codebook, at least one stage");
+          std::vector<const float*> cbs;
+          std::vector<float*> sp;
+          std::vector<int64_t*> cp;
+          for (int64_t p : codebooks) cbs.push_back(ptr<const float>(p));
+          for (int64_t p : sums) sp.push_back(ptr<float>(p));
+          for (int64_t p : counts) cp.push_back(ptr<int64_t>(p));
+          vqk::ResidualStatsArgs a{N, D, (int64_t)cbs.size(), ptr<const float>(x), cbs.data(), Ks.data(),
+                                   ptr<const int64_t>(indices), ptr<const bool>(take), cosine, sp.data(),
+                                   cp.data()};
+          py::gil_scoped_release nogil;
+          vqk::cpu_residual_stats(a, num_threads);
+        },
+        py::arg("N"), py::arg("D"), py::arg("x"), py::arg("codebooks"), py::arg("Ks"),
+        py::arg("indices"), py::arg("take"), py::arg("cosine"), py::arg("sums"), py::arg("counts"),
+        py::arg("num_threads"),
+        "Residual VQ codebook statistics, fp32: every stage's counts and index_add_ sums of its "
+        "inputs in one call (see vqk.h, ResidualStatsArgs).");
+
   m.def("cpu_grouped_forward",
         [](View x, std::vector<int64_t> codebooks, std::vector<int64_t> Ks, View zq,
            int64_t indices, int64_t sqerr, int num_threads, int64_t counts) {

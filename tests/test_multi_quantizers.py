@@ -5,7 +5,10 @@ import torch
 
 import vqkernels
 from vqkernels import GroupedVectorQuantizer, ResidualVectorQuantizer, VectorQuantizer
+from vqkernels import native
 from vqkernels.quantizers import upkeep
+
+needs_cpu = pytest.mark.skipif(native.cpu_status() is not None, reason=str(native.cpu_status()))
 
 
 def _gen(seed):
@@ -153,6 +156,100 @@ def test_fused_module_equals_the_functional_op(ema):
         assert all(b.codebook.grad is not None and b.codebook.grad.abs().sum() > 0
                    for b in m.books)
     assert torch.equal(m.codes_from_indices(out.indices), out.z_q.detach())
+
+
+@needs_cpu
+@pytest.mark.parametrize("case", ["plain", "dropout+mask", "cosine", "no-ema", "bf16"])
+def test_native_training_statistics_are_the_stage_loops(case, monkeypatch):
+    # ResidualVectorQuantizer (CPU, fused) takes every stage's counts and EMA sums from one native
+    # call (residual_stats) and rebuilds only the restart candidates' rows; the stage loop it
+    # replaces takes them with bincount / index_add_ on each stage's residual. Same buffers, same
+    # restarts, bit for bit, over steps with NaN rows, padding, dropout and dead codes.
+    from vqkernels.quantizers import multi
+    gen = _gen(71)
+    D = 37 if case != "cosine" else 8  # not a multiple of a 16-float line
+    kw = dict(cosine=case == "cosine", ema=case != "no-ema")
+    steps = []
+    for t in range(6):
+        z = _clustered(gen, 400, D) * (1 + t)
+        if t % 3 == 1:
+            z[:200] = 0.01 * torch.randn(200, D, generator=gen) + 4.0  # most codes go dead
+        z[5] = float("nan")
+        a = {}
+        if case == "dropout+mask":
+            a = dict(mask=torch.rand(400, generator=gen) < 0.85,
+                     active_stages=torch.randint(0, 4, (400,), generator=gen))
+        steps.append((z.bfloat16() if case == "bf16" else z, a))
+    states, outs, restarts = [], [], []
+    for native_stats in (True, False):
+        monkeypatch.setattr(multi, "_NATIVE_STATS", native_stats)
+        calls = []
+        real = multi.ResidualVectorQuantizer._native_upkeep
+        monkeypatch.setattr(multi.ResidualVectorQuantizer, "_native_upkeep",
+                            lambda self, *a: calls.append(1) or real(self, *a))
+        torch.manual_seed(5)
+        m = ResidualVectorQuantizer(D, 3, [24, 16, 20], restart_after=1, restart_pool=64,
+                                    kmeans_init=False, backend="cpu", seed=9, **kw)
+        m.train()
+        got = []
+        for z, a in steps:
+            o = m(z, **a)
+            got += [o.indices, o.z_q.float(), torch.stack([o.perplexity.float().sum()])]
+        assert len(calls) == (len(steps) if native_stats else 0)
+        states.append(m.state_dict())
+        outs.append(got)
+        restarts.append(sum(b.restart_count for b in m.books))
+    assert restarts[0] == restarts[1] and restarts[0] > 0
+    for k in states[1]:  # NaN rows never reach the state: plain equality
+        assert torch.equal(states[0][k], states[1][k]), k
+    for a, b in zip(*outs):  # z_q of the NaN row is NaN on both sides
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+@needs_cpu
+@pytest.mark.parametrize("D", [1, 8, 37, 64])
+def test_native_residual_stats_are_index_add_on_each_residual(D):
+    # The native call against its definition: r_0 = x, r_{s+1} = r_s - e_s where the index is
+    # >= 0; counts = bincount of the taken rows, sums = index_add_ of their rows (ascending n).
+    # One and two threads alike; a stage that wants nothing gets nothing written.
+    gen = _gen(73 + D)
+    N, Ks = 3000, [40, 7, 300, 5]
+    x = torch.randn(N, D, generator=gen) * 50
+    cbs = [torch.randn(K, D, generator=gen) * 50 * 0.5 ** s for s, K in enumerate(Ks)]
+    idx = torch.stack([torch.randint(-1, K, (N,), generator=gen) for K in Ks]).contiguous()
+    take = ((torch.rand(len(Ks), N, generator=gen) < 0.9) & (idx >= 0)).contiguous()
+    res = []
+    for threads in (1, 2):
+        counts = [torch.full((K,), -7, dtype=torch.long) for K in Ks]
+        sums = [torch.full((K, D), 3.0) for K in Ks]
+        want = [True, False, True, False]  # stage 3 wants nothing: the buffers stay as they were
+        native.module().cpu_residual_stats(
+            N, D, x.data_ptr(), [c.data_ptr() for c in cbs], Ks, idx.data_ptr(), take.data_ptr(),
+            False, [s.data_ptr() if w else 0 for s, w in zip(sums, want)],
+            [c.data_ptr() if s < 3 else 0 for s, c in enumerate(counts)], threads)
+        res.append((counts, sums))
+    r = x.clone()
+    for s, (K, cb) in enumerate(zip(Ks, cbs)):
+        i = idx[s]
+        k = torch.where(take[s], i, K)
+        if s < 3:
+            assert torch.equal(res[0][0][s], torch.bincount(k, minlength=K + 1)[:K])
+        else:
+            assert (res[0][0][s] == -7).all()
+        if s in (0, 2):
+            want = torch.zeros(K + 1, D).index_add_(0, k, r)[:K]
+            assert torch.equal(res[0][1][s], want) and want.abs().sum() > 0
+        else:
+            assert (res[0][1][s] == 3.0).all()
+        r = r - torch.where((i >= 0)[:, None], cb[i.clamp(min=0)], 0)
+    for a, b in zip(res[0][0] + res[0][1], res[1][0] + res[1][1]):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="no code"):
+        bad = take.clone()
+        bad[0, int((idx[0] < 0).nonzero()[0])] = True
+        native.module().cpu_residual_stats(
+            N, D, x.data_ptr(), [c.data_ptr() for c in cbs], Ks, idx.data_ptr(), bad.data_ptr(),
+            False, [0] * 4, [c.data_ptr() for c in res[0][0]], 1)
 
 
 def test_shared_codebook_one_book_for_all_stages():

@@ -11,6 +11,9 @@ void cpu_residual_forward(const ResidualArgs&, int) {
 void cpu_residual_backward(const ResidualBackwardArgs&, int) {
   throw std::runtime_error("cpu_residual_backward is not part of the emulated CUDA module");
 }
+void cpu_residual_stats(const ResidualStatsArgs&, int) {
+  throw std::runtime_error("cpu_residual_stats is not part of the emulated CUDA module");
+}
 void cpu_grouped_forward(const GroupedArgs&, int) {
   throw std::runtime_error("cpu_grouped_forward is not part of the emulated CUDA module");
 }

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import backends
+from .. import backends, native
 from ..quantize import _FLOATS, _channel_axis_override, _check, _check_beta, nearest_code
 from ..residual import (GVQOutput, RVQOutput, _grouped_fused, _per_row, _perplexity, _unit_rows,
                         _vq_rows, codes_from_indices, residual_vq)
@@ -27,6 +27,10 @@ __all__ = ["ResidualVectorQuantizer", "GroupedVectorQuantizer"]
 # Stage / group s draws its restart and k-means++ streams from seed + s * _SEED_STRIDE, so that
 # books initialised on similar rows do not pick the same rows.
 _SEED_STRIDE = 7919
+
+# ResidualVectorQuantizer's training statistics from one native call on the CPU (bitwise the
+# stage loop in _forward_fused, which tests compare it with by switching this off).
+_NATIVE_STATS = True
 
 
 def _counts_list(num_codes, n: int, name: str) -> list[int]:
@@ -292,6 +296,9 @@ class ResidualVectorQuantizer(_Books):
                 # updated in place (a shared book needs every stage's rows together).
                 r = rows.detach().to(out.sqerr.dtype)
                 S, per, bufs, ctx = self.num_stages, [], [], self._dist()
+                if self._native_stats(r):
+                    self._upkeep_packed(self._native_upkeep(r, cbs, out, valid, ctx), ctx)
+                    return out
                 for s in range(S):
                     idx = out.indices[:, s]
                     # A cosine stage's book is kept up on the unit rows it searched.
@@ -314,6 +321,54 @@ class ResidualVectorQuantizer(_Books):
                 else:
                     self._upkeep_packed(bufs, ctx)
         return out
+
+    def _native_stats(self, r: Tensor) -> bool:
+        """Whether the books' statistics come from one native call (`_native_upkeep`): own books
+        of float32 codes, float32 rows on the CPU backend."""
+        if not _NATIVE_STATS or self.shared or r.dtype != torch.float32 or r.shape[0] == 0 \
+                or any(b._stat_dtype() != torch.float32 for b in self.books):
+            return False
+        try:
+            return backends.resolve(self.backend, r.device).name == "cpu"
+        except (RuntimeError, ValueError):
+            return False
+
+    def _native_upkeep(self, r: Tensor, cbs: list[Tensor], out: RVQOutput,
+                       valid: Optional[Tensor], ctx: DistContext) -> list[Tensor]:
+        """The stage loop's `_upkeep_pack` buffers, bit for bit, from one native call
+        (csrc/cpu/vq_cpu.cpp, residual_stats): each stage's counts and index_add_-ordered sums of
+        the residuals (unit rows when cosine) it searched, with one residual buffer and no N x D
+        temporaries; the restart candidates' rows are rebuilt at the drawn rows only."""
+        N, D = r.shape
+        S = self.num_stages
+        x = r.contiguous()
+        cb32 = [cb.detach().to(torch.float32).contiguous() for cb in cbs]
+        idx = out.indices.t().contiguous()  # (S, N)
+        take = torch.stack([torch.isfinite(upkeep_errors(out.sqerr[:, s], idx[s], valid))
+                            for s in range(S)]).contiguous()
+        Ks = [cb.shape[0] for cb in cb32]
+        counts = [torch.empty(K, dtype=torch.long) for K in Ks]
+        sums = [torch.empty(K, D, dtype=torch.float32) if b.ema else None
+                for b, K in zip(self.books, Ks)]
+        native.module().cpu_residual_stats(
+            N, D, x.data_ptr(), [cb.data_ptr() for cb in cb32], Ks, idx.data_ptr(),
+            take.data_ptr(), self.cosine, [t.data_ptr() if t is not None else 0 for t in sums],
+            [t.data_ptr() for t in counts], max(1, torch.get_num_threads()))
+
+        def rows_at(s):
+            def at(sel):
+                # Stage s's rows at sel: x - e_0 - ... - e_{s-1}, each stage's codes subtracted
+                # where the row took part in it, in stage order (the full residual's bits).
+                rs = x.index_select(0, sel)
+                for t in range(s):
+                    it = idx[t].index_select(0, sel)
+                    e = cb32[t].index_select(0, it.clamp(min=0))
+                    rs = rs - e.masked_fill_((it < 0)[:, None], 0)
+                return _unit_rows(rs) if self.cosine else rs
+            return at
+
+        return [b._pack_stats(counts[s], sums[s], N, rows_at(s), take[s], ctx)
+                for s, b in enumerate(self.books)]
 
     def _cosine_native(self, rows: Tensor) -> bool:
         """Whether the cosine search without projections runs the fused op (one native CPU

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -293,7 +294,6 @@ class VectorQuantizer(nn.Module):
         sd = self._stat_dtype()
         rows = z.movedim(dim, -1).reshape(-1, D)
         idx = indices.reshape(-1)
-        restart = self.restart_after is not None
         # A row with NaN or inf (its exact error is not finite) must not reach the usage counts,
         # the EMA sums or the restart pool: one such row would make a code NaN for good. Masks,
         # not indexing: no host sync, and every rank sends buffers of the same size.
@@ -303,25 +303,39 @@ class VectorQuantizer(nn.Module):
         # sums as zero-weighting them, without a masked copy of the N x D rows.
         idx_ok = torch.where(ok, idx, K)
 
-        # One flat buffer, one all_reduce: [counts K | EMA sums K*D | restart candidates].
-        # Counts travel as floats: exact up to 2^24 rows per code per step in float32.
-        parts = [torch.bincount(idx_ok, minlength=K + 1)[:K].to(sd)]
+        counts = torch.bincount(idx_ok, minlength=K + 1)[:K]
+        sums = None
         if self.ema:
             # A strided source (a group's columns) runs index_add_ 3-6x slower than copying it
             # contiguous first (1.8 against 0.5 ms at 8192 x 64 on an
             # Ice Lake Xeon, family 6 model 106, 2 threads); the sums are the same.
-            parts.append(torch.zeros(K + 1, D, dtype=sd, device=z.device)
-                         .index_add_(0, idx_ok, rows.to(sd).contiguous())[:K].reshape(-1))
-        if restart:
+            sums = torch.zeros(K + 1, D, dtype=sd, device=z.device) \
+                .index_add_(0, idx_ok, rows.to(sd).contiguous())[:K]
+        return self._pack_stats(counts, sums, rows.shape[0],
+                                lambda sel: rows.index_select(0, sel), ok, ctx)
+
+    def _pack_stats(self, counts: Tensor, sums: Optional[Tensor], n_rows: int, rows_at,
+                    ok: Tensor, ctx: DistContext) -> Tensor:
+        """`_upkeep_pack`'s buffer from statistics already taken: counts (K,) of the rows that take
+        part, sums (K, D) of those rows in the stat dtype (None without EMA), and for the restart
+        candidates `rows_at(sel)`, the rows (all n_rows of them, in order) at indices sel, with
+        ok (n_rows,) marking the ones that take part."""
+        D = self.dim
+        sd = self._stat_dtype()
+        # One flat buffer, one all_reduce: [counts K | EMA sums K*D | restart candidates].
+        # Counts travel as floats: exact up to 2^24 rows per code per step in float32.
+        parts = [counts.to(sd)]
+        if self.ema:
+            parts.append(sums.reshape(-1))
+        if self.restart_after is not None:
             m = self._samples_per_rank(ctx.world)
-            sel = pick_rows(rows.shape[0], m, seeded_generator(self.seed, 1, ctx.rank,
-                                                               self._steps_done), rows.device)
+            sel = pick_rows(n_rows, m, seeded_generator(self.seed, 1, ctx.rank, self._steps_done),
+                            ok.device)
             # An all_gather as a sum of disjoint slots, so it rides in the same all_reduce; the
             # last column marks the slots a rank with fewer than m rows left empty.
-            slot = torch.zeros(ctx.world, m, D + 1, dtype=sd, device=z.device)
+            slot = torch.zeros(ctx.world, m, D + 1, dtype=sd, device=ok.device)
             sel_ok = ok.index_select(0, sel)
-            slot[ctx.rank, :sel.numel(), :D] = torch.where(sel_ok[:, None],
-                                                           rows.index_select(0, sel).to(sd), 0)
+            slot[ctx.rank, :sel.numel(), :D] = torch.where(sel_ok[:, None], rows_at(sel).to(sd), 0)
             slot[ctx.rank, :sel.numel(), D] = sel_ok.to(sd)
             parts.append(slot.view(-1))
         return torch.cat(parts)

@@ -171,10 +171,31 @@ struct GroupedBackwardArgs {
   void* const* grad_cb;  // G entries
 };
 
+// Residual VQ codebook statistics (issue 17: the quantizer modules' EMA upkeep), fp32. For each
+// stage s: counts[s][k] = the number of rows n with take[s * N + n] and indices[s * N + n] == k,
+// and sums[s] (Ks[s] x D) the sum of those rows' stage inputs -- r_s, or its unit row
+// r_s / max(fl(||r_s||), 1e-12) when cosine (the forward's unit rows, bit for bit) -- added in
+// ascending n, one fp32 rounding per addition: torch's index_add_ order, so the same bits as
+// zeros(K, D).index_add_(0, k, rows) whatever the thread count. r_0 = x, r_{s+1} = r_s - e_s where
+// indices[s * N + n] >= 0 (the forward's residual, bit for bit). A row with take set must have an
+// index >= 0. Either output of a stage may be null (not wanted).
+struct ResidualStatsArgs {
+  int64_t N, D, S;
+  const float* x;                // N x D, contiguous
+  const float* const* codebooks;  // S entries, Ks[s] x D, contiguous
+  const int64_t* Ks;
+  const int64_t* indices;  // S x N
+  const bool* take;        // S x N
+  bool cosine;
+  float* const* sums;       // S entries, Ks[s] x D or null
+  int64_t* const* counts;   // S entries, Ks[s] or null
+};
+
 // CPU entry points. num_threads <= 0 means one thread.
 void cpu_residual_forward(const ResidualArgs& a, int num_threads);
 void cpu_residual_backward(const ResidualBackwardArgs& a, int num_threads);
 void cpu_grouped_forward(const GroupedArgs& a, int num_threads);
+void cpu_residual_stats(const ResidualStatsArgs& a, int num_threads);
 void cpu_forward(const ForwardArgs& a, int num_threads);
 void cpu_backward(const BackwardArgs& a, int num_threads);
 void cpu_grouped_backward(const GroupedBackwardArgs& a, int num_threads);

@@ -140,7 +140,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_residual_stats",
         [](int64_t N, int64_t D, int64_t x, std::vector<int64_t> codebooks, std::vector<int64_t> Ks,
            int64_t indices, int64_t take, bool cosine, std::vector<int64_t> sums,
-           std::vector<int64_t> counts, int num_threads) {
+           std::vector<int64_t> counts, int num_threads, bool grouped) {
           if (codebooks.size() != Ks.size() || codebooks.size() != sums.size() ||
               codebooks.size() != counts.size() || codebooks.empty())
             throw std::invalid_argument("vqkernels._C: one K, one sums and one counts per codebook, at least one stage");
@@ -152,13 +152,13 @@ PYBIND11_MODULE(_C, m) {
           for (int64_t p : counts) cp.push_back(ptr<int64_t>(p));
           vqk::ResidualStatsArgs a{N, D, (int64_t)cbs.size(), ptr<const float>(x), cbs.data(), Ks.data(),
                                    ptr<const int64_t>(indices), ptr<const bool>(take), cosine, sp.data(),
-                                   cp.data()};
+                                   cp.data(), grouped};
           py::gil_scoped_release nogil;
           vqk::cpu_residual_stats(a, num_threads);
         },
         py::arg("N"), py::arg("D"), py::arg("x"), py::arg("codebooks"), py::arg("Ks"),
         py::arg("indices"), py::arg("take"), py::arg("cosine"), py::arg("sums"), py::arg("counts"),
-        py::arg("num_threads"),
+        py::arg("num_threads"), py::arg("grouped") = false,
         "Residual VQ codebook statistics, fp32: every stage's counts and index_add_ sums of its "
         "inputs in one call (see vqk.h, ResidualStatsArgs).");
 

@@ -207,6 +207,52 @@ def test_native_training_statistics_are_the_stage_loops(case, monkeypatch):
 
 
 @needs_cpu
+@pytest.mark.parametrize("case", ["plain", "mask", "projected", "channel-first", "no-ema"])
+def test_native_grouped_training_statistics_are_the_group_loops(case, monkeypatch):
+    # GroupedVectorQuantizer (CPU, one grouped call) takes every group's counts and EMA sums from
+    # one native call (residual_stats, grouped: straight from the groups' columns); the loop it
+    # replaces runs bincount / index_add_ per group. Same states and outputs, bit for bit.
+    from vqkernels.quantizers import multi
+    gen = _gen(75)
+    G, d = 3, 12
+    kw = dict(ema=case != "no-ema", codebook_dim=5 if case == "projected" else None)
+    steps = []
+    for t in range(6):
+        z = _clustered(gen, 300, G * d) * (1 + t)
+        if t % 3 == 1:
+            z[:150] = 0.01 * torch.randn(150, G * d, generator=gen) + 4.0
+        z[3] = float("nan")
+        a = dict(mask=torch.rand(300, generator=gen) < 0.85) if case == "mask" else {}
+        if case == "channel-first":
+            z, a = z.reshape(3, 100, G * d).transpose(1, 2), dict(dim=1)
+        steps.append((z, a))
+    states, outs, restarts = [], [], []
+    for native_stats in (True, False):
+        monkeypatch.setattr(multi, "_NATIVE_STATS", native_stats)
+        calls = []
+        real = multi.GroupedVectorQuantizer._native_group_upkeep
+        monkeypatch.setattr(multi.GroupedVectorQuantizer, "_native_group_upkeep",
+                            lambda self, *a: calls.append(1) or real(self, *a))
+        torch.manual_seed(6)
+        m = GroupedVectorQuantizer(G * d, G, [24, 16, 20], restart_after=1, restart_pool=64,
+                                   kmeans_init=False, backend="cpu", seed=4, **kw)
+        m.train()
+        got = []
+        for z, a in steps:
+            o = m(z, **a)
+            got += [o.indices, o.z_q.detach(), o.perplexity]
+        assert len(calls) == (len(steps) if native_stats else 0)
+        states.append(m.state_dict())
+        outs.append(got)
+        restarts.append(sum(b.restart_count for b in m.books))
+    assert restarts[0] == restarts[1] and restarts[0] > 0
+    for k in states[1]:
+        assert torch.equal(states[0][k], states[1][k]), k
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+@needs_cpu
 @pytest.mark.parametrize("D", [1, 8, 37, 64])
 def test_native_residual_stats_are_index_add_on_each_residual(D):
     # The native call against its definition: r_0 = x, r_{s+1} = r_s - e_s where the index is
@@ -250,6 +296,36 @@ def test_native_residual_stats_are_index_add_on_each_residual(D):
         native.module().cpu_residual_stats(
             N, D, x.data_ptr(), [c.data_ptr() for c in cbs], Ks, idx.data_ptr(), bad.data_ptr(),
             False, [0] * 4, [c.data_ptr() for c in res[0][0]], 1)
+
+
+@needs_cpu
+@pytest.mark.parametrize("d", [1, 12, 40])
+def test_native_grouped_stats_are_index_add_on_each_groups_columns(d):
+    gen = _gen(77 + d)
+    N, Ks = 2000, [30, 9, 200]
+    G = len(Ks)
+    x = torch.randn(N, G * d, generator=gen) * 20
+    idx = torch.stack([torch.randint(0, K, (N,), generator=gen) for K in Ks]).contiguous()
+    take = (torch.rand(G, N, generator=gen) < 0.9).contiguous()
+    res = []
+    for threads in (1, 2):
+        counts = [torch.empty(K, dtype=torch.long) for K in Ks]
+        sums = [torch.empty(K, d) for K in Ks]
+        native.module().cpu_residual_stats(
+            N, d, x.data_ptr(), [0] * G, Ks, idx.data_ptr(), take.data_ptr(), False,
+            [t.data_ptr() for t in sums], [t.data_ptr() for t in counts], threads, True)
+        res.append(counts + sums)
+    for g, K in enumerate(Ks):
+        k = torch.where(take[g], idx[g], K)
+        assert torch.equal(res[0][g], torch.bincount(k, minlength=K + 1)[:K])
+        want = torch.zeros(K + 1, d).index_add_(0, k, x[:, g * d:(g + 1) * d].contiguous())[:K]
+        assert torch.equal(res[0][G + g], want)
+    for a, b in zip(*res):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="not cosine"):
+        native.module().cpu_residual_stats(
+            N, d, x.data_ptr(), [0] * G, Ks, idx.data_ptr(), take.data_ptr(), True,
+            [0] * G, [t.data_ptr() for t in res[0][:G]], 1, True)
 
 
 def test_shared_codebook_one_book_for_all_stages():

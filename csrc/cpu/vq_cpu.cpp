@@ -1268,6 +1268,8 @@ void residual_backward(const ResidualBackwardArgs& a, int num_threads) {
 void residual_stats(const ResidualStatsArgs& a, int num_threads) {
   const int64_t N = a.N, D = a.D, S = a.S;
   if (S <= 0) throw std::invalid_argument("vqkernels: residual VQ needs at least one stage");
+  if (a.grouped && a.cosine)
+    throw std::invalid_argument("vqkernels: residual stats: grouped rows are not cosine");
   int64_t last = -1;
   for (int64_t s = 0; s < S; ++s) {
     if (a.Ks[s] <= 0) throw std::invalid_argument("vqkernels: every stage needs K >= 1 codes");
@@ -1301,25 +1303,29 @@ void residual_stats(const ResidualStatsArgs& a, int num_threads) {
   const int64_t kCols = 16 * std::max<int64_t>(1, (lines + threads - 1) / threads);
   const int64_t blocks = (D + kCols - 1) / kCols;
   if (!a.cosine) {
-    // Stage by stage over one residual buffer, updated in place; each stage's sums and codes
-    // (K x D each) stay in cache while the rows stream past.
-    auto rbuf = aligned_array<float>(N * D);
+    // Stage by stage over one residual buffer, updated in place (grouped: straight from x's
+    // columns); each stage's sums and codes (K x D each) stay in cache while the rows stream past.
+    auto rbuf = aligned_array<float>(a.grouped ? 0 : N * D);
     float* r = rbuf.get();
-    parallel_chunks(N, 256, threads, [&](int64_t lo, int64_t hi, int) {
-      std::copy(a.x + lo * D, a.x + hi * D, r + lo * D);
-    });
+    if (!a.grouped)
+      parallel_chunks(N, 256, threads, [&](int64_t lo, int64_t hi, int) {
+        std::copy(a.x + lo * D, a.x + hi * D, r + lo * D);
+      });
+    const int64_t rs = a.grouped ? S * D : D;  // row stride of the rows read
     for (int64_t s = 0; s <= last_sum; ++s) {
       const float* cb = a.codebooks[s];
       const int64_t* idx = a.indices + s * N;
       const bool* take = a.take + s * N;
       float* sums = a.sums[s];
-      const bool update = s < last_sum;
+      const bool update = !a.grouped && s < last_sum;
+      float* rows = a.grouped ? const_cast<float*>(a.x) + s * D : r;  // grouped: only read
+      if (!sums && !update) continue;
       parallel_chunks(blocks, 1, (int)blocks, [&](int64_t b0, int64_t b1, int) {
         for (int64_t b = b0; b < b1; ++b) {
           const int64_t c0 = b * kCols, w = std::min(D, c0 + kCols) - c0;
           for (int64_t n = 0; n < N; ++n) {
             const int64_t k = idx[n];
-            float* __restrict xr = r + n * D + c0;
+            float* __restrict xr = rows + n * rs + c0;
             if (sums && take[n]) {
               float* __restrict sk = sums + k * D + c0;
               for (int64_t d = 0; d < w; ++d) sk[d] = sk[d] + xr[d];

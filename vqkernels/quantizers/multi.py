@@ -136,12 +136,26 @@ class _Books(nn.Module):
         b = self.books[0]
         return DistContext(b.sync, b.process_group)
 
-    def _upkeep_packed(self, bufs: list[Tensor], ctx: DistContext) -> None:
-        """The books' `_upkeep_pack` buffers (one per book, in order) summed over the ranks in one
-        all_reduce, then applied."""
-        summed = ctx.all_reduce_(torch.cat(bufs)).split([b.numel() for b in bufs])
+    def _upkeep_packed(self, bufs: list, ctx: DistContext) -> None:
+        """The books' `_upkeep_pack` buffers (one per book, in order; each a tensor or the list
+        of parts `_pack_stats(..., parts=True)` gives, so that they are copied once) summed over
+        the ranks in one all_reduce, then applied."""
+        bufs = [b if isinstance(b, list) else [b] for b in bufs]
+        summed = ctx.all_reduce_(torch.cat([p for parts in bufs for p in parts])) \
+            .split([sum(p.numel() for p in parts) for parts in bufs])
         for b, buf in zip(self.books, summed):
             b._upkeep_apply(buf)
+
+    def _native_stats(self, r: Tensor) -> bool:
+        """Whether the books' statistics come from one native call (residual_stats): own books of
+        float32 codes, float32 rows r on the CPU backend."""
+        if not _NATIVE_STATS or self.shared or r.dtype != torch.float32 or r.shape[0] == 0 \
+                or any(b._stat_dtype() != torch.float32 for b in self.books):
+            return False
+        try:
+            return backends.resolve(self.backend, r.device).name == "cpu"
+        except (RuntimeError, ValueError):
+            return False
 
     def _books_repr(self, count: str) -> str:
         """extra_repr's part common to both quantizers; `count` names how many books there are."""
@@ -322,17 +336,6 @@ class ResidualVectorQuantizer(_Books):
                     self._upkeep_packed(bufs, ctx)
         return out
 
-    def _native_stats(self, r: Tensor) -> bool:
-        """Whether the books' statistics come from one native call (`_native_upkeep`): own books
-        of float32 codes, float32 rows on the CPU backend."""
-        if not _NATIVE_STATS or self.shared or r.dtype != torch.float32 or r.shape[0] == 0 \
-                or any(b._stat_dtype() != torch.float32 for b in self.books):
-            return False
-        try:
-            return backends.resolve(self.backend, r.device).name == "cpu"
-        except (RuntimeError, ValueError):
-            return False
-
     def _native_upkeep(self, r: Tensor, cbs: list[Tensor], out: RVQOutput,
                        valid: Optional[Tensor], ctx: DistContext) -> list[Tensor]:
         """The stage loop's `_upkeep_pack` buffers, bit for bit, from one native call
@@ -367,7 +370,7 @@ class ResidualVectorQuantizer(_Books):
                 return _unit_rows(rs) if self.cosine else rs
             return at
 
-        return [b._pack_stats(counts[s], sums[s], N, rows_at(s), take[s], ctx)
+        return [b._pack_stats(counts[s], sums[s], N, rows_at(s), take[s], ctx, parts=True)
                 for s, b in enumerate(self.books)]
 
     def _cosine_native(self, rows: Tensor) -> bool:
@@ -580,12 +583,37 @@ class GroupedVectorQuantizer(_Books):
         cb_loss, loss = book_losses(torch.stack(cb_l), cm_loss, self.beta, self.ema)
         if training:
             with torch.no_grad():
-                self._upkeep(per)
+                if fused is not None and self._native_stats(xs):
+                    ctx = self._dist()
+                    self._upkeep_packed(self._native_group_upkeep(xs, per, ctx), ctx)
+                else:
+                    self._upkeep(per)
         # The one-call search's z_q is already (N, G, d): no copy of it group by group.
         z_q = fused[0] if fused is not None and not proj else torch.stack([o[0] for o in outs], 1)
         z_q = z_q.reshape(*lead, self.dim).movedim(-1, dim)
         idx = torch.stack([o[1] for o in outs], 1).reshape(*lead, G)
         return GVQOutput(z_q, idx, cb_loss, cm_loss, loss, torch.stack(perp), counts)
+
+    def _native_group_upkeep(self, xs: Tensor, per: list, ctx: DistContext) -> list[Tensor]:
+        """`_upkeep`'s buffers, bit for bit, from one native call (residual_stats, grouped): every
+        group's counts and index_add_-ordered sums of its rows xs[:, g] (N, G, c), no per-group
+        copies; the restart candidates' rows taken at the drawn rows only."""
+        x = xs.detach().contiguous()
+        N, G, c = x.shape
+        idx = torch.stack([p[1] for p in per]).contiguous()  # (G, N)
+        take = torch.stack([torch.isfinite(p[2]) for p in per]).contiguous()
+        Ks = [b.num_codes for b in self.books]
+        counts = [torch.empty(K, dtype=torch.long) for K in Ks]
+        sums = [torch.empty(K, c, dtype=torch.float32) if b.ema else None
+                for b, K in zip(self.books, Ks)]
+        native.module().cpu_residual_stats(
+            N, c, x.data_ptr(), [0] * G, Ks, idx.data_ptr(), take.data_ptr(), False,
+            [t.data_ptr() if t is not None else 0 for t in sums], [t.data_ptr() for t in counts],
+            max(1, torch.get_num_threads()), True)
+        return [b._pack_stats(counts[g], sums[g], N,
+                              lambda sel, g=g: x[:, g, :].index_select(0, sel), take[g], ctx,
+                              parts=True)
+                for g, b in enumerate(self.books)]
 
     def codes_from_indices(self, indices: Tensor) -> Tensor:
         """The codes of grouped `indices` (..., G) (projected back with codebook_dim),

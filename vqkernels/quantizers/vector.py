@@ -315,18 +315,19 @@ class VectorQuantizer(nn.Module):
                                 lambda sel: rows.index_select(0, sel), ok, ctx)
 
     def _pack_stats(self, counts: Tensor, sums: Optional[Tensor], n_rows: int, rows_at,
-                    ok: Tensor, ctx: DistContext) -> Tensor:
+                    ok: Tensor, ctx: DistContext, parts: bool = False):
         """`_upkeep_pack`'s buffer from statistics already taken: counts (K,) of the rows that take
         part, sums (K, D) of those rows in the stat dtype (None without EMA), and for the restart
         candidates `rows_at(sel)`, the rows (all n_rows of them, in order) at indices sel, with
-        ok (n_rows,) marking the ones that take part."""
+        ok (n_rows,) marking the ones that take part. parts=True: the buffer's pieces as a list,
+        in order (for a caller that concatenates several books' at once)."""
         D = self.dim
         sd = self._stat_dtype()
         # One flat buffer, one all_reduce: [counts K | EMA sums K*D | restart candidates].
         # Counts travel as floats: exact up to 2^24 rows per code per step in float32.
-        parts = [counts.to(sd)]
+        out = [counts.to(sd)]
         if self.ema:
-            parts.append(sums.reshape(-1))
+            out.append(sums.reshape(-1))
         if self.restart_after is not None:
             m = self._samples_per_rank(ctx.world)
             sel = pick_rows(n_rows, m, seeded_generator(self.seed, 1, ctx.rank, self._steps_done),
@@ -337,8 +338,8 @@ class VectorQuantizer(nn.Module):
             sel_ok = ok.index_select(0, sel)
             slot[ctx.rank, :sel.numel(), :D] = torch.where(sel_ok[:, None], rows_at(sel).to(sd), 0)
             slot[ctx.rank, :sel.numel(), D] = sel_ok.to(sd)
-            parts.append(slot.view(-1))
-        return torch.cat(parts)
+            out.append(slot.view(-1))
+        return out if parts else torch.cat(out)
 
     def _upkeep_apply(self, buf: Tensor) -> None:
         """Apply the summed buffer of `_upkeep_pack`: step counters, EMA, restart pool, restarts."""

@@ -178,7 +178,9 @@ struct GroupedBackwardArgs {
 // ascending n, one fp32 rounding per addition: torch's index_add_ order, so the same bits as
 // zeros(K, D).index_add_(0, k, rows) whatever the thread count. r_0 = x, r_{s+1} = r_s - e_s where
 // indices[s * N + n] >= 0 (the forward's residual, bit for bit). A row with take set must have an
-// index >= 0. Either output of a stage may be null (not wanted).
+// index >= 0. Either output of a stage may be null (not wanted). grouped: no residual, stage
+// (group) s's rows are x's columns [s D, (s + 1) D) of an N x (S D) x (GroupedVectorQuantizer's
+// upkeep; not with cosine).
 struct ResidualStatsArgs {
   int64_t N, D, S;
   const float* x;                // N x D, contiguous
@@ -189,6 +191,7 @@ struct ResidualStatsArgs {
   bool cosine;
   float* const* sums;       // S entries, Ks[s] x D or null
   int64_t* const* counts;   // S entries, Ks[s] or null
+  bool grouped = false;
 };
 
 // CPU entry points. num_threads <= 0 means one thread.

@@ -79,8 +79,12 @@ PY
 
 if [ $# -eq 0 ]; then
   set -- "$ROOT/tests/test_cpu_kernel.py" "$ROOT/tests/test_exact.py" "$ROOT/tests/test_fuzz.py" \
-    "$ROOT/tests/test_cpu_pool.py" "$ROOT/tests/test_residual.py" -q -x \
-    -p no:cacheprovider
+    "$ROOT/tests/test_cpu_pool.py" "$ROOT/tests/test_residual.py" \
+    "$ROOT/tests/test_multi_quantizers.py::test_native_residual_stats_are_index_add_on_each_residual" \
+    "$ROOT/tests/test_multi_quantizers.py::test_native_grouped_stats_are_index_add_on_each_groups_columns" \
+    "$ROOT/tests/test_multi_quantizers.py::test_native_training_statistics_are_the_stage_loops" \
+    "$ROOT/tests/test_multi_quantizers.py::test_native_grouped_training_statistics_are_the_group_loops" \
+    -q -x -p no:cacheprovider
 fi
 # --capture=sys: pytest captures at the Python level only, so a sanitizer report, written by the
 # runtime to file descriptor 2 just before it ends the process, reaches the log. (With pytest's

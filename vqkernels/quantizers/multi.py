@@ -358,6 +358,8 @@ class ResidualVectorQuantizer(_Books):
             take.data_ptr(), self.cosine, [t.data_ptr() if t is not None else 0 for t in sums],
             [t.data_ptr() for t in counts], max(1, torch.get_num_threads()))
 
+        sat_out = out.indices.numel() > 0 and bool((out.indices < 0).any())
+
         def rows_at(s):
             def at(sel):
                 # Stage s's rows at sel: x - e_0 - ... - e_{s-1}, each stage's codes subtracted
@@ -365,8 +367,8 @@ class ResidualVectorQuantizer(_Books):
                 rs = x.index_select(0, sel)
                 for t in range(s):
                     it = idx[t].index_select(0, sel)
-                    e = cb32[t].index_select(0, it.clamp(min=0))
-                    rs = rs - e.masked_fill_((it < 0)[:, None], 0)
+                    e = cb32[t].index_select(0, it.clamp(min=0) if sat_out else it)
+                    rs = rs - (e.masked_fill_((it < 0)[:, None], 0) if sat_out else e)
                 return _unit_rows(rs) if self.cosine else rs
             return at
 

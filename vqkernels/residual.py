@@ -322,7 +322,7 @@ class _ResidualFn(torch.autograd.Function):
                     if w_cm is not None:
                         proj = torch.where(den > 1e-12, _row_dots(u, g_u)[:, None], 0)
                         term = (g_u - u * proj) / den
-                        grad_z = grad_z + torch.where(w_cm[:, None] != 0, term, 0)
+                        grad_z = torch.where(w_cm[:, None] != 0, grad_z + term, grad_z)
                 elif w_cm is not None or w_cb is not None:
                     g_r, g_c = b.backward(r, 1, cb, safe, grad_z if w_cm is not None else None,
                                           w_cb, w_cm, RowPlan(r, 1))

@@ -158,6 +158,33 @@ def test_fused_module_equals_the_functional_op(ema):
     assert torch.equal(m.codes_from_indices(out.indices), out.z_q.detach())
 
 
+def _native_stats_on_off(monkeypatch, cls, hook, make, steps, outputs):
+    # Trains a fresh module (make()) over `steps` with the native statistics on, then off (the
+    # Python loop), checking that the native hook ran on every step only when on; the two runs
+    # must restart the same codes and end in the same state and outputs, bit for bit.
+    from vqkernels.quantizers import multi
+    states, outs, restarts = [], [], []
+    for native_stats in (True, False):
+        monkeypatch.setattr(multi, "_NATIVE_STATS", native_stats)
+        calls = []
+        real = getattr(cls, hook)
+        monkeypatch.setattr(cls, hook, lambda self, *a, real=real: calls.append(1) or real(self, *a))
+        m = make()
+        m.train()
+        got = []
+        for z, a in steps:
+            got += outputs(m(z, **a))
+        assert len(calls) == (len(steps) if native_stats else 0)
+        states.append(m.state_dict())
+        outs.append(got)
+        restarts.append(sum(b.restart_count for b in m.books))
+    assert restarts[0] == restarts[1] and restarts[0] > 0
+    for k in states[1]:  # NaN rows never reach the state: plain equality
+        assert torch.equal(states[0][k], states[1][k]), k
+    for a, b in zip(*outs):  # z_q of the NaN row is NaN on both sides
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
 @needs_cpu
 @pytest.mark.parametrize("case", ["plain", "dropout+mask", "cosine", "no-ema", "bf16"])
 def test_native_training_statistics_are_the_stage_loops(case, monkeypatch):
@@ -165,7 +192,6 @@ def test_native_training_statistics_are_the_stage_loops(case, monkeypatch):
     # call (residual_stats) and rebuilds only the restart candidates' rows; the stage loop it
     # replaces takes them with bincount / index_add_ on each stage's residual. Same buffers, same
     # restarts, bit for bit, over steps with NaN rows, padding, dropout and dead codes.
-    from vqkernels.quantizers import multi
     gen = _gen(71)
     D = 37 if case != "cosine" else 8  # not a multiple of a 16-float line
     kw = dict(cosine=case == "cosine", ema=case != "no-ema")
@@ -180,30 +206,15 @@ def test_native_training_statistics_are_the_stage_loops(case, monkeypatch):
             a = dict(mask=torch.rand(400, generator=gen) < 0.85,
                      active_stages=torch.randint(0, 4, (400,), generator=gen))
         steps.append((z.bfloat16() if case == "bf16" else z, a))
-    states, outs, restarts = [], [], []
-    for native_stats in (True, False):
-        monkeypatch.setattr(multi, "_NATIVE_STATS", native_stats)
-        calls = []
-        real = multi.ResidualVectorQuantizer._native_upkeep
-        monkeypatch.setattr(multi.ResidualVectorQuantizer, "_native_upkeep",
-                            lambda self, *a: calls.append(1) or real(self, *a))
+
+    def make():
         torch.manual_seed(5)
-        m = ResidualVectorQuantizer(D, 3, [24, 16, 20], restart_after=1, restart_pool=64,
-                                    kmeans_init=False, backend="cpu", seed=9, **kw)
-        m.train()
-        got = []
-        for z, a in steps:
-            o = m(z, **a)
-            got += [o.indices, o.z_q.float(), torch.stack([o.perplexity.float().sum()])]
-        assert len(calls) == (len(steps) if native_stats else 0)
-        states.append(m.state_dict())
-        outs.append(got)
-        restarts.append(sum(b.restart_count for b in m.books))
-    assert restarts[0] == restarts[1] and restarts[0] > 0
-    for k in states[1]:  # NaN rows never reach the state: plain equality
-        assert torch.equal(states[0][k], states[1][k]), k
-    for a, b in zip(*outs):  # z_q of the NaN row is NaN on both sides
-        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+        return ResidualVectorQuantizer(D, 3, [24, 16, 20], restart_after=1, restart_pool=64,
+                                       kmeans_init=False, backend="cpu", seed=9, **kw)
+
+    _native_stats_on_off(
+        monkeypatch, ResidualVectorQuantizer, "_native_upkeep", make, steps,
+        lambda o: [o.indices, o.z_q.float(), torch.stack([o.perplexity.float().sum()])])
 
 
 @needs_cpu
@@ -212,7 +223,6 @@ def test_native_grouped_training_statistics_are_the_group_loops(case, monkeypatc
     # GroupedVectorQuantizer (CPU, one grouped call) takes every group's counts and EMA sums from
     # one native call (residual_stats, grouped: straight from the groups' columns); the loop it
     # replaces runs bincount / index_add_ per group. Same states and outputs, bit for bit.
-    from vqkernels.quantizers import multi
     gen = _gen(75)
     G, d = 3, 12
     kw = dict(ema=case != "no-ema", codebook_dim=5 if case == "projected" else None)
@@ -226,30 +236,14 @@ def test_native_grouped_training_statistics_are_the_group_loops(case, monkeypatc
         if case == "channel-first":
             z, a = z.reshape(3, 100, G * d).transpose(1, 2), dict(dim=1)
         steps.append((z, a))
-    states, outs, restarts = [], [], []
-    for native_stats in (True, False):
-        monkeypatch.setattr(multi, "_NATIVE_STATS", native_stats)
-        calls = []
-        real = multi.GroupedVectorQuantizer._native_group_upkeep
-        monkeypatch.setattr(multi.GroupedVectorQuantizer, "_native_group_upkeep",
-                            lambda self, *a: calls.append(1) or real(self, *a))
+
+    def make():
         torch.manual_seed(6)
-        m = GroupedVectorQuantizer(G * d, G, [24, 16, 20], restart_after=1, restart_pool=64,
-                                   kmeans_init=False, backend="cpu", seed=4, **kw)
-        m.train()
-        got = []
-        for z, a in steps:
-            o = m(z, **a)
-            got += [o.indices, o.z_q.detach(), o.perplexity]
-        assert len(calls) == (len(steps) if native_stats else 0)
-        states.append(m.state_dict())
-        outs.append(got)
-        restarts.append(sum(b.restart_count for b in m.books))
-    assert restarts[0] == restarts[1] and restarts[0] > 0
-    for k in states[1]:
-        assert torch.equal(states[0][k], states[1][k]), k
-    for a, b in zip(*outs):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+        return GroupedVectorQuantizer(G * d, G, [24, 16, 20], restart_after=1, restart_pool=64,
+                                      kmeans_init=False, backend="cpu", seed=4, **kw)
+
+    _native_stats_on_off(monkeypatch, GroupedVectorQuantizer, "_native_group_upkeep", make, steps,
+                         lambda o: [o.indices, o.z_q.detach(), o.perplexity])
 
 
 @needs_cpu

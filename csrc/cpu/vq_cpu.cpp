@@ -1107,6 +1107,18 @@ void residual_forward(const ResidualArgs& a, int num_threads) {
 // any thread count. Rows that sit a stage out are the loop's `clamp(min=0)` rows: code 0 with
 // weight 0, residual unchanged.
 
+// One row's unit row u = x / den, as the forward's unit_tile (search_impl.h) and _unit_rows build
+// it: den = the float64 sum of squares in d order, its square root rounded once to fp32, clamped
+// at 1e-12 (clamp_min keeps NaN as NaN); each element one fp32 division. Returns den.
+inline float unit_row(const float* __restrict x, int64_t D, float* __restrict u) {
+  double ss = 0.0;
+  for (int64_t d = 0; d < D; ++d) ss += (double)x[d] * (double)x[d];
+  float den = (float)std::sqrt(ss);
+  if (!(den >= 1e-12f) && den == den) den = 1e-12f;
+  for (int64_t d = 0; d < D; ++d) u[d] = x[d] / den;
+  return den;
+}
+
 // Cosine residual backward, one row's commitment term through the normalisation (see vqk.h,
 // ResidualBackwardArgs::cosine): g += (g_u - u p) / den with g_u = wc (u - e) and p the float64
 // dot of u and g_u in d order (0 where the norm was clamped), every product, difference and
@@ -1190,7 +1202,7 @@ void residual_backward(const ResidualBackwardArgs& a, int num_threads) {
     // row's unit row into U (every row where the codebook gradient is wanted, since the sums below
     // read U for weight-0 rows too) and adds its commitment term to gx; the rows' codebook sums
     // then read U. A stage with no codebook gradient updates the residual in this pass.
-    auto unit_row = [&](int64_t n) {
+    auto unit_pass = [&](int64_t n) {
       const int64_t i = idx[n];
       const bool on = i >= 0;
       const float wc = gcm && on ? 2 * gcm[n] : 0.0f;
@@ -1199,11 +1211,7 @@ void residual_backward(const ResidualBackwardArgs& a, int num_threads) {
       float* xr = r + n * D;
       if (wc != 0 || gcb) {
         float* u = U + n * D;
-        double ss = 0.0;
-        for (int64_t d = 0; d < D; ++d) ss += (double)xr[d] * (double)xr[d];
-        float den = (float)std::sqrt(ss);
-        if (!(den >= 1e-12f) && den == den) den = 1e-12f;  // clamp_min(eps) keeps NaN as NaN
-        for (int64_t d = 0; d < D; ++d) u[d] = xr[d] / den;
+        const float den = unit_row(xr, D, u);
         if (wc != 0) cosine_commit_row(u, e, wc, den, D, gx + n * D);
       }
       if (!gcb && update && on)
@@ -1231,7 +1239,7 @@ void residual_backward(const ResidualBackwardArgs& a, int num_threads) {
     };
     if (a.cosine && (gcm || gcb || update))
       parallel_chunks(N, 64, threads, [&](int64_t lo, int64_t hi, int) {
-        for (int64_t n = lo; n < hi; ++n) unit_row(n);
+        for (int64_t n = lo; n < hi; ++n) unit_pass(n);
       });
     if (!gcb) {
       if (!a.cosine && (gcm || update))
@@ -1359,12 +1367,7 @@ void residual_stats(const ResidualStatsArgs& a, int num_threads) {
       for (int64_t n = lo; n < hi; ++n) {
         float* xr = r + n * D;
         if (sums && take[n]) {
-          float* u = U + n * D;
-          double ss = 0.0;
-          for (int64_t d = 0; d < D; ++d) ss += (double)xr[d] * (double)xr[d];
-          float den = (float)std::sqrt(ss);
-          if (!(den >= 1e-12f) && den == den) den = 1e-12f;  // clamp_min(eps) keeps NaN as NaN
-          for (int64_t d = 0; d < D; ++d) u[d] = xr[d] / den;
+          unit_row(xr, D, U + n * D);
         }
         if (update && idx[n] >= 0) {
           const float* e = cb + idx[n] * D;

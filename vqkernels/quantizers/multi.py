@@ -358,21 +358,30 @@ class ResidualVectorQuantizer(_Books):
             take.data_ptr(), self.cosine, [t.data_ptr() if t is not None else 0 for t in sums],
             [t.data_ptr() for t in counts], max(1, torch.get_num_threads()))
 
-        sat_out = out.indices.numel() > 0 and bool((out.indices < 0).any())
+        # The restart candidates: every stage's drawn rows rebuilt together, stage s's rows as
+        # x - e_0 - ... - e_{s-1}, each stage's code subtracted where the row took part in it, in
+        # stage order (the full residual's bits: a row that sat stage t out keeps its value, as
+        # subtracting the 0 the loop puts there does); then unit rows when cosine (row by row).
+        sels = [b._restart_draw(N, ctx, x.device) for b in self.books]
+        drawn = [s for s in range(S) if sels[s] is not None]
+        cand = {}
+        if drawn:
+            sel_all = torch.cat([sels[s] for s in drawn])
+            stage = torch.cat([torch.full((sels[s].numel(),), s) for s in drawn])
+            rs = x.index_select(0, sel_all)
+            for t in range(max(drawn)):
+                it = idx[t].index_select(0, sel_all)
+                e = cb32[t].index_select(0, it.clamp(min=0))
+                rs = torch.where(((stage > t) & (it >= 0))[:, None], rs - e, rs)
+            if self.cosine:
+                rs = _unit_rows(rs)
+            cand = dict(zip(drawn, rs.split([sels[s].numel() for s in drawn])))
 
         def rows_at(s):
-            def at(sel):
-                # Stage s's rows at sel: x - e_0 - ... - e_{s-1}, each stage's codes subtracted
-                # where the row took part in it, in stage order (the full residual's bits).
-                rs = x.index_select(0, sel)
-                for t in range(s):
-                    it = idx[t].index_select(0, sel)
-                    e = cb32[t].index_select(0, it.clamp(min=0) if sat_out else it)
-                    rs = rs - (e.masked_fill_((it < 0)[:, None], 0) if sat_out else e)
-                return _unit_rows(rs) if self.cosine else rs
-            return at
+            return lambda sel: cand[s]
 
-        return [b._pack_stats(counts[s], sums[s], N, rows_at(s), take[s], ctx, parts=True)
+        return [b._pack_stats(counts[s], sums[s], N, rows_at(s), take[s], ctx, parts=True,
+                              sel=sels[s])
                 for s, b in enumerate(self.books)]
 
     def _cosine_native(self, rows: Tensor) -> bool:

@@ -314,13 +314,24 @@ class VectorQuantizer(nn.Module):
         return self._pack_stats(counts, sums, rows.shape[0],
                                 lambda sel: rows.index_select(0, sel), ok, ctx)
 
+    def _restart_draw(self, n_rows: int, ctx: DistContext, device) -> Optional[Tensor]:
+        """The rows (indices into this step's n_rows) whose values become this rank's restart
+        candidates (None without restarts): seeded per book, rank and step."""
+        if self.restart_after is None:
+            return None
+        m = self._samples_per_rank(ctx.world)
+        return pick_rows(n_rows, m, seeded_generator(self.seed, 1, ctx.rank, self._steps_done),
+                         device)
+
     def _pack_stats(self, counts: Tensor, sums: Optional[Tensor], n_rows: int, rows_at,
-                    ok: Tensor, ctx: DistContext, parts: bool = False):
+                    ok: Tensor, ctx: DistContext, parts: bool = False,
+                    sel: Optional[Tensor] = None):
         """`_upkeep_pack`'s buffer from statistics already taken: counts (K,) of the rows that take
         part, sums (K, D) of those rows in the stat dtype (None without EMA), and for the restart
         candidates `rows_at(sel)`, the rows (all n_rows of them, in order) at indices sel, with
-        ok (n_rows,) marking the ones that take part. parts=True: the buffer's pieces as a list,
-        in order (for a caller that concatenates several books' at once)."""
+        ok (n_rows,) marking the ones that take part. sel: `_restart_draw`'s draw when the caller
+        made it already. parts=True: the buffer's pieces as a list, in order (for a caller that
+        concatenates several books' at once)."""
         D = self.dim
         sd = self._stat_dtype()
         # One flat buffer, one all_reduce: [counts K | EMA sums K*D | restart candidates].
@@ -330,8 +341,8 @@ class VectorQuantizer(nn.Module):
             out.append(sums.reshape(-1))
         if self.restart_after is not None:
             m = self._samples_per_rank(ctx.world)
-            sel = pick_rows(n_rows, m, seeded_generator(self.seed, 1, ctx.rank, self._steps_done),
-                            ok.device)
+            if sel is None:
+                sel = self._restart_draw(n_rows, ctx, ok.device)
             # An all_gather as a sum of disjoint slots, so it rides in the same all_reduce; the
             # last column marks the slots a rank with fewer than m rows left empty.
             slot = torch.zeros(ctx.world, m, D + 1, dtype=sd, device=ok.device)

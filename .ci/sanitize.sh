@@ -81,6 +81,7 @@ if [ $# -eq 0 ]; then
   set -- "$ROOT/tests/test_cpu_kernel.py" "$ROOT/tests/test_exact.py" "$ROOT/tests/test_fuzz.py" \
     "$ROOT/tests/test_cpu_pool.py" "$ROOT/tests/test_residual.py" \
     "$ROOT/tests/test_multi_quantizers.py::test_native_residual_stats_are_index_add_on_each_residual" \
+    "$ROOT/tests/test_multi_quantizers.py::test_native_residual_stats_restart_candidates_are_each_stages_rows" \
     "$ROOT/tests/test_multi_quantizers.py::test_native_grouped_stats_are_index_add_on_each_groups_columns" \
     "$ROOT/tests/test_multi_quantizers.py::test_native_training_statistics_are_the_stage_loops" \
     "$ROOT/tests/test_multi_quantizers.py::test_native_grouped_training_statistics_are_the_group_loops" \

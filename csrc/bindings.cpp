@@ -140,7 +140,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_residual_stats",
         [](int64_t N, int64_t D, int64_t x, std::vector<int64_t> codebooks, std::vector<int64_t> Ks,
            int64_t indices, int64_t take, bool cosine, std::vector<int64_t> sums,
-           std::vector<int64_t> counts, int num_threads, bool grouped) {
+           std::vector<int64_t> counts, int num_threads, bool grouped, std::vector<int64_t> cand_rows,
+           std::vector<int64_t> cand_n, std::vector<int64_t> cand) {
           if (codebooks.size() != Ks.size() || codebooks.size() != sums.size() ||
               codebooks.size() != counts.size() || codebooks.empty())
             throw std::invalid_argument("vqkernels._C: one K, one sums and one counts per codebook, at least one stage");
@@ -150,17 +151,29 @@ PYBIND11_MODULE(_C, m) {
           for (int64_t p : codebooks) cbs.push_back(ptr<const float>(p));
           for (int64_t p : sums) sp.push_back(ptr<float>(p));
           for (int64_t p : counts) cp.push_back(ptr<int64_t>(p));
+          const bool with_cands = !cand_rows.empty();
+          if (with_cands && (cand_rows.size() != Ks.size() || cand_n.size() != Ks.size() ||
+                             cand.size() != Ks.size()))
+            throw std::invalid_argument("vqkernels._C: cand_rows, cand_n and cand: one per codebook, or none");
+          std::vector<const int64_t*> crp;
+          std::vector<float*> cdp;
+          for (int64_t p : cand_rows) crp.push_back(ptr<const int64_t>(p));
+          for (int64_t p : cand) cdp.push_back(ptr<float>(p));
           vqk::ResidualStatsArgs a{N, D, (int64_t)cbs.size(), ptr<const float>(x), cbs.data(), Ks.data(),
                                    ptr<const int64_t>(indices), ptr<const bool>(take), cosine, sp.data(),
-                                   cp.data(), grouped};
+                                   cp.data(), grouped, with_cands ? crp.data() : nullptr,
+                                   with_cands ? cand_n.data() : nullptr, with_cands ? cdp.data() : nullptr};
           py::gil_scoped_release nogil;
           vqk::cpu_residual_stats(a, num_threads);
         },
         py::arg("N"), py::arg("D"), py::arg("x"), py::arg("codebooks"), py::arg("Ks"),
         py::arg("indices"), py::arg("take"), py::arg("cosine"), py::arg("sums"), py::arg("counts"),
         py::arg("num_threads"), py::arg("grouped") = false,
+        py::arg("cand_rows") = std::vector<int64_t>{}, py::arg("cand_n") = std::vector<int64_t>{},
+        py::arg("cand") = std::vector<int64_t>{},
         "Residual VQ codebook statistics, fp32: every stage's counts and index_add_ sums of its "
-        "inputs in one call (see vqk.h, ResidualStatsArgs).");
+        "inputs in one call, and optionally its restart candidates' rows (see vqk.h, "
+        "ResidualStatsArgs).");
 
   m.def("cpu_grouped_forward",
         [](View x, std::vector<int64_t> codebooks, std::vector<int64_t> Ks, View zq,

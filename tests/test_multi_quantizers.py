@@ -293,6 +293,55 @@ def test_native_residual_stats_are_index_add_on_each_residual(D):
 
 
 @needs_cpu
+@pytest.mark.parametrize("cosine", [False, True])
+@pytest.mark.parametrize("D", [1, 8, 37])
+def test_native_residual_stats_restart_candidates_are_each_stages_rows(D, cosine):
+    # The restart candidates the native call writes against their definition: stage s's input
+    # r_s (its unit row _unit_rows(r_s) when cosine, the bits the sums add) at the drawn rows,
+    # 0 where the row is not taken; stages that want only candidates (no sums, no counts), one
+    # past the last stage with sums, a stage with none, rows drawn twice; one and two threads.
+    from vqkernels.residual import _unit_rows
+    gen = _gen(81 + D + cosine)
+    N, Ks = 2500, [40, 7, 300, 5]
+    S = len(Ks)
+    x = torch.randn(N, D, generator=gen) * 50
+    x[7] = float("nan")  # a NaN row's candidates are NaN where taken
+    cbs = [torch.randn(K, D, generator=gen) * 50 * 0.5 ** s for s, K in enumerate(Ks)]
+    idx = torch.stack([torch.randint(-1, K, (N,), generator=gen) for K in Ks]).contiguous()
+    take = ((torch.rand(S, N, generator=gen) < 0.9) & (idx >= 0)).contiguous()
+    take[:, 7] = idx[:, 7] >= 0
+    sels = [torch.randint(0, N, (m,), generator=gen) for m in (64, 0, 200, 33)]
+    sels[0][:3] = torch.tensor([7, 7, N - 1])
+    want_sums = [True, False, False, False]  # stages 2 and 3: candidates only
+    res = []
+    for threads in (1, 2):
+        cand = [torch.full((t.numel(), D), 5.0) for t in sels]
+        sums = [torch.empty(K, D) for K in Ks]
+        native.module().cpu_residual_stats(
+            N, D, x.data_ptr(), [c.data_ptr() for c in cbs], Ks, idx.data_ptr(), take.data_ptr(),
+            cosine, [t.data_ptr() if w else 0 for t, w in zip(sums, want_sums)], [0] * S,
+            threads, False, [t.data_ptr() for t in sels], [t.numel() for t in sels],
+            [t.data_ptr() for t in cand])
+        res.append(cand)
+    r = x.clone()
+    for s, (K, cb) in enumerate(zip(Ks, cbs)):
+        rows = (_unit_rows(r) if cosine else r)[sels[s]]
+        want = torch.where(take[s][sels[s]][:, None], rows, 0)
+        torch.testing.assert_close(res[0][s], want, rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(res[1][s], want, rtol=0, atol=0, equal_nan=True)
+        i = idx[s]
+        r = r - torch.where((i >= 0)[:, None], cb[i.clamp(min=0)], 0)
+    assert res[0][0][0].isnan().all() == bool(take[0, 7]) and (res[0][2] != 0).any()
+    with pytest.raises(ValueError, match="candidate row out of range"):
+        bad = sels[2].clone()
+        bad[5] = N
+        native.module().cpu_residual_stats(
+            N, D, x.data_ptr(), [c.data_ptr() for c in cbs], Ks, idx.data_ptr(), take.data_ptr(),
+            cosine, [0] * S, [0] * S, 1, False, [t.data_ptr() for t in sels[:2]] + [bad.data_ptr(), 0],
+            [64, 0, 200, 0], [t.data_ptr() for t in res[0][:3]] + [0])
+
+
+@needs_cpu
 @pytest.mark.parametrize("d", [1, 12, 40])
 def test_native_grouped_stats_are_index_add_on_each_groups_columns(d):
     gen = _gen(77 + d)

@@ -1278,12 +1278,20 @@ void residual_stats(const ResidualStatsArgs& a, int num_threads) {
   if (S <= 0) throw std::invalid_argument("vqkernels: residual VQ needs at least one stage");
   if (a.grouped && a.cosine)
     throw std::invalid_argument("vqkernels: residual stats: grouped rows are not cosine");
+  // Stage s's restart candidates wanted: cand_n[s] rows into cand[s].
+  const auto cands = [&a](int64_t s) {
+    return a.cand_rows && a.cand_rows[s] && a.cand && a.cand[s] && a.cand_n && a.cand_n[s] > 0;
+  };
   int64_t last = -1;
   for (int64_t s = 0; s < S; ++s) {
     if (a.Ks[s] <= 0) throw std::invalid_argument("vqkernels: every stage needs K >= 1 codes");
+    if (cands(s))
+      for (int64_t j = 0; j < a.cand_n[s]; ++j)
+        if (a.cand_rows[s][j] < 0 || a.cand_rows[s][j] >= N)
+          throw std::invalid_argument("vqkernels: residual stats: a candidate row out of range");
     if (a.sums[s]) std::fill(a.sums[s], a.sums[s] + a.Ks[s] * D, 0.0f);
     if (a.counts[s]) std::fill(a.counts[s], a.counts[s] + a.Ks[s], int64_t(0));
-    if (a.sums[s] || a.counts[s]) last = s;
+    if (a.sums[s] || a.counts[s] || cands(s)) last = s;
   }
   if (N == 0 || last < 0) return;
   for (int64_t s = 0; s <= last; ++s) {
@@ -1297,12 +1305,28 @@ void residual_stats(const ResidualStatsArgs& a, int num_threads) {
         if (take[n]) ++a.counts[s][idx[n]];
   }
   if (D == 0) return;
-  bool any_sums = false;
-  for (int64_t s = 0; s <= last; ++s) any_sums = any_sums || a.sums[s];
-  if (!any_sums) return;
-  int64_t last_sum = 0;
+  // The last stage whose rows are wanted (sums or candidates): the residual is kept up to it.
+  int64_t last_sum = -1;
   for (int64_t s = 0; s <= last; ++s)
-    if (a.sums[s]) last_sum = s;
+    if (a.sums[s] || cands(s)) last_sum = s;
+  if (last_sum < 0) return;
+  // Stage s's candidates from its input rows (row(n): r_s of row n), before the stage's update:
+  // the row itself, or its unit row when cosine (unit_row: the sums' bits), 0 where not taken.
+  const auto take_cands = [&](int64_t s, const auto& row) {
+    if (!cands(s)) return;
+    const bool* take = a.take + s * N;
+    for (int64_t j = 0; j < a.cand_n[s]; ++j) {
+      const int64_t n = a.cand_rows[s][j];
+      float* out = a.cand[s] + j * D;
+      const float* xr = row(n);
+      if (!take[n])
+        std::fill(out, out + D, 0.0f);
+      else if (a.cosine)
+        unit_row(xr, D, out);
+      else
+        std::copy(xr, xr + D, out);
+    }
+  };
   const int threads = (int)std::max<int64_t>(1, std::min<int64_t>(
       num_threads, 1 + (int64_t)((double)N * (double)D * (a.cosine ? 3.0 : 1.0) / 2.0e5)));
   // Columns are shared out in one block per thread (whole 64-byte lines): each block adds every
@@ -1327,6 +1351,7 @@ void residual_stats(const ResidualStatsArgs& a, int num_threads) {
       float* sums = a.sums[s];
       const bool update = !a.grouped && s < last_sum;
       float* rows = a.grouped ? const_cast<float*>(a.x) + s * D : r;  // grouped: only read
+      take_cands(s, [&](int64_t n) { return rows + n * rs; });
       if (!sums && !update) continue;
       parallel_chunks(blocks, 1, (int)blocks, [&](int64_t b0, int64_t b1, int) {
         for (int64_t b = b0; b < b1; ++b) {
@@ -1363,6 +1388,7 @@ void residual_stats(const ResidualStatsArgs& a, int num_threads) {
     const bool* take = a.take + s * N;
     float* sums = a.sums[s];
     const bool update = s < last_sum;
+    take_cands(s, [&](int64_t n) { return r + n * D; });
     parallel_chunks(N, 64, threads, [&](int64_t lo, int64_t hi, int) {
       for (int64_t n = lo; n < hi; ++n) {
         float* xr = r + n * D;

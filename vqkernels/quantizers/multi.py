@@ -340,48 +340,34 @@ class ResidualVectorQuantizer(_Books):
                        valid: Optional[Tensor], ctx: DistContext) -> list[Tensor]:
         """The stage loop's `_upkeep_pack` buffers, bit for bit, from one native call
         (csrc/cpu/vq_cpu.cpp, residual_stats): each stage's counts and index_add_-ordered sums of
-        the residuals (unit rows when cosine) it searched, with one residual buffer and no N x D
-        temporaries; the restart candidates' rows are rebuilt at the drawn rows only."""
+        the residuals (unit rows when cosine) it searched, and its restart candidates' rows (the
+        same residuals at the rows drawn), with one residual buffer and no N x D temporaries."""
         N, D = r.shape
-        S = self.num_stages
         x = r.contiguous()
         cb32 = [cb.detach().to(torch.float32).contiguous() for cb in cbs]
         idx = out.indices.t().contiguous()  # (S, N)
-        take = torch.stack([torch.isfinite(upkeep_errors(out.sqerr[:, s], idx[s], valid))
-                            for s in range(S)]).contiguous()
+        # upkeep_errors' finite rows, every stage at once: the row took part and its error is finite.
+        take = (idx >= 0) & torch.isfinite(out.sqerr.t())
+        if valid is not None:
+            take &= valid
+        take = take.contiguous()
         Ks = [cb.shape[0] for cb in cb32]
         counts = [torch.empty(K, dtype=torch.long) for K in Ks]
         sums = [torch.empty(K, D, dtype=torch.float32) if b.ema else None
                 for b, K in zip(self.books, Ks)]
+        sels = [b._restart_draw(N, ctx, x.device) for b in self.books]
+        sels = [None if sel is None else sel.contiguous() for sel in sels]
+        cand = [None if sel is None else torch.empty(sel.numel(), D, dtype=torch.float32)
+                for sel in sels]
         native.module().cpu_residual_stats(
             N, D, x.data_ptr(), [cb.data_ptr() for cb in cb32], Ks, idx.data_ptr(),
             take.data_ptr(), self.cosine, [t.data_ptr() if t is not None else 0 for t in sums],
-            [t.data_ptr() for t in counts], max(1, torch.get_num_threads()))
-
-        # The restart candidates: every stage's drawn rows rebuilt together, stage s's rows as
-        # x - e_0 - ... - e_{s-1}, each stage's code subtracted where the row took part in it, in
-        # stage order (the full residual's bits: a row that sat stage t out keeps its value, as
-        # subtracting the 0 the loop puts there does); then unit rows when cosine (row by row).
-        sels = [b._restart_draw(N, ctx, x.device) for b in self.books]
-        drawn = [s for s in range(S) if sels[s] is not None]
-        cand = {}
-        if drawn:
-            sel_all = torch.cat([sels[s] for s in drawn])
-            stage = torch.cat([torch.full((sels[s].numel(),), s) for s in drawn])
-            rs = x.index_select(0, sel_all)
-            for t in range(max(drawn)):
-                it = idx[t].index_select(0, sel_all)
-                e = cb32[t].index_select(0, it.clamp(min=0))
-                rs = torch.where(((stage > t) & (it >= 0))[:, None], rs - e, rs)
-            if self.cosine:
-                rs = _unit_rows(rs)
-            cand = dict(zip(drawn, rs.split([sels[s].numel() for s in drawn])))
-
-        def rows_at(s):
-            return lambda sel: cand[s]
-
-        return [b._pack_stats(counts[s], sums[s], N, rows_at(s), take[s], ctx, parts=True,
-                              sel=sels[s])
+            [t.data_ptr() for t in counts], max(1, torch.get_num_threads()), False,
+            [0 if t is None else t.data_ptr() for t in sels],
+            [0 if t is None else t.numel() for t in sels],
+            [0 if t is None else t.data_ptr() for t in cand])
+        return [b._pack_stats(counts[s], sums[s], N, None, take[s], ctx, parts=True,
+                              sel=sels[s], cand=cand[s])
                 for s, b in enumerate(self.books)]
 
     def _cosine_native(self, rows: Tensor) -> bool:

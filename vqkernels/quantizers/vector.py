@@ -325,12 +325,13 @@ class VectorQuantizer(nn.Module):
 
     def _pack_stats(self, counts: Tensor, sums: Optional[Tensor], n_rows: int, rows_at,
                     ok: Tensor, ctx: DistContext, parts: bool = False,
-                    sel: Optional[Tensor] = None):
+                    sel: Optional[Tensor] = None, cand: Optional[Tensor] = None):
         """`_upkeep_pack`'s buffer from statistics already taken: counts (K,) of the rows that take
         part, sums (K, D) of those rows in the stat dtype (None without EMA), and for the restart
         candidates `rows_at(sel)`, the rows (all n_rows of them, in order) at indices sel, with
         ok (n_rows,) marking the ones that take part. sel: `_restart_draw`'s draw when the caller
-        made it already. parts=True: the buffer's pieces as a list, in order (for a caller that
+        made it already; cand: those rows themselves when the caller has them too (rows_at is
+        then not called). parts=True: the buffer's pieces as a list, in order (for a caller that
         concatenates several books' at once)."""
         D = self.dim
         sd = self._stat_dtype()
@@ -347,7 +348,8 @@ class VectorQuantizer(nn.Module):
             # last column marks the slots a rank with fewer than m rows left empty.
             slot = torch.zeros(ctx.world, m, D + 1, dtype=sd, device=ok.device)
             sel_ok = ok.index_select(0, sel)
-            slot[ctx.rank, :sel.numel(), :D] = torch.where(sel_ok[:, None], rows_at(sel).to(sd), 0)
+            rows = cand if cand is not None else rows_at(sel)
+            slot[ctx.rank, :sel.numel(), :D] = torch.where(sel_ok[:, None], rows.to(sd), 0)
             slot[ctx.rank, :sel.numel(), D] = sel_ok.to(sd)
             out.append(slot.view(-1))
         return out if parts else torch.cat(out)

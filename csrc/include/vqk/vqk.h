@@ -180,7 +180,10 @@ struct GroupedBackwardArgs {
 // indices[s * N + n] >= 0 (the forward's residual, bit for bit). A row with take set must have an
 // index >= 0. Either output of a stage may be null (not wanted). grouped: no residual, stage
 // (group) s's rows are x's columns [s D, (s + 1) D) of an N x (S D) x (GroupedVectorQuantizer's
-// upkeep; not with cosine).
+// upkeep; not with cosine). Restart candidates (optional, per stage): where cand_n[s] > 0,
+// cand[s] (cand_n[s] x D) gets stage s's input rows -- r_s, or its unit row when cosine, the same
+// bits as the sums add -- at rows cand_rows[s][j] (each in [0, N)), and zeros where that row is
+// not taken.
 struct ResidualStatsArgs {
   int64_t N, D, S;
   const float* x;                // N x D, contiguous
@@ -192,6 +195,9 @@ struct ResidualStatsArgs {
   float* const* sums;       // S entries, Ks[s] x D or null
   int64_t* const* counts;   // S entries, Ks[s] or null
   bool grouped = false;
+  const int64_t* const* cand_rows = nullptr;  // S entries (or null: no candidates)
+  const int64_t* cand_n = nullptr;            // S entries
+  float* const* cand = nullptr;               // S entries, cand_n[s] x D or null
 };
 
 // CPU entry points. num_threads <= 0 means one thread.

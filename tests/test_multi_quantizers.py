@@ -339,6 +339,11 @@ def test_native_residual_stats_restart_candidates_are_each_stages_rows(D, cosine
             N, D, x.data_ptr(), [c.data_ptr() for c in cbs], Ks, idx.data_ptr(), take.data_ptr(),
             cosine, [0] * S, [0] * S, 1, False, [t.data_ptr() for t in sels[:2]] + [bad.data_ptr(), 0],
             [64, 0, 200, 0], [t.data_ptr() for t in res[0][:3]] + [0])
+    with pytest.raises(ValueError, match="one per codebook"):
+        native.module().cpu_residual_stats(
+            N, D, x.data_ptr(), [c.data_ptr() for c in cbs], Ks, idx.data_ptr(), take.data_ptr(),
+            cosine, [0] * S, [0] * S, 1, False, [t.data_ptr() for t in sels[:3]],
+            [t.numel() for t in sels[:3]], [t.data_ptr() for t in res[0][:3]])
 
 
 @needs_cpu

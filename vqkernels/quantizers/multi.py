@@ -346,17 +346,13 @@ class ResidualVectorQuantizer(_Books):
         x = r.contiguous()
         cb32 = [cb.detach().to(torch.float32).contiguous() for cb in cbs]
         idx = out.indices.t().contiguous()  # (S, N)
-        # upkeep_errors' finite rows, every stage at once: the row took part and its error is finite.
-        take = (idx >= 0) & torch.isfinite(out.sqerr.t())
-        if valid is not None:
-            take &= valid
-        take = take.contiguous()
+        # The rows each stage's book keeps up on, every stage at once ((S, N), valid broadcast).
+        take = torch.isfinite(upkeep_errors(out.sqerr.t(), idx, valid)).contiguous()
         Ks = [cb.shape[0] for cb in cb32]
         counts = [torch.empty(K, dtype=torch.long) for K in Ks]
         sums = [torch.empty(K, D, dtype=torch.float32) if b.ema else None
                 for b, K in zip(self.books, Ks)]
-        sels = [b._restart_draw(N, ctx, x.device) for b in self.books]
-        sels = [None if sel is None else sel.contiguous() for sel in sels]
+        sels = [b._restart_draw(N, ctx, x.device) for b in self.books]  # 1-D, contiguous
         cand = [None if sel is None else torch.empty(sel.numel(), D, dtype=torch.float32)
                 for sel in sels]
         native.module().cpu_residual_stats(

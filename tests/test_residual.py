@@ -1068,3 +1068,27 @@ def test_usage_counts_and_perplexity_per_stage(Ks, weights):
         p = want / want.sum()
         ent = -(p[p > 0] * p[p > 0].log()).sum()
         torch.testing.assert_close(perp[s], ent.exp(), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("cosine", [False, True])
+def test_usage_without_mask_or_dropout_is_the_masked_form_with_every_row(cosine):
+    # residual_vq counts with no mask and no active_stages by an unweighted bincount; the same
+    # call with an all-True mask and every stage active takes the weighted form: equal counts
+    # (int64, each stage's bincount of its indices) and bitwise equal perplexity.
+    gen = _gen(337)
+    N, D, S = 300, 6, 3
+    z = torch.randn(N, D, generator=gen)
+    books = [torch.randn(K, D, generator=gen) for K in (9, 9, 9)]
+    books[1][4] = books[1][2]  # a duplicated code: only the lower index is ever counted
+    plain = vqkernels.residual_vq(z, books, cosine=cosine, backend="cpu")
+    full = vqkernels.residual_vq(z, books, cosine=cosine, backend="cpu",
+                                 mask=torch.ones(N, dtype=torch.bool),
+                                 active_stages=torch.full((N,), S))
+    assert torch.equal(plain.indices, full.indices)
+    for s in range(S):
+        assert plain.counts[s].dtype == torch.int64
+        assert torch.equal(plain.counts[s], full.counts[s])
+        assert torch.equal(plain.counts[s], torch.bincount(plain.indices[:, s], minlength=9))
+    assert int(plain.counts[1][4]) == 0
+    assert plain.perplexity.dtype == full.perplexity.dtype
+    assert torch.equal(plain.perplexity, full.perplexity)

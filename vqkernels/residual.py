@@ -436,8 +436,13 @@ def residual_vq(z: Tensor, codebooks: Codebooks, *, beta: float = 0.25,
     else:
         cb_loss, cm_loss = _SumRows.apply(err_cb) / denom, _SumRows.apply(err_cm) / denom
     loss = (cb_loss + beta * cm_loss).sum()
-    ok = indices >= 0 if valid is None else (indices >= 0) & valid
-    counts, perp = _usage(indices.clamp(min=0), [cb.shape[0] for cb in stages], ok.to(acc), acc)
+    Ks = [cb.shape[0] for cb in stages]
+    if active is None and valid is None:
+        # Every row at every stage: integer counts, no weights (no -1 index to clear).
+        counts, perp = _usage(indices, Ks, None, acc)
+    else:
+        ok = indices >= 0 if valid is None else (indices >= 0) & valid
+        counts, perp = _usage(indices.clamp(min=0), Ks, ok.to(acc), acc)
     z_q = z_q.reshape(*lead, D).movedim(-1, dim)
     # Straight-through on the sum: the op's z_q already carries grad z = grad z_q.
     return RVQOutput(z_q, indices.T.reshape(*lead, S), cb_loss, cm_loss, loss,

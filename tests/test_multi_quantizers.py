@@ -247,6 +247,80 @@ def test_native_grouped_training_statistics_are_the_group_loops(case, monkeypatc
 
 
 @needs_cpu
+@pytest.mark.parametrize("case", ["rvq", "rvq-cosine", "rvq-dropout+mask", "rvq-no-ema",
+                                  "rvq-no-restarts", "rvq-long-window", "rvq-pool-offset", "rvq-mixed", "rvq-shared",
+                                  "gvq", "gvq-projected", "float64"])
+def test_batched_upkeep_is_the_book_loop(case, monkeypatch):
+    # The books' summed statistics applied by one batched call (_upkeep_apply_books: foreach ops
+    # over books that agree in every setting) against book by book (_upkeep_apply): the same
+    # states, restarts and outputs, bit for bit, over steps with dead codes, NaN rows, padding
+    # and dropout (and with no code dead for long enough, the step that restarts nothing). Where
+    # the books differ (a decay, a shared book) the batched call declines and the loop runs; the
+    # test checks which of the two ran.
+    from vqkernels.quantizers import multi
+    gen = _gen(77)
+    D, S, K = (8 if "cosine" in case else 12), 3, 24
+    kw = dict(cosine="cosine" in case, ema="no-ema" not in case,
+              restart_after={"rvq-no-restarts": None, "rvq-long-window": 50}.get(case, 1))
+    steps = []
+    for t in range(6):
+        z = _clustered(gen, 300, D) * (1 + t)
+        if t % 3 == 1:
+            z[:150] = 0.01 * torch.randn(150, D, generator=gen) + 4.0  # most codes go dead
+        z[7] = float("nan")
+        a = {}
+        if "dropout+mask" in case:
+            a = dict(mask=torch.rand(300, generator=gen) < 0.85,
+                     active_stages=torch.randint(0, S + 1, (300,), generator=gen))
+        steps.append((z.double() if case == "float64" else z, a))
+
+    def make():
+        torch.manual_seed(8)
+        if case.startswith("gvq"):
+            m = GroupedVectorQuantizer(D, 2, K, restart_pool=32, kmeans_init=False, seed=3,
+                                       codebook_dim=5 if "projected" in case else None,
+                                       backend="cpu", **kw)
+        else:
+            m = ResidualVectorQuantizer(D, S, K, restart_pool=32, kmeans_init=False, seed=3,
+                                        shared_codebook=case == "rvq-shared", backend="cpu", **kw)
+        if case == "float64":
+            m = m.double()
+        if case == "rvq-mixed":
+            m.books[1].decay = 0.9
+        if case == "rvq-pool-offset":  # the pool is not refilled from slot 0: _push_pool per book
+            for b in m.books:
+                b._pool_ptr = 5
+                b.pool_ptr.fill_(5)
+        return m
+
+    real = VectorQuantizer._upkeep_apply_books
+    states, outs, restarts = [], [], []
+    for batched in (True, False):
+        monkeypatch.setattr(multi, "_BATCHED_APPLY", batched)
+        ran = []
+        monkeypatch.setattr(VectorQuantizer, "_upkeep_apply_books",
+                            staticmethod(lambda books, flat: ran.append(real(books, flat))
+                                         or ran[-1]))
+        m = make().train()
+        got = []
+        for z, a in steps:
+            o = m(z, **a)
+            got += [o.indices, o.z_q.detach(), o.perplexity]
+            got += [torch.tensor(list(st.values()), dtype=torch.float64) for st in m.stats()]
+        batches = case not in ("rvq-mixed", "rvq-shared")
+        assert ran == ([batches] * len(steps) if batched else []), ran
+        states.append(m.state_dict())
+        outs.append(got)
+        restarts.append(sum(int(b.restart_count) for b in m.books))
+    assert restarts[0] == restarts[1]
+    assert (restarts[0] > 0) == (case not in ("rvq-no-restarts", "rvq-long-window"))
+    for k in states[1]:
+        assert torch.equal(states[0][k], states[1][k]), k
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+@needs_cpu
 @pytest.mark.parametrize("D", [1, 8, 37, 64])
 def test_native_residual_stats_are_index_add_on_each_residual(D):
     # The native call against its definition: r_0 = x, r_{s+1} = r_s - e_s where the index is

@@ -32,6 +32,10 @@ _SEED_STRIDE = 7919
 # stage loop in _forward_fused, which tests compare it with by switching this off).
 _NATIVE_STATS = True
 
+# The books' summed statistics applied by one batched call (VectorQuantizer._upkeep_apply_books,
+# bitwise the book-by-book loop, which tests compare it with by switching this off).
+_BATCHED_APPLY = True
+
 
 def _counts_list(num_codes, n: int, name: str) -> list[int]:
     if isinstance(num_codes, int) and not isinstance(num_codes, bool):
@@ -141,9 +145,12 @@ class _Books(nn.Module):
         of parts `_pack_stats(..., parts=True)` gives, so that they are copied once) summed over
         the ranks in one all_reduce, then applied."""
         bufs = [b if isinstance(b, list) else [b] for b in bufs]
-        summed = ctx.all_reduce_(torch.cat([p for parts in bufs for p in parts])) \
-            .split([sum(p.numel() for p in parts) for parts in bufs])
-        for b, buf in zip(self.books, summed):
+        flat = ctx.all_reduce_(torch.cat([p for parts in bufs for p in parts]))
+        if _BATCHED_APPLY and len(bufs) == len(self.books) and \
+                VectorQuantizer._upkeep_apply_books(list(self.books), flat):
+            return
+        for b, buf in zip(self.books, flat.split([sum(p.numel() for p in parts)
+                                                  for parts in bufs])):
             b._upkeep_apply(buf)
 
     def _native_stats(self, r: Tensor) -> bool:

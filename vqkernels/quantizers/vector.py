@@ -375,6 +375,74 @@ class VectorQuantizer(nn.Module):
             restarts = self._restart(self._dead_window(counts_g))
         self._last_counts, self._last_restarts = counts_g, restarts
 
+    @staticmethod
+    def _upkeep_apply_books(books: list[VectorQuantizer], flat: Tensor) -> bool:
+        """Every book's `_upkeep_apply`, bit for bit, from `flat`: the books' summed buffers one
+        after another (the same length each). One foreach call per op for all the books instead
+        of a dozen small ops per book: 3.7 -> ~1 ms a step for 12 books of 1024 x 8 on a Zen 3
+        EPYC (family 25 model 1, 2 threads). Only for CPU books that agree in every setting the
+        step reads (the same op order on every book gives the same bits; on a GPU the foreach
+        kernels are not checked against the single ones here): returns False, having changed
+        nothing, for anything else (the caller then applies book by book)."""
+        b0, S = books[0], len(books)
+        same = ("num_codes", "dim", "ema", "decay", "decay_warmup", "eps", "restart_after",
+                "restart_pool", "_steps_done")
+        if S < 2 or flat.device.type != "cpu" or flat.numel() % S or any(
+                type(b) is not VectorQuantizer or b.codebook.device.type != "cpu"
+                or b.codebook.dtype != b0.codebook.dtype or b._stat_dtype() != flat.dtype
+                or any(getattr(b, a) != getattr(b0, a) for a in same) for b in books):
+            return False
+        K, D = b0.num_codes, b0.dim
+        mat = flat.view(S, -1)
+        counts = list(mat[:, :K].unbind(0))
+        decay = b0._decay_now()
+        for b in books:
+            b._steps_done += 1
+        torch._foreach_add_([b.step for b in books], 1)
+        unused = [b.steps_unused for b in books]
+        torch._foreach_add_(unused, 1)
+        # masked_fill_(counts > 0, 0) as a product with 0 / 1 (integers: the same values).
+        torch._foreach_mul_(unused, list((~(mat[:, :K] > 0)).long().unbind(0)))
+        if b0.ema:
+            ec, es = [b.ema_count for b in books], [b.ema_sum for b in books]
+            torch._foreach_mul_(ec, decay)
+            torch._foreach_add_(ec, counts, alpha=1 - decay)
+            torch._foreach_mul_(es, decay)
+            torch._foreach_add_(es, [m[K:K + K * D].view(K, D) for m in mat.unbind(0)],
+                                alpha=1 - decay)
+            n = [c.sum() for c in ec]  # laplace_smoothed, op for op
+            lap = torch._foreach_mul(torch._foreach_div(torch._foreach_add(ec, b0.eps),
+                                                        torch._foreach_add(n, K * b0.eps)), n)
+            torch._foreach_copy_([b.codebook for b in books],
+                                 torch._foreach_div(es, [x[:, None] for x in lap]))
+        if b0.restart_after is None:
+            for b, c in zip(books, counts):
+                b._last_counts, b._last_restarts = c, None
+            return True
+        cand = mat[:, K + (K * D if b0.ema else 0):].reshape(S, -1, D + 1)
+        G = cand.shape[1]
+        if all(b._pool_ptr == 0 and G >= b.restart_pool and b.pool_rows.shape[0] == G
+               and b.pool_rows.dtype == flat.dtype for b in books):
+            # _push_pool when the step's rows fill the pool from slot 0: its positions are
+            # 0 .. G - 1 and the pointer stays at 0.
+            torch._foreach_copy_([b.pool_rows for b in books], list(cand[:, :, :D].unbind(0)))
+            torch._foreach_copy_([b.pool_valid for b in books],
+                                 list((cand[:, :, D] > 0).unbind(0)))
+        else:
+            for b, c in zip(books, cand.unbind(0)):
+                b._push_pool(c[:, :D], c[:, D] > 0)
+        # _dead_window per book (each count summed on its own, as there), then _restart only
+        # where a code is dead (the check _restart itself makes first on the CPU).
+        ra = b0.restart_after
+        n = torch.stack([c.sum() for c in counts]).round().long().clamp(min=1)
+        window = torch.clamp(torch.div(ra * K + n - 1, n, rounding_mode="floor"), min=ra)
+        dead = (torch.stack(unused) >= window[:, None]).any(1).tolist()
+        for s, b in enumerate(books):
+            b._last_counts = counts[s]
+            b._last_restarts = b._restart(window[s]) if dead[s] else \
+                torch.zeros((), dtype=torch.long)
+        return True
+
     def _push_pool(self, rows: Tensor, valid: Tensor) -> None:
         G = rows.shape[0]
         P = max(self.restart_pool, G)

@@ -113,6 +113,7 @@ host() {
       local defs="" specs=() def spec def_spec flags
       for def_spec in \
           "VQK_HAVE_AVX2=csrc/cpu/search_avx2.cpp:-mavx2,-mfma,-mf16c" \
+          "VQK_HAVE_AVX2=csrc/cpu/search_avx2_small.cpp:-mavx2,-mfma,-mf16c" \
           "VQK_HAVE_AVX2=csrc/cpu/search_avx2_i16.cpp:-mavx2,-mfma,-mf16c" \
           "VQK_HAVE_AVX2=csrc/cpu/search_avx2_i8.cpp:-mavx2,-mfma,-mf16c" \
           "VQK_HAVE_AVX512=csrc/cpu/search_avx512.cpp:-mavx512f,-mavx512bw,-mavx512vl,-mavx512dq,-mfma,-mf16c,-Wno-maybe-uninitialized" \

@@ -4,8 +4,9 @@
     git worktree add /tmp/base <commit> && (cd /tmp/base && VQK_CUDA=OFF python setup.py build_ext --inplace)
     python benchmarks/ab_native.py /tmp/base/vqkernels/_C*.so [--threads 2] [--reps 15]
 
-Both builds run the same Python wrapper (vqkernels.nearest_code / vq_quantize with backend="cpu");
-only the compiled module is swapped between calls, so the ratio is the kernels' alone. Each shape
+Both builds run the same Python wrapper (vqkernels.nearest_code / vq_quantize / residual_vq with
+backend="cpu"); only the compiled module is swapped between calls, so the ratio is the kernels'
+alone (--op residual_vq: --stages codebooks of the shape's K x D, --cosine for DAC's). Each shape
 alternates baseline and candidate call by call and reports medians, their ratio, the median of
 the per-rep ratios (each rep's two calls run back to back), the ratio of the fastest calls, and the fraction
 of rows the candidate searched again exactly (its `cpu_exact_rows` counter; 0 for a baseline
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import platform
 import statistics
 import sys
@@ -29,8 +31,8 @@ from vqkernels import native
 SHAPES = [(8192, 512, 256), (8192, 256, 256), (8192, 64, 64), (32768, 512, 512), (65536, 4096, 64)]
 
 
-def load_so(path: str):
-    spec = importlib.util.spec_from_file_location("vqk_baseline._C", path)
+def load_so(path: str, name: str = "vqk_baseline"):
+    spec = importlib.util.spec_from_file_location(name + "._C", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -61,9 +63,15 @@ def cpu_name():
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("baseline", help="path of the baseline build's _C*.so")
+    ap.add_argument("--candidate", default=None,
+                    help="path of the candidate build's _C*.so (default: vqkernels._C's)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--reps", type=int, default=15)
-    ap.add_argument("--op", choices=["nearest_code", "vq_quantize"], default="nearest_code")
+    ap.add_argument("--op", choices=["nearest_code", "vq_quantize", "residual_vq"],
+                    default="nearest_code")
+    ap.add_argument("--stages", type=int, default=12,
+                    help="residual_vq: stages, each a codebook of the shape's K x D (its own draw)")
+    ap.add_argument("--cosine", action="store_true", help="residual_vq: cosine search (DAC's)")
     ap.add_argument("--kinds", nargs="+", default=["near", "randn"])
     ap.add_argument("--shapes", nargs="+", default=None, metavar="NxKxD",
                     help="shapes to run (default: the CPU benchmark's five)")
@@ -84,11 +92,29 @@ def main(argv=None):
     if clock == "thread" and args.threads != 1:
         ap.error("--clock thread measures only the calling thread: use it with --threads 1")
     now = time.thread_time if clock == "thread" else time.perf_counter
-    base, cand = load_so(args.baseline), native.module()
-    op = (lambda z, cb: vqkernels.nearest_code(z, cb, backend="cpu")) if args.op == "nearest_code" \
-        else (lambda z, cb: vqkernels.vq_quantize(z, cb, backend="cpu"))
+    # Both builds loaded the same way, each its own copy (the candidate is vqkernels._C's file
+    # unless --candidate names another), on the same threads (VQK_CPU_POOL's choice, as the
+    # package sets up its own module): with the package's module (torch's OpenMP threads) against
+    # a copy on its own pool, the controls (shapes whose code both builds share) measured the
+    # candidate 0.8-0.87x the baseline on a 2-vCPU Zen 3, a bias larger than the effects measured.
+    base = load_so(args.baseline)
+    cand = load_so(args.candidate or native.module().__file__, "vqk_candidate")
+    pool = os.environ.get("VQK_CPU_POOL", "")
+    pools = {native.set_cpu_pool(pool, m) for m in (base, cand)}
+    if args.op == "nearest_code":
+        op = lambda z, cb: vqkernels.nearest_code(z, cb, backend="cpu")  # noqa: E731
+    elif args.op == "vq_quantize":
+        op = lambda z, cb: vqkernels.vq_quantize(z, cb, backend="cpu")  # noqa: E731
+    else:
+        def op(z, cb):  # stage s's codebook: the shape's draw, rolled by s rows and scaled
+            with torch.no_grad():
+                return vqkernels.residual_vq(
+                    z, [cb.roll(s, 0) * 0.7 ** s for s in range(args.stages)],
+                    cosine=args.cosine, backend="cpu")
+        args.op = f"residual_vq ({args.stages} stages{', cosine' if args.cosine else ''})"
     print(f"# {args.op}, float32, {args.threads} thread(s), {clock} clock, {args.reps} interleaved reps, "
-          f"CPU {cpu_name()}, candidate ISA {cand.cpu_isa()}, torch {torch.__version__}")
+          f"CPU {cpu_name()}, candidate ISA {cand.cpu_isa()}, threads {'/'.join(sorted(pools))}, "
+          f"torch {torch.__version__}")
     print("| data | N×K×D | baseline ms | candidate ms | candidate ÷ baseline | median of paired ratios "
           "| ratio of fastest calls | rows re-searched |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")

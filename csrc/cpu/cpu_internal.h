@@ -99,6 +99,7 @@ struct ResidualJob {
 // x86-64 only; the NEON build on aarch64, where it needs no flags).
 const SearchKernels& kernels_scalar();
 const SearchKernels& kernels_avx2();
+const SearchKernels& kernels_avx2_small();  // the same on 2 x 8-row tiles, for small D (vq_cpu.cpp)
 const SearchKernels& kernels_avx2_i16();
 const SearchKernels& kernels_avx2_i8();   // int8 tier in front of avx2_i16 (single-stage forward)
 const SearchKernels& kernels_avx512();

@@ -224,7 +224,8 @@ VQK_ALWAYS_INLINE void panel_dots(const float* __restrict xt, const float* __res
     for (int j = 0; j < NR; ++j) acc[i][j] = V::zero();
 #if defined(VQK_PANEL_DOTS)
   // The ISA's own loop (simd_avx2.h: one asm statement, so no accumulator can be spilled).
-  static_assert(MRV == 3 && NR == 4, "VQK_PANEL_DOTS is written for 3 x 4 accumulators");
+  static_assert((MRV == 3 || MRV == 2) && NR == 4,
+                "VQK_PANEL_DOTS is written for 3 x 4 and 2 x 4 accumulators");
   VQK_PANEL_DOTS(xt, b, D, acc);
 #else
   using F = typename V::F;

@@ -328,6 +328,16 @@ constexpr int64_t kVnniMinK = 32, kVnniMinD = 8;
 #endif
 }
 
+#if defined(VQK_HAVE_AVX2)
+// The fp32 AVX2 build's tile by D: 2 x 8 rows up to kAvx2SmallMaxD (search_avx2_small.cpp, where
+// the measurements are: faster at D = 4 and 8, even at 16), else 3 x 8. Both are `avx2` (auto
+// and VQK_CPU_ISA=avx2 alike).
+constexpr int64_t kAvx2SmallMaxD = 8;
+const cpu::SearchKernels& avx2_fp32(int64_t D) {
+  return D <= kAvx2SmallMaxD ? cpu::kernels_avx2_small() : cpu::kernels_avx2();
+}
+#endif
+
 // The kernels to use for a K x D codebook: the best this CPU runs, or the one VQK_CPU_ISA names
 // (read on every call so tests can force each path on one machine).
 const cpu::SearchKernels& select_kernels([[maybe_unused]] int64_t K, [[maybe_unused]] int64_t D) {
@@ -352,7 +362,7 @@ const cpu::SearchKernels& select_kernels([[maybe_unused]] int64_t K, [[maybe_unu
 #if defined(VQK_HAVE_AVX2)
     if (cpu_has_avx2() && cpu_is_amd_family25() && K >= kI16MinK && D >= kI16MinD)
       return cpu::kernels_avx2_i8();
-    if (cpu_has_avx2()) return cpu::kernels_avx2();
+    if (cpu_has_avx2()) return avx2_fp32(D);
 #endif
 #if defined(VQK_HAVE_NEON)
     if (cpu_has_neon()) return cpu::kernels_neon();
@@ -415,7 +425,7 @@ const cpu::SearchKernels& select_kernels([[maybe_unused]] int64_t K, [[maybe_unu
     if (!cpu_has_avx2())
       throw std::runtime_error("VQK_CPU_ISA=avx2, but this CPU (or this build) lacks AVX2/FMA/F16C");
 #if defined(VQK_HAVE_AVX2)
-    return cpu::kernels_avx2();
+    return avx2_fp32(D);
 #endif
   }
   if (want == "neon_dot") {

@@ -778,11 +778,12 @@ bool contains(const std::vector<std::string>& v, const std::string& s) {
 
 std::vector<Case> make_cases(bool quick) {
   std::vector<Case> cs;
-  // Shapes around every build's tile sizes: rows per tile 48 (avx512), 24 (avx2), 20 (neon),
-  // 4 (scalar); codes per panel 8, 4, 4, 4.
-  const int64_t shapes[][3] = {{1, 1, 1},   {3, 2, 3},    {4, 4, 4},    {5, 5, 5},    {19, 3, 7},
-                               {20, 4, 8},  {21, 5, 9},   {23, 9, 16},  {24, 8, 17},  {25, 7, 31},
-                               {41, 33, 3}, {47, 13, 33}, {48, 16, 64}, {49, 17, 65}, {97, 65, 12},
+  // Shapes around every build's tile sizes: rows per tile 48 (avx512), 24 (avx2; 16 for D <= 8),
+  // 20 (neon), 4 (scalar); codes per panel 8, 4, 4, 4.
+  const int64_t shapes[][3] = {{1, 1, 1},   {3, 2, 3},    {4, 4, 4},    {5, 5, 5},    {15, 6, 6},
+                               {16, 7, 8},  {17, 11, 5},  {19, 3, 7},   {20, 4, 8},   {21, 5, 9},
+                               {23, 9, 16}, {24, 8, 17},  {25, 7, 31},  {33, 10, 2},  {41, 33, 3},
+                               {47, 13, 33}, {48, 16, 64}, {49, 17, 65}, {97, 65, 12},
                                {203, 129, 40}};
   for (const auto& s : shapes) cs.push_back(random_case(s[0], s[1], s[2]));
   // Enough work (N K D > 2e6) for the second thread to start.

@@ -251,8 +251,9 @@ def test_native_grouped_training_statistics_are_the_group_loops(case, monkeypatc
                                   "rvq-no-restarts", "rvq-long-window", "rvq-pool-offset", "rvq-mixed", "rvq-shared",
                                   "gvq", "gvq-projected", "float64"])
 def test_batched_upkeep_is_the_book_loop(case, monkeypatch):
-    # The books' summed statistics applied by one batched call (_upkeep_apply_books: foreach ops
-    # over books that agree in every setting) against book by book (_upkeep_apply): the same
+    # The books' statistics packed (_pack_stats_books, after the native statistics call) and,
+    # summed, applied (_upkeep_apply_books: foreach ops) by batched calls over books that agree in
+    # every setting, against book by book (_pack_stats, _upkeep_apply): the same
     # states, restarts and outputs, bit for bit, over steps with dead codes, NaN rows, padding
     # and dropout (and with no code dead for long enough, the step that restarts nothing). Where
     # the books differ (a decay, a shared book) the batched call declines and the loop runs; the
@@ -293,14 +294,16 @@ def test_batched_upkeep_is_the_book_loop(case, monkeypatch):
                 b.pool_ptr.fill_(5)
         return m
 
-    real = VectorQuantizer._upkeep_apply_books
+    real, real_pack = VectorQuantizer._upkeep_apply_books, VectorQuantizer._pack_stats_books
     states, outs, restarts = [], [], []
     for batched in (True, False):
-        monkeypatch.setattr(multi, "_BATCHED_APPLY", batched)
-        ran = []
+        monkeypatch.setattr(multi, "_BATCHED_UPKEEP", batched)
+        ran, packed = [], []
         monkeypatch.setattr(VectorQuantizer, "_upkeep_apply_books",
                             staticmethod(lambda books, flat: ran.append(real(books, flat))
                                          or ran[-1]))
+        monkeypatch.setattr(VectorQuantizer, "_pack_stats_books",
+                            staticmethod(lambda *a: packed.append(1) or real_pack(*a)))
         m = make().train()
         got = []
         for z, a in steps:
@@ -309,6 +312,8 @@ def test_batched_upkeep_is_the_book_loop(case, monkeypatch):
             got += [torch.tensor(list(st.values()), dtype=torch.float64) for st in m.stats()]
         batches = case not in ("rvq-mixed", "rvq-shared")
         assert ran == ([batches] * len(steps) if batched else []), ran
+        # The native statistics (float32 on the CPU) of alike books are packed batched too.
+        assert len(packed) == (len(steps) if batched and batches and case != "float64" else 0)
         states.append(m.state_dict())
         outs.append(got)
         restarts.append(sum(int(b.restart_count) for b in m.books))

@@ -32,9 +32,10 @@ _SEED_STRIDE = 7919
 # stage loop in _forward_fused, which tests compare it with by switching this off).
 _NATIVE_STATS = True
 
-# The books' summed statistics applied by one batched call (VectorQuantizer._upkeep_apply_books,
-# bitwise the book-by-book loop, which tests compare it with by switching this off).
-_BATCHED_APPLY = True
+# The books' statistics packed and, once summed, applied by batched calls where the books are
+# alike (VectorQuantizer._pack_stats_books / _upkeep_apply_books, bitwise the book-by-book loop,
+# which tests compare them with by switching this off).
+_BATCHED_UPKEEP = True
 
 
 def _counts_list(num_codes, n: int, name: str) -> list[int]:
@@ -56,6 +57,16 @@ def _check_mask(mask) -> None:
     # would become True).
     if isinstance(mask, Tensor) and mask.dtype != torch.bool:
         raise TypeError(f"mask must be a bool tensor (True = a real row), got {mask.dtype}")
+
+
+def _stat_tensors(books: list, Ks: list[int], D: int, sels: list) -> tuple:
+    """Alike books' (VectorQuantizer._alike) statistics buffers, each book's a row: counts
+    (S, K) int64, EMA sums (S, K, D) float32 (None without EMA), restart candidates (S, m, D)
+    float32 (None without restarts; m the draws' common length)."""
+    S, K = len(books), Ks[0]
+    sums = torch.empty(S, K, D, dtype=torch.float32) if books[0].ema else None
+    cand = None if sels[0] is None else torch.empty(S, sels[0].numel(), D, dtype=torch.float32)
+    return torch.empty(S, K, dtype=torch.long), sums, cand
 
 
 class _Books(nn.Module):
@@ -140,17 +151,22 @@ class _Books(nn.Module):
         b = self.books[0]
         return DistContext(b.sync, b.process_group)
 
-    def _upkeep_packed(self, bufs: list, ctx: DistContext) -> None:
+    def _upkeep_packed(self, bufs: Union[list, Tensor], ctx: DistContext) -> None:
         """The books' `_upkeep_pack` buffers (one per book, in order; each a tensor or the list
-        of parts `_pack_stats(..., parts=True)` gives, so that they are copied once) summed over
-        the ranks in one all_reduce, then applied."""
-        bufs = [b if isinstance(b, list) else [b] for b in bufs]
-        flat = ctx.all_reduce_(torch.cat([p for parts in bufs for p in parts]))
-        if _BATCHED_APPLY and len(bufs) == len(self.books) and \
+        of parts `_pack_stats(..., parts=True)` gives, so that they are copied once; or all of
+        them already concatenated, from `_pack_stats_books`, whose books are alike: equal parts)
+        summed over the ranks in one all_reduce, then applied."""
+        if isinstance(bufs, Tensor):
+            flat = ctx.all_reduce_(bufs)
+            sizes = [flat.numel() // len(self.books)] * len(self.books)
+        else:
+            bufs = [b if isinstance(b, list) else [b] for b in bufs]
+            flat = ctx.all_reduce_(torch.cat([p for parts in bufs for p in parts]))
+            sizes = [sum(p.numel() for p in parts) for parts in bufs]
+        if _BATCHED_UPKEEP and len(sizes) == len(self.books) and \
                 VectorQuantizer._upkeep_apply_books(list(self.books), flat):
             return
-        for b, buf in zip(self.books, flat.split([sum(p.numel() for p in parts)
-                                                  for parts in bufs])):
+        for b, buf in zip(self.books, flat.split(sizes)):
             b._upkeep_apply(buf)
 
     def _native_stats(self, r: Tensor) -> bool:
@@ -344,7 +360,7 @@ class ResidualVectorQuantizer(_Books):
         return out
 
     def _native_upkeep(self, r: Tensor, cbs: list[Tensor], out: RVQOutput,
-                       valid: Optional[Tensor], ctx: DistContext) -> list[Tensor]:
+                       valid: Optional[Tensor], ctx: DistContext) -> Union[list, Tensor]:
         """The stage loop's `_upkeep_pack` buffers, bit for bit, from one native call
         (csrc/cpu/vq_cpu.cpp, residual_stats): each stage's counts and index_add_-ordered sums of
         the residuals (unit rows when cosine) it searched, and its restart candidates' rows (the
@@ -356,12 +372,21 @@ class ResidualVectorQuantizer(_Books):
         # The rows each stage's book keeps up on, every stage at once ((S, N), valid broadcast).
         take = torch.isfinite(upkeep_errors(out.sqerr.t(), idx, valid)).contiguous()
         Ks = [cb.shape[0] for cb in cb32]
-        counts = [torch.empty(K, dtype=torch.long) for K in Ks]
-        sums = [torch.empty(K, D, dtype=torch.float32) if b.ema else None
-                for b, K in zip(self.books, Ks)]
-        sels = [b._restart_draw(N, ctx, x.device) for b in self.books]  # 1-D, contiguous
-        cand = [None if sel is None else torch.empty(sel.numel(), D, dtype=torch.float32)
-                for sel in sels]
+        books = list(self.books)
+        sels = [b._restart_draw(N, ctx, x.device) for b in books]  # 1-D, contiguous
+        # Alike books: their counts, sums and candidates are the rows of one tensor each, packed
+        # for all books at once (bitwise the parts book by book).
+        stacked = _stat_tensors(books, Ks, D, sels) if _BATCHED_UPKEEP and \
+            VectorQuantizer._alike(books) else None
+        if stacked is not None:
+            counts, sums, cand = (list(t) if t is not None else [None] * len(books)
+                                  for t in stacked)
+        else:
+            counts = [torch.empty(K, dtype=torch.long) for K in Ks]
+            sums = [torch.empty(K, D, dtype=torch.float32) if b.ema else None
+                    for b, K in zip(books, Ks)]
+            cand = [None if sel is None else torch.empty(sel.numel(), D, dtype=torch.float32)
+                    for sel in sels]
         native.module().cpu_residual_stats(
             N, D, x.data_ptr(), [cb.data_ptr() for cb in cb32], Ks, idx.data_ptr(),
             take.data_ptr(), self.cosine, [t.data_ptr() if t is not None else 0 for t in sums],
@@ -369,9 +394,12 @@ class ResidualVectorQuantizer(_Books):
             [0 if t is None else t.data_ptr() for t in sels],
             [0 if t is None else t.numel() for t in sels],
             [0 if t is None else t.data_ptr() for t in cand])
+        if stacked is not None:
+            return VectorQuantizer._pack_stats_books(books, stacked[0], stacked[1], N, take, ctx,
+                                                     sels, stacked[2])
         return [b._pack_stats(counts[s], sums[s], N, None, take[s], ctx, parts=True,
                               sel=sels[s], cand=cand[s])
-                for s, b in enumerate(self.books)]
+                for s, b in enumerate(books)]
 
     def _cosine_native(self, rows: Tensor) -> bool:
         """Whether the cosine search without projections runs the fused op (one native CPU
@@ -594,7 +622,8 @@ class GroupedVectorQuantizer(_Books):
         idx = torch.stack([o[1] for o in outs], 1).reshape(*lead, G)
         return GVQOutput(z_q, idx, cb_loss, cm_loss, loss, torch.stack(perp), counts)
 
-    def _native_group_upkeep(self, xs: Tensor, per: list, ctx: DistContext) -> list[Tensor]:
+    def _native_group_upkeep(self, xs: Tensor, per: list,
+                             ctx: DistContext) -> Union[list, Tensor]:
         """`_upkeep`'s buffers, bit for bit, from one native call (residual_stats, grouped): every
         group's counts and index_add_-ordered sums of its rows xs[:, g] (N, G, c), no per-group
         copies; the restart candidates' rows taken at the drawn rows only."""
@@ -603,6 +632,20 @@ class GroupedVectorQuantizer(_Books):
         idx = torch.stack([p[1] for p in per]).contiguous()  # (G, N)
         take = torch.stack([torch.isfinite(p[2]) for p in per]).contiguous()
         Ks = [b.num_codes for b in self.books]
+        books = list(self.books)
+        if _BATCHED_UPKEEP and VectorQuantizer._alike(books):
+            # As the residual quantizer's: one tensor each, packed for all groups at once; the
+            # candidates are the rows at each group's draw, taken for all groups in one gather.
+            sels = [b._restart_draw(N, ctx, take.device) for b in books]
+            counts, sums, _ = _stat_tensors(books, Ks, c, [None])
+            native.module().cpu_residual_stats(
+                N, c, x.data_ptr(), [0] * G, Ks, idx.data_ptr(), take.data_ptr(), False,
+                [0] * G if sums is None else [t.data_ptr() for t in sums],
+                [t.data_ptr() for t in counts], max(1, torch.get_num_threads()), True)
+            cand = None if sels[0] is None else \
+                x[torch.stack(sels), torch.arange(G, device=x.device)[:, None]]
+            return VectorQuantizer._pack_stats_books(books, counts, sums, N, take, ctx, sels,
+                                                     cand)
         counts = [torch.empty(K, dtype=torch.long) for K in Ks]
         sums = [torch.empty(K, c, dtype=torch.float32) if b.ema else None
                 for b, K in zip(self.books, Ks)]

@@ -376,6 +376,43 @@ class VectorQuantizer(nn.Module):
         self._last_counts, self._last_restarts = counts_g, restarts
 
     @staticmethod
+    def _alike(books: list[VectorQuantizer]) -> bool:
+        """Whether the books (two or more) can share the batched upkeep: plain VectorQuantizers
+        on the CPU that agree in every setting a step's statistics and their application read."""
+        b0 = books[0]
+        same = ("num_codes", "dim", "ema", "decay", "decay_warmup", "eps", "restart_after",
+                "restart_pool", "_steps_done")
+        return len(books) >= 2 and all(
+            type(b) is VectorQuantizer and b.codebook.device.type == "cpu"
+            and b.codebook.dtype == b0.codebook.dtype and b._stat_dtype() == b0._stat_dtype()
+            and all(getattr(b, a) == getattr(b0, a) for a in same) for b in books)
+
+    @staticmethod
+    def _pack_stats_books(books: list[VectorQuantizer], counts: Tensor, sums: Optional[Tensor],
+                          n_rows: int, ok: Tensor, ctx: DistContext,
+                          sels: Optional[list[Tensor]], cand: Optional[Tensor]) -> Tensor:
+        """Every book's `_pack_stats(..., parts=True)` parts, concatenated in book order (the
+        buffer `_Books._upkeep_packed` sums), bit for bit, for books `_alike` gives True for, in
+        a handful of ops: counts (S, K), sums (S, K, D) in the stat dtype or None without EMA,
+        ok (S, n_rows), sels each book's `_restart_draw` (None without restarts) and cand
+        (S, m, D) the rows at them."""
+        b0, S = books[0], len(books)
+        D, sd = b0.dim, b0._stat_dtype()
+        cols = [counts.to(sd)]
+        if b0.ema:
+            cols.append(sums.reshape(S, -1))
+        if b0.restart_after is not None:
+            m = b0._samples_per_rank(ctx.world)
+            sel = torch.stack(sels)
+            j = sel.shape[1]
+            slot = torch.zeros(S, ctx.world, m, D + 1, dtype=sd, device=ok.device)
+            sel_ok = ok.gather(1, sel)
+            slot[:, ctx.rank, :j, :D] = torch.where(sel_ok[..., None], cand.to(sd), 0)
+            slot[:, ctx.rank, :j, D] = sel_ok.to(sd)
+            cols.append(slot.view(S, -1))
+        return torch.cat(cols, 1).view(-1)
+
+    @staticmethod
     def _upkeep_apply_books(books: list[VectorQuantizer], flat: Tensor) -> bool:
         """Every book's `_upkeep_apply`, bit for bit, from `flat`: the books' summed buffers one
         after another (the same length each). One foreach call per op for all the books instead
@@ -385,12 +422,8 @@ class VectorQuantizer(nn.Module):
         kernels are not checked against the single ones here): returns False, having changed
         nothing, for anything else (the caller then applies book by book)."""
         b0, S = books[0], len(books)
-        same = ("num_codes", "dim", "ema", "decay", "decay_warmup", "eps", "restart_after",
-                "restart_pool", "_steps_done")
-        if S < 2 or flat.device.type != "cpu" or flat.numel() % S or any(
-                type(b) is not VectorQuantizer or b.codebook.device.type != "cpu"
-                or b.codebook.dtype != b0.codebook.dtype or b._stat_dtype() != flat.dtype
-                or any(getattr(b, a) != getattr(b0, a) for a in same) for b in books):
+        if not VectorQuantizer._alike(books) or flat.device.type != "cpu" or flat.numel() % S \
+                or b0._stat_dtype() != flat.dtype:
             return False
         K, D = b0.num_codes, b0.dim
         mat = flat.view(S, -1)

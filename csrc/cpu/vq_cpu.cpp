@@ -1283,6 +1283,14 @@ void residual_backward(const ResidualBackwardArgs& a, int num_threads) {
 // every stage per block of rows with no residual buffer (slower still, in the backward's
 // prototype of the same idea: the codes of all stages do not stay in cache).
 
+// How many rows ahead residual_stats asks for the lines of a row's code and sums (plain rows).
+// On a Zen 3 EPYC (family 25 model 1, 2 threads), ResidualVectorQuantizer's statistics for an
+// EnCodec-like step (16384 x 8 stages x 1024 x 128), both builds in one process alternating, 30
+// calls each way round: 0.87-0.90x the time without (16-18 against 18.5-19 ms). The cosine path
+// has no such loop (its sums, K x 8 floats at DAC's shape, stay in L1); there the same pair of
+// builds measured 1.03-1.04x, with that code unchanged.
+constexpr int64_t kStatsAhead = 8;
+
 void residual_stats(const ResidualStatsArgs& a, int num_threads) {
   const int64_t N = a.N, D = a.D, S = a.S;
   if (S <= 0) throw std::invalid_argument("vqkernels: residual VQ needs at least one stage");
@@ -1369,6 +1377,16 @@ void residual_stats(const ResidualStatsArgs& a, int num_threads) {
           for (int64_t n = 0; n < N; ++n) {
             const int64_t k = idx[n];
             float* __restrict xr = rows + n * rs + c0;
+            if (n + kStatsAhead < N) {
+              // The lines row n + kStatsAhead will add into and subtract, asked for now: they are
+              // at random places (its code's), and the stage's sums and codes (2 K D floats) do
+              // not stay in L2 at EnCodec's K = 1024, D = 128.
+              const int64_t m = n + kStatsAhead, km = idx[m];
+              if (sums && take[m])
+                for (int64_t d = 0; d < w; d += 16) __builtin_prefetch(sums + km * D + c0 + d, 1);
+              if (update && km >= 0)
+                for (int64_t d = 0; d < w; d += 16) __builtin_prefetch(cb + km * D + c0 + d, 0);
+            }
             if (sums && take[n]) {
               float* __restrict sk = sums + k * D + c0;
               for (int64_t d = 0; d < w; ++d) sk[d] = sk[d] + xr[d];

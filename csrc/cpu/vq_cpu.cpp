@@ -330,7 +330,7 @@ constexpr int64_t kVnniMinK = 32, kVnniMinD = 8;
 
 #if defined(VQK_HAVE_AVX2)
 // The fp32 AVX2 build's tile by D: 2 x 8 rows up to kAvx2SmallMaxD (search_avx2_small.cpp, where
-// the measurements are: faster at D = 4 and 8, even at 16), else 3 x 8. Both are `avx2` (auto
+// the measurements are: faster at D = 4 and 8, level at 16), else 3 x 8. Both are `avx2` (auto
 // and VQK_CPU_ISA=avx2 alike).
 constexpr int64_t kAvx2SmallMaxD = 8;
 const cpu::SearchKernels& avx2_fp32(int64_t D) {

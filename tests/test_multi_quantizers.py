@@ -248,7 +248,8 @@ def test_native_grouped_training_statistics_are_the_group_loops(case, monkeypatc
 
 @needs_cpu
 @pytest.mark.parametrize("case", ["rvq", "rvq-cosine", "rvq-dropout+mask", "rvq-no-ema",
-                                  "rvq-no-restarts", "rvq-long-window", "rvq-pool-offset", "rvq-mixed", "rvq-shared",
+                                  "rvq-no-restarts", "rvq-long-window", "rvq-more-codes",
+                                  "rvq-pool-offset", "rvq-mixed", "rvq-shared",
                                   "gvq", "gvq-projected", "float64"])
 def test_batched_upkeep_is_the_book_loop(case, monkeypatch):
     # The books' statistics packed (_pack_stats_books, after the native statistics call) and,
@@ -260,7 +261,8 @@ def test_batched_upkeep_is_the_book_loop(case, monkeypatch):
     # test checks which of the two ran.
     from vqkernels.quantizers import multi
     gen = _gen(77)
-    D, S, K = (8 if "cosine" in case else 12), 3, 24
+    # rvq-more-codes: K > rows per step, so the dead window is longer than restart_after.
+    D, S, K = (8 if "cosine" in case else 12), 3, (1024 if case == "rvq-more-codes" else 24)
     kw = dict(cosine="cosine" in case, ema="no-ema" not in case,
               restart_after={"rvq-no-restarts": None, "rvq-long-window": 50}.get(case, 1))
     steps = []

@@ -464,11 +464,9 @@ class VectorQuantizer(nn.Module):
         else:
             for b, c in zip(books, cand.unbind(0)):
                 b._push_pool(c[:, :D], c[:, D] > 0)
-        # _dead_window per book (each count summed on its own, as there), then _restart only
+        # Every book's _dead_window (each count summed on its own, as there), then _restart only
         # where a code is dead (the check _restart itself makes first on the CPU).
-        ra = b0.restart_after
-        n = torch.stack([c.sum() for c in counts]).round().long().clamp(min=1)
-        window = torch.clamp(torch.div(ra * K + n - 1, n, rounding_mode="floor"), min=ra)
+        window = b0._dead_window(None, rows=torch.stack([c.sum() for c in counts]))
         dead = (torch.stack(unused) >= window[:, None]).any(1).tolist()
         for s, b in enumerate(books):
             b._last_counts = counts[s]
@@ -491,10 +489,11 @@ class VectorQuantizer(nn.Module):
         self._pool_ptr = (self._pool_ptr + G) % P
         self.pool_ptr.fill_(self._pool_ptr)
 
-    def _dead_window(self, counts: Tensor) -> Tensor:
+    def _dead_window(self, counts: Optional[Tensor], rows: Optional[Tensor] = None) -> Tensor:
         """The steps a code must go unused to count as dead, given this step's global per-code
         counts: max(restart_after, ceil(restart_after * K / n)) for the n rows counted this step
-        (a 0-d long tensor: no host sync).
+        (a 0-d long tensor: no host sync). rows: n itself instead (counts.sum(), or one such sum
+        per book for alike books: a window each).
 
         Why scaled: a step of n rows can use at most n codes, so with K > n most codes go unused
         in any one step however healthy the codebook is. With a window of restart_after steps
@@ -511,7 +510,7 @@ class VectorQuantizer(nn.Module):
         a running figure: steps of fewer rows (padding masks, dropped residual stages, a short
         last batch) get a longer window for that step only (a step with none counts n as 1)."""
         K, ra = self.num_codes, self.restart_after
-        n = counts.sum().round().long().clamp(min=1)
+        n = (counts.sum() if rows is None else rows).round().long().clamp(min=1)
         return torch.clamp(torch.div(ra * K + n - 1, n, rounding_mode="floor"), min=ra)
 
     def _restart(self, window) -> Tensor:

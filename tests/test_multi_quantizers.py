@@ -250,17 +250,19 @@ def test_native_grouped_training_statistics_are_the_group_loops(case, monkeypatc
 @pytest.mark.parametrize("case", ["rvq", "rvq-cosine", "rvq-dropout+mask", "rvq-no-ema",
                                   "rvq-no-restarts", "rvq-long-window", "rvq-more-codes",
                                   "rvq-pool-offset", "rvq-mixed", "rvq-shared",
-                                  "gvq", "gvq-projected", "float64"])
+                                  "gvq", "gvq-projected", "float64", "rvq-bf16", "gvq-half"])
 def test_batched_upkeep_is_the_book_loop(case, monkeypatch):
     # The books' statistics packed (_pack_stats_books, after the native statistics call) and,
     # summed, applied (_upkeep_apply_books: foreach ops) by batched calls over books that agree in
     # every setting, against book by book (_pack_stats, _upkeep_apply): the same
     # states, restarts and outputs, bit for bit, over steps with dead codes, NaN rows, padding
     # and dropout (and with no code dead for long enough, the step that restarts nothing). Where
-    # the books differ (a decay, a shared book) the batched call declines and the loop runs; the
-    # test checks which of the two ran.
+    # the books differ (a decay, a shared book) or are fp16/bf16 (foreach ops round the decay to
+    # the books' dtype first) the batched call declines and the loop runs; the test checks which
+    # of the two ran.
     from vqkernels.quantizers import multi
     gen = _gen(77)
+    low = {"rvq-bf16": torch.bfloat16, "gvq-half": torch.float16}
     # rvq-more-codes: K > rows per step, so the dead window is longer than restart_after.
     D, S, K = (8 if "cosine" in case else 12), 3, (1024 if case == "rvq-more-codes" else 24)
     kw = dict(cosine="cosine" in case, ema="no-ema" not in case,
@@ -275,7 +277,7 @@ def test_batched_upkeep_is_the_book_loop(case, monkeypatch):
         if "dropout+mask" in case:
             a = dict(mask=torch.rand(300, generator=gen) < 0.85,
                      active_stages=torch.randint(0, S + 1, (300,), generator=gen))
-        steps.append((z.double() if case == "float64" else z, a))
+        steps.append((z.to(low.get(case, torch.float64 if case == "float64" else z.dtype)), a))
 
     def make():
         torch.manual_seed(8)
@@ -288,6 +290,8 @@ def test_batched_upkeep_is_the_book_loop(case, monkeypatch):
                                         shared_codebook=case == "rvq-shared", backend="cpu", **kw)
         if case == "float64":
             m = m.double()
+        if case in low:
+            m = m.to(low[case])
         if case == "rvq-mixed":
             m.books[1].decay = 0.9
         if case == "rvq-pool-offset":  # the pool is not refilled from slot 0: _push_pool per book
@@ -312,7 +316,7 @@ def test_batched_upkeep_is_the_book_loop(case, monkeypatch):
             o = m(z, **a)
             got += [o.indices, o.z_q.detach(), o.perplexity]
             got += [torch.tensor(list(st.values()), dtype=torch.float64) for st in m.stats()]
-        batches = case not in ("rvq-mixed", "rvq-shared")
+        batches = case not in ("rvq-mixed", "rvq-shared", *low)
         assert ran == ([batches] * len(steps) if batched else []), ran
         # The native statistics (float32 on the CPU) of alike books are packed batched too.
         assert len(packed) == (len(steps) if batched and batches and case != "float64" else 0)

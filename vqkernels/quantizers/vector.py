@@ -378,13 +378,19 @@ class VectorQuantizer(nn.Module):
     @staticmethod
     def _alike(books: list[VectorQuantizer]) -> bool:
         """Whether the books (two or more) can share the batched upkeep: plain VectorQuantizers
-        on the CPU that agree in every setting a step's statistics and their application read."""
+        on the CPU that agree in every setting a step's statistics and their application read,
+        with the codebook and EMA state in the statistics' own dtype (float32 or float64). Not
+        fp16/bf16 books: torch's foreach ops round a Python scalar to the tensors' dtype before
+        multiplying (`_foreach_mul_(half_list, decay)`), where `Tensor.mul_(decay)`, the book
+        loop's, multiplies in float and rounds once, so their EMA would differ in the last bit."""
         b0 = books[0]
+        sd = b0._stat_dtype()
         same = ("num_codes", "dim", "ema", "decay", "decay_warmup", "eps", "restart_after",
                 "restart_pool", "_steps_done")
         return len(books) >= 2 and all(
             type(b) is VectorQuantizer and b.codebook.device.type == "cpu"
-            and b.codebook.dtype == b0.codebook.dtype and b._stat_dtype() == b0._stat_dtype()
+            and b._stat_dtype() == sd and b.codebook.dtype == sd
+            and (not b.ema or (b.ema_count.dtype == sd and b.ema_sum.dtype == sd))
             and all(getattr(b, a) == getattr(b0, a) for a in same) for b in books)
 
     @staticmethod

@@ -53,6 +53,9 @@ struct FwdJob {
   // int8 scales last) and max_code_scale8 their maximum over the finite codes.
   uint32_t* packed_i8 = nullptr;
   double max_code_scale8 = 0.0;
+  // Every code finite (no NaN norm; vq_cpu.cpp, pack_codebook): the fp32 AVX2 searches then take
+  // each panel's minimum first (search_impl.h, VQK_PANEL_MIN).
+  bool codes_finite = false;
 };
 
 // What one instruction set provides. `search` handles row tiles [tile_lo, tile_hi) of `mr` rows

@@ -30,6 +30,18 @@ constexpr int NR = 4;
 }  // namespace
 }  // namespace vqk
 
+// Each panel's minimum first, then one best-two update per panel (search_impl.h, VQK_PANEL_MIN:
+// the same k1, v1 and v2, so the same answers), on calls whose codes are all finite. At small D
+// the update is a third of the tile (session 19's harness); this cuts it from NR updates of five
+// operations to NR - 1 mins and one update, plus a per-lane recomputation of the best panel's NR
+// values after the panels. Measured on the Zen 3 EPYC (family 25 model 1, 2 threads;
+// benchmarks/ab_native.py, both builds in one process, calls alternating;
+// benchmarks/results/avx2-panel-min-zen3-2026-12-04.md, two runs, each build the baseline once),
+// its time over the per-code update's: nearest_code 16384 x 16384 x 8 0.84-0.88, 16384 x 1024 x 8
+// 0.94-1.00, 16384 x 1024 x 4 0.91-0.97, a DAC-like residual_vq 0.96-0.98 (at K = 1024 the
+// recomputation takes back most of the gain); D = 16 (the same code in both) 0.98-1.02.
+#define VQK_PANEL_MIN 1
+
 #include "search_impl.h"
 
 namespace vqk {

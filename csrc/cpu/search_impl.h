@@ -276,9 +276,58 @@ VQK_ALWAYS_INLINE void top2_update(typename T::F dist, typename T::I kj, typenam
   k1 = T::seli(m1, kj, k1);
 }
 
+// The panel-minimum form (units that define VQK_PANEL_MIN to 1, on calls whose codes are all
+// finite): per row vector and panel, the minimum m of the panel's NR values first (NR - 1 mins),
+// then one best-two update with m and the panel's index, instead of NR updates. What it leaves:
+// v1 = the least a_k, k1 = the first panel holding it, and v2 = the second least of the panels'
+// minima. Then, per lane, `panel_fixup` computes that panel's NR values again -- the same FMAs in
+// the same order (acc = fma(x_d, e_d, acc) from 0 over d, then fma(-acc, 2, ||e||^2)), so bitwise
+// the micro-kernel's -- and takes the first index of the minimum in it and its second least value;
+// v2 = min(the panels' v2, that). Both are exactly what NR updates per panel leave (the same k1,
+// v1 and v2; a tie within or across panels leaves v2 == v1), so the proof and everything after it
+// are unchanged. Why finite codes only: a non-finite code's NaN norm gives a NaN value, and x86's
+// min returns its second operand when either is NaN, so in a panel minimum a NaN could hide the
+// values beside it. With finite codes a finite row inside `decide`'s range (||x||^2 < 2^100,
+// max ||e|| < 2^50) has no NaN or inf value, and every other row is searched exactly anyway.
+#ifndef VQK_PANEL_MIN
+#define VQK_PANEL_MIN 0
+#endif
+
+#if VQK_PANEL_MIN
+VQK_ALWAYS_INLINE void panel_fixup(const float* __restrict xt, const float* __restrict packed,
+                                   const float* __restrict norms, int64_t D, Top2& out) {
+  for (int r = 0; r < MR; ++r) {
+    const int64_t p = out.k1[r];
+    const float* b = packed + p * D * NR;
+    // NR independent chains (d outer), so the lanes' chains overlap rather than wait on each other.
+    float acc[NR] = {}, a[NR];
+    for (int64_t d = 0; d < D; ++d) {
+      const float xd = xt[d * MR + r];
+#pragma GCC unroll 16
+      for (int j = 0; j < NR; ++j) acc[j] = __builtin_fmaf(xd, b[d * NR + j], acc[j]);
+    }
+#pragma GCC unroll 16
+    for (int j = 0; j < NR; ++j) a[j] = __builtin_fmaf(-acc[j], 2.0f, norms[p * NR + j]);
+    float w1 = __builtin_inff(), w2 = __builtin_inff();
+    int j1 = 0;
+    for (int j = 0; j < NR; ++j) {
+      if (a[j] < w1) {
+        w2 = w1;
+        w1 = a[j];
+        j1 = j;
+      } else if (a[j] < w2) {
+        w2 = a[j];
+      }
+    }
+    out.k1[r] = (int32_t)(p * NR + j1);
+    if (w2 < out.v2[r]) out.v2[r] = w2;
+  }
+}
+#endif
+
 VQK_ALWAYS_INLINE void search_tile(const float* __restrict xt, const float* __restrict packed,
                                    const float* __restrict norms, int64_t panels, int64_t D,
-                                   Top2& out) {
+                                   Top2& out, bool panel_min = false) {
   using F = typename V::F;
   using I = typename V::I;
   F b1[MRV], b2[MRV];
@@ -288,6 +337,39 @@ VQK_ALWAYS_INLINE void search_tile(const float* __restrict xt, const float* __re
     k1[i] = V::set1i(0);
   }
   const F two = V::set1(2.0f);
+#if VQK_PANEL_MIN
+  {
+    if (panel_min) {
+      for (int64_t p = 0; p < panels; ++p) {
+        F acc[MRV][NR];
+        panel_dots(xt, packed + p * D * NR, D, acc);
+        const float* nrm = norms + p * NR;
+        F m[MRV];
+#pragma GCC unroll 64
+        for (int j = 0; j < NR; ++j) {
+          const F nj = V::set1(nrm[j]);
+#pragma GCC unroll 64
+          for (int i = 0; i < MRV; ++i) {
+            const F a = V::fnmadd(acc[i][j], two, nj);
+            m[i] = j == 0 ? a : V::min(m[i], a);
+          }
+        }
+        const I kp = V::set1i((int32_t)p);
+#pragma GCC unroll 64
+        for (int i = 0; i < MRV; ++i) top2_update(m[i], kp, b1[i], b2[i], k1[i]);
+      }
+      for (int i = 0; i < MRV; ++i) {
+        V::storei(out.k1 + i * W, k1[i]);
+        V::store(out.v1 + i * W, b1[i]);
+        V::store(out.v2 + i * W, b2[i]);
+      }
+      panel_fixup(xt, packed, norms, D, out);
+      return;
+    }
+  }
+#else
+  (void)panel_min;
+#endif
   for (int64_t p = 0; p < panels; ++p) {
     F acc[MRV][NR];
     panel_dots(xt, packed + p * D * NR, D, acc);
@@ -610,7 +692,7 @@ template <class E>
 void search_block(const cpu::FwdJob& job, int64_t* rowno, const float* xt, const Scratch& s) {
   const int64_t D = job.D;
   Top2 t;
-  search_tile(xt, job.packed, job.norms, job.panels, D, t);
+  search_tile(xt, job.packed, job.norms, job.panels, D, t, job.codes_finite);
   alignas(64) float xx[MR];
   lane_sqnorms(xt, D, xx);
   const float qa = job.quick_a, qb = job.quick_b;
@@ -842,7 +924,7 @@ VQK_ALWAYS_INLINE void residual_tile_loop(const cpu::ResidualJob& rj, int64_t t_
                      [&](const cpu::FwdJob& job, int64_t, const int64_t* rowno, const bool* on,
                          int) {
     Top2 top;
-    search_tile(st, job.packed, job.norms, job.panels, D, top);
+    search_tile(st, job.packed, job.norms, job.panels, D, top, job.codes_finite);
     alignas(64) float xx[MR];
     lane_sqnorms(st, D, xx);
     int32_t idx[MR];

@@ -502,6 +502,8 @@ void pack_codebook(const cpu::SearchKernels& ks, cpu::FwdJob& job, int threads) 
   parallel_chunks(job.panels, pack_grain, job.panels * D * ks.nr >= (1 << 16) ? threads : 1,
                   [&](int64_t lo, int64_t hi, int) { ks.pack(job, lo, hi); });
   job.max_code_norm = code_norm_bound(job.norms, job.K, D);
+  job.codes_finite = true;
+  for (int64_t k = 0; k < job.K; ++k) job.codes_finite &= !std::isnan(job.norms[k]);
   quick_bound(job);
   if (ks.i16) {
     // The int16 pass's bound needs the largest code scale and L1 norm (search_avx2_i16.cpp), the

@@ -62,6 +62,21 @@ def _rss_kb() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
 
 
+def make_data(N: int, S: int, K: int, D: int, kind: str):
+    """A shape's codebooks and rows (seeded): S books of K x D (residual: scaled 0.5^s, unit rows
+    for cosine) or of K x D/S (grouped), and z, N x D."""
+    import torch
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(0)
+    if kind == "gvq":
+        books = [torch.randn(K, D // S, generator=g) for _ in range(S)]
+    else:
+        books = [torch.randn(K, D, generator=g) * 0.5 ** s for s in range(S)]
+    if kind == "rvq-cosine":
+        books = [F.normalize(b, dim=1) for b in books]
+    return books, torch.randn(N, D, generator=g)
+
+
 def _one(shape: str, impl: str, mode: str, repeats: int, quick: bool, warmup: int = 1,
          upstream: str = "square") -> dict:
     import resource
@@ -71,16 +86,9 @@ def _one(shape: str, impl: str, mode: str, repeats: int, quick: bool, warmup: in
 
     import vqkernels
     N, S, K, D, kind = (QUICK if quick else {**SHAPES, **K_SWEEP})[shape]
-    g = torch.Generator().manual_seed(0)
     bwd = mode == "fwd+bwd"
     cosine = kind == "rvq-cosine"
-    if kind == "gvq":
-        books = [torch.randn(K, D // S, generator=g) for _ in range(S)]
-    else:
-        books = [torch.randn(K, D, generator=g) * 0.5 ** s for s in range(S)]
-    if cosine:
-        books = [F.normalize(b, dim=1) for b in books]
-    z = torch.randn(N, D, generator=g)
+    books, z = make_data(N, S, K, D, kind)
     if bwd:
         z.requires_grad_(True)
         for b in books:

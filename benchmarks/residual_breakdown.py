@@ -36,7 +36,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import vqkernels  # noqa: E402
-from bench_residual import SHAPES  # noqa: E402
+from bench_residual import SHAPES, make_data  # noqa: E402
 
 
 def _cpu_line() -> str:
@@ -51,15 +51,8 @@ def _cpu_line() -> str:
 def variants(shape: str):
     """The shape's data exactly as bench_residual.py makes it, and its three timed variants."""
     N, S, K, D, kind = SHAPES[shape]
-    g = torch.Generator().manual_seed(0)
     cosine = kind == "rvq-cosine"
-    if kind == "gvq":
-        books = [torch.randn(K, D // S, generator=g) for _ in range(S)]
-    else:
-        books = [torch.randn(K, D, generator=g) * 0.5 ** s for s in range(S)]
-    if cosine:
-        books = [F.normalize(b, dim=1) for b in books]
-    z = torch.randn(N, D, generator=g)
+    books, z = make_data(N, S, K, D, kind)
 
     if kind == "gvq":
         def fused():

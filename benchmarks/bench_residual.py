@@ -62,6 +62,18 @@ def _rss_kb() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
 
 
+def cpu_description():
+    """The CPU's model (family / model numbers on x86) and SIMD flags, and auto's path (None
+    where the native module cannot say)."""
+    try:
+        from vqkernels import native
+        model, flags = native._cpu_model_and_flags()
+        path = native.module().cpu_isa() if native.cpu_status() is None else None
+        return f"{model}; flags {' '.join(flags)}", path
+    except Exception as e:  # noqa: BLE001 -- a description only
+        return f"unknown ({e})", None
+
+
 def make_data(N: int, S: int, K: int, D: int, kind: str):
     """A shape's codebooks and rows (seeded): S books of K x D (residual: scaled 0.5^s, unit rows
     for cosine) or of K x D/S (grouped), and z, N x D."""
@@ -269,14 +281,8 @@ def main(argv=None):
             "rounds": a.rounds, "warmup": a.warmup, "upstream": a.upstream, "isa": a.isa,
             "cpu_pool": a.pool or os.environ.get("VQK_CPU_POOL") or "auto",
             "shapes": {k: (QUICK if a.quick else {**SHAPES, **K_SWEEP})[k] for k in shapes}}
-    try:  # the CPU's model (family / model numbers on x86) and SIMD flags, and auto's path
-        from vqkernels import native
-        model, flags = native._cpu_model_and_flags()
-        meta["cpu"] = f"{model}; flags {' '.join(flags)}"
-        meta["cpu_path"] = a.isa or (native.module().cpu_isa() if native.cpu_status() is None
-                                     else None)
-    except Exception as e:  # noqa: BLE001 -- a description only
-        meta["cpu"], meta["cpu_path"] = f"unknown ({e})", None
+    meta["cpu"], auto_path = cpu_description()
+    meta["cpu_path"] = a.isa or auto_path
     from importlib import metadata
     try:
         meta["vector_quantize_pytorch"] = metadata.version("vector-quantize-pytorch")

@@ -36,16 +36,12 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import vqkernels  # noqa: E402
-from bench_residual import SHAPES, make_data  # noqa: E402
+from bench_residual import SHAPES, cpu_description, make_data  # noqa: E402
 
 
 def _cpu_line() -> str:
-    try:  # the CPU's model (family / model numbers on x86), SIMD flags and auto's path
-        from vqkernels import native
-        model, flags = native._cpu_model_and_flags()
-        return f"{model}; flags {' '.join(flags)}; auto: {native.module().cpu_isa()}"
-    except Exception as e:  # noqa: BLE001 -- a description only
-        return f"unknown ({e})"
+    cpu, path = cpu_description()
+    return f"{cpu}; auto: {path}"
 
 
 def variants(shape: str):

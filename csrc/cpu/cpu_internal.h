@@ -53,7 +53,7 @@ struct FwdJob {
   // int8 scales last) and max_code_scale8 their maximum over the finite codes.
   uint32_t* packed_i8 = nullptr;
   double max_code_scale8 = 0.0;
-  // Every code finite (no NaN norm; vq_cpu.cpp, pack_codebook): the fp32 AVX2 searches then take
+  // Every code finite (no NaN norm; vq_cpu.cpp, pack_codebook): the AVX2 small-D tile then takes
   // each panel's minimum first (search_impl.h, VQK_PANEL_MIN).
   bool codes_finite = false;
 };

@@ -338,35 +338,26 @@ VQK_ALWAYS_INLINE void search_tile(const float* __restrict xt, const float* __re
   }
   const F two = V::set1(2.0f);
 #if VQK_PANEL_MIN
-  {
-    if (panel_min) {
-      for (int64_t p = 0; p < panels; ++p) {
-        F acc[MRV][NR];
-        panel_dots(xt, packed + p * D * NR, D, acc);
-        const float* nrm = norms + p * NR;
-        F m[MRV];
+  if (panel_min) {
+    for (int64_t p = 0; p < panels; ++p) {
+      F acc[MRV][NR];
+      panel_dots(xt, packed + p * D * NR, D, acc);
+      const float* nrm = norms + p * NR;
+      F m[MRV];
 #pragma GCC unroll 64
-        for (int j = 0; j < NR; ++j) {
-          const F nj = V::set1(nrm[j]);
+      for (int j = 0; j < NR; ++j) {
+        const F nj = V::set1(nrm[j]);
 #pragma GCC unroll 64
-          for (int i = 0; i < MRV; ++i) {
-            const F a = V::fnmadd(acc[i][j], two, nj);
-            m[i] = j == 0 ? a : V::min(m[i], a);
-          }
+        for (int i = 0; i < MRV; ++i) {
+          const F a = V::fnmadd(acc[i][j], two, nj);
+          m[i] = j == 0 ? a : V::min(m[i], a);
         }
-        const I kp = V::set1i((int32_t)p);
+      }
+      const I kp = V::set1i((int32_t)p);
 #pragma GCC unroll 64
-        for (int i = 0; i < MRV; ++i) top2_update(m[i], kp, b1[i], b2[i], k1[i]);
-      }
-      for (int i = 0; i < MRV; ++i) {
-        V::storei(out.k1 + i * W, k1[i]);
-        V::store(out.v1 + i * W, b1[i]);
-        V::store(out.v2 + i * W, b2[i]);
-      }
-      panel_fixup(xt, packed, norms, D, out);
-      return;
+      for (int i = 0; i < MRV; ++i) top2_update(m[i], kp, b1[i], b2[i], k1[i]);
     }
-  }
+  } else
 #else
   (void)panel_min;
 #endif
@@ -390,6 +381,9 @@ VQK_ALWAYS_INLINE void search_tile(const float* __restrict xt, const float* __re
     V::store(out.v1 + i * W, b1[i]);
     V::store(out.v2 + i * W, b2[i]);
   }
+#if VQK_PANEL_MIN
+  if (panel_min) panel_fixup(xt, packed, norms, D, out);  // k1: from the best panel to its code
+#endif
 }
 
 // ||x||^2 of every lane of a packed tile, in fp32 (only used inside the bound, which allows for

@@ -202,11 +202,16 @@ bool cpu_has_neon_dot() {
 // An upper bound of max ||e_k|| over the finite codes from their fp32 squared norms (NaN marks a
 // code with NaN or inf, which is never chosen; +inf, a finite code whose norm overflowed, makes the
 // bound +inf): the norms' own rounding (gamma_{2D}) and underflow (D 2^-126) added, then sqrt.
-double code_norm_bound(const float* norms, int64_t K, int64_t D) {
+// *all_finite: whether no norm is NaN (every code finite).
+double code_norm_bound(const float* norms, int64_t K, int64_t D, bool* all_finite) {
   double m = 0.0;
+  *all_finite = true;
   for (int64_t k = 0; k < K; ++k) {
     const double v = norms[k];
-    if (std::isnan(v)) continue;
+    if (std::isnan(v)) {
+      *all_finite = false;
+      continue;
+    }
     m = std::max(m, v);
   }
   const double u = 0x1p-24;
@@ -501,9 +506,7 @@ void pack_codebook(const cpu::SearchKernels& ks, cpu::FwdJob& job, int threads) 
   const int64_t pack_grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(D * ks.nr, 1));
   parallel_chunks(job.panels, pack_grain, job.panels * D * ks.nr >= (1 << 16) ? threads : 1,
                   [&](int64_t lo, int64_t hi, int) { ks.pack(job, lo, hi); });
-  job.max_code_norm = code_norm_bound(job.norms, job.K, D);
-  job.codes_finite = true;
-  for (int64_t k = 0; k < job.K; ++k) job.codes_finite &= !std::isnan(job.norms[k]);
+  job.max_code_norm = code_norm_bound(job.norms, job.K, D, &job.codes_finite);
   quick_bound(job);
   if (ks.i16) {
     // The int16 pass's bound needs the largest code scale and L1 norm (search_avx2_i16.cpp), the

@@ -474,6 +474,29 @@ def test_cpu_fused_cosine_equals_the_reference_at_every_stage(N, D, Ks):
 
 
 @needs_cpu
+@pytest.mark.parametrize("isa", ISA_PARAMS)
+@pytest.mark.parametrize("D", [1, 3, 8, 32, 77])
+def test_cpu_fused_cosine_unit_rows_are_unit_rows_bit_for_bit(D, isa, monkeypatch):
+    # The kernel's unit rows (search_impl.h, unit_tile) are _unit_rows' bit for bit: a one-stage
+    # cosine call on z searches, measures and writes exactly what the plain call on _unit_rows(z)
+    # does (the same tile code after the normalisation), so the errors agree to the last bit,
+    # which an ulp off in any element of a unit row would spoil. Rows from 1e-20 (below the
+    # 1e-12 clamp) to 1e30 (fp32 squares overflow), zero rows, and a shape with a tail tile; on
+    # every build this CPU runs (each has its own tile height).
+    monkeypatch.setenv("VQK_CPU_ISA", isa)
+    gen = _gen(251 + D)
+    N = 301
+    z = torch.randn(N, D, generator=gen) * torch.logspace(-20, 30, N)[torch.randperm(N, generator=gen)][:, None]
+    z[::37] = 0.0
+    cb = _unit(torch.randn(64, D, generator=gen))
+    q, i, e = residual_forward(z, [cb], None, "cpu", cosine=True)
+    q2, i2, e2 = residual_forward(_unit_rows(z), [cb], None, "cpu", cosine=False)
+    assert torch.equal(i, i2)
+    assert torch.equal(e.view(torch.int32), e2.view(torch.int32))
+    assert torch.equal(q, q2)
+
+
+@needs_cpu
 @pytest.mark.parametrize("n_close,spacing", [(2, None), (3, 8), (5, 32), (9, 16)])
 def test_cpu_fused_cosine_is_exact_on_nearly_parallel_codes(n_close, spacing):
     # close_codes far from the origin, normalised: the unit codes differ by ~2^-12 in direction,

@@ -800,16 +800,25 @@ VQK_ALWAYS_INLINE void residual_exact(const cpu::FwdJob& job, const float* __res
 // A non-finite residual gives a non-finite norm and so NaN (or 0 / inf) lanes, searched as such
 // (index 0 and a NaN code by the single-stage rule when any element is NaN).
 VQK_ALWAYS_INLINE void unit_tile(const float* __restrict xt, int64_t D, float* __restrict un) {
-  for (int r = 0; r < MR; ++r) {
-    double ss = 0.0;
-    for (int64_t d = 0; d < D; ++d) {
+  // Lanes inner in every loop, so that each is one vector operation per d (the sums, the
+  // divisions) rather than a scalar chain per lane: per lane the same operations in the same order.
+  // (fma(v, v, ss) and ss + v * v agree: the square of a float is exact in float64.)
+  alignas(64) double ss[MR];
+  alignas(64) float n[MR];
+  for (int r = 0; r < MR; ++r) ss[r] = 0.0;
+  for (int64_t d = 0; d < D; ++d)
+#pragma GCC unroll 64
+    for (int r = 0; r < MR; ++r) {
       const double v = (double)xt[d * MR + r];
-      ss += v * v;
+      ss[r] += v * v;
     }
-    float n = (float)__builtin_sqrt(ss);
-    if (!(n >= 1e-12f) && n == n) n = 1e-12f;  // clamp_min(eps) keeps NaN as NaN
-    for (int64_t d = 0; d < D; ++d) un[d * MR + r] = xt[d * MR + r] / n;
+  for (int r = 0; r < MR; ++r) {
+    const float m = (float)__builtin_sqrt(ss[r]);
+    n[r] = !(m >= 1e-12f) && m == m ? 1e-12f : m;  // clamp_min(eps) keeps NaN as NaN
   }
+  for (int64_t d = 0; d < D; ++d)
+#pragma GCC unroll 64
+    for (int r = 0; r < MR; ++r) un[d * MR + r] = xt[d * MR + r] / n[r];
 }
 
 // The end of one residual stage for a tile, shared by residual_tiles and the int16 build's

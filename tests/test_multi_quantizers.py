@@ -764,3 +764,32 @@ def test_two_gloo_ranks_keep_every_stage_identical_with_one_all_reduce(tmp_path)
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     for a, b in zip(r0["counts"], single["counts"]):
         torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------------------------------------ z_q's value
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scale", [1.0, 300.0])
+def test_stage_loop_z_q_is_the_sum_of_codes_at_any_input_scale(dtype, scale):
+    # The stage loop (here: cosine on 16-bit input) returns the sum of the codes, rounded to the
+    # input dtype; it must not carry the input's magnitude (the straight-through copy once added
+    # (total - rows) to rows, leaving the codes at the ulp of |rows|: 1.13 off at scale 300 in
+    # bf16 for codes of norm ~1). Cosine ignores the input's scale, so every scale is fair.
+    torch.manual_seed(0)
+    m = ResidualVectorQuantizer(8, 2, 16, cosine=True, kmeans_init=False, backend="cpu").eval()
+    z = (torch.randn(64, 8, generator=_gen(7)) * scale).to(dtype)
+    out = m(z)
+    codes = m.codes_from_indices(out.indices)  # float32 sums of the float32 unit codes
+    tol = 4 * torch.finfo(dtype).eps * 2 * float(codes.abs().max())
+    assert float((out.z_q.float() - codes).abs().max()) <= tol
+
+
+@pytest.mark.parametrize("scale", [1.0, 1000.0])
+def test_grouped_projected_z_q_is_the_projected_code_at_any_input_scale(scale):
+    # The projected grouped path's straight-through copy: its value is project_out(code), not
+    # z_g + (out - z_g) rounded at |z_g|'s ulp (bf16 module and input).
+    torch.manual_seed(0)
+    m = GroupedVectorQuantizer(16, 2, 32, codebook_dim=3, kmeans_init=False,
+                               backend="cpu").to(torch.bfloat16).eval()
+    z = (torch.randn(64, 16, generator=_gen(8)) * scale).to(torch.bfloat16)
+    out = m(z)
+    assert torch.equal(out.z_q, m.codes_from_indices(out.indices))

@@ -447,8 +447,10 @@ class ResidualVectorQuantizer(_Books):
         cm_loss = torch.stack(cm_l)
         cb_loss, loss = book_losses(torch.stack(cb_l), cm_loss, self.beta, self.ema)
         # Straight-through on the sum (grad z = grad z_q), plus the sum's own path to project_out.
+        # The value is the sum itself: rows + (total - rows).detach() would round the codes to the
+        # ulp of |rows| (large cosine inputs in 16 bits lost most of the code).
         total = total.to(rows.dtype)
-        z_q = rows + (total - rows).detach() + (total - total.detach())
+        z_q = total.detach() + (rows - rows.detach()) + (total - total.detach())
         if training:
             with torch.no_grad():
                 self._upkeep(per)
@@ -592,7 +594,7 @@ class GroupedVectorQuantizer(_Books):
                 # output's own path reaches project_out's weights (the code is a constant).
                 z_g = parts[:, g, :]
                 out = self._stage_output(g, z_q.detach()).to(z_g.dtype)  # autocast: z's dtype
-                z_q = z_g + (out - z_g).detach() + (out - out.detach())
+                z_q = out.detach() + (z_g - z_g.detach()) + (out - out.detach())  # value: out
             w = None if valid is None else valid.to(acc)
             cb_l.append((e_cb if w is None else e_cb * w).sum() / (n * c))
             cm_l.append((e_cm if w is None else e_cm * w).sum() / (n * c))

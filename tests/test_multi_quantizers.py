@@ -793,3 +793,54 @@ def test_grouped_projected_z_q_is_the_projected_code_at_any_input_scale(scale):
     z = (torch.randn(64, 16, generator=_gen(8)) * scale).to(torch.bfloat16)
     out = m(z)
     assert torch.equal(out.z_q, m.codes_from_indices(out.indices))
+
+
+def test_argument_checks_hold_on_every_path():
+    # The same checks whichever path runs (fused, the stage loop under codebook_dim or the
+    # reference backend), and options the modules cannot honour refused rather than ignored.
+    for kw in ({}, {"codebook_dim": 3}, {"cosine": True, "backend": "reference"}):
+        m = ResidualVectorQuantizer(4, 3, 8, kmeans_init=False, **kw)
+        z = torch.randn(4, 4)
+        with pytest.raises(ValueError, match=r"active_stages must be in \[0, 3\]"):
+            m(z, active_stages=torch.tensor([0, 1, 2, 9]))
+        with pytest.raises(ValueError, match=r"active_stages must be in \[0, 3\]"):
+            m(z, active_stages=torch.tensor([-5, 1, 2, 3]))
+        with pytest.raises(TypeError, match="active_stages must be an integer tensor"):
+            m(z, active_stages=torch.tensor([True, False, True, True]))
+        with pytest.raises(ValueError, match="end in an axis of 3 stages"):
+            m.codes_from_indices(torch.zeros(2, 4, dtype=torch.long))
+        with pytest.raises(ValueError, match=r"stage 1 must be in \[-1, 8\), got -2"):
+            m.codes_from_indices(torch.tensor([[0, -2, 0]]))
+        with pytest.raises(TypeError, match="indices must be an integer tensor"):
+            m.codes_from_indices(torch.zeros(2, 3))
+    for kw in ({}, {"codebook_dim": 3}):
+        g = GroupedVectorQuantizer(6, 3, 8, kmeans_init=False, **kw)
+        with pytest.raises(ValueError, match=r"group 2 must be in \[0, 8\), got -1"):
+            g.codes_from_indices(torch.tensor([[0, 1, -1]]))
+        with pytest.raises(ValueError, match="end in an axis of 3 groups"):
+            g.codes_from_indices(torch.zeros(2, 4, dtype=torch.long))
+    for cls, args in ((ResidualVectorQuantizer, (4, 2, 8)), (GroupedVectorQuantizer, (4, 2, 8))):
+        with pytest.raises(ValueError, match=f"rotation_trick=True is not supported by {cls.__name__}"):
+            cls(*args, rotation_trick=True)
+        with pytest.raises(TypeError, match="channel_dim must be an int"):
+            cls(*args, channel_dim="x")
+
+
+def test_a_step_before_kmeans_init_leaves_no_dead_codes():
+    # A training step whose rows are all padding runs before k-means init; it must not count
+    # the codes the init then makes as unused (they would be restarted at once): the module's
+    # next step is that of a fresh module, state and outputs.
+    z = torch.randn(6, 4, generator=_gen(17))  # 6 rows, 8 codes: some codes go unused
+    runs = []
+    for pre in (False, True):
+        torch.manual_seed(0)
+        m = ResidualVectorQuantizer(4, 2, 8, restart_after=1)
+        if pre:
+            m(torch.randn(5, 4), mask=torch.zeros(5, dtype=torch.bool))
+            assert not any(b._init_done for b in m.books)
+        out = m(z)
+        runs.append((out.indices, [b.steps_unused.clone() for b in m.books],
+                     [int(b.restart_count) for b in m.books], [b.codebook.clone() for b in m.books]))
+    (i0, u0, r0, c0), (i1, u1, r1, c1) = runs
+    assert torch.equal(i0, i1) and r0 == r1
+    assert all(torch.equal(a, b) for a, b in zip(u0 + c0, u1 + c1))

@@ -131,6 +131,21 @@ def _per_row(name: str, t: Optional[Tensor], lead: torch.Size, device, dtype) ->
     return t.reshape(-1).to(dtype)
 
 
+def _active_per_row(active_stages: Optional[Tensor], lead: torch.Size, device,
+                    S: int) -> Optional[Tensor]:
+    """active_stages (an integer tensor broadcastable to z's rows, each in [0, S]) as one long
+    per row; residual_vq's and ResidualVectorQuantizer's check, whichever path runs next."""
+    if isinstance(active_stages, Tensor) and (active_stages.dtype.is_floating_point
+                                              or active_stages.dtype.is_complex
+                                              or active_stages.dtype == torch.bool):
+        raise TypeError(f"active_stages must be an integer tensor (stages per row), got "
+                        f"{active_stages.dtype}")
+    active = _per_row("active_stages", active_stages, lead, device, torch.long)
+    if active is not None and bool(((active < 0) | (active > S)).any()):
+        raise ValueError(f"active_stages must be in [0, {S}]")
+    return active
+
+
 # ------------------------------------------------------------------------------ forward
 def _row_norms(r: Tensor) -> Tensor:
     """max(||r||, 1e-12) per row of r (N, D), no autograd: the float64 sum of squares in d order
@@ -408,15 +423,9 @@ def residual_vq(z: Tensor, codebooks: Codebooks, *, beta: float = 0.25,
     beta = _check_beta(beta)
     S = len(stages)
     lead = z.movedim(dim, -1).shape[:-1]
-    active = _per_row("active_stages", active_stages, lead, z.device, torch.long)
-    if active is not None and (active_stages.dtype.is_floating_point
-                               or active_stages.dtype == torch.bool):
-        raise TypeError(f"active_stages must be an integer tensor (stages per row), got "
-                        f"{active_stages.dtype}")
+    active = _active_per_row(active_stages, lead, z.device, S)
     if not isinstance(cosine, bool):
         raise TypeError(f"cosine must be a bool, got {cosine!r}")
-    if active is not None and bool(((active < 0) | (active > S)).any()):
-        raise ValueError(f"active_stages must be in [0, {S}]")
     valid = _per_row("mask", mask, lead, z.device, torch.bool)
     if mask is not None and mask.dtype != torch.bool:
         raise TypeError(f"mask must be a bool tensor (True = a real row), got {mask.dtype}")

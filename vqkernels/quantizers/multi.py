@@ -17,8 +17,8 @@ from torch import Tensor, nn
 
 from .. import backends, native
 from ..quantize import _FLOATS, _channel_axis_override, _check, _check_beta, nearest_code
-from ..residual import (GVQOutput, RVQOutput, _grouped_fused, _per_row, _perplexity, _unit_rows,
-                        _vq_rows, codes_from_indices, residual_vq)
+from ..residual import (GVQOutput, RVQOutput, _active_per_row, _grouped_fused, _per_row,
+                        _perplexity, _unit_rows, _vq_rows, codes_from_indices, residual_vq)
 from .upkeep import DistContext, batch_usage, book_losses, check_positive_int, upkeep_errors
 from .vector import VectorQuantizer
 
@@ -52,6 +52,24 @@ def _counts_list(num_codes, n: int, name: str) -> list[int]:
     return ks
 
 
+def _check_indices(indices, Ks: list[int], unit: str, lowest: int) -> None:
+    """The modules' codes_from_indices argument: integers (..., len(Ks)), unit i's in
+    [lowest, Ks[i]) (lowest -1: a residual stage left out)."""
+    n = len(Ks)
+    if not isinstance(indices, Tensor) or indices.dtype.is_floating_point or \
+            indices.dtype.is_complex or indices.dtype == torch.bool:
+        raise TypeError(f"indices must be an integer tensor (..., {n}), got "
+                        f"{getattr(indices, 'dtype', type(indices).__name__)}")
+    if indices.dim() < 1 or indices.shape[-1] != n:
+        raise ValueError(f"indices must end in an axis of {n} {unit}s, got shape "
+                         f"{tuple(indices.shape)}")
+    for i, K in enumerate(Ks):
+        bad = (indices[..., i] < lowest) | (indices[..., i] >= K)
+        if bool(bad.any()):
+            raise ValueError(f"indices of {unit} {i} must be in [{lowest}, {K}), got "
+                             f"{int(indices[..., i][bad][0])}")
+
+
 def _check_mask(mask) -> None:
     # As residual_vq and grouped_vq: a float mask is refused rather than cast (weights of 0.5
     # would become True).
@@ -74,6 +92,11 @@ class _Books(nn.Module):
 
     def _make_books(self, n: int, num_codes, dim: int, beta: float, shared: bool, unit: str,
                     seed: int, **vq_kwargs) -> None:
+        if vq_kwargs.get("rotation_trick"):
+            # The books' forward is never called: z_q is one straight-through copy of the sum
+            # (of the groups), so a per-book option would be silently ignored.
+            raise ValueError(f"rotation_trick=True is not supported by {type(self).__name__} "
+                             "(its gradient is straight-through on the whole z_q)")
         ks = _counts_list(num_codes, 1 if shared else n, unit)
         self.books = nn.ModuleList(
             VectorQuantizer(k, dim, beta, seed=seed + i * _SEED_STRIDE, **vq_kwargs)
@@ -299,10 +322,7 @@ class ResidualVectorQuantizer(_Books):
                                        device=z.device)[rank * lead[0]:(rank + 1) * lead[0]]
             active_stages = per_sample.view(-1, *([1] * (len(lead) - 1)))
         _check_mask(mask)
-        if isinstance(active_stages, Tensor) and (active_stages.dtype.is_floating_point
-                                                  or active_stages.dtype.is_complex):
-            raise TypeError(f"active_stages must be an integer tensor, got {active_stages.dtype}")
-        active = _per_row("active_stages", active_stages, lead, z.device, torch.long)
+        active = _active_per_row(active_stages, lead, z.device, S)
         valid = _per_row("mask", mask, lead, z.device, torch.bool)
         if training and any(b.kmeans_init and not b._init_done for b in self.books):
             self._kmeans_initialise(rows, valid)
@@ -480,6 +500,8 @@ class ResidualVectorQuantizer(_Books):
     def codes_from_indices(self, indices: Tensor) -> Tensor:
         """The summed codes of `indices` (..., S) (-1: a stage left out), channels last. Without
         projections this is bit for bit the forward's z_q (vqkernels.codes_from_indices)."""
+        _check_indices(indices, [self._book(s).num_codes for s in range(self.num_stages)],
+                       "stage", -1)
         if self.fused:
             return codes_from_indices(indices, self.codebooks())
         total = None
@@ -533,6 +555,8 @@ class GroupedVectorQuantizer(_Books):
             raise ValueError(f"dim={dim} is not divisible by groups={groups}")
         if backend not in backends.ALL_NAMES:
             raise ValueError(f"backend must be one of {backends.ALL_NAMES}, got {backend!r}")
+        if isinstance(channel_dim, bool) or not isinstance(channel_dim, int):
+            raise TypeError(f"channel_dim must be an int, got {channel_dim!r}")
         beta = _check_beta(beta)
         self.dim, self.groups, self.beta = dim, groups, float(beta)
         self.cosine = bool(cosine)
@@ -663,6 +687,7 @@ class GroupedVectorQuantizer(_Books):
     def codes_from_indices(self, indices: Tensor) -> Tensor:
         """The codes of grouped `indices` (..., G) (projected back with codebook_dim),
         concatenated along a last axis of `dim`."""
+        _check_indices(indices, [self._book(g).num_codes for g in range(self.groups)], "group", 0)
         cbs = [self._search_codebook(self._book(g), self._book(g).codebook.dtype, False)
                for g in range(self.groups)]
         return torch.cat([self._stage_output(g, F.embedding(indices[..., g], cbs[g]))

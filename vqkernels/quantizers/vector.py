@@ -582,6 +582,11 @@ class VectorQuantizer(nn.Module):
             if self.ema:
                 self.ema_sum.copy_(centres)
                 self.ema_count.fill_(1.0)
+            # Steps before this one (all rows masked) saw no codes: none is unused yet, and the
+            # EMA's warm-up counts updates of these codes (a no-op where no step came first).
+            self.steps_unused.zero_()
+            self.step.zero_()
+            self._steps_done = 0
             self.initialised.fill_(True)
             self._init_done = True
 

@@ -1115,3 +1115,13 @@ def test_usage_without_mask_or_dropout_is_the_masked_form_with_every_row(cosine)
     assert int(plain.counts[1][4]) == 0
     assert plain.perplexity.dtype == full.perplexity.dtype
     assert torch.equal(plain.perplexity, full.perplexity)
+
+
+def test_a_bad_codebook_is_named_by_its_stage_or_group():
+    z = torch.randn(3, 4)
+    with pytest.raises(ValueError, match="^codebooks, stage 1: z has 4 channels"):
+        residual_vq(z, [torch.randn(8, 4), torch.randn(8, 3)])
+    with pytest.raises(TypeError, match="^codebooks, stage 2: codebook dtype torch.float64"):
+        residual_vq(z, [torch.randn(8, 4), torch.randn(8, 4), torch.randn(8, 4).double()])
+    with pytest.raises(ValueError, match="^codebooks, group 1: z has 2 channels"):
+        grouped_vq(z, [torch.randn(8, 2), torch.randn(8, 3)])

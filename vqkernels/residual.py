@@ -131,6 +131,15 @@ def _per_row(name: str, t: Optional[Tensor], lead: torch.Size, device, dtype) ->
     return t.reshape(-1).to(dtype)
 
 
+def _check_book(z: Tensor, cb: Tensor, dim: int, backend: str, unit: str) -> None:
+    """vq_quantize's checks of z against one stage's or group's codebook, the unit named in the
+    message (z's own axis is checked against the first unit, before any of these)."""
+    try:
+        _check(z, cb, dim, backend, "z")
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"codebooks, {unit}: {e}") from None
+
+
 def _active_per_row(active_stages: Optional[Tensor], lead: torch.Size, device,
                     S: int) -> Optional[Tensor]:
     """active_stages (an integer tensor broadcastable to z's rows, each in [0, S]) as one long
@@ -418,8 +427,8 @@ def residual_vq(z: Tensor, codebooks: Codebooks, *, beta: float = 0.25,
     """
     stages, shared = _stage_list(codebooks, num_stages)
     dim = _check(z, stages[0], _channel_axis(channel_dim, dim), backend, "z")
-    for cb in stages[1:]:
-        _check(z, cb, dim, backend, "z")
+    for s, cb in enumerate(stages[1:], 1):
+        _check_book(z, cb, dim, backend, f"stage {s}")
     beta = _check_beta(beta)
     S = len(stages)
     lead = z.movedim(dim, -1).shape[:-1]
@@ -569,7 +578,7 @@ def grouped_vq(z: Tensor, codebooks: Codebooks, *, groups: Optional[int] = None,
         e_cb, e_cm = e_cb.reshape(N, G).T, e_cm.reshape(N, G).T
     else:
         for g in range(G):
-            _check(parts[:, g, :], books[g], -1, backend, "z")
+            _check_book(parts[:, g, :], books[g], -1, backend, f"group {g}")
         fused = _grouped_fused(parts, books, backend)
         if fused is not None:
             zq, idx, e_cb, e_cm, counts = fused

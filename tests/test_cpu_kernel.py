@@ -756,3 +756,35 @@ def test_int8_tier_hands_on_single_rows(monkeypatch, threads, i8_isa, fp32):
         assert torch.equal(w, g)
     ref, clear, _ = A.exact_answer(z, cb)
     assert torch.equal(got[1][clear], ref[clear])
+
+
+def test_flush_denormal_mode_changes_no_answer(isa):
+    # torch.set_flush_denormal(True) sets FTZ/DAZ on the calling thread only. The kernels run with
+    # gradual underflow on every thread (cpu_internal.h, IeeeDenormals) and give the caller its
+    # mode back: the same answers as without the mode, for any thread count, on values near 1e-40
+    # (subnormal in fp32), where a flushed exact re-search saw every distance as 0 (index 0 for
+    # nearly every row) and 1 and 2 threads disagreed on half the rows.
+    gen = torch.Generator().manual_seed(41)
+    x = torch.randn(4000, 16, generator=gen) * 1e-40
+    cb = torch.randn(64, 16, generator=gen) * 1e-40
+    books = [cb, torch.randn(32, 16, generator=gen) * 1e-41]
+    want = vqkernels.nearest_code(x, cb, backend="cpu")[0]
+    want_rvq = vqkernels.residual_vq(x, books, backend="cpu")
+    assert A.exact_answer(x, cb)[1].float().mean() > 0.9  # mostly clearly separated rows
+    threads = torch.get_num_threads()
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU has no flush-denormal mode")
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            assert torch.equal(vqkernels.nearest_code(x, cb, backend="cpu")[0], want)
+            out = vqkernels.residual_vq(x, books, backend="cpu")
+            assert torch.equal(out.indices, want_rvq.indices)
+            assert torch.equal(out.z_q, want_rvq.z_q)
+        # the caller's mode is back: a subnormal product flushes
+        assert float(torch.tensor([1e-20]) * torch.tensor([1e-20])) == 0.0
+    finally:
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(threads)
+    clear = A.exact_answer(x, cb)
+    assert torch.equal(want[clear[1]], clear[0][clear[1]])

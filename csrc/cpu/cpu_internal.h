@@ -132,5 +132,25 @@ extern int64_t g_int8_rows;
 // instead (tids 0 .. team size - 1; concurrent callers get teams of their own).
 void run_parallel(int nthreads, void (*fn)(void* ctx, int tid), void* ctx);
 
+// Gradual underflow for the life of the object on this thread, the caller's mode restored after.
+// Flush-to-zero and denormals-are-zero (x86 MXCSR FTZ and DAZ; aarch64 FPCR FZ, FZ16 and FIZ)
+// are per thread: torch.set_flush_denormal(True) sets them on the calling thread only, so a
+// search split over threads would read subnormal values as 0 on some tiles and not on others
+// (the answer would depend on the thread count), and the exact re-search, which compares float64
+// distances of the values themselves, would see ties where there are none (every exact distance
+// of rows and codes near 1e-40 flushed to 0: index 0 for nearly every row). Every entry point
+// (vq_cpu.cpp) and every thread of run_parallel holds one.
+class IeeeDenormals {
+ public:
+  IeeeDenormals();
+  ~IeeeDenormals();
+  IeeeDenormals(const IeeeDenormals&) = delete;
+  IeeeDenormals& operator=(const IeeeDenormals&) = delete;
+
+ private:
+  uint64_t saved_ = 0;
+  bool changed_ = false;
+};
+
 }  // namespace cpu
 }  // namespace vqk

@@ -185,11 +185,62 @@ bool run_on_openmp(const OmpRuntime& omp, int nthreads, void (*fn)(void*, int), 
 
 }  // namespace
 
+#if defined(__x86_64__) || defined(_M_X64)
+IeeeDenormals::IeeeDenormals() {
+  const unsigned csr = _mm_getcsr();
+  saved_ = csr;
+  const unsigned want = csr & ~0x8040u;  // FTZ (bit 15) and DAZ (bit 6) off
+  if (want != csr) {
+    _mm_setcsr(want);
+    changed_ = true;
+  }
+}
+IeeeDenormals::~IeeeDenormals() {
+  if (changed_) _mm_setcsr((unsigned)saved_);
+}
+#elif defined(__aarch64__)
+IeeeDenormals::IeeeDenormals() {
+  uint64_t fpcr;
+  __asm__ __volatile__("mrs %0, fpcr" : "=r"(fpcr));
+  saved_ = fpcr;
+  // FZ (bit 24), FZ16 (bit 19), FIZ (bit 0, FEAT_AFP; RES0 without it, so clearing it is harmless)
+  const uint64_t want = fpcr & ~((uint64_t(1) << 24) | (uint64_t(1) << 19) | uint64_t(1));
+  if (want != fpcr) {
+    __asm__ __volatile__("msr fpcr, %0" : : "r"(want));
+    changed_ = true;
+  }
+}
+IeeeDenormals::~IeeeDenormals() {
+  if (changed_) __asm__ __volatile__("msr fpcr, %0" : : "r"(saved_));
+}
+#else
+IeeeDenormals::IeeeDenormals() {}
+IeeeDenormals::~IeeeDenormals() {}
+#endif
+
+namespace {
+// Every participant of a parallel region runs fn with gradual underflow (IeeeDenormals): pool
+// workers and OpenMP team threads keep whatever mode they were created with or last set.
+struct Guarded {
+  void (*fn)(void*, int);
+  void* ctx;
+};
+void run_guarded(void* p, int tid) {
+  IeeeDenormals ieee;
+  const Guarded& g = *static_cast<const Guarded*>(p);
+  g.fn(g.ctx, tid);
+}
+}  // namespace
+
 void run_parallel(int nthreads, void (*fn)(void* ctx, int tid), void* ctx) {
   if (nthreads <= 1) {
+    IeeeDenormals ieee;
     fn(ctx, 0);
     return;
   }
+  Guarded guarded{fn, ctx};
+  fn = run_guarded;
+  ctx = &guarded;
   const OmpRuntime* omp = g_omp.load(std::memory_order_acquire);
   // Every thread of an OpenMP team runs fn with its OpenMP thread number (the team may be smaller
   // than asked for: fn hands out its work dynamically, so any team finishes it).

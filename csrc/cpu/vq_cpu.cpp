@@ -1536,27 +1536,33 @@ void grouped_forward(const GroupedArgs& a, int num_threads) {
 const char* cpu_isa() { return select_kernels(kBf16MinK, kBf16MinD).name; }
 
 void cpu_forward(const ForwardArgs& a, int num_threads) {
+  cpu::IeeeDenormals ieee;  // the caller's flush-to-zero mode is off until return
   if (a.dtype == DType::f64) return forward_f64(a, std::max(num_threads, 1));
   forward_packed(a, std::max(num_threads, 1));
 }
 
 void cpu_residual_forward(const ResidualArgs& a, int num_threads) {
+  cpu::IeeeDenormals ieee;  // the caller's flush-to-zero mode is off until return
   residual_forward(a, std::max(num_threads, 1));
 }
 
 void cpu_residual_backward(const ResidualBackwardArgs& a, int num_threads) {
+  cpu::IeeeDenormals ieee;  // the caller's flush-to-zero mode is off until return
   residual_backward(a, std::max(num_threads, 1));
 }
 
 void cpu_residual_stats(const ResidualStatsArgs& a, int num_threads) {
+  cpu::IeeeDenormals ieee;  // the caller's flush-to-zero mode is off until return
   residual_stats(a, std::max(num_threads, 1));
 }
 
 void cpu_grouped_forward(const GroupedArgs& a, int num_threads) {
+  cpu::IeeeDenormals ieee;  // the caller's flush-to-zero mode is off until return
   grouped_forward(a, std::max(num_threads, 1));
 }
 
 void cpu_backward(const BackwardArgs& a, int num_threads) {
+  cpu::IeeeDenormals ieee;  // the caller's flush-to-zero mode is off until return
   num_threads = std::max(num_threads, 1);
   switch (a.dtype) {
     case DType::f32: return BackwardRun<F32>(a).run(num_threads, a.grad_cb);
@@ -1567,6 +1573,7 @@ void cpu_backward(const BackwardArgs& a, int num_threads) {
 }
 
 void cpu_grouped_backward(const GroupedBackwardArgs& a, int num_threads) {
+  cpu::IeeeDenormals ieee;  // the caller's flush-to-zero mode is off until return
   num_threads = std::max(num_threads, 1);
   switch (a.dtype) {
     case DType::f32: return grouped_backward_t<F32>(a, num_threads);

@@ -42,6 +42,10 @@
 #include <utility>
 #include <vector>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include "../../csrc/cpu/cpu_internal.h"
 #include "vqk/common.h"
 #include "vqk/vqk.h"
@@ -859,6 +863,82 @@ void check_pool() {
   std::printf("pool: 1500 calls, %" PRId64 " finished without some worker (revoked)\n", partial);
 }
 
+// Flush-to-zero on the calling thread (what torch.set_flush_denormal(True) sets) is off inside
+// every thread of a parallel region (cpu_internal.h, IeeeDenormals) and the caller's again after.
+uint64_t fp_mode() {
+#if defined(__x86_64__)
+  return _mm_getcsr();
+#elif defined(__aarch64__)
+  uint64_t v;
+  __asm__ __volatile__("mrs %0, fpcr" : "=r"(v));
+  return v;
+#else
+  return 0;
+#endif
+}
+void set_fp_mode(uint64_t v) {
+#if defined(__x86_64__)
+  _mm_setcsr((unsigned)v);
+#elif defined(__aarch64__)
+  __asm__ __volatile__("msr fpcr, %0" : : "r"(v));
+#else
+  (void)v;
+#endif
+}
+uint64_t flush_bits() {
+#if defined(__x86_64__)
+  return 0x8040;  // FTZ, DAZ
+#elif defined(__aarch64__)
+  return uint64_t(1) << 24;  // FZ
+#else
+  return 0;
+#endif
+}
+// A product that underflows to a subnormal: 0 where flush-to-zero is on.
+bool underflows_gradually() {
+  volatile float a = 1e-20f, b = 1e-20f;
+  const float r = a * b;
+  return r != 0.0f;
+}
+
+struct DenormJob {
+  std::atomic<int64_t> next{0}, flushed{0}, done{0};
+  int64_t n = 0;
+};
+
+void check_denormal_mode() {
+  if (!flush_bits()) return;
+  const uint64_t before = fp_mode();
+  set_fp_mode(before | flush_bits());
+  if (underflows_gradually()) {  // an emulator that ignores the mode: nothing to check
+    set_fp_mode(before);
+    std::printf("SKIP denormal mode: flush-to-zero has no effect here\n");
+    return;
+  }
+  int64_t flushed = 0;
+  for (int call = 0; call < 200; ++call) {
+    DenormJob j;
+    j.n = 64;
+    vqk::cpu::run_parallel(1 + call % 3, [](void* p, int) {
+      DenormJob& c = *static_cast<DenormJob*>(p);
+      for (;;) {
+        const int64_t i = c.next.fetch_add(1);
+        if (i >= c.n) break;
+        if (!underflows_gradually()) c.flushed.fetch_add(1);
+        c.done.fetch_add(1);
+      }
+    }, &j);
+    flushed += j.flushed.load();
+    CHECK(j.done.load() == j.n, "denormal mode: %" PRId64 " of %" PRId64 " items done",
+          j.done.load(), j.n);
+  }
+  const bool caller_kept = !underflows_gradually() && (fp_mode() & flush_bits()) == flush_bits();
+  set_fp_mode(before);
+  CHECK(flushed == 0, "denormal mode: %" PRId64 " items ran with flush-to-zero on", flushed);
+  CHECK(caller_kept, "denormal mode: the caller's flush-to-zero mode was not given back");
+  std::printf("denormal mode: 200 parallel regions under the caller's flush-to-zero, gradual underflow inside\n");
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -917,6 +997,7 @@ int main(int argc, char** argv) {
   }
 
   check_pool();
+  check_denormal_mode();
 
   const std::vector<Case> cases = make_cases(quick);
   const DType dtypes[] = {DType::f32, DType::f16, DType::bf16, DType::f64};

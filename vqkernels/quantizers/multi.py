@@ -92,7 +92,7 @@ class _Books(nn.Module):
 
     def _make_books(self, n: int, num_codes, dim: int, beta: float, shared: bool, unit: str,
                     seed: int, **vq_kwargs) -> None:
-        if vq_kwargs.get("rotation_trick"):
+        if vq_kwargs.get("rotation_trick") is True:  # (a non-bool: VectorQuantizer says so)
             # The books' forward is never called: z_q is one straight-through copy of the sum
             # (of the groups), so a per-book option would be silently ignored.
             raise ValueError(f"rotation_trick=True is not supported by {type(self).__name__} "

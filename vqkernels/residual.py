@@ -131,6 +131,16 @@ def _per_row(name: str, t: Optional[Tensor], lead: torch.Size, device, dtype) ->
     return t.reshape(-1).to(dtype)
 
 
+def _check_index_range(indices: Tensor, Ks: list[int], unit: str, lowest: int) -> None:
+    """Unit i's indices (the last axis, i) in [lowest, Ks[i]) (lowest -1: a residual stage left
+    out); the first one out of range named. The caller has checked the dtype and the last axis."""
+    for i, K in enumerate(Ks):
+        bad = (indices[..., i] < lowest) | (indices[..., i] >= K)
+        if bool(bad.any()):
+            raise ValueError(f"indices of {unit} {i} must be in [{lowest}, {K}), got "
+                             f"{int(indices[..., i][bad][0])}")
+
+
 def _check_book(z: Tensor, cb: Tensor, dim: int, backend: str, unit: str) -> None:
     """vq_quantize's checks of z against one stage's or group's codebook, the unit named in the
     message (z's own axis is checked against the first unit, before any of these)."""
@@ -495,7 +505,7 @@ def codes_from_indices(indices: Tensor, codebooks: Codebooks, *, num_stages: Opt
         raise TypeError("indices must be an integer tensor (..., S)")
     S = len(stages)
     if indices.dim() < 1 or indices.shape[-1] != S:
-        raise ValueError(f"indices must end in an axis of S={S} stages, got shape "
+        raise ValueError(f"indices must end in an axis of {S} stages, got shape "
                          f"{tuple(indices.shape)}")
     if indices.device != first.device:
         raise ValueError(f"indices are on {indices.device} but the codebooks on {first.device}")
@@ -503,11 +513,7 @@ def codes_from_indices(indices: Tensor, codebooks: Codebooks, *, num_stages: Opt
             not -indices.dim() <= dim < indices.dim():
         raise ValueError(f"dim={dim!r} is not a dimension of the output (indices' shape "
                          f"{tuple(indices.shape)}, the stage axis replaced by the code axis)")
-    for s, cb in enumerate(stages):
-        bad = (indices[..., s] >= cb.shape[0]) | (indices[..., s] < -1)
-        if bool(bad.any()):
-            raise ValueError(f"indices of stage {s} must be in [-1, {cb.shape[0]}), got "
-                             f"{int(indices[..., s][bad][0])}")
+    _check_index_range(indices, [cb.shape[0] for cb in stages], "stage", -1)
     out_dtype = dtype or first.dtype
     acc = reference.acc_dtype(first.dtype)
     q = torch.zeros(*indices.shape[:-1], stages[0].shape[1], dtype=acc, device=indices.device)
@@ -652,11 +658,7 @@ def grouped_codes_from_indices(indices: Tensor, codebooks: Codebooks, *,
             indices.dtype == torch.bool or indices.dim() < 1 or indices.shape[-1] != G:
         raise ValueError(f"indices must be an integer tensor ending in an axis of G={G} groups, "
                          f"got {getattr(indices, 'shape', type(indices))}")
-    for g, cb in enumerate(books):
-        bad = (indices[..., g] < 0) | (indices[..., g] >= cb.shape[0])
-        if bool(bad.any()):
-            raise ValueError(f"indices of group {g} must be in [0, {cb.shape[0]}), got "
-                             f"{int(indices[..., g][bad][0])}")
+    _check_index_range(indices, [cb.shape[0] for cb in books], "group", 0)
     return torch.cat([F.embedding(indices[..., g].long(), books[g]) for g in range(G)],
                      -1).movedim(-1, dim)
 

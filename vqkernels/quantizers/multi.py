@@ -17,8 +17,9 @@ from torch import Tensor, nn
 
 from .. import backends, native
 from ..quantize import _FLOATS, _channel_axis_override, _check, _check_beta, nearest_code
-from ..residual import (GVQOutput, RVQOutput, _active_per_row, _grouped_fused, _per_row,
-                        _perplexity, _unit_rows, _vq_rows, codes_from_indices, residual_vq)
+from ..residual import (GVQOutput, RVQOutput, _active_per_row, _check_index_range, _grouped_fused,
+                        _per_row, _perplexity, _unit_rows, _vq_rows, codes_from_indices,
+                        residual_vq)
 from .upkeep import DistContext, batch_usage, book_losses, check_positive_int, upkeep_errors
 from .vector import VectorQuantizer
 
@@ -63,11 +64,7 @@ def _check_indices(indices, Ks: list[int], unit: str, lowest: int) -> None:
     if indices.dim() < 1 or indices.shape[-1] != n:
         raise ValueError(f"indices must end in an axis of {n} {unit}s, got shape "
                          f"{tuple(indices.shape)}")
-    for i, K in enumerate(Ks):
-        bad = (indices[..., i] < lowest) | (indices[..., i] >= K)
-        if bool(bad.any()):
-            raise ValueError(f"indices of {unit} {i} must be in [{lowest}, {K}), got "
-                             f"{int(indices[..., i][bad][0])}")
+    _check_index_range(indices, Ks, unit, lowest)
 
 
 def _check_mask(mask) -> None:
@@ -500,10 +497,10 @@ class ResidualVectorQuantizer(_Books):
     def codes_from_indices(self, indices: Tensor) -> Tensor:
         """The summed codes of `indices` (..., S) (-1: a stage left out), channels last. Without
         projections this is bit for bit the forward's z_q (vqkernels.codes_from_indices)."""
+        if self.fused:
+            return codes_from_indices(indices, self.codebooks())  # which checks them itself
         _check_indices(indices, [self._book(s).num_codes for s in range(self.num_stages)],
                        "stage", -1)
-        if self.fused:
-            return codes_from_indices(indices, self.codebooks())
         total = None
         for s in range(self.num_stages):
             idx = indices[..., s]
